@@ -1,0 +1,34 @@
+//! End-to-end encryption of vault files, names and the key wallet.
+//!
+//! Data flow: the user's passphrase is stretched by Argon2id into the wallet key,
+//! which opens the [`Wallet`]; the wallet holds [`VaultKey`]s; each vault key wraps
+//! a fresh random content key per upload in the 128-byte header of the file
+//! ([`file`]) and seals names ([`names`]). File bodies are 64 KiB chunks of
+//! XChaCha20-Poly1305 ([`aead`]), so any range decrypts after fetching only the
+//! chunks it covers ([`offsets`] does the arithmetic).
+//!
+//! The module is pure: no file or network I/O and no `unsafe`. The only system
+//! call is getrandom(2) behind [`RandomSource`], which tests replace to reproduce
+//! the test vectors in tests/data/. The byte-level specification is docs/FORMAT.md;
+//! the threat model is docs/SECURITY.md.
+#![forbid(unsafe_code)]
+
+pub mod aead;
+pub mod error;
+pub mod file;
+pub mod keys;
+pub mod names;
+pub mod offsets;
+pub mod random;
+pub mod wallet;
+
+pub use error::{CryptoError, IntegrityFailure};
+pub use file::{
+    decrypt_file, encrypt_file, peek_header, rewrap_header, FileContext, FileDecryptor, FileEncryptor,
+    HeaderInfo, StreamDecryptor,
+};
+pub use keys::{KeyId, VaultKey};
+pub use names::{open_name, seal_name, NameContext};
+pub use offsets::{ChunkIndex, Layout, CHUNK_SIZE, HEADER_LEN};
+pub use random::{OsRandom, RandomSource};
+pub use wallet::{KdfParams, Wallet};

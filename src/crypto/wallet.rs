@@ -1,0 +1,367 @@
+//! The wallet: the user's vault keys, sealed under a key derived from a passphrase.
+//!
+//! passphrase --Argon2id(params, salt)--> wallet key --XChaCha20-Poly1305--> wallet
+//! The sealed wallet is stored on the server, so one passphrase is enough to mount
+//! from a new machine; the server sees only the blob. The Argon2id parameters are
+//! stored in the blob (and authenticated), so they can be raised later: open with
+//! the old ones, seal again with the new ones ([`KdfParams::is_weaker_than`] says
+//! when). A vault may hold several keys: one active (used for new files and names)
+//! and retired ones kept until every header that names them has been re-wrapped.
+//!
+//! Layout (docs/FORMAT.md): a 60-byte header (magic, version, KDF id and
+//! parameters, salt, nonce), then the sealed entries; the header is the AEAD's
+//! associated data.
+
+use zeroize::Zeroizing;
+
+use super::aead::{self, KEY_LEN, XNONCE_LEN};
+use super::error::{CryptoError, Result};
+use super::keys::{KeyId, VaultKey, WalletKey, KEY_ID_LEN};
+use super::random::RandomSource;
+use crate::ids::{VaultId, ID_LEN};
+
+/// First four bytes of a sealed wallet.
+pub const WALLET_MAGIC: [u8; 4] = *b"VLTW";
+/// Wallet format version written and read by this build.
+pub const WALLET_FORMAT_VERSION: u8 = 1;
+/// KDF identifier for Argon2id version 0x13.
+const KDF_ARGON2ID_13: u8 = 1;
+const SALT_LEN: usize = 16;
+const WALLET_HEADER_LEN: usize = 60;
+const ENTRY_LEN: usize = ID_LEN + KEY_ID_LEN + 1 + KEY_LEN;
+const STATE_ACTIVE: u8 = 1;
+const STATE_RETIRED: u8 = 2;
+
+/// Largest Argon2 memory cost accepted (2 GiB). A wallet asking for more is refused
+/// before any memory is allocated, so a hostile server cannot exhaust the client.
+pub const MAX_M_COST_KIB: u32 = 2 * 1024 * 1024;
+/// Largest Argon2 time cost accepted.
+pub const MAX_T_COST: u32 = 64;
+/// Largest Argon2 parallelism accepted.
+pub const MAX_P_COST: u32 = 16;
+
+/// Argon2id cost parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KdfParams {
+    /// Memory in KiB.
+    pub m_cost_kib: u32,
+    /// Passes over memory.
+    pub t_cost: u32,
+    /// Lanes.
+    pub p_cost: u32,
+}
+
+impl KdfParams {
+    /// The default for new wallets: 64 MiB, 3 passes, 1 lane (RFC 9106's second
+    /// recommendation; about a quarter of a second on this kind of machine).
+    pub const DEFAULT: KdfParams = KdfParams { m_cost_kib: 64 * 1024, t_cost: 3, p_cost: 1 };
+
+    /// Checks the parameters are within what Argon2 allows and what we accept.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |why: String| Err(CryptoError::KdfParams(why));
+        if self.p_cost == 0 || self.p_cost > MAX_P_COST {
+            return bad(format!("p_cost {} not in 1..={MAX_P_COST}", self.p_cost));
+        }
+        if self.t_cost == 0 || self.t_cost > MAX_T_COST {
+            return bad(format!("t_cost {} not in 1..={MAX_T_COST}", self.t_cost));
+        }
+        let min_m = 8 * self.p_cost;
+        if self.m_cost_kib < min_m || self.m_cost_kib > MAX_M_COST_KIB {
+            return bad(format!("m_cost {} KiB not in {min_m}..={MAX_M_COST_KIB}", self.m_cost_kib));
+        }
+        Ok(())
+    }
+
+    /// True if these parameters cost less than `target` in memory or time, i.e.
+    /// the wallet should be sealed again with `target`.
+    pub fn is_weaker_than(&self, target: &KdfParams) -> bool {
+        self.m_cost_kib < target.m_cost_kib || self.t_cost < target.t_cost
+    }
+
+    fn derive(&self, passphrase: &[u8], salt: &[u8; SALT_LEN]) -> Result<WalletKey> {
+        self.validate()?;
+        let params = argon2::Params::new(self.m_cost_kib, self.t_cost, self.p_cost, Some(KEY_LEN))
+            .map_err(|e| CryptoError::KdfParams(e.to_string()))?;
+        let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        argon
+            .hash_password_into(passphrase, salt, &mut key[..])
+            .map_err(|e| CryptoError::KdfParams(e.to_string()))?;
+        Ok(WalletKey(key))
+    }
+}
+
+/// One key in the wallet.
+#[derive(Debug)]
+pub struct WalletEntry {
+    /// The vault this key belongs to.
+    pub vault: VaultId,
+    /// The key.
+    pub key: VaultKey,
+    /// Whether this is the vault's current key (used for new files and names).
+    pub active: bool,
+}
+
+/// The user's vault keys. `Debug` shows vault and key ids only.
+#[derive(Debug, Default)]
+pub struct Wallet {
+    revision: u64,
+    entries: Vec<WalletEntry>,
+}
+
+impl Wallet {
+    /// An empty wallet at revision 0.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Incremented by every change, and sealed with the entries: a client that
+    /// remembers the highest revision it saw can detect a rolled-back wallet.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// Adds `key` as the active key of `vault`; the previous active key (if any)
+    /// stays, retired, for reading headers not yet re-wrapped.
+    pub fn add_key(&mut self, vault: VaultId, key: VaultKey) -> Result<()> {
+        if self.entries.iter().any(|e| e.key.id() == key.id()) {
+            return Err(CryptoError::Misuse("key id already in the wallet"));
+        }
+        for e in self.entries.iter_mut().filter(|e| e.vault == vault) {
+            e.active = false;
+        }
+        self.entries.push(WalletEntry { vault, key, active: true });
+        self.revision += 1;
+        Ok(())
+    }
+
+    /// Removes a (retired) key once nothing needs it. Returns whether it was there.
+    pub fn remove_key(&mut self, vault: VaultId, id: KeyId) -> bool {
+        let before = self.entries.len();
+        self.entries.retain(|e| !(e.vault == vault && e.key.id() == id));
+        let removed = self.entries.len() != before;
+        self.revision += u64::from(removed);
+        removed
+    }
+
+    /// The key new files and names of `vault` are sealed with.
+    pub fn active_key(&self, vault: VaultId) -> Option<&VaultKey> {
+        self.entries.iter().find(|e| e.vault == vault && e.active).map(|e| &e.key)
+    }
+
+    /// The key of `vault` with id `id`, active or retired. A key of another vault
+    /// is never returned, even if the id matches.
+    pub fn key(&self, vault: VaultId, id: KeyId) -> Option<&VaultKey> {
+        self.entries.iter().find(|e| e.vault == vault && e.key.id() == id).map(|e| &e.key)
+    }
+
+    /// All entries.
+    pub fn entries(&self) -> &[WalletEntry] {
+        &self.entries
+    }
+
+    fn serialize(&self) -> Zeroizing<Vec<u8>> {
+        let mut out = Zeroizing::new(Vec::with_capacity(12 + self.entries.len() * ENTRY_LEN));
+        out.extend_from_slice(&self.revision.to_be_bytes());
+        out.extend_from_slice(&(self.entries.len() as u32).to_be_bytes());
+        for e in &self.entries {
+            out.extend_from_slice(e.vault.as_bytes());
+            out.extend_from_slice(&e.key.id().0);
+            out.push(if e.active { STATE_ACTIVE } else { STATE_RETIRED });
+            out.extend_from_slice(e.key.secret());
+        }
+        out
+    }
+
+    fn deserialize(bytes: &[u8]) -> Result<Self> {
+        let bad = || CryptoError::Malformed("wallet contents");
+        if bytes.len() < 12 {
+            return Err(bad());
+        }
+        let revision = u64::from_be_bytes(bytes[..8].try_into().map_err(|_| bad())?);
+        let count = u32::from_be_bytes(bytes[8..12].try_into().map_err(|_| bad())?) as usize;
+        let body = &bytes[12..];
+        if body.len() != count.checked_mul(ENTRY_LEN).ok_or_else(bad)? {
+            return Err(bad());
+        }
+        let mut entries = Vec::with_capacity(count);
+        for raw in body.chunks_exact(ENTRY_LEN) {
+            let vault = VaultId(raw[..ID_LEN].try_into().map_err(|_| bad())?);
+            let id = KeyId(raw[ID_LEN..ID_LEN + KEY_ID_LEN].try_into().map_err(|_| bad())?);
+            let active = match raw[ID_LEN + KEY_ID_LEN] {
+                STATE_ACTIVE => true,
+                STATE_RETIRED => false,
+                _ => return Err(bad()),
+            };
+            let mut secret = [0u8; KEY_LEN];
+            secret.copy_from_slice(&raw[ID_LEN + KEY_ID_LEN + 1..]);
+            let key = VaultKey::from_bytes(id, secret);
+            zeroize::Zeroize::zeroize(&mut secret);
+            entries.push(WalletEntry { vault, key, active });
+        }
+        Ok(Wallet { revision, entries })
+    }
+
+    /// Seals the wallet under `passphrase`. Draws a 16-byte salt and then a 24-byte
+    /// nonce from `rng`.
+    pub fn seal(&self, passphrase: &[u8], params: KdfParams, rng: &mut dyn RandomSource) -> Result<Vec<u8>> {
+        params.validate()?;
+        let mut salt = [0u8; SALT_LEN];
+        rng.fill(&mut salt)?;
+        let mut nonce = [0u8; XNONCE_LEN];
+        rng.fill(&mut nonce)?;
+        let mut header = Vec::with_capacity(WALLET_HEADER_LEN);
+        header.extend_from_slice(&WALLET_MAGIC);
+        header.push(WALLET_FORMAT_VERSION);
+        header.push(KDF_ARGON2ID_13);
+        header.extend_from_slice(&[0, 0]);
+        header.extend_from_slice(&params.m_cost_kib.to_be_bytes());
+        header.extend_from_slice(&params.t_cost.to_be_bytes());
+        header.extend_from_slice(&params.p_cost.to_be_bytes());
+        header.extend_from_slice(&salt);
+        header.extend_from_slice(&nonce);
+        debug_assert_eq!(header.len(), WALLET_HEADER_LEN);
+        let key = params.derive(passphrase, &salt)?;
+        let sealed = aead::seal(&key.0, &nonce, &header, &self.serialize())?;
+        header.extend_from_slice(&sealed);
+        Ok(header)
+    }
+
+    /// Opens a sealed wallet, returning it with the parameters it was sealed with.
+    pub fn open(blob: &[u8], passphrase: &[u8]) -> Result<(Wallet, KdfParams)> {
+        let (params, salt, nonce) = parse_wallet_header(blob)?;
+        let key = params.derive(passphrase, &salt)?;
+        let plain = aead::open(&key.0, &nonce, &blob[..WALLET_HEADER_LEN], &blob[WALLET_HEADER_LEN..])
+            .map_err(|_| CryptoError::WalletLocked)?;
+        Ok((Wallet::deserialize(&plain)?, params))
+    }
+}
+
+fn parse_wallet_header(blob: &[u8]) -> Result<(KdfParams, [u8; SALT_LEN], [u8; XNONCE_LEN])> {
+    if blob.len() < 5 {
+        return Err(CryptoError::Malformed("wallet (too short)"));
+    }
+    if blob[..4] != WALLET_MAGIC {
+        return Err(CryptoError::BadMagic("wallet"));
+    }
+    if blob[4] != WALLET_FORMAT_VERSION {
+        return Err(CryptoError::UnsupportedVersion { what: "wallet", version: blob[4] });
+    }
+    if blob.len() < WALLET_HEADER_LEN + aead::TAG_LEN {
+        return Err(CryptoError::Malformed("wallet (too short)"));
+    }
+    if blob[5] != KDF_ARGON2ID_13 || blob[6..8] != [0, 0] {
+        return Err(CryptoError::Malformed("wallet (unknown KDF or reserved bits)"));
+    }
+    let u32_at = |at: usize| u32::from_be_bytes([blob[at], blob[at + 1], blob[at + 2], blob[at + 3]]);
+    let params = KdfParams { m_cost_kib: u32_at(8), t_cost: u32_at(12), p_cost: u32_at(16) };
+    params.validate()?;
+    let mut salt = [0u8; SALT_LEN];
+    salt.copy_from_slice(&blob[20..36]);
+    let mut nonce = [0u8; XNONCE_LEN];
+    nonce.copy_from_slice(&blob[36..60]);
+    Ok((params, salt, nonce))
+}
+
+/// The KDF parameters a sealed wallet names (unauthenticated until it is opened).
+pub fn wallet_kdf_params(blob: &[u8]) -> Result<KdfParams> {
+    parse_wallet_header(blob).map(|(p, _, _)| p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::random::OsRandom;
+
+    /// Cheap parameters so tests run fast; production uses [`KdfParams::DEFAULT`].
+    const FAST: KdfParams = KdfParams { m_cost_kib: 64, t_cost: 1, p_cost: 1 };
+
+    fn key(n: u8) -> VaultKey {
+        VaultKey::from_bytes(KeyId([n; 16]), [n.wrapping_add(100); 32])
+    }
+
+    #[test]
+    fn seal_open_round_trip_keeps_keys_states_and_revision() {
+        let v = VaultId([1; 16]);
+        let mut w = Wallet::new();
+        w.add_key(v, key(1)).unwrap();
+        w.add_key(v, key(2)).unwrap();
+        w.add_key(VaultId([9; 16]), key(3)).unwrap();
+        let blob = w.seal(b"correct horse", FAST, &mut OsRandom).unwrap();
+        let (opened, params) = Wallet::open(&blob, b"correct horse").unwrap();
+        assert_eq!(params, FAST);
+        assert_eq!(opened.revision(), 3);
+        assert_eq!(opened.active_key(v).unwrap().id(), KeyId([2; 16]));
+        assert_eq!(opened.key(v, KeyId([1; 16])).unwrap().secret(), &[101; 32]);
+        assert!(opened.key(v, KeyId([3; 16])).is_none(), "key of another vault must not be found");
+        assert_eq!(opened.entries().len(), 3);
+    }
+
+    #[test]
+    fn wrong_passphrase_and_tampering_are_refused() {
+        let mut w = Wallet::new();
+        w.add_key(VaultId([1; 16]), key(1)).unwrap();
+        let blob = w.seal(b"pass", FAST, &mut OsRandom).unwrap();
+        assert!(matches!(Wallet::open(&blob, b"pasS"), Err(CryptoError::WalletLocked)));
+        for at in [20, 40, 61, blob.len() - 1] {
+            let mut bad = blob.clone();
+            bad[at] ^= 0x80;
+            assert!(matches!(Wallet::open(&bad, b"pass"), Err(CryptoError::WalletLocked)), "byte {at}");
+        }
+        // Raising the cost parameters in the blob changes the derived key.
+        let mut bad = blob.clone();
+        bad[15] = 2; // t_cost 1 -> 2
+        assert!(matches!(Wallet::open(&bad, b"pass"), Err(CryptoError::WalletLocked)));
+    }
+
+    #[test]
+    fn hostile_parameters_are_refused_before_deriving() {
+        let w = Wallet::new();
+        let mut blob = w.seal(b"p", FAST, &mut OsRandom).unwrap();
+        blob[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(Wallet::open(&blob, b"p"), Err(CryptoError::KdfParams(_))));
+        assert!(KdfParams { m_cost_kib: 64, t_cost: 0, p_cost: 1 }.validate().is_err());
+        assert!(KdfParams { m_cost_kib: 7, t_cost: 1, p_cost: 1 }.validate().is_err());
+        assert!(KdfParams { m_cost_kib: 64, t_cost: 1, p_cost: 17 }.validate().is_err());
+        KdfParams::DEFAULT.validate().unwrap();
+    }
+
+    #[test]
+    fn parameters_can_be_upgraded() {
+        let mut w = Wallet::new();
+        w.add_key(VaultId([1; 16]), key(1)).unwrap();
+        let old = w.seal(b"p", FAST, &mut OsRandom).unwrap();
+        let stronger = KdfParams { m_cost_kib: 256, t_cost: 2, p_cost: 1 };
+        assert!(wallet_kdf_params(&old).unwrap().is_weaker_than(&stronger));
+        let (w, _) = Wallet::open(&old, b"p").unwrap();
+        let new = w.seal(b"p", stronger, &mut OsRandom).unwrap();
+        assert_eq!(wallet_kdf_params(&new).unwrap(), stronger);
+        assert!(!stronger.is_weaker_than(&stronger));
+        assert_eq!(Wallet::open(&new, b"p").unwrap().0.entries().len(), 1);
+    }
+
+    #[test]
+    fn keys_are_unique_and_removable() {
+        let v = VaultId([1; 16]);
+        let mut w = Wallet::new();
+        w.add_key(v, key(1)).unwrap();
+        assert!(w.add_key(v, key(1)).is_err());
+        assert!(w.remove_key(v, KeyId([1; 16])));
+        assert!(!w.remove_key(v, KeyId([1; 16])));
+        assert!(w.active_key(v).is_none());
+        assert_eq!(w.revision(), 2);
+    }
+
+    #[test]
+    fn malformed_wallets() {
+        assert!(matches!(Wallet::open(b"", b"p"), Err(CryptoError::Malformed(_))));
+        assert!(matches!(Wallet::open(b"XXXX\x01", b"p"), Err(CryptoError::BadMagic(_))));
+        assert!(matches!(Wallet::open(b"VLTW\x07", b"p"), Err(CryptoError::UnsupportedVersion { .. })));
+        assert!(matches!(Wallet::open(b"VLTW\x01short", b"p"), Err(CryptoError::Malformed(_))));
+        assert!(Wallet::deserialize(&[0; 11]).is_err());
+        let mut one = vec![0u8; 12 + ENTRY_LEN];
+        one[11] = 1;
+        one[12 + ID_LEN + KEY_ID_LEN] = 7; // unknown state
+        assert!(Wallet::deserialize(&one).is_err());
+    }
+}
