@@ -88,10 +88,7 @@ pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
     if bytes.len() % 2 != 0 {
         return None;
     }
-    bytes
-        .chunks_exact(2)
-        .map(|pair| Some(nibble(pair[0])? << 4 | nibble(pair[1])?))
-        .collect()
+    bytes.chunks_exact(2).map(|pair| Some(nibble(pair[0])? << 4 | nibble(pair[1])?)).collect()
 }
 
 /// Decodes exactly `N` bytes of hex.

@@ -69,9 +69,8 @@ impl SubKey {
         out: &mut Vec<u8>,
     ) -> Result<()> {
         let nonce = Self::ietf_nonce(suffix);
-        let mut crypter =
-            Crypter::new(Cipher::chacha20_poly1305(), Mode::Encrypt, &self.0[..], Some(&nonce))
-                .map_err(backend)?;
+        let mut crypter = Crypter::new(Cipher::chacha20_poly1305(), Mode::Encrypt, &self.0[..], Some(&nonce))
+            .map_err(backend)?;
         if !aad.is_empty() {
             crypter.aad_update(aad).map_err(backend)?;
         }
@@ -102,9 +101,8 @@ impl SubKey {
         }
         let (ciphertext, tag) = sealed.split_at(sealed.len() - TAG_LEN);
         let nonce = Self::ietf_nonce(suffix);
-        let mut crypter =
-            Crypter::new(Cipher::chacha20_poly1305(), Mode::Decrypt, &self.0[..], Some(&nonce))
-                .map_err(backend)?;
+        let mut crypter = Crypter::new(Cipher::chacha20_poly1305(), Mode::Decrypt, &self.0[..], Some(&nonce))
+            .map_err(backend)?;
         if !aad.is_empty() {
             crypter.aad_update(aad).map_err(backend)?;
         }
@@ -138,12 +136,7 @@ fn split_nonce(nonce: &[u8; XNONCE_LEN]) -> ([u8; NONCE_PREFIX_LEN], [u8; NONCE_
 }
 
 /// One-shot XChaCha20-Poly1305 seal: returns `ciphertext || tag`.
-pub fn seal(
-    key: &[u8; KEY_LEN],
-    nonce: &[u8; XNONCE_LEN],
-    aad: &[u8],
-    plaintext: &[u8],
-) -> Result<Vec<u8>> {
+pub fn seal(key: &[u8; KEY_LEN], nonce: &[u8; XNONCE_LEN], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>> {
     let (prefix, suffix) = split_nonce(nonce);
     let mut out = Vec::with_capacity(plaintext.len() + TAG_LEN);
     SubKey::derive(key, &prefix).seal_into(&suffix, aad, plaintext, &mut out)?;
@@ -183,9 +176,8 @@ mod tests {
         let h = |s: &str| crate::ids::hex_decode(s).unwrap();
         let pt = b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for the future, sunscreen would be it.";
         let aad = h("50515253c0c1c2c3c4c5c6c7");
-        let key: [u8; 32] = h("808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f")
-            .try_into()
-            .unwrap();
+        let key: [u8; 32] =
+            h("808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f").try_into().unwrap();
         let nonce: [u8; 24] = h("404142434445464748494a4b4c4d4e4f5051525354555657").try_into().unwrap();
         let expected = h(concat!(
             "bd6d179d3e83d43b9576579493c0e939572a1700252bfaccbed2902c21396cbb",

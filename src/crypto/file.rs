@@ -210,14 +210,22 @@ impl FileEncryptor {
         plaintext_len: u64,
         rng: &mut dyn RandomSource,
     ) -> Result<(Self, [u8; HEADER])> {
-        let layout = Layout::new(plaintext_len).ok_or(CryptoError::Misuse("file too large for the format"))?;
+        let layout =
+            Layout::new(plaintext_len).ok_or(CryptoError::Misuse("file too large for the format"))?;
         let content_key = ContentKey::generate(rng)?;
         let mut nonce_prefix = [0u8; NONCE_PREFIX_LEN];
         rng.fill(&mut nonce_prefix)?;
         let mut wrap_nonce = [0u8; XNONCE_LEN];
         rng.fill(&mut wrap_nonce)?;
-        let header =
-            build_header(vault_key, ctx, generation, plaintext_len, &content_key, &nonce_prefix, &wrap_nonce)?;
+        let header = build_header(
+            vault_key,
+            ctx,
+            generation,
+            plaintext_len,
+            &content_key,
+            &nonce_prefix,
+            &wrap_nonce,
+        )?;
         let encryptor = FileEncryptor {
             subkey: SubKey::derive(&content_key.0, &nonce_prefix),
             layout,

@@ -113,8 +113,11 @@ mod tests {
     #[test]
     fn debug_output_never_contains_secret_bytes() {
         let key = VaultKey::from_bytes(KeyId([0x11; 16]), [0xee; 32]);
-        let shown = format!("{key:?} {:?} {:?}", ContentKey(Zeroizing::new([0xee; 32])),
-            WalletKey(Zeroizing::new([0xee; 32])));
+        let shown = format!(
+            "{key:?} {:?} {:?}",
+            ContentKey(Zeroizing::new([0xee; 32])),
+            WalletKey(Zeroizing::new([0xee; 32]))
+        );
         assert!(!shown.contains("ee"), "{shown}");
         assert!(!shown.contains("238"), "{shown}"); // 0xee in decimal
         assert!(shown.contains("11111111"), "key id should be visible: {shown}");

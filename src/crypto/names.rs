@@ -85,7 +85,12 @@ impl NameContext {
 }
 
 /// Seals `name` for `ctx` under `key`. Draws a 24-byte nonce from `rng`.
-pub fn seal_name(key: &VaultKey, ctx: &NameContext, name: &[u8], rng: &mut dyn RandomSource) -> Result<Vec<u8>> {
+pub fn seal_name(
+    key: &VaultKey,
+    ctx: &NameContext,
+    name: &[u8],
+    rng: &mut dyn RandomSource,
+) -> Result<Vec<u8>> {
     if name.len() > MAX_NAME_LEN {
         return Err(CryptoError::Misuse("name longer than MAX_NAME_LEN"));
     }

@@ -136,16 +136,8 @@ mod tests {
 
     #[test]
     fn chunk_count_at_the_boundaries() {
-        let cases = [
-            (0, 1),
-            (1, 1),
-            (C - 1, 1),
-            (C, 1),
-            (C + 1, 2),
-            (2 * C, 2),
-            (2 * C + 1, 3),
-            (100 * C + 7, 101),
-        ];
+        let cases =
+            [(0, 1), (1, 1), (C - 1, 1), (C, 1), (C + 1, 2), (2 * C, 2), (2 * C + 1, 3), (100 * C + 7, 101)];
         for (len, chunks) in cases {
             let l = Layout::new(len).unwrap();
             assert_eq!(l.chunk_count(), chunks, "len {len}");

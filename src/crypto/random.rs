@@ -48,10 +48,8 @@ impl ReplayRandom {
 impl RandomSource for ReplayRandom {
     fn fill(&mut self, dest: &mut [u8]) -> Result<()> {
         let end = self.pos + dest.len();
-        let src = self
-            .bytes
-            .get(self.pos..end)
-            .ok_or(CryptoError::Misuse("ReplayRandom ran out of bytes"))?;
+        let src =
+            self.bytes.get(self.pos..end).ok_or(CryptoError::Misuse("ReplayRandom ran out of bytes"))?;
         dest.copy_from_slice(src);
         self.pos = end;
         Ok(())

@@ -1,0 +1,31 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use vaultfs::crypto::{FileContext, KeyId, VaultKey};
+use vaultfs::ids::{FileId, RecordId, VaultId};
+
+/// Deterministic plaintext: byte i is i mod 251 (a prime, so the pattern never
+/// lines up with chunk boundaries and a moved chunk would show).
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// A fixed vault key.
+pub fn vault_key(n: u8) -> VaultKey {
+    VaultKey::from_bytes(KeyId([n; 16]), [n ^ 0xa5; 32])
+}
+
+/// A file context with ids derived from `vault`, `record`, `file`.
+pub fn context(vault: u8, record: u8, file: u8) -> FileContext {
+    FileContext { vault: VaultId([vault; 16]), record: RecordId([record; 16]), file: FileId([file; 16]) }
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    vaultfs::ids::hex_encode(bytes)
+}
+
+/// Hex to bytes, panicking on bad input (test data is ours).
+pub fn unhex(s: &str) -> Vec<u8> {
+    vaultfs::ids::hex_decode(s).unwrap_or_else(|| panic!("bad hex in test data: {s:.40}"))
+}
