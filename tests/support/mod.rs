@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod vectors;
+
 use vaultfs::crypto::{FileContext, KeyId, VaultKey};
 use vaultfs::ids::{FileId, RecordId, VaultId};
 

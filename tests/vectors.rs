@@ -1,0 +1,230 @@
+//! The library must reproduce every test vector in tests/data/ byte for byte, and
+//! open what it produced. A failure here means the on-server format changed:
+//! either a bug, or a deliberate change that needs a new format version.
+//!
+//! The vectors were written once by `cargo test --test vectors -- --ignored
+//! write_vectors` and are never regenerated to make a test pass.
+
+mod support;
+
+use support::vectors::*;
+use support::{hex, pattern, unhex};
+use vaultfs::crypto::random::ReplayRandom;
+use vaultfs::crypto::{
+    decrypt_file, encrypt_file, open_name, seal_name, FileContext, KdfParams, KeyId, NameContext, VaultKey,
+    Wallet,
+};
+use vaultfs::ids::{FileId, RecordId, VaultId};
+
+fn arr<const N: usize>(s: &str) -> [u8; N] {
+    unhex(s).try_into().unwrap_or_else(|_| panic!("expected {N} bytes: {s}"))
+}
+
+fn key_of(id: &str, secret: &str) -> VaultKey {
+    VaultKey::from_bytes(KeyId(arr(id)), arr(secret))
+}
+
+fn file_ctx(v: &FileVector) -> FileContext {
+    FileContext {
+        vault: VaultId(arr(&v.vault_id)),
+        record: RecordId(arr(&v.record_id)),
+        file: FileId(arr(&v.file_id)),
+    }
+}
+
+fn name_ctx(v: &NameVector) -> NameContext {
+    let vault = VaultId(arr(&v.vault_id));
+    let record = || RecordId(arr(v.record_id.as_deref().expect("record_id")));
+    match v.kind.as_str() {
+        "vault-name" => NameContext::VaultName { vault },
+        "record-title" => NameContext::RecordTitle { vault, record: record() },
+        "record-fields" => NameContext::RecordFields { vault, record: record() },
+        "file-name" => NameContext::FileName {
+            vault,
+            record: record(),
+            file: FileId(arr(v.file_id.as_deref().expect("file_id"))),
+        },
+        other => panic!("unknown name kind {other}"),
+    }
+}
+
+#[test]
+fn file_vectors_reproduce_and_open() {
+    let vectors: FileVectors = load(FILE_VECTORS);
+    assert!(vectors.vector.len() >= 7, "vector file lost entries");
+    for v in &vectors.vector {
+        let key = key_of(&v.vault_key_id, &v.vault_key);
+        let plain = v.plaintext_bytes();
+        let mut rng = ReplayRandom::new(unhex(&v.random));
+        let blob = encrypt_file(&key, &file_ctx(v), v.generation, &plain, &mut rng).unwrap();
+        assert_eq!(
+            rng.remaining(),
+            0,
+            "{}: encryption must draw exactly the listed randomness",
+            v.description
+        );
+        assert_file_output(v, &blob);
+        let (info, opened) = decrypt_file(&blob, &key, &file_ctx(v), v.generation).unwrap();
+        assert_eq!(info.generation, v.generation);
+        assert_eq!(&opened[..], &plain[..], "{}", v.description);
+    }
+}
+
+#[test]
+fn name_vectors_reproduce_and_open() {
+    let vectors: NameVectors = load(NAME_VECTORS);
+    assert!(vectors.vector.len() >= 4);
+    for v in &vectors.vector {
+        let key = key_of(&v.vault_key_id, &v.vault_key);
+        let mut rng = ReplayRandom::new(unhex(&v.random));
+        let sealed = seal_name(&key, &name_ctx(v), v.name.as_bytes(), &mut rng).unwrap();
+        assert_eq!(rng.remaining(), 0);
+        assert_eq!(hex(&sealed), v.sealed, "{}", v.description);
+        assert_eq!(&open_name(&key, &name_ctx(v), &sealed).unwrap()[..], v.name.as_bytes());
+    }
+}
+
+fn wallet_of(v: &WalletVector) -> Wallet {
+    let mut w = Wallet::new();
+    for k in &v.keys {
+        w.add_key(VaultId(arr(&k.vault_id)), key_of(&k.key_id, &k.key)).unwrap();
+    }
+    w
+}
+
+#[test]
+fn wallet_vectors_reproduce_and_open() {
+    let vectors: WalletVectors = load(WALLET_VECTORS);
+    assert!(!vectors.vector.is_empty());
+    for v in &vectors.vector {
+        let params = KdfParams { m_cost_kib: v.m_cost_kib, t_cost: v.t_cost, p_cost: v.p_cost };
+        let wallet = wallet_of(v);
+        assert_eq!(wallet.revision(), v.revision);
+        let mut rng = ReplayRandom::new(unhex(&v.random));
+        let sealed = wallet.seal(v.passphrase.as_bytes(), params, &mut rng).unwrap();
+        assert_eq!(rng.remaining(), 0);
+        assert_eq!(hex(&sealed), v.sealed, "{}", v.description);
+        let (opened, p) = Wallet::open(&sealed, v.passphrase.as_bytes()).unwrap();
+        assert_eq!(p, params);
+        for (k, e) in v.keys.iter().zip(opened.entries()) {
+            assert_eq!((hex(&e.key.id().0), e.active), (k.key_id.clone(), k.active));
+        }
+    }
+}
+
+/// Writes the vector files from the cases below. Run by hand, only when adding
+/// vectors or deliberately introducing a new format version.
+#[test]
+#[ignore = "writes tests/data; run by hand only"]
+fn write_vectors() {
+    let random =
+        |seed: u8, len: usize| -> Vec<u8> { (0..len).map(|i| (i as u8).wrapping_mul(7) ^ seed).collect() };
+    let mut files = Vec::new();
+    for (n, len) in [0u64, 1, 100, 65535, 65536, 65537, 200_000].into_iter().enumerate() {
+        let n = n as u8;
+        let mut v = FileVector {
+            description: format!("{len}-byte file"),
+            vault_key_id: hex(&[0x10 + n; 16]),
+            vault_key: hex(&random(0x20 + n, 32)),
+            vault_id: hex(&[0x30 + n; 16]),
+            record_id: hex(&[0x40 + n; 16]),
+            file_id: hex(&[0x50 + n; 16]),
+            generation: u64::from(n) + 1,
+            random: hex(&random(0x60 + n, 72)),
+            plaintext_len: len,
+            plaintext: (len <= 100).then(|| hex(&pattern(len as usize))),
+            ciphertext_len: 0,
+            ciphertext_sha256: String::new(),
+            ciphertext: None,
+        };
+        let key = key_of(&v.vault_key_id, &v.vault_key);
+        let blob = encrypt_file(
+            &key,
+            &file_ctx(&v),
+            v.generation,
+            &v.plaintext_bytes(),
+            &mut ReplayRandom::new(unhex(&v.random)),
+        )
+        .unwrap();
+        v.ciphertext_len = blob.len() as u64;
+        v.ciphertext_sha256 = sha256_hex(&blob);
+        v.ciphertext = (blob.len() <= 1024).then(|| hex(&blob));
+        files.push(v);
+    }
+
+    let mut names = Vec::new();
+    for (n, (kind, name)) in [
+        ("vault-name", "Family"),
+        ("record-title", "Tax 2026"),
+        ("record-fields", "{\"account\":\"CZ65 0800 0000 1920 0014 5399\"}"),
+        ("file-name", "scan 0001.pdf"),
+        ("file-name", "ünïcödé and a name long enough to need a second 32-byte padding block.txt"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let n = n as u8;
+        let mut v = NameVector {
+            description: format!("{kind}: {name}"),
+            vault_key_id: hex(&[0x70 + n; 16]),
+            vault_key: hex(&random(0x80 + n, 32)),
+            kind: kind.into(),
+            vault_id: hex(&[0x90 + n; 16]),
+            record_id: (kind != "vault-name").then(|| hex(&[0xa0 + n; 16])),
+            file_id: (kind == "file-name").then(|| hex(&[0xb0 + n; 16])),
+            random: hex(&random(0xc0 + n, 24)),
+            name: name.into(),
+            sealed: String::new(),
+        };
+        let key = key_of(&v.vault_key_id, &v.vault_key);
+        let sealed =
+            seal_name(&key, &name_ctx(&v), name.as_bytes(), &mut ReplayRandom::new(unhex(&v.random)))
+                .unwrap();
+        v.sealed = hex(&sealed);
+        names.push(v);
+    }
+
+    let mut wallet = WalletVector {
+        description: "two vaults, one with a retired key; cheap Argon2id parameters".into(),
+        passphrase: "correct horse battery staple".into(),
+        m_cost_kib: 64,
+        t_cost: 1,
+        p_cost: 1,
+        random: hex(&random(0xd0, 40)),
+        revision: 3,
+        keys: vec![
+            WalletKeyVector {
+                vault_id: hex(&[0xe0; 16]),
+                key_id: hex(&[0xe1; 16]),
+                key: hex(&random(0xe2, 32)),
+                active: false,
+            },
+            WalletKeyVector {
+                vault_id: hex(&[0xe0; 16]),
+                key_id: hex(&[0xe3; 16]),
+                key: hex(&random(0xe4, 32)),
+                active: true,
+            },
+            WalletKeyVector {
+                vault_id: hex(&[0xf0; 16]),
+                key_id: hex(&[0xf1; 16]),
+                key: hex(&random(0xf2, 32)),
+                active: true,
+            },
+        ],
+        sealed: String::new(),
+    };
+    let params = KdfParams { m_cost_kib: wallet.m_cost_kib, t_cost: wallet.t_cost, p_cost: wallet.p_cost };
+    let sealed = wallet_of(&wallet)
+        .seal(wallet.passphrase.as_bytes(), params, &mut ReplayRandom::new(unhex(&wallet.random)))
+        .unwrap();
+    wallet.sealed = hex(&sealed);
+
+    let header = "# Test vectors for the vaultfs format (docs/FORMAT.md). Generated once; never\n\
+                  # edit or regenerate to make a test pass: a mismatch is a format change.\n\n";
+    let write =
+        |name: &str, body: String| std::fs::write(data_path(name), format!("{header}{body}")).unwrap();
+    write(FILE_VECTORS, toml::to_string(&FileVectors { vector: files }).unwrap());
+    write(NAME_VECTORS, toml::to_string(&NameVectors { vector: names }).unwrap());
+    write(WALLET_VECTORS, toml::to_string(&WalletVectors { vector: vec![wallet] }).unwrap());
+}
