@@ -14,7 +14,8 @@
 
 use chacha20::cipher::consts::U10;
 use chacha20::hchacha;
-use openssl::symm::{Cipher, Crypter, Mode};
+use openssl::cipher::Cipher;
+use openssl::cipher_ctx::CipherCtx;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::error::{auth_failure, CryptoError, Result};
@@ -60,7 +61,25 @@ impl SubKey {
         nonce
     }
 
+    /// A cipher context keyed with this subkey and the chunk's IETF nonce.
+    fn context(&self, suffix: &[u8; NONCE_SUFFIX_LEN], encrypt: bool) -> Result<CipherCtx> {
+        let nonce = Self::ietf_nonce(suffix);
+        let mut ctx = CipherCtx::new().map_err(backend)?;
+        let cipher = Some(Cipher::chacha20_poly1305());
+        if encrypt {
+            ctx.encrypt_init(cipher, Some(&self.0[..]), Some(&nonce)).map_err(backend)?;
+        } else {
+            ctx.decrypt_init(cipher, Some(&self.0[..]), Some(&nonce)).map_err(backend)?;
+        }
+        Ok(ctx)
+    }
+
     /// Appends `ciphertext || tag` of `plaintext` to `out`.
+    ///
+    /// The plaintext is copied to `out` and encrypted there in place, so the
+    /// output needs no zero-filling first. (Benchmarked against a zero-filled
+    /// separate buffer: the same speed within noise; kept for simplicity and
+    /// because a failure path has exactly one region to wipe.)
     pub fn seal_into(
         &self,
         suffix: &[u8; NONCE_SUFFIX_LEN],
@@ -68,22 +87,36 @@ impl SubKey {
         plaintext: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<()> {
-        let nonce = Self::ietf_nonce(suffix);
-        let mut crypter = Crypter::new(Cipher::chacha20_poly1305(), Mode::Encrypt, &self.0[..], Some(&nonce))
-            .map_err(backend)?;
+        let mut ctx = self.context(suffix, true)?;
         if !aad.is_empty() {
-            crypter.aad_update(aad).map_err(backend)?;
+            ctx.cipher_update(aad, None).map_err(backend)?;
         }
         let start = out.len();
-        // OpenSSL's update wants room for one extra block; ChaCha's block size is 1.
-        out.resize(start + plaintext.len() + 1, 0);
-        let mut written = crypter.update(plaintext, &mut out[start..]).map_err(backend)?;
-        written += crypter.finalize(&mut out[start + written..]).map_err(backend)?;
-        out.truncate(start + written);
-        let mut tag = [0u8; TAG_LEN];
-        crypter.get_tag(&mut tag).map_err(backend)?;
-        out.extend_from_slice(&tag);
-        Ok(())
+        out.extend_from_slice(plaintext);
+        let region = &mut out[start..];
+        let sealed = ctx
+            .cipher_update_inplace(region, region.len())
+            .and_then(|n| Ok(n + ctx.cipher_final(&mut [])?))
+            .and_then(|n| {
+                let mut tag = [0u8; TAG_LEN];
+                ctx.tag(&mut tag)?;
+                Ok((n, tag))
+            });
+        match sealed {
+            Ok((n, tag)) if n == plaintext.len() => {
+                out.extend_from_slice(&tag);
+                Ok(())
+            }
+            other => {
+                // Never leave plaintext behind in the output buffer.
+                out[start..].zeroize();
+                out.truncate(start);
+                Err(match other {
+                    Err(e) => backend(e),
+                    Ok(_) => CryptoError::Backend("openssl: short encryption".into()),
+                })
+            }
+        }
     }
 
     /// Verifies and decrypts `ciphertext || tag`, appending the plaintext to `out`.
@@ -100,25 +133,19 @@ impl SubKey {
             return Err(auth_failure());
         }
         let (ciphertext, tag) = sealed.split_at(sealed.len() - TAG_LEN);
-        let nonce = Self::ietf_nonce(suffix);
-        let mut crypter = Crypter::new(Cipher::chacha20_poly1305(), Mode::Decrypt, &self.0[..], Some(&nonce))
-            .map_err(backend)?;
+        let mut ctx = self.context(suffix, false)?;
         if !aad.is_empty() {
-            crypter.aad_update(aad).map_err(backend)?;
+            ctx.cipher_update(aad, None).map_err(backend)?;
         }
-        crypter.set_tag(tag).map_err(backend)?;
+        ctx.set_tag(tag).map_err(backend)?;
         let start = out.len();
-        out.resize(start + ciphertext.len() + 1, 0);
-        let result = crypter.update(ciphertext, &mut out[start..]).and_then(|n| {
-            let m = crypter.finalize(&mut out[start + n..])?;
-            Ok(n + m)
-        });
-        match result {
-            Ok(written) => {
-                out.truncate(start + written);
-                Ok(())
-            }
-            Err(_) => {
+        out.extend_from_slice(ciphertext);
+        let region = &mut out[start..];
+        let opened =
+            ctx.cipher_update_inplace(region, region.len()).and_then(|n| Ok(n + ctx.cipher_final(&mut [])?));
+        match opened {
+            Ok(n) if n == ciphertext.len() => Ok(()),
+            _ => {
                 out[start..].zeroize();
                 out.truncate(start);
                 Err(auth_failure())
