@@ -28,8 +28,10 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-/// Runs `f` `reps` times over `bytes` bytes and returns the median GB/s.
+/// Runs `f` once untimed (so first-touch page faults of fresh buffers are not
+/// counted), then `reps` times over `bytes` bytes, and returns the median GB/s.
 fn measure(cfg: &Config, mut f: impl FnMut()) -> f64 {
+    f();
     let runs = (0..cfg.reps)
         .map(|_| {
             let t = Instant::now();
