@@ -99,3 +99,28 @@ pub(crate) fn auth_failure() -> CryptoError {
 pub(crate) fn length_failure() -> CryptoError {
     CryptoError::Integrity(IntegrityFailure::Length)
 }
+
+/// Checks the `magic || version` prefix shared by files and wallets, then that at
+/// least `min_len` bytes are present. Order matters for the error a user sees: a
+/// file from a newer vaultfs says "unsupported version", not "too short".
+pub(crate) fn check_prefix(
+    bytes: &[u8],
+    magic: &[u8; 4],
+    version: u8,
+    min_len: usize,
+    what: &'static str,
+) -> Result<()> {
+    if bytes.len() < 5 {
+        return Err(CryptoError::Malformed(what));
+    }
+    if bytes[..4] != magic[..] {
+        return Err(CryptoError::BadMagic(what));
+    }
+    if bytes[4] != version {
+        return Err(CryptoError::UnsupportedVersion { what, version: bytes[4] });
+    }
+    if bytes.len() < min_len {
+        return Err(CryptoError::Malformed(what));
+    }
+    Ok(())
+}

@@ -24,7 +24,7 @@
 use zeroize::Zeroizing;
 
 use super::aead::{self, SubKey, KEY_LEN, NONCE_PREFIX_LEN, NONCE_SUFFIX_LEN, TAG_LEN, XNONCE_LEN};
-use super::error::{auth_failure, length_failure, CryptoError, IntegrityFailure, Result};
+use super::error::{auth_failure, check_prefix, length_failure, CryptoError, IntegrityFailure, Result};
 use super::keys::{ContentKey, KeyId, VaultKey, KEY_ID_LEN};
 use super::offsets::{ChunkIndex, Layout, CHUNK_SIZE, HEADER_LEN};
 use super::random::RandomSource;
@@ -86,18 +86,7 @@ fn array<const N: usize>(bytes: &[u8], at: usize) -> [u8; N] {
 }
 
 fn parse_header(bytes: &[u8]) -> Result<ParsedHeader> {
-    if bytes.len() < 5 {
-        return Err(CryptoError::Malformed("file header (too short)"));
-    }
-    if bytes[..4] != FILE_MAGIC {
-        return Err(CryptoError::BadMagic("file"));
-    }
-    if bytes[4] != FILE_FORMAT_VERSION {
-        return Err(CryptoError::UnsupportedVersion { what: "file", version: bytes[4] });
-    }
-    if bytes.len() < HEADER {
-        return Err(CryptoError::Malformed("file header (too short)"));
-    }
+    check_prefix(bytes, &FILE_MAGIC, FILE_FORMAT_VERSION, HEADER, "file header")?;
     if bytes[5] != CHUNK_SIZE_LOG2 || bytes[6..8] != [0, 0] {
         return Err(CryptoError::Malformed("file header (chunk size or reserved bits)"));
     }

@@ -15,7 +15,7 @@
 use zeroize::Zeroizing;
 
 use super::aead::{self, KEY_LEN, XNONCE_LEN};
-use super::error::{CryptoError, Result};
+use super::error::{check_prefix, CryptoError, Result};
 use super::keys::{KeyId, VaultKey, WalletKey, KEY_ID_LEN};
 use super::random::RandomSource;
 use crate::ids::{VaultId, ID_LEN};
@@ -53,7 +53,7 @@ pub struct KdfParams {
 
 impl KdfParams {
     /// The default for new wallets: 64 MiB, 3 passes, 1 lane (RFC 9106's second
-    /// recommendation; about a quarter of a second on this kind of machine).
+    /// recommendation; about 0.13 s per derivation on this kind of machine).
     pub const DEFAULT: KdfParams = KdfParams { m_cost_kib: 64 * 1024, t_cost: 3, p_cost: 1 };
 
     /// Checks the parameters are within what Argon2 allows and what we accept.
@@ -238,18 +238,7 @@ impl Wallet {
 }
 
 fn parse_wallet_header(blob: &[u8]) -> Result<(KdfParams, [u8; SALT_LEN], [u8; XNONCE_LEN])> {
-    if blob.len() < 5 {
-        return Err(CryptoError::Malformed("wallet (too short)"));
-    }
-    if blob[..4] != WALLET_MAGIC {
-        return Err(CryptoError::BadMagic("wallet"));
-    }
-    if blob[4] != WALLET_FORMAT_VERSION {
-        return Err(CryptoError::UnsupportedVersion { what: "wallet", version: blob[4] });
-    }
-    if blob.len() < WALLET_HEADER_LEN + aead::TAG_LEN {
-        return Err(CryptoError::Malformed("wallet (too short)"));
-    }
+    check_prefix(blob, &WALLET_MAGIC, WALLET_FORMAT_VERSION, WALLET_HEADER_LEN + aead::TAG_LEN, "wallet")?;
     if blob[5] != KDF_ARGON2ID_13 || blob[6..8] != [0, 0] {
         return Err(CryptoError::Malformed("wallet (unknown KDF or reserved bits)"));
     }
