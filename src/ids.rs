@@ -23,6 +23,13 @@ macro_rules! define_id {
         pub struct $name(pub [u8; ID_LEN]);
 
         impl $name {
+            /// A fresh id from the operating system's CSPRNG.
+            pub fn random() -> Result<Self, getrandom::Error> {
+                let mut bytes = [0u8; ID_LEN];
+                getrandom::getrandom(&mut bytes)?;
+                Ok($name(bytes))
+            }
+
             /// The raw bytes, as bound into ciphertext.
             pub fn as_bytes(&self) -> &[u8; ID_LEN] {
                 &self.0
@@ -38,6 +45,19 @@ macro_rules! define_id {
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 write!(f, "{}({})", stringify!($name), hex_encode(&self.0))
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&hex_encode(&self.0))
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
             }
         }
 

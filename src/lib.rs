@@ -9,3 +9,5 @@
 pub mod cli;
 pub mod crypto;
 pub mod ids;
+pub mod protocol;
+pub mod server;

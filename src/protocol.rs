@@ -1,0 +1,390 @@
+//! The wire format between `vaultfs serve` and its clients (docs/API.md).
+//!
+//! Metadata travels as JSON; file content as raw bytes. Everything that would
+//! reveal a name (vault names, record titles and fields, file names) is a sealed
+//! blob from `crypto::names`, carried as base64 in a [`Sealed`] field: the server
+//! stores and returns these bytes without being able to read them.
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{FileId, RecordId, VaultId};
+
+/// API prefix; bumped only for incompatible changes.
+pub const API_PREFIX: &str = "/v1";
+/// Header naming the end-to-end flag of an upload (`1` or `0`).
+pub const HEADER_E2E: &str = "x-vaultfs-e2e";
+/// Header carrying a file's modification time (Unix milliseconds) on upload.
+pub const HEADER_MTIME: &str = "x-vaultfs-mtime";
+
+/// Opaque bytes sealed by the client, base64 on the wire.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Sealed(pub Vec<u8>);
+
+impl std::fmt::Debug for Sealed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Sealed({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for Sealed {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Sealed {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s.as_bytes())
+            .map(Sealed)
+            .map_err(|e| serde::de::Error::custom(format!("invalid base64: {e}")))
+    }
+}
+
+/// What a member may do in a vault. Ordered: each right includes the ones below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rights {
+    /// List and read records and files.
+    Read,
+    /// Also create, change and delete records and files.
+    Write,
+    /// Also rename the vault, change its flags and manage members.
+    Admin,
+}
+
+impl Rights {
+    /// The name used on the wire and in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rights::Read => "read",
+            Rights::Write => "write",
+            Rights::Admin => "admin",
+        }
+    }
+
+    /// Parses the wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "read" => Some(Rights::Read),
+            "write" => Some(Rights::Write),
+            "admin" => Some(Rights::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// Per-user limits set by the server's admin; the client reads them at mount time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest upload accepted, in bytes (the server refuses more with 413).
+    pub upload_limit: u64,
+    /// Largest file the client encrypts end to end; larger ones pass through.
+    pub e2e_limit: u64,
+    /// Images with a longer edge than this (pixels) are reduced before upload.
+    pub image_max_edge: u32,
+}
+
+impl Limits {
+    /// 300 MB uploads, 30 MB end-to-end, 2560 px images: the original system's defaults.
+    pub const DEFAULT: Limits =
+        Limits { upload_limit: 300_000_000, e2e_limit: 30_000_000, image_max_edge: 2560 };
+}
+
+/// Argon2id parameters on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KdfWire {
+    /// Memory in KiB.
+    pub m_cost_kib: u32,
+    /// Passes.
+    pub t_cost: u32,
+    /// Lanes.
+    pub p_cost: u32,
+}
+
+/// `GET /v1/prelogin?user=NAME`: how to derive the login key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreLogin {
+    /// Argon2id salt for the login key.
+    pub salt: Sealed,
+    /// Argon2id parameters for the login key.
+    pub kdf: KdfWire,
+}
+
+/// `POST /v1/login`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoginRequest {
+    /// User name.
+    pub user: String,
+    /// The login key derived from the passphrase (never the passphrase).
+    pub login_key: Sealed,
+}
+
+/// `POST /v1/enroll`: first login with the one-time code from the admin.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    /// User name.
+    pub user: String,
+    /// The enrollment code printed by `vaultfs admin user add`.
+    pub code: String,
+    /// The login key derived from the passphrase the user chose.
+    pub login_key: Sealed,
+}
+
+/// Answer to login and enroll.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Session {
+    /// Bearer token for the `Authorization` header.
+    pub token: String,
+    /// Seconds until the token expires.
+    pub expires_in_secs: u64,
+}
+
+/// `GET /v1/me`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Me {
+    /// User name.
+    pub user: String,
+    /// The user's limits.
+    pub limits: Limits,
+}
+
+/// A vault as its member sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VaultInfo {
+    /// Vault id.
+    pub id: VaultId,
+    /// Sealed vault name.
+    pub name: Sealed,
+    /// The caller's rights.
+    pub rights: Rights,
+    /// Whether the server refuses uploads that are not end-to-end encrypted.
+    pub e2e_required: bool,
+    /// Version (ETag) of the vault's own metadata.
+    pub version: u64,
+    /// The caller's wrapped copy of the vault key, if a client stored one.
+    pub wrapped_key: Option<Sealed>,
+}
+
+/// `POST /v1/vaults`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NewVault {
+    /// Client-chosen random id (the sealed name is bound to it).
+    pub id: VaultId,
+    /// Sealed vault name.
+    pub name: Sealed,
+    /// Refuse plaintext uploads.
+    #[serde(default)]
+    pub e2e_required: bool,
+    /// The creator's wrapped copy of the vault key, if any.
+    #[serde(default)]
+    pub wrapped_key: Option<Sealed>,
+}
+
+/// `PATCH /v1/vaults/{id}` (If-Match required).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VaultUpdate {
+    /// New sealed name.
+    #[serde(default)]
+    pub name: Option<Sealed>,
+    /// New end-to-end-required flag.
+    #[serde(default)]
+    pub e2e_required: Option<bool>,
+}
+
+/// A vault member, as listed to admins of the vault.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// User name.
+    pub user: String,
+    /// The member's rights.
+    pub rights: Rights,
+    /// The member's wrapped copy of the vault key, if any.
+    #[serde(default)]
+    pub wrapped_key: Option<Sealed>,
+}
+
+/// A record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordInfo {
+    /// Record id.
+    pub id: RecordId,
+    /// Vault id.
+    pub vault: VaultId,
+    /// Parent record; `None` at the top of the vault.
+    pub parent: Option<RecordId>,
+    /// Sealed title.
+    pub title: Sealed,
+    /// Sealed fields (may be empty).
+    pub fields: Sealed,
+    /// Version (ETag).
+    pub version: u64,
+}
+
+/// `POST /v1/vaults/{id}/records`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NewRecord {
+    /// Client-chosen random id.
+    pub id: RecordId,
+    /// Parent record, in the same vault.
+    #[serde(default)]
+    pub parent: Option<RecordId>,
+    /// Sealed title.
+    pub title: Sealed,
+    /// Sealed fields.
+    #[serde(default)]
+    pub fields: Sealed,
+}
+
+/// `PATCH /v1/records/{id}` (If-Match required). `parent` is `{"to": null}` to
+/// move a record to the top of its vault.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RecordUpdate {
+    /// New sealed title.
+    #[serde(default)]
+    pub title: Option<Sealed>,
+    /// New sealed fields.
+    #[serde(default)]
+    pub fields: Option<Sealed>,
+    /// New parent.
+    #[serde(default)]
+    pub parent: Option<ParentChange>,
+}
+
+/// A new parent for a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentChange {
+    /// The new parent, or `None` for the top of the vault.
+    pub to: Option<RecordId>,
+}
+
+/// A file linked to a record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    /// File id.
+    pub id: FileId,
+    /// Vault id.
+    pub vault: VaultId,
+    /// The record the file is linked to.
+    pub record: RecordId,
+    /// Sealed file name.
+    pub name: Sealed,
+    /// Stored content length in bytes (ciphertext length for end-to-end files).
+    pub size: u64,
+    /// Version (ETag); 1 for a new, empty file.
+    pub version: u64,
+    /// Whether the content is end-to-end encrypted.
+    pub e2e: bool,
+    /// Modification time, Unix milliseconds.
+    pub mtime_ms: i64,
+}
+
+/// `POST /v1/records/{id}/files`: a new, empty file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NewFile {
+    /// Client-chosen random id.
+    pub id: FileId,
+    /// Sealed file name.
+    pub name: Sealed,
+    /// Whether content will be end-to-end encrypted.
+    #[serde(default = "default_true")]
+    pub e2e: bool,
+    /// Modification time, Unix milliseconds (server time if absent).
+    #[serde(default)]
+    pub mtime_ms: Option<i64>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// `PATCH /v1/files/{id}` (If-Match required): rename, move within the vault, touch.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FileUpdate {
+    /// New sealed name.
+    #[serde(default)]
+    pub name: Option<Sealed>,
+    /// New record (same vault).
+    #[serde(default)]
+    pub record: Option<RecordId>,
+    /// New modification time.
+    #[serde(default)]
+    pub mtime_ms: Option<i64>,
+}
+
+/// Answer to a content upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadResult {
+    /// The file's new version.
+    pub version: u64,
+    /// Bytes stored.
+    pub size: u64,
+}
+
+/// Every error response: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// Machine-readable code and human-readable message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable code, e.g. `not_found`, `version_conflict` (docs/API.md lists them).
+    pub code: String,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+/// Formats a version as an ETag value.
+pub fn etag(version: u64) -> String {
+    format!("\"{version}\"")
+}
+
+/// Parses an ETag / If-Match value (`"3"`, or `W/"3"` leniently).
+pub fn parse_etag(value: &str) -> Option<u64> {
+    let v = value.trim();
+    let v = v.strip_prefix("W/").unwrap_or(v);
+    v.strip_prefix('"')?.strip_suffix('"')?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_is_base64_and_rejects_garbage() {
+        let json = serde_json::to_string(&Sealed(vec![0, 1, 2, 255])).unwrap();
+        assert_eq!(json, "\"AAEC/w==\"");
+        assert_eq!(serde_json::from_str::<Sealed>(&json).unwrap(), Sealed(vec![0, 1, 2, 255]));
+        assert!(serde_json::from_str::<Sealed>("\"not base64!\"").is_err());
+    }
+
+    #[test]
+    fn etags_round_trip() {
+        assert_eq!(parse_etag(&etag(42)), Some(42));
+        assert_eq!(parse_etag("W/\"7\""), Some(7));
+        assert_eq!(parse_etag("7"), None);
+        assert_eq!(parse_etag("\"x\""), None);
+    }
+
+    #[test]
+    fn rights_are_ordered() {
+        assert!(Rights::Admin > Rights::Write && Rights::Write > Rights::Read);
+        for r in [Rights::Read, Rights::Write, Rights::Admin] {
+            assert_eq!(Rights::parse(r.as_str()), Some(r));
+        }
+        assert_eq!(serde_json::to_string(&Rights::Write).unwrap(), "\"write\"");
+    }
+
+    #[test]
+    fn ids_serialize_as_hex() {
+        let id = VaultId([0xab; 16]);
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, format!("\"{}\"", "ab".repeat(16)));
+        assert!(serde_json::from_str::<VaultId>("\"abc\"").is_err());
+    }
+}

@@ -1,0 +1,840 @@
+//! Server metadata in SQLite: users, sessions, wallets, vaults, members, records
+//! and files.
+//!
+//! Everything here is synchronous; the API runs it on the blocking pool behind one
+//! mutex (SQLite serializes writers anyway). Each mutation is one transaction, and
+//! every versioned update is a compare-and-swap on `version`, so of two writers
+//! holding the same version exactly one wins and the other sees
+//! [`MetaError::VersionMismatch`]. The server never learns a name: names, titles
+//! and fields are sealed bytes stored as BLOBs.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+use crate::ids::{hex_encode, FileId, RecordId, VaultId};
+use crate::protocol::{
+    FileInfo, FileUpdate, KdfWire, Limits, Member, NewFile, NewRecord, NewVault, RecordInfo, RecordUpdate,
+    Rights, Sealed, VaultInfo, VaultUpdate,
+};
+
+use super::blob::BlobId;
+
+/// Errors from the metadata store.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    /// The object does not exist.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// An object with that id or name already exists.
+    #[error("{0} already exists")]
+    Exists(&'static str),
+    /// The caller's version is not the current one.
+    #[error("version mismatch: current version is {current}")]
+    VersionMismatch {
+        /// The current version.
+        current: u64,
+    },
+    /// The change is not allowed in the current state (e.g. record not empty).
+    #[error("{0}")]
+    Refused(String),
+    /// The database failed.
+    #[error("metadata store: {0}")]
+    Db(#[from] rusqlite::Error),
+}
+
+type Result<T> = std::result::Result<T, MetaError>;
+
+/// A user row.
+#[derive(Debug, Clone)]
+pub struct User {
+    /// Internal id.
+    pub id: i64,
+    /// Login name.
+    pub name: String,
+    /// Limits set by the admin.
+    pub limits: Limits,
+    /// Argon2id salt and parameters of the login key.
+    pub login_salt: Vec<u8>,
+    /// Argon2id parameters of the login key.
+    pub kdf: KdfWire,
+    /// SHA-256 of the login key, once enrolled.
+    pub login_hash: Option<Vec<u8>>,
+    /// SHA-256 of the pending enrollment code.
+    pub enroll_hash: Option<Vec<u8>>,
+}
+
+/// Stored state of a file, with the blob its content lives in.
+#[derive(Debug, Clone)]
+pub struct FileRow {
+    /// What clients see.
+    pub info: FileInfo,
+    /// The content blob; `None` for an empty file that was never uploaded.
+    pub blob: Option<BlobId>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    upload_limit INTEGER NOT NULL,
+    e2e_limit INTEGER NOT NULL,
+    image_max_edge INTEGER NOT NULL,
+    login_salt BLOB NOT NULL,
+    kdf_m INTEGER NOT NULL, kdf_t INTEGER NOT NULL, kdf_p INTEGER NOT NULL,
+    login_hash BLOB,
+    enroll_hash BLOB
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    token_hash BLOB PRIMARY KEY,
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    expires INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS wallets (
+    user_id INTEGER PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
+    blob BLOB NOT NULL,
+    version INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS vaults (
+    id BLOB PRIMARY KEY,
+    name BLOB NOT NULL,
+    e2e_required INTEGER NOT NULL,
+    version INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS members (
+    vault_id BLOB NOT NULL REFERENCES vaults(id) ON DELETE CASCADE,
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    rights TEXT NOT NULL,
+    wrapped_key BLOB,
+    PRIMARY KEY (vault_id, user_id)
+);
+CREATE TABLE IF NOT EXISTS records (
+    id BLOB PRIMARY KEY,
+    vault_id BLOB NOT NULL REFERENCES vaults(id),
+    parent_id BLOB REFERENCES records(id),
+    title BLOB NOT NULL,
+    fields BLOB NOT NULL,
+    version INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_by_vault ON records(vault_id);
+CREATE TABLE IF NOT EXISTS files (
+    id BLOB PRIMARY KEY,
+    vault_id BLOB NOT NULL REFERENCES vaults(id),
+    record_id BLOB NOT NULL REFERENCES records(id),
+    name BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    e2e INTEGER NOT NULL,
+    mtime_ms INTEGER NOT NULL,
+    blob_id TEXT
+);
+CREATE INDEX IF NOT EXISTS files_by_vault ON files(vault_id);
+CREATE INDEX IF NOT EXISTS files_by_record ON files(record_id);
+";
+
+/// The metadata database.
+pub struct Meta {
+    conn: Connection,
+}
+
+fn limits_of(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Limits> {
+    Ok(Limits {
+        upload_limit: row.get::<_, i64>(at)? as u64,
+        e2e_limit: row.get::<_, i64>(at + 1)? as u64,
+        image_max_edge: row.get::<_, i64>(at + 2)? as u32,
+    })
+}
+
+const USER_COLUMNS: &str =
+    "id, name, upload_limit, e2e_limit, image_max_edge, login_salt, kdf_m, kdf_t, kdf_p, \
+                            login_hash, enroll_hash";
+
+fn user_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
+    Ok(User {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        limits: limits_of(row, 2)?,
+        login_salt: row.get(5)?,
+        kdf: KdfWire { m_cost_kib: row.get(6)?, t_cost: row.get(7)?, p_cost: row.get(8)? },
+        login_hash: row.get(9)?,
+        enroll_hash: row.get(10)?,
+    })
+}
+
+fn id16<T>(bytes: Vec<u8>, make: fn([u8; 16]) -> T) -> rusqlite::Result<T> {
+    let arr: [u8; 16] = bytes
+        .try_into()
+        .map_err(|_| rusqlite::Error::InvalidColumnType(0, "id".into(), rusqlite::types::Type::Blob))?;
+    Ok(make(arr))
+}
+
+const RECORD_COLUMNS: &str = "id, vault_id, parent_id, title, fields, version";
+
+fn record_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<RecordInfo> {
+    Ok(RecordInfo {
+        id: id16(row.get(0)?, RecordId)?,
+        vault: id16(row.get(1)?, VaultId)?,
+        parent: row.get::<_, Option<Vec<u8>>>(2)?.map(|p| id16(p, RecordId)).transpose()?,
+        title: Sealed(row.get(3)?),
+        fields: Sealed(row.get(4)?),
+        version: row.get::<_, i64>(5)? as u64,
+    })
+}
+
+const FILE_COLUMNS: &str = "id, vault_id, record_id, name, size, version, e2e, mtime_ms, blob_id";
+
+fn file_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<FileRow> {
+    Ok(FileRow {
+        info: FileInfo {
+            id: id16(row.get(0)?, FileId)?,
+            vault: id16(row.get(1)?, VaultId)?,
+            record: id16(row.get(2)?, RecordId)?,
+            name: Sealed(row.get(3)?),
+            size: row.get::<_, i64>(4)? as u64,
+            version: row.get::<_, i64>(5)? as u64,
+            e2e: row.get(6)?,
+            mtime_ms: row.get(7)?,
+        },
+        blob: row.get::<_, Option<String>>(8)?.and_then(|h| BlobId::from_hex(&h)),
+    })
+}
+
+fn check_version(current: u64, expected: u64) -> Result<()> {
+    if current == expected {
+        Ok(())
+    } else {
+        Err(MetaError::VersionMismatch { current })
+    }
+}
+
+fn refuse(msg: impl Into<String>) -> MetaError {
+    MetaError::Refused(msg.into())
+}
+
+impl Meta {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        // WAL: readers do not block the writer; synchronous=FULL: a commit that
+        // returned survives power loss, which the upload protocol relies on.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Meta { conn })
+    }
+
+    /// A random secret created on first use (for fake pre-login answers).
+    pub fn server_secret(&mut self) -> Result<[u8; 32]> {
+        let existing: Option<Vec<u8>> = self
+            .conn
+            .query_row("SELECT value FROM settings WHERE key = 'secret'", [], |r| r.get(0))
+            .optional()?;
+        if let Some(v) = existing.and_then(|v| <[u8; 32]>::try_from(v).ok()) {
+            return Ok(v);
+        }
+        let mut secret = [0u8; 32];
+        getrandom::getrandom(&mut secret).map_err(|e| refuse(format!("getrandom: {e}")))?;
+        self.conn
+            .execute("INSERT OR REPLACE INTO settings (key, value) VALUES ('secret', ?1)", [&secret[..]])?;
+        Ok(secret)
+    }
+
+    // ---- users -------------------------------------------------------------
+
+    /// Creates a user awaiting enrollment.
+    pub fn create_user(
+        &mut self,
+        name: &str,
+        limits: Limits,
+        login_salt: &[u8],
+        kdf: KdfWire,
+        enroll_hash: &[u8],
+    ) -> Result<()> {
+        let done = self.conn.execute(
+            "INSERT INTO users (name, upload_limit, e2e_limit, image_max_edge, login_salt, kdf_m, kdf_t, kdf_p, \
+             enroll_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT(name) DO NOTHING",
+            params![
+                name,
+                limits.upload_limit as i64,
+                limits.e2e_limit as i64,
+                limits.image_max_edge as i64,
+                login_salt,
+                kdf.m_cost_kib,
+                kdf.t_cost,
+                kdf.p_cost,
+                enroll_hash
+            ],
+        )?;
+        if done == 0 {
+            return Err(MetaError::Exists("user"));
+        }
+        Ok(())
+    }
+
+    /// Looks a user up by name.
+    pub fn user_by_name(&self, name: &str) -> Result<Option<User>> {
+        Ok(self
+            .conn
+            .query_row(&format!("SELECT {USER_COLUMNS} FROM users WHERE name = ?1"), [name], user_of)
+            .optional()?)
+    }
+
+    /// All users, by name.
+    pub fn users(&self) -> Result<Vec<User>> {
+        let mut stmt = self.conn.prepare(&format!("SELECT {USER_COLUMNS} FROM users ORDER BY name"))?;
+        let rows = stmt.query_map([], user_of)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    /// Replaces a user's limits.
+    pub fn set_limits(&mut self, name: &str, limits: Limits) -> Result<()> {
+        let n = self.conn.execute(
+            "UPDATE users SET upload_limit = ?2, e2e_limit = ?3, image_max_edge = ?4 WHERE name = ?1",
+            params![name, limits.upload_limit as i64, limits.e2e_limit as i64, limits.image_max_edge as i64],
+        )?;
+        if n == 0 {
+            return Err(MetaError::NotFound("user"));
+        }
+        Ok(())
+    }
+
+    /// Removes a user, their sessions, wallet and memberships. Vaults they were the
+    /// only admin of stay, without an admin (the server admin can see them).
+    pub fn remove_user(&mut self, name: &str) -> Result<()> {
+        if self.conn.execute("DELETE FROM users WHERE name = ?1", [name])? == 0 {
+            return Err(MetaError::NotFound("user"));
+        }
+        Ok(())
+    }
+
+    /// Sets a new enrollment code (and clears the login key), e.g. for a reset.
+    pub fn reset_enrollment(&mut self, name: &str, enroll_hash: &[u8], login_salt: &[u8]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let id: Option<i64> =
+            tx.query_row("SELECT id FROM users WHERE name = ?1", [name], |r| r.get(0)).optional()?;
+        let id = id.ok_or(MetaError::NotFound("user"))?;
+        tx.execute(
+            "UPDATE users SET enroll_hash = ?2, login_hash = NULL, login_salt = ?3 WHERE id = ?1",
+            params![id, enroll_hash, login_salt],
+        )?;
+        tx.execute("DELETE FROM sessions WHERE user_id = ?1", [id])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Completes enrollment: stores the login-key hash, consumes the code.
+    pub fn complete_enrollment(&mut self, user_id: i64, login_hash: &[u8]) -> Result<()> {
+        self.conn.execute(
+            "UPDATE users SET login_hash = ?2, enroll_hash = NULL WHERE id = ?1",
+            params![user_id, login_hash],
+        )?;
+        Ok(())
+    }
+
+    // ---- sessions ----------------------------------------------------------
+
+    /// Stores a new session.
+    pub fn create_session(&mut self, user_id: i64, token_hash: &[u8], expires: i64) -> Result<()> {
+        self.conn.execute("DELETE FROM sessions WHERE expires < ?1", [expires - 366 * 86_400])?;
+        self.conn.execute(
+            "INSERT INTO sessions (token_hash, user_id, expires) VALUES (?1, ?2, ?3)",
+            params![token_hash, user_id, expires],
+        )?;
+        Ok(())
+    }
+
+    /// The user a live session belongs to.
+    pub fn session_user(&self, token_hash: &[u8], now: i64) -> Result<Option<User>> {
+        let cols = USER_COLUMNS.split(", ").map(|c| format!("u.{c}")).collect::<Vec<_>>().join(", ");
+        Ok(self
+            .conn
+            .query_row(
+                &format!(
+                    "SELECT {cols} FROM sessions s JOIN users u ON u.id = s.user_id \
+                     WHERE s.token_hash = ?1 AND s.expires > ?2"
+                ),
+                params![token_hash, now],
+                user_of,
+            )
+            .optional()?)
+    }
+
+    /// Ends a session.
+    pub fn delete_session(&mut self, token_hash: &[u8]) -> Result<()> {
+        self.conn.execute("DELETE FROM sessions WHERE token_hash = ?1", [token_hash])?;
+        Ok(())
+    }
+
+    // ---- wallets -----------------------------------------------------------
+
+    /// The user's sealed wallet and its version.
+    pub fn wallet(&self, user_id: i64) -> Result<Option<(Vec<u8>, u64)>> {
+        Ok(self
+            .conn
+            .query_row("SELECT blob, version FROM wallets WHERE user_id = ?1", [user_id], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .optional()?)
+    }
+
+    /// Stores the wallet if `expected` matches: `None` means "must not exist yet".
+    pub fn put_wallet(&mut self, user_id: i64, blob: &[u8], expected: Option<u64>) -> Result<u64> {
+        let tx = self.conn.transaction()?;
+        let current: Option<i64> = tx
+            .query_row("SELECT version FROM wallets WHERE user_id = ?1", [user_id], |r| r.get(0))
+            .optional()?;
+        let version = match (current, expected) {
+            (None, None) => {
+                tx.execute(
+                    "INSERT INTO wallets (user_id, blob, version) VALUES (?1, ?2, 1)",
+                    params![user_id, blob],
+                )?;
+                1
+            }
+            (Some(cur), Some(exp)) if cur as u64 == exp => {
+                tx.execute(
+                    "UPDATE wallets SET blob = ?2, version = version + 1 WHERE user_id = ?1",
+                    params![user_id, blob],
+                )?;
+                exp + 1
+            }
+            (Some(cur), _) => return Err(MetaError::VersionMismatch { current: cur as u64 }),
+            (None, Some(_)) => return Err(MetaError::NotFound("wallet")),
+        };
+        tx.commit()?;
+        Ok(version)
+    }
+
+    // ---- vaults and members ------------------------------------------------
+
+    /// The rights `user_id` has in `vault`, or `None` if not a member (or no vault).
+    pub fn rights(&self, user_id: i64, vault: VaultId) -> Result<Option<Rights>> {
+        let r: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT rights FROM members WHERE vault_id = ?1 AND user_id = ?2",
+                params![&vault.0[..], user_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(r.and_then(|s| Rights::parse(&s)))
+    }
+
+    /// Creates a vault with the creator as admin.
+    pub fn create_vault(&mut self, user_id: i64, v: &NewVault) -> Result<u64> {
+        let tx = self.conn.transaction()?;
+        let n = tx.execute(
+            "INSERT INTO vaults (id, name, e2e_required, version) VALUES (?1, ?2, ?3, 1) ON CONFLICT(id) DO NOTHING",
+            params![&v.id.0[..], &v.name.0, v.e2e_required],
+        )?;
+        if n == 0 {
+            return Err(MetaError::Exists("vault"));
+        }
+        tx.execute(
+            "INSERT INTO members (vault_id, user_id, rights, wrapped_key) VALUES (?1, ?2, 'admin', ?3)",
+            params![&v.id.0[..], user_id, v.wrapped_key.as_ref().map(|k| k.0.clone())],
+        )?;
+        tx.commit()?;
+        Ok(1)
+    }
+
+    fn vault_query(&self, filter: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<VaultInfo>> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT v.id, v.name, m.rights, v.e2e_required, v.version, m.wrapped_key \
+             FROM vaults v JOIN members m ON m.vault_id = v.id WHERE {filter} ORDER BY v.id"
+        ))?;
+        let rows = stmt
+            .query_map(args, |r| {
+                Ok(VaultInfo {
+                    id: id16(r.get(0)?, VaultId)?,
+                    name: Sealed(r.get(1)?),
+                    rights: Rights::parse(&r.get::<_, String>(2)?).unwrap_or(Rights::Read),
+                    e2e_required: r.get(3)?,
+                    version: r.get::<_, i64>(4)? as u64,
+                    wrapped_key: r.get::<_, Option<Vec<u8>>>(5)?.map(Sealed),
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    /// Vaults `user_id` is a member of.
+    pub fn vaults_of(&self, user_id: i64) -> Result<Vec<VaultInfo>> {
+        self.vault_query("m.user_id = ?1", &[&user_id])
+    }
+
+    /// One vault as `user_id` sees it.
+    pub fn vault_of(&self, user_id: i64, vault: VaultId) -> Result<VaultInfo> {
+        self.vault_query("m.user_id = ?1 AND v.id = ?2", &[&user_id, &&vault.0[..]])?
+            .pop()
+            .ok_or(MetaError::NotFound("vault"))
+    }
+
+    /// Whether the vault refuses plaintext uploads.
+    pub fn e2e_required(&self, vault: VaultId) -> Result<bool> {
+        self.conn
+            .query_row("SELECT e2e_required FROM vaults WHERE id = ?1", [&vault.0[..]], |r| r.get(0))
+            .optional()?
+            .ok_or(MetaError::NotFound("vault"))
+    }
+
+    /// Changes a vault's name or flags.
+    pub fn update_vault(&mut self, vault: VaultId, expected: u64, u: &VaultUpdate) -> Result<u64> {
+        let tx = self.conn.transaction()?;
+        let current: i64 = tx
+            .query_row("SELECT version FROM vaults WHERE id = ?1", [&vault.0[..]], |r| r.get(0))
+            .optional()?
+            .ok_or(MetaError::NotFound("vault"))?;
+        check_version(current as u64, expected)?;
+        if let Some(name) = &u.name {
+            tx.execute("UPDATE vaults SET name = ?2 WHERE id = ?1", params![&vault.0[..], &name.0])?;
+        }
+        if let Some(flag) = u.e2e_required {
+            tx.execute("UPDATE vaults SET e2e_required = ?2 WHERE id = ?1", params![&vault.0[..], flag])?;
+        }
+        tx.execute("UPDATE vaults SET version = version + 1 WHERE id = ?1", [&vault.0[..]])?;
+        tx.commit()?;
+        Ok(expected + 1)
+    }
+
+    /// Deletes an empty vault.
+    pub fn delete_vault(&mut self, vault: VaultId, expected: u64) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let current: i64 = tx
+            .query_row("SELECT version FROM vaults WHERE id = ?1", [&vault.0[..]], |r| r.get(0))
+            .optional()?
+            .ok_or(MetaError::NotFound("vault"))?;
+        check_version(current as u64, expected)?;
+        let records: i64 =
+            tx.query_row("SELECT COUNT(*) FROM records WHERE vault_id = ?1", [&vault.0[..]], |r| r.get(0))?;
+        if records > 0 {
+            return Err(refuse("vault is not empty"));
+        }
+        tx.execute("DELETE FROM vaults WHERE id = ?1", [&vault.0[..]])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Members of a vault.
+    pub fn members(&self, vault: VaultId) -> Result<Vec<Member>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT u.name, m.rights, m.wrapped_key FROM members m JOIN users u ON u.id = m.user_id \
+             WHERE m.vault_id = ?1 ORDER BY u.name",
+        )?;
+        let rows = stmt
+            .query_map([&vault.0[..]], |r| {
+                Ok(Member {
+                    user: r.get(0)?,
+                    rights: Rights::parse(&r.get::<_, String>(1)?).unwrap_or(Rights::Read),
+                    wrapped_key: r.get::<_, Option<Vec<u8>>>(2)?.map(Sealed),
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    /// Adds a member or changes their rights. Refuses to remove the last admin.
+    pub fn set_member(&mut self, vault: VaultId, m: &Member) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let user_id: i64 = tx
+            .query_row("SELECT id FROM users WHERE name = ?1", [&m.user], |r| r.get(0))
+            .optional()?
+            .ok_or(MetaError::NotFound("user"))?;
+        tx.execute(
+            "INSERT INTO members (vault_id, user_id, rights, wrapped_key) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT(vault_id, user_id) DO UPDATE SET rights = excluded.rights, wrapped_key = excluded.wrapped_key",
+            params![&vault.0[..], user_id, m.rights.as_str(), m.wrapped_key.as_ref().map(|k| k.0.clone())],
+        )?;
+        Self::ensure_an_admin(&tx, vault)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Removes a member. Refuses to remove the last admin.
+    pub fn remove_member(&mut self, vault: VaultId, user: &str) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let n = tx.execute(
+            "DELETE FROM members WHERE vault_id = ?1 AND user_id = (SELECT id FROM users WHERE name = ?2)",
+            params![&vault.0[..], user],
+        )?;
+        if n == 0 {
+            return Err(MetaError::NotFound("member"));
+        }
+        Self::ensure_an_admin(&tx, vault)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn ensure_an_admin(tx: &Transaction<'_>, vault: VaultId) -> Result<()> {
+        let admins: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM members WHERE vault_id = ?1 AND rights = 'admin'",
+            [&vault.0[..]],
+            |r| r.get(0),
+        )?;
+        if admins == 0 {
+            return Err(refuse("a vault must keep at least one admin"));
+        }
+        Ok(())
+    }
+
+    /// Every vault with its members (for the server admin).
+    pub fn all_vaults(&self) -> Result<Vec<(VaultId, Vec<Member>)>> {
+        let mut stmt = self.conn.prepare("SELECT id FROM vaults ORDER BY id")?;
+        let ids = stmt.query_map([], |r| id16(r.get(0)?, VaultId))?.collect::<rusqlite::Result<Vec<_>>>()?;
+        ids.into_iter().map(|id| Ok((id, self.members(id)?))).collect()
+    }
+
+    // ---- records -----------------------------------------------------------
+
+    fn record_vault(tx: &Connection, record: RecordId) -> Result<VaultId> {
+        tx.query_row("SELECT vault_id FROM records WHERE id = ?1", [&record.0[..]], |r| {
+            id16(r.get(0)?, VaultId)
+        })
+        .optional()?
+        .ok_or(MetaError::NotFound("record"))
+    }
+
+    /// Creates a record in `vault` (its parent must be in the same vault).
+    pub fn create_record(&mut self, vault: VaultId, r: &NewRecord) -> Result<RecordInfo> {
+        let tx = self.conn.transaction()?;
+        if let Some(parent) = r.parent {
+            if Self::record_vault(&tx, parent)? != vault {
+                return Err(MetaError::NotFound("parent record"));
+            }
+        }
+        let n = tx.execute(
+            "INSERT INTO records (id, vault_id, parent_id, title, fields, version) VALUES (?1, ?2, ?3, ?4, ?5, 1) \
+             ON CONFLICT(id) DO NOTHING",
+            params![&r.id.0[..], &vault.0[..], r.parent.map(|p| p.0.to_vec()), &r.title.0, &r.fields.0],
+        )?;
+        if n == 0 {
+            return Err(MetaError::Exists("record"));
+        }
+        tx.commit()?;
+        Ok(RecordInfo {
+            id: r.id,
+            vault,
+            parent: r.parent,
+            title: r.title.clone(),
+            fields: r.fields.clone(),
+            version: 1,
+        })
+    }
+
+    /// One record.
+    pub fn record(&self, id: RecordId) -> Result<RecordInfo> {
+        self.conn
+            .query_row(&format!("SELECT {RECORD_COLUMNS} FROM records WHERE id = ?1"), [&id.0[..]], record_of)
+            .optional()?
+            .ok_or(MetaError::NotFound("record"))
+    }
+
+    /// All records of a vault.
+    pub fn records(&self, vault: VaultId) -> Result<Vec<RecordInfo>> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("SELECT {RECORD_COLUMNS} FROM records WHERE vault_id = ?1 ORDER BY id"))?;
+        let rows = stmt.query_map([&vault.0[..]], record_of)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    /// Changes a record's title, fields or parent (same vault, no cycles).
+    pub fn update_record(&mut self, id: RecordId, expected: u64, u: &RecordUpdate) -> Result<RecordInfo> {
+        let tx = self.conn.transaction()?;
+        let current = tx
+            .query_row(&format!("SELECT {RECORD_COLUMNS} FROM records WHERE id = ?1"), [&id.0[..]], record_of)
+            .optional()?
+            .ok_or(MetaError::NotFound("record"))?;
+        check_version(current.version, expected)?;
+        if let Some(change) = u.parent {
+            if let Some(parent) = change.to {
+                if Self::record_vault(&tx, parent)? != current.vault {
+                    return Err(refuse("a record can only move within its vault"));
+                }
+                // Walk up from the new parent: reaching `id` would make a cycle.
+                let mut cursor = Some(parent);
+                while let Some(c) = cursor {
+                    if c == id {
+                        return Err(refuse("a record cannot move into itself or its descendants"));
+                    }
+                    cursor = tx
+                        .query_row("SELECT parent_id FROM records WHERE id = ?1", [&c.0[..]], |r| {
+                            r.get::<_, Option<Vec<u8>>>(0)
+                        })?
+                        .map(|p| id16(p, RecordId))
+                        .transpose()?;
+                }
+            }
+            tx.execute(
+                "UPDATE records SET parent_id = ?2 WHERE id = ?1",
+                params![&id.0[..], change.to.map(|p| p.0.to_vec())],
+            )?;
+        }
+        if let Some(title) = &u.title {
+            tx.execute("UPDATE records SET title = ?2 WHERE id = ?1", params![&id.0[..], &title.0])?;
+        }
+        if let Some(fields) = &u.fields {
+            tx.execute("UPDATE records SET fields = ?2 WHERE id = ?1", params![&id.0[..], &fields.0])?;
+        }
+        tx.execute("UPDATE records SET version = version + 1 WHERE id = ?1", [&id.0[..]])?;
+        let updated = tx.query_row(
+            &format!("SELECT {RECORD_COLUMNS} FROM records WHERE id = ?1"),
+            [&id.0[..]],
+            record_of,
+        )?;
+        tx.commit()?;
+        Ok(updated)
+    }
+
+    /// Deletes a record that has no child records and no files.
+    pub fn delete_record(&mut self, id: RecordId, expected: u64) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let current: i64 = tx
+            .query_row("SELECT version FROM records WHERE id = ?1", [&id.0[..]], |r| r.get(0))
+            .optional()?
+            .ok_or(MetaError::NotFound("record"))?;
+        check_version(current as u64, expected)?;
+        let children: i64 = tx.query_row(
+            "SELECT (SELECT COUNT(*) FROM records WHERE parent_id = ?1) + (SELECT COUNT(*) FROM files WHERE record_id = ?1)",
+            [&id.0[..]],
+            |r| r.get(0),
+        )?;
+        if children > 0 {
+            return Err(refuse("record is not empty"));
+        }
+        tx.execute("DELETE FROM records WHERE id = ?1", [&id.0[..]])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    // ---- files -------------------------------------------------------------
+
+    /// Creates an empty file linked to `record`.
+    pub fn create_file(&mut self, record: RecordId, f: &NewFile, now_ms: i64) -> Result<FileInfo> {
+        let tx = self.conn.transaction()?;
+        let vault = Self::record_vault(&tx, record)?;
+        let mtime = f.mtime_ms.unwrap_or(now_ms);
+        let n = tx.execute(
+            "INSERT INTO files (id, vault_id, record_id, name, size, version, e2e, mtime_ms, blob_id) \
+             VALUES (?1, ?2, ?3, ?4, 0, 1, ?5, ?6, NULL) ON CONFLICT(id) DO NOTHING",
+            params![&f.id.0[..], &vault.0[..], &record.0[..], &f.name.0, f.e2e, mtime],
+        )?;
+        if n == 0 {
+            return Err(MetaError::Exists("file"));
+        }
+        tx.commit()?;
+        Ok(FileInfo {
+            id: f.id,
+            vault,
+            record,
+            name: f.name.clone(),
+            size: 0,
+            version: 1,
+            e2e: f.e2e,
+            mtime_ms: mtime,
+        })
+    }
+
+    /// One file with its blob.
+    pub fn file(&self, id: FileId) -> Result<FileRow> {
+        self.conn
+            .query_row(&format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1"), [&id.0[..]], file_of)
+            .optional()?
+            .ok_or(MetaError::NotFound("file"))
+    }
+
+    /// Files of a vault, or of one record of it.
+    pub fn files(&self, vault: VaultId, record: Option<RecordId>) -> Result<Vec<FileInfo>> {
+        let (sql, key) = match record {
+            Some(r) => (format!("SELECT {FILE_COLUMNS} FROM files WHERE record_id = ?1 ORDER BY id"), r.0),
+            None => (format!("SELECT {FILE_COLUMNS} FROM files WHERE vault_id = ?1 ORDER BY id"), vault.0),
+        };
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt
+            .query_map([&key[..]], file_of)?
+            .map(|r| r.map(|f| f.info))
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// Points a file at a newly stored blob, if the file is still at `expected`.
+    /// Returns the new version and the blob it replaced (to delete after commit).
+    pub fn commit_upload(
+        &mut self,
+        id: FileId,
+        expected: u64,
+        blob: BlobId,
+        size: u64,
+        e2e: bool,
+        mtime_ms: i64,
+    ) -> Result<(u64, Option<BlobId>)> {
+        let tx = self.conn.transaction()?;
+        let row = tx
+            .query_row(&format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1"), [&id.0[..]], file_of)
+            .optional()?
+            .ok_or(MetaError::NotFound("file"))?;
+        check_version(row.info.version, expected)?;
+        tx.execute(
+            "UPDATE files SET blob_id = ?2, size = ?3, e2e = ?4, mtime_ms = ?5, version = version + 1 WHERE id = ?1",
+            params![&id.0[..], blob.to_hex(), size as i64, e2e, mtime_ms],
+        )?;
+        tx.commit()?;
+        Ok((expected + 1, row.blob))
+    }
+
+    /// Renames, moves (within the vault) or touches a file.
+    pub fn update_file(&mut self, id: FileId, expected: u64, u: &FileUpdate) -> Result<FileInfo> {
+        let tx = self.conn.transaction()?;
+        let row = tx
+            .query_row(&format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1"), [&id.0[..]], file_of)
+            .optional()?
+            .ok_or(MetaError::NotFound("file"))?;
+        check_version(row.info.version, expected)?;
+        if let Some(record) = u.record {
+            if Self::record_vault(&tx, record)? != row.info.vault {
+                return Err(refuse("a file can only move within its vault"));
+            }
+            tx.execute("UPDATE files SET record_id = ?2 WHERE id = ?1", params![&id.0[..], &record.0[..]])?;
+        }
+        if let Some(name) = &u.name {
+            tx.execute("UPDATE files SET name = ?2 WHERE id = ?1", params![&id.0[..], &name.0])?;
+        }
+        if let Some(mtime) = u.mtime_ms {
+            tx.execute("UPDATE files SET mtime_ms = ?2 WHERE id = ?1", params![&id.0[..], mtime])?;
+        }
+        tx.execute("UPDATE files SET version = version + 1 WHERE id = ?1", [&id.0[..]])?;
+        let updated =
+            tx.query_row(&format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1"), [&id.0[..]], file_of)?;
+        tx.commit()?;
+        Ok(updated.info)
+    }
+
+    /// Deletes a file; returns its blob (to delete after commit).
+    pub fn delete_file(&mut self, id: FileId, expected: u64) -> Result<Option<BlobId>> {
+        let tx = self.conn.transaction()?;
+        let row = tx
+            .query_row(&format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1"), [&id.0[..]], file_of)
+            .optional()?
+            .ok_or(MetaError::NotFound("file"))?;
+        check_version(row.info.version, expected)?;
+        tx.execute("DELETE FROM files WHERE id = ?1", [&id.0[..]])?;
+        tx.commit()?;
+        Ok(row.blob)
+    }
+
+    /// Every blob some file points at (garbage collection keeps exactly these).
+    pub fn blobs_in_use(&self) -> Result<HashSet<String>> {
+        let mut stmt = self.conn.prepare("SELECT blob_id FROM files WHERE blob_id IS NOT NULL")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+}
+
+/// Hex of an id, for messages.
+pub fn short(id: &[u8; 16]) -> String {
+    hex_encode(&id[..4])
+}

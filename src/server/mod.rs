@@ -1,0 +1,3 @@
+//! `vaultfs serve`: the vault server (docs/API.md).
+pub mod blob;
+pub mod meta;
