@@ -10,4 +10,5 @@ pub mod cli;
 pub mod crypto;
 pub mod ids;
 pub mod protocol;
+pub mod remote;
 pub mod server;

@@ -17,6 +17,10 @@ pub const HEADER_E2E: &str = "x-vaultfs-e2e";
 /// Header carrying a file's modification time (Unix milliseconds) on upload.
 pub const HEADER_MTIME: &str = "x-vaultfs-mtime";
 
+/// A stream of content bytes (uploads and downloads are never buffered whole).
+pub type ByteStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send>>;
+
 /// Opaque bytes sealed by the client, base64 on the wire.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Sealed(pub Vec<u8>);

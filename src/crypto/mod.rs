@@ -17,6 +17,7 @@ pub mod aead;
 pub mod error;
 pub mod file;
 pub mod keys;
+pub mod login;
 pub mod names;
 pub mod offsets;
 pub mod random;

@@ -79,6 +79,11 @@ impl KdfParams {
     }
 
     fn derive(&self, passphrase: &[u8], salt: &[u8; SALT_LEN]) -> Result<WalletKey> {
+        Ok(WalletKey(self.stretch(passphrase, salt)?))
+    }
+
+    /// Argon2id(passphrase, salt) with these parameters, 32 bytes.
+    pub(crate) fn stretch(&self, passphrase: &[u8], salt: &[u8]) -> Result<Zeroizing<[u8; KEY_LEN]>> {
         self.validate()?;
         let params = argon2::Params::new(self.m_cost_kib, self.t_cost, self.p_cost, Some(KEY_LEN))
             .map_err(|e| CryptoError::KdfParams(e.to_string()))?;
@@ -87,7 +92,7 @@ impl KdfParams {
         argon
             .hash_password_into(passphrase, salt, &mut key[..])
             .map_err(|e| CryptoError::KdfParams(e.to_string()))?;
-        Ok(WalletKey(key))
+        Ok(key)
     }
 }
 

@@ -14,16 +14,14 @@
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use crate::ids::{hex_encode, parse_hex_array};
 
-/// A stream of body bytes.
-pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
+pub use crate::protocol::ByteStream;
 
 /// Server-chosen name of a stored blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -241,6 +239,58 @@ impl BlobStore for LocalBlobStore {
             removed += 1;
         }
         Ok(removed)
+    }
+}
+
+/// Blobs in memory, for tests and the in-memory remote.
+#[derive(Debug, Default, Clone)]
+pub struct MemoryBlobStore {
+    blobs: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<BlobId, Bytes>>>,
+}
+
+impl MemoryBlobStore {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, std::collections::HashMap<BlobId, Bytes>>, BlobError> {
+        self.blobs.lock().map_err(|_| BlobError::Io(io::Error::other("memory blob store lock poisoned")))
+    }
+}
+
+impl BlobStore for MemoryBlobStore {
+    async fn put(&self, id: BlobId, mut body: ByteStream, limit: u64) -> Result<u64, BlobError> {
+        let mut data = Vec::new();
+        while let Some(piece) = body.next().await {
+            let piece = piece.map_err(|e| BlobError::Body(e.to_string()))?;
+            if (data.len() + piece.len()) as u64 > limit {
+                return Err(BlobError::TooLarge(limit));
+            }
+            data.extend_from_slice(&piece);
+        }
+        let len = data.len() as u64;
+        self.lock()?.insert(id, Bytes::from(data));
+        Ok(len)
+    }
+
+    async fn get(&self, id: BlobId, range: Option<(u64, u64)>) -> Result<BlobRead, BlobError> {
+        let data = self.lock()?.get(&id).cloned().ok_or(BlobError::NotFound)?;
+        let total_len = data.len() as u64;
+        let (start, end) = range.unwrap_or((0, total_len));
+        if start > end || end > total_len {
+            return Err(BlobError::BadRange);
+        }
+        let part = data.slice(start as usize..end as usize);
+        Ok(BlobRead { stream: Box::pin(futures_util::stream::iter([Ok(part)])), total_len })
+    }
+
+    async fn delete(&self, id: BlobId) -> Result<(), BlobError> {
+        self.lock()?.remove(&id);
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<BlobId>, BlobError> {
+        Ok(self.lock()?.keys().copied().collect())
+    }
+
+    async fn clean_incomplete(&self) -> Result<usize, BlobError> {
+        Ok(0)
     }
 }
 

@@ -1,0 +1,270 @@
+//! A user's account on a vault server, as the client keeps it.
+//!
+//! `login.toml` (in `~/.config/vaultfs/`, mode 0600) stores only what is safe to
+//! store: the server URL, the user name and how to trust the server (pinned
+//! fingerprint or CA file). No passphrase, key or session token is written to
+//! disk; each command or mount asks for the passphrase, derives the login key and
+//! the wallet key from it, and keeps them in memory only.
+//!
+//! [`Unlocked`] is an authenticated remote plus the opened wallet: it creates
+//! vaults (key added to the wallet and the wallet stored *before* the vault is
+//! created, so a key is never lost) and lists vaults with their names opened.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::tls::Trust;
+use super::{Remote, RemoteError};
+use crate::crypto::{self, open_name, seal_name, KdfParams, NameContext, OsRandom, VaultKey, Wallet};
+use crate::ids::VaultId;
+use crate::protocol::{NewVault, Rights, Sealed, VaultInfo};
+
+/// File name of the saved login inside the config directory.
+pub const LOGIN_FILE: &str = "login.toml";
+
+/// Errors of account operations.
+#[derive(Debug, thiserror::Error)]
+pub enum AccountError {
+    /// The server said no, or could not be reached.
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    /// The wallet did not open or a name did not decrypt.
+    #[error(transparent)]
+    Crypto(#[from] crypto::CryptoError),
+    /// The login file is missing or malformed.
+    #[error("{path}: {message}")]
+    LoginFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The server has no wallet for this user (enrollment was not finished).
+    #[error("the server holds no wallet for this user; log in with the enrollment code first")]
+    NoWallet,
+    /// No key for a vault in the wallet.
+    #[error("the wallet holds no key for vault {0}")]
+    NoKey(VaultId),
+}
+
+/// The saved login (`login.toml`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Account {
+    /// Server base URL.
+    pub server: String,
+    /// User name.
+    pub user: String,
+    /// Pinned certificate fingerprint (`sha256:...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// CA file to verify the server with, instead of a pin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `$XDG_CONFIG_HOME/vaultfs`, or `~/.config/vaultfs`.
+pub fn config_dir() -> Option<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_CONFIG_HOME").filter(|x| !x.is_empty()) {
+        return Some(PathBuf::from(x).join("vaultfs"));
+    }
+    std::env::var_os("HOME").filter(|h| !h.is_empty()).map(|h| PathBuf::from(h).join(".config/vaultfs"))
+}
+
+impl Account {
+    /// How to trust the server.
+    pub fn trust(&self) -> Option<Trust> {
+        match (&self.fingerprint, &self.ca_file) {
+            (Some(fp), _) => Some(Trust::Pinned(fp.clone())),
+            (None, Some(ca)) => Some(Trust::CaFile(ca.clone())),
+            (None, None) => None,
+        }
+    }
+
+    /// Reads `path`.
+    pub fn load(path: &Path) -> Result<Self, AccountError> {
+        let err = |message: String| AccountError::LoginFile { path: path.to_path_buf(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            err(if e.kind() == std::io::ErrorKind::NotFound {
+                "not found; run `vaultfs login` first".into()
+            } else {
+                e.to_string()
+            })
+        })?;
+        toml::from_str(&text).map_err(|e| err(e.to_string().trim_end().to_string()))
+    }
+
+    /// Writes `path` (owner-only), replacing it atomically.
+    pub fn save(&self, path: &Path) -> Result<(), AccountError> {
+        let err =
+            |e: std::io::Error| AccountError::LoginFile { path: path.to_path_buf(), message: e.to_string() };
+        let text = toml::to_string(self)
+            .map_err(|e| AccountError::LoginFile { path: path.to_path_buf(), message: e.to_string() })?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let tmp = path.with_extension("toml.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let mut f =
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(err)?;
+        f.write_all(text.as_bytes()).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        std::fs::rename(&tmp, path).map_err(err)
+    }
+}
+
+/// A vault as the user sees it: server metadata plus the opened name.
+#[derive(Debug, Clone)]
+pub struct NamedVault {
+    /// Server metadata.
+    pub info: VaultInfo,
+    /// The decrypted name, or `None` if it could not be opened (no key, tampered).
+    pub name: Option<String>,
+}
+
+/// An authenticated remote with the user's wallet open.
+pub struct Unlocked<R> {
+    /// The remote.
+    pub remote: R,
+    wallet: Wallet,
+    wallet_version: u64,
+    passphrase: zeroize::Zeroizing<Vec<u8>>,
+    wallet_kdf: KdfParams,
+}
+
+impl<R: Remote> Unlocked<R> {
+    /// Creates and stores an empty wallet for a freshly enrolled user.
+    pub async fn create_wallet(remote: R, passphrase: &[u8], kdf: KdfParams) -> Result<Self, AccountError> {
+        let wallet = Wallet::new();
+        let sealed = seal_blocking(&wallet, passphrase, kdf).await?;
+        let wallet_version = remote.put_wallet(sealed, None).await?;
+        Ok(Unlocked {
+            remote,
+            wallet,
+            wallet_version,
+            passphrase: zeroize::Zeroizing::new(passphrase.to_vec()),
+            wallet_kdf: kdf,
+        })
+    }
+
+    /// Fetches and opens the wallet with `passphrase`.
+    pub async fn open(remote: R, passphrase: &[u8]) -> Result<Self, AccountError> {
+        let (blob, wallet_version) = remote.wallet().await?.ok_or(AccountError::NoWallet)?;
+        let pass = zeroize::Zeroizing::new(passphrase.to_vec());
+        let pass2 = pass.clone();
+        let (wallet, wallet_kdf) = tokio::task::spawn_blocking(move || Wallet::open(&blob, &pass2))
+            .await
+            .map_err(|e| RemoteError::Protocol(e.to_string()))??;
+        Ok(Unlocked { remote, wallet, wallet_version, passphrase: pass, wallet_kdf })
+    }
+
+    /// The open wallet.
+    pub fn wallet(&self) -> &Wallet {
+        &self.wallet
+    }
+
+    /// Creates a vault named `name`: a new vault key goes into the wallet, the
+    /// wallet is stored, then the vault is created with its sealed name.
+    pub async fn create_vault(&mut self, name: &str, e2e_required: bool) -> Result<NamedVault, AccountError> {
+        let id = VaultId::random().map_err(|e| RemoteError::Protocol(e.to_string()))?;
+        self.wallet.add_key(id, VaultKey::generate(&mut OsRandom)?)?;
+        let sealed = seal_blocking(&self.wallet, &self.passphrase, self.wallet_kdf).await?;
+        self.wallet_version = self.remote.put_wallet(sealed, Some(self.wallet_version)).await?;
+        let key = self.wallet.active_key(id).ok_or(AccountError::NoKey(id))?;
+        let sealed_name =
+            seal_name(key, &NameContext::VaultName { vault: id }, name.as_bytes(), &mut OsRandom)?;
+        let info = self
+            .remote
+            .create_vault(NewVault { id, name: Sealed(sealed_name), e2e_required, wrapped_key: None })
+            .await?;
+        Ok(NamedVault { info, name: Some(name.to_string()) })
+    }
+
+    /// The user's vaults with their names opened.
+    pub async fn vaults(&self) -> Result<Vec<NamedVault>, AccountError> {
+        let infos = self.remote.vaults().await?;
+        Ok(infos.into_iter().map(|info| NamedVault { name: self.open_vault_name(&info), info }).collect())
+    }
+
+    fn open_vault_name(&self, info: &VaultInfo) -> Option<String> {
+        let key_id = crypto::names::name_key_id(&info.name.0).ok()?;
+        let key = self.wallet.key(info.id, key_id)?;
+        let plain = open_name(key, &NameContext::VaultName { vault: info.id }, &info.name.0).ok()?;
+        String::from_utf8(plain.to_vec()).ok()
+    }
+}
+
+async fn seal_blocking(wallet: &Wallet, passphrase: &[u8], kdf: KdfParams) -> Result<Vec<u8>, AccountError> {
+    // Argon2id blocks for a noticeable time. The wallet holds keys and is not
+    // Clone, so rather than moving a copy to the blocking pool it is sealed in
+    // place, telling a multi-threaded runtime to move other tasks off this worker.
+    let seal = || wallet.seal(passphrase, kdf, &mut OsRandom);
+    let sealed = match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(seal)
+        }
+        _ => seal(),
+    }?;
+    Ok(sealed)
+}
+
+/// A short text for a vault's rights.
+pub fn rights_label(r: Rights) -> &'static str {
+    r.as_str()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Limits;
+    use crate::remote::memory::MemoryServer;
+
+    const FAST: KdfParams = KdfParams { m_cost_kib: 64, t_cost: 1, p_cost: 1 };
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn vaults_are_created_listed_and_survive_a_new_session() {
+        let server = MemoryServer::new().unwrap();
+        let alice = server.add_user("alice", Limits::DEFAULT).await.unwrap();
+        let mut unlocked = Unlocked::create_wallet(alice.clone(), b"pw", FAST).await.unwrap();
+        unlocked.create_vault("Family", false).await.unwrap();
+        unlocked.create_vault("Tax", true).await.unwrap();
+
+        let again = Unlocked::open(alice, b"pw").await.unwrap();
+        let mut names: Vec<_> = again.vaults().await.unwrap().into_iter().map(|v| v.name.unwrap()).collect();
+        names.sort();
+        assert_eq!(names, ["Family", "Tax"]);
+        assert_eq!(again.wallet().entries().len(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wrong_passphrase_does_not_open_the_wallet() {
+        let server = MemoryServer::new().unwrap();
+        let alice = server.add_user("alice", Limits::DEFAULT).await.unwrap();
+        Unlocked::create_wallet(alice.clone(), b"pw", FAST).await.unwrap();
+        assert!(matches!(Unlocked::open(alice, b"nope").await, Err(AccountError::Crypto(_))));
+    }
+
+    #[test]
+    fn login_file_round_trips_privately_and_refuses_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/login.toml");
+        let a = Account {
+            server: "https://127.0.0.1:8443".into(),
+            user: "alice".into(),
+            fingerprint: Some(format!("sha256:{}", "ab".repeat(32))),
+            ca_file: None,
+        };
+        a.save(&path).unwrap();
+        assert_eq!(Account::load(&path).unwrap(), a);
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::write(&path, "server = \"x\"\nuser = \"a\"\npasword = \"oops\"\n").unwrap();
+        let e = Account::load(&path).unwrap_err().to_string();
+        assert!(e.contains("login.toml") && e.contains("pasword"), "{e}");
+        let missing = Account::load(&dir.path().join("none.toml")).unwrap_err().to_string();
+        assert!(missing.contains("vaultfs login"), "{missing}");
+    }
+}

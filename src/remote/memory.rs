@@ -1,0 +1,173 @@
+//! An in-process remote: the real server logic over in-memory storage.
+//!
+//! [`MemoryServer`] is a complete vault service (SQLite in memory, blobs in a
+//! hash map) with no network and no disk; [`MemoryRemote`] is one user's view of
+//! it. Because it runs `server::service` itself, it enforces exactly the rules of
+//! `vaultfs serve` (versions, conflicts, limits, rights), so filesystem tests
+//! against it exercise real behaviour.
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{Content, RemoteError, Result, UploadBody};
+use crate::ids::{FileId, RecordId, VaultId};
+use crate::protocol::{
+    FileInfo, FileUpdate, KdfWire, Limits, Me, NewFile, NewRecord, NewVault, RecordInfo, RecordUpdate,
+    Sealed, UploadResult, VaultInfo,
+};
+use crate::server::admin;
+use crate::server::blob::MemoryBlobStore;
+use crate::server::meta::Meta;
+use crate::server::service::{Caller, Service, ServiceConfig, ServiceError, Upload};
+
+impl From<ServiceError> for RemoteError {
+    fn from(e: ServiceError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ServiceError::BadRequest(_) | ServiceError::PreconditionRequired => RemoteError::Protocol(msg),
+            ServiceError::Unauthorized => RemoteError::Unauthorized(msg),
+            ServiceError::Forbidden(_) => RemoteError::Forbidden(msg),
+            ServiceError::E2eRequired => RemoteError::E2eRequired,
+            ServiceError::NotFound(_) => RemoteError::NotFound(msg),
+            ServiceError::Exists(_) => RemoteError::Exists(msg),
+            ServiceError::Refused(_) => RemoteError::Refused(msg),
+            ServiceError::VersionConflict { current } => RemoteError::Conflict { current: Some(current) },
+            ServiceError::TooLarge(_) => RemoteError::TooLarge(msg),
+            ServiceError::BadRange(_) => RemoteError::BadRange,
+            ServiceError::StorageFull => RemoteError::StorageFull,
+            ServiceError::Internal(_) => RemoteError::Unavailable(msg),
+        }
+    }
+}
+
+/// Cheap Argon2id parameters: the memory server never persists anything.
+const TEST_KDF: KdfWire = KdfWire { m_cost_kib: 64, t_cost: 1, p_cost: 1 };
+
+/// A vault server in memory.
+#[derive(Clone)]
+pub struct MemoryServer {
+    service: Arc<Service<MemoryBlobStore>>,
+}
+
+impl MemoryServer {
+    /// A fresh, empty server.
+    pub fn new() -> Result<Self> {
+        let meta = Meta::open(Path::new(":memory:")).map_err(|e| RemoteError::Unavailable(e.to_string()))?;
+        let config = ServiceConfig { session_ttl_secs: 3600, login_kdf: TEST_KDF };
+        let service = Service::new(meta, MemoryBlobStore::default(), config)?;
+        Ok(MemoryServer { service: Arc::new(service) })
+    }
+
+    /// Adds a user with `limits` and returns their remote, already logged in.
+    pub async fn add_user(&self, name: &str, limits: Limits) -> Result<MemoryRemote> {
+        let name_owned = name.to_string();
+        let code = self
+            .service
+            .run_admin(move |m| admin::add_user(m, &name_owned, limits, TEST_KDF).map_err(admin_to_meta))
+            .await?;
+        let key = Sealed(vec![0x42; 32]);
+        let session = self.service.enroll(name.to_string(), code, key).await?;
+        let caller = self.service.authenticate(&session.token).await?;
+        Ok(MemoryRemote { service: Arc::clone(&self.service), caller })
+    }
+}
+
+fn admin_to_meta(e: admin::AdminError) -> crate::server::meta::MetaError {
+    match e {
+        admin::AdminError::Meta(m) => m,
+        other => crate::server::meta::MetaError::Refused(other.to_string()),
+    }
+}
+
+/// One user's view of a [`MemoryServer`].
+#[derive(Clone)]
+pub struct MemoryRemote {
+    service: Arc<Service<MemoryBlobStore>>,
+    caller: Caller,
+}
+
+impl super::Remote for MemoryRemote {
+    async fn me(&self) -> Result<Me> {
+        Ok(self.service.me(&self.caller))
+    }
+
+    async fn wallet(&self) -> Result<Option<(Vec<u8>, u64)>> {
+        match self.service.wallet(&self.caller).await {
+            Ok(w) => Ok(Some(w)),
+            Err(ServiceError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn put_wallet(&self, blob: Vec<u8>, expected: Option<u64>) -> Result<u64> {
+        Ok(self.service.put_wallet(&self.caller, blob, expected).await?)
+    }
+
+    async fn vaults(&self) -> Result<Vec<VaultInfo>> {
+        Ok(self.service.vaults(&self.caller).await?)
+    }
+
+    async fn create_vault(&self, vault: NewVault) -> Result<VaultInfo> {
+        Ok(self.service.create_vault(&self.caller, vault).await?)
+    }
+
+    async fn records(&self, vault: VaultId) -> Result<Vec<RecordInfo>> {
+        Ok(self.service.records(&self.caller, vault).await?)
+    }
+
+    async fn create_record(&self, vault: VaultId, record: NewRecord) -> Result<RecordInfo> {
+        Ok(self.service.create_record(&self.caller, vault, record).await?)
+    }
+
+    async fn update_record(&self, id: RecordId, expected: u64, update: RecordUpdate) -> Result<RecordInfo> {
+        Ok(self.service.update_record(&self.caller, id, expected, update).await?)
+    }
+
+    async fn delete_record(&self, id: RecordId, expected: u64) -> Result<()> {
+        Ok(self.service.delete_record(&self.caller, id, expected).await?)
+    }
+
+    async fn files(&self, vault: VaultId) -> Result<Vec<FileInfo>> {
+        Ok(self.service.vault_files(&self.caller, vault).await?)
+    }
+
+    async fn file(&self, id: FileId) -> Result<FileInfo> {
+        Ok(self.service.file(&self.caller, id).await?)
+    }
+
+    async fn create_file(&self, record: RecordId, file: NewFile) -> Result<FileInfo> {
+        Ok(self.service.create_file(&self.caller, record, file).await?)
+    }
+
+    async fn update_file(&self, id: FileId, expected: u64, update: FileUpdate) -> Result<FileInfo> {
+        Ok(self.service.update_file(&self.caller, id, expected, update).await?)
+    }
+
+    async fn delete_file(&self, id: FileId, expected: u64) -> Result<()> {
+        Ok(self.service.delete_file(&self.caller, id, expected).await?)
+    }
+
+    async fn download(&self, id: FileId, range: Option<Range<u64>>) -> Result<Content> {
+        let d = self.service.download(&self.caller, id, range.map(|r| (r.start, Some(r.end)))).await?;
+        Ok(Content { stream: d.stream, total_len: d.total_len, version: d.version, e2e: d.e2e })
+    }
+
+    async fn upload(
+        &self,
+        id: FileId,
+        expected: u64,
+        e2e: bool,
+        mtime_ms: Option<i64>,
+        body: UploadBody,
+    ) -> Result<UploadResult> {
+        let up = Upload {
+            expected_version: expected,
+            e2e,
+            mtime_ms,
+            declared_len: Some(body.len),
+            body: body.stream,
+        };
+        Ok(self.service.upload(&self.caller, id, up).await?)
+    }
+}

@@ -1,0 +1,178 @@
+//! The client side of the vault server: what the filesystem core talks to.
+//!
+//! [`Remote`] is the interface; [`http::HttpRemote`] speaks HTTPS to a real
+//! `vaultfs serve` (rustls, pinned certificate, pooled connections, timeouts,
+//! retries for idempotent requests, automatic re-login), and
+//! [`memory::MemoryRemote`] runs the very same server logic in process, with no
+//! network and no disk, for tests of the filesystem core. Errors are typed
+//! ([`RemoteError`]) so the filesystem can map each to an errno.
+//!
+//! Everything crossing this boundary is already sealed: names, titles and fields
+//! as `Sealed` blobs, end-to-end file content as vault-format ciphertext.
+
+pub mod account;
+pub mod http;
+pub mod memory;
+pub mod tls;
+
+use std::future::Future;
+use std::ops::Range;
+
+use crate::ids::{FileId, RecordId, VaultId};
+use crate::protocol::{
+    ByteStream, FileInfo, FileUpdate, Me, NewFile, NewRecord, NewVault, RecordInfo, RecordUpdate,
+    UploadResult, VaultInfo,
+};
+
+/// Errors a remote reports; each maps to one errno in the filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RemoteError {
+    /// The object does not exist or is not visible to this user (ENOENT).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The object changed since we read it (412): keep both copies.
+    #[error("version conflict (current version {current:?})")]
+    Conflict {
+        /// The server's current version, if it said.
+        current: Option<u64>,
+    },
+    /// An object with that id already exists (EEXIST).
+    #[error("already exists: {0}")]
+    Exists(String),
+    /// The change is not possible now, e.g. a record that is not empty (ENOTEMPTY).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// Over the upload limit (EFBIG).
+    #[error("too large: {0}")]
+    TooLarge(String),
+    /// Not allowed for this user (EACCES).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// The vault accepts only end-to-end encrypted files (EACCES).
+    #[error("this vault accepts only end-to-end encrypted files")]
+    E2eRequired,
+    /// Credentials rejected (EACCES).
+    #[error("not authorized: {0}")]
+    Unauthorized(String),
+    /// The server's storage is full (ENOSPC).
+    #[error("the server's storage is full")]
+    StorageFull,
+    /// The requested range is outside the content (EINVAL).
+    #[error("range not satisfiable")]
+    BadRange,
+    /// The server cannot be reached or failed, after retries (EIO, or EAGAIN).
+    #[error("server unavailable: {0}")]
+    Unavailable(String),
+    /// The server answered something we do not understand (EIO).
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, RemoteError>;
+
+/// Downloaded content.
+pub struct Content {
+    /// The bytes asked for.
+    pub stream: ByteStream,
+    /// Length of the whole content.
+    pub total_len: u64,
+    /// The file's version.
+    pub version: u64,
+    /// Whether the content is end-to-end encrypted.
+    pub e2e: bool,
+}
+
+impl std::fmt::Debug for Content {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Content")
+            .field("total_len", &self.total_len)
+            .field("version", &self.version)
+            .field("e2e", &self.e2e)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Content to upload: its exact length and the bytes.
+pub struct UploadBody {
+    /// Exact length (sent as Content-Length, so the server can refuse early).
+    pub len: u64,
+    /// The bytes.
+    pub stream: ByteStream,
+}
+
+impl UploadBody {
+    /// A body from bytes in memory.
+    pub fn from_bytes(data: impl Into<bytes::Bytes>) -> Self {
+        let data = data.into();
+        UploadBody { len: data.len() as u64, stream: Box::pin(futures_util::stream::iter([Ok(data)])) }
+    }
+}
+
+/// Collects a byte stream into memory (for tests and small reads).
+pub async fn collect(mut stream: ByteStream) -> std::io::Result<Vec<u8>> {
+    use futures_util::StreamExt;
+    let mut out = Vec::new();
+    while let Some(piece) = stream.next().await {
+        out.extend_from_slice(&piece?);
+    }
+    Ok(out)
+}
+
+/// The operations the filesystem needs from a vault server, as one user.
+pub trait Remote: Send + Sync + 'static {
+    /// The user and their limits.
+    fn me(&self) -> impl Future<Output = Result<Me>> + Send;
+    /// The sealed wallet and its version, if stored.
+    fn wallet(&self) -> impl Future<Output = Result<Option<(Vec<u8>, u64)>>> + Send;
+    /// Stores the sealed wallet; `expected` is `None` to create it.
+    fn put_wallet(&self, blob: Vec<u8>, expected: Option<u64>) -> impl Future<Output = Result<u64>> + Send;
+    /// Vaults this user is a member of.
+    fn vaults(&self) -> impl Future<Output = Result<Vec<VaultInfo>>> + Send;
+    /// Creates a vault.
+    fn create_vault(&self, vault: NewVault) -> impl Future<Output = Result<VaultInfo>> + Send;
+    /// All records of a vault.
+    fn records(&self, vault: VaultId) -> impl Future<Output = Result<Vec<RecordInfo>>> + Send;
+    /// Creates a record.
+    fn create_record(
+        &self,
+        vault: VaultId,
+        record: NewRecord,
+    ) -> impl Future<Output = Result<RecordInfo>> + Send;
+    /// Changes a record if it is still at `expected`.
+    fn update_record(
+        &self,
+        id: RecordId,
+        expected: u64,
+        update: RecordUpdate,
+    ) -> impl Future<Output = Result<RecordInfo>> + Send;
+    /// Deletes an empty record if it is still at `expected`.
+    fn delete_record(&self, id: RecordId, expected: u64) -> impl Future<Output = Result<()>> + Send;
+    /// All files of a vault.
+    fn files(&self, vault: VaultId) -> impl Future<Output = Result<Vec<FileInfo>>> + Send;
+    /// One file's metadata.
+    fn file(&self, id: FileId) -> impl Future<Output = Result<FileInfo>> + Send;
+    /// Creates an empty file in a record.
+    fn create_file(&self, record: RecordId, file: NewFile) -> impl Future<Output = Result<FileInfo>> + Send;
+    /// Renames, moves or touches a file if it is still at `expected`.
+    fn update_file(
+        &self,
+        id: FileId,
+        expected: u64,
+        update: FileUpdate,
+    ) -> impl Future<Output = Result<FileInfo>> + Send;
+    /// Deletes a file if it is still at `expected`.
+    fn delete_file(&self, id: FileId, expected: u64) -> impl Future<Output = Result<()>> + Send;
+    /// Reads content, whole or a byte range.
+    fn download(&self, id: FileId, range: Option<Range<u64>>)
+        -> impl Future<Output = Result<Content>> + Send;
+    /// Replaces content if the file is still at `expected`.
+    fn upload(
+        &self,
+        id: FileId,
+        expected: u64,
+        e2e: bool,
+        mtime_ms: Option<i64>,
+        body: UploadBody,
+    ) -> impl Future<Output = Result<UploadResult>> + Send;
+}

@@ -1,0 +1,550 @@
+//! The HTTP adapter: routes, extractors and responses over [`Service`].
+//!
+//! Handlers only translate: parse ids, headers and JSON (every malformed input
+//! becomes a 400 with a JSON error body, never a panic), call the service, and
+//! render its result or error. docs/API.md documents every route and status.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::Router;
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::blob::BlobStore;
+use super::service::{Caller, Service, ServiceError, Upload};
+use crate::ids::{FileId, RecordId, VaultId};
+use crate::protocol::{
+    etag, parse_etag, EnrollRequest, ErrorBody, ErrorDetail, FileUpdate, LoginRequest, Member, NewFile,
+    NewRecord, NewVault, RecordUpdate, Rights, Sealed, VaultUpdate, HEADER_E2E, HEADER_MTIME,
+};
+
+/// Largest JSON body accepted (names are sealed and padded, fields may be long).
+pub const MAX_JSON_BODY: usize = 2 << 20;
+
+type AppState<B> = Arc<Service<B>>;
+
+/// An error response: status, stable code, message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    current_version: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into(), current_version: None }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        let message = e.to_string();
+        let (status, code) = match &e {
+            ServiceError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ServiceError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ServiceError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ServiceError::E2eRequired => (StatusCode::FORBIDDEN, "e2e_required"),
+            ServiceError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ServiceError::Exists(_) => (StatusCode::CONFLICT, "exists"),
+            ServiceError::Refused(_) => (StatusCode::CONFLICT, "refused"),
+            ServiceError::VersionConflict { .. } => (StatusCode::PRECONDITION_FAILED, "version_conflict"),
+            ServiceError::PreconditionRequired => {
+                (StatusCode::PRECONDITION_REQUIRED, "precondition_required")
+            }
+            ServiceError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ServiceError::BadRange(_) => (StatusCode::RANGE_NOT_SATISFIABLE, "bad_range"),
+            ServiceError::StorageFull => (StatusCode::INSUFFICIENT_STORAGE, "storage_full"),
+            ServiceError::Internal(detail) => {
+                tracing::error!(%detail, "internal error");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        };
+        let mut err = ApiError::new(status, code, message);
+        if let ServiceError::VersionConflict { current } = e {
+            err.current_version = Some(current);
+        }
+        err
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody { error: ErrorDetail { code: self.code.to_string(), message: self.message } };
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(v) = self.current_version {
+            if let Ok(tag) = HeaderValue::from_str(&etag(v)) {
+                resp.headers_mut().insert(header::ETAG, tag);
+            }
+        }
+        resp
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// JSON body whose rejections are rendered as our JSON errors.
+struct JsonBody<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(JsonBody(v)),
+            Err(rej) if rej.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("JSON body larger than {MAX_JSON_BODY} bytes"),
+            )),
+            Err(rej) => Err(ApiError::bad_request(rej.body_text())),
+        }
+    }
+}
+
+/// The authenticated caller, from `Authorization: Bearer TOKEN`.
+struct Auth(Caller, String);
+
+impl<B: BlobStore> FromRequestParts<AppState<B>> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState<B>,
+    ) -> Result<Self, Self::Rejection> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing bearer token"))?
+            .to_string();
+        let caller = state.authenticate(&token).await.map_err(|e| match e {
+            ServiceError::Unauthorized => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid or expired session")
+            }
+            other => other.into(),
+        })?;
+        Ok(Auth(caller, token))
+    }
+}
+
+fn parse_id<T: std::str::FromStr>(raw: &str, what: &str) -> ApiResult<T> {
+    raw.parse()
+        .map_err(|_| ApiError::bad_request(format!("invalid {what} id {raw:?}: expected 32 hex digits")))
+}
+
+/// The version a conditional request replaces (If-Match), required.
+fn if_match(headers: &HeaderMap) -> ApiResult<u64> {
+    let raw = headers.get(header::IF_MATCH).ok_or(ServiceError::PreconditionRequired)?;
+    raw.to_str()
+        .ok()
+        .and_then(parse_etag)
+        .ok_or_else(|| ApiError::bad_request("If-Match must be a quoted version, like \"3\""))
+}
+
+fn with_etag(version: u64, resp: impl IntoResponse) -> Response {
+    let mut resp = resp.into_response();
+    if let Ok(tag) = HeaderValue::from_str(&etag(version)) {
+        resp.headers_mut().insert(header::ETAG, tag);
+    }
+    resp
+}
+
+fn json_with_etag<T: Serialize>(version: u64, status: StatusCode, value: T) -> Response {
+    with_etag(version, (status, axum::Json(value)))
+}
+
+/// Builds the router for `service`.
+pub fn router<B: BlobStore>(service: Arc<Service<B>>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/prelogin", get(prelogin::<B>))
+        .route("/v1/login", post(login::<B>))
+        .route("/v1/enroll", post(enroll::<B>))
+        .route("/v1/logout", post(logout::<B>))
+        .route("/v1/me", get(me::<B>))
+        .route("/v1/wallet", get(get_wallet::<B>).put(put_wallet::<B>))
+        .route("/v1/vaults", get(list_vaults::<B>).post(create_vault::<B>))
+        .route("/v1/vaults/{vault}", get(get_vault::<B>).patch(update_vault::<B>).delete(delete_vault::<B>))
+        .route("/v1/vaults/{vault}/members", get(list_members::<B>))
+        .route("/v1/vaults/{vault}/members/{user}", put(set_member::<B>).delete(remove_member::<B>))
+        .route("/v1/vaults/{vault}/records", get(list_records::<B>).post(create_record::<B>))
+        .route("/v1/vaults/{vault}/files", get(vault_files::<B>))
+        .route(
+            "/v1/records/{record}",
+            get(get_record::<B>).patch(update_record::<B>).delete(delete_record::<B>),
+        )
+        .route("/v1/records/{record}/files", get(record_files::<B>).post(create_file::<B>))
+        .route("/v1/files/{file}", get(get_file::<B>).patch(update_file::<B>).delete(delete_file::<B>))
+        .route(
+            "/v1/files/{file}/content",
+            get(download::<B>).put(upload::<B>).layer(DefaultBodyLimit::disable()),
+        )
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .with_state(service)
+}
+
+async fn health() -> impl IntoResponse {
+    axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+#[derive(Deserialize)]
+struct PreloginQuery {
+    user: String,
+}
+
+async fn prelogin<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    q: Result<Query<PreloginQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    Ok(axum::Json(s.prelogin(q.user).await?).into_response())
+}
+
+async fn login<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    JsonBody(req): JsonBody<LoginRequest>,
+) -> ApiResult<Response> {
+    Ok(axum::Json(s.login(req.user, req.login_key).await?).into_response())
+}
+
+async fn enroll<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    JsonBody(req): JsonBody<EnrollRequest>,
+) -> ApiResult<Response> {
+    Ok(axum::Json(s.enroll(req.user, req.code, req.login_key).await?).into_response())
+}
+
+async fn logout<B: BlobStore>(State(s): State<AppState<B>>, Auth(_, token): Auth) -> ApiResult<StatusCode> {
+    s.logout(&token).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn me<B: BlobStore>(State(s): State<AppState<B>>, Auth(c, _): Auth) -> ApiResult<Response> {
+    Ok(axum::Json(s.me(&c)).into_response())
+}
+
+async fn get_wallet<B: BlobStore>(State(s): State<AppState<B>>, Auth(c, _): Auth) -> ApiResult<Response> {
+    let (blob, version) = s.wallet(&c).await?;
+    Ok(with_etag(version, ([(header::CONTENT_TYPE, "application/octet-stream")], blob)))
+}
+
+async fn put_wallet<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let create = headers.get(header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == b"*");
+    let expected = if create { None } else { Some(if_match(&headers)?) };
+    let version = s.put_wallet(&c, body.to_vec(), expected).await?;
+    Ok(with_etag(version, if create { StatusCode::CREATED } else { StatusCode::OK }))
+}
+
+async fn list_vaults<B: BlobStore>(State(s): State<AppState<B>>, Auth(c, _): Auth) -> ApiResult<Response> {
+    Ok(axum::Json(s.vaults(&c).await?).into_response())
+}
+
+async fn create_vault<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    JsonBody(v): JsonBody<NewVault>,
+) -> ApiResult<Response> {
+    let info = s.create_vault(&c, v).await?;
+    Ok(json_with_etag(info.version, StatusCode::CREATED, info))
+}
+
+async fn get_vault<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(v): Path<String>,
+) -> ApiResult<Response> {
+    let info = s.vault(&c, parse_id::<VaultId>(&v, "vault")?).await?;
+    Ok(json_with_etag(info.version, StatusCode::OK, info))
+}
+
+async fn update_vault<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(v): Path<String>,
+    headers: HeaderMap,
+    JsonBody(u): JsonBody<VaultUpdate>,
+) -> ApiResult<Response> {
+    let info = s.update_vault(&c, parse_id(&v, "vault")?, if_match(&headers)?, u).await?;
+    Ok(json_with_etag(info.version, StatusCode::OK, info))
+}
+
+async fn delete_vault<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(v): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<StatusCode> {
+    s.delete_vault(&c, parse_id(&v, "vault")?, if_match(&headers)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_members<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(v): Path<String>,
+) -> ApiResult<Response> {
+    Ok(axum::Json(s.members(&c, parse_id(&v, "vault")?).await?).into_response())
+}
+
+#[derive(Deserialize)]
+struct MemberBody {
+    rights: Rights,
+    #[serde(default)]
+    wrapped_key: Option<Sealed>,
+}
+
+async fn set_member<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path((v, user)): Path<(String, String)>,
+    JsonBody(m): JsonBody<MemberBody>,
+) -> ApiResult<StatusCode> {
+    let member = Member { user, rights: m.rights, wrapped_key: m.wrapped_key };
+    s.set_member(&c, parse_id(&v, "vault")?, member).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn remove_member<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path((v, user)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    s.remove_member(&c, parse_id(&v, "vault")?, user).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_records<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(v): Path<String>,
+) -> ApiResult<Response> {
+    Ok(axum::Json(s.records(&c, parse_id(&v, "vault")?).await?).into_response())
+}
+
+async fn create_record<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(v): Path<String>,
+    JsonBody(r): JsonBody<NewRecord>,
+) -> ApiResult<Response> {
+    let info = s.create_record(&c, parse_id(&v, "vault")?, r).await?;
+    Ok(json_with_etag(info.version, StatusCode::CREATED, info))
+}
+
+async fn vault_files<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(v): Path<String>,
+) -> ApiResult<Response> {
+    Ok(axum::Json(s.vault_files(&c, parse_id(&v, "vault")?).await?).into_response())
+}
+
+async fn get_record<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(r): Path<String>,
+) -> ApiResult<Response> {
+    let info = s.record(&c, parse_id::<RecordId>(&r, "record")?).await?;
+    Ok(json_with_etag(info.version, StatusCode::OK, info))
+}
+
+async fn update_record<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(r): Path<String>,
+    headers: HeaderMap,
+    JsonBody(u): JsonBody<RecordUpdate>,
+) -> ApiResult<Response> {
+    let info = s.update_record(&c, parse_id(&r, "record")?, if_match(&headers)?, u).await?;
+    Ok(json_with_etag(info.version, StatusCode::OK, info))
+}
+
+async fn delete_record<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(r): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<StatusCode> {
+    s.delete_record(&c, parse_id(&r, "record")?, if_match(&headers)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn record_files<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(r): Path<String>,
+) -> ApiResult<Response> {
+    Ok(axum::Json(s.record_files(&c, parse_id(&r, "record")?).await?).into_response())
+}
+
+async fn create_file<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(r): Path<String>,
+    JsonBody(f): JsonBody<NewFile>,
+) -> ApiResult<Response> {
+    let info = s.create_file(&c, parse_id(&r, "record")?, f).await?;
+    Ok(json_with_etag(info.version, StatusCode::CREATED, info))
+}
+
+async fn get_file<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(f): Path<String>,
+) -> ApiResult<Response> {
+    let info = s.file(&c, parse_id::<FileId>(&f, "file")?).await?;
+    Ok(json_with_etag(info.version, StatusCode::OK, info))
+}
+
+async fn update_file<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(f): Path<String>,
+    headers: HeaderMap,
+    JsonBody(u): JsonBody<FileUpdate>,
+) -> ApiResult<Response> {
+    let info = s.update_file(&c, parse_id(&f, "file")?, if_match(&headers)?, u).await?;
+    Ok(json_with_etag(info.version, StatusCode::OK, info))
+}
+
+async fn delete_file<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(f): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<StatusCode> {
+    s.delete_file(&c, parse_id(&f, "file")?, if_match(&headers)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Parses a single `Range: bytes=...` into (start, end exclusive). `bytes=-N`
+/// (the last N bytes) needs the size, so it is returned as a suffix. Anything else
+/// (several ranges, other units, bad syntax) is ignored, as RFC 9110 allows: the
+/// whole content is served.
+enum RangeSpec {
+    From(u64, Option<u64>),
+    Suffix(u64),
+}
+
+fn parse_range(headers: &HeaderMap) -> Option<RangeSpec> {
+    let v = headers.get(header::RANGE)?.to_str().ok()?.trim();
+    let spec = v.strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    if a.is_empty() {
+        return Some(RangeSpec::Suffix(b.parse().ok()?));
+    }
+    let start: u64 = a.parse().ok()?;
+    if b.is_empty() {
+        return Some(RangeSpec::From(start, None));
+    }
+    let last: u64 = b.parse().ok()?;
+    (last >= start).then_some(RangeSpec::From(start, Some(last.checked_add(1)?)))
+}
+
+async fn download<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(f): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let id: FileId = parse_id(&f, "file")?;
+    let range = match parse_range(&headers) {
+        None => None,
+        Some(RangeSpec::From(start, end)) => Some((start, end)),
+        Some(RangeSpec::Suffix(n)) => {
+            let size = s.file(&c, id).await?.size;
+            if n == 0 {
+                return Err(ServiceError::BadRange(size).into());
+            }
+            Some((size.saturating_sub(n), None))
+        }
+    };
+    let d = match s.download(&c, id, range).await {
+        Err(ServiceError::BadRange(size)) => {
+            let mut resp = ApiError::from(ServiceError::BadRange(size)).into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                resp.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return Ok(resp);
+        }
+        other => other?,
+    };
+    let mut builder = Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::ETAG, etag(d.version))
+        .header(HEADER_E2E, if d.e2e { "1" } else { "0" });
+    builder = match d.range {
+        Some((start, end)) => builder
+            .status(StatusCode::PARTIAL_CONTENT)
+            .header(header::CONTENT_RANGE, format!("bytes {start}-{}/{}", end - 1, d.total_len))
+            .header(header::CONTENT_LENGTH, end - start),
+        None => builder.status(StatusCode::OK).header(header::CONTENT_LENGTH, d.total_len),
+    };
+    builder
+        .body(Body::from_stream(d.stream))
+        .map_err(|e| ServiceError::Internal(format!("building response: {e}")).into())
+}
+
+async fn upload<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(f): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let id: FileId = parse_id(&f, "file")?;
+    let expected_version = if_match(&headers)?;
+    let e2e = match headers.get(HEADER_E2E).map(|v| v.as_bytes()) {
+        Some(b"1") => true,
+        Some(b"0") => false,
+        _ => return Err(ApiError::bad_request(format!("header {HEADER_E2E} must be 1 or 0"))),
+    };
+    let mtime_ms = match headers.get(HEADER_MTIME) {
+        None => None,
+        Some(v) => Some(v.to_str().ok().and_then(|v| v.parse().ok()).ok_or_else(|| {
+            ApiError::bad_request(format!("header {HEADER_MTIME} must be Unix milliseconds"))
+        })?),
+    };
+    let declared_len = match headers.get(header::CONTENT_LENGTH) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| ApiError::bad_request("invalid Content-Length"))?,
+        ),
+    };
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    let up = Upload { expected_version, e2e, mtime_ms, declared_len, body: Box::pin(stream) };
+    let result = s.upload(&c, id, up).await?;
+    Ok(json_with_etag(result.version, StatusCode::OK, result))
+}

@@ -1,0 +1,613 @@
+//! The server's logic, independent of HTTP: authentication, per-vault
+//! authorization, optimistic concurrency and the upload protocol.
+//!
+//! The HTTP layer (`api.rs`) only parses requests and renders results; the
+//! in-memory remote used by filesystem tests calls this same code directly, so
+//! both enforce identical rules.
+//!
+//! Authorization: every vault, record and file operation resolves the object's
+//! vault and checks the caller's membership. A caller who is not a member gets
+//! `NotFound`, exactly as for an id that does not exist, so ids cannot be probed;
+//! a member lacking the needed right gets `Forbidden`.
+//!
+//! Upload protocol: check rights, version and declared length first (cheap
+//! refusals before any byte is read); stream the body into a *new* blob, durable
+//! before anything points at it; then compare-and-swap the file's version to point
+//! at it. Losing the race deletes the new blob and reports a conflict; winning
+//! deletes the old blob after the commit. A crash anywhere leaves the old version
+//! (plus at most an orphan blob, collected at the next start).
+
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::blob::{BlobError, BlobId, BlobRead, BlobStore, ByteStream};
+use super::meta::{FileRow, Meta, MetaError, User};
+use crate::ids::{hex_encode, FileId, RecordId, VaultId};
+use crate::protocol::{
+    FileInfo, FileUpdate, KdfWire, Limits, Me, Member, NewFile, NewRecord, NewVault, PreLogin, RecordInfo,
+    RecordUpdate, Rights, Sealed, Session, UploadResult, VaultInfo, VaultUpdate,
+};
+
+/// Length of a login key (SHA-256 output).
+pub const LOGIN_KEY_LEN: usize = 32;
+/// Length of a login salt.
+pub const LOGIN_SALT_LEN: usize = 16;
+/// Largest sealed wallet accepted.
+pub const MAX_WALLET_LEN: usize = 1 << 20;
+
+/// Errors of the service, each with an HTTP status in `api.rs`.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// Malformed input.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No valid credentials.
+    #[error("invalid credentials")]
+    Unauthorized,
+    /// Authenticated, but the caller's rights do not allow this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The vault refuses uploads that are not end-to-end encrypted.
+    #[error("this vault accepts only end-to-end encrypted files")]
+    E2eRequired,
+    /// No such object (or not visible to the caller).
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// An object with that id already exists.
+    #[error("{0} already exists")]
+    Exists(&'static str),
+    /// The change is not possible in the current state.
+    #[error("{0}")]
+    Refused(String),
+    /// Optimistic concurrency: the object changed since the caller read it.
+    #[error("version conflict: the current version is {current}")]
+    VersionConflict {
+        /// Current version.
+        current: u64,
+    },
+    /// A conditional request came without its condition.
+    #[error("this request needs an If-Match header with the version being replaced")]
+    PreconditionRequired,
+    /// The upload exceeds the caller's limit.
+    #[error("upload exceeds your limit of {0} bytes")]
+    TooLarge(u64),
+    /// The requested range is outside the content.
+    #[error("range not satisfiable (size {0})")]
+    BadRange(u64),
+    /// The server's storage is full.
+    #[error("the server's storage is full")]
+    StorageFull,
+    /// Something broke on the server; details are logged, not sent.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl From<MetaError> for ServiceError {
+    fn from(e: MetaError) -> Self {
+        match e {
+            MetaError::NotFound(what) => ServiceError::NotFound(what),
+            MetaError::Exists(what) => ServiceError::Exists(what),
+            MetaError::VersionMismatch { current } => ServiceError::VersionConflict { current },
+            MetaError::Refused(msg) => ServiceError::Refused(msg),
+            MetaError::Db(e) => ServiceError::Internal(format!("database: {e}")),
+        }
+    }
+}
+
+impl From<BlobError> for ServiceError {
+    fn from(e: BlobError) -> Self {
+        match e {
+            BlobError::TooLarge(limit) => ServiceError::TooLarge(limit),
+            BlobError::Full => ServiceError::StorageFull,
+            BlobError::Body(msg) => ServiceError::BadRequest(format!("upload body failed: {msg}")),
+            BlobError::BadRange => ServiceError::BadRange(0),
+            BlobError::NotFound => ServiceError::Internal("blob missing for a committed file".into()),
+            BlobError::Io(e) => ServiceError::Internal(format!("blob storage: {e}")),
+        }
+    }
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, ServiceError>;
+
+/// Settings of the service.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Session lifetime.
+    pub session_ttl_secs: u64,
+    /// Argon2id parameters announced for users that do not exist (so answers for
+    /// unknown and known users look alike).
+    pub login_kdf: KdfWire,
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    user: User,
+}
+
+impl Caller {
+    /// The caller's name.
+    pub fn name(&self) -> &str {
+        &self.user.name
+    }
+
+    /// The caller's limits.
+    pub fn limits(&self) -> Limits {
+        self.user.limits
+    }
+}
+
+/// A download: the bytes and what the response should say about them.
+pub struct Download {
+    /// The requested bytes (empty stream for an empty file).
+    pub stream: ByteStream,
+    /// Range served, if a partial read: (start, end exclusive).
+    pub range: Option<(u64, u64)>,
+    /// Whole content length.
+    pub total_len: u64,
+    /// File version.
+    pub version: u64,
+    /// End-to-end flag.
+    pub e2e: bool,
+}
+
+/// An upload request.
+pub struct Upload {
+    /// The version being replaced.
+    pub expected_version: u64,
+    /// Whether the body is end-to-end encrypted.
+    pub e2e: bool,
+    /// Modification time to record; `None` for now.
+    pub mtime_ms: Option<i64>,
+    /// Declared length, if known up front (refused early when over the limit).
+    pub declared_len: Option<u64>,
+    /// The body.
+    pub body: ByteStream,
+}
+
+/// The vault service over a blob store.
+pub struct Service<B> {
+    meta: Arc<Mutex<Meta>>,
+    blobs: B,
+    secret: [u8; 32],
+    config: ServiceConfig,
+}
+
+fn sha256(parts: &[&[u8]]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().into()
+}
+
+/// Unix time in seconds.
+pub fn now_secs() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+impl<B: BlobStore> Service<B> {
+    /// A service over an open metadata store and blob store.
+    pub fn new(mut meta: Meta, blobs: B, config: ServiceConfig) -> Result<Self> {
+        let secret = meta.server_secret()?;
+        Ok(Service { meta: Arc::new(Mutex::new(meta)), blobs, secret, config })
+    }
+
+    /// Runs an administrative operation on the metadata store (users, limits).
+    pub async fn run_admin<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Meta) -> std::result::Result<T, MetaError> + Send + 'static,
+    ) -> Result<T> {
+        self.db(f).await
+    }
+
+    /// Runs a metadata operation on the blocking pool.
+    async fn db<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Meta) -> std::result::Result<T, MetaError> + Send + 'static,
+    ) -> Result<T> {
+        let meta = Arc::clone(&self.meta);
+        tokio::task::spawn_blocking(move || {
+            let mut guard =
+                meta.lock().map_err(|_| ServiceError::Internal("metadata lock poisoned".into()))?;
+            f(&mut guard).map_err(ServiceError::from)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("metadata task: {e}")))?
+    }
+
+    /// Removes leftovers of interrupted uploads and blobs no file points at.
+    /// Only safe while no upload is in flight (at startup).
+    pub async fn collect_garbage(&self) -> Result<(usize, usize)> {
+        let incomplete = self.blobs.clean_incomplete().await?;
+        let in_use = self.db(|m| m.blobs_in_use()).await?;
+        let mut orphans = 0;
+        for id in self.blobs.list().await? {
+            if !in_use.contains(&id.to_hex()) {
+                self.blobs.delete(id).await?;
+                orphans += 1;
+            }
+        }
+        Ok((incomplete, orphans))
+    }
+
+    // ---- authentication ----------------------------------------------------
+
+    /// Salt and parameters for deriving `user`'s login key. Unknown users get a
+    /// stable fake answer, so the endpoint does not reveal which names exist.
+    pub async fn prelogin(&self, user: String) -> Result<PreLogin> {
+        let found = {
+            let name = user.clone();
+            self.db(move |m| m.user_by_name(&name)).await?
+        };
+        Ok(match found {
+            Some(u) => PreLogin { salt: Sealed(u.login_salt), kdf: u.kdf },
+            None => PreLogin {
+                salt: Sealed(
+                    sha256(&[&self.secret, b"prelogin", user.as_bytes()])[..LOGIN_SALT_LEN].to_vec(),
+                ),
+                kdf: self.config.login_kdf,
+            },
+        })
+    }
+
+    async fn new_session(&self, user_id: i64) -> Result<Session> {
+        let mut token = [0u8; 32];
+        getrandom::getrandom(&mut token).map_err(|e| ServiceError::Internal(format!("getrandom: {e}")))?;
+        let hash = sha256(&[&token]);
+        let ttl = self.config.session_ttl_secs;
+        let expires = now_secs() + ttl as i64;
+        self.db(move |m| m.create_session(user_id, &hash, expires)).await?;
+        Ok(Session { token: hex_encode(&token), expires_in_secs: ttl })
+    }
+
+    fn check_login_key(key: &Sealed) -> Result<()> {
+        if key.0.len() != LOGIN_KEY_LEN {
+            return Err(ServiceError::BadRequest(format!("login_key must be {LOGIN_KEY_LEN} bytes")));
+        }
+        Ok(())
+    }
+
+    /// Verifies a login key and opens a session.
+    pub async fn login(&self, user: String, login_key: Sealed) -> Result<Session> {
+        Self::check_login_key(&login_key)?;
+        let found = self.db(move |m| m.user_by_name(&user)).await?;
+        let presented = sha256(&[&login_key.0]);
+        let ok =
+            found.as_ref().and_then(|u| u.login_hash.as_deref()).map(|h| bool::from(h.ct_eq(&presented[..])));
+        match (found, ok) {
+            (Some(u), Some(true)) => self.new_session(u.id).await,
+            _ => Err(ServiceError::Unauthorized),
+        }
+    }
+
+    /// First login with the admin's one-time code: sets the login key.
+    pub async fn enroll(&self, user: String, code: String, login_key: Sealed) -> Result<Session> {
+        Self::check_login_key(&login_key)?;
+        let found = self.db(move |m| m.user_by_name(&user)).await?;
+        let presented = sha256(&[code.as_bytes()]);
+        let u = match found {
+            Some(u) if u.enroll_hash.as_deref().is_some_and(|h| bool::from(h.ct_eq(&presented[..]))) => u,
+            _ => return Err(ServiceError::Unauthorized),
+        };
+        let login_hash = sha256(&[&login_key.0]);
+        let id = u.id;
+        self.db(move |m| m.complete_enrollment(id, &login_hash)).await?;
+        self.new_session(id).await
+    }
+
+    /// The caller behind a bearer token.
+    pub async fn authenticate(&self, token: &str) -> Result<Caller> {
+        let raw = crate::ids::hex_decode(token).ok_or(ServiceError::Unauthorized)?;
+        let hash = sha256(&[&raw]);
+        let now = now_secs();
+        let user = self.db(move |m| m.session_user(&hash, now)).await?;
+        user.map(|user| Caller { user }).ok_or(ServiceError::Unauthorized)
+    }
+
+    /// Ends the session of `token`.
+    pub async fn logout(&self, token: &str) -> Result<()> {
+        let raw = crate::ids::hex_decode(token).ok_or(ServiceError::Unauthorized)?;
+        let hash = sha256(&[&raw]);
+        self.db(move |m| m.delete_session(&hash)).await
+    }
+
+    /// Who the caller is and what their limits are.
+    pub fn me(&self, caller: &Caller) -> Me {
+        Me { user: caller.user.name.clone(), limits: caller.user.limits }
+    }
+
+    // ---- wallet ------------------------------------------------------------
+
+    /// The caller's sealed wallet and its version.
+    pub async fn wallet(&self, caller: &Caller) -> Result<(Vec<u8>, u64)> {
+        let id = caller.user.id;
+        self.db(move |m| m.wallet(id)).await?.ok_or(ServiceError::NotFound("wallet"))
+    }
+
+    /// Stores the caller's wallet; `expected` is `None` to create it.
+    pub async fn put_wallet(&self, caller: &Caller, blob: Vec<u8>, expected: Option<u64>) -> Result<u64> {
+        if blob.len() > MAX_WALLET_LEN {
+            return Err(ServiceError::TooLarge(MAX_WALLET_LEN as u64));
+        }
+        let id = caller.user.id;
+        self.db(move |m| m.put_wallet(id, &blob, expected)).await
+    }
+
+    // ---- authorization -----------------------------------------------------
+
+    async fn require(
+        &self,
+        caller: &Caller,
+        vault: VaultId,
+        need: Rights,
+        what: &'static str,
+    ) -> Result<Rights> {
+        let id = caller.user.id;
+        match self.db(move |m| m.rights(id, vault)).await? {
+            None => Err(ServiceError::NotFound(what)),
+            Some(r) if r < need => Err(ServiceError::Forbidden(format!(
+                "you have {} rights in this vault; this needs {}",
+                r.as_str(),
+                need.as_str()
+            ))),
+            Some(r) => Ok(r),
+        }
+    }
+
+    async fn record_checked(&self, caller: &Caller, id: RecordId, need: Rights) -> Result<RecordInfo> {
+        let record = self.db(move |m| m.record(id)).await?;
+        self.require(caller, record.vault, need, "record").await?;
+        Ok(record)
+    }
+
+    async fn file_checked(&self, caller: &Caller, id: FileId, need: Rights) -> Result<FileRow> {
+        let row = self.db(move |m| m.file(id)).await?;
+        self.require(caller, row.info.vault, need, "file").await?;
+        Ok(row)
+    }
+
+    // ---- vaults ------------------------------------------------------------
+
+    /// Vaults the caller is a member of.
+    pub async fn vaults(&self, caller: &Caller) -> Result<Vec<VaultInfo>> {
+        let id = caller.user.id;
+        self.db(move |m| m.vaults_of(id)).await
+    }
+
+    /// Creates a vault with the caller as its admin.
+    pub async fn create_vault(&self, caller: &Caller, v: NewVault) -> Result<VaultInfo> {
+        let (uid, vid) = (caller.user.id, v.id);
+        self.db(move |m| {
+            m.create_vault(uid, &v)?;
+            m.vault_of(uid, vid)
+        })
+        .await
+    }
+
+    /// One vault.
+    pub async fn vault(&self, caller: &Caller, vault: VaultId) -> Result<VaultInfo> {
+        let uid = caller.user.id;
+        self.db(move |m| m.vault_of(uid, vault)).await
+    }
+
+    /// Renames a vault or changes its flags (admin).
+    pub async fn update_vault(
+        &self,
+        caller: &Caller,
+        vault: VaultId,
+        expected: u64,
+        u: VaultUpdate,
+    ) -> Result<VaultInfo> {
+        self.require(caller, vault, Rights::Admin, "vault").await?;
+        let uid = caller.user.id;
+        self.db(move |m| {
+            m.update_vault(vault, expected, &u)?;
+            m.vault_of(uid, vault)
+        })
+        .await
+    }
+
+    /// Deletes an empty vault (admin).
+    pub async fn delete_vault(&self, caller: &Caller, vault: VaultId, expected: u64) -> Result<()> {
+        self.require(caller, vault, Rights::Admin, "vault").await?;
+        self.db(move |m| m.delete_vault(vault, expected)).await
+    }
+
+    /// Members of a vault (any member may look).
+    pub async fn members(&self, caller: &Caller, vault: VaultId) -> Result<Vec<Member>> {
+        self.require(caller, vault, Rights::Read, "vault").await?;
+        self.db(move |m| m.members(vault)).await
+    }
+
+    /// Adds a member or changes their rights (admin).
+    pub async fn set_member(&self, caller: &Caller, vault: VaultId, member: Member) -> Result<()> {
+        self.require(caller, vault, Rights::Admin, "vault").await?;
+        self.db(move |m| m.set_member(vault, &member)).await
+    }
+
+    /// Removes a member (admin).
+    pub async fn remove_member(&self, caller: &Caller, vault: VaultId, user: String) -> Result<()> {
+        self.require(caller, vault, Rights::Admin, "vault").await?;
+        self.db(move |m| m.remove_member(vault, &user)).await
+    }
+
+    // ---- records -----------------------------------------------------------
+
+    /// All records of a vault.
+    pub async fn records(&self, caller: &Caller, vault: VaultId) -> Result<Vec<RecordInfo>> {
+        self.require(caller, vault, Rights::Read, "vault").await?;
+        self.db(move |m| m.records(vault)).await
+    }
+
+    /// Creates a record.
+    pub async fn create_record(&self, caller: &Caller, vault: VaultId, r: NewRecord) -> Result<RecordInfo> {
+        self.require(caller, vault, Rights::Write, "vault").await?;
+        self.db(move |m| m.create_record(vault, &r)).await
+    }
+
+    /// One record.
+    pub async fn record(&self, caller: &Caller, id: RecordId) -> Result<RecordInfo> {
+        self.record_checked(caller, id, Rights::Read).await
+    }
+
+    /// Changes a record.
+    pub async fn update_record(
+        &self,
+        caller: &Caller,
+        id: RecordId,
+        expected: u64,
+        u: RecordUpdate,
+    ) -> Result<RecordInfo> {
+        self.record_checked(caller, id, Rights::Write).await?;
+        self.db(move |m| m.update_record(id, expected, &u)).await
+    }
+
+    /// Deletes an empty record.
+    pub async fn delete_record(&self, caller: &Caller, id: RecordId, expected: u64) -> Result<()> {
+        self.record_checked(caller, id, Rights::Write).await?;
+        self.db(move |m| m.delete_record(id, expected)).await
+    }
+
+    // ---- files -------------------------------------------------------------
+
+    /// Files of a vault.
+    pub async fn vault_files(&self, caller: &Caller, vault: VaultId) -> Result<Vec<FileInfo>> {
+        self.require(caller, vault, Rights::Read, "vault").await?;
+        self.db(move |m| m.files(vault, None)).await
+    }
+
+    /// Files of a record.
+    pub async fn record_files(&self, caller: &Caller, record: RecordId) -> Result<Vec<FileInfo>> {
+        let r = self.record_checked(caller, record, Rights::Read).await?;
+        self.db(move |m| m.files(r.vault, Some(record))).await
+    }
+
+    /// Creates an empty file in a record.
+    pub async fn create_file(&self, caller: &Caller, record: RecordId, f: NewFile) -> Result<FileInfo> {
+        self.record_checked(caller, record, Rights::Write).await?;
+        let now = now_ms();
+        self.db(move |m| m.create_file(record, &f, now)).await
+    }
+
+    /// One file's metadata.
+    pub async fn file(&self, caller: &Caller, id: FileId) -> Result<FileInfo> {
+        Ok(self.file_checked(caller, id, Rights::Read).await?.info)
+    }
+
+    /// Renames, moves or touches a file.
+    pub async fn update_file(
+        &self,
+        caller: &Caller,
+        id: FileId,
+        expected: u64,
+        u: FileUpdate,
+    ) -> Result<FileInfo> {
+        self.file_checked(caller, id, Rights::Write).await?;
+        self.db(move |m| m.update_file(id, expected, &u)).await
+    }
+
+    /// Deletes a file and its content.
+    pub async fn delete_file(&self, caller: &Caller, id: FileId, expected: u64) -> Result<()> {
+        self.file_checked(caller, id, Rights::Write).await?;
+        let old = self.db(move |m| m.delete_file(id, expected)).await?;
+        self.discard_blob(old).await;
+        Ok(())
+    }
+
+    async fn discard_blob(&self, blob: Option<BlobId>) {
+        if let Some(blob) = blob {
+            // The metadata no longer points here; a failure only leaves an orphan
+            // that the next start collects.
+            if let Err(e) = self.blobs.delete(blob).await {
+                tracing::warn!(blob = %blob.to_hex(), error = %e, "could not delete replaced blob");
+            }
+        }
+    }
+
+    /// Reads a file's content, whole or a byte range (start..end, end exclusive,
+    /// clipped to the content; `BadRange` if it starts past the end).
+    pub async fn download(
+        &self,
+        caller: &Caller,
+        id: FileId,
+        range: Option<(u64, Option<u64>)>,
+    ) -> Result<Download> {
+        // A concurrent upload may replace and delete the blob between reading the
+        // metadata and opening the blob; then the metadata is read again.
+        for _ in 0..3 {
+            let row = self.file_checked(caller, id, Rights::Read).await?;
+            let size = row.info.size;
+            let resolved = match range {
+                None => None,
+                Some((start, _)) if start >= size => return Err(ServiceError::BadRange(size)),
+                Some((start, end)) => Some((start, end.map_or(size, |e| e.min(size)))),
+            };
+            let Some(blob) = row.blob else {
+                return Ok(Download {
+                    stream: Box::pin(futures_util::stream::empty()),
+                    range: None,
+                    total_len: 0,
+                    version: row.info.version,
+                    e2e: row.info.e2e,
+                });
+            };
+            match self.blobs.get(blob, resolved).await {
+                Ok(BlobRead { stream, total_len }) => {
+                    return Ok(Download {
+                        stream,
+                        range: resolved,
+                        total_len,
+                        version: row.info.version,
+                        e2e: row.info.e2e,
+                    })
+                }
+                Err(BlobError::NotFound) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ServiceError::Internal("file content kept changing while being read".into()))
+    }
+
+    /// Replaces a file's content (see the module comment for the protocol).
+    pub async fn upload(&self, caller: &Caller, id: FileId, up: Upload) -> Result<UploadResult> {
+        let row = self.file_checked(caller, id, Rights::Write).await?;
+        let vault = row.info.vault;
+        if !up.e2e && self.db(move |m| m.e2e_required(vault)).await? {
+            return Err(ServiceError::E2eRequired);
+        }
+        if row.info.version != up.expected_version {
+            return Err(ServiceError::VersionConflict { current: row.info.version });
+        }
+        let limit = caller.user.limits.upload_limit;
+        if up.declared_len.is_some_and(|len| len > limit) {
+            return Err(ServiceError::TooLarge(limit));
+        }
+        let blob = BlobId::random().map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let size = self.blobs.put(blob, up.body, limit).await?;
+        if up.declared_len.is_some_and(|len| len != size) {
+            self.discard_blob(Some(blob)).await;
+            return Err(ServiceError::BadRequest("body shorter than its declared length".into()));
+        }
+        let (expected, e2e, mtime) = (up.expected_version, up.e2e, up.mtime_ms.unwrap_or_else(now_ms));
+        match self.db(move |m| m.commit_upload(id, expected, blob, size, e2e, mtime)).await {
+            Ok((version, old)) => {
+                self.discard_blob(old).await;
+                Ok(UploadResult { version, size })
+            }
+            Err(e) => {
+                self.discard_blob(Some(blob)).await;
+                Err(e)
+            }
+        }
+    }
+}
