@@ -53,8 +53,24 @@ fn protocol(e: impl std::fmt::Display) -> RemoteError {
     RemoteError::Protocol(e.to_string())
 }
 
-fn unavailable(e: impl std::fmt::Display) -> RemoteError {
-    RemoteError::Unavailable(e.to_string())
+/// An error with its whole chain of causes: reqwest's own message ("error sending
+/// request") hides the part a person needs, such as a certificate mismatch.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+fn unavailable(e: reqwest::Error) -> RemoteError {
+    RemoteError::Unavailable(with_causes(&e))
 }
 
 fn is_loopback_http(url: &reqwest::Url) -> bool {
@@ -311,7 +327,9 @@ impl HttpRemote {
             let may_retry = idempotent == Idempotent::Yes && attempt < ATTEMPTS;
             match request.send().await {
                 Err(e) if may_retry && (e.is_connect() || e.is_timeout()) => {}
-                Err(e) => return Err(unavailable(format!("{method} {path}: {e}"))),
+                Err(e) => {
+                    return Err(RemoteError::Unavailable(format!("{method} {path}: {}", with_causes(&e))))
+                }
                 Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED && !relogged => {
                     relogged = true;
                     attempt -= 1;
@@ -502,7 +520,10 @@ impl super::Remote for HttpRemote {
         if let Some(m) = mtime_ms {
             request = request.header(HEADER_MTIME, m);
         }
-        let resp = request.send().await.map_err(|e| unavailable(format!("upload: {e}")))?;
+        let resp = request
+            .send()
+            .await
+            .map_err(|e| RemoteError::Unavailable(format!("upload: {}", with_causes(&e))))?;
         if !resp.status().is_success() {
             return Err(error_from(resp).await);
         }

@@ -1,8 +1,4 @@
-//! Command-line interface: argument parsing and dispatch to the subsystems.
-
-use std::process::ExitCode;
-
-use clap::{Parser, Subcommand};
+//! `vaultfs demo`: the vault format, end to end, in memory.
 
 use crate::crypto::{
     self, decrypt_file, encrypt_file, open_name, seal_name, FileContext, KdfParams, NameContext, OsRandom,
@@ -10,46 +6,8 @@ use crate::crypto::{
 };
 use crate::ids::{hex_encode, FileId, RecordId, VaultId};
 
-/// Mount end-to-end encrypted vaults from a vault server as an ordinary drive.
-///
-/// Files are decrypted on open into memory only, and encrypted
-/// (XChaCha20-Poly1305) and uploaded on close; the server never sees plaintext,
-/// keys or names.
-#[derive(Debug, Parser)]
-#[command(name = "vaultfs", version, propagate_version = true)]
-pub struct Cli {
-    /// What to do.
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-/// The subcommands.
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run vaultfs end to end on this machine with one command.
-    ///
-    /// Today this walks through the vault format in memory: a wallet unlocked by a
-    /// passphrase, a file sealed and opened, a name sealed, and tampering caught.
-    /// The server, the mount and their demo land in the next milestones.
-    Demo,
-}
-
-/// Parses `std::env::args` and runs the command.
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Demo => demo(),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("vaultfs: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn demo() -> Result<(), crypto::CryptoError> {
+/// Walks through the vault format in memory.
+pub fn run() -> Result<(), crypto::CryptoError> {
     let mut rng = OsRandom;
     println!("vaultfs demo: the vault format, in memory (no server or mount yet)\n");
     println!("Coming in the next milestones: `vaultfs serve` (a vault server on loopback),");
@@ -104,22 +62,4 @@ fn demo() -> Result<(), crypto::CryptoError> {
         String::from_utf8_lossy(&name)
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::CommandFactory;
-
-    #[test]
-    fn cli_definition_is_consistent() {
-        Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn demo_subcommand_parses() {
-        let cli = Cli::try_parse_from(["vaultfs", "demo"]).unwrap();
-        assert!(matches!(cli.command, Command::Demo));
-        assert!(Cli::try_parse_from(["vaultfs", "nonsense"]).is_err());
-    }
 }

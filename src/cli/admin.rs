@@ -1,0 +1,151 @@
+//! `vaultfs admin`: users, limits and vaults, on the server machine.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use super::{parse_size, CliResult};
+use crate::protocol::{KdfWire, Limits};
+use crate::server::admin;
+use crate::server::config::ServerConfig;
+
+/// `vaultfs admin`.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The server's data directory.
+    #[arg(long, conflicts_with = "config")]
+    data_dir: Option<PathBuf>,
+    /// The server's configuration file (for its data directory and default limits).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    command: AdminCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// List every vault (by id; names are encrypted) with its members.
+    Vaults,
+}
+
+#[derive(Debug, Args)]
+struct LimitArgs {
+    /// Largest upload, e.g. 300MB.
+    #[arg(long, value_parser = parse_size)]
+    upload_limit: Option<u64>,
+    /// Largest end-to-end encrypted file, e.g. 30MB.
+    #[arg(long, value_parser = parse_size)]
+    e2e_limit: Option<u64>,
+    /// Longest image edge in pixels before reduction.
+    #[arg(long)]
+    image_max_edge: Option<u32>,
+}
+
+impl LimitArgs {
+    fn apply(&self, base: Limits) -> Limits {
+        Limits {
+            upload_limit: self.upload_limit.unwrap_or(base.upload_limit),
+            e2e_limit: self.e2e_limit.unwrap_or(base.e2e_limit),
+            image_max_edge: self.image_max_edge.unwrap_or(base.image_max_edge),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Add a user and print their one-time enrollment code.
+    Add {
+        /// Login name.
+        name: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// List users and their limits.
+    List,
+    /// Remove a user.
+    Remove {
+        /// Login name.
+        name: String,
+    },
+    /// Change a user's limits (options not given stay as they are).
+    Limits {
+        /// Login name.
+        name: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Issue a new enrollment code for a user who lost their passphrase.
+    Reset {
+        /// Login name.
+        name: String,
+    },
+}
+
+/// Runs an admin command.
+pub fn run(args: AdminArgs) -> CliResult {
+    let config = match &args.config {
+        Some(path) => ServerConfig::load(path)?,
+        None => ServerConfig::default(),
+    };
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| config.data_dir.clone());
+    if !data_dir.join(crate::server::META_FILE).exists() {
+        return Err(format!(
+            "{}: no vaultfs server data here (start `vaultfs serve` once, or pass --data-dir)",
+            data_dir.display()
+        )
+        .into());
+    }
+    let mut meta = crate::server::open_meta(&data_dir)?;
+    let defaults: Limits = config.default_limits.into();
+    let kdf: KdfWire = config.login_kdf.into();
+    match args.command {
+        AdminCommand::User(UserCommand::Add { name, limits }) => {
+            let code = admin::add_user(&mut meta, &name, limits.apply(defaults), kdf)?;
+            println!("added user {name}");
+            println!("enrollment code (give it to {name}; it works once): {code}");
+            println!("they log in with: vaultfs login --server URL --user {name} --enroll {code}");
+        }
+        AdminCommand::User(UserCommand::List) => {
+            println!("{:<24} {:>14} {:>14} {:>10}  state", "user", "upload limit", "e2e limit", "image px");
+            for u in admin::users(&meta)? {
+                let state = if u.login_hash.is_some() { "active" } else { "awaiting enrollment" };
+                println!(
+                    "{:<24} {:>14} {:>14} {:>10}  {state}",
+                    u.name, u.limits.upload_limit, u.limits.e2e_limit, u.limits.image_max_edge
+                );
+            }
+        }
+        AdminCommand::User(UserCommand::Remove { name }) => {
+            admin::remove_user(&mut meta, &name)?;
+            println!("removed user {name}");
+        }
+        AdminCommand::User(UserCommand::Limits { name, limits }) => {
+            let current = admin::users(&meta)?
+                .into_iter()
+                .find(|u| u.name == name)
+                .ok_or_else(|| format!("no user named {name}"))?;
+            let new = limits.apply(current.limits);
+            admin::set_limits(&mut meta, &name, new)?;
+            println!(
+                "{name}: upload limit {}, e2e limit {}, image edge {} px",
+                new.upload_limit, new.e2e_limit, new.image_max_edge
+            );
+        }
+        AdminCommand::User(UserCommand::Reset { name }) => {
+            let code = admin::reset_user(&mut meta, &name)?;
+            println!("new enrollment code for {name}: {code}");
+        }
+        AdminCommand::Vaults => {
+            for (id, members) in admin::vaults(&meta)? {
+                let list: Vec<String> =
+                    members.iter().map(|m| format!("{} ({})", m.user, m.rights.as_str())).collect();
+                println!("{id}  {}", list.join(", "));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! Command-line interface: argument parsing and dispatch to the subsystems.
+
+mod admin;
+mod demo;
+mod user;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Mount end-to-end encrypted vaults from a vault server as an ordinary drive.
+///
+/// Files are decrypted on open into memory only, and encrypted
+/// (XChaCha20-Poly1305) and uploaded on close; the server never sees plaintext,
+/// keys or names.
+#[derive(Debug, Parser)]
+#[command(name = "vaultfs", version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run vaultfs end to end on this machine with one command.
+    ///
+    /// Today this walks through the vault format in memory: a wallet unlocked by a
+    /// passphrase, a file sealed and opened, a name sealed, and tampering caught.
+    /// The mount and the demo that runs server and mount together land next.
+    Demo,
+    /// Run the vault server.
+    Serve(ServeArgs),
+    /// Administer a server: users, their limits, vaults (run on the server machine).
+    Admin(admin::AdminArgs),
+    /// Log in to a server and remember it (URL, user, pinned certificate).
+    Login(user::LoginArgs),
+    /// Create and list your vaults.
+    #[command(subcommand)]
+    Vault(user::VaultCommand),
+}
+
+/// `vaultfs serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Configuration file (see config/server.toml); defaults apply without one.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (overrides the file), e.g. 127.0.0.1:8443; port 0 picks a free port.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Data directory (overrides the file).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Serve plain HTTP (only allowed on a loopback address).
+    #[arg(long)]
+    pub plain_http: bool,
+}
+
+type CliResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VAULTFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+}
+
+/// Parses `std::env::args` and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result: CliResult = match cli.command {
+        Command::Demo => demo::run().map_err(Into::into),
+        Command::Serve(args) => serve(args),
+        Command::Admin(args) => admin::run(args),
+        Command::Login(args) => runtime().map_err(Into::into).and_then(|rt| rt.block_on(user::login(args))),
+        Command::Vault(cmd) => runtime().map_err(Into::into).and_then(|rt| rt.block_on(user::vault(cmd))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vaultfs: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> CliResult {
+    use std::io::Write;
+    let mut config = match &args.config {
+        Some(path) => crate::server::config::ServerConfig::load(path)?,
+        None => crate::server::config::ServerConfig::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    config.plain_http |= args.plain_http;
+    config.validate()?;
+    let data_dir = config.data_dir.clone();
+    runtime()?.block_on(crate::server::run(config, |started| {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "vaultfs serve: listening on {}://{}", started.scheme, started.addr);
+        if let Some(fp) = &started.fingerprint {
+            let _ = writeln!(out, "vaultfs serve: certificate fingerprint {fp}");
+        }
+        let _ = writeln!(
+            out,
+            "vaultfs serve: data in {} (add a user: vaultfs admin --data-dir {} user add NAME)",
+            data_dir.display(),
+            data_dir.display()
+        );
+        let _ = out.flush();
+    }))?;
+    Ok(())
+}
+
+/// Parses a size: plain bytes, or with a unit (kB, MB, GB decimal; KiB, MiB, GiB binary).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 =
+        num.parse().map_err(|_| format!("invalid size {s:?}: expected a number with an optional unit"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "k" | "kB" | "KB" => 1000,
+        "M" | "MB" => 1_000_000,
+        "G" | "GB" => 1_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!("invalid size unit {other:?} in {s:?}: use B, kB, MB, GB, KiB, MiB or GiB"))
+        }
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn subcommands_parse() {
+        assert!(matches!(Cli::try_parse_from(["vaultfs", "demo"]).unwrap().command, Command::Demo));
+        let serve =
+            Cli::try_parse_from(["vaultfs", "serve", "--listen", "127.0.0.1:0", "--plain-http"]).unwrap();
+        assert!(matches!(serve.command, Command::Serve(ServeArgs { plain_http: true, .. })));
+        assert!(Cli::try_parse_from(["vaultfs", "nonsense"]).is_err());
+        assert!(Cli::try_parse_from(["vaultfs", "serve", "--listen", "nowhere"]).is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("300MB"), Ok(300_000_000));
+        assert_eq!(parse_size("30MiB"), Ok(30 << 20));
+        assert_eq!(parse_size("12"), Ok(12));
+        assert_eq!(parse_size("2 GB"), Ok(2_000_000_000));
+        assert!(parse_size("12XB").is_err());
+        assert!(parse_size("MB").is_err());
+        assert!(parse_size("99999999999999999999GB").is_err());
+    }
+}

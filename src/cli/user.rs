@@ -1,0 +1,209 @@
+//! `vaultfs login` and `vaultfs vault`: a user's commands.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+use zeroize::Zeroizing;
+
+use super::CliResult;
+use crate::crypto::KdfParams;
+use crate::remote::account::{config_dir, Account, Unlocked, LOGIN_FILE};
+use crate::remote::http::{parse_server_url, probe_fingerprint, HttpRemote, ServerAccess};
+use crate::remote::tls::{normalize_fingerprint, Trust};
+
+/// The weakest Argon2id this client accepts from a server for the login key
+/// (OWASP's minimum for Argon2id): a hostile server cannot make it cheaper.
+pub const LOGIN_KDF_FLOOR: KdfParams = KdfParams { m_cost_kib: 19 * 1024, t_cost: 2, p_cost: 1 };
+
+/// Environment variable naming a file that holds the passphrase (for scripts).
+pub const PASSPHRASE_FILE_ENV: &str = "VAULTFS_PASSPHRASE_FILE";
+
+/// `vaultfs login`.
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// Server URL, e.g. https://vault.example.org:8443.
+    #[arg(long)]
+    server: String,
+    /// Your user name on the server.
+    #[arg(long)]
+    user: String,
+    /// The server certificate's fingerprint, as `vaultfs serve` printed it.
+    #[arg(long, conflicts_with = "ca_file")]
+    fingerprint: Option<String>,
+    /// Verify the server with the CAs in this PEM file instead of pinning.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Pin whatever certificate the server presents now, without asking.
+    #[arg(long, conflicts_with_all = ["fingerprint", "ca_file"])]
+    trust_on_first_use: bool,
+    /// The enrollment code from your admin: first login, sets your passphrase.
+    #[arg(long)]
+    enroll: Option<String>,
+    /// Read the passphrase from this file instead of asking.
+    #[arg(long, env = PASSPHRASE_FILE_ENV)]
+    passphrase_file: Option<PathBuf>,
+}
+
+/// `vaultfs vault ...`.
+#[derive(Debug, Subcommand)]
+pub enum VaultCommand {
+    /// Create a vault.
+    Create {
+        /// The vault's name (encrypted before it leaves this machine).
+        name: String,
+        /// Have the server refuse files that are not end-to-end encrypted.
+        #[arg(long)]
+        e2e_required: bool,
+        /// Read the passphrase from this file instead of asking.
+        #[arg(long, env = PASSPHRASE_FILE_ENV)]
+        passphrase_file: Option<PathBuf>,
+    },
+    /// List your vaults.
+    List {
+        /// Read the passphrase from this file instead of asking.
+        #[arg(long, env = PASSPHRASE_FILE_ENV)]
+        passphrase_file: Option<PathBuf>,
+    },
+}
+
+fn login_path() -> Result<PathBuf, String> {
+    config_dir()
+        .map(|d| d.join(LOGIN_FILE))
+        .ok_or_else(|| "cannot find a config directory: set HOME or XDG_CONFIG_HOME".to_string())
+}
+
+/// Reads the passphrase from `file`, or asks on the terminal (twice if `confirm`).
+fn read_passphrase(file: Option<&Path>, prompt: &str, confirm: bool) -> Result<Zeroizing<String>, String> {
+    if let Some(path) = file {
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("reading passphrase from {}: {e}", path.display()))?,
+        );
+        let pass = Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string());
+        if pass.is_empty() {
+            return Err(format!("{}: the passphrase file is empty", path.display()));
+        }
+        return Ok(pass);
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(format!(
+            "no terminal to ask for the passphrase: pass --passphrase-file or set {PASSPHRASE_FILE_ENV}"
+        ));
+    }
+    let first = Zeroizing::new(rpassword::prompt_password(prompt).map_err(|e| e.to_string())?);
+    if first.is_empty() {
+        return Err("empty passphrase".into());
+    }
+    if confirm {
+        let second =
+            Zeroizing::new(rpassword::prompt_password("Repeat the passphrase: ").map_err(|e| e.to_string())?);
+        if *first != *second {
+            return Err("the passphrases differ".into());
+        }
+    }
+    Ok(first)
+}
+
+fn ask_yes(question: &str) -> bool {
+    if !std::io::stdin().is_terminal() {
+        return false;
+    }
+    print!("{question} [y/N] ");
+    let _ = std::io::stdout().flush();
+    let mut answer = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut answer);
+    matches!(answer.trim(), "y" | "Y" | "yes")
+}
+
+async fn decide_trust(args: &LoginArgs) -> Result<Option<Trust>, String> {
+    let url = parse_server_url(&args.server).map_err(|e| e.to_string())?;
+    if url.scheme() == "http" {
+        eprintln!("warning: {} is plain HTTP (allowed on loopback only): nothing is pinned", args.server);
+        return Ok(None);
+    }
+    if let Some(fp) = &args.fingerprint {
+        return Ok(Some(Trust::Pinned(normalize_fingerprint(fp).map_err(|e| e.to_string())?)));
+    }
+    if let Some(ca) = &args.ca_file {
+        return Ok(Some(Trust::CaFile(ca.clone())));
+    }
+    let seen = probe_fingerprint(&args.server).await.map_err(|e| e.to_string())?;
+    println!("The server presents the certificate {seen}");
+    println!("Compare it with the fingerprint `vaultfs serve` printed on the server.");
+    if args.trust_on_first_use || ask_yes("Pin this certificate for all future connections?") {
+        Ok(Some(Trust::Pinned(seen)))
+    } else {
+        Err("not pinned; run again with --fingerprint, --ca-file or --trust-on-first-use".into())
+    }
+}
+
+/// `vaultfs login`.
+pub async fn login(args: LoginArgs) -> CliResult {
+    let trust = decide_trust(&args).await?;
+    let access = ServerAccess { url: args.server.clone(), trust: trust.clone() };
+    let file = args.passphrase_file.as_deref();
+    let unlocked = match &args.enroll {
+        Some(code) => {
+            let pass = read_passphrase(file, "Choose your passphrase: ", true)?;
+            let remote =
+                HttpRemote::enroll(&access, &args.user, code, pass.as_bytes(), LOGIN_KDF_FLOOR).await?;
+            Unlocked::create_wallet(remote, pass.as_bytes(), KdfParams::DEFAULT).await?
+        }
+        None => {
+            let pass = read_passphrase(file, "Passphrase: ", false)?;
+            let remote = HttpRemote::login(&access, &args.user, pass.as_bytes(), LOGIN_KDF_FLOOR).await?;
+            Unlocked::open(remote, pass.as_bytes()).await?
+        }
+    };
+    let vaults = unlocked.vaults().await?.len();
+    let account = Account {
+        server: args.server.clone(),
+        user: args.user.clone(),
+        fingerprint: match &trust {
+            Some(Trust::Pinned(fp)) => Some(fp.clone()),
+            _ => None,
+        },
+        ca_file: match &trust {
+            Some(Trust::CaFile(p)) => Some(p.clone()),
+            _ => None,
+        },
+    };
+    let path = login_path()?;
+    account.save(&path)?;
+    println!("logged in to {} as {}; {vaults} vault(s). Saved to {}", args.server, args.user, path.display());
+    Ok(())
+}
+
+async fn unlock(
+    passphrase_file: Option<&Path>,
+) -> Result<Unlocked<HttpRemote>, Box<dyn std::error::Error + Send + Sync>> {
+    let account = Account::load(&login_path()?)?;
+    let access = ServerAccess { url: account.server.clone(), trust: account.trust() };
+    let pass = read_passphrase(passphrase_file, &format!("Passphrase for {}: ", account.user), false)?;
+    let remote = HttpRemote::login(&access, &account.user, pass.as_bytes(), LOGIN_KDF_FLOOR).await?;
+    Ok(Unlocked::open(remote, pass.as_bytes()).await?)
+}
+
+/// `vaultfs vault ...`.
+pub async fn vault(cmd: VaultCommand) -> CliResult {
+    match cmd {
+        VaultCommand::Create { name, e2e_required, passphrase_file } => {
+            if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+                return Err(format!("invalid vault name {name:?}: it becomes a directory name").into());
+            }
+            let mut unlocked = unlock(passphrase_file.as_deref()).await?;
+            let created = unlocked.create_vault(&name, e2e_required).await?;
+            println!("created vault {name} ({})", created.info.id);
+        }
+        VaultCommand::List { passphrase_file } => {
+            let unlocked = unlock(passphrase_file.as_deref()).await?;
+            for v in unlocked.vaults().await? {
+                let name = v.name.unwrap_or_else(|| "<name cannot be decrypted>".into());
+                let flag = if v.info.e2e_required { "  e2e-required" } else { "" };
+                println!("{name}\t{}\t{}{flag}", v.info.rights.as_str(), v.info.id);
+            }
+        }
+    }
+    Ok(())
+}
