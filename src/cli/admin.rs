@@ -100,8 +100,13 @@ pub fn run(args: AdminArgs) -> CliResult {
         .into());
     }
     let mut meta = crate::server::open_meta(&data_dir)?;
-    let defaults: Limits = config.default_limits.into();
-    let kdf: KdfWire = config.login_kdf.into();
+    // With the server's config file, its values; without, what the server
+    // recorded when it last started (so users match what the server announces).
+    let recorded = admin::recorded_defaults(&meta)?;
+    let (defaults, kdf): (Limits, KdfWire) = match (&args.config, recorded) {
+        (None, Some(r)) => (r.limits, r.login_kdf),
+        _ => (config.default_limits.into(), config.login_kdf.into()),
+    };
     match args.command {
         AdminCommand::User(UserCommand::Add { name, limits }) => {
             let code = admin::add_user(&mut meta, &name, limits.apply(defaults), kdf)?;

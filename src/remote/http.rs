@@ -326,7 +326,10 @@ impl HttpRemote {
             let request = build(self.client.request(method.clone(), &url).bearer_auth(token));
             let may_retry = idempotent == Idempotent::Yes && attempt < ATTEMPTS;
             match request.send().await {
-                Err(e) if may_retry && (e.is_connect() || e.is_timeout()) => {}
+                // Any transport failure of an idempotent request is retried: a
+                // refused connection, a timeout, or a pooled connection the server
+                // had already closed.
+                Err(_) if may_retry => {}
                 Err(e) => {
                     return Err(RemoteError::Unavailable(format!("{method} {path}: {}", with_causes(&e))))
                 }

@@ -148,9 +148,12 @@ pub fn client_config(trust: &Trust) -> Result<rustls::ClientConfig, TrustError> 
     }
 }
 
+/// Where the probe configuration records the fingerprint it saw.
+pub type SeenFingerprint = Arc<Mutex<Option<String>>>;
+
 /// A configuration that accepts any certificate and records its fingerprint, for
 /// showing it to the user before pinning. Never used to send credentials.
-pub fn probe_config() -> Result<(rustls::ClientConfig, Arc<Mutex<Option<String>>>), TrustError> {
+pub fn probe_config() -> Result<(rustls::ClientConfig, SeenFingerprint), TrustError> {
     let seen = Arc::new(Mutex::new(None));
     let verifier = PinnedVerifier { pinned: None, seen: Arc::clone(&seen), provider: provider() };
     Ok((with_verifier(Arc::new(verifier))?, seen))

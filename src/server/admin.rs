@@ -12,6 +12,31 @@ use super::meta::{Meta, MetaError, User};
 use crate::ids::{hex_encode, VaultId};
 use crate::protocol::{KdfWire, Limits, Member};
 
+/// Settings key under which the running server records what new users get.
+const NEW_USER_DEFAULTS: &str = "new_user_defaults";
+
+/// Limits and login-key parameters given to new users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NewUserDefaults {
+    /// Limits.
+    pub limits: Limits,
+    /// Argon2id parameters of the login key.
+    pub login_kdf: KdfWire,
+}
+
+/// Records the server's configured defaults, so `vaultfs admin` run without the
+/// server's config file still creates users exactly as the server would (and the
+/// fake pre-login answers for unknown users stay indistinguishable).
+pub fn record_defaults(meta: &mut Meta, d: NewUserDefaults) -> Result<(), AdminError> {
+    let json = serde_json::to_vec(&d).map_err(|e| AdminError::BadLimits(e.to_string()))?;
+    Ok(meta.put_setting(NEW_USER_DEFAULTS, &json)?)
+}
+
+/// The defaults the server last recorded, if any.
+pub fn recorded_defaults(meta: &Meta) -> Result<Option<NewUserDefaults>, AdminError> {
+    Ok(meta.setting(NEW_USER_DEFAULTS)?.and_then(|v| serde_json::from_slice(&v).ok()))
+}
+
 /// Errors of admin commands.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {

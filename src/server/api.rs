@@ -117,6 +117,25 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
+/// A byte body (the wallet) whose rejections are rendered as our JSON errors.
+struct RawBody(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Bytes::from_request(req, state).await {
+            Ok(b) => Ok(RawBody(b)),
+            Err(rej) if rej.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("body larger than {MAX_JSON_BODY} bytes"),
+            )),
+            Err(rej) => Err(ApiError::bad_request(rej.body_text())),
+        }
+    }
+}
+
 /// The authenticated caller, from `Authorization: Bearer TOKEN`.
 struct Auth(Caller, String);
 
@@ -251,7 +270,7 @@ async fn put_wallet<B: BlobStore>(
     State(s): State<AppState<B>>,
     Auth(c, _): Auth,
     headers: HeaderMap,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> ApiResult<Response> {
     let create = headers.get(header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == b"*");
     let expected = if create { None } else { Some(if_match(&headers)?) };

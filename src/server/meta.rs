@@ -243,6 +243,21 @@ impl Meta {
         Ok(secret)
     }
 
+    /// Stores a small setting (JSON) under `key`.
+    pub fn put_setting(&mut self, key: &str, value: &[u8]) -> Result<()> {
+        self.conn
+            .execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?1, ?2)", params![key, value])?;
+        Ok(())
+    }
+
+    /// Reads a setting stored with [`Meta::put_setting`].
+    pub fn setting(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
     // ---- users -------------------------------------------------------------
 
     /// Creates a user awaiting enrollment.

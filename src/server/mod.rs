@@ -76,7 +76,12 @@ pub struct Started {
 /// Runs the server until SIGINT or SIGTERM. `on_start` is called once the socket
 /// is bound (the CLI prints the address and fingerprint there).
 pub async fn run(config: ServerConfig, on_start: impl FnOnce(&Started)) -> Result<(), ServeError> {
-    let meta = open_meta(&config.data_dir)?;
+    let mut meta = open_meta(&config.data_dir)?;
+    admin::record_defaults(
+        &mut meta,
+        admin::NewUserDefaults { limits: config.default_limits.into(), login_kdf: config.login_kdf.into() },
+    )
+    .map_err(|e| ServeError::Service(service::ServiceError::Internal(e.to_string())))?;
     let blobs = LocalBlobStore::open(&config.data_dir).map_err(io_err("opening blob store"))?;
     let service = Service::new(
         meta,

@@ -452,6 +452,9 @@ impl<B: BlobStore> Service<B> {
     /// Creates a record.
     pub async fn create_record(&self, caller: &Caller, vault: VaultId, r: NewRecord) -> Result<RecordInfo> {
         self.require(caller, vault, Rights::Write, "vault").await?;
+        if let Some(parent) = r.parent {
+            self.record_checked(caller, parent, Rights::Read).await?;
+        }
         self.db(move |m| m.create_record(vault, &r)).await
     }
 
@@ -469,6 +472,10 @@ impl<B: BlobStore> Service<B> {
         u: RecordUpdate,
     ) -> Result<RecordInfo> {
         self.record_checked(caller, id, Rights::Write).await?;
+        if let Some(target) = u.parent.and_then(|p| p.to) {
+            // A parent the caller cannot see is "not found", never "elsewhere".
+            self.record_checked(caller, target, Rights::Read).await?;
+        }
         self.db(move |m| m.update_record(id, expected, &u)).await
     }
 
@@ -513,6 +520,9 @@ impl<B: BlobStore> Service<B> {
         u: FileUpdate,
     ) -> Result<FileInfo> {
         self.file_checked(caller, id, Rights::Write).await?;
+        if let Some(target) = u.record {
+            self.record_checked(caller, target, Rights::Write).await?;
+        }
         self.db(move |m| m.update_file(id, expected, &u)).await
     }
 

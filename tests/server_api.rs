@@ -1,0 +1,650 @@
+//! Integration tests against a real `vaultfs serve` on loopback over TLS, through
+//! the HTTPS remote (and, for malformed requests, raw HTTP).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use support::server::TestServer;
+use vaultfs::ids::{FileId, RecordId, VaultId};
+use vaultfs::protocol::{
+    FileUpdate, NewFile, NewRecord, NewVault, ParentChange, RecordUpdate, Rights, Sealed,
+};
+use vaultfs::remote::http::HttpRemote;
+use vaultfs::remote::{collect, Remote, RemoteError, UploadBody};
+
+fn sealed(s: &str) -> Sealed {
+    Sealed(s.as_bytes().to_vec())
+}
+
+async fn new_vault(r: &HttpRemote, e2e_required: bool) -> VaultId {
+    let id = VaultId::random().unwrap();
+    r.create_vault(NewVault { id, name: sealed("vault"), e2e_required, wrapped_key: None }).await.unwrap();
+    id
+}
+
+async fn new_record(r: &HttpRemote, vault: VaultId, parent: Option<RecordId>) -> RecordId {
+    let id = RecordId::random().unwrap();
+    r.create_record(vault, NewRecord { id, parent, title: sealed("title"), fields: sealed("") })
+        .await
+        .unwrap();
+    id
+}
+
+async fn new_file(r: &HttpRemote, record: RecordId) -> FileId {
+    let id = FileId::random().unwrap();
+    r.create_file(record, NewFile { id, name: sealed("name"), e2e: true, mtime_ms: Some(1_000) })
+        .await
+        .unwrap();
+    id
+}
+
+async fn read(
+    r: &HttpRemote,
+    file: FileId,
+    range: Option<std::ops::Range<u64>>,
+) -> Result<Vec<u8>, RemoteError> {
+    let c = r.download(file, range).await?;
+    Ok(collect(c.stream).await.unwrap())
+}
+
+fn tls_client(s: &TestServer) -> reqwest::Client {
+    vaultfs::remote::http::build_client(&s.access()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_life_of_vaults_records_and_files() {
+    let s = TestServer::start();
+    let alice = s.user("alice", &[]).await;
+    assert_eq!(alice.me().await.unwrap().user, "alice");
+
+    // Wallet: create, conflict on a stale version, update.
+    assert_eq!(alice.wallet().await.unwrap(), None);
+    assert_eq!(alice.put_wallet(b"w1".to_vec(), None).await.unwrap(), 1);
+    assert!(matches!(alice.put_wallet(b"again".to_vec(), None).await, Err(RemoteError::Conflict { .. })));
+    assert_eq!(alice.put_wallet(b"w2".to_vec(), Some(1)).await.unwrap(), 2);
+    assert_eq!(alice.wallet().await.unwrap(), Some((b"w2".to_vec(), 2)));
+
+    let vault = new_vault(&alice, false).await;
+    let vaults = alice.vaults().await.unwrap();
+    assert_eq!(vaults.len(), 1);
+    assert_eq!((vaults[0].id, vaults[0].rights), (vault, Rights::Admin));
+
+    // Nested records.
+    let top = new_record(&alice, vault, None).await;
+    let child = new_record(&alice, vault, Some(top)).await;
+    let records = alice.records(vault).await.unwrap();
+    assert_eq!(records.len(), 2);
+    assert_eq!(records.iter().find(|r| r.id == child).unwrap().parent, Some(top));
+    // A record cannot move into its own descendant.
+    assert!(matches!(
+        alice
+            .update_record(
+                top,
+                1,
+                RecordUpdate { parent: Some(ParentChange { to: Some(child) }), ..Default::default() }
+            )
+            .await,
+        Err(RemoteError::Refused(_))
+    ));
+    let moved = alice
+        .update_record(
+            child,
+            1,
+            RecordUpdate {
+                parent: Some(ParentChange { to: None }),
+                title: Some(sealed("t2")),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((moved.parent, moved.version, moved.title), (None, 2, sealed("t2")));
+
+    // Files: empty at first, then content, then replaced.
+    let file = new_file(&alice, top).await;
+    let info = alice.file(file).await.unwrap();
+    assert_eq!((info.size, info.version, info.mtime_ms), (0, 1, 1_000));
+    assert_eq!(read(&alice, file, None).await.unwrap(), b"");
+    let up = alice
+        .upload(file, 1, true, Some(5_000), UploadBody::from_bytes(&b"first content"[..]))
+        .await
+        .unwrap();
+    assert_eq!((up.version, up.size), (2, 13));
+    assert_eq!(read(&alice, file, None).await.unwrap(), b"first content");
+    let up = alice.upload(file, 2, true, None, UploadBody::from_bytes(&b"second"[..])).await.unwrap();
+    assert_eq!(up.version, 3);
+    assert_eq!(read(&alice, file, None).await.unwrap(), b"second");
+    // A stale version is refused and changes nothing.
+    assert_eq!(
+        alice.upload(file, 2, true, None, UploadBody::from_bytes(&b"stale"[..])).await.unwrap_err(),
+        RemoteError::Conflict { current: Some(3) }
+    );
+    assert_eq!(read(&alice, file, None).await.unwrap(), b"second");
+
+    // Rename and move to another record; list by vault.
+    let renamed = alice
+        .update_file(
+            file,
+            3,
+            FileUpdate { name: Some(sealed("new name")), record: Some(child), mtime_ms: Some(7) },
+        )
+        .await
+        .unwrap();
+    assert_eq!((renamed.record, renamed.version, renamed.mtime_ms), (child, 4, 7));
+    assert_eq!(alice.files(vault).await.unwrap().len(), 1);
+
+    // Deleting: records must be empty; files need the current version.
+    assert!(matches!(alice.delete_record(child, 2).await, Err(RemoteError::Refused(_))));
+    assert!(matches!(alice.delete_file(file, 3).await, Err(RemoteError::Conflict { .. })));
+    alice.delete_file(file, 4).await.unwrap();
+    assert!(matches!(alice.file(file).await, Err(RemoteError::NotFound(_))));
+    alice.delete_record(child, 2).await.unwrap();
+    alice.delete_record(top, 1).await.unwrap();
+    assert!(alice.records(vault).await.unwrap().is_empty());
+    // The blob store holds nothing once every file is gone.
+    let blobs = walk(&s.data_dir.join("blobs"));
+    assert!(blobs.is_empty(), "leftover blobs: {blobs:?}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                out.extend(walk(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_reads() {
+    let s = TestServer::start();
+    let alice = s.user("alice", &[]).await;
+    let vault = new_vault(&alice, false).await;
+    let file = new_file(&alice, new_record(&alice, vault, None).await).await;
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    alice.upload(file, 1, true, None, UploadBody::from_bytes(data.clone())).await.unwrap();
+    for (start, end) in [(0, 1), (0, 200_000), (65_536, 131_088), (199_999, 200_000), (1000, 1001)] {
+        let got = read(&alice, file, Some(start..end)).await.unwrap();
+        assert_eq!(got, data[start as usize..end as usize], "range {start}..{end}");
+    }
+    let c = alice.download(file, Some(10..20)).await.unwrap();
+    assert_eq!((c.total_len, c.version, c.e2e), (200_000, 2, true));
+    // A range running past the end is clipped; one starting past the end is refused.
+    assert_eq!(read(&alice, file, Some(199_990..300_000)).await.unwrap(), data[199_990..]);
+    assert_eq!(read(&alice, file, Some(200_000..200_001)).await, Err(RemoteError::BadRange));
+
+    // Raw: suffix ranges, and the headers of a 206.
+    let client = tls_client(&s);
+    let token = login_token(&s, "alice").await;
+    let resp = client
+        .get(format!("{}/v1/files/{file}/content", s.url))
+        .bearer_auth(&token)
+        .header("range", "bytes=-5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 206);
+    assert_eq!(resp.headers()["content-range"], "bytes 199995-199999/200000");
+    assert_eq!(resp.bytes().await.unwrap(), data[199_995..]);
+    let resp = client
+        .get(format!("{}/v1/files/{file}/content", s.url))
+        .bearer_auth(&token)
+        .header("range", "bytes=300000-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 416);
+    assert_eq!(resp.headers()["content-range"], "bytes */200000");
+}
+
+/// A fresh session token for raw requests (the user's passphrase is known to the harness).
+async fn login_token(s: &TestServer, user: &str) -> String {
+    let client = tls_client(s);
+    let pre: vaultfs::protocol::PreLogin = client
+        .get(format!("{}/v1/prelogin", s.url))
+        .query(&[("user", user)])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let params = vaultfs::crypto::KdfParams {
+        m_cost_kib: pre.kdf.m_cost_kib,
+        t_cost: pre.kdf.t_cost,
+        p_cost: pre.kdf.p_cost,
+    };
+    let key = vaultfs::crypto::login::derive_login_key(
+        format!("{user} passphrase").as_bytes(),
+        &pre.salt.0,
+        params,
+        support::server::TEST_KDF,
+    )
+    .unwrap();
+    let body = vaultfs::protocol::LoginRequest { user: user.into(), login_key: Sealed(key.to_vec()) };
+    let session: vaultfs::protocol::Session =
+        client.post(format!("{}/v1/login", s.url)).json(&body).send().await.unwrap().json().await.unwrap();
+    session.token
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_writers_exactly_one_wins() {
+    let s = TestServer::start();
+    let alice = s.user("alice", &[]).await;
+    let vault = new_vault(&alice, false).await;
+    let file = new_file(&alice, new_record(&alice, vault, None).await).await;
+    let bob_view = HttpRemote::login(&s.access(), "alice", b"alice passphrase", support::server::TEST_KDF)
+        .await
+        .unwrap();
+    for round in 0..5u64 {
+        let expected = 1 + round;
+        let a = vec![b'a'; 300_000];
+        let b = vec![b'b'; 300_000];
+        let (ra, rb) = tokio::join!(
+            alice.upload(file, expected, true, None, UploadBody::from_bytes(a.clone())),
+            bob_view.upload(file, expected, true, None, UploadBody::from_bytes(b.clone())),
+        );
+        let wins = [&ra, &rb].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(wins, 1, "round {round}: {ra:?} {rb:?}");
+        let loser = if ra.is_ok() { &rb } else { &ra };
+        assert!(matches!(loser, Err(RemoteError::Conflict { .. })), "{loser:?}");
+        let content = read(&alice, file, None).await.unwrap();
+        assert!(content == a || content == b, "content must be one writer's, whole");
+        assert_eq!(alice.file(file).await.unwrap().version, expected + 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_limit_is_enforced_before_reading_the_body() {
+    let s = TestServer::start();
+    let alice = s.user("alice", &["--upload-limit", "100kB", "--e2e-limit", "50kB"]).await;
+    let limits = alice.me().await.unwrap().limits;
+    assert_eq!((limits.upload_limit, limits.e2e_limit, limits.image_max_edge), (100_000, 50_000, 2560));
+    let vault = new_vault(&alice, false).await;
+    let file = new_file(&alice, new_record(&alice, vault, None).await).await;
+    alice.upload(file, 1, true, None, UploadBody::from_bytes(vec![1u8; 100_000])).await.unwrap();
+    let err =
+        alice.upload(file, 2, true, None, UploadBody::from_bytes(vec![2u8; 100_001])).await.unwrap_err();
+    assert!(matches!(err, RemoteError::TooLarge(_)), "{err:?}");
+    assert_eq!(read(&alice, file, None).await.unwrap(), vec![1u8; 100_000], "old content must stay");
+
+    // A declared 10 GB body that never arrives: refused at once, not after reading.
+    let token = login_token(&s, "alice").await;
+    let never = futures_util::stream::pending::<Result<Bytes, std::io::Error>>();
+    let started = Instant::now();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        tls_client(&s)
+            .put(format!("{}/v1/files/{file}/content", s.url))
+            .bearer_auth(&token)
+            .header("if-match", "\"2\"")
+            .header("x-vaultfs-e2e", "1")
+            .header("content-length", "10000000000")
+            .body(reqwest::Body::wrap_stream(never))
+            .send(),
+    )
+    .await
+    .expect("the server must answer without waiting for the body")
+    .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // Chunked (no declared length): cut off once past the limit.
+    let chunks =
+        futures_util::stream::iter((0..20).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![0u8; 10_000]))));
+    let resp = tls_client(&s)
+        .put(format!("{}/v1/files/{file}/content", s.url))
+        .bearer_auth(&token)
+        .header("if-match", "\"2\"")
+        .header("x-vaultfs-e2e", "1")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(alice.file(file).await.unwrap().version, 2);
+    assert!(walk(&s.data_dir.join("tmp")).is_empty(), "no partial upload may remain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_to_end_required_refuses_plaintext() {
+    let s = TestServer::start();
+    let alice = s.user("alice", &[]).await;
+    let strict = new_vault(&alice, true).await;
+    let file = new_file(&alice, new_record(&alice, strict, None).await).await;
+    assert_eq!(
+        alice.upload(file, 1, false, None, UploadBody::from_bytes(&b"plain"[..])).await.unwrap_err(),
+        RemoteError::E2eRequired
+    );
+    alice.upload(file, 1, true, None, UploadBody::from_bytes(&b"VLTF..."[..])).await.unwrap();
+    let lax = new_vault(&alice, false).await;
+    let file = new_file(&alice, new_record(&alice, lax, None).await).await;
+    alice.upload(file, 1, false, None, UploadBody::from_bytes(&b"big plain file"[..])).await.unwrap();
+    assert!(!alice.download(file, None).await.unwrap().e2e);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_cannot_reach_each_others_vaults_even_by_guessing_ids() {
+    let s = TestServer::start();
+    let alice = s.user("alice", &[]).await;
+    let bob = s.user("bob", &[]).await;
+    let vault = new_vault(&alice, false).await;
+    let record = new_record(&alice, vault, None).await;
+    let file = new_file(&alice, record).await;
+    alice.upload(file, 1, true, None, UploadBody::from_bytes(&b"alice's secret"[..])).await.unwrap();
+
+    // Bob sees nothing and can touch nothing; every answer is "not found".
+    assert!(bob.vaults().await.unwrap().is_empty());
+    let nf = |r: Result<_, RemoteError>| matches!(r, Err(RemoteError::NotFound(_)));
+    assert!(nf(bob.records(vault).await.map(|_| ())));
+    assert!(nf(bob.files(vault).await.map(|_| ())));
+    assert!(nf(bob.file(file).await.map(|_| ())));
+    assert!(nf(bob.download(file, None).await.map(|_| ())));
+    assert!(nf(bob.upload(file, 2, true, None, UploadBody::from_bytes(&b"x"[..])).await.map(|_| ())));
+    assert!(nf(bob.update_file(file, 2, FileUpdate::default()).await.map(|_| ())));
+    assert!(nf(bob.delete_file(file, 2).await));
+    assert!(nf(bob.delete_record(record, 1).await));
+    assert!(nf(bob.update_record(record, 1, RecordUpdate::default()).await.map(|_| ())));
+    let rid = RecordId::random().unwrap();
+    assert!(nf(bob
+        .create_record(vault, NewRecord { id: rid, parent: None, title: sealed("t"), fields: sealed("") })
+        .await
+        .map(|_| ())));
+    assert!(nf(bob
+        .create_file(
+            record,
+            NewFile { id: FileId::random().unwrap(), name: sealed("n"), e2e: true, mtime_ms: None }
+        )
+        .await
+        .map(|_| ())));
+    // Bob cannot put a record of his own vault under alice's record, nor move his file there.
+    let bob_vault = new_vault(&bob, false).await;
+    assert!(nf(bob
+        .create_record(
+            bob_vault,
+            NewRecord {
+                id: RecordId::random().unwrap(),
+                parent: Some(record),
+                title: sealed("t"),
+                fields: sealed("")
+            }
+        )
+        .await
+        .map(|_| ())));
+    let bob_file = new_file(&bob, new_record(&bob, bob_vault, None).await).await;
+    assert!(nf(bob
+        .update_file(bob_file, 1, FileUpdate { record: Some(record), ..Default::default() })
+        .await
+        .map(|_| ())));
+    // Nor reuse alice's ids for objects of his own.
+    assert!(matches!(
+        bob.create_vault(NewVault { id: vault, name: sealed("v"), e2e_required: false, wrapped_key: None })
+            .await,
+        Err(RemoteError::Exists(_))
+    ));
+    assert_eq!(read(&alice, file, None).await.unwrap(), b"alice's secret");
+
+    // Read-only membership: bob reads, cannot write (403, not 404: he is a member).
+    let client = tls_client(&s);
+    let token = login_token(&s, "alice").await;
+    let resp = client
+        .put(format!("{}/v1/vaults/{vault}/members/bob", s.url))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({ "rights": "read" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    assert_eq!(read(&bob, file, None).await.unwrap(), b"alice's secret");
+    assert!(matches!(
+        bob.upload(file, 2, true, None, UploadBody::from_bytes(&b"x"[..])).await,
+        Err(RemoteError::Forbidden(_))
+    ));
+    assert!(matches!(bob.delete_file(file, 2).await, Err(RemoteError::Forbidden(_))));
+    let bob_token = login_token(&s, "bob").await;
+    let resp = client
+        .put(format!("{}/v1/vaults/{vault}/members/bob", s.url))
+        .bearer_auth(&bob_token)
+        .json(&serde_json::json!({ "rights": "admin" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403, "a reader cannot make himself admin");
+
+    // No token, or a wrong one: 401 with a Bearer challenge.
+    let resp = client.get(format!("{}/v1/vaults", s.url)).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+    let resp = client.get(format!("{}/v1/vaults", s.url)).bearer_auth("00".repeat(32)).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    // Wrong login key, and an unknown user, look the same.
+    assert!(matches!(
+        HttpRemote::login(&s.access(), "alice", b"wrong", support::server::TEST_KDF).await,
+        Err(RemoteError::Unauthorized(_))
+    ));
+    assert!(matches!(
+        HttpRemote::login(&s.access(), "nobody", b"x", support::server::TEST_KDF).await,
+        Err(RemoteError::Unauthorized(_))
+    ));
+    // Health needs no authentication.
+    assert_eq!(client.get(format!("{}/v1/health", s.url)).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_clear_4xx_answers() {
+    let s = TestServer::start();
+    let alice = s.user("alice", &[]).await;
+    let vault = new_vault(&alice, false).await;
+    let file = new_file(&alice, new_record(&alice, vault, None).await).await;
+    let token = login_token(&s, "alice").await;
+    let client = tls_client(&s);
+    let url = |p: &str| format!("{}{p}", s.url);
+
+    // A fresh connection per case: an early 413 closes its connection.
+    let fresh = || tls_client(&s);
+    let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
+        (fresh().post(url("/v1/vaults")).body("{not json"), 400, "bad_request"),
+        (
+            client.post(url("/v1/vaults")).header("content-type", "application/json").body("{not json"),
+            400,
+            "bad_request",
+        ),
+        (
+            client.post(url("/v1/vaults")).json(&serde_json::json!({"id": "xyz", "name": ""})),
+            400,
+            "bad_request",
+        ),
+        (
+            client.post(url("/v1/vaults")).json(&serde_json::json!({"id": "00".repeat(16), "name": "!!!"})),
+            400,
+            "bad_request",
+        ),
+        (fresh().get(url("/v1/files/not-an-id")), 400, "bad_request"),
+        (fresh().get(url("/v1/files/../../etc/passwd")), 404, "not_found"),
+        (fresh().get(url(&format!("/v1/files/{}", "00".repeat(16)))), 404, "not_found"),
+        (
+            client.patch(url(&format!("/v1/files/{file}"))).json(&serde_json::json!({})),
+            428,
+            "precondition_required",
+        ),
+        (
+            client
+                .patch(url(&format!("/v1/files/{file}")))
+                .header("if-match", "3")
+                .json(&serde_json::json!({})),
+            400,
+            "bad_request",
+        ),
+        (
+            client.put(url(&format!("/v1/files/{file}/content"))).header("if-match", "\"1\"").body("x"),
+            400,
+            "bad_request",
+        ),
+        (
+            client
+                .put(url(&format!("/v1/files/{file}/content")))
+                .header("if-match", "\"1\"")
+                .header("x-vaultfs-e2e", "yes")
+                .body("x"),
+            400,
+            "bad_request",
+        ),
+        (
+            client.put(url(&format!("/v1/files/{file}/content"))).header("x-vaultfs-e2e", "1").body("x"),
+            428,
+            "precondition_required",
+        ),
+        (
+            client
+                .post(url("/v1/vaults"))
+                .json(&serde_json::json!({"id": "00".repeat(16), "name": "A".repeat(4 << 20)})),
+            413,
+            "too_large",
+        ),
+        (
+            client.put(url("/v1/wallet")).header("if-none-match", "*").body(vec![0u8; 3 << 20]),
+            413,
+            "too_large",
+        ),
+        (fresh().delete(url("/v1/vaults")), 405, ""),
+        (fresh().get(url("/v2/whatever")), 404, "not_found"),
+    ];
+    for (i, (req, status, code)) in cases.into_iter().enumerate() {
+        let resp = match req.bearer_auth(&token).send().await {
+            Ok(resp) => resp,
+            // The server answers 413 without reading an oversized body; an HTTP/1.1
+            // client still pushing it may see the connection close before it reads
+            // that answer. Either way nothing was accepted.
+            Err(e) if status == 413 => {
+                assert!(e.is_request() || e.is_body(), "case {i}: {e}");
+                continue;
+            }
+            Err(e) => panic!("case {i}: {e}"),
+        };
+        assert_eq!(resp.status().as_u16(), status, "case {i}");
+        if !code.is_empty() {
+            let body: vaultfs::protocol::ErrorBody =
+                resp.json().await.unwrap_or_else(|e| panic!("case {i}: {e}"));
+            assert_eq!(body.error.code, code, "case {i}: {}", body.error.message);
+            assert!(!body.error.message.is_empty());
+        }
+    }
+    // Login with a key of the wrong size, and a prelogin without a user.
+    let resp = client
+        .post(url("/v1/login"))
+        .json(&serde_json::json!({"user": "alice", "login_key": "AAAA"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let resp = client.get(url("/v1/prelogin")).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    // The server still works after all that.
+    assert_eq!(alice.file(file).await.unwrap().version, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prelogin_does_not_reveal_which_users_exist() {
+    let s = TestServer::start();
+    s.add_user("alice", &[]);
+    let client = tls_client(&s);
+    let ask = |u: &'static str| {
+        let c = client.clone();
+        let url = s.url.clone();
+        async move {
+            let r = c.get(format!("{url}/v1/prelogin")).query(&[("user", u)]).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<vaultfs::protocol::PreLogin>().await.unwrap()
+        }
+    };
+    let (known, unknown, unknown_again) = (ask("alice").await, ask("mallory").await, ask("mallory").await);
+    assert_eq!(known.kdf, unknown.kdf);
+    assert_eq!(known.salt.0.len(), unknown.salt.0.len());
+    assert_eq!(unknown.salt, unknown_again.salt, "fake answers must be stable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_pin_is_refused_before_anything_is_sent() {
+    let s = TestServer::start();
+    s.add_user("alice", &[]);
+    let mut access = s.access();
+    access.trust = Some(vaultfs::remote::tls::Trust::Pinned(format!("sha256:{}", "ab".repeat(32))));
+    let err = HttpRemote::login(&access, "alice", b"alice passphrase", support::server::TEST_KDF)
+        .await
+        .unwrap_err();
+    match err {
+        RemoteError::Unavailable(msg) => assert!(msg.contains("does not match the pinned"), "{msg}"),
+        other => panic!("expected a pin failure, got {other:?}"),
+    }
+    let fp = vaultfs::remote::http::probe_fingerprint(&s.url).await.unwrap();
+    assert_eq!(Some(fp), s.fingerprint);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_upload_the_old_version_survives_and_nothing_partial_is_visible() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut s = TestServer::start_in(&data, &[]);
+    let alice = s.user("alice", &[]).await;
+    let vault = new_vault(&alice, false).await;
+    let file = new_file(&alice, new_record(&alice, vault, None).await).await;
+    let old: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+    alice.upload(file, 1, true, None, UploadBody::from_bytes(old.clone())).await.unwrap();
+
+    // Stream a 250 MB upload slowly enough to kill the server in the middle of it.
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = std::sync::Arc::clone(&sent);
+    let piece = Bytes::from(vec![0x77u8; 1 << 20]);
+    let body = futures_util::stream::unfold(0u32, move |n| {
+        let piece = piece.clone();
+        let counter = std::sync::Arc::clone(&counter);
+        async move {
+            if n == 250 {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            counter.fetch_add(piece.len() as u64, std::sync::atomic::Ordering::SeqCst);
+            Some((Ok::<_, std::io::Error>(piece), n + 1))
+        }
+    });
+    let upload = tokio::spawn(async move {
+        alice
+            .upload(
+                file,
+                2,
+                true,
+                None,
+                vaultfs::remote::UploadBody { len: 250 << 20, stream: Box::pin(body) },
+            )
+            .await
+    });
+    while sent.load(std::sync::atomic::Ordering::SeqCst) < 40 << 20 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let partial = walk(&data.join("tmp"));
+    assert_eq!(partial.len(), 1, "an upload should be in progress: {partial:?}");
+    s.kill_hard();
+    let result = tokio::time::timeout(Duration::from_secs(30), upload)
+        .await
+        .expect("upload must fail, not hang")
+        .unwrap();
+    assert!(matches!(result, Err(RemoteError::Unavailable(_))), "{result:?}");
+
+    // Restart on the same data: the old version is intact, no partial file remains.
+    let s2 = TestServer::start_in(&data, &[]);
+    let alice = HttpRemote::login(&s2.access(), "alice", b"alice passphrase", support::server::TEST_KDF)
+        .await
+        .unwrap();
+    let info = alice.file(file).await.unwrap();
+    assert_eq!((info.version, info.size), (2, old.len() as u64));
+    assert_eq!(read(&alice, file, None).await.unwrap(), old);
+    assert!(walk(&data.join("tmp")).is_empty(), "partial upload left behind");
+    assert_eq!(walk(&data.join("blobs")).len(), 1, "exactly the old blob remains");
+}
