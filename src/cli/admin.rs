@@ -46,10 +46,13 @@ struct LimitArgs {
 }
 
 impl LimitArgs {
+    /// The limits given, the others from `base`. An end-to-end limit that was not
+    /// given shrinks to a lowered upload limit (what "upload at most 1 MB" means).
     fn apply(&self, base: Limits) -> Limits {
+        let upload_limit = self.upload_limit.unwrap_or(base.upload_limit);
         Limits {
-            upload_limit: self.upload_limit.unwrap_or(base.upload_limit),
-            e2e_limit: self.e2e_limit.unwrap_or(base.e2e_limit),
+            upload_limit,
+            e2e_limit: self.e2e_limit.unwrap_or(base.e2e_limit.min(upload_limit)),
             image_max_edge: self.image_max_edge.unwrap_or(base.image_max_edge),
         }
     }

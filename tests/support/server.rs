@@ -44,9 +44,18 @@ impl TestServer {
     pub fn start_in(data_dir: &Path, extra: &[&str]) -> Self {
         let config = data_dir.with_extension("toml");
         std::fs::write(&config, "[login_kdf]\nm_cost_kib = 256\nt_cost = 1\np_cost = 1\n").expect("config");
+        Self::spawn(data_dir, &config, extra)
+    }
+
+    /// Starts a server on `data_dir` with the configuration file `config`.
+    pub fn start_with_config(data_dir: &Path, config: &Path) -> Self {
+        Self::spawn(data_dir, config, &[])
+    }
+
+    fn spawn(data_dir: &Path, config: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(vaultfs_bin())
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-            .arg(&config)
+            .arg(config)
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
