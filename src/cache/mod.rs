@@ -1,0 +1,285 @@
+//! The memory-backed plaintext cache.
+//!
+//! Decrypted file contents live only here, in process memory: never in a temp
+//! file, never spilled. Each file's plaintext is a [`PlainData`] behind its own
+//! async mutex (held while it downloads, changes or uploads); the cache indexes
+//! them by file id, counts their bytes against a budget, and when over budget
+//! evicts the least recently used entries that are *clean* (uploaded) and *not
+//! pinned* (no open handle). Open and dirty files are never evicted, so the
+//! budget is soft for them: a user editing more than the budget at once is
+//! allowed to, and a warning is logged. Evicted and dropped buffers are wiped
+//! (`Zeroizing`) before their memory is returned.
+//!
+//! `harden.rs` keeps plaintext from reaching disk by other routes: core dumps are
+//! disabled and memory is locked against swap where the system allows.
+
+pub mod harden;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use zeroize::Zeroizing;
+
+use crate::ids::FileId;
+
+/// A file's plaintext in memory.
+#[derive(Default)]
+pub struct PlainData {
+    /// The bytes; wiped on drop.
+    pub bytes: Zeroizing<Vec<u8>>,
+    /// Changed since the last successful upload.
+    pub dirty: bool,
+    /// The server version these bytes correspond to (before local changes).
+    pub version: u64,
+    /// Whether `bytes` holds the file's content (false until downloaded).
+    pub loaded: bool,
+}
+
+impl std::fmt::Debug for PlainData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlainData")
+            .field("len", &self.bytes.len())
+            .field("dirty", &self.dirty)
+            .field("version", &self.version)
+            .field("loaded", &self.loaded)
+            .finish()
+    }
+}
+
+/// Shared handle to one file's plaintext.
+pub type PlainHandle = Arc<tokio::sync::Mutex<PlainData>>;
+
+struct Slot {
+    data: PlainHandle,
+    pins: usize,
+    /// Bytes last accounted for this entry.
+    bytes: usize,
+}
+
+struct Inner {
+    slots: HashMap<FileId, Slot>,
+    /// Recency order: the front is the least recently used.
+    order: lru::LruCache<FileId, ()>,
+    used: usize,
+}
+
+/// Counters for `vaultfs status` and the logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Bytes of plaintext held.
+    pub used: usize,
+    /// The budget.
+    pub budget: usize,
+    /// Entries held.
+    pub entries: usize,
+    /// Entries with an open handle.
+    pub pinned: usize,
+}
+
+/// The plaintext cache.
+pub struct PlainCache {
+    budget: usize,
+    // Guards the index only; never held across an await or while a PlainData
+    // lock is awaited.
+    inner: Mutex<Inner>,
+}
+
+impl PlainCache {
+    /// A cache that tries to hold at most `budget` bytes of plaintext.
+    pub fn new(budget: usize) -> Self {
+        PlainCache {
+            budget,
+            inner: Mutex::new(Inner { slots: HashMap::new(), order: lru::LruCache::unbounded(), used: 0 }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding this lock leaves only bookkeeping behind; keep going.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The entry for `id`, created empty if absent, and pinned (an open handle).
+    pub fn pin(&self, id: FileId) -> PlainHandle {
+        let mut inner = self.lock();
+        inner.order.put(id, ());
+        let slot =
+            inner.slots.entry(id).or_insert_with(|| Slot { data: PlainHandle::default(), pins: 0, bytes: 0 });
+        slot.pins += 1;
+        Arc::clone(&slot.data)
+    }
+
+    /// The entry for `id` if cached, without pinning (e.g. for `stat` of a dirty file).
+    pub fn peek(&self, id: FileId) -> Option<PlainHandle> {
+        let inner = self.lock();
+        inner.slots.get(&id).map(|s| Arc::clone(&s.data))
+    }
+
+    /// Releases one pin of `id`.
+    pub fn unpin(&self, id: FileId) {
+        let mut inner = self.lock();
+        if let Some(slot) = inner.slots.get_mut(&id) {
+            slot.pins = slot.pins.saturating_sub(1);
+        }
+    }
+
+    /// Records the current size of `id`'s plaintext (after a load or a write)
+    /// and evicts what the budget requires.
+    pub fn account(&self, id: FileId, bytes: usize) {
+        let mut inner = self.lock();
+        let Some(slot) = inner.slots.get_mut(&id) else { return };
+        let old = std::mem::replace(&mut slot.bytes, bytes);
+        inner.used = inner.used.saturating_sub(old) + bytes;
+        inner.order.get(&id);
+        Self::evict(&mut inner, self.budget);
+    }
+
+    /// Forgets `id` entirely (the file was deleted). Its bytes are wiped when the
+    /// last handle drops.
+    pub fn remove(&self, id: FileId) {
+        let mut inner = self.lock();
+        if let Some(slot) = inner.slots.remove(&id) {
+            inner.used = inner.used.saturating_sub(slot.bytes);
+            inner.order.pop(&id);
+        }
+    }
+
+    /// Moves an entry to a new id (a file re-created under another id).
+    pub fn rename(&self, from: FileId, to: FileId) {
+        let mut inner = self.lock();
+        if let Some(slot) = inner.slots.remove(&from) {
+            inner.order.pop(&from);
+            inner.order.put(to, ());
+            inner.slots.insert(to, slot);
+        }
+    }
+
+    fn evict(inner: &mut Inner, budget: usize) {
+        if inner.used <= budget {
+            return;
+        }
+        let candidates: Vec<FileId> = inner.order.iter().rev().map(|(id, _)| *id).collect();
+        for id in candidates {
+            if inner.used <= budget {
+                break;
+            }
+            let Some(slot) = inner.slots.get(&id) else { continue };
+            if slot.pins > 0 {
+                continue;
+            }
+            // Only clean, idle entries go; an entry someone is using is skipped.
+            let Ok(mut data) = slot.data.try_lock() else { continue };
+            if data.dirty {
+                continue;
+            }
+            // Wipe now, rather than when the last Arc drops.
+            *data = PlainData::default();
+            drop(data);
+            let bytes = slot.bytes;
+            inner.slots.remove(&id);
+            inner.order.pop(&id);
+            inner.used = inner.used.saturating_sub(bytes);
+        }
+        if inner.used > budget {
+            tracing::warn!(
+                used = inner.used,
+                budget,
+                "plaintext cache over budget: all entries are open or unsaved"
+            );
+        }
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> CacheStats {
+        let inner = self.lock();
+        CacheStats {
+            used: inner.used,
+            budget: self.budget,
+            entries: inner.slots.len(),
+            pinned: inner.slots.values().filter(|s| s.pins > 0).count(),
+        }
+    }
+
+    /// Ids of entries holding unsaved changes.
+    pub fn dirty_ids(&self) -> Vec<(FileId, PlainHandle)> {
+        let inner = self.lock();
+        inner
+            .slots
+            .iter()
+            .filter(|(_, s)| s.data.try_lock().map_or(true, |d| d.dirty))
+            .map(|(id, s)| (*id, Arc::clone(&s.data)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> FileId {
+        FileId([n; 16])
+    }
+
+    async fn fill(cache: &PlainCache, n: u8, len: usize, dirty: bool) -> PlainHandle {
+        let h = cache.pin(id(n));
+        {
+            let mut d = h.lock().await;
+            d.bytes = Zeroizing::new(vec![n; len]);
+            d.loaded = true;
+            d.dirty = dirty;
+        }
+        cache.account(id(n), len);
+        h
+    }
+
+    #[tokio::test]
+    async fn evicts_least_recently_used_clean_unpinned_entries() {
+        let cache = PlainCache::new(250);
+        for n in 1..=3 {
+            fill(&cache, n, 100, false).await;
+            cache.unpin(id(n));
+        }
+        // 300 > 250: the least recently used (1) went.
+        let s = cache.stats();
+        assert_eq!((s.used, s.entries), (200, 2));
+        assert!(cache.peek(id(1)).is_none());
+        assert!(cache.peek(id(2)).is_some() && cache.peek(id(3)).is_some());
+    }
+
+    #[tokio::test]
+    async fn pinned_and_dirty_entries_stay_even_over_budget() {
+        let cache = PlainCache::new(100);
+        let _open = fill(&cache, 1, 100, false).await; // pinned
+        fill(&cache, 2, 100, true).await;
+        cache.unpin(id(2)); // unpinned but dirty
+        fill(&cache, 3, 100, false).await;
+        cache.unpin(id(3)); // clean and idle: the only candidate
+        cache.account(id(3), 100);
+        let s = cache.stats();
+        assert_eq!(s.entries, 2, "{s:?}");
+        assert!(cache.peek(id(3)).is_none());
+        assert_eq!(cache.dirty_ids().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn evicted_bytes_are_wiped_even_if_someone_kept_the_handle() {
+        let cache = PlainCache::new(10);
+        let h = fill(&cache, 1, 100, false).await;
+        cache.unpin(id(1));
+        cache.account(id(1), 100);
+        let d = h.lock().await;
+        assert!(d.bytes.is_empty() && !d.loaded, "evicted data must be cleared: {d:?}");
+    }
+
+    #[tokio::test]
+    async fn remove_and_rename_keep_the_accounting_right() {
+        let cache = PlainCache::new(1000);
+        fill(&cache, 1, 100, false).await;
+        fill(&cache, 2, 50, false).await;
+        cache.rename(id(1), id(9));
+        assert!(cache.peek(id(9)).is_some() && cache.peek(id(1)).is_none());
+        cache.remove(id(9));
+        assert_eq!(cache.stats().used, 50);
+        cache.account(id(2), 10);
+        assert_eq!(cache.stats().used, 10);
+    }
+}
