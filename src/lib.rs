@@ -9,6 +9,7 @@
 pub mod cache;
 pub mod cli;
 pub mod crypto;
+pub mod fs;
 pub mod ids;
 pub mod protocol;
 pub mod remote;

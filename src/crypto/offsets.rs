@@ -46,6 +46,22 @@ impl Layout {
         (plaintext_len <= MAX_PLAINTEXT_LEN).then_some(Layout { plaintext_len })
     }
 
+    /// The layout whose ciphertext is `len` bytes long, or `None` if no valid file
+    /// has that length (used to show plaintext sizes from server-reported sizes).
+    pub fn from_ciphertext_len(len: u64) -> Option<Self> {
+        let body = len.checked_sub(HEADER_LEN)?;
+        let full = body / CHUNK_CIPHER_SIZE;
+        let rest = body % CHUNK_CIPHER_SIZE;
+        let plaintext_len = match (full, rest) {
+            (0, 0) => return None,
+            (_, 0) => full * CHUNK_SIZE,
+            (_, r) if r >= TAG_LEN as u64 => full * CHUNK_SIZE + r - TAG_LEN as u64,
+            _ => return None,
+        };
+        let layout = Layout::new(plaintext_len)?;
+        (layout.ciphertext_len() == len).then_some(layout)
+    }
+
     /// The plaintext length.
     pub fn plaintext_len(&self) -> u64 {
         self.plaintext_len
@@ -216,6 +232,17 @@ mod tests {
                 let chunk = l.chunk_of(off);
                 assert!(l.chunk_plain_range(chunk).contains(&off));
             }
+        }
+    }
+
+    #[test]
+    fn ciphertext_length_maps_back_to_exactly_one_plaintext_length() {
+        for len in [0, 1, C - 1, C, C + 1, 2 * C, 2 * C + 1, 7 * C + 13] {
+            let l = Layout::new(len).unwrap();
+            assert_eq!(Layout::from_ciphertext_len(l.ciphertext_len()), Some(l), "len {len}");
+        }
+        for bad in [0, HEADER_LEN, HEADER_LEN + T - 1, HEADER_LEN + C + T + 5] {
+            assert_eq!(Layout::from_ciphertext_len(bad), None, "ciphertext len {bad}");
         }
     }
 

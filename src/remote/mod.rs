@@ -11,6 +11,7 @@
 //! as `Sealed` blobs, end-to-end file content as vault-format ciphertext.
 
 pub mod account;
+pub mod faulty;
 pub mod http;
 pub mod memory;
 pub mod tls;

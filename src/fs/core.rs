@@ -1,0 +1,1233 @@
+//! The filesystem core: vaults, records and files as a directory tree, with
+//! decryption on open and encryption and upload on flush.
+//!
+//! Data flow. The namespace ([`Tree`]) is built from the server's metadata: one
+//! directory per vault the user can open, one per record (records nest), one file
+//! per file linked to a record, each name opened with the vault key. A vault's
+//! records and files are fetched together and reused for [`LISTING_TTL`]; our own
+//! changes update the tree directly. Opening a file downloads its ciphertext,
+//! checks and decrypts it into the memory-only [`PlainCache`]; reads and writes
+//! work on that plaintext; flush (close) and fsync encrypt it with a fresh content
+//! key and upload it, and return only once the server has stored it, so failures
+//! reach the application as an errno. A failed upload leaves the data dirty in
+//! memory and it is retried; a version conflict keeps both copies.
+//!
+//! Locks: `tree` (a std mutex) guards the namespace and is never held across an
+//! await; each file's plaintext has its own async mutex, held while it is loaded,
+//! changed or uploaded, which orders those steps per file.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use zeroize::Zeroizing;
+
+use super::error::{FsError, Result};
+use crate::cache::{PlainCache, PlainData, PlainHandle};
+use crate::crypto::{
+    self, decrypt_file, encrypt_file, open_name, seal_name, FileContext, Layout, NameContext, OsRandom,
+};
+use crate::ids::{FileId, RecordId, VaultId};
+use crate::protocol::{
+    FileInfo, FileUpdate, Limits, NewFile, NewRecord, ParentChange, RecordInfo, RecordUpdate, Sealed,
+};
+use crate::remote::account::Unlocked;
+use crate::remote::{collect, Remote, RemoteError, UploadBody};
+
+/// Inode number.
+pub type Ino = u64;
+/// The mount root.
+pub const ROOT: Ino = 1;
+/// How long a vault's listing is reused before it is fetched again. Short, so
+/// other clients' changes show up quickly; our own changes never wait for it.
+pub const LISTING_TTL: Duration = Duration::from_secs(2);
+/// Longest name, as on most Linux filesystems.
+pub const NAME_MAX: usize = 255;
+
+/// Extended attribute: "1" if the file is end-to-end encrypted, else "0".
+pub const XATTR_E2E: &str = "user.vaultfs.e2e";
+/// Extended attribute: "clean", "dirty" or "uploading".
+pub const XATTR_STATE: &str = "user.vaultfs.state";
+/// Extended attribute: the server's version of the file.
+pub const XATTR_VERSION: &str = "user.vaultfs.version";
+
+/// What a node is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A directory: the root, a vault or a record.
+    Dir,
+    /// A file linked to a record.
+    File,
+}
+
+/// Attributes of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    /// Inode number.
+    pub ino: Ino,
+    /// Directory or file.
+    pub kind: Kind,
+    /// Size in bytes (plaintext for files).
+    pub size: u64,
+    /// Modification time.
+    pub mtime: SystemTime,
+    /// Permission bits.
+    pub perm: u16,
+}
+
+/// Options of a mount.
+#[derive(Debug, Clone)]
+pub struct FsOptions {
+    /// Bytes of plaintext the cache tries to stay under.
+    pub cache_budget: usize,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions { cache_budget: 512 << 20 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Key {
+    Vault(VaultId),
+    Record(RecordId),
+    File(FileId),
+}
+
+#[derive(Debug, Clone)]
+enum Node {
+    Root,
+    Vault { vault: VaultId },
+    Record { info: RecordInfo, parent: Ino },
+    File { info: FileInfo, parent: Ino },
+}
+
+impl Node {
+    fn vault(&self) -> Option<VaultId> {
+        match self {
+            Node::Root => None,
+            Node::Vault { vault } => Some(*vault),
+            Node::Record { info, .. } => Some(info.vault),
+            Node::File { info, .. } => Some(info.vault),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tree {
+    nodes: HashMap<Ino, Node>,
+    keys: HashMap<Key, Ino>,
+    children: HashMap<Ino, BTreeMap<OsString, Ino>>,
+    names: HashMap<Ino, OsString>,
+    next: Ino,
+    root_loaded: Option<Instant>,
+    vault_loaded: HashMap<VaultId, Instant>,
+}
+
+impl Tree {
+    fn new() -> Self {
+        let mut t = Tree { next: ROOT + 1, ..Default::default() };
+        t.nodes.insert(ROOT, Node::Root);
+        t.children.insert(ROOT, BTreeMap::new());
+        t
+    }
+
+    fn ino_for(&mut self, key: Key) -> Ino {
+        if let Some(i) = self.keys.get(&key) {
+            return *i;
+        }
+        let ino = self.next;
+        self.next += 1;
+        self.keys.insert(key, ino);
+        ino
+    }
+
+    fn node(&self, ino: Ino) -> Result<&Node> {
+        self.nodes.get(&ino).ok_or(FsError::NotFound)
+    }
+
+    fn child(&self, parent: Ino, name: &OsStr) -> Option<Ino> {
+        self.children.get(&parent)?.get(name).copied()
+    }
+
+    /// Places `ino` under `parent` as `name`, removing it from its old place.
+    fn link(&mut self, parent: Ino, name: OsString, ino: Ino, node: Node) {
+        self.unlink_ino(ino);
+        if matches!(node, Node::Vault { .. } | Node::Record { .. }) {
+            self.children.entry(ino).or_default();
+        }
+        self.children.entry(parent).or_default().insert(name.clone(), ino);
+        self.names.insert(ino, name);
+        self.nodes.insert(ino, node);
+    }
+
+    fn parent_of(&self, ino: Ino) -> Option<Ino> {
+        match self.nodes.get(&ino)? {
+            Node::Root => None,
+            Node::Vault { .. } => Some(ROOT),
+            Node::Record { parent, .. } | Node::File { parent, .. } => Some(*parent),
+        }
+    }
+
+    fn unlink_ino(&mut self, ino: Ino) {
+        if let (Some(parent), Some(name)) = (self.parent_of(ino), self.names.get(&ino).cloned()) {
+            if let Some(kids) = self.children.get_mut(&parent) {
+                if kids.get(&name) == Some(&ino) {
+                    kids.remove(&name);
+                }
+            }
+        }
+    }
+}
+
+/// Upload state of a file, for `user.vaultfs.state` and `vaultfs status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncState {
+    /// Stored on the server as it is here.
+    Clean,
+    /// Changed here, not yet stored.
+    Dirty,
+    /// Being uploaded now.
+    Uploading,
+}
+
+/// The filesystem.
+pub struct VaultFs<R> {
+    account: Unlocked<R>,
+    limits: Limits,
+    tree: Mutex<Tree>,
+    cache: PlainCache,
+    handles: Mutex<HashMap<u64, FileId>>,
+    next_handle: AtomicU64,
+    uploading: Mutex<HashSet<FileId>>,
+    /// Highest generation seen per file in this session: an older one is a replay.
+    generations: Mutex<HashMap<FileId, u64>>,
+    mounted_at: SystemTime,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn time_of(ms: i64) -> SystemTime {
+    if ms >= 0 {
+        UNIX_EPOCH + Duration::from_millis(ms as u64)
+    } else {
+        UNIX_EPOCH
+    }
+}
+
+fn check_name(name: &OsStr) -> Result<()> {
+    let b = name.as_bytes();
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') || b.contains(&0) {
+        return Err(FsError::Invalid(format!("invalid name {name:?}")));
+    }
+    if b.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    Ok(())
+}
+
+/// A name as it appears in a directory: a name from the server that could not be
+/// a file name (a slash, say, written by another client) is shown escaped.
+fn display_name(raw: &[u8]) -> OsString {
+    if !raw.is_empty() && raw != b"." && raw != b".." && !raw.contains(&b'/') && !raw.contains(&0) {
+        return OsString::from_vec(raw.to_vec());
+    }
+    let escaped: Vec<u8> = raw.iter().map(|&c| if c == b'/' || c == 0 { b'_' } else { c }).collect();
+    OsString::from_vec([b"_".as_slice(), &escaped].concat())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<R: Remote> VaultFs<R> {
+    /// A filesystem over an unlocked account.
+    pub async fn new(account: Unlocked<R>, options: FsOptions) -> Result<Self> {
+        let limits = account.remote.me().await?.limits;
+        Ok(VaultFs {
+            account,
+            limits,
+            tree: Mutex::new(Tree::new()),
+            cache: PlainCache::new(options.cache_budget),
+            handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            uploading: Mutex::new(HashSet::new()),
+            generations: Mutex::new(HashMap::new()),
+            mounted_at: SystemTime::now(),
+        })
+    }
+
+    fn remote(&self) -> &R {
+        &self.account.remote
+    }
+
+    /// The user's limits, as the server set them.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The plaintext cache (for status).
+    pub fn cache(&self) -> &PlainCache {
+        &self.cache
+    }
+
+    fn key_for(&self, vault: VaultId, sealed: &[u8]) -> Option<&crypto::VaultKey> {
+        let id = crypto::names::name_key_id(sealed).ok()?;
+        self.account.wallet().key(vault, id)
+    }
+
+    fn open_sealed(&self, vault: VaultId, ctx: NameContext, sealed: &Sealed, what: &str) -> Option<OsString> {
+        let Some(key) = self.key_for(vault, &sealed.0) else {
+            tracing::error!(%vault, "no key in the wallet for {what}; it is hidden");
+            return None;
+        };
+        match open_name(key, &ctx, &sealed.0) {
+            Ok(plain) => Some(display_name(&plain)),
+            Err(e) => {
+                tracing::error!(%vault, error = %e, "{what} failed its integrity check; it is hidden");
+                None
+            }
+        }
+    }
+
+    fn seal(&self, vault: VaultId, ctx: NameContext, name: &OsStr) -> Result<Sealed> {
+        let key = self
+            .account
+            .wallet()
+            .active_key(vault)
+            .ok_or_else(|| FsError::Access("no key for this vault".into()))?;
+        seal_name(key, &ctx, name.as_bytes(), &mut OsRandom)
+            .map(Sealed)
+            .map_err(|e| FsError::Io(e.to_string()))
+    }
+
+    // ---- loading the namespace ---------------------------------------------
+
+    async fn load_root(&self, force: bool) -> Result<()> {
+        let fresh = lock(&self.tree).root_loaded.is_some_and(|t| t.elapsed() < LISTING_TTL);
+        if fresh && !force {
+            return Ok(());
+        }
+        let vaults = self.account.vaults().await.map_err(|e| FsError::Io(e.to_string()))?;
+        let mut tree = lock(&self.tree);
+        let mut kids = BTreeMap::new();
+        for v in vaults {
+            let Some(name) = v.name else {
+                tracing::error!(vault = %v.info.id, "vault name cannot be opened; it is hidden");
+                continue;
+            };
+            let ino = tree.ino_for(Key::Vault(v.info.id));
+            tree.nodes.insert(ino, Node::Vault { vault: v.info.id });
+            tree.children.entry(ino).or_default();
+            tree.names.insert(ino, OsString::from(&name));
+            kids.insert(OsString::from(name), ino);
+        }
+        tree.children.insert(ROOT, kids);
+        tree.root_loaded = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn load_vault(&self, vault: VaultId, force: bool) -> Result<()> {
+        let fresh = lock(&self.tree).vault_loaded.get(&vault).is_some_and(|t| t.elapsed() < LISTING_TTL);
+        if fresh && !force {
+            return Ok(());
+        }
+        let (records, files) = tokio::try_join!(self.remote().records(vault), self.remote().files(vault))?;
+        let mut tree = lock(&self.tree);
+        let vault_ino = tree.ino_for(Key::Vault(vault));
+        // Rebuild the children of the vault and of each of its records.
+        let mut kids: HashMap<Ino, BTreeMap<OsString, Ino>> = HashMap::new();
+        kids.insert(vault_ino, BTreeMap::new());
+        let mut placed: Vec<(Ino, Ino, OsString, Node)> = Vec::new();
+        for r in &records {
+            let ino = tree.ino_for(Key::Record(r.id));
+            kids.entry(ino).or_default();
+            let parent = match r.parent {
+                Some(p) => tree.ino_for(Key::Record(p)),
+                None => vault_ino,
+            };
+            let ctx = NameContext::RecordTitle { vault, record: r.id };
+            if let Some(name) = self.open_sealed(vault, ctx, &r.title, "a record title") {
+                placed.push((parent, ino, name, Node::Record { info: r.clone(), parent }));
+            }
+        }
+        for f in &files {
+            let ino = tree.ino_for(Key::File(f.id));
+            let parent = tree.ino_for(Key::Record(f.record));
+            let ctx = NameContext::FileName { vault, record: f.record, file: f.id };
+            if let Some(name) = self.open_sealed(vault, ctx, &f.name, "a file name") {
+                placed.push((parent, ino, name, Node::File { info: f.clone(), parent }));
+            }
+        }
+        for (parent, ino, mut name, node) in placed {
+            let dir = kids.entry(parent).or_default();
+            if dir.contains_key(&name) {
+                // Two entries with one name (written by other clients): keep both visible.
+                let mut alt = name.clone();
+                alt.push(format!(" (duplicate {})", &format!("{ino:x}")));
+                tracing::warn!(?name, "duplicate name in a record; showing it as {alt:?}");
+                name = alt;
+            }
+            dir.insert(name.clone(), ino);
+            tree.names.insert(ino, name);
+            // A file with unsaved local changes keeps its local view.
+            tree.nodes.insert(ino, node);
+        }
+        for (dir, entries) in kids {
+            tree.children.insert(dir, entries);
+        }
+        tree.vault_loaded.insert(vault, Instant::now());
+        Ok(())
+    }
+
+    /// Makes sure the children of directory `ino` are known.
+    async fn load_dir(&self, ino: Ino) -> Result<()> {
+        let node = lock(&self.tree).node(ino)?.clone();
+        match node {
+            Node::Root => self.load_root(false).await,
+            Node::Vault { vault } | Node::Record { info: RecordInfo { vault, .. }, .. } => {
+                self.load_vault(vault, false).await
+            }
+            Node::File { .. } => Err(FsError::NotDir),
+        }
+    }
+
+    // ---- attributes --------------------------------------------------------
+
+    fn attr_of(&self, ino: Ino, node: &Node) -> Attr {
+        match node {
+            Node::Root | Node::Vault { .. } | Node::Record { .. } => {
+                Attr { ino, kind: Kind::Dir, size: 0, mtime: self.mounted_at, perm: 0o755 }
+            }
+            Node::File { info, .. } => {
+                let mut size = if info.e2e {
+                    Layout::from_ciphertext_len(info.size).map_or(0, |l| l.plaintext_len())
+                } else {
+                    info.size
+                };
+                let mut mtime = time_of(info.mtime_ms);
+                // A file with local data: its size is what the application sees.
+                if let Some(h) = self.cache.peek(info.id) {
+                    if let Ok(d) = h.try_lock() {
+                        if d.loaded && (d.dirty || d.version == info.version) {
+                            size = d.bytes.len() as u64;
+                            if d.dirty {
+                                mtime = SystemTime::now();
+                            }
+                        }
+                    }
+                }
+                Attr { ino, kind: Kind::File, size, mtime, perm: 0o644 }
+            }
+        }
+    }
+
+    /// Attributes of `ino`.
+    pub async fn getattr(&self, ino: Ino) -> Result<Attr> {
+        let tree = lock(&self.tree);
+        let node = tree.node(ino)?;
+        Ok(self.attr_of(ino, node))
+    }
+
+    /// Looks `name` up in directory `parent`.
+    pub async fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr> {
+        self.load_dir(parent).await?;
+        let tree = lock(&self.tree);
+        let ino = tree.child(parent, name).ok_or(FsError::NotFound)?;
+        Ok(self.attr_of(ino, tree.node(ino)?))
+    }
+
+    /// The entries of directory `ino` (without `.` and `..`).
+    pub async fn readdir(&self, ino: Ino) -> Result<Vec<(Ino, Kind, OsString)>> {
+        self.load_dir(ino).await?;
+        let tree = lock(&self.tree);
+        let kids = tree.children.get(&ino).ok_or(FsError::NotDir)?;
+        Ok(kids
+            .iter()
+            .filter_map(|(name, &child)| {
+                let kind = match tree.nodes.get(&child)? {
+                    Node::File { .. } => Kind::File,
+                    _ => Kind::Dir,
+                };
+                Some((child, kind, name.clone()))
+            })
+            .collect())
+    }
+
+    /// The parent of `ino` (for `..`).
+    pub fn parent(&self, ino: Ino) -> Ino {
+        lock(&self.tree).parent_of(ino).unwrap_or(ROOT)
+    }
+
+    // ---- directories -------------------------------------------------------
+
+    /// Creates a record (a directory) in a vault or record.
+    pub async fn mkdir(&self, parent: Ino, name: &OsStr) -> Result<Attr> {
+        check_name(name)?;
+        self.load_dir(parent).await?;
+        let (vault, parent_record) = {
+            let tree = lock(&self.tree);
+            if tree.child(parent, name).is_some() {
+                return Err(FsError::Exists);
+            }
+            match tree.node(parent)? {
+                Node::Root => {
+                    return Err(FsError::NotPermitted("create vaults with `vaultfs vault create`".into()))
+                }
+                Node::Vault { vault } => (*vault, None),
+                Node::Record { info, .. } => (info.vault, Some(info.id)),
+                Node::File { .. } => return Err(FsError::NotDir),
+            }
+        };
+        let id = RecordId::random().map_err(|e| FsError::Io(e.to_string()))?;
+        let title = self.seal(vault, NameContext::RecordTitle { vault, record: id }, name)?;
+        let info = self
+            .remote()
+            .create_record(vault, NewRecord { id, parent: parent_record, title, fields: Sealed::default() })
+            .await?;
+        let mut tree = lock(&self.tree);
+        let ino = tree.ino_for(Key::Record(id));
+        let node = Node::Record { info, parent };
+        tree.link(parent, name.to_os_string(), ino, node.clone());
+        Ok(self.attr_of(ino, &node))
+    }
+
+    /// Removes an empty record.
+    pub async fn rmdir(&self, parent: Ino, name: &OsStr) -> Result<()> {
+        self.load_dir(parent).await?;
+        let (ino, info) = {
+            let tree = lock(&self.tree);
+            let ino = tree.child(parent, name).ok_or(FsError::NotFound)?;
+            match tree.node(ino)? {
+                Node::Record { info, .. } => {
+                    if tree.children.get(&ino).is_some_and(|k| !k.is_empty()) {
+                        return Err(FsError::NotEmpty);
+                    }
+                    (ino, info.clone())
+                }
+                Node::Vault { .. } => {
+                    return Err(FsError::NotPermitted("vaults are not removed through the mount".into()))
+                }
+                _ => return Err(FsError::NotDir),
+            }
+        };
+        self.remote().delete_record(info.id, info.version).await?;
+        let mut tree = lock(&self.tree);
+        tree.unlink_ino(ino);
+        tree.nodes.remove(&ino);
+        Ok(())
+    }
+
+    // ---- files: create, open, read, write ----------------------------------
+
+    fn file_parent(&self, parent: Ino) -> Result<(VaultId, RecordId)> {
+        match lock(&self.tree).node(parent)? {
+            Node::Root | Node::Vault { .. } => {
+                Err(FsError::NotPermitted("files live in records: create a directory first".into()))
+            }
+            Node::Record { info, .. } => Ok((info.vault, info.id)),
+            Node::File { .. } => Err(FsError::NotDir),
+        }
+    }
+
+    async fn new_file(&self, parent: Ino, name: &OsStr) -> Result<(Ino, FileInfo)> {
+        let (vault, record) = self.file_parent(parent)?;
+        let id = FileId::random().map_err(|e| FsError::Io(e.to_string()))?;
+        let sealed = self.seal(vault, NameContext::FileName { vault, record, file: id }, name)?;
+        let info = self
+            .remote()
+            .create_file(record, NewFile { id, name: sealed, e2e: true, mtime_ms: Some(now_ms()) })
+            .await?;
+        let mut tree = lock(&self.tree);
+        let ino = tree.ino_for(Key::File(id));
+        tree.link(parent, name.to_os_string(), ino, Node::File { info: info.clone(), parent });
+        Ok((ino, info))
+    }
+
+    /// Creates and opens a new, empty file.
+    pub async fn create(&self, parent: Ino, name: &OsStr) -> Result<(Attr, u64)> {
+        check_name(name)?;
+        self.load_dir(parent).await?;
+        if lock(&self.tree).child(parent, name).is_some() {
+            return Err(FsError::Exists);
+        }
+        let (ino, info) = self.new_file(parent, name).await?;
+        let handle = self.cache.pin(info.id);
+        {
+            let mut d = handle.lock().await;
+            *d = PlainData {
+                bytes: Zeroizing::new(Vec::new()),
+                dirty: false,
+                version: info.version,
+                loaded: true,
+            };
+        }
+        let fh = self.new_handle(info.id);
+        Ok((self.getattr(ino).await?, fh))
+    }
+
+    fn new_handle(&self, file: FileId) -> u64 {
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(fh, file);
+        fh
+    }
+
+    fn file_info(&self, ino: Ino) -> Result<FileInfo> {
+        match lock(&self.tree).node(ino)? {
+            Node::File { info, .. } => Ok(info.clone()),
+            _ => Err(FsError::IsDir),
+        }
+    }
+
+    fn set_file_info(&self, ino: Ino, f: impl FnOnce(&mut FileInfo)) {
+        if let Some(Node::File { info, .. }) = lock(&self.tree).nodes.get_mut(&ino) {
+            f(info);
+        }
+    }
+
+    /// Downloads and decrypts `info` into `data`.
+    async fn load(&self, info: &FileInfo, data: &mut PlainData) -> Result<()> {
+        let content = self.remote().download(info.id, None).await?;
+        let version = content.version;
+        let blob =
+            Zeroizing::new(collect(content.stream).await.map_err(|e| FsError::Unavailable(e.to_string()))?);
+        let plain = if !content.e2e {
+            blob
+        } else if blob.is_empty() {
+            Zeroizing::new(Vec::new())
+        } else {
+            let what = || format!("file {}", info.id);
+            let header =
+                crypto::peek_header(&blob).map_err(|e| FsError::Integrity { what: what(), source: e })?;
+            let key =
+                self.account.wallet().key(info.vault, header.key_id).ok_or_else(|| FsError::Integrity {
+                    what: what(),
+                    source: crypto::CryptoError::Malformed("header names a key this vault does not have"),
+                })?;
+            let ctx = FileContext { vault: info.vault, record: info.record, file: info.id };
+            let min = lock(&self.generations).get(&info.id).copied().unwrap_or(0);
+            let (header, plain) = decrypt_file(&blob, key, &ctx, min).map_err(|e| {
+                tracing::error!(file = %info.id, error = %e, "refusing to read a file that failed its integrity check");
+                FsError::Integrity { what: what(), source: e }
+            })?;
+            lock(&self.generations).insert(info.id, header.generation);
+            plain
+        };
+        *data = PlainData { bytes: plain, dirty: false, version, loaded: true };
+        Ok(())
+    }
+
+    /// Opens a file; `truncate` empties it (O_TRUNC).
+    pub async fn open(&self, ino: Ino, truncate: bool) -> Result<u64> {
+        let mut info = self.file_info(ino)?;
+        let handle = self.cache.pin(info.id);
+        let result = async {
+            let mut d = handle.lock().await;
+            if truncate {
+                if !d.loaded || d.bytes.len() > 0 || info.size > 0 {
+                    d.dirty = true;
+                }
+                d.bytes = Zeroizing::new(Vec::new());
+                d.loaded = true;
+                d.version = d.version.max(info.version);
+                return Ok(());
+            }
+            if d.dirty {
+                return Ok(());
+            }
+            // Is what we hold still the server's current version?
+            if d.loaded {
+                info = self.remote().file(info.id).await?;
+                self.set_file_info(ino, |i| *i = info.clone());
+                if d.version == info.version {
+                    return Ok(());
+                }
+            }
+            self.load(&info, &mut d).await
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                let len = handle.lock().await.bytes.len();
+                self.cache.account(info.id, len);
+                Ok(self.new_handle(info.id))
+            }
+            Err(e) => {
+                self.cache.unpin(info.id);
+                Err(e)
+            }
+        }
+    }
+
+    fn handle_file(&self, fh: u64) -> Result<FileId> {
+        lock(&self.handles).get(&fh).copied().ok_or(FsError::Invalid("bad file handle".into()))
+    }
+
+    /// Reads up to `size` bytes at `offset`.
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let id = self.handle_file(fh)?;
+        let handle = self.cache.peek(id).ok_or(FsError::Io("file data evicted while open".into()))?;
+        let d = handle.lock().await;
+        let len = d.bytes.len() as u64;
+        if offset >= len {
+            return Ok(Vec::new());
+        }
+        let end = (offset + u64::from(size)).min(len);
+        Ok(d.bytes[offset as usize..end as usize].to_vec())
+    }
+
+    /// Writes `data` at `offset`.
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let id = self.handle_file(fh)?;
+        let end = offset.checked_add(data.len() as u64).ok_or(FsError::TooBig("offset".into()))?;
+        if end > self.limits.upload_limit {
+            return Err(FsError::TooBig(format!("the upload limit is {} bytes", self.limits.upload_limit)));
+        }
+        let handle = self.cache.peek(id).ok_or(FsError::Io("file data evicted while open".into()))?;
+        let new_len = {
+            let mut d = handle.lock().await;
+            let end = end as usize;
+            if d.bytes.len() < end {
+                grow(&mut d.bytes, end);
+            }
+            d.bytes[offset as usize..end].copy_from_slice(data);
+            d.dirty = true;
+            d.bytes.len()
+        };
+        self.cache.account(id, new_len);
+        Ok(data.len() as u32)
+    }
+
+    /// Changes size and/or modification time.
+    pub async fn setattr(&self, ino: Ino, size: Option<u64>, mtime: Option<SystemTime>) -> Result<Attr> {
+        let info = match lock(&self.tree).node(ino)? {
+            Node::File { info, .. } => Some(info.clone()),
+            _ => None,
+        };
+        let Some(info) = info else {
+            return self.getattr(ino).await; // directory times are not stored
+        };
+        if let Some(size) = size {
+            if size > self.limits.upload_limit {
+                return Err(FsError::TooBig(format!(
+                    "the upload limit is {} bytes",
+                    self.limits.upload_limit
+                )));
+            }
+            let handle = self.cache.pin(info.id);
+            let result = async {
+                {
+                    let mut d = handle.lock().await;
+                    if !d.loaded && size > 0 {
+                        self.load(&info, &mut d).await?;
+                    }
+                    d.loaded = true;
+                    if d.bytes.len() as u64 != size {
+                        let size = size as usize;
+                        if size < d.bytes.len() {
+                            zeroize::Zeroize::zeroize(&mut d.bytes[size..]);
+                            d.bytes.truncate(size);
+                        } else {
+                            grow(&mut d.bytes, size);
+                        }
+                        d.dirty = true;
+                    }
+                }
+                // Without an open handle (truncate(2)) nothing else will flush it.
+                let open = lock(&self.handles).values().any(|f| *f == info.id);
+                if !open {
+                    self.upload(ino, &handle).await?;
+                }
+                Ok::<_, FsError>(())
+            }
+            .await;
+            self.cache.unpin(info.id);
+            result?;
+        }
+        if let Some(t) = mtime {
+            let ms = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+            let current = self.file_info(ino)?;
+            let updated = self
+                .remote()
+                .update_file(
+                    current.id,
+                    current.version,
+                    FileUpdate { mtime_ms: Some(ms), ..Default::default() },
+                )
+                .await?;
+            self.set_file_info(ino, |i| *i = updated);
+            if let Some(h) = self.cache.peek(current.id) {
+                let mut d = h.lock().await;
+                if d.version == current.version {
+                    d.version = current.version + 1;
+                }
+            }
+        }
+        self.getattr(ino).await
+    }
+
+    // ---- saving --------------------------------------------------------------
+
+    /// Uploads the file's plaintext if it changed. Returns when the server has
+    /// stored it. On a version conflict, our data goes to a conflict copy.
+    async fn upload(&self, ino: Ino, handle: &PlainHandle) -> Result<()> {
+        let mut d = handle.lock().await;
+        if !d.dirty {
+            return Ok(());
+        }
+        let info = self.file_info(ino)?;
+        let plain_len = d.bytes.len() as u64;
+        if plain_len > self.limits.upload_limit {
+            return Err(FsError::TooBig(format!("the upload limit is {} bytes", self.limits.upload_limit)));
+        }
+        let e2e = plain_len <= self.limits.e2e_limit;
+        let generation = {
+            let seen = lock(&self.generations).get(&info.id).copied().unwrap_or(0);
+            seen.max(d.version) + 1
+        };
+        let ctx = FileContext { vault: info.vault, record: info.record, file: info.id };
+        let body = self.encode(&ctx, generation, e2e, &d.bytes)?;
+        lock(&self.uploading).insert(info.id);
+        let result =
+            self.remote().upload(info.id, d.version, e2e, Some(now_ms()), UploadBody::from_bytes(body)).await;
+        lock(&self.uploading).remove(&info.id);
+        match result {
+            Ok(done) => {
+                d.dirty = false;
+                d.version = done.version;
+                lock(&self.generations).insert(info.id, generation);
+                self.set_file_info(ino, |i| {
+                    i.version = done.version;
+                    i.size = done.size;
+                    i.e2e = e2e;
+                    i.mtime_ms = now_ms();
+                });
+                Ok(())
+            }
+            Err(RemoteError::Conflict { current }) => {
+                tracing::warn!(file = %info.id, ?current, "the file changed on the server meanwhile; saving ours as a conflict copy");
+                self.save_conflict_copy(ino, &info, &d.bytes).await?;
+                // The original now shows the server's version; ours lives in the copy.
+                d.dirty = false;
+                d.loaded = false;
+                d.bytes = Zeroizing::new(Vec::new());
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(file = %info.id, error = %e, "upload failed; the data stays in memory and will be retried");
+                Err(e.into())
+            }
+        }
+    }
+
+    fn encode(&self, ctx: &FileContext, generation: u64, e2e: bool, plain: &[u8]) -> Result<Vec<u8>> {
+        if !e2e {
+            return Ok(plain.to_vec());
+        }
+        let key = self
+            .account
+            .wallet()
+            .active_key(ctx.vault)
+            .ok_or_else(|| FsError::Access("no key for this vault".into()))?;
+        encrypt_file(key, ctx, generation, plain, &mut OsRandom).map_err(|e| FsError::Io(e.to_string()))
+    }
+
+    async fn save_conflict_copy(&self, ino: Ino, info: &FileInfo, plain: &[u8]) -> Result<()> {
+        let (parent, name) = {
+            let tree = lock(&self.tree);
+            (tree.parent_of(ino).ok_or(FsError::NotFound)?, tree.names.get(&ino).cloned().unwrap_or_default())
+        };
+        let copy_name = conflict_name(&name, SystemTime::now());
+        let (copy_ino, copy) = self.new_file(parent, &copy_name).await?;
+        let e2e = plain.len() as u64 <= self.limits.e2e_limit;
+        let ctx = FileContext { vault: copy.vault, record: copy.record, file: copy.id };
+        let body = self.encode(&ctx, 2, e2e, plain)?;
+        let done = self
+            .remote()
+            .upload(copy.id, copy.version, e2e, Some(now_ms()), UploadBody::from_bytes(body))
+            .await?;
+        self.set_file_info(copy_ino, |i| {
+            i.version = done.version;
+            i.size = done.size;
+            i.e2e = e2e;
+        });
+        tracing::warn!(file = %info.id, copy = %copy.id, name = ?copy_name, "conflict copy saved");
+        let _ = self.load_vault(info.vault, true).await;
+        Ok(())
+    }
+
+    /// Close of one descriptor: uploads changes.
+    pub async fn flush(&self, ino: Ino, fh: u64) -> Result<()> {
+        let id = self.handle_file(fh)?;
+        let handle = self.cache.peek(id).ok_or(FsError::Io("file data evicted while open".into()))?;
+        self.upload(ino, &handle).await
+    }
+
+    /// Last close of a handle. Changes that could not be uploaded stay in memory
+    /// and are retried in the background until they are stored.
+    pub async fn release(self: &Arc<Self>, ino: Ino, fh: u64) -> Result<()> {
+        let id = lock(&self.handles).remove(&fh).ok_or(FsError::Invalid("bad file handle".into()))?;
+        let dirty = match self.cache.peek(id) {
+            Some(h) => h.lock().await.dirty,
+            None => false,
+        };
+        if dirty {
+            let fs = Arc::clone(self);
+            tokio::spawn(async move { fs.retry_upload(ino, id).await });
+        } else {
+            self.cache.unpin(id);
+        }
+        Ok(())
+    }
+
+    async fn retry_upload(self: Arc<Self>, ino: Ino, id: FileId) {
+        let mut wait = Duration::from_secs(1);
+        loop {
+            let Some(handle) = self.cache.peek(id) else { return };
+            match self.upload(ino, &handle).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(file = %id, error = %e, "upload still failing; retrying in {wait:?}");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(60));
+                }
+            }
+        }
+        self.cache.unpin(id);
+    }
+
+    /// Uploads every file with unsaved changes (before unmount). Returns how many
+    /// could not be saved.
+    pub async fn flush_all(&self) -> usize {
+        let dirty = self.cache.dirty_ids();
+        let mut failed = 0;
+        for (id, handle) in dirty {
+            let ino = lock(&self.tree).keys.get(&Key::File(id)).copied();
+            match ino {
+                Some(ino) => {
+                    if let Err(e) = self.upload(ino, &handle).await {
+                        tracing::error!(file = %id, error = %e, "could not save before unmount");
+                        failed += 1;
+                    }
+                }
+                None => failed += 1,
+            }
+        }
+        failed
+    }
+
+    // ---- unlink and rename ---------------------------------------------------
+
+    /// Removes a file.
+    pub async fn unlink(&self, parent: Ino, name: &OsStr) -> Result<()> {
+        self.load_dir(parent).await?;
+        let (ino, info) = {
+            let tree = lock(&self.tree);
+            let ino = tree.child(parent, name).ok_or(FsError::NotFound)?;
+            match tree.node(ino)? {
+                Node::File { info, .. } => (ino, info.clone()),
+                _ => return Err(FsError::IsDir),
+            }
+        };
+        self.delete_file(&info).await?;
+        let mut tree = lock(&self.tree);
+        tree.unlink_ino(ino);
+        tree.nodes.remove(&ino);
+        drop(tree);
+        // Open handles keep reading the plaintext until they close (POSIX).
+        if !lock(&self.handles).values().any(|f| *f == info.id) {
+            self.cache.remove(info.id);
+        }
+        Ok(())
+    }
+
+    async fn delete_file(&self, info: &FileInfo) -> Result<()> {
+        match self.remote().delete_file(info.id, info.version).await {
+            Err(RemoteError::Conflict { .. }) => {
+                // Changed meanwhile (renamed, touched): unlink removes it regardless.
+                let fresh = self.remote().file(info.id).await?;
+                Ok(self.remote().delete_file(info.id, fresh.version).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// Renames or moves within a vault; across vaults it fails with EXDEV so that
+    /// `mv` copies and deletes instead.
+    pub async fn rename(&self, parent: Ino, name: &OsStr, new_parent: Ino, new_name: &OsStr) -> Result<()> {
+        check_name(new_name)?;
+        self.load_dir(parent).await?;
+        self.load_dir(new_parent).await?;
+        let (ino, node, target, dest) = {
+            let tree = lock(&self.tree);
+            let ino = tree.child(parent, name).ok_or(FsError::NotFound)?;
+            let node = tree.node(ino)?.clone();
+            let target = tree.child(new_parent, new_name).map(|t| (t, tree.nodes.get(&t).cloned()));
+            (ino, node, target, tree.node(new_parent)?.clone())
+        };
+        if node.vault() != dest.vault() {
+            return Err(match dest {
+                Node::Root => FsError::NotPermitted("vaults are top-level only".into()),
+                _ => FsError::CrossDevice,
+            });
+        }
+        if let Some((t, _)) = target {
+            if t == ino {
+                return Ok(());
+            }
+        }
+        match node {
+            Node::Root | Node::Vault { .. } => {
+                Err(FsError::NotPermitted("vaults are renamed with the CLI".into()))
+            }
+            Node::Record { info, .. } => {
+                let new_record_parent = match &dest {
+                    Node::Vault { .. } => None,
+                    Node::Record { info: p, .. } => Some(p.id),
+                    _ => return Err(FsError::NotDir),
+                };
+                if let Some((t, tnode)) = target {
+                    match tnode {
+                        Some(Node::Record { info: tinfo, .. }) => {
+                            if lock(&self.tree).children.get(&t).is_some_and(|k| !k.is_empty()) {
+                                return Err(FsError::NotEmpty);
+                            }
+                            self.remote().delete_record(tinfo.id, tinfo.version).await?;
+                            lock(&self.tree).unlink_ino(t);
+                        }
+                        _ => return Err(FsError::NotDir),
+                    }
+                }
+                let title = self.seal(
+                    info.vault,
+                    NameContext::RecordTitle { vault: info.vault, record: info.id },
+                    new_name,
+                )?;
+                let update = RecordUpdate {
+                    title: Some(title),
+                    fields: None,
+                    parent: (new_parent != parent).then_some(ParentChange { to: new_record_parent }),
+                };
+                let updated = self.remote().update_record(info.id, info.version, update).await?;
+                lock(&self.tree).link(
+                    new_parent,
+                    new_name.to_os_string(),
+                    ino,
+                    Node::Record { info: updated, parent: new_parent },
+                );
+                Ok(())
+            }
+            Node::File { info, .. } => {
+                let (_, new_record) = self.file_parent(new_parent)?;
+                if let Some((_, tnode)) = &target {
+                    match tnode {
+                        Some(Node::File { info: tinfo, .. }) => {
+                            // rename(2) replaces the target.
+                            self.delete_file(tinfo).await?;
+                            let t = target.as_ref().map(|(t, _)| *t).unwrap_or_default();
+                            let mut tree = lock(&self.tree);
+                            tree.unlink_ino(t);
+                            tree.nodes.remove(&t);
+                        }
+                        _ => return Err(FsError::IsDir),
+                    }
+                }
+                if new_record == info.record {
+                    let sealed = self.seal(
+                        info.vault,
+                        NameContext::FileName { vault: info.vault, record: info.record, file: info.id },
+                        new_name,
+                    )?;
+                    let updated = self
+                        .remote()
+                        .update_file(
+                            info.id,
+                            info.version,
+                            FileUpdate { name: Some(sealed), ..Default::default() },
+                        )
+                        .await?;
+                    bump_cached_version(&self.cache, info.id, info.version, updated.version).await;
+                    lock(&self.tree).link(
+                        new_parent,
+                        new_name.to_os_string(),
+                        ino,
+                        Node::File { info: updated, parent: new_parent },
+                    );
+                    Ok(())
+                } else {
+                    self.move_file(ino, &info, new_parent, new_name).await
+                }
+            }
+        }
+    }
+
+    /// Moves a file to another record. Content is bound to its record, so the file
+    /// is written anew under the target record (new id) and the old one deleted:
+    /// a reader sees the old file or the complete new one, never a half.
+    async fn move_file(&self, ino: Ino, info: &FileInfo, new_parent: Ino, new_name: &OsStr) -> Result<()> {
+        let handle = self.cache.pin(info.id);
+        let result = async {
+            let mut d = handle.lock().await;
+            if !d.loaded || (!d.dirty && d.version != info.version) {
+                self.load(info, &mut d).await?;
+            }
+            let (new_ino, created) = self.new_file(new_parent, new_name).await?;
+            let e2e = d.bytes.len() as u64 <= self.limits.e2e_limit;
+            let ctx = FileContext { vault: created.vault, record: created.record, file: created.id };
+            let body = self.encode(&ctx, 2, e2e, &d.bytes)?;
+            let done = self
+                .remote()
+                .upload(created.id, created.version, e2e, Some(info.mtime_ms), UploadBody::from_bytes(body))
+                .await?;
+            self.set_file_info(new_ino, |i| {
+                i.version = done.version;
+                i.size = done.size;
+                i.e2e = e2e;
+                i.mtime_ms = info.mtime_ms;
+            });
+            self.delete_file(info).await?;
+            let mut tree = lock(&self.tree);
+            tree.unlink_ino(ino);
+            tree.nodes.remove(&ino);
+            Ok::<_, FsError>(())
+        }
+        .await;
+        self.cache.unpin(info.id);
+        result
+    }
+
+    // ---- extended attributes and statfs ----------------------------------------
+
+    fn sync_state(&self, id: FileId) -> SyncState {
+        if lock(&self.uploading).contains(&id) {
+            return SyncState::Uploading;
+        }
+        match self.cache.peek(id).and_then(|h| h.try_lock().ok().map(|d| d.dirty)) {
+            Some(true) => SyncState::Dirty,
+            _ => SyncState::Clean,
+        }
+    }
+
+    /// Names of the extended attributes of `ino`.
+    pub fn listxattr(&self, ino: Ino) -> Result<Vec<&'static str>> {
+        match lock(&self.tree).node(ino)? {
+            Node::File { .. } => Ok(vec![XATTR_E2E, XATTR_STATE, XATTR_VERSION]),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Value of an extended attribute.
+    pub fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Vec<u8>> {
+        let info = match lock(&self.tree).node(ino)? {
+            Node::File { info, .. } => info.clone(),
+            _ => return Err(FsError::NoAttr),
+        };
+        let value = match name.to_str() {
+            Some(XATTR_E2E) => {
+                let e2e = if info.size == 0 && info.version == 1 { true } else { info.e2e };
+                if e2e { "1" } else { "0" }.to_string()
+            }
+            Some(XATTR_STATE) => match self.sync_state(info.id) {
+                SyncState::Clean => "clean",
+                SyncState::Dirty => "dirty",
+                SyncState::Uploading => "uploading",
+            }
+            .to_string(),
+            Some(XATTR_VERSION) => info.version.to_string(),
+            _ => return Err(FsError::NoAttr),
+        };
+        Ok(value.into_bytes())
+    }
+}
+
+async fn bump_cached_version(cache: &PlainCache, id: FileId, from: u64, to: u64) {
+    if let Some(h) = cache.peek(id) {
+        let mut d = h.lock().await;
+        if d.version == from {
+            d.version = to;
+        }
+    }
+}
+
+/// Grows a plaintext buffer to `len` with zeros, moving (and wiping) the old
+/// allocation ourselves so no copy of plaintext is left in freed memory.
+fn grow(bytes: &mut Zeroizing<Vec<u8>>, len: usize) {
+    if bytes.capacity() >= len {
+        bytes.resize(len, 0);
+        return;
+    }
+    let mut bigger = Zeroizing::new(Vec::with_capacity(len.max(bytes.capacity() * 2)));
+    bigger.extend_from_slice(bytes);
+    bigger.resize(len, 0);
+    *bytes = bigger; // the old buffer is zeroized as it drops
+}
+
+/// `report.pdf` -> `report (conflict 2026-11-23 051500).pdf`.
+pub fn conflict_name(name: &OsStr, when: SystemTime) -> OsString {
+    let secs = when.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    let stamp = format!("{y:04}-{m:02}-{d:02} {:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60);
+    let bytes = name.as_bytes();
+    let dot = bytes.iter().rposition(|&c| c == b'.').filter(|&i| i > 0);
+    let (stem, ext) = match dot {
+        Some(i) => (&bytes[..i], &bytes[i..]),
+        None => (bytes, &b""[..]),
+    };
+    let mut out = stem.to_vec();
+    out.extend_from_slice(format!(" (conflict {stamp})").as_bytes());
+    out.extend_from_slice(ext);
+    OsString::from_vec(out)
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflict_names_keep_the_extension() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_410_900); // 2026-11-23 05:15:00
+        assert_eq!(conflict_name(OsStr::new("report.pdf"), t), "report (conflict 2026-11-23 051500).pdf");
+        assert_eq!(conflict_name(OsStr::new("notes"), t), "notes (conflict 2026-11-23 051500)");
+        assert_eq!(conflict_name(OsStr::new(".bashrc"), t), ".bashrc (conflict 2026-11-23 051500)");
+    }
+
+    #[test]
+    fn names_are_checked_and_displayed_safely() {
+        assert!(check_name(OsStr::new("ok name.txt")).is_ok());
+        for bad in ["", ".", "..", "a/b"] {
+            assert!(check_name(OsStr::new(bad)).is_err(), "{bad:?}");
+        }
+        assert!(matches!(check_name(OsStr::new(&"x".repeat(256))), Err(FsError::NameTooLong)));
+        assert_eq!(display_name(b"a/b"), "_a_b");
+        assert_eq!(display_name(b".."), "_..");
+        assert_eq!(display_name(b"fine"), "fine");
+    }
+
+    #[test]
+    fn growing_keeps_content_and_zero_fills() {
+        let mut b = Zeroizing::new(b"abc".to_vec());
+        grow(&mut b, 6);
+        assert_eq!(&b[..], b"abc\0\0\0");
+    }
+}

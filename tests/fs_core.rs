@@ -1,0 +1,384 @@
+//! The filesystem core without FUSE, against the in-memory server: the tree,
+//! file I/O with encryption, renames, conflicts, outages, and a reference model.
+
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use vaultfs::crypto::KdfParams;
+use vaultfs::fs::core::{Kind, XATTR_E2E, XATTR_STATE, XATTR_VERSION};
+use vaultfs::fs::{FsError, FsOptions, VaultFs, ROOT};
+use vaultfs::protocol::Limits;
+use vaultfs::remote::account::Unlocked;
+use vaultfs::remote::faulty::{FaultyRemote, Outage};
+use vaultfs::remote::memory::{MemoryRemote, MemoryServer};
+
+const FAST: KdfParams = KdfParams { m_cost_kib: 64, t_cost: 1, p_cost: 1 };
+
+struct Setup {
+    server: MemoryServer,
+    alice: MemoryRemote,
+}
+
+async fn setup(vaults: &[&str]) -> Setup {
+    let server = MemoryServer::new().unwrap();
+    let alice = server
+        .add_user("alice", Limits { upload_limit: 10_000_000, e2e_limit: 5_000_000, image_max_edge: 2560 })
+        .await
+        .unwrap();
+    let mut u = Unlocked::create_wallet(alice.clone(), b"pw", FAST).await.unwrap();
+    for v in vaults {
+        u.create_vault(v, false).await.unwrap();
+    }
+    Setup { server, alice }
+}
+
+async fn mount(remote: MemoryRemote) -> Arc<VaultFs<MemoryRemote>> {
+    let account = Unlocked::open(remote, b"pw").await.unwrap();
+    Arc::new(VaultFs::new(account, FsOptions::default()).await.unwrap())
+}
+
+async fn mount_faulty(remote: MemoryRemote) -> (Arc<VaultFs<FaultyRemote<MemoryRemote>>>, Outage) {
+    let (faulty, outage) = FaultyRemote::new(remote);
+    let account = Unlocked::open(faulty, b"pw").await.unwrap();
+    (Arc::new(VaultFs::new(account, FsOptions::default()).await.unwrap()), outage)
+}
+
+fn n(s: &str) -> &OsStr {
+    OsStr::new(s)
+}
+
+async fn write_file<R: vaultfs::remote::Remote>(
+    fs: &Arc<VaultFs<R>>,
+    dir: u64,
+    name: &str,
+    data: &[u8],
+) -> u64 {
+    let (attr, fh) = fs.create(dir, n(name)).await.unwrap();
+    fs.write(fh, 0, data).await.unwrap();
+    fs.flush(attr.ino, fh).await.unwrap();
+    fs.release(attr.ino, fh).await.unwrap();
+    attr.ino
+}
+
+async fn read_file<R: vaultfs::remote::Remote>(
+    fs: &Arc<VaultFs<R>>,
+    dir: u64,
+    name: &str,
+) -> Result<Vec<u8>, FsError> {
+    let attr = fs.lookup(dir, n(name)).await?;
+    let fh = fs.open(attr.ino, false).await?;
+    let data = fs.read(fh, 0, u32::MAX).await;
+    fs.release(attr.ino, fh).await?;
+    data
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vaults_records_and_files_make_a_tree() {
+    let s = setup(&["Family", "Work"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let top: Vec<OsString> = fs.readdir(ROOT).await.unwrap().into_iter().map(|(_, _, name)| name).collect();
+    assert_eq!(top, ["Family", "Work"]);
+    let family = fs.lookup(ROOT, n("Family")).await.unwrap();
+    assert_eq!(family.kind, Kind::Dir);
+
+    // Files need a record; records nest.
+    assert!(matches!(fs.create(family.ino, n("loose.txt")).await, Err(FsError::NotPermitted(_))));
+    let taxes = fs.mkdir(family.ino, n("Taxes")).await.unwrap();
+    let y2026 = fs.mkdir(taxes.ino, n("2026")).await.unwrap();
+    assert!(matches!(fs.mkdir(taxes.ino, n("2026")).await, Err(FsError::Exists)));
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let f = write_file(&fs, y2026.ino, "return.pdf", &data).await;
+    assert_eq!(fs.getattr(f).await.unwrap().size, 200_000);
+    assert_eq!(read_file(&fs, y2026.ino, "return.pdf").await.unwrap(), data);
+
+    // A second mount (new session, empty cache) sees the same tree and decrypts.
+    let fs2 = mount(s.alice.clone()).await;
+    let fam2 = fs2.lookup(ROOT, n("Family")).await.unwrap();
+    let tax2 = fs2.lookup(fam2.ino, n("Taxes")).await.unwrap();
+    let y2 = fs2.lookup(tax2.ino, n("2026")).await.unwrap();
+    let attr = fs2.lookup(y2.ino, n("return.pdf")).await.unwrap();
+    assert_eq!(attr.size, 200_000, "stat shows the plaintext size");
+    assert_eq!(read_file(&fs2, y2.ino, "return.pdf").await.unwrap(), data);
+
+    // Extended attributes.
+    assert_eq!(fs2.getxattr(attr.ino, n(XATTR_E2E)).unwrap(), b"1");
+    assert_eq!(fs2.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"clean");
+    assert_eq!(fs2.getxattr(attr.ino, n(XATTR_VERSION)).unwrap(), b"2");
+    assert!(matches!(fs2.getxattr(attr.ino, n("user.other")), Err(FsError::NoAttr)));
+    assert_eq!(fs2.listxattr(attr.ino).unwrap().len(), 3);
+
+    // rmdir: only empty records; vaults are not removed through the mount.
+    assert!(matches!(fs.rmdir(family.ino, n("Taxes")).await, Err(FsError::NotEmpty)));
+    fs.unlink(y2026.ino, n("return.pdf")).await.unwrap();
+    assert!(matches!(fs.lookup(y2026.ino, n("return.pdf")).await, Err(FsError::NotFound)));
+    fs.rmdir(taxes.ino, n("2026")).await.unwrap();
+    fs.rmdir(family.ino, n("Taxes")).await.unwrap();
+    assert!(matches!(fs.rmdir(ROOT, n("Family")).await, Err(FsError::NotPermitted(_))));
+    assert!(fs.readdir(family.ino).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_at_offsets_truncation_and_reopen() {
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let (attr, fh) = fs.create(r.ino, n("f")).await.unwrap();
+    fs.write(fh, 10, b"world").await.unwrap();
+    fs.write(fh, 0, b"hello").await.unwrap();
+    assert_eq!(fs.read(fh, 0, 100).await.unwrap(), b"hello\0\0\0\0\0world");
+    assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"dirty");
+    fs.flush(attr.ino, fh).await.unwrap();
+    fs.release(attr.ino, fh).await.unwrap();
+
+    // O_TRUNC, then append-like writes.
+    let fh = fs.open(attr.ino, true).await.unwrap();
+    assert_eq!(fs.getattr(attr.ino).await.unwrap().size, 0);
+    fs.write(fh, 0, b"abc").await.unwrap();
+    fs.write(fh, 3, b"def").await.unwrap();
+    fs.flush(attr.ino, fh).await.unwrap();
+    fs.release(attr.ino, fh).await.unwrap();
+    // truncate(2) without an open handle is stored at once.
+    fs.setattr(attr.ino, Some(2), None).await.unwrap();
+    let fs2 = mount(s.alice.clone()).await;
+    let v2 = fs2.lookup(ROOT, n("V")).await.unwrap();
+    let r2 = fs2.lookup(v2.ino, n("r")).await.unwrap();
+    assert_eq!(read_file(&fs2, r2.ino, "f").await.unwrap(), b"ab");
+    // Extending with truncate fills zeros; mtime can be set.
+    let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+    let a = fs.setattr(attr.ino, Some(5), Some(when)).await.unwrap();
+    assert_eq!((a.size, a.mtime), (5, when));
+    assert_eq!(read_file(&fs, r.ino, "f").await.unwrap(), b"ab\0\0\0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renames_moves_and_the_editor_save_pattern() {
+    let s = setup(&["A", "B"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let a = fs.lookup(ROOT, n("A")).await.unwrap();
+    let b = fs.lookup(ROOT, n("B")).await.unwrap();
+    let r1 = fs.mkdir(a.ino, n("r1")).await.unwrap();
+    let r2 = fs.mkdir(a.ino, n("r2")).await.unwrap();
+    let rb = fs.mkdir(b.ino, n("rb")).await.unwrap();
+    write_file(&fs, r1.ino, "doc.txt", b"version 1").await;
+
+    // Rename in place, then move to another record of the same vault.
+    fs.rename(r1.ino, n("doc.txt"), r1.ino, n("renamed.txt")).await.unwrap();
+    assert_eq!(read_file(&fs, r1.ino, "renamed.txt").await.unwrap(), b"version 1");
+    fs.rename(r1.ino, n("renamed.txt"), r2.ino, n("moved.txt")).await.unwrap();
+    assert!(matches!(fs.lookup(r1.ino, n("renamed.txt")).await, Err(FsError::NotFound)));
+    assert_eq!(read_file(&fs, r2.ino, "moved.txt").await.unwrap(), b"version 1");
+    // Across vaults: EXDEV, so mv copies instead.
+    assert_eq!(fs.rename(r2.ino, n("moved.txt"), rb.ino, n("x")).await.unwrap_err().errno(), libc::EXDEV);
+
+    // Editors: write a temp file, fsync, rename over the original.
+    write_file(&fs, r2.ino, ".moved.txt.swp", b"version 2").await;
+    fs.rename(r2.ino, n(".moved.txt.swp"), r2.ino, n("moved.txt")).await.unwrap();
+    assert_eq!(read_file(&fs, r2.ino, "moved.txt").await.unwrap(), b"version 2");
+    let names: Vec<OsString> = fs.readdir(r2.ino).await.unwrap().into_iter().map(|e| e.2).collect();
+    assert_eq!(names, ["moved.txt"]);
+
+    // Records move and rename too; a fresh mount agrees.
+    fs.rename(a.ino, n("r2"), r1.ino, n("inner")).await.unwrap();
+    let fs2 = mount(s.alice.clone()).await;
+    let a2 = fs2.lookup(ROOT, n("A")).await.unwrap();
+    let r1b = fs2.lookup(a2.ino, n("r1")).await.unwrap();
+    let inner = fs2.lookup(r1b.ino, n("inner")).await.unwrap();
+    assert_eq!(read_file(&fs2, inner.ino, "moved.txt").await.unwrap(), b"version 2");
+    assert!(matches!(fs2.lookup(a2.ino, n("r2")).await, Err(FsError::NotFound)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_mounts_editing_one_file_keep_both_versions() {
+    let s = setup(&["V"]).await;
+    let fs1 = mount(s.alice.clone()).await;
+    let fs2 = mount(s.alice.clone()).await;
+    let v1 = fs1.lookup(ROOT, n("V")).await.unwrap();
+    let r1 = fs1.mkdir(v1.ino, n("r")).await.unwrap();
+    write_file(&fs1, r1.ino, "shared.txt", b"base").await;
+
+    let v2 = fs2.lookup(ROOT, n("V")).await.unwrap();
+    let r2 = fs2.lookup(v2.ino, n("r")).await.unwrap();
+    let a1 = fs1.lookup(r1.ino, n("shared.txt")).await.unwrap();
+    let a2 = fs2.lookup(r2.ino, n("shared.txt")).await.unwrap();
+    let h1 = fs1.open(a1.ino, false).await.unwrap();
+    let h2 = fs2.open(a2.ino, false).await.unwrap();
+    fs1.write(h1, 0, b"edit from mount one").await.unwrap();
+    fs2.write(h2, 0, b"edit from mount two").await.unwrap();
+    fs1.flush(a1.ino, h1).await.unwrap();
+    // The second save conflicts: it succeeds, as a conflict copy.
+    fs2.flush(a2.ino, h2).await.unwrap();
+    fs1.release(a1.ino, h1).await.unwrap();
+    fs2.release(a2.ino, h2).await.unwrap();
+
+    let fs3 = mount(s.alice.clone()).await;
+    let v3 = fs3.lookup(ROOT, n("V")).await.unwrap();
+    let r3 = fs3.lookup(v3.ino, n("r")).await.unwrap();
+    let mut contents = BTreeMap::new();
+    for (_, _, name) in fs3.readdir(r3.ino).await.unwrap() {
+        contents.insert(name.clone(), read_file(&fs3, r3.ino, name.to_str().unwrap()).await.unwrap());
+    }
+    assert_eq!(contents.len(), 2, "{contents:?}");
+    assert_eq!(contents[OsStr::new("shared.txt")], b"edit from mount one");
+    let (copy, data) = contents.iter().find(|(k, _)| k.to_str().unwrap().contains("(conflict ")).unwrap();
+    assert!(
+        copy.to_str().unwrap().starts_with("shared (conflict ") && copy.to_str().unwrap().ends_with(").txt")
+    );
+    assert_eq!(data, b"edit from mount two");
+    drop(s.server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_upload_keeps_the_data_and_is_retried() {
+    let s = setup(&["V"]).await;
+    let (fs, outage) = mount_faulty(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let (attr, fh) = fs.create(r.ino, n("precious.txt")).await.unwrap();
+    fs.write(fh, 0, b"do not lose me").await.unwrap();
+    outage.set(true);
+    let err = fs.flush(attr.ino, fh).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"dirty");
+    // Closing with unsaved data starts background retries.
+    fs.release(attr.ino, fh).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    outage.set(false);
+    let stored = async {
+        loop {
+            if fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap() == b"clean" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), stored)
+        .await
+        .expect("retry must store the data");
+    let other = mount(s.alice.clone()).await;
+    let v2 = other.lookup(ROOT, n("V")).await.unwrap();
+    let r2 = other.lookup(v2.ino, n("r")).await.unwrap();
+    assert_eq!(read_file(&other, r2.ino, "precious.txt").await.unwrap(), b"do not lose me");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_and_bad_names_give_the_expected_errno() {
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let (attr, fh) = fs.create(r.ino, n("big")).await.unwrap();
+    assert_eq!(fs.write(fh, 10_000_000, b"x").await.unwrap_err().errno(), libc::EFBIG);
+    assert_eq!(fs.setattr(attr.ino, Some(10_000_001), None).await.unwrap_err().errno(), libc::EFBIG);
+    fs.release(attr.ino, fh).await.unwrap();
+    assert_eq!(fs.create(r.ino, n("a/b")).await.unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(fs.mkdir(r.ino, n(&"x".repeat(300))).await.unwrap_err().errno(), libc::ENAMETOOLONG);
+    assert_eq!(fs.lookup(r.ino, n("missing")).await.unwrap_err().errno(), libc::ENOENT);
+    assert_eq!(fs.mkdir(ROOT, n("new vault")).await.unwrap_err().errno(), libc::EPERM);
+}
+
+// ---- reference model --------------------------------------------------------
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { file: u8, offset: u16, data: Vec<u8> },
+    Truncate { file: u8, size: u16 },
+    Rename { from: u8, to: u8 },
+    Unlink { file: u8 },
+    Remount,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u8..4, 0u16..3000, proptest::collection::vec(any::<u8>(), 0..200))
+            .prop_map(|(file, offset, data)| Op::Write { file, offset, data }),
+        1 => (0u8..4, 0u16..3000).prop_map(|(file, size)| Op::Truncate { file, size }),
+        1 => (0u8..4, 0u8..4).prop_map(|(from, to)| Op::Rename { from, to }),
+        1 => (0u8..4).prop_map(|file| Op::Unlink { file }),
+        1 => Just(Op::Remount),
+    ]
+}
+
+fn fname(i: u8) -> String {
+    format!("file{i}")
+}
+
+async fn run_model(ops: Vec<Op>) {
+    let s = setup(&["V"]).await;
+    let mut fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let mut dir = r.ino;
+    let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for (step, op) in ops.into_iter().enumerate() {
+        match op {
+            Op::Write { file, offset, data } => {
+                let name = fname(file);
+                let (ino, fh) = match fs.lookup(dir, n(&name)).await {
+                    Ok(a) => (a.ino, fs.open(a.ino, false).await.unwrap()),
+                    Err(_) => {
+                        let (a, fh) = fs.create(dir, n(&name)).await.unwrap();
+                        (a.ino, fh)
+                    }
+                };
+                fs.write(fh, u64::from(offset), &data).await.unwrap();
+                fs.flush(ino, fh).await.unwrap();
+                fs.release(ino, fh).await.unwrap();
+                let m = model.entry(name).or_default();
+                let end = offset as usize + data.len();
+                if m.len() < end {
+                    m.resize(end, 0);
+                }
+                m[offset as usize..end].copy_from_slice(&data);
+            }
+            Op::Truncate { file, size } => {
+                let name = fname(file);
+                if let Ok(a) = fs.lookup(dir, n(&name)).await {
+                    fs.setattr(a.ino, Some(u64::from(size)), None).await.unwrap();
+                    model.get_mut(&name).unwrap().resize(size as usize, 0);
+                }
+            }
+            Op::Rename { from, to } => {
+                let (f, t) = (fname(from), fname(to));
+                let res = fs.rename(dir, n(&f), dir, n(&t)).await;
+                match model.remove(&f) {
+                    Some(data) => {
+                        res.unwrap();
+                        model.insert(t, data);
+                    }
+                    None => assert!(matches!(res, Err(FsError::NotFound)), "step {step}: {res:?}"),
+                }
+            }
+            Op::Unlink { file } => {
+                let name = fname(file);
+                let res = fs.unlink(dir, n(&name)).await;
+                assert_eq!(res.is_ok(), model.remove(&name).is_some(), "step {step}: {res:?}");
+            }
+            Op::Remount => {
+                fs = mount(s.alice.clone()).await;
+                let v = fs.lookup(ROOT, n("V")).await.unwrap();
+                dir = fs.lookup(v.ino, n("r")).await.unwrap().ino;
+            }
+        }
+        // After every step the filesystem holds exactly the model.
+        let names: Vec<String> =
+            fs.readdir(dir).await.unwrap().into_iter().map(|e| e.2.into_string().unwrap()).collect();
+        assert_eq!(names, model.keys().cloned().collect::<Vec<_>>(), "step {step}");
+        for (name, data) in &model {
+            assert_eq!(fs.lookup(dir, n(name)).await.unwrap().size, data.len() as u64, "step {step} {name}");
+            assert_eq!(&read_file(&fs, dir, name).await.unwrap(), data, "step {step} {name}");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_core_behaves_like_a_simple_model(ops in proptest::collection::vec(op(), 1..25)) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(run_model(ops));
+    }
+}
