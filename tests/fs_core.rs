@@ -167,8 +167,15 @@ async fn renames_moves_and_the_editor_save_pattern() {
     // Rename in place, then move to another record of the same vault.
     fs.rename(r1.ino, n("doc.txt"), r1.ino, n("renamed.txt")).await.unwrap();
     assert_eq!(read_file(&fs, r1.ino, "renamed.txt").await.unwrap(), b"version 1");
+    let before = fs.lookup(r1.ino, n("renamed.txt")).await.unwrap().ino;
     fs.rename(r1.ino, n("renamed.txt"), r2.ino, n("moved.txt")).await.unwrap();
     assert!(matches!(fs.lookup(r1.ino, n("renamed.txt")).await, Err(FsError::NotFound)));
+    // The kernel keeps the inode number of a renamed entry: it must stay valid.
+    assert_eq!(fs.lookup(r2.ino, n("moved.txt")).await.unwrap().ino, before);
+    assert_eq!(fs.getattr(before).await.unwrap().size, 9);
+    let fh = fs.open(before, false).await.unwrap();
+    assert_eq!(fs.read(fh, 0, 100).await.unwrap(), b"version 1");
+    fs.release(before, fh).await.unwrap();
     assert_eq!(read_file(&fs, r2.ino, "moved.txt").await.unwrap(), b"version 1");
     // Across vaults: EXDEV, so mv copies instead.
     assert_eq!(fs.rename(r2.ino, n("moved.txt"), rb.ino, n("x")).await.unwrap_err().errno(), libc::EXDEV);

@@ -2,6 +2,7 @@
 
 mod admin;
 mod demo;
+mod mount;
 mod user;
 
 use std::net::SocketAddr;
@@ -41,6 +42,10 @@ pub enum Command {
     /// Create and list your vaults.
     #[command(subcommand)]
     Vault(user::VaultCommand),
+    /// Mount your vaults as a directory tree.
+    Mount(mount::MountArgs),
+    /// Unmount a vaultfs mount point.
+    Unmount(mount::UnmountArgs),
 }
 
 /// `vaultfs serve`.
@@ -82,6 +87,8 @@ pub fn main() -> ExitCode {
         Command::Admin(args) => admin::run(args),
         Command::Login(args) => runtime().map_err(Into::into).and_then(|rt| rt.block_on(user::login(args))),
         Command::Vault(cmd) => runtime().map_err(Into::into).and_then(|rt| rt.block_on(user::vault(cmd))),
+        Command::Mount(args) => mount::mount(args),
+        Command::Unmount(args) => mount::unmount(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -74,7 +74,11 @@ fn login_path() -> Result<PathBuf, String> {
 }
 
 /// Reads the passphrase from `file`, or asks on the terminal (twice if `confirm`).
-fn read_passphrase(file: Option<&Path>, prompt: &str, confirm: bool) -> Result<Zeroizing<String>, String> {
+pub(crate) fn read_passphrase(
+    file: Option<&Path>,
+    prompt: &str,
+    confirm: bool,
+) -> Result<Zeroizing<String>, String> {
     if let Some(path) = file {
         let text = Zeroizing::new(
             std::fs::read_to_string(path)

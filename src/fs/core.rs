@@ -1085,20 +1085,43 @@ impl<R: Remote> VaultFs<R> {
                 .remote()
                 .upload(created.id, created.version, e2e, Some(info.mtime_ms), UploadBody::from_bytes(body))
                 .await?;
-            self.set_file_info(new_ino, |i| {
-                i.version = done.version;
-                i.size = done.size;
-                i.e2e = e2e;
-                i.mtime_ms = info.mtime_ms;
-            });
+            let mut moved = created.clone();
+            moved.version = done.version;
+            moved.size = done.size;
+            moved.e2e = e2e;
+            moved.mtime_ms = info.mtime_ms;
             self.delete_file(info).await?;
-            let mut tree = lock(&self.tree);
-            tree.unlink_ino(ino);
-            tree.nodes.remove(&ino);
+            // The kernel keeps the old inode number for the renamed entry, so the
+            // new file takes it over; open handles and cached data follow.
+            {
+                let mut tree = lock(&self.tree);
+                tree.unlink_ino(new_ino);
+                tree.nodes.remove(&new_ino);
+                tree.keys.remove(&Key::File(info.id));
+                tree.keys.insert(Key::File(created.id), ino);
+                tree.link(
+                    new_parent,
+                    new_name.to_os_string(),
+                    ino,
+                    Node::File { info: moved.clone(), parent: new_parent },
+                );
+            }
+            for file in lock(&self.handles).values_mut() {
+                if *file == info.id {
+                    *file = created.id;
+                }
+            }
+            d.version = moved.version;
             Ok::<_, FsError>(())
         }
         .await;
-        self.cache.unpin(info.id);
+        match &result {
+            Ok(()) => {
+                self.cache.rename(info.id, created_id_of(&self.tree, ino).unwrap_or(info.id));
+                self.cache.unpin(created_id_of(&self.tree, ino).unwrap_or(info.id));
+            }
+            Err(_) => self.cache.unpin(info.id),
+        }
         result
     }
 
@@ -1143,6 +1166,13 @@ impl<R: Remote> VaultFs<R> {
             _ => return Err(FsError::NoAttr),
         };
         Ok(value.into_bytes())
+    }
+}
+
+fn created_id_of(tree: &Mutex<Tree>, ino: Ino) -> Option<FileId> {
+    match lock(tree).nodes.get(&ino)? {
+        Node::File { info, .. } => Some(info.id),
+        _ => None,
     }
 }
 

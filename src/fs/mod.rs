@@ -8,6 +8,7 @@
 
 pub mod core;
 pub mod error;
+pub mod fuse;
 
 pub use self::core::{Attr, FsOptions, Ino, Kind, VaultFs, ROOT};
 pub use self::error::FsError;

@@ -1,0 +1,203 @@
+//! `vaultfs mount` and `vaultfs unmount`.
+//!
+//! Without `--foreground`, `vaultfs mount` starts itself again in the foreground
+//! as a detached child, hands it the passphrase through a pipe (never through the
+//! environment or a file), waits until the child reports the mount ready (or
+//! failed), and returns. The child flushes unsaved files and unmounts on SIGINT
+//! or SIGTERM, or when the mount point is unmounted from outside.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use clap::Args;
+use zeroize::Zeroizing;
+
+use super::user::{read_passphrase, LOGIN_KDF_FLOOR, PASSPHRASE_FILE_ENV};
+use super::CliResult;
+use crate::fs::fuse::FuseAdapter;
+use crate::fs::{FsOptions, VaultFs};
+use crate::remote::account::{config_dir, Account, Unlocked, LOGIN_FILE};
+use crate::remote::http::{HttpRemote, ServerAccess};
+
+/// Line the foreground mount prints once the filesystem is mounted.
+const READY: &str = "vaultfs mount: ready at ";
+
+/// `vaultfs mount`.
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// Where to mount (an empty directory).
+    mountpoint: PathBuf,
+    /// Stay in the foreground (logs to stderr; Ctrl-C unmounts).
+    #[arg(long, short)]
+    foreground: bool,
+    /// Read the passphrase from this file instead of asking.
+    #[arg(long, env = PASSPHRASE_FILE_ENV)]
+    passphrase_file: Option<PathBuf>,
+    /// Plaintext cache budget in MiB (memory only; never written to disk).
+    #[arg(long, default_value_t = 512)]
+    cache_mib: usize,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+    /// Internal: read the passphrase from standard input (set by the parent process).
+    #[arg(long, hide = true)]
+    passphrase_stdin: bool,
+}
+
+/// `vaultfs unmount`.
+#[derive(Debug, Args)]
+pub struct UnmountArgs {
+    /// The mount point.
+    mountpoint: PathBuf,
+}
+
+fn passphrase(args: &MountArgs, user: &str) -> Result<Zeroizing<String>, String> {
+    if args.passphrase_stdin {
+        let mut text = Zeroizing::new(String::new());
+        std::io::stdin().read_to_string(&mut text).map_err(|e| e.to_string())?;
+        return Ok(Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string()));
+    }
+    read_passphrase(args.passphrase_file.as_deref(), &format!("Passphrase for {user}: "), false)
+}
+
+fn check_mountpoint(path: &Path) -> Result<PathBuf, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("{}: not a directory", path.display()));
+    }
+    std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// `vaultfs mount`.
+pub fn mount(args: MountArgs) -> CliResult {
+    let mountpoint = check_mountpoint(&args.mountpoint)?;
+    let login = config_dir().map(|d| d.join(LOGIN_FILE)).ok_or("cannot find a config directory: set HOME")?;
+    let account = Account::load(&login)?;
+    let pass = passphrase(&args, &account.user)?;
+    if !args.foreground {
+        return spawn_background(&args, &mountpoint, &pass);
+    }
+    run_foreground(&args, &mountpoint, &account, &pass)
+}
+
+/// Starts `vaultfs mount --foreground` detached and waits for it to be ready.
+fn spawn_background(args: &MountArgs, mountpoint: &Path, pass: &str) -> CliResult {
+    let exe = std::env::current_exe()?;
+    let mut child = {
+        use std::os::unix::process::CommandExt;
+        Command::new(exe)
+            .arg("mount")
+            .arg(mountpoint)
+            .args(["--foreground", "--passphrase-stdin"])
+            .args(["--cache-mib", &args.cache_mib.to_string(), "--threads", &args.threads.to_string()])
+            .env_remove(PASSPHRASE_FILE_ENV)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            // Its own process group: a Ctrl-C in this terminal does not reach it.
+            .process_group(0)
+            .spawn()?
+    };
+    {
+        let mut stdin = child.stdin.take().ok_or("no pipe to the mount process")?;
+        stdin.write_all(pass.as_bytes())?;
+    }
+    let stdout = child.stdout.take().ok_or("no pipe from the mount process")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        if line.starts_with(READY) {
+            println!(
+                "mounted at {} (process {}); unmount with: vaultfs unmount {}",
+                mountpoint.display(),
+                child.id(),
+                mountpoint.display()
+            );
+            return Ok(());
+        }
+    }
+    let status = child.wait()?;
+    Err(format!("the mount process exited ({status}) before the mount was ready").into())
+}
+
+fn run_foreground(args: &MountArgs, mountpoint: &Path, account: &Account, pass: &str) -> CliResult {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let access = ServerAccess { url: account.server.clone(), trust: account.trust() };
+    let budget = args.cache_mib.saturating_mul(1 << 20);
+    let fs = rt.block_on(async {
+        let remote = HttpRemote::login(&access, &account.user, pass.as_bytes(), LOGIN_KDF_FLOOR).await?;
+        let unlocked = Unlocked::open(remote, pass.as_bytes()).await?;
+        let fs = VaultFs::new(unlocked, FsOptions { cache_budget: budget }).await?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Arc::new(fs))
+    })?;
+    crate::cache::harden::harden_process(budget as u64);
+
+    // SAFETY: getuid/getgid only read the process's ids.
+    #[allow(unsafe_code)]
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let adapter = FuseAdapter::new(Arc::clone(&fs), rt.handle().clone(), uid, gid);
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName(format!("vaultfs:{}", account.server)),
+        fuser::MountOption::Subtype("vaultfs".into()),
+        fuser::MountOption::NoAtime,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+    ];
+    config.n_threads = Some(args.threads.max(1));
+    config.clone_fd = true;
+    let session = fuser::Session::new(adapter, mountpoint, &config)
+        .map_err(|e| format!("mounting {}: {e}", mountpoint.display()))?;
+    let background = session.spawn()?;
+    println!("{READY}{}", mountpoint.display());
+    let _ = std::io::stdout().flush();
+    tracing::info!(mountpoint = %mountpoint.display(), "mounted");
+
+    // Until a signal, or until someone unmounts the mount point from outside.
+    let session_ended = rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let ended = async {
+            while !background.guard.is_finished() {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        };
+        let outcome = tokio::select! {
+            _ = int.recv() => false,
+            _ = term.recv() => false,
+            _ = ended => true,
+        };
+        Ok::<_, std::io::Error>(outcome)
+    })?;
+    let failed = rt.block_on(fs.flush_all());
+    if failed > 0 {
+        tracing::error!(failed, "some files could not be saved before unmounting");
+    }
+    if session_ended {
+        background.join()?;
+    } else {
+        background.umount_and_join()?;
+    }
+    tracing::info!("unmounted");
+    if failed > 0 {
+        return Err(format!("{failed} file(s) could not be saved").into());
+    }
+    Ok(())
+}
+
+/// `vaultfs unmount`: the same as `fusermount3 -u`, falling back to umount(8).
+pub fn unmount(args: UnmountArgs) -> CliResult {
+    let path = &args.mountpoint;
+    for (cmd, cmd_args) in [("fusermount3", &["-u"][..]), ("fusermount", &["-u"][..]), ("umount", &[][..])] {
+        match Command::new(cmd).args(cmd_args).arg(path).status() {
+            Ok(s) if s.success() => {
+                println!("unmounted {}", path.display());
+                return Ok(());
+            }
+            Ok(_) | Err(_) => continue,
+        }
+    }
+    Err(format!("could not unmount {} (is it mounted?)", path.display()).into())
+}

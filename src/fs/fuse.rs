@@ -1,0 +1,420 @@
+//! The FUSE adapter: forwards kernel requests to [`VaultFs`] and nothing more.
+//!
+//! Each request is copied into an owned task on the tokio runtime and answered
+//! from there, so a slow upload or download never blocks the FUSE worker threads
+//! (which are several: `n_threads` with one cloned /dev/fuse fd each). Errors go
+//! through [`FsError::errno`], the one place errno values are chosen, and are
+//! logged at a level that fits them.
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
+    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use tracing::Instrument;
+
+use super::core::{Attr, Kind, VaultFs};
+use super::error::FsError;
+use crate::remote::Remote;
+
+/// How long the kernel may cache attributes and names. Short, because other
+/// clients change the vault too; our own changes are always visible at once.
+const TTL: Duration = Duration::from_secs(1);
+/// Largest write the kernel sends in one request.
+pub const MAX_WRITE: u32 = 1 << 20;
+
+/// The adapter.
+pub struct FuseAdapter<R> {
+    fs: Arc<VaultFs<R>>,
+    rt: tokio::runtime::Handle,
+    uid: u32,
+    gid: u32,
+}
+
+impl<R: Remote> FuseAdapter<R> {
+    /// An adapter running `fs` on `rt`, presenting files as owned by `uid`/`gid`.
+    pub fn new(fs: Arc<VaultFs<R>>, rt: tokio::runtime::Handle, uid: u32, gid: u32) -> Self {
+        FuseAdapter { fs, rt, uid, gid }
+    }
+
+    /// Runs `op` on the runtime inside a span naming the operation.
+    fn spawn<F>(&self, name: &'static str, ino: u64, op: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(op.instrument(tracing::debug_span!("fuse", op = name, ino)));
+    }
+}
+
+fn errno(op: &str, e: &FsError) -> Errno {
+    if e.is_expected() {
+        tracing::debug!(op, error = %e);
+    } else {
+        tracing::warn!(op, error = %e, errno = e.errno());
+    }
+    Errno::from_i32(e.errno())
+}
+
+fn time_of(t: TimeOrNow) -> SystemTime {
+    match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    }
+}
+
+impl<R: Remote> Filesystem for FuseAdapter<R> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Large writes: fewer round trips through the kernel for sequential writes.
+        let _ = config.set_max_write(MAX_WRITE);
+        let _ = config.set_max_readahead(MAX_WRITE);
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        let fs = Arc::clone(&self.fs);
+        let failed = self.rt.block_on(async move { fs.flush_all().await });
+        if failed > 0 {
+            tracing::error!(failed, "unmounted with files that could not be saved");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let (fs, name, me) = (Arc::clone(&self.fs), name.to_owned(), self.clone_attrs());
+        self.spawn("lookup", parent.0, async move {
+            match fs.lookup(parent.0, &name).await {
+                Ok(a) => reply.entry(&TTL, &me.attr(&a), Generation(0)),
+                Err(e) => reply.error(errno("lookup", &e)),
+            }
+        });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let (fs, me) = (Arc::clone(&self.fs), self.clone_attrs());
+        self.spawn("getattr", ino.0, async move {
+            match fs.getattr(ino.0).await {
+                Ok(a) => reply.attr(&TTL, &me.attr(&a)),
+                Err(e) => reply.error(errno("getattr", &e)),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        // Mode and ownership are presented, not stored: accepted and ignored, so
+        // `cp -a` and editors that chmod do not fail.
+        let (fs, me) = (Arc::clone(&self.fs), self.clone_attrs());
+        self.spawn("setattr", ino.0, async move {
+            match fs.setattr(ino.0, size, mtime.map(time_of)).await {
+                Ok(a) => reply.attr(&TTL, &me.attr(&a)),
+                Err(e) => reply.error(errno("setattr", &e)),
+            }
+        });
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let (fs, name, me) = (Arc::clone(&self.fs), name.to_owned(), self.clone_attrs());
+        self.spawn("mkdir", parent.0, async move {
+            match fs.mkdir(parent.0, &name).await {
+                Ok(a) => reply.entry(&TTL, &me.attr(&a), Generation(0)),
+                Err(e) => reply.error(errno("mkdir", &e)),
+            }
+        });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (fs, name) = (Arc::clone(&self.fs), name.to_owned());
+        self.spawn("unlink", parent.0, async move {
+            match fs.unlink(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("unlink", &e)),
+            }
+        });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let (fs, name) = (Arc::clone(&self.fs), name.to_owned());
+        self.spawn("rmdir", parent.0, async move {
+            match fs.rmdir(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("rmdir", &e)),
+            }
+        });
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if flags.bits() != 0 {
+            // RENAME_NOREPLACE / RENAME_EXCHANGE are not supported atomically.
+            reply.error(Errno::from_i32(libc::EINVAL));
+            return;
+        }
+        let (fs, name, newname) = (Arc::clone(&self.fs), name.to_owned(), newname.to_owned());
+        self.spawn("rename", parent.0, async move {
+            match fs.rename(parent.0, &name, newparent.0, &newname).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("rename", &e)),
+            }
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let fs = Arc::clone(&self.fs);
+        let truncate = flags.0 & libc::O_TRUNC != 0;
+        self.spawn("open", ino.0, async move {
+            match fs.open(ino.0, truncate).await {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(errno("open", &e)),
+            }
+        });
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let (fs, name, me) = (Arc::clone(&self.fs), name.to_owned(), self.clone_attrs());
+        self.spawn("create", parent.0, async move {
+            match fs.create(parent.0, &name).await {
+                Ok((a, fh)) => {
+                    reply.created(&TTL, &me.attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
+                }
+                Err(e) => reply.error(errno("create", &e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let fs = Arc::clone(&self.fs);
+        self.spawn("read", ino.0, async move {
+            match fs.read(fh.0, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno("read", &e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let fs = Arc::clone(&self.fs);
+        let data = zeroize::Zeroizing::new(data.to_vec());
+        self.spawn("write", ino.0, async move {
+            match fs.write(fh.0, offset, &data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno("write", &e)),
+            }
+        });
+    }
+
+    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        let fs = Arc::clone(&self.fs);
+        self.spawn("flush", ino.0, async move {
+            match fs.flush(ino.0, fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("flush", &e)),
+            }
+        });
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let fs = Arc::clone(&self.fs);
+        self.spawn("fsync", ino.0, async move {
+            match fs.flush(ino.0, fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("fsync", &e)),
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let fs = Arc::clone(&self.fs);
+        self.spawn("release", ino.0, async move {
+            match fs.release(ino.0, fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("release", &e)),
+            }
+        });
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let fs = Arc::clone(&self.fs);
+        self.spawn("readdir", ino.0, async move {
+            let entries = match fs.readdir(ino.0).await {
+                Ok(e) => e,
+                Err(e) => return reply.error(errno("readdir", &e)),
+            };
+            let parent = fs.parent(ino.0);
+            let all =
+                [(ino.0, Kind::Dir, ".".into()), (parent, Kind::Dir, "..".into())].into_iter().chain(entries);
+            for (i, (child, kind, name)) in all.enumerate().skip(offset as usize) {
+                let kind = if kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile };
+                if reply.add(INodeNo(child), (i + 1) as u64, kind, &name) {
+                    break;
+                }
+            }
+            reply.ok();
+        });
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // The server does not report its free space; the user's upload limit bounds
+        // any single file. Report a large, stable capacity so tools do not refuse.
+        let blocks = 1u64 << 32;
+        reply.statfs(blocks, blocks, blocks, 1 << 30, 1 << 30, 4096, super::core::NAME_MAX as u32, 4096);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        // Documented choice: only vaultfs's own read-only attributes exist.
+        reply.error(Errno::from_i32(FsError::NotSupported.errno()));
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.fs.getxattr(ino.0, name) {
+            Ok(value) if size == 0 => reply.size(value.len() as u32),
+            Ok(value) if value.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
+            Ok(value) => reply.data(&value),
+            Err(e) => reply.error(errno("getxattr", &e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.fs.listxattr(ino.0) {
+            Ok(names) => {
+                let mut buf = Vec::new();
+                for n in names {
+                    buf.extend_from_slice(n.as_bytes());
+                    buf.push(0);
+                }
+                if size == 0 {
+                    reply.size(buf.len() as u32);
+                } else if buf.len() > size as usize {
+                    reply.error(Errno::from_i32(libc::ERANGE));
+                } else {
+                    reply.data(&buf);
+                }
+            }
+            Err(e) => reply.error(errno("listxattr", &e)),
+        }
+    }
+}
+
+/// What replies need to build attributes, cheap to move into a task.
+#[derive(Clone, Copy)]
+struct Owner {
+    uid: u32,
+    gid: u32,
+}
+
+impl<R> FuseAdapter<R> {
+    fn clone_attrs(&self) -> AttrMaker {
+        AttrMaker(Owner { uid: self.uid, gid: self.gid })
+    }
+}
+
+/// Builds kernel attributes inside a task.
+struct AttrMaker(Owner);
+
+impl AttrMaker {
+    fn attr(&self, a: &Attr) -> FileAttr {
+        let kind = match a.kind {
+            Kind::Dir => FileType::Directory,
+            Kind::File => FileType::RegularFile,
+        };
+        FileAttr {
+            ino: INodeNo(a.ino),
+            size: a.size,
+            blocks: a.size.div_ceil(512),
+            atime: a.mtime,
+            mtime: a.mtime,
+            ctime: a.mtime,
+            crtime: a.mtime,
+            kind,
+            perm: a.perm,
+            nlink: if a.kind == Kind::Dir { 2 } else { 1 },
+            uid: self.0.uid,
+            gid: self.0.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+}
