@@ -178,13 +178,53 @@ fn run_foreground(args: &MountArgs, mountpoint: &Path, account: &Account, pass: 
     if session_ended {
         background.join()?;
     } else {
-        background.umount_and_join()?;
+        match unmount_path(mountpoint, false) {
+            Ok(()) => {
+                background.join()?;
+                tracing::info!("unmounted");
+            }
+            Err(e) => {
+                // Files are still open (a shell sitting in the mount, say). Everything
+                // is saved, so detach the mount and leave; those handles get errors.
+                tracing::warn!(error = %e, "mount busy; detaching it (open files lose access)");
+                unmount_path(mountpoint, true)
+                    .map_err(|e| format!("unmounting {}: {e}", mountpoint.display()))?;
+                if failed > 0 {
+                    return Err(format!("{failed} file(s) could not be saved").into());
+                }
+                std::process::exit(0);
+            }
+        }
     }
-    tracing::info!("unmounted");
     if failed > 0 {
         return Err(format!("{failed} file(s) could not be saved").into());
     }
     Ok(())
+}
+
+/// Unmounts `path` (lazily: detached even while files are open): umount2(2) as
+/// root, else `fusermount3 -u` (`-z` for lazy), as unprivileged FUSE requires.
+fn unmount_path(path: &Path, lazy: bool) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    // SAFETY: umount2 reads the NUL-terminated path we own for the call's duration.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::umount2(c_path.as_ptr(), flags) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EPERM) {
+        return Err(err);
+    }
+    let mut cmd = Command::new("fusermount3");
+    cmd.arg(if lazy { "-uz" } else { "-u" }).arg(path);
+    match cmd.status() {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(std::io::Error::other(format!("fusermount3 exited with {s}"))),
+        Err(e) => Err(e),
+    }
 }
 
 /// `vaultfs unmount`: the same as `fusermount3 -u`, falling back to umount(8).

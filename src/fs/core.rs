@@ -630,7 +630,7 @@ impl<R: Remote> VaultFs<R> {
         let result = async {
             let mut d = handle.lock().await;
             if truncate {
-                if !d.loaded || d.bytes.len() > 0 || info.size > 0 {
+                if !d.loaded || !d.bytes.is_empty() || info.size > 0 {
                     d.dirty = true;
                 }
                 d.bytes = Zeroizing::new(Vec::new());

@@ -1,0 +1,157 @@
+//! A real `vaultfs mount` over a real `vaultfs serve`, for mount tests.
+//!
+//! Everything lives in a temporary directory: server data, the user's config
+//! (XDG_CONFIG_HOME), and the mount point. Dropping the handle stops the mount
+//! process (SIGTERM, so it flushes and unmounts), forces an unmount if it is still
+//! mounted, and then stops the server, also when the test panicked.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::server::{vaultfs_bin, TestServer};
+
+pub struct TestMount {
+    pub mountpoint: PathBuf,
+    pub home: PathBuf,
+    pub pass: PathBuf,
+    child: Option<Child>,
+    /// The daemon's stderr, collected in memory (a log *file* would be a regular
+    /// file open for writing in the daemon, which the canary test forbids).
+    stderr_log: std::sync::Arc<std::sync::Mutex<String>>,
+    pub server: TestServer,
+    _dir: tempfile::TempDir,
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let target = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(target.to_str().unwrap_or(""))))
+        .unwrap_or(false)
+}
+
+/// Whether this machine can run mount tests at all.
+pub fn fuse_available() -> bool {
+    Path::new("/dev/fuse").exists()
+}
+
+impl TestMount {
+    /// A server with user "alice" (vault "Family"), mounted.
+    pub fn start() -> Self {
+        assert!(fuse_available(), "/dev/fuse is missing: mount tests need FUSE (CI installs fuse3)");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("server.toml");
+        std::fs::write(&config, "[login_kdf]\nm_cost_kib = 19456\nt_cost = 2\np_cost = 1\n").unwrap();
+        let server = TestServer::start_with_config(&dir.path().join("data"), &config);
+        let home = dir.path().join("home");
+        let pass = dir.path().join("pass");
+        std::fs::create_dir_all(&home).unwrap();
+        std::fs::write(&pass, "mount test passphrase").unwrap();
+        let code = server.add_user("alice", &[]);
+        let run = |args: &[&str]| {
+            let out = Command::new(vaultfs_bin())
+                .args(args)
+                .env("XDG_CONFIG_HOME", &home)
+                .env("VAULTFS_PASSPHRASE_FILE", &pass)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let fp = server.fingerprint.clone().unwrap();
+        run(&["login", "--server", &server.url, "--user", "alice", "--fingerprint", &fp, "--enroll", &code]);
+        run(&["vault", "create", "Family"]);
+        let mountpoint = dir.path().join("mnt");
+        std::fs::create_dir_all(&mountpoint).unwrap();
+        let stderr_log = Default::default();
+        let mut m = TestMount { mountpoint, home, pass, child: None, stderr_log, server, _dir: dir };
+        m.mount();
+        m
+    }
+
+    /// Starts the mount process and waits until it is ready.
+    pub fn mount(&mut self) {
+        let mut child = Command::new(vaultfs_bin())
+            .arg("mount")
+            .arg(&self.mountpoint)
+            .arg("--foreground")
+            .env("XDG_CONFIG_HOME", &self.home)
+            .env("VAULTFS_PASSPHRASE_FILE", &self.pass)
+            .env("VAULTFS_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vaultfs mount");
+        let stderr = child.stderr.take().unwrap();
+        let sink = std::sync::Arc::clone(&self.stderr_log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        self.child = Some(child);
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if line.starts_with("vaultfs mount: ready") => {}
+            other => panic!("mount did not become ready: {other:?}\n{}", self.log()),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.stderr_log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Path inside the mount.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mountpoint.join(rel)
+    }
+
+    /// Pid of the mount daemon.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Stops the daemon with SIGTERM (it flushes and unmounts) and waits.
+    pub fn unmount(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY-free: kill(1) sends the signal.
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                break Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        if is_mounted(&self.mountpoint) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
+        }
+        status
+    }
+
+    pub fn is_mounted(&self) -> bool {
+        is_mounted(&self.mountpoint)
+    }
+}
+
+impl Drop for TestMount {
+    fn drop(&mut self) {
+        self.unmount();
+        if is_mounted(&self.mountpoint) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
+        }
+    }
+}
