@@ -29,10 +29,10 @@ pub struct Cli {
 pub enum Command {
     /// Run vaultfs end to end on this machine with one command.
     ///
-    /// Today this walks through the vault format in memory: a wallet unlocked by a
-    /// passphrase, a file sealed and opened, a name sealed, and tampering caught.
-    /// The mount and the demo that runs server and mount together land next.
-    Demo,
+    /// Starts a vault server on loopback, creates a demo user and vault, mounts
+    /// it (at MOUNTPOINT, or a new temporary directory) and says what to try.
+    /// Ctrl-C saves, unmounts, stops the server and removes what it created.
+    Demo(demo::DemoArgs),
     /// Run the vault server.
     Serve(ServeArgs),
     /// Administer a server: users, their limits, vaults (run on the server machine).
@@ -82,7 +82,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let result: CliResult = match cli.command {
-        Command::Demo => demo::run().map_err(Into::into),
+        Command::Demo(args) => demo::run(args),
         Command::Serve(args) => serve(args),
         Command::Admin(args) => admin::run(args),
         Command::Login(args) => runtime().map_err(Into::into).and_then(|rt| rt.block_on(user::login(args))),
@@ -165,7 +165,11 @@ mod tests {
 
     #[test]
     fn subcommands_parse() {
-        assert!(matches!(Cli::try_parse_from(["vaultfs", "demo"]).unwrap().command, Command::Demo));
+        assert!(matches!(Cli::try_parse_from(["vaultfs", "demo"]).unwrap().command, Command::Demo(_)));
+        assert!(matches!(
+            Cli::try_parse_from(["vaultfs", "demo", "/mnt/x"]).unwrap().command,
+            Command::Demo(_)
+        ));
         let serve =
             Cli::try_parse_from(["vaultfs", "serve", "--listen", "127.0.0.1:0", "--plain-http"]).unwrap();
         assert!(matches!(serve.command, Command::Serve(ServeArgs { plain_http: true, .. })));

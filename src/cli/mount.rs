@@ -132,28 +132,48 @@ fn run_foreground(args: &MountArgs, mountpoint: &Path, account: &Account, pass: 
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Arc::new(fs))
     })?;
     crate::cache::harden::harden_process(budget as u64);
+    let background = start_session(&fs, rt.handle(), mountpoint, &account.server, args.threads)?;
+    println!("{READY}{}", mountpoint.display());
+    let _ = std::io::stdout().flush();
+    tracing::info!(mountpoint = %mountpoint.display(), "mounted");
+    serve_until_stopped(&rt, &fs, background, mountpoint)
+}
 
+/// Mounts `fs` at `mountpoint` with FUSE worker threads.
+pub(crate) fn start_session<R: crate::remote::Remote>(
+    fs: &Arc<VaultFs<R>>,
+    rt: &tokio::runtime::Handle,
+    mountpoint: &Path,
+    source: &str,
+    threads: usize,
+) -> Result<fuser::BackgroundSession, String> {
     // SAFETY: getuid/getgid only read the process's ids.
     #[allow(unsafe_code)]
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let adapter = FuseAdapter::new(Arc::clone(&fs), rt.handle().clone(), uid, gid);
+    let adapter = FuseAdapter::new(Arc::clone(fs), rt.clone(), uid, gid);
     let mut config = fuser::Config::default();
     config.mount_options = vec![
-        fuser::MountOption::FSName(format!("vaultfs:{}", account.server)),
+        fuser::MountOption::FSName(format!("vaultfs:{source}")),
         fuser::MountOption::Subtype("vaultfs".into()),
         fuser::MountOption::NoAtime,
         fuser::MountOption::NoDev,
         fuser::MountOption::NoSuid,
     ];
-    config.n_threads = Some(args.threads.max(1));
+    config.n_threads = Some(threads.max(1));
     config.clone_fd = true;
     let session = fuser::Session::new(adapter, mountpoint, &config)
         .map_err(|e| format!("mounting {}: {e}", mountpoint.display()))?;
-    let background = session.spawn()?;
-    println!("{READY}{}", mountpoint.display());
-    let _ = std::io::stdout().flush();
-    tracing::info!(mountpoint = %mountpoint.display(), "mounted");
+    session.spawn().map_err(|e| format!("starting the FUSE session: {e}"))
+}
 
+/// Waits for SIGINT/SIGTERM (or an unmount from outside), saves every unsaved
+/// file, and unmounts: lazily if files are still open.
+pub(crate) fn serve_until_stopped<R: crate::remote::Remote>(
+    rt: &tokio::runtime::Runtime,
+    fs: &Arc<VaultFs<R>>,
+    background: fuser::BackgroundSession,
+    mountpoint: &Path,
+) -> CliResult {
     // Until a signal, or until someone unmounts the mount point from outside.
     let session_ended = rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
@@ -192,7 +212,7 @@ fn run_foreground(args: &MountArgs, mountpoint: &Path, account: &Account, pass: 
                 if failed > 0 {
                     return Err(format!("{failed} file(s) could not be saved").into());
                 }
-                std::process::exit(0);
+                return Ok(());
             }
         }
     }

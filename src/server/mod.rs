@@ -76,6 +76,16 @@ pub struct Started {
 /// Runs the server until SIGINT or SIGTERM. `on_start` is called once the socket
 /// is bound (the CLI prints the address and fingerprint there).
 pub async fn run(config: ServerConfig, on_start: impl FnOnce(&Started)) -> Result<(), ServeError> {
+    run_until(config, on_start, wait_for_signal()).await
+}
+
+/// Runs the server until `shutdown` completes (the demo stops it itself, after
+/// the mount has saved everything).
+pub async fn run_until(
+    config: ServerConfig,
+    on_start: impl FnOnce(&Started),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let mut meta = open_meta(&config.data_dir)?;
     admin::record_defaults(
         &mut meta,
@@ -98,11 +108,11 @@ pub async fn run(config: ServerConfig, on_start: impl FnOnce(&Started)) -> Resul
         .map_err(io_err(format!("listening on {}", config.listen)))?;
     let addr = listener.local_addr().map_err(io_err("reading the bound address"))?;
     let handle = axum_server::Handle::new();
-    let shutdown = handle.clone();
+    let stopper = handle.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        shutdown.await;
         tracing::info!("shutting down");
-        shutdown.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
+        stopper.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
     });
 
     if config.plain_http {
