@@ -1,0 +1,126 @@
+//! Mount throughput on this machine: a real `vaultfs serve` on loopback and a real
+//! `vaultfs mount` (release build), measured with ordinary file operations.
+//!
+//! `cargo bench --bench mount` prints a markdown table; `-- --quick` runs a small
+//! version (a smoke test for CI). Figures, not pass/fail.
+
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code)]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::mount::TestMount;
+
+fn median(mut xs: Vec<Duration>) -> Duration {
+    xs.sort();
+    xs[xs.len() / 2]
+}
+
+fn time<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let t = Instant::now();
+    let v = f();
+    (v, t.elapsed())
+}
+
+fn mb_s(bytes: usize, d: Duration) -> String {
+    format!("{:.0} MB/s", bytes as f64 / d.as_secs_f64() / 1e6)
+}
+
+fn walk(dir: &std::path::Path) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let _ = e.metadata().unwrap();
+        n += 1;
+        if e.file_type().unwrap().is_dir() {
+            n += walk(&e.path());
+        }
+    }
+    n
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (size, files, reps) = if quick { (3_000_000, 200, 1) } else { (30_000_000, 2000, 3) };
+    let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+    let mut m = TestMount::start();
+    let dir = m.path("Family/bench");
+    std::fs::create_dir(&dir).unwrap();
+
+    let mut write = Vec::new();
+    let mut warm = Vec::new();
+    let mut cold = Vec::new();
+    for r in 0..reps {
+        let p = dir.join(format!("big{r}.bin"));
+        let (_, d) = time(|| std::fs::write(&p, &data).unwrap());
+        write.push(d);
+        let (got, d) = time(|| std::fs::read(&p).unwrap());
+        assert!(got == data);
+        warm.push(d);
+    }
+    m.unmount();
+    m.mount();
+    for r in 0..reps {
+        let p = m.path(&format!("Family/bench/big{r}.bin"));
+        let (got, d) = time(|| std::fs::read(&p).unwrap());
+        assert!(got == data);
+        cold.push(d);
+    }
+
+    // Many small files, spread over records like an unpacked source tree.
+    let small = m.path("Family/tree");
+    std::fs::create_dir(&small).unwrap();
+    let (_, small_write) = time(|| {
+        for i in 0..files {
+            let d = small.join(format!("d{}", i % 40));
+            if i < 40 {
+                std::fs::create_dir(&d).unwrap();
+            }
+            std::fs::write(d.join(format!("f{i}.txt")), vec![b'x'; 1000 + (i * 37) % 9000]).unwrap();
+        }
+    });
+    m.unmount();
+    m.mount();
+    let root = m.path("Family/tree");
+    let (n, list_cold) = time(|| walk(&root));
+    let (_, list_warm) = time(|| walk(&root));
+    assert_eq!(n, files + 40);
+
+    println!(
+        "\n## vaultfs mount on loopback ({} build)\n",
+        if cfg!(debug_assertions) { "debug" } else { "release" }
+    );
+    println!("| workload | time | rate |");
+    println!("|---|---:|---:|");
+    let w = median(write);
+    println!(
+        "| write+close {} MB (stored on the server when close returns) | {:.3} s | {} |",
+        size / 1_000_000,
+        w.as_secs_f64(),
+        mb_s(size, w)
+    );
+    let r = median(warm);
+    println!(
+        "| read {} MB warm (plaintext cache) | {:.3} s | {} |",
+        size / 1_000_000,
+        r.as_secs_f64(),
+        mb_s(size, r)
+    );
+    let c = median(cold);
+    println!(
+        "| read {} MB cold (after remount: download + decrypt) | {:.3} s | {} |",
+        size / 1_000_000,
+        c.as_secs_f64(),
+        mb_s(size, c)
+    );
+    println!(
+        "| write {files} small files in 40 records | {:.2} s | {:.1} ms/file |",
+        small_write.as_secs_f64(),
+        small_write.as_secs_f64() * 1000.0 / files as f64
+    );
+    println!(
+        "| list them recursively with stat, cold (after remount) | {:.3} s | |",
+        list_cold.as_secs_f64()
+    );
+    println!("| list them recursively with stat, warm | {:.3} s | |", list_warm.as_secs_f64());
+}
