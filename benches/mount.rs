@@ -5,7 +5,6 @@
 //! version (a smoke test for CI). Figures, not pass/fail.
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use std::time::{Duration, Instant};
