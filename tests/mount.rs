@@ -290,3 +290,52 @@ fn a_30_mb_file_round_trips_and_survives_a_remount() {
         "30 MB: write+close {write:?}, warm read {warm:?}, cold read after remount {cold:?} (debug build)"
     );
 }
+
+#[test]
+fn background_mount_and_vaultfs_unmount() {
+    let mut m = TestMount::start();
+    std::fs::create_dir(m.path("Family/r")).unwrap();
+    std::fs::write(m.path("Family/r/a.txt"), b"kept").unwrap();
+    m.unmount();
+    assert!(!m.is_mounted());
+
+    // Without --foreground: returns once mounted, leaving a detached daemon.
+    let out = Command::new(support::server::vaultfs_bin())
+        .arg("mount")
+        .arg(&m.mountpoint)
+        .env("XDG_CONFIG_HOME", &m.home)
+        .env("VAULTFS_PASSPHRASE_FILE", &m.pass)
+        .env("VAULTFS_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let pid: Option<u32> =
+        stdout.split("(process ").nth(1).and_then(|r| r.split(')').next()).and_then(|p| p.parse().ok());
+    struct Reap(Option<u32>, std::path::PathBuf);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.1).status();
+            if let Some(pid) = self.0 {
+                let _ = Command::new("kill").arg(pid.to_string()).status();
+            }
+        }
+    }
+    let _reap = Reap(pid, m.mountpoint.clone());
+    assert!(pid.is_some(), "{stdout}");
+    assert!(m.is_mounted());
+    assert_eq!(std::fs::read(m.path("Family/r/a.txt")).unwrap(), b"kept");
+
+    let out =
+        Command::new(support::server::vaultfs_bin()).arg("unmount").arg(&m.mountpoint).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!m.is_mounted());
+    // The daemon goes away once unmounted.
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        !Path::new(&format!("/proc/{}", pid.unwrap())).exists()
+            || std::fs::read_to_string(format!("/proc/{}/stat", pid.unwrap()))
+                .is_ok_and(|s| s.contains(") Z "))
+    });
+    assert!(gone, "the background daemon did not exit after unmount");
+}

@@ -136,6 +136,11 @@ fn run_foreground(args: &MountArgs, mountpoint: &Path, account: &Account, pass: 
     println!("{READY}{}", mountpoint.display());
     let _ = std::io::stdout().flush();
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
+    if args.passphrase_stdin {
+        // Started in the background by `vaultfs mount`: let go of the caller's
+        // terminal and pipes, or whoever waits for them to close waits forever.
+        detach_stdio();
+    }
     serve_until_stopped(&rt, &fs, background, mountpoint)
 }
 
@@ -220,6 +225,19 @@ pub(crate) fn serve_until_stopped<R: crate::remote::Remote>(
         return Err(format!("{failed} file(s) could not be saved").into());
     }
     Ok(())
+}
+
+/// Points stdin, stdout and stderr at /dev/null.
+fn detach_stdio() {
+    let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") else { return };
+    let fd = std::os::unix::io::AsRawFd::as_raw_fd(&null);
+    for target in 0..=2 {
+        // SAFETY: dup2 onto the standard descriptors with a valid open fd.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::dup2(fd, target);
+        }
+    }
 }
 
 /// Unmounts `path` (lazily: detached even while files are open): umount2(2) as
