@@ -68,7 +68,7 @@ async fn read_file<R: vaultfs::remote::Remote>(
     name: &str,
 ) -> Result<Vec<u8>, FsError> {
     let attr = fs.lookup(dir, n(name)).await?;
-    let fh = fs.open(attr.ino, false).await?;
+    let fh = fs.open(attr.ino, false, false).await?;
     let data = fs.read(fh, 0, u32::MAX).await;
     fs.release(attr.ino, fh).await?;
     data
@@ -134,7 +134,7 @@ async fn writes_at_offsets_truncation_and_reopen() {
     fs.release(attr.ino, fh).await.unwrap();
 
     // O_TRUNC, then append-like writes.
-    let fh = fs.open(attr.ino, true).await.unwrap();
+    let fh = fs.open(attr.ino, true, true).await.unwrap();
     assert_eq!(fs.getattr(attr.ino).await.unwrap().size, 0);
     fs.write(fh, 0, b"abc").await.unwrap();
     fs.write(fh, 3, b"def").await.unwrap();
@@ -173,7 +173,7 @@ async fn renames_moves_and_the_editor_save_pattern() {
     // The kernel keeps the inode number of a renamed entry: it must stay valid.
     assert_eq!(fs.lookup(r2.ino, n("moved.txt")).await.unwrap().ino, before);
     assert_eq!(fs.getattr(before).await.unwrap().size, 9);
-    let fh = fs.open(before, false).await.unwrap();
+    let fh = fs.open(before, false, false).await.unwrap();
     assert_eq!(fs.read(fh, 0, 100).await.unwrap(), b"version 1");
     fs.release(before, fh).await.unwrap();
     assert_eq!(read_file(&fs, r2.ino, "moved.txt").await.unwrap(), b"version 1");
@@ -210,8 +210,8 @@ async fn two_mounts_editing_one_file_keep_both_versions() {
     let r2 = fs2.lookup(v2.ino, n("r")).await.unwrap();
     let a1 = fs1.lookup(r1.ino, n("shared.txt")).await.unwrap();
     let a2 = fs2.lookup(r2.ino, n("shared.txt")).await.unwrap();
-    let h1 = fs1.open(a1.ino, false).await.unwrap();
-    let h2 = fs2.open(a2.ino, false).await.unwrap();
+    let h1 = fs1.open(a1.ino, false, true).await.unwrap();
+    let h2 = fs2.open(a2.ino, false, true).await.unwrap();
     fs1.write(h1, 0, b"edit from mount one").await.unwrap();
     fs2.write(h2, 0, b"edit from mount two").await.unwrap();
     fs1.flush(a1.ino, h1).await.unwrap();
@@ -324,7 +324,7 @@ async fn run_model(ops: Vec<Op>) {
             Op::Write { file, offset, data } => {
                 let name = fname(file);
                 let (ino, fh) = match fs.lookup(dir, n(&name)).await {
-                    Ok(a) => (a.ino, fs.open(a.ino, false).await.unwrap()),
+                    Ok(a) => (a.ino, fs.open(a.ino, false, true).await.unwrap()),
                     Err(_) => {
                         let (a, fh) = fs.create(dir, n(&name)).await.unwrap();
                         (a.ino, fh)
@@ -388,4 +388,59 @@ proptest! {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(run_model(ops));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_above_the_e2e_limit_stream_through_as_plain_https() {
+    // setup(): e2e limit 5 MB, upload limit 10 MB.
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let data: Vec<u8> = (0..8_000_000u32).map(|i| (i % 253) as u8).collect();
+    let (attr, fh) = fs.create(r.ino, n("video.mkv")).await.unwrap();
+    for (i, piece) in data.chunks(1 << 20).enumerate() {
+        fs.write(fh, (i << 20) as u64, piece).await.unwrap();
+    }
+    assert_eq!(fs.getattr(attr.ino).await.unwrap().size, 8_000_000, "size while streaming");
+    assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"uploading");
+    // Only sequential writes can go on while streaming.
+    assert_eq!(fs.write(fh, 0, b"rewrite").await.unwrap_err().errno(), libc::EIO);
+    fs.flush(attr.ino, fh).await.unwrap();
+    fs.release(attr.ino, fh).await.unwrap();
+    assert_eq!(fs.getxattr(attr.ino, n(XATTR_E2E)).unwrap(), b"0", "marked as not end-to-end encrypted");
+    assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"clean");
+
+    // A fresh mount reads it in ranges from the server.
+    let fs2 = mount(s.alice.clone()).await;
+    let v2 = fs2.lookup(ROOT, n("V")).await.unwrap();
+    let r2 = fs2.lookup(v2.ino, n("r")).await.unwrap();
+    let a2 = fs2.lookup(r2.ino, n("video.mkv")).await.unwrap();
+    assert_eq!(a2.size, 8_000_000);
+    let fh2 = fs2.open(a2.ino, false, false).await.unwrap();
+    assert_eq!(fs2.read(fh2, 7_999_990, 100).await.unwrap(), data[7_999_990..]);
+    assert_eq!(fs2.read(fh2, 123_456, 4096).await.unwrap(), data[123_456..127_552]);
+    let mut all = Vec::new();
+    while (all.len() as u64) < a2.size {
+        all.extend(fs2.read(fh2, all.len() as u64, 131_072).await.unwrap());
+    }
+    assert!(all == data);
+    fs2.release(a2.ino, fh2).await.unwrap();
+    // Nothing of it went into the plaintext cache.
+    assert_eq!(fs2.cache().stats().used, 0);
+
+    // Past the upload limit: EFBIG at the write that crosses it.
+    let (attr, fh) = fs.create(r.ino, n("too big")).await.unwrap();
+    let piece = vec![7u8; 1 << 20];
+    let mut offset = 0u64;
+    let err = loop {
+        match fs.write(fh, offset, &piece).await {
+            Ok(n) => offset += u64::from(n),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.errno(), libc::EFBIG);
+    assert!(offset <= 10_000_000 && offset + (1 << 20) > 10_000_000, "failed at {offset}");
+    let _ = fs.flush(attr.ino, fh).await;
+    fs.release(attr.ino, fh).await.unwrap();
 }

@@ -339,3 +339,40 @@ fn background_mount_and_vaultfs_unmount() {
     });
     assert!(gone, "the background daemon did not exit after unmount");
 }
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn large_files_pass_through_without_being_held_in_memory() {
+    let mut m = TestMount::start();
+    let dir = m.path("Family/media");
+    std::fs::create_dir(&dir).unwrap();
+    // Above the default end-to-end limit of 30 MB: streamed as plain HTTPS.
+    let data = pattern(250_000_000, 11);
+    std::fs::write(dir.join("video.bin"), &data).unwrap();
+    let out = Command::new("getfattr")
+        .args(["-n", "user.vaultfs.e2e", "--only-values"])
+        .arg(dir.join("video.bin"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "0", "must be marked as not end-to-end encrypted");
+    assert_eq!(std::fs::metadata(dir.join("video.bin")).unwrap().len(), 250_000_000);
+    let peak_write = peak_rss_kib(m.pid());
+    m.unmount();
+    m.mount();
+    let back = std::fs::read(m.path("Family/media/video.bin")).unwrap();
+    assert!(back == data, "pass-through content differs");
+    let peak_read = peak_rss_kib(m.pid());
+    // Never the whole file in memory: the first 30 MB are buffered until the
+    // limit is passed, then writes stream; reads use a 4 MiB window.
+    assert!(peak_write < 150 * 1024, "daemon peaked at {peak_write} KiB while writing 250 MB");
+    assert!(peak_read < 100 * 1024, "daemon peaked at {peak_read} KiB while reading 250 MB");
+    eprintln!("peak RSS: writing {peak_write} KiB, reading {peak_read} KiB");
+}

@@ -621,7 +621,7 @@ async fn killed_mid_upload_the_old_version_survives_and_nothing_partial_is_visib
                 2,
                 true,
                 None,
-                vaultfs::remote::UploadBody { len: 250 << 20, stream: Box::pin(body) },
+                vaultfs::remote::UploadBody { len: Some(250 << 20), stream: Box::pin(body) },
             )
             .await
     });

@@ -47,6 +47,13 @@ pub const LISTING_TTL: Duration = Duration::from_secs(2);
 /// Longest name, as on most Linux filesystems.
 pub const NAME_MAX: usize = 255;
 
+/// Read-ahead for files above the end-to-end limit, which are read from the
+/// server in ranges instead of being held whole: 4 MiB per open handle.
+pub const READ_AHEAD: u64 = 4 << 20;
+/// Writes queued towards a streaming upload before a writer waits (each at most
+/// one FUSE write of 1 MiB): the memory bound of a pass-through upload.
+const STREAM_QUEUE: usize = 8;
+
 /// Extended attribute: "1" if the file is end-to-end encrypted, else "0".
 pub const XATTR_E2E: &str = "user.vaultfs.e2e";
 /// Extended attribute: "clean", "dirty" or "uploading".
@@ -184,6 +191,23 @@ impl Tree {
     }
 }
 
+/// A pass-through upload in progress: a file above the end-to-end limit written
+/// sequentially is streamed to the server as plain HTTPS while it is written.
+struct Streaming {
+    tx: tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
+    task: tokio::task::JoinHandle<std::result::Result<crate::protocol::UploadResult, RemoteError>>,
+    sent: u64,
+    ino: Ino,
+}
+
+/// The read-ahead window of one handle on a pass-through file.
+struct PassRead {
+    file: FileId,
+    size: u64,
+    start: u64,
+    window: Vec<u8>,
+}
+
 /// Upload state of a file, for `user.vaultfs.state` and `vaultfs status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncState {
@@ -206,6 +230,13 @@ pub struct VaultFs<R> {
     uploading: Mutex<HashSet<FileId>>,
     /// Highest generation seen per file in this session: an older one is a replay.
     generations: Mutex<HashMap<FileId, u64>>,
+    /// Pass-through uploads being streamed, by file.
+    streams: Mutex<HashMap<FileId, Streaming>>,
+    /// Next offset of files written strictly sequentially from empty (only those
+    /// can be streamed once they pass the end-to-end limit).
+    sequential: Mutex<HashMap<FileId, u64>>,
+    /// Read windows of handles reading pass-through files.
+    pass_reads: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<PassRead>>>>,
     mounted_at: SystemTime,
 }
 
@@ -259,6 +290,9 @@ impl<R: Remote> VaultFs<R> {
             next_handle: AtomicU64::new(1),
             uploading: Mutex::new(HashSet::new()),
             generations: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
+            sequential: Mutex::new(HashMap::new()),
+            pass_reads: Mutex::new(HashMap::new()),
             mounted_at: SystemTime::now(),
         })
     }
@@ -412,6 +446,15 @@ impl<R: Remote> VaultFs<R> {
                     info.size
                 };
                 let mut mtime = time_of(info.mtime_ms);
+                if let Some(st) = lock(&self.streams).get(&info.id) {
+                    return Attr {
+                        ino,
+                        kind: Kind::File,
+                        size: st.sent,
+                        mtime: SystemTime::now(),
+                        perm: 0o644,
+                    };
+                }
                 // A file with local data: its size is what the application sees.
                 if let Some(h) = self.cache.peek(info.id) {
                     if let Ok(d) = h.try_lock() {
@@ -568,6 +611,7 @@ impl<R: Remote> VaultFs<R> {
                 loaded: true,
             };
         }
+        lock(&self.sequential).insert(info.id, 0);
         let fh = self.new_handle(info.id);
         Ok((self.getattr(ino).await?, fh))
     }
@@ -623,9 +667,21 @@ impl<R: Remote> VaultFs<R> {
         Ok(())
     }
 
-    /// Opens a file; `truncate` empties it (O_TRUNC).
-    pub async fn open(&self, ino: Ino, truncate: bool) -> Result<u64> {
+    /// Opens a file; `truncate` empties it (O_TRUNC); `write` if opened for writing.
+    pub async fn open(&self, ino: Ino, truncate: bool, write: bool) -> Result<u64> {
         let mut info = self.file_info(ino)?;
+        let cached = self.cache.peek(info.id).is_some_and(|h| h.try_lock().map_or(true, |d| d.loaded));
+        if !write && !truncate && !info.e2e && info.size > 0 && !cached {
+            // Above the end-to-end limit: read in ranges from the server, never whole.
+            let fh = self.new_handle(info.id);
+            let window = PassRead { file: info.id, size: info.size, start: 0, window: Vec::new() };
+            lock(&self.pass_reads).insert(fh, Arc::new(tokio::sync::Mutex::new(window)));
+            self.cache.pin(info.id);
+            return Ok(fh);
+        }
+        if truncate {
+            lock(&self.sequential).insert(info.id, 0);
+        }
         let handle = self.cache.pin(info.id);
         let result = async {
             let mut d = handle.lock().await;
@@ -672,6 +728,10 @@ impl<R: Remote> VaultFs<R> {
     /// Reads up to `size` bytes at `offset`.
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let id = self.handle_file(fh)?;
+        let pass = lock(&self.pass_reads).get(&fh).cloned();
+        if let Some(pass) = pass {
+            return self.read_pass_through(&pass, offset, size).await;
+        }
         let handle = self.cache.peek(id).ok_or(FsError::Io("file data evicted while open".into()))?;
         let d = handle.lock().await;
         let len = d.bytes.len() as u64;
@@ -682,26 +742,157 @@ impl<R: Remote> VaultFs<R> {
         Ok(d.bytes[offset as usize..end as usize].to_vec())
     }
 
+    async fn read_pass_through(
+        &self,
+        pass: &tokio::sync::Mutex<PassRead>,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>> {
+        let mut p = pass.lock().await;
+        if offset >= p.size {
+            return Ok(Vec::new());
+        }
+        let end = (offset + u64::from(size)).min(p.size);
+        let window_end = p.start + p.window.len() as u64;
+        if offset < p.start || end > window_end {
+            // Fetch from here on, at least READ_AHEAD, so sequential reads make
+            // one request per window rather than one per kernel read.
+            let fetch_end = (offset + READ_AHEAD.max(u64::from(size))).min(p.size);
+            let content = self.remote().download(p.file, Some(offset..fetch_end)).await?;
+            p.window = collect(content.stream).await.map_err(|e| FsError::Unavailable(e.to_string()))?;
+            p.start = offset;
+            if (p.window.len() as u64) < end - offset {
+                return Err(FsError::Io("the server returned less than asked".into()));
+            }
+        }
+        let from = (offset - p.start) as usize;
+        Ok(p.window[from..from + (end - offset) as usize].to_vec())
+    }
+
     /// Writes `data` at `offset`.
-    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+    pub async fn write(self: &Arc<Self>, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let id = self.handle_file(fh)?;
         let end = offset.checked_add(data.len() as u64).ok_or(FsError::TooBig("offset".into()))?;
         if end > self.limits.upload_limit {
             return Err(FsError::TooBig(format!("the upload limit is {} bytes", self.limits.upload_limit)));
         }
-        let handle = self.cache.peek(id).ok_or(FsError::Io("file data evicted while open".into()))?;
-        let new_len = {
-            let mut d = handle.lock().await;
-            let end = end as usize;
-            if d.bytes.len() < end {
-                grow(&mut d.bytes, end);
+        if let Some(n) = self.write_to_stream(id, offset, data).await? {
+            return Ok(n);
+        }
+        let sequential = {
+            let mut seq = lock(&self.sequential);
+            match seq.get(&id) {
+                Some(&next) if next == offset => {
+                    seq.insert(id, end);
+                    true
+                }
+                Some(_) => {
+                    seq.remove(&id);
+                    false
+                }
+                None => false,
             }
-            d.bytes[offset as usize..end].copy_from_slice(data);
-            d.dirty = true;
-            d.bytes.len()
         };
-        self.cache.account(id, new_len);
+        let handle = self.cache.peek(id).ok_or(FsError::Io("file data evicted while open".into()))?;
+        let mut d = handle.lock().await;
+        if !d.loaded {
+            let info = self.file_info_by_id(id)?;
+            self.load(&info, &mut d).await?;
+        }
+        let end = end as usize;
+        if d.bytes.len() < end {
+            grow(&mut d.bytes, end);
+        }
+        d.bytes[offset as usize..end].copy_from_slice(data);
+        d.dirty = true;
+        let new_len = d.bytes.len();
+        if sequential && new_len as u64 > self.limits.e2e_limit {
+            // Past the end-to-end limit while being written front to back: stream
+            // it to the server from here on instead of holding it all in memory.
+            self.start_stream(id, &mut d).await?;
+            drop(d);
+            self.cache.account(id, 0);
+        } else {
+            drop(d);
+            self.cache.account(id, new_len);
+        }
         Ok(data.len() as u32)
+    }
+
+    fn file_info_by_id(&self, id: FileId) -> Result<FileInfo> {
+        let ino = lock(&self.tree).keys.get(&Key::File(id)).copied().ok_or(FsError::NotFound)?;
+        self.file_info(ino)
+    }
+
+    /// Starts a pass-through upload with what `d` holds so far.
+    async fn start_stream(self: &Arc<Self>, id: FileId, d: &mut PlainData) -> Result<()> {
+        let ino = lock(&self.tree).keys.get(&Key::File(id)).copied().ok_or(FsError::NotFound)?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(STREAM_QUEUE);
+        let body =
+            futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+        let fs = Arc::clone(self);
+        let version = d.version;
+        tracing::info!(file = %id, limit = self.limits.e2e_limit, "file passes the end-to-end limit: streaming it as plain HTTPS");
+        let task = tokio::spawn(async move {
+            let body = UploadBody { len: None, stream: Box::pin(body) };
+            fs.remote().upload(id, version, false, Some(now_ms()), body).await
+        });
+        let sent = d.bytes.len() as u64;
+        // Hand the buffer itself to the upload rather than a copy (30 MB by
+        // default): this file is not end-to-end encrypted, and a copy would double
+        // the memory this stage needs.
+        let first = bytes::Bytes::from(std::mem::take(&mut *d.bytes));
+        d.loaded = false;
+        d.dirty = false;
+        lock(&self.streams).insert(id, Streaming { tx: tx.clone(), task, sent, ino });
+        lock(&self.uploading).insert(id);
+        tx.send(Ok(first)).await.map_err(|_| FsError::Unavailable("the upload stream closed".into()))
+    }
+
+    /// Feeds a write to a running pass-through upload; `None` if there is none.
+    async fn write_to_stream(&self, id: FileId, offset: u64, data: &[u8]) -> Result<Option<u32>> {
+        let (tx, sent) = match lock(&self.streams).get(&id) {
+            Some(s) => (s.tx.clone(), s.sent),
+            None => return Ok(None),
+        };
+        if offset != sent {
+            tracing::warn!(file = %id, offset, sent, "non-sequential write to a file being streamed to the server");
+            return Err(FsError::Io("only sequential writes are possible above the end-to-end limit".into()));
+        }
+        tx.send(Ok(bytes::Bytes::copy_from_slice(data)))
+            .await
+            .map_err(|_| FsError::Unavailable("the upload stream closed".into()))?;
+        if let Some(s) = lock(&self.streams).get_mut(&id) {
+            s.sent += data.len() as u64;
+        }
+        Ok(Some(data.len() as u32))
+    }
+
+    /// Ends a pass-through upload and waits until the server has stored it.
+    async fn finish_stream(&self, id: FileId) -> Result<bool> {
+        let Some(st) = lock(&self.streams).remove(&id) else { return Ok(false) };
+        lock(&self.sequential).remove(&id);
+        drop(st.tx);
+        let result = st.task.await.map_err(|e| FsError::Io(format!("upload task: {e}")));
+        lock(&self.uploading).remove(&id);
+        match result? {
+            Ok(done) => {
+                self.set_file_info(st.ino, |i| {
+                    i.version = done.version;
+                    i.size = done.size;
+                    i.e2e = false;
+                    i.mtime_ms = now_ms();
+                });
+                if let Some(h) = self.cache.peek(id) {
+                    h.lock().await.version = done.version;
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::error!(file = %id, error = %e, "streaming upload failed; the data was not stored");
+                Err(e.into())
+            }
+        }
     }
 
     /// Changes size and/or modification time.
@@ -865,6 +1056,12 @@ impl<R: Remote> VaultFs<R> {
     /// Close of one descriptor: uploads changes.
     pub async fn flush(&self, ino: Ino, fh: u64) -> Result<()> {
         let id = self.handle_file(fh)?;
+        if self.finish_stream(id).await? {
+            return Ok(());
+        }
+        if lock(&self.pass_reads).contains_key(&fh) {
+            return Ok(());
+        }
         let handle = self.cache.peek(id).ok_or(FsError::Io("file data evicted while open".into()))?;
         self.upload(ino, &handle).await
     }
@@ -873,6 +1070,10 @@ impl<R: Remote> VaultFs<R> {
     /// and are retried in the background until they are stored.
     pub async fn release(self: &Arc<Self>, ino: Ino, fh: u64) -> Result<()> {
         let id = lock(&self.handles).remove(&fh).ok_or(FsError::Invalid("bad file handle".into()))?;
+        lock(&self.pass_reads).remove(&fh);
+        if !lock(&self.handles).values().any(|f| *f == id) {
+            self.finish_stream(id).await?;
+        }
         let dirty = match self.cache.peek(id) {
             Some(h) => h.lock().await.dirty,
             None => false,

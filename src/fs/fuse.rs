@@ -196,8 +196,9 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let fs = Arc::clone(&self.fs);
         let truncate = flags.0 & libc::O_TRUNC != 0;
+        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         self.spawn("open", ino.0, async move {
-            match fs.open(ino.0, truncate).await {
+            match fs.open(ino.0, truncate, write).await {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(errno("open", &e)),
             }

@@ -518,8 +518,10 @@ impl super::Remote for HttpRemote {
             .bearer_auth(token)
             .header(IF_MATCH, etag(expected))
             .header(HEADER_E2E, if e2e { "1" } else { "0" })
-            .header(CONTENT_LENGTH, body.len)
             .body(reqwest::Body::wrap_stream(body.stream));
+        if let Some(len) = body.len {
+            request = request.header(CONTENT_LENGTH, len);
+        }
         if let Some(m) = mtime_ms {
             request = request.header(HEADER_MTIME, m);
         }

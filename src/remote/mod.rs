@@ -94,10 +94,11 @@ impl std::fmt::Debug for Content {
     }
 }
 
-/// Content to upload: its exact length and the bytes.
+/// Content to upload: its length if known, and the bytes.
 pub struct UploadBody {
-    /// Exact length (sent as Content-Length, so the server can refuse early).
-    pub len: u64,
+    /// Exact length if known (sent as Content-Length, so the server can refuse
+    /// early); `None` for a stream whose end is not known yet (chunked).
+    pub len: Option<u64>,
     /// The bytes.
     pub stream: ByteStream,
 }
@@ -106,7 +107,7 @@ impl UploadBody {
     /// A body from bytes in memory.
     pub fn from_bytes(data: impl Into<bytes::Bytes>) -> Self {
         let data = data.into();
-        UploadBody { len: data.len() as u64, stream: Box::pin(futures_util::stream::iter([Ok(data)])) }
+        UploadBody { len: Some(data.len() as u64), stream: Box::pin(futures_util::stream::iter([Ok(data)])) }
     }
 }
 
