@@ -102,10 +102,25 @@ async fn vaults_records_and_files_make_a_tree() {
     assert_eq!(attr.size, 200_000, "stat shows the plaintext size");
     assert_eq!(read_file(&fs2, y2.ino, "return.pdf").await.unwrap(), data);
 
+    // The kernel may keep its cached pages while the content is unchanged, and
+    // must drop them once another client changed the file.
+    let (fh, keep) = fs2.open_keeping_cache(attr.ino, false, false).await.unwrap();
+    assert!(keep);
+    fs2.release(attr.ino, fh).await.unwrap();
+    let a1 = fs.lookup(y2026.ino, n("return.pdf")).await.unwrap();
+    let fh = fs.open(a1.ino, false, true).await.unwrap();
+    fs.write(fh, 0, b"changed").await.unwrap();
+    fs.flush(a1.ino, fh).await.unwrap();
+    fs.release(a1.ino, fh).await.unwrap();
+    let (fh, keep) = fs2.open_keeping_cache(attr.ino, false, false).await.unwrap();
+    assert!(!keep, "stale pages must be dropped");
+    assert_eq!(&fs2.read(fh, 0, 7).await.unwrap(), b"changed");
+    fs2.release(attr.ino, fh).await.unwrap();
+
     // Extended attributes.
     assert_eq!(fs2.getxattr(attr.ino, n(XATTR_E2E)).unwrap(), b"1");
     assert_eq!(fs2.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"clean");
-    assert_eq!(fs2.getxattr(attr.ino, n(XATTR_VERSION)).unwrap(), b"2");
+    assert_eq!(fs2.getxattr(attr.ino, n(XATTR_VERSION)).unwrap(), b"3");
     assert!(matches!(fs2.getxattr(attr.ino, n("user.other")), Err(FsError::NoAttr)));
     assert_eq!(fs2.listxattr(attr.ino).unwrap().len(), 3);
 
@@ -113,6 +128,7 @@ async fn vaults_records_and_files_make_a_tree() {
     assert!(matches!(fs.rmdir(family.ino, n("Taxes")).await, Err(FsError::NotEmpty)));
     fs.unlink(y2026.ino, n("return.pdf")).await.unwrap();
     assert!(matches!(fs.lookup(y2026.ino, n("return.pdf")).await, Err(FsError::NotFound)));
+    let _ = data;
     fs.rmdir(taxes.ino, n("2026")).await.unwrap();
     fs.rmdir(family.ino, n("Taxes")).await.unwrap();
     assert!(matches!(fs.rmdir(ROOT, n("Family")).await, Err(FsError::NotPermitted(_))));

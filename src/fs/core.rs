@@ -669,6 +669,13 @@ impl<R: Remote> VaultFs<R> {
 
     /// Opens a file; `truncate` empties it (O_TRUNC); `write` if opened for writing.
     pub async fn open(&self, ino: Ino, truncate: bool, write: bool) -> Result<u64> {
+        self.open_keeping_cache(ino, truncate, write).await.map(|(fh, _)| fh)
+    }
+
+    /// Like [`VaultFs::open`], also saying whether the kernel may keep the pages
+    /// it cached for this file: yes while the content is the version we had, no
+    /// once it changed on the server (then the pages are stale).
+    pub async fn open_keeping_cache(&self, ino: Ino, truncate: bool, write: bool) -> Result<(u64, bool)> {
         let mut info = self.file_info(ino)?;
         let cached = self.cache.peek(info.id).is_some_and(|h| h.try_lock().map_or(true, |d| d.loaded));
         if !write && !truncate && !info.e2e && info.size > 0 && !cached {
@@ -677,7 +684,7 @@ impl<R: Remote> VaultFs<R> {
             let window = PassRead { file: info.id, size: info.size, start: 0, window: Vec::new() };
             lock(&self.pass_reads).insert(fh, Arc::new(tokio::sync::Mutex::new(window)));
             self.cache.pin(info.id);
-            return Ok(fh);
+            return Ok((fh, false));
         }
         if truncate {
             lock(&self.sequential).insert(info.id, 0);
@@ -692,27 +699,27 @@ impl<R: Remote> VaultFs<R> {
                 d.bytes = Zeroizing::new(Vec::new());
                 d.loaded = true;
                 d.version = d.version.max(info.version);
-                return Ok(());
+                return Ok(false);
             }
             if d.dirty {
-                return Ok(());
+                return Ok(true);
             }
             // Is what we hold still the server's current version?
             if d.loaded {
                 info = self.remote().file(info.id).await?;
                 self.set_file_info(ino, |i| *i = info.clone());
                 if d.version == info.version {
-                    return Ok(());
+                    return Ok(true);
                 }
             }
-            self.load(&info, &mut d).await
+            self.load(&info, &mut d).await.map(|()| false)
         }
         .await;
         match result {
-            Ok(()) => {
+            Ok(keep) => {
                 let len = handle.lock().await.bytes.len();
                 self.cache.account(info.id, len);
-                Ok(self.new_handle(info.id))
+                Ok((self.new_handle(info.id), keep))
             }
             Err(e) => {
                 self.cache.unpin(info.id);

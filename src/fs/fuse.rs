@@ -198,8 +198,11 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         let truncate = flags.0 & libc::O_TRUNC != 0;
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         self.spawn("open", ino.0, async move {
-            match fs.open(ino.0, truncate, write).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            match fs.open_keeping_cache(ino.0, truncate, write).await {
+                Ok((fh, keep)) => {
+                    let flags = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+                    reply.opened(FileHandle(fh), flags)
+                }
                 Err(e) => reply.error(errno("open", &e)),
             }
         });
