@@ -422,8 +422,15 @@ async fn files_above_the_e2e_limit_stream_through_as_plain_https() {
     assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"uploading");
     // Only sequential writes can go on while streaming.
     assert_eq!(fs.write(fh, 0, b"rewrite").await.unwrap_err().errno(), libc::EIO);
+    // A flush in the middle (a forked child closing its copy of the descriptor)
+    // must not end the stream: writing goes on.
+    fs.flush(attr.ino, fh).await.unwrap();
+    let extra = vec![1u8; 100];
+    fs.write(fh, 8_000_000, &extra).await.unwrap();
     fs.flush(attr.ino, fh).await.unwrap();
     fs.release(attr.ino, fh).await.unwrap();
+    let mut data = data;
+    data.extend_from_slice(&extra);
     assert_eq!(fs.getxattr(attr.ino, n(XATTR_E2E)).unwrap(), b"0", "marked as not end-to-end encrypted");
     assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"clean");
 
@@ -432,9 +439,9 @@ async fn files_above_the_e2e_limit_stream_through_as_plain_https() {
     let v2 = fs2.lookup(ROOT, n("V")).await.unwrap();
     let r2 = fs2.lookup(v2.ino, n("r")).await.unwrap();
     let a2 = fs2.lookup(r2.ino, n("video.mkv")).await.unwrap();
-    assert_eq!(a2.size, 8_000_000);
+    assert_eq!(a2.size, 8_000_100);
     let fh2 = fs2.open(a2.ino, false, false).await.unwrap();
-    assert_eq!(fs2.read(fh2, 7_999_990, 100).await.unwrap(), data[7_999_990..]);
+    assert_eq!(fs2.read(fh2, 7_999_990, 110).await.unwrap(), data[7_999_990..]);
     assert_eq!(fs2.read(fh2, 123_456, 4096).await.unwrap(), data[123_456..127_552]);
     let mut all = Vec::new();
     while (all.len() as u64) < a2.size {

@@ -3,6 +3,7 @@
 mod admin;
 mod demo;
 mod mount;
+mod status;
 mod user;
 
 use std::net::SocketAddr;
@@ -46,6 +47,8 @@ pub enum Command {
     Mount(mount::MountArgs),
     /// Unmount a vaultfs mount point.
     Unmount(mount::UnmountArgs),
+    /// Show running mounts: cache use and uploads in progress.
+    Status(status::StatusArgs),
 }
 
 /// `vaultfs serve`.
@@ -89,6 +92,7 @@ pub fn main() -> ExitCode {
         Command::Vault(cmd) => runtime().map_err(Into::into).and_then(|rt| rt.block_on(user::vault(cmd))),
         Command::Mount(args) => mount::mount(args),
         Command::Unmount(args) => mount::unmount(args),
+        Command::Status(args) => status::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

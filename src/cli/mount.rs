@@ -133,6 +133,9 @@ fn run_foreground(args: &MountArgs, mountpoint: &Path, account: &Account, pass: 
     })?;
     crate::cache::harden::harden_process(budget as u64);
     let background = start_session(&fs, rt.handle(), mountpoint, &account.server, args.threads)?;
+    let _status = super::status::serve_status(rt.handle(), &fs, mountpoint, &account.server)
+        .map_err(|e| tracing::warn!(error = %e, "vaultfs status will not see this mount"))
+        .ok();
     println!("{READY}{}", mountpoint.display());
     let _ = std::io::stdout().flush();
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");

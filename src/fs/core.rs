@@ -16,7 +16,7 @@
 //! await; each file's plaintext has its own async mutex, held while it is loaded,
 //! changed or uploaded, which orders those steps per file.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -208,6 +208,58 @@ struct PassRead {
     window: Vec<u8>,
 }
 
+/// How far an upload got.
+#[derive(Debug)]
+pub struct UploadProgress {
+    /// Bytes handed to the connection so far.
+    pub sent: AtomicU64,
+    /// Total bytes, if known (a pass-through stream's end is not).
+    pub total: Option<u64>,
+}
+
+/// Pieces an upload body is sent in, so progress can be counted.
+const UPLOAD_PIECE: usize = 1 << 20;
+
+/// An upload body of `data` in 1 MiB pieces that counts what was taken.
+fn counted_body(data: bytes::Bytes, progress: Arc<UploadProgress>) -> UploadBody {
+    let len = data.len() as u64;
+    let pieces = futures_util::stream::unfold((data, progress), |(mut rest, progress)| async move {
+        if rest.is_empty() {
+            return None;
+        }
+        let piece = rest.split_to(rest.len().min(UPLOAD_PIECE));
+        progress.sent.fetch_add(piece.len() as u64, Ordering::Relaxed);
+        Some((Ok(piece), (rest, progress)))
+    });
+    UploadBody { len: Some(len), stream: Box::pin(pieces) }
+}
+
+/// One line of `vaultfs status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UploadStatus {
+    /// The file's name.
+    pub name: String,
+    /// Bytes sent.
+    pub sent: u64,
+    /// Total, if known.
+    pub total: Option<u64>,
+}
+
+/// What a running mount reports to `vaultfs status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FsStatus {
+    /// Plaintext held in the cache, in bytes.
+    pub cache_used: u64,
+    /// The cache budget.
+    pub cache_budget: u64,
+    /// Files in the cache.
+    pub cached_files: u64,
+    /// Files with unsaved changes.
+    pub unsaved: u64,
+    /// Uploads in progress.
+    pub uploads: Vec<UploadStatus>,
+}
+
 /// Upload state of a file, for `user.vaultfs.state` and `vaultfs status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncState {
@@ -227,7 +279,8 @@ pub struct VaultFs<R> {
     cache: PlainCache,
     handles: Mutex<HashMap<u64, FileId>>,
     next_handle: AtomicU64,
-    uploading: Mutex<HashSet<FileId>>,
+    /// Uploads in progress, with how far they got (for status and xattrs).
+    uploading: Mutex<HashMap<FileId, Arc<UploadProgress>>>,
     /// Highest generation seen per file in this session: an older one is a replay.
     generations: Mutex<HashMap<FileId, u64>>,
     /// Pass-through uploads being streamed, by file.
@@ -235,6 +288,9 @@ pub struct VaultFs<R> {
     /// Next offset of files written strictly sequentially from empty (only those
     /// can be streamed once they pass the end-to-end limit).
     sequential: Mutex<HashMap<FileId, u64>>,
+    /// Sizes of files with unsaved changes (dirty in the cache), kept apart from
+    /// the data's lock so attributes never wait for, or miss, a write in progress.
+    local_sizes: Mutex<HashMap<FileId, u64>>,
     /// Read windows of handles reading pass-through files.
     pass_reads: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<PassRead>>>>,
     mounted_at: SystemTime,
@@ -288,10 +344,11 @@ impl<R: Remote> VaultFs<R> {
             cache: PlainCache::new(options.cache_budget),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
-            uploading: Mutex::new(HashSet::new()),
+            uploading: Mutex::new(HashMap::new()),
             generations: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             sequential: Mutex::new(HashMap::new()),
+            local_sizes: Mutex::new(HashMap::new()),
             pass_reads: Mutex::new(HashMap::new()),
             mounted_at: SystemTime::now(),
         })
@@ -455,16 +512,13 @@ impl<R: Remote> VaultFs<R> {
                         perm: 0o644,
                     };
                 }
-                // A file with local data: its size is what the application sees.
-                if let Some(h) = self.cache.peek(info.id) {
-                    if let Ok(d) = h.try_lock() {
-                        if d.loaded && (d.dirty || d.version == info.version) {
-                            size = d.bytes.len() as u64;
-                            if d.dirty {
-                                mtime = SystemTime::now();
-                            }
-                        }
-                    }
+                // A file with unsaved changes: its size is what the application
+                // wrote. Read from a map, never by trying the data's lock: a stale
+                // size here makes the kernel truncate its page cache under a write
+                // in progress, which then sends zeros.
+                if let Some(&local) = lock(&self.local_sizes).get(&info.id) {
+                    size = local;
+                    mtime = SystemTime::now();
                 }
                 Attr { ino, kind: Kind::File, size, mtime, perm: 0o644 }
             }
@@ -699,6 +753,9 @@ impl<R: Remote> VaultFs<R> {
                 d.bytes = Zeroizing::new(Vec::new());
                 d.loaded = true;
                 d.version = d.version.max(info.version);
+                if d.dirty {
+                    lock(&self.local_sizes).insert(info.id, 0);
+                }
                 return Ok(false);
             }
             if d.dirty {
@@ -783,6 +840,7 @@ impl<R: Remote> VaultFs<R> {
         if end > self.limits.upload_limit {
             return Err(FsError::TooBig(format!("the upload limit is {} bytes", self.limits.upload_limit)));
         }
+        tracing::trace!(file = %id, offset, len = data.len(), "write");
         if let Some(n) = self.write_to_stream(id, offset, data).await? {
             return Ok(n);
         }
@@ -793,7 +851,8 @@ impl<R: Remote> VaultFs<R> {
                     seq.insert(id, end);
                     true
                 }
-                Some(_) => {
+                Some(&next) => {
+                    tracing::debug!(file = %id, offset, expected = next, "write out of sequence: this file will not be streamed");
                     seq.remove(&id);
                     false
                 }
@@ -813,6 +872,7 @@ impl<R: Remote> VaultFs<R> {
         d.bytes[offset as usize..end].copy_from_slice(data);
         d.dirty = true;
         let new_len = d.bytes.len();
+        lock(&self.local_sizes).insert(id, new_len as u64);
         if sequential && new_len as u64 > self.limits.e2e_limit {
             // Past the end-to-end limit while being written front to back: stream
             // it to the server from here on instead of holding it all in memory.
@@ -852,7 +912,9 @@ impl<R: Remote> VaultFs<R> {
         d.loaded = false;
         d.dirty = false;
         lock(&self.streams).insert(id, Streaming { tx: tx.clone(), task, sent, ino });
-        lock(&self.uploading).insert(id);
+        lock(&self.local_sizes).remove(&id);
+        lock(&self.uploading)
+            .insert(id, Arc::new(UploadProgress { sent: AtomicU64::new(sent), total: None }));
         tx.send(Ok(first)).await.map_err(|_| FsError::Unavailable("the upload stream closed".into()))
     }
 
@@ -872,6 +934,9 @@ impl<R: Remote> VaultFs<R> {
         if let Some(s) = lock(&self.streams).get_mut(&id) {
             s.sent += data.len() as u64;
         }
+        if let Some(p) = lock(&self.uploading).get(&id) {
+            p.sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
         Ok(Some(data.len() as u32))
     }
 
@@ -882,6 +947,7 @@ impl<R: Remote> VaultFs<R> {
         drop(st.tx);
         let result = st.task.await.map_err(|e| FsError::Io(format!("upload task: {e}")));
         lock(&self.uploading).remove(&id);
+        tracing::debug!(file = %id, sent = st.sent, ok = matches!(result, Ok(Ok(_))), "stream finished");
         match result? {
             Ok(done) => {
                 self.set_file_info(st.ino, |i| {
@@ -935,6 +1001,7 @@ impl<R: Remote> VaultFs<R> {
                             grow(&mut d.bytes, size);
                         }
                         d.dirty = true;
+                        lock(&self.local_sizes).insert(info.id, size as u64);
                     }
                 }
                 // Without an open handle (truncate(2)) nothing else will flush it.
@@ -991,9 +1058,12 @@ impl<R: Remote> VaultFs<R> {
         };
         let ctx = FileContext { vault: info.vault, record: info.record, file: info.id };
         let body = self.encode(&ctx, generation, e2e, &d.bytes)?;
-        lock(&self.uploading).insert(info.id);
-        let result =
-            self.remote().upload(info.id, d.version, e2e, Some(now_ms()), UploadBody::from_bytes(body)).await;
+        let progress = Arc::new(UploadProgress { sent: AtomicU64::new(0), total: Some(body.len() as u64) });
+        lock(&self.uploading).insert(info.id, Arc::clone(&progress));
+        let body = counted_body(bytes::Bytes::from(body), progress);
+        tracing::debug!(file = %info.id, len = plain_len, expected = d.version, e2e, "uploading from the cache");
+        let result = self.remote().upload(info.id, d.version, e2e, Some(now_ms()), body).await;
+        tracing::debug!(file = %info.id, ok = result.is_ok(), "upload from the cache done");
         lock(&self.uploading).remove(&info.id);
         match result {
             Ok(done) => {
@@ -1006,6 +1076,8 @@ impl<R: Remote> VaultFs<R> {
                     i.e2e = e2e;
                     i.mtime_ms = now_ms();
                 });
+                // The server's size now says what the application wrote.
+                lock(&self.local_sizes).remove(&info.id);
                 Ok(())
             }
             Err(RemoteError::Conflict { current }) => {
@@ -1015,6 +1087,7 @@ impl<R: Remote> VaultFs<R> {
                 d.dirty = false;
                 d.loaded = false;
                 d.bytes = Zeroizing::new(Vec::new());
+                lock(&self.local_sizes).remove(&info.id);
                 Ok(())
             }
             Err(e) => {
@@ -1061,9 +1134,15 @@ impl<R: Remote> VaultFs<R> {
     }
 
     /// Close of one descriptor: uploads changes.
+    ///
+    /// The kernel sends a flush for *every* close of a descriptor, including the
+    /// copies a fork hands to a child that then execs, so a flush can arrive in
+    /// the middle of a write. For files in the cache that just stores a snapshot.
+    /// A pass-through stream, though, cannot be resumed once ended, so it is left
+    /// running and ended at release, when the last descriptor is gone.
     pub async fn flush(&self, ino: Ino, fh: u64) -> Result<()> {
         let id = self.handle_file(fh)?;
-        if self.finish_stream(id).await? {
+        if lock(&self.streams).contains_key(&id) {
             return Ok(());
         }
         if lock(&self.pass_reads).contains_key(&fh) {
@@ -1113,8 +1192,15 @@ impl<R: Remote> VaultFs<R> {
     /// Uploads every file with unsaved changes (before unmount). Returns how many
     /// could not be saved.
     pub async fn flush_all(&self) -> usize {
-        let dirty = self.cache.dirty_ids();
         let mut failed = 0;
+        let streaming: Vec<FileId> = lock(&self.streams).keys().copied().collect();
+        for id in streaming {
+            if let Err(e) = self.finish_stream(id).await {
+                tracing::error!(file = %id, error = %e, "streaming upload failed before unmount");
+                failed += 1;
+            }
+        }
+        let dirty = self.cache.dirty_ids();
         for (id, handle) in dirty {
             let ino = lock(&self.tree).keys.get(&Key::File(id)).copied();
             match ino {
@@ -1148,6 +1234,7 @@ impl<R: Remote> VaultFs<R> {
         tree.unlink_ino(ino);
         tree.nodes.remove(&ino);
         drop(tree);
+        lock(&self.local_sizes).remove(&info.id);
         // Open handles keep reading the plaintext until they close (POSIX).
         if !lock(&self.handles).values().any(|f| *f == info.id) {
             self.cache.remove(info.id);
@@ -1320,6 +1407,8 @@ impl<R: Remote> VaultFs<R> {
                 }
             }
             d.version = moved.version;
+            d.dirty = false;
+            lock(&self.local_sizes).remove(&info.id);
             Ok::<_, FsError>(())
         }
         .await;
@@ -1336,12 +1425,40 @@ impl<R: Remote> VaultFs<R> {
     // ---- extended attributes and statfs ----------------------------------------
 
     fn sync_state(&self, id: FileId) -> SyncState {
-        if lock(&self.uploading).contains(&id) {
+        if lock(&self.uploading).contains_key(&id) {
             return SyncState::Uploading;
         }
         match self.cache.peek(id).and_then(|h| h.try_lock().ok().map(|d| d.dirty)) {
             Some(true) => SyncState::Dirty,
             _ => SyncState::Clean,
+        }
+    }
+
+    /// What `vaultfs status` shows.
+    pub fn status(&self) -> FsStatus {
+        let stats = self.cache.stats();
+        let uploads = lock(&self.uploading)
+            .iter()
+            .map(|(id, p)| (*id, p.sent.load(Ordering::Relaxed), p.total))
+            .collect::<Vec<_>>();
+        let tree = lock(&self.tree);
+        let uploads = uploads
+            .into_iter()
+            .map(|(id, sent, total)| {
+                let name = tree
+                    .keys
+                    .get(&Key::File(id))
+                    .and_then(|ino| tree.names.get(ino))
+                    .map_or_else(|| id.to_string(), |n| n.to_string_lossy().into_owned());
+                UploadStatus { name, sent, total }
+            })
+            .collect();
+        FsStatus {
+            cache_used: stats.used as u64,
+            cache_budget: stats.budget as u64,
+            cached_files: stats.entries as u64,
+            unsaved: self.cache.dirty_ids().len() as u64,
+            uploads,
         }
     }
 

@@ -96,7 +96,10 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         let (fs, me) = (Arc::clone(&self.fs), self.clone_attrs());
         self.spawn("getattr", ino.0, async move {
             match fs.getattr(ino.0).await {
-                Ok(a) => reply.attr(&TTL, &me.attr(&a)),
+                Ok(a) => {
+                    tracing::debug!(ino = ino.0, size = a.size, "getattr reply");
+                    reply.attr(&TTL, &me.attr(&a))
+                }
                 Err(e) => reply.error(errno("getattr", &e)),
             }
         });
@@ -122,6 +125,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     ) {
         // Mode and ownership are presented, not stored: accepted and ignored, so
         // `cp -a` and editors that chmod do not fail.
+        tracing::debug!(ino = ino.0, ?size, ?mtime, "setattr request");
         let (fs, me) = (Arc::clone(&self.fs), self.clone_attrs());
         self.spawn("setattr", ino.0, async move {
             match fs.setattr(ino.0, size, mtime.map(time_of)).await {

@@ -1,0 +1,248 @@
+//! `vaultfs status`, and the small socket each running mount answers it on.
+//!
+//! Each mount listens on a Unix socket in a private directory
+//! (`$XDG_RUNTIME_DIR/vaultfs/`, else `/tmp/vaultfs-UID/`, mode 0700), named after
+//! a hash of the mount point. A connection gets one line of JSON and is closed.
+//! The socket carries counters and the names of files being uploaded, only to the
+//! user who owns the mount; it is not a file and holds no file content.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::CliResult;
+use crate::fs::core::FsStatus;
+use crate::fs::VaultFs;
+use crate::remote::Remote;
+
+/// `vaultfs status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// A mount point; without one, every running mount of this user is shown.
+    mountpoint: Option<PathBuf>,
+}
+
+/// What one mount reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountStatus {
+    /// Where it is mounted.
+    pub mountpoint: PathBuf,
+    /// The server.
+    pub server: String,
+    /// The daemon's process id.
+    pub pid: u32,
+    /// Cache and uploads.
+    pub fs: FsStatus,
+}
+
+fn socket_dir() -> std::io::Result<PathBuf> {
+    let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d).join("vaultfs"),
+        None => {
+            // SAFETY: getuid only reads the process's user id.
+            #[allow(unsafe_code)]
+            let uid = unsafe { libc::getuid() };
+            std::env::temp_dir().join(format!("vaultfs-{uid}"))
+        }
+    };
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+    Ok(dir)
+}
+
+fn socket_path(mountpoint: &Path) -> std::io::Result<PathBuf> {
+    let digest = Sha256::digest(mountpoint.as_os_str().as_encoded_bytes());
+    Ok(socket_dir()?.join(format!("{}.sock", crate::ids::hex_encode(&digest[..8]))))
+}
+
+/// Removes the socket when the mount ends.
+pub struct StatusSocket(PathBuf);
+
+impl Drop for StatusSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Starts answering status requests for the mount at `mountpoint`.
+pub fn serve_status<R: Remote>(
+    rt: &tokio::runtime::Handle,
+    fs: &Arc<VaultFs<R>>,
+    mountpoint: &Path,
+    server: &str,
+) -> std::io::Result<StatusSocket> {
+    let path = socket_path(mountpoint)?;
+    let _ = std::fs::remove_file(&path);
+    let listener = {
+        let _guard = rt.enter();
+        tokio::net::UnixListener::bind(&path)?
+    };
+    let (fs, mountpoint, server) = (Arc::clone(fs), mountpoint.to_path_buf(), server.to_string());
+    rt.spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            let status = MountStatus {
+                mountpoint: mountpoint.clone(),
+                server: server.clone(),
+                pid: std::process::id(),
+                fs: fs.status(),
+            };
+            if let Ok(mut line) = serde_json::to_vec(&status) {
+                line.push(b'\n');
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, &line).await;
+            }
+        }
+    });
+    Ok(StatusSocket(path))
+}
+
+fn query(path: &Path) -> Option<MountStatus> {
+    let stream = std::os::unix::net::UnixStream::connect(path).ok()?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).ok()?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).ok()?;
+    serde_json::from_str(&line).ok()
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// A 20-character progress bar.
+pub fn bar(sent: u64, total: u64) -> String {
+    let filled = (sent.min(total) * 20).checked_div(total).unwrap_or(20) as usize;
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(20 - filled))
+}
+
+fn print(out: &mut impl Write, s: &MountStatus) -> std::io::Result<()> {
+    writeln!(out, "{}  ({}, process {})", s.mountpoint.display(), s.server, s.pid)?;
+    writeln!(
+        out,
+        "  cache      {} of {} in memory, {} file(s), {} unsaved",
+        human(s.fs.cache_used),
+        human(s.fs.cache_budget),
+        s.fs.cached_files,
+        s.fs.unsaved
+    )?;
+    if s.fs.uploads.is_empty() {
+        writeln!(out, "  uploading  nothing")?;
+    }
+    for (i, u) in s.fs.uploads.iter().enumerate() {
+        let label = if i == 0 { "uploading" } else { "" };
+        match u.total {
+            Some(total) => writeln!(
+                out,
+                "  {label:<9}  {}  {} {:>3}%  {} of {}",
+                u.name,
+                bar(u.sent, total),
+                (u.sent.min(total) * 100).checked_div(total).unwrap_or(100),
+                human(u.sent),
+                human(total)
+            )?,
+            None => writeln!(
+                out,
+                "  {label:<9}  {}  streaming (not end-to-end encrypted), {} sent",
+                u.name,
+                human(u.sent)
+            )?,
+        }
+    }
+    Ok(())
+}
+
+/// `vaultfs status`.
+pub fn run(args: StatusArgs) -> CliResult {
+    let paths = match &args.mountpoint {
+        Some(m) => {
+            let m = std::fs::canonicalize(m).map_err(|e| format!("{}: {e}", m.display()))?;
+            vec![socket_path(&m)?]
+        }
+        None => std::fs::read_dir(socket_dir()?)?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+            .collect(),
+    };
+    let mut shown = 0;
+    let mut out = std::io::stdout().lock();
+    for path in paths {
+        match query(&path) {
+            Some(s) => {
+                print(&mut out, &s)?;
+                shown += 1;
+            }
+            None if args.mountpoint.is_none() => {
+                // A socket left by a mount that was killed: tidy it away.
+                let _ = std::fs::remove_file(&path);
+            }
+            None => {}
+        }
+    }
+    if shown == 0 {
+        return Err(match &args.mountpoint {
+            Some(m) => format!("{} is not a running vaultfs mount", m.display()),
+            None => "no running vaultfs mounts".to_string(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bars_and_sizes() {
+        assert_eq!(bar(0, 100), "[--------------------]");
+        assert_eq!(bar(50, 100), "[##########----------]");
+        assert_eq!(bar(100, 100), "[####################]");
+        assert_eq!(bar(5, 0), "[####################]");
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(30 << 20), "30.0 MiB");
+    }
+
+    #[test]
+    fn status_prints_uploads_with_progress() {
+        let s = MountStatus {
+            mountpoint: "/m".into(),
+            server: "https://x".into(),
+            pid: 7,
+            fs: FsStatus {
+                cache_used: 1 << 20,
+                cache_budget: 512 << 20,
+                cached_files: 2,
+                unsaved: 1,
+                uploads: vec![
+                    crate::fs::core::UploadStatus {
+                        name: "a.pdf".into(),
+                        sent: 15 << 20,
+                        total: Some(30 << 20),
+                    },
+                    crate::fs::core::UploadStatus { name: "v.mkv".into(), sent: 100 << 20, total: None },
+                ],
+            },
+        };
+        let mut out = Vec::new();
+        print(&mut out, &s).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("1.0 MiB of 512.0 MiB in memory, 2 file(s), 1 unsaved"), "{text}");
+        assert!(text.contains("a.pdf  [##########----------]  50%"), "{text}");
+        assert!(text.contains("v.mkv  streaming"), "{text}");
+    }
+}
