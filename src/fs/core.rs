@@ -913,6 +913,8 @@ impl<R: Remote> VaultFs<R> {
         d.dirty = false;
         lock(&self.streams).insert(id, Streaming { tx: tx.clone(), task, sent, ino });
         lock(&self.local_sizes).remove(&id);
+        // From now on this file is not end-to-end encrypted: say so at once.
+        self.set_file_info(ino, |i| i.e2e = false);
         lock(&self.uploading)
             .insert(id, Arc::new(UploadProgress { sent: AtomicU64::new(sent), total: None }));
         tx.send(Ok(first)).await.map_err(|_| FsError::Unavailable("the upload stream closed".into()))
