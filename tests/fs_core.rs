@@ -419,6 +419,11 @@ async fn files_above_the_e2e_limit_stream_through_as_plain_https() {
         fs.write(fh, (i << 20) as u64, piece).await.unwrap();
     }
     assert_eq!(fs.getattr(attr.ino).await.unwrap().size, 8_000_000, "size while streaming");
+    assert_eq!(
+        fs.getxattr(attr.ino, n(XATTR_E2E)).unwrap(),
+        b"0",
+        "not end-to-end from the moment it streams"
+    );
     assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"uploading");
     // Only sequential writes can go on while streaming.
     assert_eq!(fs.write(fh, 0, b"rewrite").await.unwrap_err().errno(), libc::EIO);

@@ -1479,10 +1479,9 @@ impl<R: Remote> VaultFs<R> {
             _ => return Err(FsError::NoAttr),
         };
         let value = match name.to_str() {
-            Some(XATTR_E2E) => {
-                let e2e = if info.size == 0 && info.version == 1 { true } else { info.e2e };
-                if e2e { "1" } else { "0" }.to_string()
-            }
+            // New files are created end-to-end; a file stops being so the moment it
+            // starts streaming as pass-through (set in start_stream).
+            Some(XATTR_E2E) => if info.e2e { "1" } else { "0" }.to_string(),
             Some(XATTR_STATE) => match self.sync_state(info.id) {
                 SyncState::Clean => "clean",
                 SyncState::Dirty => "dirty",
