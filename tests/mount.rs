@@ -375,7 +375,12 @@ fn large_files_pass_through_without_being_held_in_memory() {
         .arg(dir.join("video.bin"))
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "0", "must be marked as not end-to-end encrypted");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "0",
+        "must be marked as not end-to-end encrypted\n{}",
+        m.log()
+    );
     assert_eq!(std::fs::metadata(dir.join("video.bin")).unwrap().len(), 250_000_000);
     let peak_write = peak_rss_kib(m.pid());
     m.unmount();

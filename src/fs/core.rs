@@ -194,8 +194,11 @@ impl Tree {
 /// A pass-through upload in progress: a file above the end-to-end limit written
 /// sequentially is streamed to the server as plain HTTPS while it is written.
 struct Streaming {
-    tx: tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
-    task: tokio::task::JoinHandle<std::result::Result<crate::protocol::UploadResult, RemoteError>>,
+    /// Feeds the upload; `None` once the stream is being finished.
+    tx: Option<tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>>,
+    /// The upload; taken by whoever finishes the stream. The entry itself stays
+    /// until the upload has committed, so size and flags stay right meanwhile.
+    task: Option<tokio::task::JoinHandle<std::result::Result<crate::protocol::UploadResult, RemoteError>>>,
     sent: u64,
     ino: Ino,
 }
@@ -467,8 +470,21 @@ impl<R: Remote> VaultFs<R> {
             }
             dir.insert(name.clone(), ino);
             tree.names.insert(ino, name);
-            // A file with unsaved local changes keeps its local view.
-            tree.nodes.insert(ino, node);
+            // The listing may have been fetched before one of our own changes was
+            // committed: never go back to an older version than the one we hold.
+            let ours = match tree.nodes.get(&ino) {
+                Some(Node::File { info, .. }) => Some(info.version),
+                Some(Node::Record { info, .. }) => Some(info.version),
+                _ => None,
+            };
+            let theirs = match &node {
+                Node::File { info, .. } => info.version,
+                Node::Record { info, .. } => info.version,
+                _ => 0,
+            };
+            if ours.is_none_or(|v| v <= theirs) {
+                tree.nodes.insert(ino, node);
+            }
         }
         for (dir, entries) in kids {
             tree.children.insert(dir, entries);
@@ -911,7 +927,7 @@ impl<R: Remote> VaultFs<R> {
         let first = bytes::Bytes::from(std::mem::take(&mut *d.bytes));
         d.loaded = false;
         d.dirty = false;
-        lock(&self.streams).insert(id, Streaming { tx: tx.clone(), task, sent, ino });
+        lock(&self.streams).insert(id, Streaming { tx: Some(tx.clone()), task: Some(task), sent, ino });
         lock(&self.local_sizes).remove(&id);
         // From now on this file is not end-to-end encrypted: say so at once.
         self.set_file_info(ino, |i| i.e2e = false);
@@ -923,7 +939,8 @@ impl<R: Remote> VaultFs<R> {
     /// Feeds a write to a running pass-through upload; `None` if there is none.
     async fn write_to_stream(&self, id: FileId, offset: u64, data: &[u8]) -> Result<Option<u32>> {
         let (tx, sent) = match lock(&self.streams).get(&id) {
-            Some(s) => (s.tx.clone(), s.sent),
+            Some(Streaming { tx: Some(tx), sent, .. }) => (tx.clone(), *sent),
+            Some(_) => return Err(FsError::Io("the file's upload is being finished".into())),
             None => return Ok(None),
         };
         if offset != sent {
@@ -944,15 +961,39 @@ impl<R: Remote> VaultFs<R> {
 
     /// Ends a pass-through upload and waits until the server has stored it.
     async fn finish_stream(&self, id: FileId) -> Result<bool> {
-        let Some(st) = lock(&self.streams).remove(&id) else { return Ok(false) };
+        let (task, ino, sent) = {
+            let mut streams = lock(&self.streams);
+            let Some(st) = streams.get_mut(&id) else { return Ok(false) };
+            st.tx = None; // closes the body once queued pieces are sent
+            match st.task.take() {
+                Some(task) => (task, st.ino, st.sent),
+                None => return Ok(true), // someone else is finishing it
+            }
+        };
         lock(&self.sequential).remove(&id);
-        drop(st.tx);
-        let result = st.task.await.map_err(|e| FsError::Io(format!("upload task: {e}")));
+        let result = task.await.map_err(|e| FsError::Io(format!("upload task: {e}")));
+        tracing::debug!(file = %id, sent, ok = matches!(result, Ok(Ok(_))), "stream finished");
+        let outcome = match result {
+            Ok(r) => r,
+            Err(e) => {
+                lock(&self.streams).remove(&id);
+                lock(&self.uploading).remove(&id);
+                return Err(e);
+            }
+        };
+        if let Ok(done) = &outcome {
+            self.set_file_info(ino, |i| {
+                i.version = done.version;
+                i.size = done.size;
+                i.e2e = false;
+                i.mtime_ms = now_ms();
+            });
+        }
+        lock(&self.streams).remove(&id);
         lock(&self.uploading).remove(&id);
-        tracing::debug!(file = %id, sent = st.sent, ok = matches!(result, Ok(Ok(_))), "stream finished");
-        match result? {
+        match outcome {
             Ok(done) => {
-                self.set_file_info(st.ino, |i| {
+                self.set_file_info(ino, |i| {
                     i.version = done.version;
                     i.size = done.size;
                     i.e2e = false;
@@ -1201,6 +1242,19 @@ impl<R: Remote> VaultFs<R> {
                 tracing::error!(file = %id, error = %e, "streaming upload failed before unmount");
                 failed += 1;
             }
+        }
+        // Streams being finished by a release elsewhere: wait until they commit,
+        // or leaving now would abort them.
+        let mut waited = Duration::ZERO;
+        while !lock(&self.streams).is_empty() {
+            if waited.as_secs() > 0 && waited.as_millis() % 5000 == 0 {
+                tracing::info!(
+                    "waiting for {} upload(s) to finish before unmounting",
+                    lock(&self.streams).len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            waited += Duration::from_millis(50);
         }
         let dirty = self.cache.dirty_ids();
         for (id, handle) in dirty {
@@ -1481,7 +1535,12 @@ impl<R: Remote> VaultFs<R> {
         let value = match name.to_str() {
             // New files are created end-to-end; a file stops being so the moment it
             // starts streaming as pass-through (set in start_stream).
-            Some(XATTR_E2E) => if info.e2e { "1" } else { "0" }.to_string(),
+            // (A listing refresh may bring back the server's view of a file that is
+            // streaming right now, so the stream itself is asked too.)
+            Some(XATTR_E2E) => {
+                let streaming = lock(&self.streams).contains_key(&info.id);
+                if info.e2e && !streaming { "1" } else { "0" }.to_string()
+            }
             Some(XATTR_STATE) => match self.sync_state(info.id) {
                 SyncState::Clean => "clean",
                 SyncState::Dirty => "dirty",
