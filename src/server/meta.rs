@@ -201,6 +201,20 @@ fn file_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<FileRow> {
     })
 }
 
+/// The file `id`, read through `conn` (the connection or an open transaction).
+fn load_file(conn: &Connection, id: FileId) -> Result<FileRow> {
+    conn.query_row(&format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1"), [&id.0[..]], file_of)
+        .optional()?
+        .ok_or(MetaError::NotFound("file"))
+}
+
+/// The record `id`, read through `conn` (the connection or an open transaction).
+fn load_record(conn: &Connection, id: RecordId) -> Result<RecordInfo> {
+    conn.query_row(&format!("SELECT {RECORD_COLUMNS} FROM records WHERE id = ?1"), [&id.0[..]], record_of)
+        .optional()?
+        .ok_or(MetaError::NotFound("record"))
+}
+
 fn check_version(current: u64, expected: u64) -> Result<()> {
     if current == expected {
         Ok(())
@@ -642,10 +656,7 @@ impl Meta {
 
     /// One record.
     pub fn record(&self, id: RecordId) -> Result<RecordInfo> {
-        self.conn
-            .query_row(&format!("SELECT {RECORD_COLUMNS} FROM records WHERE id = ?1"), [&id.0[..]], record_of)
-            .optional()?
-            .ok_or(MetaError::NotFound("record"))
+        load_record(&self.conn, id)
     }
 
     /// All records of a vault.
@@ -660,10 +671,7 @@ impl Meta {
     /// Changes a record's title, fields or parent (same vault, no cycles).
     pub fn update_record(&mut self, id: RecordId, expected: u64, u: &RecordUpdate) -> Result<RecordInfo> {
         let tx = self.conn.transaction()?;
-        let current = tx
-            .query_row(&format!("SELECT {RECORD_COLUMNS} FROM records WHERE id = ?1"), [&id.0[..]], record_of)
-            .optional()?
-            .ok_or(MetaError::NotFound("record"))?;
+        let current = load_record(&tx, id)?;
         check_version(current.version, expected)?;
         if let Some(change) = u.parent {
             if let Some(parent) = change.to {
@@ -756,10 +764,7 @@ impl Meta {
 
     /// One file with its blob.
     pub fn file(&self, id: FileId) -> Result<FileRow> {
-        self.conn
-            .query_row(&format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1"), [&id.0[..]], file_of)
-            .optional()?
-            .ok_or(MetaError::NotFound("file"))
+        load_file(&self.conn, id)
     }
 
     /// Files of a vault, or of one record of it.
@@ -788,10 +793,7 @@ impl Meta {
         mtime_ms: i64,
     ) -> Result<(u64, Option<BlobId>)> {
         let tx = self.conn.transaction()?;
-        let row = tx
-            .query_row(&format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1"), [&id.0[..]], file_of)
-            .optional()?
-            .ok_or(MetaError::NotFound("file"))?;
+        let row = load_file(&tx, id)?;
         check_version(row.info.version, expected)?;
         tx.execute(
             "UPDATE files SET blob_id = ?2, size = ?3, e2e = ?4, mtime_ms = ?5, version = version + 1 WHERE id = ?1",
@@ -804,10 +806,7 @@ impl Meta {
     /// Renames, moves (within the vault) or touches a file.
     pub fn update_file(&mut self, id: FileId, expected: u64, u: &FileUpdate) -> Result<FileInfo> {
         let tx = self.conn.transaction()?;
-        let row = tx
-            .query_row(&format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1"), [&id.0[..]], file_of)
-            .optional()?
-            .ok_or(MetaError::NotFound("file"))?;
+        let row = load_file(&tx, id)?;
         check_version(row.info.version, expected)?;
         if let Some(record) = u.record {
             if Self::record_vault(&tx, record)? != row.info.vault {
@@ -822,8 +821,7 @@ impl Meta {
             tx.execute("UPDATE files SET mtime_ms = ?2 WHERE id = ?1", params![&id.0[..], mtime])?;
         }
         tx.execute("UPDATE files SET version = version + 1 WHERE id = ?1", [&id.0[..]])?;
-        let updated =
-            tx.query_row(&format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1"), [&id.0[..]], file_of)?;
+        let updated = load_file(&tx, id)?;
         tx.commit()?;
         Ok(updated.info)
     }
@@ -831,10 +829,7 @@ impl Meta {
     /// Deletes a file; returns its blob (to delete after commit).
     pub fn delete_file(&mut self, id: FileId, expected: u64) -> Result<Option<BlobId>> {
         let tx = self.conn.transaction()?;
-        let row = tx
-            .query_row(&format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1"), [&id.0[..]], file_of)
-            .optional()?
-            .ok_or(MetaError::NotFound("file"))?;
+        let row = load_file(&tx, id)?;
         check_version(row.info.version, expected)?;
         tx.execute("DELETE FROM files WHERE id = ?1", [&id.0[..]])?;
         tx.commit()?;
