@@ -981,6 +981,8 @@ impl<R: Remote> VaultFs<R> {
                 return Err(e);
             }
         };
+        // The file's info is updated before the stream leaves the map, so size
+        // and flags never fall back to the pre-upload view in between.
         if let Ok(done) = &outcome {
             self.set_file_info(ino, |i| {
                 i.version = done.version;
@@ -993,12 +995,6 @@ impl<R: Remote> VaultFs<R> {
         lock(&self.uploading).remove(&id);
         match outcome {
             Ok(done) => {
-                self.set_file_info(ino, |i| {
-                    i.version = done.version;
-                    i.size = done.size;
-                    i.e2e = false;
-                    i.mtime_ms = now_ms();
-                });
                 if let Some(h) = self.cache.peek(id) {
                     h.lock().await.version = done.version;
                 }
@@ -1465,17 +1461,20 @@ impl<R: Remote> VaultFs<R> {
             d.version = moved.version;
             d.dirty = false;
             lock(&self.local_sizes).remove(&info.id);
-            Ok::<_, FsError>(())
+            Ok::<_, FsError>(created.id)
         }
         .await;
-        match &result {
-            Ok(()) => {
-                self.cache.rename(info.id, created_id_of(&self.tree, ino).unwrap_or(info.id));
-                self.cache.unpin(created_id_of(&self.tree, ino).unwrap_or(info.id));
+        match result {
+            Ok(new_id) => {
+                self.cache.rename(info.id, new_id);
+                self.cache.unpin(new_id);
+                Ok(())
             }
-            Err(_) => self.cache.unpin(info.id),
+            Err(e) => {
+                self.cache.unpin(info.id);
+                Err(e)
+            }
         }
-        result
     }
 
     // ---- extended attributes and statfs ----------------------------------------
@@ -1551,13 +1550,6 @@ impl<R: Remote> VaultFs<R> {
             _ => return Err(FsError::NoAttr),
         };
         Ok(value.into_bytes())
-    }
-}
-
-fn created_id_of(tree: &Mutex<Tree>, ino: Ino) -> Option<FileId> {
-    match lock(tree).nodes.get(&ino)? {
-        Node::File { info, .. } => Some(info.id),
-        _ => None,
     }
 }
 

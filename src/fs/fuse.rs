@@ -31,14 +31,13 @@ pub const MAX_WRITE: u32 = 1 << 20;
 pub struct FuseAdapter<R> {
     fs: Arc<VaultFs<R>>,
     rt: tokio::runtime::Handle,
-    uid: u32,
-    gid: u32,
+    owner: Owner,
 }
 
 impl<R: Remote> FuseAdapter<R> {
     /// An adapter running `fs` on `rt`, presenting files as owned by `uid`/`gid`.
     pub fn new(fs: Arc<VaultFs<R>>, rt: tokio::runtime::Handle, uid: u32, gid: u32) -> Self {
-        FuseAdapter { fs, rt, uid, gid }
+        FuseAdapter { fs, rt, owner: Owner { uid, gid } }
     }
 
     /// Runs `op` on the runtime inside a span naming the operation.
@@ -83,7 +82,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let (fs, name, me) = (Arc::clone(&self.fs), name.to_owned(), self.clone_attrs());
+        let (fs, name, me) = (Arc::clone(&self.fs), name.to_owned(), self.owner);
         self.spawn("lookup", parent.0, async move {
             match fs.lookup(parent.0, &name).await {
                 Ok(a) => reply.entry(&TTL, &me.attr(&a), Generation(0)),
@@ -93,13 +92,10 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let (fs, me) = (Arc::clone(&self.fs), self.clone_attrs());
+        let (fs, me) = (Arc::clone(&self.fs), self.owner);
         self.spawn("getattr", ino.0, async move {
             match fs.getattr(ino.0).await {
-                Ok(a) => {
-                    tracing::debug!(ino = ino.0, size = a.size, "getattr reply");
-                    reply.attr(&TTL, &me.attr(&a))
-                }
+                Ok(a) => reply.attr(&TTL, &me.attr(&a)),
                 Err(e) => reply.error(errno("getattr", &e)),
             }
         });
@@ -125,8 +121,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     ) {
         // Mode and ownership are presented, not stored: accepted and ignored, so
         // `cp -a` and editors that chmod do not fail.
-        tracing::debug!(ino = ino.0, ?size, ?mtime, "setattr request");
-        let (fs, me) = (Arc::clone(&self.fs), self.clone_attrs());
+        let (fs, me) = (Arc::clone(&self.fs), self.owner);
         self.spawn("setattr", ino.0, async move {
             match fs.setattr(ino.0, size, mtime.map(time_of)).await {
                 Ok(a) => reply.attr(&TTL, &me.attr(&a)),
@@ -144,7 +139,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        let (fs, name, me) = (Arc::clone(&self.fs), name.to_owned(), self.clone_attrs());
+        let (fs, name, me) = (Arc::clone(&self.fs), name.to_owned(), self.owner);
         self.spawn("mkdir", parent.0, async move {
             match fs.mkdir(parent.0, &name).await {
                 Ok(a) => reply.entry(&TTL, &me.attr(&a), Generation(0)),
@@ -222,7 +217,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let (fs, name, me) = (Arc::clone(&self.fs), name.to_owned(), self.clone_attrs());
+        let (fs, name, me) = (Arc::clone(&self.fs), name.to_owned(), self.owner);
         self.spawn("create", parent.0, async move {
             match fs.create(parent.0, &name).await {
                 Ok((a, fh)) => {
@@ -385,23 +380,14 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     }
 }
 
-/// What replies need to build attributes, cheap to move into a task.
+/// Who files are presented as owned by; copied into each task to build replies.
 #[derive(Clone, Copy)]
 struct Owner {
     uid: u32,
     gid: u32,
 }
 
-impl<R> FuseAdapter<R> {
-    fn clone_attrs(&self) -> AttrMaker {
-        AttrMaker(Owner { uid: self.uid, gid: self.gid })
-    }
-}
-
-/// Builds kernel attributes inside a task.
-struct AttrMaker(Owner);
-
-impl AttrMaker {
+impl Owner {
     fn attr(&self, a: &Attr) -> FileAttr {
         let kind = match a.kind {
             Kind::Dir => FileType::Directory,
@@ -418,8 +404,8 @@ impl AttrMaker {
             kind,
             perm: a.perm,
             nlink: if a.kind == Kind::Dir { 2 } else { 1 },
-            uid: self.0.uid,
-            gid: self.0.gid,
+            uid: self.uid,
+            gid: self.gid,
             rdev: 0,
             blksize: 4096,
             flags: 0,
