@@ -286,6 +286,107 @@ async fn a_failed_upload_keeps_the_data_and_is_retried() {
     assert_eq!(read_file(&other, r2.ino, "precious.txt").await.unwrap(), b"do not lose me");
 }
 
+/// Offset of chunk `i` in a vault file (128-byte header, 64 KiB + 16 per chunk).
+fn chunk_at(i: u64) -> u64 {
+    128 + i * (65536 + 16)
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8 ^ (i >> 16) as u8).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_wait_only_for_the_chunks_they_need() {
+    use std::time::Duration;
+    let s = setup(&["V"]).await;
+    let writer = mount(s.alice.clone()).await;
+    let v = writer.lookup(ROOT, n("V")).await.unwrap();
+    let r = writer.mkdir(v.ino, n("r")).await.unwrap();
+    let data = pattern(3_000_000);
+    write_file(&writer, r.ino, "big.bin", &data).await;
+
+    let (fs, outage) = mount_faulty(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.lookup(v.ino, n("r")).await.unwrap();
+    let attr = fs.lookup(r.ino, n("big.bin")).await.unwrap();
+    // A slow link: only the header and the first two chunks arrive.
+    outage.hold_downloads_at(Some(chunk_at(2)));
+    let fh = tokio::time::timeout(Duration::from_secs(5), fs.open(attr.ino, false, false))
+        .await
+        .expect("open must not wait for the whole file")
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), fs.read(fh, 1000, 60_000))
+        .await
+        .expect("a read of the first chunk must not wait for the rest")
+        .unwrap();
+    assert_eq!(first, &data[1000..61_000]);
+    let later = tokio::time::timeout(Duration::from_millis(300), fs.read(fh, 2_000_000, 4096)).await;
+    assert!(later.is_err(), "a read of a chunk that has not arrived cannot be answered yet");
+    outage.hold_downloads_at(None);
+    let later = tokio::time::timeout(Duration::from_secs(5), fs.read(fh, 2_000_000, 4096)).await.unwrap();
+    assert_eq!(later.unwrap(), &data[2_000_000..2_004_096]);
+    assert_eq!(fs.read(fh, 2_999_000, 4096).await.unwrap(), &data[2_999_000..]);
+    assert!(fs.read(fh, 3_000_000, 10).await.unwrap().is_empty());
+    fs.release(attr.ino, fh).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_chunk_or_a_broken_download_fails_reads_with_eio_and_recovers() {
+    let s = setup(&["V"]).await;
+    let writer = mount(s.alice.clone()).await;
+    let v = writer.lookup(ROOT, n("V")).await.unwrap();
+    let r = writer.mkdir(v.ino, n("r")).await.unwrap();
+    let data = pattern(1_500_000);
+    write_file(&writer, r.ino, "f.bin", &data).await;
+
+    // A server that flips a byte in chunk 10: chunks before it are authentic and
+    // readable; once chunk 10 arrives, the file fails, and so does every read.
+    let (fs, outage) = mount_faulty(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.lookup(v.ino, n("r")).await.unwrap();
+    let attr = fs.lookup(r.ino, n("f.bin")).await.unwrap();
+    outage.hold_downloads_at(Some(chunk_at(10)));
+    outage.flip_download_byte(Some(chunk_at(10) + 7));
+    let fh = fs.open(attr.ino, false, false).await.unwrap();
+    assert_eq!(fs.read(fh, 0, 4096).await.unwrap(), &data[..4096]);
+    outage.hold_downloads_at(None);
+    let err = fs.read(fh, 1_000_000, 4096).await.unwrap_err();
+    assert!(matches!(err, FsError::Integrity { .. }), "{err}");
+    assert_eq!(err.errno(), libc::EIO);
+    let err = fs.read(fh, 0, 4096).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EIO, "nothing of a failed file stays readable: {err}");
+    // The server behaves again: the next read downloads the file afresh.
+    outage.flip_download_byte(None);
+    assert_eq!(fs.read(fh, 1_000_000, 4096).await.unwrap(), &data[1_000_000..1_004_096]);
+    fs.release(attr.ino, fh).await.unwrap();
+
+    // The connection breaks in the middle of the download: EIO, then recovery.
+    let (fs, outage) = mount_faulty(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.lookup(v.ino, n("r")).await.unwrap();
+    let attr = fs.lookup(r.ino, n("f.bin")).await.unwrap();
+    outage.hold_downloads_at(Some(chunk_at(5)));
+    let fh = fs.open(attr.ino, false, false).await.unwrap();
+    outage.set(true);
+    let err = fs.read(fh, 1_000_000, 4096).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    outage.set(false);
+    outage.hold_downloads_at(None);
+    assert_eq!(fs.read(fh, 1_000_000, 4096).await.unwrap(), &data[1_000_000..1_004_096]);
+    // Writing needs the whole file, and gets it.
+    fs.write(fh, 0, b"HEAD").await.unwrap();
+    fs.flush(attr.ino, fh).await.unwrap();
+    fs.release(attr.ino, fh).await.unwrap();
+    let mut expected = data.clone();
+    expected[..4].copy_from_slice(b"HEAD");
+    assert_eq!(read_file(&writer, r_ino(&writer).await, "f.bin").await.unwrap(), expected);
+}
+
+async fn r_ino<R: vaultfs::remote::Remote>(fs: &Arc<VaultFs<R>>) -> u64 {
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    fs.lookup(v.ino, n("r")).await.unwrap().ino
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_and_bad_names_give_the_expected_errno() {
     let s = setup(&["V"]).await;

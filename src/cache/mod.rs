@@ -31,8 +31,11 @@ pub struct PlainData {
     pub dirty: bool,
     /// The server version these bytes correspond to (before local changes).
     pub version: u64,
-    /// Whether `bytes` holds the file's content (false until downloaded).
+    /// Whether `bytes` holds the file's whole content (false until downloaded).
     pub loaded: bool,
+    /// A download is decrypting into `bytes` (which then holds a prefix of the
+    /// content, in a buffer reserved to the final size so it never moves).
+    pub filling: bool,
 }
 
 impl std::fmt::Debug for PlainData {
@@ -42,6 +45,7 @@ impl std::fmt::Debug for PlainData {
             .field("dirty", &self.dirty)
             .field("version", &self.version)
             .field("loaded", &self.loaded)
+            .field("filling", &self.filling)
             .finish()
     }
 }
@@ -168,7 +172,7 @@ impl PlainCache {
             }
             // Only clean, idle entries go; an entry someone is using is skipped.
             let Ok(mut data) = slot.data.try_lock() else { continue };
-            if data.dirty {
+            if data.dirty || data.filling {
                 continue;
             }
             // Wipe now, rather than when the last Arc drops.

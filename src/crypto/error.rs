@@ -40,7 +40,7 @@ impl std::fmt::Display for IntegrityFailure {
 }
 
 /// Errors from sealing and opening vault files, names and wallets.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CryptoError {
     /// The data was altered or replayed; never returned together with plaintext.
     #[error("integrity check failed: {0}")]

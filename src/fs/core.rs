@@ -27,15 +27,15 @@ use zeroize::Zeroizing;
 
 use super::error::{FsError, Result};
 use crate::cache::{PlainCache, PlainData, PlainHandle};
-use crate::crypto::{
-    self, decrypt_file, encrypt_file, open_name, seal_name, FileContext, Layout, NameContext, OsRandom,
-};
+use crate::crypto::{self, encrypt_file, open_name, seal_name, FileContext, Layout, NameContext, OsRandom};
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::{
     FileInfo, FileUpdate, Limits, NewFile, NewRecord, ParentChange, RecordInfo, RecordUpdate, Sealed,
 };
 use crate::remote::account::Unlocked;
 use crate::remote::{collect, Remote, RemoteError, UploadBody};
+
+mod fill;
 
 /// Inode number.
 pub type Ino = u64;
@@ -296,6 +296,8 @@ pub struct VaultFs<R> {
     local_sizes: Mutex<HashMap<FileId, u64>>,
     /// Read windows of handles reading pass-through files.
     pass_reads: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<PassRead>>>>,
+    /// Downloads being decrypted into the cache, by file.
+    fills: Mutex<HashMap<FileId, Arc<fill::Fill>>>,
     mounted_at: SystemTime,
 }
 
@@ -353,6 +355,7 @@ impl<R: Remote> VaultFs<R> {
             sequential: Mutex::new(HashMap::new()),
             local_sizes: Mutex::new(HashMap::new()),
             pass_reads: Mutex::new(HashMap::new()),
+            fills: Mutex::new(HashMap::new()),
             mounted_at: SystemTime::now(),
         })
     }
@@ -679,6 +682,7 @@ impl<R: Remote> VaultFs<R> {
                 dirty: false,
                 version: info.version,
                 loaded: true,
+                filling: false,
             };
         }
         lock(&self.sequential).insert(info.id, 0);
@@ -705,47 +709,20 @@ impl<R: Remote> VaultFs<R> {
         }
     }
 
-    /// Downloads and decrypts `info` into `data`.
-    async fn load(&self, info: &FileInfo, data: &mut PlainData) -> Result<()> {
-        let content = self.remote().download(info.id, None).await?;
-        let version = content.version;
-        let blob =
-            Zeroizing::new(collect(content.stream).await.map_err(|e| FsError::Unavailable(e.to_string()))?);
-        let plain = if !content.e2e {
-            blob
-        } else if blob.is_empty() {
-            Zeroizing::new(Vec::new())
-        } else {
-            let what = || format!("file {}", info.id);
-            let header =
-                crypto::peek_header(&blob).map_err(|e| FsError::Integrity { what: what(), source: e })?;
-            let key =
-                self.account.wallet().key(info.vault, header.key_id).ok_or_else(|| FsError::Integrity {
-                    what: what(),
-                    source: crypto::CryptoError::Malformed("header names a key this vault does not have"),
-                })?;
-            let ctx = FileContext { vault: info.vault, record: info.record, file: info.id };
-            let min = lock(&self.generations).get(&info.id).copied().unwrap_or(0);
-            let (header, plain) = decrypt_file(&blob, key, &ctx, min).map_err(|e| {
-                tracing::error!(file = %info.id, error = %e, "refusing to read a file that failed its integrity check");
-                FsError::Integrity { what: what(), source: e }
-            })?;
-            lock(&self.generations).insert(info.id, header.generation);
-            plain
-        };
-        *data = PlainData { bytes: plain, dirty: false, version, loaded: true };
-        Ok(())
-    }
-
     /// Opens a file; `truncate` empties it (O_TRUNC); `write` if opened for writing.
-    pub async fn open(&self, ino: Ino, truncate: bool, write: bool) -> Result<u64> {
+    pub async fn open(self: &Arc<Self>, ino: Ino, truncate: bool, write: bool) -> Result<u64> {
         self.open_keeping_cache(ino, truncate, write).await.map(|(fh, _)| fh)
     }
 
     /// Like [`VaultFs::open`], also saying whether the kernel may keep the pages
     /// it cached for this file: yes while the content is the version we had, no
     /// once it changed on the server (then the pages are stale).
-    pub async fn open_keeping_cache(&self, ino: Ino, truncate: bool, write: bool) -> Result<(u64, bool)> {
+    pub async fn open_keeping_cache(
+        self: &Arc<Self>,
+        ino: Ino,
+        truncate: bool,
+        write: bool,
+    ) -> Result<(u64, bool)> {
         let mut info = self.file_info(ino)?;
         let cached = self.cache.peek(info.id).is_some_and(|h| h.try_lock().map_or(true, |d| d.loaded));
         if !write && !truncate && !info.e2e && info.size > 0 && !cached {
@@ -766,6 +743,7 @@ impl<R: Remote> VaultFs<R> {
                 if !d.loaded || !d.bytes.is_empty() || info.size > 0 {
                     d.dirty = true;
                 }
+                self.cancel_fill(info.id, &mut d);
                 d.bytes = Zeroizing::new(Vec::new());
                 d.loaded = true;
                 d.version = d.version.max(info.version);
@@ -777,21 +755,34 @@ impl<R: Remote> VaultFs<R> {
             if d.dirty {
                 return Ok(true);
             }
-            // Is what we hold still the server's current version?
-            if d.loaded {
+            // Is what we hold (or are downloading) still the server's current version?
+            if d.loaded || d.filling {
                 info = self.remote().file(info.id).await?;
                 self.set_file_info(ino, |i| *i = info.clone());
                 if d.version == info.version {
+                    let loaded = d.loaded;
+                    drop(d);
+                    if !loaded {
+                        drop(self.ready(info.id, &handle, Some(0)).await?);
+                    }
                     return Ok(true);
                 }
+                // Stale: download it again.
+                self.cancel_fill(info.id, &mut d);
+                d.loaded = false;
             }
-            self.load(&info, &mut d).await.map(|()| false)
+            drop(d);
+            // Returns once the header is authenticated; reads wait for their chunks.
+            self.ready(info.id, &handle, Some(0)).await.map(|_| false)
         }
         .await;
         match result {
             Ok(keep) => {
-                let len = handle.lock().await.bytes.len();
-                self.cache.account(info.id, len);
+                if let Ok(d) = handle.try_lock() {
+                    if d.loaded {
+                        self.cache.account(info.id, d.bytes.len());
+                    }
+                }
                 Ok((self.new_handle(info.id), keep))
             }
             Err(e) => {
@@ -806,15 +797,15 @@ impl<R: Remote> VaultFs<R> {
     }
 
     /// Reads up to `size` bytes at `offset`.
-    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+    pub async fn read(self: &Arc<Self>, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let id = self.handle_file(fh)?;
         let pass = lock(&self.pass_reads).get(&fh).cloned();
         if let Some(pass) = pass {
             return self.read_pass_through(&pass, offset, size).await;
         }
         let handle = self.cache.peek(id).ok_or(FsError::Io("file data evicted while open".into()))?;
-        let d = handle.lock().await;
-        let len = d.bytes.len() as u64;
+        let want = offset.saturating_add(u64::from(size));
+        let (d, len) = self.ready(id, &handle, Some(want)).await?;
         if offset >= len {
             return Ok(Vec::new());
         }
@@ -876,11 +867,7 @@ impl<R: Remote> VaultFs<R> {
             }
         };
         let handle = self.cache.peek(id).ok_or(FsError::Io("file data evicted while open".into()))?;
-        let mut d = handle.lock().await;
-        if !d.loaded {
-            let info = self.file_info_by_id(id)?;
-            self.load(&info, &mut d).await?;
-        }
+        let (mut d, _) = self.ready(id, &handle, None).await?;
         let end = end as usize;
         if d.bytes.len() < end {
             grow(&mut d.bytes, end);
@@ -1008,7 +995,12 @@ impl<R: Remote> VaultFs<R> {
     }
 
     /// Changes size and/or modification time.
-    pub async fn setattr(&self, ino: Ino, size: Option<u64>, mtime: Option<SystemTime>) -> Result<Attr> {
+    pub async fn setattr(
+        self: &Arc<Self>,
+        ino: Ino,
+        size: Option<u64>,
+        mtime: Option<SystemTime>,
+    ) -> Result<Attr> {
         let info = match lock(&self.tree).node(ino)? {
             Node::File { info, .. } => Some(info.clone()),
             _ => None,
@@ -1026,10 +1018,13 @@ impl<R: Remote> VaultFs<R> {
             let handle = self.cache.pin(info.id);
             let result = async {
                 {
-                    let mut d = handle.lock().await;
-                    if !d.loaded && size > 0 {
-                        self.load(&info, &mut d).await?;
-                    }
+                    let mut d = if size > 0 {
+                        self.ready(info.id, &handle, None).await?.0
+                    } else {
+                        let mut d = handle.lock().await;
+                        self.cancel_fill(info.id, &mut d);
+                        d
+                    };
                     d.loaded = true;
                     if d.bytes.len() as u64 != size {
                         let size = size as usize;
@@ -1307,7 +1302,13 @@ impl<R: Remote> VaultFs<R> {
 
     /// Renames or moves within a vault; across vaults it fails with EXDEV so that
     /// `mv` copies and deletes instead.
-    pub async fn rename(&self, parent: Ino, name: &OsStr, new_parent: Ino, new_name: &OsStr) -> Result<()> {
+    pub async fn rename(
+        self: &Arc<Self>,
+        parent: Ino,
+        name: &OsStr,
+        new_parent: Ino,
+        new_name: &OsStr,
+    ) -> Result<()> {
         check_name(new_name)?;
         self.load_dir(parent).await?;
         self.load_dir(new_parent).await?;
@@ -1417,12 +1418,20 @@ impl<R: Remote> VaultFs<R> {
     /// Moves a file to another record. Content is bound to its record, so the file
     /// is written anew under the target record (new id) and the old one deleted:
     /// a reader sees the old file or the complete new one, never a half.
-    async fn move_file(&self, ino: Ino, info: &FileInfo, new_parent: Ino, new_name: &OsStr) -> Result<()> {
+    async fn move_file(
+        self: &Arc<Self>,
+        ino: Ino,
+        info: &FileInfo,
+        new_parent: Ino,
+        new_name: &OsStr,
+    ) -> Result<()> {
         let handle = self.cache.pin(info.id);
         let result = async {
-            let mut d = handle.lock().await;
-            if !d.loaded || (!d.dirty && d.version != info.version) {
-                self.load(info, &mut d).await?;
+            let (mut d, _) = self.ready(info.id, &handle, None).await?;
+            if !d.dirty && d.version != info.version {
+                d.loaded = false; // stale: download the current version
+                drop(d);
+                d = self.ready(info.id, &handle, None).await?.0;
             }
             let (new_ino, created) = self.new_file(new_parent, new_name).await?;
             let e2e = d.bytes.len() as u64 <= self.limits.e2e_limit;

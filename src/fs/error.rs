@@ -5,7 +5,7 @@ use crate::remote::RemoteError;
 
 /// Errors of filesystem operations. [`FsError::errno`] maps every variant (no
 /// catch-all arm), so a new variant cannot silently become EIO.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum FsError {
     /// No such entry.
     #[error("no such file or directory")]

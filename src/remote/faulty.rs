@@ -1,29 +1,58 @@
 //! A remote that fails on demand, for testing how the filesystem copes with a
-//! server that is down: wraps any [`Remote`] and, while switched off, answers
-//! every call with [`RemoteError::Unavailable`] without reaching the inner one.
+//! server that is down, slow or lying: wraps any [`Remote`] and, while switched
+//! off, answers every call with [`RemoteError::Unavailable`] without reaching the
+//! inner one. Downloads can also be held at a byte offset (a slow link: what is
+//! before it arrives, the rest waits), broken off there if the server goes down
+//! meanwhile, or have one byte flipped (a tampering server).
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
 
 use super::{Content, Remote, RemoteError, Result, UploadBody};
 use crate::ids::{FileId, RecordId, VaultId};
+use crate::protocol::ByteStream;
 use crate::protocol::{
     FileInfo, FileUpdate, Me, NewFile, NewRecord, NewVault, RecordInfo, RecordUpdate, UploadResult, VaultInfo,
 };
 
-/// A switch shared between a test and its [`FaultyRemote`].
+/// The switches shared between a test and its [`FaultyRemote`].
 #[derive(Debug, Clone, Default)]
-pub struct Outage(Arc<AtomicBool>);
+pub struct Outage(Arc<Faults>);
+
+#[derive(Debug, Default)]
+struct Faults {
+    down: AtomicBool,
+    hold_at: Mutex<Option<u64>>,
+    flip_at: Mutex<Option<u64>>,
+}
 
 impl Outage {
     /// Takes the server "down" (true) or brings it back (false).
     pub fn set(&self, down: bool) {
-        self.0.store(down, Ordering::SeqCst);
+        self.0.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Downloads deliver the bytes before `offset` of the content, then wait
+    /// until this is called again with `None` (or fail if the server goes down).
+    pub fn hold_downloads_at(&self, offset: Option<u64>) {
+        *self.0.hold_at.lock().unwrap() = offset;
+    }
+
+    /// Downloads have the byte at `offset` of the content flipped.
+    pub fn flip_download_byte(&self, offset: Option<u64>) {
+        *self.0.flip_at.lock().unwrap() = offset;
+    }
+
+    fn hold_at(&self) -> Option<u64> {
+        *self.0.hold_at.lock().unwrap()
     }
 
     fn check(&self) -> Result<()> {
-        if self.0.load(Ordering::SeqCst) {
+        if self.0.down.load(Ordering::SeqCst) {
             Err(RemoteError::Unavailable("injected outage".into()))
         } else {
             Ok(())
@@ -105,7 +134,10 @@ impl<R: Remote> Remote for FaultyRemote<R> {
     }
     async fn download(&self, id: FileId, range: Option<Range<u64>>) -> Result<Content> {
         self.outage.check()?;
-        self.inner.download(id, range).await
+        let start = range.as_ref().map_or(0, |r| r.start);
+        let mut content = self.inner.download(id, range).await?;
+        content.stream = faulty_stream(content.stream, start, self.outage.clone());
+        Ok(content)
     }
     async fn upload(
         &self,
@@ -118,4 +150,37 @@ impl<R: Remote> Remote for FaultyRemote<R> {
         self.outage.check()?;
         self.inner.upload(id, expected, e2e, mtime_ms, body).await
     }
+}
+
+/// `inner` (content from `start` on) with the download faults of `outage` applied.
+fn faulty_stream(inner: ByteStream, start: u64, outage: Outage) -> ByteStream {
+    let state = (inner, start, outage, None::<bytes::Bytes>);
+    Box::pin(futures_util::stream::unfold(state, |(mut inner, pos, outage, leftover)| async move {
+        let mut piece = match leftover {
+            Some(piece) => piece,
+            None => match inner.next().await? {
+                Ok(piece) => piece,
+                Err(e) => return Some((Err(e), (inner, pos, outage, None))),
+            },
+        };
+        let mut leftover = None;
+        while outage.hold_at().is_some_and(|h| h <= pos) {
+            if outage.check().is_err() {
+                let e = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected outage");
+                return Some((Err(e), (inner, pos, outage, None)));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if let Some(hold) = outage.hold_at().filter(|&h| h < pos + piece.len() as u64) {
+            leftover = Some(piece.split_off((hold - pos) as usize));
+        }
+        let flip = *outage.0.flip_at.lock().unwrap();
+        if let Some(at) = flip.filter(|&at| at >= pos && at < pos + piece.len() as u64) {
+            let mut changed = piece.to_vec();
+            changed[(at - pos) as usize] ^= 1;
+            piece = changed.into();
+        }
+        let next = pos + piece.len() as u64;
+        Some((Ok(piece), (inner, next, outage, leftover)))
+    }))
 }
