@@ -382,6 +382,38 @@ async fn a_bad_chunk_or_a_broken_download_fails_reads_with_eio_and_recovers() {
     assert_eq!(read_file(&writer, r_ino(&writer).await, "f.bin").await.unwrap(), expected);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_the_server_refuses_gives_its_errno_and_keeps_the_data() {
+    let server = MemoryServer::new().unwrap();
+    let limits = Limits { upload_limit: 10_000_000, e2e_limit: 2_000_000, image_max_edge: 2560 };
+    let alice = server.add_user("alice", limits).await.unwrap();
+    let mut u = Unlocked::create_wallet(alice.clone(), b"pw", FAST).await.unwrap();
+    u.create_vault("Strict", true).await.unwrap();
+    let fs = mount(alice.clone()).await;
+    let v = fs.lookup(ROOT, n("Strict")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let (attr, fh) = fs.create(r.ino, n("big.bin")).await.unwrap();
+    // Written back to front, so it is held in memory rather than streamed; at
+    // 3 MB it is above the end-to-end limit, which this vault does not accept.
+    let data = pattern(3_000_000);
+    for start in (0..3_000_000).step_by(1 << 20).rev() {
+        let end = (start + (1 << 20)).min(data.len());
+        fs.write(fh, start as u64, &data[start..end]).await.unwrap();
+    }
+    let err = fs.flush(attr.ino, fh).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EACCES, "{err}");
+    assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"dirty");
+    assert_eq!(fs.read(fh, 2_500_000, 100).await.unwrap(), &data[2_500_000..2_500_100]);
+    // Cut below the limit, it is end-to-end encrypted and accepted.
+    fs.setattr(attr.ino, Some(1_500_000), None).await.unwrap();
+    fs.flush(attr.ino, fh).await.unwrap();
+    fs.release(attr.ino, fh).await.unwrap();
+    let other = mount(alice).await;
+    let v2 = other.lookup(ROOT, n("Strict")).await.unwrap();
+    let r2 = other.lookup(v2.ino, n("r")).await.unwrap();
+    assert_eq!(read_file(&other, r2.ino, "big.bin").await.unwrap(), &data[..1_500_000]);
+}
+
 async fn r_ino<R: vaultfs::remote::Remote>(fs: &Arc<VaultFs<R>>) -> u64 {
     let v = fs.lookup(ROOT, n("V")).await.unwrap();
     fs.lookup(v.ino, n("r")).await.unwrap().ino

@@ -36,6 +36,7 @@ use crate::remote::account::Unlocked;
 use crate::remote::{collect, Remote, RemoteError, UploadBody};
 
 mod fill;
+mod save;
 
 /// Inode number.
 pub type Ino = u64;
@@ -222,20 +223,6 @@ pub struct UploadProgress {
 
 /// Pieces an upload body is sent in, so progress can be counted.
 const UPLOAD_PIECE: usize = 1 << 20;
-
-/// An upload body of `data` in 1 MiB pieces that counts what was taken.
-fn counted_body(data: bytes::Bytes, progress: Arc<UploadProgress>) -> UploadBody {
-    let len = data.len() as u64;
-    let pieces = futures_util::stream::unfold((data, progress), |(mut rest, progress)| async move {
-        if rest.is_empty() {
-            return None;
-        }
-        let piece = rest.split_to(rest.len().min(UPLOAD_PIECE));
-        progress.sent.fetch_add(piece.len() as u64, Ordering::Relaxed);
-        Some((Ok(piece), (rest, progress)))
-    });
-    UploadBody { len: Some(len), stream: Box::pin(pieces) }
-}
 
 /// One line of `vaultfs status`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -1076,7 +1063,7 @@ impl<R: Remote> VaultFs<R> {
     /// Uploads the file's plaintext if it changed. Returns when the server has
     /// stored it. On a version conflict, our data goes to a conflict copy.
     async fn upload(&self, ino: Ino, handle: &PlainHandle) -> Result<()> {
-        let mut d = handle.lock().await;
+        let d = Arc::clone(handle).lock_owned().await;
         if !d.dirty {
             return Ok(());
         }
@@ -1091,14 +1078,17 @@ impl<R: Remote> VaultFs<R> {
             seen.max(d.version) + 1
         };
         let ctx = FileContext { vault: info.vault, record: info.record, file: info.id };
-        let body = self.encode(&ctx, generation, e2e, &d.bytes)?;
-        let progress = Arc::new(UploadProgress { sent: AtomicU64::new(0), total: Some(body.len() as u64) });
+        let sealer = self.sealer(&ctx, generation, e2e, plain_len)?;
+        let progress = Arc::new(UploadProgress { sent: AtomicU64::new(0), total: Some(sealer.len) });
         lock(&self.uploading).insert(info.id, Arc::clone(&progress));
-        let body = counted_body(bytes::Bytes::from(body), progress);
-        tracing::debug!(file = %info.id, len = plain_len, expected = d.version, e2e, "uploading from the cache");
-        let result = self.remote().upload(info.id, d.version, e2e, Some(now_ms()), body).await;
-        tracing::debug!(file = %info.id, ok = result.is_ok(), "upload from the cache done");
+        let expected = d.version;
+        tracing::debug!(file = %info.id, len = plain_len, expected, e2e, "uploading from the cache");
+        let (body, sealing) = save::pipeline(d, sealer, progress);
+        let result = self.remote().upload(info.id, expected, e2e, Some(now_ms()), body).await;
+        let d = sealing.finish().await;
         lock(&self.uploading).remove(&info.id);
+        let mut d = d?;
+        tracing::debug!(file = %info.id, ok = result.is_ok(), "upload from the cache done");
         match result {
             Ok(done) => {
                 d.dirty = false;
