@@ -16,6 +16,10 @@ pub const API_PREFIX: &str = "/v1";
 pub const HEADER_E2E: &str = "x-vaultfs-e2e";
 /// Header carrying a file's modification time (Unix milliseconds) on upload.
 pub const HEADER_MTIME: &str = "x-vaultfs-mtime";
+/// Header asking the server to keep both versions if the file changed since
+/// the expected version: `ID:NAME`, the id and base64 sealed name of a new
+/// file, in the same record, that then receives the uploaded content.
+pub const HEADER_CONFLICT_COPY: &str = "x-vaultfs-conflict-copy";
 
 /// A stream of content bytes (uploads and downloads are never buffered whole).
 pub type ByteStream =
@@ -321,10 +325,14 @@ pub struct FileUpdate {
 /// Answer to a content upload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadResult {
-    /// The file's new version.
+    /// The new version of the file that received the content.
     pub version: u64,
     /// Bytes stored.
     pub size: u64,
+    /// Set if the file had changed and the content went to the conflict copy
+    /// asked for (the original is untouched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict_copy: Option<FileId>,
 }
 
 /// Every error response: `{"error": {"code": "...", "message": "..."}}`.

@@ -414,6 +414,46 @@ async fn an_upload_the_server_refuses_gives_its_errno_and_keeps_the_data() {
     assert_eq!(read_file(&other, r2.ino, "big.bin").await.unwrap(), &data[..1_500_000]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_file_changed_meanwhile_is_kept_as_a_conflict_copy() {
+    // setup(): e2e limit 5 MB, so 6 MB written front to back streams.
+    let s = setup(&["V"]).await;
+    let a = mount(s.alice.clone()).await;
+    let v = a.lookup(ROOT, n("V")).await.unwrap();
+    let r = a.mkdir(v.ino, n("r")).await.unwrap();
+    let (attr, fh) = a.create(r.ino, n("clip.mov")).await.unwrap();
+    let ours = pattern(6_000_000);
+    a.write(fh, 0, &ours[..5_500_000]).await.unwrap();
+    assert_eq!(a.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"uploading");
+    // Another client saves the same file in the meantime.
+    let b = mount(s.alice.clone()).await;
+    write_over(&b, r_ino(&b).await, "clip.mov", b"theirs").await;
+    a.write(fh, 5_500_000, &ours[5_500_000..]).await.unwrap();
+    a.flush(attr.ino, fh).await.expect("close succeeds: nothing was lost");
+    a.release(attr.ino, fh).await.unwrap();
+    let check = mount(s.alice.clone()).await;
+    let dir = r_ino(&check).await;
+    assert_eq!(read_file(&check, dir, "clip.mov").await.unwrap(), b"theirs");
+    let names: Vec<String> = check
+        .readdir(dir)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, _, n)| n.to_string_lossy().into_owned())
+        .collect();
+    let copy = names.iter().find(|n| n.starts_with("clip (conflict ")).expect("a conflict copy");
+    assert!(copy.ends_with(").mov"), "{copy}");
+    assert!(read_file(&check, dir, copy).await.unwrap() == ours, "the copy holds every streamed byte");
+}
+
+async fn write_over<R: vaultfs::remote::Remote>(fs: &Arc<VaultFs<R>>, dir: u64, name: &str, data: &[u8]) {
+    let attr = fs.lookup(dir, n(name)).await.unwrap();
+    let fh = fs.open(attr.ino, true, true).await.unwrap();
+    fs.write(fh, 0, data).await.unwrap();
+    fs.flush(attr.ino, fh).await.unwrap();
+    fs.release(attr.ino, fh).await.unwrap();
+}
+
 async fn r_ino<R: vaultfs::remote::Remote>(fs: &Arc<VaultFs<R>>) -> u64 {
     let v = fs.lookup(ROOT, n("V")).await.unwrap();
     fs.lookup(v.ino, n("r")).await.unwrap().ino
@@ -558,16 +598,26 @@ async fn files_above_the_e2e_limit_stream_through_as_plain_https() {
         "not end-to-end from the moment it streams"
     );
     assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"uploading");
-    // Only sequential writes can go on while streaming.
-    assert_eq!(fs.write(fh, 0, b"rewrite").await.unwrap_err().errno(), libc::EIO);
-    // A flush in the middle (a forked child closing its copy of the descriptor)
-    // must not end the stream: writing goes on.
-    fs.flush(attr.ino, fh).await.unwrap();
+    // A flush by another process (a forked child closing its copy of the
+    // descriptor) must not end the stream: writing goes on, past a hole.
+    fs.note_opener(fh, 1000);
+    fs.flush_from(attr.ino, fh, Some(4242)).await.unwrap();
+    assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"uploading");
     let extra = vec![1u8; 100];
-    fs.write(fh, 8_000_000, &extra).await.unwrap();
+    fs.write(fh, 8_000_050, &extra).await.unwrap();
+    // The opener's close ends it and returns once the server has it.
+    fs.flush_from(attr.ino, fh, Some(1000)).await.unwrap();
+    assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"clean");
+    let fresh = mount(s.alice.clone()).await;
+    let stored = fresh.lookup(r_ino(&fresh).await, n("video.mkv")).await.unwrap();
+    assert_eq!(stored.size, 8_000_150, "stored when the opener's close returned");
+    // A write behind the stream: the file is stored, then edited in memory.
+    fs.write(fh, 0, b"rewrite").await.unwrap();
     fs.flush(attr.ino, fh).await.unwrap();
     fs.release(attr.ino, fh).await.unwrap();
     let mut data = data;
+    data[..7].copy_from_slice(b"rewrite");
+    data.extend_from_slice(&[0u8; 50]);
     data.extend_from_slice(&extra);
     assert_eq!(fs.getxattr(attr.ino, n(XATTR_E2E)).unwrap(), b"0", "marked as not end-to-end encrypted");
     assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"clean");
@@ -577,9 +627,9 @@ async fn files_above_the_e2e_limit_stream_through_as_plain_https() {
     let v2 = fs2.lookup(ROOT, n("V")).await.unwrap();
     let r2 = fs2.lookup(v2.ino, n("r")).await.unwrap();
     let a2 = fs2.lookup(r2.ino, n("video.mkv")).await.unwrap();
-    assert_eq!(a2.size, 8_000_100);
+    assert_eq!(a2.size, 8_000_150);
     let fh2 = fs2.open(a2.ino, false, false).await.unwrap();
-    assert_eq!(fs2.read(fh2, 7_999_990, 110).await.unwrap(), data[7_999_990..]);
+    assert_eq!(fs2.read(fh2, 7_999_990, 200).await.unwrap(), data[7_999_990..]);
     assert_eq!(fs2.read(fh2, 123_456, 4096).await.unwrap(), data[123_456..127_552]);
     let mut all = Vec::new();
     while (all.len() as u64) < a2.size {

@@ -262,6 +262,45 @@ async fn two_concurrent_writers_exactly_one_wins() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_upload_asking_for_a_conflict_copy_keeps_both() {
+    let s = TestServer::start();
+    let alice = s.user("alice", &[]).await;
+    let vault = new_vault(&alice, false).await;
+    let record = new_record(&alice, vault, None).await;
+    let file = new_file(&alice, record).await;
+    alice.upload(file, 1, false, None, UploadBody::from_bytes(&b"theirs"[..])).await.unwrap();
+    // Ours still expects version 1: it goes to the copy, theirs stays.
+    let copy = FileId::random().unwrap();
+    let mut body = UploadBody::from_bytes(&b"ours"[..]);
+    body.conflict_copy = Some(NewFile { id: copy, name: sealed("copy"), e2e: false, mtime_ms: None });
+    let up = alice.upload(file, 1, false, None, body).await.unwrap();
+    assert_eq!(up.conflict_copy, Some(copy));
+    assert_eq!(read(&alice, file, None).await.unwrap(), b"theirs");
+    assert_eq!(read(&alice, copy, None).await.unwrap(), b"ours");
+    let files = alice.files(vault).await.unwrap();
+    assert_eq!(files.iter().find(|f| f.id == copy).unwrap().record, record);
+    // Not stale: the file itself takes it, no copy is made.
+    let mut body = UploadBody::from_bytes(&b"next"[..]);
+    let unused = FileId::random().unwrap();
+    body.conflict_copy = Some(NewFile { id: unused, name: sealed("copy"), e2e: false, mtime_ms: None });
+    let up = alice.upload(file, 2, false, None, body).await.unwrap();
+    assert_eq!((up.conflict_copy, up.version), (None, 3));
+    assert!(matches!(alice.file(unused).await, Err(RemoteError::NotFound(_))));
+    // A malformed header is refused with a clear 400.
+    let resp = tls_client(&s)
+        .put(format!("{}/v1/files/{file}/content", s.url))
+        .bearer_auth(login_token(&s, "alice").await)
+        .header("if-match", "\"3\"")
+        .header("x-vaultfs-e2e", "0")
+        .header("x-vaultfs-conflict-copy", "not-an-id")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_limit_is_enforced_before_reading_the_body() {
     let s = TestServer::start();
     let alice = s.user("alice", &["--upload-limit", "100kB", "--e2e-limit", "50kB"]).await;
@@ -621,7 +660,11 @@ async fn killed_mid_upload_the_old_version_survives_and_nothing_partial_is_visib
                 2,
                 true,
                 None,
-                vaultfs::remote::UploadBody { len: Some(250 << 20), stream: Box::pin(body) },
+                vaultfs::remote::UploadBody {
+                    len: Some(250 << 20),
+                    stream: Box::pin(body),
+                    conflict_copy: None,
+                },
             )
             .await
     });

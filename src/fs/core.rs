@@ -283,6 +283,9 @@ pub struct VaultFs<R> {
     local_sizes: Mutex<HashMap<FileId, u64>>,
     /// Read windows of handles reading pass-through files.
     pass_reads: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<PassRead>>>>,
+    /// The process that opened each handle (0 if unknown), by handle: only its
+    /// close ends a pass-through stream (see [`VaultFs::flush_from`]).
+    openers: Mutex<HashMap<u64, u32>>,
     /// Downloads being decrypted into the cache, by file.
     fills: Mutex<HashMap<FileId, Arc<fill::Fill>>>,
     mounted_at: SystemTime,
@@ -342,6 +345,7 @@ impl<R: Remote> VaultFs<R> {
             sequential: Mutex::new(HashMap::new()),
             local_sizes: Mutex::new(HashMap::new()),
             pass_reads: Mutex::new(HashMap::new()),
+            openers: Mutex::new(HashMap::new()),
             fills: Mutex::new(HashMap::new()),
             mounted_at: SystemTime::now(),
         })
@@ -884,6 +888,17 @@ impl<R: Remote> VaultFs<R> {
     /// Starts a pass-through upload with what `d` holds so far.
     async fn start_stream(self: &Arc<Self>, id: FileId, d: &mut PlainData) -> Result<()> {
         let ino = lock(&self.tree).keys.get(&Key::File(id)).copied().ok_or(FsError::NotFound)?;
+        // A stream cannot be sent twice, so if the file changes on the server
+        // meanwhile, the server is asked to keep ours as a conflict copy.
+        let conflict_copy = {
+            let info = self.file_info(ino)?;
+            let name = lock(&self.tree).names.get(&ino).cloned().unwrap_or_default();
+            let copy_name = conflict_name(&name, SystemTime::now());
+            let copy_id = FileId::random().map_err(|e| FsError::Io(e.to_string()))?;
+            let ctx = NameContext::FileName { vault: info.vault, record: info.record, file: copy_id };
+            let sealed = self.seal(info.vault, ctx, &copy_name)?;
+            NewFile { id: copy_id, name: sealed, e2e: false, mtime_ms: None }
+        };
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(STREAM_QUEUE);
         let body =
             futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
@@ -891,7 +906,7 @@ impl<R: Remote> VaultFs<R> {
         let version = d.version;
         tracing::info!(file = %id, limit = self.limits.e2e_limit, "file passes the end-to-end limit: streaming it as plain HTTPS");
         let task = tokio::spawn(async move {
-            let body = UploadBody { len: None, stream: Box::pin(body) };
+            let body = UploadBody { len: None, stream: Box::pin(body), conflict_copy: Some(conflict_copy) };
             fs.remote().upload(id, version, false, Some(now_ms()), body).await
         });
         let sent = d.bytes.len() as u64;
@@ -917,18 +932,30 @@ impl<R: Remote> VaultFs<R> {
             Some(_) => return Err(FsError::Io("the file's upload is being finished".into())),
             None => return Ok(None),
         };
-        if offset != sent {
-            tracing::warn!(file = %id, offset, sent, "non-sequential write to a file being streamed to the server");
-            return Err(FsError::Io("only sequential writes are possible above the end-to-end limit".into()));
+        if offset < sent {
+            // A write behind what was sent (a program going back to fix a header,
+            // or writes from several threads arriving out of order): store what
+            // was streamed, then edit the file in memory like any other, at the
+            // price of downloading it again. Slower, never wrong.
+            tracing::info!(file = %id, offset, sent, "write behind a pass-through stream: finishing it and editing in memory");
+            self.finish_stream(id).await?;
+            return Ok(None);
         }
-        tx.send(Ok(bytes::Bytes::copy_from_slice(data)))
-            .await
-            .map_err(|_| FsError::Unavailable("the upload stream closed".into()))?;
+        let closed = || FsError::Unavailable("the upload stream closed".into());
+        // A write past the end leaves a hole, which reads as zeros.
+        let mut gap = offset - sent;
+        while gap > 0 {
+            let n = gap.min(UPLOAD_PIECE as u64);
+            tx.send(Ok(bytes::Bytes::from(vec![0u8; n as usize]))).await.map_err(|_| closed())?;
+            gap -= n;
+        }
+        tx.send(Ok(bytes::Bytes::copy_from_slice(data))).await.map_err(|_| closed())?;
+        let added = offset - sent + data.len() as u64;
         if let Some(s) = lock(&self.streams).get_mut(&id) {
-            s.sent += data.len() as u64;
+            s.sent += added;
         }
         if let Some(p) = lock(&self.uploading).get(&id) {
-            p.sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+            p.sent.fetch_add(added, Ordering::Relaxed);
         }
         Ok(Some(data.len() as u32))
     }
@@ -957,7 +984,7 @@ impl<R: Remote> VaultFs<R> {
         };
         // The file's info is updated before the stream leaves the map, so size
         // and flags never fall back to the pre-upload view in between.
-        if let Ok(done) = &outcome {
+        if let Some(done) = outcome.as_ref().ok().filter(|d| d.conflict_copy.is_none()) {
             self.set_file_info(ino, |i| {
                 i.version = done.version;
                 i.size = done.size;
@@ -968,6 +995,18 @@ impl<R: Remote> VaultFs<R> {
         lock(&self.streams).remove(&id);
         lock(&self.uploading).remove(&id);
         match outcome {
+            Ok(done) if done.conflict_copy.is_some() => {
+                tracing::warn!(file = %id, copy = ?done.conflict_copy, "the file changed on the server while it was streamed; ours was saved as a conflict copy");
+                // Show the server's version of the original, and the copy.
+                if let Ok(info) = self.remote().file(id).await {
+                    self.set_file_info(ino, |i| *i = info);
+                }
+                let vault = self.file_info(ino).map(|i| i.vault);
+                if let Ok(vault) = vault {
+                    let _ = self.load_vault(vault, true).await;
+                }
+                Ok(true)
+            }
             Ok(done) => {
                 if let Some(h) = self.cache.peek(id) {
                     h.lock().await.version = done.version;
@@ -1157,17 +1196,38 @@ impl<R: Remote> VaultFs<R> {
         Ok(())
     }
 
-    /// Close of one descriptor: uploads changes.
+    /// Notes which process opened handle `fh` (its thread group id; 0 if unknown).
+    pub fn note_opener(&self, fh: u64, process: u32) {
+        lock(&self.openers).insert(fh, process);
+    }
+
+    /// Close of one descriptor, or fsync: uploads changes and returns once the
+    /// server has stored them. Same as [`VaultFs::flush_from`] by the opener.
+    pub async fn flush(&self, ino: Ino, fh: u64) -> Result<()> {
+        self.flush_from(ino, fh, None).await
+    }
+
+    /// Close of one descriptor by `process` (`None`: the opener, or fsync).
     ///
     /// The kernel sends a flush for *every* close of a descriptor, including the
     /// copies a fork hands to a child that then execs, so a flush can arrive in
-    /// the middle of a write. For files in the cache that just stores a snapshot.
-    /// A pass-through stream, though, cannot be resumed once ended, so it is left
-    /// running and ended at release, when the last descriptor is gone.
-    pub async fn flush(&self, ino: Ino, fh: u64) -> Result<()> {
+    /// the middle of a write. For files in the cache that only stores a snapshot.
+    /// A pass-through stream, though, cannot be resumed once ended: it ends at the
+    /// close by the process that opened the file (which then learns whether the
+    /// server stored it), or else at release, when the last descriptor is gone.
+    pub async fn flush_from(&self, ino: Ino, fh: u64, process: Option<u32>) -> Result<()> {
         let id = self.handle_file(fh)?;
         if lock(&self.streams).contains_key(&id) {
-            return Ok(());
+            let opener = lock(&self.openers).get(&fh).copied();
+            let by_opener = match (process, opener) {
+                (Some(p), Some(o)) => p == o || p == 0 || o == 0,
+                _ => true,
+            };
+            if !by_opener {
+                tracing::debug!(file = %id, ?process, ?opener, "close by another process: the stream goes on");
+                return Ok(());
+            }
+            return self.finish_stream(id).await.map(|_| ());
         }
         if lock(&self.pass_reads).contains_key(&fh) {
             return Ok(());
@@ -1181,6 +1241,7 @@ impl<R: Remote> VaultFs<R> {
     pub async fn release(self: &Arc<Self>, ino: Ino, fh: u64) -> Result<()> {
         let id = lock(&self.handles).remove(&fh).ok_or(FsError::Invalid("bad file handle".into()))?;
         lock(&self.pass_reads).remove(&fh);
+        lock(&self.openers).remove(&fh);
         if !lock(&self.handles).values().any(|f| *f == id) {
             self.finish_stream(id).await?;
         }

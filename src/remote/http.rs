@@ -12,6 +12,7 @@
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use futures_util::TryStreamExt;
 use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, ETAG, IF_MATCH, IF_NONE_MATCH, RANGE};
 use reqwest::{Method, StatusCode};
@@ -23,6 +24,7 @@ use super::{Content, RemoteError, Result, UploadBody};
 use crate::crypto::login::derive_login_key;
 use crate::crypto::KdfParams;
 use crate::ids::{FileId, RecordId, VaultId};
+use crate::protocol::HEADER_CONFLICT_COPY;
 use crate::protocol::{
     etag, parse_etag, EnrollRequest, ErrorBody, FileInfo, FileUpdate, LoginRequest, Me, NewFile, NewRecord,
     NewVault, PreLogin, RecordInfo, RecordUpdate, Sealed, Session, UploadResult, VaultInfo, HEADER_E2E,
@@ -507,7 +509,7 @@ impl super::Remote for HttpRemote {
         expected: u64,
         e2e: bool,
         mtime_ms: Option<i64>,
-        body: UploadBody,
+        mut body: UploadBody,
     ) -> Result<UploadResult> {
         // A streamed body cannot be sent twice, so this request is never retried;
         // the token is renewed first if it is about to expire.
@@ -518,12 +520,19 @@ impl super::Remote for HttpRemote {
             .bearer_auth(token)
             .header(IF_MATCH, etag(expected))
             .header(HEADER_E2E, if e2e { "1" } else { "0" })
-            .body(reqwest::Body::wrap_stream(body.stream));
+            .body(reqwest::Body::wrap_stream(std::mem::replace(
+                &mut body.stream,
+                Box::pin(futures_util::stream::empty()),
+            )));
         if let Some(len) = body.len {
             request = request.header(CONTENT_LENGTH, len);
         }
         if let Some(m) = mtime_ms {
             request = request.header(HEADER_MTIME, m);
+        }
+        if let Some(copy) = &body.conflict_copy {
+            let name = base64::engine::general_purpose::STANDARD.encode(&copy.name.0);
+            request = request.header(HEADER_CONFLICT_COPY, format!("{}:{name}", copy.id));
         }
         let resp = request
             .send()

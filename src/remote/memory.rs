@@ -161,8 +161,14 @@ impl super::Remote for MemoryRemote {
         mtime_ms: Option<i64>,
         body: UploadBody,
     ) -> Result<UploadResult> {
-        let up =
-            Upload { expected_version: expected, e2e, mtime_ms, declared_len: body.len, body: body.stream };
+        let up = Upload {
+            expected_version: expected,
+            e2e,
+            mtime_ms,
+            declared_len: body.len,
+            conflict_copy: body.conflict_copy,
+            body: body.stream,
+        };
         Ok(self.service.upload(&self.caller, id, up).await?)
     }
 }

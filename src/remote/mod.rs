@@ -101,13 +101,21 @@ pub struct UploadBody {
     pub len: Option<u64>,
     /// The bytes.
     pub stream: ByteStream,
+    /// If set and the file changed meanwhile, the server stores the content as
+    /// this new file next to it instead of refusing: for streams, which cannot
+    /// be sent a second time.
+    pub conflict_copy: Option<NewFile>,
 }
 
 impl UploadBody {
     /// A body from bytes in memory.
     pub fn from_bytes(data: impl Into<bytes::Bytes>) -> Self {
         let data = data.into();
-        UploadBody { len: Some(data.len() as u64), stream: Box::pin(futures_util::stream::iter([Ok(data)])) }
+        UploadBody {
+            len: Some(data.len() as u64),
+            stream: Box::pin(futures_util::stream::iter([Ok(data)])),
+            conflict_copy: None,
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
+use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::TryStreamExt;
 use serde::de::DeserializeOwned;
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::blob::BlobStore;
 use super::service::{Caller, Service, ServiceError, Upload};
 use crate::ids::{FileId, RecordId, VaultId};
+use crate::protocol::HEADER_CONFLICT_COPY;
 use crate::protocol::{
     etag, parse_etag, EnrollRequest, ErrorBody, ErrorDetail, FileUpdate, LoginRequest, Member, NewFile,
     NewRecord, NewVault, RecordUpdate, Rights, Sealed, VaultUpdate, HEADER_E2E, HEADER_MTIME,
@@ -562,8 +564,18 @@ async fn upload<B: BlobStore>(
                 .ok_or_else(|| ApiError::bad_request("invalid Content-Length"))?,
         ),
     };
+    let conflict_copy = match headers.get(HEADER_CONFLICT_COPY) {
+        None => None,
+        Some(v) => {
+            let bad =
+                || ApiError::bad_request(format!("header {HEADER_CONFLICT_COPY} must be ID:BASE64-NAME"));
+            let (copy_id, name) = v.to_str().ok().and_then(|v| v.split_once(':')).ok_or_else(bad)?;
+            let name = base64::engine::general_purpose::STANDARD.decode(name).map_err(|_| bad())?;
+            Some(NewFile { id: parse_id(copy_id, "file")?, name: Sealed(name), e2e, mtime_ms })
+        }
+    };
     let stream = body.into_data_stream().map_err(std::io::Error::other);
-    let up = Upload { expected_version, e2e, mtime_ms, declared_len, body: Box::pin(stream) };
+    let up = Upload { expected_version, e2e, mtime_ms, declared_len, conflict_copy, body: Box::pin(stream) };
     let result = s.upload(&c, id, up).await?;
     Ok(json_with_etag(result.version, StatusCode::OK, result))
 }

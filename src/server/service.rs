@@ -165,6 +165,9 @@ pub struct Upload {
     pub mtime_ms: Option<i64>,
     /// Declared length, if known up front (refused early when over the limit).
     pub declared_len: Option<u64>,
+    /// Where the content goes if the file is no longer at `expected_version`
+    /// (a streamed upload that cannot be sent again): a new file in the same record.
+    pub conflict_copy: Option<NewFile>,
     /// The body.
     pub body: ByteStream,
 }
@@ -595,7 +598,13 @@ impl<B: BlobStore> Service<B> {
         if !up.e2e && self.db(move |m| m.e2e_required(vault)).await? {
             return Err(ServiceError::E2eRequired);
         }
-        if row.info.version != up.expected_version {
+        if let Some(copy) = &up.conflict_copy {
+            // The copy is created in the file's record, so that needs write rights too.
+            self.record_checked(caller, row.info.record, Rights::Write).await?;
+            if copy.id == id {
+                return Err(ServiceError::BadRequest("the conflict copy needs a new id".into()));
+            }
+        } else if row.info.version != up.expected_version {
             return Err(ServiceError::VersionConflict { current: row.info.version });
         }
         let limit = caller.user.limits.upload_limit;
@@ -609,10 +618,26 @@ impl<B: BlobStore> Service<B> {
             return Err(ServiceError::BadRequest("body shorter than its declared length".into()));
         }
         let (expected, e2e, mtime) = (up.expected_version, up.e2e, up.mtime_ms.unwrap_or_else(now_ms));
-        match self.db(move |m| m.commit_upload(id, expected, blob, size, e2e, mtime)).await {
+        let mut committed = self.db(move |m| m.commit_upload(id, expected, blob, size, e2e, mtime)).await;
+        let mut conflict_copy = None;
+        // Changed meanwhile, or deleted: the content goes to the copy (if the
+        // record itself is gone, creating the copy fails and the upload with it).
+        let moved_on =
+            matches!(committed, Err(ServiceError::VersionConflict { .. } | ServiceError::NotFound("file")));
+        if let (true, Some(copy)) = (moved_on, up.conflict_copy) {
+            let (record, copy_id) = (row.info.record, copy.id);
+            committed = self
+                .db(move |m| {
+                    let created = m.create_file(record, &copy, mtime)?;
+                    m.commit_upload(created.id, created.version, blob, size, e2e, mtime)
+                })
+                .await;
+            conflict_copy = Some(copy_id);
+        }
+        match committed {
             Ok((version, old)) => {
                 self.discard_blob(old).await;
-                Ok(UploadResult { version, size })
+                Ok(UploadResult { version, size, conflict_copy })
             }
             Err(e) => {
                 self.discard_blob(Some(blob)).await;

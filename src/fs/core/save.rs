@@ -96,6 +96,7 @@ pub(super) fn pipeline(
             Err(e) => UploadBody {
                 len: Some(len),
                 stream: Box::pin(futures_util::stream::iter([Err(std::io::Error::other(e))])),
+                conflict_copy: None,
             },
         };
         progress.sent.store(len, Ordering::Relaxed);
@@ -128,7 +129,8 @@ pub(super) fn pipeline(
         }
         Some((piece, (rx, progress)))
     });
-    (UploadBody { len: Some(len), stream: Box::pin(pieces) }, Sealing::Running { task, stop })
+    let body = UploadBody { len: Some(len), stream: Box::pin(pieces), conflict_copy: None };
+    (body, Sealing::Running { task, stop })
 }
 
 /// Seals `d`'s bytes and hands them to `send_piece`. Errors are sealing
