@@ -454,6 +454,65 @@ async fn write_over<R: vaultfs::remote::Remote>(fs: &Arc<VaultFs<R>>, dir: u64, 
     fs.release(attr.ino, fh).await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_names_and_titles_are_listed_as_unreadable_and_give_eio() {
+    use vaultfs::protocol::{FileUpdate, RecordUpdate, Sealed};
+    use vaultfs::remote::Remote;
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let t = fs.mkdir(v.ino, n("taxes")).await.unwrap();
+    write_file(&fs, r.ino, "secret.txt", b"content").await;
+    write_file(&fs, r.ino, "fine.txt", b"fine").await;
+    write_file(&fs, t.ino, "inside.txt", b"x").await;
+    // The server flips one bit of a sealed file name and of a record title.
+    let vault = s.alice.vaults().await.unwrap()[0].id;
+    let files = s.alice.files(vault).await.unwrap();
+    let f =
+        files.iter().find(|f| f.size > 0 && f.size == files.iter().map(|g| g.size).max().unwrap()).unwrap();
+    let mut name = f.name.0.clone();
+    name[40] ^= 1;
+    let update = FileUpdate { name: Some(Sealed(name)), ..Default::default() };
+    s.alice.update_file(f.id, f.version, update).await.unwrap();
+    let records = s.alice.records(vault).await.unwrap();
+    let rec = records.iter().find(|x| x.id != f.record).unwrap();
+    let mut title = rec.title.0.clone();
+    title[40] ^= 1;
+    let update = RecordUpdate { title: Some(Sealed(title)), ..Default::default() };
+    s.alice.update_record(rec.id, rec.version, update).await.unwrap();
+
+    let fresh = mount(s.alice.clone()).await;
+    let v = fresh.lookup(ROOT, n("V")).await.unwrap();
+    let top: Vec<String> = fresh
+        .readdir(v.ino)
+        .await
+        .unwrap()
+        .iter()
+        .map(|(_, _, n)| n.to_string_lossy().into_owned())
+        .collect();
+    let bad_dir = top.iter().find(|n| n.starts_with("UNREADABLE record ")).expect("the record is listed");
+    let err = fresh.lookup(v.ino, n(bad_dir)).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    assert!(err.to_string().contains(&rec.id.to_string()), "the error names the record: {err}");
+    let good_dir = top.iter().find(|n| !n.starts_with("UNREADABLE")).unwrap();
+    let d = fresh.lookup(v.ino, n(good_dir)).await.unwrap();
+    let names: Vec<String> = fresh
+        .readdir(d.ino)
+        .await
+        .unwrap()
+        .iter()
+        .map(|(_, _, n)| n.to_string_lossy().into_owned())
+        .collect();
+    let bad_file = names.iter().find(|n| n.starts_with("UNREADABLE file ")).expect("the file is listed");
+    assert!(!names.iter().any(|n| n == "secret.txt"), "{names:?}");
+    let err = fresh.lookup(d.ino, n(bad_file)).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    assert!(err.to_string().contains(&f.id.to_string()), "the error names the file: {err}");
+    // The others are untouched.
+    assert_eq!(read_file(&fresh, d.ino, "fine.txt").await.unwrap(), b"fine");
+}
+
 async fn r_ino<R: vaultfs::remote::Remote>(fs: &Arc<VaultFs<R>>) -> u64 {
     let v = fs.lookup(ROOT, n("V")).await.unwrap();
     fs.lookup(v.ino, n("r")).await.unwrap().ino

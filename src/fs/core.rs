@@ -131,6 +131,9 @@ struct Tree {
     keys: HashMap<Key, Ino>,
     children: HashMap<Ino, BTreeMap<OsString, Ino>>,
     names: HashMap<Ino, OsString>,
+    /// Entries whose sealed name or title failed its check: listed (so the
+    /// damage is visible) under a stand-in name, but every use of them is EIO.
+    unreadable: HashMap<Ino, String>,
     next: Ino,
     root_loaded: Option<Instant>,
     vault_loaded: HashMap<VaultId, Instant>,
@@ -155,6 +158,12 @@ impl Tree {
     }
 
     fn node(&self, ino: Ino) -> Result<&Node> {
+        if let Some(what) = self.unreadable.get(&ino) {
+            return Err(FsError::Integrity {
+                what: what.clone(),
+                source: crypto::CryptoError::Integrity(crypto::IntegrityFailure::Authentication),
+            });
+        }
         self.nodes.get(&ino).ok_or(FsError::NotFound)
     }
 
@@ -370,15 +379,17 @@ impl<R: Remote> VaultFs<R> {
         self.account.wallet().key(vault, id)
     }
 
+    /// Opens a sealed name or title; on failure logs it, naming the object
+    /// (`what`), and returns `None`.
     fn open_sealed(&self, vault: VaultId, ctx: NameContext, sealed: &Sealed, what: &str) -> Option<OsString> {
         let Some(key) = self.key_for(vault, &sealed.0) else {
-            tracing::error!(%vault, "no key in the wallet for {what}; it is hidden");
+            tracing::error!(%vault, "no key in the wallet for {what}; it is listed as unreadable");
             return None;
         };
         match open_name(key, &ctx, &sealed.0) {
             Ok(plain) => Some(display_name(&plain)),
             Err(e) => {
-                tracing::error!(%vault, error = %e, "{what} failed its integrity check; it is hidden");
+                tracing::error!(%vault, error = %e, "{what} failed its integrity check; it is listed as unreadable and gives EIO");
                 None
             }
         }
@@ -406,11 +417,13 @@ impl<R: Remote> VaultFs<R> {
         let mut tree = lock(&self.tree);
         let mut kids = BTreeMap::new();
         for v in vaults {
-            let Some(name) = v.name else {
-                tracing::error!(vault = %v.info.id, "vault name cannot be opened; it is hidden");
-                continue;
-            };
             let ino = tree.ino_for(Key::Vault(v.info.id));
+            if v.name.is_none() {
+                tracing::error!(vault = %v.info.id, "vault name cannot be opened; it is listed as unreadable and gives EIO");
+            }
+            let what = format!("the name of vault {}", v.info.id);
+            mark_unreadable(&mut tree, ino, v.name.is_none().then_some(what));
+            let name = v.name.unwrap_or_else(|| unreadable_name("vault", &v.info.id.to_string()));
             tree.nodes.insert(ino, Node::Vault { vault: v.info.id });
             tree.children.entry(ino).or_default();
             tree.names.insert(ino, OsString::from(&name));
@@ -441,17 +454,21 @@ impl<R: Remote> VaultFs<R> {
                 None => vault_ino,
             };
             let ctx = NameContext::RecordTitle { vault, record: r.id };
-            if let Some(name) = self.open_sealed(vault, ctx, &r.title, "a record title") {
-                placed.push((parent, ino, name, Node::Record { info: r.clone(), parent }));
-            }
+            let what = format!("the title of record {}", r.id);
+            let name = self.open_sealed(vault, ctx, &r.title, &what);
+            mark_unreadable(&mut tree, ino, name.is_none().then_some(what));
+            let name = name.unwrap_or_else(|| unreadable_name("record", &r.id.to_string()).into());
+            placed.push((parent, ino, name, Node::Record { info: r.clone(), parent }));
         }
         for f in &files {
             let ino = tree.ino_for(Key::File(f.id));
             let parent = tree.ino_for(Key::Record(f.record));
             let ctx = NameContext::FileName { vault, record: f.record, file: f.id };
-            if let Some(name) = self.open_sealed(vault, ctx, &f.name, "a file name") {
-                placed.push((parent, ino, name, Node::File { info: f.clone(), parent }));
-            }
+            let what = format!("the name of file {}", f.id);
+            let name = self.open_sealed(vault, ctx, &f.name, &what);
+            mark_unreadable(&mut tree, ino, name.is_none().then_some(what));
+            let name = name.unwrap_or_else(|| unreadable_name("file", &f.id.to_string()).into());
+            placed.push((parent, ino, name, Node::File { info: f.clone(), parent }));
         }
         for (parent, ino, mut name, node) in placed {
             let dir = kids.entry(parent).or_default();
@@ -1620,6 +1637,19 @@ async fn bump_cached_version(cache: &PlainCache, id: FileId, from: u64, to: u64)
             d.version = to;
         }
     }
+}
+
+/// The stand-in name of an entry whose real name failed its check.
+fn unreadable_name(kind: &str, id: &str) -> String {
+    format!("UNREADABLE {kind} {}", id.get(..12).unwrap_or(id))
+}
+
+/// Records whether `ino`'s name failed its check, and which object it is.
+fn mark_unreadable(tree: &mut Tree, ino: Ino, failed: Option<String>) {
+    match failed {
+        Some(what) => tree.unreadable.insert(ino, what),
+        None => tree.unreadable.remove(&ino),
+    };
 }
 
 /// Grows a plaintext buffer to `len` with zeros, moving (and wiping) the old
