@@ -318,7 +318,7 @@ fn background_mount_and_vaultfs_unmount() {
         .arg(&m.mountpoint)
         .env("XDG_CONFIG_HOME", &m.home)
         .env("VAULTFS_PASSPHRASE_FILE", &m.pass)
-        .env("VAULTFS_LOG", "warn")
+        .env("VAULTFS_LOG", "info")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -338,6 +338,15 @@ fn background_mount_and_vaultfs_unmount() {
     assert!(pid.is_some(), "{stdout}");
     assert!(m.is_mounted());
     assert_eq!(std::fs::read(m.path("Family/r/a.txt")).unwrap(), b"kept");
+    // Its standard error is gone, but its log is kept in its memory.
+    let out = Command::new(support::server::vaultfs_bin())
+        .args(["status", "--log"])
+        .arg(&m.mountpoint)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("recent log lines:"), "{text}");
+    assert!(text.lines().any(|l| l.contains("INFO") && l.contains("mounted")), "{text}");
 
     let out =
         Command::new(support::server::vaultfs_bin()).arg("unmount").arg(&m.mountpoint).output().unwrap();

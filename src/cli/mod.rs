@@ -2,6 +2,7 @@
 
 mod admin;
 mod demo;
+mod logring;
 mod mount;
 mod status;
 mod user;
@@ -73,7 +74,12 @@ type CliResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VAULTFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(logring::Sink)
+        .try_init();
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {

@@ -25,7 +25,13 @@ use crate::remote::Remote;
 pub struct StatusArgs {
     /// A mount point; without one, every running mount of this user is shown.
     mountpoint: Option<PathBuf>,
+    /// Also show the mount's most recent log lines (kept in its memory only).
+    #[arg(long)]
+    log: bool,
 }
+
+/// Log lines a status answer carries.
+const LOG_LINES: usize = 200;
 
 /// What one mount reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,6 +44,9 @@ pub struct MountStatus {
     pub pid: u32,
     /// Cache and uploads.
     pub fs: FsStatus,
+    /// The most recent log lines, oldest first.
+    #[serde(default)]
+    pub log: Vec<String>,
 }
 
 fn socket_dir() -> std::io::Result<PathBuf> {
@@ -90,6 +99,7 @@ pub fn serve_status<R: Remote>(
                 server: server.clone(),
                 pid: std::process::id(),
                 fs: fs.status(),
+                log: super::logring::recent(LOG_LINES),
             };
             if let Ok(mut line) = serde_json::to_vec(&status) {
                 line.push(b'\n');
@@ -184,6 +194,12 @@ pub fn run(args: StatusArgs) -> CliResult {
         match query(&path) {
             Some(s) => {
                 print(&mut out, &s)?;
+                if args.log {
+                    writeln!(out, "  recent log lines:")?;
+                    for line in &s.log {
+                        writeln!(out, "    {line}")?;
+                    }
+                }
                 shown += 1;
             }
             None if args.mountpoint.is_none() => {
@@ -223,6 +239,7 @@ mod tests {
             mountpoint: "/m".into(),
             server: "https://x".into(),
             pid: 7,
+            log: Vec::new(),
             fs: FsStatus {
                 cache_used: 1 << 20,
                 cache_budget: 512 << 20,
