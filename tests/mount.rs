@@ -392,8 +392,33 @@ fn large_files_pass_through_without_being_held_in_memory() {
     );
     assert_eq!(std::fs::metadata(dir.join("video.bin")).unwrap().len(), 250_000_000);
     let peak_write = peak_rss_kib(m.pid());
+    let state = |name: &str| {
+        let out = Command::new("getfattr")
+            .args(["-n", "user.vaultfs.state", "--only-values"])
+            .arg(dir.join(name))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(state("video.bin"), "clean", "close by the writer returns once the server has the stream");
+    // A child that inherits the descriptor and exits (closing its copy) must not
+    // end the stream; the writer's own close does.
+    let second = pattern(40_000_000, 12);
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(dir.join("child.bin")).unwrap();
+        f.write_all(&second[..35_000_000]).unwrap();
+        assert!(Command::new("true").status().unwrap().success());
+        assert_eq!(state("child.bin"), "uploading");
+        f.write_all(&second[35_000_000..]).unwrap();
+    }
+    assert_eq!(state("child.bin"), "clean");
     m.unmount();
     m.mount();
+    assert!(
+        std::fs::read(m.path("Family/media/child.bin")).unwrap() == second,
+        "the stream went on after the child's close"
+    );
     let back = std::fs::read(m.path("Family/media/video.bin")).unwrap();
     if back != data {
         let first = back.iter().zip(&data).position(|(a, b)| a != b);
