@@ -362,6 +362,12 @@ fn background_mount_and_vaultfs_unmount() {
     assert!(gone, "the background daemon did not exit after unmount");
 }
 
+/// Resets the peak resident set size of `pid` (so the Argon2id unlock at mount,
+/// 64 MiB, does not count as the cost of what follows).
+fn reset_peak_rss(pid: u32) {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+}
+
 fn peak_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -376,6 +382,7 @@ fn large_files_pass_through_without_being_held_in_memory() {
     let mut m = TestMount::start();
     let dir = m.path("Family/media");
     std::fs::create_dir(&dir).unwrap();
+    reset_peak_rss(m.pid());
     // Above the default end-to-end limit of 30 MB: streamed as plain HTTPS.
     let data = pattern(250_000_000, 11);
     std::fs::write(dir.join("video.bin"), &data).unwrap();
@@ -415,6 +422,7 @@ fn large_files_pass_through_without_being_held_in_memory() {
     assert_eq!(state("child.bin"), "clean");
     m.unmount();
     m.mount();
+    reset_peak_rss(m.pid());
     assert!(
         std::fs::read(m.path("Family/media/child.bin")).unwrap() == second,
         "the stream went on after the child's close"
@@ -467,7 +475,9 @@ fn large_files_pass_through_without_being_held_in_memory() {
     // Never the whole file in memory: the first 30 MB are buffered until the
     // limit is passed, then writes stream; reads use a 4 MiB window.
     assert!(peak_write < 150 * 1024, "daemon peaked at {peak_write} KiB while writing 250 MB");
-    assert!(peak_read < 100 * 1024, "daemon peaked at {peak_read} KiB while reading 250 MB");
+    // About 30 MB of that is the idle daemon; the 64 MiB of the Argon2id unlock
+    // at mount are not counted (the peak is reset after mounting).
+    assert!(peak_read < 64 * 1024, "daemon peaked at {peak_read} KiB while reading 250 MB");
     eprintln!("peak RSS: writing {peak_write} KiB, reading {peak_read} KiB");
 }
 

@@ -33,7 +33,7 @@ use crate::protocol::{
     FileInfo, FileUpdate, Limits, NewFile, NewRecord, ParentChange, RecordInfo, RecordUpdate, Sealed,
 };
 use crate::remote::account::Unlocked;
-use crate::remote::{collect, Remote, RemoteError, UploadBody};
+use crate::remote::{Remote, RemoteError, UploadBody};
 
 mod fill;
 mod save;
@@ -838,7 +838,18 @@ impl<R: Remote> VaultFs<R> {
             // one request per window rather than one per kernel read.
             let fetch_end = (offset + READ_AHEAD.max(u64::from(size))).min(p.size);
             let content = self.remote().download(p.file, Some(offset..fetch_end)).await?;
-            p.window = collect(content.stream).await.map_err(|e| FsError::Unavailable(e.to_string()))?;
+            // One buffer per handle, reused for every window: no allocation per
+            // fetch for the allocator to keep around.
+            p.window.clear();
+            p.window.reserve_exact((fetch_end - offset) as usize);
+            let mut stream = content.stream;
+            while let Some(piece) = futures_util::StreamExt::next(&mut stream).await {
+                let piece = piece.map_err(|e| FsError::Unavailable(e.to_string()))?;
+                if p.window.len() + piece.len() > (fetch_end - offset) as usize {
+                    return Err(FsError::Io("the server returned more than asked".into()));
+                }
+                p.window.extend_from_slice(&piece);
+            }
             p.start = offset;
             if (p.window.len() as u64) < end - offset {
                 return Err(FsError::Io("the server returned less than asked".into()));
