@@ -295,20 +295,35 @@ fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i % 251) as u8 ^ (i >> 16) as u8).collect()
 }
 
+type Faulty = Arc<VaultFs<FaultyRemote<MemoryRemote>>>;
+
+/// Stores `data` as V/r/`name` through one mount, and returns the writing
+/// mount and a second one, over a failure-injecting remote, with the file's
+/// attributes there.
+async fn stored_then_faulty(
+    s: &Setup,
+    name: &str,
+    data: &[u8],
+) -> (Arc<VaultFs<MemoryRemote>>, Faulty, Outage, vaultfs::fs::core::Attr) {
+    let writer = mount(s.alice.clone()).await;
+    let v = writer.lookup(ROOT, n("V")).await.unwrap();
+    let r = writer.mkdir(v.ino, n("r")).await.unwrap();
+    write_file(&writer, r.ino, name, data).await;
+    let (fs, outage) = mount_faulty(s.alice.clone()).await;
+    let attr = faulty_lookup(&fs, name).await;
+    (writer, fs, outage, attr)
+}
+
+async fn faulty_lookup(fs: &Faulty, name: &str) -> vaultfs::fs::core::Attr {
+    fs.lookup(r_ino(fs).await, n(name)).await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_wait_only_for_the_chunks_they_need() {
     use std::time::Duration;
     let s = setup(&["V"]).await;
-    let writer = mount(s.alice.clone()).await;
-    let v = writer.lookup(ROOT, n("V")).await.unwrap();
-    let r = writer.mkdir(v.ino, n("r")).await.unwrap();
     let data = pattern(3_000_000);
-    write_file(&writer, r.ino, "big.bin", &data).await;
-
-    let (fs, outage) = mount_faulty(s.alice.clone()).await;
-    let v = fs.lookup(ROOT, n("V")).await.unwrap();
-    let r = fs.lookup(v.ino, n("r")).await.unwrap();
-    let attr = fs.lookup(r.ino, n("big.bin")).await.unwrap();
+    let (_writer, fs, outage, attr) = stored_then_faulty(&s, "big.bin", &data).await;
     // A slow link: only the header and the first two chunks arrive.
     outage.hold_downloads_at(Some(chunk_at(2)));
     let fh = tokio::time::timeout(Duration::from_secs(5), fs.open(attr.ino, false, false))
@@ -333,18 +348,10 @@ async fn reads_wait_only_for_the_chunks_they_need() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_chunk_or_a_broken_download_fails_reads_with_eio_and_recovers() {
     let s = setup(&["V"]).await;
-    let writer = mount(s.alice.clone()).await;
-    let v = writer.lookup(ROOT, n("V")).await.unwrap();
-    let r = writer.mkdir(v.ino, n("r")).await.unwrap();
     let data = pattern(1_500_000);
-    write_file(&writer, r.ino, "f.bin", &data).await;
-
     // A server that flips a byte in chunk 10: chunks before it are authentic and
     // readable; once chunk 10 arrives, the file fails, and so does every read.
-    let (fs, outage) = mount_faulty(s.alice.clone()).await;
-    let v = fs.lookup(ROOT, n("V")).await.unwrap();
-    let r = fs.lookup(v.ino, n("r")).await.unwrap();
-    let attr = fs.lookup(r.ino, n("f.bin")).await.unwrap();
+    let (writer, fs, outage, attr) = stored_then_faulty(&s, "f.bin", &data).await;
     outage.hold_downloads_at(Some(chunk_at(10)));
     outage.flip_download_byte(Some(chunk_at(10) + 7));
     let fh = fs.open(attr.ino, false, false).await.unwrap();
@@ -362,9 +369,7 @@ async fn a_bad_chunk_or_a_broken_download_fails_reads_with_eio_and_recovers() {
 
     // The connection breaks in the middle of the download: EIO, then recovery.
     let (fs, outage) = mount_faulty(s.alice.clone()).await;
-    let v = fs.lookup(ROOT, n("V")).await.unwrap();
-    let r = fs.lookup(v.ino, n("r")).await.unwrap();
-    let attr = fs.lookup(r.ino, n("f.bin")).await.unwrap();
+    let attr = faulty_lookup(&fs, "f.bin").await;
     outage.hold_downloads_at(Some(chunk_at(5)));
     let fh = fs.open(attr.ino, false, false).await.unwrap();
     outage.set(true);
