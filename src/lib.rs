@@ -11,6 +11,7 @@ pub mod cli;
 pub mod crypto;
 pub mod fs;
 pub mod ids;
+pub mod policy;
 pub mod protocol;
 pub mod remote;
 pub mod server;

@@ -141,27 +141,7 @@ fn serve(args: ServeArgs) -> CliResult {
     Ok(())
 }
 
-/// Parses a size: plain bytes, or with a unit (kB, MB, GB decimal; KiB, MiB, GiB binary).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 =
-        num.parse().map_err(|_| format!("invalid size {s:?}: expected a number with an optional unit"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "k" | "kB" | "KB" => 1000,
-        "M" | "MB" => 1_000_000,
-        "G" | "GB" => 1_000_000_000,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        other => {
-            return Err(format!("invalid size unit {other:?} in {s:?}: use B, kB, MB, GB, KiB, MiB or GiB"))
-        }
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
-}
+pub use crate::policy::parse_size;
 
 #[cfg(test)]
 mod tests {
