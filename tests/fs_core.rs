@@ -518,6 +518,54 @@ async fn tampered_names_and_titles_are_listed_as_unreadable_and_give_eio() {
     assert_eq!(read_file(&fresh, d.ino, "fine.txt").await.unwrap(), b"fine");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_core_enforces_the_mount_policy() {
+    use vaultfs::policy::{Policy, PolicyFile};
+    let s = setup(&["V", "Ro", "Keep"]).await;
+    let fs = mount(s.alice.clone()).await;
+    for v in ["Ro", "Keep"] {
+        let vi = fs.lookup(ROOT, n(v)).await.unwrap();
+        let r = fs.mkdir(vi.ino, n("r")).await.unwrap();
+        write_file(&fs, r.ino, "f", b"data").await;
+    }
+    let admin = "[vaults.Ro]\nread_only = true\n[vaults.Keep]\nallow_delete = false\n\
+                 [defaults]\ne2e_limit = 1000\noversize = \"refuse\"";
+    let policy = Policy {
+        admin: PolicyFile::parse(std::path::Path::new("admin.toml"), admin).unwrap(),
+        user: PolicyFile::default(),
+    };
+    let account = Unlocked::open(s.alice.clone(), b"pw").await.unwrap();
+    let fs = Arc::new(VaultFs::new(account, FsOptions { policy, ..FsOptions::default() }).await.unwrap());
+    let ro = fs.lookup(ROOT, n("Ro")).await.unwrap();
+    let ro_r = fs.lookup(ro.ino, n("r")).await.unwrap();
+    let f = fs.lookup(ro_r.ino, n("f")).await.unwrap();
+    assert_eq!(errno(fs.create(ro_r.ino, n("g")).await), libc::EROFS);
+    assert_eq!(errno(fs.mkdir(ro.ino, n("x")).await), libc::EROFS);
+    assert_eq!(errno(fs.open(f.ino, false, true).await), libc::EROFS);
+    assert_eq!(errno(fs.setattr(f.ino, Some(0), None).await), libc::EROFS);
+    assert_eq!(errno(fs.unlink(ro_r.ino, n("f")).await), libc::EROFS);
+    assert_eq!(errno(fs.rename(ro_r.ino, n("f"), ro_r.ino, n("g")).await), libc::EROFS);
+    assert_eq!(read_file(&fs, ro_r.ino, "f").await.unwrap(), b"data");
+    let keep = fs.lookup(ROOT, n("Keep")).await.unwrap();
+    let keep_r = fs.lookup(keep.ino, n("r")).await.unwrap();
+    assert_eq!(errno(fs.unlink(keep_r.ino, n("f")).await), libc::EPERM);
+    let empty = fs.mkdir(keep.ino, n("empty")).await.unwrap();
+    assert_eq!(errno(fs.rmdir(keep.ino, n("empty")).await), libc::EPERM);
+    let _ = empty;
+    // Above the policy's end-to-end limit of 1000 bytes: refused in every vault.
+    let (a, fh) = fs.create(keep_r.ino, n("big")).await.unwrap();
+    fs.write(fh, 0, &[1u8; 1000]).await.unwrap();
+    assert_eq!(errno(fs.write(fh, 1000, b"x").await), libc::EFBIG);
+    assert_eq!(errno(fs.setattr(a.ino, Some(5000), None).await), libc::EFBIG);
+    fs.flush(a.ino, fh).await.unwrap();
+    fs.release(a.ino, fh).await.unwrap();
+    assert_eq!(fs.getxattr(a.ino, n(XATTR_E2E)).unwrap(), b"1");
+}
+
+fn errno<T>(r: Result<T, FsError>) -> i32 {
+    r.map(|_| ()).unwrap_err().errno()
+}
+
 async fn r_ino<R: vaultfs::remote::Remote>(fs: &Arc<VaultFs<R>>) -> u64 {
     let v = fs.lookup(ROOT, n("V")).await.unwrap();
     fs.lookup(v.ino, n("r")).await.unwrap().ino

@@ -318,6 +318,7 @@ fn background_mount_and_vaultfs_unmount() {
         .arg(&m.mountpoint)
         .env("XDG_CONFIG_HOME", &m.home)
         .env("VAULTFS_PASSPHRASE_FILE", &m.pass)
+        .env("VAULTFS_POLICY", &m.policy)
         .env("VAULTFS_LOG", "info")
         .output()
         .unwrap();

@@ -136,7 +136,8 @@ fn run_in(work: &Path, mountpoint: Option<PathBuf>) -> CliResult {
     // 3. The mount.
     let budget = FsOptions::default().cache_budget as u64;
     crate::cache::harden::harden_process(budget);
-    let background = start_session(&fs, rt.handle(), &mountpoint, &url, 4)?;
+    let background =
+        start_session(&fs, rt.handle(), &mountpoint, &url, 4, &crate::policy::Policy::default().mount())?;
     let _status = super::status::serve_status(rt.handle(), &fs, &mountpoint, &url).ok();
     let vault_dir = mountpoint.join("Demo vault");
     let mut out = std::io::stdout().lock();

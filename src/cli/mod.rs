@@ -4,6 +4,7 @@ mod admin;
 mod demo;
 mod logring;
 mod mount;
+mod policy;
 mod status;
 mod user;
 
@@ -50,6 +51,9 @@ pub enum Command {
     Unmount(mount::UnmountArgs),
     /// Show running mounts: cache use and uploads in progress.
     Status(status::StatusArgs),
+    /// Check mount policies.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
 }
 
 /// `vaultfs serve`.
@@ -99,6 +103,7 @@ pub fn main() -> ExitCode {
         Command::Mount(args) => mount::mount(args),
         Command::Unmount(args) => mount::unmount(args),
         Command::Status(args) => status::run(args),
+        Command::Policy(cmd) => policy::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

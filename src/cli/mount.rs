@@ -14,10 +14,12 @@ use std::sync::Arc;
 use clap::Args;
 use zeroize::Zeroizing;
 
+use super::policy::PolicyPaths;
 use super::user::{read_passphrase, LOGIN_KDF_FLOOR, PASSPHRASE_FILE_ENV};
 use super::CliResult;
 use crate::fs::fuse::FuseAdapter;
 use crate::fs::{FsOptions, VaultFs};
+use crate::policy::{MountPolicy, Policy};
 use crate::remote::account::{config_dir, Account, Unlocked, LOGIN_FILE};
 use crate::remote::http::{HttpRemote, ServerAccess};
 
@@ -35,9 +37,13 @@ pub struct MountArgs {
     /// Read the passphrase from this file instead of asking.
     #[arg(long, env = PASSPHRASE_FILE_ENV)]
     passphrase_file: Option<PathBuf>,
-    /// Plaintext cache budget in MiB (memory only; never written to disk).
-    #[arg(long, default_value_t = 512)]
-    cache_mib: usize,
+    /// Plaintext cache budget in MiB (memory only; never written to disk); the
+    /// policy's cache_budget, if lower, wins [default: the policy's, or 512].
+    #[arg(long)]
+    cache_mib: Option<usize>,
+    /// Where the mount policies are.
+    #[command(flatten)]
+    policy: PolicyPaths,
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4)]
     threads: usize,
@@ -73,13 +79,17 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, String> {
 /// `vaultfs mount`.
 pub fn mount(args: MountArgs) -> CliResult {
     let mountpoint = check_mountpoint(&args.mountpoint)?;
+    // Before anything else: never mount on a policy that could not be read.
+    let policy = args.policy.load()?;
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    policy.mount().check_mountpoint(&mountpoint, home.as_deref())?;
     let login = config_dir().map(|d| d.join(LOGIN_FILE)).ok_or("cannot find a config directory: set HOME")?;
     let account = Account::load(&login)?;
     let pass = passphrase(&args, &account.user)?;
     if !args.foreground {
         return spawn_background(&args, &mountpoint, &pass);
     }
-    run_foreground(&args, &mountpoint, &account, &pass)
+    run_foreground(&args, &mountpoint, &account, &pass, policy)
 }
 
 /// Starts `vaultfs mount --foreground` detached and waits for it to be ready.
@@ -91,7 +101,13 @@ fn spawn_background(args: &MountArgs, mountpoint: &Path, pass: &str) -> CliResul
             .arg("mount")
             .arg(mountpoint)
             .args(["--foreground", "--passphrase-stdin"])
-            .args(["--cache-mib", &args.cache_mib.to_string(), "--threads", &args.threads.to_string()])
+            .args(["--threads", &args.threads.to_string()])
+            .args(args.cache_mib.map(|c| format!("--cache-mib={c}")))
+            .arg("--policy")
+            .arg(&args.policy.system)
+            .args(
+                args.policy.user.iter().flat_map(|u| [std::ffi::OsStr::new("--user-config"), u.as_os_str()]),
+            )
             .env_remove(PASSPHRASE_FILE_ENV)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -121,18 +137,26 @@ fn spawn_background(args: &MountArgs, mountpoint: &Path, pass: &str) -> CliResul
     Err(format!("the mount process exited ({status}) before the mount was ready").into())
 }
 
-fn run_foreground(args: &MountArgs, mountpoint: &Path, account: &Account, pass: &str) -> CliResult {
+fn run_foreground(
+    args: &MountArgs,
+    mountpoint: &Path,
+    account: &Account,
+    pass: &str,
+    policy: Policy,
+) -> CliResult {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let access = ServerAccess { url: account.server.clone(), trust: account.trust() };
-    let budget = args.cache_mib.saturating_mul(1 << 20);
+    let rules = policy.mount();
+    let asked = args.cache_mib.map_or(u64::MAX, |m| (m as u64).saturating_mul(1 << 20));
+    let budget = rules.cache_budget.min(asked) as usize;
     let fs = rt.block_on(async {
         let remote = HttpRemote::login(&access, &account.user, pass.as_bytes(), LOGIN_KDF_FLOOR).await?;
         let unlocked = Unlocked::open(remote, pass.as_bytes()).await?;
-        let fs = VaultFs::new(unlocked, FsOptions { cache_budget: budget }).await?;
+        let fs = VaultFs::new(unlocked, FsOptions { cache_budget: budget, policy }).await?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Arc::new(fs))
     })?;
     crate::cache::harden::harden_process(budget as u64);
-    let background = start_session(&fs, rt.handle(), mountpoint, &account.server, args.threads)?;
+    let background = start_session(&fs, rt.handle(), mountpoint, &account.server, args.threads, &rules)?;
     let _status = super::status::serve_status(rt.handle(), &fs, mountpoint, &account.server)
         .map_err(|e| tracing::warn!(error = %e, "vaultfs status will not see this mount"))
         .ok();
@@ -154,11 +178,13 @@ pub(crate) fn start_session<R: crate::remote::Remote>(
     mountpoint: &Path,
     source: &str,
     threads: usize,
+    rules: &MountPolicy,
 ) -> Result<fuser::BackgroundSession, String> {
     // SAFETY: getuid/getgid only read the process's ids.
     #[allow(unsafe_code)]
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let adapter = FuseAdapter::new(Arc::clone(fs), rt.clone(), uid, gid);
+    let (uid, gid) = (rules.uid.unwrap_or(uid), rules.gid.unwrap_or(gid));
+    let adapter = FuseAdapter::new(Arc::clone(fs), rt.clone(), uid, gid, rules.umask);
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(format!("vaultfs:{source}")),
@@ -167,11 +193,30 @@ pub(crate) fn start_session<R: crate::remote::Remote>(
         fuser::MountOption::NoDev,
         fuser::MountOption::NoSuid,
     ];
+    if rules.allow_other {
+        config.acl = fuser::SessionACL::All;
+    }
+    if rules.default_permissions {
+        config.mount_options.push(fuser::MountOption::DefaultPermissions);
+    }
     config.n_threads = Some(threads.max(1));
     config.clone_fd = true;
     let session = fuser::Session::new(adapter, mountpoint, &config)
         .map_err(|e| format!("mounting {}: {e}", mountpoint.display()))?;
-    session.spawn().map_err(|e| format!("starting the FUSE session: {e}"))
+    let background = session.spawn().map_err(|e| format!("starting the FUSE session: {e}"))?;
+    // When we replace a file's content behind the kernel's back (a reduced
+    // image), its cached pages and size must go. Sent from a blocking thread:
+    // the kernel may wait on the inode while a request on it is in flight.
+    let notifier = background.notifier();
+    fs.set_invalidator(Box::new(move |ino| {
+        let notifier = notifier.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), 0, -1) {
+                tracing::debug!(ino, error = %e, "could not drop the kernel's cached pages");
+            }
+        });
+    }));
+    Ok(background)
 }
 
 /// Waits for SIGINT/SIGTERM (or an unmount from outside), saves every unsaved

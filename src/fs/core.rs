@@ -29,6 +29,7 @@ use super::error::{FsError, Result};
 use crate::cache::{PlainCache, PlainData, PlainHandle};
 use crate::crypto::{self, encrypt_file, open_name, seal_name, FileContext, Layout, NameContext, OsRandom};
 use crate::ids::{FileId, RecordId, VaultId};
+use crate::policy::{Oversize, Policy, VaultPolicy};
 use crate::protocol::{
     FileInfo, FileUpdate, Limits, NewFile, NewRecord, ParentChange, RecordInfo, RecordUpdate, Sealed,
 };
@@ -91,11 +92,13 @@ pub struct Attr {
 pub struct FsOptions {
     /// Bytes of plaintext the cache tries to stay under.
     pub cache_budget: usize,
+    /// The admin's and the user's mount policies.
+    pub policy: Policy,
 }
 
 impl Default for FsOptions {
     fn default() -> Self {
-        FsOptions { cache_budget: 512 << 20 }
+        FsOptions { cache_budget: crate::policy::DEFAULT_CACHE_BUDGET as usize, policy: Policy::default() }
     }
 }
 
@@ -297,6 +300,13 @@ pub struct VaultFs<R> {
     openers: Mutex<HashMap<u64, u32>>,
     /// Downloads being decrypted into the cache, by file.
     fills: Mutex<HashMap<FileId, Arc<fill::Fill>>>,
+    /// The mount policies, and what they resolve to for each vault (by the
+    /// vault's name, so filled in as vaults are listed).
+    policy: Policy,
+    vault_rules: Mutex<HashMap<VaultId, Arc<VaultPolicy>>>,
+    /// Called with an inode whose content we replaced behind the kernel's back
+    /// (a reduced image), so its cached pages and size are dropped.
+    invalidate: std::sync::OnceLock<Box<dyn Fn(Ino) + Send + Sync>>,
     mounted_at: SystemTime,
 }
 
@@ -356,6 +366,9 @@ impl<R: Remote> VaultFs<R> {
             pass_reads: Mutex::new(HashMap::new()),
             openers: Mutex::new(HashMap::new()),
             fills: Mutex::new(HashMap::new()),
+            policy: options.policy,
+            vault_rules: Mutex::new(HashMap::new()),
+            invalidate: std::sync::OnceLock::new(),
             mounted_at: SystemTime::now(),
         })
     }
@@ -367,6 +380,50 @@ impl<R: Remote> VaultFs<R> {
     /// The user's limits, as the server set them.
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// Sets what is called when we replaced a file's content behind the
+    /// kernel's back (the FUSE adapter drops the kernel's pages and attributes).
+    pub fn set_invalidator(&self, f: Box<dyn Fn(Ino) + Send + Sync>) {
+        let _ = self.invalidate.set(f);
+    }
+
+    /// The resolved policy of `vault`.
+    pub fn vault_policy(&self, vault: VaultId) -> Arc<VaultPolicy> {
+        if let Some(rules) = lock(&self.vault_rules).get(&vault) {
+            return Arc::clone(rules);
+        }
+        // Not listed under a name (yet, or its name failed its check): the
+        // policy's defaults, which still include the admin's.
+        Arc::new(self.policy.vault("", &self.limits))
+    }
+
+    /// The policy of the vault `ino` is in (the defaults at the root).
+    fn policy_at(&self, ino: Ino) -> Result<Arc<VaultPolicy>> {
+        let vault = lock(&self.tree).node(ino)?.vault();
+        Ok(match vault {
+            Some(v) => self.vault_policy(v),
+            None => Arc::new(self.policy.vault("", &self.limits)),
+        })
+    }
+
+    /// Refuses changes in a read-only vault (EROFS); else its policy.
+    fn writable(&self, ino: Ino) -> Result<Arc<VaultPolicy>> {
+        let rules = self.policy_at(ino)?;
+        if rules.read_only {
+            return Err(FsError::ReadOnly);
+        }
+        Ok(rules)
+    }
+
+    /// Refuses deletes where the policy does (EROFS or EPERM).
+    fn deletable(&self, ino: Ino) -> Result<()> {
+        if !self.writable(ino)?.allow_delete {
+            return Err(FsError::NotPermitted(
+                "the mount policy does not allow deletes in this vault".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The plaintext cache (for status).
@@ -418,13 +475,16 @@ impl<R: Remote> VaultFs<R> {
         let mut kids = BTreeMap::new();
         for v in vaults {
             let ino = tree.ino_for(Key::Vault(v.info.id));
-            if v.name.is_none() {
+            let readable = v.name.is_some();
+            if !readable {
                 tracing::error!(vault = %v.info.id, "vault name cannot be opened; it is listed as unreadable and gives EIO");
             }
             let what = format!("the name of vault {}", v.info.id);
             mark_unreadable(&mut tree, ino, v.name.is_none().then_some(what));
             let name = v.name.unwrap_or_else(|| unreadable_name("vault", &v.info.id.to_string()));
             tree.nodes.insert(ino, Node::Vault { vault: v.info.id });
+            let rules = self.policy.vault(if readable { &name } else { "" }, &self.limits);
+            lock(&self.vault_rules).insert(v.info.id, Arc::new(rules));
             tree.children.entry(ino).or_default();
             tree.names.insert(ino, OsString::from(&name));
             kids.insert(OsString::from(name), ino);
@@ -520,9 +580,13 @@ impl<R: Remote> VaultFs<R> {
 
     fn attr_of(&self, ino: Ino, node: &Node) -> Attr {
         match node {
-            Node::Root | Node::Vault { .. } | Node::Record { .. } => {
-                Attr { ino, kind: Kind::Dir, size: 0, mtime: self.mounted_at, perm: 0o755 }
-            }
+            Node::Root | Node::Vault { .. } | Node::Record { .. } => Attr {
+                ino,
+                kind: Kind::Dir,
+                size: 0,
+                mtime: self.mounted_at,
+                perm: self.perm_of(node, 0o777),
+            },
             Node::File { info, .. } => {
                 let mut size = if info.e2e {
                     Layout::from_ciphertext_len(info.size).map_or(0, |l| l.plaintext_len())
@@ -536,7 +600,7 @@ impl<R: Remote> VaultFs<R> {
                         kind: Kind::File,
                         size: st.sent,
                         mtime: SystemTime::now(),
-                        perm: 0o644,
+                        perm: self.perm_of(node, 0o666),
                     };
                 }
                 // A file with unsaved changes: its size is what the application
@@ -547,8 +611,17 @@ impl<R: Remote> VaultFs<R> {
                     size = local;
                     mtime = SystemTime::now();
                 }
-                Attr { ino, kind: Kind::File, size, mtime, perm: 0o644 }
+                Attr { ino, kind: Kind::File, size, mtime, perm: self.perm_of(node, 0o666) }
             }
+        }
+    }
+
+    /// Presented permissions: `full` (before the mount's umask), without the
+    /// write bits in a read-only vault.
+    fn perm_of(&self, node: &Node, full: u16) -> u16 {
+        match node.vault() {
+            Some(v) if self.vault_policy(v).read_only => full & 0o555,
+            _ => full,
         }
     }
 
@@ -595,6 +668,7 @@ impl<R: Remote> VaultFs<R> {
     pub async fn mkdir(&self, parent: Ino, name: &OsStr) -> Result<Attr> {
         check_name(name)?;
         self.load_dir(parent).await?;
+        self.writable(parent)?;
         let (vault, parent_record) = {
             let tree = lock(&self.tree);
             if tree.child(parent, name).is_some() {
@@ -625,6 +699,9 @@ impl<R: Remote> VaultFs<R> {
     /// Removes an empty record.
     pub async fn rmdir(&self, parent: Ino, name: &OsStr) -> Result<()> {
         self.load_dir(parent).await?;
+        if lock(&self.tree).node(parent)?.vault().is_some() {
+            self.deletable(parent)?;
+        }
         let (ino, info) = {
             let tree = lock(&self.tree);
             let ino = tree.child(parent, name).ok_or(FsError::NotFound)?;
@@ -678,6 +755,7 @@ impl<R: Remote> VaultFs<R> {
     pub async fn create(&self, parent: Ino, name: &OsStr) -> Result<(Attr, u64)> {
         check_name(name)?;
         self.load_dir(parent).await?;
+        self.writable(parent)?;
         if lock(&self.tree).child(parent, name).is_some() {
             return Err(FsError::Exists);
         }
@@ -732,6 +810,9 @@ impl<R: Remote> VaultFs<R> {
         write: bool,
     ) -> Result<(u64, bool)> {
         let mut info = self.file_info(ino)?;
+        if write || truncate {
+            self.writable(ino)?;
+        }
         let cached = self.cache.peek(info.id).is_some_and(|h| h.try_lock().map_or(true, |d| d.loaded));
         if !write && !truncate && !info.e2e && info.size > 0 && !cached {
             // Above the end-to-end limit: read in ranges from the server, never whole.
@@ -863,9 +944,8 @@ impl<R: Remote> VaultFs<R> {
     pub async fn write(self: &Arc<Self>, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let id = self.handle_file(fh)?;
         let end = offset.checked_add(data.len() as u64).ok_or(FsError::TooBig("offset".into()))?;
-        if end > self.limits.upload_limit {
-            return Err(FsError::TooBig(format!("the upload limit is {} bytes", self.limits.upload_limit)));
-        }
+        let rules = self.file_policy(id);
+        check_size(&rules, end)?;
         tracing::trace!(file = %id, offset, len = data.len(), "write");
         if let Some(n) = self.write_to_stream(id, offset, data).await? {
             return Ok(n);
@@ -895,7 +975,7 @@ impl<R: Remote> VaultFs<R> {
         d.dirty = true;
         let new_len = d.bytes.len();
         lock(&self.local_sizes).insert(id, new_len as u64);
-        if sequential && new_len as u64 > self.limits.e2e_limit {
+        if sequential && new_len as u64 > rules.e2e_limit {
             // Past the end-to-end limit while being written front to back: stream
             // it to the server from here on instead of holding it all in memory.
             self.start_stream(id, &mut d).await?;
@@ -906,6 +986,14 @@ impl<R: Remote> VaultFs<R> {
             self.cache.account(id, new_len);
         }
         Ok(data.len() as u32)
+    }
+
+    /// The policy of the vault a file is in (the defaults if it was unlinked).
+    fn file_policy(&self, id: FileId) -> Arc<VaultPolicy> {
+        match self.file_info_by_id(id) {
+            Ok(info) => self.vault_policy(info.vault),
+            Err(_) => Arc::new(self.policy.vault("", &self.limits)),
+        }
     }
 
     fn file_info_by_id(&self, id: FileId) -> Result<FileInfo> {
@@ -932,7 +1020,7 @@ impl<R: Remote> VaultFs<R> {
             futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
         let fs = Arc::clone(self);
         let version = d.version;
-        tracing::info!(file = %id, limit = self.limits.e2e_limit, "file passes the end-to-end limit: streaming it as plain HTTPS");
+        tracing::info!(file = %id, "file passes the end-to-end limit: streaming it as plain HTTPS");
         let task = tokio::spawn(async move {
             let body = UploadBody { len: None, stream: Box::pin(body), conflict_copy: Some(conflict_copy) };
             fs.remote().upload(id, version, false, Some(now_ms()), body).await
@@ -1062,13 +1150,9 @@ impl<R: Remote> VaultFs<R> {
         let Some(info) = info else {
             return self.getattr(ino).await; // directory times are not stored
         };
+        let rules = self.writable(ino)?;
         if let Some(size) = size {
-            if size > self.limits.upload_limit {
-                return Err(FsError::TooBig(format!(
-                    "the upload limit is {} bytes",
-                    self.limits.upload_limit
-                )));
-            }
+            check_size(&rules, size)?;
             let handle = self.cache.pin(info.id);
             let result = async {
                 {
@@ -1135,11 +1219,15 @@ impl<R: Remote> VaultFs<R> {
             return Ok(());
         }
         let info = self.file_info(ino)?;
+        let rules = self.vault_policy(info.vault);
+        let name = lock(&self.tree).names.get(&ino).cloned().unwrap_or_default();
+        let d = match rules.images.applies_to(&name) {
+            Some(format) => self.reduce_image(ino, info.id, handle, d, format, &rules.images).await,
+            None => d,
+        };
         let plain_len = d.bytes.len() as u64;
-        if plain_len > self.limits.upload_limit {
-            return Err(FsError::TooBig(format!("the upload limit is {} bytes", self.limits.upload_limit)));
-        }
-        let e2e = plain_len <= self.limits.e2e_limit;
+        check_size(&rules, plain_len)?;
+        let e2e = plain_len <= rules.e2e_limit;
         let generation = {
             let seen = lock(&self.generations).get(&info.id).copied().unwrap_or(0);
             seen.max(d.version) + 1
@@ -1188,6 +1276,50 @@ impl<R: Remote> VaultFs<R> {
         }
     }
 
+    /// Reduces a saved image as the vault's policy says, on a blocking thread
+    /// (only this file waits). Whatever goes wrong, the data stays as it was.
+    async fn reduce_image(
+        &self,
+        ino: Ino,
+        id: FileId,
+        handle: &PlainHandle,
+        d: tokio::sync::OwnedMutexGuard<PlainData>,
+        format: crate::policy::ImageFormat,
+        images: &crate::policy::ImagePolicy,
+    ) -> tokio::sync::OwnedMutexGuard<PlainData> {
+        use super::reduce::{reduce, Reduced};
+        let (max_edge, quality) = (images.max_edge, images.jpeg_quality);
+        let task = tokio::task::spawn_blocking(move || {
+            let outcome = reduce(&d.bytes, format, max_edge, quality);
+            (d, outcome)
+        });
+        let (mut d, outcome) = match task.await {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!(file = %id, error = %e, "image reduction failed; the image is stored unchanged");
+                return Arc::clone(handle).lock_owned().await;
+            }
+        };
+        match outcome {
+            Ok(Reduced::Smaller { bytes, width, height }) => {
+                tracing::info!(file = %id, from = d.bytes.len(), to = bytes.len(), width, height, "image reduced");
+                let len = bytes.len();
+                d.bytes = Zeroizing::new(bytes);
+                lock(&self.local_sizes).insert(id, len as u64);
+                self.cache.account(id, len);
+                // The kernel still holds the pages and size the application wrote.
+                if let Some(invalidate) = self.invalidate.get() {
+                    invalidate(ino);
+                }
+            }
+            Ok(Reduced::Unchanged(why)) => tracing::debug!(file = %id, "image not reduced: {why}"),
+            Err(why) => {
+                tracing::warn!(file = %id, "image could not be reduced and is stored unchanged: {why}")
+            }
+        }
+        d
+    }
+
     fn encode(&self, ctx: &FileContext, generation: u64, e2e: bool, plain: &[u8]) -> Result<Vec<u8>> {
         if !e2e {
             return Ok(plain.to_vec());
@@ -1207,7 +1339,7 @@ impl<R: Remote> VaultFs<R> {
         };
         let copy_name = conflict_name(&name, SystemTime::now());
         let (copy_ino, copy) = self.new_file(parent, &copy_name).await?;
-        let e2e = plain.len() as u64 <= self.limits.e2e_limit;
+        let e2e = plain.len() as u64 <= self.vault_policy(info.vault).e2e_limit;
         let ctx = FileContext { vault: copy.vault, record: copy.record, file: copy.id };
         let body = self.encode(&ctx, 2, e2e, plain)?;
         let done = self
@@ -1347,6 +1479,7 @@ impl<R: Remote> VaultFs<R> {
     /// Removes a file.
     pub async fn unlink(&self, parent: Ino, name: &OsStr) -> Result<()> {
         self.load_dir(parent).await?;
+        self.deletable(parent)?;
         let (ino, info) = {
             let tree = lock(&self.tree);
             let ino = tree.child(parent, name).ok_or(FsError::NotFound)?;
@@ -1390,6 +1523,9 @@ impl<R: Remote> VaultFs<R> {
     ) -> Result<()> {
         check_name(new_name)?;
         self.load_dir(parent).await?;
+        self.load_dir(new_parent).await?;
+        self.writable(parent)?;
+        self.writable(new_parent)?;
         self.load_dir(new_parent).await?;
         let (ino, node, target, dest) = {
             let tree = lock(&self.tree);
@@ -1513,7 +1649,7 @@ impl<R: Remote> VaultFs<R> {
                 d = self.ready(info.id, &handle, None).await?.0;
             }
             let (new_ino, created) = self.new_file(new_parent, new_name).await?;
-            let e2e = d.bytes.len() as u64 <= self.limits.e2e_limit;
+            let e2e = d.bytes.len() as u64 <= self.vault_policy(info.vault).e2e_limit;
             let ctx = FileContext { vault: created.vault, record: created.record, file: created.id };
             let body = self.encode(&ctx, 2, e2e, &d.bytes)?;
             let done = self
@@ -1648,6 +1784,25 @@ async fn bump_cached_version(cache: &PlainCache, id: FileId, from: u64, to: u64)
             d.version = to;
         }
     }
+}
+
+/// Refuses a file of `size` bytes where the vault's policy does: a read-only
+/// vault (EROFS), the upload limit, or above the end-to-end limit when the
+/// policy refuses such files rather than passing them through (EFBIG).
+fn check_size(rules: &VaultPolicy, size: u64) -> Result<()> {
+    if rules.read_only {
+        return Err(FsError::ReadOnly);
+    }
+    if size > rules.upload_limit {
+        return Err(FsError::TooBig(format!("the upload limit is {} bytes", rules.upload_limit)));
+    }
+    if size > rules.e2e_limit && rules.oversize == Oversize::Refuse {
+        return Err(FsError::TooBig(format!(
+            "the mount policy refuses files above the end-to-end limit of {} bytes in this vault",
+            rules.e2e_limit
+        )));
+    }
+    Ok(())
 }
 
 /// The stand-in name of an entry whose real name failed its check.

@@ -46,6 +46,9 @@ pub enum FsError {
     /// The extended attribute does not exist.
     #[error("no such attribute")]
     NoAttr,
+    /// The vault is read-only by policy.
+    #[error("read-only vault")]
+    ReadOnly,
     /// Setting extended attributes is not supported.
     #[error("not supported")]
     NotSupported,
@@ -83,6 +86,7 @@ impl FsError {
             FsError::NoSpace => libc::ENOSPC,
             FsError::NoAttr => libc::ENODATA,
             FsError::NotSupported => libc::ENOTSUP,
+            FsError::ReadOnly => libc::EROFS,
             FsError::Integrity { .. } => libc::EIO,
             FsError::Unavailable(_) => libc::EIO,
             FsError::Io(_) => libc::EIO,
@@ -103,6 +107,7 @@ impl FsError {
                 | FsError::NoAttr
                 | FsError::NotSupported
                 | FsError::NameTooLong
+                | FsError::ReadOnly
         )
     }
 }

@@ -36,8 +36,9 @@ pub struct FuseAdapter<R> {
 
 impl<R: Remote> FuseAdapter<R> {
     /// An adapter running `fs` on `rt`, presenting files as owned by `uid`/`gid`.
-    pub fn new(fs: Arc<VaultFs<R>>, rt: tokio::runtime::Handle, uid: u32, gid: u32) -> Self {
-        FuseAdapter { fs, rt, owner: Owner { uid, gid } }
+    /// `uid`, `gid` and `umask` are what every entry is presented with.
+    pub fn new(fs: Arc<VaultFs<R>>, rt: tokio::runtime::Handle, uid: u32, gid: u32, umask: u32) -> Self {
+        FuseAdapter { fs, rt, owner: Owner { uid, gid, umask: (umask & 0o777) as u16 } }
     }
 
     /// Runs `op` on the runtime inside a span naming the operation.
@@ -390,6 +391,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
 struct Owner {
     uid: u32,
     gid: u32,
+    umask: u16,
 }
 
 impl Owner {
@@ -407,7 +409,7 @@ impl Owner {
             ctime: a.mtime,
             crtime: a.mtime,
             kind,
-            perm: a.perm,
+            perm: a.perm & !self.umask,
             nlink: if a.kind == Kind::Dir { 2 } else { 1 },
             uid: self.uid,
             gid: self.gid,

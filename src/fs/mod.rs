@@ -9,6 +9,7 @@
 pub mod core;
 pub mod error;
 pub mod fuse;
+pub mod reduce;
 
 pub use self::core::{Attr, FsOptions, Ino, Kind, VaultFs, ROOT};
 pub use self::error::FsError;

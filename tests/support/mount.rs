@@ -17,6 +17,8 @@ pub struct TestMount {
     pub mountpoint: PathBuf,
     pub home: PathBuf,
     pub pass: PathBuf,
+    /// The system policy this mount reads (absent unless a test writes one).
+    pub policy: PathBuf,
     child: Option<Child>,
     /// The daemon's stderr, collected in memory (a log *file* would be a regular
     /// file open for writing in the daemon, which the canary test forbids).
@@ -40,6 +42,12 @@ pub fn fuse_available() -> bool {
 impl TestMount {
     /// A server with user "alice" (vault "Family"), mounted.
     pub fn start() -> Self {
+        Self::start_with("", &[])
+    }
+
+    /// Like [`TestMount::start`], with `policy` as the system policy and the
+    /// vaults `more` next to "Family".
+    pub fn start_with(policy: &str, more: &[&str]) -> Self {
         assert!(fuse_available(), "/dev/fuse is missing: mount tests need FUSE (CI installs fuse3)");
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("server.toml");
@@ -62,10 +70,26 @@ impl TestMount {
         let fp = server.fingerprint.clone().unwrap();
         run(&["login", "--server", &server.url, "--user", "alice", "--fingerprint", &fp, "--enroll", &code]);
         run(&["vault", "create", "Family"]);
+        for v in more {
+            run(&["vault", "create", v]);
+        }
         let mountpoint = dir.path().join("mnt");
         std::fs::create_dir_all(&mountpoint).unwrap();
+        let policy_path = dir.path().join("policy.toml");
+        if !policy.is_empty() {
+            std::fs::write(&policy_path, policy).unwrap();
+        }
         let stderr_log = Default::default();
-        let mut m = TestMount { mountpoint, home, pass, child: None, stderr_log, server, _dir: dir };
+        let mut m = TestMount {
+            mountpoint,
+            home,
+            pass,
+            policy: policy_path,
+            child: None,
+            stderr_log,
+            server,
+            _dir: dir,
+        };
         m.mount();
         m
     }
@@ -78,6 +102,7 @@ impl TestMount {
             .arg("--foreground")
             .env("XDG_CONFIG_HOME", &self.home)
             .env("VAULTFS_PASSPHRASE_FILE", &self.pass)
+            .env("VAULTFS_POLICY", &self.policy)
             .env("VAULTFS_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
