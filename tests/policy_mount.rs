@@ -203,3 +203,19 @@ fn a_bad_policy_stops_the_mount_and_policy_check_explains() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("does not allow mounting"), "{err}");
 }
+
+#[test]
+fn presented_owner_and_permissions_follow_the_policy() {
+    use std::os::unix::fs::MetadataExt;
+    let policy = "[mount]\nuid = 4242\ngid = 4343\numask = \"077\"\ndefault_permissions = true\n";
+    let m = TestMount::start_with(policy, &[]);
+    std::fs::create_dir(m.path("Family/r")).unwrap();
+    std::fs::write(m.path("Family/r/a.txt"), b"x").unwrap();
+    let dir = std::fs::metadata(m.path("Family/r")).unwrap();
+    let file = std::fs::metadata(m.path("Family/r/a.txt")).unwrap();
+    assert_eq!((dir.uid(), dir.gid(), dir.mode() & 0o777), (4242, 4343, 0o700));
+    assert_eq!((file.uid(), file.gid(), file.mode() & 0o777), (4242, 4343, 0o600));
+    let options = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = options.lines().find(|l| l.contains(m.mountpoint.to_str().unwrap())).unwrap().to_string();
+    assert!(line.contains("default_permissions"), "{line}");
+}

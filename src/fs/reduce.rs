@@ -161,6 +161,20 @@ mod tests {
     }
 
     #[test]
+    fn webp_is_reduced_losslessly() {
+        let mut out = Cursor::new(Vec::new());
+        let big = DynamicImage::ImageRgb8(photo(800, 600)).to_rgba8();
+        big.write_with_encoder(image::codecs::webp::WebPEncoder::new_lossless(&mut out)).unwrap();
+        let webp = out.into_inner();
+        let Reduced::Smaller { bytes, width, height } = reduce(&webp, ImageFormat::Webp, 200, 85).unwrap()
+        else {
+            panic!("not reduced")
+        };
+        assert_eq!((width, height), (200, 150));
+        assert_eq!(image::guess_format(&bytes).unwrap(), image::ImageFormat::WebP);
+    }
+
+    #[test]
     fn small_broken_or_mislabelled_images_are_left_alone() {
         let small = encode(&photo(100, 80), image::ImageFormat::Jpeg);
         assert!(matches!(reduce(&small, ImageFormat::Jpeg, 400, 85).unwrap(), Reduced::Unchanged(_)));
