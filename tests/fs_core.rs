@@ -562,6 +562,40 @@ async fn the_core_enforces_the_mount_policy() {
     assert_eq!(fs.getxattr(a.ino, n(XATTR_E2E)).unwrap(), b"1");
 }
 
+/// One runtime thread: if reducing an image ran on it, nothing else could run
+/// meanwhile, and the other operations below would finish after the save.
+#[tokio::test]
+async fn a_large_image_reduction_does_not_block_other_operations() {
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    write_file(&fs, r.ino, "other.txt", b"other").await;
+    let img = image::RgbImage::from_fn(3200, 2400, |x, y| {
+        image::Rgb([(x / 13) as u8, (y / 11) as u8, ((x ^ y) % 97) as u8])
+    });
+    let mut jpeg = Vec::new();
+    img.write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 95)).unwrap();
+    let (attr, fh) = fs.create(r.ino, n("photo.jpg")).await.unwrap();
+    fs.write(fh, 0, &jpeg).await.unwrap();
+    let saving = tokio::spawn({
+        let fs = Arc::clone(&fs);
+        async move { fs.flush(attr.ino, fh).await }
+    });
+    tokio::task::yield_now().await; // the save starts, and hands the image to a blocking thread
+    assert_eq!(read_file(&fs, r.ino, "other.txt").await.unwrap(), b"other");
+    assert_eq!(fs.readdir(r.ino).await.unwrap().len(), 2);
+    // Still the size the application wrote: the reduction has not finished, yet
+    // the operations above were answered.
+    let size = fs.getattr(attr.ino).await.unwrap().size;
+    assert_eq!(size, jpeg.len() as u64, "other operations had to wait for the reduction");
+    saving.await.unwrap().unwrap();
+    fs.release(attr.ino, fh).await.unwrap();
+    let back = read_file(&fs, r.ino, "photo.jpg").await.unwrap();
+    let reduced = image::load_from_memory(&back).unwrap();
+    assert_eq!((reduced.width(), reduced.height()), (2560, 1920));
+}
+
 fn errno<T>(r: Result<T, FsError>) -> i32 {
     r.map(|_| ()).unwrap_err().errno()
 }
