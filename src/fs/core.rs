@@ -83,8 +83,12 @@ pub struct Attr {
     pub size: u64,
     /// Modification time.
     pub mtime: SystemTime,
+    /// Access time.
+    pub atime: SystemTime,
     /// Permission bits.
     pub perm: u16,
+    /// Hard links: 0 for a file unlinked while still open.
+    pub nlink: u32,
 }
 
 /// Options of a mount.
@@ -298,6 +302,16 @@ pub struct VaultFs<R> {
     /// The process that opened each handle (0 if unknown), by handle: only its
     /// close ends a pass-through stream (see [`VaultFs::flush_from`]).
     openers: Mutex<HashMap<u64, u32>>,
+    /// Files unlinked while open: gone from their directory and the server,
+    /// still readable and writable through their open handles (POSIX) until
+    /// the last one is released; nothing of them is uploaded. Locked after
+    /// `tree` when both are needed.
+    orphans: Mutex<std::collections::HashSet<Ino>>,
+    /// When this mount last changed each directory's entries. Records carry no
+    /// times on the server, so directories show the mount time until then.
+    dir_times: Mutex<HashMap<Ino, SystemTime>>,
+    /// Access times set by the application (memory only; see `attr_of`).
+    atimes: Mutex<HashMap<Ino, SystemTime>>,
     /// Downloads being decrypted into the cache, by file.
     fills: Mutex<HashMap<FileId, Arc<fill::Fill>>>,
     /// The mount policies, and what they resolve to for each vault (by the
@@ -365,6 +379,9 @@ impl<R: Remote> VaultFs<R> {
             local_sizes: Mutex::new(HashMap::new()),
             pass_reads: Mutex::new(HashMap::new()),
             openers: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(std::collections::HashSet::new()),
+            dir_times: Mutex::new(HashMap::new()),
+            atimes: Mutex::new(HashMap::new()),
             fills: Mutex::new(HashMap::new()),
             policy: options.policy,
             vault_rules: Mutex::new(HashMap::new()),
@@ -578,15 +595,24 @@ impl<R: Remote> VaultFs<R> {
 
     // ---- attributes --------------------------------------------------------
 
-    fn attr_of(&self, ino: Ino, node: &Node) -> Attr {
-        match node {
-            Node::Root | Node::Vault { .. } | Node::Record { .. } => Attr {
-                ino,
-                kind: Kind::Dir,
-                size: 0,
-                mtime: self.mounted_at,
-                perm: self.perm_of(node, 0o777),
-            },
+    /// Attributes of `ino` (`node`), with `tree` for a directory's link count.
+    fn attr_of(&self, tree: &Tree, ino: Ino, node: &Node) -> Attr {
+        let mut attr = match node {
+            Node::Root | Node::Vault { .. } | Node::Record { .. } => {
+                // "." and the entry in the parent, plus each subdirectory's "..".
+                let subdirs = tree.children.get(&ino).map_or(0, |kids| {
+                    kids.values().filter(|k| !matches!(tree.nodes.get(k), Some(Node::File { .. }))).count()
+                });
+                Attr {
+                    ino,
+                    kind: Kind::Dir,
+                    size: 0,
+                    mtime: lock(&self.dir_times).get(&ino).copied().unwrap_or(self.mounted_at),
+                    atime: UNIX_EPOCH,
+                    perm: self.perm_of(node, 0o777),
+                    nlink: 2 + subdirs as u32,
+                }
+            }
             Node::File { info, .. } => {
                 let mut size = if info.e2e {
                     Layout::from_ciphertext_len(info.size).map_or(0, |l| l.plaintext_len())
@@ -595,25 +621,45 @@ impl<R: Remote> VaultFs<R> {
                 };
                 let mut mtime = time_of(info.mtime_ms);
                 if let Some(st) = lock(&self.streams).get(&info.id) {
-                    return Attr {
-                        ino,
-                        kind: Kind::File,
-                        size: st.sent,
-                        mtime: SystemTime::now(),
-                        perm: self.perm_of(node, 0o666),
-                    };
-                }
-                // A file with unsaved changes: its size is what the application
-                // wrote. Read from a map, never by trying the data's lock: a stale
-                // size here makes the kernel truncate its page cache under a write
-                // in progress, which then sends zeros.
-                if let Some(&local) = lock(&self.local_sizes).get(&info.id) {
+                    size = st.sent;
+                    mtime = SystemTime::now();
+                } else if let Some(&local) = lock(&self.local_sizes).get(&info.id) {
+                    // A file with unsaved changes: its size is what the
+                    // application wrote. Read from a map, never by trying the
+                    // data's lock: a stale size here makes the kernel truncate
+                    // its page cache under a write in progress, which then
+                    // sends zeros.
                     size = local;
                     mtime = SystemTime::now();
                 }
-                Attr { ino, kind: Kind::File, size, mtime, perm: self.perm_of(node, 0o666) }
+                let nlink = if lock(&self.orphans).contains(&ino) { 0 } else { 1 };
+                Attr {
+                    ino,
+                    kind: Kind::File,
+                    size,
+                    mtime,
+                    atime: UNIX_EPOCH,
+                    perm: self.perm_of(node, 0o666),
+                    nlink,
+                }
             }
-        }
+        };
+        // Access times live in memory only (set by utimensat, as cp -a and
+        // rsync -a do); otherwise they follow the modification time.
+        attr.atime = lock(&self.atimes).get(&ino).copied().unwrap_or(attr.mtime);
+        attr
+    }
+
+    /// Sets the access time of `ino` (kept in memory for this mount).
+    pub fn set_atime(&self, ino: Ino, t: SystemTime) -> Result<()> {
+        self.writable(ino)?;
+        lock(&self.atimes).insert(ino, t);
+        Ok(())
+    }
+
+    /// Notes that directory `ino`'s entries changed now.
+    fn touch_dir(&self, ino: Ino) {
+        lock(&self.dir_times).insert(ino, SystemTime::now());
     }
 
     /// Presented permissions: `full` (before the mount's umask), without the
@@ -629,15 +675,18 @@ impl<R: Remote> VaultFs<R> {
     pub async fn getattr(&self, ino: Ino) -> Result<Attr> {
         let tree = lock(&self.tree);
         let node = tree.node(ino)?;
-        Ok(self.attr_of(ino, node))
+        Ok(self.attr_of(&tree, ino, node))
     }
 
     /// Looks `name` up in directory `parent`.
     pub async fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr> {
+        if name.len() > NAME_MAX {
+            return Err(FsError::NameTooLong);
+        }
         self.load_dir(parent).await?;
         let tree = lock(&self.tree);
         let ino = tree.child(parent, name).ok_or(FsError::NotFound)?;
-        Ok(self.attr_of(ino, tree.node(ino)?))
+        Ok(self.attr_of(&tree, ino, tree.node(ino)?))
     }
 
     /// The entries of directory `ino` (without `.` and `..`).
@@ -693,7 +742,9 @@ impl<R: Remote> VaultFs<R> {
         let ino = tree.ino_for(Key::Record(id));
         let node = Node::Record { info, parent };
         tree.link(parent, name.to_os_string(), ino, node.clone());
-        Ok(self.attr_of(ino, &node))
+        self.touch_dir(parent);
+        self.touch_dir(ino);
+        Ok(self.attr_of(&tree, ino, &node))
     }
 
     /// Removes an empty record.
@@ -722,6 +773,7 @@ impl<R: Remote> VaultFs<R> {
         let mut tree = lock(&self.tree);
         tree.unlink_ino(ino);
         tree.nodes.remove(&ino);
+        self.touch_dir(parent);
         Ok(())
     }
 
@@ -748,6 +800,7 @@ impl<R: Remote> VaultFs<R> {
         let mut tree = lock(&self.tree);
         let ino = tree.ino_for(Key::File(id));
         tree.link(parent, name.to_os_string(), ino, Node::File { info: info.clone(), parent });
+        self.touch_dir(parent);
         Ok((ino, info))
     }
 
@@ -1148,7 +1201,12 @@ impl<R: Remote> VaultFs<R> {
             _ => None,
         };
         let Some(info) = info else {
-            return self.getattr(ino).await; // directory times are not stored
+            // Directory times are not stored on the server; this mount shows them.
+            if let Some(t) = mtime {
+                self.writable(ino)?;
+                lock(&self.dir_times).insert(ino, t);
+            }
+            return self.getattr(ino).await;
         };
         let rules = self.writable(ino)?;
         if let Some(size) = size {
@@ -1214,8 +1272,12 @@ impl<R: Remote> VaultFs<R> {
     /// Uploads the file's plaintext if it changed. Returns when the server has
     /// stored it. On a version conflict, our data goes to a conflict copy.
     async fn upload(&self, ino: Ino, handle: &PlainHandle) -> Result<()> {
-        let d = Arc::clone(handle).lock_owned().await;
+        let mut d = Arc::clone(handle).lock_owned().await;
         if !d.dirty {
+            return Ok(());
+        }
+        if lock(&self.orphans).contains(&ino) {
+            d.dirty = false; // unlinked: there is nothing to save it to
             return Ok(());
         }
         let info = self.file_info(ino)?;
@@ -1405,6 +1467,14 @@ impl<R: Remote> VaultFs<R> {
         if !lock(&self.handles).values().any(|f| *f == id) {
             self.finish_stream(id).await?;
         }
+        let last = !lock(&self.handles).values().any(|f| *f == id);
+        if last && lock(&self.orphans).remove(&ino) {
+            // The last handle of an unlinked file: now it goes.
+            lock(&self.tree).nodes.remove(&ino);
+            lock(&self.local_sizes).remove(&id);
+            self.cache.remove(id);
+            return Ok(());
+        }
         let dirty = match self.cache.peek(id) {
             Some(h) => h.lock().await.dirty,
             None => false,
@@ -1489,15 +1559,19 @@ impl<R: Remote> VaultFs<R> {
             }
         };
         self.delete_file(&info).await?;
+        let open = lock(&self.handles).values().any(|f| *f == info.id);
         let mut tree = lock(&self.tree);
         tree.unlink_ino(ino);
+        self.touch_dir(parent);
+        if open {
+            // Open handles keep reading and writing until they close (POSIX).
+            lock(&self.orphans).insert(ino);
+            return Ok(());
+        }
         tree.nodes.remove(&ino);
         drop(tree);
         lock(&self.local_sizes).remove(&info.id);
-        // Open handles keep reading the plaintext until they close (POSIX).
-        if !lock(&self.handles).values().any(|f| *f == info.id) {
-            self.cache.remove(info.id);
-        }
+        self.cache.remove(info.id);
         Ok(())
     }
 
@@ -1515,6 +1589,19 @@ impl<R: Remote> VaultFs<R> {
     /// Renames or moves within a vault; across vaults it fails with EXDEV so that
     /// `mv` copies and deletes instead.
     pub async fn rename(
+        self: &Arc<Self>,
+        parent: Ino,
+        name: &OsStr,
+        new_parent: Ino,
+        new_name: &OsStr,
+    ) -> Result<()> {
+        self.rename_entry(parent, name, new_parent, new_name).await?;
+        self.touch_dir(parent);
+        self.touch_dir(new_parent);
+        Ok(())
+    }
+
+    async fn rename_entry(
         self: &Arc<Self>,
         parent: Ino,
         name: &OsStr,

@@ -110,7 +110,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         _uid: Option<u32>,
         _gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
@@ -124,6 +124,11 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         // `cp -a` and editors that chmod do not fail.
         let (fs, me) = (Arc::clone(&self.fs), self.owner);
         self.spawn("setattr", ino.0, async move {
+            if let Some(t) = atime {
+                if let Err(e) = fs.set_atime(ino.0, time_of(t)) {
+                    return reply.error(errno("setattr", &e));
+                }
+            }
             match fs.setattr(ino.0, size, mtime.map(time_of)).await {
                 Ok(a) => reply.attr(&TTL, &me.attr(&a)),
                 Err(e) => reply.error(errno("setattr", &e)),
@@ -404,13 +409,13 @@ impl Owner {
             ino: INodeNo(a.ino),
             size: a.size,
             blocks: a.size.div_ceil(512),
-            atime: a.mtime,
+            atime: a.atime,
             mtime: a.mtime,
             ctime: a.mtime,
             crtime: a.mtime,
             kind,
             perm: a.perm & !self.umask,
-            nlink: if a.kind == Kind::Dir { 2 } else { 1 },
+            nlink: a.nlink,
             uid: self.uid,
             gid: self.gid,
             rdev: 0,
