@@ -29,6 +29,17 @@ fn tool(name: &str) -> PathBuf {
     found.unwrap_or_else(|| panic!("{name} is not installed: run .ci/test, or `cargo install {name}`"))
 }
 
+/// Prints a suite's result line, and adds it to the report `.ci/test` prints
+/// at the end (VAULTFS_SUITE_REPORT names the file).
+fn report(line: &str) {
+    println!("SUITE {line}");
+    if let Some(path) = std::env::var_os("VAULTFS_SUITE_REPORT") {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+        writeln!(f, "{line}").unwrap();
+    }
+}
+
 /// pjdfstest's configuration: its two dummy users mapped to ones every Debian
 /// system has, and the features Linux offers.
 const PJD_CONFIG: &str = r#"
@@ -123,9 +134,7 @@ fn pjdfstest_passes_everything_but_the_listed_exceptions() {
         }
     }
     let stale: Vec<&str> = list.iter().map(|(p, _)| p.as_str()).filter(|p| !used.contains(p)).collect();
-    println!(
-        "SUITE pjdfstest: {passed} passed, {failed} failed, {known} known exceptions, {skipped} skipped"
-    );
+    report(&format!("pjdfstest (POSIX) | {passed} | {failed} | {known} known exceptions, {skipped} skipped"));
     for name in &unexpected {
         let detail: Vec<&str> = text
             .lines()
@@ -137,4 +146,73 @@ fn pjdfstest_passes_everything_but_the_listed_exceptions() {
     }
     assert!(unexpected.is_empty(), "{} unexpected failures (see above)", unexpected.len());
     assert!(stale.is_empty(), "exceptions that no longer fail (remove them): {stale:?}");
+}
+
+/// fsx's settings: the operations Linux and a FUSE mount offer (not
+/// fallocate or hole punching, which vaultfs does not implement), on a file of
+/// up to `flen` bytes.
+fn fsx_config(flen: u64) -> String {
+    // nomsyncafterwrite: an msync(MS_SYNC) after every mapped write is an fsync,
+    // which vaultfs answers with a durable, encrypted upload of the whole file;
+    // with it, 100,000 operations take minutes. Mapped writes still reach the
+    // file through the page cache, are saved at the next fsync or close, and are
+    // checked by every later read.
+    format!(
+        "flen = {flen}\nnomsyncafterwrite = true\n[opsize]\nmax = 65536\nmin = 0\nalign = 1\n[weights]\nclose_open = 1\nread = 10\n\
+         write = 10\nmapread = 10\nmapwrite = 10\ninvalidate = 1\ntruncate = 2\nfsync = 1\nfdatasync = 1\n\
+         posix_fallocate = 0\npunch_hole = 0\nsendfile = 1\nposix_fadvise = 1\ncopy_file_range = 1\n"
+    )
+}
+
+/// Runs `ops` fsx operations on `file`; panics with fsx's log on a miscompare.
+fn fsx(m: &TestMount, file: &Path, flen: u64, ops: u32, seed: u32) -> String {
+    let config = m.home.join(format!("fsx-{seed}.toml"));
+    std::fs::write(&config, fsx_config(flen)).unwrap();
+    // fsx writes its artifacts (the expected content on failure) to -P: keep
+    // them outside the mount and out of the way.
+    let artifacts = m.home.join("fsx-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let out = Command::new(tool("fsx"))
+        .args(["-N", &ops.to_string(), "-S", &seed.to_string(), "-f"])
+        .arg(&config)
+        .arg("-P")
+        .arg(&artifacts)
+        .arg(file)
+        .output()
+        .expect("run fsx");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let tail: Vec<&str> = text.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+    assert!(
+        out.status.success(),
+        "fsx failed (seed {seed}):\n{}\n--- mount log:\n{}",
+        tail.join("\n"),
+        m.log()
+    );
+    text
+}
+
+#[test]
+fn fsx_100000_random_operations_on_an_end_to_end_file() {
+    let m = TestMount::start();
+    std::fs::create_dir(m.path("Family/fsx")).unwrap();
+    let file = m.path("Family/fsx/e2e.bin");
+    fsx(&m, &file, 256 * 1024, 100_000, 20261123);
+    let e2e = Command::new("getfattr")
+        .args(["-n", "user.vaultfs.e2e", "--only-values"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&e2e.stdout), "1");
+    report("fsx, end-to-end file (100,000 operations) | 1 | 0 | no miscompare");
+}
+
+#[test]
+fn fsx_across_the_end_to_end_limit_into_pass_through() {
+    // An end-to-end limit of 1 MB and a file of up to 3 MB: the file keeps
+    // crossing the limit, and is stored plain above it.
+    let m = TestMount::start_with("[defaults]\ne2e_limit = \"1 MB\"\n", &[]);
+    std::fs::create_dir(m.path("Family/fsx")).unwrap();
+    let file = m.path("Family/fsx/big.bin");
+    fsx(&m, &file, 3_000_000, 5_000, 7);
+    report("fsx, across the end-to-end limit (5,000 operations) | 1 | 0 | no miscompare");
 }

@@ -296,7 +296,7 @@ pub struct VaultFs<R> {
     sequential: Mutex<HashMap<FileId, u64>>,
     /// Sizes of files with unsaved changes (dirty in the cache), kept apart from
     /// the data's lock so attributes never wait for, or miss, a write in progress.
-    local_sizes: Mutex<HashMap<FileId, u64>>,
+    local_sizes: Mutex<HashMap<FileId, (u64, SystemTime)>>,
     /// Read windows of handles reading pass-through files.
     pass_reads: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<PassRead>>>>,
     /// The process that opened each handle (0 if unknown), by handle: only its
@@ -623,14 +623,16 @@ impl<R: Remote> VaultFs<R> {
                 if let Some(st) = lock(&self.streams).get(&info.id) {
                     size = st.sent;
                     mtime = SystemTime::now();
-                } else if let Some(&local) = lock(&self.local_sizes).get(&info.id) {
+                } else if let Some(&(local, changed)) = lock(&self.local_sizes).get(&info.id) {
                     // A file with unsaved changes: its size is what the
                     // application wrote. Read from a map, never by trying the
                     // data's lock: a stale size here makes the kernel truncate
                     // its page cache under a write in progress, which then
-                    // sends zeros.
+                    // sends zeros. The time is that of the last change, not
+                    // "now": a time that moves on every stat makes the kernel
+                    // drop the file's cached pages each time.
                     size = local;
-                    mtime = SystemTime::now();
+                    mtime = changed;
                 }
                 let nlink = if lock(&self.orphans).contains(&ino) { 0 } else { 1 };
                 Attr {
@@ -890,7 +892,7 @@ impl<R: Remote> VaultFs<R> {
                 d.loaded = true;
                 d.version = d.version.max(info.version);
                 if d.dirty {
-                    lock(&self.local_sizes).insert(info.id, 0);
+                    lock(&self.local_sizes).insert(info.id, (0, SystemTime::now()));
                 }
                 return Ok(false);
             }
@@ -1027,7 +1029,7 @@ impl<R: Remote> VaultFs<R> {
         d.bytes[offset as usize..end].copy_from_slice(data);
         d.dirty = true;
         let new_len = d.bytes.len();
-        lock(&self.local_sizes).insert(id, new_len as u64);
+        lock(&self.local_sizes).insert(id, (new_len as u64, SystemTime::now()));
         if sequential && new_len as u64 > rules.e2e_limit {
             // Past the end-to-end limit while being written front to back: stream
             // it to the server from here on instead of holding it all in memory.
@@ -1231,7 +1233,7 @@ impl<R: Remote> VaultFs<R> {
                             grow(&mut d.bytes, size);
                         }
                         d.dirty = true;
-                        lock(&self.local_sizes).insert(info.id, size as u64);
+                        lock(&self.local_sizes).insert(info.id, (size as u64, SystemTime::now()));
                     }
                 }
                 // Without an open handle (truncate(2)) nothing else will flush it.
@@ -1367,7 +1369,7 @@ impl<R: Remote> VaultFs<R> {
                 tracing::info!(file = %id, from = d.bytes.len(), to = bytes.len(), width, height, "image reduced");
                 let len = bytes.len();
                 d.bytes = Zeroizing::new(bytes);
-                lock(&self.local_sizes).insert(id, len as u64);
+                lock(&self.local_sizes).insert(id, (len as u64, SystemTime::now()));
                 self.cache.account(id, len);
                 // The kernel still holds the pages and size the application wrote.
                 if let Some(invalidate) = self.invalidate.get() {
