@@ -386,7 +386,7 @@ fn large_files_pass_through_without_being_held_in_memory() {
     reset_peak_rss(m.pid());
     // Above the default end-to-end limit of 30 MB: streamed as plain HTTPS.
     let data = pattern(250_000_000, 11);
-    std::fs::write(dir.join("video.bin"), &data).unwrap();
+    std::fs::write(dir.join("video.bin"), &data).unwrap_or_else(|e| panic!("writing: {e}\n{}", m.log()));
     let out = Command::new("getfattr")
         .args(["-n", "user.vaultfs.e2e", "--only-values"])
         .arg(dir.join("video.bin"))
