@@ -1098,10 +1098,16 @@ impl<R: Remote> VaultFs<R> {
 
     /// Feeds a write to a running pass-through upload; `None` if there is none.
     async fn write_to_stream(&self, id: FileId, offset: u64, data: &[u8]) -> Result<Option<u32>> {
-        let (tx, sent) = match lock(&self.streams).get(&id) {
-            Some(Streaming { tx: Some(tx), sent, .. }) => (tx.clone(), *sent),
-            Some(_) => return Err(FsError::Io("the file's upload is being finished".into())),
-            None => return Ok(None),
+        let (tx, sent) = loop {
+            match lock(&self.streams).get(&id) {
+                Some(Streaming { tx: Some(tx), sent, .. }) => break (tx.clone(), *sent),
+                Some(_) => {}
+                None => return Ok(None),
+            }
+            // Someone is ending the stream (a close by the opener while another
+            // of its threads still writes): once it is stored, this write edits
+            // the stored file like any other.
+            tokio::time::sleep(Duration::from_millis(10)).await;
         };
         if offset < sent {
             // A write behind what was sent (a program going back to fix a header,
