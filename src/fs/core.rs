@@ -487,7 +487,20 @@ impl<R: Remote> VaultFs<R> {
         if fresh && !force {
             return Ok(());
         }
-        let vaults = self.account.vaults().await.map_err(|e| FsError::Io(e.to_string()))?;
+        let vaults = match self.account.vaults().await {
+            Ok(v) => v,
+            Err(e) => {
+                let mut tree = lock(&self.tree);
+                if tree.root_loaded.is_some() && !force {
+                    // Keep answering from the last listing while the server is
+                    // unreachable; try again after the listing's reuse time.
+                    tracing::warn!(error = %e, "cannot refresh the vault list; showing the last one");
+                    tree.root_loaded = Some(Instant::now());
+                    return Ok(());
+                }
+                return Err(FsError::Io(e.to_string()));
+            }
+        };
         let mut tree = lock(&self.tree);
         let mut kids = BTreeMap::new();
         for v in vaults {
@@ -516,7 +529,21 @@ impl<R: Remote> VaultFs<R> {
         if fresh && !force {
             return Ok(());
         }
-        let (records, files) = tokio::try_join!(self.remote().records(vault), self.remote().files(vault))?;
+        let listing = tokio::try_join!(self.remote().records(vault), self.remote().files(vault));
+        let (records, files) = match listing {
+            Ok(l) => l,
+            Err(e @ RemoteError::Unavailable(_)) if !force => {
+                let mut tree = lock(&self.tree);
+                if !tree.vault_loaded.contains_key(&vault) {
+                    return Err(e.into());
+                }
+                // As for the vault list: the last listing, until the server answers.
+                tracing::warn!(%vault, error = %e, "cannot refresh the vault's listing; showing the last one");
+                tree.vault_loaded.insert(vault, Instant::now());
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut tree = lock(&self.tree);
         let vault_ino = tree.ino_for(Key::Vault(vault));
         // Rebuild the children of the vault and of each of its records.
@@ -1240,6 +1267,12 @@ impl<R: Remote> VaultFs<R> {
                         }
                         d.dirty = true;
                         lock(&self.local_sizes).insert(info.id, (size as u64, SystemTime::now()));
+                        if size == 0 {
+                            // O_TRUNC arrives as a truncate to 0 (the kernel
+                            // splits it from the open): written front to back
+                            // from here, the file may stream past the limit.
+                            lock(&self.sequential).insert(info.id, 0);
+                        }
                     }
                 }
                 // Without an open handle (truncate(2)) nothing else will flush it.
@@ -1801,6 +1834,11 @@ impl<R: Remote> VaultFs<R> {
     fn sync_state(&self, id: FileId) -> SyncState {
         if lock(&self.uploading).contains_key(&id) {
             return SyncState::Uploading;
+        }
+        // Unsaved changes always have an entry in `local_sizes`; the data's
+        // lock may be held by a write or an upload, so it is not asked.
+        if lock(&self.local_sizes).contains_key(&id) {
+            return SyncState::Dirty;
         }
         match self.cache.peek(id).and_then(|h| h.try_lock().ok().map(|d| d.dirty)) {
             Some(true) => SyncState::Dirty,

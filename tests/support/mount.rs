@@ -103,7 +103,7 @@ impl TestMount {
             .env("XDG_CONFIG_HOME", &self.home)
             .env("VAULTFS_PASSPHRASE_FILE", &self.pass)
             .env("VAULTFS_POLICY", &self.policy)
-            .env("VAULTFS_LOG", "info")
+            .env("VAULTFS_LOG", std::env::var("VAULTFS_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -128,6 +128,14 @@ impl TestMount {
         match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(line) if line.starts_with("vaultfs mount: ready") => {}
             other => panic!("mount did not become ready: {other:?}\n{}", self.log()),
+        }
+    }
+
+    /// Reaps a mount process that was killed from outside.
+    pub fn forget_child(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 

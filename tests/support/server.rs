@@ -24,6 +24,8 @@ pub fn vaultfs_bin() -> &'static str {
 
 pub struct TestServer {
     child: Option<Child>,
+    config: PathBuf,
+    extra: Vec<String>,
     pub data_dir: PathBuf,
     pub url: String,
     pub fingerprint: Option<String>,
@@ -53,8 +55,22 @@ impl TestServer {
     }
 
     fn spawn(data_dir: &Path, config: &Path, extra: &[&str]) -> Self {
+        Self::spawn_on("127.0.0.1:0", data_dir, config, extra)
+    }
+
+    /// Starts the server again on the same address and data (after a kill).
+    pub fn restart(&mut self) {
+        self.kill_hard();
+        let listen = self.url.rsplit("//").next().unwrap_or("").to_string();
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let mut again = Self::spawn_on(&listen, &self.data_dir.clone(), &self.config.clone(), &extra);
+        self.child = again.child.take();
+        assert_eq!(again.url, self.url, "restarted on another address");
+    }
+
+    fn spawn_on(listen: &str, data_dir: &Path, config: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(vaultfs_bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .args(["serve", "--listen", listen, "--config"])
             .arg(config)
             .arg("--data-dir")
             .arg(data_dir)
@@ -75,6 +91,8 @@ impl TestServer {
         });
         let mut server = TestServer {
             child: Some(child),
+            config: config.to_path_buf(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             data_dir: data_dir.to_path_buf(),
             url: String::new(),
             fingerprint: None,
@@ -139,6 +157,11 @@ impl TestServer {
     }
 
     /// Kills the server with SIGKILL (no chance to clean up), and waits for it.
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).expect("server not running")
+    }
+
     pub fn kill_hard(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
