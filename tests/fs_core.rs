@@ -744,15 +744,14 @@ async fn files_above_the_e2e_limit_stream_through_as_plain_https() {
         "not end-to-end from the moment it streams"
     );
     assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"uploading");
-    // A flush by another process (a forked child closing its copy of the
-    // descriptor) must not end the stream: writing goes on, past a hole.
-    fs.note_opener(fh, 1000);
-    fs.flush_from(attr.ino, fh, Some(4242)).await.unwrap();
+    // A close (perhaps a forked child closing its copy of the descriptor) must
+    // not end the stream: writing goes on, past a hole.
+    fs.close(attr.ino, fh).await.unwrap();
     assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"uploading");
     let extra = vec![1u8; 100];
     fs.write(fh, 8_000_050, &extra).await.unwrap();
-    // The opener's close ends it and returns once the server has it.
-    fs.flush_from(attr.ino, fh, Some(1000)).await.unwrap();
+    // fsync ends it and returns once the server has it.
+    fs.flush(attr.ino, fh).await.unwrap();
     assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"clean");
     let fresh = mount(s.alice.clone()).await;
     let stored = fresh.lookup(r_ino(&fresh).await, n("video.mkv")).await.unwrap();

@@ -198,15 +198,13 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         });
     }
 
-    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let fs = Arc::clone(&self.fs);
-        let process = process_of(req.pid());
         let truncate = flags.0 & libc::O_TRUNC != 0;
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         self.spawn("open", ino.0, async move {
             match fs.open_keeping_cache(ino.0, truncate, write).await {
                 Ok((fh, keep)) => {
-                    fs.note_opener(fh, process);
                     let flags = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
                     reply.opened(FileHandle(fh), flags)
                 }
@@ -217,7 +215,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
 
     fn create(
         &self,
-        req: &Request,
+        _req: &Request,
         parent: INodeNo,
         name: &OsStr,
         _mode: u32,
@@ -226,11 +224,9 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         reply: ReplyCreate,
     ) {
         let (fs, name, me) = (Arc::clone(&self.fs), name.to_owned(), self.owner);
-        let process = process_of(req.pid());
         self.spawn("create", parent.0, async move {
             match fs.create(parent.0, &name).await {
                 Ok((a, fh)) => {
-                    fs.note_opener(fh, process);
                     reply.created(&TTL, &me.attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
                 }
                 Err(e) => reply.error(errno("create", &e)),
@@ -280,11 +276,10 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         });
     }
 
-    fn flush(&self, req: &Request, ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         let fs = Arc::clone(&self.fs);
-        let process = process_of(req.pid());
         self.spawn("flush", ino.0, async move {
-            match fs.flush_from(ino.0, fh.0, Some(process)).await {
+            match fs.close(ino.0, fh.0).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("flush", &e)),
             }
@@ -423,17 +418,4 @@ impl Owner {
             flags: 0,
         }
     }
-}
-
-/// The process (thread group) of the thread `pid` that made a request, so a
-/// close by the process that opened a file can be told from a close of a copy
-/// of its descriptor by a forked child. Falls back to `pid` itself if /proc
-/// does not know it (the thread has exited), which then matches no opener.
-/// 0 (a requester outside our pid namespace) stays 0: "unknown".
-fn process_of(pid: u32) -> u32 {
-    if pid == 0 {
-        return 0;
-    }
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok()).unwrap_or(pid)
 }
