@@ -887,10 +887,11 @@ impl<R: Remote> VaultFs<R> {
         truncate: bool,
         write: bool,
     ) -> Result<(u64, bool)> {
-        let mut info = self.file_info(ino)?;
         if write || truncate {
             self.writable(ino)?;
         }
+        self.settle_stream(ino).await;
+        let mut info = self.file_info(ino)?;
         let cached = self.cache.peek(info.id).is_some_and(|h| h.try_lock().map_or(true, |d| d.loaded));
         if !write && !truncate && !info.e2e && info.size > 0 && !cached {
             // Above the end-to-end limit: read in ranges from the server, never whole.
@@ -956,6 +957,27 @@ impl<R: Remote> VaultFs<R> {
                 self.cache.unpin(info.id);
                 Err(e)
             }
+        }
+    }
+
+    /// Before a file is opened: if it is being streamed to the server, wait
+    /// until that upload has committed, so a read right after the writer's
+    /// close sees what was written. A stream that is ending is waited for; one
+    /// that still has a writer gets two seconds (its release, which ends it,
+    /// follows the writer's close), then the open goes ahead with what the
+    /// server has.
+    async fn settle_stream(&self, ino: Ino) {
+        let Ok(info) = self.file_info(ino) else { return };
+        let started = Instant::now();
+        loop {
+            let ending = match lock(&self.streams).get(&info.id) {
+                None => return,
+                Some(st) => st.tx.is_none(),
+            };
+            if !ending && started.elapsed() > Duration::from_secs(2) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
