@@ -7,7 +7,8 @@
 //! `-- --quick` runs a small, single-repetition version (a smoke test for CI).
 //! Figures, not pass/fail: nothing here asserts a speed.
 
-use std::process::Command;
+mod shared;
+
 use std::time::Instant;
 
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
@@ -40,19 +41,6 @@ fn measure(cfg: &Config, mut f: impl FnMut()) -> f64 {
         })
         .collect();
     median(runs)
-}
-
-/// OpenSSL's own figure for 64 KiB blocks, in GB/s, or None if it cannot be run.
-fn openssl_speed(seconds: u32) -> Option<f64> {
-    let out = Command::new("openssl")
-        .args(["speed", "-seconds", &seconds.to_string(), "-bytes", "65536", "-evp", "chacha20-poly1305"])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    // Last line: "ChaCha20-Poly1305  3576037.38k" (thousands of bytes per second).
-    let last = text.lines().rev().find(|l| l.trim_end().ends_with('k'))?;
-    let kbytes: f64 = last.split_whitespace().last()?.trim_end_matches('k').parse().ok()?;
-    Some(kbytes * 1000.0 / 1e9)
 }
 
 fn main() {
@@ -123,7 +111,7 @@ fn main() {
         }
     });
 
-    let openssl = openssl_speed(cfg.openssl_seconds);
+    let openssl = shared::openssl_speed(cfg.openssl_seconds);
     let ratio = |x: f64| openssl.map_or("n/a".to_string(), |o| format!("{:.2}", x / o));
     println!(
         "\n## Single-core AEAD throughput, 64 KiB chunks ({} MiB x {} reps, median)\n",

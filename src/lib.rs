@@ -10,6 +10,8 @@ pub mod cache;
 pub mod cli;
 pub mod crypto;
 pub mod fs;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod ids;
 pub mod policy;
 pub mod protocol;

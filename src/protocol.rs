@@ -363,6 +363,15 @@ pub fn parse_etag(value: &str) -> Option<u64> {
     v.strip_prefix('"')?.strip_suffix('"')?.parse().ok()
 }
 
+/// The whole length from a `Content-Range: bytes A-B/LEN` value.
+pub fn parse_content_range_len(value: &str) -> Option<u64> {
+    let (unit, rest) = value.trim().split_once(' ')?;
+    if unit != "bytes" {
+        return None;
+    }
+    rest.rsplit_once('/')?.1.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -239,9 +239,8 @@ fn every_kind_of_stored_damage_reads_as_eio_and_is_logged() {
     assert!(!m.path("Family/r1/name.bin").exists());
     assert_eio(&entry(&m.path("Family/r1"), "UNREADABLE file"), "name");
 
-    let log = m.log();
     for id in ids.iter().chain([&moved_id, &to_vault_id, &name_id, &r3_id]) {
-        assert!(log.contains(id.as_str()), "no log line names {id}:\n{log}");
+        assert!(logged(&m, id), "no log line names {id}:\n{}", m.log());
     }
 }
 
@@ -267,5 +266,18 @@ fn a_replayed_older_version_is_refused_within_a_session() {
     s.bump(&current);
     std::thread::sleep(std::time::Duration::from_millis(2100)); // past the listing's reuse time
     assert_eio(&path, "replay");
-    assert!(m.log().contains(&hex(&current.id)), "{}", m.log());
+    assert!(logged(&m, &hex(&current.id)), "{}", m.log());
+}
+
+/// Whether the daemon's log names `needle`, waiting up to 5 s: its stderr is
+/// collected by another thread, so a line can arrive just after the failing read.
+fn logged(m: &TestMount, needle: &str) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(5) {
+        if m.log().contains(needle) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
 }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use support::mount::TestMount;
+use support::report;
 
 fn tool(name: &str) -> PathBuf {
     let cargo_bin = std::env::var_os("CARGO_HOME")
@@ -27,17 +28,6 @@ fn tool(name: &str) -> PathBuf {
         .map(|d| d.join(name))
         .find(|p| p.exists());
     found.unwrap_or_else(|| panic!("{name} is not installed: run .ci/test, or `cargo install {name}`"))
-}
-
-/// Prints a suite's result line, and adds it to the report `.ci/test` prints
-/// at the end (VAULTFS_SUITE_REPORT names the file).
-fn report(line: &str) {
-    println!("SUITE {line}");
-    if let Some(path) = std::env::var_os("VAULTFS_SUITE_REPORT") {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
-        writeln!(f, "{line}").unwrap();
-    }
 }
 
 /// pjdfstest's configuration: its two dummy users mapped to ones every Debian
@@ -146,6 +136,58 @@ fn pjdfstest_passes_everything_but_the_listed_exceptions() {
     }
     assert!(unexpected.is_empty(), "{} unexpected failures (see above)", unexpected.len());
     assert!(stale.is_empty(), "exceptions that no longer fail (remove them): {stale:?}");
+}
+
+/// An ext4 file system in a loop-mounted image, unmounted when dropped.
+struct Ext4 {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Ext4 {
+    /// None if it cannot be made here (mkfs.ext4 missing, or not root).
+    fn mount() -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, path) = (dir.path().join("ext4.img"), dir.path().join("mnt"));
+        std::fs::create_dir(&path).unwrap();
+        std::fs::File::create(&image).unwrap().set_len(256 << 20).unwrap();
+        let ok = |c: &mut Command| c.output().is_ok_and(|o| o.status.success());
+        (ok(Command::new("mkfs.ext4").args(["-q", "-I", "256"]).arg(&image))
+            && ok(Command::new("mount").arg("-o").arg("loop").arg(&image).arg(&path)))
+        .then_some(Ext4 { path, _dir: dir })
+    }
+}
+
+impl Drop for Ext4 {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+    }
+}
+
+#[test]
+fn pjdfstest_on_ext4_is_the_reference() {
+    let Some(ext4) = Ext4::mount() else {
+        eprintln!("SKIPPED: a loop-mounted ext4 needs root and mkfs.ext4 (CI has both)");
+        return;
+    };
+    let dir = ext4.path.join("pjdfstest");
+    std::fs::create_dir(&dir).unwrap();
+    let config = ext4.path.join("pjdfstest.toml");
+    // ext4 takes times from the kernel's coarse clock (a few ms per tick): the
+    // time-change tests need a nap longer than a tick there.
+    std::fs::write(&config, PJD_CONFIG.replace("naptime = 0.001", "naptime = 0.02")).unwrap();
+    let (results, text) = pjdfstest(&dir, &config);
+    assert!(results.len() > 100, "pjdfstest ran too few tests:\n{text}");
+    let count = |o: &str| results.values().filter(|v| *v == o).count();
+    let (passed, failed, skipped) = (count("ok"), count("FAILED"), count("skipped"));
+    // What ext4 passes and vaultfs fails by design (the exceptions list).
+    let list = exceptions();
+    let by_design = results.iter().filter(|(n, o)| *o == "ok" && excepted(n, &list).is_some()).count();
+    report(&format!(
+        "pjdfstest on ext4 (the reference) | {passed} | {failed} | {skipped} skipped; {by_design} of its passes match vaultfs's exception list"
+    ));
+    let failures: Vec<&String> = results.iter().filter(|(_, o)| *o == "FAILED").map(|(n, _)| n).collect();
+    assert!(failures.is_empty(), "the reference itself fails: {failures:?}\n{text}");
 }
 
 /// fsx's settings: the operations Linux and a FUSE mount offer (not

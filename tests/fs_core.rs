@@ -167,6 +167,27 @@ async fn writes_at_offsets_truncation_and_reopen() {
     let a = fs.setattr(attr.ino, Some(5), Some(when)).await.unwrap();
     assert_eq!((a.size, a.mtime), (5, when));
     assert_eq!(read_file(&fs, r.ino, "f").await.unwrap(), b"ab\0\0\0");
+
+    // cp -a: write, set the time on the open file, close. The stored file
+    // keeps that time (not the time of the upload), seen from another mount.
+    let (g, fh) = fs.create(r.ino, n("copied")).await.unwrap();
+    fs.write(fh, 0, b"data").await.unwrap();
+    let old = std::time::UNIX_EPOCH + std::time::Duration::from_secs(981_173_106);
+    assert_eq!(fs.setattr(g.ino, None, Some(old)).await.unwrap().mtime, old);
+    fs.flush(g.ino, fh).await.unwrap();
+    fs.release(g.ino, fh).await.unwrap();
+    assert_eq!(fs.getattr(g.ino).await.unwrap().mtime, old);
+    let fs3 = mount(s.alice.clone()).await;
+    let r3 = fs3.lookup(fs3.lookup(ROOT, n("V")).await.unwrap().ino, n("r")).await.unwrap();
+    assert_eq!(fs3.lookup(r3.ino, n("copied")).await.unwrap().mtime, old);
+    // A write after the time was set makes the file newer again.
+    let fh = fs.open(g.ino, false, true).await.unwrap();
+    fs.setattr(g.ino, None, Some(old)).await.unwrap();
+    fs.write(fh, 4, b"more").await.unwrap();
+    fs.flush(g.ino, fh).await.unwrap();
+    fs.release(g.ino, fh).await.unwrap();
+    let newer = fs.getattr(g.ino).await.unwrap().mtime;
+    assert!(newer > old + std::time::Duration::from_secs(86_400 * 365), "{newer:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -799,4 +820,41 @@ async fn files_above_the_e2e_limit_stream_through_as_plain_https() {
     assert!(offset <= 10_000_000 && offset + (1 << 20) > 10_000_000, "failed at {offset}");
     let _ = fs.flush(attr.ino, fh).await;
     fs.release(attr.ino, fh).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pass_through_reads_fetch_small_ranges_when_seeking_and_prefetch_when_streaming() {
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    // 9.5 MB, above this user's 5 MB end-to-end limit: stored plain.
+    let data = pattern(9_500_000);
+    write_file(&fs, r.ino, "movie.bin", &data).await;
+
+    let (fs2, outage) = mount_faulty(s.alice.clone()).await;
+    let v2 = fs2.lookup(ROOT, n("V")).await.unwrap();
+    let r2 = fs2.lookup(v2.ino, n("r")).await.unwrap();
+    let a = fs2.lookup(r2.ino, n("movie.bin")).await.unwrap();
+    let fh = fs2.open(a.ino, false, false).await.unwrap();
+    outage.take_downloads();
+    // Seeking around (as fio or a video player does): each read one small request.
+    for &off in &[9_000_000u64, 1_000_000, 7_777_777, 3_333_333, 6_000_000] {
+        let got = fs2.read(fh, off, 4096).await.unwrap();
+        assert_eq!(got, &data[off as usize..off as usize + 4096]);
+    }
+    let seeks = outage.take_downloads();
+    assert_eq!(seeks.len(), 5, "{seeks:?}");
+    assert!(seeks.iter().flatten().all(|r| r.end - r.start <= 128 << 10), "{seeks:?}");
+    // Front to back in 128 KiB reads: 4 MiB windows, each fetched once.
+    let mut back = Vec::new();
+    while back.len() < data.len() {
+        let piece = fs2.read(fh, back.len() as u64, 128 << 10).await.unwrap();
+        assert!(!piece.is_empty());
+        back.extend_from_slice(&piece);
+    }
+    assert!(back == data, "sequential read differs");
+    let windows = outage.take_downloads();
+    assert!(windows.len() <= 4, "{} requests for 9.5 MB: {windows:?}", windows.len());
+    fs2.release(a.ino, fh).await.unwrap();
 }

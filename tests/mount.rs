@@ -94,6 +94,27 @@ fn everyday_tools_work_on_the_mount() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // rsync a tree in, then verify every file by checksum: a second rsync with
+    // --checksum must find nothing to transfer, and sha256sums must match.
+    let tree = src.path().display();
+    sh(&root, &format!("rsync -a {tree}/ synced/"));
+    let changes = sh(&root, &format!("rsync -a --checksum --dry-run --itemize-changes {tree}/ synced/"));
+    assert!(changes.trim().is_empty(), "rsync --checksum still sees differences: {changes}");
+    let sums = |dir: &str| sh(Path::new(dir), "find . -type f | sort | xargs sha256sum");
+    let ours = sums(&root.join("synced").display().to_string());
+    assert_eq!(ours, sums(&tree.to_string()));
+    assert_eq!(ours.lines().count(), 20, "{ours}");
+
+    // cp -a keeps modification times (to the second at least).
+    sh(
+        src.path(),
+        "touch -m -d '2001-02-03 04:05:06 UTC' d0/f0.bin && touch -m -d '2010-06-07 08:09:10 UTC' d1",
+    );
+    sh(&root, &format!("cp -a {tree}/d0 {tree}/d1 ."));
+    let mtimes = |base: &Path| sh(base, "stat -c '%n %Y' d0/f0.bin d0/f4.bin d1 d1/f1.bin");
+    assert_eq!(mtimes(&root), mtimes(src.path()), "cp -a must keep modification times");
+    assert!(mtimes(&root).contains("d0/f0.bin 981173106"), "{}", mtimes(&root));
+
     // Extended attributes; others are refused (documented).
     let e2e = Command::new("getfattr")
         .args(["-n", "user.vaultfs.e2e", "--only-values"])
@@ -207,6 +228,89 @@ fn writable_regular_files(pid: u32) -> Vec<String> {
     found
 }
 
+/// strace attached to a running daemon (all its threads), its trace in
+/// memory (/dev/shm); detached when finished or dropped.
+struct Strace {
+    child: std::process::Child,
+    out: tempfile::NamedTempFile,
+}
+
+impl Strace {
+    fn attach(pid: u32) -> Self {
+        let out = tempfile::Builder::new().prefix("vaultfs-strace").tempfile_in("/dev/shm").unwrap();
+        let child = Command::new("strace")
+            .args(["-f", "-qq", "-e", "signal=none", "-s", "0", "-o"])
+            .arg(out.path())
+            .args([
+                "-e",
+                "trace=open,openat,openat2,creat,truncate,rename,renameat,renameat2,link,linkat,write,writev,sendto,sendmsg",
+                "-p",
+                &pid.to_string(),
+            ])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("strace (CI installs it)");
+        // Attached once the kernel names a tracer for the daemon.
+        let traced = || {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"))
+        };
+        let start = std::time::Instant::now();
+        while !traced() {
+            assert!(start.elapsed() < Duration::from_secs(10), "strace did not attach to the daemon");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(200)); // the other threads
+        Strace { child, out }
+    }
+
+    /// Detaches (SIGINT) and returns the trace.
+    fn finish(mut self) -> String {
+        let _ = Command::new("kill").arg("-INT").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+        std::fs::read_to_string(self.out.path()).unwrap()
+    }
+}
+
+impl Drop for Strace {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether an strace line shows a file on a disk being opened for writing,
+/// created, truncated, renamed or linked (devices, /proc and /sys aside).
+fn writes_to_disk(line: &str) -> bool {
+    let path = line.split('"').nth(1).unwrap_or("");
+    let pseudo = ["/dev/", "/proc/", "/sys/"].iter().any(|p| path.starts_with(p));
+    // "PID call(args) = result" (the pid is there with -f).
+    let call = line.split_whitespace().find(|w| w.contains('(')).unwrap_or("");
+    if ["truncate(", "rename", "link", "creat("].iter().any(|c| call.starts_with(c)) {
+        return !pseudo;
+    }
+    if call.starts_with("open") {
+        let writing =
+            ["O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC", "O_APPEND"].iter().any(|f| line.contains(f));
+        return writing && !pseudo;
+    }
+    false
+}
+
+#[test]
+fn the_strace_check_recognises_writes_to_disk() {
+    // Lines as strace -f -s 0 prints them.
+    assert!(writes_to_disk(r#"26671 openat(AT_FDCWD, "/tmp/xx.txt", O_WRONLY|O_CREAT|O_TRUNC, 0666) = 3"#));
+    assert!(writes_to_disk(r#"7 openat(AT_FDCWD, "/root/.cache/x", O_RDWR|O_CLOEXEC) = -1 ENOENT"#));
+    assert!(writes_to_disk(r#"7 rename("/tmp/a", "/tmp/b") = 0"#));
+    assert!(!writes_to_disk(r#"26671 openat(AT_FDCWD, "/etc/ld.so.cache", O_RDONLY|O_CLOEXEC) = 3"#));
+    assert!(!writes_to_disk(r#"9 openat(AT_FDCWD, "/dev/fuse", O_RDWR|O_CLOEXEC) = 7"#));
+    assert!(!writes_to_disk(r#"9 openat(AT_FDCWD, "/proc/self/clear_refs", O_WRONLY) = 7"#));
+    assert!(!writes_to_disk(r#"26671 write(1, ""..., 3)                = 3"#));
+}
+
 #[test]
 fn plaintext_never_reaches_the_disk() {
     let started = std::time::SystemTime::now() - Duration::from_secs(2);
@@ -231,6 +335,7 @@ fn plaintext_never_reaches_the_disk() {
     for _ in 0..2000 {
         body.extend_from_slice(canary);
     }
+    let strace = Strace::attach(pid);
     std::fs::write(dir.join("canary-file-name-4c1d.txt"), &body).unwrap();
     assert_eq!(std::fs::read(dir.join("canary-file-name-4c1d.txt")).unwrap(), body);
     std::fs::rename(dir.join("canary-file-name-4c1d.txt"), dir.join("canary-renamed-88aa.txt")).unwrap();
@@ -238,12 +343,26 @@ fn plaintext_never_reaches_the_disk() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let opened = watcher.join().unwrap();
     assert!(opened.is_empty(), "the daemon opened regular files for writing: {opened:?}");
+    let trace = strace.finish();
+    // The trace saw the daemon at work (it answered the kernel and talked to the server)...
+    assert!(
+        trace.lines().filter(|l| l.contains("write") || l.contains("send")).count() > 10,
+        "strace saw too little of the daemon's work:\n{trace}"
+    );
+    // ...and it never opened, created, truncated or renamed a file on a disk.
+    let bad: Vec<&str> = trace.lines().filter(|l| writes_to_disk(l)).collect();
+    assert!(bad.is_empty(), "the daemon wrote to files:\n{}", bad.join("\n"));
 
     // Neither the content nor the names are in any file the server, the
     // daemon or its user could have written: server data, temp dirs, home, config.
     let tmp = std::env::temp_dir();
-    let mut places =
-        vec![m.server.data_dir.clone(), m.home.clone(), tmp, std::path::PathBuf::from("/var/tmp")];
+    let mut places = vec![
+        m.server.data_dir.clone(),
+        m.server.blob_root(),
+        m.home.clone(),
+        tmp,
+        std::path::PathBuf::from("/var/tmp"),
+    ];
     if let Some(h) = std::env::var_os("HOME") {
         places.push(Path::new(&h).join(".config/vaultfs"));
         places.push(Path::new(&h).join(".cache"));
@@ -454,17 +573,7 @@ fn large_files_pass_through_without_being_held_in_memory() {
             back[f + run..].iter().zip(&data[f + run..]).position(|(a, b)| a != b).map(|p| p + f + run);
         eprintln!("zeros from {f} for {run} bytes; next difference after that: {next_bad:?}");
         // A pass-through blob is stored as is: compare the server's copy directly.
-        let mut blobs = Vec::new();
-        let mut stack = vec![m.server.data_dir.join("blobs")];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-                if e.path().is_dir() {
-                    stack.push(e.path())
-                } else {
-                    blobs.push(e.path())
-                }
-            }
-        }
+        let blobs = m.server.stored_blobs();
         for b in blobs {
             let stored = std::fs::read(&b).unwrap();
             if stored.len() == data.len() {

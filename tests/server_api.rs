@@ -144,22 +144,8 @@ async fn full_life_of_vaults_records_and_files() {
     alice.delete_record(top, 1).await.unwrap();
     assert!(alice.records(vault).await.unwrap().is_empty());
     // The blob store holds nothing once every file is gone.
-    let blobs = walk(&s.data_dir.join("blobs"));
+    let blobs = s.stored_blobs();
     assert!(blobs.is_empty(), "leftover blobs: {blobs:?}");
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.path().is_dir() {
-                out.extend(walk(&e.path()));
-            } else {
-                out.push(e.path());
-            }
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -349,7 +335,7 @@ async fn upload_limit_is_enforced_before_reading_the_body() {
         .unwrap();
     assert_eq!(resp.status(), 413);
     assert_eq!(alice.file(file).await.unwrap().version, 2);
-    assert!(walk(&s.data_dir.join("tmp")).is_empty(), "no partial upload may remain");
+    assert!(s.partial_uploads().is_empty(), "no partial upload may remain: {:?}", s.partial_uploads());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -671,8 +657,8 @@ async fn killed_mid_upload_the_old_version_survives_and_nothing_partial_is_visib
     while sent.load(std::sync::atomic::Ordering::SeqCst) < 40 << 20 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let partial = walk(&data.join("tmp"));
-    assert_eq!(partial.len(), 1, "an upload should be in progress: {partial:?}");
+    let partial = s.partial_uploads();
+    assert!(!partial.is_empty(), "an upload should be in progress");
     s.kill_hard();
     let result = tokio::time::timeout(Duration::from_secs(30), upload)
         .await
@@ -688,6 +674,77 @@ async fn killed_mid_upload_the_old_version_survives_and_nothing_partial_is_visib
     let info = alice.file(file).await.unwrap();
     assert_eq!((info.version, info.size), (2, old.len() as u64));
     assert_eq!(read(&alice, file, None).await.unwrap(), old);
-    assert!(walk(&data.join("tmp")).is_empty(), "partial upload left behind");
-    assert_eq!(walk(&data.join("blobs")).len(), 1, "exactly the old blob remains");
+    assert!(s2.partial_uploads().is_empty(), "partial upload left behind: {:?}", s2.partial_uploads());
+    assert_eq!(s2.stored_blobs().len(), 1, "exactly the old blob remains");
+}
+
+/// Peak resident memory of `pid` since the last reset, in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        / 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_upload_and_download_stream_through_the_server_in_bounded_memory() {
+    let s = TestServer::start();
+    let alice = s.user("alice", &[]).await;
+    let vault = new_vault(&alice, false).await;
+    let file = new_file(&alice, new_record(&alice, vault, None).await).await;
+    let _ = std::fs::write(format!("/proc/{}/clear_refs", s.pid()), "5");
+    let base = peak_rss_mib(s.pid());
+
+    // 120 MiB, streamed in 1 MiB pieces (on S3: 24 parts of 5 MiB).
+    let piece = |i: u64| Bytes::from((0..1u64 << 20).map(|j| ((i * 7 + j) % 251) as u8).collect::<Vec<u8>>());
+    let body = futures_util::stream::iter((0..120).map(move |i| Ok::<_, std::io::Error>(piece(i))));
+    let body = UploadBody { len: Some(120 << 20), stream: Box::pin(body), conflict_copy: None };
+    let done = alice.upload(file, 1, false, None, body).await.unwrap();
+    assert_eq!(done.size, 120 << 20);
+    let after_upload = peak_rss_mib(s.pid());
+
+    let back = read(&alice, file, None).await.unwrap();
+    assert_eq!(back.len(), 120 << 20);
+    assert!(back.chunks(1 << 20).enumerate().all(|(i, c)| c == &piece(i as u64)[..]), "content differs");
+    // A range across a 5 MiB part boundary, and the last bytes.
+    let range = (5 << 20) - 1000..(5 << 20) + 1000;
+    assert_eq!(
+        read(&alice, file, Some(range.clone())).await.unwrap(),
+        &back[range.start as usize..range.end as usize]
+    );
+    let tail = (120 << 20) - 10..120 << 20;
+    assert_eq!(read(&alice, file, Some(tail.clone())).await.unwrap(), &back[tail.start as usize..]);
+    let after_download = peak_rss_mib(s.pid());
+    println!("server peak RSS: {base} MiB idle, {after_upload} MiB after upload, {after_download} MiB after download");
+    assert!(after_upload < base + 64, "the upload grew the server to {after_upload} MiB (from {base})");
+    assert!(after_download < base + 64, "the download grew the server to {after_download} MiB (from {base})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_refused_after_several_parts_leaves_nothing_behind() {
+    let s = TestServer::start();
+    let alice = s.user("alice", &["--upload-limit", "12MB", "--e2e-limit", "1MB"]).await;
+    let vault = new_vault(&alice, false).await;
+    let file = new_file(&alice, new_record(&alice, vault, None).await).await;
+    alice.upload(file, 1, false, None, UploadBody::from_bytes(vec![1u8; 1000])).await.unwrap();
+    // No declared length: the limit is found only after 12 MB (on S3, two
+    // 5 MiB parts already sent).
+    let body =
+        futures_util::stream::iter((0..20).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![2u8; 1 << 20]))));
+    let body = UploadBody { len: None, stream: Box::pin(body), conflict_copy: None };
+    let refused = alice.upload(file, 2, false, None, body).await;
+    // The server answers 413 and closes the connection while the client is
+    // still sending; the client may see the answer or only the broken pipe.
+    // (The mount never sends such a body: it declares the length of what it
+    // seals, and stops a stream itself at the limit with EFBIG.)
+    assert!(
+        matches!(refused, Err(RemoteError::TooLarge(_)) | Err(RemoteError::Unavailable(_))),
+        "{refused:?}"
+    );
+    assert_eq!(read(&alice, file, None).await.unwrap(), vec![1u8; 1000], "the old version stays");
+    assert!(s.partial_uploads().is_empty(), "left behind: {:?}", s.partial_uploads());
+    assert_eq!(s.stored_blobs().len(), 1, "only the old blob: {:?}", s.stored_blobs());
 }

@@ -178,7 +178,7 @@ impl Wallet {
         out
     }
 
-    fn deserialize(bytes: &[u8]) -> Result<Self> {
+    pub(crate) fn deserialize(bytes: &[u8]) -> Result<Self> {
         let bad = || CryptoError::Malformed("wallet contents");
         if bytes.len() < 12 {
             return Err(bad());

@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
+use std::ops::Range;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -226,6 +227,46 @@ struct PassRead {
     size: u64,
     start: u64,
     window: Vec<u8>,
+    /// Where the last read ended: a read starting there is sequential.
+    last_end: u64,
+    /// The next window, already being downloaded while the current one is
+    /// read (sequential reading only): its start and the download.
+    next: Option<(u64, tokio::task::JoinHandle<Result<Vec<u8>>>)>,
+}
+
+impl Drop for PassRead {
+    fn drop(&mut self) {
+        if let Some((_, task)) = self.next.take() {
+            task.abort();
+        }
+    }
+}
+
+/// What a random (not sequential) read of a pass-through file fetches: enough
+/// for the kernel's read, not a whole read-ahead window.
+const RANDOM_FETCH: u64 = 128 << 10;
+
+/// Downloads `range` of a pass-through file into `buf` (cleared first, its
+/// allocation reused), refusing more bytes than asked.
+async fn fetch_range<R: Remote>(
+    remote: &R,
+    file: FileId,
+    range: Range<u64>,
+    buf: &mut Vec<u8>,
+) -> Result<()> {
+    let len = (range.end - range.start) as usize;
+    let content = remote.download(file, Some(range)).await?;
+    buf.clear();
+    buf.reserve_exact(len);
+    let mut stream = content.stream;
+    while let Some(piece) = futures_util::StreamExt::next(&mut stream).await {
+        let piece = piece.map_err(|e| FsError::Unavailable(e.to_string()))?;
+        if buf.len() + piece.len() > len {
+            return Err(FsError::Io("the server returned more than asked".into()));
+        }
+        buf.extend_from_slice(&piece);
+    }
+    Ok(())
 }
 
 /// How far an upload got.
@@ -297,6 +338,10 @@ pub struct VaultFs<R> {
     /// Sizes of files with unsaved changes (dirty in the cache), kept apart from
     /// the data's lock so attributes never wait for, or miss, a write in progress.
     local_sizes: Mutex<HashMap<FileId, (u64, SystemTime)>>,
+    /// Modification times set (utimensat, as `cp -a` and `touch -d` do) on files
+    /// with unsaved changes: the upload stores this time instead of "now". A
+    /// later write drops it, since the file then changed after that time.
+    chosen_mtimes: Mutex<HashMap<FileId, SystemTime>>,
     /// Read windows of handles reading pass-through files.
     pass_reads: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<PassRead>>>>,
     /// Files unlinked while open: gone from their directory and the server,
@@ -322,7 +367,12 @@ pub struct VaultFs<R> {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    ms_of(SystemTime::now())
+}
+
+/// Milliseconds since the epoch, as the server stores times (0 before it).
+fn ms_of(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 fn time_of(ms: i64) -> SystemTime {
@@ -374,6 +424,7 @@ impl<R: Remote> VaultFs<R> {
             streams: Mutex::new(HashMap::new()),
             sequential: Mutex::new(HashMap::new()),
             local_sizes: Mutex::new(HashMap::new()),
+            chosen_mtimes: Mutex::new(HashMap::new()),
             pass_reads: Mutex::new(HashMap::new()),
             orphans: Mutex::new(std::collections::HashSet::new()),
             dir_times: Mutex::new(HashMap::new()),
@@ -896,7 +947,14 @@ impl<R: Remote> VaultFs<R> {
         if !write && !truncate && !info.e2e && info.size > 0 && !cached {
             // Above the end-to-end limit: read in ranges from the server, never whole.
             let fh = self.new_handle(info.id);
-            let window = PassRead { file: info.id, size: info.size, start: 0, window: Vec::new() };
+            let window = PassRead {
+                file: info.id,
+                size: info.size,
+                start: 0,
+                window: Vec::new(),
+                last_end: 0,
+                next: None,
+            };
             lock(&self.pass_reads).insert(fh, Arc::new(tokio::sync::Mutex::new(window)));
             self.cache.pin(info.id);
             return Ok((fh, false));
@@ -916,7 +974,7 @@ impl<R: Remote> VaultFs<R> {
                 d.loaded = true;
                 d.version = d.version.max(info.version);
                 if d.dirty {
-                    lock(&self.local_sizes).insert(info.id, (0, SystemTime::now()));
+                    self.note_change(info.id, 0);
                 }
                 return Ok(false);
             }
@@ -1003,7 +1061,7 @@ impl<R: Remote> VaultFs<R> {
     }
 
     async fn read_pass_through(
-        &self,
+        self: &Arc<Self>,
         pass: &tokio::sync::Mutex<PassRead>,
         offset: u64,
         size: u32,
@@ -1013,27 +1071,55 @@ impl<R: Remote> VaultFs<R> {
             return Ok(Vec::new());
         }
         let end = (offset + u64::from(size)).min(p.size);
+        let sequential = offset == p.last_end;
+        p.last_end = end;
         let window_end = p.start + p.window.len() as u64;
         if offset < p.start || end > window_end {
-            // Fetch from here on, at least READ_AHEAD, so sequential reads make
-            // one request per window rather than one per kernel read.
-            let fetch_end = (offset + READ_AHEAD.max(u64::from(size))).min(p.size);
-            let content = self.remote().download(p.file, Some(offset..fetch_end)).await?;
-            // One buffer per handle, reused for every window: no allocation per
-            // fetch for the allocator to keep around.
-            p.window.clear();
-            p.window.reserve_exact((fetch_end - offset) as usize);
-            let mut stream = content.stream;
-            while let Some(piece) = futures_util::StreamExt::next(&mut stream).await {
-                let piece = piece.map_err(|e| FsError::Unavailable(e.to_string()))?;
-                if p.window.len() + piece.len() > (fetch_end - offset) as usize {
-                    return Err(FsError::Io("the server returned more than asked".into()));
+            let next = p.next.take();
+            let prefetched = match next {
+                // The window that follows, fetched while the last was read.
+                Some((start, task)) if start == offset || (start <= offset && sequential) => {
+                    match task.await {
+                        Ok(Ok(bytes)) if start + bytes.len() as u64 >= end => Some((start, bytes)),
+                        _ => None, // fetch again below; errors are reported by that fetch
+                    }
                 }
-                p.window.extend_from_slice(&piece);
+                Some((_, task)) => {
+                    task.abort();
+                    None
+                }
+                None => None,
+            };
+            match prefetched {
+                Some((start, bytes)) => {
+                    p.start = start;
+                    p.window = bytes;
+                }
+                None => {
+                    // Sequential reading gets a whole read-ahead window (one
+                    // request per window, not per kernel read); a random read
+                    // only what it needs, so seeking costs one small request.
+                    let want = if sequential || offset == 0 { READ_AHEAD } else { RANDOM_FETCH };
+                    let fetch_end = (offset + want.max(u64::from(size))).min(p.size);
+                    let mut buf = std::mem::take(&mut p.window);
+                    fetch_range(self.remote(), p.file, offset..fetch_end, &mut buf).await?;
+                    p.start = offset;
+                    p.window = buf;
+                }
             }
-            p.start = offset;
-            if (p.window.len() as u64) < end - offset {
+            if (p.window.len() as u64) < end - p.start {
                 return Err(FsError::Io("the server returned less than asked".into()));
+            }
+            // Reading front to back: start downloading the next window now.
+            let next_start = p.start + p.window.len() as u64;
+            if sequential && p.next.is_none() && next_start < p.size && p.window.len() as u64 >= READ_AHEAD {
+                let (fs, file, next_end) = (Arc::clone(self), p.file, (next_start + READ_AHEAD).min(p.size));
+                let task = tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    fetch_range(fs.remote(), file, next_start..next_end, &mut buf).await?;
+                    Ok(buf)
+                });
+                p.next = Some((next_start, task));
             }
         }
         let from = (offset - p.start) as usize;
@@ -1074,7 +1160,7 @@ impl<R: Remote> VaultFs<R> {
         d.bytes[offset as usize..end].copy_from_slice(data);
         d.dirty = true;
         let new_len = d.bytes.len();
-        lock(&self.local_sizes).insert(id, (new_len as u64, SystemTime::now()));
+        self.note_change(id, new_len as u64);
         if sequential && new_len as u64 > rules.e2e_limit {
             // Past the end-to-end limit while being written front to back: stream
             // it to the server from here on instead of holding it all in memory.
@@ -1133,7 +1219,7 @@ impl<R: Remote> VaultFs<R> {
         d.loaded = false;
         d.dirty = false;
         lock(&self.streams).insert(id, Streaming { tx: Some(tx.clone()), task: Some(task), sent, ino });
-        lock(&self.local_sizes).remove(&id);
+        self.forget_unsaved(id);
         // From now on this file is not end-to-end encrypted: say so at once.
         self.set_file_info(ino, |i| i.e2e = false);
         lock(&self.uploading)
@@ -1284,7 +1370,7 @@ impl<R: Remote> VaultFs<R> {
                             grow(&mut d.bytes, size);
                         }
                         d.dirty = true;
-                        lock(&self.local_sizes).insert(info.id, (size as u64, SystemTime::now()));
+                        self.note_change(info.id, size as u64);
                         if size == 0 {
                             // O_TRUNC arrives as a truncate to 0 (the kernel
                             // splits it from the open): written front to back
@@ -1305,7 +1391,20 @@ impl<R: Remote> VaultFs<R> {
             result?;
         }
         if let Some(t) = mtime {
-            let ms = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+            // Unsaved changes: the time goes up with the content (one
+            // request, no version bump that the upload would then conflict with).
+            let pending = match lock(&self.local_sizes).get_mut(&info.id) {
+                Some(entry) => {
+                    entry.1 = t;
+                    lock(&self.chosen_mtimes).insert(info.id, t);
+                    true
+                }
+                None => false,
+            };
+            if pending {
+                return self.getattr(ino).await;
+            }
+            let ms = ms_of(t);
             let current = self.file_info(ino)?;
             let updated = self
                 .remote()
@@ -1324,6 +1423,19 @@ impl<R: Remote> VaultFs<R> {
             }
         }
         self.getattr(ino).await
+    }
+
+    /// Records that the application changed file `id` (now `len` bytes) and
+    /// has not saved it yet; its modification time becomes now.
+    fn note_change(&self, id: FileId, len: u64) {
+        lock(&self.local_sizes).insert(id, (len, SystemTime::now()));
+        lock(&self.chosen_mtimes).remove(&id);
+    }
+
+    /// The file has no unsaved changes any more (saved, streamed or gone).
+    fn forget_unsaved(&self, id: FileId) {
+        lock(&self.local_sizes).remove(&id);
+        lock(&self.chosen_mtimes).remove(&id);
     }
 
     // ---- saving --------------------------------------------------------------
@@ -1360,7 +1472,8 @@ impl<R: Remote> VaultFs<R> {
         let expected = d.version;
         tracing::debug!(file = %info.id, len = plain_len, expected, e2e, "uploading from the cache");
         let (body, sealing) = save::pipeline(d, sealer, progress);
-        let result = self.remote().upload(info.id, expected, e2e, Some(now_ms()), body).await;
+        let mtime_ms = lock(&self.chosen_mtimes).get(&info.id).map_or_else(now_ms, |&t| ms_of(t));
+        let result = self.remote().upload(info.id, expected, e2e, Some(mtime_ms), body).await;
         let d = sealing.finish().await;
         lock(&self.uploading).remove(&info.id);
         let mut d = d?;
@@ -1374,10 +1487,10 @@ impl<R: Remote> VaultFs<R> {
                     i.version = done.version;
                     i.size = done.size;
                     i.e2e = e2e;
-                    i.mtime_ms = now_ms();
+                    i.mtime_ms = mtime_ms;
                 });
                 // The server's size now says what the application wrote.
-                lock(&self.local_sizes).remove(&info.id);
+                self.forget_unsaved(info.id);
                 Ok(())
             }
             Err(RemoteError::Conflict { current }) => {
@@ -1387,7 +1500,7 @@ impl<R: Remote> VaultFs<R> {
                 d.dirty = false;
                 d.loaded = false;
                 d.bytes = Zeroizing::new(Vec::new());
-                lock(&self.local_sizes).remove(&info.id);
+                self.forget_unsaved(info.id);
                 Ok(())
             }
             Err(e) => {
@@ -1426,6 +1539,7 @@ impl<R: Remote> VaultFs<R> {
                 tracing::info!(file = %id, from = d.bytes.len(), to = bytes.len(), width, height, "image reduced");
                 let len = bytes.len();
                 d.bytes = Zeroizing::new(bytes);
+                // Not the user's change: a time set with utimensat stays.
                 lock(&self.local_sizes).insert(id, (len as u64, SystemTime::now()));
                 self.cache.account(id, len);
                 // The kernel still holds the pages and size the application wrote.
@@ -1526,7 +1640,7 @@ impl<R: Remote> VaultFs<R> {
         if last && lock(&self.orphans).remove(&ino) {
             // The last handle of an unlinked file: now it goes.
             lock(&self.tree).nodes.remove(&ino);
-            lock(&self.local_sizes).remove(&id);
+            self.forget_unsaved(id);
             self.cache.remove(id);
             return Ok(());
         }
@@ -1625,7 +1739,7 @@ impl<R: Remote> VaultFs<R> {
         }
         tree.nodes.remove(&ino);
         drop(tree);
-        lock(&self.local_sizes).remove(&info.id);
+        self.forget_unsaved(info.id);
         self.cache.remove(info.id);
         Ok(())
     }
@@ -1826,7 +1940,7 @@ impl<R: Remote> VaultFs<R> {
             }
             d.version = moved.version;
             d.dirty = false;
-            lock(&self.local_sizes).remove(&info.id);
+            self.forget_unsaved(info.id);
             Ok::<_, FsError>(created.id)
         }
         .await;

@@ -28,6 +28,8 @@ struct Faults {
     down: AtomicBool,
     hold_at: Mutex<Option<u64>>,
     flip_at: Mutex<Option<u64>>,
+    /// The range of every download asked for (None: whole content).
+    downloads: Mutex<Vec<Option<Range<u64>>>>,
 }
 
 impl Outage {
@@ -45,6 +47,11 @@ impl Outage {
     /// Downloads have the byte at `offset` of the content flipped.
     pub fn flip_download_byte(&self, offset: Option<u64>) {
         *self.0.flip_at.lock().unwrap() = offset;
+    }
+
+    /// The ranges downloaded so far, and forgets them.
+    pub fn take_downloads(&self) -> Vec<Option<Range<u64>>> {
+        std::mem::take(&mut *self.0.downloads.lock().unwrap())
     }
 
     fn hold_at(&self) -> Option<u64> {
@@ -134,6 +141,7 @@ impl<R: Remote> Remote for FaultyRemote<R> {
     }
     async fn download(&self, id: FileId, range: Option<Range<u64>>) -> Result<Content> {
         self.outage.check()?;
+        self.outage.0.downloads.lock().unwrap().push(range.clone());
         let start = range.as_ref().map_or(0, |r| r.start);
         let mut content = self.inner.download(id, range).await?;
         content.stream = faulty_stream(content.stream, start, self.outage.clone());

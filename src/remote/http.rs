@@ -26,9 +26,9 @@ use crate::crypto::KdfParams;
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::HEADER_CONFLICT_COPY;
 use crate::protocol::{
-    etag, parse_etag, EnrollRequest, ErrorBody, FileInfo, FileUpdate, LoginRequest, Me, NewFile, NewRecord,
-    NewVault, PreLogin, RecordInfo, RecordUpdate, Sealed, Session, UploadResult, VaultInfo, HEADER_E2E,
-    HEADER_MTIME,
+    etag, parse_content_range_len, parse_etag, EnrollRequest, ErrorBody, FileInfo, FileUpdate, LoginRequest,
+    Me, NewFile, NewRecord, NewVault, PreLogin, RecordInfo, RecordUpdate, Sealed, Session, UploadResult,
+    VaultInfo, HEADER_E2E, HEADER_MTIME,
 };
 
 /// Longest wait for a TCP + TLS connection.
@@ -493,8 +493,7 @@ impl super::Remote for HttpRemote {
             resp.headers()
                 .get(CONTENT_RANGE)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.rsplit('/').next())
-                .and_then(|v| v.parse().ok())
+                .and_then(parse_content_range_len)
                 .ok_or_else(|| protocol("206 without a usable Content-Range"))?
         } else {
             header_u64(&resp, CONTENT_LENGTH).ok_or_else(|| protocol("content without Content-Length"))?

@@ -166,6 +166,13 @@ impl<B: BlobStore> FromRequestParts<AppState<B>> for Auth {
     }
 }
 
+/// The value of the conflict-copy header: the copy's file id and its sealed name.
+pub(crate) fn parse_conflict_copy(v: &str) -> Option<(FileId, Vec<u8>)> {
+    let (id, name) = v.split_once(':')?;
+    let name = base64::engine::general_purpose::STANDARD.decode(name).ok()?;
+    Some((id.parse().ok()?, name))
+}
+
 fn parse_id<T: std::str::FromStr>(raw: &str, what: &str) -> ApiResult<T> {
     raw.parse()
         .map_err(|_| ApiError::bad_request(format!("invalid {what} id {raw:?}: expected 32 hex digits")))
@@ -466,14 +473,18 @@ async fn delete_file<B: BlobStore>(
 /// (the last N bytes) needs the size, so it is returned as a suffix. Anything else
 /// (several ranges, other units, bad syntax) is ignored, as RFC 9110 allows: the
 /// whole content is served.
-enum RangeSpec {
+pub(crate) enum RangeSpec {
     From(u64, Option<u64>),
     Suffix(u64),
 }
 
 fn parse_range(headers: &HeaderMap) -> Option<RangeSpec> {
-    let v = headers.get(header::RANGE)?.to_str().ok()?.trim();
-    let spec = v.strip_prefix("bytes=")?;
+    parse_range_value(headers.get(header::RANGE)?.to_str().ok()?)
+}
+
+/// The value of a Range header (see [`RangeSpec`]).
+pub(crate) fn parse_range_value(v: &str) -> Option<RangeSpec> {
+    let spec = v.trim().strip_prefix("bytes=")?;
     if spec.contains(',') {
         return None;
     }
@@ -567,11 +578,10 @@ async fn upload<B: BlobStore>(
     let conflict_copy = match headers.get(HEADER_CONFLICT_COPY) {
         None => None,
         Some(v) => {
-            let bad =
-                || ApiError::bad_request(format!("header {HEADER_CONFLICT_COPY} must be ID:BASE64-NAME"));
-            let (copy_id, name) = v.to_str().ok().and_then(|v| v.split_once(':')).ok_or_else(bad)?;
-            let name = base64::engine::general_purpose::STANDARD.decode(name).map_err(|_| bad())?;
-            Some(NewFile { id: parse_id(copy_id, "file")?, name: Sealed(name), e2e, mtime_ms })
+            let (id, name) = v.to_str().ok().and_then(parse_conflict_copy).ok_or_else(|| {
+                ApiError::bad_request(format!("header {HEADER_CONFLICT_COPY} must be ID:BASE64-NAME"))
+            })?;
+            Some(NewFile { id, name: Sealed(name), e2e, mtime_ms })
         }
     };
     let stream = body.into_data_stream().map_err(std::io::Error::other);

@@ -28,6 +28,75 @@ pub struct ServerConfig {
     pub session_ttl_secs: u64,
     /// Argon2id parameters for new users' login keys (derived on the client).
     pub login_kdf: KdfConfig,
+    /// Where file contents (blobs) are kept.
+    pub storage: StorageConfig,
+}
+
+/// Where blobs live: `data_dir/blobs` (the default), or an S3-compatible store.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `local` or `s3`.
+    pub backend: StorageBackend,
+    /// Settings of the `s3` backend.
+    pub s3: S3Config,
+}
+
+/// The blob store backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// Files under `data_dir/blobs`.
+    #[default]
+    Local,
+    /// Objects in an S3-compatible bucket.
+    S3,
+}
+
+/// An S3-compatible bucket. Anything not given here is taken from the usual
+/// AWS environment variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+/// AWS_REGION, AWS_ENDPOINT, ...).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// Bucket name (must exist).
+    pub bucket: String,
+    /// Endpoint URL for stores other than AWS, e.g. `https://minio.example:9000`.
+    pub endpoint: Option<String>,
+    /// Region (AWS); most other stores accept any value.
+    pub region: Option<String>,
+    /// Key prefix of the blobs, e.g. `vaultfs/blobs`.
+    pub prefix: String,
+    /// Access key id; with `secret_access_key`.
+    pub access_key_id: Option<String>,
+    /// Secret access key; with `access_key_id`.
+    pub secret_access_key: Option<String>,
+    /// Allow an `http://` endpoint (loopback test servers; the bucket then sees
+    /// only ciphertext, but request signatures and metadata travel in the clear).
+    pub allow_http: bool,
+    /// `bucket.endpoint/key` addressing instead of `endpoint/bucket/key`.
+    pub virtual_hosted_style: bool,
+    /// Multipart part size in MiB (S3 allows 5 to 5120).
+    pub part_size_mib: u64,
+    /// Parts of one upload in flight at once.
+    pub concurrency: usize,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            bucket: String::new(),
+            endpoint: None,
+            region: None,
+            prefix: "blobs".into(),
+            access_key_id: None,
+            secret_access_key: None,
+            allow_http: false,
+            virtual_hosted_style: false,
+            part_size_mib: 8,
+            concurrency: 2,
+        }
+    }
 }
 
 /// TLS settings.
@@ -77,6 +146,7 @@ impl Default for ServerConfig {
             default_limits: LimitsConfig::default(),
             session_ttl_secs: 12 * 3600,
             login_kdf: KdfConfig::default(),
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -170,6 +240,26 @@ impl ServerConfig {
         if self.session_ttl_secs == 0 {
             return Err("key `session_ttl_secs`: must be positive".into());
         }
+        if self.storage.backend == StorageBackend::S3 {
+            let s3 = &self.storage.s3;
+            if s3.bucket.trim().is_empty() {
+                return Err("key `storage.s3.bucket`: required with `storage.backend = \"s3\"`".into());
+            }
+            if !(5..=5120).contains(&s3.part_size_mib) {
+                return Err("key `storage.s3.part_size_mib`: must be between 5 and 5120".into());
+            }
+            if s3.concurrency == 0 || s3.concurrency > 64 {
+                return Err("key `storage.s3.concurrency`: must be between 1 and 64".into());
+            }
+            if s3.access_key_id.is_some() != s3.secret_access_key.is_some() {
+                return Err(
+                    "keys `storage.s3.access_key_id` and `storage.s3.secret_access_key`: give both or neither".into()
+                );
+            }
+            if s3.endpoint.as_deref().is_some_and(|e| e.starts_with("http://")) && !s3.allow_http {
+                return Err("key `storage.s3.endpoint`: an http:// endpoint needs `allow_http = true`".into());
+            }
+        }
         Ok(())
     }
 }
@@ -180,6 +270,27 @@ mod tests {
 
     fn parse(text: &str) -> Result<ServerConfig, String> {
         ServerConfig::parse(Path::new("server.toml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_s3_backend_is_checked() {
+        let c = parse("[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\n").unwrap();
+        assert_eq!(c.storage.backend, StorageBackend::S3);
+        assert_eq!((c.storage.s3.part_size_mib, c.storage.s3.prefix.as_str()), (8, "blobs"));
+        let e = parse("[storage]\nbackend = \"s3\"\n").unwrap_err();
+        assert!(e.contains("storage.s3.bucket"), "{e}");
+        let e = parse(
+            "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("allow_http"), "{e}");
+        let e = parse("[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\npart_size_mib = 1\n")
+            .unwrap_err();
+        assert!(e.contains("part_size_mib"), "{e}");
+        let e = parse("[storage]\nbackend = \"ftp\"\n").unwrap_err();
+        assert!(e.contains("line 2") && e.contains("ftp"), "{e}");
+        let e = parse("[storage.s3]\nbuckett = \"b\"\n").unwrap_err();
+        assert!(e.contains("buckett"), "{e}");
     }
 
     #[test]

@@ -3,15 +3,17 @@
 //! Data flow: a request arrives over TLS (rustls; `tls.rs`), `api.rs` parses it
 //! and calls [`service::Service`], which checks the session and the caller's
 //! rights in the vault, then reads or writes metadata in SQLite (`meta.rs`) and
-//! content in a [`blob::BlobStore`] (`blob.rs`: files in the data directory
-//! today, an S3-compatible store later). The server stores only ciphertext and
-//! sealed names; it never holds a key. docs/API.md documents the HTTP API.
+//! content in a [`blob::BlobStore`] (`blob.rs`: files in the data directory by
+//! default; `s3.rs`: an S3-compatible bucket, chosen in the config). The server
+//! stores only ciphertext and sealed names; it never holds a key. docs/API.md
+//! documents the HTTP API.
 
 pub mod admin;
 pub mod api;
 pub mod blob;
 pub mod config;
 pub mod meta;
+pub mod s3;
 pub mod service;
 pub mod tls;
 
@@ -19,8 +21,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use self::blob::LocalBlobStore;
-use self::config::ServerConfig;
+use self::blob::{BlobStore, LocalBlobStore};
+use self::config::{ServerConfig, StorageBackend};
 use self::meta::Meta;
 use self::service::{Service, ServiceConfig};
 
@@ -92,7 +94,31 @@ pub async fn run_until(
         admin::NewUserDefaults { limits: config.default_limits.into(), login_kdf: config.login_kdf.into() },
     )
     .map_err(|e| ServeError::Service(service::ServiceError::Internal(e.to_string())))?;
-    let blobs = LocalBlobStore::open(&config.data_dir).map_err(io_err("opening blob store"))?;
+    match config.storage.backend {
+        StorageBackend::Local => {
+            let blobs = LocalBlobStore::open(&config.data_dir).map_err(io_err("opening blob store"))?;
+            serve(config, meta, blobs, on_start, shutdown).await
+        }
+        StorageBackend::S3 => {
+            // HTTPS to the store goes through reqwest with rustls: use the
+            // same ring provider as the rest of the server.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let blobs = s3::S3BlobStore::open(&config.storage.s3, &config.data_dir).map_err(|e| {
+                ServeError::Service(service::ServiceError::Internal(format!("opening the S3 store: {e}")))
+            })?;
+            tracing::info!(bucket = %config.storage.s3.bucket, "blobs are kept in S3");
+            serve(config, meta, blobs, on_start, shutdown).await
+        }
+    }
+}
+
+async fn serve<B: BlobStore>(
+    config: ServerConfig,
+    meta: Meta,
+    blobs: B,
+    on_start: impl FnOnce(&Started),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let service = Service::new(
         meta,
         blobs,

@@ -92,6 +92,13 @@ impl From<MetaError> for ServiceError {
             MetaError::Exists(what) => ServiceError::Exists(what),
             MetaError::VersionMismatch { current } => ServiceError::VersionConflict { current },
             MetaError::Refused(msg) => ServiceError::Refused(msg),
+            // SQLite reports a full disk as its own code; the client must see
+            // the same "storage full" (ENOSPC) as for a blob that did not fit.
+            MetaError::Db(rusqlite::Error::SqliteFailure(f, _))
+                if f.code == rusqlite::ErrorCode::DiskFull =>
+            {
+                ServiceError::StorageFull
+            }
             MetaError::Db(e) => ServiceError::Internal(format!("database: {e}")),
         }
     }

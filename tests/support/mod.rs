@@ -33,3 +33,14 @@ pub fn hex(bytes: &[u8]) -> String {
 pub fn unhex(s: &str) -> Vec<u8> {
     vaultfs::ids::hex_decode(s).unwrap_or_else(|| panic!("bad hex in test data: {s:.40}"))
 }
+
+/// Prints a suite's result line, and adds it to the report `.ci/test` prints
+/// at the end (VAULTFS_SUITE_REPORT names the file).
+pub fn report(line: &str) {
+    println!("SUITE {line}");
+    if let Some(path) = std::env::var_os("VAULTFS_SUITE_REPORT") {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+        writeln!(f, "{line}").unwrap();
+    }
+}

@@ -48,16 +48,28 @@ impl TestMount {
     /// Like [`TestMount::start`], with `policy` as the system policy and the
     /// vaults `more` next to "Family".
     pub fn start_with(policy: &str, more: &[&str]) -> Self {
+        Self::start_full(policy, more, None, &[])
+    }
+
+    /// Like [`TestMount::start`], with the server's data in `data` (say, a
+    /// small tmpfs the caller mounted, to fill it up), and `user` as options of
+    /// `vaultfs admin user add` (limits).
+    pub fn start_on(data: &Path, user: &[&str]) -> Self {
+        Self::start_full("", &[], Some(data), user)
+    }
+
+    fn start_full(policy: &str, more: &[&str], data: Option<&Path>, user: &[&str]) -> Self {
         assert!(fuse_available(), "/dev/fuse is missing: mount tests need FUSE (CI installs fuse3)");
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("server.toml");
         std::fs::write(&config, "[login_kdf]\nm_cost_kib = 19456\nt_cost = 2\np_cost = 1\n").unwrap();
-        let server = TestServer::start_with_config(&dir.path().join("data"), &config);
+        let data = data.map(Path::to_path_buf).unwrap_or_else(|| dir.path().join("data"));
+        let server = TestServer::start_with_config(&data, &config);
         let home = dir.path().join("home");
         let pass = dir.path().join("pass");
         std::fs::create_dir_all(&home).unwrap();
         std::fs::write(&pass, "mount test passphrase").unwrap();
-        let code = server.add_user("alice", &[]);
+        let code = server.add_user("alice", user);
         let run = |args: &[&str]| {
             let out = Command::new(vaultfs_bin())
                 .args(args)
@@ -96,9 +108,26 @@ impl TestMount {
 
     /// Starts the mount process and waits until it is ready.
     pub fn mount(&mut self) {
+        let child = self.spawn_daemon(&self.mountpoint, &self.stderr_log);
+        self.child = Some(child);
+    }
+
+    /// A second daemon of the same user on another mount point (its own
+    /// cache, as on another machine), ready when this returns.
+    pub fn second_mount(&self) -> ExtraMount {
+        let mountpoint = self.mountpoint.with_file_name("mnt2");
+        std::fs::create_dir_all(&mountpoint).unwrap();
+        let log = Default::default();
+        let child = self.spawn_daemon(&mountpoint, &log);
+        ExtraMount { mountpoint, child: Some(child), log }
+    }
+
+    /// Starts `vaultfs mount` on `mountpoint`, collecting its stderr into `log`,
+    /// and waits until it says it is ready.
+    fn spawn_daemon(&self, mountpoint: &Path, log: &std::sync::Arc<std::sync::Mutex<String>>) -> Child {
         let mut child = Command::new(vaultfs_bin())
             .arg("mount")
-            .arg(&self.mountpoint)
+            .arg(mountpoint)
             .arg("--foreground")
             .env("XDG_CONFIG_HOME", &self.home)
             .env("VAULTFS_PASSPHRASE_FILE", &self.pass)
@@ -109,7 +138,7 @@ impl TestMount {
             .spawn()
             .expect("spawn vaultfs mount");
         let stderr = child.stderr.take().unwrap();
-        let sink = std::sync::Arc::clone(&self.stderr_log);
+        let sink = std::sync::Arc::clone(log);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
@@ -124,10 +153,17 @@ impl TestMount {
                 let _ = tx.send(line);
             }
         });
-        self.child = Some(child);
         match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) if line.starts_with("vaultfs mount: ready") => {}
-            other => panic!("mount did not become ready: {other:?}\n{}", self.log()),
+            Ok(line) if line.starts_with("vaultfs mount: ready") => child,
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                stop_daemon(None, mountpoint);
+                panic!(
+                    "mount did not become ready: {other:?}\n{}",
+                    log.lock().unwrap_or_else(|p| p.into_inner())
+                )
+            }
         }
     }
 
@@ -155,24 +191,8 @@ impl TestMount {
 
     /// Stops the daemon with SIGTERM (it flushes and unmounts) and waits.
     pub fn unmount(&mut self) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        // SAFETY-free: kill(1) sends the signal.
-        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Ok(Some(s)) = child.try_wait() {
-                break Some(s);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                break child.wait().ok();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        if is_mounted(&self.mountpoint) {
-            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
-        }
-        status
+        let child = self.child.take()?;
+        stop_daemon(Some(child), &self.mountpoint)
     }
 
     pub fn is_mounted(&self) -> bool {
@@ -186,5 +206,52 @@ impl Drop for TestMount {
         if is_mounted(&self.mountpoint) {
             let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
         }
+    }
+}
+
+/// Stops a daemon with SIGTERM (it flushes and unmounts), waits up to 30 s,
+/// then kills it; lazily unmounts whatever is still mounted.
+fn stop_daemon(child: Option<Child>, mountpoint: &Path) -> Option<std::process::ExitStatus> {
+    let status = child.and_then(|mut child| {
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                break Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    if is_mounted(mountpoint) {
+        let _ = Command::new("umount").arg("-l").arg(mountpoint).status();
+    }
+    status
+}
+
+/// Another mount of the same user (see [`TestMount::second_mount`]); stopped
+/// and unmounted when dropped. Drop it before the [`TestMount`] whose server it uses.
+pub struct ExtraMount {
+    pub mountpoint: PathBuf,
+    child: Option<Child>,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl ExtraMount {
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mountpoint.join(rel)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for ExtraMount {
+    fn drop(&mut self) {
+        stop_daemon(self.child.take(), &self.mountpoint);
     }
 }

@@ -24,6 +24,8 @@ pub fn vaultfs_bin() -> &'static str {
 
 pub struct TestServer {
     child: Option<Child>,
+    /// The S3 server holding this server's blobs (`VAULTFS_TEST_STORAGE=s3`).
+    s3: Option<std::sync::Arc<S3Server>>,
     config: PathBuf,
     extra: Vec<String>,
     pub data_dir: PathBuf,
@@ -55,7 +57,8 @@ impl TestServer {
     }
 
     fn spawn(data_dir: &Path, config: &Path, extra: &[&str]) -> Self {
-        Self::spawn_on("127.0.0.1:0", data_dir, config, extra)
+        let s3 = s3_mode().then(|| std::sync::Arc::new(S3Server::start(&data_dir.with_extension("s3"))));
+        Self::spawn_on("127.0.0.1:0", data_dir, config, extra, s3)
     }
 
     /// Starts the server again on the same address and data (after a kill).
@@ -63,15 +66,32 @@ impl TestServer {
         self.kill_hard();
         let listen = self.url.rsplit("//").next().unwrap_or("").to_string();
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        let mut again = Self::spawn_on(&listen, &self.data_dir.clone(), &self.config.clone(), &extra);
+        let mut again =
+            Self::spawn_on(&listen, &self.data_dir.clone(), &self.config.clone(), &extra, self.s3.clone());
         self.child = again.child.take();
         assert_eq!(again.url, self.url, "restarted on another address");
     }
 
-    fn spawn_on(listen: &str, data_dir: &Path, config: &Path, extra: &[&str]) -> Self {
+    fn spawn_on(
+        listen: &str,
+        data_dir: &Path,
+        config: &Path,
+        extra: &[&str],
+        s3: Option<std::sync::Arc<S3Server>>,
+    ) -> Self {
+        // On S3, the same configuration plus a [storage] table naming the bucket.
+        let effective = match &s3 {
+            Some(s3) => {
+                let text = std::fs::read_to_string(config).unwrap_or_default() + &s3.config();
+                let path = config.with_extension("s3.toml");
+                std::fs::write(&path, text).expect("config");
+                path
+            }
+            None => config.to_path_buf(),
+        };
         let mut child = Command::new(vaultfs_bin())
             .args(["serve", "--listen", listen, "--config"])
-            .arg(config)
+            .arg(&effective)
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
@@ -91,6 +111,7 @@ impl TestServer {
         });
         let mut server = TestServer {
             child: Some(child),
+            s3,
             config: config.to_path_buf(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             data_dir: data_dir.to_path_buf(),
@@ -167,6 +188,127 @@ impl TestServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+impl TestServer {
+    /// The stored blobs, as files: `blobs/` in the data directory, or the
+    /// objects in the S3 server's bucket directory.
+    pub fn stored_blobs(&self) -> Vec<PathBuf> {
+        match &self.s3 {
+            Some(s3) => walk_files(&s3.root.join(S3_BUCKET)),
+            None => walk_files(&self.data_dir.join("blobs")),
+        }
+    }
+
+    /// What an interrupted upload may leave: `tmp/` in the data directory; on
+    /// S3 the journal of multipart uploads, and parts held by the S3 server.
+    pub fn partial_uploads(&self) -> Vec<PathBuf> {
+        match &self.s3 {
+            Some(s3) => {
+                let mut found = walk_files(&self.data_dir.join("s3-uploads"));
+                found.extend(
+                    std::fs::read_dir(&s3.root).into_iter().flatten().flatten().map(|e| e.path()).filter(
+                        |p| {
+                            let name = p.file_name().unwrap_or_default().to_string_lossy();
+                            // Parts of multipart uploads (what S3's ListParts shows).
+                            // s3s-fs's own `.tmp.*` files of a part request cut
+                            // off mid-body are its housekeeping, not S3 state.
+                            name.starts_with(".upload_id-")
+                        },
+                    ),
+                );
+                found
+            }
+            None => walk_files(&self.data_dir.join("tmp")),
+        }
+    }
+
+    /// Where blobs are kept on this machine (the S3 server's root on S3).
+    pub fn blob_root(&self) -> PathBuf {
+        match &self.s3 {
+            Some(s3) => s3.root.clone(),
+            None => self.data_dir.join("blobs"),
+        }
+    }
+}
+
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Whether test servers keep their blobs on S3 (`VAULTFS_TEST_STORAGE=s3`):
+/// the test command runs the server and mount suites a second time so.
+pub fn s3_mode() -> bool {
+    std::env::var("VAULTFS_TEST_STORAGE").is_ok_and(|v| v == "s3")
+}
+
+const S3_BUCKET: &str = "vaultfs";
+const S3_KEY: &str = "vaultfs-test";
+const S3_SECRET: &str = "vaultfs-test-secret-key";
+
+/// A real S3 server (s3s-fs, which checks SigV4 signatures) on a free
+/// loopback port, storing under `root`; killed when dropped.
+pub struct S3Server {
+    child: Child,
+    pub root: PathBuf,
+    port: u16,
+}
+
+impl S3Server {
+    fn start(root: &Path) -> Self {
+        std::fs::create_dir_all(root.join(S3_BUCKET)).expect("S3 root");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let bin = std::env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+            .map(|c| c.join("bin/s3s-fs"))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("s3s-fs"));
+        let child = Command::new(&bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", S3_KEY, "--secret-key", S3_SECRET])
+            .arg(root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {} (.ci/test installs it): {e}", bin.display()));
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(20), "s3s-fs did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        S3Server { child, root: root.to_path_buf(), port }
+    }
+
+    /// The server configuration's [storage] table for this S3 server. Small
+    /// parts (5 MiB, the S3 minimum) so multipart uploads happen in tests.
+    fn config(&self) -> String {
+        format!(
+            "\n[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"{S3_BUCKET}\"\n\
+             endpoint = \"http://127.0.0.1:{}\"\nregion = \"us-east-1\"\nallow_http = true\n\
+             access_key_id = \"{S3_KEY}\"\nsecret_access_key = \"{S3_SECRET}\"\npart_size_mib = 5\n",
+            self.port
+        )
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

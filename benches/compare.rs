@@ -1,0 +1,723 @@
+//! vaultfs side by side with the tools users would pick instead, in one run on
+//! one machine: rclone's crypt mount over `rclone serve webdav` (VFS cache mode
+//! off, and full), and gocryptfs on a local directory (no network at all: the
+//! ceiling for an encrypted FUSE filesystem). Every system's storage lives on one
+//! tmpfs and every server on loopback, so disks do not dominate.
+//!
+//! Run it with `bench/run` (installs gocryptfs, rclone and fio, builds in
+//! release mode); `bench/run --quick` is the small, one-repetition smoke run the
+//! test command uses. Prints one markdown table (a row per workload, a column per
+//! system, and vaultfs against the best peer) and writes the same as JSON
+//! (`--json PATH`, default target/bench-compare.json). Figures, never pass/fail.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+mod shared;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::mount::TestMount;
+
+struct Config {
+    quick: bool,
+    reps: usize,
+    big: usize,
+    huge: usize,
+    files: usize,
+    fio_seconds: u32,
+}
+
+// ---- helpers ------------------------------------------------------------------
+
+fn time<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let t = Instant::now();
+    let v = f();
+    (v, t.elapsed())
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn have(tool: &str) -> bool {
+    let cargo_bin = std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin").join(tool));
+    cargo_bin.is_some_and(|p| p.exists())
+        || Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .output()
+            .is_ok_and(|o| o.status.success())
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let target = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(target.to_str().unwrap_or(""))))
+        .unwrap_or(false)
+}
+
+fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Unmounts a FUSE mount and waits for its daemon to exit.
+fn fuse_unmount(mountpoint: &Path, child: &mut Option<Child>) {
+    if is_mounted(mountpoint) {
+        let ok = Command::new("fusermount3").arg("-u").arg(mountpoint).status().is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(mountpoint).status();
+        }
+    }
+    if let Some(mut c) = child.take() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Peak resident memory since the last reset, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn reset_peak_rss(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+/// A tmpfs for every system's storage (a plain temp dir if mounting fails).
+struct Tmpfs {
+    path: PathBuf,
+    mounted: bool,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fs");
+        std::fs::create_dir(&path).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=16g,mode=0755", "tmpfs"])
+            .arg(&path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("warning: could not mount a tmpfs (needs root); storage is on {}", path.display());
+        }
+        Tmpfs { path, mounted, _dir: dir }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+}
+
+// ---- the systems ----------------------------------------------------------------
+
+trait System {
+    /// A directory inside the mount where the workloads run.
+    fn root(&self) -> PathBuf;
+    /// Unmounts and mounts again, so nothing is cached.
+    fn remount(&mut self);
+    /// The mount daemon's pid.
+    fn pid(&self) -> u32;
+    /// Waits until everything written is stored by the backend (only rclone in
+    /// cache mode full returns from close before that).
+    fn settle(&self) {}
+    /// Whether `settle` waits for anything.
+    fn writes_back(&self) -> bool {
+        false
+    }
+}
+
+struct Vaultfs {
+    m: TestMount,
+}
+
+impl Vaultfs {
+    fn start(store: &Path) -> Self {
+        let data = store.join("vaultfs-server");
+        std::fs::create_dir_all(&data).unwrap();
+        let m = TestMount::start_on(&data, &[]);
+        std::fs::create_dir_all(m.path("Family/bench")).unwrap();
+        Vaultfs { m }
+    }
+}
+
+impl System for Vaultfs {
+    fn root(&self) -> PathBuf {
+        self.m.path("Family/bench")
+    }
+    fn remount(&mut self) {
+        self.m.unmount();
+        self.m.mount();
+    }
+    fn pid(&self) -> u32 {
+        self.m.pid()
+    }
+}
+
+struct Rclone {
+    full: bool,
+    conf: PathBuf,
+    mnt: PathBuf,
+    cache: PathBuf,
+    rc_port: u16,
+    mount: Option<Child>,
+    webdav: Child,
+}
+
+impl Rclone {
+    fn start(store: &Path, full: bool) -> Self {
+        let base = store.join(if full { "rclone-full" } else { "rclone-off" });
+        let (remote, mnt, cache) = (base.join("webdav"), base.join("mnt"), base.join("cache"));
+        for d in [&remote, &mnt, &cache] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let port = free_port();
+        let webdav = Command::new("rclone")
+            .args(["serve", "webdav", "--addr", &format!("127.0.0.1:{port}")])
+            .arg(&remote)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("rclone serve webdav");
+        wait_until(Duration::from_secs(20), "rclone serve webdav", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        let obscured = run(Command::new("rclone").args(["obscure", "bench passphrase"]));
+        let salt = run(Command::new("rclone").args(["obscure", "bench salt"]));
+        let conf = base.join("rclone.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "[dav]\ntype = webdav\nurl = http://127.0.0.1:{port}\nvendor = other\n\n\
+                 [secret]\ntype = crypt\nremote = dav:\nfilename_encryption = standard\n\
+                 password = {}\npassword2 = {}\n",
+                obscured.trim(),
+                salt.trim()
+            ),
+        )
+        .unwrap();
+        let mut r = Rclone { full, conf, mnt, cache, rc_port: free_port(), mount: None, webdav };
+        r.mount();
+        r
+    }
+
+    fn mount(&mut self) {
+        let mut cmd = Command::new("rclone");
+        cmd.arg("mount").arg("secret:").arg(&self.mnt).arg("--config").arg(&self.conf);
+        if self.full {
+            // Write-back at once: the fairest setting for "when is it uploaded".
+            cmd.args(["--vfs-cache-mode", "full", "--vfs-write-back", "0s", "--cache-dir"]).arg(&self.cache);
+            cmd.args(["--rc", "--rc-no-auth", "--rc-addr", &format!("127.0.0.1:{}", self.rc_port)]);
+        } else {
+            cmd.args(["--vfs-cache-mode", "off"]);
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("rclone mount");
+        self.mount = Some(child);
+        wait_until(Duration::from_secs(30), "rclone mount", || is_mounted(&self.mnt));
+    }
+}
+
+impl System for Rclone {
+    fn root(&self) -> PathBuf {
+        self.mnt.clone()
+    }
+    fn remount(&mut self) {
+        self.settle();
+        fuse_unmount(&self.mnt, &mut self.mount);
+        // Cold means cold: the VFS cache would survive a remount.
+        let _ = std::fs::remove_dir_all(&self.cache);
+        std::fs::create_dir_all(&self.cache).unwrap();
+        self.mount();
+    }
+    fn pid(&self) -> u32 {
+        self.mount.as_ref().map_or(0, Child::id)
+    }
+    fn writes_back(&self) -> bool {
+        self.full
+    }
+    fn settle(&self) {
+        if !self.full {
+            return;
+        }
+        // rclone's remote control says how many uploads are queued or running.
+        let url = format!("http://127.0.0.1:{}/", self.rc_port);
+        wait_until(Duration::from_secs(1800), "rclone uploads", || {
+            let out = Command::new("rclone").args(["rc", "--url", &url, "vfs/stats"]).output();
+            let Ok(out) = out else { return false };
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let cache = &v["diskCache"];
+            cache["uploadsInProgress"].as_u64() == Some(0) && cache["uploadsQueued"].as_u64() == Some(0)
+        });
+    }
+}
+
+impl Drop for Rclone {
+    fn drop(&mut self) {
+        fuse_unmount(&self.mnt, &mut self.mount);
+        let _ = self.webdav.kill();
+        let _ = self.webdav.wait();
+    }
+}
+
+struct Gocryptfs {
+    cipher: PathBuf,
+    mnt: PathBuf,
+    pass: PathBuf,
+    child: Option<Child>,
+}
+
+impl Gocryptfs {
+    fn start(store: &Path) -> Self {
+        let base = store.join("gocryptfs");
+        let (cipher, mnt, pass) = (base.join("cipher"), base.join("mnt"), base.join("pass"));
+        std::fs::create_dir_all(&cipher).unwrap();
+        std::fs::create_dir_all(&mnt).unwrap();
+        std::fs::write(&pass, "bench passphrase\n").unwrap();
+        run(Command::new("gocryptfs")
+            .args(["-init", "-q", "-scryptn", "10", "-passfile"])
+            .arg(&pass)
+            .arg(&cipher));
+        let mut g = Gocryptfs { cipher, mnt, pass, child: None };
+        g.mount();
+        g
+    }
+
+    fn mount(&mut self) {
+        // -kernel_cache: gocryptfs at its fastest (the issue's warm-read goal).
+        let child = Command::new("gocryptfs")
+            .args(["-fg", "-q", "-kernel_cache", "-passfile"])
+            .arg(&self.pass)
+            .arg(&self.cipher)
+            .arg(&self.mnt)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("gocryptfs");
+        self.child = Some(child);
+        wait_until(Duration::from_secs(30), "gocryptfs mount", || is_mounted(&self.mnt));
+    }
+}
+
+impl System for Gocryptfs {
+    fn root(&self) -> PathBuf {
+        self.mnt.clone()
+    }
+    fn remount(&mut self) {
+        fuse_unmount(&self.mnt, &mut self.child);
+        self.mount();
+    }
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+}
+
+impl Drop for Gocryptfs {
+    fn drop(&mut self) {
+        fuse_unmount(&self.mnt, &mut self.child);
+    }
+}
+
+// ---- workloads ---------------------------------------------------------------------
+
+/// What one system measured: workload name -> value (seconds, IOPS or MiB).
+type Figures = BTreeMap<&'static str, f64>;
+
+const W30: &str = "write+close 30 MB (s)";
+const W30_DONE: &str = "write 30 MB until stored (s)";
+const R30_COLD: &str = "read 30 MB cold (s)";
+const R30_WARM: &str = "read 30 MB warm (s)";
+const W300: &str = "write+close 300 MB (s)";
+const W300_DONE: &str = "write 300 MB until stored (s)";
+const R300_COLD: &str = "read 300 MB cold (s)";
+const TAR: &str = "tar -x of the tree (s)";
+const TAR_DONE: &str = "tar -x until stored (s)";
+const LS_COLD: &str = "ls -lR cold (s)";
+const LS_WARM: &str = "ls -lR warm (s)";
+const RM: &str = "rm -r the tree (s)";
+const FIO: &str = "fio 4 KiB random reads (IOPS)";
+const RSS: &str = "daemon peak RSS (MiB)";
+
+/// Rows in print order, and whether higher is better.
+const ROWS: &[(&str, bool)] = &[
+    (W30, false),
+    (W30_DONE, false),
+    (R30_COLD, false),
+    (R30_WARM, false),
+    (W300, false),
+    (W300_DONE, false),
+    (R300_COLD, false),
+    (TAR, false),
+    (TAR_DONE, false),
+    (LS_COLD, false),
+    (LS_WARM, false),
+    (RM, false),
+    (FIO, true),
+    (RSS, false),
+];
+
+struct Peak(u64);
+
+impl Peak {
+    fn note(&mut self, pid: u32) {
+        self.0 = self.0.max(peak_rss_kib(pid));
+    }
+}
+
+fn remount(sys: &mut dyn System, peak: &mut Peak) {
+    peak.note(sys.pid());
+    sys.remount();
+    reset_peak_rss(sys.pid());
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8).collect()
+}
+
+/// Writes `data` to `reps` files, then reads them cold (after a remount) and warm.
+fn big_files(
+    sys: &mut dyn System,
+    peak: &mut Peak,
+    data: &[u8],
+    reps: usize,
+    rows: [&'static str; 4],
+    warm: bool,
+    out: &mut Figures,
+) {
+    let [w, w_done, r_cold, r_warm] = rows;
+    let tag = data.len() / 1_000_000;
+    let (mut writes, mut done, mut cold, mut hot) = (vec![], vec![], vec![], vec![]);
+    for r in 0..reps {
+        let p = sys.root().join(format!("big{tag}-{r}.bin"));
+        let start = Instant::now();
+        std::fs::write(&p, data).unwrap_or_else(|e| panic!("writing {}: {e}", p.display()));
+        writes.push(start.elapsed().as_secs_f64());
+        sys.settle();
+        done.push(start.elapsed().as_secs_f64());
+    }
+    remount(sys, peak);
+    for r in 0..reps {
+        let p = sys.root().join(format!("big{tag}-{r}.bin"));
+        let (got, d) = time(|| std::fs::read(&p).unwrap());
+        assert!(got == data, "{} read back wrong", p.display());
+        cold.push(d.as_secs_f64());
+        if warm {
+            let (got, d) = time(|| std::fs::read(&p).unwrap());
+            assert!(got == data);
+            hot.push(d.as_secs_f64());
+        }
+    }
+    out.insert(w, median(writes));
+    if sys.writes_back() {
+        out.insert(w_done, median(done));
+    }
+    out.insert(r_cold, median(cold));
+    if warm {
+        out.insert(r_warm, median(hot));
+    }
+}
+
+fn fio(sys: &dyn System, seconds: u32, size: usize, out: &mut Figures) {
+    let file = sys.root().join(format!("big{}-0.bin", size / 1_000_000));
+    let json = run(Command::new("fio")
+        .args(["--name=randread", "--rw=randread", "--bs=4k", "--ioengine=psync", "--readonly"])
+        .args(["--time_based", "--output-format=json"])
+        .arg(format!("--runtime={seconds}"))
+        .arg(format!("--size={size}"))
+        .arg(format!("--filename={}", file.display())));
+    let v: serde_json::Value = serde_json::from_str(&json).expect("fio JSON");
+    out.insert(FIO, v["jobs"][0]["read"]["iops"].as_f64().unwrap_or(0.0));
+}
+
+/// A tree like an unpacked source package: `files` files of 100 B to 40 KB in
+/// about one directory per five files, as a tar archive.
+fn make_tree(store: &Path, files: usize) -> PathBuf {
+    let src = store.join("tree-src/tree");
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let dirs = (files / 5).max(1);
+    for i in 0..files {
+        let d = i % dirs;
+        let dir = src.join(format!("m{}", d % 10)).join(format!("d{d}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let len = 100 + (next() % 40_000) as usize * ((next() % 4 == 0) as usize) + (next() % 4000) as usize;
+        std::fs::write(dir.join(format!("f{i}.c")), pattern(len, i as u8)).unwrap();
+    }
+    let tar = store.join("tree.tar");
+    run(Command::new("tar").arg("-C").arg(store.join("tree-src")).arg("-cf").arg(&tar).arg("tree"));
+    tar
+}
+
+fn tree(sys: &mut dyn System, peak: &mut Peak, tar: &Path, reps: usize, out: &mut Figures) {
+    let (mut untar, mut done, mut cold, mut warm, mut rm) = (vec![], vec![], vec![], vec![], vec![]);
+    for r in 0..reps {
+        let dir = sys.root().join(format!("tree{r}"));
+        std::fs::create_dir(&dir).unwrap();
+        let start = Instant::now();
+        run(Command::new("tar").arg("-C").arg(&dir).arg("-xf").arg(tar));
+        untar.push(start.elapsed().as_secs_f64());
+        sys.settle();
+        done.push(start.elapsed().as_secs_f64());
+        remount(sys, peak);
+        let dir = sys.root().join(format!("tree{r}"));
+        let ls = || run(Command::new("ls").arg("-lR").arg(&dir)).lines().count();
+        let (n, d) = time(ls);
+        cold.push(d.as_secs_f64());
+        let (n2, d) = time(ls);
+        warm.push(d.as_secs_f64());
+        assert_eq!(n, n2);
+        let (_, d) = time(|| run(Command::new("rm").arg("-r").arg(&dir)));
+        rm.push(d.as_secs_f64());
+        sys.settle();
+    }
+    out.insert(TAR, median(untar));
+    if sys.writes_back() {
+        out.insert(TAR_DONE, median(done));
+    }
+    out.insert(LS_COLD, median(cold));
+    out.insert(LS_WARM, median(warm));
+    out.insert(RM, median(rm));
+}
+
+fn measure(sys: &mut dyn System, cfg: &Config, tar: &Path) -> Figures {
+    let mut out = Figures::new();
+    let mut peak = Peak(0);
+    reset_peak_rss(sys.pid());
+    let big = pattern(cfg.big, 1);
+    big_files(sys, &mut peak, &big, cfg.reps, [W30, W30_DONE, R30_COLD, R30_WARM], true, &mut out);
+    fio(sys, cfg.fio_seconds, cfg.big, &mut out);
+    drop(big);
+    let huge = pattern(cfg.huge, 2);
+    big_files(sys, &mut peak, &huge, cfg.reps, [W300, W300_DONE, R300_COLD, ""], false, &mut out);
+    drop(huge);
+    tree(sys, &mut peak, tar, cfg.reps, &mut out);
+    peak.note(sys.pid());
+    out.insert(RSS, peak.0 as f64 / 1024.0);
+    out
+}
+
+/// Our format's single-core encrypt throughput (64 KiB chunks, in cache) and
+/// OpenSSL's own ChaCha20-Poly1305 figure from the same run, in GB/s.
+fn aead(cfg: &Config) -> (f64, Option<f64>) {
+    use vaultfs::crypto::{FileContext, FileEncryptor, KeyId, OsRandom, VaultKey, CHUNK_SIZE};
+    use vaultfs::ids::{FileId, RecordId, VaultId};
+    let key = VaultKey::from_bytes(KeyId([1; 16]), [2; 32]);
+    let ctx = FileContext { vault: VaultId([3; 16]), record: RecordId([4; 16]), file: FileId([5; 16]) };
+    let chunk = vec![7u8; CHUNK_SIZE as usize];
+    let chunks: u64 = if cfg.quick { 256 } else { 4096 };
+    let mut sink = Vec::with_capacity(2 * CHUNK_SIZE as usize);
+    let mut runs = Vec::new();
+    for _ in 0..if cfg.quick { 1 } else { 5 } {
+        let (mut enc, _) = FileEncryptor::new(&key, &ctx, 1, chunks * CHUNK_SIZE, &mut OsRandom).unwrap();
+        let (_, d) = time(|| {
+            for _ in 0..chunks {
+                sink.clear();
+                enc.update(&chunk, &mut sink).unwrap();
+            }
+        });
+        enc.finish(&mut sink).unwrap();
+        runs.push((chunks * CHUNK_SIZE) as f64 / d.as_secs_f64() / 1e9);
+    }
+    (median(runs), shared::openssl_speed(if cfg.quick { 1 } else { 3 }))
+}
+
+// ---- report --------------------------------------------------------------------------
+
+fn fmt(row: &str, v: f64) -> String {
+    if row == FIO || row == RSS {
+        format!("{v:.0}")
+    } else if v < 0.1 {
+        format!("{v:.4}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let json_path = args
+        .iter()
+        .position(|a| a == "--json")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-compare.json"));
+    // 30 MB and 300 MB: exactly vaultfs's default end-to-end limit and upload
+    // cap, so the first is the largest end-to-end file and the second the
+    // largest pass-through one (a 30 MiB file would already be pass-through).
+    let cfg = if quick {
+        Config { quick, reps: 1, big: 3_000_000, huge: 12_000_000, files: 100, fio_seconds: 2 }
+    } else {
+        Config { quick, reps: 3, big: 30_000_000, huge: 300_000_000, files: 2000, fio_seconds: 10 }
+    };
+    let store = Tmpfs::new();
+    let tar = make_tree(&store.path, cfg.files);
+
+    let mut names: Vec<&str> = Vec::new();
+    let mut results: Vec<Option<Figures>> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+    let mut go = |name: &'static str, tool: &str, start: &dyn Fn() -> Box<dyn System>| {
+        names.push(name);
+        if !have(tool) {
+            notes.push(format!("{name}: skipped, `{tool}` is not installed (bench/run installs it)"));
+            results.push(None);
+            return;
+        }
+        eprintln!("== {name}");
+        let mut sys = start();
+        let (figures, d) = time(|| measure(sys.as_mut(), &cfg, &tar));
+        eprintln!("   done in {:.0} s", d.as_secs_f64());
+        drop(sys);
+        results.push(Some(figures));
+    };
+    go("vaultfs", "true", &|| Box::new(Vaultfs::start(&store.path)));
+    go("rclone crypt, cache off", "rclone", &|| Box::new(Rclone::start(&store.path, false)));
+    go("rclone crypt, cache full", "rclone", &|| Box::new(Rclone::start(&store.path, true)));
+    go("gocryptfs (local, -kernel_cache)", "gocryptfs", &|| Box::new(Gocryptfs::start(&store.path)));
+    // vaultfs again with the server's blobs on S3 (s3s-fs on the same tmpfs):
+    // what the object store costs. Not a peer: left out of the ratios.
+    go("vaultfs, S3 backend", "s3s-fs", &|| {
+        std::env::set_var("VAULTFS_TEST_STORAGE", "s3");
+        let sys = Vaultfs::start(&store.path.join("on-s3"));
+        std::env::remove_var("VAULTFS_TEST_STORAGE");
+        Box::new(sys)
+    });
+    let (ours, openssl) = aead(&cfg);
+
+    // The table: a row per workload, a column per system, and vaultfs against
+    // the best peer (>1: vaultfs ahead by that factor).
+    let mut md = String::new();
+    md.push_str(&format!(
+        "\n## vaultfs and its peers ({} mode: {} MB and {} MB files, {} small files, {} rep(s), median)\n\n",
+        if quick { "quick" } else { "full" },
+        cfg.big / 1_000_000,
+        cfg.huge / 1_000_000,
+        cfg.files,
+        cfg.reps
+    ));
+    md.push_str(&format!(
+        "| workload | {} | vaultfs vs best peer | vaultfs vs best rclone |\n",
+        names.join(" | ")
+    ));
+    md.push_str(&format!("|---|{}---:|---:|\n", "---:|".repeat(names.len())));
+    let label = |row: &str| {
+        row.replace("300 MB", &format!("{} MB", cfg.huge / 1_000_000))
+            .replace("30 MB", &format!("{} MB", cfg.big / 1_000_000))
+    };
+    let mut json_rows = Vec::new();
+    for &(row, higher_better) in ROWS {
+        if results.iter().flatten().all(|f| !f.contains_key(row)) {
+            continue;
+        }
+        // "Until stored": a system whose close returns only once the data is
+        // stored (everything but rclone in cache mode full) counts its close time.
+        let close_row = match row {
+            W30_DONE => Some(W30),
+            W300_DONE => Some(W300),
+            TAR_DONE => Some(TAR),
+            _ => None,
+        };
+        let values: Vec<Option<(f64, bool)>> = results
+            .iter()
+            .map(|f| {
+                let f = f.as_ref()?;
+                match (f.get(row), close_row) {
+                    (Some(&v), _) => Some((v, false)),
+                    (None, Some(c)) => f.get(c).map(|&v| (v, true)),
+                    (None, None) => None,
+                }
+            })
+            .collect();
+        let cells: Vec<String> = values
+            .iter()
+            .map(|v| match v {
+                Some((v, true)) => format!("{} (= close)", fmt(row, *v)),
+                Some((v, false)) => fmt(row, *v),
+                None => "–".into(),
+            })
+            .collect();
+        let ratio = |peers: &[usize]| {
+            let ours = values[0].map(|v| v.0)?;
+            let it = peers.iter().filter_map(|&i| values.get(i).copied().flatten().map(|v| v.0));
+            let best = if higher_better { it.reduce(f64::max) } else { it.reduce(f64::min) }?;
+            (ours > 0.0 && best > 0.0).then(|| if higher_better { ours / best } else { best / ours })
+        };
+        let peers: Vec<usize> = (1..names.len()).filter(|&i| !names[i].starts_with("vaultfs")).collect();
+        let rclones: Vec<usize> = (1..names.len()).filter(|&i| names[i].starts_with("rclone")).collect();
+        let (all, rc) = (ratio(&peers), ratio(&rclones));
+        let show = |r: Option<f64>| r.map_or("–".to_string(), |r| format!("{r:.2}x"));
+        md.push_str(&format!("| {} | {} | {} | {} |\n", label(row), cells.join(" | "), show(all), show(rc)));
+        json_rows.push(serde_json::json!({
+            "workload": label(row),
+            "higher_is_better": higher_better,
+            "values": names.iter().zip(&values).map(|(n, v)| (n.to_string(), v.map(|v| v.0))).collect::<BTreeMap<_, _>>(),
+            "vaultfs_vs_best_peer": all,
+            "vaultfs_vs_best_rclone": rc,
+        }));
+    }
+    let openssl_cell = openssl.map_or("could not run openssl".into(), |o| format!("{o:.2} GB/s"));
+    md.push_str(&format!(
+        "\nSingle-core AEAD, 64 KiB chunks: vaultfs format {ours:.2} GB/s; `openssl speed -evp chacha20-poly1305` {openssl_cell}{}.\n",
+        openssl.map_or(String::new(), |o| format!(" (ratio {:.2})", ours / o))
+    ));
+    md.push_str("\nTimes in seconds (lower is better), fio in IOPS, memory in MiB. \"vs best peer\" / \"vs best rclone\": how many times faster (or less memory, or more IOPS) vaultfs is than the best of the others (gocryptfs has no network: it is the ceiling) or than rclone's better mode; below 1 vaultfs is behind. \"(= close)\": that system's close returns only once the data is stored.\n");
+    for n in &notes {
+        md.push_str(&format!("\n- {n}"));
+    }
+    println!("{md}");
+    let json = serde_json::json!({
+        "mode": if quick { "quick" } else { "full" },
+        "when_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        "config": { "big_bytes": cfg.big, "huge_bytes": cfg.huge, "files": cfg.files, "reps": cfg.reps, "fio_seconds": cfg.fio_seconds },
+        "systems": names,
+        "rows": json_rows,
+        "aead_gbs": { "vaultfs": ours, "openssl": openssl },
+        "notes": notes,
+        "storage_on_tmpfs": store.mounted,
+    });
+    if let Some(parent) = json_path.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let mut f = std::fs::File::create(&json_path).unwrap();
+    writeln!(f, "{}", serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    println!("JSON written to {}", json_path.display());
+}

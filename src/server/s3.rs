@@ -1,0 +1,287 @@
+//! Blobs on an S3-compatible object store (AWS S3, MinIO, Ceph RGW, Garage).
+//!
+//! Data flow: an upload is read from the request in parts of `part_size`
+//! bytes. A blob that fits in one part goes up as a single PUT; a larger one as
+//! a multipart upload, at most `concurrency` parts in flight, so the server holds
+//! about (concurrency + 1) x part_size of it in memory whatever the file's size.
+//! Either way the object appears under its key only once complete: S3 shows no
+//! partial objects, and since every upload gets a fresh random blob id, the
+//! previous version stays in place until the metadata moves to the new one.
+//!
+//! A failed or refused upload aborts its multipart upload at once. A crash
+//! cannot, so before its first part every multipart upload is written to a
+//! small journal in the server's data directory; the next start aborts every
+//! upload still listed there ([`BlobStore::clean_incomplete`]). Downloads and
+//! Range reads stream from the store. The S3 protocol (SigV4 signing, retries)
+//! is the `object_store` crate's.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path as ObjectPath;
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
+use tokio::task::JoinHandle;
+
+use super::blob::{BlobError, BlobId, BlobRead, BlobStore, ByteStream};
+use super::config::S3Config;
+
+/// Blobs as objects `PREFIX/HEX` in one bucket.
+#[derive(Debug, Clone)]
+pub struct S3BlobStore {
+    store: Arc<AmazonS3>,
+    prefix: String,
+    part_size: usize,
+    concurrency: usize,
+    /// One file per multipart upload in progress (see the module docs).
+    journal: PathBuf,
+}
+
+fn store_err(e: object_store::Error) -> BlobError {
+    match e {
+        object_store::Error::NotFound { .. } => BlobError::NotFound,
+        e => BlobError::Io(io::Error::other(format!("object store: {e}"))),
+    }
+}
+
+impl S3BlobStore {
+    /// Connects to the bucket `config` names. Credentials and region not given
+    /// there come from the usual AWS environment variables. Nothing is sent
+    /// until the first request.
+    pub fn open(config: &S3Config, data_dir: &std::path::Path) -> Result<Self, BlobError> {
+        let mut b =
+            AmazonS3Builder::from_env().with_bucket_name(&config.bucket).with_allow_http(config.allow_http);
+        if let Some(endpoint) = &config.endpoint {
+            b = b.with_endpoint(endpoint);
+        }
+        if let Some(region) = &config.region {
+            b = b.with_region(region);
+        }
+        if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
+            b = b.with_access_key_id(id).with_secret_access_key(secret);
+        }
+        b = b.with_virtual_hosted_style_request(config.virtual_hosted_style);
+        let store =
+            b.build().map_err(|e| BlobError::Io(io::Error::other(format!("S3 configuration: {e}"))))?;
+        let journal = data_dir.join("s3-uploads");
+        std::fs::create_dir_all(&journal)?;
+        Ok(S3BlobStore {
+            store: Arc::new(store),
+            prefix: config.prefix.trim_matches('/').to_string(),
+            part_size: (config.part_size_mib as usize) << 20,
+            concurrency: config.concurrency.max(1),
+            journal,
+        })
+    }
+
+    fn key(&self, id: BlobId) -> ObjectPath {
+        if self.prefix.is_empty() {
+            ObjectPath::from(id.to_hex())
+        } else {
+            ObjectPath::from(format!("{}/{}", self.prefix, id.to_hex()))
+        }
+    }
+
+    /// Reads `body` into `part_size` pieces and stores them; see [`BlobStore::put`].
+    async fn upload(&self, id: BlobId, mut body: ByteStream, limit: u64) -> Result<u64, BlobError> {
+        let key = self.key(id);
+        let mut buf = BytesMut::new();
+        let mut written: u64 = 0;
+        let mut multipart: Option<Multipart> = None;
+        let result = async {
+            while let Some(piece) = body.next().await {
+                let piece = piece.map_err(|e| BlobError::Body(e.to_string()))?;
+                written += piece.len() as u64;
+                if written > limit {
+                    return Err(BlobError::TooLarge(limit));
+                }
+                buf.extend_from_slice(&piece);
+                while buf.len() >= self.part_size {
+                    let part = buf.split_to(self.part_size).freeze();
+                    if multipart.is_none() {
+                        multipart = Some(Multipart::start(self, &key, id).await?);
+                    }
+                    if let Some(m) = multipart.as_mut() {
+                        m.send(self, part).await?;
+                    }
+                }
+            }
+            match multipart.as_mut() {
+                None => {
+                    // Small enough for one PUT: atomic by itself.
+                    self.store.put(&key, PutPayload::from(buf.split().freeze())).await.map_err(store_err)?;
+                }
+                Some(m) => {
+                    if !buf.is_empty() {
+                        m.send(self, buf.split().freeze()).await?;
+                    }
+                    m.complete(self).await?;
+                }
+            }
+            Ok(written)
+        }
+        .await;
+        if result.is_err() {
+            if let Some(m) = multipart {
+                m.abort(self).await;
+            }
+        }
+        result
+    }
+}
+
+/// A multipart upload in progress.
+struct Multipart {
+    key: ObjectPath,
+    upload: String,
+    journal: PathBuf,
+    parts: Vec<Option<PartId>>,
+    in_flight: Vec<(usize, JoinHandle<object_store::Result<PartId>>)>,
+}
+
+impl Multipart {
+    async fn start(s: &S3BlobStore, key: &ObjectPath, id: BlobId) -> Result<Self, BlobError> {
+        let upload = s.store.create_multipart(key).await.map_err(store_err)?;
+        // Journal it (durably) before any part is sent: a crash from here on
+        // is cleaned up at the next start.
+        let journal = s.journal.join(id.to_hex());
+        let entry = format!("{key}\n{upload}\n");
+        let path = journal.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&path)?;
+            f.write_all(entry.as_bytes())?;
+            f.sync_all()
+        })
+        .await
+        .map_err(io::Error::other)?;
+        let m = Multipart { key: key.clone(), upload, journal, parts: Vec::new(), in_flight: Vec::new() };
+        if let Err(e) = written {
+            m.abort(s).await;
+            return Err(e.into());
+        }
+        Ok(m)
+    }
+
+    /// Sends one part, first waiting for the oldest if `concurrency` are in flight.
+    async fn send(&mut self, s: &S3BlobStore, data: Bytes) -> Result<(), BlobError> {
+        if self.in_flight.len() >= s.concurrency {
+            self.wait_oldest().await?;
+        }
+        let idx = self.parts.len();
+        self.parts.push(None);
+        let (store, key, upload) = (Arc::clone(&s.store), self.key.clone(), self.upload.clone());
+        let task =
+            tokio::spawn(async move { store.put_part(&key, &upload, idx, PutPayload::from(data)).await });
+        self.in_flight.push((idx, task));
+        Ok(())
+    }
+
+    async fn wait_oldest(&mut self) -> Result<(), BlobError> {
+        let (idx, task) = self.in_flight.remove(0);
+        let part = task.await.map_err(io::Error::other)?.map_err(store_err)?;
+        self.parts[idx] = Some(part);
+        Ok(())
+    }
+
+    async fn complete(&mut self, s: &S3BlobStore) -> Result<(), BlobError> {
+        while !self.in_flight.is_empty() {
+            self.wait_oldest().await?;
+        }
+        let parts: Vec<PartId> = self.parts.iter_mut().filter_map(Option::take).collect();
+        s.store.complete_multipart(&self.key, &self.upload, parts).await.map_err(store_err)?;
+        let _ = tokio::fs::remove_file(&self.journal).await;
+        Ok(())
+    }
+
+    /// Stops the parts still in flight and aborts the upload (so the store
+    /// frees its parts); the journal entry goes only if the abort succeeded.
+    async fn abort(self, s: &S3BlobStore) {
+        for (_, task) in &self.in_flight {
+            task.abort();
+        }
+        match s.store.abort_multipart(&self.key, &self.upload).await {
+            Ok(()) => {
+                let _ = tokio::fs::remove_file(&self.journal).await;
+            }
+            Err(e) => {
+                tracing::warn!(key = %self.key, error = %e, "could not abort a multipart upload; retried at the next start")
+            }
+        }
+    }
+}
+
+impl BlobStore for S3BlobStore {
+    async fn put(&self, id: BlobId, body: ByteStream, limit: u64) -> Result<u64, BlobError> {
+        self.upload(id, body, limit).await
+    }
+
+    async fn get(&self, id: BlobId, range: Option<(u64, u64)>) -> Result<BlobRead, BlobError> {
+        let key = self.key(id);
+        if let Some((start, end)) = range {
+            // A range the object cannot serve (or an empty one, which S3
+            // cannot express) is settled from its size alone.
+            let size = self.store.head(&key).await.map_err(store_err)?.size;
+            if start > end || end > size {
+                return Err(BlobError::BadRange);
+            }
+            if start == end {
+                return Ok(BlobRead { stream: Box::pin(futures_util::stream::empty()), total_len: size });
+            }
+        }
+        let opts = GetOptions { range: range.map(|(s, e)| GetRange::Bounded(s..e)), ..Default::default() };
+        let got = self.store.get_opts(&key, opts).await.map_err(store_err)?;
+        let total_len = got.meta.size;
+        if range.is_some_and(|(s, e)| got.range != (s..e)) {
+            return Err(BlobError::BadRange);
+        }
+        let stream = got.into_stream().map_err(io::Error::other);
+        Ok(BlobRead { stream: Box::pin(stream), total_len })
+    }
+
+    async fn delete(&self, id: BlobId) -> Result<(), BlobError> {
+        match self.store.delete(&self.key(id)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_err(e)),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<BlobId>, BlobError> {
+        let prefix = (!self.prefix.is_empty()).then(|| ObjectPath::from(self.prefix.as_str()));
+        let mut listing = self.store.list(prefix.as_ref());
+        let mut ids = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(store_err)?;
+            if let Some(id) = meta.location.filename().and_then(BlobId::from_hex) {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    async fn clean_incomplete(&self) -> Result<usize, BlobError> {
+        let mut aborted = 0;
+        let mut entries = tokio::fs::read_dir(&self.journal).await?;
+        while let Some(e) = entries.next_entry().await? {
+            let text = tokio::fs::read_to_string(e.path()).await.unwrap_or_default();
+            let mut lines = text.lines();
+            if let (Some(key), Some(upload)) = (lines.next(), lines.next()) {
+                match self.store.abort_multipart(&ObjectPath::from(key), &upload.to_string()).await {
+                    // Already gone (completed, or aborted before the crash): fine.
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => {
+                        tracing::warn!(key, error = %e, "could not abort an interrupted multipart upload");
+                        continue;
+                    }
+                }
+            }
+            tokio::fs::remove_file(e.path()).await?;
+            aborted += 1;
+        }
+        Ok(aborted)
+    }
+}
