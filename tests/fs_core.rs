@@ -686,7 +686,11 @@ async fn run_model(ops: Vec<Op>) {
                         (a.ino, fh)
                     }
                 };
-                fs.write(fh, u64::from(offset), &data).await.unwrap();
+                // Both write paths: the one on the FUSE thread where it applies, the async one otherwise.
+                match fs.write_now(fh, u64::from(offset), &data) {
+                    Some(written) => assert_eq!(written.unwrap() as usize, data.len()),
+                    None => assert_eq!(fs.write(fh, u64::from(offset), &data).await.unwrap() as usize, data.len()),
+                }
                 fs.flush(ino, fh).await.unwrap();
                 fs.release(ino, fh).await.unwrap();
                 let m = model.entry(name).or_default();
@@ -732,6 +736,15 @@ async fn run_model(ops: Vec<Op>) {
         for (name, data) in &model {
             assert_eq!(fs.lookup(dir, n(name)).await.unwrap().size, data.len() as u64, "step {step} {name}");
             assert_eq!(&read_file(&fs, dir, name).await.unwrap(), data, "step {step} {name}");
+            let a = fs.lookup(dir, n(name)).await.unwrap();
+            let fh = fs.open(a.ino, false, false).await.unwrap();
+            let _ = fs.read(fh, 0, u32::MAX).await.unwrap();
+            // Once whole in memory (the download task marks it just after its
+            // last piece), the read on the caller's thread agrees.
+            if let Some(now) = fs.read_now(fh, 0, u32::MAX) {
+                assert_eq!(&now.unwrap(), data, "step {step} {name} (read_now)");
+            }
+            fs.release(a.ino, fh).await.unwrap();
         }
     }
 }
@@ -857,4 +870,44 @@ async fn pass_through_reads_fetch_small_ranges_when_seeking_and_prefetch_when_st
     let windows = outage.take_downloads();
     assert!(windows.len() <= 4, "{} requests for 9.5 MB: {windows:?}", windows.len());
     fs2.release(a.ino, fh).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_writes_without_waiting_apply_only_when_nothing_would_wait() {
+    // setup(): e2e limit 5 MB.
+    let s = setup(&["V"]).await;
+    let data = pattern(3_000_000);
+    let (_writer, fs, outage, attr) = stored_then_faulty(&s, "big.bin", &data).await;
+    outage.hold_downloads_at(Some(chunk_at(2)));
+    let fh = fs.open(attr.ino, false, true).await.unwrap();
+    // Still downloading: neither may answer on the caller's thread.
+    assert!(fs.read_now(fh, 0, 100).is_none(), "the plaintext is not whole yet");
+    assert!(fs.write_now(fh, 0, b"x").is_none(), "a write waits for the whole file");
+    outage.hold_downloads_at(None);
+    assert_eq!(fs.read(fh, 2_000_000, 10).await.unwrap(), &data[2_000_000..2_000_010]);
+    let _ = fs.read(fh, 2_999_999, 1).await.unwrap();
+    // The download task marks the entry whole just after its last piece.
+    let mut whole = None;
+    for _ in 0..100 {
+        whole = fs.read_now(fh, 1000, 10);
+        if whole.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(whole.expect("whole now").unwrap(), &data[1000..1010]);
+    assert!(fs.read_now(fh, 3_000_000, 10).unwrap().unwrap().is_empty(), "at the end");
+    assert_eq!(fs.write_now(fh, 10, b"hello").expect("applies").unwrap(), 5);
+    // Crossing the end-to-end limit starts a stream: that is the async path's job.
+    assert!(fs.write_now(fh, 4_999_999, b"ab").is_none());
+    let mut want = data.clone();
+    want[10..15].copy_from_slice(b"hello");
+    assert_eq!(fs.read_now(fh, 0, u32::MAX).unwrap().unwrap(), want);
+    assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"dirty");
+    fs.flush(attr.ino, fh).await.unwrap();
+    fs.release(attr.ino, fh).await.unwrap();
+    // What the fast path wrote is what was stored.
+    let other = mount(s.alice.clone()).await;
+    let r = r_ino(&other).await;
+    assert!(read_file(&other, r, "big.bin").await.unwrap() == want);
 }
