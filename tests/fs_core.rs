@@ -689,7 +689,9 @@ async fn run_model(ops: Vec<Op>) {
                 // Both write paths: the one on the FUSE thread where it applies, the async one otherwise.
                 match fs.write_now(fh, u64::from(offset), &data) {
                     Some(written) => assert_eq!(written.unwrap() as usize, data.len()),
-                    None => assert_eq!(fs.write(fh, u64::from(offset), &data).await.unwrap() as usize, data.len()),
+                    None => {
+                        assert_eq!(fs.write(fh, u64::from(offset), &data).await.unwrap() as usize, data.len())
+                    }
                 }
                 fs.flush(ino, fh).await.unwrap();
                 fs.release(ino, fh).await.unwrap();

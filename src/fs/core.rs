@@ -1184,7 +1184,8 @@ impl<R: Remote> VaultFs<R> {
         let id = self.handle_file(fh).ok()?;
         let end = offset.checked_add(data.len() as u64)?;
         let rules = self.file_policy(id);
-        if end > rules.e2e_limit || check_size(&rules, end).is_err() || lock(&self.streams).contains_key(&id) {
+        if end > rules.e2e_limit || check_size(&rules, end).is_err() || lock(&self.streams).contains_key(&id)
+        {
             return None;
         }
         let handle = self.cache.peek(id)?;
