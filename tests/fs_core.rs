@@ -535,6 +535,17 @@ async fn tampered_names_and_titles_are_listed_as_unreadable_and_give_eio() {
     let err = fresh.lookup(d.ino, n(bad_file)).await.unwrap_err();
     assert_eq!(err.errno(), libc::EIO, "{err}");
     assert!(err.to_string().contains(&f.id.to_string()), "the error names the file: {err}");
+    // Listings with attributes give none for it (so the kernel caches nothing
+    // and each use comes back as EIO), nor may a lookup skip the check.
+    let plus = fresh.readdir_plus(d.ino).await.unwrap();
+    for (_, _, name, attr) in &plus {
+        assert_eq!(attr.is_none(), name == bad_file.as_str(), "{name:?}");
+    }
+    assert_eq!(fresh.lookup_now(d.ino, n(bad_file)).expect("fresh").unwrap_err().errno(), libc::EIO);
+    let bad_ino =
+        fresh.readdir(v.ino).await.unwrap().into_iter().find(|e| e.2 == bad_dir.as_str()).unwrap().0;
+    assert!(fresh.readdir_plus_now(bad_ino).is_none() && fresh.readdir_now(bad_ino).is_none());
+    assert_eq!(fresh.readdir_plus(bad_ino).await.unwrap_err().errno(), libc::EIO);
     // The others are untouched.
     assert_eq!(read_file(&fresh, d.ino, "fine.txt").await.unwrap(), b"fine");
 }
@@ -912,4 +923,37 @@ async fn reads_and_writes_without_waiting_apply_only_when_nothing_would_wait() {
     let other = mount(s.alice.clone()).await;
     let r = r_ino(&other).await;
     assert!(read_file(&other, r, "big.bin").await.unwrap() == want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_listings_answer_lookups_and_listings_without_the_server() {
+    use vaultfs::fs::core::LISTING_TTL;
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    write_file(&fs, r.ino, "a.txt", b"hello").await;
+    let a = fs.lookup_now(r.ino, n("a.txt")).expect("the listing is fresh").unwrap();
+    assert_eq!(a.size, 5);
+    assert!(matches!(fs.lookup_now(r.ino, n("nope")), Some(Err(FsError::NotFound))));
+    let long = "x".repeat(300);
+    assert!(matches!(fs.lookup_now(r.ino, n(&long)), Some(Err(FsError::NameTooLong))));
+    let plus = fs.readdir_plus_now(r.ino).expect("fresh").unwrap();
+    assert_eq!(plus.len(), 1);
+    assert_eq!((plus[0].0, plus[0].1, plus[0].2.as_os_str()), (a.ino, Kind::File, n("a.txt")));
+    let attr = plus[0].3.as_ref().expect("a readable entry has attributes");
+    assert_eq!((attr.ino, attr.size, attr.mtime), (a.ino, 5, a.mtime));
+    let names = fs.readdir_now(v.ino).expect("fresh").unwrap();
+    assert_eq!(names, vec![(r.ino, Kind::Dir, OsString::from("r"))]);
+    // Another client adds a file. Once the listing's reuse time is over, the
+    // answers without the server step aside and the async path fetches it.
+    let other = mount(s.alice.clone()).await;
+    write_file(&other, r_ino(&other).await, "b.txt", b"x").await;
+    tokio::time::sleep(LISTING_TTL + std::time::Duration::from_millis(100)).await;
+    assert!(fs.lookup_now(r.ino, n("b.txt")).is_none(), "stale listing: must ask the server");
+    assert!(fs.readdir_plus_now(r.ino).is_none() && fs.readdir_now(r.ino).is_none());
+    let plus = fs.readdir_plus(r.ino).await.unwrap();
+    let names: Vec<_> = plus.iter().map(|e| e.2.clone()).collect();
+    assert_eq!(names, ["a.txt", "b.txt"]);
+    assert_eq!(fs.lookup_now(r.ino, n("b.txt")).expect("fresh again").unwrap().size, 1);
 }

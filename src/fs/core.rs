@@ -92,6 +92,11 @@ pub struct Attr {
     pub nlink: u32,
 }
 
+/// A directory entry: inode, kind and name.
+pub type Entry = (Ino, Kind, OsString);
+/// A directory entry with its attributes, `None` if its name failed its check.
+pub type EntryPlus = (Ino, Kind, OsString, Option<Attr>);
+
 /// Options of a mount.
 #[derive(Debug, Clone)]
 pub struct FsOptions {
@@ -656,6 +661,21 @@ impl<R: Remote> VaultFs<R> {
     }
 
     /// Makes sure the children of directory `ino` are known.
+    /// Whether directory `ino`'s listing is fresh, so looking in it needs no
+    /// server: then the FUSE adapter answers on its own thread.
+    fn listing_fresh(&self, ino: Ino) -> bool {
+        let tree = lock(&self.tree);
+        let fresh = |t: &Instant| t.elapsed() < LISTING_TTL;
+        // An unreadable directory is not fresh: the async path reports it.
+        match tree.node(ino).ok() {
+            Some(Node::Root) => tree.root_loaded.as_ref().is_some_and(fresh),
+            Some(Node::Vault { vault } | Node::Record { info: RecordInfo { vault, .. }, .. }) => {
+                tree.vault_loaded.get(vault).is_some_and(fresh)
+            }
+            _ => false,
+        }
+    }
+
     async fn load_dir(&self, ino: Ino) -> Result<()> {
         let node = lock(&self.tree).node(ino)?.clone();
         match node {
@@ -749,6 +769,11 @@ impl<R: Remote> VaultFs<R> {
 
     /// Attributes of `ino`.
     pub async fn getattr(&self, ino: Ino) -> Result<Attr> {
+        self.getattr_now(ino)
+    }
+
+    /// Attributes of `ino`: always known without asking the server.
+    pub fn getattr_now(&self, ino: Ino) -> Result<Attr> {
         let tree = lock(&self.tree);
         let node = tree.node(ino)?;
         Ok(self.attr_of(&tree, ino, node))
@@ -760,24 +785,75 @@ impl<R: Remote> VaultFs<R> {
             return Err(FsError::NameTooLong);
         }
         self.load_dir(parent).await?;
+        self.lookup_loaded(parent, name)
+    }
+
+    /// [`VaultFs::lookup`] when the listing is fresh; `None` if it must be
+    /// fetched first (then the caller takes the async path).
+    pub fn lookup_now(&self, parent: Ino, name: &OsStr) -> Option<Result<Attr>> {
+        if name.len() > NAME_MAX {
+            return Some(Err(FsError::NameTooLong));
+        }
+        self.listing_fresh(parent).then(|| self.lookup_loaded(parent, name))
+    }
+
+    fn lookup_loaded(&self, parent: Ino, name: &OsStr) -> Result<Attr> {
         let tree = lock(&self.tree);
         let ino = tree.child(parent, name).ok_or(FsError::NotFound)?;
         Ok(self.attr_of(&tree, ino, tree.node(ino)?))
     }
 
     /// The entries of directory `ino` (without `.` and `..`).
-    pub async fn readdir(&self, ino: Ino) -> Result<Vec<(Ino, Kind, OsString)>> {
+    pub async fn readdir(&self, ino: Ino) -> Result<Vec<Entry>> {
         self.load_dir(ino).await?;
+        self.names_of(ino)
+    }
+
+    fn names_of(&self, ino: Ino) -> Result<Vec<Entry>> {
+        self.entries(ino, |_, _, _| ())
+            .map(|v| v.into_iter().map(|(ino, kind, name, ())| (ino, kind, name)).collect())
+    }
+
+    /// [`VaultFs::readdir`] when the listing is fresh; `None` if it must be
+    /// fetched first.
+    pub fn readdir_now(&self, ino: Ino) -> Option<Result<Vec<Entry>>> {
+        self.listing_fresh(ino).then(|| self.names_of(ino))
+    }
+
+    /// The entries of directory `ino` with their attributes (for readdirplus,
+    /// which spares the kernel a lookup per entry); `None` for an entry whose
+    /// name or title failed its check, whose every use must reach us (EIO).
+    pub async fn readdir_plus(&self, ino: Ino) -> Result<Vec<EntryPlus>> {
+        self.load_dir(ino).await?;
+        self.entries_plus(ino)
+    }
+
+    fn entries_plus(&self, ino: Ino) -> Result<Vec<EntryPlus>> {
+        self.entries(ino, |fs, tree, (child, node)| {
+            (!tree.unreadable.contains_key(&child)).then(|| fs.attr_of(tree, child, node))
+        })
+    }
+
+    /// [`VaultFs::readdir_plus`] when the listing is fresh; `None` if it must
+    /// be fetched first.
+    pub fn readdir_plus_now(&self, ino: Ino) -> Option<Result<Vec<EntryPlus>>> {
+        self.listing_fresh(ino).then(|| self.entries_plus(ino))
+    }
+
+    /// The children of a loaded directory, each with `extra(child)`.
+    fn entries<T>(
+        &self,
+        ino: Ino,
+        extra: impl Fn(&Self, &Tree, (Ino, &Node)) -> T,
+    ) -> Result<Vec<(Ino, Kind, OsString, T)>> {
         let tree = lock(&self.tree);
         let kids = tree.children.get(&ino).ok_or(FsError::NotDir)?;
         Ok(kids
             .iter()
             .filter_map(|(name, &child)| {
-                let kind = match tree.nodes.get(&child)? {
-                    Node::File { .. } => Kind::File,
-                    _ => Kind::Dir,
-                };
-                Some((child, kind, name.clone()))
+                let node = tree.nodes.get(&child)?;
+                let kind = if matches!(node, Node::File { .. }) { Kind::File } else { Kind::Dir };
+                Some((child, kind, name.clone(), extra(self, &tree, (child, node))))
             })
             .collect())
     }

@@ -14,13 +14,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
-    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 use tracing::Instrument;
 
-use super::core::{Attr, Kind, VaultFs};
+use super::core::{Attr, Entry, EntryPlus, Kind, VaultFs};
 use super::error::FsError;
 use crate::remote::Remote;
 
@@ -74,6 +75,14 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         // Large writes: fewer round trips through the kernel for sequential writes.
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_readahead(MAX_WRITE);
+        // Listings carry each entry's attributes (readdirplus), so `ls -l` and
+        // `find` cost one request per directory instead of one per entry; the
+        // kernel picks plain readdir where attributes would go unused.
+        if let Err(missing) =
+            config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO)
+        {
+            tracing::debug!(?missing, "kernel without readdirplus: listings without attributes");
+        }
         Ok(())
     }
 
@@ -86,6 +95,11 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.fs.lookup_now(parent.0, name) {
+            Some(Ok(a)) => return reply.entry(&TTL, &self.owner.attr(&a), Generation(0)),
+            Some(Err(e)) => return reply.error(errno("lookup", &e)),
+            None => {}
+        }
         let (fs, name, me) = (Arc::clone(&self.fs), name.to_owned(), self.owner);
         self.spawn("lookup", parent.0, async move {
             match fs.lookup(parent.0, &name).await {
@@ -96,13 +110,11 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let (fs, me) = (Arc::clone(&self.fs), self.owner);
-        self.spawn("getattr", ino.0, async move {
-            match fs.getattr(ino.0).await {
-                Ok(a) => reply.attr(&TTL, &me.attr(&a)),
-                Err(e) => reply.error(errno("getattr", &e)),
-            }
-        });
+        // Attributes never need the server: answered here.
+        match self.fs.getattr_now(ino.0) {
+            Ok(a) => reply.attr(&TTL, &self.owner.attr(&a)),
+            Err(e) => reply.error(errno("getattr", &e)),
+        }
     }
 
     fn setattr(
@@ -328,23 +340,32 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         });
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+        if let Some(entries) = self.fs.readdir_now(ino.0) {
+            return reply_dir(&self.fs, ino.0, offset, entries, reply);
+        }
         let fs = Arc::clone(&self.fs);
         self.spawn("readdir", ino.0, async move {
-            let entries = match fs.readdir(ino.0).await {
-                Ok(e) => e,
-                Err(e) => return reply.error(errno("readdir", &e)),
-            };
-            let parent = fs.parent(ino.0);
-            let all =
-                [(ino.0, Kind::Dir, ".".into()), (parent, Kind::Dir, "..".into())].into_iter().chain(entries);
-            for (i, (child, kind, name)) in all.enumerate().skip(offset as usize) {
-                let kind = if kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile };
-                if reply.add(INodeNo(child), (i + 1) as u64, kind, &name) {
-                    break;
-                }
-            }
-            reply.ok();
+            let entries = fs.readdir(ino.0).await;
+            reply_dir(&fs, ino.0, offset, entries, reply);
+        });
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectoryPlus,
+    ) {
+        if let Some(entries) = self.fs.readdir_plus_now(ino.0) {
+            return reply_plus(&self.fs, self.owner, ino.0, offset, entries, reply);
+        }
+        let (fs, me) = (Arc::clone(&self.fs), self.owner);
+        self.spawn("readdirplus", ino.0, async move {
+            let entries = fs.readdir_plus(ino.0).await;
+            reply_plus(&fs, me, ino.0, offset, entries, reply);
         });
     }
 
@@ -397,6 +418,71 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             Err(e) => reply.error(errno("listxattr", &e)),
         }
     }
+}
+
+/// Answers a readdir from `entries` (the directory's children), starting after
+/// the kernel's `offset`.
+fn reply_dir<R: Remote>(
+    fs: &VaultFs<R>,
+    ino: u64,
+    offset: u64,
+    entries: Result<Vec<Entry>, FsError>,
+    mut reply: ReplyDirectory,
+) {
+    let entries = match entries {
+        Ok(e) => e,
+        Err(e) => return reply.error(errno("readdir", &e)),
+    };
+    let parent = fs.parent(ino);
+    let all = [(ino, Kind::Dir, ".".into()), (parent, Kind::Dir, "..".into())].into_iter().chain(entries);
+    for (i, (child, kind, name)) in all.enumerate().skip(offset as usize) {
+        let kind = if kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile };
+        if reply.add(INodeNo(child), (i + 1) as u64, kind, &name) {
+            break;
+        }
+    }
+    reply.ok();
+}
+
+/// Answers a readdirplus from `entries` (the directory's children with their
+/// attributes), starting after the kernel's `offset`.
+fn reply_plus<R: Remote>(
+    fs: &VaultFs<R>,
+    me: Owner,
+    ino: u64,
+    offset: u64,
+    entries: Result<Vec<EntryPlus>, FsError>,
+    mut reply: ReplyDirectoryPlus,
+) {
+    let entries = match entries {
+        Ok(e) => e,
+        Err(e) => return reply.error(errno("readdirplus", &e)),
+    };
+    let dots = [ino, fs.parent(ino)].map(|i| fs.getattr_now(i));
+    let [Ok(this), Ok(parent)] = dots else {
+        return reply.error(Errno::from_i32(FsError::NotFound.errno()));
+    };
+    let all = [(Some(this), ino, Kind::Dir, ".".into()), (Some(parent), parent.ino, Kind::Dir, "..".into())]
+        .into_iter()
+        .chain(entries.into_iter().map(|(child, kind, name, attr)| (attr, child, kind, name)));
+    for (i, (attr, child, kind, name)) in all.enumerate().skip(offset as usize) {
+        // An entry that failed its check is listed but not cached (TTL 0), so
+        // each use of it comes back to us and gets EIO.
+        let (attr, ttl) = match attr {
+            Some(a) => (a, TTL),
+            None => {
+                let epoch = SystemTime::UNIX_EPOCH;
+                (
+                    Attr { ino: child, kind, size: 0, mtime: epoch, atime: epoch, perm: 0, nlink: 1 },
+                    Duration::ZERO,
+                )
+            }
+        };
+        if reply.add(INodeNo(child), (i + 1) as u64, &name, &ttl, &me.attr(&attr), Generation(0)) {
+            break;
+        }
+    }
+    reply.ok();
 }
 
 /// Who files are presented as owned by; copied into each task to build replies.
