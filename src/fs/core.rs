@@ -660,7 +660,6 @@ impl<R: Remote> VaultFs<R> {
         Ok(())
     }
 
-    /// Makes sure the children of directory `ino` are known.
     /// Whether directory `ino`'s listing is fresh, so looking in it needs no
     /// server: then the FUSE adapter answers on its own thread.
     fn listing_fresh(&self, ino: Ino) -> bool {
@@ -676,6 +675,7 @@ impl<R: Remote> VaultFs<R> {
         }
     }
 
+    /// Makes sure the children of directory `ino` are known.
     async fn load_dir(&self, ino: Ino) -> Result<()> {
         let node = lock(&self.tree).node(ino)?.clone();
         match node {
@@ -1128,12 +1128,9 @@ impl<R: Remote> VaultFs<R> {
         }
         let handle = self.cache.peek(id).ok_or(FsError::Io("file data evicted while open".into()))?;
         let want = offset.saturating_add(u64::from(size));
-        let (d, len) = self.ready(id, &handle, Some(want)).await?;
-        if offset >= len {
-            return Ok(Vec::new());
-        }
-        let end = (offset + u64::from(size)).min(len);
-        Ok(d.bytes[offset as usize..end as usize].to_vec())
+        // Ready means the bytes up to `want` (or the end) have arrived.
+        let (d, _) = self.ready(id, &handle, Some(want)).await?;
+        Ok(slice_of(&d.bytes, offset, size))
     }
 
     /// Serves a read on the calling thread when the plaintext is already whole
@@ -1151,12 +1148,7 @@ impl<R: Remote> VaultFs<R> {
         if !d.loaded {
             return None;
         }
-        let len = d.bytes.len() as u64;
-        if offset >= len {
-            return Some(Ok(Vec::new()));
-        }
-        let end = offset.saturating_add(u64::from(size)).min(len);
-        Some(Ok(d.bytes[offset as usize..end as usize].to_vec()))
+        Some(Ok(slice_of(&d.bytes, offset, size)))
     }
 
     async fn read_pass_through(
@@ -2215,6 +2207,14 @@ fn mark_unreadable(tree: &mut Tree, ino: Ino, failed: Option<String>) {
 
 /// Grows a plaintext buffer to `len` with zeros, moving (and wiping) the old
 /// allocation ourselves so no copy of plaintext is left in freed memory.
+/// A copy of up to `size` bytes of `bytes` at `offset` (empty past the end).
+fn slice_of(bytes: &[u8], offset: u64, size: u32) -> Vec<u8> {
+    let len = bytes.len() as u64;
+    let start = offset.min(len);
+    let end = offset.saturating_add(u64::from(size)).min(len);
+    bytes[start as usize..end as usize].to_vec()
+}
+
 fn grow(bytes: &mut Zeroizing<Vec<u8>>, len: usize) {
     if bytes.capacity() >= len {
         bytes.resize(len, 0);

@@ -147,7 +147,9 @@ impl Multipart {
     async fn start(s: &S3BlobStore, key: &ObjectPath, id: BlobId) -> Result<Self, BlobError> {
         let upload = s.store.create_multipart(key).await.map_err(store_err)?;
         // Journal it (durably) before any part is sent: a crash from here on
-        // is cleaned up at the next start.
+        // is cleaned up at the next start. The journal holds only the object
+        // key (a random, server-chosen blob id) and the store's upload id: the
+        // server never has plaintext, keys or names to write.
         let journal = s.journal.join(id.to_hex());
         let entry = format!("{key}\n{upload}\n");
         let path = journal.clone();
