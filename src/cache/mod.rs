@@ -8,17 +8,18 @@
 //! pinned* (no open handle). Open and dirty files are never evicted, so the
 //! budget is soft for them: a user editing more than the budget at once is
 //! allowed to, and a warning is logged. Evicted and dropped buffers are wiped
-//! (`Zeroizing`) before their memory is returned.
+//! ([`SecretBuf`]) before their memory is returned.
 //!
 //! `harden.rs` keeps plaintext from reaching disk by other routes: core dumps are
 //! disabled and memory is locked against swap where the system allows.
 
+pub mod buf;
 pub mod harden;
+
+pub use buf::SecretBuf;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-
-use zeroize::Zeroizing;
 
 use crate::ids::FileId;
 
@@ -26,7 +27,7 @@ use crate::ids::FileId;
 #[derive(Default)]
 pub struct PlainData {
     /// The bytes; wiped on drop.
-    pub bytes: Zeroizing<Vec<u8>>,
+    pub bytes: SecretBuf,
     /// Changed since the last successful upload.
     pub dirty: bool,
     /// The server version these bytes correspond to (before local changes).
@@ -227,7 +228,7 @@ mod tests {
         let h = cache.pin(id(n));
         {
             let mut d = h.lock().await;
-            d.bytes = Zeroizing::new(vec![n; len]);
+            d.bytes = SecretBuf::from_vec(vec![n; len]);
             d.loaded = true;
             d.dirty = dirty;
         }

@@ -23,7 +23,7 @@
 
 use zeroize::Zeroizing;
 
-use super::aead::{self, SubKey, KEY_LEN, NONCE_PREFIX_LEN, NONCE_SUFFIX_LEN, TAG_LEN, XNONCE_LEN};
+use super::aead::{self, Sink, SubKey, KEY_LEN, NONCE_PREFIX_LEN, NONCE_SUFFIX_LEN, TAG_LEN, XNONCE_LEN};
 use super::error::{auth_failure, check_prefix, length_failure, CryptoError, IntegrityFailure, Result};
 use super::keys::{ContentKey, KeyId, VaultKey, KEY_ID_LEN};
 use super::offsets::{ChunkIndex, Layout, CHUNK_SIZE, HEADER_LEN};
@@ -232,7 +232,7 @@ impl FileEncryptor {
         layout: &Layout,
         next: &mut ChunkIndex,
         plaintext: &[u8],
-        out: &mut Vec<u8>,
+        out: &mut (impl Sink + ?Sized),
     ) -> Result<()> {
         let last = *next == layout.last_chunk();
         subkey.seal_into(&chunk_nonce_suffix(*next, last), &[], plaintext, out)?;
@@ -242,7 +242,7 @@ impl FileEncryptor {
 
     /// Encrypts `input`, appending every chunk it completes to `out`. Writing more
     /// than the declared length is an error.
-    pub fn update(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<()> {
+    pub fn update(&mut self, mut input: &[u8], out: &mut (impl Sink + ?Sized)) -> Result<()> {
         let total = self.consumed.checked_add(input.len() as u64);
         if total.is_none_or(|t| t > self.layout.plaintext_len()) {
             return Err(CryptoError::Misuse("more plaintext than declared"));
@@ -270,7 +270,7 @@ impl FileEncryptor {
 
     /// Completes the upload. Fails if fewer bytes were written than declared (the
     /// output would not be a valid file).
-    pub fn finish(mut self, out: &mut Vec<u8>) -> Result<()> {
+    pub fn finish(mut self, out: &mut (impl Sink + ?Sized)) -> Result<()> {
         if self.consumed != self.layout.plaintext_len() {
             return Err(CryptoError::Misuse("less plaintext than declared"));
         }
@@ -351,7 +351,12 @@ impl FileDecryptor {
 
     /// Decrypts chunk `index` (`sealed` is exactly that chunk's ciphertext and tag),
     /// appending its plaintext to `out`. Nothing is appended on failure.
-    pub fn decrypt_chunk(&self, index: ChunkIndex, sealed: &[u8], out: &mut Vec<u8>) -> Result<()> {
+    pub fn decrypt_chunk(
+        &self,
+        index: ChunkIndex,
+        sealed: &[u8],
+        out: &mut (impl Sink + ?Sized),
+    ) -> Result<()> {
         if !self.layout.contains(index) || sealed.len() as u64 != self.layout.chunk_cipher_len(index) {
             return Err(length_failure());
         }
@@ -361,7 +366,12 @@ impl FileDecryptor {
 
     /// Decrypts consecutive chunks starting at `first`; `sealed` must hold whole
     /// chunks and nothing more. All or nothing: on failure `out` is unchanged.
-    pub fn decrypt_chunks(&self, first: ChunkIndex, mut sealed: &[u8], out: &mut Vec<u8>) -> Result<()> {
+    pub fn decrypt_chunks(
+        &self,
+        first: ChunkIndex,
+        mut sealed: &[u8],
+        out: &mut (impl Sink + ?Sized),
+    ) -> Result<()> {
         let start = out.len();
         let mut index = first;
         let result = (|| {
@@ -378,8 +388,7 @@ impl FileDecryptor {
             Ok(())
         })();
         if result.is_err() {
-            zeroize::Zeroize::zeroize(&mut out[start..]);
-            out.truncate(start);
+            out.wipe_to(start);
         }
         result
     }
@@ -410,7 +419,7 @@ impl std::fmt::Debug for StreamDecryptor {
 impl StreamDecryptor {
     /// Feeds ciphertext, appending the plaintext of every chunk it completes.
     /// After any error the stream stays failed.
-    pub fn update(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<()> {
+    pub fn update(&mut self, input: &[u8], out: &mut (impl Sink + ?Sized)) -> Result<()> {
         if self.failed {
             return Err(auth_failure());
         }
@@ -419,7 +428,7 @@ impl StreamDecryptor {
         result
     }
 
-    fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<()> {
+    fn feed(&mut self, mut input: &[u8], out: &mut (impl Sink + ?Sized)) -> Result<()> {
         while !input.is_empty() {
             let len = self.dec.layout.chunk_cipher_len(self.next) as usize;
             if len == 0 {

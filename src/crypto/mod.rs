@@ -23,6 +23,7 @@ pub mod offsets;
 pub mod random;
 pub mod wallet;
 
+pub use aead::Sink;
 pub use error::{CryptoError, IntegrityFailure};
 pub use file::{
     decrypt_file, encrypt_file, peek_header, rewrap_header, FileContext, FileDecryptor, FileEncryptor,

@@ -24,10 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use zeroize::Zeroizing;
-
 use super::error::{FsError, Result};
-use crate::cache::{PlainCache, PlainData, PlainHandle};
+use crate::cache::{PlainCache, PlainData, PlainHandle, SecretBuf};
 use crate::crypto::{self, encrypt_file, open_name, seal_name, FileContext, Layout, NameContext, OsRandom};
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::policy::{Oversize, Policy, VaultPolicy};
@@ -969,7 +967,7 @@ impl<R: Remote> VaultFs<R> {
         {
             let mut d = handle.lock().await;
             *d = PlainData {
-                bytes: Zeroizing::new(Vec::new()),
+                bytes: SecretBuf::new(),
                 dirty: false,
                 version: info.version,
                 loaded: true,
@@ -1046,7 +1044,7 @@ impl<R: Remote> VaultFs<R> {
                     d.dirty = true;
                 }
                 self.cancel_fill(info.id, &mut d);
-                d.bytes = Zeroizing::new(Vec::new());
+                d.bytes = SecretBuf::new();
                 d.loaded = true;
                 d.version = d.version.max(info.version);
                 if d.dirty {
@@ -1291,7 +1289,7 @@ impl<R: Remote> VaultFs<R> {
         tracing::trace!(file = %id, offset, len = data.len(), "write");
         let end = offset as usize + data.len();
         if d.bytes.len() < end {
-            grow(&mut d.bytes, end);
+            d.bytes.resize(end);
         }
         d.bytes[offset as usize..end].copy_from_slice(data);
         d.dirty = true;
@@ -1341,7 +1339,7 @@ impl<R: Remote> VaultFs<R> {
         // Hand the buffer itself to the upload rather than a copy (30 MB by
         // default): this file is not end-to-end encrypted, and a copy would double
         // the memory this stage needs.
-        let first = bytes::Bytes::from(std::mem::take(&mut *d.bytes));
+        let first = std::mem::take(&mut d.bytes).into_bytes();
         d.loaded = false;
         d.dirty = false;
         lock(&self.streams).insert(id, Streaming { tx: Some(tx.clone()), task: Some(task), sent, ino });
@@ -1489,12 +1487,7 @@ impl<R: Remote> VaultFs<R> {
                     d.loaded = true;
                     if d.bytes.len() as u64 != size {
                         let size = size as usize;
-                        if size < d.bytes.len() {
-                            zeroize::Zeroize::zeroize(&mut d.bytes[size..]);
-                            d.bytes.truncate(size);
-                        } else {
-                            grow(&mut d.bytes, size);
-                        }
+                        d.bytes.resize(size);
                         d.dirty = true;
                         self.note_change(info.id, size as u64);
                         if size == 0 {
@@ -1625,7 +1618,7 @@ impl<R: Remote> VaultFs<R> {
                 // The original now shows the server's version; ours lives in the copy.
                 d.dirty = false;
                 d.loaded = false;
-                d.bytes = Zeroizing::new(Vec::new());
+                d.bytes = SecretBuf::new();
                 self.forget_unsaved(info.id);
                 Ok(())
             }
@@ -1664,7 +1657,7 @@ impl<R: Remote> VaultFs<R> {
             Ok(Reduced::Smaller { bytes, width, height }) => {
                 tracing::info!(file = %id, from = d.bytes.len(), to = bytes.len(), width, height, "image reduced");
                 let len = bytes.len();
-                d.bytes = Zeroizing::new(bytes);
+                d.bytes = SecretBuf::from_vec(bytes);
                 // Not the user's change: a time set with utimensat stays.
                 lock(&self.local_sizes).insert(id, (len as u64, SystemTime::now()));
                 self.cache.account(id, len);
@@ -2205,25 +2198,12 @@ fn mark_unreadable(tree: &mut Tree, ino: Ino, failed: Option<String>) {
     };
 }
 
-/// Grows a plaintext buffer to `len` with zeros, moving (and wiping) the old
-/// allocation ourselves so no copy of plaintext is left in freed memory.
 /// A copy of up to `size` bytes of `bytes` at `offset` (empty past the end).
 fn slice_of(bytes: &[u8], offset: u64, size: u32) -> Vec<u8> {
     let len = bytes.len() as u64;
     let start = offset.min(len);
     let end = offset.saturating_add(u64::from(size)).min(len);
     bytes[start as usize..end as usize].to_vec()
-}
-
-fn grow(bytes: &mut Zeroizing<Vec<u8>>, len: usize) {
-    if bytes.capacity() >= len {
-        bytes.resize(len, 0);
-        return;
-    }
-    let mut bigger = Zeroizing::new(Vec::with_capacity(len.max(bytes.capacity() * 2)));
-    bigger.extend_from_slice(bytes);
-    bigger.resize(len, 0);
-    *bytes = bigger; // the old buffer is zeroized as it drops
 }
 
 /// `report.pdf` -> `report (conflict 2026-11-23 051500).pdf`.
@@ -2280,12 +2260,5 @@ mod tests {
         assert_eq!(display_name(b"a/b"), "_a_b");
         assert_eq!(display_name(b".."), "_..");
         assert_eq!(display_name(b"fine"), "fine");
-    }
-
-    #[test]
-    fn growing_keeps_content_and_zero_fills() {
-        let mut b = Zeroizing::new(b"abc".to_vec());
-        grow(&mut b, 6);
-        assert_eq!(&b[..], b"abc\0\0\0");
     }
 }

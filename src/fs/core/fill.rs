@@ -19,10 +19,9 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use tokio::sync::watch;
-use zeroize::Zeroizing;
 
 use super::{lock, FsError, Result, VaultFs};
-use crate::cache::{PlainData, PlainHandle};
+use crate::cache::{PlainData, PlainHandle, SecretBuf};
 use crate::crypto::{self, CryptoError, FileContext, FileDecryptor, HEADER_LEN};
 use crate::ids::FileId;
 use crate::protocol::FileInfo;
@@ -64,7 +63,7 @@ impl<R: Remote> VaultFs<R> {
     fn start_fill(self: &Arc<Self>, info: &FileInfo, handle: &PlainHandle, d: &mut PlainData) -> Arc<Fill> {
         let (state, _) = watch::channel(FillState::Running { ready: 0, total: None });
         let fill = Arc::new(Fill { state });
-        d.bytes = Zeroizing::new(Vec::new());
+        d.bytes = SecretBuf::new();
         d.loaded = false;
         d.filling = true;
         d.version = info.version; // until the download says which version it got
@@ -149,7 +148,7 @@ impl<R: Remote> VaultFs<R> {
                 self.cache.account(info.id, len);
             }
             Err(e) => {
-                d.bytes = Zeroizing::new(Vec::new());
+                d.bytes = SecretBuf::new();
                 drop(d);
                 if matches!(e, FsError::Integrity { .. }) {
                     tracing::error!(file = %info.id, error = %e, "refusing to read a file that failed its integrity check");
@@ -204,7 +203,7 @@ impl<R: Remote> VaultFs<R> {
             if !self.is_current(info.id, fill, &d) {
                 return Ok(());
             }
-            d.bytes = Zeroizing::new(Vec::with_capacity(total as usize));
+            d.bytes = SecretBuf::with_capacity(total as usize);
             d.version = content.version;
         }
         self.cache.account(info.id, total as usize);
