@@ -17,8 +17,9 @@
 //! deletes the old blob after the commit. A crash anywhere leaves the old version
 //! (plus at most an orphan blob, collected at the next start).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -179,12 +180,24 @@ pub struct Upload {
     pub body: ByteStream,
 }
 
+/// How long a session looked up in the database is trusted without looking
+/// again. A request otherwise starts with a database round trip just to learn
+/// who is asking; with this, a burst of requests (a `tar -x`, a `cp -r`) costs
+/// one lookup a second. A logout through this server ends the session at once;
+/// a user removed or reset with `vaultfs admin` (another process) is refused
+/// from at most this long later.
+pub const SESSION_CACHE: std::time::Duration = std::time::Duration::from_secs(1);
+/// Sessions kept in that cache before expired entries are swept.
+const SESSION_CACHE_ENTRIES: usize = 1024;
+
 /// The vault service over a blob store.
 pub struct Service<B> {
     meta: Arc<Mutex<Meta>>,
     blobs: B,
     secret: [u8; 32],
     config: ServiceConfig,
+    /// Recently confirmed sessions: SHA-256 of the token -> user, and when.
+    sessions: Mutex<HashMap<[u8; 32], (User, Instant)>>,
 }
 
 fn sha256(parts: &[&[u8]]) -> [u8; 32] {
@@ -193,6 +206,19 @@ fn sha256(parts: &[&[u8]]) -> [u8; 32] {
         h.update(p);
     }
     h.finalize().into()
+}
+
+/// What a member's rights (`None`: not a member, or no such object) allow.
+fn check_rights(rights: Option<Rights>, need: Rights, what: &'static str) -> Result<Rights> {
+    match rights {
+        None => Err(ServiceError::NotFound(what)),
+        Some(r) if r < need => Err(ServiceError::Forbidden(format!(
+            "you have {} rights in this vault; this needs {}",
+            r.as_str(),
+            need.as_str()
+        ))),
+        Some(r) => Ok(r),
+    }
 }
 
 /// Unix time in seconds.
@@ -209,7 +235,7 @@ impl<B: BlobStore> Service<B> {
     /// A service over an open metadata store and blob store.
     pub fn new(mut meta: Meta, blobs: B, config: ServiceConfig) -> Result<Self> {
         let secret = meta.server_secret()?;
-        Ok(Service { meta: Arc::new(Mutex::new(meta)), blobs, secret, config })
+        Ok(Service { meta: Arc::new(Mutex::new(meta)), blobs, secret, config, sessions: Mutex::default() })
     }
 
     /// Runs an administrative operation on the metadata store (users, limits).
@@ -315,19 +341,35 @@ impl<B: BlobStore> Service<B> {
         self.new_session(id).await
     }
 
+    fn session_cache(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (User, Instant)>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The caller behind a bearer token.
     pub async fn authenticate(&self, token: &str) -> Result<Caller> {
         let raw = crate::ids::hex_decode(token).ok_or(ServiceError::Unauthorized)?;
         let hash = sha256(&[&raw]);
+        if let Some((user, _)) =
+            self.session_cache().get(&hash).filter(|(_, at)| at.elapsed() < SESSION_CACHE)
+        {
+            return Ok(Caller { user: user.clone() });
+        }
         let now = now_secs();
         let user = self.db(move |m| m.session_user(&hash, now)).await?;
-        user.map(|user| Caller { user }).ok_or(ServiceError::Unauthorized)
+        let user = user.ok_or(ServiceError::Unauthorized)?;
+        let mut cache = self.session_cache();
+        if cache.len() >= SESSION_CACHE_ENTRIES {
+            cache.retain(|_, (_, at)| at.elapsed() < SESSION_CACHE);
+        }
+        cache.insert(hash, (user.clone(), Instant::now()));
+        Ok(Caller { user })
     }
 
     /// Ends the session of `token`.
     pub async fn logout(&self, token: &str) -> Result<()> {
         let raw = crate::ids::hex_decode(token).ok_or(ServiceError::Unauthorized)?;
         let hash = sha256(&[&raw]);
+        self.session_cache().remove(&hash);
         self.db(move |m| m.delete_session(&hash)).await
     }
 
@@ -363,27 +405,48 @@ impl<B: BlobStore> Service<B> {
         what: &'static str,
     ) -> Result<Rights> {
         let id = caller.user.id;
-        match self.db(move |m| m.rights(id, vault)).await? {
-            None => Err(ServiceError::NotFound(what)),
-            Some(r) if r < need => Err(ServiceError::Forbidden(format!(
-                "you have {} rights in this vault; this needs {}",
-                r.as_str(),
-                need.as_str()
-            ))),
-            Some(r) => Ok(r),
-        }
+        check_rights(self.db(move |m| m.rights(id, vault)).await?, need, what)
     }
 
+    /// A record and the caller's rights in its vault, in one trip to the database.
     async fn record_checked(&self, caller: &Caller, id: RecordId, need: Rights) -> Result<RecordInfo> {
-        let record = self.db(move |m| m.record(id)).await?;
-        self.require(caller, record.vault, need, "record").await?;
+        let uid = caller.user.id;
+        let (record, rights) = self
+            .db(move |m| {
+                let record = m.record(id)?;
+                let rights = m.rights(uid, record.vault)?;
+                Ok((record, rights))
+            })
+            .await?;
+        check_rights(rights, need, "record")?;
         Ok(record)
     }
 
+    /// A file and the caller's rights in its vault, in one trip to the
+    /// database; with `e2e_check`, also whether its vault requires end-to-end
+    /// encrypted content.
+    async fn file_checked_with(
+        &self,
+        caller: &Caller,
+        id: FileId,
+        need: Rights,
+        e2e_check: bool,
+    ) -> Result<(FileRow, bool)> {
+        let uid = caller.user.id;
+        let (row, rights, e2e_required) = self
+            .db(move |m| {
+                let row = m.file(id)?;
+                let rights = m.rights(uid, row.info.vault)?;
+                let required = e2e_check && rights.is_some() && m.e2e_required(row.info.vault)?;
+                Ok((row, rights, required))
+            })
+            .await?;
+        check_rights(rights, need, "file")?;
+        Ok((row, e2e_required))
+    }
+
     async fn file_checked(&self, caller: &Caller, id: FileId, need: Rights) -> Result<FileRow> {
-        let row = self.db(move |m| m.file(id)).await?;
-        self.require(caller, row.info.vault, need, "file").await?;
-        Ok(row)
+        Ok(self.file_checked_with(caller, id, need, false).await?.0)
     }
 
     // ---- vaults ------------------------------------------------------------
@@ -511,9 +574,19 @@ impl<B: BlobStore> Service<B> {
 
     /// Creates an empty file in a record.
     pub async fn create_file(&self, caller: &Caller, record: RecordId, f: NewFile) -> Result<FileInfo> {
-        self.record_checked(caller, record, Rights::Write).await?;
-        let now = now_ms();
-        self.db(move |m| m.create_file(record, &f, now)).await
+        let (uid, now) = (caller.user.id, now_ms());
+        // The check and the insert in one trip to the database.
+        let (rights, created) = self
+            .db(move |m| {
+                let rights = m.rights(uid, m.record(record)?.vault)?;
+                if check_rights(rights, Rights::Write, "record").is_err() {
+                    return Ok((rights, None));
+                }
+                Ok((rights, Some(m.create_file(record, &f, now)?)))
+            })
+            .await?;
+        check_rights(rights, Rights::Write, "record")?;
+        created.ok_or_else(|| ServiceError::Internal("file not created".into()))
     }
 
     /// One file's metadata.
@@ -600,9 +673,8 @@ impl<B: BlobStore> Service<B> {
 
     /// Replaces a file's content (see the module comment for the protocol).
     pub async fn upload(&self, caller: &Caller, id: FileId, up: Upload) -> Result<UploadResult> {
-        let row = self.file_checked(caller, id, Rights::Write).await?;
-        let vault = row.info.vault;
-        if !up.e2e && self.db(move |m| m.e2e_required(vault)).await? {
+        let (row, e2e_required) = self.file_checked_with(caller, id, Rights::Write, !up.e2e).await?;
+        if e2e_required {
             return Err(ServiceError::E2eRequired);
         }
         if let Some(copy) = &up.conflict_copy {
