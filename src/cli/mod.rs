@@ -92,6 +92,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
 
 /// Parses `std::env::args` and runs the command.
 pub fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     init_logging();
     let result: CliResult = match cli.command {
@@ -111,6 +112,29 @@ pub fn main() -> ExitCode {
             eprintln!("vaultfs: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Large allocations that glibc would map afresh, and freed memory it would
+/// give back to the system, are kept for reuse instead. The server and the
+/// mount move network buffers of hundreds of kilobytes (and up to a few
+/// megabytes) through the allocator all the time; with glibc's defaults each
+/// came back as fresh pages, and in perf their page faults were about a fifth
+/// of the server's CPU time on a 30 MB upload. Plaintext is not affected:
+/// it lives in buffers of its own that are wiped before release
+/// (`cache::SecretBuf`), whatever the allocator does with the memory after.
+#[allow(unsafe_code)]
+fn tune_allocator() {
+    /// Allocations below this come from the heap, not from a fresh mapping.
+    const MMAP_THRESHOLD: libc::c_int = 32 << 20;
+    /// Free memory at the top of the heap kept before any is given back.
+    const TRIM_THRESHOLD: libc::c_int = 256 << 20;
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any
+    // thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
     }
 }
 

@@ -1118,17 +1118,17 @@ impl<R: Remote> VaultFs<R> {
     }
 
     /// Reads up to `size` bytes at `offset`.
-    pub async fn read(self: &Arc<Self>, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+    pub async fn read(self: &Arc<Self>, fh: u64, offset: u64, size: u32) -> Result<ReadData> {
         let id = self.handle_file(fh)?;
         let pass = lock(&self.pass_reads).get(&fh).cloned();
         if let Some(pass) = pass {
-            return self.read_pass_through(&pass, offset, size).await;
+            return self.read_pass_through(&pass, offset, size).await.map(ReadData::Fetched);
         }
         let handle = self.cache.peek(id).ok_or(FsError::Io("file data evicted while open".into()))?;
         let want = offset.saturating_add(u64::from(size));
         // Ready means the bytes up to `want` (or the end) have arrived.
         let (d, _) = self.ready(id, &handle, Some(want)).await?;
-        Ok(slice_of(&d.bytes, offset, size))
+        Ok(ReadData::plain(d, offset, size))
     }
 
     /// Serves a read on the calling thread when the plaintext is already whole
@@ -1136,17 +1136,17 @@ impl<R: Remote> VaultFs<R> {
     /// (still downloading, being saved, or passed through), and then the caller
     /// takes [`VaultFs::read`]. Handing each small read to the runtime costs more
     /// than the copy (two thread wake-ups), which is what random 4 KiB reads pay.
-    pub fn read_now(&self, fh: u64, offset: u64, size: u32) -> Option<Result<Vec<u8>>> {
+    pub fn read_now(&self, fh: u64, offset: u64, size: u32) -> Option<Result<ReadData>> {
         let id = self.handle_file(fh).ok()?;
         if lock(&self.pass_reads).contains_key(&fh) {
             return None;
         }
         let handle = self.cache.peek(id)?;
-        let d = handle.try_lock().ok()?;
+        let d = handle.try_lock_owned().ok()?;
         if !d.loaded {
             return None;
         }
-        Some(Ok(slice_of(&d.bytes, offset, size)))
+        Some(Ok(ReadData::plain(d, offset, size)))
     }
 
     async fn read_pass_through(
@@ -1480,7 +1480,7 @@ impl<R: Remote> VaultFs<R> {
                     let mut d = if size > 0 {
                         self.ready(info.id, &handle, None).await?.0
                     } else {
-                        let mut d = handle.lock().await;
+                        let mut d = Arc::clone(&handle).lock_owned().await;
                         self.cancel_fill(info.id, &mut d);
                         d
                     };
@@ -2198,12 +2198,53 @@ fn mark_unreadable(tree: &mut Tree, ino: Ino, failed: Option<String>) {
     };
 }
 
-/// A copy of up to `size` bytes of `bytes` at `offset` (empty past the end).
-fn slice_of(bytes: &[u8], offset: u64, size: u32) -> Vec<u8> {
-    let len = bytes.len() as u64;
-    let start = offset.min(len);
-    let end = offset.saturating_add(u64::from(size)).min(len);
-    bytes[start as usize..end as usize].to_vec()
+/// What a read returns. Drop it as soon as the bytes are sent: a window of
+/// cached plaintext keeps the file's lock until then, and a download filling
+/// the file waits for it.
+pub enum ReadData {
+    /// A window of a file's plaintext in the cache, handed to the kernel while
+    /// the file's lock is held: no copy, and no copy left in freed memory.
+    Plain {
+        /// The file's data, locked.
+        data: tokio::sync::OwnedMutexGuard<PlainData>,
+        /// The window (clipped to the end of the file).
+        range: Range<usize>,
+    },
+    /// Bytes fetched from the server for a file passed through (not end-to-end
+    /// encrypted).
+    Fetched(Vec<u8>),
+}
+
+impl ReadData {
+    /// Up to `size` bytes of `data` at `offset` (none past the end).
+    fn plain(data: tokio::sync::OwnedMutexGuard<PlainData>, offset: u64, size: u32) -> Self {
+        let len = data.bytes.len() as u64;
+        let start = offset.min(len);
+        let end = offset.saturating_add(u64::from(size)).min(len);
+        ReadData::Plain { data, range: start as usize..end as usize }
+    }
+}
+
+impl std::ops::Deref for ReadData {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ReadData::Plain { data, range } => &data.bytes[range.clone()],
+            ReadData::Fetched(bytes) => bytes,
+        }
+    }
+}
+
+impl<T: AsRef<[u8]> + ?Sized> PartialEq<T> for ReadData {
+    fn eq(&self, other: &T) -> bool {
+        **self == *other.as_ref()
+    }
+}
+
+impl std::fmt::Debug for ReadData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReadData({} bytes)", self.len())
+    }
 }
 
 /// `report.pdf` -> `report (conflict 2026-11-23 051500).pdf`.

@@ -11,5 +11,5 @@ pub mod error;
 pub mod fuse;
 pub mod reduce;
 
-pub use self::core::{Attr, FsOptions, Ino, Kind, VaultFs, ROOT};
+pub use self::core::{Attr, FsOptions, Ino, Kind, ReadData, VaultFs, ROOT};
 pub use self::error::FsError;

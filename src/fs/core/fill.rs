@@ -18,7 +18,7 @@
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedMutexGuard};
 
 use super::{lock, FsError, Result, VaultFs};
 use crate::cache::{PlainData, PlainHandle, SecretBuf};
@@ -93,14 +93,14 @@ impl<R: Remote> VaultFs<R> {
     /// Waits until the entry behind `handle` holds its first `want` bytes, or
     /// the whole file if `want` is `None`, starting a download if none is under
     /// way. Returns the entry's lock and the file's length.
-    pub(super) async fn ready<'a>(
+    pub(super) async fn ready(
         self: &Arc<Self>,
         id: FileId,
-        handle: &'a PlainHandle,
+        handle: &PlainHandle,
         want: Option<u64>,
-    ) -> Result<(tokio::sync::MutexGuard<'a, PlainData>, u64)> {
+    ) -> Result<(OwnedMutexGuard<PlainData>, u64)> {
         loop {
-            let mut d = handle.lock().await;
+            let mut d = Arc::clone(handle).lock_owned().await;
             if d.loaded {
                 let len = d.bytes.len() as u64;
                 return Ok((d, len));
