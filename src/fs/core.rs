@@ -36,7 +36,11 @@ use crate::remote::account::Unlocked;
 use crate::remote::{Remote, RemoteError, UploadBody};
 
 mod fill;
+mod passread;
 mod save;
+
+use passread::PassRead;
+pub use passread::READ_AHEAD;
 
 /// Inode number.
 pub type Ino = u64;
@@ -48,9 +52,6 @@ pub const LISTING_TTL: Duration = Duration::from_secs(2);
 /// Longest name, as on most Linux filesystems.
 pub const NAME_MAX: usize = 255;
 
-/// Read-ahead for files above the end-to-end limit, which are read from the
-/// server in ranges instead of being held whole: 4 MiB per open handle.
-pub const READ_AHEAD: u64 = 4 << 20;
 /// Writes queued towards a streaming upload before a writer waits (each at most
 /// one FUSE write of 1 MiB): the memory bound of a pass-through upload.
 const STREAM_QUEUE: usize = 8;
@@ -222,54 +223,6 @@ struct Streaming {
     task: Option<tokio::task::JoinHandle<std::result::Result<crate::protocol::UploadResult, RemoteError>>>,
     sent: u64,
     ino: Ino,
-}
-
-/// The read-ahead window of one handle on a pass-through file.
-struct PassRead {
-    file: FileId,
-    size: u64,
-    start: u64,
-    window: Vec<u8>,
-    /// Where the last read ended: a read starting there is sequential.
-    last_end: u64,
-    /// The next window, already being downloaded while the current one is
-    /// read (sequential reading only): its start and the download.
-    next: Option<(u64, tokio::task::JoinHandle<Result<Vec<u8>>>)>,
-}
-
-impl Drop for PassRead {
-    fn drop(&mut self) {
-        if let Some((_, task)) = self.next.take() {
-            task.abort();
-        }
-    }
-}
-
-/// What a random (not sequential) read of a pass-through file fetches: enough
-/// for the kernel's read, not a whole read-ahead window.
-const RANDOM_FETCH: u64 = 128 << 10;
-
-/// Downloads `range` of a pass-through file into `buf` (cleared first, its
-/// allocation reused), refusing more bytes than asked.
-async fn fetch_range<R: Remote>(
-    remote: &R,
-    file: FileId,
-    range: Range<u64>,
-    buf: &mut Vec<u8>,
-) -> Result<()> {
-    let len = (range.end - range.start) as usize;
-    let content = remote.download(file, Some(range)).await?;
-    buf.clear();
-    buf.reserve_exact(len);
-    let mut stream = content.stream;
-    while let Some(piece) = futures_util::StreamExt::next(&mut stream).await {
-        let piece = piece.map_err(|e| FsError::Unavailable(e.to_string()))?;
-        if buf.len() + piece.len() > len {
-            return Err(FsError::Io("the server returned more than asked".into()));
-        }
-        buf.extend_from_slice(&piece);
-    }
-    Ok(())
 }
 
 /// How far an upload got.
@@ -1021,15 +974,8 @@ impl<R: Remote> VaultFs<R> {
         if !write && !truncate && !info.e2e && info.size > 0 && !cached {
             // Above the end-to-end limit: read in ranges from the server, never whole.
             let fh = self.new_handle(info.id);
-            let window = PassRead {
-                file: info.id,
-                size: info.size,
-                start: 0,
-                window: Vec::new(),
-                last_end: 0,
-                next: None,
-            };
-            lock(&self.pass_reads).insert(fh, Arc::new(tokio::sync::Mutex::new(window)));
+            let reader = PassRead::new(info.id, info.size);
+            lock(&self.pass_reads).insert(fh, Arc::new(tokio::sync::Mutex::new(reader)));
             self.cache.pin(info.id);
             return Ok((fh, false));
         }
@@ -1147,72 +1093,6 @@ impl<R: Remote> VaultFs<R> {
             return None;
         }
         Some(Ok(ReadData::plain(d, offset, size)))
-    }
-
-    async fn read_pass_through(
-        self: &Arc<Self>,
-        pass: &tokio::sync::Mutex<PassRead>,
-        offset: u64,
-        size: u32,
-    ) -> Result<Vec<u8>> {
-        let mut p = pass.lock().await;
-        if offset >= p.size {
-            return Ok(Vec::new());
-        }
-        let end = (offset + u64::from(size)).min(p.size);
-        let sequential = offset == p.last_end;
-        p.last_end = end;
-        let window_end = p.start + p.window.len() as u64;
-        if offset < p.start || end > window_end {
-            let next = p.next.take();
-            let prefetched = match next {
-                // The window that follows, fetched while the last was read.
-                Some((start, task)) if start == offset || (start <= offset && sequential) => {
-                    match task.await {
-                        Ok(Ok(bytes)) if start + bytes.len() as u64 >= end => Some((start, bytes)),
-                        _ => None, // fetch again below; errors are reported by that fetch
-                    }
-                }
-                Some((_, task)) => {
-                    task.abort();
-                    None
-                }
-                None => None,
-            };
-            match prefetched {
-                Some((start, bytes)) => {
-                    p.start = start;
-                    p.window = bytes;
-                }
-                None => {
-                    // Sequential reading gets a whole read-ahead window (one
-                    // request per window, not per kernel read); a random read
-                    // only what it needs, so seeking costs one small request.
-                    let want = if sequential || offset == 0 { READ_AHEAD } else { RANDOM_FETCH };
-                    let fetch_end = (offset + want.max(u64::from(size))).min(p.size);
-                    let mut buf = std::mem::take(&mut p.window);
-                    fetch_range(self.remote(), p.file, offset..fetch_end, &mut buf).await?;
-                    p.start = offset;
-                    p.window = buf;
-                }
-            }
-            if (p.window.len() as u64) < end - p.start {
-                return Err(FsError::Io("the server returned less than asked".into()));
-            }
-            // Reading front to back: start downloading the next window now.
-            let next_start = p.start + p.window.len() as u64;
-            if sequential && p.next.is_none() && next_start < p.size && p.window.len() as u64 >= READ_AHEAD {
-                let (fs, file, next_end) = (Arc::clone(self), p.file, (next_start + READ_AHEAD).min(p.size));
-                let task = tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    fetch_range(fs.remote(), file, next_start..next_end, &mut buf).await?;
-                    Ok(buf)
-                });
-                p.next = Some((next_start, task));
-            }
-        }
-        let from = (offset - p.start) as usize;
-        Ok(p.window[from..from + (end - offset) as usize].to_vec())
     }
 
     /// Writes `data` at `offset`.
@@ -2212,7 +2092,7 @@ pub enum ReadData {
     },
     /// Bytes fetched from the server for a file passed through (not end-to-end
     /// encrypted).
-    Fetched(Vec<u8>),
+    Fetched(bytes::Bytes),
 }
 
 impl ReadData {

@@ -3,7 +3,8 @@
 //! off, answers every call with [`RemoteError::Unavailable`] without reaching the
 //! inner one. Downloads can also be held at a byte offset (a slow link: what is
 //! before it arrives, the rest waits), broken off there if the server goes down
-//! meanwhile, or have one byte flipped (a tampering server).
+//! meanwhile, or have one byte flipped (a tampering server). Downloads arrive
+//! in pieces of at most 64 KiB, as over a network.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -160,7 +161,12 @@ impl<R: Remote> Remote for FaultyRemote<R> {
     }
 }
 
-/// `inner` (content from `start` on) with the download faults of `outage` applied.
+/// The largest piece a download delivers at once, as a connection would
+/// (the in-memory server hands over whole ranges).
+const NET_PIECE: usize = 64 << 10;
+
+/// `inner` (content from `start` on) with the download faults of `outage`
+/// applied, in pieces of at most [`NET_PIECE`].
 fn faulty_stream(inner: ByteStream, start: u64, outage: Outage) -> ByteStream {
     let state = (inner, start, outage, None::<bytes::Bytes>);
     Box::pin(futures_util::stream::unfold(state, |(mut inner, pos, outage, leftover)| async move {
@@ -181,6 +187,12 @@ fn faulty_stream(inner: ByteStream, start: u64, outage: Outage) -> ByteStream {
         }
         if let Some(hold) = outage.hold_at().filter(|&h| h < pos + piece.len() as u64) {
             leftover = Some(piece.split_off((hold - pos) as usize));
+        }
+        if piece.len() > NET_PIECE {
+            // As a network delivers it: the rest comes as later pieces.
+            let mut rest = piece.split_off(NET_PIECE).to_vec();
+            rest.extend_from_slice(&leftover.take().unwrap_or_default());
+            leftover = Some(rest.into());
         }
         let flip = *outage.0.flip_at.lock().unwrap();
         if let Some(at) = flip.filter(|&at| at >= pos && at < pos + piece.len() as u64) {

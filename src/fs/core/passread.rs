@@ -1,0 +1,248 @@
+//! Reading a file above the end-to-end limit: plain bytes from the server,
+//! never held whole.
+//!
+//! Data flow. Each open handle has a [`PassRead`]: the bytes it fetched last,
+//! as the pieces they arrived in, and, while the file is read front to back,
+//! one streamed download of the rest of the file. A pump task pulls that
+//! download into a queue at most [`READ_AHEAD`] bytes ahead of the reader
+//! (a semaphore counts the bytes), so the network, the server and TLS work
+//! while the application handles what it already has, and one request serves
+//! the whole file instead of one per window. Reads take their bytes from the
+//! pieces held, pulling more from the queue as needed; pieces more than
+//! [`KEEP_BEHIND`] behind the latest read are let go (the kernel's read-ahead
+//! sends a few reads at once, which may arrive slightly out of order).
+//!
+//! A read anywhere else is a seek: the download stops, and the read fetches
+//! just what it needs ([`RANDOM_FETCH`]), so random access costs one small
+//! request per read. A read that continues where the last one ended starts a
+//! streamed download again.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, Semaphore};
+
+use super::{FsError, Result, VaultFs};
+use crate::ids::FileId;
+use crate::remote::Remote;
+
+/// How far a streamed download may run ahead of the reader: the memory bound
+/// of one handle reading a large file front to back.
+pub const READ_AHEAD: u64 = 8 << 20;
+/// Bytes kept behind the latest read, for reads the kernel sent at the same
+/// time but that arrive a little out of order.
+const KEEP_BEHIND: u64 = 1 << 20;
+/// Pieces the pump may queue: many, so that [`READ_AHEAD`] (in bytes) is the
+/// bound that applies, whatever size of pieces the connection delivers.
+const PIECES_AHEAD: usize = 4096;
+/// What a random (not sequential) read fetches: enough for the kernel's read,
+/// not a stream.
+const RANDOM_FETCH: u64 = 128 << 10;
+
+/// What one handle on a pass-through file holds.
+pub(super) struct PassRead {
+    file: FileId,
+    size: u64,
+    /// Bytes `start .. start + held` of the file, in order.
+    pieces: VecDeque<Bytes>,
+    start: u64,
+    held: u64,
+    /// Where the last read ended: a read starting there is sequential.
+    last_end: u64,
+    /// The download continuing at `start + held`, if one is running.
+    feed: Option<Feed>,
+}
+
+/// A streamed download of the rest of a file, pumped into a queue.
+struct Feed {
+    rx: mpsc::Receiver<Result<Bytes>>,
+    /// Bytes the pump may still queue; the reader gives back what it takes.
+    credit: Arc<Semaphore>,
+    pump: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        // Ends the download (its connection is dropped, not reused).
+        self.pump.abort();
+    }
+}
+
+impl PassRead {
+    /// A handle on `file`, `size` bytes, nothing fetched yet.
+    pub(super) fn new(file: FileId, size: u64) -> Self {
+        PassRead { file, size, pieces: VecDeque::new(), start: 0, held: 0, last_end: 0, feed: None }
+    }
+
+    /// Forgets what is held and starts over at `at`.
+    fn restart(&mut self, at: u64) {
+        self.feed = None;
+        self.pieces.clear();
+        self.start = at;
+        self.held = 0;
+    }
+
+    fn push(&mut self, piece: Bytes) {
+        self.held += piece.len() as u64;
+        self.pieces.push_back(piece);
+    }
+
+    /// Lets go of whole pieces that end before `keep_from`.
+    fn trim(&mut self, keep_from: u64) {
+        while let Some(front) = self.pieces.front() {
+            let len = front.len() as u64;
+            if self.start + len > keep_from {
+                break;
+            }
+            self.start += len;
+            self.held -= len;
+            self.pieces.pop_front();
+        }
+    }
+
+    /// `range` (held entirely): a slice of one piece when it lies within one
+    /// (no copy, the usual case for the kernel's 128 KiB reads of the large
+    /// pieces a connection delivers), else gathered from several.
+    fn bytes(&self, range: Range<u64>) -> Bytes {
+        let mut at = self.start;
+        let mut gathered: Option<Vec<u8>> = None;
+        for piece in &self.pieces {
+            let end = at + piece.len() as u64;
+            if end > range.start && at < range.end {
+                let from = (range.start.max(at) - at) as usize;
+                let to = (range.end.min(end) - at) as usize;
+                if gathered.is_none() && range.start >= at && range.end <= end {
+                    return piece.slice(from..to);
+                }
+                gathered
+                    .get_or_insert_with(|| Vec::with_capacity((range.end - range.start) as usize))
+                    .extend_from_slice(&piece[from..to]);
+            }
+            if end >= range.end {
+                break;
+            }
+            at = end;
+        }
+        gathered.map(Bytes::from).unwrap_or_default()
+    }
+}
+
+/// Pulls `file` from `from` to its end into `tx`, waiting for credit before
+/// each piece.
+async fn pump<R: Remote>(
+    fs: Arc<VaultFs<R>>,
+    file: FileId,
+    range: Range<u64>,
+    tx: mpsc::Sender<Result<Bytes>>,
+    credit: Arc<Semaphore>,
+) {
+    let content = match fs.remote().download(file, Some(range)).await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = tx.send(Err(e.into())).await;
+            return;
+        }
+    };
+    let mut stream = content.stream;
+    while let Some(piece) = stream.next().await {
+        let piece = match piece {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = tx.send(Err(FsError::Unavailable(e.to_string()))).await;
+                return;
+            }
+        };
+        let cost = (piece.len() as u64).min(READ_AHEAD) as u32;
+        match credit.acquire_many(cost).await {
+            Ok(permit) => permit.forget(),
+            Err(_) => return,
+        }
+        if tx.send(Ok(piece)).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl<R: Remote> VaultFs<R> {
+    /// Reads up to `size` bytes at `offset` of a pass-through file.
+    pub(super) async fn read_pass_through(
+        self: &Arc<Self>,
+        pass: &tokio::sync::Mutex<PassRead>,
+        offset: u64,
+        size: u32,
+    ) -> Result<Bytes> {
+        let mut p = pass.lock().await;
+        if offset >= p.size {
+            return Ok(Bytes::new());
+        }
+        let end = (offset + u64::from(size)).min(p.size);
+        let sequential = offset == p.last_end || offset == 0;
+        p.last_end = end;
+        loop {
+            if offset >= p.start && end <= p.start + p.held {
+                let out = p.bytes(offset..end);
+                p.trim(end.saturating_sub(KEEP_BEHIND));
+                return Ok(out);
+            }
+            // Within reach of the running download: wait for its next piece.
+            let reach = p.start + p.held + READ_AHEAD;
+            if p.feed.is_some() && offset >= p.start && end <= reach {
+                let got = match p.feed.as_mut() {
+                    Some(feed) => feed.rx.recv().await,
+                    None => None,
+                };
+                match got {
+                    Some(Ok(piece)) => {
+                        if let Some(feed) = &p.feed {
+                            feed.credit.add_permits((piece.len() as u64).min(READ_AHEAD) as usize);
+                        }
+                        if p.start + p.held + piece.len() as u64 > p.size {
+                            p.restart(0);
+                            return Err(FsError::Io(
+                                "the server returned more than the file's length".into(),
+                            ));
+                        }
+                        p.push(piece);
+                    }
+                    Some(Err(e)) => {
+                        p.restart(0);
+                        return Err(e);
+                    }
+                    None => {
+                        p.restart(0);
+                        return Err(FsError::Io("the server returned less than asked".into()));
+                    }
+                }
+                continue;
+            }
+            // A seek, or the first read.
+            p.restart(offset);
+            if sequential {
+                let (tx, rx) = mpsc::channel(PIECES_AHEAD);
+                let credit = Arc::new(Semaphore::new(READ_AHEAD as usize));
+                let task =
+                    tokio::spawn(pump(Arc::clone(self), p.file, offset..p.size, tx, Arc::clone(&credit)));
+                p.feed = Some(Feed { rx, credit, pump: task });
+                continue;
+            }
+            let fetch_end = (offset + RANDOM_FETCH.max(u64::from(size))).min(p.size);
+            let content = self.remote().download(p.file, Some(offset..fetch_end)).await?;
+            let mut stream = content.stream;
+            while let Some(piece) = stream.next().await {
+                let piece = piece.map_err(|e| FsError::Unavailable(e.to_string()))?;
+                if p.start + p.held + piece.len() as u64 > fetch_end {
+                    p.restart(offset);
+                    return Err(FsError::Io("the server returned more than asked".into()));
+                }
+                p.push(piece);
+            }
+            if p.start + p.held < end {
+                p.restart(offset);
+                return Err(FsError::Io("the server returned less than asked".into()));
+            }
+        }
+    }
+}
