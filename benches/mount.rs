@@ -102,6 +102,29 @@ fn main() {
     let (_, list_warm) = time(|| walk(&root));
     assert_eq!(n, files + 40);
 
+    drop(m);
+
+    // Memory: the plaintext cache stays within its budget however much is read,
+    // so the daemon's peak is the budget plus a fixed overhead. Files together
+    // several times the budget are written, then read cold.
+    let (budget_mib, count, each) = if quick { (8, 4, 3_000_000) } else { (64, 8, 30_000_000) };
+    let mut b = TestMount::start_with(&format!("[mount]\ncache_budget = \"{budget_mib} MiB\"\n"), &[]);
+    let dir = b.path("Family/budget");
+    std::fs::create_dir(&dir).unwrap();
+    let blob: Vec<u8> = (0..each).map(|i| (i * 13 % 251) as u8).collect();
+    for i in 0..count {
+        std::fs::write(dir.join(format!("f{i}")), &blob).unwrap();
+    }
+    b.unmount();
+    b.mount();
+    support::reset_peak_rss(b.pid()).unwrap();
+    let idle_kib = support::peak_rss_kib(b.pid());
+    for i in 0..count {
+        assert!(std::fs::read(b.path(&format!("Family/budget/f{i}"))).unwrap() == blob);
+    }
+    let peak_kib = support::peak_rss_kib(b.pid());
+    drop(b);
+
     println!(
         "\n## vaultfs mount on loopback ({} build)\n",
         if cfg!(debug_assertions) { "debug" } else { "release" }
@@ -144,4 +167,10 @@ fn main() {
         list_cold.as_secs_f64()
     );
     println!("| list them recursively with stat, warm | {:.3} s | |", list_warm.as_secs_f64());
+    println!(
+        "| daemon peak memory reading {count} x {} MB cold with a {budget_mib} MiB cache budget | {} MiB | {} MiB idle after mounting |",
+        each / 1_000_000,
+        peak_kib / 1024,
+        idle_kib / 1024
+    );
 }

@@ -482,27 +482,12 @@ fn background_mount_and_vaultfs_unmount() {
     assert!(gone, "the background daemon did not exit after unmount");
 }
 
-/// Resets the peak resident set size of `pid` (so the Argon2id unlock at mount,
-/// 64 MiB, does not count as the cost of what follows).
-fn reset_peak_rss(pid: u32) {
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn large_files_pass_through_without_being_held_in_memory() {
     let mut m = TestMount::start();
     let dir = m.path("Family/media");
     std::fs::create_dir(&dir).unwrap();
-    reset_peak_rss(m.pid());
+    support::reset_peak_rss(m.pid()).unwrap();
     // Above the default end-to-end limit of 30 MB: streamed as plain HTTPS.
     let data = pattern(250_000_000, 11);
     std::fs::write(dir.join("video.bin"), &data).unwrap_or_else(|e| panic!("writing: {e}\n{}", m.log()));
@@ -518,7 +503,7 @@ fn large_files_pass_through_without_being_held_in_memory() {
         m.log()
     );
     assert_eq!(std::fs::metadata(dir.join("video.bin")).unwrap().len(), 250_000_000);
-    let peak_write = peak_rss_kib(m.pid());
+    let peak_write = support::peak_rss_kib(m.pid());
     let state = |name: &str| {
         let out = Command::new("getfattr")
             .args(["-n", "user.vaultfs.state", "--only-values"])
@@ -549,7 +534,7 @@ fn large_files_pass_through_without_being_held_in_memory() {
     assert!(clean("child.bin"), "{}", m.log());
     m.unmount();
     m.mount();
-    reset_peak_rss(m.pid());
+    support::reset_peak_rss(m.pid()).unwrap();
     assert!(
         std::fs::read(m.path("Family/media/child.bin")).unwrap() == second,
         "the stream went on after the child's close"
@@ -588,9 +573,9 @@ fn large_files_pass_through_without_being_held_in_memory() {
             m.log()
         );
     }
-    let peak_read = peak_rss_kib(m.pid());
+    let peak_read = support::peak_rss_kib(m.pid());
     // Never the whole file in memory: the first 30 MB are buffered until the
-    // limit is passed, then writes stream; reads use a 4 MiB window.
+    // limit is passed, then writes stream; reads stream at most 8 MiB ahead.
     assert!(peak_write < 150 * 1024, "daemon peaked at {peak_write} KiB while writing 250 MB");
     // About 30 MB of that is the idle daemon; the 64 MiB of the Argon2id unlock
     // at mount are not counted (the peak is reset after mounting).

@@ -34,6 +34,23 @@ pub fn unhex(s: &str) -> Vec<u8> {
     vaultfs::ids::hex_decode(s).unwrap_or_else(|| panic!("bad hex in test data: {s:.40}"))
 }
 
+/// Peak resident memory of process `pid` since the last reset, in KiB (0 if
+/// the process is gone).
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Resets the peak resident memory of `pid` to what it uses now (so the
+/// Argon2id unlock at mount, 64 MiB, does not count as the cost of what follows).
+pub fn reset_peak_rss(pid: u32) -> std::io::Result<()> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
+}
+
 /// Prints a suite's result line, and adds it to the report `.ci/test` prints
 /// at the end (VAULTFS_SUITE_REPORT names the file).
 pub fn report(line: &str) {
