@@ -190,6 +190,30 @@ async fn range_reads() {
     assert_eq!(resp.headers()["content-range"], "bytes */200000");
 }
 
+/// A new version replaces the stored content: the old blob is deleted after
+/// the upload is answered (not before), so it may linger for a moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overwrite_deletes_the_replaced_blob() {
+    let s = TestServer::start();
+    let alice = s.user("alice", &[]).await;
+    let vault = new_vault(&alice, false).await;
+    let file = new_file(&alice, new_record(&alice, vault, None).await).await;
+    alice.upload(file, 1, true, None, UploadBody::from_bytes(vec![1u8; 3000])).await.unwrap();
+    let first = s.stored_blobs();
+    assert_eq!(first.len(), 1, "{first:?}");
+    alice.upload(file, 2, true, None, UploadBody::from_bytes(vec![2u8; 2000])).await.unwrap();
+    assert_eq!(read(&alice, file, None).await.unwrap(), vec![2u8; 2000]);
+    let started = Instant::now();
+    loop {
+        let now = s.stored_blobs();
+        if now.len() == 1 && now != first {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the replaced blob stays: {now:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A fresh session token for raw requests (the user's passphrase is known to the harness).
 async fn login_token(s: &TestServer, user: &str) -> String {
     let client = tls_client(s);
