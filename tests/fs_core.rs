@@ -909,6 +909,22 @@ async fn pass_through_reads_fetch_small_ranges_when_seeking_and_prefetch_when_st
     let reordered = outage.take_downloads();
     assert_eq!(reordered.len(), 1, "{reordered:?}");
     fs2.release(a.ino, fh).await.unwrap();
+
+    // Opened again unchanged: the kernel may keep the pages it cached. Once
+    // another client stored a new version, it must drop them, and reads see it.
+    let (fh, keep) = fs2.open_keeping_cache(a.ino, false, false).await.unwrap();
+    assert!(keep, "unchanged pass-through file: pages kept");
+    fs2.release(a.ino, fh).await.unwrap();
+    let changed = pattern(9_000_000).into_iter().map(|b| b ^ 0x5a).collect::<Vec<u8>>();
+    write_over(&fs, r.ino, "movie.bin", &changed).await;
+    let (fh, keep) = fs2.open_keeping_cache(a.ino, false, false).await.unwrap();
+    assert!(!keep, "stale pages must be dropped");
+    assert_eq!(fs2.getattr(a.ino).await.unwrap().size, 9_000_000, "the new size, not the listing's");
+    assert_eq!(fs2.read(fh, 8_990_000, 10_000).await.unwrap(), &changed[8_990_000..]);
+    fs2.release(a.ino, fh).await.unwrap();
+    let (fh, keep) = fs2.open_keeping_cache(a.ino, false, false).await.unwrap();
+    assert!(keep);
+    fs2.release(a.ino, fh).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -300,6 +300,10 @@ pub struct VaultFs<R> {
     chosen_mtimes: Mutex<HashMap<FileId, SystemTime>>,
     /// Read windows of handles reading pass-through files.
     pass_reads: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<PassRead>>>>,
+    /// The version of each pass-through file last opened for reading here:
+    /// while the server still has that version, the kernel may keep the pages
+    /// it cached from it.
+    pass_versions: Mutex<HashMap<FileId, u64>>,
     /// Files unlinked while open: gone from their directory and the server,
     /// still readable and writable through their open handles (POSIX) until
     /// the last one is released; nothing of them is uploaded. Locked after
@@ -382,6 +386,7 @@ impl<R: Remote> VaultFs<R> {
             local_sizes: Mutex::new(HashMap::new()),
             chosen_mtimes: Mutex::new(HashMap::new()),
             pass_reads: Mutex::new(HashMap::new()),
+            pass_versions: Mutex::new(HashMap::new()),
             orphans: Mutex::new(std::collections::HashSet::new()),
             dir_times: Mutex::new(HashMap::new()),
             atimes: Mutex::new(HashMap::new()),
@@ -972,13 +977,23 @@ impl<R: Remote> VaultFs<R> {
         let mut info = self.file_info(ino)?;
         let cached = self.cache.peek(info.id).is_some_and(|h| h.try_lock().map_or(true, |d| d.loaded));
         if !write && !truncate && !info.e2e && info.size > 0 && !cached {
-            // Above the end-to-end limit: read in ranges from the server, never whole.
-            let fh = self.new_handle(info.id);
-            let reader = PassRead::new(info.id, info.size);
-            lock(&self.pass_reads).insert(fh, Arc::new(tokio::sync::Mutex::new(reader)));
-            self.cache.pin(info.id);
-            return Ok((fh, false));
+            // Above the end-to-end limit: read in ranges from the server, never
+            // whole. Asked first which version the server has: the listing may
+            // be a second old, and the kernel may keep the pages it cached
+            // only while the version is the one they came from.
+            info = self.remote().file(info.id).await?;
+            self.set_file_info(ino, |i| *i = info.clone());
+            if !info.e2e && info.size > 0 {
+                let keep = lock(&self.pass_versions).insert(info.id, info.version) == Some(info.version);
+                let fh = self.new_handle(info.id);
+                let reader = PassRead::new(info.id, info.size);
+                lock(&self.pass_reads).insert(fh, Arc::new(tokio::sync::Mutex::new(reader)));
+                self.cache.pin(info.id);
+                return Ok((fh, keep));
+            }
         }
+        // Opened any other way, the kernel's pages are checked by what follows.
+        lock(&self.pass_versions).remove(&info.id);
         if truncate {
             lock(&self.sequential).insert(info.id, 0);
         }
