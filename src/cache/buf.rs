@@ -25,7 +25,7 @@
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 /// Buffers up to this capacity live on the heap; larger ones get a mapping.
 /// Small enough that a 1 MiB write already lands in a mapping, large enough
@@ -155,10 +155,48 @@ impl Mapping {
     }
 }
 
+/// Overwrites `bytes` with zeros at memory speed. `zeroize` stores one byte
+/// at a time through volatile writes, about 0.4 GB/s here: wiping the 30 MB
+/// a pass-through stream starts with took 75 ms, an eighth of the daemon's
+/// time for a 300 MB write. A plain fill compiles to memset; handing the
+/// slice to `black_box` afterwards means the optimizer must assume the zeros
+/// are read, so it cannot drop the stores as dead.
+pub fn wipe(bytes: &mut [u8]) {
+    bytes.fill(0);
+    std::hint::black_box(&*bytes);
+}
+
+/// A copy of plaintext that is wiped with [`wipe`] when dropped: a FUSE
+/// write's data on its way to the cache or to a stream. (`Zeroizing<Vec>`
+/// wiped each 1 MiB write a byte at a time: a tenth of the daemon's time
+/// writing a 300 MB file.)
+pub struct WipedCopy(Vec<u8>);
+
+impl WipedCopy {
+    /// A copy of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        WipedCopy(bytes.to_vec())
+    }
+}
+
+impl Deref for WipedCopy {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for WipedCopy {
+    fn drop(&mut self) {
+        // Built by `to_vec` and never grown: the length is the whole allocation.
+        wipe(&mut self.0);
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // Past `len` everything is zero already.
-        self.bytes_mut().zeroize();
+        wipe(self.bytes_mut());
         // SAFETY: unmaps our own mapping, which nothing borrows any more.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.cap) };
     }
@@ -272,7 +310,7 @@ impl SecretBuf {
         if len >= self.len() {
             return;
         }
-        self[len..].zeroize();
+        wipe(&mut self[len..]);
         match &mut self.repr {
             Repr::Heap(v) => v.truncate(len),
             Repr::Mapped(m) => m.len = len,
@@ -407,6 +445,15 @@ mod tests {
         }
         assert_eq!(buf.as_ptr(), ptr, "the buffer moved while filling its reserved capacity");
         assert_eq!(buf.len(), total);
+    }
+
+    #[test]
+    fn wipe_zeroes_every_byte() {
+        let mut bytes = pattern(3 << 20, 7);
+        bytes[0] = 1;
+        wipe(&mut bytes[1..]);
+        assert_eq!(bytes[0], 1);
+        assert!(bytes[1..].iter().all(|&b| b == 0));
     }
 
     #[test]

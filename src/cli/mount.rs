@@ -282,11 +282,11 @@ pub(crate) fn serve_until_stopped<R: crate::remote::Remote>(
         tracing::error!(failed, "some files could not be saved before unmounting");
     }
     if session_ended {
-        background.join()?;
+        join_session(background)?;
     } else {
         match unmount_path(mountpoint, false) {
             Ok(()) => {
-                background.join()?;
+                join_session(background)?;
                 tracing::info!("unmounted");
             }
             Err(e) => {
@@ -306,6 +306,22 @@ pub(crate) fn serve_until_stopped<R: crate::remote::Remote>(
         return Err(format!("{failed} file(s) could not be saved").into());
     }
     Ok(())
+}
+
+/// Waits for the FUSE session's thread to end, without letting fuser unmount
+/// the mount point once more afterwards. By then the mount is gone (we
+/// unmounted it, or someone did from outside), and fuser's own unmount on drop
+/// goes by path after a check that did not notice: it unmounted whatever had
+/// been mounted there since, so a `vaultfs mount` started right after the
+/// previous one stopped lost its mount about 70 ms later.
+fn join_session(background: fuser::BackgroundSession) -> std::io::Result<()> {
+    let background = std::mem::ManuallyDrop::new(background);
+    // SAFETY: the handle is read out of a value that is never dropped or used
+    // again, so it is owned exactly once. What stays behind (the device's file
+    // descriptor) is released when the process exits, right after this.
+    #[allow(unsafe_code)]
+    let guard = unsafe { std::ptr::read(&background.guard) };
+    guard.join().map_err(|_| std::io::Error::other("the FUSE session thread panicked"))?
 }
 
 /// Points stdin, stdout and stderr at /dev/null.

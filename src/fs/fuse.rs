@@ -292,7 +292,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             None => {}
         }
         let fs = Arc::clone(&self.fs);
-        let data = zeroize::Zeroizing::new(data.to_vec());
+        let data = crate::cache::buf::WipedCopy::of(data);
         self.spawn("write", ino.0, async move {
             match fs.write(fh.0, offset, &data).await {
                 Ok(n) => reply.written(n),
