@@ -25,8 +25,6 @@
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
-use zeroize::Zeroizing;
-
 /// Buffers up to this capacity live on the heap; larger ones get a mapping.
 /// Small enough that a 1 MiB write already lands in a mapping, large enough
 /// that many small files do not use up the process's mapping count
@@ -49,7 +47,7 @@ pub struct SecretBuf {
 }
 
 enum Repr {
-    Heap(Zeroizing<Vec<u8>>),
+    Heap(WipedVec),
     Mapped(Mapping),
 }
 
@@ -166,29 +164,30 @@ pub fn wipe(bytes: &mut [u8]) {
     std::hint::black_box(&*bytes);
 }
 
-/// A copy of plaintext that is wiped with [`wipe`] when dropped: a FUSE
-/// write's data on its way to the cache or to a stream. (`Zeroizing<Vec>`
-/// wiped each 1 MiB write a byte at a time: a tenth of the daemon's time
-/// writing a 300 MB file.)
-pub struct WipedCopy(Vec<u8>);
+/// A heap vector of plaintext, wiped with [`wipe`] (its whole capacity)
+/// when dropped: the small-buffer form of [`SecretBuf`]. (`Zeroizing<Vec>`
+/// wiped a byte at a time: each 1 MiB FUSE write copied for the async path
+/// cost a tenth of the daemon's time writing a 300 MB file.)
+struct WipedVec(Vec<u8>);
 
-impl WipedCopy {
-    /// A copy of `bytes`.
-    pub fn of(bytes: &[u8]) -> Self {
-        WipedCopy(bytes.to_vec())
-    }
-}
-
-impl Deref for WipedCopy {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
+impl Deref for WipedVec {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
         &self.0
     }
 }
 
-impl Drop for WipedCopy {
+impl DerefMut for WipedVec {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+}
+
+impl Drop for WipedVec {
     fn drop(&mut self) {
-        // Built by `to_vec` and never grown: the length is the whole allocation.
+        // Within the capacity, so nothing moves; the spare part gets wiped too.
+        let cap = self.0.capacity();
+        self.0.resize(cap, 0);
         wipe(&mut self.0);
     }
 }
@@ -215,7 +214,7 @@ impl Default for SecretBuf {
 impl SecretBuf {
     /// An empty buffer (no allocation).
     pub fn new() -> Self {
-        SecretBuf { repr: Repr::Heap(Zeroizing::new(Vec::new())) }
+        SecretBuf { repr: Repr::Heap(WipedVec(Vec::new())) }
     }
 
     /// An empty buffer that can take `cap` bytes without moving.
@@ -227,7 +226,7 @@ impl SecretBuf {
 
     /// Takes over `bytes` (wiped when this buffer drops).
     pub fn from_vec(bytes: Vec<u8>) -> Self {
-        SecretBuf { repr: Repr::Heap(Zeroizing::new(bytes)) }
+        SecretBuf { repr: Repr::Heap(WipedVec(bytes)) }
     }
 
     /// Bytes held.
@@ -272,7 +271,7 @@ impl SecretBuf {
             }
             Repr::Heap(v) if total <= MAP_THRESHOLD => {
                 // Grown by hand so the old allocation is wiped, not just freed.
-                let mut bigger = Zeroizing::new(Vec::with_capacity(want.min(MAP_THRESHOLD).max(total)));
+                let mut bigger = WipedVec(Vec::with_capacity(want.min(MAP_THRESHOLD).max(total)));
                 bigger.extend_from_slice(v);
                 *v = bigger;
             }
@@ -284,7 +283,7 @@ impl SecretBuf {
                 m.set_len(v.len());
                 m.bytes_mut().copy_from_slice(v);
                 // The heap copy is wiped as `v`'s old value drops.
-                *v = Zeroizing::new(Vec::new());
+                *v = WipedVec(Vec::new());
                 self.repr = Repr::Mapped(m);
             }
         }

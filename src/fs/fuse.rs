@@ -292,7 +292,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             None => {}
         }
         let fs = Arc::clone(&self.fs);
-        let data = crate::cache::buf::WipedCopy::of(data);
+        let data = crate::cache::SecretBuf::from_vec(data.to_vec());
         self.spawn("write", ino.0, async move {
             match fs.write(fh.0, offset, &data).await {
                 Ok(n) => reply.written(n),
