@@ -22,7 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::mount::TestMount;
-use support::{peak_rss_kib, reset_peak_rss};
+use support::{peak_rss_kib, reset_peak_rss, xattr};
 
 struct Config {
     quick: bool,
@@ -187,20 +187,6 @@ impl System for Vaultfs {
         });
         true
     }
-}
-
-/// An extended attribute of `path` as text (empty if it has none).
-fn xattr(path: &Path, name: &str) -> String {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    let name = std::ffi::CString::new(name).unwrap();
-    let mut buf = [0u8; 64];
-    // SAFETY: both strings are NUL-terminated; getxattr writes at most buf.len() bytes.
-    let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        return String::new();
-    }
-    String::from_utf8_lossy(&buf[..n as usize]).into_owned()
 }
 
 struct Rclone {

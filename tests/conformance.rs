@@ -239,12 +239,7 @@ fn fsx_100000_random_operations_on_an_end_to_end_file() {
     std::fs::create_dir(m.path("Family/fsx")).unwrap();
     let file = m.path("Family/fsx/e2e.bin");
     fsx(&m, &file, 256 * 1024, 100_000, 20261123);
-    let e2e = Command::new("getfattr")
-        .args(["-n", "user.vaultfs.e2e", "--only-values"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&e2e.stdout), "1");
+    assert_eq!(support::xattr(&file, "user.vaultfs.e2e"), "1");
     report("fsx, end-to-end file (100,000 operations) | 1 | 0 | no miscompare");
 }
 

@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::mount::TestMount;
+use support::{fxattr, xattr};
 
 /// The tests here run one at a time. A test that forks (every Command) while
 /// another holds a file open for writing gives the child a copy of that
@@ -19,24 +20,6 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn xattr(path: &Path, name: &str) -> String {
-    let out = Command::new("getfattr").args(["-n", name, "--only-values"]).arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// An extended attribute read through an open descriptor (no path lookup,
-/// which would ask the server).
-fn fxattr(fd: i32, name: &str) -> String {
-    let name = std::ffi::CString::new(name).unwrap();
-    let mut buf = [0u8; 64];
-    // SAFETY: fgetxattr writes at most buf.len() bytes into buf.
-    let n = unsafe { libc::fgetxattr(fd, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        return String::new();
-    }
-    String::from_utf8_lossy(&buf[..n as usize]).into_owned()
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {

@@ -389,9 +389,12 @@ async fn a_bad_chunk_or_a_broken_download_fails_reads_with_eio_and_recovers() {
     outage.hold_downloads_at(Some(0));
     let waiting = tokio::time::timeout(std::time::Duration::from_millis(300), fs.read(fh, 0, 4096)).await;
     assert!(waiting.is_err(), "a read after a failure must wait for a fresh download");
-    outage.hold_downloads_at(None);
     // Chunks before the damage authenticate again; the damaged one fails again.
+    // (Held before the damage until the first read is answered: released at
+    // once, the download could fail the file before that read is even asked.)
+    outage.hold_downloads_at(Some(chunk_at(10)));
     assert_eq!(fs.read(fh, 0, 4096).await.unwrap(), &data[..4096]);
+    outage.hold_downloads_at(None);
     let err = fs.read(fh, 1_000_000, 4096).await.unwrap_err();
     assert_eq!(err.errno(), libc::EIO, "{err}");
     // The server behaves again: the next read downloads the file afresh.

@@ -491,27 +491,15 @@ fn large_files_pass_through_without_being_held_in_memory() {
     // Above the default end-to-end limit of 30 MB: streamed as plain HTTPS.
     let data = pattern(250_000_000, 11);
     std::fs::write(dir.join("video.bin"), &data).unwrap_or_else(|e| panic!("writing: {e}\n{}", m.log()));
-    let out = Command::new("getfattr")
-        .args(["-n", "user.vaultfs.e2e", "--only-values"])
-        .arg(dir.join("video.bin"))
-        .output()
-        .unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
+        support::xattr(&dir.join("video.bin"), "user.vaultfs.e2e"),
         "0",
         "must be marked as not end-to-end encrypted\n{}",
         m.log()
     );
     assert_eq!(std::fs::metadata(dir.join("video.bin")).unwrap().len(), 250_000_000);
     let peak_write = support::peak_rss_kib(m.pid());
-    let state = |name: &str| {
-        let out = Command::new("getfattr")
-            .args(["-n", "user.vaultfs.state", "--only-values"])
-            .arg(dir.join(name))
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let state = |name: &str| support::xattr(&dir.join(name), "user.vaultfs.state");
     // The stream ends at release, just after close returns.
     let clean = |name: &str| {
         (0..300).any(|_| {

@@ -8,14 +8,10 @@ use std::path::Path;
 use std::process::Command;
 
 use support::mount::TestMount;
+use support::xattr;
 
 fn errno_of(r: std::io::Result<impl Sized>) -> Option<i32> {
     r.err().and_then(|e| e.raw_os_error())
-}
-
-fn xattr(path: &Path, name: &str) -> String {
-    let out = Command::new("getfattr").args(["-n", name, "--only-values"]).arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Puts `policy` in place and mounts again.

@@ -61,3 +61,32 @@ pub fn report(line: &str) {
         writeln!(f, "{line}").unwrap();
     }
 }
+
+/// An extended attribute of `path` as text (empty if it has none or it
+/// cannot be read).
+pub fn xattr(path: &std::path::Path, name: &str) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let name = std::ffi::CString::new(name).unwrap();
+    let mut buf = [0u8; 256];
+    // SAFETY: both strings are NUL-terminated; getxattr writes at most buf.len() bytes.
+    let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    xattr_text(n, &buf)
+}
+
+/// An extended attribute read through an open descriptor (no path lookup,
+/// which would ask the server).
+pub fn fxattr(fd: i32, name: &str) -> String {
+    let name = std::ffi::CString::new(name).unwrap();
+    let mut buf = [0u8; 256];
+    // SAFETY: the name is NUL-terminated; fgetxattr writes at most buf.len() bytes.
+    let n = unsafe { libc::fgetxattr(fd, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    xattr_text(n, &buf)
+}
+
+fn xattr_text(n: isize, buf: &[u8]) -> String {
+    match usize::try_from(n) {
+        Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+        Err(_) => String::new(),
+    }
+}
