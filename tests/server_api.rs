@@ -272,6 +272,43 @@ async fn two_concurrent_writers_exactly_one_wins() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_before_the_body_is_read_reaches_the_client() {
+    // A stale upload is refused before its body is read. Closing the
+    // connection on the unread body made the kernel reset it, and the client
+    // then saw a broken pipe (an outage) instead of the conflict it needs to
+    // know about; the server reads what is in flight before it answers.
+    let s = TestServer::start();
+    let alice = s.user("alice", &[]).await;
+    let vault = new_vault(&alice, false).await;
+    let file = new_file(&alice, new_record(&alice, vault, None).await).await;
+    alice.upload(file, 1, true, None, UploadBody::from_bytes(vec![1u8; 1000])).await.unwrap();
+    for round in 0..5 {
+        let stale = UploadBody::from_bytes(vec![2u8; 24_000_000]);
+        let err = alice.upload(file, 1, true, None, stale).await.unwrap_err();
+        assert!(matches!(err, RemoteError::Conflict { .. }), "round {round}: {err:?}");
+    }
+    assert_eq!(read(&alice, file, None).await.unwrap(), vec![1u8; 1000]);
+
+    // The same for a session that has ended (refused before the handler runs).
+    let token = login_token(&s, "alice").await;
+    let client = tls_client(&s);
+    let ended = client.post(format!("{}/v1/logout", s.url)).bearer_auth(&token).send().await.unwrap();
+    assert!(ended.status().is_success(), "{}", ended.status());
+    for round in 0..3 {
+        let resp = client
+            .put(format!("{}/v1/files/{file}/content", s.url))
+            .bearer_auth(&token)
+            .header("if-match", "\"2\"")
+            .header("x-vaultfs-e2e", "1")
+            .body(vec![3u8; 24_000_000])
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e:?}"));
+        assert_eq!(resp.status(), 401, "round {round}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_upload_asking_for_a_conflict_copy_keeps_both() {
     let s = TestServer::start();
     let alice = s.user("alice", &[]).await;

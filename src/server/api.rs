@@ -5,6 +5,7 @@
 //! render its result or error. docs/API.md documents every route and status.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
@@ -14,7 +15,7 @@ use axum::routing::{get, post, put};
 use axum::Router;
 use base64::Engine as _;
 use bytes::Bytes;
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -227,7 +228,76 @@ pub fn router<B: BlobStore>(service: Arc<Service<B>>) -> Router {
         )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .layer(axum::middleware::from_fn(drain_refused_bodies))
         .with_state(service)
+}
+
+/// How long a refused request's unread body is read and dropped, at most.
+const DRAIN_FOR: Duration = Duration::from_secs(30);
+/// A refused body that stops arriving for this long is not waited for.
+const DRAIN_IDLE: Duration = Duration::from_secs(1);
+
+/// Reads what is left of a refused request's body before the answer goes out.
+///
+/// A refusal often comes before the body is read (a stale version, a lapsed
+/// session, a full disk after the first megabytes). Closing the connection
+/// with the client's data unread makes the kernel reset it, and a reset
+/// discards the answer the client has not read yet: our client saw a broken
+/// pipe, took it for an outage and retried, instead of learning of the
+/// conflict or the full disk. So the body is read to its end (bounded by
+/// [`DRAIN_FOR`] and [`DRAIN_IDLE`]), as web servers do with a "lingering
+/// close". A 413 is answered at once: that body is the one thing not to read.
+async fn drain_refused_bodies(req: Request, next: axum::middleware::Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let shared = SharedBody(Arc::new(std::sync::Mutex::new(Some(body))));
+    let answer = next.run(Request::from_parts(parts, Body::new(shared.clone()))).await;
+    let status = answer.status();
+    if (status.is_client_error() || status.is_server_error()) && status != StatusCode::PAYLOAD_TOO_LARGE {
+        let left = shared.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(left) = left {
+            let mut left = left.into_data_stream();
+            let until = tokio::time::Instant::now() + DRAIN_FOR;
+            loop {
+                let wait = until.min(tokio::time::Instant::now() + DRAIN_IDLE);
+                match tokio::time::timeout_at(wait, left.next()).await {
+                    Ok(Some(Ok(_))) => continue,
+                    _ => break,
+                }
+            }
+        }
+    }
+    answer
+}
+
+/// A request body the handler reads while the middleware keeps a way to
+/// take what it left (the handler's copy then ends).
+#[derive(Clone)]
+struct SharedBody(Arc<std::sync::Mutex<Option<Body>>>);
+
+impl axum::body::HttpBody for SharedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        match self.0.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            Some(body) => std::pin::Pin::new(body).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(body) => body.size_hint(),
+            None => http_body::SizeHint::with_exact(0),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|b| b.is_end_stream())
+    }
 }
 
 async fn health() -> impl IntoResponse {
