@@ -34,15 +34,29 @@ async fn setup(vaults: &[&str]) -> Setup {
     Setup { server, alice }
 }
 
+/// Options for mounts that must see another mount's change on their next
+/// open: the server is asked every time (the default trusts its answer for a
+/// second; `an_open_soon_after_the_server_confirmed_...` tests that).
+fn strict() -> FsOptions {
+    FsOptions { confirmed_for: std::time::Duration::ZERO, ..FsOptions::default() }
+}
+
 async fn mount(remote: MemoryRemote) -> Arc<VaultFs<MemoryRemote>> {
     let account = Unlocked::open(remote, b"pw").await.unwrap();
-    Arc::new(VaultFs::new(account, FsOptions::default()).await.unwrap())
+    Arc::new(VaultFs::new(account, strict()).await.unwrap())
 }
 
 async fn mount_faulty(remote: MemoryRemote) -> (Arc<VaultFs<FaultyRemote<MemoryRemote>>>, Outage) {
+    mount_faulty_with(remote, strict()).await
+}
+
+async fn mount_faulty_with(
+    remote: MemoryRemote,
+    options: FsOptions,
+) -> (Arc<VaultFs<FaultyRemote<MemoryRemote>>>, Outage) {
     let (faulty, outage) = FaultyRemote::new(remote);
     let account = Unlocked::open(faulty, b"pw").await.unwrap();
-    (Arc::new(VaultFs::new(account, FsOptions::default()).await.unwrap()), outage)
+    (Arc::new(VaultFs::new(account, options).await.unwrap()), outage)
 }
 
 fn n(s: &str) -> &OsStr {
@@ -337,6 +351,45 @@ async fn stored_then_faulty(
 
 async fn faulty_lookup(fs: &Faulty, name: &str) -> vaultfs::fs::core::Attr {
     fs.lookup(r_ino(fs).await, n(name)).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_soon_after_the_server_confirmed_the_version_does_not_ask_again() {
+    use std::time::Duration;
+    const WINDOW: Duration = Duration::from_millis(400);
+    let s = setup(&["V"]).await;
+    let writer = mount(s.alice.clone()).await;
+    let v = writer.lookup(ROOT, n("V")).await.unwrap();
+    let r = writer.mkdir(v.ino, n("r")).await.unwrap();
+    // End-to-end, and passed through (above the 5 MB end-to-end limit).
+    let files = [("small.bin", pattern(100_000)), ("large.bin", pattern(6_000_000))];
+    for (name, data) in &files {
+        write_file(&writer, r.ino, name, data).await;
+    }
+    let (fs, outage) =
+        mount_faulty_with(s.alice.clone(), FsOptions { confirmed_for: WINDOW, ..strict() }).await;
+    for (name, data) in &files {
+        let attr = faulty_lookup(&fs, name).await;
+        let changed: Vec<u8> = data.iter().map(|b| b ^ 0x5a).collect();
+        for (round, content) in [data, &changed].into_iter().enumerate() {
+            if round == 1 {
+                // Once the answer is older than the window, the next open
+                // asks, and sees another client's change.
+                write_over(&writer, r.ino, name, &changed).await;
+                tokio::time::sleep(WINDOW).await;
+            }
+            let (fh, keep) = fs.open_keeping_cache(attr.ino, false, false).await.unwrap();
+            assert!(!keep, "{name} round {round}: nothing or stale pages cached");
+            assert_eq!(fs.read(fh, 0, 8192).await.unwrap(), &content[..8192], "{name} round {round}");
+            fs.release(attr.ino, fh).await.unwrap();
+            // Just confirmed: opened again without asking (the server is down).
+            outage.set(true);
+            let (fh, keep) = fs.open_keeping_cache(attr.ino, false, false).await.unwrap();
+            assert!(keep, "{name} round {round}: the pages are kept");
+            fs.release(attr.ino, fh).await.unwrap();
+            outage.set(false);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

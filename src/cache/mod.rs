@@ -32,6 +32,9 @@ pub struct PlainData {
     pub dirty: bool,
     /// The server version these bytes correspond to (before local changes).
     pub version: u64,
+    /// When the server last said `version` was its current one (the moment
+    /// the question was sent, so never later than the answer).
+    pub confirmed: Option<std::time::Instant>,
     /// Whether `bytes` holds the file's whole content (false until downloaded).
     pub loaded: bool,
     /// A download is decrypting into `bytes` (which then holds a prefix of the

@@ -152,7 +152,8 @@ fn run_foreground(
     let fs = rt.block_on(async {
         let remote = HttpRemote::login(&access, &account.user, pass.as_bytes(), LOGIN_KDF_FLOOR).await?;
         let unlocked = Unlocked::open(remote, pass.as_bytes()).await?;
-        let fs = VaultFs::new(unlocked, FsOptions { cache_budget: budget, policy }).await?;
+        let fs = VaultFs::new(unlocked, FsOptions { cache_budget: budget, policy, ..FsOptions::default() })
+            .await?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Arc::new(fs))
     })?;
     crate::cache::harden::harden_process(budget as u64);

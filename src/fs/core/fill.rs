@@ -165,6 +165,7 @@ impl<R: Remote> VaultFs<R> {
     async fn fill_run(&self, info: &FileInfo, handle: &PlainHandle, fill: &Arc<Fill>) -> Result<()> {
         let integrity = |source| FsError::Integrity { what: format!("file {}", info.id), source };
         let unavailable = |e: std::io::Error| FsError::Unavailable(e.to_string());
+        let asked = std::time::Instant::now();
         let content = self.remote().download(info.id, None).await?;
         let mut stream = content.stream;
         // The first piece of content after the header, if the header's piece held more.
@@ -205,6 +206,7 @@ impl<R: Remote> VaultFs<R> {
             }
             d.bytes = SecretBuf::with_capacity(total as usize);
             d.version = content.version;
+            d.confirmed = Some(asked);
         }
         self.cache.account(info.id, total as usize);
         fill.state.send_replace(FillState::Running { ready: 0, total: Some(total) });
