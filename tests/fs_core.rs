@@ -916,6 +916,66 @@ async fn files_above_the_e2e_limit_stream_through_as_plain_https() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_takes_writes_on_the_callers_thread_while_its_queue_has_room() {
+    // setup(): e2e limit 5 MB, upload limit 10 MB.
+    let s = setup(&["V"]).await;
+    let (fs, outage) = mount_faulty(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let data = pattern(9_000_000);
+    let (attr, fh) = fs.create(r.ino, n("film.mkv")).await.unwrap();
+    // A stalled link: the upload reads nothing, so the stream's queue fills.
+    outage.hold_uploads(true);
+    let piece = 100_000;
+    let mut at = 0;
+    while at <= 5_000_000 {
+        // Crossing the end-to-end limit starts the stream: the async path's job.
+        assert!(at < 5_000_000 || fs.write_now(fh, at as u64, &data[at..at + piece]).is_none());
+        fs.write(fh, at as u64, &data[at..at + piece]).await.unwrap();
+        at += piece;
+    }
+    assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"uploading");
+    // A write that does not continue the stream is not taken here.
+    assert!(fs.write_now(fh, at as u64 + 1, &data[..10]).is_none(), "a hole");
+    assert!(fs.write_now(fh, 0, &data[..10]).is_none(), "a write behind the stream");
+    // Continuing writes are taken on the caller's thread until the queue is full.
+    let mut taken = 0;
+    while let Some(written) = fs.write_now(fh, at as u64, &data[at..at + piece]) {
+        assert_eq!(written.unwrap() as usize, piece);
+        at += piece;
+        taken += 1;
+        assert!(taken < 30, "the queue of a stalled upload never filled");
+    }
+    assert!(taken >= 1, "a stream with room in its queue was not fed on the caller's thread");
+    let sent = |fs: &Arc<VaultFs<_>>| fs.status().uploads.iter().map(|u| u.sent).sum::<u64>();
+    assert_eq!(sent(&fs), at as u64, "progress counts what the caller's thread handed over");
+    // The async path waits for room instead of failing.
+    let next = {
+        let (fs, part) = (Arc::clone(&fs), data[at..at + piece].to_vec());
+        tokio::spawn(async move { fs.write(fh, at as u64, &part).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(!next.is_finished(), "a write to a full queue waits for room");
+    outage.hold_uploads(false);
+    assert_eq!(next.await.unwrap().unwrap() as usize, piece);
+    at += piece;
+    // The rest, by whichever path takes it.
+    while at < data.len() {
+        let end = (at + piece).min(data.len());
+        match fs.write_now(fh, at as u64, &data[at..end]) {
+            Some(written) => written.unwrap(),
+            None => fs.write(fh, at as u64, &data[at..end]).await.unwrap(),
+        };
+        at = end;
+    }
+    fs.flush(attr.ino, fh).await.unwrap();
+    fs.release(attr.ino, fh).await.unwrap();
+    assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"clean");
+    let fresh = mount(s.alice.clone()).await;
+    assert_eq!(read_file(&fresh, r_ino(&fresh).await, "film.mkv").await.unwrap(), data, "stored in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pass_through_reads_fetch_small_ranges_when_seeking_and_prefetch_when_streaming() {
     let s = setup(&["V"]).await;
     let fs = mount(s.alice.clone()).await;

@@ -170,6 +170,38 @@ fn editors_save_by_renaming_over_the_original_and_two_readers_agree() {
     assert_eq!(buf, big[2_000_000..2_004_096]);
 }
 
+#[test]
+fn a_reader_sees_what_a_write_only_handle_writes() {
+    // Write-only handles bypass the page cache (direct I/O); a reader holding
+    // cached pages of the same file must still see their bytes at once.
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let m = TestMount::start();
+    let dir = m.path("Family/coherence");
+    std::fs::create_dir(&dir).unwrap();
+    let p = dir.join("shared.bin");
+    let mut want = pattern(3 << 20, 21);
+    std::fs::write(&p, &want).unwrap();
+    let reader = std::fs::File::open(&p).unwrap();
+    let mut seen = vec![0u8; want.len()];
+    reader.read_exact_at(&mut seen, 0).unwrap();
+    assert!(seen == want);
+    let writer = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    writer.write_all_at(b"written past the reader's cache", 1_000_000).unwrap();
+    want[1_000_000..1_000_031].copy_from_slice(b"written past the reader's cache");
+    let mut part = vec![0u8; 64];
+    reader.read_exact_at(&mut part, 999_990).unwrap();
+    assert_eq!(part, want[999_990..1_000_054], "while both are open");
+    drop(writer);
+    let appender = std::fs::OpenOptions::new().append(true).custom_flags(libc::O_WRONLY).open(&p).unwrap();
+    (&appender).write_all(b"tail").unwrap();
+    drop(appender);
+    want.extend_from_slice(b"tail");
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), want.len() as u64);
+    reader.read_exact_at(&mut seen, 0).unwrap();
+    assert!(seen == want[..seen.len()], "the reader's cached pages were dropped");
+    assert!(std::fs::read(&p).unwrap() == want, "a new reader");
+}
+
 /// Files under `root` changed since `since` that contain `needle`; `skip` (the
 /// mount itself, which is not disk) is not entered. Older files cannot hold what
 /// this test wrote, and skipping them keeps the scan fast even when a build tree

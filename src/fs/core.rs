@@ -69,6 +69,33 @@ pub const XATTR_STATE: &str = "user.vaultfs.state";
 /// Extended attribute: the server's version of the file.
 pub const XATTR_VERSION: &str = "user.vaultfs.version";
 
+/// One write's bytes: borrowed from the caller, or owned (the FUSE adapter's
+/// copy of the request), which a pass-through upload takes without copying.
+enum WriteData<'a> {
+    Borrowed(&'a [u8]),
+    Owned(SecretBuf),
+}
+
+impl WriteData<'_> {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            WriteData::Borrowed(d) => d,
+            WriteData::Owned(d) => d,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    fn into_bytes(self) -> bytes::Bytes {
+        match self {
+            WriteData::Borrowed(d) => bytes::Bytes::copy_from_slice(d),
+            WriteData::Owned(d) => d.into_bytes(),
+        }
+    }
+}
+
 /// What a node is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -1145,13 +1172,25 @@ impl<R: Remote> VaultFs<R> {
 
     /// Writes `data` at `offset`.
     pub async fn write(self: &Arc<Self>, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        self.write_data(fh, offset, WriteData::Borrowed(data)).await
+    }
+
+    /// Writes `data` at `offset`, taking the buffer: a pass-through upload
+    /// sends it as it is instead of copying it.
+    pub async fn write_owned(self: &Arc<Self>, fh: u64, offset: u64, data: SecretBuf) -> Result<u32> {
+        self.write_data(fh, offset, WriteData::Owned(data)).await
+    }
+
+    async fn write_data(self: &Arc<Self>, fh: u64, offset: u64, data: WriteData<'_>) -> Result<u32> {
         let id = self.handle_file(fh)?;
         let end = offset.checked_add(data.len() as u64).ok_or(FsError::TooBig("offset".into()))?;
         let rules = self.file_policy(id);
         check_size(&rules, end)?;
-        if let Some(n) = self.write_to_stream(id, offset, data).await? {
-            return Ok(n);
-        }
+        let data = match self.write_to_stream(id, offset, data).await? {
+            Ok(n) => return Ok(n),
+            Err(data) => data,
+        };
+        let data = data.as_slice();
         let sequential = self.note_write_order(id, offset, end);
         let handle = self.cache.peek(id).ok_or(FsError::Io("file data evicted while open".into()))?;
         let (mut d, _) = self.ready(id, &handle, None).await?;
@@ -1178,8 +1217,13 @@ impl<R: Remote> VaultFs<R> {
         let id = self.handle_file(fh).ok()?;
         let end = offset.checked_add(data.len() as u64)?;
         let rules = self.file_policy(id);
-        if end > rules.e2e_limit || check_size(&rules, end).is_err() || lock(&self.streams).contains_key(&id)
-        {
+        if check_size(&rules, end).is_err() {
+            return None;
+        }
+        if lock(&self.streams).contains_key(&id) {
+            return self.write_to_stream_now(id, offset, data).map(Ok);
+        }
+        if end > rules.e2e_limit {
             return None;
         }
         let handle = self.cache.peek(id)?;
@@ -1279,13 +1323,19 @@ impl<R: Remote> VaultFs<R> {
         tx.send(Ok(first)).await.map_err(|_| FsError::Unavailable("the upload stream closed".into()))
     }
 
-    /// Feeds a write to a running pass-through upload; `None` if there is none.
-    async fn write_to_stream(&self, id: FileId, offset: u64, data: &[u8]) -> Result<Option<u32>> {
+    /// Feeds a write to a running pass-through upload; gives the data back if
+    /// there is none.
+    async fn write_to_stream<'a>(
+        &self,
+        id: FileId,
+        offset: u64,
+        data: WriteData<'a>,
+    ) -> Result<std::result::Result<u32, WriteData<'a>>> {
         let (tx, sent) = loop {
             match lock(&self.streams).get(&id) {
                 Some(Streaming { tx: Some(tx), sent, .. }) => break (tx.clone(), *sent),
                 Some(_) => {}
-                None => return Ok(None),
+                None => return Ok(Err(data)),
             }
             // Someone is ending the stream (a close by the opener while another
             // of its threads still writes): once it is stored, this write edits
@@ -1299,7 +1349,7 @@ impl<R: Remote> VaultFs<R> {
             // price of downloading it again. Slower, never wrong.
             tracing::info!(file = %id, offset, sent, "write behind a pass-through stream: finishing it and editing in memory");
             self.finish_stream(id).await?;
-            return Ok(None);
+            return Ok(Err(data));
         }
         let closed = || FsError::Unavailable("the upload stream closed".into());
         // A write past the end leaves a hole, which reads as zeros.
@@ -1309,15 +1359,42 @@ impl<R: Remote> VaultFs<R> {
             tx.send(Ok(bytes::Bytes::from(vec![0u8; n as usize]))).await.map_err(|_| closed())?;
             gap -= n;
         }
-        tx.send(Ok(bytes::Bytes::copy_from_slice(data))).await.map_err(|_| closed())?;
-        let added = offset - sent + data.len() as u64;
+        let len = data.len();
+        tx.send(Ok(data.into_bytes())).await.map_err(|_| closed())?;
+        let added = offset - sent + len as u64;
         if let Some(s) = lock(&self.streams).get_mut(&id) {
             s.sent += added;
         }
+        self.note_streamed(id, added);
+        Ok(Ok(len as u32))
+    }
+
+    /// Feeds a write to a running pass-through upload on the calling thread:
+    /// one copy, no hop through the runtime. `None` (nothing sent) unless the
+    /// write continues the stream and its queue has room; the async path
+    /// handles the rest, waiting for room if the upload is behind.
+    fn write_to_stream_now(&self, id: FileId, offset: u64, data: &[u8]) -> Option<u32> {
+        let mut streams = lock(&self.streams);
+        let s = streams.get_mut(&id)?;
+        let tx = s.tx.as_ref()?;
+        if offset != s.sent || tx.capacity() == 0 {
+            return None;
+        }
+        // The copy happens under the lock, so no other write can slip between
+        // the check of the offset and the send (the kernel does not send two
+        // writes of one file at once, so this lock is not contended).
+        tx.try_send(Ok(bytes::Bytes::copy_from_slice(data))).ok()?;
+        s.sent += data.len() as u64;
+        drop(streams);
+        self.note_streamed(id, data.len() as u64);
+        Some(data.len() as u32)
+    }
+
+    /// Counts `added` more bytes as handed to the upload of `id` (status, xattrs).
+    fn note_streamed(&self, id: FileId, added: u64) {
         if let Some(p) = lock(&self.uploading).get(&id) {
             p.sent.fetch_add(added, Ordering::Relaxed);
         }
-        Ok(Some(data.len() as u32))
     }
 
     /// Ends a pass-through upload and waits until the server has stored it.

@@ -4,7 +4,8 @@
 //! inner one. Downloads can also be held at a byte offset (a slow link: what is
 //! before it arrives, the rest waits), broken off there if the server goes down
 //! meanwhile, or have one byte flipped (a tampering server). Downloads arrive
-//! in pieces of at most 64 KiB, as over a network.
+//! in pieces of at most 64 KiB, as over a network. Uploads can be held before
+//! their body is read (a stalled link).
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +29,7 @@ pub struct Outage(Arc<Faults>);
 struct Faults {
     down: AtomicBool,
     hold_at: Mutex<Option<u64>>,
+    hold_uploads: AtomicBool,
     flip_at: Mutex<Option<u64>>,
     /// The range of every download asked for (None: whole content).
     downloads: Mutex<Vec<Option<Range<u64>>>>,
@@ -43,6 +45,12 @@ impl Outage {
     /// until this is called again with `None` (or fail if the server goes down).
     pub fn hold_downloads_at(&self, offset: Option<u64>) {
         *self.0.hold_at.lock().unwrap() = offset;
+    }
+
+    /// While true, uploads read none of their body (a stalled link): a
+    /// stream's writer fills its queue and then waits.
+    pub fn hold_uploads(&self, hold: bool) {
+        self.0.hold_uploads.store(hold, Ordering::SeqCst);
     }
 
     /// Downloads have the byte at `offset` of the content flipped.
@@ -154,9 +162,17 @@ impl<R: Remote> Remote for FaultyRemote<R> {
         expected: u64,
         e2e: bool,
         mtime_ms: Option<i64>,
-        body: UploadBody,
+        mut body: UploadBody,
     ) -> Result<UploadResult> {
         self.outage.check()?;
+        let state = (body.stream, self.outage.clone());
+        body.stream = Box::pin(futures_util::stream::unfold(state, |(mut inner, outage)| async move {
+            while outage.0.hold_uploads.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let piece = inner.next().await?;
+            Some((piece, (inner, outage)))
+        }));
         self.inner.upload(id, expected, e2e, mtime_ms, body).await
     }
 }

@@ -187,9 +187,12 @@ impl<R: Remote> VaultFs<R> {
                 p.trim(end.saturating_sub(KEEP_BEHIND));
                 return Ok(out);
             }
-            // Within reach of the running download: wait for its next piece.
+            // Within reach of the running download, or starting within what
+            // it delivered (a read larger than the read-ahead, which the kernel
+            // never sends but a caller of the core may): wait for its next piece.
             let reach = p.start + p.held + READ_AHEAD;
-            if p.feed.is_some() && offset >= p.start && end <= reach {
+            let continues = offset <= p.start + p.held;
+            if p.feed.is_some() && offset >= p.start && (end <= reach || continues) {
                 let got = match p.feed.as_mut() {
                     Some(feed) => feed.rx.recv().await,
                     None => None,
