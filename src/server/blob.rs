@@ -325,21 +325,27 @@ impl BlobStore for LocalBlobStore {
         // connection; it stops when the download is dropped.
         let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(READ_QUEUE);
         tokio::task::spawn_blocking(move || {
-            use std::os::unix::fs::FileExt as _;
+            use std::io::{Read as _, Seek as _};
+            let mut file = file;
             let mut at = start;
+            if let Err(e) = file.seek(io::SeekFrom::Start(start)) {
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
             while at < end {
-                let n = (end - at).min(READ_PIECE as u64) as usize;
-                let mut buf = bytes::BytesMut::zeroed(n);
-                let piece = match file.read_at(&mut buf, at) {
+                let n = (end - at).min(READ_PIECE as u64);
+                // Read into fresh capacity, not a zeroed buffer: the file's bytes
+                // overwrite it anyway, and zeroing every piece first was a memset
+                // of every byte served (std reads into spare capacity as is).
+                let mut buf = Vec::with_capacity(n as usize);
+                let piece = match (&mut file).take(n).read_to_end(&mut buf) {
                     Ok(0) => {
                         Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob shorter than its length"))
                     }
                     Ok(got) => {
-                        buf.truncate(got);
                         at += got as u64;
-                        Ok(buf.freeze())
+                        Ok(Bytes::from(buf))
                     }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => Err(e),
                 };
                 let failed = piece.is_err();
