@@ -316,7 +316,7 @@ impl BlobStore for LocalBlobStore {
             Ok((file, total_len))
         })
         .await;
-        let (file, total_len) = joined(opened)?;
+        let (mut file, total_len) = joined(opened)?;
         let (start, end) = range.unwrap_or((0, total_len));
         if start > end || end > total_len {
             return Err(BlobError::BadRange);
@@ -326,7 +326,6 @@ impl BlobStore for LocalBlobStore {
         let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(READ_QUEUE);
         tokio::task::spawn_blocking(move || {
             use std::io::{Read as _, Seek as _};
-            let mut file = file;
             let mut at = start;
             if let Err(e) = file.seek(io::SeekFrom::Start(start)) {
                 let _ = tx.blocking_send(Err(e));
