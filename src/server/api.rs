@@ -253,7 +253,7 @@ async fn drain_refused_bodies(req: Request, next: axum::middleware::Next) -> Res
     let answer = next.run(Request::from_parts(parts, Body::new(shared.clone()))).await;
     let status = answer.status();
     if (status.is_client_error() || status.is_server_error()) && status != StatusCode::PAYLOAD_TOO_LARGE {
-        let left = shared.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let left = shared.slot().take();
         if let Some(left) = left {
             let mut left = left.into_data_stream();
             let until = tokio::time::Instant::now() + DRAIN_FOR;
@@ -274,6 +274,14 @@ async fn drain_refused_bodies(req: Request, next: axum::middleware::Next) -> Res
 #[derive(Clone)]
 struct SharedBody(Arc<std::sync::Mutex<Option<Body>>>);
 
+impl SharedBody {
+    /// The body, if nobody took it. A panic while it was locked left it as
+    /// it was (a body is read or taken, never half-changed): use it anyway.
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Body>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 impl axum::body::HttpBody for SharedBody {
     type Data = Bytes;
     type Error = axum::Error;
@@ -282,21 +290,21 @@ impl axum::body::HttpBody for SharedBody {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
-        match self.0.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        match self.slot().as_mut() {
             Some(body) => std::pin::Pin::new(body).poll_frame(cx),
             None => std::task::Poll::Ready(None),
         }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        match self.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        match self.slot().as_ref() {
             Some(body) => body.size_hint(),
             None => http_body::SizeHint::with_exact(0),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|b| b.is_end_stream())
+        self.slot().as_ref().is_none_or(|b| b.is_end_stream())
     }
 }
 
