@@ -38,7 +38,18 @@ async fn setup(vaults: &[&str]) -> Setup {
 /// open: the server is asked every time (the default trusts its answer for a
 /// second; `an_open_soon_after_the_server_confirmed_...` tests that).
 fn strict() -> FsOptions {
-    FsOptions { confirmed_for: std::time::Duration::ZERO, ..FsOptions::default() }
+    FsOptions { confirmed_for: std::time::Duration::ZERO, policy: test_policy(), ..FsOptions::default() }
+}
+
+/// The policy of these tests: files above 5 MB pass through (the server's
+/// e2e limit in `setup` says the same, and decides nothing), and images are
+/// reduced.
+fn test_policy() -> vaultfs::policy::Policy {
+    let text = "[defaults]\ne2e_limit = 5000000\n[defaults.images]\nreduce = true\n";
+    vaultfs::policy::Policy {
+        admin: vaultfs::policy::PolicyFile::parse(std::path::Path::new("test-policy.toml"), text).unwrap(),
+        user: vaultfs::policy::PolicyFile::default(),
+    }
 }
 
 async fn mount(remote: MemoryRemote) -> Arc<VaultFs<MemoryRemote>> {
@@ -476,35 +487,78 @@ async fn a_bad_chunk_or_a_broken_download_fails_reads_with_eio_and_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upload_the_server_refuses_gives_its_errno_and_keeps_the_data() {
-    let server = MemoryServer::new().unwrap();
-    let limits = Limits { upload_limit: 10_000_000, e2e_limit: 2_000_000, image_max_edge: 2560 };
-    let alice = server.add_user("alice", limits).await.unwrap();
-    let mut u = Unlocked::create_wallet(alice.clone(), b"pw", FAST).await.unwrap();
+async fn an_end_to_end_only_vault_never_gets_plaintext_and_keeps_the_data() {
+    let s = setup(&[]).await;
+    let mut u = Unlocked::open(s.alice.clone(), b"pw").await.unwrap();
     u.create_vault("Strict", true).await.unwrap();
-    let fs = mount(alice.clone()).await;
+    let fs = mount(s.alice.clone()).await;
     let v = fs.lookup(ROOT, n("Strict")).await.unwrap();
     let r = fs.mkdir(v.ino, n("r")).await.unwrap();
     let (attr, fh) = fs.create(r.ino, n("big.bin")).await.unwrap();
-    // Written back to front, so it is held in memory rather than streamed; at
-    // 3 MB it is above the end-to-end limit, which this vault does not accept.
-    let data = pattern(3_000_000);
-    for start in (0..3_000_000).step_by(1 << 20).rev() {
-        let end = (start + (1 << 20)).min(data.len());
-        fs.write(fh, start as u64, &data[start..end]).await.unwrap();
-    }
-    let err = fs.flush(attr.ino, fh).await.unwrap_err();
-    assert_eq!(err.errno(), libc::EACCES, "{err}");
-    assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"dirty");
-    assert_eq!(fs.read(fh, 2_500_000, 100).await.unwrap(), &data[2_500_000..2_500_100]);
-    // Cut below the limit, it is end-to-end encrypted and accepted.
-    fs.setattr(attr.ino, Some(1_500_000), None).await.unwrap();
+    // The policy passes files above 5 MB through; this vault is end-to-end
+    // only, so the write that crosses 5 MB fails, and nothing is uploaded.
+    let data = pattern(6_000_000);
+    fs.write(fh, 0, &data[..4_000_000]).await.unwrap();
+    let err = fs.write(fh, 4_000_000, &data[4_000_000..]).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EFBIG, "{err}");
+    assert!(err.to_string().contains("end-to-end only"), "{err}");
+    // Written back to front (held in memory, not streamed): refused as well.
+    let (attr2, fh2) = fs.create(r.ino, n("back.bin")).await.unwrap();
+    assert_eq!(fs.write(fh2, 5_500_000, b"tail").await.unwrap_err().errno(), libc::EFBIG);
+    assert_eq!(fs.setattr(attr2.ino, Some(5_000_001), None).await.unwrap_err().errno(), libc::EFBIG);
+    fs.release(attr2.ino, fh2).await.unwrap();
+    // What was written so far is kept, and saved end to end.
+    assert_eq!(fs.read(fh, 3_999_000, 1000).await.unwrap(), &data[3_999_000..4_000_000]);
     fs.flush(attr.ino, fh).await.unwrap();
     fs.release(attr.ino, fh).await.unwrap();
-    let other = mount(alice).await;
+    assert_eq!(fs.getxattr(attr.ino, n(XATTR_E2E)).unwrap(), b"1");
+    assert!(!s.server.stored_blobs().iter().any(|b| contains(b, &data[1000..1064])), "plaintext stored");
+    let other = mount(s.alice).await;
     let v2 = other.lookup(ROOT, n("Strict")).await.unwrap();
     let r2 = other.lookup(v2.ino, n("r")).await.unwrap();
-    assert_eq!(read_file(&other, r2.ino, "big.bin").await.unwrap(), &data[..1_500_000]);
+    assert_eq!(read_file(&other, r2.ino, "big.bin").await.unwrap(), &data[..4_000_000]);
+}
+
+/// Whether `needle` occurs in `hay`.
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The server's e2e limit decides nothing: at zero (an operator's change, or
+/// a lying `/v1/me`), small files are still encrypted, and a file the policy
+/// encrypts but the server says to pass through is refused (EFBIG), never
+/// sent in plaintext, also a rewrite of a file that was end-to-end before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_e2e_limit_of_zero_gets_no_plaintext() {
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    write_file(&fs, r.ino, "before.txt", b"end-to-end before the change").await;
+    drop(fs);
+    s.server
+        .set_limits("alice", Limits { upload_limit: 10_000_000, e2e_limit: 0, image_max_edge: 2560 })
+        .await
+        .unwrap();
+    let fs = mount(s.alice.clone()).await;
+    let r = r_ino(&fs).await;
+    let secret = b"a 35-byte secret that stays secret";
+    let (attr, fh) = fs.create(r, n("small.txt")).await.unwrap();
+    let err = fs.write(fh, 0, secret).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EFBIG, "{err}");
+    assert!(err.to_string().contains("refuses rather than send"), "{err}");
+    fs.release(attr.ino, fh).await.unwrap();
+    // A rewrite of the file stored end to end before: refused too.
+    let before = fs.lookup(r, n("before.txt")).await.unwrap();
+    let fh = fs.open(before.ino, false, true).await.unwrap();
+    assert_eq!(fs.write(fh, 0, secret).await.unwrap_err().errno(), libc::EFBIG);
+    fs.release(before.ino, fh).await.unwrap();
+    assert!(!s.server.stored_blobs().iter().any(|b| contains(b, secret)), "plaintext reached the server");
+    assert_eq!(read_file(&fs, r, "before.txt").await.unwrap(), b"end-to-end before the change");
+    // An empty file still is what it is.
+    let (attr, fh) = fs.create(r, n("empty")).await.unwrap();
+    fs.flush(attr.ino, fh).await.unwrap();
+    fs.release(attr.ino, fh).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -101,7 +101,7 @@ fn encoded(img: &image::RgbImage, format: image::ImageFormat) -> Vec<u8> {
 
 #[test]
 fn images_are_reduced_to_the_policys_edge_and_broken_ones_are_kept() {
-    let policy = "[defaults.images]\nmax_edge = 1000\njpeg_quality = 80\n";
+    let policy = "[defaults.images]\nreduce = true\nmax_edge = 1000\njpeg_quality = 80\n";
     let mut m = TestMount::start_with(policy, &[]);
     std::fs::create_dir(m.path("Family/photos")).unwrap();
     let jpeg = encoded(&photo(4000, 3000), image::ImageFormat::Jpeg);

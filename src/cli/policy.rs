@@ -80,7 +80,12 @@ pub fn run(cmd: PolicyCommand) -> CliResult {
     if let Some(p) = &user_path {
         writeln!(out, "# user config: {}{}", p.display(), if p.exists() { "" } else { " (none)" })?;
     }
-    writeln!(out, "# Effective policy; the server's limits for your user lower the limits further.")?;
+    writeln!(
+        out,
+        "# Effective policy. The server's limits for your user can only refuse more: a lower upload \
+         limit, end-to-end files above its e2e limit refused (EFBIG), images reduced below max_edge \
+         down to min_edge where reduction is on."
+    )?;
     print_effective(&mut out, &policy)?;
     Ok(())
 }
@@ -116,8 +121,7 @@ fn print_effective(out: &mut impl Write, policy: &Policy) -> std::io::Result<()>
         };
         writeln!(out, "oversize = {oversize:?}")?;
         writeln!(out, "e2e_limit = {}\nupload_limit = {}", limit(v.e2e_limit), limit(v.upload_limit))?;
-        let edge =
-            if v.images.max_edge == u32::MAX { "the server's".into() } else { v.images.max_edge.to_string() };
+        let edge = v.images.max_edge.to_string();
         let formats: Vec<String> = v.images.formats.iter().map(|f| format!("{f:?}").to_lowercase()).collect();
         writeln!(
             out,

@@ -28,7 +28,7 @@ use super::error::{FsError, Result};
 use crate::cache::{PlainCache, PlainData, PlainHandle, SecretBuf};
 use crate::crypto::{self, encrypt_file, open_name, seal_name, FileContext, Layout, NameContext, OsRandom};
 use crate::ids::{FileId, RecordId, VaultId};
-use crate::policy::{Oversize, Policy, VaultPolicy};
+use crate::policy::{Policy, VaultPolicy};
 use crate::protocol::{
     FileInfo, FileUpdate, Limits, NewFile, NewRecord, ParentChange, RecordInfo, RecordUpdate, Sealed,
 };
@@ -564,7 +564,9 @@ impl<R: Remote> VaultFs<R> {
             mark_unreadable(&mut tree, ino, v.name.is_none().then_some(what));
             let name = v.name.unwrap_or_else(|| unreadable_name("vault", &v.info.id.to_string()));
             tree.nodes.insert(ino, Node::Vault { vault: v.info.id });
-            let rules = self.policy.vault(if readable { &name } else { "" }, &self.limits);
+            let mut rules = self.policy.vault(if readable { &name } else { "" }, &self.limits);
+            // The server's word here can only make the client refuse more.
+            rules.e2e_required = v.info.e2e_required;
             lock(&self.vault_rules).insert(v.info.id, Arc::new(rules));
             tree.children.entry(ino).or_default();
             tree.names.insert(ino, OsString::from(&name));
@@ -1584,7 +1586,7 @@ impl<R: Remote> VaultFs<R> {
         };
         let plain_len = d.bytes.len() as u64;
         check_size(&rules, plain_len)?;
-        let e2e = plain_len <= rules.e2e_limit;
+        let e2e = rules.encrypts(plain_len);
         let generation = {
             let seen = lock(&self.generations).get(&info.id).copied().unwrap_or(0);
             seen.max(d.version) + 1
@@ -1700,7 +1702,9 @@ impl<R: Remote> VaultFs<R> {
         };
         let copy_name = conflict_name(&name, SystemTime::now());
         let (copy_ino, copy) = self.new_file(parent, &copy_name).await?;
-        let e2e = plain.len() as u64 <= self.vault_policy(info.vault).e2e_limit;
+        let rules = self.vault_policy(info.vault);
+        check_size(&rules, plain.len() as u64)?;
+        let e2e = rules.encrypts(plain.len() as u64);
         let ctx = FileContext { vault: copy.vault, record: copy.record, file: copy.id };
         let body = self.encode(&ctx, 2, e2e, plain)?;
         let done = self
@@ -1789,6 +1793,13 @@ impl<R: Remote> VaultFs<R> {
             let Some(handle) = self.cache.peek(id) else { return };
             match self.upload(ino, &handle).await {
                 Ok(()) => break,
+                Err(e) if e.is_permanent() => {
+                    // Sending the same bytes again cannot succeed (too large,
+                    // refused, not allowed): no retry loop. The data stays in
+                    // memory, unsaved; unmount reports it.
+                    tracing::error!(file = %id, error = %e, "upload refused; the file stays unsaved in memory");
+                    break;
+                }
                 Err(e) => {
                     tracing::warn!(file = %id, error = %e, "upload still failing; retrying in {wait:?}");
                     tokio::time::sleep(wait).await;
@@ -2031,7 +2042,9 @@ impl<R: Remote> VaultFs<R> {
                 d = self.ready(info.id, &handle, None).await?.0;
             }
             let (new_ino, created) = self.new_file(new_parent, new_name).await?;
-            let e2e = d.bytes.len() as u64 <= self.vault_policy(info.vault).e2e_limit;
+            let rules = self.vault_policy(info.vault);
+            check_size(&rules, d.bytes.len() as u64)?;
+            let e2e = rules.encrypts(d.bytes.len() as u64);
             let ctx = FileContext { vault: created.vault, record: created.record, file: created.id };
             let body = self.encode(&ctx, 2, e2e, &d.bytes)?;
             let done = self
@@ -2174,22 +2187,15 @@ async fn bump_cached_version(cache: &PlainCache, id: FileId, from: u64, to: u64)
 }
 
 /// Refuses a file of `size` bytes where the vault's policy does: a read-only
-/// vault (EROFS), the upload limit, or above the end-to-end limit when the
-/// policy refuses such files rather than passing them through (EFBIG).
+/// vault (EROFS), or a size the vault cannot store without breaking a rule
+/// (EFBIG: above the upload limit, or above the end-to-end limit where such
+/// files are refused or the server marks the vault end-to-end only, or within
+/// the policy's end-to-end limit but above the server's: never plaintext).
 fn check_size(rules: &VaultPolicy, size: u64) -> Result<()> {
     if rules.read_only {
         return Err(FsError::ReadOnly);
     }
-    if size > rules.upload_limit {
-        return Err(FsError::TooBig(format!("the upload limit is {} bytes", rules.upload_limit)));
-    }
-    if size > rules.e2e_limit && rules.oversize == Oversize::Refuse {
-        return Err(FsError::TooBig(format!(
-            "the mount policy refuses files above the end-to-end limit of {} bytes in this vault",
-            rules.e2e_limit
-        )));
-    }
-    Ok(())
+    rules.check_size(size).map_err(|why| FsError::TooBig(why.to_string()))
 }
 
 /// The stand-in name of an entry whose real name failed its check.

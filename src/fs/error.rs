@@ -112,6 +112,21 @@ impl FsError {
     }
 }
 
+impl FsError {
+    /// Whether trying the same operation again cannot succeed: a refusal by
+    /// rule or right, not an outage.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            FsError::TooBig(_)
+                | FsError::ReadOnly
+                | FsError::Access(_)
+                | FsError::NotPermitted(_)
+                | FsError::Integrity { .. }
+        )
+    }
+}
+
 impl From<RemoteError> for FsError {
     fn from(e: RemoteError) -> Self {
         match e {

@@ -30,6 +30,15 @@ pub const DEFAULT_CACHE_BUDGET: u64 = 512 << 20;
 pub const DEFAULT_JPEG_QUALITY: u8 = 85;
 /// Default umask of the presented permissions.
 pub const DEFAULT_UMASK: u32 = 0o022;
+/// Default end-to-end limit: the original system's 30 MB. Files up to this size
+/// are always encrypted, whatever the server says; larger ones follow
+/// `oversize`.
+pub const DEFAULT_E2E_LIMIT: u64 = 30_000_000;
+/// Default longest edge of reduced images, where the policy turns reduction on.
+pub const DEFAULT_MAX_EDGE: u32 = 2560;
+/// Default floor under the server's `image_max_edge`: a server may ask for
+/// smaller images than the policy's `max_edge`, but never below this.
+pub const DEFAULT_MIN_EDGE: u32 = 1024;
 
 /// One policy file as written. Every value is optional: `None` means the file
 /// does not speak about it.
@@ -77,7 +86,9 @@ pub struct VaultRules {
     pub allow_delete: Option<bool>,
     /// What happens to files above the end-to-end limit.
     pub oversize: Option<Oversize>,
-    /// A lower end-to-end limit than the server's.
+    /// Files up to this size are end-to-end encrypted; larger ones follow
+    /// `oversize`. Only the policy sets it: the server's figure can make a
+    /// write fail, never make the client send plaintext.
     pub e2e_limit: Option<Size>,
     /// A lower upload limit than the server's.
     pub upload_limit: Option<Size>,
@@ -90,10 +101,13 @@ pub struct VaultRules {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageRules {
-    /// Reduce images whose longest edge is above `max_edge`.
+    /// Reduce images whose longest edge is above `max_edge` (off unless a
+    /// policy turns it on; the server cannot).
     pub reduce: Option<bool>,
-    /// Longest edge in pixels (the server's limit bounds it).
+    /// Longest edge in pixels; a server may ask for less, down to `min_edge`.
     pub max_edge: Option<u32>,
+    /// The floor under the server's `image_max_edge`.
+    pub min_edge: Option<u32>,
     /// JPEG quality of reduced images, 1 to 100.
     pub jpeg_quality: Option<u8>,
     /// Which formats are reduced.
@@ -274,11 +288,21 @@ impl PolicyFile {
                 }
             }
             let images = format!("{table}.images");
-            if rules.images.max_edge.is_some_and(|e| e < 16) {
-                return Err(format!(
-                    "{}key `{images}.max_edge`: must be at least 16 pixels",
-                    at("max_edge", &images)
-                ));
+            for (key, edge) in [("max_edge", rules.images.max_edge), ("min_edge", rules.images.min_edge)] {
+                if edge.is_some_and(|e| e < 16) {
+                    return Err(format!(
+                        "{}key `{images}.{key}`: must be at least 16 pixels",
+                        at(key, &images)
+                    ));
+                }
+            }
+            if let (Some(min), Some(max)) = (rules.images.min_edge, rules.images.max_edge) {
+                if min > max {
+                    return Err(format!(
+                        "{}key `{images}.min_edge`: must not exceed `max_edge`",
+                        at("min_edge", &images)
+                    ));
+                }
             }
             if rules.images.jpeg_quality.is_some_and(|q| !(1..=100).contains(&q)) {
                 return Err(format!(
@@ -306,6 +330,7 @@ impl PolicyFile {
             images: ImageRules {
                 reduce: v.images.reduce.or(d.images.reduce),
                 max_edge: v.images.max_edge.or(d.images.max_edge),
+                min_edge: v.images.min_edge.or(d.images.min_edge),
                 jpeg_quality: v.images.jpeg_quality.or(d.images.jpeg_quality),
                 formats: v.images.formats.clone().or_else(|| d.images.formats.clone()),
             },
@@ -373,12 +398,89 @@ pub struct VaultPolicy {
     pub allow_delete: bool,
     /// Files above `e2e_limit`.
     pub oversize: Oversize,
-    /// Largest end-to-end encrypted file.
+    /// Largest end-to-end encrypted file: from the policy files alone (and
+    /// never above `upload_limit`, so nothing passes through for that).
     pub e2e_limit: u64,
-    /// Largest file.
+    /// Largest file: the policy's, bounded by the server's.
     pub upload_limit: u64,
+    /// What the server says its end-to-end limit for this user is. It decides
+    /// nothing about encryption: a file the policy encrypts but that is above
+    /// this figure is refused (EFBIG) rather than sent in plaintext.
+    pub server_e2e_limit: u64,
+    /// The server marks this vault end-to-end only: files the policy would
+    /// pass through are refused (EFBIG) instead, before any upload.
+    pub e2e_required: bool,
     /// Image reduction.
     pub images: ImagePolicy,
+}
+
+/// Why a file of some size may not be stored in a vault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SizeRefusal {
+    /// Above the upload limit.
+    Upload(u64),
+    /// Above the end-to-end limit where the policy refuses such files.
+    Oversize(u64),
+    /// Above the end-to-end limit in a vault the server marks end-to-end only.
+    E2eRequired(u64),
+    /// Within the policy's end-to-end limit but above the server's figure.
+    ServerE2eLimit {
+        /// The server's figure.
+        server: u64,
+        /// The policy's.
+        policy: u64,
+    },
+}
+
+impl std::fmt::Display for SizeRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SizeRefusal::Upload(limit) => write!(f, "the upload limit is {limit} bytes"),
+            SizeRefusal::Oversize(limit) => write!(
+                f,
+                "the mount policy refuses files above the end-to-end limit of {limit} bytes in this vault"
+            ),
+            SizeRefusal::E2eRequired(limit) => write!(
+                f,
+                "this vault is end-to-end only and files above {limit} bytes (the policy's end-to-end \
+                 limit) would be sent without end-to-end encryption"
+            ),
+            SizeRefusal::ServerE2eLimit { server, policy } => write!(
+                f,
+                "the server limits end-to-end files to {server} bytes, but this client's policy encrypts \
+                 files up to {policy} bytes, so it refuses rather than send one in plaintext"
+            ),
+        }
+    }
+}
+
+impl VaultPolicy {
+    /// Whether a file of `size` bytes is stored end to end here (else it
+    /// passes through, where [`VaultPolicy::check_size`] allows it).
+    pub fn encrypts(&self, size: u64) -> bool {
+        size <= self.e2e_limit
+    }
+
+    /// Refuses a size this vault cannot store without breaking a rule.
+    pub fn check_size(&self, size: u64) -> Result<(), SizeRefusal> {
+        if size > self.upload_limit {
+            return Err(SizeRefusal::Upload(self.upload_limit));
+        }
+        if !self.encrypts(size) {
+            if self.oversize == Oversize::Refuse {
+                return Err(SizeRefusal::Oversize(self.e2e_limit));
+            }
+            if self.e2e_required {
+                return Err(SizeRefusal::E2eRequired(self.e2e_limit));
+            }
+        } else if size > self.server_e2e_limit {
+            return Err(SizeRefusal::ServerE2eLimit {
+                server: self.server_e2e_limit,
+                policy: self.e2e_limit,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Resolved image reduction rules.
@@ -386,7 +488,8 @@ pub struct VaultPolicy {
 pub struct ImagePolicy {
     /// On or off.
     pub reduce: bool,
-    /// Longest edge in pixels.
+    /// Longest edge in pixels: the policy's, lowered by the server's figure
+    /// no further than the policy's floor.
     pub max_edge: u32,
     /// JPEG quality.
     pub jpeg_quality: u8,
@@ -455,6 +558,17 @@ fn merge<T>(admin: Option<T>, user: Option<T>, default: T, stricter: impl FnOnce
     }
 }
 
+/// The edge images are reduced to: the policies' `max_edge` (the smaller of
+/// the two), lowered by the server's figure at most down to the floor (the
+/// larger `min_edge`, but never above that `max_edge`).
+fn image_edge(admin: &ImageRules, user: &ImageRules, server: u32) -> u32 {
+    let max =
+        min_of([admin.max_edge.map(u64::from), user.max_edge.map(u64::from)], u64::from(DEFAULT_MAX_EDGE));
+    let floor = merge(admin.min_edge, user.min_edge, DEFAULT_MIN_EDGE, u32::max);
+    let floor = u64::from(floor).min(max);
+    max.min(u64::from(server).max(floor)) as u32
+}
+
 fn min_of(values: impl IntoIterator<Item = Option<u64>>, bound: u64) -> u64 {
     values.into_iter().flatten().fold(bound, u64::min)
 }
@@ -470,8 +584,11 @@ impl Policy {
         let (a, u) = (self.admin.rules_for(name), self.user.rules_for(name));
         let upload_limit =
             min_of([a.upload_limit.map(|s| s.0), u.upload_limit.map(|s| s.0)], limits.upload_limit);
+        // The server's e2e_limit is not among these: what is encrypted is the
+        // client's decision alone (see `VaultPolicy::check_size`).
         let e2e_limit =
-            min_of([a.e2e_limit.map(|s| s.0), u.e2e_limit.map(|s| s.0)], limits.e2e_limit).min(upload_limit);
+            merge(a.e2e_limit.map(|s| s.0), u.e2e_limit.map(|s| s.0), DEFAULT_E2E_LIMIT, u64::min)
+                .min(upload_limit);
         let oversize = merge(a.oversize, u.oversize, Oversize::PassThrough, |a, u| {
             if a == Oversize::Refuse || u == Oversize::Refuse {
                 Oversize::Refuse
@@ -481,12 +598,11 @@ impl Policy {
         });
         let (ai, ui) = (a.images, u.images);
         let images = ImagePolicy {
-            // Reducing is the stricter choice: an admin's "on" cannot be turned off.
-            reduce: merge(ai.reduce, ui.reduce, true, |a, u| a || u),
-            max_edge: min_of(
-                [ai.max_edge.map(u64::from), ui.max_edge.map(u64::from)],
-                u64::from(limits.image_max_edge),
-            ) as u32,
+            // Reducing is the stricter choice: an admin's "on" cannot be turned
+            // off. Off where neither says: reducing loses detail, so only a
+            // policy may ask for it, never the server.
+            reduce: merge(ai.reduce, ui.reduce, false, |a, u| a || u),
+            max_edge: image_edge(&ai, &ui, limits.image_max_edge),
             jpeg_quality: merge(ai.jpeg_quality, ui.jpeg_quality, DEFAULT_JPEG_QUALITY, u8::min),
             formats: merge(ai.formats, ui.formats, ImageFormat::ALL.to_vec(), |mut a, u| {
                 a.extend(u);
@@ -501,6 +617,8 @@ impl Policy {
             oversize,
             e2e_limit,
             upload_limit,
+            server_e2e_limit: limits.e2e_limit,
+            e2e_required: false,
             images,
         }
     }

@@ -166,7 +166,7 @@ fn defaults_without_any_file() {
     assert_eq!((v.e2e_limit, v.upload_limit), (30_000_000, 300_000_000));
     assert_eq!(
         v.images,
-        ImagePolicy { reduce: true, max_edge: 2560, jpeg_quality: 85, formats: ImageFormat::ALL.to_vec() }
+        ImagePolicy { reduce: false, max_edge: 2560, jpeg_quality: 85, formats: ImageFormat::ALL.to_vec() }
     );
     let m = Policy::default().mount();
     assert_eq!(
@@ -223,8 +223,9 @@ fn a_vaults_own_rules_override_the_files_defaults_and_the_server_bounds_all() {
     assert!(!s.read_only, "the admin's exception for one vault");
     assert_eq!(s.upload_limit, 1_000_000);
     assert_eq!(s.e2e_limit, 1_000_000, "never above the upload limit");
-    assert_eq!(s.images.max_edge, 2560, "the server's limit bounds the policy");
-    assert_eq!(p.vault("Family", &SERVER).e2e_limit, 30_000_000, "the server's limit bounds the policy");
+    assert_eq!(s.images.max_edge, 2560, "the server's figure lowers the edge");
+    let family = p.vault("Family", &SERVER).e2e_limit;
+    assert_eq!(family, 300_000_000, "the server's e2e limit does not bound it; its upload limit does");
     assert_eq!(p.named_vaults(), vec!["Scratch".to_string()]);
 }
 
@@ -254,7 +255,48 @@ fn image_formats_come_from_the_name() {
     assert_eq!(ImageFormat::from_name(OsStr::new("c.webp")), Some(ImageFormat::Webp));
     assert_eq!(ImageFormat::from_name(OsStr::new("d.gif")), None);
     assert_eq!(ImageFormat::from_name(OsStr::new("jpg")), None);
-    let v = policy("", "[defaults.images]\nformats = [\"png\"]").vault("V", &SERVER);
+    let v = policy("", "[defaults.images]\nreduce = true\nformats = [\"png\"]").vault("V", &SERVER);
     assert_eq!(v.images.applies_to(OsStr::new("x.png")), Some(ImageFormat::Png));
     assert_eq!(v.images.applies_to(OsStr::new("x.jpg")), None);
+}
+
+/// The server is the adversary: whatever limits it states, a file the policy
+/// encrypts is never passed through, and images are never reduced unless a
+/// policy asks, nor below the policy's floor.
+#[test]
+fn server_limits_can_refuse_but_never_weaken() {
+    let hostile = Limits { upload_limit: 300_000_000, e2e_limit: 0, image_max_edge: 1 };
+    let v = Policy::default().vault("V", &hostile);
+    assert_eq!(v.e2e_limit, 30_000_000, "the policy's default, not the server's zero");
+    assert!(v.encrypts(35) && v.encrypts(30_000_000) && !v.encrypts(30_000_001));
+    let refusal = v.check_size(35).unwrap_err();
+    assert!(matches!(refusal, SizeRefusal::ServerE2eLimit { server: 0, policy: 30_000_000 }), "{refusal}");
+    assert!(refusal.to_string().contains("refuses rather than send"), "{refusal}");
+    assert_eq!(v.check_size(0), Ok(()), "an empty file is stored");
+    assert_eq!(v.check_size(40_000_000), Ok(()), "above the policy's limit: passed through, as configured");
+    assert!(!v.images.reduce, "the server cannot turn reduction on");
+
+    // End-to-end only: what the policy would pass through is refused instead.
+    let mut strict = Policy::default().vault("V", &SERVER);
+    strict.e2e_required = true;
+    assert_eq!(strict.check_size(30_000_000), Ok(()));
+    assert_eq!(strict.check_size(30_000_001), Err(SizeRefusal::E2eRequired(30_000_000)));
+    assert_eq!(strict.check_size(300_000_001), Err(SizeRefusal::Upload(300_000_000)));
+
+    // With reduction on, a server's one-pixel edge stops at the floor.
+    let on = policy("", "[defaults.images]\nreduce = true");
+    assert_eq!(on.vault("V", &hostile).images.max_edge, DEFAULT_MIN_EDGE);
+    assert_eq!(on.vault("V", &SERVER).images.max_edge, 2560);
+    let own = policy("[defaults.images]\nreduce = true\nmax_edge = 2000\nmin_edge = 1500", "");
+    assert_eq!(own.vault("V", &hostile).images.max_edge, 1500);
+    let mid = Limits { image_max_edge: 1800, ..SERVER };
+    assert_eq!(own.vault("V", &mid).images.max_edge, 1800, "the server may lower it above the floor");
+    let low_max = policy("[defaults.images]\nmax_edge = 800", "");
+    assert_eq!(
+        low_max.vault("V", &hostile).images.max_edge,
+        800,
+        "a floor never lifts the policy's own edge"
+    );
+    let bad = parse("[defaults.images]\nmin_edge = 3000\nmax_edge = 2000").unwrap_err().to_string();
+    assert!(bad.contains("min_edge") && bad.contains("line 2"), "{bad}");
 }

@@ -48,6 +48,9 @@ const TEST_KDF: KdfWire = KdfWire { m_cost_kib: 64, t_cost: 1, p_cost: 1 };
 #[derive(Clone)]
 pub struct MemoryServer {
     service: Arc<Service<MemoryBlobStore>>,
+    /// The same store the service writes to: tests look at (and tamper with)
+    /// what the server holds.
+    blobs: MemoryBlobStore,
 }
 
 impl MemoryServer {
@@ -55,8 +58,20 @@ impl MemoryServer {
     pub fn new() -> Result<Self> {
         let meta = Meta::open(Path::new(":memory:")).map_err(|e| RemoteError::Unavailable(e.to_string()))?;
         let config = ServiceConfig { session_ttl_secs: 3600, login_kdf: TEST_KDF };
-        let service = Service::new(meta, MemoryBlobStore::default(), config)?;
-        Ok(MemoryServer { service: Arc::new(service) })
+        let blobs = MemoryBlobStore::default();
+        let service = Service::new(meta, blobs.clone(), config)?;
+        Ok(MemoryServer { service: Arc::new(service), blobs })
+    }
+
+    /// Changes a user's limits (as `vaultfs admin user limits` does).
+    pub async fn set_limits(&self, name: &str, limits: Limits) -> Result<()> {
+        let name = name.to_string();
+        Ok(self.service.run_admin(move |m| m.set_limits(&name, limits)).await?)
+    }
+
+    /// Every blob the server holds (tests look for plaintext in them).
+    pub fn stored_blobs(&self) -> Vec<bytes::Bytes> {
+        self.blobs.snapshot()
     }
 
     /// Adds a user with `limits` and returns their remote, already logged in.
@@ -89,7 +104,12 @@ pub struct MemoryRemote {
 
 impl super::Remote for MemoryRemote {
     async fn me(&self) -> Result<Me> {
-        Ok(self.service.me(&self.caller))
+        // Read afresh, as the HTTP server does for each request: an admin may
+        // have changed the limits since this remote logged in.
+        let name = self.caller.name().to_string();
+        let user = self.service.run_admin(move |m| m.user_by_name(&name)).await?;
+        let limits = user.map_or(self.caller.limits(), |u| u.limits);
+        Ok(Me { user: self.caller.name().to_string(), limits })
     }
 
     async fn wallet(&self) -> Result<Option<(Vec<u8>, u64)>> {

@@ -401,6 +401,11 @@ pub struct MemoryBlobStore {
 }
 
 impl MemoryBlobStore {
+    /// Every blob held now.
+    pub fn snapshot(&self) -> Vec<Bytes> {
+        self.blobs.lock().map(|b| b.values().cloned().collect()).unwrap_or_default()
+    }
+
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, std::collections::HashMap<BlobId, Bytes>>, BlobError> {
         self.blobs.lock().map_err(|_| BlobError::Io(io::Error::other("memory blob store lock poisoned")))
     }
