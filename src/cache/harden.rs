@@ -8,6 +8,11 @@
 //!   future allocations under a too-small limit would make allocations fail, so
 //!   then nothing is locked and a single warning says so (only a warning when
 //!   swap is enabled at all: without swap, there is nowhere for pages to go).
+//!
+//! Every command that unlocks a wallet calls this before it reads the
+//! passphrase ([`harden_command`], or [`harden_process`] for the mount daemon),
+//! so the passphrase, the Argon2id output and the wallet's keys are never in a
+//! process that could dump core or be read by another process of the user.
 
 /// Room for everything but the cache (code, runtime, buffers in flight).
 const LOCK_MARGIN: u64 = 512 << 20;
@@ -29,8 +34,19 @@ fn swap_enabled() -> bool {
 }
 
 /// Applies the hardening for a daemon whose cache may hold `cache_budget` bytes.
-#[allow(unsafe_code)]
 pub fn harden_process(cache_budget: u64) -> Hardening {
+    harden(cache_budget, false)
+}
+
+/// The same for a short command that unlocks the wallet (`vaultfs login`,
+/// `vaultfs vault`, the parent of a background mount): no warning if memory
+/// cannot be locked, since such a command holds secrets for a moment only.
+pub fn harden_command() -> Hardening {
+    harden(0, true)
+}
+
+#[allow(unsafe_code)]
+fn harden(cache_budget: u64, quiet: bool) -> Hardening {
     let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: setrlimit and prctl take plain values and a pointer to a valid,
     // initialized rlimit on our stack; they touch no memory of ours otherwise.
@@ -62,7 +78,9 @@ pub fn harden_process(cache_budget: u64) -> Hardening {
         }
     };
     if let Some(why) = &problem {
-        if swap_enabled() {
+        if quiet {
+            tracing::debug!("memory not locked: {why}");
+        } else if swap_enabled() {
             tracing::warn!("plaintext memory is not locked against swap: {why}");
         } else {
             tracing::info!("memory not locked ({why}); no swap is enabled, so nothing can be swapped out");
@@ -72,4 +90,37 @@ pub fn harden_process(cache_budget: u64) -> Hardening {
         tracing::warn!("could not disable core dumps: {}", std::io::Error::last_os_error());
     }
     Hardening { core_dumps_disabled: core_off, memory_locked: locked, lock_problem: problem }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Run in a child process (this test binary, filtered to this test), so
+    /// the test runner itself keeps dumping core as it likes.
+    #[test]
+    fn a_hardened_command_cannot_dump_core_or_be_read_by_its_user() {
+        if std::env::var_os("VAULTFS_HARDEN_CHILD").is_some() {
+            let h = super::harden_command();
+            assert!(h.core_dumps_disabled);
+            // SAFETY: prctl and getrlimit take plain values and a valid pointer.
+            #[allow(unsafe_code)]
+            let (dumpable, core) = unsafe {
+                let mut lim = libc::rlimit { rlim_cur: 1, rlim_max: 1 };
+                libc::getrlimit(libc::RLIMIT_CORE, &mut lim);
+                (libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0), lim.rlim_cur)
+            };
+            assert_eq!((dumpable, core), (0, 0));
+            return;
+        }
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                "cache::harden::tests::a_hardened_command_cannot_dump_core_or_be_read_by_its_user",
+            ])
+            .env("VAULTFS_HARDEN_CHILD", "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("1 passed"), "{text}");
+    }
 }

@@ -115,6 +115,8 @@ fn run_in(work: &Path, mountpoint: Option<PathBuf>) -> CliResult {
     let defaults = crate::server::admin::recorded_defaults(&meta)?.ok_or("server defaults missing")?;
     let code = crate::server::admin::add_user(&mut meta, "demo", defaults.limits, defaults.login_kdf)?;
     drop(meta);
+    let budget = FsOptions::default().cache_budget as u64;
+    crate::cache::harden::harden_process(budget);
     let mut pass = [0u8; 16];
     getrandom::getrandom(&mut pass)?;
     let pass = zeroize::Zeroizing::new(hex_encode(&pass));
@@ -134,8 +136,6 @@ fn run_in(work: &Path, mountpoint: Option<PathBuf>) -> CliResult {
     })?;
 
     // 3. The mount.
-    let budget = FsOptions::default().cache_budget as u64;
-    crate::cache::harden::harden_process(budget);
     let background =
         start_session(&fs, rt.handle(), &mountpoint, &url, 4, &crate::policy::Policy::default().mount())?;
     let _status = super::status::serve_status(rt.handle(), &fs, &mountpoint, &url).ok();

@@ -47,6 +47,10 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4)]
     threads: usize,
+    /// Show decrypted names in log lines (off by default: logs name objects by
+    /// id, since a log may be kept on disk). For debugging only.
+    #[arg(long, env = crate::fs::lognames::LOG_NAMES_ENV, value_parser = clap::builder::FalseyValueParser::new())]
+    log_names: bool,
     /// Internal: read the passphrase from standard input (set by the parent process).
     #[arg(long, hide = true)]
     passphrase_stdin: bool,
@@ -85,11 +89,28 @@ pub fn mount(args: MountArgs) -> CliResult {
     policy.mount().check_mountpoint(&mountpoint, home.as_deref())?;
     let login = config_dir().map(|d| d.join(LOGIN_FILE)).ok_or("cannot find a config directory: set HOME")?;
     let account = Account::load(&login)?;
+    // Before the passphrase is read: no core dump, no other process of the
+    // user reading this one's memory, memory locked where allowed.
+    let budget = cache_budget(&args, &policy);
+    if args.foreground {
+        crate::cache::harden::harden_process(budget as u64);
+    } else {
+        crate::cache::harden::harden_command();
+    }
+    if args.foreground && args.log_names {
+        crate::fs::lognames::show_names();
+    }
     let pass = passphrase(&args, &account.user)?;
     if !args.foreground {
         return spawn_background(&args, &mountpoint, &pass);
     }
-    run_foreground(&args, &mountpoint, &account, &pass, policy)
+    run_foreground(&args, &mountpoint, &account, &pass, policy, budget)
+}
+
+/// The cache budget: the policy's, or the command line's if lower.
+fn cache_budget(args: &MountArgs, policy: &Policy) -> usize {
+    let asked = args.cache_mib.map_or(u64::MAX, |m| (m as u64).saturating_mul(1 << 20));
+    policy.mount().cache_budget.min(asked) as usize
 }
 
 /// Starts `vaultfs mount --foreground` detached and waits for it to be ready.
@@ -102,6 +123,7 @@ fn spawn_background(args: &MountArgs, mountpoint: &Path, pass: &str) -> CliResul
             .arg(mountpoint)
             .args(["--foreground", "--passphrase-stdin"])
             .args(["--threads", &args.threads.to_string()])
+            .args(args.log_names.then_some("--log-names"))
             .args(args.cache_mib.map(|c| format!("--cache-mib={c}")))
             .arg("--policy")
             .arg(&args.policy.system)
@@ -143,12 +165,11 @@ fn run_foreground(
     account: &Account,
     pass: &str,
     policy: Policy,
+    budget: usize,
 ) -> CliResult {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let access = ServerAccess { url: account.server.clone(), trust: account.trust() };
     let rules = policy.mount();
-    let asked = args.cache_mib.map_or(u64::MAX, |m| (m as u64).saturating_mul(1 << 20));
-    let budget = rules.cache_budget.min(asked) as usize;
     let fs = rt.block_on(async {
         let remote = HttpRemote::login(&access, &account.user, pass.as_bytes(), LOGIN_KDF_FLOOR).await?;
         let unlocked = Unlocked::open(remote, pass.as_bytes()).await?;
@@ -156,7 +177,6 @@ fn run_foreground(
             .await?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Arc::new(fs))
     })?;
-    crate::cache::harden::harden_process(budget as u64);
     let background = start_session(&fs, rt.handle(), mountpoint, &account.server, args.threads, &rules)?;
     let _status = super::status::serve_status(rt.handle(), &fs, mountpoint, &account.server)
         .map_err(|e| tracing::warn!(error = %e, "vaultfs status will not see this mount"))

@@ -50,17 +50,39 @@ pub struct MountStatus {
 }
 
 fn socket_dir() -> std::io::Result<PathBuf> {
+    // SAFETY: getuid only reads the process's user id.
+    #[allow(unsafe_code)]
+    let uid = unsafe { libc::getuid() };
     let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         Some(d) => PathBuf::from(d).join("vaultfs"),
-        None => {
-            // SAFETY: getuid only reads the process's user id.
-            #[allow(unsafe_code)]
-            let uid = unsafe { libc::getuid() };
-            std::env::temp_dir().join(format!("vaultfs-{uid}"))
-        }
+        None => std::env::temp_dir().join(format!("vaultfs-{uid}")),
     };
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+    check_private_dir(&dir, uid)?;
     Ok(dir)
+}
+
+/// Refuses a socket directory that is not a directory of `uid`'s with mode
+/// 0700 (not followed if it is a symbolic link). In a shared /tmp another user
+/// could have made `/tmp/vaultfs-UID` first: then they could read the names of
+/// files being uploaded from the socket, or answer `vaultfs status` with lies.
+fn check_private_dir(dir: &Path, uid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir)?;
+    let mode = meta.mode() & 0o7777;
+    if !meta.file_type().is_dir() || meta.uid() != uid || mode != 0o700 {
+        let kind = if meta.file_type().is_symlink() { "a symbolic link" } else { "not a private directory" };
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "refusing the status socket directory {}: {kind} (owner uid {}, mode {mode:o}); it must be \
+                 a directory owned by uid {uid} with mode 700: remove it, or set XDG_RUNTIME_DIR",
+                dir.display(),
+                meta.uid()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn socket_path(mountpoint: &Path) -> std::io::Result<PathBuf> {
@@ -222,6 +244,28 @@ pub fn run(args: StatusArgs) -> CliResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_socket_directory_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        // SAFETY: getuid only reads the process's user id.
+        #[allow(unsafe_code)]
+        let uid = unsafe { libc::getuid() };
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("ok");
+        std::fs::DirBuilder::new().mode(0o700).create(&ok).unwrap();
+        check_private_dir(&ok, uid).unwrap();
+        std::fs::set_permissions(&ok, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = check_private_dir(&ok, uid).unwrap_err().to_string();
+        assert!(e.contains("mode 777") && e.contains("remove it"), "{e}");
+        std::fs::set_permissions(&ok, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let e = check_private_dir(&ok, uid + 1).unwrap_err().to_string();
+        assert!(e.contains(&format!("owner uid {uid}")), "{e}");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&ok, &link).unwrap();
+        let e = check_private_dir(&link, uid).unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+    }
 
     #[test]
     fn bars_and_sizes() {

@@ -144,6 +144,7 @@ async fn decide_trust(args: &LoginArgs) -> Result<Option<Trust>, String> {
 
 /// `vaultfs login`.
 pub async fn login(args: LoginArgs) -> CliResult {
+    crate::cache::harden::harden_command();
     let trust = decide_trust(&args).await?;
     let access = ServerAccess { url: args.server.clone(), trust: trust.clone() };
     let file = args.passphrase_file.as_deref();
@@ -191,6 +192,7 @@ async fn unlock(
 
 /// `vaultfs vault ...`.
 pub async fn vault(cmd: VaultCommand) -> CliResult {
+    crate::cache::harden::harden_command();
     match cmd {
         VaultCommand::Create { name, e2e_required, passphrase_file } => {
             if name.is_empty() || name.contains('/') || name == "." || name == ".." {

@@ -388,7 +388,7 @@ fn time_of(ms: i64) -> SystemTime {
 fn check_name(name: &OsStr) -> Result<()> {
     let b = name.as_bytes();
     if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') || b.contains(&0) {
-        return Err(FsError::Invalid(format!("invalid name {name:?}")));
+        return Err(FsError::Invalid(format!("invalid name {}", super::lognames::shown(name))));
     }
     if b.len() > NAME_MAX {
         return Err(FsError::NameTooLong);
@@ -633,7 +633,11 @@ impl<R: Remote> VaultFs<R> {
                 // Two entries with one name (written by other clients): keep both visible.
                 let mut alt = name.clone();
                 alt.push(format!(" (duplicate {})", &format!("{ino:x}")));
-                tracing::warn!(?name, "duplicate name in a record; showing it as {alt:?}");
+                tracing::warn!(
+                    ino,
+                    name = %super::lognames::shown(&name),
+                    "two entries of one directory have the same name; this one is shown with \"(duplicate {ino:x})\" added"
+                );
                 name = alt;
             }
             dir.insert(name.clone(), ino);
@@ -1716,7 +1720,7 @@ impl<R: Remote> VaultFs<R> {
             i.size = done.size;
             i.e2e = e2e;
         });
-        tracing::warn!(file = %info.id, copy = %copy.id, name = ?copy_name, "conflict copy saved");
+        tracing::warn!(file = %info.id, copy = %copy.id, name = %super::lognames::shown(&copy_name), "conflict copy saved");
         let _ = self.load_vault(info.vault, true).await;
         Ok(())
     }

@@ -9,6 +9,7 @@
 pub mod core;
 pub mod error;
 pub mod fuse;
+pub mod lognames;
 pub mod reduce;
 
 pub use self::core::{Attr, FsOptions, Ino, Kind, ReadData, VaultFs, ROOT};

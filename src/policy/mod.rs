@@ -626,14 +626,19 @@ impl Policy {
     /// The rules for the mount.
     pub fn mount(&self) -> MountPolicy {
         let (a, u) = (&self.admin.mount, &self.user.mount);
+        let allow_other = merge(a.allow_other, u.allow_other, false, |a, u| a && u);
         MountPolicy {
             allowed_mountpoints: [&a.allowed_mountpoints, &u.allowed_mountpoints]
                 .into_iter()
                 .flatten()
                 .cloned()
                 .collect(),
-            allow_other: merge(a.allow_other, u.allow_other, false, |a, u| a && u),
-            default_permissions: merge(a.default_permissions, u.default_permissions, false, |a, u| a || u),
+            allow_other,
+            // Other users may see the mount only through the kernel's
+            // permission checks: without them, every local user could read
+            // every file (the presented modes would decide nothing).
+            default_permissions: allow_other
+                || merge(a.default_permissions, u.default_permissions, false, |a, u| a || u),
             // The admin's choice of presented owner stands; otherwise the user's.
             uid: a.uid.or(u.uid),
             gid: a.gid.or(u.gid),

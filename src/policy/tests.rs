@@ -206,9 +206,13 @@ fn the_stricter_value_wins_where_both_speak() {
     assert!(v.read_only && !v.allow_delete && v.oversize == Oversize::Refuse);
     assert!(!p.mount().allow_other);
     // Where the admin is silent, the user's choice holds.
-    let p = policy("", "[defaults.images]\nreduce = false\n[mount]\nallow_other = true");
+    let p = policy(
+        "",
+        "[defaults.images]\nreduce = false\n[mount]\nallow_other = true\ndefault_permissions = false",
+    );
     assert!(!p.vault("V", &SERVER).images.reduce);
     assert!(p.mount().allow_other);
+    assert!(p.mount().default_permissions, "allow_other always comes with the kernel's permission checks");
 }
 
 #[test]

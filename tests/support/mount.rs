@@ -13,6 +13,23 @@ use std::time::{Duration, Instant};
 
 use super::server::{vaultfs_bin, TestServer};
 
+/// How a [`TestMount`] is set up; `..Default::default()` for the rest.
+#[derive(Default)]
+pub struct MountSetup<'a> {
+    /// The system policy (none if empty).
+    pub policy: &'a str,
+    /// Vaults created next to "Family".
+    pub vaults: &'a [&'a str],
+    /// Where the server keeps its data (a fresh directory if `None`).
+    pub data: Option<&'a Path>,
+    /// Options of `vaultfs admin user add` (limits).
+    pub user: &'a [&'a str],
+    /// The daemon's `VAULTFS_LOG` (default: `VAULTFS_TEST_LOG`, else "info").
+    pub log: Option<&'a str>,
+    /// More arguments of `vaultfs mount`.
+    pub mount_args: &'a [&'a str],
+}
+
 pub struct TestMount {
     pub mountpoint: PathBuf,
     pub home: PathBuf,
@@ -20,6 +37,8 @@ pub struct TestMount {
     /// The system policy this mount reads (absent unless a test writes one).
     pub policy: PathBuf,
     child: Option<Child>,
+    log_level: String,
+    mount_args: Vec<String>,
     /// The daemon's stderr, collected in memory (a log *file* would be a regular
     /// file open for writing in the daemon, which the canary test forbids).
     stderr_log: std::sync::Arc<std::sync::Mutex<String>>,
@@ -58,7 +77,13 @@ impl TestMount {
         Self::start_full("", &[], Some(data), user)
     }
 
-    fn start_full(policy: &str, more: &[&str], data: Option<&Path>, user: &[&str]) -> Self {
+    fn start_full(policy: &str, vaults: &[&str], data: Option<&Path>, user: &[&str]) -> Self {
+        Self::start_setup(MountSetup { policy, vaults, data, user, ..Default::default() })
+    }
+
+    /// A server with user "alice" and vault "Family", set up as `setup` says, mounted.
+    pub fn start_setup(setup: MountSetup<'_>) -> Self {
+        let MountSetup { policy, vaults: more, data, user, log, mount_args } = setup;
         assert!(fuse_available(), "/dev/fuse is missing: mount tests need FUSE (CI installs fuse3)");
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("server.toml");
@@ -92,18 +117,28 @@ impl TestMount {
             std::fs::write(&policy_path, policy).unwrap();
         }
         let stderr_log = Default::default();
+        let log_level = log
+            .map(str::to_string)
+            .unwrap_or_else(|| std::env::var("VAULTFS_TEST_LOG").unwrap_or_else(|_| "info".into()));
         let mut m = TestMount {
             mountpoint,
             home,
             pass,
             policy: policy_path,
             child: None,
+            log_level,
+            mount_args: mount_args.iter().map(|a| a.to_string()).collect(),
             stderr_log,
             server,
             _dir: dir,
         };
         m.mount();
         m
+    }
+
+    /// Arguments of `vaultfs mount` for the next [`TestMount::mount`].
+    pub fn set_mount_args(&mut self, args: &[&str]) {
+        self.mount_args = args.iter().map(|a| a.to_string()).collect();
     }
 
     /// Starts the mount process and waits until it is ready.
@@ -132,7 +167,8 @@ impl TestMount {
             .env("XDG_CONFIG_HOME", &self.home)
             .env("VAULTFS_PASSPHRASE_FILE", &self.pass)
             .env("VAULTFS_POLICY", &self.policy)
-            .env("VAULTFS_LOG", std::env::var("VAULTFS_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .args(&self.mount_args)
+            .env("VAULTFS_LOG", &self.log_level)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
