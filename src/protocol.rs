@@ -119,6 +119,15 @@ pub struct PreLogin {
     pub salt: Sealed,
     /// Argon2id parameters for the login key.
     pub kdf: KdfWire,
+    /// The login-key version the user's stored key was made with
+    /// (docs/FORMAT.md "Login key"): 1 for a login from an older vaultfs,
+    /// which the client replaces with a version-2 key; absent means 1.
+    #[serde(default = "login_v1")]
+    pub login_version: u8,
+}
+
+fn login_v1() -> u8 {
+    1
 }
 
 /// `POST /v1/login`.
@@ -139,6 +148,21 @@ pub struct EnrollRequest {
     pub code: String,
     /// The login key derived from the passphrase the user chose.
     pub login_key: Sealed,
+    /// Its version (absent means 1: an older client).
+    #[serde(default = "login_v1")]
+    pub login_version: u8,
+}
+
+/// `PUT /v1/login-key`: replaces the caller's login key (a version-1 key by a
+/// version-2 one, or a new passphrase's), proving the current one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoginKeyChange {
+    /// The login key the server has now.
+    pub old_login_key: Sealed,
+    /// The new login key.
+    pub new_login_key: Sealed,
+    /// The new key's version.
+    pub login_version: u8,
 }
 
 /// Answer to login and enroll.

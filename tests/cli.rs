@@ -237,7 +237,7 @@ async fn a_server_certificate_from_a_ca_is_trusted_through_the_ca_file() {
     .unwrap();
     let s = TestServer::start_with_config(&data, &config);
     let code = s.add_user("alice", &[]);
-    let access = ServerAccess { url: s.url.clone(), trust: Some(Trust::CaFile(ca_pem.clone())) };
+    let access = ServerAccess::new(s.url.clone(), Some(Trust::CaFile(ca_pem.clone())));
     let alice = HttpRemote::enroll(&access, "alice", &code, b"pw", support::server::TEST_KDF).await.unwrap();
     assert_eq!(alice.me().await.unwrap().user, "alice");
 
@@ -247,7 +247,7 @@ async fn a_server_certificate_from_a_ca_is_trusted_through_the_ca_file() {
     other.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let other_pem = dir.path().join("other.pem");
     std::fs::write(&other_pem, other.self_signed(&other_key).unwrap().pem()).unwrap();
-    let access = ServerAccess { url: s.url.clone(), trust: Some(Trust::CaFile(other_pem)) };
+    let access = ServerAccess::new(s.url.clone(), Some(Trust::CaFile(other_pem)));
     assert!(HttpRemote::login(&access, "alice", b"pw", support::server::TEST_KDF).await.is_err());
 }
 

@@ -236,6 +236,7 @@ async fn login_token(s: &TestServer, user: &str) -> String {
         &pre.salt.0,
         params,
         support::server::TEST_KDF,
+        vaultfs::crypto::login::LoginBinding { server: &s.access().identity().unwrap(), user },
     )
     .unwrap();
     let body = vaultfs::protocol::LoginRequest { user: user.into(), login_key: Sealed(key.to_vec()) };

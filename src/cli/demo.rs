@@ -120,7 +120,7 @@ fn run_in(work: &Path, mountpoint: Option<PathBuf>) -> CliResult {
     let mut pass = [0u8; 16];
     getrandom::getrandom(&mut pass)?;
     let pass = zeroize::Zeroizing::new(hex_encode(&pass));
-    let access = ServerAccess { url: url.clone(), trust: started.fingerprint.clone().map(Trust::Pinned) };
+    let access = ServerAccess::new(url.clone(), started.fingerprint.clone().map(Trust::Pinned));
     let fs = rt.block_on(async {
         let remote = HttpRemote::enroll(&access, "demo", &code, pass.as_bytes(), LOGIN_KDF_FLOOR).await?;
         let mut unlocked = Unlocked::create_wallet(remote, pass.as_bytes(), KdfParams::DEFAULT).await?;

@@ -21,7 +21,7 @@ use crate::fs::fuse::FuseAdapter;
 use crate::fs::{FsOptions, VaultFs};
 use crate::policy::{MountPolicy, Policy};
 use crate::remote::account::{config_dir, Account, Unlocked, LOGIN_FILE};
-use crate::remote::http::{HttpRemote, ServerAccess};
+use crate::remote::http::HttpRemote;
 
 /// Line the foreground mount prints once the filesystem is mounted.
 const READY: &str = "vaultfs mount: ready at ";
@@ -104,7 +104,7 @@ pub fn mount(args: MountArgs) -> CliResult {
     if !args.foreground {
         return spawn_background(&args, &mountpoint, &pass);
     }
-    run_foreground(&args, &mountpoint, &account, &pass, policy, budget)
+    run_foreground(&args, &mountpoint, (&account, &login), &pass, policy, budget)
 }
 
 /// The cache budget: the policy's, or the command line's if lower.
@@ -162,16 +162,19 @@ fn spawn_background(args: &MountArgs, mountpoint: &Path, pass: &str) -> CliResul
 fn run_foreground(
     args: &MountArgs,
     mountpoint: &Path,
-    account: &Account,
+    (account, login): (&Account, &Path),
     pass: &str,
     policy: Policy,
     budget: usize,
 ) -> CliResult {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let access = ServerAccess { url: account.server.clone(), trust: account.trust() };
+    let access = account.access();
     let rules = policy.mount();
     let fs = rt.block_on(async {
         let remote = HttpRemote::login(&access, &account.user, pass.as_bytes(), LOGIN_KDF_FLOOR).await?;
+        if let Err(e) = account.clone().remember_identity(login) {
+            tracing::warn!(error = %e, "could not note the server identity the login is bound to");
+        }
         let unlocked = Unlocked::open(remote, pass.as_bytes()).await?;
         let fs = VaultFs::new(unlocked, FsOptions { cache_budget: budget, policy, ..FsOptions::default() })
             .await?;

@@ -43,6 +43,11 @@ pub struct LoginArgs {
     /// Read the passphrase from this file instead of asking.
     #[arg(long, env = PASSPHRASE_FILE_ENV)]
     passphrase_file: Option<PathBuf>,
+    /// The server identity your login is bound to, if not the one this login
+    /// derives (after the server's certificate was replaced: the `identity`
+    /// in login.toml of a machine that logged in before).
+    #[arg(long)]
+    identity: Option<String>,
 }
 
 /// `vaultfs vault ...`.
@@ -146,7 +151,18 @@ async fn decide_trust(args: &LoginArgs) -> Result<Option<Trust>, String> {
 pub async fn login(args: LoginArgs) -> CliResult {
     crate::cache::harden::harden_command();
     let trust = decide_trust(&args).await?;
-    let access = ServerAccess { url: args.server.clone(), trust: trust.clone() };
+    let path = login_path()?;
+    // Logging in again to the same server as the same user keeps the identity
+    // the login is bound to (the certificate may have been re-pinned).
+    let remembered = Account::load(&path)
+        .ok()
+        .filter(|a| a.server == args.server && a.user == args.user)
+        .and_then(|a| a.identity);
+    let access = ServerAccess {
+        url: args.server.clone(),
+        trust: trust.clone(),
+        identity: args.identity.clone().or(remembered),
+    };
     let file = args.passphrase_file.as_deref();
     let unlocked = match &args.enroll {
         Some(code) => {
@@ -173,20 +189,23 @@ pub async fn login(args: LoginArgs) -> CliResult {
             Some(Trust::CaFile(p)) => Some(p.clone()),
             _ => None,
         },
+        identity: Some(access.identity()?),
     };
-    let path = login_path()?;
     account.save(&path)?;
     println!("logged in to {} as {}; {vaults} vault(s). Saved to {}", args.server, args.user, path.display());
+    println!("the login is bound to the server identity {}", account.identity.as_deref().unwrap_or(""));
     Ok(())
 }
 
 async fn unlock(
     passphrase_file: Option<&Path>,
 ) -> Result<Unlocked<HttpRemote>, Box<dyn std::error::Error + Send + Sync>> {
-    let account = Account::load(&login_path()?)?;
-    let access = ServerAccess { url: account.server.clone(), trust: account.trust() };
+    let path = login_path()?;
+    let mut account = Account::load(&path)?;
     let pass = read_passphrase(passphrase_file, &format!("Passphrase for {}: ", account.user), false)?;
-    let remote = HttpRemote::login(&access, &account.user, pass.as_bytes(), LOGIN_KDF_FLOOR).await?;
+    let remote =
+        HttpRemote::login(&account.access(), &account.user, pass.as_bytes(), LOGIN_KDF_FLOOR).await?;
+    account.remember_identity(&path)?;
     Ok(Unlocked::open(remote, pass.as_bytes()).await?)
 }
 

@@ -64,6 +64,11 @@ pub struct Account {
     /// CA file to verify the server with, instead of a pin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// The server identity the login key is bound to (docs/FORMAT.md "Login
+    /// key"), remembered from the first login on this machine. Absent in a
+    /// file written by an older vaultfs: the next login binds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// `$XDG_CONFIG_HOME/vaultfs`, or `~/.config/vaultfs`.
@@ -82,6 +87,26 @@ impl Account {
             (None, Some(ca)) => Some(Trust::CaFile(ca.clone())),
             (None, None) => None,
         }
+    }
+
+    /// Where the server is, how to trust it, and what the login is bound to.
+    pub fn access(&self) -> super::http::ServerAccess {
+        super::http::ServerAccess {
+            url: self.server.clone(),
+            trust: self.trust(),
+            identity: self.identity.clone(),
+        }
+    }
+
+    /// After a successful login: remembers the identity the login key is now
+    /// bound to, if this file did not say yet (one written by an older
+    /// vaultfs), so that a server never gets an unbound key from here again.
+    pub fn remember_identity(&mut self, path: &Path) -> Result<(), AccountError> {
+        if self.identity.is_some() {
+            return Ok(());
+        }
+        self.identity = Some(self.access().identity()?);
+        self.save(path)
     }
 
     /// Reads `path`.
@@ -256,6 +281,7 @@ mod tests {
             user: "alice".into(),
             fingerprint: Some(format!("sha256:{}", "ab".repeat(32))),
             ca_file: None,
+            identity: Some(format!("tls-cert:sha256:{}", "ab".repeat(32))),
         };
         a.save(&path).unwrap();
         assert_eq!(Account::load(&path).unwrap(), a);

@@ -21,14 +21,14 @@ use zeroize::Zeroizing;
 
 use super::tls::{client_config, probe_config, Trust};
 use super::{Content, RemoteError, Result, UploadBody};
-use crate::crypto::login::derive_login_key;
+use crate::crypto::login::{LoginBinding, LoginStretch, LOGIN_KEY_VERSION};
 use crate::crypto::KdfParams;
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::HEADER_CONFLICT_COPY;
 use crate::protocol::{
-    etag, parse_content_range_len, parse_etag, EnrollRequest, ErrorBody, FileInfo, FileUpdate, LoginRequest,
-    Me, NewFile, NewRecord, NewVault, PreLogin, RecordInfo, RecordUpdate, Sealed, Session, UploadResult,
-    VaultInfo, HEADER_E2E, HEADER_MTIME,
+    etag, parse_content_range_len, parse_etag, EnrollRequest, ErrorBody, FileInfo, FileUpdate,
+    LoginKeyChange, LoginRequest, Me, NewFile, NewRecord, NewVault, PreLogin, RecordInfo, RecordUpdate,
+    Sealed, Session, UploadResult, VaultInfo, HEADER_E2E, HEADER_MTIME,
 };
 
 /// Longest wait for a TCP + TLS connection.
@@ -43,12 +43,44 @@ const BACKOFF: Duration = Duration::from_millis(200);
 const RENEW_MARGIN: Duration = Duration::from_secs(60);
 
 /// Where the server is and how to trust it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServerAccess {
     /// Base URL, e.g. `https://vault.example.org:8443`.
     pub url: String,
     /// How to verify its certificate (`None` only for plain HTTP on loopback).
     pub trust: Option<Trust>,
+    /// The server identity this machine's login is bound to, remembered from
+    /// an earlier login (`login.toml`); `None` derives it from `trust`. Once
+    /// remembered, a server that asks for an unbound (version-1) login key is
+    /// refused.
+    pub identity: Option<String>,
+}
+
+impl ServerAccess {
+    /// Where the server is and how to trust it, with no identity remembered.
+    pub fn new(url: impl Into<String>, trust: Option<Trust>) -> Self {
+        ServerAccess { url: url.into(), trust, identity: None }
+    }
+
+    /// The identity a login key for this server is bound to: the remembered
+    /// one, else what this client verifies the server by, which another
+    /// server cannot present: the pinned certificate (`tls-cert:sha256:...`),
+    /// or for a CA-verified or plain loopback server its origin
+    /// (`origin:https://host:port`), whose host name the CA vouches for.
+    pub fn identity(&self) -> Result<String> {
+        if let Some(id) = &self.identity {
+            return Ok(id.clone());
+        }
+        Ok(match &self.trust {
+            Some(Trust::Pinned(fp)) => format!("tls-cert:{fp}"),
+            Some(Trust::CaFile(_)) | None => {
+                let url = parse_server_url(&self.url)?;
+                let host = url.host_str().ok_or_else(|| protocol("server URL without a host"))?;
+                let port = url.port_or_known_default().unwrap_or(443);
+                format!("origin:{}://{host}:{port}", url.scheme())
+            }
+        })
+    }
 }
 
 fn protocol(e: impl std::fmt::Display) -> RemoteError {
@@ -120,7 +152,13 @@ pub fn build_client(access: &ServerAccess) -> Result<reqwest::Client> {
                 "an https server needs a pinned fingerprint or a CA file".into(),
             ))
         }
-        _ => base_builder(),
+        // Plain HTTP on loopback: no TLS, but reqwest still wants a crypto
+        // provider to exist (it panicked without one), so the process gets
+        // the same one everything else uses.
+        _ => {
+            let _ = rustls::crypto::CryptoProvider::install_default(rustls::crypto::ring::default_provider());
+            base_builder()
+        }
     };
     builder.build().map_err(protocol)
 }
@@ -190,6 +228,8 @@ pub struct HttpRemote {
     base: String,
     user: String,
     login_key: Zeroizing<[u8; 32]>,
+    /// The unbound key of a login made by an older vaultfs, until replaced.
+    legacy_key: Option<Zeroizing<[u8; 32]>>,
     token: tokio::sync::Mutex<Option<Token>>,
 }
 
@@ -218,12 +258,28 @@ impl HttpRemote {
         let pre: PreLogin = resp.json().await.map_err(protocol)?;
         let params =
             KdfParams { m_cost_kib: pre.kdf.m_cost_kib, t_cost: pre.kdf.t_cost, p_cost: pre.kdf.p_cost };
-        let passphrase = passphrase.to_vec();
-        let salt = pre.salt.0;
+        match pre.login_version {
+            LOGIN_KEY_VERSION => {}
+            // An old login: used once, then replaced by a bound one. Not
+            // from a machine that already has a bound login with this server:
+            // then the server claims what cannot be (a relay of an old
+            // server's answer, say).
+            1 if access.identity.is_some() => return Err(RemoteError::Forbidden(
+                "the server asks for an unbound (version 1) login key, but this machine's login to it is \
+                     already bound to the server: refusing (is this the server you enrolled with?)"
+                    .into(),
+            )),
+            1 => {}
+            v => return Err(protocol(format!("the server asks for login key version {v}, unknown here"))),
+        }
+        let identity = access.identity()?;
+        let (passphrase, salt, name) = (passphrase.to_vec(), pre.salt.0, user.to_string());
         // Argon2id takes a noticeable fraction of a second: keep it off the async workers.
-        let login_key = tokio::task::spawn_blocking(move || {
+        let (login_key, legacy_key) = tokio::task::spawn_blocking(move || {
             let passphrase = Zeroizing::new(passphrase);
-            derive_login_key(&passphrase, &salt, params, floor)
+            let stretch = LoginStretch::new(&passphrase, &salt, params, floor)?;
+            let key = stretch.key(LoginBinding { server: &identity, user: &name })?;
+            Ok::<_, crate::crypto::CryptoError>((key, stretch.legacy_key()))
         })
         .await
         .map_err(protocol)?
@@ -233,20 +289,37 @@ impl HttpRemote {
             base,
             user: user.to_string(),
             login_key,
+            legacy_key: (pre.login_version == 1).then_some(legacy_key),
             token: tokio::sync::Mutex::new(None),
         })
     }
 
     /// Logs in with a passphrase. `floor` is the weakest Argon2id the client
-    /// accepts from the server for deriving the login key.
+    /// accepts from the server for deriving the login key. A login made by an
+    /// older vaultfs (an unbound key) is replaced by a bound one here.
     pub async fn login(
         access: &ServerAccess,
         user: &str,
         passphrase: &[u8],
         floor: KdfParams,
     ) -> Result<Self> {
-        let remote = Self::prepare(access, user, passphrase, floor).await?;
-        remote.renew().await?;
+        let mut remote = Self::prepare(access, user, passphrase, floor).await?;
+        match remote.legacy_key.take() {
+            Some(old) => {
+                let body = LoginRequest { user: remote.user.clone(), login_key: Sealed(old.to_vec()) };
+                remote.authenticate(&body).await?;
+                let change = LoginKeyChange {
+                    old_login_key: Sealed(old.to_vec()),
+                    new_login_key: Sealed(remote.login_key.to_vec()),
+                    login_version: LOGIN_KEY_VERSION,
+                };
+                remote.send(Method::PUT, "/v1/login-key", Idempotent::No, |r| r.json(&change)).await?;
+                tracing::info!("login upgraded: the login key is now bound to this server and user");
+            }
+            None => {
+                remote.renew().await?;
+            }
+        }
         Ok(remote)
     }
 
@@ -264,6 +337,7 @@ impl HttpRemote {
             user: user.to_string(),
             code: code.trim().to_string(),
             login_key: Sealed(remote.login_key.to_vec()),
+            login_version: LOGIN_KEY_VERSION,
         };
         let resp = remote
             .client
@@ -289,10 +363,14 @@ impl HttpRemote {
 
     async fn renew(&self) -> Result<String> {
         let body = LoginRequest { user: self.user.clone(), login_key: Sealed(self.login_key.to_vec()) };
+        self.authenticate(&body).await
+    }
+
+    async fn authenticate(&self, body: &LoginRequest) -> Result<String> {
         let resp = self
             .client
             .post(format!("{}/v1/login", self.base))
-            .json(&body)
+            .json(body)
             .send()
             .await
             .map_err(unavailable)?;
@@ -562,7 +640,7 @@ mod tests {
 
     #[test]
     fn https_needs_trust() {
-        let access = ServerAccess { url: "https://example.org".into(), trust: None };
+        let access = ServerAccess::new("https://example.org", None);
         assert!(build_client(&access).is_err());
     }
 }

@@ -82,7 +82,7 @@ impl MemoryServer {
             .run_admin(move |m| admin::add_user(m, &name_owned, limits, TEST_KDF).map_err(admin_to_meta))
             .await?;
         let key = Sealed(vec![0x42; 32]);
-        let session = self.service.enroll(name.to_string(), code, key).await?;
+        let session = self.service.enroll(name.to_string(), code, key, 2).await?;
         let caller = self.service.authenticate(&session.token).await?;
         Ok(MemoryRemote { service: Arc::clone(&self.service), caller })
     }

@@ -24,8 +24,9 @@ use super::service::{Caller, Service, ServiceError, Upload};
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::HEADER_CONFLICT_COPY;
 use crate::protocol::{
-    etag, parse_etag, EnrollRequest, ErrorBody, ErrorDetail, FileUpdate, LoginRequest, Member, NewFile,
-    NewRecord, NewVault, RecordUpdate, Rights, Sealed, VaultUpdate, HEADER_E2E, HEADER_MTIME,
+    etag, parse_etag, EnrollRequest, ErrorBody, ErrorDetail, FileUpdate, LoginKeyChange, LoginRequest,
+    Member, NewFile, NewRecord, NewVault, RecordUpdate, Rights, Sealed, VaultUpdate, HEADER_E2E,
+    HEADER_MTIME,
 };
 
 /// Largest JSON body accepted (names are sealed and padded, fields may be long).
@@ -208,6 +209,7 @@ pub fn router<B: BlobStore>(service: Arc<Service<B>>) -> Router {
         .route("/v1/login", post(login::<B>))
         .route("/v1/enroll", post(enroll::<B>))
         .route("/v1/logout", post(logout::<B>))
+        .route("/v1/login-key", put(change_login_key::<B>))
         .route("/v1/me", get(me::<B>))
         .route("/v1/wallet", get(get_wallet::<B>).put(put_wallet::<B>))
         .route("/v1/vaults", get(list_vaults::<B>).post(create_vault::<B>))
@@ -336,7 +338,16 @@ async fn enroll<B: BlobStore>(
     State(s): State<AppState<B>>,
     JsonBody(req): JsonBody<EnrollRequest>,
 ) -> ApiResult<Response> {
-    Ok(axum::Json(s.enroll(req.user, req.code, req.login_key).await?).into_response())
+    Ok(axum::Json(s.enroll(req.user, req.code, req.login_key, req.login_version).await?).into_response())
+}
+
+async fn change_login_key<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    JsonBody(req): JsonBody<LoginKeyChange>,
+) -> ApiResult<StatusCode> {
+    s.change_login_key(&c, req).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn logout<B: BlobStore>(State(s): State<AppState<B>>, Auth(_, token): Auth) -> ApiResult<StatusCode> {

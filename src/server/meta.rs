@@ -92,6 +92,8 @@ pub struct User {
     pub login_hash: Option<Vec<u8>>,
     /// SHA-256 of the pending enrollment code.
     pub enroll_hash: Option<Vec<u8>>,
+    /// Version of the login key (docs/FORMAT.md "Login key").
+    pub login_version: u8,
 }
 
 /// Stored state of a file, with the blob its content lives in.
@@ -163,6 +165,22 @@ CREATE INDEX IF NOT EXISTS files_by_vault ON files(vault_id);
 CREATE INDEX IF NOT EXISTS files_by_record ON files(record_id);
 ";
 
+/// Columns added since the first schema, for databases made before them:
+/// (table, column, declaration). Added at open, in this order.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("users", "login_version", "INTEGER NOT NULL DEFAULT 1")];
+
+/// Adds the columns of [`ADDED_COLUMNS`] a database does not have yet.
+fn upgrade_schema(conn: &Connection) -> rusqlite::Result<()> {
+    for (table, column, decl) in ADDED_COLUMNS {
+        let mut stmt =
+            conn.prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?;
+        if !stmt.exists([column])? {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+        }
+    }
+    Ok(())
+}
+
 /// The metadata database.
 pub struct Meta {
     conn: Connection,
@@ -178,7 +196,7 @@ fn limits_of(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Limits> {
 
 const USER_COLUMNS: &str =
     "id, name, upload_limit, e2e_limit, image_max_edge, login_salt, kdf_m, kdf_t, kdf_p, \
-                            login_hash, enroll_hash";
+                            login_hash, enroll_hash, login_version";
 
 fn user_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
     Ok(User {
@@ -189,6 +207,7 @@ fn user_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
         kdf: KdfWire { m_cost_kib: row.get(6)?, t_cost: row.get(7)?, p_cost: row.get(8)? },
         login_hash: row.get(9)?,
         enroll_hash: row.get(10)?,
+        login_version: row.get(11)?,
     })
 }
 
@@ -268,6 +287,7 @@ impl Meta {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        upgrade_schema(&conn)?;
         Ok(Meta { conn })
     }
 
@@ -383,13 +403,29 @@ impl Meta {
         Ok(())
     }
 
-    /// Completes enrollment: stores the login-key hash, consumes the code.
-    pub fn complete_enrollment(&mut self, user_id: i64, login_hash: &[u8]) -> Result<()> {
+    /// Completes enrollment: stores the login-key hash and its version,
+    /// consumes the code.
+    pub fn complete_enrollment(&mut self, user_id: i64, login_hash: &[u8], version: u8) -> Result<()> {
         self.conn.exec(
-            "UPDATE users SET login_hash = ?2, enroll_hash = NULL WHERE id = ?1",
-            params![user_id, login_hash],
+            "UPDATE users SET login_hash = ?2, login_version = ?3, enroll_hash = NULL WHERE id = ?1",
+            params![user_id, login_hash, version],
         )?;
         Ok(())
+    }
+
+    /// Replaces a user's login-key hash if it is still `old_hash`.
+    pub fn change_login_key(
+        &mut self,
+        user_id: i64,
+        old_hash: &[u8],
+        new_hash: &[u8],
+        version: u8,
+    ) -> Result<bool> {
+        let n = self.conn.exec(
+            "UPDATE users SET login_hash = ?3, login_version = ?4 WHERE id = ?1 AND login_hash = ?2",
+            params![user_id, old_hash, new_hash, version],
+        )?;
+        Ok(n == 1)
     }
 
     // ---- sessions ----------------------------------------------------------

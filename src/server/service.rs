@@ -28,8 +28,8 @@ use super::blob::{BlobError, BlobId, BlobRead, BlobStore, ByteStream};
 use super::meta::{FileRow, Meta, MetaError, User};
 use crate::ids::{hex_encode, FileId, RecordId, VaultId};
 use crate::protocol::{
-    FileInfo, FileUpdate, KdfWire, Limits, Me, Member, NewFile, NewRecord, NewVault, PreLogin, RecordInfo,
-    RecordUpdate, Rights, Sealed, Session, UploadResult, VaultInfo, VaultUpdate,
+    FileInfo, FileUpdate, KdfWire, Limits, LoginKeyChange, Me, Member, NewFile, NewRecord, NewVault,
+    PreLogin, RecordInfo, RecordUpdate, Rights, Sealed, Session, UploadResult, VaultInfo, VaultUpdate,
 };
 
 /// Length of a login key (SHA-256 output).
@@ -300,12 +300,13 @@ impl<B: BlobStore> Service<B> {
             self.db(move |m| m.user_by_name(&name)).await?
         };
         Ok(match found {
-            Some(u) => PreLogin { salt: Sealed(u.login_salt), kdf: u.kdf },
+            Some(u) => PreLogin { salt: Sealed(u.login_salt), kdf: u.kdf, login_version: u.login_version },
             None => PreLogin {
                 salt: Sealed(
                     sha256(&[&self.secret, b"prelogin", user.as_bytes()])[..LOGIN_SALT_LEN].to_vec(),
                 ),
                 kdf: self.config.login_kdf,
+                login_version: crate::crypto::login::LOGIN_KEY_VERSION,
             },
         })
     }
@@ -340,9 +341,17 @@ impl<B: BlobStore> Service<B> {
         }
     }
 
-    /// First login with the admin's one-time code: sets the login key.
-    pub async fn enroll(&self, user: String, code: String, login_key: Sealed) -> Result<Session> {
+    /// First login with the admin's one-time code: sets the login key (made
+    /// by a client of login-key version `version`).
+    pub async fn enroll(
+        &self,
+        user: String,
+        code: String,
+        login_key: Sealed,
+        version: u8,
+    ) -> Result<Session> {
         Self::check_login_key(&login_key)?;
+        Self::check_login_version(version)?;
         let found = self.db(move |m| m.user_by_name(&user)).await?;
         let presented = sha256(&[code.as_bytes()]);
         let u = match found {
@@ -351,8 +360,30 @@ impl<B: BlobStore> Service<B> {
         };
         let login_hash = sha256(&[&login_key.0]);
         let id = u.id;
-        self.db(move |m| m.complete_enrollment(id, &login_hash)).await?;
+        self.db(move |m| m.complete_enrollment(id, &login_hash, version)).await?;
         self.new_session(id).await
+    }
+
+    fn check_login_version(version: u8) -> Result<()> {
+        if !(1..=crate::crypto::login::LOGIN_KEY_VERSION).contains(&version) {
+            return Err(ServiceError::BadRequest(format!("unknown login key version {version}")));
+        }
+        Ok(())
+    }
+
+    /// Replaces the caller's login key, given the current one (an old
+    /// version's key, upgraded by the client; or a new passphrase's).
+    pub async fn change_login_key(&self, caller: &Caller, change: LoginKeyChange) -> Result<()> {
+        Self::check_login_key(&change.old_login_key)?;
+        Self::check_login_key(&change.new_login_key)?;
+        Self::check_login_version(change.login_version)?;
+        let (old, new) = (sha256(&[&change.old_login_key.0]), sha256(&[&change.new_login_key.0]));
+        let (id, version) = (caller.user.id, change.login_version);
+        if self.db(move |m| m.change_login_key(id, &old, &new, version)).await? {
+            Ok(())
+        } else {
+            Err(ServiceError::Unauthorized)
+        }
     }
 
     fn session_cache(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (User, Instant)>> {

@@ -138,7 +138,7 @@ impl TestServer {
     }
 
     pub fn access(&self) -> ServerAccess {
-        ServerAccess { url: self.url.clone(), trust: self.fingerprint.clone().map(Trust::Pinned) }
+        ServerAccess::new(self.url.clone(), self.fingerprint.clone().map(Trust::Pinned))
     }
 
     /// Runs `vaultfs admin --data-dir DIR ARGS...` and returns its stdout.
