@@ -69,6 +69,9 @@ pub struct HeaderInfo {
     pub generation: u64,
     /// Plaintext length in bytes.
     pub plaintext_len: u64,
+    /// The chunk nonce prefix: random per upload, so it names the upload (a
+    /// file's manifest says which upload it describes).
+    pub upload_id: [u8; NONCE_PREFIX_LEN],
 }
 
 struct ParsedHeader {
@@ -100,6 +103,7 @@ fn parse_header(bytes: &[u8]) -> Result<ParsedHeader> {
             key_id: KeyId(array(bytes, 8)),
             generation: u64::from_be_bytes(array(bytes, 24)),
             plaintext_len,
+            upload_id: array(bytes, 40),
         },
         nonce_prefix: array(bytes, 40),
         wrap_nonce: array(bytes, 56),
@@ -172,6 +176,7 @@ fn chunk_nonce_suffix(index: ChunkIndex, last: bool) -> [u8; NONCE_SUFFIX_LEN] {
 /// plaintext, in a buffer that is wiped on drop.
 pub struct FileEncryptor {
     subkey: SubKey,
+    upload_id: [u8; NONCE_PREFIX_LEN],
     layout: Layout,
     next: ChunkIndex,
     pending: Zeroizing<Vec<u8>>,
@@ -217,12 +222,18 @@ impl FileEncryptor {
         )?;
         let encryptor = FileEncryptor {
             subkey: SubKey::derive(&content_key.0, &nonce_prefix),
+            upload_id: nonce_prefix,
             layout,
             next: ChunkIndex(0),
             pending: Zeroizing::new(Vec::with_capacity(CHUNK_SIZE as usize)),
             consumed: 0,
         };
         Ok((encryptor, header))
+    }
+
+    /// The upload's id (its chunk nonce prefix), for the file's manifest.
+    pub fn upload_id(&self) -> [u8; NONCE_PREFIX_LEN] {
+        self.upload_id
     }
 
     /// Seals `plaintext` as chunk `*next` and advances `*next`. A free-standing
@@ -530,7 +541,15 @@ mod tests {
         let key = VaultKey::from_bytes(KeyId([7; 16]), [8; 32]);
         let blob = encrypt_file(&key, &ctx(), 42, b"abc", &mut OsRandom).unwrap();
         let info = peek_header(&blob).unwrap();
-        assert_eq!(info, HeaderInfo { key_id: KeyId([7; 16]), generation: 42, plaintext_len: 3 });
+        assert_eq!(
+            info,
+            HeaderInfo {
+                key_id: KeyId([7; 16]),
+                generation: 42,
+                plaintext_len: 3,
+                upload_id: array(&blob, 40)
+            }
+        );
         assert_eq!(blob.len() as u64, Layout::new(3).unwrap().ciphertext_len());
     }
 

@@ -18,6 +18,7 @@ pub mod error;
 pub mod file;
 pub mod keys;
 pub mod login;
+pub mod manifest;
 pub mod names;
 pub mod offsets;
 pub mod random;
@@ -30,6 +31,7 @@ pub use file::{
     HeaderInfo, StreamDecryptor,
 };
 pub use keys::{KeyId, VaultKey};
+pub use manifest::{open_manifest, seal_manifest, ContentMode, FileManifest, PieceTagger, PieceVerifier};
 pub use names::{open_name, seal_name, NameContext};
 pub use offsets::{ChunkIndex, Layout, CHUNK_SIZE, HEADER_LEN};
 pub use random::{OsRandom, RandomSource};

@@ -72,6 +72,45 @@ pub struct WalletVector {
     pub sealed: String,
 }
 
+/// A sealed file-manifest vector.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ManifestVector {
+    pub description: String,
+    pub vault_key_id: String,
+    pub vault_key: String,
+    pub vault_id: String,
+    pub record_id: String,
+    pub file_id: String,
+    /// "e2e" or "plain".
+    pub mode: String,
+    pub generation: u64,
+    pub length: u64,
+    /// For "e2e": the upload id (chunk nonce prefix) named.
+    pub upload: Option<String>,
+    /// For "plain": hex content; absent means byte i is i mod 251.
+    pub plaintext: Option<String>,
+    /// What the writer draws, in order: for "plain" the tag key (32), then for
+    /// both the sealing nonce (24).
+    pub random: String,
+    /// For "plain": the piece tags, 16 bytes each, concatenated.
+    pub tags: Option<String>,
+    pub sealed: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ManifestVectors {
+    pub vector: Vec<ManifestVector>,
+}
+
+impl ManifestVector {
+    pub fn plaintext_bytes(&self) -> Vec<u8> {
+        match &self.plaintext {
+            Some(h) => super::unhex(h),
+            None => super::pattern(self.length as usize),
+        }
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct FileVectors {
     pub vector: Vec<FileVector>,
@@ -90,6 +129,7 @@ pub struct WalletVectors {
 pub const FILE_VECTORS: &str = "file-vectors.toml";
 pub const NAME_VECTORS: &str = "name-vectors.toml";
 pub const WALLET_VECTORS: &str = "wallet-vectors.toml";
+pub const MANIFEST_VECTORS: &str = "manifest-vectors.toml";
 
 pub fn data_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
