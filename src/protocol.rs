@@ -16,6 +16,13 @@ pub const API_PREFIX: &str = "/v1";
 pub const HEADER_E2E: &str = "x-vaultfs-e2e";
 /// Header carrying a file's modification time (Unix milliseconds) on upload.
 pub const HEADER_MTIME: &str = "x-vaultfs-mtime";
+/// Header carrying the sealed manifest of an upload's content (base64;
+/// docs/FORMAT.md "File manifests").
+pub const HEADER_META: &str = "x-vaultfs-meta";
+/// Header asking the server to store an upload's content without committing
+/// it (`1`): the answer names it, and `POST /v1/files/{id}/commit` commits it
+/// with its manifest, for content whose manifest is known only at its end.
+pub const HEADER_STAGE: &str = "x-vaultfs-stage";
 /// Header asking the server to keep both versions if the file changed since
 /// the expected version: `ID:NAME`, the id and base64 sealed name of a new
 /// file, in the same record, that then receives the uploaded content.
@@ -307,10 +314,15 @@ pub struct FileInfo {
     pub size: u64,
     /// Version (ETag); 1 for a new, empty file.
     pub version: u64,
-    /// Whether the content is end-to-end encrypted.
+    /// Whether the uploader said the content is end-to-end encrypted (the
+    /// server's record; the client reads the authenticated `meta` instead).
     pub e2e: bool,
     /// Modification time, Unix milliseconds.
     pub mtime_ms: i64,
+    /// The content's sealed manifest, as the writer stored it (empty for a
+    /// file written by a client older than manifests).
+    #[serde(default)]
+    pub meta: Sealed,
 }
 
 /// `POST /v1/records/{id}/files`: a new, empty file.
@@ -326,6 +338,10 @@ pub struct NewFile {
     /// Modification time, Unix milliseconds (server time if absent).
     #[serde(default)]
     pub mtime_ms: Option<i64>,
+    /// The sealed manifest of its (empty, or for a conflict copy, uploaded)
+    /// content.
+    #[serde(default)]
+    pub meta: Sealed,
 }
 
 fn default_true() -> bool {
@@ -344,6 +360,37 @@ pub struct FileUpdate {
     /// New modification time.
     #[serde(default)]
     pub mtime_ms: Option<i64>,
+    /// A manifest for content that has none (written by an older client),
+    /// set without changing the content.
+    #[serde(default)]
+    pub meta: Option<Sealed>,
+}
+
+/// Answer to an upload stored but not committed (`x-vaultfs-stage: 1`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Staged {
+    /// Names the stored content in the commit (hex).
+    pub staged: String,
+    /// Bytes stored.
+    pub size: u64,
+}
+
+/// `POST /v1/files/{id}/commit` (If-Match required): makes staged content the
+/// file's, with its manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommitRequest {
+    /// What the stage answer named.
+    pub staged: String,
+    /// The content's sealed manifest.
+    pub meta: Sealed,
+    /// Modification time (server time if absent).
+    #[serde(default)]
+    pub mtime_ms: Option<i64>,
+    /// Where the content goes instead if the file is no longer at the
+    /// expected version: a new file in the same record, with its own name and
+    /// manifest.
+    #[serde(default)]
+    pub conflict_copy: Option<NewFile>,
 }
 
 /// Answer to a content upload.

@@ -34,9 +34,12 @@ async fn new_record(r: &HttpRemote, vault: VaultId, parent: Option<RecordId>) ->
 
 async fn new_file(r: &HttpRemote, record: RecordId) -> FileId {
     let id = FileId::random().unwrap();
-    r.create_file(record, NewFile { id, name: sealed("name"), e2e: true, mtime_ms: Some(1_000) })
-        .await
-        .unwrap();
+    r.create_file(
+        record,
+        NewFile { id, name: sealed("name"), e2e: true, mtime_ms: Some(1_000), meta: Sealed::default() },
+    )
+    .await
+    .unwrap();
     id
 }
 
@@ -128,7 +131,7 @@ async fn full_life_of_vaults_records_and_files() {
         .update_file(
             file,
             3,
-            FileUpdate { name: Some(sealed("new name")), record: Some(child), mtime_ms: Some(7) },
+            FileUpdate { name: Some(sealed("new name")), record: Some(child), mtime_ms: Some(7), meta: None },
         )
         .await
         .unwrap();
@@ -320,7 +323,8 @@ async fn a_stale_upload_asking_for_a_conflict_copy_keeps_both() {
     // Ours still expects version 1: it goes to the copy, theirs stays.
     let copy = FileId::random().unwrap();
     let mut body = UploadBody::from_bytes(&b"ours"[..]);
-    body.conflict_copy = Some(NewFile { id: copy, name: sealed("copy"), e2e: false, mtime_ms: None });
+    body.conflict_copy =
+        Some(NewFile { id: copy, name: sealed("copy"), e2e: false, mtime_ms: None, meta: Sealed::default() });
     let up = alice.upload(file, 1, false, None, body).await.unwrap();
     assert_eq!(up.conflict_copy, Some(copy));
     assert_eq!(read(&alice, file, None).await.unwrap(), b"theirs");
@@ -330,7 +334,13 @@ async fn a_stale_upload_asking_for_a_conflict_copy_keeps_both() {
     // Not stale: the file itself takes it, no copy is made.
     let mut body = UploadBody::from_bytes(&b"next"[..]);
     let unused = FileId::random().unwrap();
-    body.conflict_copy = Some(NewFile { id: unused, name: sealed("copy"), e2e: false, mtime_ms: None });
+    body.conflict_copy = Some(NewFile {
+        id: unused,
+        name: sealed("copy"),
+        e2e: false,
+        mtime_ms: None,
+        meta: Sealed::default(),
+    });
     let up = alice.upload(file, 2, false, None, body).await.unwrap();
     assert_eq!((up.conflict_copy, up.version), (None, 3));
     assert!(matches!(alice.file(unused).await, Err(RemoteError::NotFound(_))));
@@ -447,7 +457,13 @@ async fn users_cannot_reach_each_others_vaults_even_by_guessing_ids() {
     assert!(nf(bob
         .create_file(
             record,
-            NewFile { id: FileId::random().unwrap(), name: sealed("n"), e2e: true, mtime_ms: None }
+            NewFile {
+                id: FileId::random().unwrap(),
+                name: sealed("n"),
+                e2e: true,
+                mtime_ms: None,
+                meta: Sealed::default()
+            }
         )
         .await
         .map(|_| ())));
@@ -712,6 +728,7 @@ async fn killed_mid_upload_the_old_version_survives_and_nothing_partial_is_visib
                     len: Some(250 << 20),
                     stream: Box::pin(body),
                     conflict_copy: None,
+                    meta: None,
                 },
             )
             .await
@@ -763,7 +780,7 @@ async fn a_large_upload_and_download_stream_through_the_server_in_bounded_memory
     // 120 MiB, streamed in 1 MiB pieces (on S3: 24 parts of 5 MiB).
     let piece = |i: u64| Bytes::from((0..1u64 << 20).map(|j| ((i * 7 + j) % 251) as u8).collect::<Vec<u8>>());
     let body = futures_util::stream::iter((0..120).map(move |i| Ok::<_, std::io::Error>(piece(i))));
-    let body = UploadBody { len: Some(120 << 20), stream: Box::pin(body), conflict_copy: None };
+    let body = UploadBody { len: Some(120 << 20), stream: Box::pin(body), conflict_copy: None, meta: None };
     let done = alice.upload(file, 1, false, None, body).await.unwrap();
     assert_eq!(done.size, 120 << 20);
     let after_upload = peak_rss_mib(s.pid());
@@ -796,7 +813,7 @@ async fn an_upload_refused_after_several_parts_leaves_nothing_behind() {
     // 5 MiB parts already sent).
     let body =
         futures_util::stream::iter((0..20).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![2u8; 1 << 20]))));
-    let body = UploadBody { len: None, stream: Box::pin(body), conflict_copy: None };
+    let body = UploadBody { len: None, stream: Box::pin(body), conflict_copy: None, meta: None };
     let refused = alice.upload(file, 2, false, None, body).await;
     // The server answers 413 and closes the connection while the client is
     // still sending; the client may see the answer or only the broken pipe.

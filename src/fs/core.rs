@@ -26,7 +26,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::error::{FsError, Result};
 use crate::cache::{PlainCache, PlainData, PlainHandle, SecretBuf};
-use crate::crypto::{self, encrypt_file, open_name, seal_name, FileContext, Layout, NameContext, OsRandom};
+use crate::crypto::{
+    self, encrypt_file, open_name, seal_name, FileContext, FileManifest, Layout, NameContext, OsRandom,
+};
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::policy::{Policy, VaultPolicy};
 use crate::protocol::{
@@ -163,7 +165,33 @@ enum Node {
     Root,
     Vault { vault: VaultId },
     Record { info: RecordInfo, parent: Ino },
-    File { info: FileInfo, parent: Ino },
+    File { info: FileInfo, parent: Ino, meta: FileMeta },
+}
+
+/// What the client knows of a file's content: its manifest (docs/FORMAT.md
+/// "File manifests"), opened from `FileInfo::meta` whenever that changes.
+/// Mode, length and generation come from here, never from the server's
+/// `e2e` flag or size.
+#[derive(Debug, Clone)]
+enum FileMeta {
+    /// The writer's authenticated statement.
+    Sealed(Arc<FileManifest>),
+    /// No manifest: written by a vaultfs older than manifests, so the
+    /// server's word on mode and size is all there is.
+    Legacy,
+    /// The manifest failed its check (altered, another file's, or sealed with
+    /// a key this wallet lacks): every use of the file is EIO.
+    Invalid,
+}
+
+impl FileMeta {
+    /// The authenticated manifest, if there is one.
+    fn manifest(&self) -> Option<&Arc<FileManifest>> {
+        match self {
+            FileMeta::Sealed(m) => Some(m),
+            FileMeta::Legacy | FileMeta::Invalid => None,
+        }
+    }
 }
 
 impl Node {
@@ -216,7 +244,14 @@ impl Tree {
                 source: crypto::CryptoError::Integrity(crypto::IntegrityFailure::Authentication),
             });
         }
-        self.nodes.get(&ino).ok_or(FsError::NotFound)
+        match self.nodes.get(&ino) {
+            Some(Node::File { info, meta: FileMeta::Invalid, .. }) => Err(FsError::Integrity {
+                what: format!("the manifest of file {}", info.id),
+                source: crypto::CryptoError::Integrity(crypto::IntegrityFailure::Authentication),
+            }),
+            Some(node) => Ok(node),
+            None => Err(FsError::NotFound),
+        }
     }
 
     fn child(&self, parent: Ino, name: &OsStr) -> Option<Ino> {
@@ -258,9 +293,11 @@ impl Tree {
 struct Streaming {
     /// Feeds the upload; `None` once the stream is being finished.
     tx: Option<tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>>,
-    /// The upload; taken by whoever finishes the stream. The entry itself stays
-    /// until the upload has committed, so size and flags stay right meanwhile.
-    task: Option<tokio::task::JoinHandle<std::result::Result<crate::protocol::UploadResult, RemoteError>>>,
+    /// The upload (staged, then committed with its manifest: the result, the
+    /// sealed manifest and its generation); taken by whoever finishes the
+    /// stream. The entry itself stays until the upload has committed, so size
+    /// and flags stay right meanwhile.
+    task: Option<tokio::task::JoinHandle<Result<(crate::protocol::UploadResult, Sealed, u64)>>>,
     sent: u64,
     ino: Ino,
 }
@@ -276,6 +313,26 @@ pub struct UploadProgress {
 
 /// Pieces an upload body is sent in, so progress can be counted.
 const UPLOAD_PIECE: usize = 1 << 20;
+
+/// How an upload from the cache ended.
+enum Saved {
+    /// Stored (in the file, or in the conflict copy the result names), with
+    /// the sealed manifest that went with it.
+    Stored(crate::protocol::UploadResult, Option<Sealed>),
+    /// The file changed on the server meanwhile: nothing stored.
+    Stale(Option<u64>),
+    /// Not stored.
+    Failed(FsError),
+}
+
+/// What a pass-through upload commits besides its tags.
+struct PlainUpload {
+    generation: u64,
+    length: u64,
+    mtime_ms: i64,
+    /// Where the content goes if the file moved on (content sent once).
+    copy: Option<NewFile>,
+}
 
 /// One line of `vaultfs status`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -531,6 +588,47 @@ impl<R: Remote> VaultFs<R> {
             .map_err(|e| FsError::Io(e.to_string()))
     }
 
+    /// Seals a file's manifest with its vault's active key.
+    fn seal_manifest(&self, ctx: &FileContext, manifest: &FileManifest) -> Result<Sealed> {
+        let key = self
+            .account
+            .wallet()
+            .active_key(ctx.vault)
+            .ok_or_else(|| FsError::Access("no key for this vault".into()))?;
+        crypto::seal_manifest(key, ctx, manifest, &mut OsRandom)
+            .map(Sealed)
+            .map_err(|e| FsError::Io(e.to_string()))
+    }
+
+    /// Opens the manifest a file's metadata carries; a failure is logged
+    /// with the file's id and makes every use of the file EIO.
+    fn open_meta(&self, info: &FileInfo) -> FileMeta {
+        if info.meta.0.is_empty() {
+            return FileMeta::Legacy;
+        }
+        let ctx = FileContext { vault: info.vault, record: info.record, file: info.id };
+        let key = crypto::manifest::manifest_key_id(&info.meta.0)
+            .ok()
+            .and_then(|id| self.account.wallet().key(info.vault, id));
+        match key.map(|key| crypto::open_manifest(key, &ctx, &info.meta.0)) {
+            Some(Ok(m)) => FileMeta::Sealed(Arc::new(m)),
+            Some(Err(e)) => {
+                tracing::error!(file = %info.id, error = %e, "the file's manifest failed its check (altered, or another file's); every use of the file gives EIO");
+                FileMeta::Invalid
+            }
+            None => {
+                tracing::error!(file = %info.id, "the file's manifest names a key this wallet does not have; every use of the file gives EIO");
+                FileMeta::Invalid
+            }
+        }
+    }
+
+    /// The tree node of a file.
+    fn file_node(&self, info: FileInfo, parent: Ino) -> Node {
+        let meta = self.open_meta(&info);
+        Node::File { info, parent, meta }
+    }
+
     // ---- loading the namespace ---------------------------------------------
 
     async fn load_root(&self, force: bool) -> Result<()> {
@@ -625,7 +723,7 @@ impl<R: Remote> VaultFs<R> {
             let name = self.open_sealed(vault, ctx, &f.name, &what);
             mark_unreadable(&mut tree, ino, name.is_none().then_some(what));
             let name = name.unwrap_or_else(|| unreadable_name("file", &f.id.to_string()).into());
-            placed.push((parent, ino, name, Node::File { info: f.clone(), parent }));
+            placed.push((parent, ino, name, self.file_node(f.clone(), parent)));
         }
         for (parent, ino, mut name, node) in placed {
             let dir = kids.entry(parent).or_default();
@@ -712,11 +810,14 @@ impl<R: Remote> VaultFs<R> {
                     nlink: 2 + subdirs as u32,
                 }
             }
-            Node::File { info, .. } => {
-                let mut size = if info.e2e {
-                    Layout::from_ciphertext_len(info.size).map_or(0, |l| l.plaintext_len())
-                } else {
-                    info.size
+            Node::File { info, meta, .. } => {
+                let mut size = match meta {
+                    FileMeta::Sealed(m) => m.length,
+                    FileMeta::Legacy if info.e2e => {
+                        Layout::from_ciphertext_len(info.size).map_or(0, |l| l.plaintext_len())
+                    }
+                    FileMeta::Legacy => info.size,
+                    FileMeta::Invalid => 0,
                 };
                 let mut mtime = time_of(info.mtime_ms);
                 if let Some(st) = lock(&self.streams).get(&info.id) {
@@ -835,7 +936,7 @@ impl<R: Remote> VaultFs<R> {
 
     fn entries_plus(&self, ino: Ino) -> Result<Vec<EntryPlus>> {
         self.entries(ino, |fs, tree, (child, node)| {
-            (!tree.unreadable.contains_key(&child)).then(|| fs.attr_of(tree, child, node))
+            tree.node(child).is_ok().then(|| fs.attr_of(tree, child, node))
         })
     }
 
@@ -950,13 +1051,14 @@ impl<R: Remote> VaultFs<R> {
         let (vault, record) = self.file_parent(parent)?;
         let id = FileId::random().map_err(|e| FsError::Io(e.to_string()))?;
         let sealed = self.seal(vault, NameContext::FileName { vault, record, file: id }, name)?;
-        let info = self
-            .remote()
-            .create_file(record, NewFile { id, name: sealed, e2e: true, mtime_ms: Some(now_ms()) })
-            .await?;
+        let ctx = FileContext { vault, record, file: id };
+        let meta = self.seal_manifest(&ctx, &FileManifest::new_empty(1))?;
+        let new = NewFile { id, name: sealed, e2e: true, mtime_ms: Some(now_ms()), meta };
+        let info = self.remote().create_file(record, new).await?;
+        let node = self.file_node(info.clone(), parent);
         let mut tree = lock(&self.tree);
         let ino = tree.ino_for(Key::File(id));
-        tree.link(parent, name.to_os_string(), ino, Node::File { info: info.clone(), parent });
+        tree.link(parent, name.to_os_string(), ino, node);
         self.touch_dir(parent);
         Ok((ino, info))
     }
@@ -1001,8 +1103,13 @@ impl<R: Remote> VaultFs<R> {
     }
 
     fn set_file_info(&self, ino: Ino, f: impl FnOnce(&mut FileInfo)) {
-        if let Some(Node::File { info, .. }) = lock(&self.tree).nodes.get_mut(&ino) {
+        let mut tree = lock(&self.tree);
+        if let Some(Node::File { info, meta, .. }) = tree.nodes.get_mut(&ino) {
+            let before = info.meta.clone();
             f(info);
+            if info.meta != before {
+                *meta = self.open_meta(info);
+            }
         }
     }
 
@@ -1026,7 +1133,7 @@ impl<R: Remote> VaultFs<R> {
         self.settle_stream(ino).await;
         let mut info = self.file_info(ino)?;
         let cached = self.cache.peek(info.id).is_some_and(|h| h.try_lock().map_or(true, |d| d.loaded));
-        if !write && !truncate && !info.e2e && info.size > 0 && !cached {
+        if !write && !truncate && self.passes_through(ino)? && !cached {
             // Above the end-to-end limit: read in ranges from the server, never
             // whole. Asked first which version the server has (unless it said so
             // just now): the listing may be two seconds old, and the kernel may
@@ -1040,10 +1147,23 @@ impl<R: Remote> VaultFs<R> {
                 self.set_file_info(ino, |i| *i = info.clone());
                 lock(&self.pass_versions).insert(info.id, (info.version, asked));
             }
-            if !info.e2e && info.size > 0 {
+            if self.passes_through(ino)? {
+                let reader = match self.file_state_by_id(info.id)?.1 {
+                    FileMeta::Sealed(m) => {
+                        self.check_fresh(info.id, m.generation).map_err(|source| FsError::Integrity {
+                            what: format!("file {}", info.id),
+                            source,
+                        })?;
+                        self.note_generation(info.id, m.generation);
+                        let crypto::ContentMode::Plain(tags) = &m.mode else {
+                            return Err(FsError::Io("not a pass-through file".into()));
+                        };
+                        PassRead::new(info.id, m.length, Some(tags.verifier()))
+                    }
+                    _ => PassRead::new(info.id, info.size, None),
+                };
                 let keep = known.is_some_and(|(v, _)| v == info.version);
                 let fh = self.new_handle(info.id);
-                let reader = PassRead::new(info.id, info.size);
                 lock(&self.pass_reads).insert(fh, Arc::new(tokio::sync::Mutex::new(reader)));
                 self.cache.pin(info.id);
                 return Ok((fh, keep));
@@ -1116,6 +1236,17 @@ impl<R: Remote> VaultFs<R> {
                 self.cache.unpin(info.id);
                 Err(e)
             }
+        }
+    }
+
+    /// Whether a file's content is passed through (not end-to-end) and not
+    /// empty, by its manifest (by the server's word for a legacy file):
+    /// then it is read in ranges, never held whole.
+    fn passes_through(&self, ino: Ino) -> Result<bool> {
+        match lock(&self.tree).node(ino)? {
+            Node::File { meta: FileMeta::Sealed(m), .. } => Ok(!m.is_e2e() && m.length > 0),
+            Node::File { info, .. } => Ok(!info.e2e && info.size > 0),
+            _ => Err(FsError::IsDir),
         }
     }
 
@@ -1284,6 +1415,36 @@ impl<R: Remote> VaultFs<R> {
         }
     }
 
+    /// A file's metadata and what its manifest says, by id.
+    fn file_state_by_id(&self, id: FileId) -> Result<(FileInfo, FileMeta)> {
+        let tree = lock(&self.tree);
+        let ino = tree.keys.get(&Key::File(id)).copied().ok_or(FsError::NotFound)?;
+        match tree.node(ino)? {
+            Node::File { info, meta, .. } => Ok((info.clone(), meta.clone())),
+            _ => Err(FsError::IsDir),
+        }
+    }
+
+    /// Refuses a generation of a file older than the newest this client has
+    /// seen of it: a replay.
+    fn check_fresh(&self, id: FileId, generation: u64) -> std::result::Result<(), crypto::CryptoError> {
+        let seen = lock(&self.generations).get(&id).copied().unwrap_or(0);
+        if generation < seen {
+            return Err(crypto::CryptoError::Integrity(crypto::IntegrityFailure::Stale {
+                found: generation,
+                required: seen,
+            }));
+        }
+        Ok(())
+    }
+
+    /// Notes that generation `generation` of a file exists.
+    fn note_generation(&self, id: FileId, generation: u64) {
+        let mut seen = lock(&self.generations);
+        let entry = seen.entry(id).or_insert(0);
+        *entry = (*entry).max(generation);
+    }
+
     fn file_info_by_id(&self, id: FileId) -> Result<FileInfo> {
         let ino = lock(&self.tree).keys.get(&Key::File(id)).copied().ok_or(FsError::NotFound)?;
         self.file_info(ino)
@@ -1292,26 +1453,44 @@ impl<R: Remote> VaultFs<R> {
     /// Starts a pass-through upload with what `d` holds so far.
     async fn start_stream(self: &Arc<Self>, id: FileId, d: &mut PlainData) -> Result<()> {
         let ino = lock(&self.tree).keys.get(&Key::File(id)).copied().ok_or(FsError::NotFound)?;
+        let info = self.file_info(ino)?;
         // A stream cannot be sent twice, so if the file changes on the server
         // meanwhile, the server is asked to keep ours as a conflict copy.
-        let conflict_copy = {
-            let info = self.file_info(ino)?;
-            let name = lock(&self.tree).names.get(&ino).cloned().unwrap_or_default();
-            let copy_name = conflict_name(&name, SystemTime::now());
-            let copy_id = FileId::random().map_err(|e| FsError::Io(e.to_string()))?;
-            let ctx = NameContext::FileName { vault: info.vault, record: info.record, file: copy_id };
-            let sealed = self.seal(info.vault, ctx, &copy_name)?;
-            NewFile { id: copy_id, name: sealed, e2e: false, mtime_ms: None }
-        };
+        let copy = self.conflict_copy_file(ino, &info)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(STREAM_QUEUE);
-        let body =
-            futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+        // Each piece is tagged as it goes by; the tags make the manifest the
+        // stream is committed with once it has all been stored.
+        let tagger = crypto::PieceTagger::new(&mut OsRandom).map_err(|e| FsError::Io(e.to_string()))?;
+        let tagger = Arc::new(Mutex::new(Some(tagger)));
+        let tagging = Arc::clone(&tagger);
+        let body = futures_util::stream::unfold((rx, tagging), |(mut rx, tagging)| async move {
+            let item =
+                rx.recv().await?.and_then(|bytes| match lock(&tagging).as_mut().map(|t| t.update(&bytes)) {
+                    Some(Ok(())) => Ok(bytes),
+                    Some(Err(e)) => Err(std::io::Error::other(e)),
+                    None => Err(std::io::Error::other("the stream was already committed")),
+                });
+            Some((item, (rx, tagging)))
+        });
         let fs = Arc::clone(self);
         let version = d.version;
+        let generation = self.next_generation(ino, id, version);
         tracing::info!(file = %id, "file passes the end-to-end limit: streaming it as plain HTTPS");
         let task = tokio::spawn(async move {
-            let body = UploadBody { len: None, stream: Box::pin(body), conflict_copy: Some(conflict_copy) };
-            fs.remote().upload(id, version, false, Some(now_ms()), body).await
+            let body = UploadBody {
+                len: None,
+                stream: Box::pin(body),
+                conflict_copy: Some(copy.clone()),
+                meta: None,
+            };
+            let staged = fs.remote().stage(id, version, false, body).await?;
+            let tagger =
+                lock(&tagger).take().ok_or_else(|| FsError::Io("the stream's tags are gone".into()))?;
+            let length = tagger.length();
+            let tags = tagger.finish().map_err(|e| FsError::Io(e.to_string()))?;
+            let plain = PlainUpload { generation, length, mtime_ms: now_ms(), copy: Some(copy) };
+            let (done, meta) = fs.commit_plain(&info, version, staged, tags, plain).await?;
+            Ok((done, meta, generation))
         });
         let sent = d.bytes.len() as u64;
         // Hand the buffer itself to the upload rather than a copy (30 MB by
@@ -1427,30 +1606,29 @@ impl<R: Remote> VaultFs<R> {
         };
         // The file's info is updated before the stream leaves the map, so size
         // and flags never fall back to the pre-upload view in between.
-        if let Some(done) = outcome.as_ref().ok().filter(|d| d.conflict_copy.is_none()) {
+        if let Some((done, meta, generation)) = outcome.as_ref().ok().filter(|d| d.0.conflict_copy.is_none())
+        {
+            self.note_generation(id, *generation);
             self.set_file_info(ino, |i| {
                 i.version = done.version;
                 i.size = done.size;
                 i.e2e = false;
                 i.mtime_ms = now_ms();
+                i.meta = meta.clone();
             });
         }
         lock(&self.streams).remove(&id);
         lock(&self.uploading).remove(&id);
         match outcome {
-            Ok(done) if done.conflict_copy.is_some() => {
+            Ok((done, _, _)) if done.conflict_copy.is_some() => {
                 tracing::warn!(file = %id, copy = ?done.conflict_copy, "the file changed on the server while it was streamed; ours was saved as a conflict copy");
                 // Show the server's version of the original, and the copy.
-                if let Ok(info) = self.remote().file(id).await {
-                    self.set_file_info(ino, |i| *i = info);
-                }
-                let vault = self.file_info(ino).map(|i| i.vault);
-                if let Ok(vault) = vault {
-                    let _ = self.load_vault(vault, true).await;
+                if let Ok(info) = self.file_info(ino) {
+                    self.refresh_after_conflict(ino, &info).await;
                 }
                 Ok(true)
             }
-            Ok(done) => {
+            Ok((done, _, _)) => {
                 if let Some(h) = self.cache.peek(id) {
                     h.lock().await.version = done.version;
                 }
@@ -1458,7 +1636,7 @@ impl<R: Remote> VaultFs<R> {
             }
             Err(e) => {
                 tracing::error!(file = %id, error = %e, "streaming upload failed; the data was not stored");
-                Err(e.into())
+                Err(e)
             }
         }
     }
@@ -1591,41 +1769,87 @@ impl<R: Remote> VaultFs<R> {
         let plain_len = d.bytes.len() as u64;
         check_size(&rules, plain_len)?;
         let e2e = rules.encrypts(plain_len);
-        let generation = {
-            let seen = lock(&self.generations).get(&info.id).copied().unwrap_or(0);
-            seen.max(d.version) + 1
-        };
+        let generation = self.next_generation(ino, info.id, d.version);
         let ctx = FileContext { vault: info.vault, record: info.record, file: info.id };
         let sealer = self.sealer(&ctx, generation, e2e, plain_len)?;
-        let progress = Arc::new(UploadProgress { sent: AtomicU64::new(0), total: Some(sealer.len) });
+        let meta = sealer.meta();
+        let copy = if e2e { None } else { Some(self.conflict_copy_file(ino, &info)?) };
+        let progress = Arc::new(UploadProgress { sent: AtomicU64::new(0), total: Some(sealer.len()) });
         lock(&self.uploading).insert(info.id, Arc::clone(&progress));
         let expected = d.version;
         tracing::debug!(file = %info.id, len = plain_len, expected, e2e, "uploading from the cache");
         let (body, sealing) = save::pipeline(d, sealer, progress);
         let mtime_ms = lock(&self.chosen_mtimes).get(&info.id).map_or_else(now_ms, |&t| ms_of(t));
         let asked = Instant::now();
-        let result = self.remote().upload(info.id, expected, e2e, Some(mtime_ms), body).await;
-        let d = sealing.finish().await;
+        let outcome = match copy {
+            None => {
+                let result = self.remote().upload(info.id, expected, true, Some(mtime_ms), body).await;
+                sealing.finish().await.map(|(d, _)| {
+                    let saved = match result {
+                        Ok(done) => Saved::Stored(done, meta),
+                        Err(RemoteError::Conflict { current }) => Saved::Stale(current),
+                        Err(e) => Saved::Failed(e.into()),
+                    };
+                    (d, saved)
+                })
+            }
+            Some(copy) => {
+                // Pass-through content: staged, then committed with its
+                // manifest (or, if the file moved on, as a conflict copy).
+                let body = UploadBody { conflict_copy: Some(copy.clone()), ..body };
+                let staged = self.remote().stage(info.id, expected, false, body).await;
+                match sealing.finish().await {
+                    Ok((d, tags)) => {
+                        let plain = PlainUpload { generation, length: plain_len, mtime_ms, copy: Some(copy) };
+                        let saved = match (staged, tags) {
+                            (Ok(staged), Some(tags)) => {
+                                match self.commit_plain(&info, expected, staged, tags, plain).await {
+                                    Ok((done, meta)) => Saved::Stored(done, Some(meta)),
+                                    Err(e) => Saved::Failed(e),
+                                }
+                            }
+                            (Err(e), _) => Saved::Failed(e.into()),
+                            (Ok(_), None) => {
+                                Saved::Failed(FsError::Io("the content was not all sent".into()))
+                            }
+                        };
+                        Ok((d, saved))
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
         lock(&self.uploading).remove(&info.id);
-        let mut d = d?;
-        tracing::debug!(file = %info.id, ok = result.is_ok(), "upload from the cache done");
-        match result {
-            Ok(done) => {
+        let (mut d, saved) = outcome?;
+        tracing::debug!(file = %info.id, ok = matches!(saved, Saved::Stored(..)), "upload from the cache done");
+        match saved {
+            Saved::Stored(done, meta) if done.conflict_copy.is_none() => {
                 d.dirty = false;
                 d.version = done.version;
                 d.confirmed = Some(asked);
-                lock(&self.generations).insert(info.id, generation);
+                self.note_generation(info.id, generation);
                 self.set_file_info(ino, |i| {
                     i.version = done.version;
                     i.size = done.size;
                     i.e2e = e2e;
                     i.mtime_ms = mtime_ms;
+                    i.meta = meta.unwrap_or_default();
                 });
                 // The server's size now says what the application wrote.
                 self.forget_unsaved(info.id);
                 Ok(())
             }
-            Err(RemoteError::Conflict { current }) => {
+            Saved::Stored(done, _) => {
+                tracing::warn!(file = %info.id, copy = ?done.conflict_copy, "the file changed on the server meanwhile; ours was saved as a conflict copy");
+                // The original now shows the server's version; ours lives in the copy.
+                d.dirty = false;
+                d.loaded = false;
+                d.bytes = SecretBuf::new();
+                self.forget_unsaved(info.id);
+                self.refresh_after_conflict(ino, &info).await;
+                Ok(())
+            }
+            Saved::Stale(current) => {
                 tracing::warn!(file = %info.id, ?current, "the file changed on the server meanwhile; saving ours as a conflict copy");
                 self.save_conflict_copy(ino, &info, &d.bytes).await?;
                 // The original now shows the server's version; ours lives in the copy.
@@ -1635,11 +1859,79 @@ impl<R: Remote> VaultFs<R> {
                 self.forget_unsaved(info.id);
                 Ok(())
             }
-            Err(e) => {
+            Saved::Failed(e) => {
                 tracing::warn!(file = %info.id, error = %e, "upload failed; the data stays in memory and will be retried");
-                Err(e.into())
+                Err(e)
             }
         }
+    }
+
+    /// The generation the next upload of a file gets: above every generation
+    /// seen of it (remembered, in its manifest) and its server version.
+    fn next_generation(&self, ino: Ino, id: FileId, version: u64) -> u64 {
+        let seen = lock(&self.generations).get(&id).copied().unwrap_or(0);
+        let stated = match lock(&self.tree).nodes.get(&ino) {
+            Some(Node::File { meta: FileMeta::Sealed(m), .. }) => m.generation,
+            _ => 0,
+        };
+        seen.max(stated).max(version) + 1
+    }
+
+    /// A new file next to `ino`, named as a conflict copy of it, for content
+    /// that can be sent only once (staged content goes to it if the file
+    /// moved on). Its manifest is sealed at the commit.
+    fn conflict_copy_file(&self, ino: Ino, info: &FileInfo) -> Result<NewFile> {
+        let name = lock(&self.tree).names.get(&ino).cloned().unwrap_or_default();
+        let copy_name = conflict_name(&name, SystemTime::now());
+        let copy_id = FileId::random().map_err(|e| FsError::Io(e.to_string()))?;
+        let ctx = NameContext::FileName { vault: info.vault, record: info.record, file: copy_id };
+        let sealed = self.seal(info.vault, ctx, &copy_name)?;
+        Ok(NewFile { id: copy_id, name: sealed, e2e: false, mtime_ms: None, meta: Sealed::default() })
+    }
+
+    /// Commits staged pass-through content with its manifest (sealed for the
+    /// file, and for its conflict copy if one may take it).
+    async fn commit_plain(
+        &self,
+        info: &FileInfo,
+        expected: u64,
+        staged: crate::protocol::Staged,
+        tags: crate::crypto::manifest::PieceTags,
+        plain: PlainUpload,
+    ) -> Result<(crate::protocol::UploadResult, Sealed)> {
+        if staged.size != plain.length {
+            return Err(FsError::Io(format!("the server stored {} bytes of {}", staged.size, plain.length)));
+        }
+        let manifest = FileManifest {
+            generation: plain.generation,
+            length: plain.length,
+            mode: crypto::ContentMode::Plain(tags),
+        };
+        let ctx = FileContext { vault: info.vault, record: info.record, file: info.id };
+        let meta = self.seal_manifest(&ctx, &manifest)?;
+        let conflict_copy = match plain.copy {
+            Some(copy) => {
+                let ctx = FileContext { file: copy.id, ..ctx };
+                Some(NewFile { meta: self.seal_manifest(&ctx, &manifest)?, ..copy })
+            }
+            None => None,
+        };
+        let request = crate::protocol::CommitRequest {
+            staged: staged.staged,
+            meta: meta.clone(),
+            mtime_ms: Some(plain.mtime_ms),
+            conflict_copy,
+        };
+        Ok((self.remote().commit(info.id, expected, request).await?, meta))
+    }
+
+    /// After our content went to a conflict copy: the original shows the
+    /// server's version again, and the copy appears.
+    async fn refresh_after_conflict(&self, ino: Ino, info: &FileInfo) {
+        if let Ok(fresh) = self.remote().file(info.id).await {
+            self.set_file_info(ino, |i| *i = fresh);
+        }
+        let _ = self.load_vault(info.vault, true).await;
     }
 
     /// Reduces a saved image as the vault's policy says, on a blocking thread
@@ -1687,16 +1979,47 @@ impl<R: Remote> VaultFs<R> {
         d
     }
 
-    fn encode(&self, ctx: &FileContext, generation: u64, e2e: bool, plain: &[u8]) -> Result<Vec<u8>> {
-        if !e2e {
-            return Ok(plain.to_vec());
+    /// Uploads `plain` whole as the new content of `target` (a file just
+    /// created: a conflict copy, or a file moved to another record), end to
+    /// end or passed through as the vault's policy says. Returns the result
+    /// and the sealed manifest stored with it.
+    async fn upload_whole(
+        &self,
+        target: &FileInfo,
+        generation: u64,
+        mtime_ms: i64,
+        plain: &[u8],
+    ) -> Result<(crate::protocol::UploadResult, Sealed)> {
+        let rules = self.vault_policy(target.vault);
+        check_size(&rules, plain.len() as u64)?;
+        let ctx = FileContext { vault: target.vault, record: target.record, file: target.id };
+        if rules.encrypts(plain.len() as u64) {
+            let key = self
+                .account
+                .wallet()
+                .active_key(ctx.vault)
+                .ok_or_else(|| FsError::Access("no key for this vault".into()))?;
+            let body = encrypt_file(key, &ctx, generation, plain, &mut OsRandom)
+                .map_err(|e| FsError::Io(e.to_string()))?;
+            let header = crypto::peek_header(&body).map_err(|e| FsError::Io(e.to_string()))?;
+            let manifest = FileManifest {
+                generation,
+                length: plain.len() as u64,
+                mode: crypto::ContentMode::EndToEnd { upload: header.upload_id },
+            };
+            let meta = self.seal_manifest(&ctx, &manifest)?;
+            let body = UploadBody::from_bytes(body).with_meta(meta.clone());
+            let done = self.remote().upload(target.id, target.version, true, Some(mtime_ms), body).await?;
+            return Ok((done, meta));
         }
-        let key = self
-            .account
-            .wallet()
-            .active_key(ctx.vault)
-            .ok_or_else(|| FsError::Access("no key for this vault".into()))?;
-        encrypt_file(key, ctx, generation, plain, &mut OsRandom).map_err(|e| FsError::Io(e.to_string()))
+        let mut tagger = crypto::PieceTagger::new(&mut OsRandom).map_err(|e| FsError::Io(e.to_string()))?;
+        tagger.update(plain).map_err(|e| FsError::Io(e.to_string()))?;
+        let tags = tagger.finish().map_err(|e| FsError::Io(e.to_string()))?;
+        // Not end-to-end encrypted: the server gets these bytes anyway.
+        let body = UploadBody::from_bytes(plain.to_vec());
+        let staged = self.remote().stage(target.id, target.version, false, body).await?;
+        let upload = PlainUpload { generation, length: plain.len() as u64, mtime_ms, copy: None };
+        self.commit_plain(target, target.version, staged, tags, upload).await
     }
 
     async fn save_conflict_copy(&self, ino: Ino, info: &FileInfo, plain: &[u8]) -> Result<()> {
@@ -1706,19 +2029,13 @@ impl<R: Remote> VaultFs<R> {
         };
         let copy_name = conflict_name(&name, SystemTime::now());
         let (copy_ino, copy) = self.new_file(parent, &copy_name).await?;
-        let rules = self.vault_policy(info.vault);
-        check_size(&rules, plain.len() as u64)?;
-        let e2e = rules.encrypts(plain.len() as u64);
-        let ctx = FileContext { vault: copy.vault, record: copy.record, file: copy.id };
-        let body = self.encode(&ctx, 2, e2e, plain)?;
-        let done = self
-            .remote()
-            .upload(copy.id, copy.version, e2e, Some(now_ms()), UploadBody::from_bytes(body))
-            .await?;
+        let (done, meta) = self.upload_whole(&copy, 2, now_ms(), plain).await?;
+        let e2e = self.vault_policy(info.vault).encrypts(plain.len() as u64);
         self.set_file_info(copy_ino, |i| {
             i.version = done.version;
             i.size = done.size;
             i.e2e = e2e;
+            i.meta = meta;
         });
         tracing::warn!(file = %info.id, copy = %copy.id, name = %super::lognames::shown(&copy_name), "conflict copy saved");
         let _ = self.load_vault(info.vault, true).await;
@@ -2013,12 +2330,8 @@ impl<R: Remote> VaultFs<R> {
                         )
                         .await?;
                     bump_cached_version(&self.cache, info.id, info.version, updated.version).await;
-                    lock(&self.tree).link(
-                        new_parent,
-                        new_name.to_os_string(),
-                        ino,
-                        Node::File { info: updated, parent: new_parent },
-                    );
+                    let node = self.file_node(updated, new_parent);
+                    lock(&self.tree).link(new_parent, new_name.to_os_string(), ino, node);
                     Ok(())
                 } else {
                     self.move_file(ino, &info, new_parent, new_name).await
@@ -2046,20 +2359,13 @@ impl<R: Remote> VaultFs<R> {
                 d = self.ready(info.id, &handle, None).await?.0;
             }
             let (new_ino, created) = self.new_file(new_parent, new_name).await?;
-            let rules = self.vault_policy(info.vault);
-            check_size(&rules, d.bytes.len() as u64)?;
-            let e2e = rules.encrypts(d.bytes.len() as u64);
-            let ctx = FileContext { vault: created.vault, record: created.record, file: created.id };
-            let body = self.encode(&ctx, 2, e2e, &d.bytes)?;
-            let done = self
-                .remote()
-                .upload(created.id, created.version, e2e, Some(info.mtime_ms), UploadBody::from_bytes(body))
-                .await?;
+            let (done, meta) = self.upload_whole(&created, 2, info.mtime_ms, &d.bytes).await?;
             let mut moved = created.clone();
             moved.version = done.version;
             moved.size = done.size;
-            moved.e2e = e2e;
+            moved.e2e = self.vault_policy(info.vault).encrypts(d.bytes.len() as u64);
             moved.mtime_ms = info.mtime_ms;
+            moved.meta = meta;
             self.delete_file(info).await?;
             // The kernel keeps the old inode number for the renamed entry, so the
             // new file takes it over; open handles and cached data follow.
@@ -2073,7 +2379,7 @@ impl<R: Remote> VaultFs<R> {
                     new_parent,
                     new_name.to_os_string(),
                     ino,
-                    Node::File { info: moved.clone(), parent: new_parent },
+                    self.file_node(moved.clone(), new_parent),
                 );
             }
             for file in lock(&self.handles).values_mut() {
@@ -2155,8 +2461,8 @@ impl<R: Remote> VaultFs<R> {
 
     /// Value of an extended attribute.
     pub fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Vec<u8>> {
-        let info = match lock(&self.tree).node(ino)? {
-            Node::File { info, .. } => info.clone(),
+        let (info, e2e) = match lock(&self.tree).node(ino)? {
+            Node::File { info, meta, .. } => (info.clone(), meta.manifest().map_or(info.e2e, |m| m.is_e2e())),
             _ => return Err(FsError::NoAttr),
         };
         let value = match name.to_str() {
@@ -2166,7 +2472,7 @@ impl<R: Remote> VaultFs<R> {
             // streaming right now, so the stream itself is asked too.)
             Some(XATTR_E2E) => {
                 let streaming = lock(&self.streams).contains_key(&info.id);
-                if info.e2e && !streaming { "1" } else { "0" }.to_string()
+                if e2e && !streaming { "1" } else { "0" }.to_string()
             }
             Some(XATTR_STATE) => match self.sync_state(info.id) {
                 SyncState::Clean => "clean",

@@ -18,7 +18,8 @@ use super::{Content, Remote, RemoteError, Result, UploadBody};
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::ByteStream;
 use crate::protocol::{
-    FileInfo, FileUpdate, Me, NewFile, NewRecord, NewVault, RecordInfo, RecordUpdate, UploadResult, VaultInfo,
+    CommitRequest, FileInfo, FileUpdate, Me, NewFile, NewRecord, NewVault, RecordInfo, RecordUpdate, Staged,
+    UploadResult, VaultInfo,
 };
 
 /// The switches shared between a test and its [`FaultyRemote`].
@@ -165,16 +166,29 @@ impl<R: Remote> Remote for FaultyRemote<R> {
         mut body: UploadBody,
     ) -> Result<UploadResult> {
         self.outage.check()?;
-        let state = (body.stream, self.outage.clone());
-        body.stream = Box::pin(futures_util::stream::unfold(state, |(mut inner, outage)| async move {
-            while outage.0.hold_uploads.load(Ordering::SeqCst) {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            let piece = inner.next().await?;
-            Some((piece, (inner, outage)))
-        }));
+        body.stream = held(body.stream, self.outage.clone());
         self.inner.upload(id, expected, e2e, mtime_ms, body).await
     }
+    async fn stage(&self, id: FileId, expected: u64, e2e: bool, mut body: UploadBody) -> Result<Staged> {
+        self.outage.check()?;
+        body.stream = held(body.stream, self.outage.clone());
+        self.inner.stage(id, expected, e2e, body).await
+    }
+    async fn commit(&self, id: FileId, expected: u64, request: CommitRequest) -> Result<UploadResult> {
+        self.outage.check()?;
+        self.inner.commit(id, expected, request).await
+    }
+}
+
+/// An upload body that reads nothing while uploads are held.
+fn held(inner: ByteStream, outage: Outage) -> ByteStream {
+    Box::pin(futures_util::stream::unfold((inner, outage), |(mut inner, outage)| async move {
+        while outage.0.hold_uploads.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let piece = inner.next().await?;
+        Some((piece, (inner, outage)))
+    }))
 }
 
 /// The largest piece a download delivers at once, as a connection would

@@ -24,12 +24,12 @@ use super::{Content, RemoteError, Result, UploadBody};
 use crate::crypto::login::{LoginBinding, LoginStretch, LOGIN_KEY_VERSION};
 use crate::crypto::KdfParams;
 use crate::ids::{FileId, RecordId, VaultId};
-use crate::protocol::HEADER_CONFLICT_COPY;
 use crate::protocol::{
     etag, parse_content_range_len, parse_etag, EnrollRequest, ErrorBody, FileInfo, FileUpdate,
     LoginKeyChange, LoginRequest, Me, NewFile, NewRecord, NewVault, PreLogin, RecordInfo, RecordUpdate,
     Sealed, Session, UploadResult, VaultInfo, HEADER_E2E, HEADER_MTIME,
 };
+use crate::protocol::{CommitRequest, Staged, HEADER_CONFLICT_COPY, HEADER_META, HEADER_STAGE};
 
 /// Longest wait for a TCP + TLS connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -611,6 +611,9 @@ impl super::Remote for HttpRemote {
             let name = base64::engine::general_purpose::STANDARD.encode(&copy.name.0);
             request = request.header(HEADER_CONFLICT_COPY, format!("{}:{name}", copy.id));
         }
+        if let Some(meta) = &body.meta {
+            request = request.header(HEADER_META, base64::engine::general_purpose::STANDARD.encode(&meta.0));
+        }
         let resp = request
             .send()
             .await
@@ -619,6 +622,40 @@ impl super::Remote for HttpRemote {
             return Err(error_from(resp).await);
         }
         resp.json().await.map_err(protocol)
+    }
+
+    async fn stage(&self, id: FileId, expected: u64, e2e: bool, body: UploadBody) -> Result<Staged> {
+        // As `upload`, with the content kept uncommitted: the manifest goes
+        // with the commit. A conflict copy is named there too; here it only
+        // tells the server not to refuse a stale version yet.
+        let token = self.current_token().await?;
+        let mut request = self
+            .client
+            .put(format!("{}/v1/files/{id}/content", self.base))
+            .bearer_auth(token)
+            .header(IF_MATCH, etag(expected))
+            .header(HEADER_E2E, if e2e { "1" } else { "0" })
+            .header(HEADER_STAGE, "1")
+            .body(reqwest::Body::wrap_stream(body.stream));
+        if let Some(len) = body.len {
+            request = request.header(CONTENT_LENGTH, len);
+        }
+        if let Some(copy) = &body.conflict_copy {
+            let name = base64::engine::general_purpose::STANDARD.encode(&copy.name.0);
+            request = request.header(HEADER_CONFLICT_COPY, format!("{}:{name}", copy.id));
+        }
+        let resp = request
+            .send()
+            .await
+            .map_err(|e| RemoteError::Unavailable(format!("upload: {}", with_causes(&e))))?;
+        if !resp.status().is_success() {
+            return Err(error_from(resp).await);
+        }
+        resp.json().await.map_err(protocol)
+    }
+
+    async fn commit(&self, id: FileId, expected: u64, request: CommitRequest) -> Result<UploadResult> {
+        self.send_json(Method::POST, &format!("/v1/files/{id}/commit"), Some(expected), &request).await
     }
 }
 

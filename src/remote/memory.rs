@@ -13,8 +13,8 @@ use std::sync::Arc;
 use super::{Content, RemoteError, Result, UploadBody};
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::{
-    FileInfo, FileUpdate, KdfWire, Limits, Me, NewFile, NewRecord, NewVault, RecordInfo, RecordUpdate,
-    Sealed, UploadResult, VaultInfo,
+    CommitRequest, FileInfo, FileUpdate, KdfWire, Limits, Me, NewFile, NewRecord, NewVault, RecordInfo,
+    RecordUpdate, Sealed, Staged, UploadResult, VaultInfo,
 };
 use crate::server::admin;
 use crate::server::blob::MemoryBlobStore;
@@ -187,8 +187,26 @@ impl super::Remote for MemoryRemote {
             mtime_ms,
             declared_len: body.len,
             conflict_copy: body.conflict_copy,
+            meta: body.meta,
             body: body.stream,
         };
         Ok(self.service.upload(&self.caller, id, up).await?)
+    }
+
+    async fn stage(&self, id: FileId, expected: u64, e2e: bool, body: UploadBody) -> Result<Staged> {
+        let up = Upload {
+            expected_version: expected,
+            e2e,
+            mtime_ms: None,
+            declared_len: body.len,
+            conflict_copy: body.conflict_copy,
+            meta: None,
+            body: body.stream,
+        };
+        Ok(self.service.stage(&self.caller, id, up).await?)
+    }
+
+    async fn commit(&self, id: FileId, expected: u64, request: CommitRequest) -> Result<UploadResult> {
+        Ok(self.service.commit(&self.caller, id, expected, request).await?)
     }
 }

@@ -21,8 +21,8 @@ use std::ops::Range;
 
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::{
-    ByteStream, FileInfo, FileUpdate, Me, NewFile, NewRecord, NewVault, RecordInfo, RecordUpdate,
-    UploadResult, VaultInfo,
+    ByteStream, CommitRequest, FileInfo, FileUpdate, Me, NewFile, NewRecord, NewVault, RecordInfo,
+    RecordUpdate, Sealed, Staged, UploadResult, VaultInfo,
 };
 
 /// Errors a remote reports; each maps to one errno in the filesystem.
@@ -105,6 +105,9 @@ pub struct UploadBody {
     /// this new file next to it instead of refusing: for streams, which cannot
     /// be sent a second time.
     pub conflict_copy: Option<NewFile>,
+    /// The content's sealed manifest, when it is known before the content is
+    /// sent (end-to-end content); staged content gets it at the commit.
+    pub meta: Option<Sealed>,
 }
 
 impl UploadBody {
@@ -115,7 +118,14 @@ impl UploadBody {
             len: Some(data.len() as u64),
             stream: Box::pin(futures_util::stream::iter([Ok(data)])),
             conflict_copy: None,
+            meta: None,
         }
+    }
+
+    /// The same body with `meta` as its manifest.
+    pub fn with_meta(mut self, meta: Sealed) -> Self {
+        self.meta = Some(meta);
+        self
     }
 }
 
@@ -184,5 +194,23 @@ pub trait Remote: Send + Sync + 'static {
         e2e: bool,
         mtime_ms: Option<i64>,
         body: UploadBody,
+    ) -> impl Future<Output = Result<UploadResult>> + Send;
+    /// Stores content for file `id` without committing it (its manifest is
+    /// known only once it was all sent); `expected` is checked at once unless
+    /// the body names a conflict copy. [`Remote::commit`] makes it the file's.
+    fn stage(
+        &self,
+        id: FileId,
+        expected: u64,
+        e2e: bool,
+        body: UploadBody,
+    ) -> impl Future<Output = Result<Staged>> + Send;
+    /// Makes staged content file `id`'s if it is still at `expected` (or the
+    /// request's conflict copy's), with its manifest.
+    fn commit(
+        &self,
+        id: FileId,
+        expected: u64,
+        request: CommitRequest,
     ) -> impl Future<Output = Result<UploadResult>> + Send;
 }

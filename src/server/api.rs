@@ -22,12 +22,12 @@ use serde::{Deserialize, Serialize};
 use super::blob::BlobStore;
 use super::service::{Caller, Service, ServiceError, Upload};
 use crate::ids::{FileId, RecordId, VaultId};
-use crate::protocol::HEADER_CONFLICT_COPY;
 use crate::protocol::{
     etag, parse_etag, EnrollRequest, ErrorBody, ErrorDetail, FileUpdate, LoginKeyChange, LoginRequest,
     Member, NewFile, NewRecord, NewVault, RecordUpdate, Rights, Sealed, VaultUpdate, HEADER_E2E,
     HEADER_MTIME,
 };
+use crate::protocol::{CommitRequest, HEADER_CONFLICT_COPY, HEADER_META, HEADER_STAGE};
 
 /// Largest JSON body accepted (names are sealed and padded, fields may be long).
 pub const MAX_JSON_BODY: usize = 2 << 20;
@@ -228,6 +228,7 @@ pub fn router<B: BlobStore>(service: Arc<Service<B>>) -> Router {
             "/v1/files/{file}/content",
             get(download::<B>).put(upload::<B>).layer(DefaultBodyLimit::disable()),
         )
+        .route("/v1/files/{file}/commit", post(commit::<B>))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .layer(axum::middleware::from_fn(drain_refused_bodies))
@@ -670,11 +671,39 @@ async fn upload<B: BlobStore>(
             let (id, name) = v.to_str().ok().and_then(parse_conflict_copy).ok_or_else(|| {
                 ApiError::bad_request(format!("header {HEADER_CONFLICT_COPY} must be ID:BASE64-NAME"))
             })?;
-            Some(NewFile { id, name: Sealed(name), e2e, mtime_ms })
+            Some(NewFile { id, name: Sealed(name), e2e, mtime_ms, meta: Sealed::default() })
         }
     };
+    let meta = match headers.get(HEADER_META) {
+        None => None,
+        Some(v) => Some(Sealed(
+            base64::engine::general_purpose::STANDARD
+                .decode(v.as_bytes())
+                .map_err(|_| ApiError::bad_request(format!("header {HEADER_META} must be base64")))?,
+        )),
+    };
+    let stage = match headers.get(HEADER_STAGE).map(|v| v.as_bytes()) {
+        None | Some(b"0") => false,
+        Some(b"1") => true,
+        _ => return Err(ApiError::bad_request(format!("header {HEADER_STAGE} must be 1 or 0"))),
+    };
     let stream = body.into_data_stream().map_err(std::io::Error::other);
-    let up = Upload { expected_version, e2e, mtime_ms, declared_len, conflict_copy, body: Box::pin(stream) };
+    let up =
+        Upload { expected_version, e2e, mtime_ms, declared_len, conflict_copy, meta, body: Box::pin(stream) };
+    if stage {
+        return Ok((StatusCode::ACCEPTED, axum::Json(s.stage(&c, id, up).await?)).into_response());
+    }
     let result = s.upload(&c, id, up).await?;
+    Ok(json_with_etag(result.version, StatusCode::OK, result))
+}
+
+async fn commit<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(f): Path<String>,
+    headers: HeaderMap,
+    JsonBody(req): JsonBody<CommitRequest>,
+) -> ApiResult<Response> {
+    let result = s.commit(&c, parse_id(&f, "file")?, if_match(&headers)?, req).await?;
     Ok(json_with_etag(result.version, StatusCode::OK, result))
 }

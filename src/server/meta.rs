@@ -162,12 +162,22 @@ CREATE TABLE IF NOT EXISTS files (
     blob_id TEXT
 );
 CREATE INDEX IF NOT EXISTS files_by_vault ON files(vault_id);
+CREATE TABLE IF NOT EXISTS staged (
+    token BLOB PRIMARY KEY,
+    file_id BLOB NOT NULL,
+    user_id INTEGER NOT NULL,
+    blob_id TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    e2e INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL
+);
 CREATE INDEX IF NOT EXISTS files_by_record ON files(record_id);
 ";
 
 /// Columns added since the first schema, for databases made before them:
 /// (table, column, declaration). Added at open, in this order.
-const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("users", "login_version", "INTEGER NOT NULL DEFAULT 1")];
+const ADDED_COLUMNS: &[(&str, &str, &str)] =
+    &[("users", "login_version", "INTEGER NOT NULL DEFAULT 1"), ("files", "meta", "BLOB")];
 
 /// Adds the columns of [`ADDED_COLUMNS`] a database does not have yet.
 fn upgrade_schema(conn: &Connection) -> rusqlite::Result<()> {
@@ -231,7 +241,7 @@ fn record_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<RecordInfo> {
     })
 }
 
-const FILE_COLUMNS: &str = "id, vault_id, record_id, name, size, version, e2e, mtime_ms, blob_id";
+const FILE_COLUMNS: &str = "id, vault_id, record_id, name, size, version, e2e, mtime_ms, blob_id, meta";
 
 fn file_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<FileRow> {
     Ok(FileRow {
@@ -244,8 +254,80 @@ fn file_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<FileRow> {
             version: row.get::<_, i64>(5)? as u64,
             e2e: row.get(6)?,
             mtime_ms: row.get(7)?,
+            meta: Sealed(row.get::<_, Option<Vec<u8>>>(9)?.unwrap_or_default()),
         },
         blob: row.get::<_, Option<String>>(8)?.and_then(|h| BlobId::from_hex(&h)),
+    })
+}
+
+/// Content that becomes a file's: where it is stored, and what the writer
+/// says of it.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// The blob holding it.
+    pub blob: BlobId,
+    /// Its length.
+    pub size: u64,
+    /// The uploader's end-to-end flag.
+    pub e2e: bool,
+    /// Modification time.
+    pub mtime_ms: i64,
+    /// The sealed manifest (`None`: an older client sent none).
+    pub meta: Option<Sealed>,
+}
+
+/// A sealed manifest as stored: NULL for none.
+fn meta_column(meta: &Sealed) -> Option<&[u8]> {
+    (!meta.0.is_empty()).then_some(&meta.0[..])
+}
+
+/// Points file `id` at new content if it is still at `expected`.
+fn commit_in(tx: &Connection, id: FileId, expected: u64, c: &Committed) -> Result<(u64, Option<BlobId>)> {
+    let row = load_file(tx, id)?;
+    check_version(row.info.version, expected)?;
+    tx.exec(
+        "UPDATE files SET blob_id = ?2, size = ?3, e2e = ?4, mtime_ms = ?5, meta = ?6, version = version + 1 \
+         WHERE id = ?1",
+        params![&id.0[..], c.blob.to_hex(), c.size as i64, c.e2e, c.mtime_ms, c.meta.as_ref().and_then(meta_column)],
+    )?;
+    Ok((expected + 1, row.blob))
+}
+
+/// Creates `copy` in the record of file `id` (which may be gone: then the
+/// record comes from nowhere, and this fails) and commits `c` to it, with the
+/// copy's own manifest.
+fn copy_in(tx: &Connection, id: FileId, copy: &NewFile, c: &Committed) -> Result<(u64, Option<BlobId>)> {
+    let record: Vec<u8> = tx
+        .q_row("SELECT record_id FROM files WHERE id = ?1", [&id.0[..]], |r| r.get(0))
+        .optional()?
+        .ok_or(MetaError::NotFound("file"))?;
+    let created = create_in(tx, id16(record, RecordId)?, copy, c.mtime_ms)?;
+    let for_copy = Committed { meta: Some(copy.meta.clone()), ..c.clone() };
+    commit_in(tx, created.id, created.version, &for_copy)
+}
+
+/// Creates an empty file in `record`.
+fn create_in(tx: &Connection, record: RecordId, f: &NewFile, now_ms: i64) -> Result<FileInfo> {
+    let vault = Meta::record_vault(tx, record)?;
+    let mtime = f.mtime_ms.unwrap_or(now_ms);
+    let n = tx.exec(
+        "INSERT INTO files (id, vault_id, record_id, name, size, version, e2e, mtime_ms, blob_id, meta) \
+         VALUES (?1, ?2, ?3, ?4, 0, 1, ?5, ?6, NULL, ?7) ON CONFLICT(id) DO NOTHING",
+        params![&f.id.0[..], &vault.0[..], &record.0[..], &f.name.0, f.e2e, mtime, meta_column(&f.meta)],
+    )?;
+    if n == 0 {
+        return Err(MetaError::Exists("file"));
+    }
+    Ok(FileInfo {
+        id: f.id,
+        vault,
+        record,
+        name: f.name.clone(),
+        size: 0,
+        version: 1,
+        e2e: f.e2e,
+        mtime_ms: mtime,
+        meta: f.meta.clone(),
     })
 }
 
@@ -797,27 +879,9 @@ impl Meta {
     /// Creates an empty file linked to `record`.
     pub fn create_file(&mut self, record: RecordId, f: &NewFile, now_ms: i64) -> Result<FileInfo> {
         let tx = self.conn.transaction()?;
-        let vault = Self::record_vault(&tx, record)?;
-        let mtime = f.mtime_ms.unwrap_or(now_ms);
-        let n = tx.exec(
-            "INSERT INTO files (id, vault_id, record_id, name, size, version, e2e, mtime_ms, blob_id) \
-             VALUES (?1, ?2, ?3, ?4, 0, 1, ?5, ?6, NULL) ON CONFLICT(id) DO NOTHING",
-            params![&f.id.0[..], &vault.0[..], &record.0[..], &f.name.0, f.e2e, mtime],
-        )?;
-        if n == 0 {
-            return Err(MetaError::Exists("file"));
-        }
+        let created = create_in(&tx, record, f, now_ms)?;
         tx.commit()?;
-        Ok(FileInfo {
-            id: f.id,
-            vault,
-            record,
-            name: f.name.clone(),
-            size: 0,
-            version: 1,
-            e2e: f.e2e,
-            mtime_ms: mtime,
-        })
+        Ok(created)
     }
 
     /// One file with its blob.
@@ -845,20 +909,100 @@ impl Meta {
         &mut self,
         id: FileId,
         expected: u64,
-        blob: BlobId,
-        size: u64,
-        e2e: bool,
-        mtime_ms: i64,
+        c: &Committed,
     ) -> Result<(u64, Option<BlobId>)> {
         let tx = self.conn.transaction()?;
-        let row = load_file(&tx, id)?;
-        check_version(row.info.version, expected)?;
-        tx.exec(
-            "UPDATE files SET blob_id = ?2, size = ?3, e2e = ?4, mtime_ms = ?5, version = version + 1 WHERE id = ?1",
-            params![&id.0[..], blob.to_hex(), size as i64, e2e, mtime_ms],
-        )?;
+        let done = commit_in(&tx, id, expected, c)?;
         tx.commit()?;
-        Ok((expected + 1, row.blob))
+        Ok(done)
+    }
+
+    /// Creates file `copy` in `id`'s record and commits `c` to it: where a
+    /// stream whose file moved on goes.
+    pub fn commit_to_copy(
+        &mut self,
+        id: FileId,
+        copy: &NewFile,
+        c: &Committed,
+    ) -> Result<(u64, Option<BlobId>)> {
+        let tx = self.conn.transaction()?;
+        let done = copy_in(&tx, id, copy, c)?;
+        tx.commit()?;
+        Ok(done)
+    }
+
+    /// Stores staged content: kept, not yet a file's, until committed or
+    /// collected (see [`Meta::collect_staged`]).
+    pub fn stage(
+        &mut self,
+        token: &[u8],
+        file: FileId,
+        user_id: i64,
+        s: &Committed,
+        now_ms: i64,
+    ) -> Result<()> {
+        self.conn.exec(
+            "INSERT INTO staged (token, file_id, user_id, blob_id, size, e2e, created_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![token, &file.0[..], user_id, s.blob.to_hex(), s.size as i64, s.e2e, now_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Commits the staged content `token` of `user_id` to file `id` at
+    /// `expected`, with `meta`; or, if the file moved on (or is gone) and
+    /// `conflict_copy` is given, to that new file instead. One transaction:
+    /// the staged entry is used up exactly when a file points at its blob.
+    /// Returns the new version, the replaced blob, the size, and whether the
+    /// copy took it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn commit_staged(
+        &mut self,
+        token: &[u8],
+        id: FileId,
+        user_id: i64,
+        expected: u64,
+        meta: &Sealed,
+        mtime_ms: i64,
+        conflict_copy: Option<&NewFile>,
+    ) -> Result<(u64, Option<BlobId>, u64, bool)> {
+        let tx = self.conn.transaction()?;
+        let (blob, size, e2e): (String, i64, bool) = tx
+            .q_row(
+                "SELECT blob_id, size, e2e FROM staged WHERE token = ?1 AND file_id = ?2 AND user_id = ?3",
+                params![token, &id.0[..], user_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?
+            .ok_or(MetaError::NotFound("staged upload"))?;
+        let blob = BlobId::from_hex(&blob).ok_or(MetaError::NotFound("staged upload"))?;
+        let c = Committed { blob, size: size as u64, e2e, mtime_ms, meta: Some(meta.clone()) };
+        let (version, old, copied) = match (commit_in(&tx, id, expected, &c), conflict_copy) {
+            (Ok((v, old)), _) => (v, old, false),
+            (Err(MetaError::VersionMismatch { .. } | MetaError::NotFound("file")), Some(copy)) => {
+                let (v, old) = copy_in(&tx, id, copy, &c)?;
+                (v, old, true)
+            }
+            (Err(e), _) => return Err(e),
+        };
+        tx.exec("DELETE FROM staged WHERE token = ?1", [token])?;
+        tx.commit()?;
+        Ok((version, old, size as u64, copied))
+    }
+
+    /// Forgets staged content older than `before_ms` (a client that never
+    /// committed it: it crashed, or lost the connection); returns the blobs
+    /// to delete.
+    pub fn collect_staged(&mut self, before_ms: i64) -> Result<Vec<BlobId>> {
+        let tx = self.conn.transaction()?;
+        let blobs: Vec<String> = {
+            let mut stmt = tx.prepare_cached("SELECT blob_id FROM staged WHERE created_ms < ?1")?;
+            let rows = stmt.query_map([before_ms], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+            rows
+        };
+        tx.exec("DELETE FROM staged WHERE created_ms < ?1", [before_ms])?;
+        tx.commit()?;
+        Ok(blobs.iter().filter_map(|b| BlobId::from_hex(b)).collect())
     }
 
     /// Renames, moves (within the vault) or touches a file.
@@ -878,6 +1022,9 @@ impl Meta {
         if let Some(mtime) = u.mtime_ms {
             tx.exec("UPDATE files SET mtime_ms = ?2 WHERE id = ?1", params![&id.0[..], mtime])?;
         }
+        if let Some(meta) = &u.meta {
+            tx.exec("UPDATE files SET meta = ?2 WHERE id = ?1", params![&id.0[..], meta_column(meta)])?;
+        }
         tx.exec("UPDATE files SET version = version + 1 WHERE id = ?1", [&id.0[..]])?;
         let updated = load_file(&tx, id)?;
         tx.commit()?;
@@ -896,7 +1043,9 @@ impl Meta {
 
     /// Every blob some file points at (garbage collection keeps exactly these).
     pub fn blobs_in_use(&self) -> Result<HashSet<String>> {
-        let mut stmt = self.conn.prepare_cached("SELECT blob_id FROM files WHERE blob_id IS NOT NULL")?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT blob_id FROM files WHERE blob_id IS NOT NULL UNION SELECT blob_id FROM staged",
+        )?;
         let rows = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }

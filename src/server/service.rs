@@ -25,11 +25,12 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::blob::{BlobError, BlobId, BlobRead, BlobStore, ByteStream};
-use super::meta::{FileRow, Meta, MetaError, User};
+use super::meta::{Committed, FileRow, Meta, MetaError, User};
 use crate::ids::{hex_encode, FileId, RecordId, VaultId};
 use crate::protocol::{
-    FileInfo, FileUpdate, KdfWire, Limits, LoginKeyChange, Me, Member, NewFile, NewRecord, NewVault,
-    PreLogin, RecordInfo, RecordUpdate, Rights, Sealed, Session, UploadResult, VaultInfo, VaultUpdate,
+    CommitRequest, FileInfo, FileUpdate, KdfWire, Limits, LoginKeyChange, Me, Member, NewFile, NewRecord,
+    NewVault, PreLogin, RecordInfo, RecordUpdate, Rights, Sealed, Session, Staged, UploadResult, VaultInfo,
+    VaultUpdate,
 };
 
 /// Length of a login key (SHA-256 output).
@@ -176,9 +177,16 @@ pub struct Upload {
     /// Where the content goes if the file is no longer at `expected_version`
     /// (a streamed upload that cannot be sent again): a new file in the same record.
     pub conflict_copy: Option<NewFile>,
+    /// The content's sealed manifest (`None` from clients older than manifests).
+    pub meta: Option<Sealed>,
     /// The body.
     pub body: ByteStream,
 }
+
+/// How long staged content waits for its commit before garbage collection
+/// may take it (at the server's next start): a day, far longer than any
+/// upload and commit take, so only abandoned ones go.
+pub const STAGED_TTL_MS: i64 = 24 * 3600 * 1000;
 
 /// How long a session looked up in the database is trusted without looking
 /// again. A request otherwise starts with a database round trip just to learn
@@ -275,10 +283,15 @@ impl<B: BlobStore> Service<B> {
         .map_err(|e| ServiceError::Internal(format!("metadata task: {e}")))?
     }
 
-    /// Removes leftovers of interrupted uploads and blobs no file points at.
-    /// Only safe while no upload is in flight (at startup).
+    /// Removes leftovers of interrupted uploads, staged content never
+    /// committed ([`STAGED_TTL_MS`]), and blobs no file points at. Only safe
+    /// while no upload is in flight (at startup).
     pub async fn collect_garbage(&self) -> Result<(usize, usize)> {
         let incomplete = self.blobs.clean_incomplete().await?;
+        let before = now_ms() - STAGED_TTL_MS;
+        for blob in self.db(move |m| m.collect_staged(before)).await? {
+            self.blobs.delete(blob).await?;
+        }
         let in_use = self.db(|m| m.blobs_in_use()).await?;
         let mut orphans = 0;
         for id in self.blobs.list().await? {
@@ -714,56 +727,25 @@ impl<B: BlobStore> Service<B> {
 
     /// Replaces a file's content (see the module comment for the protocol).
     pub async fn upload(&self, caller: &Caller, id: FileId, up: Upload) -> Result<UploadResult> {
-        let (row, e2e_required) = self.file_checked_with(caller, id, Rights::Write, !up.e2e).await?;
-        if e2e_required {
-            return Err(ServiceError::E2eRequired);
-        }
-        if let Some(copy) = &up.conflict_copy {
-            // The copy is created in the file's record, so that needs write rights too.
-            self.record_checked(caller, row.info.record, Rights::Write).await?;
-            if copy.id == id {
-                return Err(ServiceError::BadRequest("the conflict copy needs a new id".into()));
-            }
-        } else if row.info.version != up.expected_version {
-            return Err(ServiceError::VersionConflict { current: row.info.version });
-        }
-        let limit = caller.user.limits.upload_limit;
-        if up.declared_len.is_some_and(|len| len > limit) {
-            return Err(ServiceError::TooLarge(limit));
-        }
-        let blob = BlobId::random().map_err(|e| ServiceError::Internal(e.to_string()))?;
-        let size = self.blobs.put(blob, up.body, limit).await?;
-        if up.declared_len.is_some_and(|len| len != size) {
-            self.discard_blob(Some(blob)).await;
-            return Err(ServiceError::BadRequest("body shorter than its declared length".into()));
-        }
-        let (expected, e2e, mtime) = (up.expected_version, up.e2e, up.mtime_ms.unwrap_or_else(now_ms));
-        let mut committed = self.db(move |m| m.commit_upload(id, expected, blob, size, e2e, mtime)).await;
+        self.check_upload(caller, id, up.e2e, Some(up.expected_version), up.conflict_copy.as_ref()).await?;
+        let (blob, size) = self.store_body(caller, up.body, up.declared_len).await?;
+        let mtime = up.mtime_ms.unwrap_or_else(now_ms);
+        let c = Committed { blob, size, e2e: up.e2e, mtime_ms: mtime, meta: up.meta };
+        let expected = up.expected_version;
+        let first = c.clone();
+        let mut committed = self.db(move |m| m.commit_upload(id, expected, &first)).await;
         let mut conflict_copy = None;
         // Changed meanwhile, or deleted: the content goes to the copy (if the
         // record itself is gone, creating the copy fails and the upload with it).
         let moved_on =
             matches!(committed, Err(ServiceError::VersionConflict { .. } | ServiceError::NotFound("file")));
         if let (true, Some(copy)) = (moved_on, up.conflict_copy) {
-            let (record, copy_id) = (row.info.record, copy.id);
-            committed = self
-                .db(move |m| {
-                    let created = m.create_file(record, &copy, mtime)?;
-                    m.commit_upload(created.id, created.version, blob, size, e2e, mtime)
-                })
-                .await;
-            conflict_copy = Some(copy_id);
+            conflict_copy = Some(copy.id);
+            committed = self.db(move |m| m.commit_to_copy(id, &copy, &c)).await;
         }
         match committed {
             Ok((version, old)) => {
-                // The replaced content goes after the answer: freeing a large
-                // blob took 50-100 ms here (300 MB on tmpfs), which the writer
-                // would otherwise wait for. If the server stops first, the next
-                // start collects it as an orphan.
-                if let Some(old) = old {
-                    let blobs = Arc::clone(&self.blobs);
-                    tokio::spawn(async move { delete_replaced(&*blobs, old).await });
-                }
+                self.discard_later(old);
                 Ok(UploadResult { version, size, conflict_copy })
             }
             Err(e) => {
@@ -771,5 +753,114 @@ impl<B: BlobStore> Service<B> {
                 Err(e)
             }
         }
+    }
+
+    /// The checks before any byte of an upload is read: rights, the vault's
+    /// end-to-end rule, the version (unless a conflict copy may take the
+    /// content, or none is given), a conflict copy's id.
+    async fn check_upload(
+        &self,
+        caller: &Caller,
+        id: FileId,
+        e2e: bool,
+        expected: Option<u64>,
+        conflict_copy: Option<&NewFile>,
+    ) -> Result<FileRow> {
+        let (row, e2e_required) = self.file_checked_with(caller, id, Rights::Write, !e2e).await?;
+        if e2e_required {
+            return Err(ServiceError::E2eRequired);
+        }
+        if let Some(copy) = conflict_copy {
+            // The copy is created in the file's record, so that needs write rights too.
+            self.record_checked(caller, row.info.record, Rights::Write).await?;
+            if copy.id == id {
+                return Err(ServiceError::BadRequest("the conflict copy needs a new id".into()));
+            }
+        } else if expected.is_some_and(|v| v != row.info.version) {
+            return Err(ServiceError::VersionConflict { current: row.info.version });
+        }
+        Ok(row)
+    }
+
+    /// Streams an upload's body into a new blob, within the caller's limit
+    /// and its declared length; returns the blob and its length.
+    async fn store_body(
+        &self,
+        caller: &Caller,
+        body: ByteStream,
+        declared: Option<u64>,
+    ) -> Result<(BlobId, u64)> {
+        let limit = caller.user.limits.upload_limit;
+        if declared.is_some_and(|len| len > limit) {
+            return Err(ServiceError::TooLarge(limit));
+        }
+        let blob = BlobId::random().map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let size = self.blobs.put(blob, body, limit).await?;
+        if declared.is_some_and(|len| len != size) {
+            self.discard_blob(Some(blob)).await;
+            return Err(ServiceError::BadRequest("body shorter than its declared length".into()));
+        }
+        Ok((blob, size))
+    }
+
+    /// Deletes a replaced blob after the answer: freeing a large blob took
+    /// 50-100 ms here (300 MB on tmpfs), which the writer would otherwise
+    /// wait for. If the server stops first, the next start collects it.
+    fn discard_later(&self, old: Option<BlobId>) {
+        if let Some(old) = old {
+            let blobs = Arc::clone(&self.blobs);
+            tokio::spawn(async move { delete_replaced(&*blobs, old).await });
+        }
+    }
+
+    /// Stores an upload's content without committing it (its manifest is
+    /// known only once it was all sent): checked as an upload is, then kept
+    /// until [`Service::commit`] names it, or collected after
+    /// [`STAGED_TTL_MS`].
+    pub async fn stage(&self, caller: &Caller, id: FileId, up: Upload) -> Result<Staged> {
+        // A conflict copy is named at the commit; the version is checked now
+        // only if the stream could not go to a copy anyway.
+        let expected = up.conflict_copy.is_none().then_some(up.expected_version);
+        self.check_upload(caller, id, up.e2e, expected, None).await?;
+        let (blob, size) = self.store_body(caller, up.body, up.declared_len).await?;
+        let mut token = [0u8; 16];
+        getrandom::getrandom(&mut token).map_err(|e| ServiceError::Internal(format!("getrandom: {e}")))?;
+        let c = Committed { blob, size, e2e: up.e2e, mtime_ms: 0, meta: None };
+        let (uid, now) = (caller.user.id, now_ms());
+        if let Err(e) = self.db(move |m| m.stage(&token, id, uid, &c, now)).await {
+            self.discard_blob(Some(blob)).await;
+            return Err(e);
+        }
+        Ok(Staged { staged: hex_encode(&token), size })
+    }
+
+    /// Commits staged content to the file at `expected`, with its manifest;
+    /// or to the request's conflict copy if the file moved on.
+    pub async fn commit(
+        &self,
+        caller: &Caller,
+        id: FileId,
+        expected: u64,
+        req: CommitRequest,
+    ) -> Result<UploadResult> {
+        let token = crate::ids::hex_decode(&req.staged)
+            .filter(|t| t.len() == 16)
+            .ok_or_else(|| ServiceError::BadRequest("staged must be 32 hex digits".into()))?;
+        let row = self.file_checked(caller, id, Rights::Write).await?;
+        if let Some(copy) = &req.conflict_copy {
+            self.record_checked(caller, row.info.record, Rights::Write).await?;
+            if copy.id == id {
+                return Err(ServiceError::BadRequest("the conflict copy needs a new id".into()));
+            }
+        }
+        let (uid, mtime) = (caller.user.id, req.mtime_ms.unwrap_or_else(now_ms));
+        let copy_id = req.conflict_copy.as_ref().map(|c| c.id);
+        let (version, old, size, copied) = self
+            .db(move |m| {
+                m.commit_staged(&token, id, uid, expected, &req.meta, mtime, req.conflict_copy.as_ref())
+            })
+            .await?;
+        self.discard_later(old);
+        Ok(UploadResult { version, size, conflict_copy: copy_id.filter(|_| copied) })
     }
 }

@@ -10,17 +10,23 @@
 //! Readers ([`VaultFs::ready`] with a length) wait only until their range is
 //! ready; writers, which change the whole file, wait until it is complete.
 //!
-//! Each 64 KiB chunk is authenticated before its bytes become readable, so a
-//! reader never sees forged data; that the file was not cut short is known only
-//! at the end, and a failure there (or anywhere) wipes what was decrypted and
-//! reaches every waiter, and every later read, as EIO.
+//! What the content is comes from the file's manifest (docs/FORMAT.md "File
+//! manifests"), never from the server: end-to-end content must carry the
+//! header the manifest names; pass-through content is checked a 1 MiB piece at
+//! a time against the manifest's tags, and a piece becomes readable only once
+//! it verified. Each 64 KiB chunk of end-to-end content is authenticated before
+//! its bytes become readable, so a reader never sees forged data; that the file
+//! was not cut short is known only at the end, and a failure there (or
+//! anywhere) wipes what was decrypted and reaches every waiter, and every later
+//! read, as EIO. A manifest older than the newest generation this client saw
+//! of the file is a replay, refused the same way.
 
 use std::sync::Arc;
 
 use futures_util::StreamExt;
 use tokio::sync::{watch, OwnedMutexGuard};
 
-use super::{lock, FsError, Result, VaultFs};
+use super::{lock, FileMeta, FsError, Result, VaultFs};
 use crate::cache::{PlainData, PlainHandle, SecretBuf};
 use crate::crypto::{self, CryptoError, FileContext, FileDecryptor, HEADER_LEN};
 use crate::ids::FileId;
@@ -60,7 +66,12 @@ impl FillState {
 impl<R: Remote> VaultFs<R> {
     /// Starts decrypting `info` into the entry behind `handle`, whose lock the
     /// caller holds as `d`.
-    fn start_fill(self: &Arc<Self>, info: &FileInfo, handle: &PlainHandle, d: &mut PlainData) -> Arc<Fill> {
+    fn start_fill(
+        self: &Arc<Self>,
+        (info, meta): &(FileInfo, FileMeta),
+        handle: &PlainHandle,
+        d: &mut PlainData,
+    ) -> Arc<Fill> {
         let (state, _) = watch::channel(FillState::Running { ready: 0, total: None });
         let fill = Arc::new(Fill { state });
         d.bytes = SecretBuf::new();
@@ -68,9 +79,9 @@ impl<R: Remote> VaultFs<R> {
         d.filling = true;
         d.version = info.version; // until the download says which version it got
         lock(&self.fills).insert(info.id, Arc::clone(&fill));
-        let (fs, handle, info, task_fill) =
-            (Arc::clone(self), Arc::clone(handle), info.clone(), Arc::clone(&fill));
-        tokio::spawn(async move { fs.fill_task(info, handle, task_fill).await });
+        let (fs, handle, info, meta, task_fill) =
+            (Arc::clone(self), Arc::clone(handle), info.clone(), meta.clone(), Arc::clone(&fill));
+        tokio::spawn(async move { fs.fill_task(info, meta, handle, task_fill).await });
         fill
     }
 
@@ -109,8 +120,8 @@ impl<R: Remote> VaultFs<R> {
             let fill = match running {
                 Some(fill) => fill,
                 None => {
-                    let info = self.file_info_by_id(id)?;
-                    self.start_fill(&info, handle, &mut d)
+                    let file = self.file_state_by_id(id)?;
+                    self.start_fill(&file, handle, &mut d)
                 }
             };
             let state = fill.state.borrow().clone();
@@ -131,8 +142,14 @@ impl<R: Remote> VaultFs<R> {
         }
     }
 
-    async fn fill_task(self: Arc<Self>, info: FileInfo, handle: PlainHandle, fill: Arc<Fill>) {
-        let result = self.fill_run(&info, &handle, &fill).await;
+    async fn fill_task(
+        self: Arc<Self>,
+        info: FileInfo,
+        meta: FileMeta,
+        handle: PlainHandle,
+        fill: Arc<Fill>,
+    ) {
+        let result = self.fill_run(&info, meta, &handle, &fill).await;
         let mut d = handle.lock().await;
         if !self.is_current(info.id, &fill, &d) {
             return; // cancelled; whoever cancelled it owns the entry now
@@ -161,17 +178,46 @@ impl<R: Remote> VaultFs<R> {
         }
     }
 
-    /// Downloads and decrypts; returns early (Ok) if the fill was cancelled.
-    async fn fill_run(&self, info: &FileInfo, handle: &PlainHandle, fill: &Arc<Fill>) -> Result<()> {
+    /// Downloads and decrypts (or checks); returns early (Ok) if the fill was
+    /// cancelled.
+    async fn fill_run(
+        &self,
+        info: &FileInfo,
+        meta: FileMeta,
+        handle: &PlainHandle,
+        fill: &Arc<Fill>,
+    ) -> Result<()> {
         let integrity = |source| FsError::Integrity { what: format!("file {}", info.id), source };
         let unavailable = |e: std::io::Error| FsError::Unavailable(e.to_string());
         let asked = std::time::Instant::now();
+        if let FileMeta::Sealed(m) = &meta {
+            self.check_fresh(info.id, m.generation).map_err(integrity)?;
+            if m.is_never_uploaded() {
+                // Created empty and never written: empty, whatever the server holds.
+                return self.fill_empty(info, handle, fill, asked).await;
+            }
+        }
         let content = self.remote().download(info.id, None).await?;
+        let meta = self.meta_for_version(info, meta, content.version).await?;
         let mut stream = content.stream;
         // The first piece of content after the header, if the header's piece held more.
         let mut pending = None;
         let mut decryptor = None;
-        let total = if content.e2e && content.total_len > 0 {
+        let mut pieces = None;
+        let (total, e2e) = match &meta {
+            FileMeta::Sealed(m) => (m.length, m.is_e2e()),
+            FileMeta::Legacy => (0, content.e2e),
+            FileMeta::Invalid => {
+                return Err(integrity(CryptoError::Integrity(crypto::IntegrityFailure::Authentication)))
+            }
+        };
+        // A manifest that says end-to-end means a header, always (an emptied
+        // file has none, and fails); legacy files go by the server's word.
+        let headed = match &meta {
+            FileMeta::Sealed(m) => m.is_e2e(),
+            _ => e2e && content.total_len > 0,
+        };
+        let total = if headed {
             let mut head = Vec::with_capacity(HEADER_LEN as usize);
             while head.len() < HEADER_LEN as usize {
                 let Some(piece) = stream.next().await else { break };
@@ -188,14 +234,27 @@ impl<R: Remote> VaultFs<R> {
             let ctx = FileContext { vault: info.vault, record: info.record, file: info.id };
             let min = lock(&self.generations).get(&info.id).copied().unwrap_or(0);
             let dec = FileDecryptor::open(&head, key, &ctx, min).map_err(integrity)?;
+            if let Some(m) = meta.manifest() {
+                // The header must be the upload the manifest names.
+                m.check_header(&dec.info()).map_err(integrity)?;
+            }
             dec.check_ciphertext_len(content.total_len).map_err(integrity)?;
             let total = dec.info().plaintext_len;
             decryptor = Some(dec.into_stream());
             total
+        } else if let Some(m) = meta.manifest() {
+            // Pass-through content: exactly the length the manifest states,
+            // each piece checked against its tag.
+            let crypto::ContentMode::Plain(tags) = &m.mode else { unreachable!("checked above") };
+            if content.total_len != m.length {
+                return Err(integrity(CryptoError::Integrity(crypto::IntegrityFailure::Length)));
+            }
+            pieces = Some(tags.verifier());
+            total
         } else {
             content.total_len
         };
-        if total > self.limits.upload_limit.max(self.limits.e2e_limit) {
+        if total > self.limits.upload_limit.max(crate::policy::DEFAULT_E2E_LIMIT) {
             // Nothing this large can have been uploaded; do not reserve memory for it.
             return Err(FsError::Io(format!("the server reports {total} bytes, above the upload limit")));
         }
@@ -210,6 +269,8 @@ impl<R: Remote> VaultFs<R> {
         }
         self.cache.account(info.id, total as usize);
         fill.state.send_replace(FillState::Running { ready: 0, total: Some(total) });
+        // Of pass-through content, the bytes before this have been checked.
+        let mut verified = 0u64;
         loop {
             let piece = match pending.take() {
                 Some(piece) => piece,
@@ -228,26 +289,95 @@ impl<R: Remote> VaultFs<R> {
             match &mut decryptor {
                 Some(dec) => dec.update(&piece, &mut d.bytes).map_err(integrity)?,
                 None if d.bytes.len() + piece.len() > total as usize => {
-                    return Err(FsError::Io("the server sent more than the file's length".into()));
+                    return Err(match pieces {
+                        Some(_) => integrity(CryptoError::Integrity(crypto::IntegrityFailure::Length)),
+                        None => FsError::Io("the server sent more than the file's length".into()),
+                    });
                 }
                 None => d.bytes.extend_from_slice(&piece),
             }
-            let ready = d.bytes.len() as u64;
+            let ready = match &pieces {
+                Some(verifier) => {
+                    // Every whole piece now held is checked before it counts.
+                    while let Some(len) = Self::whole_piece(verified, d.bytes.len() as u64, total) {
+                        let index = verified / crypto::manifest::PIECE_SIZE;
+                        let piece = &d.bytes[verified as usize..(verified + len) as usize];
+                        verifier.verify(index, [piece]).map_err(integrity)?;
+                        verified += len;
+                    }
+                    verified
+                }
+                None => d.bytes.len() as u64,
+            };
             drop(d);
             fill.state.send_replace(FillState::Running { ready, total: Some(total) });
         }
         match decryptor {
             Some(dec) => {
                 let header = dec.finish().map_err(integrity)?;
-                lock(&self.generations).insert(info.id, header.generation);
+                self.note_generation(info.id, header.generation);
             }
             None => {
                 let ready = handle.lock().await.bytes.len() as u64;
+                if pieces.is_some() && verified != total {
+                    return Err(integrity(CryptoError::Integrity(crypto::IntegrityFailure::Length)));
+                }
                 if ready != total {
                     return Err(FsError::Unavailable("the download ended early".into()));
+                }
+                if let Some(m) = meta.manifest() {
+                    self.note_generation(info.id, m.generation);
                 }
             }
         }
         Ok(())
+    }
+
+    /// The length of the whole pass-through piece starting at `verified`, if
+    /// the `held` bytes (of `total`) contain it.
+    fn whole_piece(verified: u64, held: u64, total: u64) -> Option<u64> {
+        let len = crypto::manifest::PIECE_SIZE.min(total - verified);
+        (len > 0 && held >= verified + len).then_some(len)
+    }
+
+    /// Fills the entry with an empty file (one created empty, never written).
+    async fn fill_empty(
+        &self,
+        info: &FileInfo,
+        handle: &PlainHandle,
+        fill: &Arc<Fill>,
+        asked: std::time::Instant,
+    ) -> Result<()> {
+        let mut d = handle.lock().await;
+        if self.is_current(info.id, fill, &d) {
+            d.bytes = SecretBuf::new();
+            d.version = info.version;
+            d.confirmed = Some(asked);
+        }
+        Ok(())
+    }
+
+    /// The manifest that goes with content of `version`: the one held if it
+    /// is of that version; else the file's current one, if the server has
+    /// moved on to exactly that version (renamed, touched or rewritten since
+    /// it was listed). What the content is checked against either way.
+    pub(super) async fn meta_for_version(
+        &self,
+        info: &FileInfo,
+        meta: FileMeta,
+        version: u64,
+    ) -> Result<FileMeta> {
+        if version == info.version || matches!(meta, FileMeta::Legacy) {
+            return Ok(meta);
+        }
+        let fresh = self.remote().file(info.id).await?;
+        if fresh.version != version {
+            return Ok(meta);
+        }
+        let meta = self.open_meta(&fresh);
+        if let Some(ino) = lock(&self.tree).keys.get(&super::Key::File(info.id)).copied() {
+            self.set_file_info(ino, |i| *i = fresh);
+        }
+        Ok(meta)
     }
 }

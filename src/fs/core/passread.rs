@@ -16,6 +16,14 @@
 //! just what it needs ([`RANDOM_FETCH`]), so random access costs one small
 //! request per read. A read that continues where the last one ended starts a
 //! streamed download again.
+//!
+//! Verification. The file's manifest holds a tag for each 1 MiB piece
+//! ([`PIECE_SIZE`]). What arrives waits in `pending` until a whole piece is
+//! there, is checked against its tag, and only then joins the pieces reads
+//! are served from: a read never returns a byte that did not verify. So
+//! downloads start at a piece boundary, a seek fetches whole pieces, and the
+//! length is the manifest's, not the server's. A file written by a vaultfs
+//! older than manifests has no tags; its bytes are served as they come.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -26,6 +34,8 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::{FsError, Result, VaultFs};
+use crate::crypto::manifest::{PieceVerifier, PIECE_SIZE};
+use crate::crypto::{CryptoError, IntegrityFailure};
 use crate::ids::FileId;
 use crate::remote::Remote;
 
@@ -38,18 +48,24 @@ const KEEP_BEHIND: u64 = 1 << 20;
 /// Pieces the pump may queue: many, so that [`READ_AHEAD`] (in bytes) is the
 /// bound that applies, whatever size of pieces the connection delivers.
 const PIECES_AHEAD: usize = 4096;
-/// What a random (not sequential) read fetches: enough for the kernel's read,
-/// not a stream.
+/// What a random (not sequential) read of a legacy file fetches: enough for
+/// the kernel's read, not a stream. Files with a manifest fetch the whole
+/// pieces a read covers (1 MiB each), since a piece is checked whole.
 const RANDOM_FETCH: u64 = 128 << 10;
 
 /// What one handle on a pass-through file holds.
 pub(super) struct PassRead {
     file: FileId,
     size: u64,
-    /// Bytes `start .. start + held` of the file, in order.
+    /// Checks pieces against the manifest's tags (`None`: a legacy file).
+    verifier: Option<Arc<PieceVerifier>>,
+    /// Bytes `start .. start + held` of the file, in order, verified.
     pieces: VecDeque<Bytes>,
     start: u64,
     held: u64,
+    /// Bytes received after those, not yet a whole piece, so not checked.
+    pending: Vec<Bytes>,
+    pending_len: u64,
     /// Where the last read ended: a read starting there is sequential.
     last_end: u64,
     /// The download continuing at `start + held`, if one is running.
@@ -72,22 +88,99 @@ impl Drop for Feed {
 }
 
 impl PassRead {
-    /// A handle on `file`, `size` bytes, nothing fetched yet.
-    pub(super) fn new(file: FileId, size: u64) -> Self {
-        PassRead { file, size, pieces: VecDeque::new(), start: 0, held: 0, last_end: 0, feed: None }
+    /// A handle on `file`, `size` bytes (the manifest's length), checked by
+    /// `verifier`; nothing fetched yet.
+    pub(super) fn new(file: FileId, size: u64, verifier: Option<PieceVerifier>) -> Self {
+        PassRead {
+            file,
+            size,
+            verifier: verifier.map(Arc::new),
+            pieces: VecDeque::new(),
+            start: 0,
+            held: 0,
+            pending: Vec::new(),
+            pending_len: 0,
+            last_end: 0,
+            feed: None,
+        }
     }
 
-    /// Forgets what is held and starts over at `at`.
+    /// Where a download that serves `offset` starts: the piece boundary at or
+    /// before it (a piece is checked whole).
+    fn aligned(&self, offset: u64) -> u64 {
+        match self.verifier {
+            Some(_) => offset - offset % PIECE_SIZE,
+            None => offset,
+        }
+    }
+
+    /// Forgets what is held and starts over at `at` (aligned).
     fn restart(&mut self, at: u64) {
         self.feed = None;
         self.pieces.clear();
-        self.start = at;
+        self.pending.clear();
+        self.pending_len = 0;
+        self.start = self.aligned(at);
         self.held = 0;
     }
 
-    fn push(&mut self, piece: Bytes) {
-        self.held += piece.len() as u64;
-        self.pieces.push_back(piece);
+    /// Where the next byte received goes.
+    fn received_end(&self) -> u64 {
+        self.start + self.held + self.pending_len
+    }
+
+    /// Takes bytes that continue what was received: held at once for a
+    /// legacy file, else once they complete a piece that verifies.
+    fn accept(&mut self, piece: Bytes) -> Result<()> {
+        if self.received_end() + piece.len() as u64 > self.size {
+            return Err(match self.verifier {
+                Some(_) => self.integrity(IntegrityFailure::Length),
+                None => FsError::Io("the server returned more than the file's length".into()),
+            });
+        }
+        let Some(verifier) = self.verifier.clone() else {
+            self.held += piece.len() as u64;
+            self.pieces.push_back(piece);
+            return Ok(());
+        };
+        self.pending_len += piece.len() as u64;
+        self.pending.push(piece);
+        loop {
+            let at = self.start + self.held;
+            let len = PIECE_SIZE.min(self.size - at);
+            if len == 0 || self.pending_len < len {
+                return Ok(());
+            }
+            // The piece's parts, splitting the last part at the piece's end
+            // (no copy: the parts share the received buffers).
+            let mut parts = Vec::new();
+            let mut need = len;
+            while need > 0 {
+                let mut part = self.pending.remove(0);
+                if part.len() as u64 > need {
+                    let rest = part.split_off(need as usize);
+                    self.pending.insert(0, rest);
+                }
+                need -= part.len() as u64;
+                parts.push(part);
+            }
+            self.pending_len -= len;
+            if let Err(e) = verifier.verify(at / PIECE_SIZE, parts.iter().map(|p| &p[..])) {
+                tracing::error!(file = %self.file, piece = at / PIECE_SIZE, error = %e, "a piece of a pass-through file failed its check; reads of it give EIO");
+                return Err(FsError::Integrity { what: format!("file {}", self.file), source: e });
+            }
+            self.held += len;
+            self.pieces.extend(parts);
+        }
+    }
+
+    /// Whether everything received has been checked and taken.
+    fn settled(&self) -> bool {
+        self.pending_len == 0
+    }
+
+    fn integrity(&self, failure: IntegrityFailure) -> FsError {
+        FsError::Integrity { what: format!("file {}", self.file), source: CryptoError::Integrity(failure) }
     }
 
     /// Lets go of whole pieces that end before `keep_from`.
@@ -131,15 +224,24 @@ impl PassRead {
 }
 
 /// Pulls `file` from `from` to its end into `tx`, waiting for credit before
-/// each piece.
+/// each piece; `size` is the length the file must have.
 async fn pump<R: Remote>(
     fs: Arc<VaultFs<R>>,
     file: FileId,
     range: Range<u64>,
+    size: u64,
     tx: mpsc::Sender<Result<Bytes>>,
     credit: Arc<Semaphore>,
 ) {
     let content = match fs.remote().download(file, Some(range)).await {
+        Ok(c) if c.total_len != size => {
+            let e = FsError::Integrity {
+                what: format!("file {file}"),
+                source: CryptoError::Integrity(IntegrityFailure::Length),
+            };
+            let _ = tx.send(Err(e)).await;
+            return;
+        }
         Ok(c) => c,
         Err(e) => {
             let _ = tx.send(Err(e.into())).await;
@@ -190,8 +292,8 @@ impl<R: Remote> VaultFs<R> {
             // Within reach of the running download, or starting within what
             // it delivered (a read larger than the read-ahead, which the kernel
             // never sends but a caller of the core may): wait for its next piece.
-            let reach = p.start + p.held + READ_AHEAD;
-            let continues = offset <= p.start + p.held;
+            let reach = p.received_end() + READ_AHEAD;
+            let continues = offset <= p.received_end();
             if p.feed.is_some() && offset >= p.start && (end <= reach || continues) {
                 let got = match p.feed.as_mut() {
                     Some(feed) => feed.rx.recv().await,
@@ -202,49 +304,69 @@ impl<R: Remote> VaultFs<R> {
                         if let Some(feed) = &p.feed {
                             feed.credit.add_permits((piece.len() as u64).min(READ_AHEAD) as usize);
                         }
-                        if p.start + p.held + piece.len() as u64 > p.size {
+                        if let Err(e) = p.accept(piece) {
                             p.restart(0);
-                            return Err(FsError::Io(
-                                "the server returned more than the file's length".into(),
-                            ));
+                            return Err(e);
                         }
-                        p.push(piece);
                     }
                     Some(Err(e)) => {
                         p.restart(0);
                         return Err(e);
                     }
                     None => {
+                        let short = match p.verifier {
+                            Some(_) => p.integrity(IntegrityFailure::Length),
+                            None => FsError::Io("the server returned less than asked".into()),
+                        };
                         p.restart(0);
-                        return Err(FsError::Io("the server returned less than asked".into()));
+                        return Err(short);
                     }
                 }
                 continue;
             }
-            // A seek, or the first read.
+            // A seek, or the first read: from the piece boundary before it.
             p.restart(offset);
+            let from = p.start;
             if sequential {
                 let (tx, rx) = mpsc::channel(PIECES_AHEAD);
                 let credit = Arc::new(Semaphore::new(READ_AHEAD as usize));
-                let task =
-                    tokio::spawn(pump(Arc::clone(self), p.file, offset..p.size, tx, Arc::clone(&credit)));
-                p.feed = Some(Feed { rx, credit, pump: task });
+                let pump = pump(Arc::clone(self), p.file, from..p.size, p.size, tx, Arc::clone(&credit));
+                p.feed = Some(Feed { rx, credit, pump: tokio::spawn(pump) });
                 continue;
             }
-            let fetch_end = (offset + RANDOM_FETCH.max(u64::from(size))).min(p.size);
-            let content = self.remote().download(p.file, Some(offset..fetch_end)).await?;
+            // Enough for the read (RANDOM_FETCH at least); whole pieces, the
+            // ones the read covers, where each is checked.
+            let fetch_end = match p.verifier {
+                Some(_) => end.div_ceil(PIECE_SIZE).saturating_mul(PIECE_SIZE).min(p.size),
+                None => (offset + RANDOM_FETCH.max(u64::from(size))).min(p.size),
+            };
+            let content = self.remote().download(p.file, Some(from..fetch_end)).await?;
+            if p.verifier.is_some() && content.total_len != p.size {
+                let e = p.integrity(IntegrityFailure::Length);
+                p.restart(offset);
+                return Err(e);
+            }
             let mut stream = content.stream;
             while let Some(piece) = stream.next().await {
                 let piece = piece.map_err(|e| FsError::Unavailable(e.to_string()))?;
-                if p.start + p.held + piece.len() as u64 > fetch_end {
+                let overrun = p.received_end() + piece.len() as u64 > fetch_end;
+                let accepted = if overrun {
+                    Err(FsError::Io("the server returned more than asked".into()))
+                } else {
+                    p.accept(piece)
+                };
+                if let Err(e) = accepted {
                     p.restart(offset);
-                    return Err(FsError::Io("the server returned more than asked".into()));
+                    return Err(e);
                 }
-                p.push(piece);
             }
-            if p.start + p.held < end {
+            if p.start + p.held < end || !p.settled() {
+                let short = match p.verifier {
+                    Some(_) => p.integrity(IntegrityFailure::Length),
+                    None => FsError::Io("the server returned less than asked".into()),
+                };
                 p.restart(offset);
-                return Err(FsError::Io("the server returned less than asked".into()));
+                return Err(short);
             }
         }
     }

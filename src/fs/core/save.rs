@@ -1,4 +1,5 @@
-//! Saving a file: encryption pipelined with the upload.
+//! Saving a file: encryption (or, for pass-through content, tagging)
+//! pipelined with the upload.
 //!
 //! Data flow. The file's plaintext stays where it is, under its lock: the owned
 //! guard goes to a blocking task that seals it a piece at a time (16 chunks,
@@ -7,6 +8,12 @@
 //! another, and the memory an upload needs beyond the plaintext is the queue,
 //! not a second, encrypted copy of the file. The guard comes back from the task
 //! when it is done, so the caller can mark the data clean or keep it dirty.
+//!
+//! End-to-end content's manifest is known before the first byte (it names the
+//! upload's header), so it goes with the upload. Pass-through content is sent
+//! as it is, each 1 MiB piece tagged on the way ([`crate::crypto::PieceTagger`]),
+//! so its manifest exists only at the end: that content is staged, and
+//! committed with its manifest once the tags come back with the guard.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,23 +25,44 @@ use tokio_util::sync::CancellationToken;
 
 use super::{FsError, Result, UploadProgress, VaultFs, UPLOAD_PIECE};
 use crate::cache::PlainData;
-use crate::crypto::{FileContext, FileEncryptor, Layout, OsRandom};
+use crate::crypto::manifest::PieceTags;
+use crate::crypto::{ContentMode, FileContext, FileEncryptor, FileManifest, Layout, OsRandom, PieceTagger};
+use crate::protocol::Sealed;
 use crate::remote::{Remote, UploadBody};
 
 /// Sealed pieces waiting for the connection: the pipeline's depth.
 const PIPELINE: usize = 4;
 
-/// A file's sealing key and header, made before the plaintext is handed over.
-pub(super) struct Sealer {
-    encryptor: Option<FileEncryptor>,
-    header: Vec<u8>,
+/// How a file's content is made ready for the server, set up before the
+/// plaintext is handed over.
+pub(super) enum Sealer {
+    /// End-to-end: the encryptor, the header to send first, and the sealed
+    /// manifest that names this upload.
+    EndToEnd { encryptor: FileEncryptor, header: Vec<u8>, meta: Sealed, len: u64 },
+    /// Pass-through: the plain bytes, tagged on the way.
+    Plain { tagger: PieceTagger, len: u64 },
+}
+
+impl Sealer {
     /// Bytes the upload will carry.
-    pub len: u64,
+    pub(super) fn len(&self) -> u64 {
+        match self {
+            Sealer::EndToEnd { len, .. } | Sealer::Plain { len, .. } => *len,
+        }
+    }
+
+    /// The sealed manifest that goes with the upload (end-to-end content).
+    pub(super) fn meta(&self) -> Option<Sealed> {
+        match self {
+            Sealer::EndToEnd { meta, .. } => Some(meta.clone()),
+            Sealer::Plain { .. } => None,
+        }
+    }
 }
 
 impl<R: Remote> VaultFs<R> {
-    /// Prepares to seal `plain_len` bytes for the file at `ctx` (plain bytes as
-    /// they are if not `e2e`).
+    /// Prepares to seal `plain_len` bytes of generation `generation` for the
+    /// file at `ctx` (tag them as they are if not `e2e`).
     pub(super) fn sealer(
         &self,
         ctx: &FileContext,
@@ -43,7 +71,8 @@ impl<R: Remote> VaultFs<R> {
         plain_len: u64,
     ) -> Result<Sealer> {
         if !e2e {
-            return Ok(Sealer { encryptor: None, header: Vec::new(), len: plain_len });
+            let tagger = PieceTagger::new(&mut OsRandom).map_err(|e| FsError::Io(e.to_string()))?;
+            return Ok(Sealer::Plain { tagger, len: plain_len });
         }
         let key = self
             .account
@@ -52,26 +81,36 @@ impl<R: Remote> VaultFs<R> {
             .ok_or_else(|| FsError::Access("no key for this vault".into()))?;
         let (encryptor, header) = FileEncryptor::new(key, ctx, generation, plain_len, &mut OsRandom)
             .map_err(|e| FsError::Io(e.to_string()))?;
+        let manifest = FileManifest {
+            generation,
+            length: plain_len,
+            mode: ContentMode::EndToEnd { upload: encryptor.upload_id() },
+        };
+        let meta = self.seal_manifest(ctx, &manifest)?;
         let len = Layout::new(plain_len).map_or(0, |l| l.ciphertext_len());
-        Ok(Sealer { encryptor: Some(encryptor), header: header.to_vec(), len })
+        Ok(Sealer::EndToEnd { encryptor, header: header.to_vec(), meta, len })
     }
 }
+
+/// What sealing gives back: the data's guard, and for pass-through content
+/// its piece tags.
+pub(super) type SealedBack = (OwnedMutexGuard<PlainData>, Option<PieceTags>);
 
 /// The sealing side of an upload in progress.
 pub(super) enum Sealing {
     /// A small file, sealed at once (a task would cost more than it saves).
-    Done(OwnedMutexGuard<PlainData>),
+    Done(OwnedMutexGuard<PlainData>, Option<PieceTags>),
     /// Sealing alongside the upload.
-    Running { task: JoinHandle<OwnedMutexGuard<PlainData>>, stop: CancellationToken },
+    Running { task: JoinHandle<(OwnedMutexGuard<PlainData>, Option<PieceTags>)>, stop: CancellationToken },
 }
 
 impl Sealing {
     /// Call once the upload returned: stops sealing if the upload ended early
     /// (the HTTP client may hold on to the body for a while after a refusal)
-    /// and gives the data's guard back.
-    pub(super) async fn finish(self) -> Result<OwnedMutexGuard<PlainData>> {
+    /// and gives the data's guard back, with the tags of what was sent.
+    pub(super) async fn finish(self) -> Result<SealedBack> {
         match self {
-            Sealing::Done(d) => Ok(d),
+            Sealing::Done(d, tags) => Ok((d, tags)),
             Sealing::Running { task, stop } => {
                 stop.cancel();
                 task.await.map_err(|e| FsError::Io(format!("sealing task: {e}")))
@@ -87,20 +126,25 @@ pub(super) fn pipeline(
     sealer: Sealer,
     progress: Arc<UploadProgress>,
 ) -> (UploadBody, Sealing) {
-    let len = sealer.len;
+    let len = sealer.len();
+    let meta = sealer.meta();
     if len <= UPLOAD_PIECE as u64 {
         let mut whole = Vec::with_capacity(len as usize);
         let result = produce(&d, sealer, &mut |piece| piece.map(|p| whole.extend_from_slice(&p)).is_ok());
-        let body = match result {
-            Ok(()) => UploadBody::from_bytes(whole),
-            Err(e) => UploadBody {
-                len: Some(len),
-                stream: Box::pin(futures_util::stream::iter([Err(std::io::Error::other(e))])),
-                conflict_copy: None,
-            },
+        let (body, tags) = match result {
+            Ok(tags) => (UploadBody::from_bytes(whole), tags),
+            Err(e) => (
+                UploadBody {
+                    len: Some(len),
+                    stream: Box::pin(futures_util::stream::iter([Err(std::io::Error::other(e))])),
+                    conflict_copy: None,
+                    meta: None,
+                },
+                None,
+            ),
         };
         progress.sent.store(len, Ordering::Relaxed);
-        return (body, Sealing::Done(d));
+        return (UploadBody { meta, ..body }, Sealing::Done(d, tags));
     }
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(PIPELINE);
     let stop = CancellationToken::new();
@@ -117,10 +161,14 @@ pub(super) fn pipeline(
                 }
             })
         };
-        if let Err(e) = produce(&d, sealer, &mut send) {
-            send(Err(std::io::Error::other(e)));
-        }
-        d
+        let tags = match produce(&d, sealer, &mut send) {
+            Ok(tags) => tags,
+            Err(e) => {
+                send(Err(std::io::Error::other(e)));
+                None
+            }
+        };
+        (d, tags)
     });
     let pieces = futures_util::stream::unfold((rx, progress), |(mut rx, progress)| async move {
         let piece = rx.recv().await?;
@@ -129,42 +177,48 @@ pub(super) fn pipeline(
         }
         Some((piece, (rx, progress)))
     });
-    let body = UploadBody { len: Some(len), stream: Box::pin(pieces), conflict_copy: None };
+    let body = UploadBody { len: Some(len), stream: Box::pin(pieces), conflict_copy: None, meta };
     (body, Sealing::Running { task, stop })
 }
 
-/// Seals `d`'s bytes and hands them to `send_piece`. Errors are sealing
+/// Seals `d`'s bytes and hands them to `send_piece`; returns the tags of
+/// pass-through content, if all of it was handed over. Errors are sealing
 /// failures; a refused piece ends the work quietly.
 fn produce(
     d: &PlainData,
     sealer: Sealer,
     send_piece: &mut dyn FnMut(std::io::Result<Bytes>) -> bool,
-) -> std::result::Result<(), String> {
-    let Sealer { mut encryptor, header, .. } = sealer;
+) -> std::result::Result<Option<PieceTags>, String> {
     let mut send = |piece: Vec<u8>| send_piece(Ok(Bytes::from(piece)));
-    if !header.is_empty() && !send(header) {
-        return Ok(());
-    }
-    for piece in d.bytes.chunks(UPLOAD_PIECE) {
-        let out = match &mut encryptor {
-            Some(enc) => {
-                let mut out = Vec::with_capacity(piece.len() + UPLOAD_PIECE / 4096);
-                enc.update(piece, &mut out).map_err(|e| e.to_string())?;
-                out
+    match sealer {
+        Sealer::EndToEnd { mut encryptor, header, .. } => {
+            if !send(header) {
+                return Ok(None);
             }
-            // Not end-to-end encrypted: the server gets these bytes anyway.
-            None => piece.to_vec(),
-        };
-        if !send(out) {
-            return Ok(());
+            for piece in d.bytes.chunks(UPLOAD_PIECE) {
+                let mut out = Vec::with_capacity(piece.len() + UPLOAD_PIECE / 4096);
+                encryptor.update(piece, &mut out).map_err(|e| e.to_string())?;
+                if !send(out) {
+                    return Ok(None);
+                }
+            }
+            let mut last = Vec::new();
+            encryptor.finish(&mut last).map_err(|e| e.to_string())?;
+            if !last.is_empty() {
+                send(last);
+            }
+            Ok(None)
+        }
+        Sealer::Plain { mut tagger, .. } => {
+            // Not end-to-end encrypted: the server gets these bytes anyway;
+            // each piece's tag goes into the manifest.
+            for piece in d.bytes.chunks(UPLOAD_PIECE) {
+                tagger.update(piece).map_err(|e| e.to_string())?;
+                if !send(piece.to_vec()) {
+                    return Ok(None);
+                }
+            }
+            tagger.finish().map(Some).map_err(|e| e.to_string())
         }
     }
-    if let Some(enc) = encryptor {
-        let mut last = Vec::new();
-        enc.finish(&mut last).map_err(|e| e.to_string())?;
-        if !last.is_empty() {
-            send(last);
-        }
-    }
-    Ok(())
 }
