@@ -147,7 +147,7 @@ async fn vaults_records_and_files_make_a_tree() {
     assert_eq!(fs2.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"clean");
     assert_eq!(fs2.getxattr(attr.ino, n(XATTR_VERSION)).unwrap(), b"3");
     assert!(matches!(fs2.getxattr(attr.ino, n("user.other")), Err(FsError::NoAttr)));
-    assert_eq!(fs2.listxattr(attr.ino).unwrap().len(), 3);
+    assert_eq!(fs2.listxattr(attr.ino).unwrap().len(), 4);
 
     // rmdir: only empty records; vaults are not removed through the mount.
     assert!(matches!(fs.rmdir(family.ino, n("Taxes")).await, Err(FsError::NotEmpty)));

@@ -259,3 +259,322 @@ fn an_old_login_is_upgraded_once_and_never_downgraded() {
     let (ok, out) = cli(&home, &pass, &["vault", "list"]);
     assert!(!ok && out.contains("unbound (version 1) login key"), "{out}");
 }
+
+/// The server's storage, opened beside it (SQLite metadata, blob files).
+struct Storage {
+    db: rusqlite::Connection,
+    data: std::path::PathBuf,
+}
+
+impl Storage {
+    fn open(data: &Path) -> Self {
+        let db = rusqlite::Connection::open(data.join("meta.sqlite3")).unwrap();
+        db.busy_timeout(Duration::from_secs(10)).unwrap();
+        Storage { db, data: data.to_path_buf() }
+    }
+
+    fn id(hex: &str) -> Vec<u8> {
+        vaultfs::ids::hex_decode(hex).unwrap()
+    }
+
+    /// The blob file of file `id` (hex), if it has one.
+    fn blob(&self, id: &str) -> Option<std::path::PathBuf> {
+        let blob: Option<String> = self
+            .db
+            .query_row("SELECT blob_id FROM files WHERE id = ?1", [Self::id(id)], |r| r.get(0))
+            .unwrap();
+        blob.map(|b| self.data.join("blobs").join(&b[..2]).join(&b))
+    }
+
+    /// Runs `sql` with the file's id as ?1.
+    fn set(&self, id: &str, sql: &str) {
+        assert_eq!(self.db.execute(sql, [Self::id(id)]).unwrap(), 1, "{sql}");
+    }
+
+    /// Replaces file `id`'s content with `bytes`, and its size to match.
+    fn replace(&self, id: &str, bytes: &[u8]) {
+        std::fs::write(self.blob(id).unwrap(), bytes).unwrap();
+        self.db
+            .execute(
+                "UPDATE files SET size = ?2 WHERE id = ?1",
+                rusqlite::params![Self::id(id), bytes.len() as i64],
+            )
+            .unwrap();
+    }
+
+    fn meta(&self, id: &str) -> Vec<u8> {
+        self.db.query_row("SELECT meta FROM files WHERE id = ?1", [Self::id(id)], |r| r.get(0)).unwrap()
+    }
+
+    fn set_meta(&self, id: &str, meta: &[u8]) {
+        self.db
+            .execute("UPDATE files SET meta = ?2 WHERE id = ?1", rusqlite::params![Self::id(id), meta])
+            .unwrap();
+    }
+
+    /// Whether any stored blob contains `needle`.
+    fn holds(&self, needle: &[u8]) -> bool {
+        let mut stack = vec![self.data.join("blobs")];
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if e.path().is_dir() {
+                    stack.push(e.path());
+                } else if std::fs::read(e.path()).unwrap().windows(needle.len()).any(|w| w == needle) {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// Distinct content (splitmix64 from the seed): no 64-byte window of one
+/// seed's content shows up in another's.
+fn content(len: usize, seed: u8) -> Vec<u8> {
+    let mut state = u64::from(seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5eed;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Reading `path` must fail with EIO (never return bytes).
+#[track_caller]
+fn assert_eio(path: &Path, what: &str, log: &str) {
+    match std::fs::read(path) {
+        Ok(data) => panic!("{what}: {} returned {} bytes\n{log}", path.display(), data.len()),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{what}: {e}\n{log}"),
+    }
+}
+
+/// Reads `len` bytes of `path` at `offset`.
+fn read_at(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; len];
+    let n = f.read_at(&mut buf, offset)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// What the server stores or says about a file can no longer decide what the
+/// client takes it for: flipping the end-to-end flag changes nothing; flipping
+/// it and serving bytes of the server's choosing, emptying, cutting, extending
+/// or swapping content, of end-to-end and of pass-through files, and altering
+/// or swapping manifests, all read as EIO with a log line naming the file, and
+/// never as altered bytes. A piece of a pass-through file that was not touched
+/// still reads (each is checked on its own).
+#[test]
+fn what_a_file_is_cannot_be_changed_by_the_server() {
+    let mut m = TestMount::start_with("[defaults]\ne2e_limit = \"1 MB\"\n", &[]);
+    std::fs::create_dir(m.path("Family/r")).unwrap();
+    let files: [(&str, usize); 14] = [
+        ("e2e-flag-only", 200_000),
+        ("e2e-forged", 100_000),
+        ("e2e-emptied", 120_000),
+        ("e2e-cut", 300_000),
+        ("meta-altered", 10_000),
+        ("meta-swap-a", 11_000),
+        ("meta-swap-b", 12_000),
+        ("pt-flag-only", 2_600_000),
+        ("pt-flipped", 2_600_000),
+        ("pt-swap-a", 2_600_000),
+        ("pt-swap-b", 2_600_000),
+        ("pt-cut", 2_600_000),
+        ("pt-extended", 2_600_000),
+        ("pt-emptied", 2_600_000),
+    ];
+    let mut ids = std::collections::HashMap::new();
+    let mut plain = std::collections::HashMap::new();
+    for (i, (name, len)) in files.iter().enumerate() {
+        let path = m.path(&format!("Family/r/{name}"));
+        let data = content(*len, i as u8 * 17);
+        write(&path, &data);
+        let e2e = support::xattr(&path, "user.vaultfs.e2e");
+        assert_eq!(e2e, if name.starts_with("pt") { "0" } else { "1" }, "{name}");
+        ids.insert(*name, support::xattr(&path, "user.vaultfs.id"));
+        plain.insert(*name, data);
+    }
+    m.unmount();
+    let s = Storage::open(&m.server.data_dir);
+    let id = |name: &str| ids[name].clone();
+    // Nothing the policy encrypts is stored in plaintext.
+    for (name, data) in &plain {
+        if !name.starts_with("pt") {
+            assert!(!s.holds(&data[5000..5064]), "{name}: plaintext on the server");
+        }
+    }
+    s.set(&id("e2e-flag-only"), "UPDATE files SET e2e = 0 WHERE id = ?1");
+    s.set(&id("pt-flag-only"), "UPDATE files SET e2e = 1 WHERE id = ?1");
+    // Declared plain, with bytes of the server's choosing.
+    s.set(&id("e2e-forged"), "UPDATE files SET e2e = 0 WHERE id = ?1");
+    s.replace(&id("e2e-forged"), &vec![b'F'; 100_000]);
+    for name in ["e2e-emptied", "pt-emptied"] {
+        s.set(&id(name), "UPDATE files SET size = 0, blob_id = NULL WHERE id = ?1");
+    }
+    let cut = std::fs::read(s.blob(&id("e2e-cut")).unwrap()).unwrap();
+    s.replace(&id("e2e-cut"), &cut[..cut.len() - 65552]);
+    let mut meta = s.meta(&id("meta-altered"));
+    *meta.last_mut().unwrap() ^= 1;
+    s.set_meta(&id("meta-altered"), &meta);
+    let (a, b) = (s.meta(&id("meta-swap-a")), s.meta(&id("meta-swap-b")));
+    s.set_meta(&id("meta-swap-a"), &b);
+    s.set_meta(&id("meta-swap-b"), &a);
+    let mut flipped = std::fs::read(s.blob(&id("pt-flipped")).unwrap()).unwrap();
+    flipped[1_500_000] ^= 0x20;
+    std::fs::write(s.blob(&id("pt-flipped")).unwrap(), &flipped).unwrap();
+    let (a, b) = (s.blob(&id("pt-swap-a")).unwrap(), s.blob(&id("pt-swap-b")).unwrap());
+    let (da, db) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    std::fs::write(&a, &db).unwrap();
+    std::fs::write(&b, &da).unwrap();
+    s.replace(&id("pt-cut"), &plain["pt-cut"][..1_500_000]);
+    let mut longer = plain["pt-extended"].clone();
+    longer.extend_from_slice(b"appended by the server");
+    s.replace(&id("pt-extended"), &longer);
+    // Clients see new content where the version moved on.
+    s.db.execute("UPDATE files SET version = version + 1", []).unwrap();
+
+    m.mount();
+    let path = |name: &str| m.path(&format!("Family/r/{name}"));
+    for name in ["e2e-flag-only", "pt-flag-only"] {
+        let back = std::fs::read(path(name)).unwrap_or_else(|e| panic!("{name}: {e}\n{}", m.log()));
+        assert!(back == plain[name], "{name}: the flag alone changes nothing");
+    }
+    assert_eq!(support::xattr(&path("e2e-flag-only"), "user.vaultfs.e2e"), "1", "the manifest's mode");
+    assert_eq!(support::xattr(&path("pt-flag-only"), "user.vaultfs.e2e"), "0");
+    let damaged = [
+        "e2e-forged",
+        "e2e-emptied",
+        "e2e-cut",
+        "meta-altered",
+        "meta-swap-a",
+        "meta-swap-b",
+        "pt-flipped",
+        "pt-swap-a",
+        "pt-swap-b",
+        "pt-cut",
+        "pt-extended",
+        "pt-emptied",
+    ];
+    for name in damaged {
+        assert_eio(&path(name), name, &m.log());
+    }
+    // Sizes are the authenticated ones, not the server's.
+    let size = |name: &str| std::fs::metadata(path(name)).map(|m| m.len()).ok();
+    assert_eq!(size("e2e-emptied"), Some(120_000));
+    assert_eq!(size("pt-extended"), Some(2_600_000));
+    // Pieces nobody touched still read, checked each on its own.
+    let first = read_at(&path("pt-flipped"), 0, 1 << 20).unwrap();
+    assert!(first == plain["pt-flipped"][..1 << 20], "piece 0 of the flipped file");
+    let err = read_at(&path("pt-flipped"), 1_400_000, 4096).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "piece 1 holds the flipped byte");
+    m.unmount();
+    let log = m.log();
+    for name in damaged {
+        assert!(log.contains(&id(name)), "no log line names {name} ({}):\n{log}", id(name));
+    }
+}
+
+/// Whatever limits the server states, nothing the client's policy encrypts
+/// reaches it in plaintext: an e2e limit of zero (an operator's change) makes
+/// small writes and rewrites fail with EFBIG, a low one refuses what lies
+/// between it and the policy's, and an end-to-end only vault refuses the
+/// write that would pass a file through, before any upload and without a
+/// retry loop. A one-pixel image edge from the server stops at the policy's
+/// floor, and without a policy asking, images are not reduced at all.
+#[test]
+fn server_limits_can_refuse_but_never_get_plaintext_or_destroy() {
+    let policy = "[defaults]\ne2e_limit = \"1 MB\"\n[vaults.Photos.images]\nreduce = true\n";
+    let mut m = TestMount::start_with(policy, &["Photos"]);
+    m.unmount();
+    let (home, pass) = (m.home.clone(), m.pass.clone());
+    let (ok, out) = cli(&home, &pass, &["vault", "create", "--e2e-required", "Strict"]);
+    assert!(ok, "{out}");
+    m.mount();
+    for dir in ["Family/r", "Photos/r"] {
+        std::fs::create_dir(m.path(dir)).unwrap();
+    }
+    let before = content(40_000, 1);
+    write(&m.path("Family/r/before.txt"), &before);
+    // The end-to-end only vault: the write that crosses the policy's 1 MB
+    // fails; what was written before is saved end to end.
+    std::fs::create_dir(m.path("Strict/r")).unwrap();
+    let strict = content(1_500_000, 5);
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(m.path("Strict/r/doc.bin")).unwrap();
+        f.write_all(&strict[..900_000]).unwrap();
+        let crossing = f.write_all(&strict[900_000..]);
+        assert_eq!(crossing.map_err(|e| e.raw_os_error()), Err(Some(libc::EFBIG)));
+    }
+    let kept = std::fs::read(m.path("Strict/r/doc.bin")).unwrap();
+    assert!(kept.len() >= 900_000 && kept[..] == strict[..kept.len()], "what was written before is kept");
+    assert_eq!(support::xattr(&m.path("Strict/r/doc.bin"), "user.vaultfs.e2e"), "1");
+    m.unmount();
+
+    // Images: the server's one-pixel edge stops at the policy's floor (1024);
+    // a vault whose policy does not reduce keeps the image as written.
+    m.server.admin(&["user", "limits", "alice", "--image-max-edge", "1"]);
+    m.mount();
+    let img = image::RgbImage::from_fn(3000, 2000, |x, y| image::Rgb([(x % 251) as u8, (y % 241) as u8, 7]));
+    let mut jpeg = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut jpeg, image::ImageFormat::Jpeg).unwrap();
+    let jpeg = jpeg.into_inner();
+    write(&m.path("Photos/r/photo.jpg"), &jpeg);
+    write(&m.path("Family/r/photo.jpg"), &jpeg);
+    let reduced = image::load_from_memory(&std::fs::read(m.path("Photos/r/photo.jpg")).unwrap()).unwrap();
+    assert_eq!((reduced.width(), reduced.height()), (1024, 683), "the floor, not one pixel");
+    assert!(std::fs::read(m.path("Family/r/photo.jpg")).unwrap() == jpeg, "no policy asked: unchanged");
+    m.unmount();
+
+    // An e2e limit of zero: small writes and rewrites refused.
+    m.server.admin(&["user", "limits", "alice", "--e2e-limit", "0"]);
+    m.mount();
+    let efbig = |r: std::io::Result<()>| r.map_err(|e| e.raw_os_error());
+    let small = b"a 35-byte secret that stays secret!";
+    assert_eq!(efbig(std::fs::write(m.path("Family/r/small.txt"), small)), Err(Some(libc::EFBIG)));
+    let rewrite = std::fs::OpenOptions::new().write(true).open(m.path("Family/r/before.txt"));
+    {
+        use std::io::Write;
+        assert_eq!(rewrite.unwrap().write_all(small).map_err(|e| e.raw_os_error()), Err(Some(libc::EFBIG)));
+    }
+    assert!(std::fs::read(m.path("Family/r/before.txt")).unwrap() == before, "the stored file is intact");
+    // An empty file holds nothing to encrypt.
+    write(&m.path("Family/r/empty"), b"");
+    m.unmount();
+    // A low limit: what the policy passes through is stored; what it encrypts
+    // but the server's figure would not is refused.
+    m.server.admin(&["user", "limits", "alice", "--e2e-limit", "100kB"]);
+    m.mount();
+    let fine = content(50_000, 2);
+    write(&m.path("Family/r/fine.bin"), &fine);
+    let middle = content(500_000, 3);
+    assert_eq!(efbig(std::fs::write(m.path("Family/r/middle.bin"), &middle)), Err(Some(libc::EFBIG)));
+    let big = content(1_500_000, 4);
+    write(&m.path("Family/r/big.bin"), &big);
+    assert_eq!(
+        support::xattr(&m.path("Family/r/big.bin"), "user.vaultfs.e2e"),
+        "0",
+        "above the policy's limit"
+    );
+    m.unmount();
+
+    let s = Storage::open(&m.server.data_dir);
+    for (what, data) in
+        [("small", &small[..]), ("rewrite", &small[..]), ("middle", &middle[..]), ("strict", &strict[..])]
+    {
+        assert!(!s.holds(&data[..32.min(data.len())]), "{what}: plaintext reached the server");
+    }
+    assert!(!s.holds(&before[1000..1064]) && !s.holds(&fine[1000..1064]), "encrypted files in plaintext");
+    assert!(s.holds(&big[1000..1064]), "the pass-through file is plain on the server, as configured");
+    let log = m.log();
+    assert!(log.contains("refuses rather than send"), "the refusal is logged with its reason:\n{log}");
+    assert!(log.contains("end-to-end only"), "{log}");
+    assert!(!log.contains("retrying"), "no retry loop:\n{log}");
+}

@@ -70,6 +70,10 @@ pub const XATTR_E2E: &str = "user.vaultfs.e2e";
 pub const XATTR_STATE: &str = "user.vaultfs.state";
 /// Extended attribute: the server's version of the file.
 pub const XATTR_VERSION: &str = "user.vaultfs.version";
+/// Extended attribute: the id of a vault, record or file, as log lines name
+/// it (they never name a decrypted name). Readable also where the object's
+/// name or manifest failed its check, which is when a log line names it.
+pub const XATTR_ID: &str = "user.vaultfs.id";
 
 /// One write's bytes: borrowed from the caller, or owned (the FUSE adapter's
 /// copy of the request), which a pass-through upload takes without copying.
@@ -2454,13 +2458,24 @@ impl<R: Remote> VaultFs<R> {
     /// Names of the extended attributes of `ino`.
     pub fn listxattr(&self, ino: Ino) -> Result<Vec<&'static str>> {
         match lock(&self.tree).node(ino)? {
-            Node::File { .. } => Ok(vec![XATTR_E2E, XATTR_STATE, XATTR_VERSION]),
-            _ => Ok(Vec::new()),
+            Node::File { .. } => Ok(vec![XATTR_E2E, XATTR_STATE, XATTR_VERSION, XATTR_ID]),
+            Node::Root => Ok(Vec::new()),
+            _ => Ok(vec![XATTR_ID]),
         }
     }
 
     /// Value of an extended attribute.
     pub fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Vec<u8>> {
+        if name == XATTR_ID {
+            let id = match lock(&self.tree).nodes.get(&ino) {
+                Some(Node::Vault { vault }) => vault.to_string(),
+                Some(Node::Record { info, .. }) => info.id.to_string(),
+                Some(Node::File { info, .. }) => info.id.to_string(),
+                Some(Node::Root) => return Err(FsError::NoAttr),
+                None => return Err(FsError::NotFound),
+            };
+            return Ok(id.into_bytes());
+        }
         let (info, e2e) = match lock(&self.tree).node(ino)? {
             Node::File { info, meta, .. } => (info.clone(), meta.manifest().map_or(info.e2e, |m| m.is_e2e())),
             _ => return Err(FsError::NoAttr),

@@ -37,7 +37,12 @@ use super::{FsError, Result, VaultFs};
 use crate::crypto::manifest::{PieceVerifier, PIECE_SIZE};
 use crate::crypto::{CryptoError, IntegrityFailure};
 use crate::ids::FileId;
-use crate::remote::Remote;
+use crate::remote::{Content, Remote, RemoteError};
+
+/// What a server answers for content it does not have (a range past its end).
+fn empty_content() -> Content {
+    Content { stream: Box::pin(futures_util::stream::empty()), total_len: 0, version: 0, e2e: false }
+}
 
 /// How far a streamed download may run ahead of the reader: the memory bound
 /// of one handle reading a large file front to back.
@@ -234,6 +239,11 @@ async fn pump<R: Remote>(
     credit: Arc<Semaphore>,
 ) {
     let content = match fs.remote().download(file, Some(range)).await {
+        // The server does not have the length the manifest states.
+        Err(RemoteError::BadRange) => Ok(Content { total_len: 0, ..empty_content() }),
+        other => other,
+    };
+    let content = match content {
         Ok(c) if c.total_len != size => {
             let e = FsError::Integrity {
                 what: format!("file {file}"),
@@ -340,7 +350,11 @@ impl<R: Remote> VaultFs<R> {
                 Some(_) => end.div_ceil(PIECE_SIZE).saturating_mul(PIECE_SIZE).min(p.size),
                 None => (offset + RANDOM_FETCH.max(u64::from(size))).min(p.size),
             };
-            let content = self.remote().download(p.file, Some(from..fetch_end)).await?;
+            let content = match self.remote().download(p.file, Some(from..fetch_end)).await {
+                // For a file with a manifest: the server lacks its content.
+                Err(RemoteError::BadRange) if p.verifier.is_some() => empty_content(),
+                other => other?,
+            };
             if p.verifier.is_some() && content.total_len != p.size {
                 let e = p.integrity(IntegrityFailure::Length);
                 p.restart(offset);
