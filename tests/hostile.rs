@@ -578,3 +578,89 @@ fn server_limits_can_refuse_but_never_get_plaintext_or_destroy() {
     assert!(log.contains("end-to-end only"), "{log}");
     assert!(!log.contains("retrying"), "no retry loop:\n{log}");
 }
+
+/// A server that serves an older version of a file after a remount, or an
+/// older wallet, is refused: this machine remembers, across mounts, the newest
+/// generation of each file and the newest wallet revision it saw (in a state
+/// file sealed with a key from the wallet). `vaultfs status` lists the
+/// refusal. A state file that was altered stops the mount with what to do;
+/// deleting it gives the protection up, and loses nothing.
+#[test]
+fn older_versions_and_wallets_are_refused_after_a_remount() {
+    let mut m = TestMount::start_with("[defaults]\ne2e_limit = \"1 MB\"\n", &[]);
+    std::fs::create_dir(m.path("Family/r")).unwrap();
+    let (old_small, old_big) = (content(50_000, 1), content(2_200_000, 2));
+    write(&m.path("Family/r/small.bin"), &old_small);
+    write(&m.path("Family/r/big.bin"), &old_big);
+    let small_id = support::xattr(&m.path("Family/r/small.bin"), "user.vaultfs.id");
+    let big_id = support::xattr(&m.path("Family/r/big.bin"), "user.vaultfs.id");
+    m.unmount();
+    // What the server holds now, to serve again later.
+    let s = Storage::open(&m.server.data_dir);
+    let keep = |id: &str| (std::fs::read(s.blob(id).unwrap()).unwrap(), s.meta(id));
+    let (small_then, big_then) = (keep(&small_id), keep(&big_id));
+    let wallet_then: (Vec<u8>, i64) =
+        s.db.query_row("SELECT blob, version FROM wallets", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+
+    // Newer versions, seen by this machine; a vault added (a newer wallet).
+    m.mount();
+    let (new_small, new_big) = (content(60_000, 3), content(2_300_000, 4));
+    write(&m.path("Family/r/small.bin"), &new_small);
+    write(&m.path("Family/r/big.bin"), &new_big);
+    m.unmount();
+    let (ok, out) = cli(&m.home, &m.pass, &["vault", "create", "Later"]);
+    assert!(ok, "{out}");
+    m.mount();
+    assert!(m.path("Later").is_dir());
+    m.unmount();
+
+    // The server rolls both files back.
+    for (id, (blob, meta)) in [(&small_id, &small_then), (&big_id, &big_then)] {
+        let path = s.blob(id).unwrap();
+        std::fs::write(&path, blob).unwrap();
+        s.set_meta(id, meta);
+        s.db.execute(
+            "UPDATE files SET size = ?2, version = version + 5 WHERE id = ?1",
+            rusqlite::params![Storage::id(id), blob.len() as i64],
+        )
+        .unwrap();
+    }
+    m.mount();
+    assert_eio(&m.path("Family/r/small.bin"), "an older end-to-end version", &m.log());
+    assert_eio(&m.path("Family/r/big.bin"), "an older pass-through version", &m.log());
+    let (ok, status) = cli(&m.home, &m.pass, &["status", m.mountpoint.to_str().unwrap()]);
+    assert!(ok && status.contains("refused") && status.contains("stale version"), "{status}");
+    assert!(status.contains(&small_id) && status.contains(&big_id), "{status}");
+    m.unmount();
+    assert!(m.log().contains("stale version"), "{}", m.log());
+
+    // The server serves the wallet as it was before the vault was added.
+    let current: (Vec<u8>, i64) =
+        s.db.query_row("SELECT blob, version FROM wallets", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    s.db.execute("UPDATE wallets SET blob = ?1", [&wallet_then.0]).unwrap();
+    let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.mount()));
+    assert!(failed.is_err(), "a mount over a rolled-back wallet must fail");
+    assert!(m.log().contains("older than revision"), "{}", m.log());
+    s.db.execute("UPDATE wallets SET blob = ?1", [&current.0]).unwrap();
+
+    // An altered state file stops the mount, saying what to do.
+    let state_dir = m.home.join("state/vaultfs");
+    let state = std::fs::read_dir(&state_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "state"));
+    let state = state.expect("a state file");
+    let saved = std::fs::read(&state).unwrap();
+    let mut altered = saved.clone();
+    altered[40] ^= 1;
+    std::fs::write(&state, &altered).unwrap();
+    let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.mount()));
+    assert!(failed.is_err(), "a mount with an altered state file must fail");
+    assert!(m.log().contains("does not open with this account's state key"), "{}", m.log());
+    // Deleted: the protection is gone, the data is not.
+    std::fs::remove_file(&state).unwrap();
+    m.mount();
+    assert!(std::fs::read(m.path("Family/r/small.bin")).unwrap() == old_small, "the older version, now");
+    m.unmount();
+}

@@ -373,7 +373,13 @@ fn plaintext_never_reaches_the_disk() {
     std::fs::rename(dir.join("canary-file-name-4c1d.txt"), dir.join("canary-renamed-88aa.txt")).unwrap();
     assert_eq!(std::fs::read(dir.join("canary-renamed-88aa.txt")).unwrap(), body);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let opened = watcher.join().unwrap();
+    // The one file the daemon may write: the freshness state (file ids and
+    // generation numbers, sealed; no content, no names, no keys), which the
+    // search below also finds none of the canaries in.
+    let state_dir = m.home.join("state/vaultfs");
+    let state_dir = state_dir.to_string_lossy().into_owned();
+    let mut opened = watcher.join().unwrap();
+    opened.retain(|path| !path.starts_with(&state_dir));
     assert!(opened.is_empty(), "the daemon opened regular files for writing: {opened:?}");
     let trace = strace.finish();
     // The trace saw the daemon at work (it answered the kernel and talked to the server)...
@@ -382,7 +388,8 @@ fn plaintext_never_reaches_the_disk() {
         "strace saw too little of the daemon's work:\n{trace}"
     );
     // ...and it never opened, created, truncated or renamed a file on a disk.
-    let bad: Vec<&str> = trace.lines().filter(|l| writes_to_disk(l)).collect();
+    let bad: Vec<&str> =
+        trace.lines().filter(|l| writes_to_disk(l) && !l.contains(&format!("\"{state_dir}/"))).collect();
     assert!(bad.is_empty(), "the daemon wrote to files:\n{}", bad.join("\n"));
 
     // Neither the content nor the names are in any file the server, the

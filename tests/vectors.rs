@@ -89,27 +89,106 @@ fn wallet_of(v: &WalletVector) -> Wallet {
     for k in &v.keys {
         w.add_key(VaultId(arr(&k.vault_id)), key_of(&k.key_id, &k.key)).unwrap();
     }
+    if let Some(state) = &v.state_key {
+        w.ensure_state_key(&mut ReplayRandom::new(unhex(state))).unwrap();
+    }
+    for vault in v.manifests_required.iter().flatten() {
+        w.require_manifests(VaultId(arr(vault)));
+    }
     w
+}
+
+/// What a wallet vector says, checked against an opened wallet.
+fn assert_wallet_matches(v: &WalletVector, opened: &Wallet) {
+    assert_eq!(opened.revision(), v.revision, "{}", v.description);
+    assert_eq!(opened.entries().len(), v.keys.len());
+    for (k, e) in v.keys.iter().zip(opened.entries()) {
+        assert_eq!((hex(&e.key.id().0), e.active), (k.key_id.clone(), k.active));
+        assert_eq!(e.key.duplicate().id(), key_of(&k.key_id, &k.key).id());
+    }
+    assert_eq!(opened.state_key().map(|k| hex(k.secret())), v.state_key, "{}", v.description);
+    for vault in v.manifests_required.iter().flatten() {
+        assert!(opened.manifests_required(VaultId(arr(vault))), "{}", v.description);
+    }
 }
 
 #[test]
 fn wallet_vectors_reproduce_and_open() {
+    // Version 1 (frozen): this build writes version 2 now, so these are only
+    // opened, as every release must.
     let vectors: WalletVectors = load(WALLET_VECTORS);
     assert!(!vectors.vector.is_empty());
     for v in &vectors.vector {
         let params = KdfParams { m_cost_kib: v.m_cost_kib, t_cost: v.t_cost, p_cost: v.p_cost };
+        let (opened, p) = Wallet::open(&unhex(&v.sealed), v.passphrase.as_bytes()).unwrap();
+        assert_eq!(p, params);
+        assert_wallet_matches(v, &opened);
+        assert_eq!(wallet_of(v).revision(), v.revision);
+    }
+    // Version 2: reproduced byte for byte, and opened.
+    let vectors: WalletVectors = load(WALLET_V2_VECTORS);
+    assert!(!vectors.vector.is_empty());
+    for v in &vectors.vector {
+        let params = KdfParams { m_cost_kib: v.m_cost_kib, t_cost: v.t_cost, p_cost: v.p_cost };
         let wallet = wallet_of(v);
-        assert_eq!(wallet.revision(), v.revision);
         let mut rng = ReplayRandom::new(unhex(&v.random));
         let sealed = wallet.seal(v.passphrase.as_bytes(), params, &mut rng).unwrap();
         assert_eq!(rng.remaining(), 0);
         assert_eq!(hex(&sealed), v.sealed, "{}", v.description);
-        let (opened, p) = Wallet::open(&sealed, v.passphrase.as_bytes()).unwrap();
-        assert_eq!(p, params);
-        for (k, e) in v.keys.iter().zip(opened.entries()) {
-            assert_eq!((hex(&e.key.id().0), e.active), (k.key_id.clone(), k.active));
-        }
+        let (opened, _) = Wallet::open(&sealed, v.passphrase.as_bytes()).unwrap();
+        assert_wallet_matches(v, &opened);
     }
+}
+
+/// Writes tests/data/wallet-v2-vectors.toml (the version-1 file is frozen).
+#[test]
+#[ignore = "writes tests/data; run by hand only"]
+fn write_wallet_v2_vectors() {
+    let random =
+        |seed: u8, len: usize| -> Vec<u8> { (0..len).map(|i| (i as u8).wrapping_mul(13) ^ seed).collect() };
+    let mut v = WalletVector {
+        description: "version 2: two vaults (one retired key), a state key, one vault flagged".into(),
+        passphrase: "correct horse battery staple".into(),
+        m_cost_kib: 64,
+        t_cost: 1,
+        p_cost: 1,
+        random: hex(&random(0x15, 40)),
+        revision: 0,
+        keys: vec![
+            WalletKeyVector {
+                vault_id: hex(&[0x25; 16]),
+                key_id: hex(&[0x26; 16]),
+                key: hex(&random(0x27, 32)),
+                active: false,
+            },
+            WalletKeyVector {
+                vault_id: hex(&[0x25; 16]),
+                key_id: hex(&[0x28; 16]),
+                key: hex(&random(0x29, 32)),
+                active: true,
+            },
+            WalletKeyVector {
+                vault_id: hex(&[0x35; 16]),
+                key_id: hex(&[0x36; 16]),
+                key: hex(&random(0x37, 32)),
+                active: true,
+            },
+        ],
+        version: Some(2),
+        state_key: Some(hex(&random(0x45, 32))),
+        manifests_required: Some(vec![hex(&[0x35; 16])]),
+        sealed: String::new(),
+    };
+    let wallet = wallet_of(&v);
+    v.revision = wallet.revision();
+    let params = KdfParams { m_cost_kib: v.m_cost_kib, t_cost: v.t_cost, p_cost: v.p_cost };
+    let sealed =
+        wallet.seal(v.passphrase.as_bytes(), params, &mut ReplayRandom::new(unhex(&v.random))).unwrap();
+    v.sealed = hex(&sealed);
+    let header = "# Test vectors for the vaultfs wallet, version 2 (docs/FORMAT.md, \"Wallet\").\n\
+                  # Generated once; never edit or regenerate to make a test pass.\n\n";
+    let body = toml::to_string(&WalletVectors { vector: vec![v] }).unwrap();
+    std::fs::write(data_path(WALLET_V2_VECTORS), format!("{header}{body}")).unwrap();
 }
 
 fn manifest_ctx(v: &ManifestVector) -> FileContext {
@@ -296,6 +375,9 @@ fn write_vectors() {
         p_cost: 1,
         random: hex(&random(0xd0, 40)),
         revision: 3,
+        version: None,
+        state_key: None,
+        manifests_required: None,
         keys: vec![
             WalletKeyVector {
                 vault_id: hex(&[0xe0; 16]),

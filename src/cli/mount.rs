@@ -17,6 +17,7 @@ use zeroize::Zeroizing;
 use super::policy::PolicyPaths;
 use super::user::{read_passphrase, LOGIN_KDF_FLOOR, PASSPHRASE_FILE_ENV};
 use super::CliResult;
+use crate::fs::freshness::{state_dir, state_path, Freshness, FreshnessError};
 use crate::fs::fuse::FuseAdapter;
 use crate::fs::{FsOptions, VaultFs};
 use crate::policy::{MountPolicy, Policy};
@@ -175,11 +176,14 @@ fn run_foreground(
         if let Err(e) = account.clone().remember_identity(login) {
             tracing::warn!(error = %e, "could not note the server identity the login is bound to");
         }
-        let unlocked = Unlocked::open(remote, pass.as_bytes()).await?;
-        let fs = VaultFs::new(unlocked, FsOptions { cache_budget: budget, policy, ..FsOptions::default() })
-            .await?;
+        let mut unlocked = Unlocked::open(remote, pass.as_bytes()).await?;
+        let freshness = freshness_for(&mut unlocked, &access.identity()?, &account.user).await?;
+        let options =
+            FsOptions { cache_budget: budget, policy, freshness: Some(freshness), ..FsOptions::default() };
+        let fs = VaultFs::new(unlocked, options).await?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Arc::new(fs))
     })?;
+    rt.spawn(Arc::clone(fs.freshness()).run_saver());
     let background = start_session(&fs, rt.handle(), mountpoint, &account.server, args.threads, &rules)?;
     let _status = super::status::serve_status(rt.handle(), &fs, mountpoint, &account.server)
         .map_err(|e| tracing::warn!(error = %e, "vaultfs status will not see this mount"))
@@ -193,6 +197,31 @@ fn run_foreground(
         detach_stdio();
     }
     serve_until_stopped(&rt, &fs, background, mountpoint)
+}
+
+/// What this machine remembers of the account at `server` (its identity):
+/// loaded, checked against the wallet just opened (an older wallet than
+/// remembered is refused), with the state key made first if the wallet has
+/// none yet. A state file that exists while the wallet has no key, or that
+/// does not open with it, stops the mount with what to do.
+async fn freshness_for<R: crate::remote::Remote>(
+    unlocked: &mut Unlocked<R>,
+    server: &str,
+    user: &str,
+) -> Result<Arc<Freshness>, Box<dyn std::error::Error + Send + Sync>> {
+    let dir = state_dir().ok_or("cannot find a state directory: set HOME or XDG_STATE_HOME")?;
+    let path = state_path(&dir, server, user);
+    if unlocked.wallet().state_key().is_none() {
+        if path.exists() {
+            return Err(FreshnessError::NoKey { path }.into());
+        }
+        unlocked.ensure_state_key().await?;
+    }
+    let key = unlocked.wallet().state_key().ok_or("the wallet holds no state key")?.duplicate();
+    let freshness = Freshness::load(path, key, server, user)?;
+    freshness.check_wallet(unlocked.wallet().revision())?;
+    freshness.save()?;
+    Ok(Arc::new(freshness))
 }
 
 /// Mounts `fs` at `mountpoint` with FUSE worker threads.
@@ -304,6 +333,9 @@ pub(crate) fn serve_until_stopped<R: crate::remote::Remote>(
     let failed = rt.block_on(fs.flush_all());
     if failed > 0 {
         tracing::error!(failed, "some files could not be saved before unmounting");
+    }
+    if let Err(e) = fs.freshness().save() {
+        tracing::error!(error = %e, "could not save which versions this machine saw");
     }
     if session_ended {
         join_session(background)?;

@@ -174,6 +174,10 @@ fn print(out: &mut impl Write, s: &MountStatus) -> std::io::Result<()> {
     if s.fs.uploads.is_empty() {
         writeln!(out, "  uploading  nothing")?;
     }
+    for (i, what) in s.fs.refused.iter().enumerate() {
+        let label = if i == 0 { "refused" } else { "" };
+        writeln!(out, "  {label:<9}  {what}")?;
+    }
     for (i, u) in s.fs.uploads.iter().enumerate() {
         let label = if i == 0 { "uploading" } else { "" };
         match u.total {
@@ -297,6 +301,7 @@ mod tests {
                     },
                     crate::fs::core::UploadStatus { name: "v.mkv".into(), sent: 100 << 20, total: None },
                 ],
+                refused: vec!["file ab12: stale version: generation 3, expected at least 5".into()],
             },
         };
         let mut out = Vec::new();
@@ -305,5 +310,6 @@ mod tests {
         assert!(text.contains("1.0 MiB of 512.0 MiB in memory, 2 file(s), 1 unsaved"), "{text}");
         assert!(text.contains("a.pdf  [##########----------]  50%"), "{text}");
         assert!(text.contains("v.mkv  streaming"), "{text}");
+        assert!(text.contains("refused    file ab12: stale version"), "{text}");
     }
 }

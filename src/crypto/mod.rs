@@ -22,6 +22,7 @@ pub mod manifest;
 pub mod names;
 pub mod offsets;
 pub mod random;
+pub mod state;
 pub mod wallet;
 
 pub use aead::Sink;
@@ -35,4 +36,4 @@ pub use manifest::{open_manifest, seal_manifest, ContentMode, FileManifest, Piec
 pub use names::{open_name, seal_name, NameContext};
 pub use offsets::{ChunkIndex, Layout, CHUNK_SIZE, HEADER_LEN};
 pub use random::{OsRandom, RandomSource};
-pub use wallet::{KdfParams, Wallet};
+pub use wallet::{KdfParams, StateKey, Wallet};

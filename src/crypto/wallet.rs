@@ -11,6 +11,13 @@
 //! Layout (docs/FORMAT.md): a 60-byte header (magic, version, KDF id and
 //! parameters, salt, nonce), then the sealed entries; the header is the AEAD's
 //! associated data.
+//!
+//! Version 2 holds typed records: vault keys, the key that authenticates this
+//! user's local freshness state, and per-vault flags (a vault all of whose
+//! files carry manifests). Records of a type this build does not know are kept
+//! and written back unchanged, so an older client never drops what a newer
+//! one stored. Version-1 wallets (keys only) still open and are written back
+//! as version 2.
 
 use zeroize::Zeroizing;
 
@@ -22,8 +29,18 @@ use crate::ids::{VaultId, ID_LEN};
 
 /// First four bytes of a sealed wallet.
 pub const WALLET_MAGIC: [u8; 4] = *b"VLTW";
-/// Wallet format version written and read by this build.
-pub const WALLET_FORMAT_VERSION: u8 = 1;
+/// Wallet format version written by this build (version 1 is still read).
+pub const WALLET_FORMAT_VERSION: u8 = 2;
+const WALLET_V1: u8 = 1;
+/// Record types of a version-2 wallet.
+const RECORD_VAULT_KEY: u8 = 1;
+const RECORD_STATE_KEY: u8 = 2;
+const RECORD_VAULT_FLAGS: u8 = 3;
+/// Vault flag: every file of the vault carries a manifest; a file without one
+/// had it removed (by the server) and is refused.
+const FLAG_MANIFESTS_REQUIRED: u8 = 1;
+/// Longest record body accepted (a bound on what a wallet makes us allocate).
+const MAX_RECORD_LEN: usize = 1 << 20;
 /// KDF identifier for Argon2id version 0x13.
 const KDF_ARGON2ID_13: u8 = 1;
 const SALT_LEN: usize = 16;
@@ -112,6 +129,33 @@ pub struct WalletEntry {
 pub struct Wallet {
     revision: u64,
     entries: Vec<WalletEntry>,
+    state_key: Option<StateKey>,
+    vault_flags: std::collections::BTreeMap<VaultId, u8>,
+    /// Records of types this build does not know, kept as they were.
+    unknown: Vec<(u8, Zeroizing<Vec<u8>>)>,
+}
+
+/// The key that seals this user's local freshness state (docs/FORMAT.md
+/// "Local freshness state"). `Debug` hides it.
+pub struct StateKey(Zeroizing<[u8; KEY_LEN]>);
+
+impl StateKey {
+    /// The key bytes.
+    pub fn secret(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+
+    /// An explicit copy (for the freshness store, which outlives the borrow
+    /// of the wallet).
+    pub fn duplicate(&self) -> Self {
+        StateKey(Zeroizing::new(*self.0))
+    }
+}
+
+impl std::fmt::Debug for StateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateKey(<redacted>)")
+    }
 }
 
 impl Wallet {
@@ -165,20 +209,123 @@ impl Wallet {
         &self.entries
     }
 
+    /// The key of this user's local freshness state, if one was made.
+    pub fn state_key(&self) -> Option<&StateKey> {
+        self.state_key.as_ref()
+    }
+
+    /// Makes the freshness state key if there is none (drawing 32 bytes from
+    /// `rng`); returns whether the wallet changed.
+    pub fn ensure_state_key(&mut self, rng: &mut dyn RandomSource) -> Result<bool> {
+        if self.state_key.is_some() {
+            return Ok(false);
+        }
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        rng.fill(&mut key[..])?;
+        self.state_key = Some(StateKey(key));
+        self.revision += 1;
+        Ok(true)
+    }
+
+    /// Whether every file of `vault` carries a manifest (so one without is
+    /// refused rather than trusted as written by an older client).
+    pub fn manifests_required(&self, vault: VaultId) -> bool {
+        self.vault_flags.get(&vault).is_some_and(|f| f & FLAG_MANIFESTS_REQUIRED != 0)
+    }
+
+    /// Notes that every file of `vault` carries a manifest (a new vault, or
+    /// one whose files all got one); returns whether the wallet changed.
+    pub fn require_manifests(&mut self, vault: VaultId) -> bool {
+        let flags = self.vault_flags.entry(vault).or_insert(0);
+        if *flags & FLAG_MANIFESTS_REQUIRED != 0 {
+            return false;
+        }
+        *flags |= FLAG_MANIFESTS_REQUIRED;
+        self.revision += 1;
+        true
+    }
+
     fn serialize(&self) -> Zeroizing<Vec<u8>> {
-        let mut out = Zeroizing::new(Vec::with_capacity(12 + self.entries.len() * ENTRY_LEN));
+        let mut out = Zeroizing::new(Vec::with_capacity(16 + self.entries.len() * (ENTRY_LEN + 5)));
         out.extend_from_slice(&self.revision.to_be_bytes());
-        out.extend_from_slice(&(self.entries.len() as u32).to_be_bytes());
+        let count = self.entries.len()
+            + usize::from(self.state_key.is_some())
+            + self.vault_flags.len()
+            + self.unknown.len();
+        out.extend_from_slice(&(count as u32).to_be_bytes());
+        let mut record = |kind: u8, body: &[u8]| {
+            out.push(kind);
+            out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            out.extend_from_slice(body);
+        };
         for e in &self.entries {
-            out.extend_from_slice(e.vault.as_bytes());
-            out.extend_from_slice(&e.key.id().0);
-            out.push(if e.active { STATE_ACTIVE } else { STATE_RETIRED });
-            out.extend_from_slice(e.key.secret());
+            let mut body = Zeroizing::new(Vec::with_capacity(ENTRY_LEN));
+            body.extend_from_slice(e.vault.as_bytes());
+            body.extend_from_slice(&e.key.id().0);
+            body.push(if e.active { STATE_ACTIVE } else { STATE_RETIRED });
+            body.extend_from_slice(e.key.secret());
+            record(RECORD_VAULT_KEY, &body);
+        }
+        if let Some(key) = &self.state_key {
+            record(RECORD_STATE_KEY, &key.0[..]);
+        }
+        for (vault, flags) in &self.vault_flags {
+            let mut body = vault.as_bytes().to_vec();
+            body.push(*flags);
+            record(RECORD_VAULT_FLAGS, &body);
+        }
+        for (kind, body) in &self.unknown {
+            record(*kind, body);
         }
         out
     }
 
+    /// Parses version-2 contents: revision, count, typed records.
     pub(crate) fn deserialize(bytes: &[u8]) -> Result<Self> {
+        let bad = || CryptoError::Malformed("wallet contents");
+        if bytes.len() < 12 {
+            return Err(bad());
+        }
+        let revision = u64::from_be_bytes(bytes[..8].try_into().map_err(|_| bad())?);
+        let count = u32::from_be_bytes(bytes[8..12].try_into().map_err(|_| bad())?) as usize;
+        let mut rest = &bytes[12..];
+        let mut w = Wallet { revision, ..Wallet::default() };
+        for _ in 0..count {
+            if rest.len() < 5 {
+                return Err(bad());
+            }
+            let kind = rest[0];
+            let len = u32::from_be_bytes(rest[1..5].try_into().map_err(|_| bad())?) as usize;
+            if len > MAX_RECORD_LEN || rest.len() < 5 + len {
+                return Err(bad());
+            }
+            let body = &rest[5..5 + len];
+            rest = &rest[5 + len..];
+            match kind {
+                RECORD_VAULT_KEY if len == ENTRY_LEN => w.entries.push(parse_entry(body)?),
+                RECORD_STATE_KEY if len == KEY_LEN && w.state_key.is_none() => {
+                    let mut key = Zeroizing::new([0u8; KEY_LEN]);
+                    key.copy_from_slice(body);
+                    w.state_key = Some(StateKey(key));
+                }
+                RECORD_VAULT_FLAGS if len == ID_LEN + 1 => {
+                    let vault = VaultId(body[..ID_LEN].try_into().map_err(|_| bad())?);
+                    if w.vault_flags.insert(vault, body[ID_LEN]).is_some() {
+                        return Err(bad());
+                    }
+                }
+                RECORD_VAULT_KEY | RECORD_STATE_KEY | RECORD_VAULT_FLAGS => return Err(bad()),
+                other => w.unknown.push((other, Zeroizing::new(body.to_vec()))),
+            }
+        }
+        if !rest.is_empty() {
+            return Err(bad());
+        }
+        Ok(w)
+    }
+
+    /// Parses version-1 contents: revision, count, fixed-size key entries.
+    pub(crate) fn deserialize_v1(bytes: &[u8]) -> Result<Self> {
         let bad = || CryptoError::Malformed("wallet contents");
         if bytes.len() < 12 {
             return Err(bad());
@@ -189,22 +336,8 @@ impl Wallet {
         if body.len() != count.checked_mul(ENTRY_LEN).ok_or_else(bad)? {
             return Err(bad());
         }
-        let mut entries = Vec::with_capacity(count);
-        for raw in body.chunks_exact(ENTRY_LEN) {
-            let vault = VaultId(raw[..ID_LEN].try_into().map_err(|_| bad())?);
-            let id = KeyId(raw[ID_LEN..ID_LEN + KEY_ID_LEN].try_into().map_err(|_| bad())?);
-            let active = match raw[ID_LEN + KEY_ID_LEN] {
-                STATE_ACTIVE => true,
-                STATE_RETIRED => false,
-                _ => return Err(bad()),
-            };
-            let mut secret = [0u8; KEY_LEN];
-            secret.copy_from_slice(&raw[ID_LEN + KEY_ID_LEN + 1..]);
-            let key = VaultKey::from_bytes(id, secret);
-            zeroize::Zeroize::zeroize(&mut secret);
-            entries.push(WalletEntry { vault, key, active });
-        }
-        Ok(Wallet { revision, entries })
+        let entries = body.chunks_exact(ENTRY_LEN).map(parse_entry).collect::<Result<Vec<_>>>()?;
+        Ok(Wallet { revision, entries, ..Wallet::default() })
     }
 
     /// Seals the wallet under `passphrase`. Draws a 16-byte salt and then a 24-byte
@@ -232,18 +365,41 @@ impl Wallet {
         Ok(header)
     }
 
-    /// Opens a sealed wallet, returning it with the parameters it was sealed with.
+    /// Opens a sealed wallet (version 2, or 1), returning it with the
+    /// parameters it was sealed with.
     pub fn open(blob: &[u8], passphrase: &[u8]) -> Result<(Wallet, KdfParams)> {
         let (params, salt, nonce) = parse_wallet_header(blob)?;
         let key = params.derive(passphrase, &salt)?;
         let plain = aead::open(&key.0, &nonce, &blob[..WALLET_HEADER_LEN], &blob[WALLET_HEADER_LEN..])
             .map_err(|_| CryptoError::WalletLocked)?;
-        Ok((Wallet::deserialize(&plain)?, params))
+        // The version is authenticated (the header is the AAD).
+        let wallet = match blob[4] {
+            WALLET_V1 => Wallet::deserialize_v1(&plain)?,
+            _ => Wallet::deserialize(&plain)?,
+        };
+        Ok((wallet, params))
     }
 }
 
+fn parse_entry(raw: &[u8]) -> Result<WalletEntry> {
+    let bad = || CryptoError::Malformed("wallet contents");
+    let vault = VaultId(raw[..ID_LEN].try_into().map_err(|_| bad())?);
+    let id = KeyId(raw[ID_LEN..ID_LEN + KEY_ID_LEN].try_into().map_err(|_| bad())?);
+    let active = match raw[ID_LEN + KEY_ID_LEN] {
+        STATE_ACTIVE => true,
+        STATE_RETIRED => false,
+        _ => return Err(bad()),
+    };
+    let mut secret = [0u8; KEY_LEN];
+    secret.copy_from_slice(&raw[ID_LEN + KEY_ID_LEN + 1..]);
+    let key = VaultKey::from_bytes(id, secret);
+    zeroize::Zeroize::zeroize(&mut secret);
+    Ok(WalletEntry { vault, key, active })
+}
+
 fn parse_wallet_header(blob: &[u8]) -> Result<(KdfParams, [u8; SALT_LEN], [u8; XNONCE_LEN])> {
-    check_prefix(blob, &WALLET_MAGIC, WALLET_FORMAT_VERSION, WALLET_HEADER_LEN + aead::TAG_LEN, "wallet")?;
+    let version = if blob.get(4) == Some(&WALLET_V1) { WALLET_V1 } else { WALLET_FORMAT_VERSION };
+    check_prefix(blob, &WALLET_MAGIC, version, WALLET_HEADER_LEN + aead::TAG_LEN, "wallet")?;
     if blob[5] != KDF_ARGON2ID_13 || blob[6..8] != [0, 0] {
         return Err(CryptoError::Malformed("wallet (unknown KDF or reserved bits)"));
     }
@@ -356,6 +512,49 @@ mod tests {
         let mut one = vec![0u8; 12 + ENTRY_LEN];
         one[11] = 1;
         one[12 + ID_LEN + KEY_ID_LEN] = 7; // unknown state
-        assert!(Wallet::deserialize(&one).is_err());
+        assert!(Wallet::deserialize_v1(&one).is_err());
+        // Version 2: a record longer than what follows, a key record of the
+        // wrong size, a second state key, bytes after the last record.
+        let record = |kind: u8, body: &[u8]| [&[kind][..], &(body.len() as u32).to_be_bytes(), body].concat();
+        let contents = |records: &[Vec<u8>]| {
+            let mut out = 5u64.to_be_bytes().to_vec();
+            out.extend_from_slice(&(records.len() as u32).to_be_bytes());
+            records.iter().for_each(|r| out.extend_from_slice(r));
+            out
+        };
+        let mut cut = contents(&[record(1, &[0; ENTRY_LEN])]);
+        cut.pop();
+        assert!(Wallet::deserialize(&cut).is_err());
+        assert!(Wallet::deserialize(&contents(&[record(1, &[0; 10])])).is_err());
+        assert!(Wallet::deserialize(&contents(&[record(2, &[1; 32]), record(2, &[2; 32])])).is_err());
+        let mut extra = contents(&[record(2, &[1; 32])]);
+        extra.push(0);
+        assert!(Wallet::deserialize(&extra).is_err());
+    }
+
+    #[test]
+    fn version_2_keeps_state_key_flags_and_records_it_does_not_know() {
+        let v = VaultId([1; 16]);
+        let mut w = Wallet::new();
+        w.add_key(v, key(1)).unwrap();
+        assert!(w.ensure_state_key(&mut OsRandom).unwrap());
+        assert!(!w.ensure_state_key(&mut OsRandom).unwrap(), "made once");
+        assert!(!w.manifests_required(v));
+        assert!(w.require_manifests(v) && !w.require_manifests(v));
+        w.unknown.push((0x42, Zeroizing::new(b"from a newer vaultfs".to_vec())));
+        assert_eq!(w.revision(), 3);
+        let blob = w.seal(b"p", FAST, &mut OsRandom).unwrap();
+        assert_eq!(blob[4], 2);
+        let (back, _) = Wallet::open(&blob, b"p").unwrap();
+        assert_eq!(back.revision(), 3);
+        assert!(back.manifests_required(v) && !back.manifests_required(VaultId([2; 16])));
+        assert_eq!(back.state_key().unwrap().secret(), w.state_key().unwrap().secret());
+        assert_eq!(back.unknown.len(), 1);
+        assert_eq!(&back.unknown[0].1[..], b"from a newer vaultfs");
+        assert_eq!(back.active_key(v).unwrap().id(), KeyId([1; 16]));
+        // A version-2 wallet relabelled as version 1 does not open.
+        let mut relabelled = blob.clone();
+        relabelled[4] = 1;
+        assert!(Wallet::open(&relabelled, b"p").is_err());
     }
 }

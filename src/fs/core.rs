@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::error::{FsError, Result};
+use super::freshness::Freshness;
 use crate::cache::{PlainCache, PlainData, PlainHandle, SecretBuf};
 use crate::crypto::{
     self, encrypt_file, open_name, seal_name, FileContext, FileManifest, Layout, NameContext, OsRandom,
@@ -63,6 +64,9 @@ pub const NAME_MAX: usize = 255;
 /// Writes queued towards a streaming upload before a writer waits (each at most
 /// one FUSE write of 1 MiB): the memory bound of a pass-through upload.
 const STREAM_QUEUE: usize = 8;
+
+/// Failed checks `vaultfs status` lists (the latest ones).
+const MAX_REFUSALS_SHOWN: usize = 20;
 
 /// Extended attribute: "1" if the file is end-to-end encrypted, else "0".
 pub const XATTR_E2E: &str = "user.vaultfs.e2e";
@@ -145,6 +149,9 @@ pub struct FsOptions {
     /// How long an open trusts the server's last word on a file's version
     /// ([`CONFIRMED_FOR`]; zero asks on every open).
     pub confirmed_for: Duration,
+    /// What this machine remembers of the server across mounts (in memory
+    /// only if `None`).
+    pub freshness: Option<Arc<Freshness>>,
 }
 
 impl Default for FsOptions {
@@ -153,6 +160,7 @@ impl Default for FsOptions {
             cache_budget: crate::policy::DEFAULT_CACHE_BUDGET as usize,
             policy: Policy::default(),
             confirmed_for: CONFIRMED_FOR,
+            freshness: None,
         }
     }
 }
@@ -362,6 +370,10 @@ pub struct FsStatus {
     pub unsaved: u64,
     /// Uploads in progress.
     pub uploads: Vec<UploadStatus>,
+    /// The latest failed checks (tampered or replayed files, names,
+    /// manifests), by id, newest last.
+    #[serde(default)]
+    pub refused: Vec<String>,
 }
 
 /// Upload state of a file, for `user.vaultfs.state` and `vaultfs status`.
@@ -385,8 +397,11 @@ pub struct VaultFs<R> {
     next_handle: AtomicU64,
     /// Uploads in progress, with how far they got (for status and xattrs).
     uploading: Mutex<HashMap<FileId, Arc<UploadProgress>>>,
-    /// Highest generation seen per file in this session: an older one is a replay.
-    generations: Mutex<HashMap<FileId, u64>>,
+    /// Highest generation seen per file (and wallet revision), remembered
+    /// across mounts where a state file is kept: an older one is a replay.
+    freshness: Arc<Freshness>,
+    /// The latest checks that failed (tampering, replays), for `vaultfs status`.
+    refusals: Mutex<std::collections::VecDeque<String>>,
     /// Pass-through uploads being streamed, by file.
     streams: Mutex<HashMap<FileId, Streaming>>,
     /// Next offset of files written strictly sequentially from empty (only those
@@ -483,7 +498,8 @@ impl<R: Remote> VaultFs<R> {
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             uploading: Mutex::new(HashMap::new()),
-            generations: Mutex::new(HashMap::new()),
+            freshness: options.freshness.unwrap_or_else(|| Arc::new(Freshness::memory())),
+            refusals: Mutex::new(std::collections::VecDeque::new()),
             streams: Mutex::new(HashMap::new()),
             sequential: Mutex::new(HashMap::new()),
             local_sizes: Mutex::new(HashMap::new()),
@@ -504,6 +520,11 @@ impl<R: Remote> VaultFs<R> {
 
     fn remote(&self) -> &R {
         &self.account.remote
+    }
+
+    /// What this mount remembers of the server (saved by the caller at the end).
+    pub fn freshness(&self) -> &Arc<Freshness> {
+        &self.freshness
     }
 
     /// The user's limits, as the server set them.
@@ -618,10 +639,12 @@ impl<R: Remote> VaultFs<R> {
             Some(Ok(m)) => FileMeta::Sealed(Arc::new(m)),
             Some(Err(e)) => {
                 tracing::error!(file = %info.id, error = %e, "the file's manifest failed its check (altered, or another file's); every use of the file gives EIO");
+                self.note_refusal(format!("file {}: its manifest failed its check", info.id));
                 FileMeta::Invalid
             }
             None => {
                 tracing::error!(file = %info.id, "the file's manifest names a key this wallet does not have; every use of the file gives EIO");
+                self.note_refusal(format!("file {}: its manifest names a key this wallet lacks", info.id));
                 FileMeta::Invalid
             }
         }
@@ -1154,10 +1177,11 @@ impl<R: Remote> VaultFs<R> {
             if self.passes_through(ino)? {
                 let reader = match self.file_state_by_id(info.id)?.1 {
                     FileMeta::Sealed(m) => {
-                        self.check_fresh(info.id, m.generation).map_err(|source| FsError::Integrity {
-                            what: format!("file {}", info.id),
-                            source,
-                        })?;
+                        if let Err(source) = self.check_fresh(info.id, m.generation) {
+                            tracing::error!(file = %info.id, error = %source, "refusing an older version of the file than this machine saw");
+                            self.note_refusal(format!("file {}: {source}", info.id));
+                            return Err(FsError::Integrity { what: format!("file {}", info.id), source });
+                        }
                         self.note_generation(info.id, m.generation);
                         let crypto::ContentMode::Plain(tags) = &m.mode else {
                             return Err(FsError::Io("not a pass-through file".into()));
@@ -1284,7 +1308,11 @@ impl<R: Remote> VaultFs<R> {
         let id = self.handle_file(fh)?;
         let pass = lock(&self.pass_reads).get(&fh).cloned();
         if let Some(pass) = pass {
-            return self.read_pass_through(&pass, offset, size).await.map(ReadData::Fetched);
+            let read = self.read_pass_through(&pass, offset, size).await;
+            if let Err(FsError::Integrity { source, .. }) = &read {
+                self.note_refusal(format!("file {id}: {source}"));
+            }
+            return read.map(ReadData::Fetched);
         }
         let handle = self.cache.peek(id).ok_or(FsError::Io("file data evicted while open".into()))?;
         let want = offset.saturating_add(u64::from(size));
@@ -1432,21 +1460,21 @@ impl<R: Remote> VaultFs<R> {
     /// Refuses a generation of a file older than the newest this client has
     /// seen of it: a replay.
     fn check_fresh(&self, id: FileId, generation: u64) -> std::result::Result<(), crypto::CryptoError> {
-        let seen = lock(&self.generations).get(&id).copied().unwrap_or(0);
-        if generation < seen {
-            return Err(crypto::CryptoError::Integrity(crypto::IntegrityFailure::Stale {
-                found: generation,
-                required: seen,
-            }));
-        }
-        Ok(())
+        self.freshness.check(id, generation)
     }
 
     /// Notes that generation `generation` of a file exists.
     fn note_generation(&self, id: FileId, generation: u64) {
-        let mut seen = lock(&self.generations);
-        let entry = seen.entry(id).or_insert(0);
-        *entry = (*entry).max(generation);
+        self.freshness.note(id, generation);
+    }
+
+    /// Notes a failed check for `vaultfs status` (the log has it too).
+    fn note_refusal(&self, what: String) {
+        let mut refusals = lock(&self.refusals);
+        if refusals.len() >= MAX_REFUSALS_SHOWN {
+            refusals.pop_front();
+        }
+        refusals.push_back(what);
     }
 
     fn file_info_by_id(&self, id: FileId) -> Result<FileInfo> {
@@ -1873,7 +1901,7 @@ impl<R: Remote> VaultFs<R> {
     /// The generation the next upload of a file gets: above every generation
     /// seen of it (remembered, in its manifest) and its server version.
     fn next_generation(&self, ino: Ino, id: FileId, version: u64) -> u64 {
-        let seen = lock(&self.generations).get(&id).copied().unwrap_or(0);
+        let seen = self.freshness.generation(id);
         let stated = match lock(&self.tree).nodes.get(&ino) {
             Some(Node::File { meta: FileMeta::Sealed(m), .. }) => m.generation,
             _ => 0,
@@ -2452,6 +2480,7 @@ impl<R: Remote> VaultFs<R> {
             cached_files: stats.entries as u64,
             unsaved: self.cache.dirty_ids().len() as u64,
             uploads,
+            refused: lock(&self.refusals).iter().cloned().collect(),
         }
     }
 

@@ -8,6 +8,7 @@
 
 pub mod core;
 pub mod error;
+pub mod freshness;
 pub mod fuse;
 pub mod lognames;
 pub mod reduce;

@@ -196,8 +196,9 @@ impl<R: Remote> Unlocked<R> {
     pub async fn create_vault(&mut self, name: &str, e2e_required: bool) -> Result<NamedVault, AccountError> {
         let id = VaultId::random().map_err(|e| RemoteError::Protocol(e.to_string()))?;
         self.wallet.add_key(id, VaultKey::generate(&mut OsRandom)?)?;
-        let sealed = seal_blocking(&self.wallet, &self.passphrase, self.wallet_kdf).await?;
-        self.wallet_version = self.remote.put_wallet(sealed, Some(self.wallet_version)).await?;
+        // Every file of a new vault carries a manifest: one without is refused.
+        self.wallet.require_manifests(id);
+        self.store_wallet().await?;
         let key = self.wallet.active_key(id).ok_or(AccountError::NoKey(id))?;
         let sealed_name =
             seal_name(key, &NameContext::VaultName { vault: id }, name.as_bytes(), &mut OsRandom)?;
@@ -206,6 +207,22 @@ impl<R: Remote> Unlocked<R> {
             .create_vault(NewVault { id, name: Sealed(sealed_name), e2e_required, wrapped_key: None })
             .await?;
         Ok(NamedVault { info, name: Some(name.to_string()) })
+    }
+
+    /// Makes the key of the local freshness state if the wallet has none yet
+    /// (a wallet made by an older vaultfs), and stores the wallet.
+    pub async fn ensure_state_key(&mut self) -> Result<(), AccountError> {
+        if self.wallet.ensure_state_key(&mut OsRandom)? {
+            self.store_wallet().await?;
+        }
+        Ok(())
+    }
+
+    /// Seals the wallet again and stores it over the version this session read.
+    async fn store_wallet(&mut self) -> Result<(), AccountError> {
+        let sealed = seal_blocking(&self.wallet, &self.passphrase, self.wallet_kdf).await?;
+        self.wallet_version = self.remote.put_wallet(sealed, Some(self.wallet_version)).await?;
+        Ok(())
     }
 
     /// The user's vaults with their names opened.

@@ -165,6 +165,7 @@ impl TestMount {
             .arg(mountpoint)
             .arg("--foreground")
             .env("XDG_CONFIG_HOME", &self.home)
+            .env("XDG_STATE_HOME", self.home.join("state"))
             .env("VAULTFS_PASSPHRASE_FILE", &self.pass)
             .env("VAULTFS_POLICY", &self.policy)
             .args(&self.mount_args)

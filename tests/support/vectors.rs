@@ -69,6 +69,12 @@ pub struct WalletVector {
     pub random: String,
     pub revision: u64,
     pub keys: Vec<WalletKeyVector>,
+    /// Format version (absent: 1).
+    pub version: Option<u8>,
+    /// Version 2: the local-state key.
+    pub state_key: Option<String>,
+    /// Version 2: vaults flagged "manifests required".
+    pub manifests_required: Option<Vec<String>>,
     pub sealed: String,
 }
 
@@ -130,6 +136,7 @@ pub const FILE_VECTORS: &str = "file-vectors.toml";
 pub const NAME_VECTORS: &str = "name-vectors.toml";
 pub const WALLET_VECTORS: &str = "wallet-vectors.toml";
 pub const MANIFEST_VECTORS: &str = "manifest-vectors.toml";
+pub const WALLET_V2_VECTORS: &str = "wallet-v2-vectors.toml";
 
 pub fn data_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)

@@ -167,8 +167,9 @@ impl<R: Remote> VaultFs<R> {
             Err(e) => {
                 d.bytes = SecretBuf::new();
                 drop(d);
-                if matches!(e, FsError::Integrity { .. }) {
+                if let FsError::Integrity { source, .. } = &e {
                     tracing::error!(file = %info.id, error = %e, "refusing to read a file that failed its integrity check");
+                    self.note_refusal(format!("file {}: {source}", info.id));
                 } else {
                     tracing::warn!(file = %info.id, error = %e, "could not download the file");
                 }
@@ -232,7 +233,7 @@ impl<R: Remote> VaultFs<R> {
                     CryptoError::Malformed("header names a key this vault does not have"),
                 ))?;
             let ctx = FileContext { vault: info.vault, record: info.record, file: info.id };
-            let min = lock(&self.generations).get(&info.id).copied().unwrap_or(0);
+            let min = self.freshness.generation(info.id);
             let dec = FileDecryptor::open(&head, key, &ctx, min).map_err(integrity)?;
             if let Some(m) = meta.manifest() {
                 // The header must be the upload the manifest names.

@@ -1,0 +1,186 @@
+//! The local freshness state: what this machine remembers of a server, so
+//! that a server cannot roll files or the wallet back across mounts.
+//!
+//! It holds the highest wallet revision and the highest generation of each
+//! file seen, sealed (XChaCha20-Poly1305) under the state key from the user's
+//! wallet and bound to the server identity and user name: no plaintext, no
+//! names, no keys, and a file altered, or taken from another account, does not
+//! open. The bytes are pure here; `fs::freshness` reads and writes the file.
+//!
+//! Layout (docs/FORMAT.md "Local freshness state"): `magic "VLTS" || version
+//! (1) || reserved (3) || nonce (24) || Seal(state key, nonce, AAD, body)`.
+
+use std::collections::BTreeMap;
+
+use super::aead::{self, XNONCE_LEN};
+use super::error::{check_prefix, CryptoError, Result};
+use super::random::RandomSource;
+use super::wallet::StateKey;
+use crate::ids::{FileId, ID_LEN};
+
+/// First four bytes of a state file.
+pub const STATE_MAGIC: [u8; 4] = *b"VLTS";
+/// The version this build writes and reads.
+pub const STATE_VERSION: u8 = 1;
+const HEADER_LEN: usize = 8;
+const DOMAIN: &[u8] = b"vaultfs/state/v1";
+const ENTRY_LEN: usize = ID_LEN + 8;
+/// Most files remembered (a bound on what a state file makes us allocate:
+/// 24 MB at 24 bytes each).
+pub const MAX_FILES: usize = 1 << 20;
+
+/// What a machine remembers of one account on one server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FreshState {
+    /// The highest wallet revision seen.
+    pub wallet_revision: u64,
+    /// The highest generation seen of each file.
+    pub generations: BTreeMap<FileId, u64>,
+}
+
+impl FreshState {
+    /// Takes the higher of each value from `other` (another mount's save).
+    pub fn merge(&mut self, other: &FreshState) {
+        self.wallet_revision = self.wallet_revision.max(other.wallet_revision);
+        for (id, g) in &other.generations {
+            let e = self.generations.entry(*id).or_insert(0);
+            *e = (*e).max(*g);
+        }
+    }
+}
+
+/// Whose state this is: bound into the seal, so a file of another account or
+/// server does not open.
+#[derive(Debug, Clone, Copy)]
+pub struct StateBinding<'a> {
+    /// The server identity (as the login key binds it).
+    pub server: &'a str,
+    /// The user name.
+    pub user: &'a str,
+}
+
+fn aad(header: &[u8], b: StateBinding<'_>) -> Result<Vec<u8>> {
+    let mut aad = Vec::with_capacity(DOMAIN.len() + HEADER_LEN + b.server.len() + b.user.len() + 4);
+    aad.extend_from_slice(DOMAIN);
+    aad.extend_from_slice(header);
+    for part in [b.server, b.user] {
+        let len = u16::try_from(part.len()).map_err(|_| CryptoError::Misuse("identity or user too long"))?;
+        aad.extend_from_slice(&len.to_be_bytes());
+        aad.extend_from_slice(part.as_bytes());
+    }
+    Ok(aad)
+}
+
+/// Seals `state` for `binding` under `key`. Draws a 24-byte nonce.
+pub fn seal_state(
+    key: &StateKey,
+    binding: StateBinding<'_>,
+    state: &FreshState,
+    rng: &mut dyn RandomSource,
+) -> Result<Vec<u8>> {
+    if state.generations.len() > MAX_FILES {
+        return Err(CryptoError::Misuse("too many files in the freshness state"));
+    }
+    let mut header = Vec::with_capacity(HEADER_LEN + XNONCE_LEN);
+    header.extend_from_slice(&STATE_MAGIC);
+    header.push(STATE_VERSION);
+    header.extend_from_slice(&[0, 0, 0]);
+    let mut nonce = [0u8; XNONCE_LEN];
+    rng.fill(&mut nonce)?;
+    let mut body = Vec::with_capacity(12 + state.generations.len() * ENTRY_LEN);
+    body.extend_from_slice(&state.wallet_revision.to_be_bytes());
+    body.extend_from_slice(&(state.generations.len() as u32).to_be_bytes());
+    for (id, g) in &state.generations {
+        body.extend_from_slice(id.as_bytes());
+        body.extend_from_slice(&g.to_be_bytes());
+    }
+    let sealed = aead::seal(key.secret(), &nonce, &aad(&header, binding)?, &body)?;
+    header.extend_from_slice(&nonce);
+    header.extend_from_slice(&sealed);
+    Ok(header)
+}
+
+/// Opens a sealed state: an integrity error if it was altered, or sealed for
+/// another account or server, or with another key.
+pub fn open_state(key: &StateKey, binding: StateBinding<'_>, blob: &[u8]) -> Result<FreshState> {
+    check_prefix(blob, &STATE_MAGIC, STATE_VERSION, HEADER_LEN + XNONCE_LEN + aead::TAG_LEN, "state file")?;
+    if blob[5..8] != [0, 0, 0] {
+        return Err(CryptoError::Malformed("state file (reserved bytes)"));
+    }
+    let mut nonce = [0u8; XNONCE_LEN];
+    nonce.copy_from_slice(&blob[HEADER_LEN..HEADER_LEN + XNONCE_LEN]);
+    let body = aead::open(
+        key.secret(),
+        &nonce,
+        &aad(&blob[..HEADER_LEN], binding)?,
+        &blob[HEADER_LEN + XNONCE_LEN..],
+    )?;
+    let bad = || CryptoError::Malformed("state file contents");
+    if body.len() < 12 {
+        return Err(bad());
+    }
+    let wallet_revision = u64::from_be_bytes(body[..8].try_into().map_err(|_| bad())?);
+    let count = u32::from_be_bytes(body[8..12].try_into().map_err(|_| bad())?) as usize;
+    if count > MAX_FILES || body.len() - 12 != count * ENTRY_LEN {
+        return Err(bad());
+    }
+    let generations = body[12..]
+        .chunks_exact(ENTRY_LEN)
+        .map(|e| {
+            let id = FileId(e[..ID_LEN].try_into().map_err(|_| bad())?);
+            Ok((id, u64::from_be_bytes(e[ID_LEN..].try_into().map_err(|_| bad())?)))
+        })
+        .collect::<Result<BTreeMap<_, _>>>()?;
+    Ok(FreshState { wallet_revision, generations })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::random::OsRandom;
+    use crate::crypto::Wallet;
+
+    fn key() -> StateKey {
+        let mut w = Wallet::new();
+        w.ensure_state_key(&mut OsRandom).unwrap();
+        let (w, _) = Wallet::open(&w.seal(b"p", FAST, &mut OsRandom).unwrap(), b"p").unwrap();
+        w.state_key().unwrap().duplicate()
+    }
+
+    const FAST: crate::crypto::KdfParams = crate::crypto::KdfParams { m_cost_kib: 64, t_cost: 1, p_cost: 1 };
+    const ME: StateBinding<'static> = StateBinding { server: "tls-cert:sha256:aa", user: "alice" };
+
+    #[test]
+    fn states_round_trip_and_are_bound_to_their_account_and_key() {
+        let k = key();
+        let mut s = FreshState { wallet_revision: 9, ..Default::default() };
+        s.generations.insert(FileId([1; 16]), 4);
+        s.generations.insert(FileId([2; 16]), 7);
+        let blob = seal_state(&k, ME, &s, &mut OsRandom).unwrap();
+        assert_eq!(open_state(&k, ME, &blob).unwrap(), s);
+        let other_user = StateBinding { user: "bob", ..ME };
+        assert!(open_state(&k, other_user, &blob).unwrap_err().is_integrity(), "another account's file");
+        let other_server = StateBinding { server: "tls-cert:sha256:bb", ..ME };
+        assert!(open_state(&k, other_server, &blob).unwrap_err().is_integrity());
+        assert!(open_state(&key(), ME, &blob).unwrap_err().is_integrity(), "another wallet's key");
+        for at in [4, 9, 40, blob.len() - 1] {
+            let mut bad = blob.clone();
+            bad[at] ^= 1;
+            assert!(open_state(&k, ME, &bad).is_err(), "byte {at}");
+        }
+        assert!(!String::from_utf8_lossy(&blob).contains("alice"), "no names in the file");
+    }
+
+    #[test]
+    fn merging_keeps_the_highest() {
+        let mut a = FreshState { wallet_revision: 3, ..Default::default() };
+        a.generations.insert(FileId([1; 16]), 5);
+        let mut b = FreshState { wallet_revision: 2, ..Default::default() };
+        b.generations.insert(FileId([1; 16]), 9);
+        b.generations.insert(FileId([2; 16]), 1);
+        a.merge(&b);
+        assert_eq!(a.wallet_revision, 3);
+        assert_eq!(a.generations[&FileId([1; 16])], 9);
+        assert_eq!(a.generations[&FileId([2; 16])], 1);
+    }
+}
