@@ -1173,3 +1173,90 @@ async fn fresh_listings_answer_lookups_and_listings_without_the_server() {
     assert_eq!(names, ["a.txt", "b.txt"]);
     assert_eq!(fs.lookup_now(r.ino, n("b.txt")).expect("fresh again").unwrap().size, 1);
 }
+
+/// A vault written by a vaultfs older than manifests keeps opening (its files
+/// read as the server says they are); `vault migrate` gives each file the
+/// manifest its content deserves and flags the vault, after which a file whose
+/// manifest the server removes is refused instead of trusted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vault_from_before_manifests_opens_migrates_and_is_then_protected() {
+    use vaultfs::crypto::{encrypt_file, seal_name, FileContext, NameContext, OsRandom, VaultKey, Wallet};
+    use vaultfs::ids::{FileId, RecordId, VaultId};
+    use vaultfs::protocol::{FileUpdate, NewFile, NewRecord, NewVault, Sealed};
+    use vaultfs::remote::{Remote, UploadBody};
+    let server = MemoryServer::new().unwrap();
+    let limits = Limits { upload_limit: 10_000_000, e2e_limit: 5_000_000, image_max_edge: 2560 };
+    let alice = server.add_user("alice", limits).await.unwrap();
+    // What an older client made: a wallet with the vault's key and no flag,
+    // files without manifests.
+    let vault = VaultId::random().unwrap();
+    let mut wallet = Wallet::new();
+    wallet.add_key(vault, VaultKey::generate(&mut OsRandom).unwrap()).unwrap();
+    alice.put_wallet(wallet.seal(b"pw", FAST, &mut OsRandom).unwrap(), None).await.unwrap();
+    let key = wallet.active_key(vault).unwrap();
+    let sealed =
+        |ctx: NameContext, name: &str| Sealed(seal_name(key, &ctx, name.as_bytes(), &mut OsRandom).unwrap());
+    let name = sealed(NameContext::VaultName { vault }, "Old");
+    alice.create_vault(NewVault { id: vault, name, e2e_required: false, wrapped_key: None }).await.unwrap();
+    let record = RecordId::random().unwrap();
+    let title = sealed(NameContext::RecordTitle { vault, record }, "r");
+    let new_record = NewRecord { id: record, parent: None, title, fields: Sealed::default() };
+    alice.create_record(vault, new_record).await.unwrap();
+    let small = pattern(70_000);
+    let big = pattern(6_000_000);
+    let mut ids = Vec::new();
+    for (name, data, e2e) in
+        [("small.txt", &small, true), ("big.bin", &big, false), ("empty", &Vec::new(), true)]
+    {
+        let id = FileId::random().unwrap();
+        let sealed_name = sealed(NameContext::FileName { vault, record, file: id }, name);
+        let new = NewFile { id, name: sealed_name, e2e, mtime_ms: None, meta: Sealed::default() };
+        let info = alice.create_file(record, new).await.unwrap();
+        if !data.is_empty() {
+            let body = if e2e {
+                encrypt_file(key, &FileContext { vault, record, file: id }, 2, data, &mut OsRandom).unwrap()
+            } else {
+                data.to_vec()
+            };
+            alice.upload(id, info.version, e2e, None, UploadBody::from_bytes(body)).await.unwrap();
+        }
+        ids.push(id);
+    }
+    let read_all = |fs: Arc<VaultFs<MemoryRemote>>| async move {
+        let v = fs.lookup(ROOT, n("Old")).await.unwrap();
+        let r = fs.lookup(v.ino, n("r")).await.unwrap();
+        let mut out = Vec::new();
+        for name in ["small.txt", "big.bin", "empty"] {
+            out.push(read_file(&fs, r.ino, name).await);
+        }
+        out
+    };
+    // It opens, as it always did.
+    let got = read_all(mount(alice.clone()).await).await;
+    assert_eq!((got[0].as_deref().unwrap(), got[1].as_deref().unwrap()), (&small[..], &big[..]));
+    assert!(got[2].as_ref().unwrap().is_empty());
+
+    let mut unlocked = Unlocked::open(alice.clone(), b"pw").await.unwrap();
+    let done = unlocked.migrate_vault(vault).await.unwrap();
+    assert_eq!((done.end_to_end, done.pass_through, done.had_one), (2, 1, 0), "{done:?}");
+    assert!(done.skipped.is_empty() && done.flagged, "{done:?}");
+    assert_eq!(unlocked.migrate_vault(vault).await.unwrap().had_one, 3, "a second run has nothing to do");
+    for id in &ids {
+        assert!(!alice.file(*id).await.unwrap().meta.0.is_empty());
+    }
+    let got = read_all(mount(alice.clone()).await).await;
+    assert_eq!((got[0].as_deref().unwrap(), got[1].as_deref().unwrap()), (&small[..], &big[..]));
+
+    // The server strips a manifest: no longer trusted, refused.
+    for id in &ids[..2] {
+        let v = alice.file(*id).await.unwrap().version;
+        alice
+            .update_file(*id, v, FileUpdate { meta: Some(Sealed::default()), ..Default::default() })
+            .await
+            .unwrap();
+    }
+    let got = read_all(mount(alice).await).await;
+    for (i, r) in got[..2].iter().enumerate() {
+        assert_eq!(r.as_ref().map(|_| ()).unwrap_err().errno(), libc::EIO, "file {i}");
+    }
+}

@@ -64,6 +64,16 @@ pub enum VaultCommand {
         #[arg(long, env = PASSPHRASE_FILE_ENV)]
         passphrase_file: Option<PathBuf>,
     },
+    /// Give the files of vaults made by an older vaultfs a manifest (their
+    /// authenticated mode, length and generation), then mark each vault so
+    /// that a file without one is refused from then on.
+    Migrate {
+        /// Only this vault (by name); all vaults you can write to otherwise.
+        name: Option<String>,
+        /// Read the passphrase from this file instead of asking.
+        #[arg(long, env = PASSPHRASE_FILE_ENV)]
+        passphrase_file: Option<PathBuf>,
+    },
     /// List your vaults.
     List {
         /// Read the passphrase from this file instead of asking.
@@ -220,6 +230,35 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
             let mut unlocked = unlock(passphrase_file.as_deref()).await?;
             let created = unlocked.create_vault(&name, e2e_required).await?;
             println!("created vault {name} ({})", created.info.id);
+        }
+        VaultCommand::Migrate { name, passphrase_file } => {
+            let mut unlocked = unlock(passphrase_file.as_deref()).await?;
+            let mut found = false;
+            for v in unlocked.vaults().await? {
+                let label = v.name.clone().unwrap_or_else(|| v.info.id.to_string());
+                if name.as_ref().is_some_and(|n| Some(n) != v.name.as_ref()) {
+                    continue;
+                }
+                found = true;
+                if v.info.rights < crate::protocol::Rights::Write {
+                    println!("{label}: skipped (read rights only)");
+                    continue;
+                }
+                let done = unlocked.migrate_vault(v.info.id).await?;
+                println!(
+                    "{label}: {} end-to-end and {} pass-through file(s) got a manifest, {} had one{}",
+                    done.end_to_end,
+                    done.pass_through,
+                    done.had_one,
+                    if done.flagged { "; files without one are refused from now on" } else { "" }
+                );
+                for why in &done.skipped {
+                    println!("  left alone: {why}");
+                }
+            }
+            if let (Some(n), false) = (&name, found) {
+                return Err(format!("no vault named {n:?}").into());
+            }
         }
         VaultCommand::List { passphrase_file } => {
             let unlocked = unlock(passphrase_file.as_deref()).await?;

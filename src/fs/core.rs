@@ -402,6 +402,8 @@ pub struct VaultFs<R> {
     freshness: Arc<Freshness>,
     /// The latest checks that failed (tampering, replays), for `vaultfs status`.
     refusals: Mutex<std::collections::VecDeque<String>>,
+    /// Vaults whose files without manifests were logged (once per mount).
+    legacy_warned: Mutex<std::collections::HashSet<VaultId>>,
     /// Pass-through uploads being streamed, by file.
     streams: Mutex<HashMap<FileId, Streaming>>,
     /// Next offset of files written strictly sequentially from empty (only those
@@ -500,6 +502,7 @@ impl<R: Remote> VaultFs<R> {
             uploading: Mutex::new(HashMap::new()),
             freshness: options.freshness.unwrap_or_else(|| Arc::new(Freshness::memory())),
             refusals: Mutex::new(std::collections::VecDeque::new()),
+            legacy_warned: Mutex::new(std::collections::HashSet::new()),
             streams: Mutex::new(HashMap::new()),
             sequential: Mutex::new(HashMap::new()),
             local_sizes: Mutex::new(HashMap::new()),
@@ -629,6 +632,12 @@ impl<R: Remote> VaultFs<R> {
     /// with the file's id and makes every use of the file EIO.
     fn open_meta(&self, info: &FileInfo) -> FileMeta {
         if info.meta.0.is_empty() {
+            if self.account.wallet().manifests_required(info.vault) {
+                // Every file of this vault has one: this one's was removed.
+                tracing::error!(file = %info.id, "the file has no manifest in a vault whose files all have one (removed by the server?); every use of the file gives EIO");
+                self.note_refusal(format!("file {}: its manifest is missing", info.id));
+                return FileMeta::Invalid;
+            }
             return FileMeta::Legacy;
         }
         let ctx = FileContext { vault: info.vault, record: info.record, file: info.id };
@@ -787,6 +796,14 @@ impl<R: Remote> VaultFs<R> {
             tree.children.insert(dir, entries);
         }
         tree.vault_loaded.insert(vault, Instant::now());
+        drop(tree);
+        let legacy = files.iter().filter(|f| f.meta.0.is_empty()).count();
+        if legacy > 0
+            && !self.account.wallet().manifests_required(vault)
+            && lock(&self.legacy_warned).insert(vault)
+        {
+            tracing::warn!(%vault, files = legacy, "files written by an older vaultfs have no manifest: the server's word decides their mode and size until `vaultfs vault migrate` gives them one");
+        }
         Ok(())
     }
 

@@ -198,7 +198,7 @@ impl<R: Remote> Unlocked<R> {
         self.wallet.add_key(id, VaultKey::generate(&mut OsRandom)?)?;
         // Every file of a new vault carries a manifest: one without is refused.
         self.wallet.require_manifests(id);
-        self.store_wallet().await?;
+        self.save_wallet().await?;
         let key = self.wallet.active_key(id).ok_or(AccountError::NoKey(id))?;
         let sealed_name =
             seal_name(key, &NameContext::VaultName { vault: id }, name.as_bytes(), &mut OsRandom)?;
@@ -213,13 +213,18 @@ impl<R: Remote> Unlocked<R> {
     /// (a wallet made by an older vaultfs), and stores the wallet.
     pub async fn ensure_state_key(&mut self) -> Result<(), AccountError> {
         if self.wallet.ensure_state_key(&mut OsRandom)? {
-            self.store_wallet().await?;
+            self.save_wallet().await?;
         }
         Ok(())
     }
 
+    /// The open wallet, to change (then [`Unlocked::save_wallet`]).
+    pub(crate) fn wallet_mut(&mut self) -> &mut Wallet {
+        &mut self.wallet
+    }
+
     /// Seals the wallet again and stores it over the version this session read.
-    async fn store_wallet(&mut self) -> Result<(), AccountError> {
+    pub(crate) async fn save_wallet(&mut self) -> Result<(), AccountError> {
         let sealed = seal_blocking(&self.wallet, &self.passphrase, self.wallet_kdf).await?;
         self.wallet_version = self.remote.put_wallet(sealed, Some(self.wallet_version)).await?;
         Ok(())

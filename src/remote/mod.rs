@@ -14,6 +14,7 @@ pub mod account;
 pub mod faulty;
 pub mod http;
 pub mod memory;
+pub mod migrate;
 pub mod tls;
 
 use std::future::Future;
