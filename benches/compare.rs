@@ -725,6 +725,14 @@ fn main() {
     go("rclone crypt, cache off", "rclone", &|| Box::new(Rclone::start(&store.path, false)));
     go("rclone crypt, cache full", "rclone", &|| Box::new(Rclone::start(&store.path, true)));
     go("gocryptfs (local, -kernel_cache)", "gocryptfs", &|| Box::new(Gocryptfs::start(&store.path)));
+    // vaultfs built from another commit (VAULTFS_BENCH_BASELINE names its
+    // binary: server, mount and commands), for before-and-after figures in
+    // one run. Not a peer: left out of the ratios.
+    if let Some(bin) = std::env::var("VAULTFS_BENCH_BASELINE").ok().filter(|b| !b.is_empty()) {
+        support::server::use_vaultfs_bin(Some(bin));
+        go("vaultfs baseline", "true", &|| Box::new(Vaultfs::start(&store.path.join("baseline"))));
+        support::server::use_vaultfs_bin(None);
+    }
     // vaultfs again with the server's blobs on S3 (s3s-fs on the same tmpfs):
     // what the object store costs. Not a peer: left out of the ratios.
     go("vaultfs, S3 backend", "s3s-fs", &|| {

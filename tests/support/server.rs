@@ -18,8 +18,21 @@ use vaultfs::remote::tls::Trust;
 /// Cheap login-key parameters so tests do not spend seconds in Argon2id.
 pub const TEST_KDF: KdfParams = KdfParams { m_cost_kib: 256, t_cost: 1, p_cost: 1 };
 
-pub fn vaultfs_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_vaultfs")
+/// The vaultfs binary the tests run: this build's, unless a benchmark set
+/// another ([`use_vaultfs_bin`]) to measure a baseline in the same run.
+pub fn vaultfs_bin() -> String {
+    BIN.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_vaultfs").to_string())
+}
+
+static BIN: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Runs servers, mounts and commands with `bin` from now on (`None`: this
+/// build's again).
+pub fn use_vaultfs_bin(bin: Option<String>) {
+    *BIN.lock().unwrap_or_else(|p| p.into_inner()) = bin;
 }
 
 pub struct TestServer {
