@@ -1260,3 +1260,107 @@ async fn a_vault_from_before_manifests_opens_migrates_and_is_then_protected() {
         assert_eq!(r.as_ref().map(|_| ()).unwrap_err().errno(), libc::EIO, "file {i}");
     }
 }
+
+/// A server that answers with metadata of another file or vault than asked:
+/// a file it lists under a vault but says belongs elsewhere (where no manifest
+/// rule or another policy would apply) is left out, and an answer about a file
+/// that names another file is refused, so one file's content never shows
+/// under another's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_for_another_file_or_vault_is_refused() {
+    let s = setup(&["V"]).await;
+    let big = pattern(6_000_000);
+    let (writer, fs, outage, attr) = stored_then_faulty(&s, "big.bin", &big).await;
+    let r = r_ino(&writer).await;
+    write_file(&writer, r, "other.bin", &pattern(5_500_000)).await;
+    let other_info = s.alice.clone();
+    let other_id = {
+        use vaultfs::remote::Remote;
+        let v = other_info.vaults().await.unwrap()[0].id;
+        let files = other_info.files(v).await.unwrap();
+        files.into_iter().find(|f| f.size == 5_500_000).unwrap()
+    };
+    // file() about big.bin answers with other.bin's (genuine) metadata.
+    let swapped = other_id.clone();
+    outage.lie_about_files(Some(std::sync::Arc::new(move |f: &mut vaultfs::protocol::FileInfo| {
+        if f.id != swapped.id && f.size == 6_000_000 {
+            *f = swapped.clone();
+        }
+    })));
+    assert_eq!(errno(fs.open(attr.ino, false, false).await), libc::EIO, "another file's answer");
+    // A listing that says a file is of another vault (with no manifest and
+    // "not end-to-end", as a legacy file would be): left out, not trusted.
+    outage.lie_about_files(Some(std::sync::Arc::new(|f: &mut vaultfs::protocol::FileInfo| {
+        f.vault = vaultfs::ids::VaultId([7; 16]);
+        f.meta = vaultfs::protocol::Sealed::default();
+        f.e2e = false;
+    })));
+    let (fresh, outage2) = mount_faulty(s.alice.clone()).await;
+    outage2.lie_about_files(Some(std::sync::Arc::new(|f: &mut vaultfs::protocol::FileInfo| {
+        f.vault = vaultfs::ids::VaultId([7; 16]);
+        f.meta = vaultfs::protocol::Sealed::default();
+        f.e2e = false;
+    })));
+    let v = fresh.lookup(ROOT, n("V")).await.unwrap();
+    let r = fresh.lookup(v.ino, n("r")).await.unwrap();
+    assert!(fresh.readdir(r.ino).await.unwrap().is_empty(), "files of another vault are left out");
+    assert_eq!(errno(fresh.lookup(r.ino, n("big.bin")).await), libc::ENOENT);
+}
+
+/// An upload the server stored but whose answer was lost, then a retry that
+/// the server (ignoring versions) stores over it: the retry has a newer
+/// generation, so the server cannot serve the first upload (as authentic as
+/// it is) in its place afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_with_a_lost_answer_cannot_be_served_after_its_retry() {
+    use vaultfs::remote::{Remote, UploadBody};
+    let s = setup(&["V"]).await;
+    let (fs, outage) = mount_faulty(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let ino = write_file(&fs, r.ino, "f.txt", b"first").await;
+    let id = {
+        let vault = s.alice.vaults().await.unwrap()[0].id;
+        s.alice.files(vault).await.unwrap()[0].id
+    };
+    // Upload A is stored, but its answer is lost: the write stays dirty. The
+    // server ignores versions, so the retry replaces A rather than conflict.
+    outage.accept_any_version(true);
+    outage.lose_upload_answers(true);
+    let fh = fs.open(ino, true, true).await.unwrap();
+    fs.write(fh, 0, b"version A").await.unwrap();
+    assert!(fs.flush(ino, fh).await.is_err());
+    outage.lose_upload_answers(false);
+    let a = s.alice.file(id).await.unwrap();
+    let a_content = vaultfs::remote::collect(s.alice.download(id, None).await.unwrap().stream).await.unwrap();
+    // The application writes on; B is stored and answered.
+    fs.write(fh, 0, b"version B").await.unwrap();
+    fs.flush(ino, fh).await.unwrap();
+    fs.release(ino, fh).await.unwrap();
+    // The server puts A back, with A's own (genuine) manifest.
+    let now = s.alice.file(id).await.unwrap().version;
+    let body = UploadBody::from_bytes(a_content).with_meta(a.meta.clone());
+    s.alice.upload(id, now, true, None, body).await.unwrap();
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.lookup(v.ino, n("r")).await.unwrap();
+    assert_eq!(errno(read_file(&fs, r.ino, "f.txt").await), libc::EIO, "A is older than B");
+}
+
+/// A pass-through file rewritten by another writer while a handle reads it:
+/// the old handle's next piece fails as "replaced" (ESTALE), not as tampering
+/// (no integrity refusal); a new open reads the new content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_through_file_replaced_while_open_gives_estale_not_eio() {
+    let s = setup(&["V"]).await;
+    let old = pattern(6_000_000);
+    let (writer, fs, _outage, attr) = stored_then_faulty(&s, "movie.bin", &old).await;
+    let fh = fs.open(attr.ino, false, false).await.unwrap();
+    assert_eq!(fs.read(fh, 4_500_000, 4096).await.unwrap(), &old[4_500_000..4_504_096]);
+    let new: Vec<u8> = old.iter().map(|b| b ^ 0x33).collect();
+    write_over(&writer, r_ino(&writer).await, "movie.bin", &new).await;
+    assert_eq!(errno(fs.read(fh, 1_000_000, 4096).await), libc::ESTALE);
+    fs.release(attr.ino, fh).await.unwrap();
+    assert!(fs.status().refused.is_empty(), "{:?}", fs.status().refused);
+    let back = read_file(&fs, r_ino(&fs).await, "movie.bin").await.unwrap();
+    assert!(back == new);
+}

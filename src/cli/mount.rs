@@ -15,9 +15,8 @@ use clap::Args;
 use zeroize::Zeroizing;
 
 use super::policy::PolicyPaths;
-use super::user::{read_passphrase, LOGIN_KDF_FLOOR, PASSPHRASE_FILE_ENV};
+use super::user::{freshness_for, read_passphrase, LOGIN_KDF_FLOOR, PASSPHRASE_FILE_ENV};
 use super::CliResult;
-use crate::fs::freshness::{state_dir, state_path, Freshness, FreshnessError};
 use crate::fs::fuse::FuseAdapter;
 use crate::fs::{FsOptions, VaultFs};
 use crate::policy::{MountPolicy, Policy};
@@ -197,31 +196,6 @@ fn run_foreground(
         detach_stdio();
     }
     serve_until_stopped(&rt, &fs, background, mountpoint)
-}
-
-/// What this machine remembers of the account at `server` (its identity):
-/// loaded, checked against the wallet just opened (an older wallet than
-/// remembered is refused), with the state key made first if the wallet has
-/// none yet. A state file that exists while the wallet has no key, or that
-/// does not open with it, stops the mount with what to do.
-async fn freshness_for<R: crate::remote::Remote>(
-    unlocked: &mut Unlocked<R>,
-    server: &str,
-    user: &str,
-) -> Result<Arc<Freshness>, Box<dyn std::error::Error + Send + Sync>> {
-    let dir = state_dir().ok_or("cannot find a state directory: set HOME or XDG_STATE_HOME")?;
-    let path = state_path(&dir, server, user);
-    if unlocked.wallet().state_key().is_none() {
-        if path.exists() {
-            return Err(FreshnessError::NoKey { path }.into());
-        }
-        unlocked.ensure_state_key().await?;
-    }
-    let key = unlocked.wallet().state_key().ok_or("the wallet holds no state key")?.duplicate();
-    let freshness = Freshness::load(path, key, server, user)?;
-    freshness.check_wallet(unlocked.wallet().revision())?;
-    freshness.save()?;
-    Ok(Arc::new(freshness))
 }
 
 /// Mounts `fs` at `mountpoint` with FUSE worker threads.

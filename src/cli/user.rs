@@ -2,12 +2,14 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use clap::{Args, Subcommand};
 use zeroize::Zeroizing;
 
 use super::CliResult;
 use crate::crypto::KdfParams;
+use crate::fs::freshness::{state_dir, state_path, Freshness, FreshnessError};
 use crate::remote::account::{config_dir, Account, Unlocked, LOGIN_FILE};
 use crate::remote::http::{parse_server_url, probe_fingerprint, HttpRemote, ServerAccess};
 use crate::remote::tls::{normalize_fingerprint, Trust};
@@ -174,7 +176,7 @@ pub async fn login(args: LoginArgs) -> CliResult {
         identity: args.identity.clone().or(remembered),
     };
     let file = args.passphrase_file.as_deref();
-    let unlocked = match &args.enroll {
+    let mut unlocked = match &args.enroll {
         Some(code) => {
             let pass = read_passphrase(file, "Choose your passphrase: ", true)?;
             let remote =
@@ -187,6 +189,8 @@ pub async fn login(args: LoginArgs) -> CliResult {
             Unlocked::open(remote, pass.as_bytes()).await?
         }
     };
+    // A wallet older than one this machine saw is refused here too.
+    freshness_for(&mut unlocked, &access.identity()?, &args.user).await?;
     let vaults = unlocked.vaults().await?.len();
     let account = Account {
         server: args.server.clone(),
@@ -207,16 +211,50 @@ pub async fn login(args: LoginArgs) -> CliResult {
     Ok(())
 }
 
+/// What this machine remembers of the account at `server` (its identity):
+/// loaded, checked against the wallet just opened (an older wallet than
+/// remembered is refused), with the state key made first if the wallet has
+/// none yet. A state file that exists while the wallet has no key, or that
+/// does not open with it, stops the mount with what to do.
+pub(crate) async fn freshness_for<R: crate::remote::Remote>(
+    unlocked: &mut Unlocked<R>,
+    server: &str,
+    user: &str,
+) -> Result<Arc<Freshness>, Box<dyn std::error::Error + Send + Sync>> {
+    let dir = state_dir().ok_or("cannot find a state directory: set HOME or XDG_STATE_HOME")?;
+    let path = state_path(&dir, server, user);
+    if unlocked.wallet().state_key().is_none() {
+        if path.exists() {
+            return Err(FreshnessError::NoKey { path }.into());
+        }
+        unlocked.ensure_state_key().await?;
+    }
+    let key = unlocked.wallet().state_key().ok_or("the wallet holds no state key")?.duplicate();
+    let freshness = Freshness::load(path, key, server, user)?;
+    freshness.check_wallet(unlocked.wallet().revision())?;
+    freshness.save()?;
+    Ok(Arc::new(freshness))
+}
+
 async fn unlock(
     passphrase_file: Option<&Path>,
-) -> Result<Unlocked<HttpRemote>, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<(Unlocked<HttpRemote>, Arc<Freshness>), Box<dyn std::error::Error + Send + Sync>> {
     let path = login_path()?;
     let mut account = Account::load(&path)?;
     let pass = read_passphrase(passphrase_file, &format!("Passphrase for {}: ", account.user), false)?;
     let remote =
         HttpRemote::login(&account.access(), &account.user, pass.as_bytes(), LOGIN_KDF_FLOOR).await?;
     account.remember_identity(&path)?;
-    Ok(Unlocked::open(remote, pass.as_bytes()).await?)
+    let mut unlocked = Unlocked::open(remote, pass.as_bytes()).await?;
+    // Never work on (and save back) a wallet older than one this machine saw.
+    let freshness = freshness_for(&mut unlocked, &account.access().identity()?, &account.user).await?;
+    Ok((unlocked, freshness))
+}
+
+/// After a command changed the wallet: this machine has seen its new revision.
+fn note_wallet<R: crate::remote::Remote>(unlocked: &Unlocked<R>, freshness: &Freshness) -> CliResult {
+    freshness.check_wallet(unlocked.wallet().revision())?;
+    Ok(freshness.save()?)
 }
 
 /// `vaultfs vault ...`.
@@ -227,12 +265,13 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
             if name.is_empty() || name.contains('/') || name == "." || name == ".." {
                 return Err(format!("invalid vault name {name:?}: it becomes a directory name").into());
             }
-            let mut unlocked = unlock(passphrase_file.as_deref()).await?;
+            let (mut unlocked, freshness) = unlock(passphrase_file.as_deref()).await?;
             let created = unlocked.create_vault(&name, e2e_required).await?;
+            note_wallet(&unlocked, &freshness)?;
             println!("created vault {name} ({})", created.info.id);
         }
         VaultCommand::Migrate { name, passphrase_file } => {
-            let mut unlocked = unlock(passphrase_file.as_deref()).await?;
+            let (mut unlocked, freshness) = unlock(passphrase_file.as_deref()).await?;
             let mut found = false;
             for v in unlocked.vaults().await? {
                 let label = v.name.clone().unwrap_or_else(|| v.info.id.to_string());
@@ -245,6 +284,7 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
                     continue;
                 }
                 let done = unlocked.migrate_vault(v.info.id).await?;
+                note_wallet(&unlocked, &freshness)?;
                 println!(
                     "{label}: {} end-to-end and {} pass-through file(s) got a manifest, {} had one{}",
                     done.end_to_end,
@@ -261,7 +301,7 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
             }
         }
         VaultCommand::List { passphrase_file } => {
-            let unlocked = unlock(passphrase_file.as_deref()).await?;
+            let (unlocked, _) = unlock(passphrase_file.as_deref()).await?;
             for v in unlocked.vaults().await? {
                 let name = v.name.unwrap_or_else(|| "<name cannot be decrypted>".into());
                 let flag = if v.info.e2e_required { "  e2e-required" } else { "" };

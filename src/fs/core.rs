@@ -65,6 +65,10 @@ pub const NAME_MAX: usize = 255;
 /// one FUSE write of 1 MiB): the memory bound of a pass-through upload.
 const STREAM_QUEUE: usize = 8;
 
+/// The largest server version a new generation is derived from: far above
+/// any real count of changes, far below where the counter would run out.
+const MAX_SERVER_VERSION: u64 = 1 << 48;
+
 /// Failed checks `vaultfs status` lists (the latest ones).
 const MAX_REFUSALS_SHOWN: usize = 20;
 
@@ -659,6 +663,13 @@ impl<R: Remote> VaultFs<R> {
         }
     }
 
+    /// The server's current metadata of the file `info` describes, refused if
+    /// it answers for another file or vault ([`check_file_answer`]).
+    async fn fetch_file(&self, info: &FileInfo) -> Result<FileInfo> {
+        let got = self.remote().file(info.id).await?;
+        check_file_answer(info.id, info.vault, got)
+    }
+
     /// The tree node of a file.
     fn file_node(&self, info: FileInfo, parent: Ino) -> Node {
         let meta = self.open_meta(&info);
@@ -731,6 +742,33 @@ impl<R: Remote> VaultFs<R> {
             }
             Err(e) => return Err(e.into()),
         };
+        // Only what is of this vault: a record or file the server lists here
+        // but says belongs elsewhere would be read under another vault's key
+        // check and policy (or under no manifest rule at all).
+        let stray = |kind: &str, id: String| {
+            tracing::error!(%vault, kind, id, "the server listed an object of another vault (or of no record of this one); it is left out");
+        };
+        let records: Vec<RecordInfo> = records
+            .into_iter()
+            .filter(|r| {
+                let ours = r.vault == vault;
+                if !ours {
+                    stray("record", r.id.to_string());
+                }
+                ours
+            })
+            .collect();
+        let known: std::collections::HashSet<RecordId> = records.iter().map(|r| r.id).collect();
+        let files: Vec<FileInfo> = files
+            .into_iter()
+            .filter(|f| {
+                let ours = f.vault == vault && known.contains(&f.record);
+                if !ours {
+                    stray("file", f.id.to_string());
+                }
+                ours
+            })
+            .collect();
         let mut tree = lock(&self.tree);
         let vault_ino = tree.ino_for(Key::Vault(vault));
         // Rebuild the children of the vault and of each of its records.
@@ -798,11 +836,8 @@ impl<R: Remote> VaultFs<R> {
         tree.vault_loaded.insert(vault, Instant::now());
         drop(tree);
         let legacy = files.iter().filter(|f| f.meta.0.is_empty()).count();
-        if legacy > 0
-            && !self.account.wallet().manifests_required(vault)
-            && lock(&self.legacy_warned).insert(vault)
-        {
-            tracing::warn!(%vault, files = legacy, "files written by an older vaultfs have no manifest: the server's word decides their mode and size until `vaultfs vault migrate` gives them one");
+        if !self.account.wallet().manifests_required(vault) && lock(&self.legacy_warned).insert(vault) {
+            tracing::warn!(%vault, files_without_manifest = legacy, "vault made by an older vaultfs: until `vaultfs vault migrate` marks it, a file without a manifest is trusted as the server describes it (and the server could remove one)");
         }
         Ok(())
     }
@@ -1099,6 +1134,10 @@ impl<R: Remote> VaultFs<R> {
         let meta = self.seal_manifest(&ctx, &FileManifest::new_empty(1))?;
         let new = NewFile { id, name: sealed, e2e: true, mtime_ms: Some(now_ms()), meta };
         let info = self.remote().create_file(record, new).await?;
+        let info = check_file_answer(id, vault, info)?;
+        if info.record != record {
+            return Err(FsError::Io("the server created the file in another record".into()));
+        }
         let node = self.file_node(info.clone(), parent);
         let mut tree = lock(&self.tree);
         let ino = tree.ino_for(Key::File(id));
@@ -1187,7 +1226,7 @@ impl<R: Remote> VaultFs<R> {
             let recent = known.is_some_and(|(v, at)| v == info.version && at.elapsed() < self.confirmed_for);
             if !recent {
                 let asked = Instant::now();
-                info = self.remote().file(info.id).await?;
+                info = self.fetch_file(&info).await?;
                 self.set_file_info(ino, |i| *i = info.clone());
                 lock(&self.pass_versions).insert(info.id, (info.version, asked));
             }
@@ -1203,9 +1242,9 @@ impl<R: Remote> VaultFs<R> {
                         let crypto::ContentMode::Plain(tags) = &m.mode else {
                             return Err(FsError::Io("not a pass-through file".into()));
                         };
-                        PassRead::new(info.id, m.length, Some(tags.verifier()))
+                        PassRead::new(info.id, m.length, m.generation, Some(tags.verifier()))
                     }
-                    _ => PassRead::new(info.id, info.size, None),
+                    _ => PassRead::new(info.id, info.size, 0, None),
                 };
                 let keep = known.is_some_and(|(v, _)| v == info.version);
                 let fh = self.new_handle(info.id);
@@ -1245,7 +1284,7 @@ impl<R: Remote> VaultFs<R> {
                     && d.confirmed.is_some_and(|t| t.elapsed() < self.confirmed_for);
                 if !recent {
                     let asked = Instant::now();
-                    info = self.remote().file(info.id).await?;
+                    info = self.fetch_file(&info).await?;
                     self.set_file_info(ino, |i| *i = info.clone());
                     if d.version == info.version {
                         d.confirmed = Some(asked);
@@ -1327,6 +1366,11 @@ impl<R: Remote> VaultFs<R> {
         if let Some(pass) = pass {
             let read = self.read_pass_through(&pass, offset, size).await;
             if let Err(FsError::Integrity { source, .. }) = &read {
+                let generation = pass.lock().await.generation;
+                if self.replaced_since(id, generation).await {
+                    tracing::info!(file = %id, "the file was replaced while open; this handle reads no more of it");
+                    return Err(FsError::Stale);
+                }
                 self.note_refusal(format!("file {id}: {source}"));
             }
             return read.map(ReadData::Fetched);
@@ -1336,6 +1380,18 @@ impl<R: Remote> VaultFs<R> {
         // Ready means the bytes up to `want` (or the end) have arrived.
         let (d, _) = self.ready(id, &handle, Some(want)).await?;
         Ok(ReadData::plain(d, offset, size))
+    }
+
+    /// Whether the server now holds a newer generation of the file than
+    /// `generation` under an authentic manifest: content that fails its
+    /// check for a handle opened before was replaced, not tampered with.
+    async fn replaced_since(&self, id: FileId, generation: u64) -> bool {
+        let Ok(info) = self.file_info_by_id(id) else { return false };
+        let Ok(fresh) = self.fetch_file(&info).await else { return false };
+        match self.open_meta(&fresh) {
+            FileMeta::Sealed(m) => m.generation > generation && self.check_fresh(id, m.generation).is_ok(),
+            FileMeta::Legacy | FileMeta::Invalid => false,
+        }
     }
 
     /// Serves a read on the calling thread when the plaintext is already whole
@@ -1771,6 +1827,7 @@ impl<R: Remote> VaultFs<R> {
                     FileUpdate { mtime_ms: Some(ms), ..Default::default() },
                 )
                 .await?;
+            let updated = check_file_answer(current.id, current.vault, updated)?;
             self.set_file_info(ino, |i| *i = updated);
             if let Some(h) = self.cache.peek(current.id) {
                 let mut d = h.lock().await;
@@ -1917,13 +1974,18 @@ impl<R: Remote> VaultFs<R> {
 
     /// The generation the next upload of a file gets: above every generation
     /// seen of it (remembered, in its manifest) and its server version.
+    /// The server's version counts too (a file without a manifest has no
+    /// other), bounded so that a server's huge number cannot exhaust the
+    /// counter; the generation is noted as sent, so a retry goes above it.
     fn next_generation(&self, ino: Ino, id: FileId, version: u64) -> u64 {
-        let seen = self.freshness.generation(id);
+        let seen = self.freshness.write_floor(id);
         let stated = match lock(&self.tree).nodes.get(&ino) {
             Some(Node::File { meta: FileMeta::Sealed(m), .. }) => m.generation,
             _ => 0,
         };
-        seen.max(stated).max(version) + 1
+        let generation = seen.max(stated).max(version.min(MAX_SERVER_VERSION)).saturating_add(1);
+        self.freshness.attempt(id, generation);
+        generation
     }
 
     /// A new file next to `ino`, named as a conflict copy of it, for content
@@ -1977,7 +2039,7 @@ impl<R: Remote> VaultFs<R> {
     /// After our content went to a conflict copy: the original shows the
     /// server's version again, and the copy appears.
     async fn refresh_after_conflict(&self, ino: Ino, info: &FileInfo) {
-        if let Ok(fresh) = self.remote().file(info.id).await {
+        if let Ok(fresh) = self.fetch_file(info).await {
             self.set_file_info(ino, |i| *i = fresh);
         }
         let _ = self.load_vault(info.vault, true).await;
@@ -2042,6 +2104,24 @@ impl<R: Remote> VaultFs<R> {
         let rules = self.vault_policy(target.vault);
         check_size(&rules, plain.len() as u64)?;
         let ctx = FileContext { vault: target.vault, record: target.record, file: target.id };
+        self.freshness.attempt(target.id, generation);
+        let done = self.upload_whole_as(target, &ctx, &rules, generation, mtime_ms, plain).await?;
+        // Its generation is what this machine knows of it from now on: the
+        // server cannot serve its first, empty manifest instead.
+        self.note_generation(target.id, generation);
+        Ok(done)
+    }
+
+    async fn upload_whole_as(
+        &self,
+        target: &FileInfo,
+        ctx: &FileContext,
+        rules: &VaultPolicy,
+        generation: u64,
+        mtime_ms: i64,
+        plain: &[u8],
+    ) -> Result<(crate::protocol::UploadResult, Sealed)> {
+        let ctx = *ctx;
         if rules.encrypts(plain.len() as u64) {
             let key = self
                 .account
@@ -2255,7 +2335,7 @@ impl<R: Remote> VaultFs<R> {
         match self.remote().delete_file(info.id, info.version).await {
             Err(RemoteError::Conflict { .. }) => {
                 // Changed meanwhile (renamed, touched): unlink removes it regardless.
-                let fresh = self.remote().file(info.id).await?;
+                let fresh = self.fetch_file(info).await?;
                 Ok(self.remote().delete_file(info.id, fresh.version).await?)
             }
             other => Ok(other?),
@@ -2341,6 +2421,9 @@ impl<R: Remote> VaultFs<R> {
                     parent: (new_parent != parent).then_some(ParentChange { to: new_record_parent }),
                 };
                 let updated = self.remote().update_record(info.id, info.version, update).await?;
+                if updated.id != info.id || updated.vault != info.vault {
+                    return Err(FsError::Io("the server answered for another record".into()));
+                }
                 lock(&self.tree).link(
                     new_parent,
                     new_name.to_os_string(),
@@ -2378,6 +2461,7 @@ impl<R: Remote> VaultFs<R> {
                             FileUpdate { name: Some(sealed), ..Default::default() },
                         )
                         .await?;
+                    let updated = check_file_answer(info.id, info.vault, updated)?;
                     bump_cached_version(&self.cache, info.id, info.version, updated.version).await;
                     let node = self.file_node(updated, new_parent);
                     lock(&self.tree).link(new_parent, new_name.to_os_string(), ino, node);
@@ -2567,6 +2651,21 @@ fn check_size(rules: &VaultPolicy, size: u64) -> Result<()> {
         return Err(FsError::ReadOnly);
     }
     rules.check_size(size).map_err(|why| FsError::TooBig(why.to_string()))
+}
+
+/// Refuses file metadata the server gave for another file or vault than the
+/// one asked about: paired with this file's name or manifest check, it could
+/// show one file's content under another's name, or put a file under another
+/// vault's key, policy and manifest rule.
+fn check_file_answer(id: FileId, vault: VaultId, info: FileInfo) -> Result<FileInfo> {
+    if info.id != id || info.vault != vault {
+        tracing::error!(file = %id, answered = %info.id, "the server answered with another file's metadata; refused");
+        return Err(FsError::Integrity {
+            what: format!("the metadata of file {id}"),
+            source: crypto::CryptoError::Integrity(crypto::IntegrityFailure::Authentication),
+        });
+    }
+    Ok(info)
 }
 
 /// The stand-in name of an entry whose real name failed its check.

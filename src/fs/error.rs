@@ -60,6 +60,10 @@ pub enum FsError {
         /// What the crypto layer found.
         source: CryptoError,
     },
+    /// The file was replaced (by another writer) while this handle had it
+    /// open: reopen it to read the new content.
+    #[error("the file was replaced while open")]
+    Stale,
     /// The server cannot be reached or failed.
     #[error("server unavailable: {0}")]
     Unavailable(String),
@@ -88,6 +92,7 @@ impl FsError {
             FsError::NotSupported => libc::ENOTSUP,
             FsError::ReadOnly => libc::EROFS,
             FsError::Integrity { .. } => libc::EIO,
+            FsError::Stale => libc::ESTALE,
             FsError::Unavailable(_) => libc::EIO,
             FsError::Io(_) => libc::EIO,
         }

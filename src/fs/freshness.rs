@@ -128,6 +128,10 @@ impl StateFile {
 pub struct Freshness {
     file: Option<StateFile>,
     state: Mutex<FreshState>,
+    /// Generations this mount sent in uploads whose outcome it does not know
+    /// yet (a server may store one and answer an error): the next upload of
+    /// the file goes above them, so two uploads never share a generation.
+    attempted: std::sync::Mutex<std::collections::HashMap<FileId, u64>>,
     /// Whether `state` holds something the file does not.
     dirty: std::sync::atomic::AtomicBool,
     changed: tokio::sync::Notify,
@@ -172,6 +176,7 @@ impl Freshness {
         Freshness {
             file: None,
             state: Mutex::default(),
+            attempted: Default::default(),
             dirty: false.into(),
             changed: tokio::sync::Notify::new(),
         }
@@ -192,6 +197,7 @@ impl Freshness {
         Ok(Freshness {
             file: Some(file),
             state: Mutex::new(state),
+            attempted: Default::default(),
             dirty: false.into(),
             changed: tokio::sync::Notify::new(),
         })
@@ -236,6 +242,20 @@ impl Freshness {
             }));
         }
         Ok(())
+    }
+
+    /// Notes that an upload of `file` at `generation` is being sent.
+    pub fn attempt(&self, file: FileId, generation: u64) {
+        let mut attempted = self.attempted.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = attempted.entry(file).or_insert(0);
+        *entry = (*entry).max(generation);
+    }
+
+    /// What the next upload of `file` must be above: every generation seen
+    /// of it, and every one this mount already sent.
+    pub fn write_floor(&self, file: FileId) -> u64 {
+        let attempted = self.attempted.lock().unwrap_or_else(|p| p.into_inner()).get(&file).copied();
+        self.generation(file).max(attempted.unwrap_or(0))
     }
 
     /// Notes that generation `generation` of `file` exists.

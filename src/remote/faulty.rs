@@ -26,7 +26,7 @@ use crate::protocol::{
 #[derive(Debug, Clone, Default)]
 pub struct Outage(Arc<Faults>);
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Faults {
     down: AtomicBool,
     hold_at: Mutex<Option<u64>>,
@@ -34,6 +34,22 @@ struct Faults {
     flip_at: Mutex<Option<u64>>,
     /// The range of every download asked for (None: whole content).
     downloads: Mutex<Vec<Option<Range<u64>>>>,
+    /// Uploads are stored, but their answer is lost (an error comes back).
+    lose_upload_answers: AtomicBool,
+    /// Uploads replace the file whatever version they expect (a server that
+    /// ignores If-Match).
+    any_version: AtomicBool,
+    /// Rewrites file metadata on its way to the client (a lying server).
+    lie: Mutex<Option<FileLie>>,
+}
+
+/// A change a lying server makes to the file metadata it answers with.
+pub type FileLie = Arc<dyn Fn(&mut FileInfo) + Send + Sync>;
+
+impl std::fmt::Debug for Faults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Faults").field("down", &self.down).finish_non_exhaustive()
+    }
 }
 
 impl Outage {
@@ -57,6 +73,29 @@ impl Outage {
     /// Downloads have the byte at `offset` of the content flipped.
     pub fn flip_download_byte(&self, offset: Option<u64>) {
         *self.0.flip_at.lock().unwrap() = offset;
+    }
+
+    /// While true, uploads are stored but answered with an error, as when the
+    /// connection breaks just before the answer.
+    pub fn lose_upload_answers(&self, lose: bool) {
+        self.0.lose_upload_answers.store(lose, Ordering::SeqCst);
+    }
+
+    /// While true, an upload replaces the file whatever version it expects.
+    pub fn accept_any_version(&self, any: bool) {
+        self.0.any_version.store(any, Ordering::SeqCst);
+    }
+
+    /// Every file's metadata the client gets (listings and single files) goes
+    /// through `lie` first (`None`: the truth again).
+    pub fn lie_about_files(&self, lie: Option<FileLie>) {
+        *self.0.lie.lock().unwrap() = lie;
+    }
+
+    fn lie(&self, info: &mut FileInfo) {
+        if let Some(lie) = self.0.lie.lock().unwrap().as_ref() {
+            lie(info);
+        }
     }
 
     /// The ranges downloaded so far, and forgets them.
@@ -131,11 +170,15 @@ impl<R: Remote> Remote for FaultyRemote<R> {
     }
     async fn files(&self, vault: VaultId) -> Result<Vec<FileInfo>> {
         self.outage.check()?;
-        self.inner.files(vault).await
+        let mut files = self.inner.files(vault).await?;
+        files.iter_mut().for_each(|f| self.outage.lie(f));
+        Ok(files)
     }
     async fn file(&self, id: FileId) -> Result<FileInfo> {
         self.outage.check()?;
-        self.inner.file(id).await
+        let mut info = self.inner.file(id).await?;
+        self.outage.lie(&mut info);
+        Ok(info)
     }
     async fn create_file(&self, record: RecordId, file: NewFile) -> Result<FileInfo> {
         self.outage.check()?;
@@ -167,7 +210,15 @@ impl<R: Remote> Remote for FaultyRemote<R> {
     ) -> Result<UploadResult> {
         self.outage.check()?;
         body.stream = held(body.stream, self.outage.clone());
-        self.inner.upload(id, expected, e2e, mtime_ms, body).await
+        let expected = match self.outage.0.any_version.load(Ordering::SeqCst) {
+            true => self.inner.file(id).await?.version,
+            false => expected,
+        };
+        let done = self.inner.upload(id, expected, e2e, mtime_ms, body).await?;
+        if self.outage.0.lose_upload_answers.load(Ordering::SeqCst) {
+            return Err(RemoteError::Unavailable("injected: the answer was lost".into()));
+        }
+        Ok(done)
     }
     async fn stage(&self, id: FileId, expected: u64, e2e: bool, mut body: UploadBody) -> Result<Staged> {
         self.outage.check()?;

@@ -84,8 +84,11 @@ impl<R: Remote> Unlocked<R> {
     async fn manifest_for(&self, info: &FileInfo) -> Result<FileManifest, Skip> {
         let skip = |e: &dyn std::fmt::Display| Skip(e.to_string());
         let ctx = FileContext { vault: info.vault, record: info.record, file: info.id };
+        // The server's version stands in for a generation where the content
+        // has none, bounded as the mount bounds it.
+        let generation = info.version.clamp(1, 1 << 48);
         if info.size == 0 {
-            return Ok(FileManifest::new_empty(info.version));
+            return Ok(FileManifest::new_empty(generation));
         }
         // End-to-end, if it opens as this file's vault file.
         if info.size >= HEADER_LEN {
@@ -118,7 +121,7 @@ impl<R: Remote> Unlocked<R> {
         }
         let length = tagger.length();
         let tags = tagger.finish().map_err(|e| skip(&e))?;
-        Ok(FileManifest { generation: info.version, length, mode: ContentMode::Plain(tags) })
+        Ok(FileManifest { generation, length, mode: ContentMode::Plain(tags) })
     }
 }
 

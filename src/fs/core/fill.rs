@@ -200,6 +200,11 @@ impl<R: Remote> VaultFs<R> {
         }
         let content = self.remote().download(info.id, None).await?;
         let meta = self.meta_for_version(info, meta, content.version).await?;
+        if let FileMeta::Sealed(m) = &meta {
+            // The manifest of the version downloaded, which may be newer
+            // than the one listed: as fresh as what this machine saw.
+            self.check_fresh(info.id, m.generation).map_err(integrity)?;
+        }
         let mut stream = content.stream;
         // The first piece of content after the header, if the header's piece held more.
         let mut pending = None;
@@ -371,12 +376,13 @@ impl<R: Remote> VaultFs<R> {
         if version == info.version || matches!(meta, FileMeta::Legacy) {
             return Ok(meta);
         }
-        let fresh = self.remote().file(info.id).await?;
+        let fresh = self.fetch_file(info).await?;
         if fresh.version != version {
             return Ok(meta);
         }
         let meta = self.open_meta(&fresh);
-        if let Some(ino) = lock(&self.tree).keys.get(&super::Key::File(info.id)).copied() {
+        let ino = lock(&self.tree).keys.get(&super::Key::File(info.id)).copied();
+        if let Some(ino) = ino {
             self.set_file_info(ino, |i| *i = fresh);
         }
         Ok(meta)

@@ -62,6 +62,8 @@ const RANDOM_FETCH: u64 = 128 << 10;
 pub(super) struct PassRead {
     file: FileId,
     size: u64,
+    /// The generation of the content this handle reads (0 for a legacy file).
+    pub(super) generation: u64,
     /// Checks pieces against the manifest's tags (`None`: a legacy file).
     verifier: Option<Arc<PieceVerifier>>,
     /// Bytes `start .. start + held` of the file, in order, verified.
@@ -95,10 +97,11 @@ impl Drop for Feed {
 impl PassRead {
     /// A handle on `file`, `size` bytes (the manifest's length), checked by
     /// `verifier`; nothing fetched yet.
-    pub(super) fn new(file: FileId, size: u64, verifier: Option<PieceVerifier>) -> Self {
+    pub(super) fn new(file: FileId, size: u64, generation: u64, verifier: Option<PieceVerifier>) -> Self {
         PassRead {
             file,
             size,
+            generation,
             verifier: verifier.map(Arc::new),
             pieces: VecDeque::new(),
             start: 0,
