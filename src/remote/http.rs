@@ -463,6 +463,54 @@ impl HttpRemote {
     }
 }
 
+impl HttpRemote {
+    /// `PUT /v1/files/{id}/content` (staged if `stage`), and its JSON answer.
+    /// A streamed body cannot be sent twice, so this request is never
+    /// retried; the token is renewed first if it is about to expire.
+    async fn put_content<T: DeserializeOwned>(
+        &self,
+        id: FileId,
+        expected: u64,
+        e2e: bool,
+        mtime_ms: Option<i64>,
+        body: UploadBody,
+        stage: bool,
+    ) -> Result<T> {
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        let token = self.current_token().await?;
+        let mut request = self
+            .client
+            .put(format!("{}/v1/files/{id}/content", self.base))
+            .bearer_auth(token)
+            .header(IF_MATCH, etag(expected))
+            .header(HEADER_E2E, if e2e { "1" } else { "0" })
+            .body(reqwest::Body::wrap_stream(body.stream));
+        if stage {
+            request = request.header(HEADER_STAGE, "1");
+        }
+        if let Some(len) = body.len {
+            request = request.header(CONTENT_LENGTH, len);
+        }
+        if let Some(m) = mtime_ms {
+            request = request.header(HEADER_MTIME, m);
+        }
+        if let Some(copy) = &body.conflict_copy {
+            request = request.header(HEADER_CONFLICT_COPY, format!("{}:{}", copy.id, b64(&copy.name.0)));
+        }
+        if let Some(meta) = &body.meta {
+            request = request.header(HEADER_META, b64(&meta.0));
+        }
+        let resp = request
+            .send()
+            .await
+            .map_err(|e| RemoteError::Unavailable(format!("upload: {}", with_causes(&e))))?;
+        if !resp.status().is_success() {
+            return Err(error_from(resp).await);
+        }
+        resp.json().await.map_err(protocol)
+    }
+}
+
 fn header_u64(resp: &reqwest::Response, name: impl reqwest::header::AsHeaderName) -> Option<u64> {
     resp.headers().get(name)?.to_str().ok()?.parse().ok()
 }
@@ -586,72 +634,16 @@ impl super::Remote for HttpRemote {
         expected: u64,
         e2e: bool,
         mtime_ms: Option<i64>,
-        mut body: UploadBody,
+        body: UploadBody,
     ) -> Result<UploadResult> {
-        // A streamed body cannot be sent twice, so this request is never retried;
-        // the token is renewed first if it is about to expire.
-        let token = self.current_token().await?;
-        let mut request = self
-            .client
-            .put(format!("{}/v1/files/{id}/content", self.base))
-            .bearer_auth(token)
-            .header(IF_MATCH, etag(expected))
-            .header(HEADER_E2E, if e2e { "1" } else { "0" })
-            .body(reqwest::Body::wrap_stream(std::mem::replace(
-                &mut body.stream,
-                Box::pin(futures_util::stream::empty()),
-            )));
-        if let Some(len) = body.len {
-            request = request.header(CONTENT_LENGTH, len);
-        }
-        if let Some(m) = mtime_ms {
-            request = request.header(HEADER_MTIME, m);
-        }
-        if let Some(copy) = &body.conflict_copy {
-            let name = base64::engine::general_purpose::STANDARD.encode(&copy.name.0);
-            request = request.header(HEADER_CONFLICT_COPY, format!("{}:{name}", copy.id));
-        }
-        if let Some(meta) = &body.meta {
-            request = request.header(HEADER_META, base64::engine::general_purpose::STANDARD.encode(&meta.0));
-        }
-        let resp = request
-            .send()
-            .await
-            .map_err(|e| RemoteError::Unavailable(format!("upload: {}", with_causes(&e))))?;
-        if !resp.status().is_success() {
-            return Err(error_from(resp).await);
-        }
-        resp.json().await.map_err(protocol)
+        self.put_content(id, expected, e2e, mtime_ms, body, false).await
     }
 
     async fn stage(&self, id: FileId, expected: u64, e2e: bool, body: UploadBody) -> Result<Staged> {
-        // As `upload`, with the content kept uncommitted: the manifest goes
-        // with the commit. A conflict copy is named there too; here it only
-        // tells the server not to refuse a stale version yet.
-        let token = self.current_token().await?;
-        let mut request = self
-            .client
-            .put(format!("{}/v1/files/{id}/content", self.base))
-            .bearer_auth(token)
-            .header(IF_MATCH, etag(expected))
-            .header(HEADER_E2E, if e2e { "1" } else { "0" })
-            .header(HEADER_STAGE, "1")
-            .body(reqwest::Body::wrap_stream(body.stream));
-        if let Some(len) = body.len {
-            request = request.header(CONTENT_LENGTH, len);
-        }
-        if let Some(copy) = &body.conflict_copy {
-            let name = base64::engine::general_purpose::STANDARD.encode(&copy.name.0);
-            request = request.header(HEADER_CONFLICT_COPY, format!("{}:{name}", copy.id));
-        }
-        let resp = request
-            .send()
-            .await
-            .map_err(|e| RemoteError::Unavailable(format!("upload: {}", with_causes(&e))))?;
-        if !resp.status().is_success() {
-            return Err(error_from(resp).await);
-        }
-        resp.json().await.map_err(protocol)
+        // The content is kept uncommitted: the manifest goes with the commit.
+        // A conflict copy is named there too; here it only tells the server
+        // not to refuse a stale version yet.
+        self.put_content(id, expected, e2e, None, body, true).await
     }
 
     async fn commit(&self, id: FileId, expected: u64, request: CommitRequest) -> Result<UploadResult> {
