@@ -10,6 +10,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{FileId, RecordId, VaultId};
 
+/// Unix time in milliseconds, as the server stores times.
+pub fn now_ms() -> i64 {
+    ms_of(std::time::SystemTime::now())
+}
+
+/// Milliseconds since the epoch, as the server stores times (0 before it).
+pub fn ms_of(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The time a server time in milliseconds stands for (the epoch before it).
+pub fn time_from_ms(ms: i64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64)
+}
+
 /// API prefix; bumped only for incompatible changes.
 pub const API_PREFIX: &str = "/v1";
 /// Header naming the end-to-end flag of an upload (`1` or `0`).

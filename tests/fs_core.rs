@@ -82,7 +82,7 @@ async fn write_file<R: vaultfs::remote::Remote>(
 ) -> u64 {
     let (attr, fh) = fs.create(dir, n(name)).await.unwrap();
     fs.write(fh, 0, data).await.unwrap();
-    fs.flush(attr.ino, fh).await.unwrap();
+    fs.fsync(attr.ino, fh).await.unwrap();
     fs.release(attr.ino, fh).await.unwrap();
     attr.ino
 }
@@ -115,7 +115,7 @@ async fn vaults_records_and_files_make_a_tree() {
     assert!(matches!(fs.mkdir(taxes.ino, n("2026")).await, Err(FsError::Exists)));
     let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     let f = write_file(&fs, y2026.ino, "return.pdf", &data).await;
-    assert_eq!(fs.getattr(f).await.unwrap().size, 200_000);
+    assert_eq!(fs.getattr(f).unwrap().size, 200_000);
     assert_eq!(read_file(&fs, y2026.ino, "return.pdf").await.unwrap(), data);
 
     // A second mount (new session, empty cache) sees the same tree and decrypts.
@@ -135,7 +135,7 @@ async fn vaults_records_and_files_make_a_tree() {
     let a1 = fs.lookup(y2026.ino, n("return.pdf")).await.unwrap();
     let fh = fs.open(a1.ino, false, true).await.unwrap();
     fs.write(fh, 0, b"changed").await.unwrap();
-    fs.flush(a1.ino, fh).await.unwrap();
+    fs.fsync(a1.ino, fh).await.unwrap();
     fs.release(a1.ino, fh).await.unwrap();
     let (fh, keep) = fs2.open_keeping_cache(attr.ino, false, false).await.unwrap();
     assert!(!keep, "stale pages must be dropped");
@@ -171,15 +171,15 @@ async fn writes_at_offsets_truncation_and_reopen() {
     fs.write(fh, 0, b"hello").await.unwrap();
     assert_eq!(fs.read(fh, 0, 100).await.unwrap(), b"hello\0\0\0\0\0world");
     assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"dirty");
-    fs.flush(attr.ino, fh).await.unwrap();
+    fs.fsync(attr.ino, fh).await.unwrap();
     fs.release(attr.ino, fh).await.unwrap();
 
     // O_TRUNC, then append-like writes.
     let fh = fs.open(attr.ino, true, true).await.unwrap();
-    assert_eq!(fs.getattr(attr.ino).await.unwrap().size, 0);
+    assert_eq!(fs.getattr(attr.ino).unwrap().size, 0);
     fs.write(fh, 0, b"abc").await.unwrap();
     fs.write(fh, 3, b"def").await.unwrap();
-    fs.flush(attr.ino, fh).await.unwrap();
+    fs.fsync(attr.ino, fh).await.unwrap();
     fs.release(attr.ino, fh).await.unwrap();
     // truncate(2) without an open handle is stored at once.
     fs.setattr(attr.ino, Some(2), None).await.unwrap();
@@ -199,9 +199,9 @@ async fn writes_at_offsets_truncation_and_reopen() {
     fs.write(fh, 0, b"data").await.unwrap();
     let old = std::time::UNIX_EPOCH + std::time::Duration::from_secs(981_173_106);
     assert_eq!(fs.setattr(g.ino, None, Some(old)).await.unwrap().mtime, old);
-    fs.flush(g.ino, fh).await.unwrap();
+    fs.fsync(g.ino, fh).await.unwrap();
     fs.release(g.ino, fh).await.unwrap();
-    assert_eq!(fs.getattr(g.ino).await.unwrap().mtime, old);
+    assert_eq!(fs.getattr(g.ino).unwrap().mtime, old);
     let fs3 = mount(s.alice.clone()).await;
     let r3 = fs3.lookup(fs3.lookup(ROOT, n("V")).await.unwrap().ino, n("r")).await.unwrap();
     assert_eq!(fs3.lookup(r3.ino, n("copied")).await.unwrap().mtime, old);
@@ -209,9 +209,9 @@ async fn writes_at_offsets_truncation_and_reopen() {
     let fh = fs.open(g.ino, false, true).await.unwrap();
     fs.setattr(g.ino, None, Some(old)).await.unwrap();
     fs.write(fh, 4, b"more").await.unwrap();
-    fs.flush(g.ino, fh).await.unwrap();
+    fs.fsync(g.ino, fh).await.unwrap();
     fs.release(g.ino, fh).await.unwrap();
-    let newer = fs.getattr(g.ino).await.unwrap().mtime;
+    let newer = fs.getattr(g.ino).unwrap().mtime;
     assert!(newer > old + std::time::Duration::from_secs(86_400 * 365), "{newer:?}");
 }
 
@@ -234,7 +234,7 @@ async fn renames_moves_and_the_editor_save_pattern() {
     assert!(matches!(fs.lookup(r1.ino, n("renamed.txt")).await, Err(FsError::NotFound)));
     // The kernel keeps the inode number of a renamed entry: it must stay valid.
     assert_eq!(fs.lookup(r2.ino, n("moved.txt")).await.unwrap().ino, before);
-    assert_eq!(fs.getattr(before).await.unwrap().size, 9);
+    assert_eq!(fs.getattr(before).unwrap().size, 9);
     let fh = fs.open(before, false, false).await.unwrap();
     assert_eq!(fs.read(fh, 0, 100).await.unwrap(), b"version 1");
     fs.release(before, fh).await.unwrap();
@@ -276,9 +276,9 @@ async fn two_mounts_editing_one_file_keep_both_versions() {
     let h2 = fs2.open(a2.ino, false, true).await.unwrap();
     fs1.write(h1, 0, b"edit from mount one").await.unwrap();
     fs2.write(h2, 0, b"edit from mount two").await.unwrap();
-    fs1.flush(a1.ino, h1).await.unwrap();
+    fs1.fsync(a1.ino, h1).await.unwrap();
     // The second save conflicts: it succeeds, as a conflict copy.
-    fs2.flush(a2.ino, h2).await.unwrap();
+    fs2.fsync(a2.ino, h2).await.unwrap();
     fs1.release(a1.ino, h1).await.unwrap();
     fs2.release(a2.ino, h2).await.unwrap();
 
@@ -308,7 +308,7 @@ async fn a_failed_upload_keeps_the_data_and_is_retried() {
     let (attr, fh) = fs.create(r.ino, n("precious.txt")).await.unwrap();
     fs.write(fh, 0, b"do not lose me").await.unwrap();
     outage.set(true);
-    let err = fs.flush(attr.ino, fh).await.unwrap_err();
+    let err = fs.fsync(attr.ino, fh).await.unwrap_err();
     assert_eq!(err.errno(), libc::EIO, "{err}");
     assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"dirty");
     // Closing with unsaved data starts background retries.
@@ -479,7 +479,7 @@ async fn a_bad_chunk_or_a_broken_download_fails_reads_with_eio_and_recovers() {
     assert_eq!(fs.read(fh, 1_000_000, 4096).await.unwrap(), &data[1_000_000..1_004_096]);
     // Writing needs the whole file, and gets it.
     fs.write(fh, 0, b"HEAD").await.unwrap();
-    fs.flush(attr.ino, fh).await.unwrap();
+    fs.fsync(attr.ino, fh).await.unwrap();
     fs.release(attr.ino, fh).await.unwrap();
     let mut expected = data.clone();
     expected[..4].copy_from_slice(b"HEAD");
@@ -509,7 +509,7 @@ async fn an_end_to_end_only_vault_never_gets_plaintext_and_keeps_the_data() {
     fs.release(attr2.ino, fh2).await.unwrap();
     // What was written so far is kept, and saved end to end.
     assert_eq!(fs.read(fh, 3_999_000, 1000).await.unwrap(), &data[3_999_000..4_000_000]);
-    fs.flush(attr.ino, fh).await.unwrap();
+    fs.fsync(attr.ino, fh).await.unwrap();
     fs.release(attr.ino, fh).await.unwrap();
     assert_eq!(fs.getxattr(attr.ino, n(XATTR_E2E)).unwrap(), b"1");
     assert!(!s.server.stored_blobs().iter().any(|b| contains(b, &data[1000..1064])), "plaintext stored");
@@ -557,7 +557,7 @@ async fn a_server_e2e_limit_of_zero_gets_no_plaintext() {
     assert_eq!(read_file(&fs, r, "before.txt").await.unwrap(), b"end-to-end before the change");
     // An empty file still is what it is.
     let (attr, fh) = fs.create(r, n("empty")).await.unwrap();
-    fs.flush(attr.ino, fh).await.unwrap();
+    fs.fsync(attr.ino, fh).await.unwrap();
     fs.release(attr.ino, fh).await.unwrap();
 }
 
@@ -576,7 +576,7 @@ async fn a_stream_whose_file_changed_meanwhile_is_kept_as_a_conflict_copy() {
     let b = mount(s.alice.clone()).await;
     write_over(&b, r_ino(&b).await, "clip.mov", b"theirs").await;
     a.write(fh, 5_500_000, &ours[5_500_000..]).await.unwrap();
-    a.flush(attr.ino, fh).await.expect("close succeeds: nothing was lost");
+    a.fsync(attr.ino, fh).await.expect("close succeeds: nothing was lost");
     a.release(attr.ino, fh).await.unwrap();
     let check = mount(s.alice.clone()).await;
     let dir = r_ino(&check).await;
@@ -597,7 +597,7 @@ async fn write_over<R: vaultfs::remote::Remote>(fs: &Arc<VaultFs<R>>, dir: u64, 
     let attr = fs.lookup(dir, n(name)).await.unwrap();
     let fh = fs.open(attr.ino, true, true).await.unwrap();
     fs.write(fh, 0, data).await.unwrap();
-    fs.flush(attr.ino, fh).await.unwrap();
+    fs.fsync(attr.ino, fh).await.unwrap();
     fs.release(attr.ino, fh).await.unwrap();
 }
 
@@ -710,7 +710,7 @@ async fn the_core_enforces_the_mount_policy() {
     fs.write(fh, 0, &[1u8; 1000]).await.unwrap();
     assert_eq!(errno(fs.write(fh, 1000, b"x").await), libc::EFBIG);
     assert_eq!(errno(fs.setattr(a.ino, Some(5000), None).await), libc::EFBIG);
-    fs.flush(a.ino, fh).await.unwrap();
+    fs.fsync(a.ino, fh).await.unwrap();
     fs.release(a.ino, fh).await.unwrap();
     assert_eq!(fs.getxattr(a.ino, n(XATTR_E2E)).unwrap(), b"1");
 }
@@ -733,14 +733,14 @@ async fn a_large_image_reduction_does_not_block_other_operations() {
     fs.write(fh, 0, &jpeg).await.unwrap();
     let saving = tokio::spawn({
         let fs = Arc::clone(&fs);
-        async move { fs.flush(attr.ino, fh).await }
+        async move { fs.fsync(attr.ino, fh).await }
     });
     tokio::task::yield_now().await; // the save starts, and hands the image to a blocking thread
     assert_eq!(read_file(&fs, r.ino, "other.txt").await.unwrap(), b"other");
     assert_eq!(fs.readdir(r.ino).await.unwrap().len(), 2);
     // Still the size the application wrote: the reduction has not finished, yet
     // the operations above were answered.
-    let size = fs.getattr(attr.ino).await.unwrap().size;
+    let size = fs.getattr(attr.ino).unwrap().size;
     assert_eq!(size, jpeg.len() as u64, "other operations had to wait for the reduction");
     saving.await.unwrap().unwrap();
     fs.release(attr.ino, fh).await.unwrap();
@@ -820,12 +820,12 @@ async fn run_model(ops: Vec<Op>) {
                 };
                 // Both write paths: the one on the FUSE thread where it applies, the async one otherwise.
                 match fs.write_now(fh, u64::from(offset), &data) {
-                    Some(written) => assert_eq!(written.unwrap() as usize, data.len()),
+                    Some(written) => assert_eq!(written as usize, data.len()),
                     None => {
                         assert_eq!(fs.write(fh, u64::from(offset), &data).await.unwrap() as usize, data.len())
                     }
                 }
-                fs.flush(ino, fh).await.unwrap();
+                fs.fsync(ino, fh).await.unwrap();
                 fs.release(ino, fh).await.unwrap();
                 let m = model.entry(name).or_default();
                 let end = offset as usize + data.len();
@@ -905,7 +905,7 @@ async fn files_above_the_e2e_limit_stream_through_as_plain_https() {
     for (i, piece) in data.chunks(1 << 20).enumerate() {
         fs.write(fh, (i << 20) as u64, piece).await.unwrap();
     }
-    assert_eq!(fs.getattr(attr.ino).await.unwrap().size, 8_000_000, "size while streaming");
+    assert_eq!(fs.getattr(attr.ino).unwrap().size, 8_000_000, "size while streaming");
     assert_eq!(
         fs.getxattr(attr.ino, n(XATTR_E2E)).unwrap(),
         b"0",
@@ -914,19 +914,19 @@ async fn files_above_the_e2e_limit_stream_through_as_plain_https() {
     assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"uploading");
     // A close (perhaps a forked child closing its copy of the descriptor) must
     // not end the stream: writing goes on, past a hole.
-    fs.close(attr.ino, fh).await.unwrap();
+    fs.flush(attr.ino, fh).await.unwrap();
     assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"uploading");
     let extra = vec![1u8; 100];
     fs.write(fh, 8_000_050, &extra).await.unwrap();
     // fsync ends it and returns once the server has it.
-    fs.flush(attr.ino, fh).await.unwrap();
+    fs.fsync(attr.ino, fh).await.unwrap();
     assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"clean");
     let fresh = mount(s.alice.clone()).await;
     let stored = fresh.lookup(r_ino(&fresh).await, n("video.mkv")).await.unwrap();
     assert_eq!(stored.size, 8_000_150, "stored when the opener's close returned");
     // A write behind the stream: the file is stored, then edited in memory.
     fs.write(fh, 0, b"rewrite").await.unwrap();
-    fs.flush(attr.ino, fh).await.unwrap();
+    fs.fsync(attr.ino, fh).await.unwrap();
     fs.release(attr.ino, fh).await.unwrap();
     let mut data = data;
     data[..7].copy_from_slice(b"rewrite");
@@ -965,7 +965,7 @@ async fn files_above_the_e2e_limit_stream_through_as_plain_https() {
     };
     assert_eq!(err.errno(), libc::EFBIG);
     assert!(offset <= 10_000_000 && offset + (1 << 20) > 10_000_000, "failed at {offset}");
-    let _ = fs.flush(attr.ino, fh).await;
+    let _ = fs.fsync(attr.ino, fh).await;
     fs.release(attr.ino, fh).await.unwrap();
 }
 
@@ -995,7 +995,7 @@ async fn a_stream_takes_writes_on_the_callers_thread_while_its_queue_has_room() 
     // Continuing writes are taken on the caller's thread until the queue is full.
     let mut taken = 0;
     while let Some(written) = fs.write_now(fh, at as u64, &data[at..at + piece]) {
-        assert_eq!(written.unwrap() as usize, piece);
+        assert_eq!(written as usize, piece);
         at += piece;
         taken += 1;
         assert!(taken < 30, "the queue of a stalled upload never filled");
@@ -1017,12 +1017,12 @@ async fn a_stream_takes_writes_on_the_callers_thread_while_its_queue_has_room() 
     while at < data.len() {
         let end = (at + piece).min(data.len());
         match fs.write_now(fh, at as u64, &data[at..end]) {
-            Some(written) => written.unwrap(),
+            Some(written) => written,
             None => fs.write(fh, at as u64, &data[at..end]).await.unwrap(),
         };
         at = end;
     }
-    fs.flush(attr.ino, fh).await.unwrap();
+    fs.fsync(attr.ino, fh).await.unwrap();
     fs.release(attr.ino, fh).await.unwrap();
     assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"clean");
     let fresh = mount(s.alice.clone()).await;
@@ -1093,7 +1093,7 @@ async fn pass_through_reads_fetch_small_ranges_when_seeking_and_prefetch_when_st
     write_over(&fs, r.ino, "movie.bin", &changed).await;
     let (fh, keep) = fs2.open_keeping_cache(a.ino, false, false).await.unwrap();
     assert!(!keep, "stale pages must be dropped");
-    assert_eq!(fs2.getattr(a.ino).await.unwrap().size, 9_000_000, "the new size, not the listing's");
+    assert_eq!(fs2.getattr(a.ino).unwrap().size, 9_000_000, "the new size, not the listing's");
     assert_eq!(fs2.read(fh, 8_990_000, 10_000).await.unwrap(), &changed[8_990_000..]);
     fs2.release(a.ino, fh).await.unwrap();
     let (fh, keep) = fs2.open_keeping_cache(a.ino, false, false).await.unwrap();
@@ -1126,14 +1126,14 @@ async fn reads_and_writes_without_waiting_apply_only_when_nothing_would_wait() {
     }
     assert_eq!(whole.expect("whole now").unwrap(), &data[1000..1010]);
     assert!(fs.read_now(fh, 3_000_000, 10).unwrap().unwrap().is_empty(), "at the end");
-    assert_eq!(fs.write_now(fh, 10, b"hello").expect("applies").unwrap(), 5);
+    assert_eq!(fs.write_now(fh, 10, b"hello").expect("applies"), 5);
     // Crossing the end-to-end limit starts a stream: that is the async path's job.
     assert!(fs.write_now(fh, 4_999_999, b"ab").is_none());
     let mut want = data.clone();
     want[10..15].copy_from_slice(b"hello");
     assert_eq!(fs.read_now(fh, 0, u32::MAX).unwrap().unwrap(), want);
     assert_eq!(fs.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"dirty");
-    fs.flush(attr.ino, fh).await.unwrap();
+    fs.fsync(attr.ino, fh).await.unwrap();
     fs.release(attr.ino, fh).await.unwrap();
     // What the fast path wrote is what was stored.
     let other = mount(s.alice.clone()).await;
@@ -1329,13 +1329,13 @@ async fn an_upload_with_a_lost_answer_cannot_be_served_after_its_retry() {
     outage.lose_upload_answers(true);
     let fh = fs.open(ino, true, true).await.unwrap();
     fs.write(fh, 0, b"version A").await.unwrap();
-    assert!(fs.flush(ino, fh).await.is_err());
+    assert!(fs.fsync(ino, fh).await.is_err());
     outage.lose_upload_answers(false);
     let a = s.alice.file(id).await.unwrap();
     let a_content = vaultfs::remote::collect(s.alice.download(id, None).await.unwrap().stream).await.unwrap();
     // The application writes on; B is stored and answered.
     fs.write(fh, 0, b"version B").await.unwrap();
-    fs.flush(ino, fh).await.unwrap();
+    fs.fsync(ino, fh).await.unwrap();
     fs.release(ino, fh).await.unwrap();
     // The server puts A back, with A's own (genuine) manifest.
     let now = s.alice.file(id).await.unwrap().version;

@@ -130,7 +130,7 @@ fn run_in(work: &Path, mountpoint: Option<PathBuf>) -> CliResult {
         let record = fs.mkdir(vault.ino, "Welcome".as_ref()).await?;
         let (file, fh) = fs.create(record.ino, "README.txt".as_ref()).await?;
         fs.write(fh, 0, WELCOME.as_bytes()).await?;
-        fs.flush(file.ino, fh).await?;
+        fs.fsync(file.ino, fh).await?;
         fs.release(file.ino, fh).await?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(fs)
     })?;

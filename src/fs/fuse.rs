@@ -83,7 +83,7 @@ fn open_flags(flags: i32, keep: bool) -> FopenFlags {
     out
 }
 
-fn time_of(t: TimeOrNow) -> SystemTime {
+fn time_or_now(t: TimeOrNow) -> SystemTime {
     match t {
         TimeOrNow::SpecificTime(t) => t,
         TimeOrNow::Now => SystemTime::now(),
@@ -131,7 +131,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         // Attributes never need the server: answered here.
-        match self.fs.getattr_now(ino.0) {
+        match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &self.owner.attr(&a)),
             Err(e) => reply.error(errno("getattr", &e)),
         }
@@ -160,11 +160,11 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         let (fs, me) = (Arc::clone(&self.fs), self.owner);
         self.spawn("setattr", ino.0, async move {
             if let Some(t) = atime {
-                if let Err(e) = fs.set_atime(ino.0, time_of(t)) {
+                if let Err(e) = fs.set_atime(ino.0, time_or_now(t)) {
                     return reply.error(errno("setattr", &e));
                 }
             }
-            match fs.setattr(ino.0, size, mtime.map(time_of)).await {
+            match fs.setattr(ino.0, size, mtime.map(time_or_now)).await {
                 Ok(a) => reply.attr(&TTL, &me.attr(&a)),
                 Err(e) => reply.error(errno("setattr", &e)),
             }
@@ -303,10 +303,8 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write_now(fh.0, offset, data) {
-            Some(Ok(n)) => return reply.written(n),
-            Some(Err(e)) => return reply.error(errno("write", &e)),
-            None => {}
+        if let Some(n) = self.fs.write_now(fh.0, offset, data) {
+            return reply.written(n);
         }
         let fs = Arc::clone(&self.fs);
         let data = crate::cache::SecretBuf::from_vec(data.to_vec());
@@ -321,7 +319,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         let fs = Arc::clone(&self.fs);
         self.spawn("flush", ino.0, async move {
-            match fs.close(ino.0, fh.0).await {
+            match fs.flush(ino.0, fh.0).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("flush", &e)),
             }
@@ -331,7 +329,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         let fs = Arc::clone(&self.fs);
         self.spawn("fsync", ino.0, async move {
-            match fs.flush(ino.0, fh.0).await {
+            match fs.fsync(ino.0, fh.0).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("fsync", &e)),
             }
@@ -475,7 +473,7 @@ fn reply_plus<R: Remote>(
         Ok(e) => e,
         Err(e) => return reply.error(errno("readdirplus", &e)),
     };
-    let dots = [ino, fs.parent(ino)].map(|i| fs.getattr_now(i));
+    let dots = [ino, fs.parent(ino)].map(|i| fs.getattr(i));
     let [Ok(this), Ok(parent)] = dots else {
         return reply.error(Errno::from_i32(FsError::NotFound.errno()));
     };

@@ -26,7 +26,8 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use tokio::sync::{watch, OwnedMutexGuard};
 
-use super::{lock, FileMeta, FsError, Result, VaultFs};
+use super::tree::FileMeta;
+use super::{FsError, Result, VaultFs};
 use crate::cache::{PlainData, PlainHandle, SecretBuf};
 use crate::crypto::{self, CryptoError, FileContext, FileDecryptor, HEADER_LEN};
 use crate::ids::FileId;
@@ -78,7 +79,7 @@ impl<R: Remote> VaultFs<R> {
         d.loaded = false;
         d.filling = true;
         d.version = info.version; // until the download says which version it got
-        lock(&self.fills).insert(info.id, Arc::clone(&fill));
+        self.fills.lock().insert(info.id, Arc::clone(&fill));
         let (fs, handle, info, meta, task_fill) =
             (Arc::clone(self), Arc::clone(handle), info.clone(), meta.clone(), Arc::clone(&fill));
         tokio::spawn(async move { fs.fill_task(info, meta, handle, task_fill).await });
@@ -91,14 +92,14 @@ impl<R: Remote> VaultFs<R> {
         if !std::mem::take(&mut d.filling) {
             return;
         }
-        if let Some(fill) = lock(&self.fills).remove(&id) {
+        if let Some(fill) = self.fills.lock().remove(&id) {
             fill.state.send_replace(FillState::Cancelled);
         }
     }
 
     /// Whether `fill` is still the one filling the entry `d`.
     fn is_current(&self, id: FileId, fill: &Arc<Fill>, d: &PlainData) -> bool {
-        d.filling && lock(&self.fills).get(&id).is_some_and(|f| Arc::ptr_eq(f, fill))
+        d.filling && self.fills.lock().get(&id).is_some_and(|f| Arc::ptr_eq(f, fill))
     }
 
     /// Waits until the entry behind `handle` holds its first `want` bytes, or
@@ -116,7 +117,7 @@ impl<R: Remote> VaultFs<R> {
                 let len = d.bytes.len() as u64;
                 return Ok((d, len));
             }
-            let running = if d.filling { lock(&self.fills).get(&id).cloned() } else { None };
+            let running = if d.filling { self.fills.lock().get(&id).cloned() } else { None };
             let fill = match running {
                 Some(fill) => fill,
                 None => {
@@ -155,7 +156,7 @@ impl<R: Remote> VaultFs<R> {
             return; // cancelled; whoever cancelled it owns the entry now
         }
         d.filling = false;
-        lock(&self.fills).remove(&info.id);
+        self.fills.lock().remove(&info.id);
         match result {
             Ok(()) => {
                 d.loaded = true;
@@ -260,7 +261,7 @@ impl<R: Remote> VaultFs<R> {
         } else {
             content.total_len
         };
-        if total > self.limits.upload_limit.max(crate::policy::DEFAULT_E2E_LIMIT) {
+        if total > self.rules.limits().upload_limit.max(crate::policy::DEFAULT_E2E_LIMIT) {
             // Nothing this large can have been uploaded; do not reserve memory for it.
             return Err(FsError::Io(format!("the server reports {total} bytes, above the upload limit")));
         }
@@ -381,8 +382,7 @@ impl<R: Remote> VaultFs<R> {
             return Ok(meta);
         }
         let meta = self.open_meta(&fresh);
-        let ino = lock(&self.tree).keys.get(&super::Key::File(info.id)).copied();
-        if let Some(ino) = ino {
+        if let Ok(ino) = self.file_ino(info.id) {
             self.set_file_info(ino, |i| *i = fresh);
         }
         Ok(meta)

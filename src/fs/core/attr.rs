@@ -1,0 +1,199 @@
+//! Attributes: sizes, times, permissions and link counts as the kernel sees
+//! them, and setattr (truncate, utimensat).
+//!
+//! Data flow. A file's size and time come from its manifest and server
+//! metadata (in the tree), unless this mount holds something newer: a stream
+//! in progress or unsaved changes (super::mode), read from there, never by
+//! trying the data's lock: a stale size here makes the kernel truncate its
+//! page cache under a write in progress, which then sends zeros. Records carry
+//! no times on the server, so a directory shows the mount's start until this
+//! mount changes it; access times are memory only. Those times live in
+//! [`Times`], whose lock is a leaf.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+
+use super::rules::check_size;
+use super::tree::{FileMeta, Node, Tree};
+use super::{check_file_answer, Attr, FsError, Ino, Kind, Result, VaultFs};
+use crate::crypto::Layout;
+use crate::protocol::{ms_of, time_from_ms, FileUpdate};
+use crate::remote::Remote;
+
+/// Times this mount keeps for a node, in memory only.
+#[derive(Default, Clone, Copy)]
+struct NodeTimes {
+    /// When this mount last changed a directory's entries (or what utimensat set).
+    dir_mtime: Option<SystemTime>,
+    /// An access time set by the application (as cp -a and rsync -a do).
+    atime: Option<SystemTime>,
+}
+
+/// The times of [`NodeTimes`], by inode.
+#[derive(Default)]
+pub(super) struct Times(Mutex<HashMap<Ino, NodeTimes>>);
+
+impl Times {
+    fn get(&self, ino: Ino) -> NodeTimes {
+        self.0.lock().get(&ino).copied().unwrap_or_default()
+    }
+
+    fn set_dir_mtime(&self, ino: Ino, t: SystemTime) {
+        self.0.lock().entry(ino).or_default().dir_mtime = Some(t);
+    }
+
+    fn set_atime(&self, ino: Ino, t: SystemTime) {
+        self.0.lock().entry(ino).or_default().atime = Some(t);
+    }
+}
+
+impl<R: Remote> VaultFs<R> {
+    /// Attributes of `ino` (`node`), with `tree` for a directory's link count.
+    pub(super) fn attr_of(&self, tree: &Tree, ino: Ino, node: &Node) -> Attr {
+        let times = self.times.get(ino);
+        let mut attr = match node {
+            Node::Root | Node::Vault { .. } | Node::Record { .. } => Attr {
+                ino,
+                kind: Kind::Dir,
+                size: 0,
+                mtime: times.dir_mtime.unwrap_or(self.mounted_at),
+                atime: UNIX_EPOCH,
+                perm: self.perm_of(node, 0o777),
+                // "." and the entry in the parent, plus each subdirectory's "..".
+                nlink: 2 + tree.subdirs(ino) as u32,
+            },
+            Node::File { info, meta, .. } => {
+                let size = match meta {
+                    FileMeta::Sealed(m) => m.length,
+                    FileMeta::Legacy if info.e2e => {
+                        Layout::from_ciphertext_len(info.size).map_or(0, |l| l.plaintext_len())
+                    }
+                    FileMeta::Legacy => info.size,
+                    FileMeta::Invalid => 0,
+                };
+                let (size, mtime) =
+                    self.modes.local_size(info.id).unwrap_or((size, time_from_ms(info.mtime_ms)));
+                Attr {
+                    ino,
+                    kind: Kind::File,
+                    size,
+                    mtime,
+                    atime: UNIX_EPOCH,
+                    perm: self.perm_of(node, 0o666),
+                    nlink: if tree.is_orphan(ino) { 0 } else { 1 },
+                }
+            }
+        };
+        // Access times follow the modification time unless one was set.
+        attr.atime = times.atime.unwrap_or(attr.mtime);
+        attr
+    }
+
+    /// Sets the access time of `ino` (kept in memory for this mount).
+    pub fn set_atime(&self, ino: Ino, t: SystemTime) -> Result<()> {
+        self.writable(ino)?;
+        self.times.set_atime(ino, t);
+        Ok(())
+    }
+
+    /// Notes that directory `ino`'s entries changed now.
+    pub(super) fn touch_dir(&self, ino: Ino) {
+        self.times.set_dir_mtime(ino, SystemTime::now());
+    }
+
+    /// Presented permissions: `full` (before the mount's umask), without the
+    /// write bits in a read-only vault.
+    fn perm_of(&self, node: &Node, full: u16) -> u16 {
+        match node.vault() {
+            Some(v) if self.rules.vault(v).read_only => full & 0o555,
+            _ => full,
+        }
+    }
+
+    /// Attributes of `ino`: always known without asking the server.
+    pub fn getattr(&self, ino: Ino) -> Result<Attr> {
+        let tree = self.tree.lock();
+        let node = tree.node(ino)?;
+        Ok(self.attr_of(&tree, ino, node))
+    }
+
+    /// Changes size and/or modification time.
+    pub async fn setattr(
+        self: &Arc<Self>,
+        ino: Ino,
+        size: Option<u64>,
+        mtime: Option<SystemTime>,
+    ) -> Result<Attr> {
+        let info = match self.tree.lock().node(ino)? {
+            Node::File { info, .. } => Some(info.clone()),
+            _ => None,
+        };
+        let Some(info) = info else {
+            // Directory times are not stored on the server; this mount shows them.
+            if let Some(t) = mtime {
+                self.writable(ino)?;
+                self.times.set_dir_mtime(ino, t);
+            }
+            return self.getattr(ino);
+        };
+        let rules = self.writable(ino)?;
+        if let Some(size) = size {
+            check_size(&rules, size)?;
+            let handle = self.cache.pin(info.id);
+            let result = async {
+                {
+                    let mut d = if size > 0 {
+                        self.ready(info.id, &handle, None).await?.0
+                    } else {
+                        let mut d = Arc::clone(&handle).lock_owned().await;
+                        self.cancel_fill(info.id, &mut d);
+                        d
+                    };
+                    d.loaded = true;
+                    if d.bytes.len() as u64 != size {
+                        let size = size as usize;
+                        d.bytes.resize(size);
+                        d.dirty = true;
+                        self.modes.note_change(info.id, size as u64);
+                        if size == 0 {
+                            // O_TRUNC arrives as a truncate to 0 (the kernel
+                            // splits it from the open): written front to back
+                            // from here, the file may stream past the limit.
+                            self.modes.start_sequential(info.id);
+                        }
+                    }
+                }
+                // Without an open handle (truncate(2)) nothing else will flush it.
+                if !self.handles.is_open(info.id) {
+                    self.upload(ino, &handle).await?;
+                }
+                Ok::<_, FsError>(())
+            }
+            .await;
+            self.cache.unpin(info.id);
+            result?;
+        }
+        if let Some(t) = mtime {
+            // Unsaved changes: the time goes up with the content (one
+            // request, no version bump that the upload would then conflict with).
+            if self.modes.choose_mtime(info.id, t) {
+                return self.getattr(ino);
+            }
+            let current = self.file_info(ino)?;
+            let update = FileUpdate { mtime_ms: Some(ms_of(t)), ..Default::default() };
+            let updated = self.remote().update_file(current.id, current.version, update).await?;
+            let updated = check_file_answer(current.id, current.vault, updated)?;
+            self.set_file_info(ino, |i| *i = updated);
+            if let Some(h) = self.cache.peek(current.id) {
+                let mut d = h.lock().await;
+                if d.version == current.version {
+                    d.version = current.version + 1;
+                }
+            }
+        }
+        self.getattr(ino)
+    }
+}

@@ -1,0 +1,78 @@
+//! Records as directories: mkdir and rmdir.
+//!
+//! Data flow. A new record's title is sealed with the vault's key and created
+//! on the server; only once the server has it does it appear in the tree.
+//! Removing one asks the server first, too, with the version this mount
+//! knows, so a record changed elsewhere meanwhile is not removed blindly.
+
+use std::ffi::OsStr;
+
+use super::tree::{check_name, Key, Node};
+use super::{Attr, FsError, Ino, Result, VaultFs};
+use crate::crypto::NameContext;
+use crate::ids::RecordId;
+use crate::protocol::{NewRecord, Sealed};
+use crate::remote::Remote;
+
+impl<R: Remote> VaultFs<R> {
+    /// Creates a record (a directory) in a vault or record.
+    pub async fn mkdir(&self, parent: Ino, name: &OsStr) -> Result<Attr> {
+        check_name(name)?;
+        self.load_dir(parent).await?;
+        self.writable(parent)?;
+        let (vault, parent_record) = {
+            let tree = self.tree.lock();
+            if tree.child(parent, name).is_some() {
+                return Err(FsError::Exists);
+            }
+            match tree.node(parent)? {
+                Node::Root => {
+                    return Err(FsError::NotPermitted("create vaults with `vaultfs vault create`".into()))
+                }
+                Node::Vault { vault } => (*vault, None),
+                Node::Record { info, .. } => (info.vault, Some(info.id)),
+                Node::File { .. } => return Err(FsError::NotDir),
+            }
+        };
+        let id = RecordId::random().map_err(|e| FsError::Io(e.to_string()))?;
+        let title = self.seal(vault, NameContext::RecordTitle { vault, record: id }, name)?;
+        let info = self
+            .remote()
+            .create_record(vault, NewRecord { id, parent: parent_record, title, fields: Sealed::default() })
+            .await?;
+        let mut tree = self.tree.lock();
+        let node = Node::Record { info, parent };
+        let ino = tree.add(parent, name, Key::Record(id), node.clone());
+        self.touch_dir(parent);
+        self.touch_dir(ino);
+        Ok(self.attr_of(&tree, ino, &node))
+    }
+
+    /// Removes an empty record.
+    pub async fn rmdir(&self, parent: Ino, name: &OsStr) -> Result<()> {
+        self.load_dir(parent).await?;
+        if self.tree.lock().node(parent)?.vault().is_some() {
+            self.deletable(parent)?;
+        }
+        let (ino, info) = {
+            let tree = self.tree.lock();
+            let ino = tree.child(parent, name).ok_or(FsError::NotFound)?;
+            match tree.node(ino)? {
+                Node::Record { info, .. } => {
+                    if !tree.is_empty_dir(ino) {
+                        return Err(FsError::NotEmpty);
+                    }
+                    (ino, info.clone())
+                }
+                Node::Vault { .. } => {
+                    return Err(FsError::NotPermitted("vaults are not removed through the mount".into()))
+                }
+                _ => return Err(FsError::NotDir),
+            }
+        };
+        self.remote().delete_record(info.id, info.version).await?;
+        self.tree.lock().remove(ino);
+        self.touch_dir(parent);
+        Ok(())
+    }
+}

@@ -1,0 +1,396 @@
+//! Loading the namespace from the server and answering lookups and listings.
+//!
+//! Data flow. The root lists the vaults the user can open; a vault's records
+//! and files are fetched together ([`VaultFs::load_vault`]) and reused for
+//! [`LISTING_TTL`](super::LISTING_TTL). Names, titles and manifests are opened here, outside the
+//! tree's lock, and the result handed to the [`Tree`](super::tree::Tree) in
+//! one call. Anything the server lists that fails its check is listed under a
+//! stand-in name and gives EIO; anything it lists for another vault is left
+//! out. While the server is unreachable, the last listing keeps answering.
+//!
+//! Each directory operation is one function on the loaded tree, run at once
+//! by the `*_now` form when the listing is fresh (the FUSE adapter then
+//! answers on its own thread) or after fetching the listing by the async form.
+
+use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use super::tree::{display_name, FileMeta, Key, ListedFile, ListedRecord, Node};
+use super::{check_file_answer, Attr, Entry, EntryPlus, FsError, Ino, Kind, Result, VaultFs, ROOT};
+use crate::crypto::{self, open_name, seal_name, FileContext, FileManifest, NameContext, OsRandom};
+use crate::ids::{FileId, RecordId, VaultId};
+use crate::protocol::{now_ms, FileInfo, NewFile, RecordInfo, Sealed};
+use crate::remote::{Remote, RemoteError};
+
+impl<R: Remote> VaultFs<R> {
+    // ---- loading -------------------------------------------------------------
+
+    pub(super) async fn load_root(&self, force: bool) -> Result<()> {
+        if self.tree.lock().root_fresh() && !force {
+            return Ok(());
+        }
+        let vaults = match self.account.vaults().await {
+            Ok(v) => v,
+            Err(e) => {
+                if !force && self.tree.lock().keep_root() {
+                    // Keep answering from the last listing while the server is
+                    // unreachable; try again after the listing's reuse time.
+                    tracing::warn!(error = %e, "cannot refresh the vault list; showing the last one");
+                    return Ok(());
+                }
+                return Err(FsError::Io(e.to_string()));
+            }
+        };
+        for v in &vaults {
+            if v.name.is_none() {
+                tracing::error!(vault = %v.info.id, "vault name cannot be opened; it is listed as unreadable and gives EIO");
+            }
+            self.rules.set_vault(v.info.id, v.name.as_deref(), v.info.e2e_required);
+        }
+        self.tree.lock().set_vaults(vaults.into_iter().map(|v| (v.info.id, v.name)).collect());
+        Ok(())
+    }
+
+    pub(super) async fn load_vault(&self, vault: VaultId, force: bool) -> Result<()> {
+        if self.tree.lock().vault_fresh(vault) && !force {
+            return Ok(());
+        }
+        let listing = tokio::try_join!(self.remote().records(vault), self.remote().files(vault));
+        let (records, files) = match listing {
+            Ok(l) => l,
+            Err(e @ RemoteError::Unavailable(_)) if !force => {
+                if !self.tree.lock().keep_vault(vault) {
+                    return Err(e.into());
+                }
+                // As for the vault list: the last listing, until the server answers.
+                tracing::warn!(%vault, error = %e, "cannot refresh the vault's listing; showing the last one");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // Only what is of this vault: a record or file the server lists here
+        // but says belongs elsewhere would be read under another vault's key
+        // check and policy (or under no manifest rule at all).
+        let stray = |kind: &str, id: String| {
+            tracing::error!(%vault, kind, id, "the server listed an object of another vault (or of no record of this one); it is left out");
+        };
+        let records: Vec<RecordInfo> = records
+            .into_iter()
+            .filter(|r| {
+                let ours = r.vault == vault;
+                if !ours {
+                    stray("record", r.id.to_string());
+                }
+                ours
+            })
+            .collect();
+        let known: HashSet<RecordId> = records.iter().map(|r| r.id).collect();
+        let files: Vec<FileInfo> = files
+            .into_iter()
+            .filter(|f| {
+                let ours = f.vault == vault && known.contains(&f.record);
+                if !ours {
+                    stray("file", f.id.to_string());
+                }
+                ours
+            })
+            .collect();
+        let legacy = files.iter().filter(|f| f.meta.0.is_empty()).count();
+        // Names and manifests are opened before the tree is locked.
+        let records: Vec<ListedRecord> = records
+            .into_iter()
+            .map(|r| {
+                let ctx = NameContext::RecordTitle { vault, record: r.id };
+                let name = self.open_sealed(vault, ctx, &r.title, &format!("the title of record {}", r.id));
+                (r, name)
+            })
+            .collect();
+        let files: Vec<ListedFile> = files
+            .into_iter()
+            .map(|f| {
+                let ctx = NameContext::FileName { vault, record: f.record, file: f.id };
+                let name = self.open_sealed(vault, ctx, &f.name, &format!("the name of file {}", f.id));
+                let meta = self.open_meta(&f);
+                (f, meta, name)
+            })
+            .collect();
+        self.tree.lock().apply_listing(vault, records, files);
+        if !self.account.wallet().manifests_required(vault) && self.legacy_warned.lock().insert(vault) {
+            tracing::warn!(%vault, files_without_manifest = legacy, "vault made by an older vaultfs: until `vaultfs vault migrate` marks it, a file without a manifest is trusted as the server describes it (and the server could remove one)");
+        }
+        Ok(())
+    }
+
+    /// Whether directory `ino`'s listing is fresh, so looking in it needs no
+    /// server.
+    fn listing_fresh(&self, ino: Ino) -> bool {
+        let tree = self.tree.lock();
+        // An unreadable directory is not fresh: the async path reports it.
+        match tree.node(ino).ok() {
+            Some(Node::Root) => tree.root_fresh(),
+            Some(Node::Vault { vault } | Node::Record { info: RecordInfo { vault, .. }, .. }) => {
+                tree.vault_fresh(*vault)
+            }
+            _ => false,
+        }
+    }
+
+    /// `answer`, computed on the tree as it is if `dir`'s listing is fresh;
+    /// `None` if the listing must be fetched first.
+    fn answer_now<T>(&self, dir: Ino, answer: impl FnOnce() -> Result<T>) -> Option<Result<T>> {
+        self.listing_fresh(dir).then(answer)
+    }
+
+    /// `answer`, computed once `dir`'s listing is loaded.
+    async fn answer<T>(&self, dir: Ino, answer: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.load_dir(dir).await?;
+        answer()
+    }
+
+    // ---- lookups and listings -------------------------------------------------
+
+    /// Looks `name` up in directory `parent`.
+    pub async fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr> {
+        self.answer(parent, || self.lookup_loaded(parent, name)).await
+    }
+
+    /// [`VaultFs::lookup`] if the listing is fresh.
+    pub fn lookup_now(&self, parent: Ino, name: &OsStr) -> Option<Result<Attr>> {
+        self.answer_now(parent, || self.lookup_loaded(parent, name))
+    }
+
+    fn lookup_loaded(&self, parent: Ino, name: &OsStr) -> Result<Attr> {
+        if name.len() > super::NAME_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        let tree = self.tree.lock();
+        let ino = tree.child(parent, name).ok_or(FsError::NotFound)?;
+        Ok(self.attr_of(&tree, ino, tree.node(ino)?))
+    }
+
+    /// The entries of directory `ino` (without `.` and `..`).
+    pub async fn readdir(&self, ino: Ino) -> Result<Vec<Entry>> {
+        self.answer(ino, || self.names_of(ino)).await
+    }
+
+    /// [`VaultFs::readdir`] if the listing is fresh.
+    pub fn readdir_now(&self, ino: Ino) -> Option<Result<Vec<Entry>>> {
+        self.answer_now(ino, || self.names_of(ino))
+    }
+
+    fn names_of(&self, ino: Ino) -> Result<Vec<Entry>> {
+        let tree = self.tree.lock();
+        let entries =
+            tree.entries(ino)?.map(|(name, child, node)| (child, kind_of(node), name.clone())).collect();
+        Ok(entries)
+    }
+
+    /// The entries of directory `ino` with their attributes (for readdirplus,
+    /// which spares the kernel a lookup per entry); `None` for an entry whose
+    /// name or title failed its check, whose every use must reach us (EIO).
+    pub async fn readdir_plus(&self, ino: Ino) -> Result<Vec<EntryPlus>> {
+        self.answer(ino, || self.entries_plus(ino)).await
+    }
+
+    /// [`VaultFs::readdir_plus`] if the listing is fresh.
+    pub fn readdir_plus_now(&self, ino: Ino) -> Option<Result<Vec<EntryPlus>>> {
+        self.answer_now(ino, || self.entries_plus(ino))
+    }
+
+    fn entries_plus(&self, ino: Ino) -> Result<Vec<EntryPlus>> {
+        let tree = self.tree.lock();
+        let entries = tree
+            .entries(ino)?
+            .map(|(name, child, node)| {
+                let attr = tree.node(child).is_ok().then(|| self.attr_of(&tree, child, node));
+                (child, kind_of(node), name.clone(), attr)
+            })
+            .collect();
+        Ok(entries)
+    }
+
+    /// The parent of `ino` (for `..`).
+    pub fn parent(&self, ino: Ino) -> Ino {
+        self.tree.lock().parent_of(ino).unwrap_or(ROOT)
+    }
+
+    // ---- files by id --------------------------------------------------------------
+
+    /// Creates an empty file `name` in record `parent` on the server and in the tree.
+    pub(super) async fn new_file(&self, parent: Ino, name: &OsStr) -> Result<(Ino, FileInfo)> {
+        let (vault, record) = self.file_parent(parent)?;
+        let id = FileId::random().map_err(|e| FsError::Io(e.to_string()))?;
+        let sealed = self.seal(vault, NameContext::FileName { vault, record, file: id }, name)?;
+        let ctx = FileContext { vault, record, file: id };
+        let meta = self.seal_manifest(&ctx, &FileManifest::new_empty(1))?;
+        let new = NewFile { id, name: sealed, e2e: true, mtime_ms: Some(now_ms()), meta };
+        let info = self.remote().create_file(record, new).await?;
+        let info = check_file_answer(id, vault, info)?;
+        if info.record != record {
+            return Err(FsError::Io("the server created the file in another record".into()));
+        }
+        let node = self.file_node(info.clone(), parent);
+        let ino = self.tree.lock().add(parent, name, Key::File(id), node);
+        self.touch_dir(parent);
+        Ok((ino, info))
+    }
+
+    /// Changes the metadata of file `ino` (its manifest is opened again if
+    /// that changed).
+    pub(super) fn set_file_info(&self, ino: Ino, f: impl FnOnce(&mut FileInfo)) {
+        self.tree.lock().update_file(ino, f, |info| self.open_meta(info));
+    }
+
+    /// A file's metadata and what its manifest says, by id.
+    pub(super) fn file_state_by_id(&self, id: FileId) -> Result<(FileInfo, FileMeta)> {
+        let tree = self.tree.lock();
+        let ino = tree.file_ino(id).ok_or(FsError::NotFound)?;
+        tree.file(ino).map(|(info, meta)| (info.clone(), meta.clone()))
+    }
+
+    pub(super) fn file_info_by_id(&self, id: FileId) -> Result<FileInfo> {
+        self.file_state_by_id(id).map(|(info, _)| info)
+    }
+
+    /// The inode of file `id`.
+    pub(super) fn file_ino(&self, id: FileId) -> Result<Ino> {
+        self.tree.lock().file_ino(id).ok_or(FsError::NotFound)
+    }
+
+    // ---- names, titles and manifests ----------------------------------------------
+
+    pub(super) fn key_for(&self, vault: VaultId, sealed: &[u8]) -> Option<&crypto::VaultKey> {
+        let id = crypto::names::name_key_id(sealed).ok()?;
+        self.account.wallet().key(vault, id)
+    }
+
+    /// Opens a sealed name or title; on failure logs it, naming the object
+    /// (`what`), and returns `None`.
+    pub(super) fn open_sealed(
+        &self,
+        vault: VaultId,
+        ctx: NameContext,
+        sealed: &Sealed,
+        what: &str,
+    ) -> Option<OsString> {
+        let Some(key) = self.key_for(vault, &sealed.0) else {
+            tracing::error!(%vault, "no key in the wallet for {what}; it is listed as unreadable");
+            return None;
+        };
+        match open_name(key, &ctx, &sealed.0) {
+            Ok(plain) => Some(display_name(&plain)),
+            Err(e) => {
+                tracing::error!(%vault, error = %e, "{what} failed its integrity check; it is listed as unreadable and gives EIO");
+                None
+            }
+        }
+    }
+
+    pub(super) fn seal(&self, vault: VaultId, ctx: NameContext, name: &OsStr) -> Result<Sealed> {
+        let key = self
+            .account
+            .wallet()
+            .active_key(vault)
+            .ok_or_else(|| FsError::Access("no key for this vault".into()))?;
+        seal_name(key, &ctx, name.as_bytes(), &mut OsRandom)
+            .map(Sealed)
+            .map_err(|e| FsError::Io(e.to_string()))
+    }
+
+    /// Opens the manifest a file's metadata carries; a failure is logged
+    /// with the file's id and makes every use of the file EIO.
+    pub(super) fn open_meta(&self, info: &FileInfo) -> FileMeta {
+        if info.meta.0.is_empty() {
+            if self.account.wallet().manifests_required(info.vault) {
+                // Every file of this vault has one: this one's was removed.
+                tracing::error!(file = %info.id, "the file has no manifest in a vault whose files all have one (removed by the server?); every use of the file gives EIO");
+                self.note_refusal(format!("file {}: its manifest is missing", info.id));
+                return FileMeta::Invalid;
+            }
+            return FileMeta::Legacy;
+        }
+        let ctx = FileContext { vault: info.vault, record: info.record, file: info.id };
+        let key = crypto::manifest::manifest_key_id(&info.meta.0)
+            .ok()
+            .and_then(|id| self.account.wallet().key(info.vault, id));
+        match key.map(|key| crypto::open_manifest(key, &ctx, &info.meta.0)) {
+            Some(Ok(m)) => FileMeta::Sealed(Arc::new(m)),
+            Some(Err(e)) => {
+                tracing::error!(file = %info.id, error = %e, "the file's manifest failed its check (altered, or another file's); every use of the file gives EIO");
+                self.note_refusal(format!("file {}: its manifest failed its check", info.id));
+                FileMeta::Invalid
+            }
+            None => {
+                tracing::error!(file = %info.id, "the file's manifest names a key this wallet does not have; every use of the file gives EIO");
+                self.note_refusal(format!("file {}: its manifest names a key this wallet lacks", info.id));
+                FileMeta::Invalid
+            }
+        }
+    }
+
+    /// The server's current metadata of the file `info` describes, refused if
+    /// it answers for another file or vault ([`check_file_answer`]).
+    pub(super) async fn fetch_file(&self, info: &FileInfo) -> Result<FileInfo> {
+        let got = self.remote().file(info.id).await?;
+        check_file_answer(info.id, info.vault, got)
+    }
+
+    /// The tree node of a file.
+    pub(super) fn file_node(&self, info: FileInfo, parent: Ino) -> Node {
+        let meta = self.open_meta(&info);
+        Node::File { info, parent, meta }
+    }
+
+    /// Makes sure the children of directory `ino` are known.
+    pub(super) async fn load_dir(&self, ino: Ino) -> Result<()> {
+        let node = self.tree.lock().node(ino)?.clone();
+        match node {
+            Node::Root => self.load_root(false).await,
+            Node::Vault { vault } | Node::Record { info: RecordInfo { vault, .. }, .. } => {
+                self.load_vault(vault, false).await
+            }
+            Node::File { .. } => Err(FsError::NotDir),
+        }
+    }
+
+    pub(super) fn file_parent(&self, parent: Ino) -> Result<(VaultId, RecordId)> {
+        match self.tree.lock().node(parent)? {
+            Node::Root | Node::Vault { .. } => {
+                Err(FsError::NotPermitted("files live in records: create a directory first".into()))
+            }
+            Node::Record { info, .. } => Ok((info.vault, info.id)),
+            Node::File { .. } => Err(FsError::NotDir),
+        }
+    }
+
+    pub(super) fn file_info(&self, ino: Ino) -> Result<FileInfo> {
+        match self.tree.lock().node(ino)? {
+            Node::File { info, .. } => Ok(info.clone()),
+            _ => Err(FsError::IsDir),
+        }
+    }
+
+    /// Refuses a generation of a file older than the newest this client has
+    /// seen of it: a replay.
+    pub(super) fn check_fresh(
+        &self,
+        id: FileId,
+        generation: u64,
+    ) -> std::result::Result<(), crypto::CryptoError> {
+        self.freshness.check(id, generation)
+    }
+
+    /// Notes that generation `generation` of a file exists.
+    pub(super) fn note_generation(&self, id: FileId, generation: u64) {
+        self.freshness.note(id, generation);
+    }
+}
+
+fn kind_of(node: &Node) -> Kind {
+    match node {
+        Node::File { .. } => Kind::File,
+        _ => Kind::Dir,
+    }
+}

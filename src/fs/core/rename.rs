@@ -1,0 +1,242 @@
+//! Removing and moving files and records: unlink, and rename within a vault.
+//!
+//! Data flow. The server is asked first, with the version this mount knows;
+//! the tree follows only once it agreed. A file unlinked while open stays
+//! readable and writable through its handles (POSIX) as an orphan in the
+//! tree, and nothing of it is uploaded. Renaming within a record reseals the
+//! name; moving a file to another record writes it anew there (its content is
+//! bound to its record) and deletes the old one, so a reader sees the old
+//! file or the complete new one, never a half; the new file takes over the
+//! old inode, and open handles and cached data follow. Across vaults rename
+//! fails with EXDEV, so `mv` copies and deletes instead.
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+
+use super::save::bump_cached_version;
+use super::tree::{check_name, Node};
+use super::{check_file_answer, FsError, Ino, Result, VaultFs};
+use crate::crypto::NameContext;
+use crate::protocol::{FileInfo, FileUpdate, ParentChange, RecordUpdate};
+use crate::remote::{Remote, RemoteError};
+
+impl<R: Remote> VaultFs<R> {
+    /// Removes a file.
+    pub async fn unlink(&self, parent: Ino, name: &OsStr) -> Result<()> {
+        self.load_dir(parent).await?;
+        self.deletable(parent)?;
+        let (ino, info) = {
+            let tree = self.tree.lock();
+            let ino = tree.child(parent, name).ok_or(FsError::NotFound)?;
+            match tree.node(ino)? {
+                Node::File { info, .. } => (ino, info.clone()),
+                _ => return Err(FsError::IsDir),
+            }
+        };
+        self.delete_file(&info).await?;
+        // Open handles keep reading and writing until they close (POSIX).
+        let open = self.handles.is_open(info.id);
+        self.tree.lock().unlink(ino, open);
+        self.touch_dir(parent);
+        if open {
+            return Ok(());
+        }
+        self.modes.forget_unsaved(info.id);
+        self.cache.remove(info.id);
+        Ok(())
+    }
+
+    pub(super) async fn delete_file(&self, info: &FileInfo) -> Result<()> {
+        match self.remote().delete_file(info.id, info.version).await {
+            Err(RemoteError::Conflict { .. }) => {
+                // Changed meanwhile (renamed, touched): unlink removes it regardless.
+                let fresh = self.fetch_file(info).await?;
+                Ok(self.remote().delete_file(info.id, fresh.version).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// Renames or moves within a vault; across vaults it fails with EXDEV so that
+    /// `mv` copies and deletes instead.
+    pub async fn rename(
+        self: &Arc<Self>,
+        parent: Ino,
+        name: &OsStr,
+        new_parent: Ino,
+        new_name: &OsStr,
+    ) -> Result<()> {
+        self.rename_entry(parent, name, new_parent, new_name).await?;
+        self.touch_dir(parent);
+        self.touch_dir(new_parent);
+        Ok(())
+    }
+
+    async fn rename_entry(
+        self: &Arc<Self>,
+        parent: Ino,
+        name: &OsStr,
+        new_parent: Ino,
+        new_name: &OsStr,
+    ) -> Result<()> {
+        check_name(new_name)?;
+        self.load_dir(parent).await?;
+        self.load_dir(new_parent).await?;
+        self.writable(parent)?;
+        self.writable(new_parent)?;
+        let (ino, node, target, dest) = {
+            let tree = self.tree.lock();
+            let ino = tree.child(parent, name).ok_or(FsError::NotFound)?;
+            let node = tree.node(ino)?.clone();
+            let target = tree.child(new_parent, new_name).map(|t| (t, tree.node_unchecked(t).cloned()));
+            (ino, node, target, tree.node(new_parent)?.clone())
+        };
+        if node.vault() != dest.vault() {
+            return Err(match dest {
+                Node::Root => FsError::NotPermitted("vaults are top-level only".into()),
+                _ => FsError::CrossDevice,
+            });
+        }
+        if let Some((t, _)) = target {
+            if t == ino {
+                return Ok(());
+            }
+        }
+        match node {
+            Node::Root | Node::Vault { .. } => {
+                Err(FsError::NotPermitted("vaults are renamed with the CLI".into()))
+            }
+            Node::Record { info, .. } => {
+                let new_record_parent = match &dest {
+                    Node::Vault { .. } => None,
+                    Node::Record { info: p, .. } => Some(p.id),
+                    _ => return Err(FsError::NotDir),
+                };
+                if let Some((t, tnode)) = target {
+                    match tnode {
+                        Some(Node::Record { info: tinfo, .. }) => {
+                            if !self.tree.lock().is_empty_dir(t) {
+                                return Err(FsError::NotEmpty);
+                            }
+                            self.remote().delete_record(tinfo.id, tinfo.version).await?;
+                            self.tree.lock().remove(t);
+                        }
+                        _ => return Err(FsError::NotDir),
+                    }
+                }
+                let title = self.seal(
+                    info.vault,
+                    NameContext::RecordTitle { vault: info.vault, record: info.id },
+                    new_name,
+                )?;
+                let update = RecordUpdate {
+                    title: Some(title),
+                    fields: None,
+                    parent: (new_parent != parent).then_some(ParentChange { to: new_record_parent }),
+                };
+                let updated = self.remote().update_record(info.id, info.version, update).await?;
+                if updated.id != info.id || updated.vault != info.vault {
+                    return Err(FsError::Io("the server answered for another record".into()));
+                }
+                self.tree.lock().place(
+                    new_parent,
+                    new_name,
+                    ino,
+                    Node::Record { info: updated, parent: new_parent },
+                );
+                Ok(())
+            }
+            Node::File { info, .. } => {
+                let (_, new_record) = self.file_parent(new_parent)?;
+                if let Some((_, tnode)) = &target {
+                    match tnode {
+                        Some(Node::File { info: tinfo, .. }) => {
+                            // rename(2) replaces the target.
+                            self.delete_file(tinfo).await?;
+                            let t = target.as_ref().map(|(t, _)| *t).unwrap_or_default();
+                            self.tree.lock().remove(t);
+                        }
+                        _ => return Err(FsError::IsDir),
+                    }
+                }
+                if new_record == info.record {
+                    let sealed = self.seal(
+                        info.vault,
+                        NameContext::FileName { vault: info.vault, record: info.record, file: info.id },
+                        new_name,
+                    )?;
+                    let updated = self
+                        .remote()
+                        .update_file(
+                            info.id,
+                            info.version,
+                            FileUpdate { name: Some(sealed), ..Default::default() },
+                        )
+                        .await?;
+                    let updated = check_file_answer(info.id, info.vault, updated)?;
+                    bump_cached_version(&self.cache, info.id, info.version, updated.version).await;
+                    let node = self.file_node(updated, new_parent);
+                    self.tree.lock().place(new_parent, new_name, ino, node);
+                    Ok(())
+                } else {
+                    self.move_file(ino, &info, new_parent, new_name).await
+                }
+            }
+        }
+    }
+
+    /// Moves a file to another record. Content is bound to its record, so the file
+    /// is written anew under the target record (new id) and the old one deleted:
+    /// a reader sees the old file or the complete new one, never a half.
+    async fn move_file(
+        self: &Arc<Self>,
+        ino: Ino,
+        info: &FileInfo,
+        new_parent: Ino,
+        new_name: &OsStr,
+    ) -> Result<()> {
+        let handle = self.cache.pin(info.id);
+        let result = async {
+            let (mut d, _) = self.ready(info.id, &handle, None).await?;
+            if !d.dirty && d.version != info.version {
+                d.loaded = false; // stale: download the current version
+                drop(d);
+                d = self.ready(info.id, &handle, None).await?.0;
+            }
+            let (new_ino, created) = self.new_file(new_parent, new_name).await?;
+            let (done, meta) = self.upload_whole(&created, 2, info.mtime_ms, &d.bytes).await?;
+            let mut moved = created.clone();
+            moved.version = done.version;
+            moved.size = done.size;
+            moved.e2e = self.rules.vault(info.vault).encrypts(d.bytes.len() as u64);
+            moved.mtime_ms = info.mtime_ms;
+            moved.meta = meta;
+            self.delete_file(info).await?;
+            // The kernel keeps the old inode number for the renamed entry, so the
+            // new file takes it over; open handles and cached data follow.
+            let node = self.file_node(moved.clone(), new_parent);
+            {
+                let mut tree = self.tree.lock();
+                tree.rekey_file(ino, info.id, created.id, new_ino);
+                tree.place(new_parent, new_name, ino, node);
+            }
+            self.handles.rekey(info.id, created.id);
+            d.version = moved.version;
+            d.dirty = false;
+            self.modes.forget_unsaved(info.id);
+            Ok::<_, FsError>(created.id)
+        }
+        .await;
+        match result {
+            Ok(new_id) => {
+                self.cache.rename(info.id, new_id);
+                self.cache.unpin(new_id);
+                Ok(())
+            }
+            Err(e) => {
+                self.cache.unpin(info.id);
+                Err(e)
+            }
+        }
+    }
+}

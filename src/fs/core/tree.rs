@@ -1,0 +1,644 @@
+//! The namespace: which inode is which vault, record or file, and under which
+//! name in which directory.
+//!
+//! Data flow. [`super::namespace`] fetches listings from the server, opens
+//! their sealed names and manifests (outside this lock), and hands the result
+//! to [`Tree::set_vaults`] or [`Tree::apply_listing`]; the mount's own changes
+//! go through [`Tree::add`], [`Tree::place`], [`Tree::remove`],
+//! [`Tree::unlink`] and [`Tree::rekey_file`]. Everything here is synchronous
+//! and cheap: the tree sits behind one mutex that is never held across an
+//! await.
+//!
+//! Invariants (checked by the tests below):
+//! - an object (vault, record, file: a [`Key`]) keeps one inode for the life
+//!   of the mount, and an inode names one object;
+//! - every entry of a directory is a node whose name is that entry's name;
+//!   a node is in at most one directory;
+//! - a listing never takes a node back to an older server version than the
+//!   one this mount holds (its own change may be newer than the listing);
+//! - a file unlinked while open (an orphan) is in no directory but keeps its
+//!   node until [`Tree::release_orphan`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{FsError, Ino, Result, LISTING_TTL, NAME_MAX, ROOT};
+use crate::crypto::{self, FileManifest};
+use crate::ids::{FileId, RecordId, VaultId};
+use crate::protocol::{FileInfo, RecordInfo};
+
+/// What an inode stands for on the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Key {
+    Vault(VaultId),
+    Record(RecordId),
+    File(FileId),
+}
+
+/// A node of the tree.
+#[derive(Debug, Clone)]
+pub(super) enum Node {
+    Root,
+    Vault { vault: VaultId },
+    Record { info: RecordInfo, parent: Ino },
+    File { info: FileInfo, parent: Ino, meta: FileMeta },
+}
+
+impl Node {
+    /// The vault the node is in (none for the root).
+    pub(super) fn vault(&self) -> Option<VaultId> {
+        match self {
+            Node::Root => None,
+            Node::Vault { vault } => Some(*vault),
+            Node::Record { info, .. } => Some(info.vault),
+            Node::File { info, .. } => Some(info.vault),
+        }
+    }
+
+    fn parent(&self) -> Option<Ino> {
+        match self {
+            Node::Root => None,
+            Node::Vault { .. } => Some(ROOT),
+            Node::Record { parent, .. } | Node::File { parent, .. } => Some(*parent),
+        }
+    }
+
+    fn is_dir(&self) -> bool {
+        !matches!(self, Node::File { .. })
+    }
+
+    /// The server's version of a record or file.
+    fn version(&self) -> Option<u64> {
+        match self {
+            Node::File { info, .. } => Some(info.version),
+            Node::Record { info, .. } => Some(info.version),
+            Node::Root | Node::Vault { .. } => None,
+        }
+    }
+}
+
+/// What the client knows of a file's content: its manifest (docs/FORMAT.md
+/// "File manifests"), opened from `FileInfo::meta` whenever that changes.
+/// Mode, length and generation come from here, never from the server's
+/// `e2e` flag or size.
+#[derive(Debug, Clone)]
+pub(super) enum FileMeta {
+    /// The writer's authenticated statement.
+    Sealed(Arc<FileManifest>),
+    /// No manifest: written by a vaultfs older than manifests, so the
+    /// server's word on mode and size is all there is.
+    Legacy,
+    /// The manifest failed its check (altered, another file's, or sealed with
+    /// a key this wallet lacks): every use of the file is EIO.
+    Invalid,
+}
+
+impl FileMeta {
+    /// The authenticated manifest, if there is one.
+    pub(super) fn manifest(&self) -> Option<&Arc<FileManifest>> {
+        match self {
+            FileMeta::Sealed(m) => Some(m),
+            FileMeta::Legacy | FileMeta::Invalid => None,
+        }
+    }
+}
+
+/// A record of a vault listing, with its opened title (`None`: it failed its check).
+pub(super) type ListedRecord = (RecordInfo, Option<OsString>);
+/// A file of a vault listing, with its opened manifest and name.
+pub(super) type ListedFile = (FileInfo, FileMeta, Option<OsString>);
+
+/// The namespace. See the module documentation for its invariants.
+#[derive(Default)]
+pub(super) struct Tree {
+    nodes: HashMap<Ino, Node>,
+    keys: HashMap<Key, Ino>,
+    children: HashMap<Ino, BTreeMap<OsString, Ino>>,
+    names: HashMap<Ino, OsString>,
+    /// Entries whose sealed name or title failed its check: listed (so the
+    /// damage is visible) under a stand-in name, but every use of them is EIO.
+    unreadable: HashMap<Ino, String>,
+    /// Files unlinked while open: in no directory, still readable and
+    /// writable through their handles until the last one is released.
+    orphans: HashSet<Ino>,
+    next: Ino,
+    root_loaded: Option<Instant>,
+    vault_loaded: HashMap<VaultId, Instant>,
+}
+
+impl Tree {
+    /// A tree with only the root.
+    pub(super) fn new() -> Self {
+        let mut t = Tree { next: ROOT + 1, ..Default::default() };
+        t.nodes.insert(ROOT, Node::Root);
+        t.children.insert(ROOT, BTreeMap::new());
+        t
+    }
+
+    /// The inode of `key`, given one now if it has none yet.
+    fn ino_for(&mut self, key: Key) -> Ino {
+        if let Some(i) = self.keys.get(&key) {
+            return *i;
+        }
+        let ino = self.next;
+        self.next += 1;
+        self.keys.insert(key, ino);
+        ino
+    }
+
+    /// The node of `ino`: EIO if its name or manifest failed its check.
+    pub(super) fn node(&self, ino: Ino) -> Result<&Node> {
+        let refused = |what: String| FsError::Integrity {
+            what,
+            source: crypto::CryptoError::Integrity(crypto::IntegrityFailure::Authentication),
+        };
+        if let Some(what) = self.unreadable.get(&ino) {
+            return Err(refused(what.clone()));
+        }
+        match self.nodes.get(&ino) {
+            Some(Node::File { info, meta: FileMeta::Invalid, .. }) => {
+                Err(refused(format!("the manifest of file {}", info.id)))
+            }
+            Some(node) => Ok(node),
+            None => Err(FsError::NotFound),
+        }
+    }
+
+    /// The node of `ino` even if it failed its check (to name it by id).
+    pub(super) fn node_unchecked(&self, ino: Ino) -> Option<&Node> {
+        self.nodes.get(&ino)
+    }
+
+    /// The metadata of file `ino`.
+    pub(super) fn file(&self, ino: Ino) -> Result<(&FileInfo, &FileMeta)> {
+        match self.node(ino)? {
+            Node::File { info, meta, .. } => Ok((info, meta)),
+            _ => Err(FsError::IsDir),
+        }
+    }
+
+    /// The inode of file `id`, if the tree has it.
+    pub(super) fn file_ino(&self, id: FileId) -> Option<Ino> {
+        self.keys.get(&Key::File(id)).copied()
+    }
+
+    /// Changes the metadata of file `ino` in place; `reopen` gives the
+    /// manifest again when `f` changed the sealed one.
+    pub(super) fn update_file(
+        &mut self,
+        ino: Ino,
+        f: impl FnOnce(&mut FileInfo),
+        reopen: impl FnOnce(&FileInfo) -> FileMeta,
+    ) {
+        if let Some(Node::File { info, meta, .. }) = self.nodes.get_mut(&ino) {
+            let before = info.meta.clone();
+            f(info);
+            if info.meta != before {
+                *meta = reopen(info);
+            }
+        }
+    }
+
+    /// The child `name` of directory `parent`.
+    pub(super) fn child(&self, parent: Ino, name: &OsStr) -> Option<Ino> {
+        self.children.get(&parent)?.get(name).copied()
+    }
+
+    /// The entries of directory `ino`, in name order.
+    pub(super) fn entries(&self, ino: Ino) -> Result<impl Iterator<Item = (&OsString, Ino, &Node)>> {
+        let kids = self.children.get(&ino).ok_or(FsError::NotDir)?;
+        Ok(kids.iter().filter_map(|(name, &child)| Some((name, child, self.nodes.get(&child)?))))
+    }
+
+    /// Whether directory `ino` has no entries.
+    pub(super) fn is_empty_dir(&self, ino: Ino) -> bool {
+        self.children.get(&ino).is_none_or(|k| k.is_empty())
+    }
+
+    /// How many directories directory `ino` holds (for its link count).
+    pub(super) fn subdirs(&self, ino: Ino) -> usize {
+        self.children
+            .get(&ino)
+            .map_or(0, |kids| kids.values().filter(|k| self.nodes.get(k).is_some_and(Node::is_dir)).count())
+    }
+
+    /// The directory `ino` is in (the root for the root and for unknowns).
+    pub(super) fn parent_of(&self, ino: Ino) -> Option<Ino> {
+        self.nodes.get(&ino)?.parent()
+    }
+
+    /// The name `ino` was last seen under (also once unlinked).
+    pub(super) fn name_of(&self, ino: Ino) -> OsString {
+        self.names.get(&ino).cloned().unwrap_or_default()
+    }
+
+    /// Whether `ino` is a file unlinked while open.
+    pub(super) fn is_orphan(&self, ino: Ino) -> bool {
+        self.orphans.contains(&ino)
+    }
+
+    // ---- the mount's own changes ---------------------------------------------
+
+    /// Adds the object `key` as `name` in `parent` (a new record or file),
+    /// or moves it there; returns its inode.
+    pub(super) fn add(&mut self, parent: Ino, name: &OsStr, key: Key, node: Node) -> Ino {
+        let ino = self.ino_for(key);
+        self.place(parent, name, ino, node);
+        ino
+    }
+
+    /// Places `ino` under `parent` as `name` with `node`, removing it from
+    /// where it was.
+    pub(super) fn place(&mut self, parent: Ino, name: &OsStr, ino: Ino, node: Node) {
+        self.detach(ino);
+        if node.is_dir() {
+            self.children.entry(ino).or_default();
+        }
+        self.children.entry(parent).or_default().insert(name.to_os_string(), ino);
+        self.names.insert(ino, name.to_os_string());
+        self.nodes.insert(ino, node);
+    }
+
+    /// Takes `ino` out of its directory (its node stays).
+    fn detach(&mut self, ino: Ino) {
+        if let (Some(parent), Some(name)) = (self.parent_of(ino), self.names.get(&ino)) {
+            if let Some(kids) = self.children.get_mut(&parent) {
+                if kids.get(name) == Some(&ino) {
+                    kids.remove(name);
+                }
+            }
+        }
+    }
+
+    /// Removes `ino` (deleted on the server, nothing of it open).
+    pub(super) fn remove(&mut self, ino: Ino) {
+        self.detach(ino);
+        self.nodes.remove(&ino);
+        self.orphans.remove(&ino);
+    }
+
+    /// Removes file `ino` from its directory; if it is still `open`, it
+    /// stays an orphan until [`Tree::release_orphan`], else it goes.
+    pub(super) fn unlink(&mut self, ino: Ino, open: bool) {
+        if open {
+            self.detach(ino);
+            self.orphans.insert(ino);
+        } else {
+            self.remove(ino);
+        }
+    }
+
+    /// The last handle of `ino` closed: if it was an orphan it goes now
+    /// (returns true).
+    pub(super) fn release_orphan(&mut self, ino: Ino) -> bool {
+        if !self.orphans.remove(&ino) {
+            return false;
+        }
+        self.nodes.remove(&ino);
+        true
+    }
+
+    /// A file moved to another record was written anew as `new` (its
+    /// placeholder inode `new_ino`): the kernel keeps the old inode `ino` for
+    /// the renamed entry, so the new file takes it over.
+    pub(super) fn rekey_file(&mut self, ino: Ino, old: FileId, new: FileId, new_ino: Ino) {
+        self.remove(new_ino);
+        self.keys.remove(&Key::File(new));
+        self.keys.remove(&Key::File(old));
+        self.keys.insert(Key::File(new), ino);
+    }
+
+    // ---- listings from the server --------------------------------------------
+
+    /// Whether the vault list was fetched less than [`LISTING_TTL`] ago.
+    pub(super) fn root_fresh(&self) -> bool {
+        self.root_loaded.is_some_and(|t| t.elapsed() < LISTING_TTL)
+    }
+
+    /// Whether `vault`'s listing was fetched less than [`LISTING_TTL`] ago.
+    pub(super) fn vault_fresh(&self, vault: VaultId) -> bool {
+        self.vault_loaded.get(&vault).is_some_and(|t| t.elapsed() < LISTING_TTL)
+    }
+
+    /// The server could not be asked: keeps showing the last vault list for
+    /// another [`LISTING_TTL`] if there is one (returns whether there was).
+    pub(super) fn keep_root(&mut self) -> bool {
+        let had = self.root_loaded.is_some();
+        if had {
+            self.root_loaded = Some(Instant::now());
+        }
+        had
+    }
+
+    /// As [`Tree::keep_root`], for `vault`'s listing.
+    pub(super) fn keep_vault(&mut self, vault: VaultId) -> bool {
+        let had = self.vault_loaded.contains_key(&vault);
+        if had {
+            self.vault_loaded.insert(vault, Instant::now());
+        }
+        had
+    }
+
+    /// Sets the vaults the root lists, each with its opened name (`None`: it
+    /// failed its check). Returns each vault's name as shown.
+    pub(super) fn set_vaults(&mut self, vaults: Vec<(VaultId, Option<String>)>) -> Vec<(VaultId, OsString)> {
+        let mut kids = BTreeMap::new();
+        let mut shown = Vec::with_capacity(vaults.len());
+        for (vault, name) in vaults {
+            let ino = self.ino_for(Key::Vault(vault));
+            let failed = name.is_none().then(|| format!("the name of vault {vault}"));
+            self.mark_unreadable(ino, failed);
+            let name = OsString::from(name.unwrap_or_else(|| unreadable_name("vault", &vault.to_string())));
+            self.nodes.insert(ino, Node::Vault { vault });
+            self.children.entry(ino).or_default();
+            self.names.insert(ino, name.clone());
+            kids.insert(name.clone(), ino);
+            shown.push((vault, name));
+        }
+        self.children.insert(ROOT, kids);
+        self.root_loaded = Some(Instant::now());
+        shown
+    }
+
+    /// Replaces the content of `vault` (its records, nested, and their files)
+    /// with a listing, keeping inodes and any newer version this mount holds.
+    pub(super) fn apply_listing(
+        &mut self,
+        vault: VaultId,
+        records: Vec<ListedRecord>,
+        files: Vec<ListedFile>,
+    ) {
+        let vault_ino = self.ino_for(Key::Vault(vault));
+        // Rebuild the children of the vault and of each of its records.
+        let mut kids: HashMap<Ino, BTreeMap<OsString, Ino>> = HashMap::new();
+        kids.insert(vault_ino, BTreeMap::new());
+        let mut placed: Vec<(Ino, Ino, OsString, Node)> = Vec::new();
+        for (info, name) in records {
+            let ino = self.ino_for(Key::Record(info.id));
+            kids.entry(ino).or_default();
+            let parent = match info.parent {
+                Some(p) => self.ino_for(Key::Record(p)),
+                None => vault_ino,
+            };
+            let id = info.id.to_string();
+            self.mark_unreadable(ino, name.is_none().then(|| format!("the title of record {id}")));
+            let name = name.unwrap_or_else(|| unreadable_name("record", &id).into());
+            placed.push((parent, ino, name, Node::Record { info, parent }));
+        }
+        for (info, meta, name) in files {
+            let ino = self.ino_for(Key::File(info.id));
+            let parent = self.ino_for(Key::Record(info.record));
+            let id = info.id.to_string();
+            self.mark_unreadable(ino, name.is_none().then(|| format!("the name of file {id}")));
+            let name = name.unwrap_or_else(|| unreadable_name("file", &id).into());
+            placed.push((parent, ino, name, Node::File { info, parent, meta }));
+        }
+        for (parent, ino, mut name, node) in placed {
+            let dir = kids.entry(parent).or_default();
+            if dir.contains_key(&name) {
+                // Two entries with one name (written by other clients): keep both visible.
+                let mut alt = name.clone();
+                alt.push(format!(" (duplicate {ino:x})"));
+                tracing::warn!(
+                    ino,
+                    name = %super::super::lognames::shown(&name),
+                    "two entries of one directory have the same name; this one is shown with \"(duplicate {ino:x})\" added"
+                );
+                name = alt;
+            }
+            dir.insert(name.clone(), ino);
+            self.names.insert(ino, name);
+            // The listing may have been fetched before one of our own changes was
+            // committed: never go back to an older version than the one we hold.
+            let ours = self.nodes.get(&ino).and_then(Node::version);
+            if ours.is_none_or(|v| v <= node.version().unwrap_or(0)) {
+                self.nodes.insert(ino, node);
+            }
+        }
+        for (dir, entries) in kids {
+            self.children.insert(dir, entries);
+        }
+        self.vault_loaded.insert(vault, Instant::now());
+    }
+
+    /// Records whether `ino`'s name failed its check, and which object it is.
+    fn mark_unreadable(&mut self, ino: Ino, failed: Option<String>) {
+        match failed {
+            Some(what) => self.unreadable.insert(ino, what),
+            None => self.unreadable.remove(&ino),
+        };
+    }
+}
+
+/// Refuses a name no directory entry may have (EINVAL, ENAMETOOLONG).
+pub(super) fn check_name(name: &OsStr) -> Result<()> {
+    let b = name.as_bytes();
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') || b.contains(&0) {
+        return Err(FsError::Invalid(format!("invalid name {}", super::super::lognames::shown(name))));
+    }
+    if b.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    Ok(())
+}
+
+/// A name as it appears in a directory: a name from the server that could not be
+/// a file name (a slash, say, written by another client) is shown escaped.
+pub(super) fn display_name(raw: &[u8]) -> OsString {
+    if !raw.is_empty() && raw != b"." && raw != b".." && !raw.contains(&b'/') && !raw.contains(&0) {
+        return OsString::from_vec(raw.to_vec());
+    }
+    let escaped: Vec<u8> = raw.iter().map(|&c| if c == b'/' || c == 0 { b'_' } else { c }).collect();
+    OsString::from_vec([b"_".as_slice(), &escaped].concat())
+}
+
+/// The stand-in name of an entry whose real name failed its check.
+fn unreadable_name(kind: &str, id: &str) -> String {
+    format!("UNREADABLE {kind} {}", id.get(..12).unwrap_or(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Sealed;
+
+    fn vault() -> VaultId {
+        VaultId::random().unwrap()
+    }
+
+    fn record(vault: VaultId, parent: Option<RecordId>, version: u64) -> RecordInfo {
+        RecordInfo {
+            id: RecordId::random().unwrap(),
+            vault,
+            parent,
+            title: Sealed::default(),
+            fields: Sealed::default(),
+            version,
+        }
+    }
+
+    fn file(vault: VaultId, record: RecordId, version: u64) -> FileInfo {
+        FileInfo {
+            id: FileId::random().unwrap(),
+            vault,
+            record,
+            name: Sealed::default(),
+            size: 0,
+            e2e: true,
+            version,
+            mtime_ms: 0,
+            meta: Sealed::default(),
+        }
+    }
+
+    fn name(s: &str) -> Option<OsString> {
+        Some(OsString::from(s))
+    }
+
+    /// Every directory entry is a node of that name whose parent is that
+    /// directory; no node is in two directories.
+    fn check_consistent(t: &Tree) {
+        let mut seen = HashSet::new();
+        for (dir, kids) in &t.children {
+            for (n, ino) in kids {
+                assert!(seen.insert(*ino), "{ino} is in two directories");
+                assert_eq!(t.names.get(ino), Some(n), "entry {n:?} of {dir}");
+                assert_eq!(t.parent_of(*ino), Some(*dir), "parent of {ino}");
+            }
+        }
+        for (key, ino) in &t.keys {
+            assert_eq!(t.keys.values().filter(|i| *i == ino).count(), 1, "{key:?}");
+        }
+    }
+
+    #[test]
+    fn listings_keep_inodes_and_nest_records() {
+        let v = vault();
+        let mut t = Tree::new();
+        t.set_vaults(vec![(v, Some("Finance".into()))]);
+        let vino = t.child(ROOT, OsStr::new("Finance")).unwrap();
+        let top = record(v, None, 1);
+        let sub = record(v, Some(top.id), 1);
+        let f = file(v, sub.id, 1);
+        let listing = |t: &mut Tree| {
+            t.apply_listing(
+                v,
+                vec![(sub.clone(), name("2026")), (top.clone(), name("Taxes"))],
+                vec![(f.clone(), FileMeta::Legacy, name("a.pdf"))],
+            )
+        };
+        listing(&mut t);
+        let top_ino = t.child(vino, OsStr::new("Taxes")).unwrap();
+        let sub_ino = t.child(top_ino, OsStr::new("2026")).unwrap();
+        let f_ino = t.child(sub_ino, OsStr::new("a.pdf")).unwrap();
+        assert_eq!(t.file_ino(f.id), Some(f_ino));
+        assert_eq!(t.subdirs(top_ino), 1);
+        check_consistent(&t);
+        listing(&mut t);
+        assert_eq!(t.child(sub_ino, OsStr::new("a.pdf")), Some(f_ino), "same inode on every listing");
+        check_consistent(&t);
+    }
+
+    #[test]
+    fn a_listing_never_goes_back_to_an_older_version() {
+        let v = vault();
+        let mut t = Tree::new();
+        let r = record(v, None, 1);
+        let mut f = file(v, r.id, 5);
+        t.apply_listing(v, vec![(r.clone(), name("r"))], vec![(f.clone(), FileMeta::Legacy, name("x"))]);
+        let ino = t.file_ino(f.id).unwrap();
+        t.update_file(ino, |i| i.version = 7, |_| FileMeta::Legacy);
+        f.version = 6; // fetched before our change was committed
+        t.apply_listing(v, vec![(r, name("r"))], vec![(f, FileMeta::Legacy, name("x"))]);
+        assert_eq!(t.file(ino).unwrap().0.version, 7);
+    }
+
+    #[test]
+    fn duplicate_and_unreadable_names_stay_visible() {
+        let v = vault();
+        let mut t = Tree::new();
+        let r = record(v, None, 1);
+        let (a, b, c) = (file(v, r.id, 1), file(v, r.id, 1), file(v, r.id, 1));
+        t.apply_listing(
+            v,
+            vec![(r.clone(), name("r"))],
+            vec![
+                (a.clone(), FileMeta::Legacy, name("same")),
+                (b.clone(), FileMeta::Legacy, name("same")),
+                (c.clone(), FileMeta::Legacy, None),
+            ],
+        );
+        let rino = t.parent_of(t.file_ino(a.id).unwrap()).unwrap();
+        let names: Vec<_> =
+            t.entries(rino).unwrap().map(|(n, ..)| n.to_string_lossy().into_owned()).collect();
+        assert_eq!(names.len(), 3, "{names:?}");
+        assert!(names.iter().any(|n| n.starts_with("same (duplicate ")), "{names:?}");
+        assert!(names.iter().any(|n| n.starts_with("UNREADABLE file ")), "{names:?}");
+        assert!(matches!(t.node(t.file_ino(c.id).unwrap()), Err(FsError::Integrity { .. })));
+        assert!(t.node_unchecked(t.file_ino(c.id).unwrap()).is_some(), "still named by id");
+        check_consistent(&t);
+    }
+
+    #[test]
+    fn place_moves_and_unlink_keeps_open_files_until_released() {
+        let v = vault();
+        let mut t = Tree::new();
+        let (r1, r2) = (record(v, None, 1), record(v, None, 1));
+        let f = file(v, r1.id, 1);
+        t.apply_listing(v, vec![(r1.clone(), name("one")), (r2.clone(), name("two"))], vec![]);
+        let vino = t.parent_of(t.keys[&Key::Record(r1.id)]).unwrap();
+        let (one, two) =
+            (t.child(vino, OsStr::new("one")).unwrap(), t.child(vino, OsStr::new("two")).unwrap());
+        let node = |parent| Node::File { info: f.clone(), parent, meta: FileMeta::Legacy };
+        let ino = t.add(one, OsStr::new("f"), Key::File(f.id), node(one));
+        assert!(!t.is_empty_dir(one));
+        t.place(two, OsStr::new("g"), ino, node(two));
+        assert!(t.is_empty_dir(one), "moved away");
+        assert_eq!(t.child(two, OsStr::new("g")), Some(ino));
+        assert_eq!(t.name_of(ino), "g");
+        check_consistent(&t);
+        t.unlink(ino, true);
+        assert_eq!(t.child(two, OsStr::new("g")), None);
+        assert!(t.is_orphan(ino) && t.file(ino).is_ok(), "still usable while open");
+        assert!(t.release_orphan(ino));
+        assert!(matches!(t.node(ino), Err(FsError::NotFound)));
+        assert!(!t.release_orphan(ino), "released once");
+        check_consistent(&t);
+    }
+
+    #[test]
+    fn a_rekeyed_file_keeps_the_old_inode() {
+        let v = vault();
+        let mut t = Tree::new();
+        let r = record(v, None, 1);
+        let (old, new) = (file(v, r.id, 1), file(v, r.id, 1));
+        t.apply_listing(v, vec![(r.clone(), name("r"))], vec![(old.clone(), FileMeta::Legacy, name("old"))]);
+        let ino = t.file_ino(old.id).unwrap();
+        let rino = t.parent_of(ino).unwrap();
+        let node = Node::File { info: new.clone(), parent: rino, meta: FileMeta::Legacy };
+        let placeholder = t.add(rino, OsStr::new("new"), Key::File(new.id), node.clone());
+        t.rekey_file(ino, old.id, new.id, placeholder);
+        t.place(rino, OsStr::new("new"), ino, node);
+        assert_eq!(t.file_ino(new.id), Some(ino));
+        assert_eq!(t.file_ino(old.id), None);
+        assert!(matches!(t.node(placeholder), Err(FsError::NotFound)));
+        assert_eq!(t.child(rino, OsStr::new("new")), Some(ino));
+        assert_eq!(t.child(rino, OsStr::new("old")), None);
+        check_consistent(&t);
+    }
+
+    #[test]
+    fn names_are_checked_and_displayed_safely() {
+        assert!(check_name(OsStr::new("ok name.txt")).is_ok());
+        for bad in ["", ".", "..", "a/b"] {
+            assert!(check_name(OsStr::new(bad)).is_err(), "{bad:?}");
+        }
+        assert!(matches!(check_name(OsStr::new(&"x".repeat(256))), Err(FsError::NameTooLong)));
+        assert_eq!(display_name(b"a/b"), "_a_b");
+        assert_eq!(display_name(b".."), "_..");
+        assert_eq!(display_name(b"fine"), "fine");
+    }
+}
