@@ -1,8 +1,11 @@
 //! vaultfs: mount end-to-end encrypted vaults from a vault server as a drive.
 //!
-//! Layout: [`crypto`] is the pure vault format; [`cli`] parses the command line
-//! and dispatches. The mount daemon (`fs`, `cache`), the server and the remote
-//! client land in later milestones; see README.md for what works today.
+//! Layout: [`crypto`] is the pure vault format; [`fs`] is the mount (a thin
+//! FUSE adapter over a core that knows nothing of FUSE) and [`cache`] holds
+//! its plaintext in memory only; [`remote`] is the client the mount talks to
+//! the server through, and [`server`] is `vaultfs serve`; [`policy`] holds the
+//! mount policies; [`protocol`] and [`ids`] are shared by client and server;
+//! [`cli`] parses the command line and dispatches. README.md says what works.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -10,6 +13,7 @@ pub mod cache;
 pub mod cli;
 pub mod crypto;
 pub mod fs;
+#[cfg(any(test, feature = "testing"))]
 #[doc(hidden)]
 pub mod fuzz;
 pub mod ids;

@@ -4,15 +4,19 @@
 //! `vaultfs serve` (rustls, pinned certificate, pooled connections, timeouts,
 //! retries for idempotent requests, automatic re-login), and
 //! [`memory::MemoryRemote`] runs the very same server logic in process, with no
-//! network and no disk, for tests of the filesystem core. Errors are typed
+//! network and no disk, for tests of the filesystem core; it and the
+//! failure-injecting [`faulty`] remote are test doubles, built only for tests
+//! and fuzzing (the `testing` feature). Errors are typed
 //! ([`RemoteError`]) so the filesystem can map each to an errno.
 //!
 //! Everything crossing this boundary is already sealed: names, titles and fields
 //! as `Sealed` blobs, end-to-end file content as vault-format ciphertext.
 
 pub mod account;
+#[cfg(any(test, feature = "testing"))]
 pub mod faulty;
 pub mod http;
+#[cfg(any(test, feature = "testing"))]
 pub mod memory;
 pub mod migrate;
 pub mod tls;
