@@ -17,8 +17,17 @@ use super::save::bump_cached_version;
 use super::tree::{check_name, Node};
 use super::{check_file_answer, FsError, Ino, Result, VaultFs};
 use crate::crypto::NameContext;
-use crate::protocol::{FileInfo, FileUpdate, ParentChange, RecordUpdate};
+use crate::protocol::{FileInfo, FileUpdate, ParentChange, RecordInfo, RecordUpdate};
 use crate::remote::{Remote, RemoteError};
+
+/// Where a rename goes: the directory, the name, the directory's node, and
+/// the entry it replaces there, if any.
+struct Destination<'a> {
+    parent: Ino,
+    name: &'a OsStr,
+    node: Node,
+    replaces: Option<(Ino, Option<Node>)>,
+}
 
 impl<R: Remote> VaultFs<R> {
     /// Removes a file.
@@ -97,92 +106,81 @@ impl<R: Remote> VaultFs<R> {
                 _ => FsError::CrossDevice,
             });
         }
-        if let Some((t, _)) = target {
-            if t == ino {
-                return Ok(());
-            }
+        if target.as_ref().is_some_and(|(t, _)| *t == ino) {
+            return Ok(());
         }
+        let to = Destination { parent: new_parent, name: new_name, node: dest, replaces: target };
         match node {
             Node::Root | Node::Vault { .. } => {
                 Err(FsError::NotPermitted("vaults are renamed with the CLI".into()))
             }
-            Node::Record { info, .. } => {
-                let new_record_parent = match &dest {
-                    Node::Vault { .. } => None,
-                    Node::Record { info: p, .. } => Some(p.id),
-                    _ => return Err(FsError::NotDir),
-                };
-                if let Some((t, tnode)) = target {
-                    match tnode {
-                        Some(Node::Record { info: tinfo, .. }) => {
-                            if !self.tree.lock().is_empty_dir(t) {
-                                return Err(FsError::NotEmpty);
-                            }
-                            self.remote().delete_record(tinfo.id, tinfo.version).await?;
-                            self.tree.lock().remove(t);
-                        }
-                        _ => return Err(FsError::NotDir),
-                    }
-                }
-                let title = self.seal(
-                    info.vault,
-                    NameContext::RecordTitle { vault: info.vault, record: info.id },
-                    new_name,
-                )?;
-                let update = RecordUpdate {
-                    title: Some(title),
-                    fields: None,
-                    parent: (new_parent != parent).then_some(ParentChange { to: new_record_parent }),
-                };
-                let updated = self.remote().update_record(info.id, info.version, update).await?;
-                if updated.id != info.id || updated.vault != info.vault {
-                    return Err(FsError::Io("the server answered for another record".into()));
-                }
-                self.tree.lock().place(
-                    new_parent,
-                    new_name,
-                    ino,
-                    Node::Record { info: updated, parent: new_parent },
-                );
-                Ok(())
-            }
-            Node::File { info, .. } => {
-                let (_, new_record) = self.file_parent(new_parent)?;
-                if let Some((_, tnode)) = &target {
-                    match tnode {
-                        Some(Node::File { info: tinfo, .. }) => {
-                            // rename(2) replaces the target.
-                            self.delete_file(tinfo).await?;
-                            let t = target.as_ref().map(|(t, _)| *t).unwrap_or_default();
-                            self.tree.lock().remove(t);
-                        }
-                        _ => return Err(FsError::IsDir),
-                    }
-                }
-                if new_record == info.record {
-                    let sealed = self.seal(
-                        info.vault,
-                        NameContext::FileName { vault: info.vault, record: info.record, file: info.id },
-                        new_name,
-                    )?;
-                    let updated = self
-                        .remote()
-                        .update_file(
-                            info.id,
-                            info.version,
-                            FileUpdate { name: Some(sealed), ..Default::default() },
-                        )
-                        .await?;
-                    let updated = check_file_answer(info.id, info.vault, updated)?;
-                    bump_cached_version(&self.cache, info.id, info.version, updated.version).await;
-                    let node = self.file_node(updated, new_parent);
-                    self.tree.lock().place(new_parent, new_name, ino, node);
-                    Ok(())
-                } else {
-                    self.move_file(ino, &info, new_parent, new_name).await
-                }
-            }
+            Node::Record { info, .. } => self.rename_record(ino, &info, parent, to).await,
+            Node::File { info, .. } => self.rename_file(ino, &info, to).await,
         }
+    }
+
+    /// Renames record `ino` and/or moves it under another record of its vault.
+    async fn rename_record(
+        &self,
+        ino: Ino,
+        info: &RecordInfo,
+        parent: Ino,
+        to: Destination<'_>,
+    ) -> Result<()> {
+        let new_record_parent = match &to.node {
+            Node::Vault { .. } => None,
+            Node::Record { info: p, .. } => Some(p.id),
+            _ => return Err(FsError::NotDir),
+        };
+        match to.replaces {
+            Some((t, Some(Node::Record { info: tinfo, .. }))) => {
+                // rename(2) replaces an empty directory.
+                if !self.tree.lock().is_empty_dir(t) {
+                    return Err(FsError::NotEmpty);
+                }
+                self.remote().delete_record(tinfo.id, tinfo.version).await?;
+                self.tree.lock().remove(t);
+            }
+            Some(_) => return Err(FsError::NotDir),
+            None => {}
+        }
+        let ctx = NameContext::RecordTitle { vault: info.vault, record: info.id };
+        let update = RecordUpdate {
+            title: Some(self.seal(info.vault, ctx, to.name)?),
+            fields: None,
+            parent: (to.parent != parent).then_some(ParentChange { to: new_record_parent }),
+        };
+        let updated = self.remote().update_record(info.id, info.version, update).await?;
+        if updated.id != info.id || updated.vault != info.vault {
+            return Err(FsError::Io("the server answered for another record".into()));
+        }
+        self.tree.lock().place(to.parent, to.name, ino, Node::Record { info: updated, parent: to.parent });
+        Ok(())
+    }
+
+    /// Renames file `ino` in its record, or moves it to another.
+    async fn rename_file(self: &Arc<Self>, ino: Ino, info: &FileInfo, to: Destination<'_>) -> Result<()> {
+        let (_, new_record) = self.file_parent(to.parent)?;
+        match to.replaces {
+            Some((t, Some(Node::File { info: tinfo, .. }))) => {
+                // rename(2) replaces the target.
+                self.delete_file(&tinfo).await?;
+                self.tree.lock().remove(t);
+            }
+            Some(_) => return Err(FsError::IsDir),
+            None => {}
+        }
+        if new_record != info.record {
+            return self.move_file(ino, info, to.parent, to.name).await;
+        }
+        let ctx = NameContext::FileName { vault: info.vault, record: info.record, file: info.id };
+        let update = FileUpdate { name: Some(self.seal(info.vault, ctx, to.name)?), ..Default::default() };
+        let updated = self.remote().update_file(info.id, info.version, update).await?;
+        let updated = check_file_answer(info.id, info.vault, updated)?;
+        bump_cached_version(&self.cache, info.id, info.version, updated.version).await;
+        let node = self.file_node(updated, to.parent);
+        self.tree.lock().place(to.parent, to.name, ino, node);
+        Ok(())
     }
 
     /// Moves a file to another record. Content is bound to its record, so the file
