@@ -19,7 +19,9 @@ pub mod harden;
 pub use buf::SecretBuf;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use crate::ids::FileId;
 
@@ -101,9 +103,9 @@ impl PlainCache {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic while holding this lock leaves only bookkeeping behind; keep going.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Inner> {
+        // Not poisoned by a panic elsewhere: this lock guards only bookkeeping.
+        self.inner.lock()
     }
 
     /// The entry for `id`, created empty if absent, and pinned (an open handle).

@@ -7,25 +7,25 @@
 //! swap along with the rest when the system allows) and leave it only over the
 //! mount's private status socket.
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::Mutex;
 
 use zeroize::Zeroize;
 
 /// Lines kept.
 const KEEP: usize = 500;
 
-static RING: Mutex<VecDeque<String>> = Mutex::new(VecDeque::new());
+static RING: Mutex<VecDeque<String>> = parking_lot::const_mutex(VecDeque::new());
 
 /// The most recent lines, oldest first.
 pub fn recent(n: usize) -> Vec<String> {
-    let ring = RING.lock().unwrap_or_else(|p| p.into_inner());
+    let ring = RING.lock();
     ring.iter().skip(ring.len().saturating_sub(n)).cloned().collect()
 }
 
 fn keep(text: &[u8]) {
-    let mut ring = RING.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ring = RING.lock();
     for line in strip_ansi(text).lines().filter(|l| !l.trim().is_empty()) {
         if ring.len() == KEEP {
             if let Some(mut old) = ring.pop_front() {

@@ -18,10 +18,10 @@
 //! protection for what it remembered, never data. Files this machine never saw
 //! are not protected: a fresh machine cannot know what is newest.
 
+use parking_lot::Mutex;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::crypto::state::{open_state, seal_state, FreshState, StateBinding};
@@ -131,7 +131,7 @@ pub struct Freshness {
     /// Generations this mount sent in uploads whose outcome it does not know
     /// yet (a server may store one and answer an error): the next upload of
     /// the file goes above them, so two uploads never share a generation.
-    attempted: std::sync::Mutex<std::collections::HashMap<FileId, u64>>,
+    attempted: Mutex<std::collections::HashMap<FileId, u64>>,
     /// Whether `state` holds something the file does not.
     dirty: std::sync::atomic::AtomicBool,
     changed: tokio::sync::Notify,
@@ -143,10 +143,6 @@ impl std::fmt::Debug for Freshness {
             .field("path", &self.file.as_ref().map(|f| &f.path))
             .finish_non_exhaustive()
     }
-}
-
-fn lock(m: &Mutex<FreshState>) -> std::sync::MutexGuard<'_, FreshState> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// `$XDG_STATE_HOME/vaultfs`, or `~/.local/state/vaultfs`.
@@ -211,7 +207,7 @@ impl Freshness {
     /// Refuses a wallet older than the newest this machine saw, and
     /// remembers this one's revision.
     pub fn check_wallet(&self, revision: u64) -> Result<(), FreshnessError> {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         if revision < state.wallet_revision {
             return Err(FreshnessError::WalletRolledBack {
                 served: revision,
@@ -229,7 +225,7 @@ impl Freshness {
 
     /// The newest generation of `file` seen, 0 if none.
     pub fn generation(&self, file: FileId) -> u64 {
-        lock(&self.state).generations.get(&file).copied().unwrap_or(0)
+        self.state.lock().generations.get(&file).copied().unwrap_or(0)
     }
 
     /// Refuses a generation of `file` older than the newest seen: a replay.
@@ -246,7 +242,7 @@ impl Freshness {
 
     /// Notes that an upload of `file` at `generation` is being sent.
     pub fn attempt(&self, file: FileId, generation: u64) {
-        let mut attempted = self.attempted.lock().unwrap_or_else(|p| p.into_inner());
+        let mut attempted = self.attempted.lock();
         let entry = attempted.entry(file).or_insert(0);
         *entry = (*entry).max(generation);
     }
@@ -254,13 +250,13 @@ impl Freshness {
     /// What the next upload of `file` must be above: every generation seen
     /// of it, and every one this mount already sent.
     pub fn write_floor(&self, file: FileId) -> u64 {
-        let attempted = self.attempted.lock().unwrap_or_else(|p| p.into_inner()).get(&file).copied();
+        let attempted = self.attempted.lock().get(&file).copied();
         self.generation(file).max(attempted.unwrap_or(0))
     }
 
     /// Notes that generation `generation` of `file` exists.
     pub fn note(&self, file: FileId, generation: u64) {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         let entry = state.generations.entry(file).or_insert(0);
         if generation > *entry {
             *entry = generation;
@@ -291,7 +287,7 @@ impl Freshness {
                 return Err(e);
             }
         };
-        merged.merge(&lock(&self.state));
+        merged.merge(&self.state.lock());
         let result = file.write(&merged);
         if result.is_err() {
             self.dirty.store(true, std::sync::atomic::Ordering::Release);

@@ -252,7 +252,7 @@ const DRAIN_IDLE: Duration = Duration::from_secs(1);
 /// close". A 413 is answered at once: that body is the one thing not to read.
 async fn drain_refused_bodies(req: Request, next: axum::middleware::Next) -> Response {
     let (parts, body) = req.into_parts();
-    let shared = SharedBody(Arc::new(std::sync::Mutex::new(Some(body))));
+    let shared = SharedBody(Arc::new(parking_lot::Mutex::new(Some(body))));
     let answer = next.run(Request::from_parts(parts, Body::new(shared.clone()))).await;
     let status = answer.status();
     if (status.is_client_error() || status.is_server_error()) && status != StatusCode::PAYLOAD_TOO_LARGE {
@@ -275,13 +275,13 @@ async fn drain_refused_bodies(req: Request, next: axum::middleware::Next) -> Res
 /// A request body the handler reads while the middleware keeps a way to
 /// take what it left (the handler's copy then ends).
 #[derive(Clone)]
-struct SharedBody(Arc<std::sync::Mutex<Option<Body>>>);
+struct SharedBody(Arc<parking_lot::Mutex<Option<Body>>>);
 
 impl SharedBody {
-    /// The body, if nobody took it. A panic while it was locked left it as
-    /// it was (a body is read or taken, never half-changed): use it anyway.
-    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Body>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    /// The body, if nobody took it (a body is read or taken, never
+    /// half-changed, so a panic elsewhere leaves it usable: no poisoning).
+    fn slot(&self) -> parking_lot::MutexGuard<'_, Option<Body>> {
+        self.0.lock()
     }
 }
 

@@ -205,7 +205,7 @@ pub struct Service<B> {
     secret: [u8; 32],
     config: ServiceConfig,
     /// Recently confirmed sessions: SHA-256 of the token -> user, and when.
-    sessions: Mutex<HashMap<[u8; 32], (User, Instant)>>,
+    sessions: parking_lot::Mutex<HashMap<[u8; 32], (User, Instant)>>,
 }
 
 fn sha256(parts: &[&[u8]]) -> [u8; 32] {
@@ -253,7 +253,7 @@ impl<B: BlobStore> Service<B> {
             blobs: Arc::new(blobs),
             secret,
             config,
-            sessions: Mutex::default(),
+            sessions: parking_lot::Mutex::default(),
         })
     }
 
@@ -396,8 +396,8 @@ impl<B: BlobStore> Service<B> {
         }
     }
 
-    fn session_cache(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (User, Instant)>> {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    fn session_cache(&self) -> parking_lot::MutexGuard<'_, HashMap<[u8; 32], (User, Instant)>> {
+        self.sessions.lock()
     }
 
     /// The caller behind a bearer token.
