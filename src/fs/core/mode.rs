@@ -53,7 +53,9 @@ pub(super) enum Writing {
     /// Streamed to the server as plain HTTPS while it is written.
     Streaming(Stream),
     /// The stream is being ended: `sent` bytes went, the commit is awaited.
-    Ending { sent: u64 },
+    /// `emptied`: the file was truncated to zero meanwhile, so it is
+    /// [`Writing::Sequential`] from empty once the stream is done.
+    Ending { sent: u64, emptied: bool },
 }
 
 /// A pass-through upload in progress.
@@ -164,10 +166,10 @@ impl FileModes {
     /// The file is empty now (created, or truncated to zero): written front to
     /// back from here, it may stream once it passes the end-to-end limit.
     pub(super) fn start_sequential(&self, id: FileId) {
-        self.with(id, |s| {
-            if matches!(s.writing, Writing::Cached | Writing::Sequential { .. }) {
-                s.writing = Writing::Sequential { next: 0 };
-            }
+        self.with(id, |s| match &mut s.writing {
+            Writing::Cached | Writing::Sequential { .. } => s.writing = Writing::Sequential { next: 0 },
+            Writing::Ending { emptied, .. } => *emptied = true,
+            Writing::Streaming(_) => {}
         })
     }
 
@@ -251,11 +253,13 @@ impl FileModes {
         Some(data.len() as u32)
     }
 
-    /// Counts `added` more bytes as handed to the stream of `id`.
+    /// Counts `added` more bytes as handed to the stream of `id` (also by a
+    /// writer that got its sender before the stream was ended).
     pub(super) fn streamed(&self, id: FileId, added: u64) {
         self.with(id, |s| {
-            if let Writing::Streaming(st) = &mut s.writing {
-                st.sent += added;
+            match &mut s.writing {
+                Writing::Streaming(Stream { sent, .. }) | Writing::Ending { sent, .. } => *sent += added,
+                Writing::Cached | Writing::Sequential { .. } => {}
             }
             if let Some(p) = &s.upload {
                 p.sent.fetch_add(added, Ordering::Relaxed);
@@ -267,7 +271,7 @@ impl FileModes {
     pub(super) fn end_stream(&self, id: FileId) -> EndStream {
         let ended = self.with(id, |s| match std::mem::take(&mut s.writing) {
             Writing::Streaming(st) => {
-                s.writing = Writing::Ending { sent: st.sent };
+                s.writing = Writing::Ending { sent: st.sent, emptied: false };
                 EndStream::Now { task: st.task, ino: st.ino, sent: st.sent }
             }
             ending @ Writing::Ending { .. } => {
@@ -288,7 +292,10 @@ impl FileModes {
     /// The stream of `id` was committed (or failed): the file is cached again.
     pub(super) fn stream_done(&self, id: FileId) {
         self.with(id, |s| {
-            s.writing = Writing::Cached;
+            s.writing = match s.writing {
+                Writing::Ending { emptied: true, .. } => Writing::Sequential { next: 0 },
+                _ => Writing::Cached,
+            };
             s.upload = None;
         });
         self.bump();
@@ -340,7 +347,7 @@ impl FileModes {
     /// time, so unsaved changes show the time of the last change.
     pub(super) fn local_size(&self, id: FileId) -> Option<(u64, SystemTime)> {
         self.read(id, |s| match &s.writing {
-            Writing::Streaming(Stream { sent, .. }) | Writing::Ending { sent } => {
+            Writing::Streaming(Stream { sent, .. }) | Writing::Ending { sent, .. } => {
                 Some((*sent, SystemTime::now()))
             }
             _ => s.unsaved.map(|u| (u.size, u.changed)),
@@ -453,6 +460,9 @@ mod tests {
         assert_eq!((ino, sent), (9, 10));
         assert!(matches!(modes.end_stream(id), EndStream::Already));
         assert!(matches!(modes.stream_feed(id), StreamFeed::Ending));
+        modes.streamed(id, 5); // a writer that took its sender before the end
+        assert_eq!(modes.local_size(id).map(|l| l.0), Some(15), "the size counts it");
+        modes.start_sequential(id); // truncated to zero while ending
         assert!(rx.has_changed().unwrap());
         rx.mark_unchanged();
         let waiter = {
@@ -468,6 +478,6 @@ mod tests {
         modes.stream_done(id);
         waiter.await.unwrap();
         assert!(!modes.is_streaming(id));
-        assert!(modes.files.lock().is_empty());
+        assert!(modes.note_write(id, 0, 4), "emptied while ending: written front to back again");
     }
 }

@@ -153,18 +153,19 @@ impl<R: Remote> VaultFs<R> {
 
     /// Looks `name` up in directory `parent`.
     pub async fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr> {
+        check_lookup_name(name)?;
         self.answer(parent, || self.lookup_loaded(parent, name)).await
     }
 
-    /// [`VaultFs::lookup`] if the listing is fresh.
+    /// [`VaultFs::lookup`] if the listing is fresh (or the name too long).
     pub fn lookup_now(&self, parent: Ino, name: &OsStr) -> Option<Result<Attr>> {
+        if let Err(e) = check_lookup_name(name) {
+            return Some(Err(e));
+        }
         self.answer_now(parent, || self.lookup_loaded(parent, name))
     }
 
     fn lookup_loaded(&self, parent: Ino, name: &OsStr) -> Result<Attr> {
-        if name.len() > super::NAME_MAX {
-            return Err(FsError::NameTooLong);
-        }
         let tree = self.tree.lock();
         let ino = tree.child(parent, name).ok_or(FsError::NotFound)?;
         Ok(self.attr_of(&tree, ino, tree.node(ino)?))
@@ -386,6 +387,14 @@ impl<R: Remote> VaultFs<R> {
     pub(super) fn note_generation(&self, id: FileId, generation: u64) {
         self.freshness.note(id, generation);
     }
+}
+
+/// A name too long for any entry needs no listing to be refused.
+fn check_lookup_name(name: &OsStr) -> Result<()> {
+    if name.len() > super::NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    Ok(())
 }
 
 fn kind_of(node: &Node) -> Kind {
