@@ -260,6 +260,27 @@ async fn renames_moves_and_the_editor_save_pattern() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncating_a_file_this_mount_never_opened_empties_it_on_the_server() {
+    let s = setup(&["V"]).await;
+    let fs1 = mount(s.alice.clone()).await;
+    let v1 = fs1.lookup(ROOT, n("V")).await.unwrap();
+    let r1 = fs1.mkdir(v1.ino, n("r")).await.unwrap();
+    write_file(&fs1, r1.ino, "big.txt", b"some content").await;
+    // Another mount truncates it without opening it (truncate(2)): its
+    // cache has no loaded copy, and the emptying must still be stored.
+    let fs2 = mount(s.alice.clone()).await;
+    let v2 = fs2.lookup(ROOT, n("V")).await.unwrap();
+    let r2 = fs2.lookup(v2.ino, n("r")).await.unwrap();
+    let a2 = fs2.lookup(r2.ino, n("big.txt")).await.unwrap();
+    assert_eq!(fs2.setattr(a2.ino, Some(0), None).await.unwrap().size, 0);
+    let fs3 = mount(s.alice.clone()).await;
+    let v3 = fs3.lookup(ROOT, n("V")).await.unwrap();
+    let r3 = fs3.lookup(v3.ino, n("r")).await.unwrap();
+    assert_eq!(read_file(&fs3, r3.ino, "big.txt").await.unwrap(), b"");
+    drop(s.server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_mounts_editing_one_file_keep_both_versions() {
     let s = setup(&["V"]).await;
     let fs1 = mount(s.alice.clone()).await;

@@ -142,6 +142,9 @@ impl<R: Remote> VaultFs<R> {
         let rules = self.writable(ino)?;
         if let Some(size) = size {
             check_size(&rules, size)?;
+            // What the file holds now, as shown: an entry not loaded yet is
+            // empty, but the file it stands for may not be.
+            let shown = self.getattr(ino)?.size;
             let handle = self.cache.pin(info.id);
             let result = async {
                 {
@@ -152,8 +155,13 @@ impl<R: Remote> VaultFs<R> {
                         self.cancel_fill(info.id, &mut d);
                         d
                     };
-                    d.loaded = true;
-                    if d.bytes.len() as u64 != size {
+                    let held = if d.loaded { d.bytes.len() as u64 } else { shown };
+                    if !d.loaded {
+                        // Its emptying replaces the version shown (as O_TRUNC does).
+                        d.version = d.version.max(info.version);
+                        d.loaded = true;
+                    }
+                    if held != size {
                         let size = size as usize;
                         d.bytes.resize(size);
                         d.dirty = true;
