@@ -200,11 +200,15 @@ impl Multipart {
         Ok(())
     }
 
-    /// Stops the parts still in flight and aborts the upload (so the store
-    /// frees its parts); the journal entry goes only if the abort succeeded.
+    /// Lets the parts still in flight settle, then aborts the upload (so the
+    /// store frees its parts); the journal entry goes only if the abort
+    /// succeeded. The parts are waited for, not cancelled: a cancelled request
+    /// may already be in the store's hands, and a part it stores after the
+    /// abort would stay behind (S3 says as much of parts in progress). At most
+    /// `concurrency` parts wait, each bounded by the store's own timeouts.
     async fn abort(self, s: &S3BlobStore) {
-        for (_, task) in &self.in_flight {
-            task.abort();
+        for (_, task) in self.in_flight {
+            let _ = task.await;
         }
         match s.store.abort_multipart(&self.key, &self.upload).await {
             Ok(()) => {
