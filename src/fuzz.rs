@@ -269,6 +269,21 @@ pub fn sealed_name(data: &[u8]) {
 /// parameters is tried with a passphrase (it must not open).
 pub fn wallet(data: &[u8]) {
     let _ = Wallet::deserialize(data);
+    // A share (a keyring sealed for this user) comes from the server too: it
+    // must parse without panicking, and never open without the sender's key.
+    if let Ok(sender) = crate::crypto::share::share_sender(data) {
+        static FROM: std::sync::OnceLock<crate::crypto::UserPublic> = std::sync::OnceLock::new();
+        let me = crate::crypto::UserSecret::from_bytes(&[7; 32]).expect("any 32 bytes are a key");
+        let from = FROM.get_or_init(|| {
+            crate::crypto::UserSecret::from_bytes(&[8; 32]).expect("any 32 bytes are a key").public()
+        });
+        let ctx = crate::crypto::share::ShareContext {
+            vault: crate::ids::VaultId([1; 16]),
+            sender,
+            recipient: "fuzz",
+        };
+        assert!(crate::crypto::share::open_share(data, &ctx, &me, from).is_err(), "a forged share opened");
+    }
     if let Ok(params) = crate::crypto::wallet::wallet_kdf_params(data) {
         if params.m_cost_kib <= 64 && params.t_cost <= 2 && params.p_cost <= 1 {
             assert!(Wallet::open(data, b"fuzz passphrase").is_err(), "a forged wallet opened");
@@ -280,6 +295,8 @@ pub fn wallet(data: &[u8]) {
 pub fn server_responses(data: &[u8]) {
     use protocol::*;
     let _ = serde_json::from_slice::<Me>(data);
+    let _ = serde_json::from_slice::<UserKey>(data);
+    let _ = serde_json::from_slice::<Vec<Member>>(data);
     let _ = serde_json::from_slice::<Vec<VaultInfo>>(data);
     let _ = serde_json::from_slice::<Vec<RecordInfo>>(data);
     let _ = serde_json::from_slice::<Vec<FileInfo>>(data);
@@ -332,7 +349,21 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             let mut w = Wallet::new();
             let _ = w.add_key(VaultId([1; 16]), key());
             let params = crate::crypto::KdfParams { m_cost_kib: 8, t_cost: 1, p_cost: 1 };
-            vec![w.seal(b"pw", params, &mut Seeded(9)).unwrap_or_default()]
+            let sealed = w.seal(b"pw", params, &mut Seeded(9)).unwrap_or_default();
+            // And a share, for the share parser.
+            use crate::crypto::share::{seal_share, EpochKey, Keyring, ShareContext};
+            let ring = Keyring { keys: vec![EpochKey { epoch: 0, key: key() }], flags: 1 };
+            let ctx = ShareContext { vault: VaultId([1; 16]), sender: "alice", recipient: "fuzz" };
+            let share = match (
+                crate::crypto::UserSecret::from_bytes(&[9; 32]),
+                crate::crypto::UserSecret::from_bytes(&[7; 32]),
+            ) {
+                (Ok(from), Ok(to)) => {
+                    seal_share(&ring, &ctx, &from, &to.public(), &mut Seeded(3)).unwrap_or_default()
+                }
+                _ => Vec::new(),
+            };
+            vec![sealed, share]
         }
         "server_responses" => vec![
             br#"{"error":{"code":"not_found","message":"no such file"}}"#.to_vec(),

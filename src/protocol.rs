@@ -248,6 +248,18 @@ pub struct VaultUpdate {
     pub e2e_required: Option<bool>,
 }
 
+/// A user's public key for shares (`GET /v1/users/{user}/key`,
+/// `PUT /v1/me/key`): 32 bytes of X25519 (docs/FORMAT.md "User keys and
+/// shares"). The server stores it and hands it out; clients check it by its
+/// fingerprint, never on the server's word.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserKey {
+    /// User name.
+    pub user: String,
+    /// The public key.
+    pub public_key: Sealed,
+}
+
 /// A vault member, as listed to admins of the vault.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {

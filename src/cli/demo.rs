@@ -114,6 +114,8 @@ fn run_in(work: &Path, mountpoint: Option<PathBuf>) -> CliResult {
     let mut meta = crate::server::open_meta(&data_dir)?;
     let defaults = crate::server::admin::recorded_defaults(&meta)?.ok_or("server defaults missing")?;
     let code = crate::server::admin::add_user(&mut meta, "demo", defaults.limits, defaults.login_kdf)?;
+    let colleague_code =
+        crate::server::admin::add_user(&mut meta, "colleague", defaults.limits, defaults.login_kdf)?;
     drop(meta);
     let budget = FsOptions::default().cache_budget as u64;
     crate::cache::harden::harden_process(budget);
@@ -121,10 +123,30 @@ fn run_in(work: &Path, mountpoint: Option<PathBuf>) -> CliResult {
     getrandom::getrandom(&mut pass)?;
     let pass = zeroize::Zeroizing::new(hex_encode(&pass));
     let access = ServerAccess::new(url.clone(), started.fingerprint.clone().map(Trust::Pinned));
-    let fs = rt.block_on(async {
+    let (fs, shared) = rt.block_on(async {
         let remote = HttpRemote::enroll(&access, "demo", &code, pass.as_bytes(), LOGIN_KDF_FLOOR).await?;
         let mut unlocked = Unlocked::create_wallet(remote, pass.as_bytes(), KdfParams::DEFAULT).await?;
-        unlocked.create_vault("Demo vault", false).await?;
+        unlocked.ensure_user_key().await?;
+        let vault = unlocked.create_vault("Demo vault", false).await?.info;
+        // A second user, to whom the vault is shared read-only. Both are on
+        // this machine, so the colleague's key is confirmed directly; on two
+        // machines it is read aloud (`vaultfs whoami`, `vaultfs vault share`).
+        let remote =
+            HttpRemote::enroll(&access, "colleague", &colleague_code, pass.as_bytes(), LOGIN_KDF_FLOOR)
+                .await?;
+        let mut colleague = Unlocked::create_wallet(remote, pass.as_bytes(), KdfParams::DEFAULT).await?;
+        let their_key = colleague.ensure_user_key().await?;
+        unlocked.pin("colleague", their_key.fingerprint())?;
+        let demo_key = unlocked.user_public().ok_or("the demo user has no key pair")?;
+        colleague.pin("demo", demo_key.fingerprint())?;
+        unlocked.share_vault(&vault, "colleague", crate::protocol::Rights::Read, &their_key).await?;
+        let seen =
+            colleague.vaults().await?.into_iter().find_map(|v| v.name.filter(|_| v.shared_by.is_some()));
+        let shared = format!(
+            "user \"colleague\" (key {}), read rights; their client opened the share and sees {:?}",
+            their_key.fingerprint(),
+            seen.as_deref().unwrap_or("nothing (the share did not open)")
+        );
         let fs = Arc::new(VaultFs::new(unlocked, FsOptions::default()).await?);
         let vault = fs.lookup(ROOT, "Demo vault".as_ref()).await?;
         let record = fs.mkdir(vault.ino, "Welcome".as_ref()).await?;
@@ -132,7 +154,7 @@ fn run_in(work: &Path, mountpoint: Option<PathBuf>) -> CliResult {
         fs.write(fh, 0, WELCOME.as_bytes()).await?;
         fs.fsync(file.ino, fh).await?;
         fs.release(file.ino, fh).await?;
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(fs)
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((fs, shared))
     })?;
 
     // 3. The mount.
@@ -150,6 +172,7 @@ fn run_in(work: &Path, mountpoint: Option<PathBuf>) -> CliResult {
     )?;
     writeln!(out, "  server data    {}  (ciphertext only)", data_dir.display())?;
     writeln!(out, "  mounted at     {}", mountpoint.display())?;
+    writeln!(out, "  shared with    {shared}")?;
     writeln!(out)?;
     writeln!(out, "Try, in another terminal:")?;
     writeln!(out, "  cat '{}/Welcome/README.txt'", vault_dir.display())?;

@@ -42,9 +42,16 @@ pub enum Command {
     Admin(admin::AdminArgs),
     /// Log in to a server and remember it (URL, user, pinned certificate).
     Login(user::LoginArgs),
-    /// Create and list your vaults.
+    /// Create, list and share your vaults.
     #[command(subcommand)]
     Vault(user::VaultCommand),
+    /// Show who you are logged in as, and your key's fingerprint (what others
+    /// confirm when they share a vault with you).
+    Whoami(user::WhoamiArgs),
+    /// Confirm another user's key, after comparing its fingerprint with what
+    /// `vaultfs whoami` shows them: vaults they share with you open from then
+    /// on (until then they wait), and sharing with them asks no more.
+    Trust(user::TrustArgs),
     /// Mount your vaults as a directory tree.
     Mount(mount::MountArgs),
     /// Unmount a vaultfs mount point.
@@ -101,6 +108,8 @@ pub fn main() -> ExitCode {
         Command::Admin(args) => admin::run(args),
         Command::Login(args) => runtime().map_err(Into::into).and_then(|rt| rt.block_on(user::login(args))),
         Command::Vault(cmd) => runtime().map_err(Into::into).and_then(|rt| rt.block_on(user::vault(cmd))),
+        Command::Trust(args) => runtime().map_err(Into::into).and_then(|rt| rt.block_on(user::trust(args))),
+        Command::Whoami(args) => runtime().map_err(Into::into).and_then(|rt| rt.block_on(user::whoami(args))),
         Command::Mount(args) => mount::mount(args),
         Command::Unmount(args) => mount::unmount(args),
         Command::Status(args) => status::run(args),

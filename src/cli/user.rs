@@ -8,10 +8,11 @@ use clap::{Args, Subcommand};
 use zeroize::Zeroizing;
 
 use super::CliResult;
-use crate::crypto::KdfParams;
+use crate::crypto::{Fingerprint, KdfParams};
 use crate::fs::freshness::{state_dir, state_path, Freshness, FreshnessError};
-use crate::remote::account::{config_dir, Account, Unlocked, LOGIN_FILE};
+use crate::remote::account::{config_dir, Account, AccountError, Unlocked, LOGIN_FILE};
 use crate::remote::http::{parse_server_url, probe_fingerprint, HttpRemote, ServerAccess};
+use crate::remote::pins::{PinCheck, Pins, PINS_FILE};
 use crate::remote::tls::{normalize_fingerprint, Trust};
 
 /// The weakest Argon2id this client accepts from a server for the login key
@@ -82,6 +83,55 @@ pub enum VaultCommand {
         #[arg(long, env = PASSPHRASE_FILE_ENV)]
         passphrase_file: Option<PathBuf>,
     },
+    /// Share a vault with another user (or change their rights): its keys are
+    /// sealed for their public key, which you confirm by its fingerprint.
+    Share {
+        /// The vault's name.
+        vault: String,
+        /// The user to share it with.
+        user: String,
+        /// What they may do: read, write (and delete), or admin (and share).
+        #[arg(long, value_parser = ["read", "write", "admin"])]
+        rights: String,
+        /// Their key's fingerprint, as `vaultfs whoami` shows it to them: needed
+        /// the first time (unless you confirm it when asked) and when their key
+        /// changed.
+        #[arg(long)]
+        fingerprint: Option<String>,
+        /// Read the passphrase from this file instead of asking.
+        #[arg(long, env = PASSPHRASE_FILE_ENV)]
+        passphrase_file: Option<PathBuf>,
+    },
+    /// List the members of a vault, their rights and key fingerprints.
+    Members {
+        /// The vault's name.
+        vault: String,
+        /// Read the passphrase from this file instead of asking.
+        #[arg(long, env = PASSPHRASE_FILE_ENV)]
+        passphrase_file: Option<PathBuf>,
+    },
+}
+
+/// `vaultfs trust`.
+#[derive(Debug, Args)]
+pub struct TrustArgs {
+    /// The user whose key to confirm.
+    user: String,
+    /// Their key's fingerprint, as `vaultfs whoami` shows it to them (else
+    /// it is shown, and you are asked).
+    #[arg(long)]
+    fingerprint: Option<String>,
+    /// Read the passphrase from this file instead of asking.
+    #[arg(long, env = PASSPHRASE_FILE_ENV)]
+    passphrase_file: Option<PathBuf>,
+}
+
+/// `vaultfs whoami`.
+#[derive(Debug, Args)]
+pub struct WhoamiArgs {
+    /// Read the passphrase from this file instead of asking.
+    #[arg(long, env = PASSPHRASE_FILE_ENV)]
+    passphrase_file: Option<PathBuf>,
 }
 
 fn login_path() -> Result<PathBuf, String> {
@@ -208,6 +258,12 @@ pub async fn login(args: LoginArgs) -> CliResult {
     account.save(&path)?;
     println!("logged in to {} as {}; {vaults} vault(s). Saved to {}", args.server, args.user, path.display());
     println!("the login is bound to the server identity {}", account.identity.as_deref().unwrap_or(""));
+    if let Some(key) = unlocked.user_public() {
+        println!(
+            "your key's fingerprint (others confirm it to share vaults with you): {}",
+            key.fingerprint()
+        );
+    }
     Ok(())
 }
 
@@ -232,7 +288,14 @@ pub(crate) async fn freshness_for<R: crate::remote::Remote>(
     let key = unlocked.wallet().state_key().ok_or("the wallet holds no state key")?.duplicate();
     let freshness = Freshness::load(path, key, server, user)?;
     freshness.check_wallet(unlocked.wallet().revision())?;
+    // Only a wallet that passed the check gets a key pair added (and is
+    // stored again); the pins of other users' keys are this server's.
+    unlocked.ensure_user_key().await?;
+    freshness.check_wallet(unlocked.wallet().revision())?;
     freshness.save()?;
+    if let Some(dir) = config_dir() {
+        unlocked.set_pins(Pins::load(&dir.join(PINS_FILE), server)?);
+    }
     Ok(Arc::new(freshness))
 }
 
@@ -300,14 +363,148 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
                 return Err(format!("no vault named {n:?}").into());
             }
         }
-        VaultCommand::List { passphrase_file } => {
+        VaultCommand::Share { vault, user, rights, fingerprint, passphrase_file } => {
+            let rights = match rights.as_str() {
+                "read" => crate::protocol::Rights::Read,
+                "write" => crate::protocol::Rights::Write,
+                _ => crate::protocol::Rights::Admin,
+            };
             let (unlocked, _) = unlock(passphrase_file.as_deref()).await?;
-            for v in unlocked.vaults().await? {
-                let name = v.name.unwrap_or_else(|| "<name cannot be decrypted>".into());
-                let flag = if v.info.e2e_required { "  e2e-required" } else { "" };
-                println!("{name}\t{}\t{}{flag}", v.info.rights.as_str(), v.info.id);
+            let info = find_vault(&unlocked, &vault).await?;
+            if info.rights != crate::protocol::Rights::Admin {
+                return Err(format!(
+                    "you have {} rights in {vault}; sharing needs admin",
+                    info.rights.as_str()
+                )
+                .into());
+            }
+            let key = confirm_key(&unlocked, &user, fingerprint.as_deref(), "nothing shared").await?;
+            unlocked.share_vault(&info, &user, rights, &key).await?;
+            println!("shared {vault} with {user} ({} rights; key {})", rights.as_str(), key.fingerprint());
+        }
+        VaultCommand::Members { vault, passphrase_file } => {
+            let (unlocked, _) = unlock(passphrase_file.as_deref()).await?;
+            let info = find_vault(&unlocked, &vault).await?;
+            for m in unlocked.members(info.id).await? {
+                let key = m.fingerprint.map_or_else(|| "no key published".to_string(), |f| f.to_string());
+                let pin = match (m.user == unlocked.user(), m.pin) {
+                    (true, _) => "you",
+                    (false, Some(PinCheck::Pinned)) => "pinned here",
+                    (false, Some(PinCheck::New)) => "not pinned here",
+                    (false, Some(PinCheck::Changed { .. })) => "DIFFERS FROM THE KEY PINNED HERE",
+                    (false, None) => "",
+                };
+                let share =
+                    if m.has_share || m.user == unlocked.user() { "" } else { "  (no share: cannot read)" };
+                println!("{}\t{}\t{key}\t{pin}{share}", m.user, m.rights.as_str());
             }
         }
+        VaultCommand::List { passphrase_file } => {
+            let (unlocked, _) = unlock(passphrase_file.as_deref()).await?;
+            let vaults = unlocked.vaults().await?;
+            let pending = unlocked.pending_shares();
+            for v in vaults {
+                if pending.iter().any(|(id, _, _)| *id == v.info.id) {
+                    continue; // waiting for its sender's key to be confirmed: below
+                }
+                let name = v.name.unwrap_or_else(|| "<name cannot be decrypted>".into());
+                let flag = if v.info.e2e_required { "  e2e-required" } else { "" };
+                let by = v.shared_by.map(|u| format!("  shared by {u}")).unwrap_or_default();
+                println!("{name}\t{}\t{}{flag}{by}", v.info.rights.as_str(), v.info.id);
+            }
+            for (vault, user, offered) in pending {
+                println!(
+                    "(vault {vault}, shared by {user}: waits until you confirm their key; compare {offered} with \
+                     what `vaultfs whoami` shows {user}, then `vaultfs trust {user} --fingerprint {offered}`)"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The vault listed under `name`.
+async fn find_vault(
+    unlocked: &Unlocked<HttpRemote>,
+    name: &str,
+) -> Result<crate::protocol::VaultInfo, Box<dyn std::error::Error + Send + Sync>> {
+    let mut found = unlocked.vaults().await?.into_iter().filter(|v| v.name.as_deref() == Some(name));
+    match (found.next(), found.next()) {
+        (Some(v), None) => Ok(v.info),
+        (Some(_), Some(_)) => Err(format!("two vaults are named {name:?}").into()),
+        (None, _) => Err(format!("no vault named {name:?} (`vaultfs vault list` shows yours)").into()),
+    }
+}
+
+/// `vaultfs whoami`: the user, the server and this user's key fingerprint.
+pub async fn whoami(args: WhoamiArgs) -> CliResult {
+    crate::cache::harden::harden_command();
+    let (unlocked, _) = unlock(args.passphrase_file.as_deref()).await?;
+    let account = Account::load(&login_path()?)?;
+    let key = unlocked.user_public().ok_or("the wallet holds no key pair")?;
+    println!("user:        {}", unlocked.user());
+    println!("server:      {}", account.server);
+    println!("fingerprint: {}", key.fingerprint());
+    println!("(others confirm this fingerprint when they share a vault with you)");
+    Ok(())
+}
+
+/// Checks the key the server offers for `user` against this machine's pin,
+/// and pins it once the user confirmed it (`confirmed`, or a yes at the
+/// prompt): a key is used only once confirmed. `refused` starts the error
+/// when it is not.
+async fn confirm_key(
+    unlocked: &Unlocked<HttpRemote>,
+    user: &str,
+    confirmed: Option<&str>,
+    refused: &str,
+) -> Result<crate::crypto::UserPublic, Box<dyn std::error::Error + Send + Sync>> {
+    let confirmed = confirmed
+        .map(|f| f.parse::<Fingerprint>().map_err(|e| format!("--fingerprint {f:?}: {e}")))
+        .transpose()?;
+    let (key, check) = unlocked.colleague_key(user).await?;
+    let offered = key.fingerprint();
+    let user = user.to_string();
+    match (check, confirmed) {
+        (_, Some(c)) if c != offered => {
+            return Err(AccountError::NotConfirmed { user, offered, confirmed: c }.into());
+        }
+        (PinCheck::Pinned, _) => {}
+        (PinCheck::New | PinCheck::Changed { .. }, Some(_)) => unlocked.pin(&user, offered)?,
+        (PinCheck::Changed { pinned }, None) => {
+            return Err(AccountError::KeyChanged { user, pinned, offered }.into());
+        }
+        (PinCheck::New, None) => {
+            println!("The server offers this key for {user}: {offered}");
+            println!(
+                "Compare it with what `vaultfs whoami` shows {user} (read it aloud, or another channel)."
+            );
+            if !ask_yes(&format!("Is this {user}'s key?")) {
+                return Err(
+                    format!("{refused}; run again with --fingerprint (the one {user} reads you)").into()
+                );
+            }
+            unlocked.pin(&user, offered)?;
+        }
+    }
+    Ok(key)
+}
+
+/// `vaultfs trust`: confirms another user's key.
+pub async fn trust(args: TrustArgs) -> CliResult {
+    crate::cache::harden::harden_command();
+    let (unlocked, _) = unlock(args.passphrase_file.as_deref()).await?;
+    let key = confirm_key(&unlocked, &args.user, args.fingerprint.as_deref(), "not trusted").await?;
+    println!("{}'s key {} is confirmed on this machine", args.user, key.fingerprint());
+    let opened: Vec<String> = unlocked
+        .vaults()
+        .await?
+        .into_iter()
+        .filter(|v| v.shared_by.as_deref() == Some(args.user.as_str()))
+        .map(|v| v.name.unwrap_or_else(|| v.info.id.to_string()))
+        .collect();
+    if !opened.is_empty() {
+        println!("shared by {}: {}", args.user, opened.join(", "));
     }
     Ok(())
 }

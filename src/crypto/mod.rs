@@ -5,7 +5,9 @@
 //! a fresh random content key per upload in the 128-byte header of the file
 //! ([`file`]) and seals names ([`names`]). File bodies are 64 KiB chunks of
 //! XChaCha20-Poly1305 ([`aead`]), so any range decrypts after fetching only the
-//! chunks it covers ([`offsets`] does the arithmetic).
+//! chunks it covers ([`offsets`] does the arithmetic). The wallet also holds
+//! the user's key pair, with which a vault's keys are sealed for other members
+//! and opened from them ([`share`]).
 //!
 //! The module is pure: no file or network I/O and no `unsafe`. The only system
 //! call is getrandom(2) behind [`RandomSource`], which tests replace to reproduce
@@ -22,6 +24,7 @@ pub mod manifest;
 pub mod names;
 pub mod offsets;
 pub mod random;
+pub mod share;
 pub mod state;
 pub mod wallet;
 
@@ -36,4 +39,5 @@ pub use manifest::{open_manifest, seal_manifest, ContentMode, FileManifest, Piec
 pub use names::{open_name, seal_name, NameContext};
 pub use offsets::{ChunkIndex, Layout, CHUNK_SIZE, HEADER_LEN};
 pub use random::{OsRandom, RandomSource};
+pub use share::{Fingerprint, UserPublic, UserSecret};
 pub use wallet::{KdfParams, StateKey, Wallet};

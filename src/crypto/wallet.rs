@@ -13,8 +13,9 @@
 //! associated data.
 //!
 //! Version 2 holds typed records: vault keys, the key that authenticates this
-//! user's local freshness state, and per-vault flags (a vault all of whose
-//! files carry manifests). Records of a type this build does not know are kept
+//! user's local freshness state, per-vault flags (a vault all of whose
+//! files carry manifests) and the user's secret key for shares
+//! (super::share). Records of a type this build does not know are kept
 //! and written back unchanged, so an older client never drops what a newer
 //! one stored. Version-1 wallets (keys only) still open and are written back
 //! as version 2.
@@ -25,6 +26,7 @@ use super::aead::{self, KEY_LEN, XNONCE_LEN};
 use super::error::{check_prefix, CryptoError, Result};
 use super::keys::{KeyId, VaultKey, WalletKey, KEY_ID_LEN};
 use super::random::RandomSource;
+use super::share::{UserSecret, USER_KEY_LEN};
 use crate::ids::{VaultId, ID_LEN};
 
 /// First four bytes of a sealed wallet.
@@ -36,6 +38,7 @@ const WALLET_V1: u8 = 1;
 const RECORD_VAULT_KEY: u8 = 1;
 const RECORD_STATE_KEY: u8 = 2;
 const RECORD_VAULT_FLAGS: u8 = 3;
+const RECORD_USER_KEY: u8 = 4;
 /// Vault flag: every file of the vault carries a manifest; a file without one
 /// had it removed (by the server) and is refused.
 const FLAG_MANIFESTS_REQUIRED: u8 = 1;
@@ -131,6 +134,8 @@ pub struct Wallet {
     entries: Vec<WalletEntry>,
     state_key: Option<StateKey>,
     vault_flags: std::collections::BTreeMap<VaultId, u8>,
+    /// The secret half of the user's key pair for shares.
+    user_key: Option<UserSecret>,
     /// Records of types this build does not know, kept as they were.
     unknown: Vec<(u8, Zeroizing<Vec<u8>>)>,
 }
@@ -227,6 +232,22 @@ impl Wallet {
         Ok(true)
     }
 
+    /// The secret half of the user's key pair (opens shares sent to them).
+    pub fn user_key(&self) -> Option<&UserSecret> {
+        self.user_key.as_ref()
+    }
+
+    /// Makes the user's key pair if the wallet has none yet (drawing 32 bytes
+    /// from `rng`); returns whether the wallet changed.
+    pub fn ensure_user_key(&mut self, rng: &mut dyn RandomSource) -> Result<bool> {
+        if self.user_key.is_some() {
+            return Ok(false);
+        }
+        self.user_key = Some(UserSecret::generate(rng)?);
+        self.revision += 1;
+        Ok(true)
+    }
+
     /// Whether every file of `vault` carries a manifest (so one without is
     /// refused rather than trusted as written by an older client).
     pub fn manifests_required(&self, vault: VaultId) -> bool {
@@ -251,6 +272,7 @@ impl Wallet {
         let count = self.entries.len()
             + usize::from(self.state_key.is_some())
             + self.vault_flags.len()
+            + usize::from(self.user_key.is_some())
             + self.unknown.len();
         out.extend_from_slice(&(count as u32).to_be_bytes());
         let mut record = |kind: u8, body: &[u8]| {
@@ -273,6 +295,9 @@ impl Wallet {
             let mut body = vault.as_bytes().to_vec();
             body.push(*flags);
             record(RECORD_VAULT_FLAGS, &body);
+        }
+        if let Some(key) = &self.user_key {
+            record(RECORD_USER_KEY, key.secret());
         }
         for (kind, body) in &self.unknown {
             record(*kind, body);
@@ -314,7 +339,12 @@ impl Wallet {
                         return Err(bad());
                     }
                 }
-                RECORD_VAULT_KEY | RECORD_STATE_KEY | RECORD_VAULT_FLAGS => return Err(bad()),
+                RECORD_USER_KEY if len == USER_KEY_LEN && w.user_key.is_none() => {
+                    w.user_key = Some(UserSecret::from_bytes(body)?);
+                }
+                RECORD_VAULT_KEY | RECORD_STATE_KEY | RECORD_VAULT_FLAGS | RECORD_USER_KEY => {
+                    return Err(bad())
+                }
                 other => w.unknown.push((other, Zeroizing::new(body.to_vec()))),
             }
         }
@@ -556,5 +586,30 @@ mod tests {
         let mut relabelled = blob.clone();
         relabelled[4] = 1;
         assert!(Wallet::open(&relabelled, b"p").is_err());
+    }
+
+    #[test]
+    fn the_user_key_is_made_once_and_kept() {
+        let mut w = Wallet::new();
+        assert!(w.user_key().is_none());
+        assert!(w.ensure_user_key(&mut OsRandom).unwrap());
+        assert!(!w.ensure_user_key(&mut OsRandom).unwrap(), "made once");
+        let public = w.user_key().unwrap().public();
+        let blob = w.seal(b"p", FAST, &mut OsRandom).unwrap();
+        let (back, _) = Wallet::open(&blob, b"p").unwrap();
+        assert_eq!(back.user_key().unwrap().public(), public);
+        assert_eq!(back.revision(), 1);
+        // Two user-key records, or one of the wrong size, are refused.
+        let record =
+            |body: &[u8]| [&[RECORD_USER_KEY][..], &(body.len() as u32).to_be_bytes(), body].concat();
+        let contents = |records: &[Vec<u8>]| {
+            let mut out = 1u64.to_be_bytes().to_vec();
+            out.extend_from_slice(&(records.len() as u32).to_be_bytes());
+            records.iter().for_each(|r| out.extend_from_slice(r));
+            out
+        };
+        assert!(Wallet::deserialize(&contents(&[record(&[1; 32])])).is_ok());
+        assert!(Wallet::deserialize(&contents(&[record(&[1; 32]), record(&[2; 32])])).is_err());
+        assert!(Wallet::deserialize(&contents(&[record(&[1; 31])])).is_err());
     }
 }

@@ -19,8 +19,7 @@
 //! are not protected: a fresh machine cannot know what is newest.
 
 use parking_lot::Mutex;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -111,16 +110,7 @@ impl StateFile {
     fn write(&self, state: &FreshState) -> Result<(), FreshnessError> {
         let blob = seal_state(&self.key, self.binding(), state, &mut OsRandom)
             .map_err(|e| self.io(std::io::Error::other(e)))?;
-        let tmp = self.path.with_extension("state.tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| self.io(e))?;
-        f.write_all(&blob).and_then(|()| f.sync_all()).map_err(|e| self.io(e))?;
-        std::fs::rename(&tmp, &self.path).map_err(|e| self.io(e))
+        crate::remote::account::write_private(&self.path, &blob).map_err(|e| self.io(e))
     }
 }
 

@@ -9,16 +9,26 @@
 //! [`Unlocked`] is an authenticated remote plus the opened wallet: it creates
 //! vaults (key added to the wallet and the wallet stored *before* the vault is
 //! created, so a key is never lost) and lists vaults with their names opened.
+//! The keys of a vault come from the wallet (vaults this user made) or from
+//! the share another member sealed for this user (super::sharing), opened each
+//! session; [`Unlocked::vault_key`] and [`Unlocked::active_key`] look in both.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::pins::Pins;
+use super::sharing::{Accepted, Refused};
 use super::tls::Trust;
 use super::{Remote, RemoteError};
-use crate::crypto::{self, open_name, seal_name, KdfParams, NameContext, OsRandom, VaultKey, Wallet};
+use crate::crypto::share::Keyring;
+use crate::crypto::{
+    self, open_name, seal_name, Fingerprint, KdfParams, NameContext, OsRandom, VaultKey, Wallet,
+};
 use crate::ids::VaultId;
 use crate::protocol::{NewVault, Rights, Sealed, VaultInfo};
 
@@ -48,6 +58,46 @@ pub enum AccountError {
     /// No key for a vault in the wallet.
     #[error("the wallet holds no key for vault {0}")]
     NoKey(VaultId),
+    /// The server offers another key for a user than the one pinned here.
+    #[error(
+        "the server offers another key for {user} ({offered}) than the one pinned on this machine ({pinned}); \
+         if {user} really has a new key (after a reset), compare it with what `vaultfs whoami` shows them and \
+         confirm it with `vaultfs trust {user} --fingerprint {offered}`"
+    )]
+    KeyChanged {
+        /// Whose key.
+        user: String,
+        /// The fingerprint pinned here.
+        pinned: Fingerprint,
+        /// The fingerprint of the key the server offers.
+        offered: Fingerprint,
+    },
+    /// A share from a user whose key this user has not confirmed yet.
+    #[error(
+        "a vault shared by {user} waits until you confirm their key: compare {offered} with what \
+         `vaultfs whoami` shows {user}, then run `vaultfs trust {user} --fingerprint {offered}`"
+    )]
+    Untrusted {
+        /// The sender.
+        user: String,
+        /// The fingerprint of the key the server offers for them.
+        offered: Fingerprint,
+    },
+    /// The key the user confirmed is not the one the server offers.
+    #[error(
+        "the server offers {offered} as the key of {user}, not the {confirmed} you gave; nothing was shared"
+    )]
+    NotConfirmed {
+        /// Whose key.
+        user: String,
+        /// What the server offers.
+        offered: Fingerprint,
+        /// What the user gave.
+        confirmed: Fingerprint,
+    },
+    /// A sharing step refused, with why.
+    #[error("{0}")]
+    Sharing(String),
 }
 
 /// The saved login (`login.toml`).
@@ -131,14 +181,22 @@ impl Account {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
-        let tmp = path.with_extension("toml.tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f =
-            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(err)?;
-        f.write_all(text.as_bytes()).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        std::fs::rename(&tmp, path).map_err(err)
+        write_private(path, text.as_bytes()).map_err(err)
     }
+}
+
+/// Replaces `path` with `bytes`, readable by the owner only, atomically and
+/// durably: a new file (named for this process, so two processes writing at
+/// once never share one) synced and renamed over it.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// A vault as the user sees it: server metadata plus the opened name.
@@ -148,13 +206,25 @@ pub struct NamedVault {
     pub info: VaultInfo,
     /// The decrypted name, or `None` if it could not be opened (no key, tampered).
     pub name: Option<String>,
+    /// Who sealed the share this user's keys of the vault came from (`None`:
+    /// the keys are in the wallet, or there are none).
+    pub shared_by: Option<String>,
 }
 
 /// An authenticated remote with the user's wallet open.
 pub struct Unlocked<R> {
     /// The remote.
     pub remote: R,
+    /// The user name on the server.
+    user: String,
     wallet: Wallet,
+    /// Shares opened this session, by vault (super::sharing).
+    pub(super) shared: parking_lot::RwLock<HashMap<VaultId, Accepted>>,
+    /// Shares that did not open, by vault: not tried (nor logged) again until
+    /// the server holds another one, or the user confirms the sender's key.
+    pub(super) refused_shares: parking_lot::Mutex<HashMap<VaultId, Refused>>,
+    /// Keys of other users accepted on this machine.
+    pub(super) pins: parking_lot::Mutex<Pins>,
     wallet_version: u64,
     passphrase: zeroize::Zeroizing<Vec<u8>>,
     wallet_kdf: KdfParams,
@@ -166,12 +236,28 @@ impl<R: Remote> Unlocked<R> {
         let wallet = Wallet::new();
         let sealed = seal_blocking(&wallet, passphrase, kdf).await?;
         let wallet_version = remote.put_wallet(sealed, None).await?;
+        let passphrase = zeroize::Zeroizing::new(passphrase.to_vec());
+        Self::assemble(remote, wallet, wallet_version, passphrase, kdf).await
+    }
+
+    async fn assemble(
+        remote: R,
+        wallet: Wallet,
+        wallet_version: u64,
+        passphrase: zeroize::Zeroizing<Vec<u8>>,
+        wallet_kdf: KdfParams,
+    ) -> Result<Self, AccountError> {
+        let user = remote.me().await?.user;
         Ok(Unlocked {
             remote,
+            user,
             wallet,
+            shared: Default::default(),
+            refused_shares: Default::default(),
+            pins: parking_lot::Mutex::new(Pins::in_memory("")),
             wallet_version,
-            passphrase: zeroize::Zeroizing::new(passphrase.to_vec()),
-            wallet_kdf: kdf,
+            passphrase,
+            wallet_kdf,
         })
     }
 
@@ -183,7 +269,50 @@ impl<R: Remote> Unlocked<R> {
         let (wallet, wallet_kdf) = tokio::task::spawn_blocking(move || Wallet::open(&blob, &pass2))
             .await
             .map_err(|e| RemoteError::Protocol(e.to_string()))??;
-        Ok(Unlocked { remote, wallet, wallet_version, passphrase: pass, wallet_kdf })
+        Self::assemble(remote, wallet, wallet_version, pass, wallet_kdf).await
+    }
+
+    /// The user name on the server.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// Uses `pins` (this machine's pinned keys of other users) from now on;
+    /// without, pins are kept in memory for this session only.
+    pub fn set_pins(&mut self, pins: Pins) {
+        *self.pins.get_mut() = pins;
+    }
+
+    /// The key of `vault` with id `id`: from the wallet, or from the share
+    /// opened for the vault. A key of another vault is never returned.
+    pub fn vault_key(&self, vault: VaultId, id: crypto::KeyId) -> Option<KeyRef<'_>> {
+        if let Some(k) = self.wallet.key(vault, id) {
+            return Some(KeyRef::Own(k));
+        }
+        let shared = self.shared.read();
+        let ring = &shared.get(&vault)?.ring;
+        let at = ring.keys.iter().position(|k| k.key.id() == id)?;
+        Some(KeyRef::Shared(Arc::clone(ring), at))
+    }
+
+    /// The key new files and names of `vault` are sealed with: the wallet's
+    /// active key for a vault this user made, else the newest of the vault's
+    /// share (a share carries every key so far).
+    pub fn active_key(&self, vault: VaultId) -> Option<KeyRef<'_>> {
+        // A vault made by this user takes its keys from the wallet alone.
+        if let Some(k) = self.wallet.active_key(vault) {
+            return Some(KeyRef::Own(k));
+        }
+        let shared = self.shared.read();
+        let a = shared.get(&vault)?;
+        Some(KeyRef::Shared(Arc::clone(&a.ring), a.ring.keys.len() - 1))
+    }
+
+    /// Whether every file of `vault` carries a manifest (the wallet's flag, or
+    /// the flag its share hands on).
+    pub fn manifests_required(&self, vault: VaultId) -> bool {
+        self.wallet.manifests_required(vault)
+            || self.shared.read().get(&vault).is_some_and(|a| a.ring.manifests_required())
     }
 
     /// The open wallet.
@@ -206,7 +335,7 @@ impl<R: Remote> Unlocked<R> {
             .remote
             .create_vault(NewVault { id, name: Sealed(sealed_name), e2e_required, wrapped_key: None })
             .await?;
-        Ok(NamedVault { info, name: Some(name.to_string()) })
+        Ok(NamedVault { info, name: Some(name.to_string()), shared_by: None })
     }
 
     /// Makes the key of the local freshness state if the wallet has none yet
@@ -230,17 +359,47 @@ impl<R: Remote> Unlocked<R> {
         Ok(())
     }
 
-    /// The user's vaults with their names opened.
+    /// The user's vaults with their names opened (shares sealed for this user
+    /// are opened first; one that does not open is logged, and its vault's
+    /// name stays unopened).
     pub async fn vaults(&self) -> Result<Vec<NamedVault>, AccountError> {
         let infos = self.remote.vaults().await?;
-        Ok(infos.into_iter().map(|info| NamedVault { name: self.open_vault_name(&info), info }).collect())
+        for (vault, e) in self.accept_shares(&infos).await {
+            tracing::warn!(%vault, error = %e, "the vault's share did not open");
+        }
+        Ok(infos
+            .into_iter()
+            .map(|info| {
+                let shared_by = self.shared.read().get(&info.id).map(|a| a.sender.clone());
+                NamedVault { name: self.open_vault_name(&info), shared_by, info }
+            })
+            .collect())
     }
 
     fn open_vault_name(&self, info: &VaultInfo) -> Option<String> {
         let key_id = crypto::names::name_key_id(&info.name.0).ok()?;
-        let key = self.wallet.key(info.id, key_id)?;
-        let plain = open_name(key, &NameContext::VaultName { vault: info.id }, &info.name.0).ok()?;
+        let key = self.vault_key(info.id, key_id)?;
+        let plain = open_name(&key, &NameContext::VaultName { vault: info.id }, &info.name.0).ok()?;
         String::from_utf8(plain.to_vec()).ok()
+    }
+}
+
+/// A vault key borrowed from the wallet, or held with the share it came from.
+pub enum KeyRef<'a> {
+    /// A key of the wallet.
+    Own(&'a VaultKey),
+    /// Key number `.1` of an opened share's keyring.
+    Shared(Arc<Keyring>, usize),
+}
+
+impl std::ops::Deref for KeyRef<'_> {
+    type Target = VaultKey;
+
+    fn deref(&self) -> &VaultKey {
+        match self {
+            KeyRef::Own(k) => k,
+            KeyRef::Shared(ring, at) => &ring.keys[*at].key,
+        }
     }
 }
 

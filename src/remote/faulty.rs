@@ -18,8 +18,8 @@ use super::{Content, Remote, RemoteError, Result, UploadBody};
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::ByteStream;
 use crate::protocol::{
-    CommitRequest, FileInfo, FileUpdate, Me, NewFile, NewRecord, NewVault, RecordInfo, RecordUpdate, Staged,
-    UploadResult, VaultInfo,
+    CommitRequest, FileInfo, FileUpdate, Me, Member, NewFile, NewRecord, NewVault, RecordInfo, RecordUpdate,
+    Sealed, Staged, UploadResult, UserKey, VaultInfo,
 };
 
 /// The switches shared between a test and its [`FaultyRemote`].
@@ -143,6 +143,26 @@ impl<R: Remote> Remote for FaultyRemote<R> {
     async fn put_wallet(&self, blob: Vec<u8>, expected: Option<u64>) -> Result<u64> {
         self.outage.check()?;
         self.inner.put_wallet(blob, expected).await
+    }
+    async fn put_user_key(&self, key: Sealed) -> Result<()> {
+        self.outage.check()?;
+        self.inner.put_user_key(key).await
+    }
+    async fn user_key(&self, user: &str) -> Result<UserKey> {
+        self.outage.check()?;
+        self.inner.user_key(user).await
+    }
+    async fn members(&self, vault: VaultId) -> Result<Vec<Member>> {
+        self.outage.check()?;
+        self.inner.members(vault).await
+    }
+    async fn set_member(&self, vault: VaultId, member: Member) -> Result<()> {
+        self.outage.check()?;
+        self.inner.set_member(vault, member).await
+    }
+    async fn remove_member(&self, vault: VaultId, user: &str) -> Result<()> {
+        self.outage.check()?;
+        self.inner.remove_member(vault, user).await
     }
     async fn vaults(&self) -> Result<Vec<VaultInfo>> {
         self.outage.check()?;

@@ -26,8 +26,8 @@ use crate::crypto::KdfParams;
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::{
     etag, parse_content_range_len, parse_etag, EnrollRequest, ErrorBody, FileInfo, FileUpdate,
-    LoginKeyChange, LoginRequest, Me, NewFile, NewRecord, NewVault, PreLogin, RecordInfo, RecordUpdate,
-    Sealed, Session, UploadResult, VaultInfo, HEADER_E2E, HEADER_MTIME,
+    LoginKeyChange, LoginRequest, Me, Member, NewFile, NewRecord, NewVault, PreLogin, RecordInfo,
+    RecordUpdate, Sealed, Session, UploadResult, UserKey, VaultInfo, HEADER_E2E, HEADER_MTIME,
 };
 use crate::protocol::{CommitRequest, Staged, HEADER_CONFLICT_COPY, HEADER_META, HEADER_STAGE};
 
@@ -463,6 +463,17 @@ impl HttpRemote {
     }
 }
 
+/// A user name as one URL path segment: every byte but letters, digits, '_'
+/// and '-' percent-encoded (so "." or ".." stay names, not path steps).
+fn path_segment(name: &str) -> String {
+    name.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 impl HttpRemote {
     /// `PUT /v1/files/{id}/content` (staged if `stage`), and its JSON answer.
     /// A streamed body cannot be sent twice, so this request is never
@@ -552,6 +563,37 @@ impl super::Remote for HttpRemote {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_etag)
             .ok_or_else(|| protocol("wallet stored without ETag"))
+    }
+
+    async fn put_user_key(&self, key: Sealed) -> Result<()> {
+        let body = serde_json::json!({ "public_key": key });
+        self.send(Method::PUT, "/v1/me/key", Idempotent::Yes, |r| r.json(&body)).await?;
+        Ok(())
+    }
+
+    async fn user_key(&self, user: &str) -> Result<UserKey> {
+        let key: UserKey = self.get_json(&format!("/v1/users/{}/key", path_segment(user))).await?;
+        if key.user != user {
+            return Err(protocol(format!("asked for the key of {user:?}, the answer is for {:?}", key.user)));
+        }
+        Ok(key)
+    }
+
+    async fn members(&self, vault: VaultId) -> Result<Vec<Member>> {
+        self.get_json(&format!("/v1/vaults/{vault}/members")).await
+    }
+
+    async fn set_member(&self, vault: VaultId, member: Member) -> Result<()> {
+        let body = serde_json::json!({ "rights": member.rights, "wrapped_key": member.wrapped_key });
+        let path = format!("/v1/vaults/{vault}/members/{}", path_segment(&member.user));
+        self.send(Method::PUT, &path, Idempotent::Yes, |r| r.json(&body)).await?;
+        Ok(())
+    }
+
+    async fn remove_member(&self, vault: VaultId, user: &str) -> Result<()> {
+        let path = format!("/v1/vaults/{vault}/members/{}", path_segment(user));
+        self.send(Method::DELETE, &path, Idempotent::Yes, |r| r).await?;
+        Ok(())
     }
 
     async fn vaults(&self) -> Result<Vec<VaultInfo>> {

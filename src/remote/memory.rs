@@ -13,8 +13,8 @@ use std::sync::Arc;
 use super::{Content, RemoteError, Result, UploadBody};
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::{
-    CommitRequest, FileInfo, FileUpdate, KdfWire, Limits, Me, NewFile, NewRecord, NewVault, RecordInfo,
-    RecordUpdate, Sealed, Staged, UploadResult, VaultInfo,
+    CommitRequest, FileInfo, FileUpdate, KdfWire, Limits, Me, Member, NewFile, NewRecord, NewVault,
+    RecordInfo, RecordUpdate, Sealed, Staged, UploadResult, UserKey, VaultInfo,
 };
 use crate::server::admin;
 use crate::server::blob::MemoryBlobStore;
@@ -122,6 +122,26 @@ impl super::Remote for MemoryRemote {
 
     async fn put_wallet(&self, blob: Vec<u8>, expected: Option<u64>) -> Result<u64> {
         Ok(self.service.put_wallet(&self.caller, blob, expected).await?)
+    }
+
+    async fn put_user_key(&self, key: Sealed) -> Result<()> {
+        Ok(self.service.put_user_key(&self.caller, key.0).await?)
+    }
+
+    async fn user_key(&self, user: &str) -> Result<UserKey> {
+        Ok(self.service.user_key(&self.caller, user.to_string()).await?)
+    }
+
+    async fn members(&self, vault: VaultId) -> Result<Vec<Member>> {
+        Ok(self.service.members(&self.caller, vault).await?)
+    }
+
+    async fn set_member(&self, vault: VaultId, member: Member) -> Result<()> {
+        Ok(self.service.set_member(&self.caller, vault, member).await?)
+    }
+
+    async fn remove_member(&self, vault: VaultId, user: &str) -> Result<()> {
+        Ok(self.service.remove_member(&self.caller, vault, user.to_string()).await?)
     }
 
     async fn vaults(&self) -> Result<Vec<VaultInfo>> {

@@ -19,6 +19,8 @@ pub mod http;
 #[cfg(any(test, feature = "testing"))]
 pub mod memory;
 pub mod migrate;
+pub mod pins;
+pub mod sharing;
 pub mod tls;
 
 use std::future::Future;
@@ -26,8 +28,8 @@ use std::ops::Range;
 
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::{
-    ByteStream, CommitRequest, FileInfo, FileUpdate, Me, NewFile, NewRecord, NewVault, RecordInfo,
-    RecordUpdate, Sealed, Staged, UploadResult, VaultInfo,
+    ByteStream, CommitRequest, FileInfo, FileUpdate, Me, Member, NewFile, NewRecord, NewVault, RecordInfo,
+    RecordUpdate, Sealed, Staged, UploadResult, UserKey, VaultInfo,
 };
 
 /// Errors a remote reports; each maps to one errno in the filesystem.
@@ -152,6 +154,16 @@ pub trait Remote: Send + Sync + 'static {
     fn wallet(&self) -> impl Future<Output = Result<Option<(Vec<u8>, u64)>>> + Send;
     /// Stores the sealed wallet; `expected` is `None` to create it.
     fn put_wallet(&self, blob: Vec<u8>, expected: Option<u64>) -> impl Future<Output = Result<u64>> + Send;
+    /// Publishes this user's public key for shares.
+    fn put_user_key(&self, key: Sealed) -> impl Future<Output = Result<()>> + Send;
+    /// The public key `user` published (NotFound: no such user, or no key).
+    fn user_key(&self, user: &str) -> impl Future<Output = Result<UserKey>> + Send;
+    /// The members of a vault, with their wrapped keys.
+    fn members(&self, vault: VaultId) -> impl Future<Output = Result<Vec<Member>>> + Send;
+    /// Adds a member or changes their rights and wrapped key (admin).
+    fn set_member(&self, vault: VaultId, member: Member) -> impl Future<Output = Result<()>> + Send;
+    /// Removes a member (admin).
+    fn remove_member(&self, vault: VaultId, user: &str) -> impl Future<Output = Result<()>> + Send;
     /// Vaults this user is a member of.
     fn vaults(&self) -> impl Future<Output = Result<Vec<VaultInfo>>> + Send;
     /// Creates a vault.

@@ -211,6 +211,8 @@ pub fn router<B: BlobStore>(service: Arc<Service<B>>) -> Router {
         .route("/v1/logout", post(logout::<B>))
         .route("/v1/login-key", put(change_login_key::<B>))
         .route("/v1/me", get(me::<B>))
+        .route("/v1/me/key", put(put_user_key::<B>))
+        .route("/v1/users/{user}/key", get(user_key::<B>))
         .route("/v1/wallet", get(get_wallet::<B>).put(put_wallet::<B>))
         .route("/v1/vaults", get(list_vaults::<B>).post(create_vault::<B>))
         .route("/v1/vaults/{vault}", get(get_vault::<B>).patch(update_vault::<B>).delete(delete_vault::<B>))
@@ -358,6 +360,28 @@ async fn logout<B: BlobStore>(State(s): State<AppState<B>>, Auth(_, token): Auth
 
 async fn me<B: BlobStore>(State(s): State<AppState<B>>, Auth(c, _): Auth) -> ApiResult<Response> {
     Ok(axum::Json(s.me(&c)).into_response())
+}
+
+#[derive(Deserialize)]
+struct UserKeyBody {
+    public_key: Sealed,
+}
+
+async fn put_user_key<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    JsonBody(k): JsonBody<UserKeyBody>,
+) -> ApiResult<StatusCode> {
+    s.put_user_key(&c, k.public_key.0).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn user_key<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(user): Path<String>,
+) -> ApiResult<Response> {
+    Ok(axum::Json(s.user_key(&c, user).await?).into_response())
 }
 
 async fn get_wallet<B: BlobStore>(State(s): State<AppState<B>>, Auth(c, _): Auth) -> ApiResult<Response> {

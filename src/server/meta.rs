@@ -176,8 +176,11 @@ CREATE INDEX IF NOT EXISTS files_by_record ON files(record_id);
 
 /// Columns added since the first schema, for databases made before them:
 /// (table, column, declaration). Added at open, in this order.
-const ADDED_COLUMNS: &[(&str, &str, &str)] =
-    &[("users", "login_version", "INTEGER NOT NULL DEFAULT 1"), ("files", "meta", "BLOB")];
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("users", "login_version", "INTEGER NOT NULL DEFAULT 1"),
+    ("files", "meta", "BLOB"),
+    ("users", "public_key", "BLOB"),
+];
 
 /// Adds the columns of [`ADDED_COLUMNS`] a database does not have yet.
 fn upgrade_schema(conn: &Connection) -> rusqlite::Result<()> {
@@ -508,6 +511,23 @@ impl Meta {
             params![user_id, old_hash, new_hash, version],
         )?;
         Ok(n == 1)
+    }
+
+    /// Stores the public key the user publishes for shares (replacing any).
+    pub fn set_public_key(&mut self, user_id: i64, key: &[u8]) -> Result<()> {
+        self.conn.exec("UPDATE users SET public_key = ?1 WHERE id = ?2", params![key, user_id])?;
+        Ok(())
+    }
+
+    /// The public key `name` published, if the user exists and published one.
+    pub fn public_key(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn
+            .query_row("SELECT public_key FROM users WHERE name = ?1", params![name], |r| {
+                r.get::<_, Option<Vec<u8>>>(0)
+            })
+            .optional()?
+            .flatten())
     }
 
     // ---- sessions ----------------------------------------------------------

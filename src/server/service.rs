@@ -29,8 +29,8 @@ use super::meta::{Committed, FileRow, Meta, MetaError, User};
 use crate::ids::{hex_encode, FileId, RecordId, VaultId};
 use crate::protocol::{
     CommitRequest, FileInfo, FileUpdate, KdfWire, Limits, LoginKeyChange, Me, Member, NewFile, NewRecord,
-    NewVault, PreLogin, RecordInfo, RecordUpdate, Rights, Sealed, Session, Staged, UploadResult, VaultInfo,
-    VaultUpdate,
+    NewVault, PreLogin, RecordInfo, RecordUpdate, Rights, Sealed, Session, Staged, UploadResult, UserKey,
+    VaultInfo, VaultUpdate,
 };
 
 /// Length of a login key (SHA-256 output).
@@ -448,6 +448,31 @@ impl<B: BlobStore> Service<B> {
         }
         let id = caller.user.id;
         self.db(move |m| m.put_wallet(id, &blob, expected)).await
+    }
+
+    // ---- user keys ---------------------------------------------------------
+
+    /// Publishes the caller's public key for shares (replacing any). The server
+    /// checks only its length: clients check keys by their fingerprints.
+    pub async fn put_user_key(&self, caller: &Caller, key: Vec<u8>) -> Result<()> {
+        if key.len() != crate::crypto::share::USER_KEY_LEN {
+            return Err(ServiceError::BadRequest(format!(
+                "a public key is {} bytes, not {}",
+                crate::crypto::share::USER_KEY_LEN,
+                key.len()
+            )));
+        }
+        let id = caller.user.id;
+        self.db(move |m| m.set_public_key(id, &key)).await
+    }
+
+    /// The public key `user` published. Any signed-in user may ask (sharing
+    /// needs it); an unknown user and one without a key are both 404.
+    pub async fn user_key(&self, _caller: &Caller, user: String) -> Result<UserKey> {
+        let name = user.clone();
+        let key = self.db(move |m| m.public_key(&name)).await?;
+        let key = key.ok_or(ServiceError::NotFound("user key"))?;
+        Ok(UserKey { user, public_key: Sealed(key) })
     }
 
     // ---- authorization -----------------------------------------------------

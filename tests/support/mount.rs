@@ -157,51 +157,44 @@ impl TestMount {
         ExtraMount { mountpoint, child: Some(child), log }
     }
 
+    /// Another user of the same server, enrolled and logged in from a home
+    /// of their own (as on their own machine).
+    pub fn other_user(&self, name: &str) -> OtherUser {
+        let home = self.mountpoint.with_file_name(format!("home-{name}"));
+        let pass = self.mountpoint.with_file_name(format!("pass-{name}"));
+        std::fs::create_dir_all(&home).unwrap();
+        std::fs::write(&pass, format!("passphrase of {name}")).unwrap();
+        let code = self.server.add_user(name, &[]);
+        let user = OtherUser { name: name.to_string(), home, pass, policy: self.policy.clone() };
+        let fp = self.server.fingerprint.clone().unwrap();
+        user.ok(&[
+            "login",
+            "--server",
+            &self.server.url,
+            "--user",
+            name,
+            "--fingerprint",
+            &fp,
+            "--enroll",
+            &code,
+        ]);
+        user
+    }
+
+    /// Runs `vaultfs ARGS` as this mount's user; returns the output.
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        run_as(&self.home, &self.pass, args)
+    }
+
+    /// Runs `vaultfs ARGS` as this mount's user; panics unless it succeeds.
+    pub fn ok(&self, args: &[&str]) -> String {
+        ok_as(&self.home, &self.pass, args)
+    }
+
     /// Starts `vaultfs mount` on `mountpoint`, collecting its stderr into `log`,
     /// and waits until it says it is ready.
     fn spawn_daemon(&self, mountpoint: &Path, log: &std::sync::Arc<std::sync::Mutex<String>>) -> Child {
-        let mut child = Command::new(vaultfs_bin())
-            .arg("mount")
-            .arg(mountpoint)
-            .arg("--foreground")
-            .env("XDG_CONFIG_HOME", &self.home)
-            .env("XDG_STATE_HOME", self.home.join("state"))
-            .env("VAULTFS_PASSPHRASE_FILE", &self.pass)
-            .env("VAULTFS_POLICY", &self.policy)
-            .args(&self.mount_args)
-            .env("VAULTFS_LOG", &self.log_level)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn vaultfs mount");
-        let stderr = child.stderr.take().unwrap();
-        let sink = std::sync::Arc::clone(log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) if line.starts_with("vaultfs mount: ready") => child,
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                stop_daemon(None, mountpoint);
-                panic!(
-                    "mount did not become ready: {other:?}\n{}",
-                    log.lock().unwrap_or_else(|p| p.into_inner())
-                )
-            }
-        }
+        spawn_daemon(&self.home, &self.pass, &self.policy, &self.mount_args, &self.log_level, mountpoint, log)
     }
 
     /// Reaps a mount process that was killed from outside.
@@ -243,6 +236,117 @@ impl Drop for TestMount {
         if is_mounted(&self.mountpoint) {
             let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
         }
+    }
+}
+
+/// Starts `vaultfs mount` on `mountpoint` as the user whose config is in
+/// `home`, collecting its stderr into `log`, and waits until it says it is ready.
+fn spawn_daemon(
+    home: &Path,
+    pass: &Path,
+    policy: &Path,
+    mount_args: &[String],
+    log_level: &str,
+    mountpoint: &Path,
+    log: &std::sync::Arc<std::sync::Mutex<String>>,
+) -> Child {
+    let mut child = Command::new(vaultfs_bin())
+        .arg("mount")
+        .arg(mountpoint)
+        .arg("--foreground")
+        .env("XDG_CONFIG_HOME", home)
+        .env("XDG_STATE_HOME", home.join("state"))
+        .env("VAULTFS_PASSPHRASE_FILE", pass)
+        .env("VAULTFS_POLICY", policy)
+        .args(mount_args)
+        .env("VAULTFS_LOG", log_level)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vaultfs mount");
+    let stderr = child.stderr.take().unwrap();
+    let sink = std::sync::Arc::clone(log);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(line) if line.starts_with("vaultfs mount: ready") => child,
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            stop_daemon(None, mountpoint);
+            panic!("mount did not become ready: {other:?}\n{}", log.lock().unwrap_or_else(|p| p.into_inner()))
+        }
+    }
+}
+
+fn run_as(home: &Path, pass: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(vaultfs_bin())
+        .args(args)
+        .env("XDG_CONFIG_HOME", home)
+        .env("XDG_STATE_HOME", home.join("state"))
+        .env("VAULTFS_PASSPHRASE_FILE", pass)
+        .output()
+        .unwrap()
+}
+
+fn ok_as(home: &Path, pass: &Path, args: &[&str]) -> String {
+    let out = run_as(home, pass, args);
+    assert!(
+        out.status.success(),
+        "vaultfs {args:?} failed\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Another user of a [`TestMount`]'s server (see [`TestMount::other_user`]).
+pub struct OtherUser {
+    pub name: String,
+    pub home: PathBuf,
+    pub pass: PathBuf,
+    policy: PathBuf,
+}
+
+impl OtherUser {
+    /// Runs `vaultfs ARGS` as this user; returns the output.
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        run_as(&self.home, &self.pass, args)
+    }
+
+    /// Runs `vaultfs ARGS` as this user; panics unless it succeeds.
+    pub fn ok(&self, args: &[&str]) -> String {
+        ok_as(&self.home, &self.pass, args)
+    }
+
+    /// This user's key fingerprint, as `vaultfs whoami` shows it.
+    pub fn fingerprint(&self) -> String {
+        let out = self.ok(&["whoami"]);
+        let line = out.lines().find(|l| l.starts_with("fingerprint:")).expect("whoami shows a fingerprint");
+        line.trim_start_matches("fingerprint:").trim().to_string()
+    }
+
+    /// Mounts this user's vaults on a mount point of their own, ready when
+    /// this returns. Drop it before the [`TestMount`] whose server it uses.
+    pub fn mount(&self) -> ExtraMount {
+        let mountpoint = self.home.with_file_name(format!("mnt-{}", self.name));
+        std::fs::create_dir_all(&mountpoint).unwrap();
+        let log = Default::default();
+        let level = std::env::var("VAULTFS_TEST_LOG").unwrap_or_else(|_| "info".into());
+        let child = spawn_daemon(&self.home, &self.pass, &self.policy, &[], &level, &mountpoint, &log);
+        ExtraMount { mountpoint, child: Some(child), log }
     }
 }
 

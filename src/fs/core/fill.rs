@@ -234,13 +234,13 @@ impl<R: Remote> VaultFs<R> {
                 pending = Some(piece.slice(take..));
             }
             let header = crypto::peek_header(&head).map_err(integrity)?;
-            let key =
-                self.account.wallet().key(info.vault, header.key_id).ok_or(integrity(
-                    CryptoError::Malformed("header names a key this vault does not have"),
-                ))?;
+            let key = self
+                .account
+                .vault_key(info.vault, header.key_id)
+                .ok_or(integrity(CryptoError::Malformed("header names a key this vault does not have")))?;
             let ctx = FileContext { vault: info.vault, record: info.record, file: info.id };
             let min = self.freshness.generation(info.id);
-            let dec = FileDecryptor::open(&head, key, &ctx, min).map_err(integrity)?;
+            let dec = FileDecryptor::open(&head, &key, &ctx, min).map_err(integrity)?;
             if let Some(m) = meta.manifest() {
                 // The header must be the upload the manifest names.
                 m.check_header(&dec.info()).map_err(integrity)?;

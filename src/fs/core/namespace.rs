@@ -22,6 +22,7 @@ use super::{check_file_answer, Attr, Entry, EntryPlus, FsError, Ino, Kind, Resul
 use crate::crypto::{self, open_name, seal_name, FileContext, FileManifest, NameContext, OsRandom};
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::{now_ms, FileInfo, NewFile, RecordInfo, Sealed};
+use crate::remote::account::KeyRef;
 use crate::remote::{Remote, RemoteError};
 
 impl<R: Remote> VaultFs<R> {
@@ -43,13 +44,32 @@ impl<R: Remote> VaultFs<R> {
                 return Err(FsError::Io(e.to_string()));
             }
         };
+        // A vault shared by someone whose key the user has not confirmed is
+        // not shown (`vaultfs vault list` says how to confirm it).
+        let pending = self.account.pending_shares();
+        let vaults: Vec<_> =
+            vaults.into_iter().filter(|v| !pending.iter().any(|p| p.0 == v.info.id)).collect();
         for v in &vaults {
             if v.name.is_none() {
                 tracing::error!(vault = %v.info.id, "vault name cannot be opened; it is listed as unreadable and gives EIO");
             }
-            self.rules.set_vault(v.info.id, v.name.as_deref(), v.info.e2e_required);
+            self.rules.set_vault(v.info.id, v.name.as_deref(), v.info.e2e_required, v.info.rights);
         }
-        self.tree.lock().set_vaults(vaults.into_iter().map(|v| (v.info.id, v.name)).collect());
+        // A shared vault whose name another listed vault has too is shown
+        // with its sender's name: a share never takes the place of a vault
+        // of the same name.
+        let taken = |name: &str| vaults.iter().filter(|v| v.name.as_deref() == Some(name)).count() > 1;
+        let shown = vaults
+            .iter()
+            .map(|v| {
+                let name = match (&v.name, &v.shared_by) {
+                    (Some(n), Some(by)) if taken(n) => Some(format!("{n} (from {by})")),
+                    (n, _) => n.clone(),
+                };
+                (v.info.id, name)
+            })
+            .collect();
+        self.tree.lock().set_vaults(shown);
         Ok(())
     }
 
@@ -117,7 +137,7 @@ impl<R: Remote> VaultFs<R> {
             })
             .collect();
         self.tree.lock().apply_listing(vault, records, files);
-        if !self.account.wallet().manifests_required(vault) && self.legacy_warned.lock().insert(vault) {
+        if !self.account.manifests_required(vault) && self.legacy_warned.lock().insert(vault) {
             tracing::warn!(%vault, files_without_manifest = legacy, "vault made by an older vaultfs: until `vaultfs vault migrate` marks it, a file without a manifest is trusted as the server describes it (and the server could remove one)");
         }
         Ok(())
@@ -262,9 +282,9 @@ impl<R: Remote> VaultFs<R> {
 
     // ---- names, titles and manifests ----------------------------------------------
 
-    pub(super) fn key_for(&self, vault: VaultId, sealed: &[u8]) -> Option<&crypto::VaultKey> {
+    pub(super) fn key_for(&self, vault: VaultId, sealed: &[u8]) -> Option<KeyRef<'_>> {
         let id = crypto::names::name_key_id(sealed).ok()?;
-        self.account.wallet().key(vault, id)
+        self.account.vault_key(vault, id)
     }
 
     /// Opens a sealed name or title; on failure logs it, naming the object
@@ -280,7 +300,7 @@ impl<R: Remote> VaultFs<R> {
             tracing::error!(%vault, "no key in the wallet for {what}; it is listed as unreadable");
             return None;
         };
-        match open_name(key, &ctx, &sealed.0) {
+        match open_name(&key, &ctx, &sealed.0) {
             Ok(plain) => Some(display_name(&plain)),
             Err(e) => {
                 tracing::error!(%vault, error = %e, "{what} failed its integrity check; it is listed as unreadable and gives EIO");
@@ -290,12 +310,9 @@ impl<R: Remote> VaultFs<R> {
     }
 
     pub(super) fn seal(&self, vault: VaultId, ctx: NameContext, name: &OsStr) -> Result<Sealed> {
-        let key = self
-            .account
-            .wallet()
-            .active_key(vault)
-            .ok_or_else(|| FsError::Access("no key for this vault".into()))?;
-        seal_name(key, &ctx, name.as_bytes(), &mut OsRandom)
+        let key =
+            self.account.active_key(vault).ok_or_else(|| FsError::Access("no key for this vault".into()))?;
+        seal_name(&key, &ctx, name.as_bytes(), &mut OsRandom)
             .map(Sealed)
             .map_err(|e| FsError::Io(e.to_string()))
     }
@@ -304,7 +321,7 @@ impl<R: Remote> VaultFs<R> {
     /// with the file's id and makes every use of the file EIO.
     pub(super) fn open_meta(&self, info: &FileInfo) -> FileMeta {
         if info.meta.0.is_empty() {
-            if self.account.wallet().manifests_required(info.vault) {
+            if self.account.manifests_required(info.vault) {
                 // Every file of this vault has one: this one's was removed.
                 tracing::error!(file = %info.id, "the file has no manifest in a vault whose files all have one (removed by the server?); every use of the file gives EIO");
                 self.note_refusal(format!("file {}: its manifest is missing", info.id));
@@ -315,8 +332,8 @@ impl<R: Remote> VaultFs<R> {
         let ctx = FileContext { vault: info.vault, record: info.record, file: info.id };
         let key = crypto::manifest::manifest_key_id(&info.meta.0)
             .ok()
-            .and_then(|id| self.account.wallet().key(info.vault, id));
-        match key.map(|key| crypto::open_manifest(key, &ctx, &info.meta.0)) {
+            .and_then(|id| self.account.vault_key(info.vault, id));
+        match key.map(|key| crypto::open_manifest(&key, &ctx, &info.meta.0)) {
             Some(Ok(m)) => FileMeta::Sealed(Arc::new(m)),
             Some(Err(e)) => {
                 tracing::error!(file = %info.id, error = %e, "the file's manifest failed its check (altered, or another file's); every use of the file gives EIO");

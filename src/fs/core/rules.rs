@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use super::{FsError, Ino, Result, VaultFs};
 use crate::ids::{FileId, VaultId};
 use crate::policy::{Policy, VaultPolicy};
-use crate::protocol::Limits;
+use crate::protocol::{Limits, Rights};
 use crate::remote::Remote;
 
 /// The policies, the user's limits, and what they resolve to per vault.
@@ -42,11 +42,16 @@ impl Rules {
     }
 
     /// Resolves the rules of `vault`, listed as `name` (`None`: its name failed
-    /// its check). `e2e_required` is the server's word, which can only make the
-    /// client refuse more.
-    pub(super) fn set_vault(&self, vault: VaultId, name: Option<&str>, e2e_required: bool) {
+    /// its check). `e2e_required` and `rights` are the server's word, which
+    /// can only make the client refuse more: a vault shared with read rights
+    /// is read-only here (EROFS, and modes without write bits), as the server
+    /// would refuse the changes anyway.
+    pub(super) fn set_vault(&self, vault: VaultId, name: Option<&str>, e2e_required: bool, rights: Rights) {
         let mut rules = self.policy.vault(name.unwrap_or(""), &self.limits);
         rules.e2e_required = e2e_required;
+        if rights < Rights::Write {
+            rules.read_only = true;
+        }
         self.vaults.lock().insert(vault, Arc::new(rules));
     }
 

@@ -73,10 +73,9 @@ impl<R: Remote> VaultFs<R> {
     pub(super) fn seal_manifest(&self, ctx: &FileContext, manifest: &FileManifest) -> Result<Sealed> {
         let key = self
             .account
-            .wallet()
             .active_key(ctx.vault)
             .ok_or_else(|| FsError::Access("no key for this vault".into()))?;
-        crypto::seal_manifest(key, ctx, manifest, &mut OsRandom)
+        crypto::seal_manifest(&key, ctx, manifest, &mut OsRandom)
             .map(Sealed)
             .map_err(|e| FsError::Io(e.to_string()))
     }
@@ -96,10 +95,9 @@ impl<R: Remote> VaultFs<R> {
         }
         let key = self
             .account
-            .wallet()
             .active_key(ctx.vault)
             .ok_or_else(|| FsError::Access("no key for this vault".into()))?;
-        let (encryptor, header) = FileEncryptor::new(key, ctx, generation, plain_len, &mut OsRandom)
+        let (encryptor, header) = FileEncryptor::new(&key, ctx, generation, plain_len, &mut OsRandom)
             .map_err(|e| FsError::Io(e.to_string()))?;
         let manifest = FileManifest {
             generation,

@@ -1,0 +1,511 @@
+//! Sharing a vault with other users, as the client does it.
+//!
+//! Data flow. Each user publishes the public half of the key pair in their
+//! wallet ([`Unlocked::ensure_user_key`]). To share, an admin of the vault looks
+//! up the colleague's public key, checks it against this machine's pins
+//! (super::pins; the caller decides how a new or changed key is confirmed),
+//! seals the vault's keyring for it (crate::crypto::share) and stores the
+//! result as the colleague's `wrapped_key` with their rights. The colleague's
+//! client finds the share in its vault listing, looks up the sender's public
+//! key (pinned the first time it is seen, refused if it changed), opens the
+//! share and keeps the keyring in memory for the session
+//! ([`Unlocked::accept_shares`]). The server sees public keys, names and
+//! sealed shares, never a vault key.
+
+use std::sync::Arc;
+
+use super::account::{AccountError, Unlocked};
+use super::pins::PinCheck;
+use super::{Remote, RemoteError};
+use crate::crypto::share::{
+    open_share, seal_share, share_sender, EpochKey, Keyring, ShareContext, KEYRING_MANIFESTS_REQUIRED,
+};
+use crate::crypto::{Fingerprint, OsRandom, UserPublic};
+use crate::ids::VaultId;
+use crate::protocol::{Member, Rights, Sealed, VaultInfo};
+
+/// A share opened this session.
+pub struct Accepted {
+    /// The share's bytes, to see whether the server now holds another one.
+    blob: Vec<u8>,
+    /// Who sealed it.
+    pub sender: String,
+    /// The vault's keys.
+    pub ring: Arc<Keyring>,
+}
+
+/// A share that did not open, kept so it is not tried (and logged) again.
+pub struct Refused {
+    blob: Vec<u8>,
+    /// The sender whose key the user has yet to confirm, and that key's fingerprint.
+    waiting_for: Option<(String, Fingerprint)>,
+}
+
+/// A member of a vault as `vaultfs vault members` shows them.
+#[derive(Debug, Clone)]
+pub struct MemberView {
+    /// User name.
+    pub user: String,
+    /// Their rights.
+    pub rights: Rights,
+    /// Their public key's fingerprint, if they published one.
+    pub fingerprint: Option<Fingerprint>,
+    /// How that key compares with this machine's pin.
+    pub pin: Option<PinCheck>,
+    /// Whether a share is stored for them.
+    pub has_share: bool,
+}
+
+impl<R: Remote> Unlocked<R> {
+    /// Makes the user's key pair if the wallet has none yet (the wallet is
+    /// stored first, so the key is never lost) and publishes its public half
+    /// unless the server already holds it. Returns the public key.
+    pub async fn ensure_user_key(&mut self) -> Result<UserPublic, AccountError> {
+        if self.wallet_mut().ensure_user_key(&mut OsRandom)? {
+            self.save_wallet().await?;
+        }
+        let public =
+            self.user_public().ok_or_else(|| AccountError::Sharing("the wallet holds no user key".into()))?;
+        match self.remote.user_key(self.user()).await {
+            Ok(k) if k.public_key.0 == public.as_bytes() => return Ok(public),
+            Ok(k) => tracing::warn!(
+                user = self.user(),
+                held = %UserPublic::from_bytes(&k.public_key.0).map_or_else(|_| "a malformed key".into(), |p| p.fingerprint().to_string()),
+                "the server held another public key for this user; publishing the wallet's again"
+            ),
+            Err(RemoteError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.remote.put_user_key(Sealed(public.as_bytes().to_vec())).await?;
+        Ok(public)
+    }
+
+    /// This user's public key, if the wallet has a key pair.
+    pub fn user_public(&self) -> Option<UserPublic> {
+        self.wallet().user_key().map(|k| k.public())
+    }
+
+    /// The public key the server offers for `user`, and how it compares with
+    /// this machine's pin. Nothing is pinned here: see [`Unlocked::pin`].
+    pub async fn colleague_key(&self, user: &str) -> Result<(UserPublic, PinCheck), AccountError> {
+        let key = match self.remote.user_key(user).await {
+            Ok(k) => k,
+            Err(RemoteError::NotFound(_)) => {
+                return Err(AccountError::Sharing(format!(
+                    "the server has no key for {user:?}: no such user, or they have not logged in with this \
+                     version of vaultfs yet (their next login publishes it)"
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let public = UserPublic::from_bytes(&key.public_key.0)?;
+        let check = self.pins.lock().check(user, public.fingerprint());
+        Ok((public, check))
+    }
+
+    /// Pins `fingerprint` as `user`'s key on this machine.
+    pub fn pin(&self, user: &str, fingerprint: Fingerprint) -> Result<(), AccountError> {
+        self.pins.lock().set(user, fingerprint)
+    }
+
+    /// Every key of `vault` this user can hand on, oldest first.
+    fn keyring_of(&self, vault: VaultId) -> Result<Keyring, AccountError> {
+        if let Some(a) = self.shared.read().get(&vault) {
+            let keys =
+                a.ring.keys.iter().map(|k| EpochKey { epoch: k.epoch, key: k.key.duplicate() }).collect();
+            return Ok(Keyring { keys, flags: a.ring.flags });
+        }
+        let keys: Vec<EpochKey> = self
+            .wallet()
+            .entries()
+            .iter()
+            .filter(|e| e.vault == vault)
+            .enumerate()
+            .map(|(epoch, e)| EpochKey { epoch: epoch as u32, key: e.key.duplicate() })
+            .collect();
+        if keys.is_empty() {
+            return Err(AccountError::NoKey(vault));
+        }
+        let flags = if self.wallet().manifests_required(vault) { KEYRING_MANIFESTS_REQUIRED } else { 0 };
+        Ok(Keyring { keys, flags })
+    }
+
+    /// Shares `vault` with `user` (whose public key `to` the caller has
+    /// checked against the pins) with `rights`: seals the vault's keyring for
+    /// them and stores it with their membership. Also changes the rights of a
+    /// member (sealing their share afresh).
+    pub async fn share_vault(
+        &self,
+        vault: &VaultInfo,
+        user: &str,
+        rights: Rights,
+        to: &UserPublic,
+    ) -> Result<(), AccountError> {
+        if vault.rights != Rights::Admin {
+            return Err(AccountError::Sharing(format!(
+                "you have {} rights in this vault; sharing needs admin",
+                vault.rights.as_str()
+            )));
+        }
+        if user == self.user() {
+            return Err(AccountError::Sharing("that is you".into()));
+        }
+        let ring = self.keyring_of(vault.id)?;
+        let me = self
+            .wallet()
+            .user_key()
+            .ok_or_else(|| AccountError::Sharing("the wallet holds no user key".into()))?;
+        let ctx = ShareContext { vault: vault.id, sender: self.user(), recipient: user };
+        let share = seal_share(&ring, &ctx, me, to, &mut OsRandom)?;
+        let member = Member { user: user.to_string(), rights, wrapped_key: Some(Sealed(share)) };
+        self.remote.set_member(vault.id, member).await?;
+        Ok(())
+    }
+
+    /// Opens the shares of `vaults` sealed for this user that this session has
+    /// not opened yet (or that changed), and keeps their keyrings. A share
+    /// opens only if its sender's key is one this user confirmed (pinned with
+    /// `vaultfs trust` or when sharing with them): one from anyone else waits,
+    /// unopened and unlisted, until the user confirms that sender's key
+    /// ([`Unlocked::pending_shares`]), so a server cannot make up a colleague
+    /// who shares a vault of its own making. Shares of vaults whose keys are in
+    /// the wallet (made by this user) are not opened. Returns what did not
+    /// open, by vault; those vaults stay as they were (unreadable if nothing
+    /// else holds their keys).
+    pub async fn accept_shares(&self, vaults: &[VaultInfo]) -> Vec<(VaultId, AccountError)> {
+        let mut failed = Vec::new();
+        for info in vaults {
+            let Some(Sealed(blob)) = &info.wrapped_key else { continue };
+            if self.wallet().active_key(info.id).is_some()
+                || self.shared.read().get(&info.id).is_some_and(|a| &a.blob == blob)
+                || !self.worth_trying(info.id, blob)
+            {
+                continue;
+            }
+            match self.open_one(info.id, blob).await {
+                Ok(accepted) => {
+                    self.refused_shares.lock().remove(&info.id);
+                    self.shared.write().insert(info.id, accepted);
+                }
+                // An outage is not a refusal: asked again at the next listing.
+                Err(AccountError::Remote(e)) => failed.push((info.id, AccountError::Remote(e))),
+                Err(e) => {
+                    let waiting_for = match &e {
+                        AccountError::Untrusted { user, offered } => Some((user.clone(), *offered)),
+                        _ => None,
+                    };
+                    self.refused_shares.lock().insert(info.id, Refused { blob: blob.clone(), waiting_for });
+                    failed.push((info.id, e));
+                }
+            }
+        }
+        // Refusals of vaults no longer listed are forgotten. The keys of a
+        // vault no longer listed stay (a listing can leave a vault out to
+        // have its keys forgotten and replaced).
+        self.refused_shares.lock().retain(|id, _| vaults.iter().any(|v| v.id == *id));
+        failed
+    }
+
+    /// Whether to open `blob` for `vault`: not if the same share was refused
+    /// already (a later listing would log it every time), unless it waited for
+    /// a sender's key that the user has confirmed since.
+    fn worth_trying(&self, vault: VaultId, blob: &[u8]) -> bool {
+        let refused = self.refused_shares.lock();
+        match refused.get(&vault) {
+            Some(r) if r.blob == blob => match &r.waiting_for {
+                Some((user, offered)) => self.pins.lock().check(user, *offered) == PinCheck::Pinned,
+                None => false,
+            },
+            _ => true,
+        }
+    }
+
+    /// Shares waiting for the user to confirm their sender's key: vault,
+    /// sender, and the fingerprint of the key the server offers for them.
+    pub fn pending_shares(&self) -> Vec<(VaultId, String, Fingerprint)> {
+        let refused = self.refused_shares.lock();
+        refused.iter().filter_map(|(v, r)| r.waiting_for.as_ref().map(|(u, f)| (*v, u.clone(), *f))).collect()
+    }
+
+    async fn open_one(&self, vault: VaultId, blob: &[u8]) -> Result<Accepted, AccountError> {
+        let sender = share_sender(blob)?.to_string();
+        let me = self
+            .wallet()
+            .user_key()
+            .ok_or_else(|| AccountError::Sharing("the wallet holds no user key".into()))?;
+        let (from, check) = if sender == self.user() {
+            (me.public(), PinCheck::Pinned)
+        } else {
+            self.colleague_key(&sender).await?
+        };
+        match check {
+            PinCheck::Pinned => {}
+            PinCheck::New => {
+                return Err(AccountError::Untrusted { user: sender, offered: from.fingerprint() })
+            }
+            PinCheck::Changed { pinned } => {
+                return Err(AccountError::KeyChanged { user: sender, pinned, offered: from.fingerprint() })
+            }
+        }
+        let ctx = ShareContext { vault, sender: &sender, recipient: self.user() };
+        let ring = open_share(blob, &ctx, me, &from)?;
+        self.check_extends(vault, &ring)?;
+        Ok(Accepted { blob: blob.to_vec(), sender, ring: Arc::new(ring) })
+    }
+
+    /// A keyring only grows: a share must hold every key this client already
+    /// has for the vault (in the wallet, or from the share opened before).
+    /// Otherwise a server could have a user of its own making (or any member
+    /// it colludes with) hand a creator or a member a vault key of its choice,
+    /// which would then seal their new files and names.
+    fn check_extends(&self, vault: VaultId, ring: &Keyring) -> Result<(), AccountError> {
+        let holds = |id: crate::crypto::KeyId, secret: &[u8; 32]| {
+            ring.keys.iter().any(|k| k.key.id() == id && k.key.secret() == secret)
+        };
+        let own = self
+            .wallet()
+            .entries()
+            .iter()
+            .filter(|e| e.vault == vault)
+            .all(|e| holds(e.key.id(), e.key.secret()));
+        let before = self.shared.read().get(&vault).is_none_or(|a| {
+            a.ring.keys.iter().all(|k| holds(k.key.id(), k.key.secret()))
+                && (ring.flags & a.ring.flags) == a.ring.flags
+        });
+        if own && before {
+            Ok(())
+        } else {
+            Err(AccountError::Sharing(format!(
+                "a share of vault {vault} lacks keys or flags this client already has for it: refused (a share can only add them)"
+            )))
+        }
+    }
+
+    /// The members of `vault` with their keys' fingerprints and pins.
+    pub async fn members(&self, vault: VaultId) -> Result<Vec<MemberView>, AccountError> {
+        let mut out = Vec::new();
+        for m in self.remote.members(vault).await? {
+            let key = match self.remote.user_key(&m.user).await {
+                Ok(k) => UserPublic::from_bytes(&k.public_key.0).ok(),
+                Err(RemoteError::NotFound(_)) => None,
+                Err(e) => return Err(e.into()),
+            };
+            let fingerprint = key.map(|k| k.fingerprint());
+            let pin = if m.user == self.user() {
+                None
+            } else {
+                fingerprint.map(|f| self.pins.lock().check(&m.user, f))
+            };
+            out.push(MemberView {
+                user: m.user,
+                rights: m.rights,
+                fingerprint,
+                pin,
+                has_share: m.wrapped_key.is_some(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{KdfParams, UserSecret, VaultKey};
+    use crate::protocol::Limits;
+    use crate::remote::memory::{MemoryRemote, MemoryServer};
+
+    const FAST: KdfParams = KdfParams { m_cost_kib: 64, t_cost: 1, p_cost: 1 };
+
+    async fn user(server: &MemoryServer, name: &str) -> Unlocked<MemoryRemote> {
+        let remote = server.add_user(name, Limits::DEFAULT).await.unwrap();
+        let mut u = Unlocked::create_wallet(remote, b"pw", FAST).await.unwrap();
+        u.ensure_user_key().await.unwrap();
+        u
+    }
+
+    /// `who` confirms `whom`'s key (as `vaultfs trust` does).
+    fn trust(who: &Unlocked<MemoryRemote>, whom: &Unlocked<MemoryRemote>) {
+        who.pin(whom.user(), whom.user_public().unwrap().fingerprint()).unwrap();
+    }
+
+    /// `from` confirms `to`'s key and shares; `to` confirms `from`'s key.
+    async fn share_with(
+        from: &Unlocked<MemoryRemote>,
+        vault: &VaultInfo,
+        to: &Unlocked<MemoryRemote>,
+        rights: Rights,
+    ) {
+        let (key, check) = from.colleague_key(to.user()).await.unwrap();
+        assert_eq!(check, PinCheck::New);
+        from.pin(to.user(), key.fingerprint()).unwrap();
+        from.share_vault(vault, to.user(), rights, &key).await.unwrap();
+        trust(to, from);
+    }
+
+    fn fake_ring() -> Keyring {
+        Keyring {
+            keys: vec![EpochKey { epoch: 0, key: VaultKey::generate(&mut OsRandom).unwrap() }],
+            flags: 0,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shared_vault_opens_once_the_member_confirmed_the_senders_key() {
+        let server = MemoryServer::new().unwrap();
+        let mut alice = user(&server, "alice").await;
+        let bob = user(&server, "bob").await;
+        let vault = alice.create_vault("Payroll", false).await.unwrap().info;
+        let (key, _) = alice.colleague_key("bob").await.unwrap();
+        alice.pin("bob", key.fingerprint()).unwrap();
+        alice.share_vault(&vault, "bob", Rights::Read, &key).await.unwrap();
+        // Until bob confirms alice's key, the share waits, unopened.
+        let listed = bob.vaults().await.unwrap();
+        assert!(listed[0].name.is_none() && bob.active_key(vault.id).is_none());
+        let alice_fp = alice.user_public().unwrap().fingerprint();
+        assert_eq!(bob.pending_shares(), vec![(vault.id, "alice".to_string(), alice_fp)]);
+        trust(&bob, &alice);
+        let listed = bob.vaults().await.unwrap();
+        assert!(bob.pending_shares().is_empty());
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].name.as_deref(), Some("Payroll"));
+        assert_eq!(listed[0].shared_by.as_deref(), Some("alice"));
+        assert_eq!(listed[0].info.rights, Rights::Read);
+        let a = alice.active_key(vault.id).unwrap();
+        let b = bob.active_key(vault.id).unwrap();
+        assert_eq!((a.id(), a.secret()), (b.id(), b.secret()));
+        assert!(bob.manifests_required(vault.id), "the flag travels with the keys");
+        let members = alice.members(vault.id).await.unwrap();
+        let b = members.iter().find(|m| m.user == "bob").unwrap();
+        assert_eq!(b.rights, Rights::Read);
+        assert_eq!(b.fingerprint, Some(bob.user_public().unwrap().fingerprint()));
+        assert_eq!(b.pin, Some(PinCheck::Pinned));
+        assert!(b.has_share);
+    }
+
+    /// The server swaps in a key pair of its own for bob: the pinned
+    /// fingerprint no longer matches. And a share from a sender whose key
+    /// the server swapped is refused by the receiver.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_substituted_key_is_seen_against_the_pin() {
+        let server = MemoryServer::new().unwrap();
+        let mut alice = user(&server, "alice").await;
+        let bob = user(&server, "bob").await;
+        let vault = alice.create_vault("V", false).await.unwrap().info;
+        let (real, _) = alice.colleague_key("bob").await.unwrap();
+        alice.pin("bob", real.fingerprint()).unwrap();
+        let evil = UserSecret::generate(&mut OsRandom).unwrap().public();
+        bob.remote.put_user_key(Sealed(evil.as_bytes().to_vec())).await.unwrap();
+        let (offered, check) = alice.colleague_key("bob").await.unwrap();
+        assert_eq!(offered, evil);
+        assert_eq!(check, PinCheck::Changed { pinned: real.fingerprint() });
+
+        alice.share_vault(&vault, "bob", Rights::Write, &real).await.unwrap();
+        trust(&bob, &alice);
+        let evil_alice = UserSecret::generate(&mut OsRandom).unwrap().public();
+        alice.remote.put_user_key(Sealed(evil_alice.as_bytes().to_vec())).await.unwrap();
+        let infos = bob.remote.vaults().await.unwrap();
+        let failed = bob.accept_shares(&infos).await;
+        assert!(matches!(failed.as_slice(), [(_, AccountError::KeyChanged { .. })]), "{}", failed.len());
+        assert!(bob.active_key(vault.id).is_none());
+    }
+
+    /// A share the server moved to another member, or one sealed by someone
+    /// else under the admin's name, does not open.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_share_moved_or_forged_by_the_server_does_not_open() {
+        let server = MemoryServer::new().unwrap();
+        let mut alice = user(&server, "alice").await;
+        let bob = user(&server, "bob").await;
+        let carol = user(&server, "carol").await;
+        let vault = alice.create_vault("V", false).await.unwrap().info;
+        share_with(&alice, &vault, &bob, Rights::Read).await;
+        trust(&carol, &alice);
+        let members = alice.remote.members(vault.id).await.unwrap();
+        let bobs = members.into_iter().find(|m| m.user == "bob").unwrap();
+        // The server gives bob's share to carol.
+        let moved =
+            Member { user: "carol".into(), rights: Rights::Read, wrapped_key: bobs.wrapped_key.clone() };
+        alice.remote.set_member(vault.id, moved).await.unwrap();
+        let infos = carol.remote.vaults().await.unwrap();
+        assert!(matches!(carol.accept_shares(&infos).await.as_slice(), [(_, AccountError::Crypto(_))]));
+        assert!(carol.active_key(vault.id).is_none());
+        // A share carol seals under alice's name fails at bob's.
+        let ctx = ShareContext { vault: vault.id, sender: "alice", recipient: "bob" };
+        let carols = carol.wallet().user_key().unwrap();
+        let forged =
+            seal_share(&fake_ring(), &ctx, carols, &bob.user_public().unwrap(), &mut OsRandom).unwrap();
+        let m = Member { user: "bob".into(), rights: Rights::Read, wrapped_key: Some(Sealed(forged)) };
+        alice.remote.set_member(vault.id, m).await.unwrap();
+        let infos = bob.remote.vaults().await.unwrap();
+        assert!(matches!(bob.accept_shares(&infos).await.as_slice(), [(_, AccountError::Crypto(_))]));
+        assert!(bob.active_key(vault.id).is_none());
+    }
+
+    /// Someone both confirmed (an insider working with the server, here
+    /// mallory) seals a key of their choice for the vault's creator and for a
+    /// member who holds the real keys: the creator does not even open it, the
+    /// member refuses it, and both keep sealing with the real key, also after
+    /// a listing that left the vault out (to have its keys forgotten).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_share_cannot_replace_the_keys_a_client_already_has() {
+        let server = MemoryServer::new().unwrap();
+        let mut alice = user(&server, "alice").await;
+        let bob = user(&server, "bob").await;
+        let mallory = user(&server, "mallory").await;
+        let vault = alice.create_vault("V", false).await.unwrap().info;
+        share_with(&alice, &vault, &bob, Rights::Write).await;
+        bob.vaults().await.unwrap();
+        let real = alice.active_key(vault.id).unwrap().id();
+        assert_eq!(bob.active_key(vault.id).unwrap().id(), real);
+        trust(&alice, &mallory);
+        trust(&bob, &mallory);
+        // A listing without the vault first.
+        bob.accept_shares(&[]).await;
+        for (victim, name) in [(&alice, "alice"), (&bob, "bob")] {
+            let ctx = ShareContext { vault: vault.id, sender: "mallory", recipient: name };
+            let mine = mallory.wallet().user_key().unwrap();
+            let forged =
+                seal_share(&fake_ring(), &ctx, mine, &victim.user_public().unwrap(), &mut OsRandom).unwrap();
+            let m = Member { user: name.into(), rights: Rights::Admin, wrapped_key: Some(Sealed(forged)) };
+            // What the server stores is its choice; here it goes through alice's admin rights.
+            alice.remote.set_member(vault.id, m).await.unwrap();
+            let infos = victim.remote.vaults().await.unwrap();
+            let failed = victim.accept_shares(&infos).await;
+            if name == "alice" {
+                assert!(failed.is_empty(), "the creator's keys are the wallet's: a share is not opened");
+            } else {
+                assert!(matches!(failed.as_slice(), [(_, AccountError::Sharing(_))]), "{name}");
+            }
+            assert_eq!(victim.active_key(vault.id).unwrap().id(), real, "{name} keeps the real key");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_shares_are_refused_with_clear_errors_and_change_nothing() {
+        let server = MemoryServer::new().unwrap();
+        let mut alice = user(&server, "alice").await;
+        let bob = user(&server, "bob").await;
+        let vault = alice.create_vault("V", false).await.unwrap().info;
+        let e = alice.colleague_key("nobody").await.unwrap_err().to_string();
+        assert!(e.contains("no key for \"nobody\""), "{e}");
+        // A user without a published key (an older client): the same clear answer.
+        server.add_user("dave", Limits::DEFAULT).await.unwrap();
+        let e = alice.colleague_key("dave").await.unwrap_err().to_string();
+        assert!(e.contains("not logged in"), "{e}");
+        let (key, _) = alice.colleague_key("bob").await.unwrap();
+        let e = alice.share_vault(&vault, "alice", Rights::Read, &key).await.unwrap_err().to_string();
+        assert!(e.contains("that is you"), "{e}");
+        // Bob, a reader, cannot share on.
+        share_with(&alice, &vault, &bob, Rights::Read).await;
+        let bobs_view = bob.vaults().await.unwrap().remove(0).info;
+        let alice_key = alice.user_public().unwrap();
+        let e =
+            bob.share_vault(&bobs_view, "alice", Rights::Admin, &alice_key).await.unwrap_err().to_string();
+        assert!(e.contains("sharing needs admin"), "{e}");
+        // The server refuses it too if a client asks anyway.
+        let forged = Member { user: "carol".into(), rights: Rights::Admin, wrapped_key: None };
+        assert!(matches!(bob.remote.set_member(vault.id, forged).await, Err(RemoteError::Forbidden(_))));
+        assert_eq!(alice.remote.members(vault.id).await.unwrap().len(), 2);
+    }
+}

@@ -1,0 +1,108 @@
+//! Two users, one vault: `vaultfs vault share` and real mounts of both on one
+//! `vaultfs serve`. Needs /dev/fuse and root (as in CI).
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use support::mount::TestMount;
+
+/// Retries `f` until it returns `Some` (other clients' changes show at the
+/// next listing, within about two seconds), failing after 15 s.
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn fingerprint_in(whoami: &str) -> String {
+    let line = whoami.lines().find(|l| l.starts_with("fingerprint:")).expect("whoami shows a fingerprint");
+    line.trim_start_matches("fingerprint:").trim().to_string()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_vault_shared_read_only_then_writable_through_two_real_mounts() {
+    let m = TestMount::start();
+    std::fs::create_dir(m.path("Family/r")).unwrap();
+    std::fs::write(m.path("Family/r/a.txt"), "from alice").unwrap();
+    let bob = m.other_user("bob");
+    let fp = bob.fingerprint();
+    assert_eq!(fp.len(), 29, "{fp}");
+
+    // Without a terminal to confirm on, and without --fingerprint: refused.
+    let out = m.run(&["vault", "share", "Family", "bob", "--rights", "read"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--fingerprint"), "{}", stderr(&out));
+    // A fingerprint that is not the key the server offers: refused.
+    let wrong = format!("{}0000", &fp[..25]);
+    let wrong = if wrong == fp { format!("{}1111", &fp[..25]) } else { wrong };
+    let out = m.run(&["vault", "share", "Family", "bob", "--rights", "read", "--fingerprint", &wrong]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("nothing was shared"), "{}", stderr(&out));
+    // Unknown users and vaults: clear errors.
+    let out = m.run(&["vault", "share", "Family", "nobody", "--rights", "read", "--fingerprint", &fp]);
+    assert!(stderr(&out).contains("no key for \"nobody\""), "{}", stderr(&out));
+    let out = m.run(&["vault", "share", "Nope", "bob", "--rights", "read", "--fingerprint", &fp]);
+    assert!(stderr(&out).contains("no vault named \"Nope\""), "{}", stderr(&out));
+    assert!(!m.ok(&["vault", "members", "Family"]).contains("bob"), "nothing was shared");
+
+    m.ok(&["vault", "share", "Family", "bob", "--rights", "read", "--fingerprint", &fp]);
+    // Bob has not confirmed alice's key: the share waits, and says how.
+    let alice_fp = fingerprint_in(&m.ok(&["whoami"]));
+    let listed = bob.ok(&["vault", "list"]);
+    assert!(!listed.contains("Family"), "{listed}");
+    assert!(listed.contains(&format!("vaultfs trust alice --fingerprint {alice_fp}")), "{listed}");
+    let out = bob.run(&["trust", "alice", "--fingerprint", &fp]);
+    assert!(stderr(&out).contains("not the"), "bob's own fingerprint is not alice's: {}", stderr(&out));
+    let trusted = bob.ok(&["trust", "alice", "--fingerprint", &alice_fp]);
+    assert!(trusted.contains("shared by alice: Family"), "{trusted}");
+    let listed = bob.ok(&["vault", "list"]);
+    assert!(listed.contains("Family\tread") && listed.contains("shared by alice"), "{listed}");
+
+    // Bob's mount reads alice's file; the vault is read-only there.
+    let bm = bob.mount();
+    assert_eq!(std::fs::read_to_string(bm.path("Family/r/a.txt")).unwrap(), "from alice");
+    let refused = std::fs::write(bm.path("Family/r/b.txt"), "from bob").unwrap_err();
+    assert_eq!(refused.raw_os_error(), Some(libc::EROFS), "{refused}");
+    let refused = std::fs::create_dir(bm.path("Family/s")).unwrap_err();
+    assert_eq!(refused.raw_os_error(), Some(libc::EROFS), "{refused}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(bm.path("Family/r/a.txt")).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o222, 0, "no write bits in a read-only vault: {mode:o}");
+
+    // Write rights (bob's key is pinned now: no fingerprint needed). Bob's
+    // running mount sees them at its next listing.
+    m.ok(&["vault", "share", "Family", "bob", "--rights", "write"]);
+    eventually("bob's mount to take write rights", || {
+        std::fs::write(bm.path("Family/r/b.txt"), "from bob").ok()
+    });
+    let seen = eventually("alice's mount to show bob's file", || {
+        std::fs::read_to_string(m.path("Family/r/b.txt")).ok()
+    });
+    assert_eq!(seen, "from bob");
+    // Both edit one file in turn.
+    std::fs::write(m.path("Family/r/a.txt"), "alice, second").unwrap();
+    eventually("bob to see alice's edit", || {
+        (std::fs::read_to_string(bm.path("Family/r/a.txt")).ok()? == "alice, second").then_some(())
+    });
+
+    let members = m.ok(&["vault", "members", "Family"]);
+    assert!(members.contains(&format!("bob\twrite\t{fp}\tpinned here")), "{members}");
+    assert!(members.contains("alice\tadmin"), "{members}");
+    // A writer cannot share on.
+    let out = bob.run(&["vault", "share", "Family", "alice", "--rights", "read", "--fingerprint", &fp]);
+    assert!(stderr(&out).contains("sharing needs admin"), "{}", stderr(&out));
+    drop(bm);
+    assert!(Path::new(&m.path("Family/r/b.txt")).exists());
+}
