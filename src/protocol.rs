@@ -185,6 +185,21 @@ pub struct LoginKeyChange {
     pub new_login_key: Sealed,
     /// The new key's version.
     pub login_version: u8,
+    /// For a new passphrase: the wallet sealed under it, stored in the same
+    /// transaction as the new key (so the login and the wallet never disagree
+    /// about the passphrase), replacing wallet version `wallet_version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wallet: Option<Sealed>,
+    /// The version of the wallet `wallet` replaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wallet_version: Option<u64>,
+}
+
+/// Answer to a login-key change that stored a wallet too.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PassphraseChanged {
+    /// The wallet's new version.
+    pub wallet_version: u64,
 }
 
 /// Answer to login and enroll.

@@ -118,6 +118,24 @@ fn enroll_login_create_and_list_vaults() {
     assert!(err.contains("passphrase"), "{err}");
     let err = fails(run(home.path(), &["vault", "create", "a/b", "--passphrase-file", pass]));
     assert!(err.contains("invalid vault name"), "{err}");
+
+    // A new passphrase: the login and the wallet change together, and the old
+    // one opens neither from then on.
+    let err =
+        fails(run(home.path(), &["passphrase", "--passphrase-file", pass, "--new-passphrase-file", pass]));
+    assert!(err.contains("the new passphrase is the old one"), "{err}");
+    let new = home.path().join("new");
+    std::fs::write(&new, "a new and longer passphrase\n").unwrap();
+    let new = new.to_str().unwrap();
+    let out = ok(run(home.path(), &["passphrase", "--passphrase-file", pass, "--new-passphrase-file", new]));
+    assert!(out.contains("passphrase changed"), "{out}");
+    let err = fails(run(home.path(), &["vault", "list", "--passphrase-file", pass]));
+    assert!(err.contains("not authorized"), "{err}");
+    let list = ok(run(home.path(), &["vault", "list", "--passphrase-file", new]));
+    assert!(
+        list.contains("Family\tadmin") && list.contains("Tax 2026"),
+        "the wallet opens with the new one: {list}"
+    );
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {

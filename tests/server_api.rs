@@ -827,3 +827,40 @@ async fn an_upload_refused_after_several_parts_leaves_nothing_behind() {
     assert!(s.partial_uploads().is_empty(), "left behind: {:?}", s.partial_uploads());
     assert_eq!(s.stored_blobs().len(), 1, "only the old blob: {:?}", s.stored_blobs());
 }
+
+/// A passphrase change stores the new login key and the wallet sealed under the
+/// new passphrase in one transaction, and ends the user's other sessions; one
+/// that names a stale wallet version changes nothing at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passphrase_change_swaps_login_and_wallet_together_and_ends_other_sessions() {
+    let s = TestServer::start();
+    let mut alice = s.user("alice", &[]).await;
+    assert_eq!(alice.put_wallet(b"sealed under the old one".to_vec(), None).await.unwrap(), 1);
+    let other = login_token(&s, "alice").await;
+    let me = |token: String| {
+        let client = tls_client(&s);
+        let url = format!("{}/v1/me", s.url);
+        async move { client.get(url).bearer_auth(token).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(me(other.clone()).await, 200);
+
+    // A stale wallet version: refused, and the login key did not change either.
+    let stale = alice
+        .change_passphrase(&s.access(), b"new pass", support::server::TEST_KDF, b"new wallet".to_vec(), 7)
+        .await;
+    assert!(matches!(stale, Err(RemoteError::Conflict { .. }) | Err(RemoteError::Protocol(_))), "{stale:?}");
+    assert_eq!(alice.wallet().await.unwrap().unwrap(), (b"sealed under the old one".to_vec(), 1));
+    assert_eq!(me(login_token(&s, "alice").await).await, 200, "the old passphrase still logs in");
+
+    let version = alice
+        .change_passphrase(&s.access(), b"new pass", support::server::TEST_KDF, b"new wallet".to_vec(), 1)
+        .await;
+    assert_eq!(version.unwrap(), 2);
+    assert_eq!(alice.wallet().await.unwrap().unwrap(), (b"new wallet".to_vec(), 2), "this session goes on");
+    assert_eq!(me(other).await, 401, "the other session ended");
+    let old = HttpRemote::login(&s.access(), "alice", b"alice passphrase", support::server::TEST_KDF).await;
+    assert!(matches!(old, Err(RemoteError::Unauthorized(_))), "{old:?}");
+    HttpRemote::login(&s.access(), "alice", b"new pass", support::server::TEST_KDF)
+        .await
+        .expect("the new passphrase logs in");
+}

@@ -52,6 +52,9 @@ pub enum Command {
     /// `vaultfs whoami` shows them: vaults they share with you open from then
     /// on (until then they wait), and sharing with them asks no more.
     Trust(user::TrustArgs),
+    /// Change your passphrase: the login and the wallet change together, and
+    /// the old passphrase opens nothing from then on.
+    Passphrase(user::PassphraseArgs),
     /// Mount your vaults as a directory tree.
     Mount(mount::MountArgs),
     /// Unmount a vaultfs mount point.
@@ -108,6 +111,9 @@ pub fn main() -> ExitCode {
         Command::Admin(args) => admin::run(args),
         Command::Login(args) => runtime().map_err(Into::into).and_then(|rt| rt.block_on(user::login(args))),
         Command::Vault(cmd) => runtime().map_err(Into::into).and_then(|rt| rt.block_on(user::vault(cmd))),
+        Command::Passphrase(args) => {
+            runtime().map_err(Into::into).and_then(|rt| rt.block_on(user::passphrase(args)))
+        }
         Command::Trust(args) => runtime().map_err(Into::into).and_then(|rt| rt.block_on(user::trust(args))),
         Command::Whoami(args) => runtime().map_err(Into::into).and_then(|rt| rt.block_on(user::whoami(args))),
         Command::Mount(args) => mount::mount(args),

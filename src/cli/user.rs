@@ -112,6 +112,17 @@ pub enum VaultCommand {
     },
 }
 
+/// `vaultfs passphrase`.
+#[derive(Debug, Args)]
+pub struct PassphraseArgs {
+    /// Read the current passphrase from this file instead of asking.
+    #[arg(long, env = PASSPHRASE_FILE_ENV)]
+    passphrase_file: Option<PathBuf>,
+    /// Read the new passphrase from this file instead of asking (twice).
+    #[arg(long)]
+    new_passphrase_file: Option<PathBuf>,
+}
+
 /// `vaultfs trust`.
 #[derive(Debug, Args)]
 pub struct TrustArgs {
@@ -506,5 +517,20 @@ pub async fn trust(args: TrustArgs) -> CliResult {
     if !opened.is_empty() {
         println!("shared by {}: {}", args.user, opened.join(", "));
     }
+    Ok(())
+}
+
+/// `vaultfs passphrase`: changes the passphrase (login and wallet together).
+pub async fn passphrase(args: PassphraseArgs) -> CliResult {
+    crate::cache::harden::harden_command();
+    let (mut unlocked, freshness) = unlock(args.passphrase_file.as_deref()).await?;
+    let new = read_passphrase(args.new_passphrase_file.as_deref(), "New passphrase: ", true)?;
+    let account = Account::load(&login_path()?)?;
+    unlocked.change_passphrase(&account.access(), new.as_bytes(), LOGIN_KDF_FLOOR).await?;
+    note_wallet(&unlocked, &freshness)?;
+    println!("passphrase changed: the old one opens neither the login nor the wallet from now on.");
+    println!(
+        "Your other sessions ended: mounts on other machines must be mounted again, with the new passphrase."
+    );
     Ok(())
 }

@@ -95,9 +95,9 @@ pub enum AccountError {
         /// What the user gave.
         confirmed: Fingerprint,
     },
-    /// A sharing step refused, with why.
+    /// A step refused (sharing, a passphrase change), with why.
     #[error("{0}")]
-    Sharing(String),
+    Refused(String),
 }
 
 /// The saved login (`login.toml`).
@@ -381,6 +381,34 @@ impl<R: Remote> Unlocked<R> {
         let key = self.vault_key(info.id, key_id)?;
         let plain = open_name(&key, &NameContext::VaultName { vault: info.id }, &info.name.0).ok()?;
         String::from_utf8(plain.to_vec()).ok()
+    }
+}
+
+impl Unlocked<super::http::HttpRemote> {
+    /// Changes the passphrase: the wallet is sealed under `new` (with at
+    /// least the default Argon2id cost) and stored together with the new
+    /// login key, in one transaction on the server. The old passphrase then
+    /// opens nothing: not the login, not the wallet; other sessions end.
+    pub async fn change_passphrase(
+        &mut self,
+        access: &super::http::ServerAccess,
+        new: &[u8],
+        floor: KdfParams,
+    ) -> Result<(), AccountError> {
+        if new == &self.passphrase[..] {
+            return Err(AccountError::Refused("the new passphrase is the old one".into()));
+        }
+        let kdf = if self.wallet_kdf.is_weaker_than(&KdfParams::DEFAULT) {
+            KdfParams::DEFAULT
+        } else {
+            self.wallet_kdf
+        };
+        let sealed = seal_blocking(&self.wallet, new, kdf).await?;
+        self.wallet_version =
+            self.remote.change_passphrase(access, new, floor, sealed, self.wallet_version).await?;
+        self.passphrase = zeroize::Zeroizing::new(new.to_vec());
+        self.wallet_kdf = kdf;
+        Ok(())
     }
 }
 

@@ -26,8 +26,8 @@ use crate::crypto::KdfParams;
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::{
     etag, parse_content_range_len, parse_etag, EnrollRequest, ErrorBody, FileInfo, FileUpdate,
-    LoginKeyChange, LoginRequest, Me, Member, NewFile, NewRecord, NewVault, PreLogin, RecordInfo,
-    RecordUpdate, Sealed, Session, UploadResult, UserKey, VaultInfo, HEADER_E2E, HEADER_MTIME,
+    LoginKeyChange, LoginRequest, Me, Member, NewFile, NewRecord, NewVault, PassphraseChanged, PreLogin,
+    RecordInfo, RecordUpdate, Sealed, Session, UploadResult, UserKey, VaultInfo, HEADER_E2E, HEADER_MTIME,
 };
 use crate::protocol::{CommitRequest, Staged, HEADER_CONFLICT_COPY, HEADER_META, HEADER_STAGE};
 
@@ -312,6 +312,8 @@ impl HttpRemote {
                     old_login_key: Sealed(old.to_vec()),
                     new_login_key: Sealed(remote.login_key.to_vec()),
                     login_version: LOGIN_KEY_VERSION,
+                    wallet: None,
+                    wallet_version: None,
                 };
                 remote.send(Method::PUT, "/v1/login-key", Idempotent::No, |r| r.json(&change)).await?;
                 tracing::info!("login upgraded: the login key is now bound to this server and user");
@@ -321,6 +323,33 @@ impl HttpRemote {
             }
         }
         Ok(remote)
+    }
+
+    /// Changes the passphrase: the login key derived from `new` replaces the
+    /// current one and `wallet` (sealed under `new`) replaces wallet version
+    /// `wallet_version`, in one request the server applies as one
+    /// transaction; every other session of the user ends. Returns the
+    /// wallet's new version. From here on this remote logs in with `new`.
+    pub async fn change_passphrase(
+        &mut self,
+        access: &ServerAccess,
+        new: &[u8],
+        floor: KdfParams,
+        wallet: Vec<u8>,
+        wallet_version: u64,
+    ) -> Result<u64> {
+        let next = Self::prepare(access, &self.user, new, floor).await?;
+        let change = LoginKeyChange {
+            old_login_key: Sealed(self.login_key.to_vec()),
+            new_login_key: Sealed(next.login_key.to_vec()),
+            login_version: LOGIN_KEY_VERSION,
+            wallet: Some(Sealed(wallet)),
+            wallet_version: Some(wallet_version),
+        };
+        let resp = self.send(Method::PUT, "/v1/login-key", Idempotent::No, |r| r.json(&change)).await?;
+        let done: PassphraseChanged = resp.json().await.map_err(protocol)?;
+        self.login_key = next.login_key;
+        Ok(done.wallet_version)
     }
 
     /// First login with the admin's enrollment code; `passphrase` becomes the

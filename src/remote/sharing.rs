@@ -65,7 +65,7 @@ impl<R: Remote> Unlocked<R> {
             self.save_wallet().await?;
         }
         let public =
-            self.user_public().ok_or_else(|| AccountError::Sharing("the wallet holds no user key".into()))?;
+            self.user_public().ok_or_else(|| AccountError::Refused("the wallet holds no user key".into()))?;
         match self.remote.user_key(self.user()).await {
             Ok(k) if k.public_key.0 == public.as_bytes() => return Ok(public),
             Ok(k) => tracing::warn!(
@@ -91,7 +91,7 @@ impl<R: Remote> Unlocked<R> {
         let key = match self.remote.user_key(user).await {
             Ok(k) => k,
             Err(RemoteError::NotFound(_)) => {
-                return Err(AccountError::Sharing(format!(
+                return Err(AccountError::Refused(format!(
                     "the server has no key for {user:?}: no such user, or they have not logged in with this \
                      version of vaultfs yet (their next login publishes it)"
                 )))
@@ -142,19 +142,19 @@ impl<R: Remote> Unlocked<R> {
         to: &UserPublic,
     ) -> Result<(), AccountError> {
         if vault.rights != Rights::Admin {
-            return Err(AccountError::Sharing(format!(
+            return Err(AccountError::Refused(format!(
                 "you have {} rights in this vault; sharing needs admin",
                 vault.rights.as_str()
             )));
         }
         if user == self.user() {
-            return Err(AccountError::Sharing("that is you".into()));
+            return Err(AccountError::Refused("that is you".into()));
         }
         let ring = self.keyring_of(vault.id)?;
         let me = self
             .wallet()
             .user_key()
-            .ok_or_else(|| AccountError::Sharing("the wallet holds no user key".into()))?;
+            .ok_or_else(|| AccountError::Refused("the wallet holds no user key".into()))?;
         let ctx = ShareContext { vault: vault.id, sender: self.user(), recipient: user };
         let share = seal_share(&ring, &ctx, me, to, &mut OsRandom)?;
         let member = Member { user: user.to_string(), rights, wrapped_key: Some(Sealed(share)) };
@@ -232,7 +232,7 @@ impl<R: Remote> Unlocked<R> {
         let me = self
             .wallet()
             .user_key()
-            .ok_or_else(|| AccountError::Sharing("the wallet holds no user key".into()))?;
+            .ok_or_else(|| AccountError::Refused("the wallet holds no user key".into()))?;
         let (from, check) = if sender == self.user() {
             (me.public(), PinCheck::Pinned)
         } else {
@@ -275,7 +275,7 @@ impl<R: Remote> Unlocked<R> {
         if own && before {
             Ok(())
         } else {
-            Err(AccountError::Sharing(format!(
+            Err(AccountError::Refused(format!(
                 "a share of vault {vault} lacks keys or flags this client already has for it: refused (a share can only add them)"
             )))
         }
@@ -475,7 +475,7 @@ mod tests {
             if name == "alice" {
                 assert!(failed.is_empty(), "the creator's keys are the wallet's: a share is not opened");
             } else {
-                assert!(matches!(failed.as_slice(), [(_, AccountError::Sharing(_))]), "{name}");
+                assert!(matches!(failed.as_slice(), [(_, AccountError::Refused(_))]), "{name}");
             }
             assert_eq!(victim.active_key(vault.id).unwrap().id(), real, "{name} keeps the real key");
         }

@@ -24,8 +24,8 @@ use super::service::{Caller, Service, ServiceError, Upload};
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::{
     etag, parse_etag, EnrollRequest, ErrorBody, ErrorDetail, FileUpdate, LoginKeyChange, LoginRequest,
-    Member, NewFile, NewRecord, NewVault, RecordUpdate, Rights, Sealed, VaultUpdate, HEADER_E2E,
-    HEADER_MTIME,
+    Member, NewFile, NewRecord, NewVault, PassphraseChanged, RecordUpdate, Rights, Sealed, VaultUpdate,
+    HEADER_E2E, HEADER_MTIME,
 };
 use crate::protocol::{CommitRequest, HEADER_CONFLICT_COPY, HEADER_META, HEADER_STAGE};
 
@@ -346,11 +346,13 @@ async fn enroll<B: BlobStore>(
 
 async fn change_login_key<B: BlobStore>(
     State(s): State<AppState<B>>,
-    Auth(c, _): Auth,
+    Auth(c, token): Auth,
     JsonBody(req): JsonBody<LoginKeyChange>,
-) -> ApiResult<StatusCode> {
-    s.change_login_key(&c, req).await?;
-    Ok(StatusCode::NO_CONTENT)
+) -> ApiResult<Response> {
+    Ok(match s.change_login_key(&c, &token, req).await? {
+        Some(wallet_version) => axum::Json(PassphraseChanged { wallet_version }).into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    })
 }
 
 async fn logout<B: BlobStore>(State(s): State<AppState<B>>, Auth(_, token): Auth) -> ApiResult<StatusCode> {

@@ -513,6 +513,48 @@ impl Meta {
         Ok(n == 1)
     }
 
+    /// A new passphrase, in one transaction: the login-key hash (if it is still
+    /// `old_hash`), the wallet sealed under the new passphrase (if it is still
+    /// at `wallet_version`), and every session of the user but `keep_session`
+    /// ended. `None` if the old hash did not match (nothing changed).
+    #[allow(clippy::too_many_arguments)]
+    pub fn change_passphrase(
+        &mut self,
+        user_id: i64,
+        old_hash: &[u8],
+        new_hash: &[u8],
+        version: u8,
+        wallet: &[u8],
+        wallet_version: u64,
+        keep_session: &[u8],
+    ) -> Result<Option<u64>> {
+        let tx = self.conn.transaction()?;
+        let n = tx.exec(
+            "UPDATE users SET login_hash = ?3, login_version = ?4 WHERE id = ?1 AND login_hash = ?2",
+            params![user_id, old_hash, new_hash, version],
+        )?;
+        if n != 1 {
+            return Ok(None);
+        }
+        let current: Option<i64> =
+            tx.q_row("SELECT version FROM wallets WHERE user_id = ?1", [user_id], |r| r.get(0)).optional()?;
+        match current {
+            Some(cur) if cur as u64 == wallet_version => {}
+            Some(cur) => return Err(MetaError::VersionMismatch { current: cur as u64 }),
+            None => return Err(MetaError::NotFound("wallet")),
+        }
+        tx.exec(
+            "UPDATE wallets SET blob = ?2, version = version + 1 WHERE user_id = ?1",
+            params![user_id, wallet],
+        )?;
+        tx.exec(
+            "DELETE FROM sessions WHERE user_id = ?1 AND token_hash != ?2",
+            params![user_id, keep_session],
+        )?;
+        tx.commit()?;
+        Ok(Some(wallet_version + 1))
+    }
+
     /// Stores the public key the user publishes for shares (replacing any).
     pub fn set_public_key(&mut self, user_id: i64, key: &[u8]) -> Result<()> {
         self.conn.exec("UPDATE users SET public_key = ?1 WHERE id = ?2", params![key, user_id])?;

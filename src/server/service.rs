@@ -383,17 +383,41 @@ impl<B: BlobStore> Service<B> {
 
     /// Replaces the caller's login key, given the current one (an old
     /// version's key, upgraded by the client; or a new passphrase's).
-    pub async fn change_login_key(&self, caller: &Caller, change: LoginKeyChange) -> Result<()> {
+    /// Replaces the caller's login key, proving the current one. With a
+    /// wallet (a new passphrase), stores it in the same transaction and ends
+    /// every other session of the user: returns the wallet's new version.
+    pub async fn change_login_key(
+        &self,
+        caller: &Caller,
+        token: &str,
+        change: LoginKeyChange,
+    ) -> Result<Option<u64>> {
         Self::check_login_key(&change.old_login_key)?;
         Self::check_login_key(&change.new_login_key)?;
         Self::check_login_version(change.login_version)?;
         let (old, new) = (sha256(&[&change.old_login_key.0]), sha256(&[&change.new_login_key.0]));
         let (id, version) = (caller.user.id, change.login_version);
-        if self.db(move |m| m.change_login_key(id, &old, &new, version)).await? {
-            Ok(())
-        } else {
-            Err(ServiceError::Unauthorized)
+        let Some(Sealed(wallet)) = change.wallet else {
+            return match self.db(move |m| m.change_login_key(id, &old, &new, version)).await? {
+                true => Ok(None),
+                false => Err(ServiceError::Unauthorized),
+            };
+        };
+        if wallet.len() > MAX_WALLET_LEN {
+            return Err(ServiceError::TooLarge(MAX_WALLET_LEN as u64));
         }
+        let expected = change.wallet_version.ok_or_else(|| {
+            ServiceError::BadRequest("a wallet needs the wallet_version it replaces".into())
+        })?;
+        let keep = sha256(&[&crate::ids::hex_decode(token).ok_or(ServiceError::Unauthorized)?]);
+        let keep2 = keep;
+        let stored = self
+            .db(move |m| m.change_passphrase(id, &old, &new, version, &wallet, expected, &keep2))
+            .await?
+            .ok_or(ServiceError::Unauthorized)?;
+        // The ended sessions must not live on in the cache either.
+        self.session_cache().retain(|hash, (user, _)| user.id != id || *hash == keep);
+        Ok(Some(stored))
     }
 
     fn session_cache(&self) -> parking_lot::MutexGuard<'_, HashMap<[u8; 32], (User, Instant)>> {
