@@ -280,6 +280,26 @@ async fn truncating_a_file_this_mount_never_opened_empties_it_on_the_server() {
     drop(s.server);
 }
 
+/// A vault created by another client of the same user (the CLI) while the
+/// mount runs: the mount reads the changed wallet at its next listing, so
+/// the vault opens there instead of showing as unreadable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vault_created_by_another_client_opens_in_a_running_mount() {
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    fs.lookup(ROOT, n("V")).await.unwrap();
+    let mut cli = Unlocked::open(s.alice.clone(), b"pw").await.unwrap();
+    cli.create_vault("Later", false).await.unwrap();
+    tokio::time::sleep(vaultfs::fs::core::LISTING_TTL + std::time::Duration::from_millis(100)).await;
+    let later = fs.lookup(ROOT, n("Later")).await.expect("the new vault is listed under its name");
+    let r = fs.mkdir(later.ino, n("r")).await.unwrap();
+    write_file(&fs, r.ino, "a.txt", b"written by the running mount").await;
+    let fs2 = mount(s.alice.clone()).await;
+    let later2 = fs2.lookup(ROOT, n("Later")).await.unwrap();
+    let r2 = fs2.lookup(later2.ino, n("r")).await.unwrap();
+    assert_eq!(read_file(&fs2, r2.ino, "a.txt").await.unwrap(), b"written by the running mount");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_mounts_editing_one_file_keep_both_versions() {
     let s = setup(&["V"]).await;

@@ -17,7 +17,6 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -25,7 +24,6 @@ use super::pins::Pins;
 use super::sharing::{Accepted, Refused};
 use super::tls::Trust;
 use super::{Remote, RemoteError};
-use crate::crypto::share::Keyring;
 use crate::crypto::{
     self, open_name, seal_name, Fingerprint, KdfParams, NameContext, OsRandom, VaultKey, Wallet,
 };
@@ -217,7 +215,9 @@ pub struct Unlocked<R> {
     pub remote: R,
     /// The user name on the server.
     user: String,
-    wallet: Wallet,
+    /// The open wallet; replaced when another client changed it
+    /// ([`Unlocked::refresh_wallet`]). A leaf lock, never held across an await.
+    wallet: parking_lot::RwLock<Wallet>,
     /// Shares opened this session, by vault (super::sharing).
     pub(super) shared: parking_lot::RwLock<HashMap<VaultId, Accepted>>,
     /// Shares that did not open, by vault: not tried (nor logged) again until
@@ -225,7 +225,8 @@ pub struct Unlocked<R> {
     pub(super) refused_shares: parking_lot::Mutex<HashMap<VaultId, Refused>>,
     /// Keys of other users accepted on this machine.
     pub(super) pins: parking_lot::Mutex<Pins>,
-    wallet_version: u64,
+    /// The server's version of the wallet held.
+    wallet_version: std::sync::atomic::AtomicU64,
     passphrase: zeroize::Zeroizing<Vec<u8>>,
     wallet_kdf: KdfParams,
 }
@@ -251,11 +252,11 @@ impl<R: Remote> Unlocked<R> {
         Ok(Unlocked {
             remote,
             user,
-            wallet,
+            wallet: parking_lot::RwLock::new(wallet),
             shared: Default::default(),
             refused_shares: Default::default(),
             pins: parking_lot::Mutex::new(Pins::in_memory("")),
-            wallet_version,
+            wallet_version: std::sync::atomic::AtomicU64::new(wallet_version),
             passphrase,
             wallet_kdf,
         })
@@ -285,52 +286,83 @@ impl<R: Remote> Unlocked<R> {
 
     /// The key of `vault` with id `id`: from the wallet, or from the share
     /// opened for the vault. A key of another vault is never returned.
-    pub fn vault_key(&self, vault: VaultId, id: crypto::KeyId) -> Option<KeyRef<'_>> {
-        if let Some(k) = self.wallet.key(vault, id) {
-            return Some(KeyRef::Own(k));
+    /// A copy, wiped when dropped (the wallet can be replaced meanwhile).
+    pub fn vault_key(&self, vault: VaultId, id: crypto::KeyId) -> Option<VaultKey> {
+        if let Some(k) = self.wallet.read().key(vault, id) {
+            return Some(k.duplicate());
         }
         let shared = self.shared.read();
         let ring = &shared.get(&vault)?.ring;
-        let at = ring.keys.iter().position(|k| k.key.id() == id)?;
-        Some(KeyRef::Shared(Arc::clone(ring), at))
+        ring.keys.iter().find(|k| k.key.id() == id).map(|k| k.key.duplicate())
     }
 
     /// The key new files and names of `vault` are sealed with: the wallet's
     /// active key for a vault this user made, else the newest of the vault's
     /// share (a share carries every key so far).
-    pub fn active_key(&self, vault: VaultId) -> Option<KeyRef<'_>> {
+    pub fn active_key(&self, vault: VaultId) -> Option<VaultKey> {
         // A vault made by this user takes its keys from the wallet alone.
-        if let Some(k) = self.wallet.active_key(vault) {
-            return Some(KeyRef::Own(k));
+        if let Some(k) = self.wallet.read().active_key(vault) {
+            return Some(k.duplicate());
         }
         let shared = self.shared.read();
-        let a = shared.get(&vault)?;
-        Some(KeyRef::Shared(Arc::clone(&a.ring), a.ring.keys.len() - 1))
+        shared.get(&vault)?.ring.current().map(|k| k.key.duplicate())
     }
 
     /// Whether every file of `vault` carries a manifest (the wallet's flag, or
     /// the flag its share hands on).
     pub fn manifests_required(&self, vault: VaultId) -> bool {
-        self.wallet.manifests_required(vault)
+        self.wallet.read().manifests_required(vault)
             || self.shared.read().get(&vault).is_some_and(|a| a.ring.manifests_required())
     }
 
-    /// The open wallet.
-    pub fn wallet(&self) -> &Wallet {
-        &self.wallet
+    /// The open wallet (a read lock: do not hold it across an await).
+    pub fn wallet(&self) -> parking_lot::RwLockReadGuard<'_, Wallet> {
+        self.wallet.read()
+    }
+
+    /// Reads the wallet again if the server holds another version of it (a
+    /// vault created or a key added by another client of this user): the new
+    /// one must open with this session's passphrase, be no older (by
+    /// revision) than the one held, and pass `accept` (the local freshness
+    /// state's check), else the one held stays. Returns whether it changed.
+    pub async fn refresh_wallet(
+        &self,
+        accept: impl Fn(u64) -> Result<(), String>,
+    ) -> Result<bool, AccountError> {
+        use std::sync::atomic::Ordering;
+        let held = self.wallet_version.load(Ordering::Acquire);
+        if self.remote.wallet_version().await? == Some(held) {
+            return Ok(false);
+        }
+        let (blob, version) = self.remote.wallet().await?.ok_or(AccountError::NoWallet)?;
+        let pass = self.passphrase.clone();
+        let (wallet, _) = tokio::task::spawn_blocking(move || Wallet::open(&blob, &pass))
+            .await
+            .map_err(|e| RemoteError::Protocol(e.to_string()))??;
+        let revision = wallet.revision();
+        let current = self.wallet.read().revision();
+        if revision < current {
+            return Err(AccountError::Refused(format!(
+                "the server's wallet (revision {revision}) is older than the one held ({current}): kept the one held"
+            )));
+        }
+        accept(revision).map_err(AccountError::Refused)?;
+        *self.wallet.write() = wallet;
+        self.wallet_version.store(version, Ordering::Release);
+        Ok(true)
     }
 
     /// Creates a vault named `name`: a new vault key goes into the wallet, the
     /// wallet is stored, then the vault is created with its sealed name.
     pub async fn create_vault(&mut self, name: &str, e2e_required: bool) -> Result<NamedVault, AccountError> {
         let id = VaultId::random().map_err(|e| RemoteError::Protocol(e.to_string()))?;
-        self.wallet.add_key(id, VaultKey::generate(&mut OsRandom)?)?;
+        self.wallet.get_mut().add_key(id, VaultKey::generate(&mut OsRandom)?)?;
         // Every file of a new vault carries a manifest: one without is refused.
-        self.wallet.require_manifests(id);
+        self.wallet.get_mut().require_manifests(id);
         self.save_wallet().await?;
-        let key = self.wallet.active_key(id).ok_or(AccountError::NoKey(id))?;
+        let key = self.wallet.get_mut().active_key(id).ok_or(AccountError::NoKey(id))?.duplicate();
         let sealed_name =
-            seal_name(key, &NameContext::VaultName { vault: id }, name.as_bytes(), &mut OsRandom)?;
+            seal_name(&key, &NameContext::VaultName { vault: id }, name.as_bytes(), &mut OsRandom)?;
         let info = self
             .remote
             .create_vault(NewVault { id, name: Sealed(sealed_name), e2e_required, wrapped_key: None })
@@ -341,7 +373,7 @@ impl<R: Remote> Unlocked<R> {
     /// Makes the key of the local freshness state if the wallet has none yet
     /// (a wallet made by an older vaultfs), and stores the wallet.
     pub async fn ensure_state_key(&mut self) -> Result<(), AccountError> {
-        if self.wallet.ensure_state_key(&mut OsRandom)? {
+        if self.wallet.get_mut().ensure_state_key(&mut OsRandom)? {
             self.save_wallet().await?;
         }
         Ok(())
@@ -349,13 +381,14 @@ impl<R: Remote> Unlocked<R> {
 
     /// The open wallet, to change (then [`Unlocked::save_wallet`]).
     pub(crate) fn wallet_mut(&mut self) -> &mut Wallet {
-        &mut self.wallet
+        self.wallet.get_mut()
     }
 
     /// Seals the wallet again and stores it over the version this session read.
     pub(crate) async fn save_wallet(&mut self) -> Result<(), AccountError> {
-        let sealed = seal_blocking(&self.wallet, &self.passphrase, self.wallet_kdf).await?;
-        self.wallet_version = self.remote.put_wallet(sealed, Some(self.wallet_version)).await?;
+        let sealed = seal_blocking(self.wallet.get_mut(), &self.passphrase, self.wallet_kdf).await?;
+        let version = self.remote.put_wallet(sealed, Some(*self.wallet_version.get_mut())).await?;
+        *self.wallet_version.get_mut() = version;
         Ok(())
     }
 
@@ -403,31 +436,13 @@ impl Unlocked<super::http::HttpRemote> {
         } else {
             self.wallet_kdf
         };
-        let sealed = seal_blocking(&self.wallet, new, kdf).await?;
-        self.wallet_version =
-            self.remote.change_passphrase(access, new, floor, sealed, self.wallet_version).await?;
+        let sealed = seal_blocking(self.wallet.get_mut(), new, kdf).await?;
+        let held = *self.wallet_version.get_mut();
+        *self.wallet_version.get_mut() =
+            self.remote.change_passphrase(access, new, floor, sealed, held).await?;
         self.passphrase = zeroize::Zeroizing::new(new.to_vec());
         self.wallet_kdf = kdf;
         Ok(())
-    }
-}
-
-/// A vault key borrowed from the wallet, or held with the share it came from.
-pub enum KeyRef<'a> {
-    /// A key of the wallet.
-    Own(&'a VaultKey),
-    /// Key number `.1` of an opened share's keyring.
-    Shared(Arc<Keyring>, usize),
-}
-
-impl std::ops::Deref for KeyRef<'_> {
-    type Target = VaultKey;
-
-    fn deref(&self) -> &VaultKey {
-        match self {
-            KeyRef::Own(k) => k,
-            KeyRef::Shared(ring, at) => &ring.keys[*at].key,
-        }
     }
 }
 
@@ -471,6 +486,33 @@ mod tests {
         names.sort();
         assert_eq!(names, ["Family", "Tax"]);
         assert_eq!(again.wallet().entries().len(), 2);
+    }
+
+    /// Another client's change is read again; an older wallet put back by the
+    /// server (a rollback, here with a newer version number) is not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wallet_is_read_again_when_changed_but_never_rolled_back() {
+        let server = MemoryServer::new().unwrap();
+        let alice = server.add_user("alice", Limits::DEFAULT).await.unwrap();
+        let mut first = Unlocked::create_wallet(alice.clone(), b"pw", FAST).await.unwrap();
+        first.create_vault("Family", false).await.unwrap();
+        let mount = Unlocked::open(alice.clone(), b"pw").await.unwrap();
+        assert!(!mount.refresh_wallet(|_| Ok(())).await.unwrap(), "unchanged");
+        let (old_blob, _) = alice.wallet().await.unwrap().unwrap();
+        first.create_vault("Tax", false).await.unwrap();
+        assert!(mount.refresh_wallet(|_| Ok(())).await.unwrap());
+        assert_eq!(mount.wallet().entries().len(), 2);
+        // The freshness check may refuse too.
+        let (_, v) = alice.wallet().await.unwrap().unwrap();
+        alice.put_wallet(old_blob, Some(v)).await.unwrap();
+        let e = mount.refresh_wallet(|_| Ok(())).await.unwrap_err().to_string();
+        assert!(e.contains("older than the one held"), "{e}");
+        assert_eq!(mount.wallet().entries().len(), 2, "the newer wallet stays");
+        let mut third = Unlocked::open(alice.clone(), b"pw").await.unwrap();
+        third.create_vault("Later", false).await.unwrap();
+        let e = mount.refresh_wallet(|r| Err(format!("revision {r} refused"))).await.unwrap_err().to_string();
+        assert!(e.contains("refused"), "{e}");
+        assert_eq!(mount.wallet().entries().len(), 2);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -140,6 +140,10 @@ impl<R: Remote> Remote for FaultyRemote<R> {
         self.outage.check()?;
         self.inner.wallet().await
     }
+    async fn wallet_version(&self) -> Result<Option<u64>> {
+        self.outage.check()?;
+        self.inner.wallet_version().await
+    }
     async fn put_wallet(&self, blob: Vec<u8>, expected: Option<u64>) -> Result<u64> {
         self.outage.check()?;
         self.inner.put_wallet(blob, expected).await

@@ -625,6 +625,17 @@ impl super::Remote for HttpRemote {
         Ok(())
     }
 
+    async fn wallet_version(&self) -> Result<Option<u64>> {
+        match self.send(Method::HEAD, "/v1/wallet", Idempotent::Yes, |r| r).await {
+            Ok(resp) => {
+                let version = resp.headers().get(ETAG).and_then(|v| v.to_str().ok()).and_then(parse_etag);
+                version.map(Some).ok_or_else(|| protocol("wallet without ETag"))
+            }
+            Err(RemoteError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn vaults(&self) -> Result<Vec<VaultInfo>> {
         self.get_json("/v1/vaults").await
     }

@@ -120,6 +120,10 @@ impl super::Remote for MemoryRemote {
         }
     }
 
+    async fn wallet_version(&self) -> Result<Option<u64>> {
+        Ok(self.wallet().await?.map(|(_, v)| v))
+    }
+
     async fn put_wallet(&self, blob: Vec<u8>, expected: Option<u64>) -> Result<u64> {
         Ok(self.service.put_wallet(&self.caller, blob, expected).await?)
     }

@@ -58,8 +58,8 @@ impl<R: Remote> Unlocked<R> {
             match self.manifest_for(&info).await {
                 Ok(manifest) => {
                     let ctx = FileContext { vault: info.vault, record: info.record, file: info.id };
-                    let key = self.wallet().active_key(vault).ok_or(AccountError::NoKey(vault))?;
-                    let meta = crypto::seal_manifest(key, &ctx, &manifest, &mut OsRandom)?;
+                    let key = self.active_key(vault).ok_or(AccountError::NoKey(vault))?;
+                    let meta = crypto::seal_manifest(&key, &ctx, &manifest, &mut OsRandom)?;
                     let update = FileUpdate { meta: Some(Sealed(meta)), ..Default::default() };
                     match self.remote.update_file(info.id, info.version, update).await {
                         Ok(_) if manifest.is_e2e() => report.end_to_end += 1,
@@ -95,8 +95,8 @@ impl<R: Remote> Unlocked<R> {
             let head = self.remote.download(info.id, Some(0..HEADER_LEN)).await.map_err(|e| skip(&e))?;
             let head = super::collect(head.stream).await.map_err(|e| skip(&e))?;
             if let Ok(peeked) = crypto::peek_header(&head) {
-                if let Some(key) = self.wallet().key(info.vault, peeked.key_id) {
-                    let dec = FileDecryptor::open(&head, key, &ctx, 0).map_err(|e| skip(&e))?;
+                if let Some(key) = self.vault_key(info.vault, peeked.key_id) {
+                    let dec = FileDecryptor::open(&head, &key, &ctx, 0).map_err(|e| skip(&e))?;
                     let h = dec.info();
                     if Layout::new(h.plaintext_len).map(|l| l.ciphertext_len()) != Some(info.size) {
                         return Err(Skip("its stored length does not match its header".into()));

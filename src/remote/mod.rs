@@ -152,6 +152,9 @@ pub trait Remote: Send + Sync + 'static {
     fn me(&self) -> impl Future<Output = Result<Me>> + Send;
     /// The sealed wallet and its version, if stored.
     fn wallet(&self) -> impl Future<Output = Result<Option<(Vec<u8>, u64)>>> + Send;
+    /// The version of the stored wallet, if one is stored (without its bytes:
+    /// a mount asks this often, to notice another client's change).
+    fn wallet_version(&self) -> impl Future<Output = Result<Option<u64>>> + Send;
     /// Stores the sealed wallet; `expected` is `None` to create it.
     fn put_wallet(&self, blob: Vec<u8>, expected: Option<u64>) -> impl Future<Output = Result<u64>> + Send;
     /// Publishes this user's public key for shares.

@@ -154,9 +154,10 @@ impl<R: Remote> Unlocked<R> {
         let me = self
             .wallet()
             .user_key()
+            .map(|k| k.duplicate())
             .ok_or_else(|| AccountError::Refused("the wallet holds no user key".into()))?;
         let ctx = ShareContext { vault: vault.id, sender: self.user(), recipient: user };
-        let share = seal_share(&ring, &ctx, me, to, &mut OsRandom)?;
+        let share = seal_share(&ring, &ctx, &me, to, &mut OsRandom)?;
         let member = Member { user: user.to_string(), rights, wrapped_key: Some(Sealed(share)) };
         self.remote.set_member(vault.id, member).await?;
         Ok(())
@@ -232,6 +233,7 @@ impl<R: Remote> Unlocked<R> {
         let me = self
             .wallet()
             .user_key()
+            .map(|k| k.duplicate())
             .ok_or_else(|| AccountError::Refused("the wallet holds no user key".into()))?;
         let (from, check) = if sender == self.user() {
             (me.public(), PinCheck::Pinned)
@@ -248,7 +250,7 @@ impl<R: Remote> Unlocked<R> {
             }
         }
         let ctx = ShareContext { vault, sender: &sender, recipient: self.user() };
-        let ring = open_share(blob, &ctx, me, &from)?;
+        let ring = open_share(blob, &ctx, &me, &from)?;
         self.check_extends(vault, &ring)?;
         Ok(Accepted { blob: blob.to_vec(), sender, ring: Arc::new(ring) })
     }
@@ -432,7 +434,7 @@ mod tests {
         assert!(carol.active_key(vault.id).is_none());
         // A share carol seals under alice's name fails at bob's.
         let ctx = ShareContext { vault: vault.id, sender: "alice", recipient: "bob" };
-        let carols = carol.wallet().user_key().unwrap();
+        let carols = &carol.wallet().user_key().unwrap().duplicate();
         let forged =
             seal_share(&fake_ring(), &ctx, carols, &bob.user_public().unwrap(), &mut OsRandom).unwrap();
         let m = Member { user: "bob".into(), rights: Rights::Read, wrapped_key: Some(Sealed(forged)) };
@@ -464,7 +466,7 @@ mod tests {
         bob.accept_shares(&[]).await;
         for (victim, name) in [(&alice, "alice"), (&bob, "bob")] {
             let ctx = ShareContext { vault: vault.id, sender: "mallory", recipient: name };
-            let mine = mallory.wallet().user_key().unwrap();
+            let mine = &mallory.wallet().user_key().unwrap().duplicate();
             let forged =
                 seal_share(&fake_ring(), &ctx, mine, &victim.user_public().unwrap(), &mut OsRandom).unwrap();
             let m = Member { user: name.into(), rights: Rights::Admin, wrapped_key: Some(Sealed(forged)) };

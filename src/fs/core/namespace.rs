@@ -22,7 +22,7 @@ use super::{check_file_answer, Attr, Entry, EntryPlus, FsError, Ino, Kind, Resul
 use crate::crypto::{self, open_name, seal_name, FileContext, FileManifest, NameContext, OsRandom};
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::{now_ms, FileInfo, NewFile, RecordInfo, Sealed};
-use crate::remote::account::KeyRef;
+use crate::remote::account::AccountError;
 use crate::remote::{Remote, RemoteError};
 
 impl<R: Remote> VaultFs<R> {
@@ -31,6 +31,27 @@ impl<R: Remote> VaultFs<R> {
     pub(super) async fn load_root(&self, force: bool) -> Result<()> {
         if self.tree.lock().root_fresh() && !force {
             return Ok(());
+        }
+        // Another client of this user may have changed the wallet (a vault
+        // created, a key added): read it again first, so the listing opens
+        // with the keys it needs. Never an older wallet than this machine saw.
+        let fresh = &self.freshness;
+        match self
+            .account
+            .refresh_wallet(|revision| fresh.check_wallet(revision).map_err(|e| e.to_string()))
+            .await
+        {
+            Ok(true) => tracing::info!(
+                "the wallet changed on the server (another client of this user); read it again"
+            ),
+            Ok(false) => {}
+            // Unreachable: the listing below says so (or answers from the last one).
+            Err(AccountError::Remote(e)) => {
+                tracing::debug!(error = %e, "cannot ask whether the wallet changed")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the wallet changed on the server but was not taken; keeping the one held")
+            }
         }
         let vaults = match self.account.vaults().await {
             Ok(v) => v,
@@ -282,7 +303,7 @@ impl<R: Remote> VaultFs<R> {
 
     // ---- names, titles and manifests ----------------------------------------------
 
-    pub(super) fn key_for(&self, vault: VaultId, sealed: &[u8]) -> Option<KeyRef<'_>> {
+    pub(super) fn key_for(&self, vault: VaultId, sealed: &[u8]) -> Option<crypto::VaultKey> {
         let id = crypto::names::name_key_id(sealed).ok()?;
         self.account.vault_key(vault, id)
     }
