@@ -42,9 +42,13 @@ fn demo_mounts_a_vault_and_cleans_up_on_ctrl_c() {
         }
     };
     let mut data_dir = None;
+    let mut shared = None;
     while let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
         if let Some(rest) = line.trim().strip_prefix("server data") {
             data_dir = rest.split_whitespace().next().map(std::path::PathBuf::from);
+        }
+        if let Some(rest) = line.trim().strip_prefix("shared with") {
+            shared = Some(rest.trim().to_string());
         }
         if line.starts_with("Press Ctrl-C") {
             break;
@@ -54,6 +58,9 @@ fn demo_mounts_a_vault_and_cleans_up_on_ctrl_c() {
     assert!(readme.starts_with("Welcome to vaultfs."), "{readme}");
     std::fs::create_dir_all(mountpoint.join("Demo vault/Mine")).unwrap();
     std::fs::write(mountpoint.join("Demo vault/Mine/a.txt"), b"mine").unwrap();
+    // The demo shares its vault with a second user, whose client opened it.
+    let shared = shared.expect("the demo says whom it shared the vault with");
+    assert!(shared.contains("read rights") && shared.contains("sees \"Demo vault\""), "{shared}");
     let data_dir = data_dir.expect("the demo names its data directory");
     assert!(data_dir.exists());
 

@@ -103,6 +103,21 @@ fn a_vault_shared_read_only_then_writable_through_two_real_mounts() {
     // A writer cannot share on.
     let out = bob.run(&["vault", "share", "Family", "alice", "--rights", "read", "--fingerprint", &fp]);
     assert!(stderr(&out).contains("sharing needs admin"), "{}", stderr(&out));
+
+    // Removing bob rotates the key: his mount loses the vault, and what
+    // alice's running mount writes next (once it read the changed wallet) is
+    // under the new key, while the files before stay under the old one.
+    let out = m.ok(&["vault", "unshare", "Family", "bob"]);
+    assert!(out.contains("removed bob") && out.contains("epoch 1"), "{out}");
+    assert!(out.contains("2 of 2 file(s) are still under older keys"), "{out}");
+    eventually("bob's mount to lose the vault", || (!bm.path("Family").exists()).then_some(()));
+    assert!(!bob.ok(&["vault", "list"]).contains("Family"));
+    std::thread::sleep(Duration::from_millis(2200));
+    let _ = std::fs::read_dir(m.path("")).unwrap().count(); // the next listing reads the wallet again
+    std::fs::write(m.path("Family/r/c.txt"), "after bob left").unwrap();
+    let members = m.ok(&["vault", "members", "Family"]);
+    assert!(members.contains("files under older keys: 2 of 3"), "{members}");
+    assert!(!members.contains("bob"), "{members}");
     drop(bm);
     assert!(Path::new(&m.path("Family/r/b.txt")).exists());
 }

@@ -102,6 +102,17 @@ pub enum VaultCommand {
         #[arg(long, env = PASSPHRASE_FILE_ENV)]
         passphrase_file: Option<PathBuf>,
     },
+    /// Remove a member and rotate the vault's key: what is sealed from then on
+    /// is sealed under a key they never had (only the vault's creator can).
+    Unshare {
+        /// The vault's name.
+        vault: String,
+        /// The member to remove.
+        user: String,
+        /// Read the passphrase from this file instead of asking.
+        #[arg(long, env = PASSPHRASE_FILE_ENV)]
+        passphrase_file: Option<PathBuf>,
+    },
     /// List the members of a vault, their rights and key fingerprints.
     Members {
         /// The vault's name.
@@ -393,6 +404,25 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
             unlocked.share_vault(&info, &user, rights, &key).await?;
             println!("shared {vault} with {user} ({} rights; key {})", rights.as_str(), key.fingerprint());
         }
+        VaultCommand::Unshare { vault, user, passphrase_file } => {
+            let (mut unlocked, freshness) = unlock(passphrase_file.as_deref()).await?;
+            let info = find_vault(&unlocked, &vault).await?;
+            let done = unlocked.unshare(&info, &user).await?;
+            note_wallet(&unlocked, &freshness)?;
+            println!(
+                "removed {user} from {vault}; its key rotated (epoch {}): files and names sealed from now on are \
+                 under a key {user} never had; {} remaining member(s) got it",
+                done.epoch, done.reshared
+            );
+            for why in &done.not_reshared {
+                println!("  not shared again (run `vaultfs vault share` for them): {why}");
+            }
+            let (older, all) = unlocked.files_under_older_keys(info.id).await?;
+            println!(
+                "{older} of {all} file(s) are still under older keys: readable to {user} if they kept them \
+                 (re-encrypting them, `vaultfs vault rekey`, is not built yet)"
+            );
+        }
         VaultCommand::Members { vault, passphrase_file } => {
             let (unlocked, _) = unlock(passphrase_file.as_deref()).await?;
             let info = find_vault(&unlocked, &vault).await?;
@@ -409,6 +439,8 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
                     if m.has_share || m.user == unlocked.user() { "" } else { "  (no share: cannot read)" };
                 println!("{}\t{}\t{key}\t{pin}{share}", m.user, m.rights.as_str());
             }
+            let (older, all) = unlocked.files_under_older_keys(info.id).await?;
+            println!("files under older keys: {older} of {all}");
         }
         VaultCommand::List { passphrase_file } => {
             let (unlocked, _) = unlock(passphrase_file.as_deref()).await?;

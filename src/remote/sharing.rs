@@ -41,6 +41,18 @@ pub struct Refused {
     waiting_for: Option<(String, Fingerprint)>,
 }
 
+/// What [`Unlocked::unshare`] did.
+#[derive(Debug)]
+pub struct Unshared {
+    /// The epoch of the vault's new key.
+    pub epoch: u32,
+    /// How many remaining members got a share with it.
+    pub reshared: usize,
+    /// Members whose new share could not be stored, and why (share with them
+    /// again with `vaultfs vault share`).
+    pub not_reshared: Vec<String>,
+}
+
 /// A member of a vault as `vaultfs vault members` shows them.
 #[derive(Debug, Clone)]
 pub struct MemberView {
@@ -283,6 +295,81 @@ impl<R: Remote> Unlocked<R> {
         }
     }
 
+    /// Removes `user` from `vault` and rotates the vault's key, so that what
+    /// is sealed from now on (files, names) is sealed under a key they never
+    /// had: the member goes on the server (404 for them from then on), a new
+    /// key becomes the vault's current one in the wallet, and every remaining
+    /// member gets a new share with it. Only the vault's creator (whose wallet
+    /// holds its keys) can, in this version; every remaining member's key must
+    /// be confirmed on this machine first, or nothing changes. Files sealed
+    /// before stay under the older keys (readable to members, and to the
+    /// removed user if they kept them) until re-encrypted.
+    pub async fn unshare(&mut self, vault: &VaultInfo, user: &str) -> Result<Unshared, AccountError> {
+        if vault.rights != Rights::Admin {
+            return Err(AccountError::Refused(format!(
+                "you have {} rights in this vault; removing a member needs admin",
+                vault.rights.as_str()
+            )));
+        }
+        if self.wallet().active_key(vault.id).is_none() {
+            return Err(AccountError::Refused(
+                "this vault's keys are not in your wallet (another user created it): in this version only \
+                 its creator can remove a member and rotate its key"
+                    .into(),
+            ));
+        }
+        if user == self.user() {
+            return Err(AccountError::Refused("that is you".into()));
+        }
+        let members = self.remote.members(vault.id).await?;
+        if !members.iter().any(|m| m.user == user) {
+            return Err(AccountError::Refused(format!("{user} is not a member of this vault")));
+        }
+        let remaining: Vec<Member> =
+            members.into_iter().filter(|m| m.user != user && m.user != self.user()).collect();
+        // Every remaining member's key, confirmed, before anything changes.
+        let mut keys = Vec::new();
+        let mut unconfirmed = Vec::new();
+        for m in &remaining {
+            match self.colleague_key(&m.user).await {
+                Ok((key, PinCheck::Pinned)) => keys.push((m, key)),
+                Ok(_) | Err(AccountError::Refused(_)) => unconfirmed.push(m.user.clone()),
+                Err(e) => return Err(e),
+            }
+        }
+        if !unconfirmed.is_empty() {
+            return Err(AccountError::Refused(format!(
+                "the keys of {} are not confirmed on this machine (`vaultfs trust USER`): their new share \
+                 could not be sealed, so nothing was changed",
+                unconfirmed.join(", ")
+            )));
+        }
+        self.remote.remove_member(vault.id, user).await?;
+        // The new key goes into the wallet (stored) before anything is sealed with it.
+        self.wallet_mut().add_key(vault.id, crate::crypto::VaultKey::generate(&mut OsRandom)?)?;
+        self.save_wallet().await?;
+        let epoch = self.wallet().entries().iter().filter(|e| e.vault == vault.id).count() as u32 - 1;
+        let mut not_reshared = Vec::new();
+        for (m, key) in keys {
+            if let Err(e) = self.share_vault(vault, &m.user, m.rights, &key).await {
+                not_reshared.push(format!("{}: {e}", m.user));
+            }
+        }
+        Ok(Unshared { epoch, reshared: remaining.len() - not_reshared.len(), not_reshared })
+    }
+
+    /// How many of `vault`'s files are sealed under a key older than its
+    /// current one (by their manifests), of how many.
+    pub async fn files_under_older_keys(&self, vault: VaultId) -> Result<(usize, usize), AccountError> {
+        let Some(current) = self.active_key(vault).map(|k| k.id()) else { return Ok((0, 0)) };
+        let files = self.remote.files(vault).await?;
+        let older = files
+            .iter()
+            .filter(|f| crate::crypto::manifest::manifest_key_id(&f.meta.0).is_ok_and(|id| id != current))
+            .count();
+        Ok((older, files.len()))
+    }
+
     /// The members of `vault` with their keys' fingerprints and pins.
     pub async fn members(&self, vault: VaultId) -> Result<Vec<MemberView>, AccountError> {
         let mut out = Vec::new();
@@ -481,6 +568,69 @@ mod tests {
             }
             assert_eq!(victim.active_key(vault.id).unwrap().id(), real, "{name} keeps the real key");
         }
+    }
+
+    /// Removing a member rotates the key: they get 404 from then on, what is
+    /// sealed afterwards does not open with the key they had (handed to the
+    /// decryptor directly), and the remaining member takes the new key.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn removing_a_member_rotates_the_key_they_had() {
+        let server = MemoryServer::new().unwrap();
+        let mut alice = user(&server, "alice").await;
+        let bob = user(&server, "bob").await;
+        let carol = user(&server, "carol").await;
+        let vault = alice.create_vault("V", false).await.unwrap().info;
+        share_with(&alice, &vault, &bob, Rights::Write).await;
+        share_with(&alice, &vault, &carol, Rights::Read).await;
+        bob.vaults().await.unwrap();
+        carol.vaults().await.unwrap();
+        let old = carol.active_key(vault.id).unwrap();
+        assert_eq!(old.id(), alice.active_key(vault.id).unwrap().id());
+
+        let done = alice.unshare(&vault, "carol").await.unwrap();
+        assert_eq!((done.epoch, done.reshared, done.not_reshared.len()), (1, 1, 0));
+        assert!(carol.remote.vaults().await.unwrap().is_empty());
+        assert!(matches!(carol.remote.members(vault.id).await, Err(RemoteError::NotFound(_))));
+        let new = alice.active_key(vault.id).unwrap();
+        assert_ne!(new.id(), old.id());
+        bob.vaults().await.unwrap();
+        assert_eq!(bob.active_key(vault.id).unwrap().id(), new.id(), "bob took the new key");
+        assert!(bob.vault_key(vault.id, old.id()).is_some(), "and keeps the old one for older files");
+        // Sealed after the removal: the old key opens neither a name nor a file.
+        let ctx = crate::crypto::NameContext::VaultName { vault: vault.id };
+        let name = crate::crypto::seal_name(&new, &ctx, b"after", &mut OsRandom).unwrap();
+        assert!(crate::crypto::open_name(&old, &ctx, &name).is_err());
+        let fctx = crate::crypto::FileContext {
+            vault: vault.id,
+            record: crate::ids::RecordId([1; 16]),
+            file: crate::ids::FileId([2; 16]),
+        };
+        let file = crate::crypto::encrypt_file(&new, &fctx, 1, b"after the removal", &mut OsRandom).unwrap();
+        assert!(crate::crypto::decrypt_file(&file, &old, &fctx, 0).is_err());
+        assert_eq!(
+            &crate::crypto::decrypt_file(&file, &bob.active_key(vault.id).unwrap(), &fctx, 0).unwrap().1[..],
+            b"after the removal"
+        );
+        let (older, all) = alice.files_under_older_keys(vault.id).await.unwrap();
+        assert_eq!((older, all), (0, 0));
+
+        // Refusals that change nothing: not a member, yourself, not the creator,
+        // a remaining member whose key is not confirmed here.
+        let e = alice.unshare(&vault, "carol").await.unwrap_err().to_string();
+        assert!(e.contains("not a member"), "{e}");
+        let e = alice.unshare(&vault, "alice").await.unwrap_err().to_string();
+        assert!(e.contains("that is you"), "{e}");
+        let dave = user(&server, "dave").await;
+        share_with(&alice, &vault, &dave, Rights::Admin).await;
+        let daves_view = dave.vaults().await.unwrap().remove(0).info;
+        let mut dave = dave;
+        let e = dave.unshare(&daves_view, "bob").await.unwrap_err().to_string();
+        assert!(e.contains("only") && e.contains("creator"), "{e}");
+        alice.pins.lock().set("dave", Fingerprint([0; 15])).unwrap();
+        let e = alice.unshare(&vault, "bob").await.unwrap_err().to_string();
+        assert!(e.contains("not confirmed") && e.contains("dave"), "{e}");
+        assert_eq!(alice.remote.members(vault.id).await.unwrap().len(), 3, "bob is still a member");
+        assert_eq!(alice.active_key(vault.id).unwrap().id(), new.id(), "no new key");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
