@@ -13,6 +13,7 @@ use vaultfs::protocol::Limits;
 use vaultfs::remote::account::Unlocked;
 use vaultfs::remote::faulty::{FaultyRemote, Outage};
 use vaultfs::remote::memory::{MemoryRemote, MemoryServer};
+use vaultfs::remote::Remote as _;
 
 const FAST: KdfParams = KdfParams { m_cost_kib: 64, t_cost: 1, p_cost: 1 };
 
@@ -298,6 +299,58 @@ async fn a_vault_created_by_another_client_opens_in_a_running_mount() {
     let later2 = fs2.lookup(ROOT, n("Later")).await.unwrap();
     let r2 = fs2.lookup(later2.ino, n("r")).await.unwrap();
     assert_eq!(read_file(&fs2, r2.ino, "a.txt").await.unwrap(), b"written by the running mount");
+}
+
+/// After a member's removal rotated the key, `rekey` seals the vault's old
+/// content afresh: the old key opens none of it (handed the stored bytes
+/// directly), mounts read it as before, and a second run finds nothing to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rekey_after_a_removal_leaves_nothing_under_the_old_key() {
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    write_file(&fs, r.ino, "a.txt", b"sealed before the removal").await;
+    write_file(&fs, r.ino, "empty", b"").await;
+    let mut cli = Unlocked::open(s.alice.clone(), b"pw").await.unwrap();
+    cli.ensure_user_key().await.unwrap();
+    let bob_remote = s.server.add_user("bob", Limits::DEFAULT).await.unwrap();
+    let mut bob = Unlocked::create_wallet(bob_remote, b"pw", FAST).await.unwrap();
+    bob.ensure_user_key().await.unwrap();
+    let vault =
+        cli.vaults().await.unwrap().into_iter().find(|x| x.name.as_deref() == Some("V")).unwrap().info;
+    let (key, _) = cli.colleague_key("bob").await.unwrap();
+    cli.pin("bob", key.fingerprint()).unwrap();
+    cli.share_vault(&vault, "bob", vaultfs::protocol::Rights::Read, &key).await.unwrap();
+    let old = cli.active_key(vault.id).unwrap();
+    cli.unshare(&vault, "bob").await.unwrap();
+    assert_eq!(cli.files_under_older_keys(vault.id).await.unwrap(), (2, 2));
+
+    let mut seen = Vec::new();
+    let done = cli.rekey_vault(vault.id, |k, total| seen.push((k, total))).await.unwrap();
+    assert_eq!((done.reencrypted, done.resealed, done.records, done.skipped.len()), (2, 0, 1, 0), "{done:?}");
+    assert_eq!(seen, vec![(1, 2), (2, 2)]);
+    assert_eq!(cli.files_under_older_keys(vault.id).await.unwrap(), (0, 2));
+    // The stored bytes do not open with the old key.
+    for a in s.alice.files(vault.id).await.unwrap() {
+        let stored =
+            vaultfs::remote::collect(s.alice.download(a.id, None).await.unwrap().stream).await.unwrap();
+        let ctx = vaultfs::crypto::FileContext { vault: vault.id, record: a.record, file: a.id };
+        assert!(vaultfs::crypto::decrypt_file(&stored, &old, &ctx, 0).is_err(), "{} bytes", stored.len());
+    }
+    // Mounts read it as before: the running one (after reading the changed
+    // wallet) and a new one.
+    tokio::time::sleep(vaultfs::fs::core::LISTING_TTL + std::time::Duration::from_millis(100)).await;
+    fs.lookup(ROOT, n("V")).await.unwrap();
+    assert_eq!(read_file(&fs, r.ino, "a.txt").await.unwrap(), b"sealed before the removal");
+    let fs2 = mount(s.alice.clone()).await;
+    let v2 = fs2.lookup(ROOT, n("V")).await.unwrap();
+    let r2 = fs2.lookup(v2.ino, n("r")).await.unwrap();
+    assert_eq!(read_file(&fs2, r2.ino, "a.txt").await.unwrap(), b"sealed before the removal");
+    assert_eq!(read_file(&fs2, r2.ino, "empty").await.unwrap(), b"");
+    // Resumable: a second run finds everything current.
+    let again = cli.rekey_vault(vault.id, |_, _| {}).await.unwrap();
+    assert_eq!((again.reencrypted, again.resealed, again.records, again.current), (0, 0, 0, 2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,6 +118,15 @@ fn a_vault_shared_read_only_then_writable_through_two_real_mounts() {
     let members = m.ok(&["vault", "members", "Family"]);
     assert!(members.contains("files under older keys: 2 of 3"), "{members}");
     assert!(!members.contains("bob"), "{members}");
+    // Rekeying encrypts the older files again; the mount reads them as before.
+    let out = m.ok(&["vault", "rekey", "Family"]);
+    assert!(
+        out.contains("2 file(s) encrypted again") && out.contains("files under older keys: 0 of 3"),
+        "{out}"
+    );
+    eventually("alice's mount to read the rekeyed file", || {
+        (std::fs::read_to_string(m.path("Family/r/a.txt")).ok()? == "alice, second").then_some(())
+    });
     drop(bm);
     assert!(Path::new(&m.path("Family/r/b.txt")).exists());
 }

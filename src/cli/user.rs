@@ -113,6 +113,15 @@ pub enum VaultCommand {
         #[arg(long, env = PASSPHRASE_FILE_ENV)]
         passphrase_file: Option<PathBuf>,
     },
+    /// Re-encrypt what is still under a vault's older keys (after `unshare`)
+    /// under its newest one, a file at a time; run again to resume.
+    Rekey {
+        /// The vault's name.
+        vault: String,
+        /// Read the passphrase from this file instead of asking.
+        #[arg(long, env = PASSPHRASE_FILE_ENV)]
+        passphrase_file: Option<PathBuf>,
+    },
     /// List the members of a vault, their rights and key fingerprints.
     Members {
         /// The vault's name.
@@ -420,7 +429,44 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
             let (older, all) = unlocked.files_under_older_keys(info.id).await?;
             println!(
                 "{older} of {all} file(s) are still under older keys: readable to {user} if they kept them \
-                 (re-encrypting them, `vaultfs vault rekey`, is not built yet)"
+                 (`vaultfs vault rekey {vault}` encrypts them again)"
+            );
+        }
+        VaultCommand::Rekey { vault, passphrase_file } => {
+            let (unlocked, _) = unlock(passphrase_file.as_deref()).await?;
+            let info = find_vault(&unlocked, &vault).await?;
+            if info.rights < crate::protocol::Rights::Write {
+                return Err(format!(
+                    "you have {} rights in {vault}; rekeying needs write",
+                    info.rights.as_str()
+                )
+                .into());
+            }
+            let tty = std::io::stderr().is_terminal();
+            let done = unlocked
+                .rekey_vault(info.id, |k, total| {
+                    if tty {
+                        let width = 30;
+                        let filled = (k * width).checked_div(total).unwrap_or(width);
+                        eprint!("\r[{}{}] {k}/{total} files", "#".repeat(filled), ".".repeat(width - filled));
+                    }
+                })
+                .await?;
+            if tty {
+                eprintln!();
+            }
+            println!(
+                "{vault}: {} file(s) encrypted again, {} sealed afresh (manifest or name), {} already current, \
+                 {} record(s) sealed afresh",
+                done.reencrypted, done.resealed, done.current, done.records
+            );
+            for why in &done.skipped {
+                println!("  left alone: {why}");
+            }
+            let (older, all) = unlocked.files_under_older_keys(info.id).await?;
+            println!(
+                "files under older keys: {older} of {all}{}",
+                if older > 0 { " (run again)" } else { "" }
             );
         }
         VaultCommand::Members { vault, passphrase_file } => {

@@ -20,6 +20,7 @@ pub mod http;
 pub mod memory;
 pub mod migrate;
 pub mod pins;
+pub mod rekey;
 pub mod sharing;
 pub mod tls;
 
