@@ -265,8 +265,9 @@ pub fn sealed_name(data: &[u8]) {
 }
 
 /// A wallet blob: the header parses (the KDF parameters are checked before any
-/// work), the decrypted body's parser takes any bytes, and a blob with cheap
-/// parameters is tried with a passphrase (it must not open).
+/// work), the decrypted body's parser takes any bytes, a blob with cheap
+/// parameters is tried with a passphrase and every blob with a recovery key
+/// (neither must open); the same bytes as a typed recovery key parse or not.
 pub fn wallet(data: &[u8]) {
     let _ = Wallet::deserialize(data);
     // A share (a keyring sealed for this user) comes from the server too: it
@@ -288,6 +289,18 @@ pub fn wallet(data: &[u8]) {
         if params.m_cost_kib <= 64 && params.t_cost <= 2 && params.p_cost <= 1 {
             assert!(Wallet::open(data, b"fuzz passphrase").is_err(), "a forged wallet opened");
         }
+    }
+    // The recovery path (no KDF): any blob, a fixed recovery key; forged
+    // bytes never open, and `wallet_has_recovery_slot` never panics.
+    let _ = crate::crypto::wallet::wallet_has_recovery_slot(data);
+    static PAPER: std::sync::OnceLock<crate::crypto::RecoveryKey> = std::sync::OnceLock::new();
+    let paper = PAPER.get_or_init(|| {
+        crate::crypto::RecoveryKey::generate(&mut crate::crypto::random::ReplayRandom::new(vec![9; 16]))
+            .expect("16 bytes")
+    });
+    assert!(Wallet::open_with_recovery(data, paper).is_err(), "a forged wallet opened with a recovery key");
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = text.parse::<crate::crypto::RecoveryKey>();
     }
 }
 
@@ -350,6 +363,15 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             let _ = w.add_key(VaultId([1; 16]), key());
             let params = crate::crypto::KdfParams { m_cost_kib: 8, t_cost: 1, p_cost: 1 };
             let sealed = w.seal(b"pw", params, &mut Seeded(9)).unwrap_or_default();
+            // With a recovery slot (for another recovery key than the
+            // target's, which must never open a mutated blob).
+            let other = crate::crypto::RecoveryKey::generate(&mut Seeded(8));
+            let recoverable = other
+                .map(|k| {
+                    w.set_recovery(&k);
+                    (w.seal(b"pw", params, &mut Seeded(7)).unwrap_or_default(), k.to_string().into_bytes())
+                })
+                .unwrap_or_default();
             // And a share, for the share parser.
             use crate::crypto::share::{seal_share, EpochKey, Keyring, ShareContext};
             let ring = Keyring { keys: vec![EpochKey { epoch: 0, key: key() }], flags: 1 };
@@ -363,7 +385,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 }
                 _ => Vec::new(),
             };
-            vec![sealed, share]
+            vec![sealed, share, recoverable.0, recoverable.1]
         }
         "server_responses" => vec![
             br#"{"error":{"code":"not_found","message":"no such file"}}"#.to_vec(),

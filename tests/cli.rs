@@ -11,6 +11,7 @@ fn run(config_home: &Path, args: &[&str]) -> Output {
     Command::new(vaultfs_bin())
         .args(args)
         .env("XDG_CONFIG_HOME", config_home)
+        .env("XDG_STATE_HOME", config_home.join("state"))
         .env_remove("VAULTFS_PASSPHRASE_FILE")
         .output()
         .expect("run vaultfs")
@@ -136,6 +137,105 @@ fn enroll_login_create_and_list_vaults() {
         list.contains("Family\tadmin") && list.contains("Tax 2026"),
         "the wallet opens with the new one: {list}"
     );
+}
+
+/// Writes `text` to `dir/name`; returns the path.
+fn file(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// The code in what `vaultfs admin user reset` printed.
+fn reset_code(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.split("new enrollment code for ").nth(1)?.split(": ").nth(1))
+        .unwrap_or_else(|| panic!("no code in {out}"))
+        .trim()
+        .to_string()
+}
+
+/// A recovery key brings back the wallet and every vault after an admin's
+/// reset, under a new passphrase; a mistyped one stops before anything is
+/// sent, a wrong one changes nothing. Without one, the user starts over only
+/// when they ask to.
+#[test]
+fn a_recovery_key_restores_a_reset_user_and_without_one_they_start_over() {
+    let server_dir = tempfile::tempdir().unwrap();
+    let s = start_for_cli(server_dir.path());
+    let fp = s.fingerprint.clone().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let old = file(h, "old", "the passphrase that gets lost\n");
+    let new = file(h, "new", "a passphrase chosen after the reset\n");
+    let login = |user: &str, extra: &[&str]| {
+        let mut args = vec!["login", "--server", &s.url, "--user", user, "--fingerprint", &fp];
+        args.extend_from_slice(extra);
+        run(h, &args)
+    };
+    let code = s.add_user("alice", &[]);
+    ok(login("alice", &["--enroll", &code, "--passphrase-file", &old]));
+    ok(run(h, &["vault", "create", "Family", "--passphrase-file", &old]));
+    assert!(ok(run(h, &["whoami", "--passphrase-file", &old])).contains("recovery key: none"));
+    let out = ok(run(h, &["recovery-key", "--passphrase-file", &old]));
+    let paper = out
+        .split_whitespace()
+        .find(|w| w.len() == 34 && w.matches('-').count() == 6)
+        .unwrap_or_else(|| panic!("no recovery key in {out}"))
+        .to_string();
+    let err = fails(run(h, &["recovery-key", "--passphrase-file", &old]));
+    assert!(err.contains("--replace"), "{err}");
+    assert!(ok(run(h, &["whoami", "--passphrase-file", &old])).contains("recovery key: made"));
+    // A vault made after the key is recoverable too.
+    ok(run(h, &["vault", "create", "Tax", "--passphrase-file", &old]));
+
+    let reset = s.admin(&["user", "reset", "alice"]);
+    assert!(reset.contains("made a recovery key") && reset.contains("--recovery-key"), "{reset}");
+    let code = reset_code(&reset);
+    // One character mistyped: refused by the checksum, before the code is used.
+    let typo = {
+        let mut t = paper.clone();
+        let c = if t.starts_with('Z') { "Y" } else { "Z" };
+        t.replace_range(0..1, c);
+        file(h, "typo", &t)
+    };
+    let err =
+        fails(login("alice", &["--enroll", &code, "--passphrase-file", &new, "--recovery-key-file", &typo]));
+    assert!(err.contains("mistyped"), "{err}");
+    // Another (well-formed) key: the code is used, the wallet left as it was.
+    let other = file(
+        h,
+        "other",
+        &vaultfs::crypto::RecoveryKey::generate(&mut vaultfs::crypto::OsRandom).unwrap().to_string(),
+    );
+    let err =
+        fails(login("alice", &["--enroll", &code, "--passphrase-file", &new, "--recovery-key-file", &other]));
+    assert!(err.contains("does not open the wallet") && err.contains("without --enroll"), "{err}");
+    let err = fails(login("alice", &["--passphrase-file", &new]));
+    assert!(err.contains("--recovery-key") && err.contains("it has one"), "{err}");
+    let right = file(h, "paper", &format!("{}\n", paper.to_lowercase()));
+    let out = ok(login("alice", &["--passphrase-file", &new, "--recovery-key-file", &right]));
+    assert!(out.contains("restored"), "{out}");
+    let list = ok(run(h, &["vault", "list", "--passphrase-file", &new]));
+    assert!(list.contains("Family\tadmin") && list.contains("Tax\tadmin"), "{list}");
+    let err = fails(run(h, &["vault", "list", "--passphrase-file", &old]));
+    assert!(err.contains("not authorized"), "{err}");
+
+    // Bob made no recovery key: the admin is told, and only --start-over
+    // replaces his wallet.
+    let code = s.add_user("bob", &[]);
+    ok(login("bob", &["--enroll", &code, "--passphrase-file", &old]));
+    ok(run(h, &["vault", "create", "Bobs", "--passphrase-file", &old]));
+    let reset = s.admin(&["user", "reset", "bob"]);
+    assert!(reset.contains("has no recovery key") && reset.contains("--start-over"), "{reset}");
+    let err = fails(login("bob", &["--enroll", &reset_code(&reset), "--passphrase-file", &new]));
+    assert!(err.contains("--start-over") && err.contains("nothing is changed"), "{err}");
+    let out = ok(login("bob", &["--passphrase-file", &new, "--start-over"]));
+    assert!(out.contains("start over"), "{out}");
+    let list = ok(run(h, &["vault", "list", "--passphrase-file", &new]));
+    assert!(list.contains("<name cannot be decrypted>") && !list.contains("Bobs"), "{list}");
+    let err = fails(login("bob", &["--passphrase-file", &new, "--start-over"]));
+    assert!(err.contains("nothing to start over"), "{err}");
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {

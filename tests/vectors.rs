@@ -12,7 +12,7 @@ use support::{hex, pattern, unhex};
 use vaultfs::crypto::random::ReplayRandom;
 use vaultfs::crypto::{
     decrypt_file, encrypt_file, open_manifest, open_name, seal_manifest, seal_name, ContentMode, FileContext,
-    FileManifest, KdfParams, KeyId, NameContext, PieceTagger, VaultKey, Wallet,
+    FileManifest, KdfParams, KeyId, NameContext, PieceTagger, RecoveryKey, VaultKey, Wallet,
 };
 use vaultfs::ids::{FileId, RecordId, VaultId};
 
@@ -95,6 +95,9 @@ fn wallet_of(v: &WalletVector) -> Wallet {
     for vault in v.manifests_required.iter().flatten() {
         w.require_manifests(VaultId(arr(vault)));
     }
+    if let Some(paper) = &v.recovery_key {
+        w.set_recovery(&paper.parse().unwrap());
+    }
     w
 }
 
@@ -114,19 +117,22 @@ fn assert_wallet_matches(v: &WalletVector, opened: &Wallet) {
 
 #[test]
 fn wallet_vectors_reproduce_and_open() {
-    // Version 1 (frozen): this build writes version 2 now, so these are only
-    // opened, as every release must.
-    let vectors: WalletVectors = load(WALLET_VECTORS);
-    assert!(!vectors.vector.is_empty());
-    for v in &vectors.vector {
-        let params = KdfParams { m_cost_kib: v.m_cost_kib, t_cost: v.t_cost, p_cost: v.p_cost };
-        let (opened, p) = Wallet::open(&unhex(&v.sealed), v.passphrase.as_bytes()).unwrap();
-        assert_eq!(p, params);
-        assert_wallet_matches(v, &opened);
-        assert_eq!(wallet_of(v).revision(), v.revision);
+    // Versions 1 and 2 (frozen): this build writes version 3 now, so these
+    // are only opened, as every release must.
+    for file in [WALLET_VECTORS, WALLET_V2_VECTORS] {
+        let vectors: WalletVectors = load(file);
+        assert!(!vectors.vector.is_empty());
+        for v in &vectors.vector {
+            let params = KdfParams { m_cost_kib: v.m_cost_kib, t_cost: v.t_cost, p_cost: v.p_cost };
+            let (opened, p) = Wallet::open(&unhex(&v.sealed), v.passphrase.as_bytes()).unwrap();
+            assert_eq!(p, params);
+            assert_wallet_matches(v, &opened);
+            assert_eq!(wallet_of(v).revision(), v.revision);
+        }
     }
-    // Version 2: reproduced byte for byte, and opened.
-    let vectors: WalletVectors = load(WALLET_V2_VECTORS);
+    // Version 3: reproduced byte for byte, and opened with the passphrase
+    // and with the recovery key.
+    let vectors: WalletVectors = load(WALLET_V3_VECTORS);
     assert!(!vectors.vector.is_empty());
     for v in &vectors.vector {
         let params = KdfParams { m_cost_kib: v.m_cost_kib, t_cost: v.t_cost, p_cost: v.p_cost };
@@ -137,22 +143,28 @@ fn wallet_vectors_reproduce_and_open() {
         assert_eq!(hex(&sealed), v.sealed, "{}", v.description);
         let (opened, _) = Wallet::open(&sealed, v.passphrase.as_bytes()).unwrap();
         assert_wallet_matches(v, &opened);
+        if let Some(paper) = &v.recovery_key {
+            let key: RecoveryKey = paper.parse().unwrap();
+            let (recovered, _) = Wallet::open_with_recovery(&sealed, &key).unwrap();
+            assert_wallet_matches(v, &recovered);
+        }
     }
 }
 
-/// Writes tests/data/wallet-v2-vectors.toml (the version-1 file is frozen).
+/// Writes tests/data/wallet-v3-vectors.toml (versions 1 and 2 are frozen).
 #[test]
 #[ignore = "writes tests/data; run by hand only"]
-fn write_wallet_v2_vectors() {
+fn write_wallet_v3_vectors() {
     let random =
         |seed: u8, len: usize| -> Vec<u8> { (0..len).map(|i| (i as u8).wrapping_mul(13) ^ seed).collect() };
     let mut v = WalletVector {
-        description: "version 2: two vaults (one retired key), a state key, one vault flagged".into(),
+        description:
+            "version 3: two vaults (one retired key), a state key, one vault flagged, a recovery key".into(),
         passphrase: "correct horse battery staple".into(),
         m_cost_kib: 64,
         t_cost: 1,
         p_cost: 1,
-        random: hex(&random(0x15, 40)),
+        random: hex(&random(0x17, 16 + 24 + 32 + 32 + 24)),
         revision: 0,
         keys: vec![
             WalletKeyVector {
@@ -167,16 +179,13 @@ fn write_wallet_v2_vectors() {
                 key: hex(&random(0x29, 32)),
                 active: true,
             },
-            WalletKeyVector {
-                vault_id: hex(&[0x35; 16]),
-                key_id: hex(&[0x36; 16]),
-                key: hex(&random(0x37, 32)),
-                active: true,
-            },
         ],
-        version: Some(2),
+        version: Some(3),
         state_key: Some(hex(&random(0x45, 32))),
-        manifests_required: Some(vec![hex(&[0x35; 16])]),
+        manifests_required: Some(vec![hex(&[0x25; 16])]),
+        recovery_key: Some(
+            RecoveryKey::generate(&mut ReplayRandom::new(random(0x55, 16))).unwrap().to_string(),
+        ),
         sealed: String::new(),
     };
     let wallet = wallet_of(&v);
@@ -185,10 +194,10 @@ fn write_wallet_v2_vectors() {
     let sealed =
         wallet.seal(v.passphrase.as_bytes(), params, &mut ReplayRandom::new(unhex(&v.random))).unwrap();
     v.sealed = hex(&sealed);
-    let header = "# Test vectors for the vaultfs wallet, version 2 (docs/FORMAT.md, \"Wallet\").\n\
+    let header = "# Test vectors for the vaultfs wallet, version 3 (docs/FORMAT.md, \"Wallet\").\n\
                   # Generated once; never edit or regenerate to make a test pass.\n\n";
     let body = toml::to_string(&WalletVectors { vector: vec![v] }).unwrap();
-    std::fs::write(data_path(WALLET_V2_VECTORS), format!("{header}{body}")).unwrap();
+    std::fs::write(data_path(WALLET_V3_VECTORS), format!("{header}{body}")).unwrap();
 }
 
 fn manifest_ctx(v: &ManifestVector) -> FileContext {
@@ -378,6 +387,7 @@ fn write_vectors() {
         version: None,
         state_key: None,
         manifests_required: None,
+        recovery_key: None,
         keys: vec![
             WalletKeyVector {
                 vault_id: hex(&[0xe0; 16]),

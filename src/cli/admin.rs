@@ -81,7 +81,8 @@ enum UserCommand {
         #[command(flatten)]
         limits: LimitArgs,
     },
-    /// Issue a new enrollment code for a user who lost their passphrase.
+    /// Issue a new enrollment code for a user who lost their passphrase (their
+    /// recovery key, if they made one, then restores their vaults; says which).
     Reset {
         /// Login name.
         name: String,
@@ -144,8 +145,21 @@ pub fn run(args: AdminArgs) -> CliResult {
             );
         }
         AdminCommand::User(UserCommand::Reset { name }) => {
-            let code = admin::reset_user(&mut meta, &name)?;
+            let (code, wallet) = admin::reset_user(&mut meta, &name)?;
             println!("new enrollment code for {name}: {code}");
+            let login = format!("vaultfs login --server URL --user {name} --enroll {code}");
+            match wallet {
+                admin::WalletAfterReset::Recoverable => println!(
+                    "{name} made a recovery key: `{login} --recovery-key` restores their wallet and all their \
+                     vaults, under a new passphrase."
+                ),
+                admin::WalletAfterReset::PassphraseOnly => println!(
+                    "{name} has no recovery key: with `{login} --start-over` they begin with an empty wallet; \
+                     the vaults only they held keys for stay unreadable (a vault's other members can share \
+                     it with them again). Their old wallet stays until then."
+                ),
+                admin::WalletAfterReset::None => println!("they log in with: {login}"),
+            }
         }
         AdminCommand::Vaults => {
             for (id, members) in admin::vaults(&meta)? {

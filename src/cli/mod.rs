@@ -55,6 +55,9 @@ pub enum Command {
     /// Change your passphrase: the login and the wallet change together, and
     /// the old passphrase opens nothing from then on.
     Passphrase(user::PassphraseArgs),
+    /// Make a recovery key: a paper key that restores your wallet and all
+    /// your vaults after your admin resets your account.
+    RecoveryKey(user::RecoveryKeyArgs),
     /// Mount your vaults as a directory tree.
     Mount(mount::MountArgs),
     /// Unmount a vaultfs mount point.
@@ -113,6 +116,9 @@ pub fn main() -> ExitCode {
         Command::Vault(cmd) => runtime().map_err(Into::into).and_then(|rt| rt.block_on(user::vault(cmd))),
         Command::Passphrase(args) => {
             runtime().map_err(Into::into).and_then(|rt| rt.block_on(user::passphrase(args)))
+        }
+        Command::RecoveryKey(args) => {
+            runtime().map_err(Into::into).and_then(|rt| rt.block_on(user::recovery_key(args)))
         }
         Command::Trust(args) => runtime().map_err(Into::into).and_then(|rt| rt.block_on(user::trust(args))),
         Command::Whoami(args) => runtime().map_err(Into::into).and_then(|rt| rt.block_on(user::whoami(args))),

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use zeroize::Zeroizing;
 
 use super::CliResult;
-use crate::crypto::{Fingerprint, KdfParams};
+use crate::crypto::{Fingerprint, KdfParams, RecoveryKey};
 use crate::fs::freshness::{state_dir, state_path, Freshness, FreshnessError};
 use crate::remote::account::{config_dir, Account, AccountError, Unlocked, LOGIN_FILE};
 use crate::remote::http::{parse_server_url, probe_fingerprint, HttpRemote, ServerAccess};
@@ -46,6 +46,18 @@ pub struct LoginArgs {
     /// Read the passphrase from this file instead of asking.
     #[arg(long, env = PASSPHRASE_FILE_ENV)]
     passphrase_file: Option<PathBuf>,
+    /// Restore your wallet, and all your vaults, with your recovery key
+    /// (after your admin reset your account); it is asked for.
+    #[arg(long)]
+    recovery_key: bool,
+    /// Read the recovery key from this file (implies --recovery-key).
+    #[arg(long)]
+    recovery_key_file: Option<PathBuf>,
+    /// Begin with an empty wallet when yours does not open with this
+    /// passphrase (after a reset, without a recovery key): the vaults only you
+    /// held keys for stay unreadable to you.
+    #[arg(long, conflicts_with_all = ["recovery_key", "recovery_key_file"])]
+    start_over: bool,
     /// The server identity your login is bound to, if not the one this login
     /// derives (after the server's certificate was replaced: the `identity`
     /// in login.toml of a machine that logged in before).
@@ -143,6 +155,18 @@ pub struct PassphraseArgs {
     new_passphrase_file: Option<PathBuf>,
 }
 
+/// `vaultfs recovery-key`.
+#[derive(Debug, Args)]
+pub struct RecoveryKeyArgs {
+    /// Make a new one when there is one already (the old one then opens no
+    /// wallet stored from then on).
+    #[arg(long)]
+    replace: bool,
+    /// Read the passphrase from this file instead of asking.
+    #[arg(long, env = PASSPHRASE_FILE_ENV)]
+    passphrase_file: Option<PathBuf>,
+}
+
 /// `vaultfs trust`.
 #[derive(Debug, Args)]
 pub struct TrustArgs {
@@ -207,6 +231,22 @@ pub(crate) fn read_passphrase(
     Ok(first)
 }
 
+/// Reads the recovery key from `file`, or asks on the terminal; a mistyped
+/// one is refused here, before anything is sent.
+fn read_recovery_key(file: Option<&Path>) -> Result<RecoveryKey, String> {
+    let text = match file {
+        Some(path) => Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("reading the recovery key from {}: {e}", path.display()))?,
+        ),
+        None if !std::io::stdin().is_terminal() => {
+            return Err("no terminal to ask for the recovery key: pass --recovery-key-file".into())
+        }
+        None => Zeroizing::new(rpassword::prompt_password("Recovery key: ").map_err(|e| e.to_string())?),
+    };
+    text.trim().parse::<RecoveryKey>().map_err(|e| e.to_string())
+}
+
 fn ask_yes(question: &str) -> bool {
     if !std::io::stdin().is_terminal() {
         return false;
@@ -257,21 +297,52 @@ pub async fn login(args: LoginArgs) -> CliResult {
         identity: args.identity.clone().or(remembered),
     };
     let file = args.passphrase_file.as_deref();
-    let mut unlocked = match &args.enroll {
+    // The recovery key first: a mistyped one stops here, with the enrollment
+    // code still unused.
+    let recovery = match (&args.recovery_key_file, args.recovery_key) {
+        (None, false) => None,
+        (file, _) => Some(read_recovery_key(file.as_deref())?),
+    };
+    let (remote, pass) = match &args.enroll {
         Some(code) => {
             let pass = read_passphrase(file, "Choose your passphrase: ", true)?;
-            let remote =
-                HttpRemote::enroll(&access, &args.user, code, pass.as_bytes(), LOGIN_KDF_FLOOR).await?;
-            Unlocked::create_wallet(remote, pass.as_bytes(), KdfParams::DEFAULT).await?
+            (HttpRemote::enroll(&access, &args.user, code, pass.as_bytes(), LOGIN_KDF_FLOOR).await?, pass)
         }
         None => {
             let pass = read_passphrase(file, "Passphrase: ", false)?;
-            let remote = HttpRemote::login(&access, &args.user, pass.as_bytes(), LOGIN_KDF_FLOOR).await?;
-            Unlocked::open(remote, pass.as_bytes()).await?
+            (HttpRemote::login(&access, &args.user, pass.as_bytes(), LOGIN_KDF_FLOOR).await?, pass)
         }
     };
+    let opened = match &recovery {
+        Some(key) => Unlocked::recover(remote, key, pass.as_bytes(), KdfParams::DEFAULT).await,
+        None if args.start_over => Unlocked::start_over(remote, pass.as_bytes(), KdfParams::DEFAULT).await,
+        None if args.enroll.is_some() => {
+            Unlocked::open_or_create(remote, pass.as_bytes(), KdfParams::DEFAULT).await
+        }
+        None => Unlocked::open(remote, pass.as_bytes()).await,
+    };
+    let mut unlocked = opened.map_err(|e| match (&args.enroll, &e) {
+        (Some(_), AccountError::WalletNotOpened { .. }) => e.to_string(),
+        (Some(_), _) => format!(
+            "{e} (you are enrolled with your new passphrase, and the code is used up: run `vaultfs login` \
+             again without --enroll)"
+        ),
+        _ => e.to_string(),
+    })?;
+    let identity = access.identity()?;
+    if args.start_over {
+        // This machine's record of the discarded wallet's revisions goes with it.
+        if let Some(dir) = state_dir() {
+            let _ = std::fs::remove_file(state_path(&dir, &identity, &args.user));
+        }
+    }
     // A wallet older than one this machine saw is refused here too.
-    freshness_for(&mut unlocked, &access.identity()?, &args.user).await?;
+    freshness_for(&mut unlocked, &identity, &args.user).await?;
+    if recovery.is_some() {
+        println!("your wallet is restored with your recovery key, sealed under your new passphrase");
+    } else if args.start_over {
+        println!("you start over with an empty wallet: vaults only you held keys for stay unreadable to you");
+    }
     let vaults = unlocked.vaults().await?.len();
     let account = Account {
         server: args.server.clone(),
@@ -534,7 +605,40 @@ pub async fn whoami(args: WhoamiArgs) -> CliResult {
     println!("user:        {}", unlocked.user());
     println!("server:      {}", account.server);
     println!("fingerprint: {}", key.fingerprint());
+    let recovery = if unlocked.wallet().has_recovery() {
+        "made (it opens your wallet if you lose your passphrase)"
+    } else {
+        "none (`vaultfs recovery-key` makes one)"
+    };
+    println!("recovery key: {recovery}");
     println!("(others confirm this fingerprint when they share a vault with you)");
+    Ok(())
+}
+
+/// `vaultfs recovery-key`: makes the paper key that opens the wallet when the
+/// passphrase is lost, and shows it once.
+pub async fn recovery_key(args: RecoveryKeyArgs) -> CliResult {
+    crate::cache::harden::harden_command();
+    let (mut unlocked, freshness) = unlock(args.passphrase_file.as_deref()).await?;
+    if unlocked.wallet().has_recovery() && !args.replace {
+        return Err("you have a recovery key already; --replace makes a new one (the old one then opens no \
+                    wallet stored from then on)"
+            .into());
+    }
+    let key = unlocked.make_recovery_key().await?;
+    note_wallet(&unlocked, &freshness)?;
+    println!("Your recovery key (shown once; write it down and keep it offline):");
+    println!();
+    println!("    {key}");
+    println!();
+    println!(
+        "If you lose your passphrase, your admin runs `vaultfs admin user reset {}`, and you run\n\
+         `vaultfs login --server URL --user {} --enroll CODE --recovery-key`: your wallet and all your vaults\n\
+         come back, under a new passphrase. Whoever holds this key and your wallet (the server holds it)\n\
+         can open your vaults: keep it as safe as what they hold.",
+        unlocked.user(),
+        unlocked.user()
+    );
     Ok(())
 }
 

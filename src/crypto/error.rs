@@ -74,6 +74,9 @@ pub enum CryptoError {
     /// work is done, so a hostile wallet blob cannot make us allocate gigabytes).
     #[error("key derivation parameters out of range: {0}")]
     KdfParams(String),
+    /// A recovery key that is mistyped, or does not open the wallet.
+    #[error("{0}")]
+    Recovery(String),
     /// The API was used wrongly, e.g. more plaintext written than declared.
     #[error("crypto API misuse: {0}")]
     Misuse(&'static str),

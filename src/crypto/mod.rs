@@ -7,7 +7,8 @@
 //! XChaCha20-Poly1305 ([`aead`]), so any range decrypts after fetching only the
 //! chunks it covers ([`offsets`] does the arithmetic). The wallet also holds
 //! the user's key pair, with which a vault's keys are sealed for other members
-//! and opened from them ([`share`]).
+//! and opened from them ([`share`]); a paper [`RecoveryKey`] opens the wallet
+//! when the passphrase is lost ([`recovery`]).
 //!
 //! The module is pure: no file or network I/O and no `unsafe`. The only system
 //! call is getrandom(2) behind [`RandomSource`], which tests replace to reproduce
@@ -16,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod aead;
+mod base32;
 pub mod error;
 pub mod file;
 pub mod keys;
@@ -24,6 +26,7 @@ pub mod manifest;
 pub mod names;
 pub mod offsets;
 pub mod random;
+pub mod recovery;
 pub mod share;
 pub mod state;
 pub mod wallet;
@@ -39,5 +42,6 @@ pub use manifest::{open_manifest, seal_manifest, ContentMode, FileManifest, Piec
 pub use names::{open_name, seal_name, NameContext};
 pub use offsets::{ChunkIndex, Layout, CHUNK_SIZE, HEADER_LEN};
 pub use random::{OsRandom, RandomSource};
+pub use recovery::RecoveryKey;
 pub use share::{Fingerprint, UserPublic, UserSecret};
 pub use wallet::{KdfParams, StateKey, Wallet};

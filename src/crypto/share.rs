@@ -160,27 +160,9 @@ fn hpke_public(key: &UserPublic) -> Result<<Kem as hpke::Kem>::PublicKey> {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint(pub [u8; FINGERPRINT_LEN]);
 
-const BASE32: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
-
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut acc: u32 = 0;
-        let mut bits = 0;
-        let mut n = 0;
-        for &b in &self.0 {
-            acc = (acc << 8) | u32::from(b);
-            bits += 8;
-            while bits >= 5 {
-                bits -= 5;
-                if n > 0 && n % 4 == 0 {
-                    f.write_str("-")?;
-                }
-                let c = BASE32[((acc >> bits) & 31) as usize] as char;
-                write!(f, "{c}")?;
-                n += 1;
-            }
-        }
-        Ok(())
+        f.write_str(&super::base32::encode(&self.0, FINGERPRINT_LEN * 8 / 5, 4))
     }
 }
 
@@ -197,29 +179,12 @@ impl std::str::FromStr for Fingerprint {
     /// dashes or spaces, and Crockford's look-alikes (`o` for 0, `i`/`l` for 1).
     fn from_str(text: &str) -> Result<Self> {
         let bad = || CryptoError::Malformed("fingerprint (24 characters of 0-9 and a-z without i, l, o, u)");
-        let mut acc: u32 = 0;
-        let mut bits = 0;
-        let mut out = Vec::with_capacity(FINGERPRINT_LEN);
-        let mut chars = 0;
-        for c in text.chars().filter(|c| !matches!(c, '-' | ' ')) {
-            let c = match c.to_ascii_lowercase() {
-                'o' => '0',
-                'i' | 'l' => '1',
-                c => c,
-            };
-            let v = BASE32.iter().position(|&b| b as char == c).ok_or_else(bad)? as u32;
-            acc = (acc << 5) | v;
-            bits += 5;
-            chars += 1;
-            if bits >= 8 {
-                bits -= 8;
-                out.push((acc >> bits) as u8);
+        match super::base32::decode(text) {
+            Ok((bytes, chars)) if chars == FINGERPRINT_LEN * 8 / 5 => {
+                bytes.try_into().map(Fingerprint).map_err(|_| bad())
             }
+            _ => Err(bad()),
         }
-        if chars != FINGERPRINT_LEN * 8 / 5 {
-            return Err(bad());
-        }
-        out.try_into().map(Fingerprint).map_err(|_| bad())
     }
 }
 
@@ -447,20 +412,20 @@ fn parse_share(share: &[u8]) -> Result<(usize, &str, &[u8], &[u8])> {
 /// Hands HPKE the 32 bytes of its ephemeral key, drawn beforehand from a
 /// [`RandomSource`] (which test vectors replay); any further request is an
 /// error noticed after the call, never silent reuse.
-struct Replayed {
+pub(super) struct Replayed {
     bytes: Zeroizing<[u8; 32]>,
     used: usize,
     overdrawn: bool,
 }
 
 impl Replayed {
-    fn draw(rng: &mut dyn RandomSource) -> Result<Self> {
+    pub(super) fn draw(rng: &mut dyn RandomSource) -> Result<Self> {
         let mut bytes = Zeroizing::new([0u8; 32]);
         rng.fill(&mut bytes[..])?;
         Ok(Replayed { bytes, used: 0, overdrawn: false })
     }
 
-    fn check_used(&self) -> Result<()> {
+    pub(super) fn check_used(&self) -> Result<()> {
         if self.overdrawn || self.used != 32 {
             return Err(CryptoError::Backend("HPKE drew an unexpected amount of randomness".into()));
         }

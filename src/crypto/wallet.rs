@@ -9,16 +9,20 @@
 //! and retired ones kept until every header that names them has been re-wrapped.
 //!
 //! Layout (docs/FORMAT.md): a 60-byte header (magic, version, KDF id and
-//! parameters, salt, nonce), then the sealed entries; the header is the AEAD's
-//! associated data.
+//! parameters, salt, nonce); since version 3 the entries are sealed under a
+//! random body key, fresh for each seal, which the header's slots carry:
+//! wrapped under the passphrase's key, and (once the user made a recovery
+//! key) sealed to the recovery key's public half (super::recovery). Each
+//! part is authenticated together with every byte before it.
 //!
-//! Version 2 holds typed records: vault keys, the key that authenticates this
+//! The entries are typed records: vault keys, the key that authenticates this
 //! user's local freshness state, per-vault flags (a vault all of whose
-//! files carry manifests) and the user's secret key for shares
-//! (super::share). Records of a type this build does not know are kept
-//! and written back unchanged, so an older client never drops what a newer
-//! one stored. Version-1 wallets (keys only) still open and are written back
-//! as version 2.
+//! files carry manifests), the user's secret key for shares (super::share)
+//! and the recovery key's public half. Records of a type this build does not
+//! know are kept and written back unchanged, so an older client never drops
+//! what a newer one stored. Version-1 (keys only) and version-2 wallets (the
+//! records sealed under the passphrase's key directly) still open and are
+//! written back as version 3.
 
 use zeroize::Zeroizing;
 
@@ -26,19 +30,22 @@ use super::aead::{self, KEY_LEN, XNONCE_LEN};
 use super::error::{check_prefix, CryptoError, Result};
 use super::keys::{KeyId, VaultKey, WalletKey, KEY_ID_LEN};
 use super::random::RandomSource;
+use super::recovery::{self, RecoveryKey, RecoveryPublic, RECOVERY_PUBLIC_LEN, RECOVERY_SLOT_LEN};
 use super::share::{UserSecret, USER_KEY_LEN};
 use crate::ids::{VaultId, ID_LEN};
 
 /// First four bytes of a sealed wallet.
 pub const WALLET_MAGIC: [u8; 4] = *b"VLTW";
-/// Wallet format version written by this build (version 1 is still read).
-pub const WALLET_FORMAT_VERSION: u8 = 2;
+/// Wallet format version written by this build (versions 1 and 2 are still read).
+pub const WALLET_FORMAT_VERSION: u8 = 3;
 const WALLET_V1: u8 = 1;
+const WALLET_V2: u8 = 2;
 /// Record types of a version-2 wallet.
 const RECORD_VAULT_KEY: u8 = 1;
 const RECORD_STATE_KEY: u8 = 2;
 const RECORD_VAULT_FLAGS: u8 = 3;
 const RECORD_USER_KEY: u8 = 4;
+const RECORD_RECOVERY: u8 = 5;
 /// Vault flag: every file of the vault carries a manifest; a file without one
 /// had it removed (by the server) and is refused.
 const FLAG_MANIFESTS_REQUIRED: u8 = 1;
@@ -48,6 +55,10 @@ const MAX_RECORD_LEN: usize = 1 << 20;
 const KDF_ARGON2ID_13: u8 = 1;
 const SALT_LEN: usize = 16;
 const WALLET_HEADER_LEN: usize = 60;
+/// Version 3: the body key wrapped under the passphrase's key.
+const PASSPHRASE_SLOT_LEN: usize = KEY_LEN + aead::TAG_LEN;
+/// Version 3: where the recovery slot count is.
+const SLOT_COUNT_AT: usize = WALLET_HEADER_LEN + PASSPHRASE_SLOT_LEN;
 const ENTRY_LEN: usize = ID_LEN + KEY_ID_LEN + 1 + KEY_LEN;
 const STATE_ACTIVE: u8 = 1;
 const STATE_RETIRED: u8 = 2;
@@ -136,6 +147,9 @@ pub struct Wallet {
     vault_flags: std::collections::BTreeMap<VaultId, u8>,
     /// The secret half of the user's key pair for shares.
     user_key: Option<UserSecret>,
+    /// The public half of the user's recovery key: every seal adds a slot
+    /// that the recovery key opens.
+    recovery: Option<RecoveryPublic>,
     /// Records of types this build does not know, kept as they were.
     unknown: Vec<(u8, Zeroizing<Vec<u8>>)>,
 }
@@ -266,6 +280,18 @@ impl Wallet {
         true
     }
 
+    /// Whether a recovery key opens this wallet once sealed.
+    pub fn has_recovery(&self) -> bool {
+        self.recovery.is_some()
+    }
+
+    /// Makes `key` the wallet's recovery key (replacing any earlier one:
+    /// wallets sealed from now on open with it, not with the earlier one).
+    pub fn set_recovery(&mut self, key: &RecoveryKey) {
+        self.recovery = Some(key.public());
+        self.revision += 1;
+    }
+
     fn serialize(&self) -> Zeroizing<Vec<u8>> {
         let mut out = Zeroizing::new(Vec::with_capacity(16 + self.entries.len() * (ENTRY_LEN + 5)));
         out.extend_from_slice(&self.revision.to_be_bytes());
@@ -273,6 +299,7 @@ impl Wallet {
             + usize::from(self.state_key.is_some())
             + self.vault_flags.len()
             + usize::from(self.user_key.is_some())
+            + usize::from(self.recovery.is_some())
             + self.unknown.len();
         out.extend_from_slice(&(count as u32).to_be_bytes());
         let mut record = |kind: u8, body: &[u8]| {
@@ -299,13 +326,16 @@ impl Wallet {
         if let Some(key) = &self.user_key {
             record(RECORD_USER_KEY, key.secret());
         }
+        if let Some(key) = &self.recovery {
+            record(RECORD_RECOVERY, &key.0);
+        }
         for (kind, body) in &self.unknown {
             record(*kind, body);
         }
         out
     }
 
-    /// Parses version-2 contents: revision, count, typed records.
+    /// Parses version-2 and -3 contents: revision, count, typed records.
     pub(crate) fn deserialize(bytes: &[u8]) -> Result<Self> {
         let bad = || CryptoError::Malformed("wallet contents");
         if bytes.len() < 12 {
@@ -342,9 +372,11 @@ impl Wallet {
                 RECORD_USER_KEY if len == USER_KEY_LEN && w.user_key.is_none() => {
                     w.user_key = Some(UserSecret::from_bytes(body)?);
                 }
-                RECORD_VAULT_KEY | RECORD_STATE_KEY | RECORD_VAULT_FLAGS | RECORD_USER_KEY => {
-                    return Err(bad())
+                RECORD_RECOVERY if len == RECOVERY_PUBLIC_LEN && w.recovery.is_none() => {
+                    w.recovery = Some(RecoveryPublic::from_bytes(body)?);
                 }
+                RECORD_VAULT_KEY | RECORD_STATE_KEY | RECORD_VAULT_FLAGS | RECORD_USER_KEY
+                | RECORD_RECOVERY => return Err(bad()),
                 other => w.unknown.push((other, Zeroizing::new(body.to_vec()))),
             }
         }
@@ -370,44 +402,134 @@ impl Wallet {
         Ok(Wallet { revision, entries, ..Wallet::default() })
     }
 
-    /// Seals the wallet under `passphrase`. Draws a 16-byte salt and then a 24-byte
-    /// nonce from `rng`.
+    /// Seals the wallet under `passphrase` (and, if it has one, for its
+    /// recovery key). Draws from `rng`, in order: salt (16 bytes), nonce
+    /// (24), body key (32), the recovery slot's ephemeral key (32, only with
+    /// a recovery key), body nonce (24).
     pub fn seal(&self, passphrase: &[u8], params: KdfParams, rng: &mut dyn RandomSource) -> Result<Vec<u8>> {
         params.validate()?;
         let mut salt = [0u8; SALT_LEN];
         rng.fill(&mut salt)?;
         let mut nonce = [0u8; XNONCE_LEN];
         rng.fill(&mut nonce)?;
-        let mut header = Vec::with_capacity(WALLET_HEADER_LEN);
-        header.extend_from_slice(&WALLET_MAGIC);
-        header.push(WALLET_FORMAT_VERSION);
-        header.push(KDF_ARGON2ID_13);
-        header.extend_from_slice(&[0, 0]);
-        header.extend_from_slice(&params.m_cost_kib.to_be_bytes());
-        header.extend_from_slice(&params.t_cost.to_be_bytes());
-        header.extend_from_slice(&params.p_cost.to_be_bytes());
-        header.extend_from_slice(&salt);
-        header.extend_from_slice(&nonce);
-        debug_assert_eq!(header.len(), WALLET_HEADER_LEN);
-        let key = params.derive(passphrase, &salt)?;
-        let sealed = aead::seal(&key.0, &nonce, &header, &self.serialize())?;
-        header.extend_from_slice(&sealed);
-        Ok(header)
+        let mut out = Vec::with_capacity(SLOT_COUNT_AT + 1 + RECOVERY_SLOT_LEN + 256);
+        out.extend_from_slice(&WALLET_MAGIC);
+        out.push(WALLET_FORMAT_VERSION);
+        out.push(KDF_ARGON2ID_13);
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&params.m_cost_kib.to_be_bytes());
+        out.extend_from_slice(&params.t_cost.to_be_bytes());
+        out.extend_from_slice(&params.p_cost.to_be_bytes());
+        out.extend_from_slice(&salt);
+        out.extend_from_slice(&nonce);
+        debug_assert_eq!(out.len(), WALLET_HEADER_LEN);
+        let mut body_key = Zeroizing::new([0u8; KEY_LEN]);
+        rng.fill(&mut body_key[..])?;
+        let wrap = params.derive(passphrase, &salt)?;
+        let slot = aead::seal(&wrap.0, &nonce, &out, &body_key[..])?;
+        out.extend_from_slice(&slot);
+        match &self.recovery {
+            None => out.push(0),
+            Some(public) => {
+                out.push(1);
+                let slot = recovery::seal_slot(public, &body_key, &out, rng)?;
+                out.extend_from_slice(&slot);
+            }
+        }
+        let mut body_nonce = [0u8; XNONCE_LEN];
+        rng.fill(&mut body_nonce)?;
+        out.extend_from_slice(&body_nonce);
+        let sealed = aead::seal(&body_key, &body_nonce, &out, &self.serialize())?;
+        out.extend_from_slice(&sealed);
+        Ok(out)
     }
 
-    /// Opens a sealed wallet (version 2, or 1), returning it with the
-    /// parameters it was sealed with.
+    /// Opens a sealed wallet (version 3, 2 or 1) with the passphrase,
+    /// returning it with the parameters it was sealed with.
     pub fn open(blob: &[u8], passphrase: &[u8]) -> Result<(Wallet, KdfParams)> {
         let (params, salt, nonce) = parse_wallet_header(blob)?;
+        let parts = if blob[4] == WALLET_FORMAT_VERSION { Some(V3Parts::split(blob)?) } else { None };
         let key = params.derive(passphrase, &salt)?;
-        let plain = aead::open(&key.0, &nonce, &blob[..WALLET_HEADER_LEN], &blob[WALLET_HEADER_LEN..])
-            .map_err(|_| CryptoError::WalletLocked)?;
         // The version is authenticated (the header is the AAD).
-        let wallet = match blob[4] {
-            WALLET_V1 => Wallet::deserialize_v1(&plain)?,
-            _ => Wallet::deserialize(&plain)?,
+        let wallet = match parts {
+            Some(parts) => {
+                let slot = &blob[WALLET_HEADER_LEN..SLOT_COUNT_AT];
+                let opened = aead::open(&key.0, &nonce, &blob[..WALLET_HEADER_LEN], slot)
+                    .map_err(|_| CryptoError::WalletLocked)?;
+                let mut body_key = Zeroizing::new([0u8; KEY_LEN]);
+                body_key.copy_from_slice(&opened);
+                parts.open_body(blob, &body_key)?
+            }
+            None => {
+                let plain =
+                    aead::open(&key.0, &nonce, &blob[..WALLET_HEADER_LEN], &blob[WALLET_HEADER_LEN..])
+                        .map_err(|_| CryptoError::WalletLocked)?;
+                match blob[4] {
+                    WALLET_V1 => Wallet::deserialize_v1(&plain)?,
+                    _ => Wallet::deserialize(&plain)?,
+                }
+            }
         };
         Ok((wallet, params))
+    }
+
+    /// Opens a sealed wallet with the user's recovery key instead of the
+    /// passphrase (a version-3 wallet sealed after the key was made).
+    pub fn open_with_recovery(blob: &[u8], key: &RecoveryKey) -> Result<(Wallet, KdfParams)> {
+        let (params, _, _) = parse_wallet_header(blob)?;
+        if blob[4] != WALLET_FORMAT_VERSION {
+            return Err(CryptoError::Recovery(
+                "this wallet was stored by an older vaultfs, before a recovery key was made: no recovery key opens it"
+                    .into(),
+            ));
+        }
+        let parts = V3Parts::split(blob)?;
+        let Some(slot_at) = parts.recovery_slot else {
+            return Err(CryptoError::Recovery(
+                "the wallet has no recovery slot: no recovery key was made for it".into(),
+            ));
+        };
+        let body_key =
+            recovery::open_slot(key, &blob[slot_at..slot_at + RECOVERY_SLOT_LEN], &blob[..slot_at])?;
+        let wallet = parts.open_body(blob, &body_key)?;
+        // Sealed for this key, the wallet names it too.
+        if wallet.recovery != Some(key.public()) {
+            return Err(CryptoError::Recovery("the wallet names another recovery key".into()));
+        }
+        Ok((wallet, params))
+    }
+}
+
+/// Where the parts of a version-3 wallet after its 60-byte header are.
+struct V3Parts {
+    /// Offset of the recovery slot, if there is one.
+    recovery_slot: Option<usize>,
+    /// Offset of the body nonce; the sealed entries follow it.
+    body_nonce: usize,
+}
+
+impl V3Parts {
+    fn split(blob: &[u8]) -> Result<Self> {
+        let bad = || CryptoError::Malformed("wallet (slots)");
+        let (recovery_slot, body_nonce) = match blob.get(SLOT_COUNT_AT) {
+            Some(0) => (None, SLOT_COUNT_AT + 1),
+            Some(1) => (Some(SLOT_COUNT_AT + 1), SLOT_COUNT_AT + 1 + RECOVERY_SLOT_LEN),
+            _ => return Err(bad()),
+        };
+        if blob.len() < body_nonce + XNONCE_LEN + aead::TAG_LEN {
+            return Err(bad());
+        }
+        Ok(V3Parts { recovery_slot, body_nonce })
+    }
+
+    /// The entries, opened with the body key; everything before them is the AAD.
+    fn open_body(&self, blob: &[u8], body_key: &[u8; KEY_LEN]) -> Result<Wallet> {
+        let sealed_at = self.body_nonce + XNONCE_LEN;
+        let nonce: [u8; XNONCE_LEN] =
+            blob[self.body_nonce..sealed_at].try_into().map_err(|_| CryptoError::Malformed("wallet"))?;
+        let plain = aead::open(body_key, &nonce, &blob[..sealed_at], &blob[sealed_at..])
+            .map_err(|_| CryptoError::WalletLocked)?;
+        Wallet::deserialize(&plain)
     }
 }
 
@@ -428,8 +550,11 @@ fn parse_entry(raw: &[u8]) -> Result<WalletEntry> {
 }
 
 fn parse_wallet_header(blob: &[u8]) -> Result<(KdfParams, [u8; SALT_LEN], [u8; XNONCE_LEN])> {
-    let version = if blob.get(4) == Some(&WALLET_V1) { WALLET_V1 } else { WALLET_FORMAT_VERSION };
-    check_prefix(blob, &WALLET_MAGIC, version, WALLET_HEADER_LEN + aead::TAG_LEN, "wallet")?;
+    let (version, min_len) = match blob.get(4) {
+        Some(&v @ (WALLET_V1 | WALLET_V2)) => (v, WALLET_HEADER_LEN + aead::TAG_LEN),
+        _ => (WALLET_FORMAT_VERSION, SLOT_COUNT_AT + 1 + XNONCE_LEN + aead::TAG_LEN),
+    };
+    check_prefix(blob, &WALLET_MAGIC, version, min_len, "wallet")?;
     if blob[5] != KDF_ARGON2ID_13 || blob[6..8] != [0, 0] {
         return Err(CryptoError::Malformed("wallet (unknown KDF or reserved bits)"));
     }
@@ -446,6 +571,14 @@ fn parse_wallet_header(blob: &[u8]) -> Result<(KdfParams, [u8; SALT_LEN], [u8; X
 /// The KDF parameters a sealed wallet names (unauthenticated until it is opened).
 pub fn wallet_kdf_params(blob: &[u8]) -> Result<KdfParams> {
     parse_wallet_header(blob).map(|(p, _, _)| p)
+}
+
+/// Whether a sealed wallet carries a recovery slot (unauthenticated: for
+/// what to tell a user or admin, never for a decision about keys).
+pub fn wallet_has_recovery_slot(blob: &[u8]) -> bool {
+    parse_wallet_header(blob).is_ok()
+        && blob[4] == WALLET_FORMAT_VERSION
+        && V3Parts::split(blob).is_ok_and(|p| p.recovery_slot.is_some())
 }
 
 #[cfg(test)]
@@ -574,7 +707,7 @@ mod tests {
         w.unknown.push((0x42, Zeroizing::new(b"from a newer vaultfs".to_vec())));
         assert_eq!(w.revision(), 3);
         let blob = w.seal(b"p", FAST, &mut OsRandom).unwrap();
-        assert_eq!(blob[4], 2);
+        assert_eq!(blob[4], 3);
         let (back, _) = Wallet::open(&blob, b"p").unwrap();
         assert_eq!(back.revision(), 3);
         assert!(back.manifests_required(v) && !back.manifests_required(VaultId([2; 16])));
@@ -582,10 +715,98 @@ mod tests {
         assert_eq!(back.unknown.len(), 1);
         assert_eq!(&back.unknown[0].1[..], b"from a newer vaultfs");
         assert_eq!(back.active_key(v).unwrap().id(), KeyId([1; 16]));
-        // A version-2 wallet relabelled as version 1 does not open.
+        // A version-3 wallet relabelled as version 1 or 2 does not open.
         let mut relabelled = blob.clone();
         relabelled[4] = 1;
         assert!(Wallet::open(&relabelled, b"p").is_err());
+        relabelled[4] = 2;
+        assert!(Wallet::open(&relabelled, b"p").is_err());
+    }
+
+    #[test]
+    fn a_recovery_key_opens_every_later_seal_and_nothing_else() {
+        let v = VaultId([1; 16]);
+        let mut w = Wallet::new();
+        w.add_key(v, key(1)).unwrap();
+        let before = w.seal(b"p", FAST, &mut OsRandom).unwrap();
+        assert!(!wallet_has_recovery_slot(&before));
+        let e =
+            Wallet::open_with_recovery(&before, &RecoveryKey::generate(&mut OsRandom).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("no recovery key was made"), "{e}");
+
+        let paper = RecoveryKey::generate(&mut OsRandom).unwrap();
+        w.set_recovery(&paper);
+        assert!(w.has_recovery());
+        let blob = w.seal(b"p", FAST, &mut OsRandom).unwrap();
+        assert!(wallet_has_recovery_slot(&blob));
+        let (opened, params) = Wallet::open_with_recovery(&blob, &paper).unwrap();
+        assert_eq!((params, opened.revision()), (FAST, 2));
+        assert_eq!(opened.active_key(v).unwrap().secret(), &[101; 32]);
+        assert!(opened.has_recovery());
+        // The passphrase still opens it; sealed again under a new passphrase
+        // (without the paper key at hand), the recovery key still opens it.
+        let (again, _) = Wallet::open(&blob, b"p").unwrap();
+        let changed = again.seal(b"new", FAST, &mut OsRandom).unwrap();
+        assert!(Wallet::open(&changed, b"p").is_err());
+        assert_eq!(Wallet::open_with_recovery(&changed, &paper).unwrap().0.entries().len(), 1);
+
+        // Another recovery key, a replaced one, any altered byte: refused.
+        let other = RecoveryKey::generate(&mut OsRandom).unwrap();
+        let e = Wallet::open_with_recovery(&blob, &other).unwrap_err();
+        assert!(e.to_string().contains("does not open the wallet"), "{e}");
+        let mut replaced = Wallet::open(&blob, b"p").unwrap().0;
+        replaced.set_recovery(&other);
+        let replaced = replaced.seal(b"p", FAST, &mut OsRandom).unwrap();
+        assert!(Wallet::open_with_recovery(&replaced, &paper).is_err());
+        assert!(Wallet::open_with_recovery(&replaced, &other).is_ok());
+        for at in (0..blob.len()).step_by(7).chain([SLOT_COUNT_AT, blob.len() - 1]) {
+            let mut bad = blob.clone();
+            bad[at] ^= 0x01;
+            assert!(Wallet::open_with_recovery(&bad, &paper).is_err(), "byte {at}");
+        }
+        // The slot cannot be dropped: the passphrase's path authenticates the count.
+        let mut stripped = blob[..SLOT_COUNT_AT].to_vec();
+        stripped.push(0);
+        stripped.extend_from_slice(&blob[SLOT_COUNT_AT + 1 + RECOVERY_SLOT_LEN..]);
+        assert!(matches!(Wallet::open(&stripped, b"p"), Err(CryptoError::WalletLocked)));
+    }
+
+    /// A wallet whose slot the recovery key opens but which does not name
+    /// that key (made by someone who had the public half) is refused.
+    #[test]
+    fn a_wallet_that_does_not_name_its_recovery_key_is_refused() {
+        let paper = RecoveryKey::generate(&mut OsRandom).unwrap();
+        let mut w = Wallet::new();
+        w.set_recovery(&paper);
+        let blob = w.seal(b"p", FAST, &mut OsRandom).unwrap();
+        let parts = V3Parts::split(&blob).unwrap();
+        let slot_at = parts.recovery_slot.unwrap();
+        let body_key =
+            recovery::open_slot(&paper, &blob[slot_at..slot_at + RECOVERY_SLOT_LEN], &blob[..slot_at])
+                .unwrap();
+        let sealed_at = parts.body_nonce + XNONCE_LEN;
+        let nonce: [u8; XNONCE_LEN] = blob[parts.body_nonce..sealed_at].try_into().unwrap();
+        let mut forged = blob[..sealed_at].to_vec();
+        let sealed = aead::seal(&body_key, &nonce, &forged, &Wallet::new().serialize()).unwrap();
+        forged.extend_from_slice(&sealed);
+        let e = Wallet::open_with_recovery(&forged, &paper).unwrap_err();
+        assert!(e.to_string().contains("names another recovery key"), "{e}");
+    }
+
+    /// Every byte a seal draws is where docs/FORMAT.md says, and nothing more.
+    #[test]
+    fn a_seal_draws_what_the_format_lists() {
+        use crate::crypto::random::ReplayRandom;
+        let mut w = Wallet::new();
+        let mut rng = ReplayRandom::new(vec![3; 16 + 24 + 32 + 24]);
+        w.seal(b"p", FAST, &mut rng).unwrap();
+        assert_eq!(rng.remaining(), 0);
+        w.set_recovery(&RecoveryKey::generate(&mut OsRandom).unwrap());
+        let mut rng = ReplayRandom::new(vec![3; 16 + 24 + 32 + 32 + 24]);
+        let blob = w.seal(b"p", FAST, &mut rng).unwrap();
+        assert_eq!(rng.remaining(), 0);
+        assert_eq!(&blob[20..36], &[3; 16], "salt");
+        assert_eq!(blob[SLOT_COUNT_AT], 1);
     }
 
     #[test]

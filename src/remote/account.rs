@@ -53,6 +53,14 @@ pub enum AccountError {
     /// The server has no wallet for this user (enrollment was not finished).
     #[error("the server holds no wallet for this user; log in with the enrollment code first")]
     NoWallet,
+    /// The wallet does not open with the passphrase the login took (after
+    /// an admin's reset, or the server altered it).
+    #[error("{}", wallet_not_opened(*recoverable))]
+    WalletNotOpened {
+        /// Whether the wallet has a recovery slot (as its unauthenticated
+        /// header says: only for what to suggest).
+        recoverable: bool,
+    },
     /// No key for a vault in the wallet.
     #[error("the wallet holds no key for vault {0}")]
     NoKey(VaultId),
@@ -96,6 +104,20 @@ pub enum AccountError {
     /// A step refused (sharing, a passphrase change), with why.
     #[error("{0}")]
     Refused(String),
+}
+
+fn wallet_not_opened(recoverable: bool) -> String {
+    let recover = if recoverable {
+        "with --recovery-key to restore it with your recovery key (it has one), or "
+    } else {
+        "with --recovery-key if you made a recovery key, or "
+    };
+    format!(
+        "your wallet on the server does not open with this passphrase (or it was altered). If your admin \
+         reset your account, run `vaultfs login` again (without --enroll: a code works once) {recover}with \
+         --start-over to begin with an empty wallet: the vaults only you held keys for then stay unreadable \
+         to you. Until then nothing is changed"
+    )
 }
 
 /// The saved login (`login.toml`).
@@ -265,12 +287,83 @@ impl<R: Remote> Unlocked<R> {
     /// Fetches and opens the wallet with `passphrase`.
     pub async fn open(remote: R, passphrase: &[u8]) -> Result<Self, AccountError> {
         let (blob, wallet_version) = remote.wallet().await?.ok_or(AccountError::NoWallet)?;
+        Self::open_blob(remote, blob, wallet_version, passphrase).await
+    }
+
+    /// Opens the wallet with `passphrase`, or creates an empty one if the
+    /// server holds none (a first enrollment).
+    pub async fn open_or_create(remote: R, passphrase: &[u8], kdf: KdfParams) -> Result<Self, AccountError> {
+        match remote.wallet().await? {
+            None => Self::create_wallet(remote, passphrase, kdf).await,
+            Some((blob, version)) => Self::open_blob(remote, blob, version, passphrase).await,
+        }
+    }
+
+    async fn open_blob(
+        remote: R,
+        blob: Vec<u8>,
+        version: u64,
+        passphrase: &[u8],
+    ) -> Result<Self, AccountError> {
+        let recoverable = crypto::wallet::wallet_has_recovery_slot(&blob);
         let pass = zeroize::Zeroizing::new(passphrase.to_vec());
-        let pass2 = pass.clone();
-        let (wallet, wallet_kdf) = tokio::task::spawn_blocking(move || Wallet::open(&blob, &pass2))
-            .await
-            .map_err(|e| RemoteError::Protocol(e.to_string()))??;
-        Self::assemble(remote, wallet, wallet_version, pass, wallet_kdf).await
+        let (wallet, wallet_kdf) = match open_blocking(blob, &pass).await? {
+            Err(crypto::CryptoError::WalletLocked) => {
+                return Err(AccountError::WalletNotOpened { recoverable })
+            }
+            other => other?,
+        };
+        Self::assemble(remote, wallet, version, pass, wallet_kdf).await
+    }
+
+    /// Restores a wallet with the user's recovery key (after an admin's reset:
+    /// `remote` is logged in with the new passphrase): the wallet on the
+    /// server is opened with `key`, sealed under `passphrase` (still for the
+    /// same recovery key) and stored over the version read. Nothing is
+    /// stored if the key does not open it.
+    pub async fn recover(
+        remote: R,
+        key: &crypto::RecoveryKey,
+        passphrase: &[u8],
+        kdf: KdfParams,
+    ) -> Result<Self, AccountError> {
+        let (blob, version) = remote.wallet().await?.ok_or(AccountError::NoWallet)?;
+        let (wallet, sealed_with) = Wallet::open_with_recovery(&blob, key)?;
+        let kdf = if sealed_with.is_weaker_than(&kdf) { kdf } else { sealed_with };
+        let passphrase = zeroize::Zeroizing::new(passphrase.to_vec());
+        let mut unlocked = Self::assemble(remote, wallet, version, passphrase, kdf).await?;
+        unlocked.save_wallet().await?;
+        Ok(unlocked)
+    }
+
+    /// Replaces a wallet that `passphrase` does not open (after an admin's
+    /// reset, without a recovery key) with an empty one. Refused if the
+    /// passphrase opens the wallet: there is nothing to start over from.
+    pub async fn start_over(remote: R, passphrase: &[u8], kdf: KdfParams) -> Result<Self, AccountError> {
+        let Some((blob, version)) = remote.wallet().await? else {
+            return Self::create_wallet(remote, passphrase, kdf).await;
+        };
+        let pass = zeroize::Zeroizing::new(passphrase.to_vec());
+        if open_blocking(blob, &pass).await?.is_ok() {
+            return Err(AccountError::Refused(
+                "your wallet opens with this passphrase: there is nothing to start over from, and it was kept"
+                    .into(),
+            ));
+        }
+        let mut unlocked = Self::assemble(remote, Wallet::new(), version, pass, kdf).await?;
+        unlocked.save_wallet().await?;
+        Ok(unlocked)
+    }
+
+    /// Makes a new recovery key for the wallet and stores the wallet sealed
+    /// for it (an earlier recovery key opens none of the versions stored
+    /// from then on). The key is returned to be written down; it is kept
+    /// nowhere.
+    pub async fn make_recovery_key(&mut self) -> Result<crypto::RecoveryKey, AccountError> {
+        let key = crypto::RecoveryKey::generate(&mut OsRandom)?;
+        self.wallet.get_mut().set_recovery(&key);
+        self.save_wallet().await?;
+        Ok(key)
     }
 
     /// The user name on the server.
@@ -335,10 +428,7 @@ impl<R: Remote> Unlocked<R> {
             return Ok(false);
         }
         let (blob, version) = self.remote.wallet().await?.ok_or(AccountError::NoWallet)?;
-        let pass = self.passphrase.clone();
-        let (wallet, _) = tokio::task::spawn_blocking(move || Wallet::open(&blob, &pass))
-            .await
-            .map_err(|e| RemoteError::Protocol(e.to_string()))??;
+        let (wallet, _) = open_blocking(blob, &self.passphrase).await??;
         let revision = wallet.revision();
         let current = self.wallet.read().revision();
         if revision < current {
@@ -446,6 +536,17 @@ impl Unlocked<super::http::HttpRemote> {
     }
 }
 
+/// Opens a sealed wallet on the blocking pool (Argon2id takes a while).
+async fn open_blocking(
+    blob: Vec<u8>,
+    passphrase: &zeroize::Zeroizing<Vec<u8>>,
+) -> Result<Result<(Wallet, KdfParams), crypto::CryptoError>, AccountError> {
+    let pass = passphrase.clone();
+    Ok(tokio::task::spawn_blocking(move || Wallet::open(&blob, &pass))
+        .await
+        .map_err(|e| RemoteError::Protocol(e.to_string()))?)
+}
+
 async fn seal_blocking(wallet: &Wallet, passphrase: &[u8], kdf: KdfParams) -> Result<Vec<u8>, AccountError> {
     // Argon2id blocks for a noticeable time. The wallet holds keys and is not
     // Clone, so rather than moving a copy to the blocking pool it is sealed in
@@ -520,7 +621,53 @@ mod tests {
         let server = MemoryServer::new().unwrap();
         let alice = server.add_user("alice", Limits::DEFAULT).await.unwrap();
         Unlocked::create_wallet(alice.clone(), b"pw", FAST).await.unwrap();
-        assert!(matches!(Unlocked::open(alice, b"nope").await, Err(AccountError::Crypto(_))));
+        let e = Unlocked::open(alice, b"nope").await.err().unwrap();
+        assert!(matches!(e, AccountError::WalletNotOpened { recoverable: false }), "{e}");
+        assert!(e.to_string().contains("--start-over"), "{e}");
+    }
+
+    /// A recovery key restores every vault under a new passphrase; a wrong
+    /// one changes nothing; starting over is refused while the passphrase
+    /// opens the wallet, and otherwise leaves an empty one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_recovery_key_restores_the_wallet_and_a_start_over_needs_a_lost_one() {
+        let server = MemoryServer::new().unwrap();
+        let alice = server.add_user("alice", Limits::DEFAULT).await.unwrap();
+        let mut first = Unlocked::create_wallet(alice.clone(), b"pw", FAST).await.unwrap();
+        first.create_vault("Family", false).await.unwrap();
+        let paper = first.make_recovery_key().await.unwrap();
+        first.create_vault("Tax", false).await.unwrap();
+        let stored = alice.wallet().await.unwrap().unwrap();
+
+        // The passphrase is lost: a wrong recovery key stores nothing.
+        let wrong = crypto::RecoveryKey::generate(&mut OsRandom).unwrap();
+        let e = Unlocked::recover(alice.clone(), &wrong, b"new", FAST).await.err().unwrap();
+        assert!(e.to_string().contains("does not open the wallet"), "{e}");
+        assert_eq!(alice.wallet().await.unwrap().unwrap(), stored, "nothing stored");
+        let e = Unlocked::open(alice.clone(), b"new").await.err().unwrap();
+        assert!(matches!(e, AccountError::WalletNotOpened { recoverable: true }), "{e}");
+
+        let restored = Unlocked::recover(alice.clone(), &paper, b"new", FAST).await.unwrap();
+        let mut names: Vec<_> = restored.vaults().await.unwrap().into_iter().filter_map(|v| v.name).collect();
+        names.sort();
+        assert_eq!(names, ["Family", "Tax"], "every vault, also one made after the key");
+        assert!(matches!(
+            Unlocked::open(alice.clone(), b"pw").await,
+            Err(AccountError::WalletNotOpened { .. })
+        ));
+        let again = Unlocked::open(alice.clone(), b"new").await.unwrap();
+        assert!(again.wallet().has_recovery(), "still recoverable with the same key");
+        assert_eq!(
+            again.wallet().user_key().map(|k| k.public()),
+            first.wallet().user_key().map(|k| k.public())
+        );
+
+        let e = Unlocked::start_over(alice.clone(), b"new", FAST).await.err().unwrap();
+        assert!(e.to_string().contains("nothing to start over"), "{e}");
+        assert_eq!(Unlocked::open(alice.clone(), b"new").await.unwrap().wallet().entries().len(), 2);
+        let fresh = Unlocked::start_over(alice.clone(), b"other", FAST).await.unwrap();
+        assert!(fresh.wallet().entries().is_empty());
+        assert!(fresh.vaults().await.unwrap().iter().all(|v| v.name.is_none()), "the old vaults stay sealed");
     }
 
     #[test]

@@ -109,13 +109,35 @@ pub fn add_user(meta: &mut Meta, name: &str, limits: Limits, kdf: KdfWire) -> Re
     Ok(code)
 }
 
+/// What a reset leaves a user: their wallet is kept, sealed as it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalletAfterReset {
+    /// They never stored one (not enrolled yet).
+    None,
+    /// It has a recovery slot: their recovery key restores it.
+    Recoverable,
+    /// Only the lost passphrase opens it.
+    PassphraseOnly,
+}
+
 /// Issues a new enrollment code for a user who lost their passphrase. Their
-/// sessions end; their wallet (and so their keys) stays sealed under the old
-/// passphrase, so vaults only they held keys for stay unreadable.
-pub fn reset_user(meta: &mut Meta, name: &str) -> Result<String, AdminError> {
+/// sessions end; their wallet stays as it was: their recovery key (if they
+/// made one) restores it at enrollment, otherwise they start over and the
+/// vaults only they held keys for stay unreadable.
+pub fn reset_user(meta: &mut Meta, name: &str) -> Result<(String, WalletAfterReset), AdminError> {
     let code = enrollment_code()?;
     meta.reset_enrollment(name, &code_hash(&code), &random::<16>()?)?;
-    Ok(code)
+    let id = meta.user_by_name(name)?.ok_or(MetaError::NotFound("user"))?.id;
+    // The wallet's header says whether it has a recovery slot (the server
+    // cannot check it; this only chooses what the admin is told).
+    let wallet = match meta.wallet(id)? {
+        None => WalletAfterReset::None,
+        Some((blob, _)) if crate::crypto::wallet::wallet_has_recovery_slot(&blob) => {
+            WalletAfterReset::Recoverable
+        }
+        Some(_) => WalletAfterReset::PassphraseOnly,
+    };
+    Ok((code, wallet))
 }
 
 /// Removes a user.
@@ -161,7 +183,7 @@ mod tests {
         let small = Limits { upload_limit: 10, e2e_limit: 5, image_max_edge: 100 };
         set_limits(&mut m, "alice", small).unwrap();
         assert_eq!(users(&m).unwrap()[0].limits, small);
-        assert!(reset_user(&mut m, "alice").unwrap() != code);
+        assert!(reset_user(&mut m, "alice").unwrap().0 != code);
         remove_user(&mut m, "alice").unwrap();
         assert!(users(&m).unwrap().is_empty());
         assert!(remove_user(&mut m, "alice").is_err());

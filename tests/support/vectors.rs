@@ -65,7 +65,7 @@ pub struct WalletVector {
     pub m_cost_kib: u32,
     pub t_cost: u32,
     pub p_cost: u32,
-    /// salt (16) || nonce (24).
+    /// Every byte the seal draws, in order (docs/FORMAT.md "Wallet").
     pub random: String,
     pub revision: u64,
     pub keys: Vec<WalletKeyVector>,
@@ -75,6 +75,8 @@ pub struct WalletVector {
     pub state_key: Option<String>,
     /// Version 2: vaults flagged "manifests required".
     pub manifests_required: Option<Vec<String>>,
+    /// Version 3: the recovery key, as written for the user.
+    pub recovery_key: Option<String>,
     pub sealed: String,
 }
 
@@ -137,6 +139,7 @@ pub const NAME_VECTORS: &str = "name-vectors.toml";
 pub const WALLET_VECTORS: &str = "wallet-vectors.toml";
 pub const MANIFEST_VECTORS: &str = "manifest-vectors.toml";
 pub const WALLET_V2_VECTORS: &str = "wallet-v2-vectors.toml";
+pub const WALLET_V3_VECTORS: &str = "wallet-v3-vectors.toml";
 
 pub fn data_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
