@@ -115,7 +115,7 @@ pub enum VaultCommand {
         passphrase_file: Option<PathBuf>,
     },
     /// Remove a member and rotate the vault's key: what is sealed from then on
-    /// is sealed under a key they never had (only the vault's creator can).
+    /// is sealed under a key they never had (any admin of the vault can).
     Unshare {
         /// The vault's name.
         vault: String,
@@ -560,8 +560,10 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
             println!("files under older keys: {older} of {all}");
         }
         VaultCommand::List { passphrase_file } => {
-            let (unlocked, _) = unlock(passphrase_file.as_deref()).await?;
+            let (unlocked, freshness) = unlock(passphrase_file.as_deref()).await?;
             let vaults = unlocked.vaults().await?;
+            // Keys from shares may have been stored in the wallet.
+            note_wallet(&unlocked, &freshness)?;
             let pending = unlocked.pending_shares();
             for v in vaults {
                 if pending.iter().any(|(id, _, _)| *id == v.info.id) {

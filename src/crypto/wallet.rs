@@ -183,6 +183,29 @@ impl Wallet {
         Self::default()
     }
 
+    /// An explicit copy (to change and store it while the original stays in
+    /// use until the copy is stored).
+    pub fn duplicate(&self) -> Self {
+        Wallet {
+            revision: self.revision,
+            entries: self
+                .entries
+                .iter()
+                .map(|e| WalletEntry { vault: e.vault, key: e.key.duplicate(), active: e.active })
+                .collect(),
+            state_key: self.state_key.as_ref().map(StateKey::duplicate),
+            vault_flags: self.vault_flags.clone(),
+            user_key: self.user_key.as_ref().map(UserSecret::duplicate),
+            recovery: self.recovery,
+            unknown: self.unknown.clone(),
+        }
+    }
+
+    /// The keys of `vault`, oldest first (the order they were added in).
+    pub fn keys_of(&self, vault: VaultId) -> impl Iterator<Item = &VaultKey> {
+        self.entries.iter().filter(move |e| e.vault == vault).map(|e| &e.key)
+    }
+
     /// Incremented by every change, and sealed with the entries: a client that
     /// remembers the highest revision it saw can detect a rolled-back wallet.
     pub fn revision(&self) -> u64 {
@@ -706,7 +729,7 @@ mod tests {
         assert!(w.require_manifests(v) && !w.require_manifests(v));
         w.unknown.push((0x42, Zeroizing::new(b"from a newer vaultfs".to_vec())));
         assert_eq!(w.revision(), 3);
-        let blob = w.seal(b"p", FAST, &mut OsRandom).unwrap();
+        let blob = w.duplicate().seal(b"p", FAST, &mut OsRandom).unwrap();
         assert_eq!(blob[4], 3);
         let (back, _) = Wallet::open(&blob, b"p").unwrap();
         assert_eq!(back.revision(), 3);

@@ -389,16 +389,20 @@ impl<R: Remote> Unlocked<R> {
         ring.keys.iter().find(|k| k.key.id() == id).map(|k| k.key.duplicate())
     }
 
-    /// The key new files and names of `vault` are sealed with: the wallet's
-    /// active key for a vault this user made, else the newest of the vault's
-    /// share (a share carries every key so far).
+    /// The key new files and names of `vault` are sealed with: the newest
+    /// of those held (the wallet's, or the share's opened this session).
     pub fn active_key(&self, vault: VaultId) -> Option<VaultKey> {
-        // A vault made by this user takes its keys from the wallet alone.
-        if let Some(k) = self.wallet.read().active_key(vault) {
-            return Some(k.duplicate());
+        let wallet = self.wallet.read();
+        let held = wallet.active_key(vault);
+        // The session's share is newer when it holds the wallet's newest key
+        // (it was checked to extend the wallet's keys when opened); the wallet
+        // is newer when it has a key the share lacks (rotated since).
+        if let Some(a) = self.shared.read().get(&vault) {
+            if held.is_none_or(|h| a.ring.keys.iter().any(|k| k.key.id() == h.id())) {
+                return a.ring.current().map(|k| k.key.duplicate());
+            }
         }
-        let shared = self.shared.read();
-        shared.get(&vault)?.ring.current().map(|k| k.key.duplicate())
+        held.map(VaultKey::duplicate)
     }
 
     /// Whether every file of `vault` carries a manifest (the wallet's flag, or
@@ -437,7 +441,8 @@ impl<R: Remote> Unlocked<R> {
             )));
         }
         accept(revision).map_err(AccountError::Refused)?;
-        *self.wallet.write() = wallet;
+        let mut held = self.wallet.write();
+        *held = wallet;
         self.wallet_version.store(version, Ordering::Release);
         Ok(true)
     }
@@ -480,6 +485,26 @@ impl<R: Remote> Unlocked<R> {
         let version = self.remote.put_wallet(sealed, Some(*self.wallet_version.get_mut())).await?;
         *self.wallet_version.get_mut() = version;
         Ok(())
+    }
+
+    /// Stores `copy` (a changed duplicate of the wallet held) over the
+    /// version held, and only then holds it: if the server refuses (another
+    /// client changed the wallet), the wallet held stays as it was.
+    pub(super) async fn store_wallet(&self, copy: Wallet, based_on: u64) -> Result<(), AccountError> {
+        use std::sync::atomic::Ordering;
+        let sealed = seal_blocking(&copy, &self.passphrase, self.wallet_kdf).await?;
+        let version = self.remote.put_wallet(sealed, Some(based_on)).await?;
+        let mut held = self.wallet.write();
+        *held = copy;
+        self.wallet_version.store(version, Ordering::Release);
+        Ok(())
+    }
+
+    /// A copy of the wallet held, with the server's version of it (read
+    /// together: the version changes only under the wallet's write lock).
+    pub(super) fn wallet_copy(&self) -> (Wallet, u64) {
+        let held = self.wallet.read();
+        (held.duplicate(), self.wallet_version.load(std::sync::atomic::Ordering::Acquire))
     }
 
     /// The user's vaults with their names opened (shares sealed for this user

@@ -65,6 +65,11 @@ impl<R: Remote> VaultFs<R> {
                 return Err(FsError::Io(e.to_string()));
             }
         };
+        // Keys of a share stored in the wallet by the listing: this machine
+        // has seen that revision (an older wallet is refused from then on).
+        if let Err(e) = fresh.check_wallet(self.account.wallet().revision()) {
+            tracing::warn!(error = %e, "the wallet held is older than this machine saw");
+        }
         // A vault shared by someone whose key the user has not confirmed is
         // not shown (`vaultfs vault list` says how to confirm it).
         let pending = self.account.pending_shares();
