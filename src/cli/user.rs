@@ -58,6 +58,10 @@ pub struct LoginArgs {
     /// held keys for stay unreadable to you.
     #[arg(long, conflicts_with_all = ["recovery_key", "recovery_key_file"])]
     start_over: bool,
+    /// With --start-over: even if the wallet has a recovery key (which is
+    /// lost too).
+    #[arg(long, requires = "start_over")]
+    discard_recoverable_wallet: bool,
     /// The server identity your login is bound to, if not the one this login
     /// derives (after the server's certificate was replaced: the `identity`
     /// in login.toml of a machine that logged in before).
@@ -313,9 +317,16 @@ pub async fn login(args: LoginArgs) -> CliResult {
             (HttpRemote::login(&access, &args.user, pass.as_bytes(), LOGIN_KDF_FLOOR).await?, pass)
         }
     };
+    let identity = access.identity()?;
     let opened = match &recovery {
-        Some(key) => Unlocked::recover(remote, key, pass.as_bytes(), KdfParams::DEFAULT).await,
-        None if args.start_over => Unlocked::start_over(remote, pass.as_bytes(), KdfParams::DEFAULT).await,
+        Some(key) => {
+            let seen = |w: &crate::crypto::Wallet| seen_before(w, &identity, &args.user);
+            Unlocked::recover(remote, key, pass.as_bytes(), KdfParams::DEFAULT, seen).await
+        }
+        None if args.start_over => {
+            let discard = args.discard_recoverable_wallet;
+            Unlocked::start_over(remote, pass.as_bytes(), KdfParams::DEFAULT, discard).await
+        }
         None if args.enroll.is_some() => {
             Unlocked::open_or_create(remote, pass.as_bytes(), KdfParams::DEFAULT).await
         }
@@ -329,7 +340,6 @@ pub async fn login(args: LoginArgs) -> CliResult {
         ),
         _ => e.to_string(),
     })?;
-    let identity = access.identity()?;
     if args.start_over {
         // This machine's record of the discarded wallet's revisions goes with it.
         if let Some(dir) = state_dir() {
@@ -340,6 +350,10 @@ pub async fn login(args: LoginArgs) -> CliResult {
     freshness_for(&mut unlocked, &identity, &args.user).await?;
     if recovery.is_some() {
         println!("your wallet is restored with your recovery key, sealed under your new passphrase");
+        println!(
+            "(it still opens with the same recovery key; if the key may have been seen, or your old passphrase \
+             is known to someone, make a new one: `vaultfs recovery-key --replace`)"
+        );
     } else if args.start_over {
         println!("you start over with an empty wallet: vaults only you held keys for stay unreadable to you");
     }
@@ -367,6 +381,20 @@ pub async fn login(args: LoginArgs) -> CliResult {
         );
     }
     Ok(())
+}
+
+/// Whether this machine saw a newer wallet of `user` at `server` than `wallet`
+/// (its freshness state, opened with the wallet's own state key): a restore
+/// must not bring back an older wallet than one this machine used.
+fn seen_before(wallet: &crate::crypto::Wallet, server: &str, user: &str) -> Result<(), String> {
+    let Some(dir) = state_dir() else { return Ok(()) };
+    let path = state_path(&dir, server, user);
+    if !path.exists() {
+        return Ok(());
+    }
+    let key = wallet.state_key().ok_or("the wallet holds no state key, but this machine has state for it")?;
+    let fresh = Freshness::load(path, key.duplicate(), server, user).map_err(|e| e.to_string())?;
+    fresh.check_wallet(wallet.revision()).map_err(|e| e.to_string())
 }
 
 /// What this machine remembers of the account at `server` (its identity):
@@ -627,20 +655,33 @@ pub async fn recovery_key(args: RecoveryKeyArgs) -> CliResult {
                     wallet stored from then on)"
             .into());
     }
-    let key = unlocked.make_recovery_key().await?;
+    let key = RecoveryKey::generate(&mut crate::crypto::OsRandom)?;
+    // Shown (and, on a terminal, typed back) before the wallet is sealed for
+    // it: a key nobody saw must never be the one that opens the wallet.
+    let user = unlocked.user().to_string();
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "Your recovery key (shown once; write it down and keep it offline):\n\n    {key}\n\n\
+         If you lose your passphrase, your admin runs `vaultfs admin user reset {user}`, and you run\n\
+         `vaultfs login --server URL --user {user} --enroll CODE --recovery-key`: your wallet and all your\n\
+         vaults come back, under a new passphrase. Whoever holds this key and your wallet (the server holds\n\
+         it) can open your vaults: keep it as safe as what they hold."
+    )
+    .and_then(|()| out.flush())
+    .map_err(|e| format!("cannot show the recovery key ({e}): nothing was changed"))?;
+    drop(out);
+    if std::io::stdin().is_terminal() {
+        let typed = read_recovery_key(None).map_err(|e| format!("{e}: nothing was changed"))?;
+        if typed.public() != key.public() {
+            return Err(
+                "that is not the key shown: nothing was changed; run `vaultfs recovery-key` again".into()
+            );
+        }
+    }
+    unlocked.set_recovery_key(&key).await?;
     note_wallet(&unlocked, &freshness)?;
-    println!("Your recovery key (shown once; write it down and keep it offline):");
-    println!();
-    println!("    {key}");
-    println!();
-    println!(
-        "If you lose your passphrase, your admin runs `vaultfs admin user reset {}`, and you run\n\
-         `vaultfs login --server URL --user {} --enroll CODE --recovery-key`: your wallet and all your vaults\n\
-         come back, under a new passphrase. Whoever holds this key and your wallet (the server holds it)\n\
-         can open your vaults: keep it as safe as what they hold.",
-        unlocked.user(),
-        unlocked.user()
-    );
+    println!("the wallet opens with this recovery key from now on");
     Ok(())
 }
 
@@ -713,6 +754,13 @@ pub async fn passphrase(args: PassphraseArgs) -> CliResult {
     unlocked.change_passphrase(&account.access(), new.as_bytes(), LOGIN_KDF_FLOOR).await?;
     note_wallet(&unlocked, &freshness)?;
     println!("passphrase changed: the old one opens neither the login nor the wallet from now on.");
+    if unlocked.wallet().has_recovery() {
+        println!(
+            "Your recovery key still opens the wallet. If the old passphrase may be known to someone, also make \
+             a new recovery key (`vaultfs recovery-key --replace`): with the old passphrase and an old copy of \
+             the wallet, they could help a hostile server pass off a wallet of their making at a recovery."
+        );
+    }
     println!(
         "Your other sessions ended: mounts on other machines must be mounted again, with the new passphrase."
     );

@@ -111,8 +111,10 @@ impl RecoveryKey {
 
 impl fmt::Display for RecoveryKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let written = Zeroizing::new(super::base32::encode(&written_bits(&self.0), RECOVERY_KEY_CHARS, 4));
-        f.write_str(&written.to_ascii_uppercase())
+        let mut written =
+            Zeroizing::new(super::base32::encode(&written_bits(&self.0), RECOVERY_KEY_CHARS, 4));
+        written.make_ascii_uppercase();
+        f.write_str(&written)
     }
 }
 

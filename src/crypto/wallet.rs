@@ -139,7 +139,7 @@ pub struct WalletEntry {
 }
 
 /// The user's vault keys. `Debug` shows vault and key ids only.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Wallet {
     revision: u64,
     entries: Vec<WalletEntry>,
@@ -152,6 +152,23 @@ pub struct Wallet {
     recovery: Option<RecoveryPublic>,
     /// Records of types this build does not know, kept as they were.
     unknown: Vec<(u8, Zeroizing<Vec<u8>>)>,
+}
+
+impl std::fmt::Debug for Wallet {
+    /// Vault and key ids, flags, the user key's fingerprint; no secret, and
+    /// records of unknown types by type and length only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unknown: Vec<(u8, usize)> = self.unknown.iter().map(|(t, b)| (*t, b.len())).collect();
+        f.debug_struct("Wallet")
+            .field("revision", &self.revision)
+            .field("entries", &self.entries)
+            .field("state_key", &self.state_key)
+            .field("vault_flags", &self.vault_flags)
+            .field("user_key", &self.user_key)
+            .field("recovery", &self.recovery)
+            .field("unknown (type, length)", &unknown)
+            .finish()
+    }
 }
 
 /// The key that seals this user's local freshness state (docs/FORMAT.md
@@ -550,8 +567,10 @@ impl V3Parts {
         let sealed_at = self.body_nonce + XNONCE_LEN;
         let nonce: [u8; XNONCE_LEN] =
             blob[self.body_nonce..sealed_at].try_into().map_err(|_| CryptoError::Malformed("wallet"))?;
+        // A slot opened, so the key was right: a body that does not open was
+        // altered (not "wrong passphrase", which would invite starting over).
         let plain = aead::open(body_key, &nonce, &blob[..sealed_at], &blob[sealed_at..])
-            .map_err(|_| CryptoError::WalletLocked)?;
+            .map_err(|_| CryptoError::Integrity(super::error::IntegrityFailure::Authentication))?;
         Wallet::deserialize(&plain)
     }
 }
@@ -639,11 +658,30 @@ mod tests {
         w.add_key(VaultId([1; 16]), key(1)).unwrap();
         let blob = w.seal(b"pass", FAST, &mut OsRandom).unwrap();
         assert!(matches!(Wallet::open(&blob, b"pasS"), Err(CryptoError::WalletLocked)));
-        for at in [20, 40, 61, blob.len() - 1] {
+        for at in [20, 40, 61] {
             let mut bad = blob.clone();
             bad[at] ^= 0x80;
             assert!(matches!(Wallet::open(&bad, b"pass"), Err(CryptoError::WalletLocked)), "byte {at}");
         }
+        // The passphrase opens its slot: a changed body is an alteration, not
+        // a wrong passphrase.
+        for at in [SLOT_COUNT_AT + 1, blob.len() - 1] {
+            let mut bad = blob.clone();
+            bad[at] ^= 0x80;
+            assert!(matches!(Wallet::open(&bad, b"pass"), Err(CryptoError::Integrity(_))), "byte {at}");
+        }
+        let mut bad = blob.clone();
+        bad[SLOT_COUNT_AT] = 2;
+        assert!(matches!(Wallet::open(&bad, b"pass"), Err(CryptoError::Malformed(_))));
+        // Neither Debug output shows a secret.
+        let mut w = Wallet::new();
+        w.add_key(VaultId([1; 16]), key(1)).unwrap();
+        w.unknown.push((0x42, Zeroizing::new(vec![0xab; 4])));
+        let shown = format!("{w:?}");
+        for secret in ["101, 101", "65656565", "171, 171", "abababab"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("(66, 4)"), "{shown}");
         // Raising the cost parameters in the blob changes the derived key.
         let mut bad = blob.clone();
         bad[15] = 2; // t_cost 1 -> 2
@@ -791,7 +829,7 @@ mod tests {
         let mut stripped = blob[..SLOT_COUNT_AT].to_vec();
         stripped.push(0);
         stripped.extend_from_slice(&blob[SLOT_COUNT_AT + 1 + RECOVERY_SLOT_LEN..]);
-        assert!(matches!(Wallet::open(&stripped, b"p"), Err(CryptoError::WalletLocked)));
+        assert!(matches!(Wallet::open(&stripped, b"p"), Err(CryptoError::Integrity(_))));
     }
 
     /// A wallet whose slot the recovery key opens but which does not name

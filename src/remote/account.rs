@@ -51,7 +51,10 @@ pub enum AccountError {
         message: String,
     },
     /// The server has no wallet for this user (enrollment was not finished).
-    #[error("the server holds no wallet for this user; log in with the enrollment code first")]
+    #[error(
+        "the server holds no wallet for this user; log in with the enrollment code first (if you did, and the \
+         server lost the wallet, `vaultfs login --start-over` makes a new, empty one)"
+    )]
     NoWallet,
     /// The wallet does not open with the passphrase the login took (after
     /// an admin's reset, or the server altered it).
@@ -307,28 +310,38 @@ impl<R: Remote> Unlocked<R> {
     ) -> Result<Self, AccountError> {
         let recoverable = crypto::wallet::wallet_has_recovery_slot(&blob);
         let pass = zeroize::Zeroizing::new(passphrase.to_vec());
-        let (wallet, wallet_kdf) = match open_blocking(blob, &pass).await? {
-            Err(crypto::CryptoError::WalletLocked) => {
-                return Err(AccountError::WalletNotOpened { recoverable })
-            }
-            other => other?,
-        };
+        let (wallet, wallet_kdf) =
+            match open_blocking(blob, &pass).await? {
+                Err(crypto::CryptoError::WalletLocked) => {
+                    return Err(AccountError::WalletNotOpened { recoverable })
+                }
+                Err(crypto::CryptoError::Integrity(_)) => return Err(AccountError::Refused(
+                    "the wallet on the server opens with this passphrase, but its contents were altered: \
+                     refused, and kept as it is (ask your server's admin)"
+                        .into(),
+                )),
+                other => other?,
+            };
         Self::assemble(remote, wallet, version, pass, wallet_kdf).await
     }
 
     /// Restores a wallet with the user's recovery key (after an admin's reset:
     /// `remote` is logged in with the new passphrase): the wallet on the
-    /// server is opened with `key`, sealed under `passphrase` (still for the
-    /// same recovery key) and stored over the version read. Nothing is
-    /// stored if the key does not open it.
+    /// server is opened with `key`, passed to `accept` (this machine's
+    /// freshness check: an older wallet than it saw is refused), sealed under
+    /// `passphrase` (still for the same recovery key) and stored over the
+    /// version read. Nothing is stored if the key does not open it or
+    /// `accept` refuses it.
     pub async fn recover(
         remote: R,
         key: &crypto::RecoveryKey,
         passphrase: &[u8],
         kdf: KdfParams,
+        accept: impl FnOnce(&Wallet) -> Result<(), String>,
     ) -> Result<Self, AccountError> {
         let (blob, version) = remote.wallet().await?.ok_or(AccountError::NoWallet)?;
         let (wallet, sealed_with) = Wallet::open_with_recovery(&blob, key)?;
+        accept(&wallet).map_err(AccountError::Refused)?;
         let kdf = if sealed_with.is_weaker_than(&kdf) { kdf } else { sealed_with };
         let passphrase = zeroize::Zeroizing::new(passphrase.to_vec());
         let mut unlocked = Self::assemble(remote, wallet, version, passphrase, kdf).await?;
@@ -338,15 +351,40 @@ impl<R: Remote> Unlocked<R> {
 
     /// Replaces a wallet that `passphrase` does not open (after an admin's
     /// reset, without a recovery key) with an empty one. Refused if the
-    /// passphrase opens the wallet: there is nothing to start over from.
-    pub async fn start_over(remote: R, passphrase: &[u8], kdf: KdfParams) -> Result<Self, AccountError> {
+    /// passphrase opens the wallet (nothing to start over from), if the wallet
+    /// fails for another reason than the passphrase (altered or damaged: not
+    /// the user's doing), and, unless `discard_recoverable`, if the wallet has
+    /// a recovery slot (the recovery key restores it instead).
+    pub async fn start_over(
+        remote: R,
+        passphrase: &[u8],
+        kdf: KdfParams,
+        discard_recoverable: bool,
+    ) -> Result<Self, AccountError> {
         let Some((blob, version)) = remote.wallet().await? else {
             return Self::create_wallet(remote, passphrase, kdf).await;
         };
+        let recoverable = crypto::wallet::wallet_has_recovery_slot(&blob);
         let pass = zeroize::Zeroizing::new(passphrase.to_vec());
-        if open_blocking(blob, &pass).await?.is_ok() {
+        match open_blocking(blob, &pass).await? {
+            Ok(_) => {
+                return Err(AccountError::Refused(
+                    "your wallet opens with this passphrase: there is nothing to start over from, and it was kept"
+                        .into(),
+                ))
+            }
+            Err(crypto::CryptoError::WalletLocked) => {}
+            Err(e) => {
+                return Err(AccountError::Refused(format!(
+                    "the wallet on the server fails for another reason than the passphrase ({e}): it was kept; \
+                     ask your server's admin"
+                )))
+            }
+        }
+        if recoverable && !discard_recoverable {
             return Err(AccountError::Refused(
-                "your wallet opens with this passphrase: there is nothing to start over from, and it was kept"
+                "your wallet has a recovery key: --recovery-key restores it with all your vaults; only if that \
+                 key is lost too, add --discard-recoverable-wallet to start over anyway. It was kept"
                     .into(),
             ));
         }
@@ -355,15 +393,13 @@ impl<R: Remote> Unlocked<R> {
         Ok(unlocked)
     }
 
-    /// Makes a new recovery key for the wallet and stores the wallet sealed
-    /// for it (an earlier recovery key opens none of the versions stored
-    /// from then on). The key is returned to be written down; it is kept
-    /// nowhere.
-    pub async fn make_recovery_key(&mut self) -> Result<crypto::RecoveryKey, AccountError> {
-        let key = crypto::RecoveryKey::generate(&mut OsRandom)?;
-        self.wallet.get_mut().set_recovery(&key);
-        self.save_wallet().await?;
-        Ok(key)
+    /// Makes `key` the wallet's recovery key and stores the wallet sealed
+    /// for it (an earlier recovery key opens none of the versions stored from
+    /// then on). The key itself is kept nowhere: the caller shows it to be
+    /// written down first.
+    pub async fn set_recovery_key(&mut self, key: &crypto::RecoveryKey) -> Result<(), AccountError> {
+        self.wallet.get_mut().set_recovery(key);
+        self.save_wallet().await
     }
 
     /// The user name on the server.
@@ -660,19 +696,29 @@ mod tests {
         let alice = server.add_user("alice", Limits::DEFAULT).await.unwrap();
         let mut first = Unlocked::create_wallet(alice.clone(), b"pw", FAST).await.unwrap();
         first.create_vault("Family", false).await.unwrap();
-        let paper = first.make_recovery_key().await.unwrap();
+        let paper = crypto::RecoveryKey::generate(&mut OsRandom).unwrap();
+        first.set_recovery_key(&paper).await.unwrap();
         first.create_vault("Tax", false).await.unwrap();
         let stored = alice.wallet().await.unwrap().unwrap();
 
         // The passphrase is lost: a wrong recovery key stores nothing.
         let wrong = crypto::RecoveryKey::generate(&mut OsRandom).unwrap();
-        let e = Unlocked::recover(alice.clone(), &wrong, b"new", FAST).await.err().unwrap();
+        let e = Unlocked::recover(alice.clone(), &wrong, b"new", FAST, |_| Ok(())).await.err().unwrap();
         assert!(e.to_string().contains("does not open the wallet"), "{e}");
         assert_eq!(alice.wallet().await.unwrap().unwrap(), stored, "nothing stored");
         let e = Unlocked::open(alice.clone(), b"new").await.err().unwrap();
         assert!(matches!(e, AccountError::WalletNotOpened { recoverable: true }), "{e}");
 
-        let restored = Unlocked::recover(alice.clone(), &paper, b"new", FAST).await.unwrap();
+        // Refused by this machine's freshness check: nothing stored.
+        let e = Unlocked::recover(alice.clone(), &paper, b"new", FAST, |w| {
+            Err(format!("revision {}", w.revision()))
+        })
+        .await
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("revision"), "{e}");
+        assert_eq!(alice.wallet().await.unwrap().unwrap(), stored, "nothing stored");
+        let restored = Unlocked::recover(alice.clone(), &paper, b"new", FAST, |_| Ok(())).await.unwrap();
         let mut names: Vec<_> = restored.vaults().await.unwrap().into_iter().filter_map(|v| v.name).collect();
         names.sort();
         assert_eq!(names, ["Family", "Tax"], "every vault, also one made after the key");
@@ -687,10 +733,25 @@ mod tests {
             first.wallet().user_key().map(|k| k.public())
         );
 
-        let e = Unlocked::start_over(alice.clone(), b"new", FAST).await.err().unwrap();
+        let e = Unlocked::start_over(alice.clone(), b"new", FAST, true).await.err().unwrap();
         assert!(e.to_string().contains("nothing to start over"), "{e}");
         assert_eq!(Unlocked::open(alice.clone(), b"new").await.unwrap().wallet().entries().len(), 2);
-        let fresh = Unlocked::start_over(alice.clone(), b"other", FAST).await.unwrap();
+        // A recoverable wallet is discarded only when asked to.
+        let e = Unlocked::start_over(alice.clone(), b"other", FAST, false).await.err().unwrap();
+        assert!(e.to_string().contains("--discard-recoverable-wallet"), "{e}");
+        // An altered wallet (the passphrase opens its slot, not its body) is
+        // never replaced: the server cannot talk the user into starting over.
+        let (good, v) = alice.wallet().await.unwrap().unwrap();
+        let mut altered = good.clone();
+        *altered.last_mut().unwrap() ^= 1;
+        alice.put_wallet(altered, Some(v)).await.unwrap();
+        let e = Unlocked::open(alice.clone(), b"new").await.err().unwrap();
+        assert!(e.to_string().contains("altered") && !e.to_string().contains("--start-over"), "{e}");
+        let e = Unlocked::start_over(alice.clone(), b"new", FAST, true).await.err().unwrap();
+        assert!(e.to_string().contains("another reason than the passphrase"), "{e}");
+        let (_, v) = alice.wallet().await.unwrap().unwrap();
+        alice.put_wallet(good, Some(v)).await.unwrap();
+        let fresh = Unlocked::start_over(alice.clone(), b"other", FAST, true).await.unwrap();
         assert!(fresh.wallet().entries().is_empty());
         assert!(fresh.vaults().await.unwrap().iter().all(|v| v.name.is_none()), "the old vaults stay sealed");
     }
