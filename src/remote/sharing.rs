@@ -789,5 +789,16 @@ mod tests {
         let forged = Member { user: "carol".into(), rights: Rights::Admin, wrapped_key: None };
         assert!(matches!(bob.remote.set_member(vault.id, forged).await, Err(RemoteError::Forbidden(_))));
         assert_eq!(alice.remote.members(vault.id).await.unwrap().len(), 2);
+        // The last admin can be neither removed nor made a reader (the client
+        // refuses "that is you"; the server refuses whoever asks).
+        let e = alice.unshare(&vault, "alice").await.unwrap_err().to_string();
+        assert!(e.contains("that is you"), "{e}");
+        let e = alice.remote.remove_member(vault.id, "alice").await.unwrap_err().to_string();
+        assert!(e.contains("at least one admin"), "{e}");
+        let demoted = Member { user: "alice".into(), rights: Rights::Read, wrapped_key: None };
+        let e = alice.remote.set_member(vault.id, demoted).await.unwrap_err().to_string();
+        assert!(e.contains("at least one admin"), "{e}");
+        let members = alice.remote.members(vault.id).await.unwrap();
+        assert!(members.iter().any(|m| m.user == "alice" && m.rights == Rights::Admin), "nothing changed");
     }
 }
