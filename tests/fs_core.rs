@@ -6,7 +6,7 @@ use std::ffi::{OsStr, OsString};
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use vaultfs::crypto::KdfParams;
+use vaultfs::crypto::{KdfParams, VaultKey};
 use vaultfs::fs::core::{Kind, XATTR_E2E, XATTR_STATE, XATTR_VERSION};
 use vaultfs::fs::{FsError, FsOptions, VaultFs, ROOT};
 use vaultfs::protocol::Limits;
@@ -301,17 +301,9 @@ async fn a_vault_created_by_another_client_opens_in_a_running_mount() {
     assert_eq!(read_file(&fs2, r2.ino, "a.txt").await.unwrap(), b"written by the running mount");
 }
 
-/// After a member's removal rotated the key, `rekey` seals the vault's old
-/// content afresh: the old key opens none of it (handed the stored bytes
-/// directly), mounts read it as before, and a second run finds nothing to do.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rekey_after_a_removal_leaves_nothing_under_the_old_key() {
-    let s = setup(&["V"]).await;
-    let fs = mount(s.alice.clone()).await;
-    let v = fs.lookup(ROOT, n("V")).await.unwrap();
-    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
-    write_file(&fs, r.ino, "a.txt", b"sealed before the removal").await;
-    write_file(&fs, r.ino, "empty", b"").await;
+/// Alice shares vault "V" with bob, then removes him (the key rotates):
+/// her CLI session, the vault, and the key from before.
+async fn share_and_remove_bob(s: &Setup) -> (Unlocked<MemoryRemote>, vaultfs::protocol::VaultInfo, VaultKey) {
     let mut cli = Unlocked::open(s.alice.clone(), b"pw").await.unwrap();
     cli.ensure_user_key().await.unwrap();
     let bob_remote = s.server.add_user("bob", Limits::DEFAULT).await.unwrap();
@@ -324,6 +316,21 @@ async fn rekey_after_a_removal_leaves_nothing_under_the_old_key() {
     cli.share_vault(&vault, "bob", vaultfs::protocol::Rights::Read, &key).await.unwrap();
     let old = cli.active_key(vault.id).unwrap();
     cli.unshare(&vault, "bob").await.unwrap();
+    (cli, vault, old)
+}
+
+/// After a member's removal rotated the key, `rekey` seals the vault's old
+/// content afresh: the old key opens none of it (handed the stored bytes
+/// directly), mounts read it as before, and a second run finds nothing to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rekey_after_a_removal_leaves_nothing_under_the_old_key() {
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    write_file(&fs, r.ino, "a.txt", b"sealed before the removal").await;
+    write_file(&fs, r.ino, "empty", b"").await;
+    let (cli, vault, old) = share_and_remove_bob(&s).await;
     assert_eq!(cli.files_under_older_keys(vault.id).await.unwrap(), (2, 2));
 
     let mut seen = Vec::new();
@@ -351,6 +358,51 @@ async fn rekey_after_a_removal_leaves_nothing_under_the_old_key() {
     // Resumable: a second run finds everything current.
     let again = cli.rekey_vault(vault.id, |_, _| {}).await.unwrap();
     assert_eq!((again.reencrypted, again.resealed, again.records, again.current), (0, 0, 0, 2));
+}
+
+/// A rekey of a vault with many files, stopped partway (its future dropped,
+/// as Ctrl-C does) and run again: the second run takes up the rest, skips what
+/// the first finished, and every file reads back as written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_rekey_resumes_where_it_stopped() {
+    const FILES: usize = 24;
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    for i in 0..FILES {
+        write_file(&fs, r.ino, &format!("f{i}"), format!("content {i}").repeat(100).as_bytes()).await;
+    }
+    let (cli, vault, _) = share_and_remove_bob(&s).await;
+    assert_eq!(cli.files_under_older_keys(vault.id).await.unwrap(), (FILES, FILES));
+
+    // Stopped once a third of the files are done.
+    let stop = tokio::sync::Notify::new();
+    let run = cli.rekey_vault(vault.id, |done, _| {
+        if done == FILES / 3 {
+            stop.notify_one();
+        }
+    });
+    tokio::select! {
+        biased;
+        () = stop.notified() => {}
+        r = run => panic!("the rekey should have been stopped: {r:?}"),
+    }
+    let (older, all) = cli.files_under_older_keys(vault.id).await.unwrap();
+    assert!(0 < older && older <= FILES - FILES / 3, "{older} of {all} still under the old key");
+
+    let done = cli.rekey_vault(vault.id, |_, _| {}).await.unwrap();
+    assert_eq!(done.reencrypted, older, "{done:?}");
+    assert_eq!(done.current, FILES - older, "{done:?}");
+    assert!(done.skipped.is_empty(), "{done:?}");
+    assert_eq!(cli.files_under_older_keys(vault.id).await.unwrap(), (0, FILES));
+    let fs2 = mount(s.alice.clone()).await;
+    let v2 = fs2.lookup(ROOT, n("V")).await.unwrap();
+    let r2 = fs2.lookup(v2.ino, n("r")).await.unwrap();
+    for i in 0..FILES {
+        let back = read_file(&fs2, r2.ino, &format!("f{i}")).await.unwrap();
+        assert_eq!(back, format!("content {i}").repeat(100).as_bytes(), "f{i}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -96,6 +96,26 @@ fn a_vault_shared_read_only_then_writable_through_two_real_mounts() {
     eventually("bob to see alice's edit", || {
         (std::fs::read_to_string(bm.path("Family/r/a.txt")).ok()? == "alice, second").then_some(())
     });
+    // Both edit it at once: the first close wins, the second one's bytes are
+    // kept beside it as a conflict copy.
+    {
+        use std::io::Write;
+        let open =
+            |p: std::path::PathBuf| std::fs::OpenOptions::new().write(true).truncate(true).open(p).unwrap();
+        let (mut fa, mut fb) = (open(m.path("Family/r/a.txt")), open(bm.path("Family/r/a.txt")));
+        fa.write_all(b"alice, at once").unwrap();
+        fb.write_all(b"bob, at once").unwrap();
+        drop(fa);
+        drop(fb);
+    }
+    let copy = eventually("alice's mount to show bob's conflict copy", || {
+        std::fs::read_dir(m.path("Family/r"))
+            .ok()?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .find(|n| n.starts_with("a (conflict ") && n.ends_with(").txt"))
+    });
+    assert_eq!(std::fs::read_to_string(m.path("Family/r/a.txt")).unwrap(), "alice, at once");
+    assert_eq!(std::fs::read_to_string(m.path(&format!("Family/r/{copy}"))).unwrap(), "bob, at once");
 
     let members = m.ok(&["vault", "members", "Family"]);
     assert!(members.contains(&format!("bob\twrite\t{fp}\tpinned here")), "{members}");
@@ -109,23 +129,23 @@ fn a_vault_shared_read_only_then_writable_through_two_real_mounts() {
     // under the new key, while the files before stay under the old one.
     let out = m.ok(&["vault", "unshare", "Family", "bob"]);
     assert!(out.contains("removed bob") && out.contains("epoch 1"), "{out}");
-    assert!(out.contains("2 of 2 file(s) are still under older keys"), "{out}");
+    assert!(out.contains("3 of 3 file(s) are still under older keys"), "{out}");
     eventually("bob's mount to lose the vault", || (!bm.path("Family").exists()).then_some(()));
     assert!(!bob.ok(&["vault", "list"]).contains("Family"));
     std::thread::sleep(Duration::from_millis(2200));
     let _ = std::fs::read_dir(m.path("")).unwrap().count(); // the next listing reads the wallet again
     std::fs::write(m.path("Family/r/c.txt"), "after bob left").unwrap();
     let members = m.ok(&["vault", "members", "Family"]);
-    assert!(members.contains("files under older keys: 2 of 3"), "{members}");
+    assert!(members.contains("files under older keys: 3 of 4"), "{members}");
     assert!(!members.contains("bob"), "{members}");
     // Rekeying encrypts the older files again; the mount reads them as before.
     let out = m.ok(&["vault", "rekey", "Family"]);
     assert!(
-        out.contains("2 file(s) encrypted again") && out.contains("files under older keys: 0 of 3"),
+        out.contains("3 file(s) encrypted again") && out.contains("files under older keys: 0 of 4"),
         "{out}"
     );
     eventually("alice's mount to read the rekeyed file", || {
-        (std::fs::read_to_string(m.path("Family/r/a.txt")).ok()? == "alice, second").then_some(())
+        (std::fs::read_to_string(m.path("Family/r/a.txt")).ok()? == "alice, at once").then_some(())
     });
     drop(bm);
     assert!(Path::new(&m.path("Family/r/b.txt")).exists());
