@@ -426,7 +426,9 @@ pub(crate) async fn freshness_for<R: crate::remote::Remote>(
     if let Some(dir) = config_dir() {
         unlocked.set_pins(Pins::load(&dir.join(PINS_FILE), server)?);
     }
-    Ok(Arc::new(freshness))
+    let freshness = Arc::new(freshness);
+    unlocked.set_key_memory(freshness.clone());
+    Ok(freshness)
 }
 
 async fn unlock(

@@ -14,14 +14,20 @@ use std::collections::BTreeMap;
 
 use super::aead::{self, XNONCE_LEN};
 use super::error::{check_prefix, CryptoError, Result};
+use super::keys::{KeyId, KEY_ID_LEN};
 use super::random::RandomSource;
 use super::wallet::StateKey;
-use crate::ids::{FileId, ID_LEN};
+use crate::ids::{FileId, VaultId, ID_LEN};
 
 /// First four bytes of a state file.
 pub const STATE_MAGIC: [u8; 4] = *b"VLTS";
 /// The version this build writes and reads.
-pub const STATE_VERSION: u8 = 1;
+pub const STATE_VERSION: u8 = 2;
+/// Version 1 (no vault keyrings) is still read.
+const STATE_V1: u8 = 1;
+const VAULT_ENTRY_LEN: usize = ID_LEN + 4 + KEY_ID_LEN;
+/// Most vaults remembered.
+pub const MAX_VAULTS: usize = 1 << 16;
 const HEADER_LEN: usize = 8;
 const DOMAIN: &[u8] = b"vaultfs/state/v1";
 const ENTRY_LEN: usize = ID_LEN + 8;
@@ -36,6 +42,10 @@ pub struct FreshState {
     pub wallet_revision: u64,
     /// The highest generation seen of each file.
     pub generations: BTreeMap<FileId, u64>,
+    /// Per vault, how many keys the keyring accepted from shares had and
+    /// the newest one's id: a later share must hold that many, with that key
+    /// at that place (also when the server rolled the wallet back).
+    pub vault_keys: BTreeMap<VaultId, (u32, KeyId)>,
 }
 
 impl FreshState {
@@ -45,6 +55,12 @@ impl FreshState {
         for (id, g) in &other.generations {
             let e = self.generations.entry(*id).or_insert(0);
             *e = (*e).max(*g);
+        }
+        for (vault, seen) in &other.vault_keys {
+            let e = self.vault_keys.entry(*vault).or_insert(*seen);
+            if seen.0 > e.0 {
+                *e = *seen;
+            }
         }
     }
 }
@@ -94,6 +110,15 @@ pub fn seal_state(
         body.extend_from_slice(id.as_bytes());
         body.extend_from_slice(&g.to_be_bytes());
     }
+    if state.vault_keys.len() > MAX_VAULTS {
+        return Err(CryptoError::Misuse("too many vaults in the freshness state"));
+    }
+    body.extend_from_slice(&(state.vault_keys.len() as u32).to_be_bytes());
+    for (vault, (count, newest)) in &state.vault_keys {
+        body.extend_from_slice(vault.as_bytes());
+        body.extend_from_slice(&count.to_be_bytes());
+        body.extend_from_slice(&newest.0);
+    }
     let sealed = aead::seal(key.secret(), &nonce, &aad(&header, binding)?, &body)?;
     header.extend_from_slice(&nonce);
     header.extend_from_slice(&sealed);
@@ -103,7 +128,8 @@ pub fn seal_state(
 /// Opens a sealed state: an integrity error if it was altered, or sealed for
 /// another account or server, or with another key.
 pub fn open_state(key: &StateKey, binding: StateBinding<'_>, blob: &[u8]) -> Result<FreshState> {
-    check_prefix(blob, &STATE_MAGIC, STATE_VERSION, HEADER_LEN + XNONCE_LEN + aead::TAG_LEN, "state file")?;
+    let version = if blob.get(4) == Some(&STATE_V1) { STATE_V1 } else { STATE_VERSION };
+    check_prefix(blob, &STATE_MAGIC, version, HEADER_LEN + XNONCE_LEN + aead::TAG_LEN, "state file")?;
     if blob[5..8] != [0, 0, 0] {
         return Err(CryptoError::Malformed("state file (reserved bytes)"));
     }
@@ -121,17 +147,37 @@ pub fn open_state(key: &StateKey, binding: StateBinding<'_>, blob: &[u8]) -> Res
     }
     let wallet_revision = u64::from_be_bytes(body[..8].try_into().map_err(|_| bad())?);
     let count = u32::from_be_bytes(body[8..12].try_into().map_err(|_| bad())?) as usize;
-    if count > MAX_FILES || body.len() - 12 != count * ENTRY_LEN {
+    let files_end = count.checked_mul(ENTRY_LEN).and_then(|n| n.checked_add(12)).ok_or_else(bad)?;
+    if count > MAX_FILES || body.len() < files_end || (version == STATE_V1 && body.len() != files_end) {
         return Err(bad());
     }
-    let generations = body[12..]
+    let generations = body[12..files_end]
         .chunks_exact(ENTRY_LEN)
         .map(|e| {
             let id = FileId(e[..ID_LEN].try_into().map_err(|_| bad())?);
             Ok((id, u64::from_be_bytes(e[ID_LEN..].try_into().map_err(|_| bad())?)))
         })
         .collect::<Result<BTreeMap<_, _>>>()?;
-    Ok(FreshState { wallet_revision, generations })
+    let mut vault_keys = BTreeMap::new();
+    if version != STATE_V1 {
+        let rest = &body[files_end..];
+        if rest.len() < 4 {
+            return Err(bad());
+        }
+        let n = u32::from_be_bytes(rest[..4].try_into().map_err(|_| bad())?) as usize;
+        if n > MAX_VAULTS || rest.len() - 4 != n * VAULT_ENTRY_LEN {
+            return Err(bad());
+        }
+        for e in rest[4..].chunks_exact(VAULT_ENTRY_LEN) {
+            let vault = VaultId(e[..ID_LEN].try_into().map_err(|_| bad())?);
+            let keys = u32::from_be_bytes(e[ID_LEN..ID_LEN + 4].try_into().map_err(|_| bad())?);
+            let newest = KeyId(e[ID_LEN + 4..].try_into().map_err(|_| bad())?);
+            if keys == 0 || vault_keys.insert(vault, (keys, newest)).is_some() {
+                return Err(bad());
+            }
+        }
+    }
+    Ok(FreshState { wallet_revision, generations, vault_keys })
 }
 
 #[cfg(test)]
@@ -178,9 +224,39 @@ mod tests {
         let mut b = FreshState { wallet_revision: 2, ..Default::default() };
         b.generations.insert(FileId([1; 16]), 9);
         b.generations.insert(FileId([2; 16]), 1);
+        a.vault_keys.insert(VaultId([5; 16]), (2, KeyId([2; 16])));
+        b.vault_keys.insert(VaultId([5; 16]), (3, KeyId([3; 16])));
+        b.vault_keys.insert(VaultId([6; 16]), (1, KeyId([1; 16])));
         a.merge(&b);
         assert_eq!(a.wallet_revision, 3);
         assert_eq!(a.generations[&FileId([1; 16])], 9);
         assert_eq!(a.generations[&FileId([2; 16])], 1);
+        assert_eq!(a.vault_keys[&VaultId([5; 16])], (3, KeyId([3; 16])));
+        assert_eq!(a.vault_keys.len(), 2);
+    }
+
+    /// Version 2 keeps the vaults' keyrings; a version-1 file still opens.
+    #[test]
+    fn vault_keyrings_round_trip_and_version_1_still_opens() {
+        let k = key();
+        let mut s = FreshState { wallet_revision: 2, ..Default::default() };
+        s.generations.insert(FileId([1; 16]), 4);
+        s.vault_keys.insert(VaultId([7; 16]), (3, KeyId([9; 16])));
+        let blob = seal_state(&k, ME, &s, &mut OsRandom).unwrap();
+        assert_eq!(blob[4], 2);
+        assert_eq!(open_state(&k, ME, &blob).unwrap(), s);
+        // A version-1 file: the same header with version 1 and a body
+        // without the vault section.
+        let mut header = blob[..HEADER_LEN].to_vec();
+        header[4] = 1;
+        let mut body = 2u64.to_be_bytes().to_vec();
+        body.extend_from_slice(&1u32.to_be_bytes());
+        body.extend_from_slice(&[1; 16]);
+        body.extend_from_slice(&4u64.to_be_bytes());
+        let nonce = [3u8; XNONCE_LEN];
+        let sealed = aead::seal(k.secret(), &nonce, &aad(&header, ME).unwrap(), &body).unwrap();
+        let v1 = [header, nonce.to_vec(), sealed].concat();
+        let opened = open_state(&k, ME, &v1).unwrap();
+        assert_eq!((opened.wallet_revision, opened.generations.len(), opened.vault_keys.len()), (2, 1, 0));
     }
 }

@@ -232,8 +232,10 @@ impl Wallet {
     /// Adds `key` as the active key of `vault`; the previous active key (if any)
     /// stays, retired, for reading headers not yet re-wrapped.
     pub fn add_key(&mut self, vault: VaultId, key: VaultKey) -> Result<()> {
-        if self.entries.iter().any(|e| e.key.id() == key.id()) {
-            return Err(CryptoError::Misuse("key id already in the wallet"));
+        // Per vault: key ids are looked up within a vault only, and a key id
+        // of another vault (ids are not secret) must not block this one.
+        if self.entries.iter().any(|e| e.vault == vault && e.key.id() == key.id()) {
+            return Err(CryptoError::Misuse("key id already in the wallet for this vault"));
         }
         for e in self.entries.iter_mut().filter(|e| e.vault == vault) {
             e.active = false;

@@ -1,7 +1,8 @@
 //! What this machine remembers of a server across mounts: the newest
 //! generation of each file and the newest wallet revision it has seen, so
 //! that a server cannot serve an older version of either after a remount or a
-//! reboot.
+//! reboot, and how many keys each shared vault's keyring had (so an older
+//! share is refused even if the wallet that stored its keys was rolled back).
 //!
 //! Data flow. The mount loads the state file when it starts (refusing one
 //! that does not open with the wallet's state key: altered, or another
@@ -302,6 +303,25 @@ impl Freshness {
                 }
                 Err(e) => tracing::warn!(error = %e, "freshness state saver failed"),
             }
+        }
+    }
+}
+
+/// The keyrings accepted from shares, remembered on this machine next to the
+/// generations: so that a share lacking a key accepted before is refused in a
+/// later session even if the server rolled the wallet back or never stored it.
+impl crate::remote::account::KeyMemory for Freshness {
+    fn keys_seen(&self, vault: crate::ids::VaultId) -> Option<(u32, crate::crypto::KeyId)> {
+        self.state.lock().vault_keys.get(&vault).copied()
+    }
+
+    fn note_keys(&self, vault: crate::ids::VaultId, count: u32, newest: crate::crypto::KeyId) {
+        let mut state = self.state.lock();
+        let seen = state.vault_keys.entry(vault).or_insert((0, newest));
+        if count > seen.0 {
+            *seen = (count, newest);
+            drop(state);
+            self.mark_changed();
         }
     }
 }

@@ -222,6 +222,17 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// What a machine remembers of the keyrings it accepted from shares, per
+/// vault: how many keys, and the newest one's id (the local freshness state
+/// keeps it). A share that holds fewer, or another key in that place, is
+/// refused, whatever wallet the server serves.
+pub trait KeyMemory: Send + Sync {
+    /// The keys of `vault` seen in an accepted share: how many, and the newest.
+    fn keys_seen(&self, vault: VaultId) -> Option<(u32, crypto::KeyId)>;
+    /// Notes an accepted keyring of `count` keys, the newest `newest`.
+    fn note_keys(&self, vault: VaultId, count: u32, newest: crypto::KeyId);
+}
+
 /// A vault as the user sees it: server metadata plus the opened name.
 #[derive(Debug, Clone)]
 pub struct NamedVault {
@@ -250,6 +261,8 @@ pub struct Unlocked<R> {
     pub(super) refused_shares: parking_lot::Mutex<HashMap<VaultId, Refused>>,
     /// Keys of other users accepted on this machine.
     pub(super) pins: parking_lot::Mutex<Pins>,
+    /// This machine's memory of accepted keyrings, if it keeps one.
+    pub(super) key_memory: Option<std::sync::Arc<dyn KeyMemory>>,
     /// The server's version of the wallet held.
     wallet_version: std::sync::atomic::AtomicU64,
     passphrase: zeroize::Zeroizing<Vec<u8>>,
@@ -281,6 +294,7 @@ impl<R: Remote> Unlocked<R> {
             shared: Default::default(),
             refused_shares: Default::default(),
             pins: parking_lot::Mutex::new(Pins::in_memory("")),
+            key_memory: None,
             wallet_version: std::sync::atomic::AtomicU64::new(wallet_version),
             passphrase,
             wallet_kdf,
@@ -407,6 +421,12 @@ impl<R: Remote> Unlocked<R> {
         &self.user
     }
 
+    /// Remembers accepted keyrings in `memory` (and checks shares against
+    /// it) from now on.
+    pub fn set_key_memory(&mut self, memory: std::sync::Arc<dyn KeyMemory>) {
+        self.key_memory = Some(memory);
+    }
+
     /// Uses `pins` (this machine's pinned keys of other users) from now on;
     /// without, pins are kept in memory for this session only.
     pub fn set_pins(&mut self, pins: Pins) {
@@ -531,6 +551,11 @@ impl<R: Remote> Unlocked<R> {
         let sealed = seal_blocking(&copy, &self.passphrase, self.wallet_kdf).await?;
         let version = self.remote.put_wallet(sealed, Some(based_on)).await?;
         let mut held = self.wallet.write();
+        // Only over the wallet the copy was made from: one read meanwhile
+        // (which a truthful server's answer to the If-Match rules out) stays.
+        if self.wallet_version.load(Ordering::Acquire) != based_on {
+            return Err(AccountError::Refused("the wallet changed while it was being stored".into()));
+        }
         *held = copy;
         self.wallet_version.store(version, Ordering::Release);
         Ok(())

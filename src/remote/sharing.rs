@@ -208,10 +208,9 @@ impl<R: Remote> Unlocked<R> {
             if !self.worth_trying(info.id, blob) {
                 continue;
             }
-            match self.open_one(info.id, blob).await {
-                Ok(accepted) => {
+            match self.open_one(info.id, blob).await.and_then(|a| self.hold(info.id, a)) {
+                Ok(()) => {
                     self.refused_shares.lock().remove(&info.id);
-                    self.shared.write().insert(info.id, accepted);
                     if let Err(e) = self.keep_in_wallet(info.id).await {
                         failed.push((info.id, e));
                     }
@@ -312,7 +311,12 @@ impl<R: Remote> Unlocked<R> {
         if ring.manifests_required() {
             copy.require_manifests(vault);
         }
-        self.store_wallet(copy, version).await
+        self.store_wallet(copy, version).await.map_err(|e| {
+            AccountError::Refused(format!(
+                "the share of vault {vault} opened, but its keys could not be stored in the wallet ({e}): they \
+                 serve this session, and storing them is tried again at the next listing"
+            ))
+        })
     }
 
     /// A keyring only grows: a share must begin with every key this client
@@ -321,22 +325,33 @@ impl<R: Remote> Unlocked<R> {
     /// have a user of its own making (or any member it colludes with) hand a
     /// member a vault key of its choice, which would then seal their new
     /// files and names; the wallet keeps what was accepted, so this holds
-    /// across sessions and machines.
+    /// across sessions and machines once the wallet is stored.
     fn check_extends(&self, vault: VaultId, ring: &Keyring) -> Result<(), AccountError> {
+        let seen = self.key_memory.as_ref().and_then(|m| m.keys_seen(vault));
         let wallet = self.wallet();
-        let flags_kept = !wallet.manifests_required(vault) || ring.manifests_required();
-        let before = self.shared.read().get(&vault).is_none_or(|a| {
-            a.ring.keys.len() <= ring.keys.len()
-                && a.ring.keys.iter().zip(&ring.keys).all(|(x, y)| same_key(&x.key, &y.key))
-                && (ring.flags & a.ring.flags) == a.ring.flags
-        });
-        if extends(&wallet, vault, ring) && flags_kept && before {
+        let shared = self.shared.read();
+        if grows(&wallet, shared.get(&vault).map(|a| &*a.ring), seen, vault, ring) {
             Ok(())
         } else {
-            Err(AccountError::Refused(format!(
-                "a share of vault {vault} lacks keys or flags this client already has for it: refused (a share can only add them)"
-            )))
+            Err(lacks_keys(vault))
         }
+    }
+
+    /// Holds an opened share for the session: checked again, under the
+    /// locks, against what is held now (another listing may have taken a
+    /// newer share, or stored keys, while this one was being opened).
+    fn hold(&self, vault: VaultId, accepted: Accepted) -> Result<(), AccountError> {
+        let seen = self.key_memory.as_ref().and_then(|m| m.keys_seen(vault));
+        let wallet = self.wallet();
+        let mut shared = self.shared.write();
+        if !grows(&wallet, shared.get(&vault).map(|a| &*a.ring), seen, vault, &accepted.ring) {
+            return Err(lacks_keys(vault));
+        }
+        if let (Some(memory), Some(newest)) = (&self.key_memory, accepted.ring.current()) {
+            memory.note_keys(vault, accepted.ring.keys.len() as u32, newest.key.id());
+        }
+        shared.insert(vault, accepted);
+        Ok(())
     }
 
     /// Removes `user` from `vault` and rotates the vault's key, so that what
@@ -388,10 +403,21 @@ impl<R: Remote> Unlocked<R> {
                 unconfirmed.join(", ")
             )));
         }
-        self.remote.remove_member(vault.id, user).await?;
-        // The new key goes into the wallet (stored) before anything is sealed with it.
-        self.wallet_mut().add_key(vault.id, crate::crypto::VaultKey::generate(&mut OsRandom)?)?;
+        // The new key goes into the wallet (stored) before anything else
+        // changes: a member removed without it would keep every key.
+        let new_key = crate::crypto::VaultKey::generate(&mut OsRandom)?;
+        let new_id = new_key.id();
+        self.wallet_mut().add_key(vault.id, new_key)?;
         self.save_wallet().await?;
+        if let Some(memory) = &self.key_memory {
+            memory.note_keys(vault.id, self.wallet().keys_of(vault.id).count() as u32, new_id);
+        }
+        self.remote.remove_member(vault.id, user).await.map_err(|e| {
+            AccountError::Refused(format!(
+                "a new key is stored, but {user} could not be removed ({e}), and nothing is sealed with it yet: \
+                 run `vaultfs vault unshare` again"
+            ))
+        })?;
         let epoch = self.wallet().entries().iter().filter(|e| e.vault == vault.id).count() as u32 - 1;
         let mut not_reshared = Vec::new();
         for (m, key) in keys {
@@ -439,6 +465,35 @@ impl<R: Remote> Unlocked<R> {
         }
         Ok(out)
     }
+}
+
+fn lacks_keys(vault: VaultId) -> AccountError {
+    AccountError::Refused(format!(
+        "a share of vault {vault} lacks keys or flags this client already has for it: refused (a share can only add them)"
+    ))
+}
+
+/// Whether `ring` keeps everything held for `vault`: it begins with the
+/// wallet's keys and with those of the share held this session, in order,
+/// keeps their flags, and has this machine's remembered newest key in its
+/// place.
+fn grows(
+    wallet: &crate::crypto::Wallet,
+    held: Option<&Keyring>,
+    seen: Option<(u32, crate::crypto::KeyId)>,
+    vault: VaultId,
+    ring: &Keyring,
+) -> bool {
+    let flags_kept = !wallet.manifests_required(vault) || ring.manifests_required();
+    let remembered = seen.is_none_or(|(count, newest)| {
+        ring.keys.get((count as usize).wrapping_sub(1)).is_some_and(|k| k.key.id() == newest)
+    });
+    let share_kept = held.is_none_or(|h| {
+        h.keys.len() <= ring.keys.len()
+            && h.keys.iter().zip(&ring.keys).all(|(x, y)| same_key(&x.key, &y.key))
+            && (ring.flags & h.flags) == h.flags
+    });
+    extends(wallet, vault, ring) && flags_kept && share_kept && remembered
 }
 
 fn same_key(a: &crate::crypto::VaultKey, b: &crate::crypto::VaultKey) -> bool {
@@ -685,6 +740,51 @@ mod tests {
             failed.len()
         );
         assert_eq!(bob2.active_key(vault.id).unwrap().id(), new.id(), "bob keeps sealing with the new key");
+    }
+
+    /// A member who took a rotated key keeps refusing the share from before
+    /// it in a later session on the same machine, also when the server rolls
+    /// the wallet back to before the key was stored (this machine's memory of
+    /// keyrings); a machine without that memory cannot tell.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_machine_remembers_the_keyring_when_the_wallet_is_rolled_back() {
+        let server = MemoryServer::new().unwrap();
+        let (mut alice, bob, carol, vault) = team(&server).await;
+        let memory: Arc<dyn crate::remote::account::KeyMemory> =
+            Arc::new(crate::fs::freshness::Freshness::memory());
+        let mut bob = bob;
+        bob.set_key_memory(Arc::clone(&memory));
+        let before_wallet = bob.remote.wallet().await.unwrap().unwrap().0;
+        let members = alice.remote.members(vault.id).await.unwrap();
+        let bobs_old_share = members.into_iter().find(|m| m.user == "bob").unwrap().wrapped_key;
+        // Bob has his share opened again this session, so the memory knows it.
+        bob.shared.write().clear();
+        bob.vaults().await.unwrap();
+        trust(&alice, &carol);
+        alice.unshare(&vault, "carol").await.unwrap();
+        bob.vaults().await.unwrap();
+        let new = alice.active_key(vault.id).unwrap().id();
+        assert_eq!(bob.active_key(vault.id).unwrap().id(), new);
+        assert_eq!(memory.keys_seen(vault.id).map(|s| s.0), Some(2));
+
+        // The server rolls bob's wallet back and replays his old share.
+        let (_, v) = bob.remote.wallet().await.unwrap().unwrap();
+        bob.remote.put_wallet(before_wallet, Some(v)).await.unwrap();
+        let replay = Member { user: "bob".into(), rights: Rights::Write, wrapped_key: bobs_old_share };
+        alice.remote.set_member(vault.id, replay).await.unwrap();
+        let mut later = Unlocked::open(bob.remote.clone(), b"pw").await.unwrap();
+        later.set_key_memory(Arc::clone(&memory));
+        trust(&later, &alice);
+        assert_eq!(later.wallet().keys_of(vault.id).count(), 1, "the rolled-back wallet lacks the new key");
+        let failed = later.accept_shares(&later.remote.vaults().await.unwrap()).await;
+        assert!(matches!(failed.as_slice(), [(_, AccountError::Refused(e))] if e.contains("lacks keys")));
+        assert!(later.active_key(vault.id).is_none_or(|k| k.id() != new) && later.shared.read().is_empty());
+        // Without the memory (another machine), the replay is taken: the limit the docs state.
+        let mut elsewhere = Unlocked::open(bob.remote.clone(), b"pw").await.unwrap();
+        trust(&elsewhere, &alice);
+        elsewhere.set_pins(crate::remote::pins::Pins::in_memory(""));
+        trust(&elsewhere, &alice);
+        assert!(elsewhere.accept_shares(&elsewhere.remote.vaults().await.unwrap()).await.is_empty());
     }
 
     /// A share that would add a key, sealed by a member who is not an admin
