@@ -149,4 +149,9 @@ fn a_vault_shared_read_only_then_writable_through_two_real_mounts() {
     });
     drop(bm);
     assert!(Path::new(&m.path("Family/r/b.txt")).exists());
+    // Alice stops trusting bob's key altogether.
+    let out = m.ok(&["trust", "bob", "--remove"]);
+    assert!(out.contains("no longer confirmed"), "{out}");
+    let out = m.run(&["trust", "bob", "--remove"]);
+    assert!(stderr(&out).contains("nothing to remove"), "{}", stderr(&out));
 }

@@ -178,8 +178,12 @@ pub struct TrustArgs {
     user: String,
     /// Their key's fingerprint, as `vaultfs whoami` shows it to them (else
     /// it is shown, and you are asked).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "remove")]
     fingerprint: Option<String>,
+    /// Stop trusting their key on this machine instead (e.g. a member removed
+    /// from a vault): what they share waits, and sharing with them asks again.
+    #[arg(long)]
+    remove: bool,
     /// Read the passphrase from this file instead of asking.
     #[arg(long, env = PASSPHRASE_FILE_ENV)]
     passphrase_file: Option<PathBuf>,
@@ -532,6 +536,10 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
                 "{older} of {all} file(s) are still under older keys: readable to {user} if they kept them \
                  (`vaultfs vault rekey {vault}` encrypts them again)"
             );
+            println!(
+                "If {user} should not be trusted any more: `vaultfs trust {user} --remove` on each member's \
+                 machine (a server listing them as an admin could otherwise have their keys taken)"
+            );
         }
         VaultCommand::Rekey { vault, passphrase_file } => {
             let (unlocked, _) = unlock(passphrase_file.as_deref()).await?;
@@ -732,6 +740,19 @@ async fn confirm_key(
 pub async fn trust(args: TrustArgs) -> CliResult {
     crate::cache::harden::harden_command();
     let (unlocked, _) = unlock(args.passphrase_file.as_deref()).await?;
+    if args.remove {
+        if !unlocked.unpin(&args.user)? {
+            return Err(
+                format!("{}'s key is not confirmed on this machine: nothing to remove", args.user).into()
+            );
+        }
+        println!(
+            "{}'s key is no longer confirmed on this machine: vaults they share wait, and sharing with them \
+             asks again",
+            args.user
+        );
+        return Ok(());
+    }
     let key = confirm_key(&unlocked, &args.user, args.fingerprint.as_deref(), "not trusted").await?;
     println!("{}'s key {} is confirmed on this machine", args.user, key.fingerprint());
     let opened: Vec<String> = unlocked

@@ -118,6 +118,20 @@ impl Pins {
         self.save()
     }
 
+    /// Forgets the pin of `user` (so their key counts as unconfirmed again)
+    /// and writes the file; returns whether there was one.
+    pub fn remove(&mut self, user: &str) -> Result<bool, AccountError> {
+        self.reload()?;
+        let server = self.server.clone();
+        let before = self.file.pins.len();
+        self.file.pins.retain(|p| !(p.server == server && p.user == user));
+        let removed = self.file.pins.len() != before;
+        if removed {
+            self.save()?;
+        }
+        Ok(removed)
+    }
+
     fn reload(&mut self) -> Result<(), AccountError> {
         if let Some(path) = self.path.clone() {
             *self = Pins::load(&path, &self.server)?;
@@ -163,6 +177,10 @@ mod tests {
         first.set("dave", a).unwrap();
         assert_eq!(second.check("carol", b), PinCheck::Pinned);
         assert_eq!(second.check("dave", a), PinCheck::Pinned);
+        // Removing a pin: that user's key is new again, others stay.
+        assert!(second.remove("dave").unwrap() && !second.remove("dave").unwrap());
+        assert_eq!(first.check("dave", a), PinCheck::New);
+        assert_eq!(first.check("carol", b), PinCheck::Pinned);
         let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
         assert_eq!(mode & 0o777, 0o600);
         std::fs::write(&path, "[[pin]]\nserver = \"x\"\nuser = \"bob\"\nfingerprint = \"nope\"\n").unwrap();

@@ -124,6 +124,12 @@ impl<R: Remote> Unlocked<R> {
         self.pins.lock().set(user, fingerprint)
     }
 
+    /// Forgets `user`'s pinned key on this machine: shares they seal wait,
+    /// unopened, and sharing with them asks again, until it is confirmed anew.
+    pub fn unpin(&self, user: &str) -> Result<bool, AccountError> {
+        self.pins.lock().remove(user)
+    }
+
     /// Every key of `vault` this user holds, oldest first: the wallet's, or
     /// the share's opened this session when it extends them (its keys are
     /// stored in the wallet too, unless storing failed so far), with the
@@ -594,6 +600,11 @@ mod tests {
         assert_eq!(b.fingerprint, Some(bob.user_public().unwrap().fingerprint()));
         assert_eq!(b.pin, Some(PinCheck::Pinned));
         assert!(b.has_share);
+        // Bob stops trusting alice's key: in his next session her share waits again.
+        assert!(bob.unpin("alice").unwrap() && !bob.unpin("alice").unwrap());
+        bob.shared.write().clear();
+        bob.vaults().await.unwrap();
+        assert_eq!(bob.pending_shares(), vec![(vault.id, "alice".to_string(), alice_fp)]);
     }
 
     /// The server swaps in a key pair of its own for bob: the pinned
