@@ -274,16 +274,6 @@ pub(super) fn read_admins(bytes: &[u8]) -> Result<(Vec<Admin>, &[u8])> {
     Ok((admins, rest))
 }
 
-/// What a machine remembers of an admin list: SHA-256 over
-/// "vaultfs/admins/v1" and the list as written; `None` for no list.
-pub fn admins_digest(admins: &[Admin]) -> Option<[u8; 32]> {
-    let mut written = Vec::new();
-    if admins.is_empty() || write_admins(admins, &mut written).is_err() {
-        return None;
-    }
-    Some(Sha256::new().chain_update(b"vaultfs/admins/v1").chain_update(&written).finalize().into())
-}
-
 /// 1 to 64 letters, digits, '.', '_' or '-' (what the server allows).
 fn is_user_name(name: &[u8]) -> bool {
     (1..=64).contains(&name.len())

@@ -22,10 +22,8 @@ use super::account::{AccountError, Unlocked};
 use super::pins::PinCheck;
 use super::{Remote, RemoteError};
 use crate::crypto::share::{
-    admins_digest, open_share, seal_share, share_sender, Admin, EpochKey, Keyring, ShareContext,
-    KEYRING_MANIFESTS_REQUIRED,
+    open_share, seal_share, share_sender, Admin, EpochKey, Keyring, ShareContext, KEYRING_MANIFESTS_REQUIRED,
 };
-use crate::crypto::state::VaultSeen;
 use crate::crypto::{Fingerprint, OsRandom, UserPublic};
 use crate::ids::VaultId;
 use crate::protocol::{Member, Rights, Sealed, VaultInfo};
@@ -182,17 +180,7 @@ impl<R: Remote> Unlocked<R> {
             return Ok(false);
         }
         self.store_wallet(copy, version).await?;
-        self.remember(vault);
         Ok(true)
-    }
-
-    /// Notes in this machine's memory the keyring of `vault` held now.
-    fn remember(&self, vault: VaultId) {
-        let (Some(memory), Ok(ring)) = (&self.key_memory, self.keyring_of(vault)) else { return };
-        let Some(newest) = ring.current() else { return };
-        let previous = memory.seen(vault).and_then(|s| s.admins);
-        let admins = admins_digest(&ring.admins).or(previous);
-        memory.note(vault, VaultSeen { keys: ring.keys.len() as u32, newest: newest.key.id(), admins });
     }
 
     /// Seals the vault's keyring afresh for every member but `except` and
@@ -306,7 +294,6 @@ impl<R: Remote> Unlocked<R> {
             }
             match self.open_one(info.id, blob).await.and_then(|a| self.hold(info.id, a)) {
                 Ok(()) => {
-                    self.remember(info.id);
                     self.refused_shares.lock().remove(&info.id);
                     if let Err(e) = self.keep_in_wallet(info.id).await {
                         failed.push((info.id, e));
@@ -399,18 +386,9 @@ impl<R: Remote> Unlocked<R> {
                  change its admins: refused"
             )))
         };
-        let seen = self.key_memory.as_ref().and_then(|m| m.seen(vault)).and_then(|s| s.admins);
         let (adds, held) = {
             let wallet = self.wallet();
-            let mut held = wallet.admins(vault).map(<[Admin]>::to_vec);
-            // The wallet lost the list this machine saw (rolled back): only a
-            // keyring with that very list is taken, as if the wallet held it.
-            if let (None, Some(digest)) = (&held, seen) {
-                if admins_digest(&ring.admins) != Some(digest) {
-                    return refused("the keyring's admin list is not the one this machine saw");
-                }
-                held = Some(ring.admins.clone());
-            }
+            let held = wallet.admins(vault).map(<[Admin]>::to_vec);
             let adds = ring.keys.len() > wallet.keys_of(vault).count()
                 || (!ring.admins.is_empty() && held.as_deref() != Some(&ring.admins[..]));
             (adds, held)
@@ -480,7 +458,7 @@ impl<R: Remote> Unlocked<R> {
     /// files and names; the wallet keeps what was accepted, so this holds
     /// across sessions and machines once the wallet is stored.
     fn check_extends(&self, vault: VaultId, ring: &Keyring) -> Result<(), AccountError> {
-        let seen = self.key_memory.as_ref().and_then(|m| m.seen(vault));
+        let seen = self.key_memory.as_ref().and_then(|m| m.keys_seen(vault));
         let wallet = self.wallet();
         let shared = self.shared.read();
         if grows(&wallet, shared.get(&vault).map(|a| &*a.ring), seen, vault, ring) {
@@ -494,11 +472,14 @@ impl<R: Remote> Unlocked<R> {
     /// locks, against what is held now (another listing may have taken a
     /// newer share, or stored keys, while this one was being opened).
     fn hold(&self, vault: VaultId, accepted: Accepted) -> Result<(), AccountError> {
-        let seen = self.key_memory.as_ref().and_then(|m| m.seen(vault));
+        let seen = self.key_memory.as_ref().and_then(|m| m.keys_seen(vault));
         let wallet = self.wallet();
         let mut shared = self.shared.write();
         if !grows(&wallet, shared.get(&vault).map(|a| &*a.ring), seen, vault, &accepted.ring) {
             return Err(lacks_keys(vault));
+        }
+        if let (Some(memory), Some(newest)) = (&self.key_memory, accepted.ring.current()) {
+            memory.note_keys(vault, accepted.ring.keys.len() as u32, newest.key.id());
         }
         shared.insert(vault, accepted);
         Ok(())
@@ -563,12 +544,15 @@ impl<R: Remote> Unlocked<R> {
             return Err(AccountError::Refused("a vault must keep at least one admin".into()));
         }
         let new_key = crate::crypto::VaultKey::generate(&mut OsRandom)?;
+        let new_id = new_key.id();
         self.wallet_mut().add_key(vault.id, new_key)?;
         if listed {
             self.wallet_mut().set_admins(vault.id, admins);
         }
         self.save_wallet().await?;
-        self.remember(vault.id);
+        if let Some(memory) = &self.key_memory {
+            memory.note_keys(vault.id, self.wallet().keys_of(vault.id).count() as u32, new_id);
+        }
         self.remote.remove_member(vault.id, user).await.map_err(|e| {
             AccountError::Refused(format!(
                 "a new key is stored, but {user} could not be removed ({e}), and nothing is sealed with it yet: \
@@ -637,13 +621,13 @@ fn lacks_keys(vault: VaultId) -> AccountError {
 fn grows(
     wallet: &crate::crypto::Wallet,
     held: Option<&Keyring>,
-    seen: Option<VaultSeen>,
+    seen: Option<(u32, crate::crypto::KeyId)>,
     vault: VaultId,
     ring: &Keyring,
 ) -> bool {
     let flags_kept = !wallet.manifests_required(vault) || ring.manifests_required();
-    let remembered = seen.is_none_or(|seen| {
-        ring.keys.get((seen.keys as usize).wrapping_sub(1)).is_some_and(|k| k.key.id() == seen.newest)
+    let remembered = seen.is_none_or(|(count, newest)| {
+        ring.keys.get((count as usize).wrapping_sub(1)).is_some_and(|k| k.key.id() == newest)
     });
     let share_kept = held.is_none_or(|h| {
         h.keys.len() <= ring.keys.len()
@@ -928,7 +912,7 @@ mod tests {
         bob.vaults().await.unwrap();
         let new = alice.active_key(vault.id).unwrap().id();
         assert_eq!(bob.active_key(vault.id).unwrap().id(), new);
-        assert_eq!(memory.seen(vault.id).map(|s| s.keys), Some(2));
+        assert_eq!(memory.keys_seen(vault.id).map(|s| s.0), Some(2));
 
         // The server rolls bob's wallet back and replays his old share.
         let (_, v) = bob.remote.wallet().await.unwrap().unwrap();
@@ -994,53 +978,6 @@ mod tests {
             assert_ne!(now, evil_id, "{name} does not seal with carol's key");
             assert!(now == old || now == real, "{name}");
         }
-    }
-
-    /// The server rolls bob's wallet back to before it held the vault's admin
-    /// list, and serves a keyring from carol that names her its admin: this
-    /// machine's memory of the list refuses it.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_rolled_back_admin_list_is_not_replaced_by_another() {
-        let server = MemoryServer::new().unwrap();
-        let remote = server.add_user("bob", Limits::DEFAULT).await.unwrap();
-        let mut bob = Unlocked::create_wallet(remote, b"pw", FAST).await.unwrap();
-        bob.ensure_user_key().await.unwrap();
-        let memory: Arc<dyn crate::remote::account::KeyMemory> =
-            Arc::new(crate::fs::freshness::Freshness::memory());
-        bob.set_key_memory(Arc::clone(&memory));
-        let bare_wallet = bob.remote.wallet().await.unwrap().unwrap().0;
-        let mut alice = user(&server, "alice").await;
-        let carol = user(&server, "carol").await;
-        let vault = alice.create_vault("V", false).await.unwrap().info;
-        share_with(&alice, &vault, &bob, Rights::Write).await;
-        share_with(&alice, &vault, &carol, Rights::Read).await;
-        bob.vaults().await.unwrap();
-        carol.vaults().await.unwrap();
-        assert_eq!(bob.wallet().admins(vault.id).map(<[Admin]>::len), Some(1), "alice only");
-        trust(&bob, &carol);
-
-        let (_, v) = bob.remote.wallet().await.unwrap().unwrap();
-        bob.remote.put_wallet(bare_wallet, Some(v)).await.unwrap();
-        let mut ring = carol.keyring_of(vault.id).unwrap();
-        ring.keys.push(EpochKey { epoch: 1, key: VaultKey::generate(&mut OsRandom).unwrap() });
-        ring.admins =
-            vec![Admin { user: "carol".into(), fingerprint: carol.user_public().unwrap().fingerprint() }];
-        let ctx = ShareContext { vault: vault.id, sender: "carol", recipient: "bob" };
-        let carols = carol.wallet().user_key().unwrap().duplicate();
-        let forged = seal_share(&ring, &ctx, &carols, &bob.user_public().unwrap(), &mut OsRandom).unwrap();
-        let m = Member { user: "bob".into(), rights: Rights::Write, wrapped_key: Some(Sealed(forged)) };
-        alice.remote.set_member(vault.id, m).await.unwrap();
-        let mut later = Unlocked::open(bob.remote.clone(), b"pw").await.unwrap();
-        later.set_key_memory(Arc::clone(&memory));
-        trust(&later, &carol);
-        assert!(later.wallet().admins(vault.id).is_none(), "the rolled-back wallet has no list");
-        let failed = later.accept_shares(&later.remote.vaults().await.unwrap()).await;
-        assert!(
-            matches!(failed.as_slice(), [(_, AccountError::Refused(e))] if e.contains("not the one this machine saw")),
-            "{}",
-            failed.len()
-        );
-        assert!(later.active_key(vault.id).is_none());
     }
 
     /// A share that would add a key, sealed by a member who is not an admin
