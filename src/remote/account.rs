@@ -510,11 +510,6 @@ impl<R: Remote> Unlocked<R> {
         self.wallet.get_mut().add_key(id, VaultKey::generate(&mut OsRandom)?)?;
         // Every file of a new vault carries a manifest: one without is refused.
         self.wallet.get_mut().require_manifests(id);
-        // Its first admin: its creator (keyrings carry the list from here on).
-        if let Some(me) = self.wallet.get_mut().user_key().map(|k| k.public().fingerprint()) {
-            let admin = crypto::share::Admin { user: self.user.clone(), fingerprint: me };
-            self.wallet.get_mut().set_admins(id, vec![admin]);
-        }
         self.save_wallet().await?;
         let key = self.wallet.get_mut().active_key(id).ok_or(AccountError::NoKey(id))?.duplicate();
         let sealed_name =

@@ -22,7 +22,7 @@ use super::account::{AccountError, Unlocked};
 use super::pins::PinCheck;
 use super::{Remote, RemoteError};
 use crate::crypto::share::{
-    open_share, seal_share, share_sender, Admin, EpochKey, Keyring, ShareContext, KEYRING_MANIFESTS_REQUIRED,
+    open_share, seal_share, share_sender, EpochKey, Keyring, ShareContext, KEYRING_MANIFESTS_REQUIRED,
 };
 use crate::crypto::{Fingerprint, OsRandom, UserPublic};
 use crate::ids::VaultId;
@@ -153,62 +153,13 @@ impl<R: Remote> Unlocked<R> {
         if wallet.manifests_required(vault) {
             flags |= KEYRING_MANIFESTS_REQUIRED;
         }
-        let admins = match wallet.admins(vault) {
-            Some(list) => list.to_vec(),
-            None => ring.map(|r| r.admins.clone()).unwrap_or_default(),
-        };
-        Ok(Keyring { keys, flags, admins })
-    }
-
-    /// Changes the admin list of `vault` in the wallet (stored) with
-    /// `change`, if the vault has one; returns whether it changed (every
-    /// member is then to get it in a new share).
-    async fn change_admins(
-        &self,
-        vault: VaultId,
-        change: impl FnOnce(&mut Vec<Admin>),
-    ) -> Result<bool, AccountError> {
-        let Some(mut admins) = self.keyring_of(vault).ok().map(|r| r.admins).filter(|a| !a.is_empty()) else {
-            return Ok(false);
-        };
-        change(&mut admins);
-        if admins.is_empty() {
-            return Err(AccountError::Refused("a vault must keep at least one admin".into()));
-        }
-        let (mut copy, version) = self.wallet_copy();
-        if !copy.set_admins(vault, admins) {
-            return Ok(false);
-        }
-        self.store_wallet(copy, version).await?;
-        Ok(true)
-    }
-
-    /// Seals the vault's keyring afresh for every member but `except` and
-    /// this user whose key is confirmed here (so they learn a new key or
-    /// admin list); returns who was not reached, and why.
-    async fn reshare_all(&self, vault: &VaultInfo, except: &str) -> Result<Vec<String>, AccountError> {
-        let mut missed = Vec::new();
-        for m in self.remote.members(vault.id).await? {
-            if m.user == except || m.user == self.user() {
-                continue;
-            }
-            let reached = match self.colleague_key(&m.user).await {
-                Ok((key, PinCheck::Pinned)) => self.seal_for(vault, &m.user, m.rights, &key).await,
-                Ok(_) => Err(AccountError::Refused("their key is not confirmed on this machine".into())),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = reached {
-                missed.push(format!("{}: {e}", m.user));
-            }
-        }
-        Ok(missed)
+        Ok(Keyring { keys, flags })
     }
 
     /// Shares `vault` with `user` (whose public key `to` the caller has
     /// checked against the pins) with `rights`: seals the vault's keyring for
     /// them and stores it with their membership. Also changes the rights of a
-    /// member (sealing their share afresh). Granting or taking admin rights
-    /// changes the vault's admin list, which every member then gets anew.
+    /// member (sealing their share afresh).
     pub async fn share_vault(
         &self,
         vault: &VaultInfo,
@@ -225,35 +176,6 @@ impl<R: Remote> Unlocked<R> {
         if user == self.user() {
             return Err(AccountError::Refused("that is you".into()));
         }
-        // Granting or taking admin rights changes the vault's admin list
-        // (if it has one): stored first, then in every member's share.
-        let fingerprint = to.fingerprint();
-        let changed = self
-            .change_admins(vault.id, |admins| {
-                admins.retain(|a| a.user != user);
-                if rights == Rights::Admin {
-                    admins.push(Admin { user: user.to_string(), fingerprint });
-                }
-            })
-            .await?;
-        self.seal_for(vault, user, rights, to).await?;
-        if changed {
-            for why in self.reshare_all(vault, user).await? {
-                tracing::warn!(vault = %vault.id, %why, "a member did not get the vault's new admin list");
-            }
-        }
-        Ok(())
-    }
-
-    /// Seals the vault's keyring for `user` (public key `to`) and stores it
-    /// as their share, with `rights`.
-    async fn seal_for(
-        &self,
-        vault: &VaultInfo,
-        user: &str,
-        rights: Rights,
-        to: &UserPublic,
-    ) -> Result<(), AccountError> {
         let ring = self.keyring_of(vault.id)?;
         let me = self
             .wallet()
@@ -363,60 +285,17 @@ impl<R: Remote> Unlocked<R> {
         let ctx = ShareContext { vault, sender: &sender, recipient: self.user() };
         let ring = open_share(blob, &ctx, &me, &from)?;
         self.check_extends(vault, &ring)?;
-        self.check_sender_is_admin(vault, &sender, from.fingerprint(), &ring).await?;
+        // Keys beyond those held come from an admin of the vault only (as
+        // the server lists its members: what the cryptography cannot say).
+        if ring.keys.len() > self.wallet().keys_of(vault).count() {
+            let members = self.remote.members(vault).await?;
+            if !members.iter().any(|m| m.user == sender && m.rights == Rights::Admin) {
+                return Err(AccountError::Refused(format!(
+                    "a share of vault {vault} from {sender}, who is not an admin of it, would add keys: refused"
+                )));
+            }
+        }
         Ok(Accepted { blob: blob.to_vec(), sender, ring: Arc::new(ring) })
-    }
-
-    /// Keys beyond those held, and a changed admin list, come only from an
-    /// admin of the vault: one the admin list this client holds names (with
-    /// that key); without a list yet, one the keyring itself names (the
-    /// first list is taken from a confirmed sender it names); for a vault
-    /// whose keyrings name no admins (made before lists), one the server
-    /// lists as an admin, which is the server's word.
-    async fn check_sender_is_admin(
-        &self,
-        vault: VaultId,
-        sender: &str,
-        key: Fingerprint,
-        ring: &Keyring,
-    ) -> Result<(), AccountError> {
-        let refused = |whose: &str| {
-            Err(AccountError::Refused(format!(
-                "a share of vault {vault} from {sender}, who is not an admin of it ({whose}), would add keys or \
-                 change its admins: refused"
-            )))
-        };
-        let (adds, held) = {
-            let wallet = self.wallet();
-            let held = wallet.admins(vault).map(<[Admin]>::to_vec);
-            let adds = ring.keys.len() > wallet.keys_of(vault).count()
-                || (!ring.admins.is_empty() && held.as_deref() != Some(&ring.admins[..]));
-            (adds, held)
-        };
-        if !adds {
-            return Ok(());
-        }
-        match held {
-            Some(list) if !list.iter().any(|a| a.user == sender && a.fingerprint == key) => {
-                refused("as the admin list this client holds names them")
-            }
-            Some(_) => Ok(()),
-            None if !ring.admins.is_empty() => {
-                if ring.is_admin(sender, key) {
-                    Ok(())
-                } else {
-                    refused("the keyring's own admin list does not name them")
-                }
-            }
-            None => {
-                let members = self.remote.members(vault).await?;
-                if members.iter().any(|m| m.user == sender && m.rights == Rights::Admin) {
-                    Ok(())
-                } else {
-                    refused("as the server lists the members")
-                }
-            }
-        }
     }
 
     /// Stores in the wallet the keys and flags of `vault`'s share that it
@@ -429,8 +308,7 @@ impl<R: Remote> Unlocked<R> {
         let (mut copy, version) = self.wallet_copy();
         let held = copy.keys_of(vault).count();
         let flag = ring.manifests_required() && !copy.manifests_required(vault);
-        let admins = !ring.admins.is_empty() && copy.admins(vault) != Some(&ring.admins[..]);
-        if !extends(&copy, vault, &ring) || (ring.keys.len() == held && !flag && !admins) {
+        if !extends(&copy, vault, &ring) || (ring.keys.len() == held && !flag) {
             return Ok(());
         }
         for k in &ring.keys[held..] {
@@ -438,9 +316,6 @@ impl<R: Remote> Unlocked<R> {
         }
         if ring.manifests_required() {
             copy.require_manifests(vault);
-        }
-        if admins {
-            copy.set_admins(vault, ring.admins.clone());
         }
         self.store_wallet(copy, version).await.map_err(|e| {
             AccountError::Refused(format!(
@@ -536,19 +411,9 @@ impl<R: Remote> Unlocked<R> {
         }
         // The new key goes into the wallet (stored) before anything else
         // changes: a member removed without it would keep every key.
-        // A removed admin leaves the admin list (stored with the new key).
-        let admins = self.keyring_of(vault.id)?.admins;
-        let listed = !admins.is_empty();
-        let admins: Vec<Admin> = admins.into_iter().filter(|a| a.user != user).collect();
-        if listed && admins.is_empty() {
-            return Err(AccountError::Refused("a vault must keep at least one admin".into()));
-        }
         let new_key = crate::crypto::VaultKey::generate(&mut OsRandom)?;
         let new_id = new_key.id();
         self.wallet_mut().add_key(vault.id, new_key)?;
-        if listed {
-            self.wallet_mut().set_admins(vault.id, admins);
-        }
         self.save_wallet().await?;
         if let Some(memory) = &self.key_memory {
             memory.note_keys(vault.id, self.wallet().keys_of(vault.id).count() as u32, new_id);
@@ -562,7 +427,7 @@ impl<R: Remote> Unlocked<R> {
         let epoch = self.wallet().entries().iter().filter(|e| e.vault == vault.id).count() as u32 - 1;
         let mut not_reshared = Vec::new();
         for (m, key) in keys {
-            if let Err(e) = self.seal_for(vault, &m.user, m.rights, &key).await {
+            if let Err(e) = self.share_vault(vault, &m.user, m.rights, &key).await {
                 not_reshared.push(format!("{}: {e}", m.user));
             }
         }
@@ -701,7 +566,6 @@ mod tests {
         Keyring {
             keys: vec![EpochKey { epoch: 0, key: VaultKey::generate(&mut OsRandom).unwrap() }],
             flags: 0,
-            admins: Vec::new(),
         }
     }
 
@@ -932,52 +796,6 @@ mod tests {
         elsewhere.set_pins(crate::remote::pins::Pins::in_memory(""));
         trust(&elsewhere, &alice);
         assert!(elsewhere.accept_shares(&elsewhere.remote.vaults().await.unwrap()).await.is_empty());
-    }
-
-    /// The server withholds a rotation and lists the removed member as an
-    /// admin again; she (still confirmed by the others) seals a key of her
-    /// choice for bob and for the creator: both refuse it, as the admin list
-    /// their keyrings carried does not name her, whatever the server says.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_removed_member_the_server_calls_an_admin_cannot_add_keys() {
-        let server = MemoryServer::new().unwrap();
-        let (mut alice, bob, carol, vault) = team(&server).await;
-        trust(&bob, &carol);
-        trust(&alice, &carol);
-        let old = alice.active_key(vault.id).unwrap().id();
-        alice.unshare(&vault, "carol").await.unwrap();
-        let real = alice.active_key(vault.id).unwrap().id();
-        // The hostile server: carol is an admin again, and bob's and alice's
-        // shares are carol's, each adding her key after those they hold.
-        let as_admin = Member { user: "carol".into(), rights: Rights::Admin, wrapped_key: None };
-        alice.remote.set_member(vault.id, as_admin).await.unwrap();
-        let carols = carol.wallet().user_key().unwrap().duplicate();
-        let evil = VaultKey::generate(&mut OsRandom).unwrap();
-        let evil_id = evil.id();
-        for (victim, name, held) in [(&bob, "bob", 1usize), (&alice, "alice", 2)] {
-            let mut ring = alice.keyring_of(vault.id).unwrap();
-            ring.keys.truncate(held);
-            ring.keys.push(EpochKey { epoch: held as u32, key: evil.duplicate() });
-            ring.admins.push(Admin {
-                user: "carol".into(),
-                fingerprint: carol.user_public().unwrap().fingerprint(),
-            });
-            let ctx = ShareContext { vault: vault.id, sender: "carol", recipient: name };
-            let forged =
-                seal_share(&ring, &ctx, &carols, &victim.user_public().unwrap(), &mut OsRandom).unwrap();
-            let rights = if name == "alice" { Rights::Admin } else { Rights::Write };
-            let m = Member { user: name.into(), rights, wrapped_key: Some(Sealed(forged)) };
-            alice.remote.set_member(vault.id, m).await.unwrap();
-            let failed = victim.accept_shares(&victim.remote.vaults().await.unwrap()).await;
-            assert!(
-                matches!(failed.as_slice(), [(_, AccountError::Refused(e))] if e.contains("not an admin")),
-                "{name}: {}",
-                failed.len()
-            );
-            let now = victim.active_key(vault.id).unwrap().id();
-            assert_ne!(now, evil_id, "{name} does not seal with carol's key");
-            assert!(now == old || now == real, "{name}");
-        }
     }
 
     /// A share that would add a key, sealed by a member who is not an admin
