@@ -374,14 +374,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 .unwrap_or_default();
             // And a share, for the share parser.
             use crate::crypto::share::{seal_share, EpochKey, Keyring, ShareContext};
-            let admins = crate::crypto::share::AdminList {
-                version: 1,
-                admins: vec![crate::crypto::share::Admin {
-                    user: "alice".into(),
-                    fingerprint: crate::crypto::Fingerprint([5; 15]),
-                }],
-            };
-            let ring = Keyring { keys: vec![EpochKey { epoch: 0, key: key() }], flags: 1, admins };
+            let ring = Keyring { keys: vec![EpochKey { epoch: 0, key: key() }], flags: 1 };
             let ctx = ShareContext { vault: VaultId([1; 16]), sender: "alice", recipient: "fuzz" };
             let share = match (
                 crate::crypto::UserSecret::from_bytes(&[9; 32]),

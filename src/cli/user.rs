@@ -505,7 +505,7 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
                 "write" => crate::protocol::Rights::Write,
                 _ => crate::protocol::Rights::Admin,
             };
-            let (unlocked, freshness) = unlock(passphrase_file.as_deref()).await?;
+            let (unlocked, _) = unlock(passphrase_file.as_deref()).await?;
             let info = find_vault(&unlocked, &vault).await?;
             if info.rights != crate::protocol::Rights::Admin {
                 return Err(format!(
@@ -515,10 +515,7 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
                 .into());
             }
             let key = confirm_key(&unlocked, &user, fingerprint.as_deref(), "nothing shared").await?;
-            let shared = unlocked.share_vault(&info, &user, rights, &key).await;
-            // The wallet may have changed (keys of a share, the admin list) even if sharing failed.
-            note_wallet(&unlocked, &freshness)?;
-            shared?;
+            unlocked.share_vault(&info, &user, rights, &key).await?;
             println!("shared {vault} with {user} ({} rights; key {})", rights.as_str(), key.fingerprint());
         }
         VaultCommand::Unshare { vault, user, passphrase_file } => {

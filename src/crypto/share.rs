@@ -53,9 +53,7 @@ pub const MAX_SHARE_NAME_LEN: usize = 255;
 /// Keyring flag: every file of the vault carries a manifest (the wallet's
 /// vault flag of the same name, handed on with the keys).
 pub const KEYRING_MANIFESTS_REQUIRED: u8 = 1;
-/// Keyring flag: an admin list follows the keys.
-pub const KEYRING_ADMINS: u8 = 2;
-const KNOWN_FLAGS: u8 = KEYRING_MANIFESTS_REQUIRED | KEYRING_ADMINS;
+const KNOWN_FLAGS: u8 = KEYRING_MANIFESTS_REQUIRED;
 const INFO_DOMAIN: &[u8] = b"vaultfs/share/v1";
 const FINGERPRINT_DOMAIN: &[u8] = b"vaultfs/user-key/v1";
 const KEYRING_ENTRY_LEN: usize = 4 + KEY_ID_LEN + KEY_LEN;
@@ -200,122 +198,13 @@ pub struct EpochKey {
     pub key: VaultKey,
 }
 
-/// Every key a vault has had, oldest first, the vault's flags, and who may
-/// change them.
+/// Every key a vault has had, oldest first, and the vault's flags.
 #[derive(Debug, Default)]
 pub struct Keyring {
     /// The keys, in strictly increasing epochs.
     pub keys: Vec<EpochKey>,
     /// `KEYRING_*` flags.
     pub flags: u8,
-    /// The vault's admins as the sender knows them. Only they may add keys
-    /// or change this list; empty means the keyring names none (a vault made
-    /// before admins were listed).
-    pub admins: AdminList,
-}
-
-/// Who administers a vault, and which change of that list this is.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AdminList {
-    /// Grows by one with every change: a receiver never takes a list older
-    /// than the one it holds, and refuses another list under the same number.
-    pub version: u32,
-    /// User names and key fingerprints, no name twice.
-    pub admins: Vec<Admin>,
-}
-
-impl AdminList {
-    /// Whether the list is empty (names no admin).
-    pub fn is_empty(&self) -> bool {
-        self.admins.is_empty()
-    }
-
-    /// Whether it names `user` with the key of `fingerprint`.
-    pub fn names(&self, user: &str, fingerprint: Fingerprint) -> bool {
-        self.admins.iter().any(|a| a.user == user && a.fingerprint == fingerprint)
-    }
-
-    /// What a machine remembers of the list: SHA-256 over
-    /// "vaultfs/admins/v1" and the list as written; `None` for no list.
-    pub fn digest(&self) -> Option<[u8; 32]> {
-        let mut written = Vec::new();
-        write_admins(self, &mut written).ok()?;
-        Some(Sha256::new().chain_update(b"vaultfs/admins/v1").chain_update(&written).finalize().into())
-    }
-}
-
-/// An admin of a vault, as a keyring names them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Admin {
-    /// User name.
-    pub user: String,
-    /// Their public key's fingerprint.
-    pub fingerprint: Fingerprint,
-}
-
-/// Most admins a keyring may name.
-pub const MAX_ADMINS: usize = 256;
-
-/// Writes an admin list: version (u32), count (u16), then per admin name
-/// length (1), name, fingerprint (15). Shared by keyrings and the wallet's
-/// admin records. Refuses an empty list, more than 256 admins, a name that
-/// is not a user name, a name twice.
-pub(super) fn write_admins(list: &AdminList, out: &mut Vec<u8>) -> Result<()> {
-    let admins = &list.admins;
-    if admins.is_empty() || admins.len() > MAX_ADMINS {
-        return Err(CryptoError::Misuse("an admin list names 1 to 256 admins"));
-    }
-    if admins.iter().enumerate().any(|(i, a)| admins[..i].iter().any(|b| b.user == a.user)) {
-        return Err(CryptoError::Misuse("an admin list names someone twice"));
-    }
-    out.extend_from_slice(&list.version.to_be_bytes());
-    out.extend_from_slice(&(admins.len() as u16).to_be_bytes());
-    for a in admins {
-        if !is_user_name(a.user.as_bytes()) {
-            return Err(CryptoError::Misuse("an admin's name is not a user name"));
-        }
-        out.push(a.user.len() as u8);
-        out.extend_from_slice(a.user.as_bytes());
-        out.extend_from_slice(&a.fingerprint.0);
-    }
-    Ok(())
-}
-
-/// Reads an admin list written by [`write_admins`]; returns it and the rest.
-/// Refuses names that are not user names and a name twice.
-pub(super) fn read_admins(bytes: &[u8]) -> Result<(AdminList, &[u8])> {
-    let bad = || CryptoError::Malformed("admin list");
-    if bytes.len() < 6 {
-        return Err(bad());
-    }
-    let version = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-    let n = u16::from_be_bytes([bytes[4], bytes[5]]) as usize;
-    if n == 0 || n > MAX_ADMINS {
-        return Err(bad());
-    }
-    let mut rest = &bytes[6..];
-    let mut admins: Vec<Admin> = Vec::with_capacity(n);
-    for _ in 0..n {
-        let len = *rest.first().ok_or_else(bad)? as usize;
-        if rest.len() < 1 + len + FINGERPRINT_LEN || !is_user_name(&rest[1..1 + len]) {
-            return Err(bad());
-        }
-        let user = std::str::from_utf8(&rest[1..1 + len]).map_err(|_| bad())?.to_string();
-        let fingerprint =
-            Fingerprint(rest[1 + len..1 + len + FINGERPRINT_LEN].try_into().map_err(|_| bad())?);
-        if admins.iter().any(|a| a.user == user) {
-            return Err(bad());
-        }
-        admins.push(Admin { user, fingerprint });
-        rest = &rest[1 + len + FINGERPRINT_LEN..];
-    }
-    Ok((AdminList { version, admins }, rest))
-}
-
-/// 1 to 64 letters, digits, '.', '_' or '-' (what the server allows).
-fn is_user_name(name: &[u8]) -> bool {
-    (1..=64).contains(&name.len())
-        && name.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 impl Keyring {
@@ -332,17 +221,12 @@ impl Keyring {
     fn serialize(&self) -> Result<Zeroizing<Vec<u8>>> {
         self.check()?;
         let mut out = Zeroizing::new(Vec::with_capacity(3 + self.keys.len() * KEYRING_ENTRY_LEN));
-        // The admin flag says whether the list follows: set from the list.
-        let flags = (self.flags & !KEYRING_ADMINS) | if self.admins.is_empty() { 0 } else { KEYRING_ADMINS };
-        out.push(flags);
+        out.push(self.flags);
         out.extend_from_slice(&(self.keys.len() as u16).to_be_bytes());
         for k in &self.keys {
             out.extend_from_slice(&k.epoch.to_be_bytes());
             out.extend_from_slice(&k.key.id().0);
             out.extend_from_slice(k.key.secret());
-        }
-        if !self.admins.is_empty() {
-            write_admins(&self.admins, &mut out)?;
         }
         Ok(out)
     }
@@ -354,22 +238,11 @@ impl Keyring {
         }
         let flags = bytes[0];
         let count = u16::from_be_bytes([bytes[1], bytes[2]]) as usize;
-        let keys_end = 3 + count * KEYRING_ENTRY_LEN;
-        if bytes.len() < keys_end {
+        let body = &bytes[3..];
+        if body.len() != count * KEYRING_ENTRY_LEN {
             return Err(bad());
         }
-        let admins = if flags & KEYRING_ADMINS != 0 {
-            let (admins, rest) = read_admins(&bytes[keys_end..])?;
-            if !rest.is_empty() {
-                return Err(bad());
-            }
-            admins
-        } else if bytes.len() != keys_end {
-            return Err(bad());
-        } else {
-            AdminList::default()
-        };
-        let keys = bytes[3..keys_end]
+        let keys = body
             .chunks_exact(KEYRING_ENTRY_LEN)
             .map(|raw| {
                 let epoch = u32::from_be_bytes(raw[..4].try_into().map_err(|_| bad())?);
@@ -379,7 +252,7 @@ impl Keyring {
                 Ok(EpochKey { epoch, key: VaultKey::from_bytes(id, *secret) })
             })
             .collect::<Result<Vec<_>>>()?;
-        let ring = Keyring { keys, flags: flags & !KEYRING_ADMINS, admins };
+        let ring = Keyring { keys, flags };
         ring.check()?;
         Ok(ring)
     }
@@ -513,14 +386,8 @@ pub fn open_share(
 }
 
 /// Longest share: the longest name and the largest keyring.
-const MAX_SHARE_LEN: usize = 6
-    + MAX_SHARE_NAME_LEN
-    + ENC_LEN
-    + 3
-    + MAX_KEYRING_KEYS * KEYRING_ENTRY_LEN
-    + 6
-    + MAX_ADMINS * (1 + 64 + FINGERPRINT_LEN)
-    + TAG_LEN;
+const MAX_SHARE_LEN: usize =
+    6 + MAX_SHARE_NAME_LEN + ENC_LEN + 3 + MAX_KEYRING_KEYS * KEYRING_ENTRY_LEN + TAG_LEN;
 
 /// Splits a share into (header length, sender, encapsulated key, sealed
 /// keyring). The sender must look like a user name (1 to 64 letters, digits,
@@ -534,7 +401,7 @@ fn parse_share(share: &[u8]) -> Result<(usize, &str, &[u8], &[u8])> {
         return Err(CryptoError::Malformed("share"));
     }
     let sender = &share[6..header_len];
-    if !is_user_name(sender) {
+    if n > 64 || !sender.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
         return Err(CryptoError::Malformed("share (sender is not a user name)"));
     }
     let sender = std::str::from_utf8(sender).map_err(|_| CryptoError::Malformed("share"))?;
@@ -606,7 +473,7 @@ mod tests {
     fn ring(n: u32) -> Keyring {
         let keys =
             (0..n).map(|epoch| EpochKey { epoch, key: VaultKey::generate(&mut OsRandom).unwrap() }).collect();
-        Keyring { keys, flags: KEYRING_MANIFESTS_REQUIRED, admins: AdminList::default() }
+        Keyring { keys, flags: KEYRING_MANIFESTS_REQUIRED }
     }
 
     fn ctx(vault: VaultId) -> ShareContext<'static> {
@@ -701,51 +568,6 @@ mod tests {
     }
 
     #[test]
-    fn a_keyring_carries_its_admins() {
-        let (alice, bob) =
-            (UserSecret::generate(&mut OsRandom).unwrap(), UserSecret::generate(&mut OsRandom).unwrap());
-        let c = ctx(VaultId([1; ID_LEN]));
-        let mut r = ring(2);
-        let admin = |user: &str, fingerprint| Admin { user: user.into(), fingerprint };
-        r.admins = AdminList {
-            version: 7,
-            admins: vec![admin("alice", alice.public().fingerprint()), admin("dave", Fingerprint([4; 15]))],
-        };
-        let share = seal_share(&r, &c, &alice, &bob.public(), &mut OsRandom).unwrap();
-        let opened = open_share(&share, &c, &bob, &alice.public()).unwrap();
-        assert_eq!(opened.admins, r.admins);
-        assert!(opened.admins.names("alice", alice.public().fingerprint()));
-        assert!(!opened.admins.names("alice", Fingerprint([4; 15])), "another key under the name");
-        assert!(!opened.admins.names("bob", bob.public().fingerprint()));
-        assert!(opened.manifests_required());
-        assert_ne!(
-            r.admins.digest(),
-            AdminList { version: 8, ..r.admins.clone() }.digest(),
-            "the version counts"
-        );
-        // Malformed lists: empty, a name twice, a name that is not a user
-        // name, 257 admins; bytes after are returned.
-        let list = |admins: Vec<Admin>| AdminList { version: 1, admins };
-        assert!(write_admins(&list(vec![]), &mut Vec::new()).is_err());
-        assert!(AdminList::default().digest().is_none());
-        let twice = list(vec![admin("a", Fingerprint([0; 15])), admin("a", Fingerprint([1; 15]))]);
-        assert!(write_admins(&twice, &mut Vec::new()).is_err());
-        assert!(write_admins(&list(vec![admin("a b", Fingerprint([0; 15]))]), &mut Vec::new()).is_err());
-        let many = list((0..257).map(|i| admin(&format!("u{i}"), Fingerprint([0; 15]))).collect());
-        assert!(write_admins(&many, &mut Vec::new()).is_err());
-        let mut one = Vec::new();
-        write_admins(&list(vec![admin("a", Fingerprint([0; 15]))]), &mut one).unwrap();
-        let (back, rest) = read_admins(&one).unwrap();
-        assert!(rest.is_empty() && back.admins.len() == 1 && back.version == 1);
-        one.push(0);
-        assert_eq!(read_admins(&one).unwrap().1, &[0]);
-        let mut doubled = one[..one.len() - 1].to_vec();
-        doubled[5] = 2;
-        doubled.extend_from_slice(&one[6..one.len() - 1]);
-        assert!(read_admins(&doubled).is_err(), "a name twice");
-    }
-
-    #[test]
     fn keyrings_out_of_order_empty_or_with_unknown_flags_are_not_sealed() {
         let (alice, bob) =
             (UserSecret::generate(&mut OsRandom).unwrap(), UserSecret::generate(&mut OsRandom).unwrap());
@@ -790,11 +612,7 @@ mod tests {
         let alice = UserSecret::generate(&mut ReplayRandom::new(vec![0x11; 32])).unwrap();
         let bob = UserSecret::generate(&mut ReplayRandom::new(vec![0x22; 32])).unwrap();
         let key = VaultKey::from_bytes(KeyId([0x33; KEY_ID_LEN]), [0x44; KEY_LEN]);
-        let r = Keyring {
-            keys: vec![EpochKey { epoch: 0, key }],
-            flags: KEYRING_MANIFESTS_REQUIRED,
-            admins: AdminList::default(),
-        };
+        let r = Keyring { keys: vec![EpochKey { epoch: 0, key }], flags: KEYRING_MANIFESTS_REQUIRED };
         let c = ctx(VaultId([0x55; ID_LEN]));
         let share =
             seal_share(&r, &c, &alice, &bob.public(), &mut ReplayRandom::new(vec![0x66; 32])).unwrap();

@@ -25,7 +25,7 @@ pub const STATE_MAGIC: [u8; 4] = *b"VLTS";
 pub const STATE_VERSION: u8 = 2;
 /// Version 1 (no vault keyrings) is still read.
 const STATE_V1: u8 = 1;
-const VAULT_ENTRY_LEN: usize = ID_LEN + 4 + KEY_ID_LEN + 32;
+const VAULT_ENTRY_LEN: usize = ID_LEN + 4 + KEY_ID_LEN;
 /// Most vaults remembered.
 pub const MAX_VAULTS: usize = 1 << 16;
 const HEADER_LEN: usize = 8;
@@ -34,18 +34,6 @@ const ENTRY_LEN: usize = ID_LEN + 8;
 /// Most files remembered (a bound on what a state file makes us allocate:
 /// 24 MB at 24 bytes each).
 pub const MAX_FILES: usize = 1 << 20;
-
-/// What a machine saw of a shared vault's keyring: how many keys, the newest
-/// one, and the digest of its admin list (`None`: the keyring named none).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VaultSeen {
-    /// How many keys.
-    pub keys: u32,
-    /// The newest key's id.
-    pub newest: KeyId,
-    /// `share::admins_digest` of the admin list.
-    pub admins: Option<[u8; 32]>,
-}
 
 /// What a machine remembers of one account on one server.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -57,7 +45,7 @@ pub struct FreshState {
     /// Per vault, how many keys the keyring accepted from shares had and
     /// the newest one's id: a later share must hold that many, with that key
     /// at that place (also when the server rolled the wallet back).
-    pub vault_keys: BTreeMap<VaultId, VaultSeen>,
+    pub vault_keys: BTreeMap<VaultId, (u32, KeyId)>,
 }
 
 impl FreshState {
@@ -70,7 +58,7 @@ impl FreshState {
         }
         for (vault, seen) in &other.vault_keys {
             let e = self.vault_keys.entry(*vault).or_insert(*seen);
-            if seen.keys >= e.keys {
+            if seen.0 > e.0 {
                 *e = *seen;
             }
         }
@@ -126,11 +114,10 @@ pub fn seal_state(
         return Err(CryptoError::Misuse("too many vaults in the freshness state"));
     }
     body.extend_from_slice(&(state.vault_keys.len() as u32).to_be_bytes());
-    for (vault, seen) in &state.vault_keys {
+    for (vault, (count, newest)) in &state.vault_keys {
         body.extend_from_slice(vault.as_bytes());
-        body.extend_from_slice(&seen.keys.to_be_bytes());
-        body.extend_from_slice(&seen.newest.0);
-        body.extend_from_slice(&seen.admins.unwrap_or([0; 32]));
+        body.extend_from_slice(&count.to_be_bytes());
+        body.extend_from_slice(&newest.0);
     }
     let sealed = aead::seal(key.secret(), &nonce, &aad(&header, binding)?, &body)?;
     header.extend_from_slice(&nonce);
@@ -184,11 +171,8 @@ pub fn open_state(key: &StateKey, binding: StateBinding<'_>, blob: &[u8]) -> Res
         for e in rest[4..].chunks_exact(VAULT_ENTRY_LEN) {
             let vault = VaultId(e[..ID_LEN].try_into().map_err(|_| bad())?);
             let keys = u32::from_be_bytes(e[ID_LEN..ID_LEN + 4].try_into().map_err(|_| bad())?);
-            let at = ID_LEN + 4 + KEY_ID_LEN;
-            let newest = KeyId(e[ID_LEN + 4..at].try_into().map_err(|_| bad())?);
-            let digest: [u8; 32] = e[at..].try_into().map_err(|_| bad())?;
-            let admins = (digest != [0; 32]).then_some(digest);
-            if keys == 0 || vault_keys.insert(vault, VaultSeen { keys, newest, admins }).is_some() {
+            let newest = KeyId(e[ID_LEN + 4..].try_into().map_err(|_| bad())?);
+            if keys == 0 || vault_keys.insert(vault, (keys, newest)).is_some() {
                 return Err(bad());
             }
         }
@@ -240,15 +224,14 @@ mod tests {
         let mut b = FreshState { wallet_revision: 2, ..Default::default() };
         b.generations.insert(FileId([1; 16]), 9);
         b.generations.insert(FileId([2; 16]), 1);
-        let seen = |keys, id| VaultSeen { keys, newest: KeyId([id; 16]), admins: Some([id; 32]) };
-        a.vault_keys.insert(VaultId([5; 16]), seen(2, 2));
-        b.vault_keys.insert(VaultId([5; 16]), seen(3, 3));
-        b.vault_keys.insert(VaultId([6; 16]), seen(1, 1));
+        a.vault_keys.insert(VaultId([5; 16]), (2, KeyId([2; 16])));
+        b.vault_keys.insert(VaultId([5; 16]), (3, KeyId([3; 16])));
+        b.vault_keys.insert(VaultId([6; 16]), (1, KeyId([1; 16])));
         a.merge(&b);
         assert_eq!(a.wallet_revision, 3);
         assert_eq!(a.generations[&FileId([1; 16])], 9);
         assert_eq!(a.generations[&FileId([2; 16])], 1);
-        assert_eq!(a.vault_keys[&VaultId([5; 16])], seen(3, 3));
+        assert_eq!(a.vault_keys[&VaultId([5; 16])], (3, KeyId([3; 16])));
         assert_eq!(a.vault_keys.len(), 2);
     }
 
@@ -258,9 +241,7 @@ mod tests {
         let k = key();
         let mut s = FreshState { wallet_revision: 2, ..Default::default() };
         s.generations.insert(FileId([1; 16]), 4);
-        s.vault_keys.insert(VaultId([7; 16]), VaultSeen { keys: 3, newest: KeyId([9; 16]), admins: None });
-        s.vault_keys
-            .insert(VaultId([8; 16]), VaultSeen { keys: 1, newest: KeyId([2; 16]), admins: Some([6; 32]) });
+        s.vault_keys.insert(VaultId([7; 16]), (3, KeyId([9; 16])));
         let blob = seal_state(&k, ME, &s, &mut OsRandom).unwrap();
         assert_eq!(blob[4], 2);
         assert_eq!(open_state(&k, ME, &blob).unwrap(), s);

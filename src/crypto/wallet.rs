@@ -31,7 +31,7 @@ use super::error::{check_prefix, CryptoError, Result};
 use super::keys::{KeyId, VaultKey, WalletKey, KEY_ID_LEN};
 use super::random::RandomSource;
 use super::recovery::{self, RecoveryKey, RecoveryPublic, RECOVERY_PUBLIC_LEN, RECOVERY_SLOT_LEN};
-use super::share::{read_admins, write_admins, AdminList, UserSecret, USER_KEY_LEN};
+use super::share::{UserSecret, USER_KEY_LEN};
 use crate::ids::{VaultId, ID_LEN};
 
 /// First four bytes of a sealed wallet.
@@ -46,7 +46,6 @@ const RECORD_STATE_KEY: u8 = 2;
 const RECORD_VAULT_FLAGS: u8 = 3;
 const RECORD_USER_KEY: u8 = 4;
 const RECORD_RECOVERY: u8 = 5;
-const RECORD_ADMINS: u8 = 6;
 /// Vault flag: every file of the vault carries a manifest; a file without one
 /// had it removed (by the server) and is refused.
 const FLAG_MANIFESTS_REQUIRED: u8 = 1;
@@ -151,9 +150,6 @@ pub struct Wallet {
     /// The public half of the user's recovery key: every seal adds a slot
     /// that the recovery key opens.
     recovery: Option<RecoveryPublic>,
-    /// The admins of each shared vault, as the last keyring accepted (or
-    /// this user's own sharing) named them.
-    vault_admins: std::collections::BTreeMap<VaultId, AdminList>,
     /// Records of types this build does not know, kept as they were.
     unknown: Vec<(u8, Zeroizing<Vec<u8>>)>,
 }
@@ -170,7 +166,6 @@ impl std::fmt::Debug for Wallet {
             .field("vault_flags", &self.vault_flags)
             .field("user_key", &self.user_key)
             .field("recovery", &self.recovery)
-            .field("vault_admins", &self.vault_admins)
             .field("unknown (type, length)", &unknown)
             .finish()
     }
@@ -219,7 +214,6 @@ impl Wallet {
             vault_flags: self.vault_flags.clone(),
             user_key: self.user_key.as_ref().map(UserSecret::duplicate),
             recovery: self.recovery,
-            vault_admins: self.vault_admins.clone(),
             unknown: self.unknown.clone(),
         }
     }
@@ -328,24 +322,6 @@ impl Wallet {
         true
     }
 
-    /// The admin list of `vault` this wallet holds (who may add its keys).
-    pub fn admins(&self, vault: VaultId) -> Option<&AdminList> {
-        self.vault_admins.get(&vault)
-    }
-
-    /// Records `list` as the admins of `vault`; returns whether that changed
-    /// the wallet. Refuses a list that cannot be written (empty, too long, a
-    /// bad or repeated name), so the wallet always seals.
-    pub fn set_admins(&mut self, vault: VaultId, list: AdminList) -> Result<bool> {
-        write_admins(&list, &mut Vec::new())?;
-        if self.vault_admins.get(&vault) == Some(&list) {
-            return Ok(false);
-        }
-        self.vault_admins.insert(vault, list);
-        self.revision += 1;
-        Ok(true)
-    }
-
     /// Whether a recovery key opens this wallet once sealed.
     pub fn has_recovery(&self) -> bool {
         self.recovery.is_some()
@@ -361,22 +337,11 @@ impl Wallet {
     fn serialize(&self) -> Zeroizing<Vec<u8>> {
         let mut out = Zeroizing::new(Vec::with_capacity(16 + self.entries.len() * (ENTRY_LEN + 5)));
         out.extend_from_slice(&self.revision.to_be_bytes());
-        // Written first, so the count holds only lists that write (every list
-        // was checked when set or read; this keeps the count true regardless).
-        let admin_records: Vec<(VaultId, Vec<u8>)> = self
-            .vault_admins
-            .iter()
-            .filter_map(|(v, list)| {
-                let mut out = Vec::new();
-                write_admins(list, &mut out).ok().map(|()| (*v, out))
-            })
-            .collect();
         let count = self.entries.len()
             + usize::from(self.state_key.is_some())
             + self.vault_flags.len()
             + usize::from(self.user_key.is_some())
             + usize::from(self.recovery.is_some())
-            + admin_records.len()
             + self.unknown.len();
         out.extend_from_slice(&(count as u32).to_be_bytes());
         let mut record = |kind: u8, body: &[u8]| {
@@ -405,11 +370,6 @@ impl Wallet {
         }
         if let Some(key) = &self.recovery {
             record(RECORD_RECOVERY, &key.0);
-        }
-        for (vault, admins) in &admin_records {
-            let mut body = vault.as_bytes().to_vec();
-            body.extend_from_slice(admins);
-            record(RECORD_ADMINS, &body);
         }
         for (kind, body) in &self.unknown {
             record(*kind, body);
@@ -457,15 +417,8 @@ impl Wallet {
                 RECORD_RECOVERY if len == RECOVERY_PUBLIC_LEN && w.recovery.is_none() => {
                     w.recovery = Some(RecoveryPublic::from_bytes(body)?);
                 }
-                RECORD_ADMINS if len > ID_LEN => {
-                    let vault = VaultId(body[..ID_LEN].try_into().map_err(|_| bad())?);
-                    let (admins, rest) = read_admins(&body[ID_LEN..])?;
-                    if !rest.is_empty() || w.vault_admins.insert(vault, admins).is_some() {
-                        return Err(bad());
-                    }
-                }
                 RECORD_VAULT_KEY | RECORD_STATE_KEY | RECORD_VAULT_FLAGS | RECORD_USER_KEY
-                | RECORD_RECOVERY | RECORD_ADMINS => return Err(bad()),
+                | RECORD_RECOVERY => return Err(bad()),
                 other => w.unknown.push((other, Zeroizing::new(body.to_vec()))),
             }
         }
@@ -901,28 +854,6 @@ mod tests {
         forged.extend_from_slice(&sealed);
         let e = Wallet::open_with_recovery(&forged, &paper).unwrap_err();
         assert!(e.to_string().contains("names another recovery key"), "{e}");
-    }
-
-    #[test]
-    fn admin_lists_are_kept_per_vault_and_a_bad_one_is_never_set() {
-        use crate::crypto::share::Admin;
-        use crate::crypto::Fingerprint;
-        let v = VaultId([1; 16]);
-        let admin = |user: &str, n| Admin { user: user.into(), fingerprint: Fingerprint([n; 15]) };
-        let list = |version, admins| AdminList { version, admins };
-        let mut w = Wallet::new();
-        assert!(w.admins(v).is_none());
-        assert!(w.set_admins(v, list(1, vec![admin("alice", 1), admin("bob", 2)])).unwrap());
-        assert!(!w.set_admins(v, list(1, vec![admin("alice", 1), admin("bob", 2)])).unwrap(), "unchanged");
-        assert!(w.set_admins(VaultId([2; 16]), list(3, vec![admin("bob", 2)])).unwrap());
-        // A list that cannot be written is refused, and the wallet still seals and opens.
-        assert!(w.set_admins(v, list(2, vec![])).is_err());
-        let many = (0..257).map(|i| admin(&format!("u{i}"), 0)).collect();
-        assert!(w.set_admins(v, list(2, many)).is_err());
-        let (back, _) = Wallet::open(&w.seal(b"p", FAST, &mut OsRandom).unwrap(), b"p").unwrap();
-        assert_eq!(back.admins(v).unwrap(), &list(1, vec![admin("alice", 1), admin("bob", 2)]));
-        assert_eq!(back.admins(VaultId([2; 16])).unwrap(), &list(3, vec![admin("bob", 2)]));
-        assert_eq!(back.revision(), 2);
     }
 
     /// Every byte a seal draws is where docs/FORMAT.md says, and nothing more.

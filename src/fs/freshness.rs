@@ -311,17 +311,15 @@ impl Freshness {
 /// generations: so that a share lacking a key accepted before is refused in a
 /// later session even if the server rolled the wallet back or never stored it.
 impl crate::remote::account::KeyMemory for Freshness {
-    fn seen(&self, vault: crate::ids::VaultId) -> Option<crate::crypto::state::VaultSeen> {
+    fn keys_seen(&self, vault: crate::ids::VaultId) -> Option<(u32, crate::crypto::KeyId)> {
         self.state.lock().vault_keys.get(&vault).copied()
     }
 
-    fn note(&self, vault: crate::ids::VaultId, now: crate::crypto::state::VaultSeen) {
+    fn note_keys(&self, vault: crate::ids::VaultId, count: u32, newest: crate::crypto::KeyId) {
         let mut state = self.state.lock();
-        let held = state.vault_keys.get(&vault).copied();
-        // Never fewer keys than seen; the same number with another list (an
-        // admin granted) replaces it.
-        if held.is_none_or(|h| now.keys > h.keys || (now.keys == h.keys && now != h)) {
-            state.vault_keys.insert(vault, now);
+        let seen = state.vault_keys.entry(vault).or_insert((0, newest));
+        if count > seen.0 {
+            *seen = (count, newest);
             drop(state);
             self.mark_changed();
         }

@@ -227,11 +227,10 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// keeps it). A share that holds fewer, or another key in that place, is
 /// refused, whatever wallet the server serves.
 pub trait KeyMemory: Send + Sync {
-    /// What was seen of `vault`'s keyring: how many keys, the newest, the
-    /// digest of its admin list.
-    fn seen(&self, vault: VaultId) -> Option<crypto::state::VaultSeen>;
-    /// Notes the keyring held now (never fewer keys than seen before).
-    fn note(&self, vault: VaultId, now: crypto::state::VaultSeen);
+    /// The keys of `vault` seen in an accepted share: how many, and the newest.
+    fn keys_seen(&self, vault: VaultId) -> Option<(u32, crypto::KeyId)>;
+    /// Notes an accepted keyring of `count` keys, the newest `newest`.
+    fn note_keys(&self, vault: VaultId, count: u32, newest: crypto::KeyId);
 }
 
 /// A vault as the user sees it: server metadata plus the opened name.
@@ -511,12 +510,6 @@ impl<R: Remote> Unlocked<R> {
         self.wallet.get_mut().add_key(id, VaultKey::generate(&mut OsRandom)?)?;
         // Every file of a new vault carries a manifest: one without is refused.
         self.wallet.get_mut().require_manifests(id);
-        // Its first admin: its creator (keyrings carry the list from here on).
-        if let Some(me) = self.wallet.get_mut().user_key().map(|k| k.public().fingerprint()) {
-            let admin = crypto::share::Admin { user: self.user.clone(), fingerprint: me };
-            let list = crypto::share::AdminList { version: 1, admins: vec![admin] };
-            self.wallet.get_mut().set_admins(id, list)?;
-        }
         self.save_wallet().await?;
         let key = self.wallet.get_mut().active_key(id).ok_or(AccountError::NoKey(id))?.duplicate();
         let sealed_name =

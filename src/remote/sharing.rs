@@ -22,10 +22,8 @@ use super::account::{AccountError, Unlocked};
 use super::pins::PinCheck;
 use super::{Remote, RemoteError};
 use crate::crypto::share::{
-    open_share, seal_share, share_sender, Admin, AdminList, EpochKey, Keyring, ShareContext,
-    KEYRING_MANIFESTS_REQUIRED,
+    open_share, seal_share, share_sender, EpochKey, Keyring, ShareContext, KEYRING_MANIFESTS_REQUIRED,
 };
-use crate::crypto::state::VaultSeen;
 use crate::crypto::{Fingerprint, OsRandom, UserPublic};
 use crate::ids::VaultId;
 use crate::protocol::{Member, Rights, Sealed, VaultInfo};
@@ -38,11 +36,6 @@ pub struct Accepted {
     pub sender: String,
     /// The vault's keys.
     pub ring: Arc<Keyring>,
-    /// Whether its admin list is taken (newer than the one held, from an
-    /// admin of that list); a list not taken is neither handed on nor stored.
-    list_taken: bool,
-    /// The fingerprint of the sender's key it opened with.
-    sender_key: Fingerprint,
 }
 
 /// A share that did not open, kept so it is not tried (and logged) again.
@@ -160,73 +153,13 @@ impl<R: Remote> Unlocked<R> {
         if wallet.manifests_required(vault) {
             flags |= KEYRING_MANIFESTS_REQUIRED;
         }
-        let session = shared.get(&vault).filter(|a| a.list_taken).map(|a| &a.ring.admins);
-        let admins = newer_list(wallet.admins(vault), session).cloned().unwrap_or_default();
-        Ok(Keyring { keys, flags, admins })
-    }
-
-    /// Changes the admin list of `vault` with `change`, if the vault has one:
-    /// the next version, stored in the wallet. Returns the new list if it
-    /// changed (every member is then to get it in a new share).
-    async fn change_admins(
-        &self,
-        vault: VaultId,
-        change: impl FnOnce(&mut Vec<Admin>),
-    ) -> Result<Option<AdminList>, AccountError> {
-        let held = self.keyring_of(vault)?.admins;
-        if held.is_empty() {
-            return Ok(None);
-        }
-        let mut new = AdminList { version: held.version + 1, admins: held.admins.clone() };
-        change(&mut new.admins);
-        if new.admins == held.admins {
-            return Ok(None);
-        }
-        if new.admins.is_empty() {
-            return Err(AccountError::Refused("a vault must keep at least one admin".into()));
-        }
-        let (mut copy, version) = self.wallet_copy();
-        copy.set_admins(vault, new.clone())?;
-        self.store_wallet(copy, version).await?;
-        self.remember(vault);
-        Ok(Some(new))
-    }
-
-    /// Notes in this machine's memory the keyring of `vault` held now.
-    fn remember(&self, vault: VaultId) {
-        let (Some(memory), Ok(ring)) = (&self.key_memory, self.keyring_of(vault)) else { return };
-        let Some(newest) = ring.current() else { return };
-        let previous = memory.seen(vault).and_then(|s| s.admins);
-        let admins = ring.admins.digest().or(previous);
-        memory.note(vault, VaultSeen { keys: ring.keys.len() as u32, newest: newest.key.id(), admins });
-    }
-
-    /// Seals the vault's keyring afresh for every member but `except` and
-    /// this user whose key is confirmed here (so they learn a new key or
-    /// admin list); returns who was not reached, and why.
-    async fn reshare_all(&self, vault: &VaultInfo, except: &str) -> Result<Vec<String>, AccountError> {
-        let mut missed = Vec::new();
-        for m in self.remote.members(vault.id).await? {
-            if m.user == except || m.user == self.user() {
-                continue;
-            }
-            let reached = match self.colleague_key(&m.user).await {
-                Ok((key, PinCheck::Pinned)) => self.seal_for(vault, &m.user, m.rights, &key).await,
-                Ok(_) => Err(AccountError::Refused("their key is not confirmed on this machine".into())),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = reached {
-                missed.push(format!("{}: {e}", m.user));
-            }
-        }
-        Ok(missed)
+        Ok(Keyring { keys, flags })
     }
 
     /// Shares `vault` with `user` (whose public key `to` the caller has
     /// checked against the pins) with `rights`: seals the vault's keyring for
     /// them and stores it with their membership. Also changes the rights of a
-    /// member (sealing their share afresh). Granting or taking admin rights
-    /// changes the vault's admin list, which every member then gets anew.
+    /// member (sealing their share afresh).
     pub async fn share_vault(
         &self,
         vault: &VaultInfo,
@@ -243,61 +176,6 @@ impl<R: Remote> Unlocked<R> {
         if user == self.user() {
             return Err(AccountError::Refused("that is you".into()));
         }
-        // Granting or taking admin rights changes the vault's admin list
-        // (if it has one): every other member must get the new list (or the
-        // new admin's later rotation is refused by them), so their keys must
-        // be confirmed first; then it is stored, and sealed for everyone.
-        let fingerprint = to.fingerprint();
-        let held = self.keyring_of(vault.id)?.admins;
-        let listed = held.admins.iter().any(|a| a.user == user && a.fingerprint == fingerprint);
-        if !held.is_empty() && listed != (rights == Rights::Admin) {
-            let mut unconfirmed = Vec::new();
-            for m in self.remote.members(vault.id).await? {
-                if m.user == user || m.user == self.user() {
-                    continue;
-                }
-                if !matches!(self.colleague_key(&m.user).await, Ok((_, PinCheck::Pinned))) {
-                    unconfirmed.push(m.user);
-                }
-            }
-            if !unconfirmed.is_empty() {
-                return Err(AccountError::Refused(format!(
-                    "granting or taking admin rights hands every member the vault's new admin list, but the keys \
-                     of {} are not confirmed on this machine (`vaultfs trust USER`): nothing was changed",
-                    unconfirmed.join(", ")
-                )));
-            }
-        }
-        let changed = self
-            .change_admins(vault.id, |admins| {
-                admins.retain(|a| a.user != user);
-                if rights == Rights::Admin {
-                    admins.push(Admin { user: user.to_string(), fingerprint });
-                }
-            })
-            .await?;
-        self.seal_for(vault, user, rights, to).await?;
-        if changed.is_some() {
-            let missed = self.reshare_all(vault, user).await?;
-            if !missed.is_empty() {
-                return Err(AccountError::Refused(format!(
-                    "the new admin list is stored and sealed for {user}, but not for: {} (run the command again)",
-                    missed.join("; ")
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    /// Seals the vault's keyring for `user` (public key `to`) and stores it
-    /// as their share, with `rights`.
-    async fn seal_for(
-        &self,
-        vault: &VaultInfo,
-        user: &str,
-        rights: Rights,
-        to: &UserPublic,
-    ) -> Result<(), AccountError> {
         let ring = self.keyring_of(vault.id)?;
         let me = self
             .wallet()
@@ -338,7 +216,6 @@ impl<R: Remote> Unlocked<R> {
             }
             match self.open_one(info.id, blob).await.and_then(|a| self.hold(info.id, a)) {
                 Ok(()) => {
-                    self.remember(info.id);
                     self.refused_shares.lock().remove(&info.id);
                     if let Err(e) = self.keep_in_wallet(info.id).await {
                         failed.push((info.id, e));
@@ -408,37 +285,17 @@ impl<R: Remote> Unlocked<R> {
         let ctx = ShareContext { vault, sender: &sender, recipient: self.user() };
         let ring = open_share(blob, &ctx, &me, &from)?;
         self.check_extends(vault, &ring)?;
-        let key = from.fingerprint();
-        let list_taken = match self.list_verdict(vault, &sender, key, &ring) {
-            ListVerdict::Allowed { take_list } => take_list,
-            ListVerdict::Refused(why) => return Err(not_an_admin(vault, &sender, &why)),
-            ListVerdict::AskServer => {
-                let members = self.remote.members(vault).await?;
-                if !members.iter().any(|m| m.user == sender && m.rights == Rights::Admin) {
-                    return Err(not_an_admin(vault, &sender, "as the server lists the members"));
-                }
-                false
+        // Keys beyond those held come from an admin of the vault only (as
+        // the server lists its members: what the cryptography cannot say).
+        if ring.keys.len() > self.wallet().keys_of(vault).count() {
+            let members = self.remote.members(vault).await?;
+            if !members.iter().any(|m| m.user == sender && m.rights == Rights::Admin) {
+                return Err(AccountError::Refused(format!(
+                    "a share of vault {vault} from {sender}, who is not an admin of it, would add keys: refused"
+                )));
             }
-        };
-        Ok(Accepted { blob: blob.to_vec(), sender, ring: Arc::new(ring), list_taken, sender_key: key })
-    }
-
-    /// Whether `sender` (holding the key of fingerprint `key`) may hand this
-    /// client `ring`: keys beyond those held, and a newer admin list, come
-    /// only from an admin the list this client holds names, with that key;
-    /// an older list is ignored, another list under the same version refused.
-    /// Without a list held: if this machine saw one (the wallet was rolled
-    /// back), only that very list is taken; for the first share of a vault,
-    /// the list it brings, if it names its sender; for a vault whose
-    /// keyrings name no admins (made before lists) or whose keys this
-    /// client already holds without a list, the server's member list decides
-    /// (its word), and no list is taken.
-    fn list_verdict(&self, vault: VaultId, sender: &str, key: Fingerprint, ring: &Keyring) -> ListVerdict {
-        let seen = self.key_memory.as_ref().and_then(|m| m.seen(vault)).and_then(|s| s.admins);
-        let wallet = self.wallet();
-        let shared = self.shared.read();
-        let (held_keys, held) = held_state(&wallet, shared.get(&vault), vault);
-        verdict(held_keys, held, seen, sender, key, ring)
+        }
+        Ok(Accepted { blob: blob.to_vec(), sender, ring: Arc::new(ring) })
     }
 
     /// Stores in the wallet the keys and flags of `vault`'s share that it
@@ -451,9 +308,7 @@ impl<R: Remote> Unlocked<R> {
         let (mut copy, version) = self.wallet_copy();
         let held = copy.keys_of(vault).count();
         let flag = ring.manifests_required() && !copy.manifests_required(vault);
-        let list_taken = self.shared.read().get(&vault).is_some_and(|a| a.list_taken);
-        let admins = list_taken && copy.admins(vault).is_none_or(|held| ring.admins.version > held.version);
-        if !extends(&copy, vault, &ring) || (ring.keys.len() == held && !flag && !admins) {
+        if !extends(&copy, vault, &ring) || (ring.keys.len() == held && !flag) {
             return Ok(());
         }
         for k in &ring.keys[held..] {
@@ -461,9 +316,6 @@ impl<R: Remote> Unlocked<R> {
         }
         if ring.manifests_required() {
             copy.require_manifests(vault);
-        }
-        if admins {
-            copy.set_admins(vault, ring.admins.clone())?;
         }
         self.store_wallet(copy, version).await.map_err(|e| {
             AccountError::Refused(format!(
@@ -481,7 +333,7 @@ impl<R: Remote> Unlocked<R> {
     /// files and names; the wallet keeps what was accepted, so this holds
     /// across sessions and machines once the wallet is stored.
     fn check_extends(&self, vault: VaultId, ring: &Keyring) -> Result<(), AccountError> {
-        let seen = self.key_memory.as_ref().and_then(|m| m.seen(vault));
+        let seen = self.key_memory.as_ref().and_then(|m| m.keys_seen(vault));
         let wallet = self.wallet();
         let shared = self.shared.read();
         if grows(&wallet, shared.get(&vault).map(|a| &*a.ring), seen, vault, ring) {
@@ -494,21 +346,15 @@ impl<R: Remote> Unlocked<R> {
     /// Holds an opened share for the session: checked again, under the
     /// locks, against what is held now (another listing may have taken a
     /// newer share, or stored keys, while this one was being opened).
-    fn hold(&self, vault: VaultId, mut accepted: Accepted) -> Result<(), AccountError> {
-        let seen = self.key_memory.as_ref().and_then(|m| m.seen(vault));
+    fn hold(&self, vault: VaultId, accepted: Accepted) -> Result<(), AccountError> {
+        let seen = self.key_memory.as_ref().and_then(|m| m.keys_seen(vault));
         let wallet = self.wallet();
         let mut shared = self.shared.write();
         if !grows(&wallet, shared.get(&vault).map(|a| &*a.ring), seen, vault, &accepted.ring) {
             return Err(lacks_keys(vault));
         }
-        // The admin check again, against what is held now (the server's word,
-        // for vaults without lists, was asked when the share was opened).
-        let (held_keys, held) = held_state(&wallet, shared.get(&vault), vault);
-        let digest = seen.and_then(|s| s.admins);
-        match verdict(held_keys, held, digest, &accepted.sender, accepted.sender_key, &accepted.ring) {
-            ListVerdict::Refused(why) => return Err(not_an_admin(vault, &accepted.sender, &why)),
-            ListVerdict::Allowed { take_list } => accepted.list_taken = take_list,
-            ListVerdict::AskServer => {}
+        if let (Some(memory), Some(newest)) = (&self.key_memory, accepted.ring.current()) {
+            memory.note_keys(vault, accepted.ring.keys.len() as u32, newest.key.id());
         }
         shared.insert(vault, accepted);
         Ok(())
@@ -565,25 +411,13 @@ impl<R: Remote> Unlocked<R> {
         }
         // The new key goes into the wallet (stored) before anything else
         // changes: a member removed without it would keep every key.
-        // A removed admin leaves the admin list (stored with the new key).
-        let held = self.keyring_of(vault.id)?.admins;
-        let new_list = held.admins.iter().any(|a| a.user == user).then(|| AdminList {
-            version: held.version + 1,
-            admins: held.admins.iter().filter(|a| a.user != user).cloned().collect(),
-        });
-        if new_list.as_ref().is_some_and(AdminList::is_empty) {
-            return Err(AccountError::Refused("a vault must keep at least one admin".into()));
-        }
         let new_key = crate::crypto::VaultKey::generate(&mut OsRandom)?;
+        let new_id = new_key.id();
         self.wallet_mut().add_key(vault.id, new_key)?;
-        if let Some(list) = new_list {
-            self.wallet_mut().set_admins(vault.id, list)?;
-        } else if !held.is_empty() {
-            // The list held (perhaps only from this session's share) goes in the wallet too.
-            self.wallet_mut().set_admins(vault.id, held)?;
-        }
         self.save_wallet().await?;
-        self.remember(vault.id);
+        if let Some(memory) = &self.key_memory {
+            memory.note_keys(vault.id, self.wallet().keys_of(vault.id).count() as u32, new_id);
+        }
         self.remote.remove_member(vault.id, user).await.map_err(|e| {
             AccountError::Refused(format!(
                 "a new key is stored, but {user} could not be removed ({e}), and nothing is sealed with it yet: \
@@ -593,7 +427,7 @@ impl<R: Remote> Unlocked<R> {
         let epoch = self.wallet().entries().iter().filter(|e| e.vault == vault.id).count() as u32 - 1;
         let mut not_reshared = Vec::new();
         for (m, key) in keys {
-            if let Err(e) = self.seal_for(vault, &m.user, m.rights, &key).await {
+            if let Err(e) = self.share_vault(vault, &m.user, m.rights, &key).await {
                 not_reshared.push(format!("{}: {e}", m.user));
             }
         }
@@ -639,88 +473,6 @@ impl<R: Remote> Unlocked<R> {
     }
 }
 
-/// What [`verdict`] says of a keyring's sender.
-enum ListVerdict {
-    /// Taken; with its admin list too if `take_list`.
-    Allowed { take_list: bool },
-    /// Refused, with why.
-    Refused(String),
-    /// A vault without admin lists: the server's member list decides.
-    AskServer,
-}
-
-fn not_an_admin(vault: VaultId, sender: &str, why: &str) -> AccountError {
-    AccountError::Refused(format!(
-        "a share of vault {vault} from {sender}, who is not an admin of it ({why}), would add keys or change \
-         its admins: refused"
-    ))
-}
-
-/// The newer of two admin lists (by version).
-fn newer_list<'a>(a: Option<&'a AdminList>, b: Option<&'a AdminList>) -> Option<&'a AdminList> {
-    match (a, b) {
-        (Some(x), Some(y)) => Some(if y.version > x.version { y } else { x }),
-        (x, y) => x.or(y),
-    }
-}
-
-/// How many keys of `vault` are held (the wallet's, or the session share's
-/// when it extends them) and the admin list held, if any.
-fn held_state(
-    wallet: &crate::crypto::Wallet,
-    entry: Option<&Accepted>,
-    vault: VaultId,
-) -> (usize, Option<AdminList>) {
-    let ring = entry.map(|a| &a.ring).filter(|r| extends(wallet, vault, r));
-    let keys = ring.map_or_else(|| wallet.keys_of(vault).count(), |r| r.keys.len());
-    let session = entry.filter(|a| a.list_taken).map(|a| &a.ring.admins);
-    let list = newer_list(wallet.admins(vault), session).filter(|l| !l.is_empty()).cloned();
-    (keys, list)
-}
-
-/// The rules of [`Unlocked::list_verdict`], on what is held.
-fn verdict(
-    held_keys: usize,
-    held: Option<AdminList>,
-    seen: Option<[u8; 32]>,
-    sender: &str,
-    key: Fingerprint,
-    ring: &Keyring,
-) -> ListVerdict {
-    let adds_keys = ring.keys.len() > held_keys;
-    let offered = &ring.admins;
-    match held {
-        Some(h) => {
-            if !offered.is_empty() && offered.version == h.version && *offered != h {
-                return ListVerdict::Refused("another admin list under the same version".into());
-            }
-            let newer = !offered.is_empty() && offered.version > h.version;
-            if (adds_keys || newer) && !h.names(sender, key) {
-                return ListVerdict::Refused("as the admin list this client holds names them".into());
-            }
-            ListVerdict::Allowed { take_list: newer }
-        }
-        None => match seen {
-            Some(digest) if offered.digest() != Some(digest) => {
-                ListVerdict::Refused("the keyring's admin list is not the one this machine saw".into())
-            }
-            Some(_) if adds_keys && !offered.names(sender, key) => {
-                ListVerdict::Refused("as the admin list this machine saw names them".into())
-            }
-            Some(_) => ListVerdict::Allowed { take_list: true },
-            None if held_keys > 0 || offered.is_empty() => {
-                if adds_keys {
-                    ListVerdict::AskServer
-                } else {
-                    ListVerdict::Allowed { take_list: false }
-                }
-            }
-            None if offered.names(sender, key) => ListVerdict::Allowed { take_list: true },
-            None => ListVerdict::Refused("the keyring's own admin list does not name them".into()),
-        },
-    }
-}
-
 fn lacks_keys(vault: VaultId) -> AccountError {
     AccountError::Refused(format!(
         "a share of vault {vault} lacks keys or flags this client already has for it: refused (a share can only add them)"
@@ -734,13 +486,13 @@ fn lacks_keys(vault: VaultId) -> AccountError {
 fn grows(
     wallet: &crate::crypto::Wallet,
     held: Option<&Keyring>,
-    seen: Option<VaultSeen>,
+    seen: Option<(u32, crate::crypto::KeyId)>,
     vault: VaultId,
     ring: &Keyring,
 ) -> bool {
     let flags_kept = !wallet.manifests_required(vault) || ring.manifests_required();
-    let remembered = seen.is_none_or(|seen| {
-        ring.keys.get((seen.keys as usize).wrapping_sub(1)).is_some_and(|k| k.key.id() == seen.newest)
+    let remembered = seen.is_none_or(|(count, newest)| {
+        ring.keys.get((count as usize).wrapping_sub(1)).is_some_and(|k| k.key.id() == newest)
     });
     let share_kept = held.is_none_or(|h| {
         h.keys.len() <= ring.keys.len()
@@ -810,40 +562,10 @@ mod tests {
         (alice, bob, carol, vault)
     }
 
-    /// What a hostile server does with a share `from` sealed: `ring`,
-    /// sealed by `from` for `to`, stored as `to`'s share with `rights`
-    /// (through `server`'s admin rights: what the server stores is its choice).
-    async fn plant(
-        server: &Unlocked<MemoryRemote>,
-        vault: &VaultInfo,
-        from: &Unlocked<MemoryRemote>,
-        to: &Unlocked<MemoryRemote>,
-        rights: Rights,
-        ring: &Keyring,
-    ) {
-        let ctx = ShareContext { vault: vault.id, sender: from.user(), recipient: to.user() };
-        let key = from.wallet().user_key().unwrap().duplicate();
-        let forged = seal_share(ring, &ctx, &key, &to.user_public().unwrap(), &mut OsRandom).unwrap();
-        let m = Member { user: to.user().into(), rights, wrapped_key: Some(Sealed(forged)) };
-        server.remote.set_member(vault.id, m).await.unwrap();
-    }
-
-    /// `who`'s next listing refuses the one share it opens, saying `why`.
-    async fn refused_for(who: &Unlocked<MemoryRemote>, why: &str) {
-        let failed = who.accept_shares(&who.remote.vaults().await.unwrap()).await;
-        assert!(
-            matches!(failed.as_slice(), [(_, AccountError::Refused(e))] if e.contains(why)),
-            "{}: {:?}",
-            who.user(),
-            failed.iter().map(|f| f.1.to_string()).collect::<Vec<_>>()
-        );
-    }
-
     fn fake_ring() -> Keyring {
         Keyring {
             keys: vec![EpochKey { epoch: 0, key: VaultKey::generate(&mut OsRandom).unwrap() }],
             flags: 0,
-            admins: AdminList::default(),
         }
     }
 
@@ -1054,7 +776,7 @@ mod tests {
         bob.vaults().await.unwrap();
         let new = alice.active_key(vault.id).unwrap().id();
         assert_eq!(bob.active_key(vault.id).unwrap().id(), new);
-        assert_eq!(memory.seen(vault.id).map(|s| s.keys), Some(2));
+        assert_eq!(memory.keys_seen(vault.id).map(|s| s.0), Some(2));
 
         // The server rolls bob's wallet back and replays his old share.
         let (_, v) = bob.remote.wallet().await.unwrap().unwrap();
@@ -1076,165 +798,6 @@ mod tests {
         assert!(elsewhere.accept_shares(&elsewhere.remote.vaults().await.unwrap()).await.is_empty());
     }
 
-    /// The server withholds a rotation and lists the removed member as an
-    /// admin again; she (still confirmed by the others) seals a key of her
-    /// choice for bob and for the creator: both refuse it, as the admin list
-    /// their keyrings carried does not name her, whatever the server says.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_removed_member_the_server_calls_an_admin_cannot_add_keys() {
-        let server = MemoryServer::new().unwrap();
-        let (mut alice, bob, carol, vault) = team(&server).await;
-        trust(&bob, &carol);
-        trust(&alice, &carol);
-        let old = alice.active_key(vault.id).unwrap().id();
-        alice.unshare(&vault, "carol").await.unwrap();
-        let real = alice.active_key(vault.id).unwrap().id();
-        // The hostile server: carol is an admin again, and bob's and alice's
-        // shares are carol's, each adding her key after those they hold.
-        let as_admin = Member { user: "carol".into(), rights: Rights::Admin, wrapped_key: None };
-        alice.remote.set_member(vault.id, as_admin).await.unwrap();
-        let evil = VaultKey::generate(&mut OsRandom).unwrap();
-        let evil_id = evil.id();
-        for (victim, name, held) in [(&bob, "bob", 1usize), (&alice, "alice", 2)] {
-            let mut ring = alice.keyring_of(vault.id).unwrap();
-            ring.keys.truncate(held);
-            ring.keys.push(EpochKey { epoch: held as u32, key: evil.duplicate() });
-            ring.admins.version += 1;
-            ring.admins.admins.push(Admin {
-                user: "carol".into(),
-                fingerprint: carol.user_public().unwrap().fingerprint(),
-            });
-            let rights = if name == "alice" { Rights::Admin } else { Rights::Write };
-            plant(&alice, &vault, &carol, victim, rights, &ring).await;
-            let failed = victim.accept_shares(&victim.remote.vaults().await.unwrap()).await;
-            assert!(
-                matches!(failed.as_slice(), [(_, AccountError::Refused(e))] if e.contains("not an admin")),
-                "{name}: {}",
-                failed.len()
-            );
-            let now = victim.active_key(vault.id).unwrap().id();
-            assert_ne!(now, evil_id, "{name} does not seal with carol's key");
-            assert!(now == old || now == real, "{name}");
-        }
-    }
-
-    /// The server rolls bob's wallet back to before it held the vault's admin
-    /// list, and serves a keyring from carol that names her its admin: this
-    /// machine's memory of the list refuses it.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_rolled_back_admin_list_is_not_replaced_by_another() {
-        let server = MemoryServer::new().unwrap();
-        let remote = server.add_user("bob", Limits::DEFAULT).await.unwrap();
-        let mut bob = Unlocked::create_wallet(remote, b"pw", FAST).await.unwrap();
-        bob.ensure_user_key().await.unwrap();
-        let memory: Arc<dyn crate::remote::account::KeyMemory> =
-            Arc::new(crate::fs::freshness::Freshness::memory());
-        bob.set_key_memory(Arc::clone(&memory));
-        let bare_wallet = bob.remote.wallet().await.unwrap().unwrap().0;
-        let mut alice = user(&server, "alice").await;
-        let carol = user(&server, "carol").await;
-        let vault = alice.create_vault("V", false).await.unwrap().info;
-        share_with(&alice, &vault, &bob, Rights::Write).await;
-        share_with(&alice, &vault, &carol, Rights::Read).await;
-        bob.vaults().await.unwrap();
-        carol.vaults().await.unwrap();
-        assert_eq!(bob.wallet().admins(vault.id).map(|l| l.admins.len()), Some(1), "alice only");
-        trust(&bob, &carol);
-
-        let (_, v) = bob.remote.wallet().await.unwrap().unwrap();
-        bob.remote.put_wallet(bare_wallet, Some(v)).await.unwrap();
-        let mut ring = carol.keyring_of(vault.id).unwrap();
-        ring.keys.push(EpochKey { epoch: 1, key: VaultKey::generate(&mut OsRandom).unwrap() });
-        let carol_admin =
-            Admin { user: "carol".into(), fingerprint: carol.user_public().unwrap().fingerprint() };
-        ring.admins = AdminList { version: 9, admins: vec![carol_admin] };
-        plant(&alice, &vault, &carol, &bob, Rights::Write, &ring).await;
-        let mut later = Unlocked::open(bob.remote.clone(), b"pw").await.unwrap();
-        later.set_key_memory(Arc::clone(&memory));
-        trust(&later, &carol);
-        assert!(later.wallet().admins(vault.id).is_none(), "the rolled-back wallet has no list");
-        let failed = later.accept_shares(&later.remote.vaults().await.unwrap()).await;
-        assert!(
-            matches!(failed.as_slice(), [(_, AccountError::Refused(e))] if e.contains("not the one this machine saw")),
-            "{}",
-            failed.len()
-        );
-        assert!(later.active_key(vault.id).is_none());
-    }
-
-    /// Alice makes bob an admin, then takes it back: carol gets each list in
-    /// turn. The server replays the share that carried the older list (bob
-    /// an admin), and bob seals a key of his choice for carol: the older list
-    /// is not taken back, and bob's key is refused.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_demotion_sticks_against_a_replayed_older_list() {
-        let server = MemoryServer::new().unwrap();
-        let (alice, bob, carol, vault) = team(&server).await;
-        trust(&carol, &bob);
-        let (bobs_key, _) = alice.colleague_key("bob").await.unwrap();
-        alice.share_vault(&vault, "bob", Rights::Admin, &bobs_key).await.unwrap();
-        carol.vaults().await.unwrap();
-        assert_eq!(carol.wallet().admins(vault.id).map(|l| (l.version, l.admins.len())), Some((2, 2)));
-        let members = alice.remote.members(vault.id).await.unwrap();
-        let carols_v2 = members.into_iter().find(|m| m.user == "carol").unwrap().wrapped_key;
-        alice.share_vault(&vault, "bob", Rights::Write, &bobs_key).await.unwrap();
-        carol.vaults().await.unwrap();
-        assert_eq!(carol.wallet().admins(vault.id).map(|l| (l.version, l.admins.len())), Some((3, 1)));
-
-        // The replay: taken for its keys (the same), not for its older list.
-        let replay = Member { user: "carol".into(), rights: Rights::Read, wrapped_key: carols_v2 };
-        alice.remote.set_member(vault.id, replay).await.unwrap();
-        carol.vaults().await.unwrap();
-        assert_eq!(
-            carol.wallet().admins(vault.id).map(|l| l.version),
-            Some(3),
-            "the older list is not taken"
-        );
-        // Bob, no longer an admin, seals a key of his choice with the old list.
-        bob.vaults().await.unwrap();
-        let mut ring = bob.keyring_of(vault.id).unwrap();
-        ring.keys.push(EpochKey { epoch: 1, key: VaultKey::generate(&mut OsRandom).unwrap() });
-        plant(&alice, &vault, &bob, &carol, Rights::Read, &ring).await;
-        let as_admin = Member { user: "bob".into(), rights: Rights::Admin, wrapped_key: None };
-        alice.remote.set_member(vault.id, as_admin).await.unwrap();
-        refused_for(&carol, "not an admin").await;
-        assert_eq!(carol.active_key(vault.id).unwrap().id(), alice.active_key(vault.id).unwrap().id());
-    }
-
-    /// A vault made before admin lists (its creator had no key pair then):
-    /// its keyrings name no admins, the server's member list decides who adds
-    /// keys, and a list a member brings later is not taken.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_vault_without_a_list_stays_on_the_servers_word() {
-        let server = MemoryServer::new().unwrap();
-        let remote = server.add_user("alice", Limits::DEFAULT).await.unwrap();
-        let mut alice = Unlocked::create_wallet(remote, b"pw", FAST).await.unwrap();
-        let vault = alice.create_vault("Old", false).await.unwrap().info;
-        alice.ensure_user_key().await.unwrap();
-        assert!(alice.wallet().admins(vault.id).is_none());
-        let bob = user(&server, "bob").await;
-        let carol = user(&server, "carol").await;
-        share_with(&alice, &vault, &bob, Rights::Write).await;
-        share_with(&alice, &vault, &carol, Rights::Read).await;
-        bob.vaults().await.unwrap();
-        carol.vaults().await.unwrap();
-        assert!(bob.wallet().admins(vault.id).is_none());
-        trust(&bob, &carol);
-        let mut ring = carol.keyring_of(vault.id).unwrap();
-        ring.keys.push(EpochKey { epoch: 1, key: VaultKey::generate(&mut OsRandom).unwrap() });
-        let carol_admin =
-            Admin { user: "carol".into(), fingerprint: carol.user_public().unwrap().fingerprint() };
-        ring.admins = AdminList { version: 1, admins: vec![carol_admin] };
-        plant(&alice, &vault, &carol, &bob, Rights::Write, &ring).await;
-        let failed = bob.accept_shares(&bob.remote.vaults().await.unwrap()).await;
-        assert!(
-            matches!(failed.as_slice(), [(_, AccountError::Refused(e))] if e.contains("as the server lists")),
-            "{}",
-            failed.len()
-        );
-        assert!(bob.wallet().admins(vault.id).is_none(), "carol's list is not taken");
-    }
-
     /// A share that would add a key, sealed by a member who is not an admin
     /// (stored by a server that lets it), is refused: the key is not taken.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1244,8 +807,17 @@ mod tests {
         trust(&bob, &carol);
         let mut ring = carol.keyring_of(vault.id).unwrap();
         ring.keys.push(EpochKey { epoch: 1, key: VaultKey::generate(&mut OsRandom).unwrap() });
-        plant(&alice, &vault, &carol, &bob, Rights::Write, &ring).await;
-        refused_for(&bob, "not an admin").await;
+        let ctx = ShareContext { vault: vault.id, sender: "carol", recipient: "bob" };
+        let carols = &carol.wallet().user_key().unwrap().duplicate();
+        let share = seal_share(&ring, &ctx, carols, &bob.user_public().unwrap(), &mut OsRandom).unwrap();
+        let m = Member { user: "bob".into(), rights: Rights::Write, wrapped_key: Some(Sealed(share)) };
+        alice.remote.set_member(vault.id, m).await.unwrap();
+        let failed = bob.accept_shares(&bob.remote.vaults().await.unwrap()).await;
+        assert!(
+            matches!(failed.as_slice(), [(_, AccountError::Refused(e))] if e.contains("not an admin")),
+            "{}",
+            failed.len()
+        );
         assert_eq!(bob.active_key(vault.id).unwrap().id(), alice.active_key(vault.id).unwrap().id());
         assert_eq!(bob.wallet().keys_of(vault.id).count(), 1);
     }
