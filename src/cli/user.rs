@@ -505,8 +505,8 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
                 "write" => crate::protocol::Rights::Write,
                 _ => crate::protocol::Rights::Admin,
             };
-            let (unlocked, _) = unlock(passphrase_file.as_deref()).await?;
-            let info = find_vault(&unlocked, &vault).await?;
+            let (unlocked, freshness) = unlock(passphrase_file.as_deref()).await?;
+            let info = find_vault(&unlocked, &freshness, &vault).await?;
             if info.rights != crate::protocol::Rights::Admin {
                 return Err(format!(
                     "you have {} rights in {vault}; sharing needs admin",
@@ -520,7 +520,7 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
         }
         VaultCommand::Unshare { vault, user, passphrase_file } => {
             let (mut unlocked, freshness) = unlock(passphrase_file.as_deref()).await?;
-            let info = find_vault(&unlocked, &vault).await?;
+            let info = find_vault(&unlocked, &freshness, &vault).await?;
             let done = unlocked.unshare(&info, &user).await?;
             note_wallet(&unlocked, &freshness)?;
             println!(
@@ -542,8 +542,8 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
             );
         }
         VaultCommand::Rekey { vault, passphrase_file } => {
-            let (unlocked, _) = unlock(passphrase_file.as_deref()).await?;
-            let info = find_vault(&unlocked, &vault).await?;
+            let (unlocked, freshness) = unlock(passphrase_file.as_deref()).await?;
+            let info = find_vault(&unlocked, &freshness, &vault).await?;
             if info.rights < crate::protocol::Rights::Write {
                 return Err(format!(
                     "you have {} rights in {vault}; rekeying needs write",
@@ -579,8 +579,8 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
             );
         }
         VaultCommand::Members { vault, passphrase_file } => {
-            let (unlocked, _) = unlock(passphrase_file.as_deref()).await?;
-            let info = find_vault(&unlocked, &vault).await?;
+            let (unlocked, freshness) = unlock(passphrase_file.as_deref()).await?;
+            let info = find_vault(&unlocked, &freshness, &vault).await?;
             for m in unlocked.members(info.id).await? {
                 let key = m.fingerprint.map_or_else(|| "no key published".to_string(), |f| f.to_string());
                 let pin = match (m.user == unlocked.user(), m.pin) {
@@ -623,12 +623,16 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
     Ok(())
 }
 
-/// The vault listed under `name`.
+/// The vault listed under `name`. The listing may store keys of shares in
+/// the wallet: this machine notes the revision it saw.
 async fn find_vault(
     unlocked: &Unlocked<HttpRemote>,
+    freshness: &Freshness,
     name: &str,
 ) -> Result<crate::protocol::VaultInfo, Box<dyn std::error::Error + Send + Sync>> {
-    let mut found = unlocked.vaults().await?.into_iter().filter(|v| v.name.as_deref() == Some(name));
+    let listed = unlocked.vaults().await?;
+    note_wallet(unlocked, freshness)?;
+    let mut found = listed.into_iter().filter(|v| v.name.as_deref() == Some(name));
     match (found.next(), found.next()) {
         (Some(v), None) => Ok(v.info),
         (Some(_), Some(_)) => Err(format!("two vaults are named {name:?}").into()),
@@ -739,7 +743,7 @@ async fn confirm_key(
 /// `vaultfs trust`: confirms another user's key.
 pub async fn trust(args: TrustArgs) -> CliResult {
     crate::cache::harden::harden_command();
-    let (unlocked, _) = unlock(args.passphrase_file.as_deref()).await?;
+    let (unlocked, freshness) = unlock(args.passphrase_file.as_deref()).await?;
     if args.remove {
         if !unlocked.unpin(&args.user)? {
             return Err(
@@ -762,6 +766,8 @@ pub async fn trust(args: TrustArgs) -> CliResult {
         .filter(|v| v.shared_by.as_deref() == Some(args.user.as_str()))
         .map(|v| v.name.unwrap_or_else(|| v.info.id.to_string()))
         .collect();
+    // Shares opened now had their keys stored in the wallet.
+    note_wallet(&unlocked, &freshness)?;
     if !opened.is_empty() {
         println!("shared by {}: {}", args.user, opened.join(", "));
     }
