@@ -118,3 +118,35 @@ pub(super) fn check_size(rules: &VaultPolicy, size: u64) -> Result<()> {
     }
     rules.check_size(size).map_err(|why| FsError::TooBig(why.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::PolicyFile;
+
+    /// What the server says of a vault (its rights, end-to-end only) can
+    /// only make the client refuse more: rights above read never lift the
+    /// admin's read-only, and "not end-to-end only" never turns a size the
+    /// policy encrypts into plaintext.
+    #[test]
+    fn the_servers_word_only_restricts() {
+        let admin = "[vaults.Ro]\nread_only = true\n[defaults]\ne2e_limit = 1000\n";
+        let policy = Policy {
+            admin: PolicyFile::parse(std::path::Path::new("admin.toml"), admin).unwrap(),
+            user: PolicyFile::default(),
+        };
+        let rules = Rules::new(policy, Limits::DEFAULT);
+        let (ro, open, shared) = (VaultId([1; 16]), VaultId([2; 16]), VaultId([3; 16]));
+        rules.set_vault(ro, Some("Ro"), false, Rights::Admin);
+        rules.set_vault(open, Some("Open"), false, Rights::Admin);
+        rules.set_vault(shared, Some("Open"), true, Rights::Read);
+        assert!(rules.vault(ro).read_only, "the server's 'admin' does not lift the policy");
+        assert!(!rules.vault(open).read_only);
+        assert!(rules.vault(shared).read_only, "read rights: read-only");
+        // Within the policy's end-to-end limit: encrypted whatever the flag says.
+        assert!(rules.vault(open).encrypts(1000) && rules.vault(shared).encrypts(1000));
+        // Above it: the server's "end-to-end only" refuses instead of passing through.
+        assert!(rules.vault(open).check_size(2000).is_ok());
+        assert!(rules.vault(shared).check_size(2000).is_err());
+    }
+}
