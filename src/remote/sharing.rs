@@ -305,12 +305,19 @@ impl<R: Remote> Unlocked<R> {
     /// session and storing is tried again at the next listing.
     async fn keep_in_wallet(&self, vault: VaultId) -> Result<(), AccountError> {
         let Some(ring) = self.shared.read().get(&vault).map(|a| Arc::clone(&a.ring)) else { return Ok(()) };
-        let (mut copy, version) = self.wallet_copy();
-        let held = copy.keys_of(vault).count();
-        let flag = ring.manifests_required() && !copy.manifests_required(vault);
-        if !extends(&copy, vault, &ring) || (ring.keys.len() == held && !flag) {
+        // Asked at every listing: the wallet is copied only when it lacks something.
+        let adds = |w: &crate::crypto::Wallet| {
+            let flag = ring.manifests_required() && !w.manifests_required(vault);
+            extends(w, vault, &ring) && (ring.keys.len() > w.keys_of(vault).count() || flag)
+        };
+        if !adds(&self.wallet()) {
             return Ok(());
         }
+        let (mut copy, version) = self.wallet_copy();
+        if !adds(&copy) {
+            return Ok(());
+        }
+        let held = copy.keys_of(vault).count();
         for k in &ring.keys[held..] {
             copy.add_key(vault, k.key.duplicate())?;
         }

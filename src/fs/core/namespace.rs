@@ -335,9 +335,14 @@ impl<R: Remote> VaultFs<R> {
         }
     }
 
+    /// The key new names, manifests and files of `vault` are sealed with
+    /// (EACCES if this user holds none).
+    pub(super) fn sealing_key(&self, vault: VaultId) -> Result<crypto::VaultKey> {
+        self.account.active_key(vault).ok_or_else(|| FsError::Access("no key for this vault".into()))
+    }
+
     pub(super) fn seal(&self, vault: VaultId, ctx: NameContext, name: &OsStr) -> Result<Sealed> {
-        let key =
-            self.account.active_key(vault).ok_or_else(|| FsError::Access("no key for this vault".into()))?;
+        let key = self.sealing_key(vault)?;
         seal_name(&key, &ctx, name.as_bytes(), &mut OsRandom)
             .map(Sealed)
             .map_err(|e| FsError::Io(e.to_string()))

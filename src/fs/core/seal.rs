@@ -71,10 +71,7 @@ impl Sealer {
 impl<R: Remote> VaultFs<R> {
     /// Seals a file's manifest with its vault's active key.
     pub(super) fn seal_manifest(&self, ctx: &FileContext, manifest: &FileManifest) -> Result<Sealed> {
-        let key = self
-            .account
-            .active_key(ctx.vault)
-            .ok_or_else(|| FsError::Access("no key for this vault".into()))?;
+        let key = self.sealing_key(ctx.vault)?;
         crypto::seal_manifest(&key, ctx, manifest, &mut OsRandom)
             .map(Sealed)
             .map_err(|e| FsError::Io(e.to_string()))
@@ -93,10 +90,7 @@ impl<R: Remote> VaultFs<R> {
             let tagger = PieceTagger::new(&mut OsRandom).map_err(|e| FsError::Io(e.to_string()))?;
             return Ok(Sealer::Plain { tagger, len: plain_len });
         }
-        let key = self
-            .account
-            .active_key(ctx.vault)
-            .ok_or_else(|| FsError::Access("no key for this vault".into()))?;
+        let key = self.sealing_key(ctx.vault)?;
         let (encryptor, header) = FileEncryptor::new(&key, ctx, generation, plain_len, &mut OsRandom)
             .map_err(|e| FsError::Io(e.to_string()))?;
         let manifest = FileManifest {
