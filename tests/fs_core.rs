@@ -405,6 +405,84 @@ async fn an_interrupted_rekey_resumes_where_it_stopped() {
     }
 }
 
+/// Bob's share of a rotated key is withheld by the server: once his mount
+/// sees the vault use the key he was not given, it seals nothing in it (new
+/// files and saves get EACCES; a save's data stays in memory and is retried),
+/// and the retried save goes through under the new key once the share
+/// arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_seals_nothing_while_the_vault_uses_a_key_it_was_not_given() {
+    use vaultfs::protocol::{Member, Rights};
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    write_file(&fs, r.ino, "a.txt", b"before").await;
+    let mut cli = Unlocked::open(s.alice.clone(), b"pw").await.unwrap();
+    let alice_key = cli.ensure_user_key().await.unwrap();
+    let vault = cli.vaults().await.unwrap().remove(0).info;
+    let mut remotes = Vec::new();
+    for name in ["bob", "carol"] {
+        let remote = s.server.add_user(name, Limits::DEFAULT).await.unwrap();
+        let mut u = Unlocked::create_wallet(remote.clone(), b"pw", FAST).await.unwrap();
+        let key = u.ensure_user_key().await.unwrap();
+        cli.pin(name, key.fingerprint()).unwrap();
+        cli.share_vault(&vault, name, Rights::Write, &key).await.unwrap();
+        remotes.push(remote);
+    }
+    let bob = Unlocked::open(remotes[0].clone(), b"pw").await.unwrap();
+    bob.pin("alice", alice_key.fingerprint()).unwrap();
+    let bob = Arc::new(VaultFs::new(bob, strict()).await.unwrap());
+    let bv = bob.lookup(ROOT, n("V")).await.unwrap();
+    let br = bob.lookup(bv.ino, n("r")).await.unwrap();
+    assert_eq!(read_file(&bob, br.ino, "a.txt").await.unwrap(), b"before");
+
+    let bobs_share = |members: Vec<Member>| members.into_iter().find(|m| m.user == "bob").unwrap();
+    let withheld = bobs_share(s.alice.members(vault.id).await.unwrap());
+    cli.unshare(&vault, "carol").await.unwrap();
+    let new_key = cli.active_key(vault.id).unwrap().id();
+    let real = bobs_share(s.alice.members(vault.id).await.unwrap());
+    s.alice.set_member(vault.id, withheld).await.unwrap();
+    let a_id = s.alice.files(vault.id).await.unwrap()[0].id;
+    // Alice's new mount seals under the new key.
+    let fs2 = mount(s.alice.clone()).await;
+    let v2 = fs2.lookup(ROOT, n("V")).await.unwrap();
+    let r2 = fs2.lookup(v2.ino, n("r")).await.unwrap();
+    write_file(&fs2, r2.ino, "b.txt", b"under the new key").await;
+
+    tokio::time::sleep(vaultfs::fs::core::LISTING_TTL + std::time::Duration::from_millis(100)).await;
+    bob.readdir(br.ino).await.unwrap();
+    assert_eq!(errno(bob.create(br.ino, n("new.txt")).await), libc::EACCES);
+    assert_eq!(errno(bob.mkdir(bv.ino, n("r2")).await), libc::EACCES);
+    let a = bob.lookup(br.ino, n("a.txt")).await.unwrap();
+    let fh = bob.open(a.ino, true, true).await.unwrap();
+    bob.write(fh, 0, b"edited by bob").await.unwrap();
+    assert_eq!(errno(bob.flush(a.ino, fh).await), libc::EACCES);
+    bob.release(a.ino, fh).await.unwrap();
+    assert_eq!(s.alice.files(vault.id).await.unwrap().len(), 2, "nothing new on the server");
+    let stored = s.alice.file(a_id).await.unwrap();
+    let old_key = vaultfs::crypto::manifest::manifest_key_id(&stored.meta.0).unwrap();
+    assert_ne!(old_key, new_key, "a.txt is as it was before the rotation");
+
+    // The server hands bob his share: the retried save goes through.
+    s.alice.set_member(vault.id, real).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let now = s.alice.file(stored.id).await.unwrap();
+        if now.version > stored.version {
+            let id = vaultfs::crypto::manifest::manifest_key_id(&now.meta.0).unwrap();
+            assert_eq!(id, new_key, "saved under the new key");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the save was not retried once the key arrived");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let fs3 = mount(s.alice.clone()).await;
+    let v3 = fs3.lookup(ROOT, n("V")).await.unwrap();
+    let r3 = fs3.lookup(v3.ino, n("r")).await.unwrap();
+    assert_eq!(read_file(&fs3, r3.ino, "a.txt").await.unwrap(), b"edited by bob");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_mounts_editing_one_file_keep_both_versions() {
     let s = setup(&["V"]).await;

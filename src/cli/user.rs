@@ -596,6 +596,9 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
             }
             let (older, all) = unlocked.files_under_older_keys(info.id).await?;
             println!("files under older keys: {older} of {all}");
+            if let Err(e) = unlocked.check_not_behind(info.id) {
+                println!("WARNING: {e}");
+            }
         }
         VaultCommand::List { passphrase_file } => {
             let (unlocked, freshness) = unlock(passphrase_file.as_deref()).await?;

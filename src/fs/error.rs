@@ -64,6 +64,11 @@ pub enum FsError {
     /// open: reopen it to read the new content.
     #[error("the file was replaced while open")]
     Stale,
+    /// The vault is seen using a key this client was not given: nothing new
+    /// is sealed in it until a share brings that key (EACCES; an upload is
+    /// kept and retried).
+    #[error("permission denied: {0}")]
+    KeyBehind(String),
     /// The server cannot be reached or failed.
     #[error("server unavailable: {0}")]
     Unavailable(String),
@@ -85,7 +90,7 @@ impl FsError {
             FsError::Invalid(_) => libc::EINVAL,
             FsError::NameTooLong => libc::ENAMETOOLONG,
             FsError::NotPermitted(_) => libc::EPERM,
-            FsError::Access(_) => libc::EACCES,
+            FsError::Access(_) | FsError::KeyBehind(_) => libc::EACCES,
             FsError::TooBig(_) => libc::EFBIG,
             FsError::NoSpace => libc::ENOSPC,
             FsError::NoAttr => libc::ENODATA,

@@ -67,6 +67,20 @@ pub enum AccountError {
     /// No key for a vault in the wallet.
     #[error("the wallet holds no key for vault {0}")]
     NoKey(VaultId),
+    /// The vault is seen using keys this client was not given (its key
+    /// rotated and the new one was not shared with this user, or not yet):
+    /// nothing new is sealed under the keys held.
+    #[error(
+        "vault {vault} has files or names sealed under {missing} key(s) you were not given (its key was \
+         rotated, and the new key has not reached you): nothing new is sealed in it until an admin shares the \
+         vault with you again (`vaultfs vault share`); unsaved changes are kept and retried"
+    )]
+    KeyBehind {
+        /// The vault.
+        vault: VaultId,
+        /// How many such keys.
+        missing: usize,
+    },
     /// The server offers another key for a user than the one pinned here.
     #[error(
         "the server offers another key for {user} ({offered}) than the one pinned on this machine ({pinned}); \
@@ -263,6 +277,8 @@ pub struct Unlocked<R> {
     pub(super) pins: parking_lot::Mutex<Pins>,
     /// This machine's memory of accepted keyrings, if it keeps one.
     pub(super) key_memory: Option<std::sync::Arc<dyn KeyMemory>>,
+    /// Keys seen in use in each vault that this client lacks (super::keys_in_use).
+    pub(super) keys_in_use: super::keys_in_use::KeysInUse,
     /// The server's version of the wallet held.
     wallet_version: std::sync::atomic::AtomicU64,
     passphrase: zeroize::Zeroizing<Vec<u8>>,
@@ -293,6 +309,7 @@ impl<R: Remote> Unlocked<R> {
             wallet: parking_lot::RwLock::new(wallet),
             shared: Default::default(),
             refused_shares: Default::default(),
+            keys_in_use: Default::default(),
             pins: parking_lot::Mutex::new(Pins::in_memory("")),
             key_memory: None,
             wallet_version: std::sync::atomic::AtomicU64::new(wallet_version),

@@ -50,6 +50,7 @@ impl<R: Remote> Unlocked<R> {
     /// vault (if none was skipped). Needs write rights in the vault.
     pub async fn migrate_vault(&mut self, vault: VaultId) -> Result<Migration, AccountError> {
         let mut report = Migration::default();
+        self.list_keys_in_use(vault).await?;
         for info in self.remote.files(vault).await? {
             if !info.meta.0.is_empty() {
                 report.had_one += 1;
@@ -58,7 +59,7 @@ impl<R: Remote> Unlocked<R> {
             match self.manifest_for(&info).await {
                 Ok(manifest) => {
                     let ctx = FileContext { vault: info.vault, record: info.record, file: info.id };
-                    let key = self.active_key(vault).ok_or(AccountError::NoKey(vault))?;
+                    let key = self.sealing_key(vault)?;
                     let meta = crypto::seal_manifest(&key, &ctx, &manifest, &mut OsRandom)?;
                     let update = FileUpdate { meta: Some(Sealed(meta)), ..Default::default() };
                     match self.remote.update_file(info.id, info.version, update).await {

@@ -16,6 +16,7 @@ pub mod account;
 #[cfg(any(test, feature = "testing"))]
 pub mod faulty;
 pub mod http;
+pub mod keys_in_use;
 #[cfg(any(test, feature = "testing"))]
 pub mod memory;
 pub mod migrate;

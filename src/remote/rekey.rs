@@ -44,9 +44,12 @@ impl<R: Remote> Unlocked<R> {
         vault: VaultId,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Rekeyed, AccountError> {
-        let current = self.active_key(vault).ok_or(AccountError::NoKey(vault))?;
+        let (records, files) = tokio::try_join!(self.remote.records(vault), self.remote.files(vault))?;
+        // Never under a key older than one the vault is seen using.
+        self.note_keys_in_use(vault, super::keys_in_use::key_ids_of(&records, &files));
+        let current = self.sealing_key(vault)?;
         let mut report = Rekeyed::default();
-        for r in self.remote.records(vault).await? {
+        for r in records {
             let title_ctx = NameContext::RecordTitle { vault, record: r.id };
             let fields_ctx = NameContext::RecordFields { vault, record: r.id };
             let title = self.reseal(vault, &current, title_ctx, &r.title)?;
@@ -62,7 +65,6 @@ impl<R: Remote> Unlocked<R> {
                 }
             }
         }
-        let files = self.remote.files(vault).await?;
         let total = files.len();
         for (done, f) in files.into_iter().enumerate() {
             match self.rekey_file(&current, &f).await {

@@ -13,8 +13,10 @@
 //! ([`Unlocked::accept_shares`]): the wallet is the memory of which keys a
 //! vault had, across sessions and machines. Any admin rotates a vault's key
 //! by adding one after those held and sharing the longer keyring with every
-//! other member ([`Unlocked::unshare`]). The server sees public keys, names
-//! and sealed shares, never a vault key.
+//! other member ([`Unlocked::unshare`]). Sharing and rotating first list the
+//! vault: a client that sees it use a key it lacks seals nothing in it
+//! (super::keys_in_use). The server sees public keys, names and sealed
+//! shares, never a vault key.
 
 use std::sync::Arc;
 
@@ -176,16 +178,30 @@ impl<R: Remote> Unlocked<R> {
         if user == self.user() {
             return Err(AccountError::Refused("that is you".into()));
         }
-        let ring = self.keyring_of(vault.id)?;
+        // A keyring that lacks a key the vault uses would split the vault.
+        self.list_keys_in_use(vault.id).await?;
+        self.store_share(vault.id, user, rights, to).await
+    }
+
+    /// Seals `vault`'s keyring for `user` and stores it with their membership.
+    async fn store_share(
+        &self,
+        vault: VaultId,
+        user: &str,
+        rights: Rights,
+        to: &UserPublic,
+    ) -> Result<(), AccountError> {
+        self.check_not_behind(vault)?;
+        let ring = self.keyring_of(vault)?;
         let me = self
             .wallet()
             .user_key()
             .map(|k| k.duplicate())
             .ok_or_else(|| AccountError::Refused("the wallet holds no user key".into()))?;
-        let ctx = ShareContext { vault: vault.id, sender: self.user(), recipient: user };
+        let ctx = ShareContext { vault, sender: self.user(), recipient: user };
         let share = seal_share(&ring, &ctx, &me, to, &mut OsRandom)?;
         let member = Member { user: user.to_string(), rights, wrapped_key: Some(Sealed(share)) };
-        self.remote.set_member(vault.id, member).await?;
+        self.remote.set_member(vault, member).await?;
         Ok(())
     }
 
@@ -384,7 +400,10 @@ impl<R: Remote> Unlocked<R> {
             )));
         }
         // The new key goes after every key held, so every member's wallet
-        // must hold those first: a share's keys are stored now if they are not yet.
+        // must hold those first: a share's keys are stored now if they are not
+        // yet. A rotation by someone lacking a key the vault uses would fork it.
+        self.list_keys_in_use(vault.id).await?;
+        self.check_not_behind(vault.id)?;
         let held = self.keyring_of(vault.id)?;
         self.keep_in_wallet(vault.id).await?;
         if self.wallet().keys_of(vault.id).count() != held.keys.len() {
@@ -434,7 +453,7 @@ impl<R: Remote> Unlocked<R> {
         let epoch = self.wallet().entries().iter().filter(|e| e.vault == vault.id).count() as u32 - 1;
         let mut not_reshared = Vec::new();
         for (m, key) in keys {
-            if let Err(e) = self.share_vault(vault, &m.user, m.rights, &key).await {
+            if let Err(e) = self.store_share(vault.id, &m.user, m.rights, &key).await {
                 not_reshared.push(format!("{}: {e}", m.user));
             }
         }
@@ -442,13 +461,17 @@ impl<R: Remote> Unlocked<R> {
     }
 
     /// How many of `vault`'s files are sealed under a key older than its
-    /// current one (by their manifests), of how many.
+    /// current one (by their manifests), of how many. A file under a key
+    /// this client lacks is not counted, but noted
+    /// ([`Unlocked::keys_missing`] then says so).
     pub async fn files_under_older_keys(&self, vault: VaultId) -> Result<(usize, usize), AccountError> {
         let Some(current) = self.active_key(vault).map(|k| k.id()) else { return Ok((0, 0)) };
         let files = self.remote.files(vault).await?;
+        self.note_keys_in_use(vault, super::keys_in_use::key_ids_of([], &files));
         let older = files
             .iter()
-            .filter(|f| crate::crypto::manifest::manifest_key_id(&f.meta.0).is_ok_and(|id| id != current))
+            .filter_map(|f| crate::crypto::manifest::manifest_key_id(&f.meta.0).ok())
+            .filter(|id| *id != current && self.vault_key(vault, *id).is_some())
             .count();
         Ok((older, files.len()))
     }
@@ -803,6 +826,90 @@ mod tests {
         elsewhere.set_pins(crate::remote::pins::Pins::in_memory(""));
         trust(&elsewhere, &alice);
         assert!(elsewhere.accept_shares(&elsewhere.remote.vaults().await.unwrap()).await.is_empty());
+    }
+
+    /// Mallory, an admin, is removed; the server then calls her an admin
+    /// again and stores shares she seals with a key of her own after the keys
+    /// she had. Bob, who took the rotation, refuses hers (it lacks the new
+    /// key). Carol, whose new share the server withholds, takes it (nothing
+    /// tells her otherwise), but once she sees the vault use the key she was
+    /// not given she seals nothing under mallory's key: not for the mount,
+    /// not for a rekey, not in a share.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_removed_admin_the_server_still_calls_one_gets_nothing_sealed_under_her_key() {
+        let server = MemoryServer::new().unwrap();
+        let mut alice = user(&server, "alice").await;
+        let (bob, carol, mallory) =
+            (user(&server, "bob").await, user(&server, "carol").await, user(&server, "mallory").await);
+        let vault = alice.create_vault("V", false).await.unwrap().info;
+        share_with(&alice, &vault, &bob, Rights::Write).await;
+        share_with(&alice, &vault, &carol, Rights::Admin).await;
+        share_with(&alice, &vault, &mallory, Rights::Admin).await;
+        for member in [&bob, &carol, &mallory] {
+            member.vaults().await.unwrap();
+        }
+        trust(&bob, &mallory);
+        trust(&carol, &mallory);
+        let share_of = |members: Vec<Member>, who: &str| members.into_iter().find(|m| m.user == who).unwrap();
+        let carols_old = share_of(alice.remote.members(vault.id).await.unwrap(), "carol");
+        alice.unshare(&vault, "mallory").await.unwrap();
+        let new = alice.active_key(vault.id).unwrap().id();
+        bob.vaults().await.unwrap();
+        assert_eq!(bob.active_key(vault.id).unwrap().id(), new);
+        // The server withholds carol's new share, and lists mallory as an admin again.
+        alice.remote.set_member(vault.id, carols_old).await.unwrap();
+        let back = Member { user: "mallory".into(), rights: Rights::Admin, wrapped_key: None };
+        alice.remote.set_member(vault.id, back).await.unwrap();
+        let mut ring = mallory.keyring_of(vault.id).unwrap();
+        assert_eq!(ring.keys.len(), 1, "mallory has the key from before only");
+        let hers = VaultKey::generate(&mut OsRandom).unwrap();
+        ring.keys.push(EpochKey { epoch: 1, key: hers.duplicate() });
+        let mallorys = mallory.wallet().user_key().unwrap().duplicate();
+        for (victim, name) in [(&bob, "bob"), (&carol, "carol")] {
+            let ctx = ShareContext { vault: vault.id, sender: "mallory", recipient: name };
+            let forged =
+                seal_share(&ring, &ctx, &mallorys, &victim.user_public().unwrap(), &mut OsRandom).unwrap();
+            let rights = if name == "bob" { Rights::Write } else { Rights::Admin };
+            let m = Member { user: name.into(), rights, wrapped_key: Some(Sealed(forged)) };
+            alice.remote.set_member(vault.id, m).await.unwrap();
+        }
+        let failed = bob.accept_shares(&bob.remote.vaults().await.unwrap()).await;
+        assert!(matches!(failed.as_slice(), [(_, AccountError::Refused(e))] if e.contains("lacks keys")));
+        assert_eq!(bob.active_key(vault.id).unwrap().id(), new, "bob keeps the new key");
+        let carols_view = carol.vaults().await.unwrap().remove(0).info;
+        assert_eq!(carol.active_key(vault.id).unwrap().id(), hers.id(), "carol cannot tell yet");
+
+        // Alice (or bob) seals something under the new key; carol's next listing sees it.
+        let title = crate::crypto::seal_name(
+            &alice.active_key(vault.id).unwrap(),
+            &crate::crypto::NameContext::RecordTitle {
+                vault: vault.id,
+                record: crate::ids::RecordId([7; 16]),
+            },
+            b"after the removal",
+            &mut OsRandom,
+        )
+        .unwrap();
+        let record = crate::protocol::NewRecord {
+            id: crate::ids::RecordId([7; 16]),
+            parent: None,
+            title: Sealed(title),
+            fields: Sealed(Vec::new()),
+        };
+        alice.remote.create_record(vault.id, record).await.unwrap();
+        carol.list_keys_in_use(vault.id).await.unwrap();
+        let e = carol.sealing_key(vault.id).map(|k| k.id()).unwrap_err();
+        assert!(matches!(e, AccountError::KeyBehind { missing: 1, .. }), "{e}");
+        let dave = user(&server, "dave").await;
+        let e = carol.share_vault(&carols_view, "dave", Rights::Read, &dave.user_public().unwrap()).await;
+        assert!(matches!(e, Err(AccountError::KeyBehind { .. })), "{e:?}");
+        // A new session of carol (mallory's key is in her wallet now): a rekey lists the vault first.
+        let carol2 = Unlocked::open(carol.remote.clone(), b"pw").await.unwrap();
+        assert_eq!(carol2.active_key(vault.id).unwrap().id(), hers.id());
+        let e = carol2.rekey_vault(vault.id, |_, _| {}).await.unwrap_err();
+        assert!(matches!(e, AccountError::KeyBehind { .. }), "{e}");
+        let records = alice.remote.records(vault.id).await.unwrap();
+        assert!(records.iter().all(|r| crate::crypto::names::name_key_id(&r.title.0).unwrap() != hers.id()));
     }
 
     /// A share that would add a key, sealed by a member who is not an admin

@@ -23,6 +23,7 @@ use crate::crypto::{self, open_name, seal_name, FileContext, FileManifest, NameC
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::{now_ms, FileInfo, NewFile, RecordInfo, Sealed};
 use crate::remote::account::AccountError;
+use crate::remote::keys_in_use::key_ids_of;
 use crate::remote::{Remote, RemoteError};
 
 impl<R: Remote> VaultFs<R> {
@@ -144,6 +145,13 @@ impl<R: Remote> VaultFs<R> {
             })
             .collect();
         let legacy = files.iter().filter(|f| f.meta.0.is_empty()).count();
+        if self.account.note_keys_in_use(vault, key_ids_of(&records, &files)) {
+            let e = AccountError::KeyBehind { vault, missing: self.account.keys_missing(vault).unwrap_or(0) };
+            tracing::error!(%vault, "{e}");
+            self.note_refusal(format!(
+                "vault {vault}: sealed under a key this client was not given; nothing new is sealed in it"
+            ));
+        }
         // Names and manifests are opened before the tree is locked.
         let records: Vec<ListedRecord> = records
             .into_iter()
@@ -336,9 +344,13 @@ impl<R: Remote> VaultFs<R> {
     }
 
     /// The key new names, manifests and files of `vault` are sealed with
-    /// (EACCES if this user holds none).
+    /// (EACCES if this user holds none, or the vault is seen using a key this
+    /// client lacks: see crate::remote::keys_in_use).
     pub(super) fn sealing_key(&self, vault: VaultId) -> Result<crypto::VaultKey> {
-        self.account.active_key(vault).ok_or_else(|| FsError::Access("no key for this vault".into()))
+        self.account.sealing_key(vault).map_err(|e| match e {
+            e @ AccountError::KeyBehind { .. } => FsError::KeyBehind(e.to_string()),
+            _ => FsError::Access("no key for this vault".into()),
+        })
     }
 
     pub(super) fn seal(&self, vault: VaultId, ctx: NameContext, name: &OsStr) -> Result<Sealed> {

@@ -141,6 +141,12 @@ impl<R: Remote> VaultFs<R> {
                     tracing::warn!(file = %id, error = %e, "upload still failing; retrying in {wait:?}");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(60));
+                    if matches!(e, FsError::KeyBehind(_)) {
+                        // The missing key comes with a share, found by listing the vaults.
+                        if let Err(e) = self.load_root(false).await {
+                            tracing::debug!(error = %e, "cannot list the vaults to look for a new share");
+                        }
+                    }
                 }
             }
         }
