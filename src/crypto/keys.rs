@@ -23,6 +23,24 @@ pub const KEY_ID_LEN: usize = 16;
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KeyId(pub [u8; KEY_ID_LEN]);
 
+/// Domain of a key id derived from its key (docs/FORMAT.md "Key hierarchy").
+const KEY_ID_DOMAIN: &[u8] = b"vaultfs/key-id/v1";
+
+impl KeyId {
+    /// The id of a key made by this version: the first 16 bytes of
+    /// SHA-256("vaultfs/key-id/v1" || secret). Nobody can make another
+    /// secret with the same id, so a key under a derived id is that key,
+    /// whoever hands it over; keys made before ids were derived have random
+    /// ids, which prove nothing.
+    pub fn of_secret(secret: &[u8; KEY_LEN]) -> KeyId {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new().chain_update(KEY_ID_DOMAIN).chain_update(secret).finalize();
+        let mut id = [0u8; KEY_ID_LEN];
+        id.copy_from_slice(&digest[..KEY_ID_LEN]);
+        KeyId(id)
+    }
+}
+
 impl fmt::Display for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&hex_encode(&self.0))
@@ -42,13 +60,17 @@ pub struct VaultKey {
 }
 
 impl VaultKey {
-    /// A fresh random key with a fresh random id.
+    /// A fresh random key, its id derived from it ([`KeyId::of_secret`]).
     pub fn generate(rng: &mut dyn RandomSource) -> Result<Self> {
-        let mut id = [0u8; KEY_ID_LEN];
-        rng.fill(&mut id)?;
         let mut secret = Zeroizing::new([0u8; KEY_LEN]);
         rng.fill(&mut secret[..])?;
-        Ok(VaultKey { id: KeyId(id), secret })
+        Ok(VaultKey { id: KeyId::of_secret(&secret), secret })
+    }
+
+    /// Whether the key's id is derived from its secret: then no one can
+    /// hand over another key under the same id.
+    pub fn id_is_derived(&self) -> bool {
+        self.id == KeyId::of_secret(&self.secret)
     }
 
     /// A key from known bytes (unwrapping from a wallet, test vectors).
@@ -123,12 +145,26 @@ mod tests {
         assert!(shown.contains("11111111"), "key id should be visible: {shown}");
     }
 
+    /// SHA-256("vaultfs/key-id/v1" || 00 01 .. 1f), first 16 bytes, computed
+    /// apart from this code (Python's hashlib).
+    const KEY_ID_VECTOR: &str = "9043878944a262582ec0f0bf2c7c47e9";
+
     #[test]
-    fn generate_draws_id_and_secret_from_the_rng() {
-        let mut rng = ReplayRandom::new((0..48).collect());
+    fn generate_draws_the_secret_from_the_rng_and_derives_the_id() {
+        let mut rng = ReplayRandom::new((0..32).collect());
         let key = VaultKey::generate(&mut rng).unwrap();
-        assert_eq!(key.id().0, core::array::from_fn(|i| i as u8));
-        assert_eq!(key.secret(), &core::array::from_fn::<u8, 32, _>(|i| (i + 16) as u8));
+        let secret: [u8; 32] = core::array::from_fn(|i| i as u8);
+        assert_eq!(key.secret(), &secret);
         assert_eq!(key.duplicate().secret(), key.secret());
+        // The vector docs/FORMAT.md gives ("Keys").
+        assert_eq!(key.id().to_string(), KEY_ID_VECTOR);
+        assert!(key.id_is_derived());
+        assert!(
+            !VaultKey::from_bytes(KeyId([0x11; 16]), secret).id_is_derived(),
+            "a random id proves nothing"
+        );
+        let mut other = secret;
+        other[31] ^= 1;
+        assert!(!VaultKey::from_bytes(key.id(), other).id_is_derived(), "another secret under that id");
     }
 }

@@ -71,9 +71,10 @@ pub enum AccountError {
     /// rotated and the new one was not shared with this user, or not yet):
     /// nothing new is sealed under the keys held.
     #[error(
-        "vault {vault} has files or names sealed under {missing} key(s) you were not given (its key was \
-         rotated, and the new key has not reached you): nothing new is sealed in it until an admin shares the \
-         vault with you again (`vaultfs vault share`); unsaved changes are kept and retried"
+        "vault {vault} has files or names sealed under {missing} key(s) this client does not hold, or holds \
+         under an id the key does not match: its key was rotated and the new key has not reached you (or the \
+         server lists something under a key that does not exist). Nothing new is sealed in it until an admin \
+         shares the vault with you again (`vaultfs vault share`); unsaved changes are kept and retried"
     )]
     KeyBehind {
         /// The vault.

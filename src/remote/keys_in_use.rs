@@ -2,21 +2,29 @@
 //! one way to the key anything new is sealed with.
 //!
 //! Data flow. Whoever lists a vault (the mount's namespace, `vault rekey`,
-//! `vault migrate`, a share or a rotation) hands the key ids that its
-//! records, names and manifests name to [`Unlocked::note_keys_in_use`]; the
-//! ids this client holds no key for are remembered for the session, by
-//! vault. [`Unlocked::sealing_key`] then refuses while any of them is still
-//! missing: a vault where others seal under a key this client was not given
-//! is one whose key rotated without this member getting the new key (the
-//! server withheld the share, or someone the server calls an admin handed
-//! this client a key of its own making), and sealing under an older or such
-//! a key would let whoever holds it (a removed member) read what is sealed.
-//! The refusal ends by itself once a share brings the missing key.
+//! `vault migrate`, a share or a rotation, `vault members`) opens what the
+//! listing holds (record titles, file names, manifests) and hands, for each,
+//! the key id it names and whether the key held under that id opened it to
+//! [`Unlocked::note_keys_in_use`]. An id counts as lacking when this client
+//! holds no key under it, or when the key it holds under it failed to open
+//! something sealed under that id. [`Unlocked::sealing_key`] refuses while
+//! any id is lacking: a vault where others seal under a key this client was
+//! not given is one whose key rotated without this member getting the new
+//! key (the server withheld the share, or someone the server calls an admin
+//! handed this client a key of its own making), and sealing under an older or
+//! such a key would let whoever holds it (a removed member) read what is
+//! sealed.
 //!
-//! What is remembered only grows within a session: a listing that no longer
-//! shows the key (the server hides those files) does not lift the refusal.
+//! A key held under an id is the key the vault's items name only if the id
+//! is derived from it ([`crate::crypto::KeyId::of_secret`]); keys a share
+//! adds to those held must be (super::sharing). Keys made before ids were
+//! derived, and a first share's keys, prove nothing by their ids: such a key
+//! that fails to open something sealed under its id is not the vault's key,
+//! and its id stays lacking for the session; and an id seen lacking is
+//! cleared only by a key whose id is derived from it, never by a listing
+//! (the server chooses what a listing shows).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use parking_lot::Mutex;
 
@@ -24,64 +32,120 @@ use super::account::{AccountError, Unlocked};
 use super::Remote;
 use crate::crypto::manifest::manifest_key_id;
 use crate::crypto::names::name_key_id;
-use crate::crypto::{KeyId, VaultKey};
+use crate::crypto::{self, FileContext, KeyId, NameContext, VaultKey};
 use crate::ids::VaultId;
 use crate::protocol::{FileInfo, RecordInfo};
 
-/// Key ids seen in use in each vault that this client held no key for when
-/// it saw them. A leaf lock.
-#[derive(Default)]
-pub(super) struct KeysInUse {
-    lacking: Mutex<HashMap<VaultId, HashSet<KeyId>>>,
+/// Why a key id is lacking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lack {
+    /// No key under this id was held when it was seen; cleared once a key
+    /// whose id is derived from it is held.
+    NotHeld,
+    /// The key held under this id, whose id is not derived from it, failed
+    /// to open something sealed under it: not the vault's key, whatever its
+    /// id says. Kept for the session.
+    WrongKey,
 }
 
-/// The key ids a vault's records and files are sealed under (what does not
-/// parse names none: it fails its own check where it is opened).
-pub fn key_ids_of<'a>(
-    records: impl IntoIterator<Item = &'a RecordInfo>,
-    files: impl IntoIterator<Item = &'a FileInfo>,
-) -> Vec<KeyId> {
-    let names = |s: &[u8]| (!s.is_empty()).then(|| name_key_id(s).ok()).flatten();
-    let mut ids = Vec::new();
-    for r in records {
-        ids.extend(names(&r.title.0));
-        ids.extend(names(&r.fields.0));
+/// Key ids seen in use in each vault that this client lacks. A leaf lock.
+#[derive(Default)]
+pub(super) struct KeysInUse {
+    lacking: Mutex<HashMap<VaultId, HashMap<KeyId, Lack>>>,
+}
+
+/// A listing's record titles, file names and manifests opened with the keys
+/// held: for each, the key id it names and whether it opened (what does not
+/// parse names no id and is not counted: it fails its own check where it is
+/// used). For the commands that list a vault; the mount opens these anyway
+/// and reports the same from what it opened.
+pub fn opened_in<R: Remote>(
+    account: &Unlocked<R>,
+    vault: VaultId,
+    records: &[RecordInfo],
+    files: &[FileInfo],
+) -> Vec<(KeyId, bool)> {
+    let mut seen = Vec::new();
+    let mut name = |ctx: NameContext, sealed: &[u8]| {
+        if let Ok(id) = name_key_id(sealed) {
+            let opened =
+                account.vault_key(vault, id).is_some_and(|k| crypto::open_name(&k, &ctx, sealed).is_ok());
+            seen.push((id, opened));
+        }
+    };
+    for r in records.iter().filter(|r| r.vault == vault) {
+        name(NameContext::RecordTitle { vault, record: r.id }, &r.title.0);
     }
-    for f in files {
-        ids.extend(names(&f.name.0));
-        if !f.meta.0.is_empty() {
-            ids.extend(manifest_key_id(&f.meta.0).ok());
+    for f in files.iter().filter(|f| f.vault == vault) {
+        name(NameContext::FileName { vault, record: f.record, file: f.id }, &f.name.0);
+    }
+    for f in files.iter().filter(|f| f.vault == vault && !f.meta.0.is_empty()) {
+        if let Ok(id) = manifest_key_id(&f.meta.0) {
+            let ctx = FileContext { vault, record: f.record, file: f.id };
+            let opened = account
+                .vault_key(vault, id)
+                .is_some_and(|k| crypto::open_manifest(&k, &ctx, &f.meta.0).is_ok());
+            seen.push((id, opened));
         }
     }
-    ids
+    seen
 }
 
 impl<R: Remote> Unlocked<R> {
-    /// Notes that `vault`'s listing names `ids`. Returns whether this made
-    /// the vault one this client must not seal in (it was not before).
-    pub fn note_keys_in_use(&self, vault: VaultId, ids: impl IntoIterator<Item = KeyId>) -> bool {
-        let missing: Vec<KeyId> = ids.into_iter().filter(|id| self.vault_key(vault, *id).is_none()).collect();
-        if missing.is_empty() {
-            return false;
+    /// Notes what a listing of `vault` found: for each item, the key id it
+    /// names and whether the key held under that id opened it. Returns
+    /// whether this made the vault one this client must not seal in (it was
+    /// not before).
+    pub fn note_keys_in_use(&self, vault: VaultId, seen: impl IntoIterator<Item = (KeyId, bool)>) -> bool {
+        let mut all_opened: HashMap<KeyId, bool> = HashMap::new();
+        for (id, opened) in seen {
+            *all_opened.entry(id).or_insert(true) &= opened;
         }
         let was_behind = self.keys_missing(vault).is_some();
-        self.keys_in_use.lacking.lock().entry(vault).or_default().extend(missing);
-        !was_behind
+        let held: HashMap<KeyId, Option<bool>> = all_opened
+            .keys()
+            .map(|id| (*id, self.vault_key(vault, *id).map(|k| k.id_is_derived())))
+            .collect();
+        let mut lacking = self.keys_in_use.lacking.lock();
+        let ids = lacking.entry(vault).or_default();
+        for (id, opened) in all_opened {
+            match (held[&id], opened) {
+                _ if ids.get(&id) == Some(&Lack::WrongKey) => {}
+                (None, _) => {
+                    ids.insert(id, Lack::NotHeld);
+                }
+                (Some(true), _) => {
+                    ids.remove(&id);
+                }
+                (Some(false), false) => {
+                    ids.insert(id, Lack::WrongKey);
+                }
+                (Some(false), true) => {}
+            }
+        }
+        drop(lacking);
+        !was_behind && self.keys_missing(vault).is_some()
     }
 
     /// Lists `vault`'s records and files to note the keys they name, for
     /// commands that seal without listing otherwise (sharing, rotating).
     pub async fn list_keys_in_use(&self, vault: VaultId) -> Result<(), AccountError> {
         let (records, files) = tokio::try_join!(self.remote.records(vault), self.remote.files(vault))?;
-        self.note_keys_in_use(vault, key_ids_of(&records, &files));
+        self.note_keys_in_use(vault, opened_in(self, vault, &records, &files));
         Ok(())
     }
 
-    /// How many of the key ids seen in use in `vault` this client still
-    /// lacks (`None`: none).
+    /// How many key ids seen in use in `vault` this client lacks (`None`: none).
     pub fn keys_missing(&self, vault: VaultId) -> Option<usize> {
-        let lacking = self.keys_in_use.lacking.lock();
-        let missing = lacking.get(&vault)?.iter().filter(|id| self.vault_key(vault, **id).is_none()).count();
+        let lacking: Vec<(KeyId, Lack)> =
+            self.keys_in_use.lacking.lock().get(&vault)?.iter().map(|(id, lack)| (*id, *lack)).collect();
+        let missing = lacking
+            .iter()
+            .filter(|(id, lack)| match lack {
+                Lack::WrongKey => true,
+                Lack::NotHeld => !self.vault_key(vault, *id).is_some_and(|k| k.id_is_derived()),
+            })
+            .count();
         (missing > 0).then_some(missing)
     }
 

@@ -46,7 +46,7 @@ impl<R: Remote> Unlocked<R> {
     ) -> Result<Rekeyed, AccountError> {
         let (records, files) = tokio::try_join!(self.remote.records(vault), self.remote.files(vault))?;
         // Never under a key older than one the vault is seen using.
-        self.note_keys_in_use(vault, super::keys_in_use::key_ids_of(&records, &files));
+        self.note_keys_in_use(vault, super::keys_in_use::opened_in(self, vault, &records, &files));
         let current = self.sealing_key(vault)?;
         let mut report = Rekeyed::default();
         for r in records {

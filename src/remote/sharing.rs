@@ -359,11 +359,7 @@ impl<R: Remote> Unlocked<R> {
         let seen = self.key_memory.as_ref().and_then(|m| m.keys_seen(vault));
         let wallet = self.wallet();
         let shared = self.shared.read();
-        if grows(&wallet, shared.get(&vault).map(|a| &*a.ring), seen, vault, ring) {
-            Ok(())
-        } else {
-            Err(lacks_keys(vault))
-        }
+        check_grows(&wallet, shared.get(&vault).map(|a| &*a.ring), seen, vault, ring)
     }
 
     /// Holds an opened share for the session: checked again, under the
@@ -373,9 +369,7 @@ impl<R: Remote> Unlocked<R> {
         let seen = self.key_memory.as_ref().and_then(|m| m.keys_seen(vault));
         let wallet = self.wallet();
         let mut shared = self.shared.write();
-        if !grows(&wallet, shared.get(&vault).map(|a| &*a.ring), seen, vault, &accepted.ring) {
-            return Err(lacks_keys(vault));
-        }
+        check_grows(&wallet, shared.get(&vault).map(|a| &*a.ring), seen, vault, &accepted.ring)?;
         if let (Some(memory), Some(newest)) = (&self.key_memory, accepted.ring.current()) {
             memory.note_keys(vault, accepted.ring.keys.len() as u32, newest.key.id());
         }
@@ -467,7 +461,7 @@ impl<R: Remote> Unlocked<R> {
     pub async fn files_under_older_keys(&self, vault: VaultId) -> Result<(usize, usize), AccountError> {
         let Some(current) = self.active_key(vault).map(|k| k.id()) else { return Ok((0, 0)) };
         let files = self.remote.files(vault).await?;
-        self.note_keys_in_use(vault, super::keys_in_use::key_ids_of([], &files));
+        self.note_keys_in_use(vault, super::keys_in_use::opened_in(self, vault, &[], &files));
         let older = files
             .iter()
             .filter_map(|f| crate::crypto::manifest::manifest_key_id(&f.meta.0).ok())
@@ -503,10 +497,37 @@ impl<R: Remote> Unlocked<R> {
     }
 }
 
-fn lacks_keys(vault: VaultId) -> AccountError {
-    AccountError::Refused(format!(
-        "a share of vault {vault} lacks keys or flags this client already has for it: refused (a share can only add them)"
-    ))
+/// [`grows`], and the keys `ring` adds to those held are the keys their ids
+/// name ([`crate::crypto::KeyId::of_secret`]): a member behind on a rotation
+/// could otherwise be handed a key of someone else's making under the id the
+/// vault's new files name (super::keys_in_use). A client that holds no key of
+/// the vault yet has nothing to extend and takes what it is given (keys made
+/// before ids were derived included).
+fn check_grows(
+    wallet: &crate::crypto::Wallet,
+    held: Option<&Keyring>,
+    seen: Option<(u32, crate::crypto::KeyId)>,
+    vault: VaultId,
+    ring: &Keyring,
+) -> Result<(), AccountError> {
+    if !grows(wallet, held, seen, vault, ring) {
+        return Err(AccountError::Refused(format!(
+            "a share of vault {vault} lacks keys or flags this client already has for it: refused (a share can \
+             only add them)"
+        )));
+    }
+    let holds = wallet
+        .keys_of(vault)
+        .count()
+        .max(held.map_or(0, |h| h.keys.len()))
+        .max(seen.map_or(0, |(count, _)| count as usize));
+    if holds > 0 && ring.keys.iter().skip(holds).any(|k| !k.key.id_is_derived()) {
+        return Err(AccountError::Refused(format!(
+            "a share of vault {vault} adds a key whose id is not derived from it (not the key the vault's files \
+             name under that id): refused"
+        )));
+    }
+    Ok(())
 }
 
 /// Whether `ring` keeps everything held for `vault`: it begins with the
@@ -829,12 +850,15 @@ mod tests {
     }
 
     /// Mallory, an admin, is removed; the server then calls her an admin
-    /// again and stores shares she seals with a key of her own after the keys
+    /// again and stores shares she seals with keys of her own after the key
     /// she had. Bob, who took the rotation, refuses hers (it lacks the new
-    /// key). Carol, whose new share the server withholds, takes it (nothing
-    /// tells her otherwise), but once she sees the vault use the key she was
-    /// not given she seals nothing under mallory's key: not for the mount,
-    /// not for a rekey, not in a share.
+    /// key). Carol, whose new share the server withholds, has seen the vault
+    /// use the new key: she refuses mallory's key under that key's id (the id
+    /// is not derived from it), and takes one under another id, but seals
+    /// nothing in the vault (sealing_key, a share, a rekey in a new session).
+    /// Dave, whose first share mallory seals, has nothing to compare it with
+    /// and takes her key under the new key's id, but it does not open what is
+    /// sealed under that id, so he seals nothing either.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_removed_admin_the_server_still_calls_one_gets_nothing_sealed_under_her_key() {
         let server = MemoryServer::new().unwrap();
@@ -848,8 +872,10 @@ mod tests {
         for member in [&bob, &carol, &mallory] {
             member.vaults().await.unwrap();
         }
-        trust(&bob, &mallory);
-        trust(&carol, &mallory);
+        let dave = user(&server, "dave").await;
+        for victim in [&bob, &carol, &dave] {
+            trust(victim, &mallory);
+        }
         let share_of = |members: Vec<Member>, who: &str| members.into_iter().find(|m| m.user == who).unwrap();
         let carols_old = share_of(alice.remote.members(vault.id).await.unwrap(), "carol");
         alice.unshare(&vault, "mallory").await.unwrap();
@@ -860,56 +886,85 @@ mod tests {
         alice.remote.set_member(vault.id, carols_old).await.unwrap();
         let back = Member { user: "mallory".into(), rights: Rights::Admin, wrapped_key: None };
         alice.remote.set_member(vault.id, back).await.unwrap();
-        let mut ring = mallory.keyring_of(vault.id).unwrap();
-        assert_eq!(ring.keys.len(), 1, "mallory has the key from before only");
-        let hers = VaultKey::generate(&mut OsRandom).unwrap();
-        ring.keys.push(EpochKey { epoch: 1, key: hers.duplicate() });
+        // Alice seals a title under the new key.
+        let record = crate::ids::RecordId([7; 16]);
+        let ctx = crate::crypto::NameContext::RecordTitle { vault: vault.id, record };
+        let title =
+            crate::crypto::seal_name(&alice.active_key(vault.id).unwrap(), &ctx, b"new", &mut OsRandom);
+        let title = Sealed(title.unwrap());
+        let new_record =
+            crate::protocol::NewRecord { id: record, parent: None, title, fields: Sealed(Vec::new()) };
+        alice.remote.create_record(vault.id, new_record).await.unwrap();
+        carol.list_keys_in_use(vault.id).await.unwrap();
+        assert!(matches!(carol.sealing_key(vault.id), Err(AccountError::KeyBehind { missing: 1, .. })));
+
+        // Mallory's keyrings: the key she had, then one of hers under the
+        // new key's id, or under an id of its own.
         let mallorys = mallory.wallet().user_key().unwrap().duplicate();
-        for (victim, name) in [(&bob, "bob"), (&carol, "carol")] {
+        let forge = |victim: &Unlocked<MemoryRemote>, name: &str, key: &VaultKey| {
+            let mut ring = mallory.keyring_of(vault.id).unwrap();
+            assert_eq!(ring.keys.len(), 1, "mallory has the key from before only");
+            ring.keys.push(EpochKey { epoch: 1, key: key.duplicate() });
             let ctx = ShareContext { vault: vault.id, sender: "mallory", recipient: name };
-            let forged =
+            let share =
                 seal_share(&ring, &ctx, &mallorys, &victim.user_public().unwrap(), &mut OsRandom).unwrap();
-            let rights = if name == "bob" { Rights::Write } else { Rights::Admin };
-            let m = Member { user: name.into(), rights, wrapped_key: Some(Sealed(forged)) };
-            alice.remote.set_member(vault.id, m).await.unwrap();
-        }
+            Member { user: name.into(), rights: Rights::Admin, wrapped_key: Some(Sealed(share)) }
+        };
+        let under_new_id = VaultKey::from_bytes(new, [0x66; 32]);
+        let fresh = VaultKey::generate(&mut OsRandom).unwrap();
+        alice.remote.set_member(vault.id, forge(&bob, "bob", &fresh)).await.unwrap();
         let failed = bob.accept_shares(&bob.remote.vaults().await.unwrap()).await;
         assert!(matches!(failed.as_slice(), [(_, AccountError::Refused(e))] if e.contains("lacks keys")));
         assert_eq!(bob.active_key(vault.id).unwrap().id(), new, "bob keeps the new key");
-        let carols_view = carol.vaults().await.unwrap().remove(0).info;
-        assert_eq!(carol.active_key(vault.id).unwrap().id(), hers.id(), "carol cannot tell yet");
 
-        // Alice (or bob) seals something under the new key; carol's next listing sees it.
-        let title = crate::crypto::seal_name(
-            &alice.active_key(vault.id).unwrap(),
-            &crate::crypto::NameContext::RecordTitle {
-                vault: vault.id,
-                record: crate::ids::RecordId([7; 16]),
-            },
-            b"after the removal",
-            &mut OsRandom,
-        )
-        .unwrap();
-        let record = crate::protocol::NewRecord {
-            id: crate::ids::RecordId([7; 16]),
-            parent: None,
-            title: Sealed(title),
-            fields: Sealed(Vec::new()),
-        };
-        alice.remote.create_record(vault.id, record).await.unwrap();
-        carol.list_keys_in_use(vault.id).await.unwrap();
+        alice.remote.set_member(vault.id, forge(&carol, "carol", &under_new_id)).await.unwrap();
+        let failed = carol.accept_shares(&carol.remote.vaults().await.unwrap()).await;
+        assert!(matches!(failed.as_slice(), [(_, AccountError::Refused(e))] if e.contains("not derived")));
+        assert!(carol.vault_key(vault.id, new).is_none());
+        alice.remote.set_member(vault.id, forge(&carol, "carol", &fresh)).await.unwrap();
+        let carols_view = carol.vaults().await.unwrap().remove(0).info;
+        assert_eq!(carol.active_key(vault.id).unwrap().id(), fresh.id(), "carol took mallory's other key");
         let e = carol.sealing_key(vault.id).map(|k| k.id()).unwrap_err();
         assert!(matches!(e, AccountError::KeyBehind { missing: 1, .. }), "{e}");
-        let dave = user(&server, "dave").await;
-        let e = carol.share_vault(&carols_view, "dave", Rights::Read, &dave.user_public().unwrap()).await;
+        let e = carol.share_vault(&carols_view, "bob", Rights::Read, &bob.user_public().unwrap()).await;
         assert!(matches!(e, Err(AccountError::KeyBehind { .. })), "{e:?}");
-        // A new session of carol (mallory's key is in her wallet now): a rekey lists the vault first.
+        // A new session (mallory's key is in carol's wallet now) lists before a rekey.
         let carol2 = Unlocked::open(carol.remote.clone(), b"pw").await.unwrap();
-        assert_eq!(carol2.active_key(vault.id).unwrap().id(), hers.id());
+        assert_eq!(carol2.active_key(vault.id).unwrap().id(), fresh.id());
         let e = carol2.rekey_vault(vault.id, |_, _| {}).await.unwrap_err();
         assert!(matches!(e, AccountError::KeyBehind { .. }), "{e}");
-        let records = alice.remote.records(vault.id).await.unwrap();
-        assert!(records.iter().all(|r| crate::crypto::names::name_key_id(&r.title.0).unwrap() != hers.id()));
+
+        // First shares, from mallory, under the new key's id: nothing to
+        // compare them with. Erin's listing shows alice's title, which her
+        // key does not open; dave saw the id in use before his share came,
+        // and the server then hides alice's title and shows one mallory
+        // sealed with that key: a key under an id not derived from it does
+        // not clear what was seen.
+        let (erin, not_yet) =
+            (user(&server, "erin").await, Member { wrapped_key: None, ..forge(&dave, "dave", &fresh) });
+        trust(&erin, &mallory);
+        alice.remote.set_member(vault.id, not_yet).await.unwrap();
+        dave.list_keys_in_use(vault.id).await.unwrap();
+        assert!(matches!(dave.sealing_key(vault.id), Err(AccountError::KeyBehind { missing: 1, .. })));
+        alice.remote.set_member(vault.id, forge(&erin, "erin", &under_new_id)).await.unwrap();
+        erin.vaults().await.unwrap();
+        assert_eq!(erin.active_key(vault.id).unwrap().id(), new, "taken: erin holds nothing to compare");
+        assert!(erin.sealing_key(vault.id).is_ok(), "before a listing, nothing tells erin");
+        erin.list_keys_in_use(vault.id).await.unwrap();
+        assert!(matches!(erin.sealing_key(vault.id), Err(AccountError::KeyBehind { missing: 1, .. })));
+
+        let version = alice.remote.records(vault.id).await.unwrap()[0].version;
+        alice.remote.delete_record(record, version).await.unwrap();
+        let record = crate::ids::RecordId([8; 16]);
+        let ctx = crate::crypto::NameContext::RecordTitle { vault: vault.id, record };
+        let title = Sealed(crate::crypto::seal_name(&under_new_id, &ctx, b"hers", &mut OsRandom).unwrap());
+        let hers = crate::protocol::NewRecord { id: record, parent: None, title, fields: Sealed(Vec::new()) };
+        alice.remote.create_record(vault.id, hers).await.unwrap();
+        alice.remote.set_member(vault.id, forge(&dave, "dave", &under_new_id)).await.unwrap();
+        dave.vaults().await.unwrap();
+        assert_eq!(dave.active_key(vault.id).unwrap().id(), new);
+        dave.list_keys_in_use(vault.id).await.unwrap();
+        assert!(matches!(dave.sealing_key(vault.id), Err(AccountError::KeyBehind { missing: 1, .. })));
     }
 
     /// A share that would add a key, sealed by a member who is not an admin

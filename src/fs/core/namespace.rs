@@ -23,7 +23,6 @@ use crate::crypto::{self, open_name, seal_name, FileContext, FileManifest, NameC
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::{now_ms, FileInfo, NewFile, RecordInfo, Sealed};
 use crate::remote::account::AccountError;
-use crate::remote::keys_in_use::key_ids_of;
 use crate::remote::{Remote, RemoteError};
 
 impl<R: Remote> VaultFs<R> {
@@ -145,13 +144,6 @@ impl<R: Remote> VaultFs<R> {
             })
             .collect();
         let legacy = files.iter().filter(|f| f.meta.0.is_empty()).count();
-        if self.account.note_keys_in_use(vault, key_ids_of(&records, &files)) {
-            let e = AccountError::KeyBehind { vault, missing: self.account.keys_missing(vault).unwrap_or(0) };
-            tracing::error!(%vault, "{e}");
-            self.note_refusal(format!(
-                "vault {vault}: sealed under a key this client was not given; nothing new is sealed in it"
-            ));
-        }
         // Names and manifests are opened before the tree is locked.
         let records: Vec<ListedRecord> = records
             .into_iter()
@@ -170,11 +162,35 @@ impl<R: Remote> VaultFs<R> {
                 (f, meta, name)
             })
             .collect();
+        self.note_keys_in_use(vault, &records, &files);
         self.tree.lock().apply_listing(vault, records, files);
         if !self.account.manifests_required(vault) && self.legacy_warned.lock().insert(vault) {
             tracing::warn!(%vault, files_without_manifest = legacy, "vault made by an older vaultfs: until `vaultfs vault migrate` marks it, a file without a manifest is trusted as the server describes it (and the server could remove one)");
         }
         Ok(())
+    }
+
+    /// Tells the account which keys the listing's titles, names and
+    /// manifests are under, and whether the keys held opened them
+    /// (crate::remote::keys_in_use): a vault seen using a key this client
+    /// lacks gets nothing new sealed in it.
+    fn note_keys_in_use(&self, vault: VaultId, records: &[ListedRecord], files: &[ListedFile]) {
+        let names = records
+            .iter()
+            .map(|(r, name)| (&r.title, name.is_some()))
+            .chain(files.iter().map(|(f, _, name)| (&f.name, name.is_some())))
+            .filter_map(|(sealed, opened)| Some((crypto::names::name_key_id(&sealed.0).ok()?, opened)));
+        let manifests = files.iter().filter_map(|(f, meta, _)| {
+            let id = crypto::manifest::manifest_key_id(&f.meta.0).ok()?;
+            Some((id, matches!(meta, FileMeta::Sealed(_))))
+        });
+        if self.account.note_keys_in_use(vault, names.chain(manifests).collect::<Vec<_>>()) {
+            let e = AccountError::KeyBehind { vault, missing: self.account.keys_missing(vault).unwrap_or(0) };
+            tracing::error!(%vault, "{e}");
+            self.note_refusal(format!(
+                "vault {vault}: sealed under a key this client was not given; nothing new is sealed in it"
+            ));
+        }
     }
 
     /// Whether directory `ino`'s listing is fresh, so looking in it needs no
