@@ -456,6 +456,15 @@ fn note_wallet<R: crate::remote::Remote>(unlocked: &Unlocked<R>, freshness: &Fre
     Ok(freshness.save()?)
 }
 
+/// `result`, once what this machine noted meanwhile (keys a listing showed
+/// the vault using that this client lacks, say) is saved, also on failure.
+fn saving<T>(result: Result<T, AccountError>, freshness: &Freshness) -> Result<T, AccountError> {
+    if let Err(e) = freshness.save() {
+        tracing::warn!(error = %e, "could not save the freshness state");
+    }
+    result
+}
+
 /// `vaultfs vault ...`.
 pub async fn vault(cmd: VaultCommand) -> CliResult {
     crate::cache::harden::harden_command();
@@ -482,7 +491,7 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
                     println!("{label}: skipped (read rights only)");
                     continue;
                 }
-                let done = unlocked.migrate_vault(v.info.id).await?;
+                let done = saving(unlocked.migrate_vault(v.info.id).await, &freshness)?;
                 note_wallet(&unlocked, &freshness)?;
                 println!(
                     "{label}: {} end-to-end and {} pass-through file(s) got a manifest, {} had one{}",
@@ -515,13 +524,13 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
                 .into());
             }
             let key = confirm_key(&unlocked, &user, fingerprint.as_deref(), "nothing shared").await?;
-            unlocked.share_vault(&info, &user, rights, &key).await?;
+            saving(unlocked.share_vault(&info, &user, rights, &key).await, &freshness)?;
             println!("shared {vault} with {user} ({} rights; key {})", rights.as_str(), key.fingerprint());
         }
         VaultCommand::Unshare { vault, user, passphrase_file } => {
             let (mut unlocked, freshness) = unlock(passphrase_file.as_deref()).await?;
             let info = find_vault(&unlocked, &freshness, &vault).await?;
-            let done = unlocked.unshare(&info, &user).await?;
+            let done = saving(unlocked.unshare(&info, &user).await, &freshness)?;
             note_wallet(&unlocked, &freshness)?;
             println!(
                 "removed {user} from {vault}; its key rotated (epoch {}): files and names sealed from now on are \
@@ -560,10 +569,11 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
                         eprint!("\r[{}{}] {k}/{total} files", "#".repeat(filled), ".".repeat(width - filled));
                     }
                 })
-                .await?;
+                .await;
             if tty {
                 eprintln!();
             }
+            let done = saving(done, &freshness)?;
             println!(
                 "{vault}: {} file(s) encrypted again, {} sealed afresh (manifest or name), {} already current, \
                  {} record(s) sealed afresh",
@@ -594,7 +604,7 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
                     if m.has_share || m.user == unlocked.user() { "" } else { "  (no share: cannot read)" };
                 println!("{}\t{}\t{key}\t{pin}{share}", m.user, m.rights.as_str());
             }
-            let (older, all) = unlocked.files_under_older_keys(info.id).await?;
+            let (older, all) = saving(unlocked.files_under_older_keys(info.id).await, &freshness)?;
             println!("files under older keys: {older} of {all}");
             if let Err(e) = unlocked.check_not_behind(info.id) {
                 println!("WARNING: {e}");

@@ -2,7 +2,8 @@
 //! that a server cannot roll files or the wallet back across mounts.
 //!
 //! It holds the highest wallet revision and the highest generation of each
-//! file seen, sealed (XChaCha20-Poly1305) under the state key from the user's
+//! file seen, each shared vault's accepted keyring (count, newest key id) and
+//! the key ids vaults were seen using that this machine lacked, sealed (XChaCha20-Poly1305) under the state key from the user's
 //! wallet and bound to the server identity and user name: no plaintext, no
 //! names, no keys, and a file altered, or taken from another account, does not
 //! open. The bytes are pure here; `fs::freshness` reads and writes the file.
@@ -10,7 +11,7 @@
 //! Layout (docs/FORMAT.md "Local freshness state"): `magic "VLTS" || version
 //! (1) || reserved (3) || nonce (24) || Seal(state key, nonce, AAD, body)`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::aead::{self, XNONCE_LEN};
 use super::error::{check_prefix, CryptoError, Result};
@@ -22,12 +23,18 @@ use crate::ids::{FileId, VaultId, ID_LEN};
 /// First four bytes of a state file.
 pub const STATE_MAGIC: [u8; 4] = *b"VLTS";
 /// The version this build writes and reads.
-pub const STATE_VERSION: u8 = 2;
+pub const STATE_VERSION: u8 = 3;
 /// Version 1 (no vault keyrings) is still read.
 const STATE_V1: u8 = 1;
+/// Version 2 (no lacking keys) is still read.
+const STATE_V2: u8 = 2;
 const VAULT_ENTRY_LEN: usize = ID_LEN + 4 + KEY_ID_LEN;
+const LACKING_ENTRY_LEN: usize = ID_LEN + KEY_ID_LEN;
 /// Most vaults remembered.
 pub const MAX_VAULTS: usize = 1 << 16;
+/// Most lacking keys remembered (more are not noted: a server listing made-up
+/// ids can only stop writes, which it can anyway).
+pub const MAX_LACKING: usize = 4096;
 const HEADER_LEN: usize = 8;
 const DOMAIN: &[u8] = b"vaultfs/state/v1";
 const ENTRY_LEN: usize = ID_LEN + 8;
@@ -46,6 +53,10 @@ pub struct FreshState {
     /// the newest one's id: a later share must hold that many, with that key
     /// at that place (also when the server rolled the wallet back).
     pub vault_keys: BTreeMap<VaultId, (u32, KeyId)>,
+    /// Key ids seen in use in a vault's listing while this machine held no
+    /// key under them (crate::remote::keys_in_use): nothing is sealed in
+    /// that vault until a key derived under the id is held.
+    pub lacking_keys: BTreeSet<(VaultId, KeyId)>,
 }
 
 impl FreshState {
@@ -60,6 +71,11 @@ impl FreshState {
             let e = self.vault_keys.entry(*vault).or_insert(*seen);
             if seen.0 > e.0 {
                 *e = *seen;
+            }
+        }
+        for lacking in &other.lacking_keys {
+            if self.lacking_keys.len() < MAX_LACKING {
+                self.lacking_keys.insert(*lacking);
             }
         }
     }
@@ -119,6 +135,14 @@ pub fn seal_state(
         body.extend_from_slice(&count.to_be_bytes());
         body.extend_from_slice(&newest.0);
     }
+    if state.lacking_keys.len() > MAX_LACKING {
+        return Err(CryptoError::Misuse("too many lacking keys in the freshness state"));
+    }
+    body.extend_from_slice(&(state.lacking_keys.len() as u32).to_be_bytes());
+    for (vault, id) in &state.lacking_keys {
+        body.extend_from_slice(vault.as_bytes());
+        body.extend_from_slice(&id.0);
+    }
     let sealed = aead::seal(key.secret(), &nonce, &aad(&header, binding)?, &body)?;
     header.extend_from_slice(&nonce);
     header.extend_from_slice(&sealed);
@@ -128,7 +152,10 @@ pub fn seal_state(
 /// Opens a sealed state: an integrity error if it was altered, or sealed for
 /// another account or server, or with another key.
 pub fn open_state(key: &StateKey, binding: StateBinding<'_>, blob: &[u8]) -> Result<FreshState> {
-    let version = if blob.get(4) == Some(&STATE_V1) { STATE_V1 } else { STATE_VERSION };
+    let version = match blob.get(4) {
+        Some(&v @ (STATE_V1 | STATE_V2)) => v,
+        _ => STATE_VERSION,
+    };
     check_prefix(blob, &STATE_MAGIC, version, HEADER_LEN + XNONCE_LEN + aead::TAG_LEN, "state file")?;
     if blob[5..8] != [0, 0, 0] {
         return Err(CryptoError::Malformed("state file (reserved bytes)"));
@@ -159,16 +186,15 @@ pub fn open_state(key: &StateKey, binding: StateBinding<'_>, blob: &[u8]) -> Res
         })
         .collect::<Result<BTreeMap<_, _>>>()?;
     let mut vault_keys = BTreeMap::new();
+    let mut lacking_keys = BTreeSet::new();
     if version != STATE_V1 {
         let rest = &body[files_end..];
-        if rest.len() < 4 {
+        let n = count_of(rest).ok_or_else(bad)?;
+        let vaults_end = n.checked_mul(VAULT_ENTRY_LEN).and_then(|l| l.checked_add(4)).ok_or_else(bad)?;
+        if n > MAX_VAULTS || rest.len() < vaults_end || (version == STATE_V2 && rest.len() != vaults_end) {
             return Err(bad());
         }
-        let n = u32::from_be_bytes(rest[..4].try_into().map_err(|_| bad())?) as usize;
-        if n > MAX_VAULTS || rest.len() - 4 != n * VAULT_ENTRY_LEN {
-            return Err(bad());
-        }
-        for e in rest[4..].chunks_exact(VAULT_ENTRY_LEN) {
+        for e in rest[4..vaults_end].chunks_exact(VAULT_ENTRY_LEN) {
             let vault = VaultId(e[..ID_LEN].try_into().map_err(|_| bad())?);
             let keys = u32::from_be_bytes(e[ID_LEN..ID_LEN + 4].try_into().map_err(|_| bad())?);
             let newest = KeyId(e[ID_LEN + 4..].try_into().map_err(|_| bad())?);
@@ -176,8 +202,27 @@ pub fn open_state(key: &StateKey, binding: StateBinding<'_>, blob: &[u8]) -> Res
                 return Err(bad());
             }
         }
+        if version != STATE_V2 {
+            let rest = &rest[vaults_end..];
+            let n = count_of(rest).ok_or_else(bad)?;
+            if n > MAX_LACKING || rest.len() - 4 != n * LACKING_ENTRY_LEN {
+                return Err(bad());
+            }
+            for e in rest[4..].chunks_exact(LACKING_ENTRY_LEN) {
+                let vault = VaultId(e[..ID_LEN].try_into().map_err(|_| bad())?);
+                let id = KeyId(e[ID_LEN..].try_into().map_err(|_| bad())?);
+                if !lacking_keys.insert((vault, id)) {
+                    return Err(bad());
+                }
+            }
+        }
     }
-    Ok(FreshState { wallet_revision, generations, vault_keys })
+    Ok(FreshState { wallet_revision, generations, vault_keys, lacking_keys })
+}
+
+/// The u32 count a section starts with.
+fn count_of(section: &[u8]) -> Option<usize> {
+    Some(u32::from_be_bytes(section.get(..4)?.try_into().ok()?) as usize)
 }
 
 #[cfg(test)]
@@ -227,7 +272,10 @@ mod tests {
         a.vault_keys.insert(VaultId([5; 16]), (2, KeyId([2; 16])));
         b.vault_keys.insert(VaultId([5; 16]), (3, KeyId([3; 16])));
         b.vault_keys.insert(VaultId([6; 16]), (1, KeyId([1; 16])));
+        a.lacking_keys.insert((VaultId([5; 16]), KeyId([7; 16])));
+        b.lacking_keys.insert((VaultId([6; 16]), KeyId([8; 16])));
         a.merge(&b);
+        assert_eq!(a.lacking_keys.len(), 2, "lacking keys are kept from both");
         assert_eq!(a.wallet_revision, 3);
         assert_eq!(a.generations[&FileId([1; 16])], 9);
         assert_eq!(a.generations[&FileId([2; 16])], 1);
@@ -235,16 +283,33 @@ mod tests {
         assert_eq!(a.vault_keys.len(), 2);
     }
 
-    /// Version 2 keeps the vaults' keyrings; a version-1 file still opens.
+    /// Version 3 keeps the vaults' keyrings and lacking keys; version-2 and
+    /// version-1 files still open.
     #[test]
-    fn vault_keyrings_round_trip_and_version_1_still_opens() {
+    fn vault_keyrings_and_lacking_keys_round_trip_and_older_versions_still_open() {
         let k = key();
         let mut s = FreshState { wallet_revision: 2, ..Default::default() };
         s.generations.insert(FileId([1; 16]), 4);
         s.vault_keys.insert(VaultId([7; 16]), (3, KeyId([9; 16])));
+        s.lacking_keys.insert((VaultId([7; 16]), KeyId([8; 16])));
         let blob = seal_state(&k, ME, &s, &mut OsRandom).unwrap();
-        assert_eq!(blob[4], 2);
+        assert_eq!(blob[4], 3);
         assert_eq!(open_state(&k, ME, &blob).unwrap(), s);
+        // A version-2 file: the body ends after the vaults.
+        let mut header = blob[..HEADER_LEN].to_vec();
+        header[4] = 2;
+        let mut body = 2u64.to_be_bytes().to_vec();
+        body.extend_from_slice(&0u32.to_be_bytes());
+        body.extend_from_slice(&1u32.to_be_bytes());
+        body.extend_from_slice(&[7; 16]);
+        body.extend_from_slice(&3u32.to_be_bytes());
+        body.extend_from_slice(&[9; 16]);
+        let nonce = [4u8; XNONCE_LEN];
+        let sealed = aead::seal(k.secret(), &nonce, &aad(&header, ME).unwrap(), &body).unwrap();
+        let v2 = [header, nonce.to_vec(), sealed].concat();
+        let opened = open_state(&k, ME, &v2).unwrap();
+        assert_eq!(opened.vault_keys[&VaultId([7; 16])], (3, KeyId([9; 16])));
+        assert!(opened.lacking_keys.is_empty());
         // A version-1 file: the same header with version 1 and a body
         // without the vault section.
         let mut header = blob[..HEADER_LEN].to_vec();

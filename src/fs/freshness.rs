@@ -1,8 +1,10 @@
 //! What this machine remembers of a server across mounts: the newest
 //! generation of each file and the newest wallet revision it has seen, so
 //! that a server cannot serve an older version of either after a remount or a
-//! reboot, and how many keys each shared vault's keyring had (so an older
-//! share is refused even if the wallet that stored its keys was rolled back).
+//! reboot, how many keys each shared vault's keyring had (so an older share
+//! is refused even if the wallet that stored its keys was rolled back), and
+//! which key ids a vault was seen using that this machine lacked (so nothing
+//! is sealed in it until they come, also in later sessions).
 //!
 //! Data flow. The mount loads the state file when it starts (refusing one
 //! that does not open with the wallet's state key: altered, or another
@@ -14,8 +16,9 @@
 //! account may have saved meanwhile) and replaces the file atomically.
 //!
 //! The file (`$XDG_STATE_HOME/vaultfs/`, else `~/.local/state/vaultfs/`, mode
-//! 0600 in a 0700 directory) holds file ids and numbers, sealed under a key
-//! from the wallet: no plaintext, no names, no keys. Deleting it loses the
+//! 0600 in a 0700 directory) holds file, vault and key ids and numbers,
+//! sealed under a key from the wallet: no plaintext, no names, no keys (a
+//! key id is the public label every sealed header carries). Deleting it loses the
 //! protection for what it remembered, never data. Files this machine never saw
 //! are not protected: a fresh machine cannot know what is newest.
 
@@ -309,7 +312,9 @@ impl Freshness {
 
 /// The keyrings accepted from shares, remembered on this machine next to the
 /// generations: so that a share lacking a key accepted before is refused in a
-/// later session even if the server rolled the wallet back or never stored it.
+/// later session even if the server rolled the wallet back or never stored it;
+/// and the keys seen in use that this machine lacked, so that a later session
+/// seals nothing in that vault either, whatever the server lists then.
 impl crate::remote::account::KeyMemory for Freshness {
     fn keys_seen(&self, vault: crate::ids::VaultId) -> Option<(u32, crate::crypto::KeyId)> {
         self.state.lock().vault_keys.get(&vault).copied()
@@ -320,6 +325,26 @@ impl crate::remote::account::KeyMemory for Freshness {
         let seen = state.vault_keys.entry(vault).or_insert((0, newest));
         if count > seen.0 {
             *seen = (count, newest);
+            drop(state);
+            self.mark_changed();
+        }
+    }
+
+    fn keys_lacking(&self, vault: crate::ids::VaultId) -> Vec<crate::crypto::KeyId> {
+        let state = self.state.lock();
+        state
+            .lacking_keys
+            .range((vault, crate::crypto::KeyId([0; 16]))..)
+            .take_while(|(v, _)| *v == vault)
+            .map(|(_, id)| *id)
+            .collect()
+    }
+
+    fn note_lacking(&self, vault: crate::ids::VaultId, id: crate::crypto::KeyId) {
+        let mut state = self.state.lock();
+        if state.lacking_keys.len() < crate::crypto::state::MAX_LACKING
+            && state.lacking_keys.insert((vault, id))
+        {
             drop(state);
             self.mark_changed();
         }

@@ -246,6 +246,11 @@ pub trait KeyMemory: Send + Sync {
     fn keys_seen(&self, vault: VaultId) -> Option<(u32, crypto::KeyId)>;
     /// Notes an accepted keyring of `count` keys, the newest `newest`.
     fn note_keys(&self, vault: VaultId, count: u32, newest: crypto::KeyId);
+    /// Key ids seen in use in `vault` while no key under them was held
+    /// (super::keys_in_use), in any session on this machine.
+    fn keys_lacking(&self, vault: VaultId) -> Vec<crypto::KeyId>;
+    /// Notes that `vault` was seen using `id` while no key under it was held.
+    fn note_lacking(&self, vault: VaultId, id: crypto::KeyId);
 }
 
 /// A vault as the user sees it: server metadata plus the opened name.
@@ -452,31 +457,33 @@ impl<R: Remote> Unlocked<R> {
     }
 
     /// The key of `vault` with id `id`: from the wallet, or from the share
-    /// opened for the vault. A key of another vault is never returned.
-    /// A copy, wiped when dropped (the wallet can be replaced meanwhile).
+    /// opened for the vault while that share extends the wallet's keys (the
+    /// same keys, secrets and all, in order: one view of the vault's keys, so
+    /// the key that opens what is listed under an id is the key sealed with
+    /// under it). A key of another vault is never returned. A copy, wiped
+    /// when dropped (the wallet can be replaced meanwhile).
     pub fn vault_key(&self, vault: VaultId, id: crypto::KeyId) -> Option<VaultKey> {
-        if let Some(k) = self.wallet.read().key(vault, id) {
+        let wallet = self.wallet.read();
+        if let Some(k) = wallet.key(vault, id) {
             return Some(k.duplicate());
         }
         let shared = self.shared.read();
-        let ring = &shared.get(&vault)?.ring;
+        let ring = &shared.get(&vault).filter(|a| super::sharing::extends(&wallet, vault, &a.ring))?.ring;
         ring.keys.iter().find(|k| k.key.id() == id).map(|k| k.key.duplicate())
     }
 
-    /// The key new files and names of `vault` are sealed with: the newest
-    /// of those held (the wallet's, or the share's opened this session).
+    /// The newest key of `vault` held: the last of the share opened this
+    /// session while it extends the wallet's keys, else the wallet's (which
+    /// is newer when it has a key the share lacks, or holds another key than
+    /// the share under some id). Not for sealing: see [`Unlocked::sealing_key`].
     pub fn active_key(&self, vault: VaultId) -> Option<VaultKey> {
         let wallet = self.wallet.read();
-        let held = wallet.active_key(vault);
-        // The session's share is newer when it holds the wallet's newest key
-        // (it was checked to extend the wallet's keys when opened); the wallet
-        // is newer when it has a key the share lacks (rotated since).
         if let Some(a) = self.shared.read().get(&vault) {
-            if held.is_none_or(|h| a.ring.keys.iter().any(|k| k.key.id() == h.id())) {
+            if super::sharing::extends(&wallet, vault, &a.ring) {
                 return a.ring.current().map(|k| k.key.duplicate());
             }
         }
-        held.map(VaultKey::duplicate)
+        wallet.active_key(vault).map(VaultKey::duplicate)
     }
 
     /// Whether every file of `vault` carries a manifest (the wallet's flag, or

@@ -6,8 +6,8 @@
 //! listing holds (record titles, file names, manifests) and hands, for each,
 //! the key id it names and whether the key held under that id opened it to
 //! [`Unlocked::note_keys_in_use`]. An id counts as lacking when this client
-//! holds no key under it, or when the key it holds under it failed to open
-//! something sealed under that id. [`Unlocked::sealing_key`] refuses while
+//! holds no key under it, or when the key it holds under it, not derived
+//! from it, failed to open something sealed under that id. [`Unlocked::sealing_key`] refuses while
 //! any id is lacking: a vault where others seal under a key this client was
 //! not given is one whose key rotated without this member getting the new
 //! key (the server withheld the share, or someone the server calls an admin
@@ -16,13 +16,16 @@
 //! sealed.
 //!
 //! A key held under an id is the key the vault's items name only if the id
-//! is derived from it ([`crate::crypto::KeyId::of_secret`]); keys a share
-//! adds to those held must be (super::sharing). Keys made before ids were
-//! derived, and a first share's keys, prove nothing by their ids: such a key
-//! that fails to open something sealed under its id is not the vault's key,
-//! and its id stays lacking for the session; and an id seen lacking is
-//! cleared only by a key whose id is derived from it, never by a listing
-//! (the server chooses what a listing shows).
+//! is derived from it ([`crate::crypto::KeyId::of_secret`]); the newest key a
+//! share adds to those held must be (super::sharing). Keys made before ids
+//! were derived, and a first share's keys, prove nothing by their ids: such a
+//! key that fails to open something sealed under its id is not the vault's
+//! key, and its id stays lacking for the session; and an id seen lacking is
+//! cleared only by a key whose id is derived from it, never by a listing (the
+//! server chooses what a listing shows). Ids seen lacking are also noted in
+//! the machine's memory ([`super::account::KeyMemory`], the freshness state),
+//! so later sessions on this machine refuse too; so does a session whose
+//! wallet lacks the newest key this machine accepted for the vault.
 
 use std::collections::HashMap;
 
@@ -113,6 +116,9 @@ impl<R: Remote> Unlocked<R> {
                 _ if ids.get(&id) == Some(&Lack::WrongKey) => {}
                 (None, _) => {
                     ids.insert(id, Lack::NotHeld);
+                    if let Some(memory) = &self.key_memory {
+                        memory.note_lacking(vault, id);
+                    }
                 }
                 (Some(true), _) => {
                     ids.remove(&id);
@@ -137,15 +143,27 @@ impl<R: Remote> Unlocked<R> {
 
     /// How many key ids seen in use in `vault` this client lacks (`None`: none).
     pub fn keys_missing(&self, vault: VaultId) -> Option<usize> {
-        let lacking: Vec<(KeyId, Lack)> =
-            self.keys_in_use.lacking.lock().get(&vault)?.iter().map(|(id, lack)| (*id, *lack)).collect();
-        let missing = lacking
+        let mut lacking: HashMap<KeyId, Lack> =
+            self.keys_in_use.lacking.lock().get(&vault).cloned().unwrap_or_default();
+        // What earlier sessions on this machine saw lacking.
+        for id in self.key_memory.as_ref().map(|m| m.keys_lacking(vault)).unwrap_or_default() {
+            lacking.entry(id).or_insert(Lack::NotHeld);
+        }
+        let mut missing = lacking
             .iter()
             .filter(|(id, lack)| match lack {
                 Lack::WrongKey => true,
-                Lack::NotHeld => !self.vault_key(vault, *id).is_some_and(|k| k.id_is_derived()),
+                Lack::NotHeld => !self.vault_key(vault, **id).is_some_and(|k| k.id_is_derived()),
             })
             .count();
+        // The newest key this machine accepted for the vault (a wallet stored
+        // before it, or rolled back, lacks it until its share is taken again).
+        let remembered = self.key_memory.as_ref().and_then(|m| m.keys_seen(vault));
+        if remembered.is_some_and(|(_, newest)| {
+            !lacking.contains_key(&newest) && self.vault_key(vault, newest).is_none()
+        }) {
+            missing += 1;
+        }
         (missing > 0).then_some(missing)
     }
 

@@ -497,12 +497,14 @@ impl<R: Remote> Unlocked<R> {
     }
 }
 
-/// [`grows`], and the keys `ring` adds to those held are the keys their ids
-/// name ([`crate::crypto::KeyId::of_secret`]): a member behind on a rotation
-/// could otherwise be handed a key of someone else's making under the id the
-/// vault's new files name (super::keys_in_use). A client that holds no key of
-/// the vault yet has nothing to extend and takes what it is given (keys made
-/// before ids were derived included).
+/// [`grows`], and the newest key of those `ring` adds to the keys held is
+/// the key its id names ([`crate::crypto::KeyId::of_secret`]): a member
+/// behind on a rotation could otherwise be handed a key of someone else's
+/// making, to seal with, under the id the vault's new files name. Keys before
+/// the newest may have random ids (made before ids were derived): what they
+/// open is checked against the listing (super::keys_in_use). A client that
+/// holds no key of the vault yet has nothing to extend and takes what it is
+/// given.
 fn check_grows(
     wallet: &crate::crypto::Wallet,
     held: Option<&Keyring>,
@@ -516,15 +518,17 @@ fn check_grows(
              only add them)"
         )));
     }
+    // Only keys really held count (the machine's memory names an id, not a key).
     let holds = wallet
         .keys_of(vault)
         .count()
-        .max(held.map_or(0, |h| h.keys.len()))
-        .max(seen.map_or(0, |(count, _)| count as usize));
-    if holds > 0 && ring.keys.iter().skip(holds).any(|k| !k.key.id_is_derived()) {
+        .max(held.filter(|h| extends(wallet, vault, h)).map_or(0, |h| h.keys.len()));
+    let adds = ring.keys.len() > holds;
+    if holds > 0 && adds && ring.current().is_some_and(|k| !k.key.id_is_derived()) {
         return Err(AccountError::Refused(format!(
-            "a share of vault {vault} adds a key whose id is not derived from it (not the key the vault's files \
-             name under that id): refused"
+            "a share of vault {vault} adds a newest key whose id is not derived from it (not the key the vault's \
+             new files name under that id, or a key made before ids were derived: an admin's next rotation \
+             brings one that is): refused"
         )));
     }
     Ok(())
@@ -558,7 +562,7 @@ fn same_key(a: &crate::crypto::VaultKey, b: &crate::crypto::VaultKey) -> bool {
 }
 
 /// Whether `ring` begins with every key `wallet` holds for `vault`, in order.
-fn extends(wallet: &crate::crypto::Wallet, vault: VaultId, ring: &Keyring) -> bool {
+pub(super) fn extends(wallet: &crate::crypto::Wallet, vault: VaultId, ring: &Keyring) -> bool {
     let mut keys = ring.keys.iter();
     wallet.keys_of(vault).all(|held| keys.next().is_some_and(|k| same_key(held, &k.key)))
 }
@@ -838,6 +842,11 @@ mod tests {
         later.set_key_memory(Arc::clone(&memory));
         trust(&later, &alice);
         assert_eq!(later.wallet().keys_of(vault.id).count(), 1, "the rolled-back wallet lacks the new key");
+        let e = later.sealing_key(vault.id).map(|k| k.id()).unwrap_err();
+        assert!(
+            matches!(e, AccountError::KeyBehind { missing: 1, .. }),
+            "nothing sealed under the old key: {e}"
+        );
         let failed = later.accept_shares(&later.remote.vaults().await.unwrap()).await;
         assert!(matches!(failed.as_slice(), [(_, AccountError::Refused(e))] if e.contains("lacks keys")));
         assert!(later.active_key(vault.id).is_none_or(|k| k.id() != new) && later.shared.read().is_empty());
@@ -863,8 +872,11 @@ mod tests {
     async fn a_removed_admin_the_server_still_calls_one_gets_nothing_sealed_under_her_key() {
         let server = MemoryServer::new().unwrap();
         let mut alice = user(&server, "alice").await;
-        let (bob, carol, mallory) =
+        let (bob, mut carol, mallory) =
             (user(&server, "bob").await, user(&server, "carol").await, user(&server, "mallory").await);
+        let memory: Arc<dyn crate::remote::account::KeyMemory> =
+            Arc::new(crate::fs::freshness::Freshness::memory());
+        carol.set_key_memory(Arc::clone(&memory));
         let vault = alice.create_vault("V", false).await.unwrap().info;
         share_with(&alice, &vault, &bob, Rights::Write).await;
         share_with(&alice, &vault, &carol, Rights::Admin).await;
@@ -933,6 +945,13 @@ mod tests {
         assert_eq!(carol2.active_key(vault.id).unwrap().id(), fresh.id());
         let e = carol2.rekey_vault(vault.id, |_, _| {}).await.unwrap_err();
         assert!(matches!(e, AccountError::KeyBehind { .. }), "{e}");
+        // A new session on carol's machine remembers what she saw, before
+        // any listing (the server may hide the new key's titles from now on).
+        let mut carol3 = Unlocked::open(carol.remote.clone(), b"pw").await.unwrap();
+        assert!(carol3.sealing_key(vault.id).is_ok(), "another machine: nothing seen yet");
+        carol3.set_key_memory(Arc::clone(&memory));
+        let e = carol3.sealing_key(vault.id).map(|k| k.id()).unwrap_err();
+        assert!(matches!(e, AccountError::KeyBehind { missing: 1, .. }), "{e}");
 
         // First shares, from mallory, under the new key's id: nothing to
         // compare them with. Erin's listing shows alice's title, which her
@@ -965,6 +984,62 @@ mod tests {
         assert_eq!(dave.active_key(vault.id).unwrap().id(), new);
         dave.list_keys_in_use(vault.id).await.unwrap();
         assert!(matches!(dave.sealing_key(vault.id), Err(AccountError::KeyBehind { missing: 1, .. })));
+    }
+
+    /// A share held for the session counts only while it extends the
+    /// wallet's keys, secrets and all: once the wallet holds another key
+    /// under an id the share has (stored by another client of the user), the
+    /// key that opens what is listed under that id and the key sealed with
+    /// are both the wallet's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_share_counts_only_while_it_extends_the_wallet() {
+        let server = MemoryServer::new().unwrap();
+        let (mut alice, bob, carol, vault) = team(&server).await;
+        trust(&alice, &carol);
+        alice.unshare(&vault, "carol").await.unwrap();
+        bob.vaults().await.unwrap();
+        let real = alice.active_key(vault.id).unwrap();
+        assert_eq!(bob.wallet().keys_of(vault.id).count(), 2);
+        // This session holds another key under the new key's id.
+        let mut ring = bob.keyring_of(vault.id).unwrap();
+        ring.keys[1].key = VaultKey::from_bytes(real.id(), [0x66; 32]);
+        let accepted = Accepted { blob: Vec::new(), sender: "mallory".into(), ring: Arc::new(ring) };
+        bob.shared.write().insert(vault.id, accepted);
+        for key in [bob.active_key(vault.id).unwrap(), bob.vault_key(vault.id, real.id()).unwrap()] {
+            assert!(same_key(&key, &real), "the wallet's key, not the session's");
+        }
+        assert!(same_key(&bob.sealing_key(vault.id).unwrap(), &real));
+        assert!(bob.keyring_of(vault.id).unwrap().keys.iter().all(|k| k.key.secret() != &[0x66; 32]));
+    }
+
+    /// Vaults rotated before key ids were derived: a share whose newest key
+    /// has a random id is not taken by a member who holds keys of the vault
+    /// (it could be anyone's key under any id), one whose newest key's id is
+    /// derived is, older keys with random ids included.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_newest_key_a_share_adds_must_have_a_derived_id() {
+        let server = MemoryServer::new().unwrap();
+        let (alice, bob, _carol, vault) = team(&server).await;
+        let legacy = VaultKey::from_bytes(crate::crypto::KeyId([0x42; 16]), [0x43; 32]);
+        let derived = VaultKey::generate(&mut OsRandom).unwrap();
+        let me = alice.wallet().user_key().unwrap().duplicate();
+        let share_for_bob = |extra: &[&VaultKey]| {
+            let mut ring = alice.keyring_of(vault.id).unwrap();
+            for (i, k) in extra.iter().enumerate() {
+                ring.keys.push(EpochKey { epoch: 1 + i as u32, key: k.duplicate() });
+            }
+            let ctx = ShareContext { vault: vault.id, sender: "alice", recipient: "bob" };
+            let share = seal_share(&ring, &ctx, &me, &bob.user_public().unwrap(), &mut OsRandom).unwrap();
+            Member { user: "bob".into(), rights: Rights::Write, wrapped_key: Some(Sealed(share)) }
+        };
+        alice.remote.set_member(vault.id, share_for_bob(&[&legacy])).await.unwrap();
+        let failed = bob.accept_shares(&bob.remote.vaults().await.unwrap()).await;
+        assert!(matches!(failed.as_slice(), [(_, AccountError::Refused(e))] if e.contains("not derived")));
+        assert!(bob.vault_key(vault.id, legacy.id()).is_none());
+        alice.remote.set_member(vault.id, share_for_bob(&[&legacy, &derived])).await.unwrap();
+        assert!(bob.accept_shares(&bob.remote.vaults().await.unwrap()).await.is_empty());
+        assert!(same_key(&bob.active_key(vault.id).unwrap(), &derived));
+        assert!(bob.vault_key(vault.id, legacy.id()).is_some());
     }
 
     /// A share that would add a key, sealed by a member who is not an admin
