@@ -540,7 +540,7 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
             for why in &done.not_reshared {
                 println!("  not shared again (run `vaultfs vault share` for them): {why}");
             }
-            let (older, all) = unlocked.files_under_older_keys(info.id).await?;
+            let (older, all) = saving(unlocked.files_under_older_keys(info.id).await, &freshness)?;
             println!(
                 "{older} of {all} file(s) are still under older keys: readable to {user} if they kept them \
                  (`vaultfs vault rekey {vault}` encrypts them again)"
@@ -582,7 +582,7 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
             for why in &done.skipped {
                 println!("  left alone: {why}");
             }
-            let (older, all) = unlocked.files_under_older_keys(info.id).await?;
+            let (older, all) = saving(unlocked.files_under_older_keys(info.id).await, &freshness)?;
             println!(
                 "files under older keys: {older} of {all}{}",
                 if older > 0 { " (run again)" } else { "" }

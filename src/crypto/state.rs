@@ -23,18 +23,37 @@ use crate::ids::{FileId, VaultId, ID_LEN};
 /// First four bytes of a state file.
 pub const STATE_MAGIC: [u8; 4] = *b"VLTS";
 /// The version this build writes and reads.
-pub const STATE_VERSION: u8 = 3;
+pub const STATE_VERSION: u8 = 4;
 /// Version 1 (no vault keyrings) is still read.
 const STATE_V1: u8 = 1;
 /// Version 2 (no lacking keys) is still read.
 const STATE_V2: u8 = 2;
-const VAULT_ENTRY_LEN: usize = ID_LEN + 4 + KEY_ID_LEN;
+/// Version 3 (no check of the newest key) is still read.
+const STATE_V3: u8 = 3;
+const VAULT_ENTRY_V3_LEN: usize = ID_LEN + 4 + KEY_ID_LEN;
+const VAULT_ENTRY_LEN: usize = VAULT_ENTRY_V3_LEN + KEY_ID_LEN;
 const LACKING_ENTRY_LEN: usize = ID_LEN + KEY_ID_LEN;
 /// Most vaults remembered.
 pub const MAX_VAULTS: usize = 1 << 16;
-/// Most lacking keys remembered (more are not noted: a server listing made-up
-/// ids can only stop writes, which it can anyway).
-pub const MAX_LACKING: usize = 4096;
+/// Most lacking keys remembered per vault (one is enough to refuse; more
+/// are not noted).
+pub const MAX_LACKING_PER_VAULT: usize = 16;
+/// Most lacking keys remembered in all: a server that lists made-up ids in
+/// that many vaults can make this machine forget later evidence (it keeps
+/// it for the session), not what it noted before.
+pub const MAX_LACKING: usize = 1 << 16;
+
+/// A shared vault's keyring as this machine accepted it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RememberedRing {
+    /// How many keys it had.
+    pub count: u32,
+    /// Its newest key's id.
+    pub newest: KeyId,
+    /// [`KeyId::of_secret`] of its newest key: which key that was, whatever
+    /// its id (`None` from a version-3 or older file).
+    pub check: Option<KeyId>,
+}
 const HEADER_LEN: usize = 8;
 const DOMAIN: &[u8] = b"vaultfs/state/v1";
 const ENTRY_LEN: usize = ID_LEN + 8;
@@ -52,7 +71,7 @@ pub struct FreshState {
     /// Per vault, how many keys the keyring accepted from shares had and
     /// the newest one's id: a later share must hold that many, with that key
     /// at that place (also when the server rolled the wallet back).
-    pub vault_keys: BTreeMap<VaultId, (u32, KeyId)>,
+    pub vault_keys: BTreeMap<VaultId, RememberedRing>,
     /// Key ids seen in use in a vault's listing while this machine held no
     /// key under them (crate::remote::keys_in_use): nothing is sealed in
     /// that vault until a key derived under the id is held.
@@ -69,15 +88,30 @@ impl FreshState {
         }
         for (vault, seen) in &other.vault_keys {
             let e = self.vault_keys.entry(*vault).or_insert(*seen);
-            if seen.0 > e.0 {
+            if seen.count > e.count || (seen.count == e.count && e.check.is_none()) {
                 *e = *seen;
             }
         }
-        for lacking in &other.lacking_keys {
-            if self.lacking_keys.len() < MAX_LACKING {
-                self.lacking_keys.insert(*lacking);
-            }
+        for (vault, id) in &other.lacking_keys {
+            self.note_lacking(*vault, *id);
         }
+    }
+
+    /// Notes that `vault` was seen using `id` while no key under it was
+    /// held, within the caps. Returns whether it was new.
+    pub fn note_lacking(&mut self, vault: VaultId, id: KeyId) -> bool {
+        let in_vault =
+            self.lacking_keys.range((vault, KeyId([0; KEY_ID_LEN]))..).take_while(|(v, _)| *v == vault);
+        if self.lacking_keys.len() >= MAX_LACKING || in_vault.count() >= MAX_LACKING_PER_VAULT {
+            return false;
+        }
+        self.lacking_keys.insert((vault, id))
+    }
+
+    /// The key ids `vault` was seen using while none was held.
+    pub fn lacking_in(&self, vault: VaultId) -> Vec<KeyId> {
+        let from = (vault, KeyId([0; KEY_ID_LEN]));
+        self.lacking_keys.range(from..).take_while(|(v, _)| *v == vault).map(|(_, id)| *id).collect()
     }
 }
 
@@ -130,10 +164,12 @@ pub fn seal_state(
         return Err(CryptoError::Misuse("too many vaults in the freshness state"));
     }
     body.extend_from_slice(&(state.vault_keys.len() as u32).to_be_bytes());
-    for (vault, (count, newest)) in &state.vault_keys {
+    for (vault, ring) in &state.vault_keys {
         body.extend_from_slice(vault.as_bytes());
-        body.extend_from_slice(&count.to_be_bytes());
-        body.extend_from_slice(&newest.0);
+        body.extend_from_slice(&ring.count.to_be_bytes());
+        body.extend_from_slice(&ring.newest.0);
+        // Zeros: no check known (an entry from a version-3 or older file).
+        body.extend_from_slice(&ring.check.map_or([0; KEY_ID_LEN], |c| c.0));
     }
     if state.lacking_keys.len() > MAX_LACKING {
         return Err(CryptoError::Misuse("too many lacking keys in the freshness state"));
@@ -153,7 +189,7 @@ pub fn seal_state(
 /// another account or server, or with another key.
 pub fn open_state(key: &StateKey, binding: StateBinding<'_>, blob: &[u8]) -> Result<FreshState> {
     let version = match blob.get(4) {
-        Some(&v @ (STATE_V1 | STATE_V2)) => v,
+        Some(&v @ (STATE_V1 | STATE_V2 | STATE_V3)) => v,
         _ => STATE_VERSION,
     };
     check_prefix(blob, &STATE_MAGIC, version, HEADER_LEN + XNONCE_LEN + aead::TAG_LEN, "state file")?;
@@ -190,15 +226,22 @@ pub fn open_state(key: &StateKey, binding: StateBinding<'_>, blob: &[u8]) -> Res
     if version != STATE_V1 {
         let rest = &body[files_end..];
         let n = count_of(rest).ok_or_else(bad)?;
-        let vaults_end = n.checked_mul(VAULT_ENTRY_LEN).and_then(|l| l.checked_add(4)).ok_or_else(bad)?;
+        let entry = if version == STATE_VERSION { VAULT_ENTRY_LEN } else { VAULT_ENTRY_V3_LEN };
+        let vaults_end = n.checked_mul(entry).and_then(|l| l.checked_add(4)).ok_or_else(bad)?;
         if n > MAX_VAULTS || rest.len() < vaults_end || (version == STATE_V2 && rest.len() != vaults_end) {
             return Err(bad());
         }
-        for e in rest[4..vaults_end].chunks_exact(VAULT_ENTRY_LEN) {
+        for e in rest[4..vaults_end].chunks_exact(entry) {
             let vault = VaultId(e[..ID_LEN].try_into().map_err(|_| bad())?);
-            let keys = u32::from_be_bytes(e[ID_LEN..ID_LEN + 4].try_into().map_err(|_| bad())?);
-            let newest = KeyId(e[ID_LEN + 4..].try_into().map_err(|_| bad())?);
-            if keys == 0 || vault_keys.insert(vault, (keys, newest)).is_some() {
+            let count = u32::from_be_bytes(e[ID_LEN..ID_LEN + 4].try_into().map_err(|_| bad())?);
+            let newest = KeyId(e[ID_LEN + 4..VAULT_ENTRY_V3_LEN].try_into().map_err(|_| bad())?);
+            let check = match e.get(VAULT_ENTRY_V3_LEN..) {
+                Some(c) if !c.is_empty() && c.iter().any(|b| *b != 0) => {
+                    Some(KeyId(c.try_into().map_err(|_| bad())?))
+                }
+                _ => None,
+            };
+            if count == 0 || vault_keys.insert(vault, RememberedRing { count, newest, check }).is_some() {
                 return Err(bad());
             }
         }
@@ -208,13 +251,15 @@ pub fn open_state(key: &StateKey, binding: StateBinding<'_>, blob: &[u8]) -> Res
             if n > MAX_LACKING || rest.len() - 4 != n * LACKING_ENTRY_LEN {
                 return Err(bad());
             }
+            let mut state = FreshState::default();
             for e in rest[4..].chunks_exact(LACKING_ENTRY_LEN) {
                 let vault = VaultId(e[..ID_LEN].try_into().map_err(|_| bad())?);
                 let id = KeyId(e[ID_LEN..].try_into().map_err(|_| bad())?);
-                if !lacking_keys.insert((vault, id)) {
+                if !state.note_lacking(vault, id) {
                     return Err(bad());
                 }
             }
+            lacking_keys = state.lacking_keys;
         }
     }
     Ok(FreshState { wallet_revision, generations, vault_keys, lacking_keys })
@@ -262,6 +307,10 @@ mod tests {
         assert!(!String::from_utf8_lossy(&blob).contains("alice"), "no names in the file");
     }
 
+    fn ring(count: u32, id: u8, check: Option<u8>) -> RememberedRing {
+        RememberedRing { count, newest: KeyId([id; 16]), check: check.map(|c| KeyId([c; 16])) }
+    }
+
     #[test]
     fn merging_keeps_the_highest() {
         let mut a = FreshState { wallet_revision: 3, ..Default::default() };
@@ -269,9 +318,11 @@ mod tests {
         let mut b = FreshState { wallet_revision: 2, ..Default::default() };
         b.generations.insert(FileId([1; 16]), 9);
         b.generations.insert(FileId([2; 16]), 1);
-        a.vault_keys.insert(VaultId([5; 16]), (2, KeyId([2; 16])));
-        b.vault_keys.insert(VaultId([5; 16]), (3, KeyId([3; 16])));
-        b.vault_keys.insert(VaultId([6; 16]), (1, KeyId([1; 16])));
+        a.vault_keys.insert(VaultId([5; 16]), ring(2, 2, Some(2)));
+        b.vault_keys.insert(VaultId([5; 16]), ring(3, 3, Some(4)));
+        b.vault_keys.insert(VaultId([6; 16]), ring(1, 1, Some(1)));
+        a.vault_keys.insert(VaultId([7; 16]), ring(1, 1, None));
+        b.vault_keys.insert(VaultId([7; 16]), ring(1, 1, Some(9)));
         a.lacking_keys.insert((VaultId([5; 16]), KeyId([7; 16])));
         b.lacking_keys.insert((VaultId([6; 16]), KeyId([8; 16])));
         a.merge(&b);
@@ -279,49 +330,78 @@ mod tests {
         assert_eq!(a.wallet_revision, 3);
         assert_eq!(a.generations[&FileId([1; 16])], 9);
         assert_eq!(a.generations[&FileId([2; 16])], 1);
-        assert_eq!(a.vault_keys[&VaultId([5; 16])], (3, KeyId([3; 16])));
-        assert_eq!(a.vault_keys.len(), 2);
+        assert_eq!(a.vault_keys[&VaultId([5; 16])], ring(3, 3, Some(4)));
+        assert_eq!(a.vault_keys[&VaultId([7; 16])], ring(1, 1, Some(9)), "an entry with its check wins");
+        assert_eq!(a.vault_keys.len(), 3);
     }
 
-    /// Version 3 keeps the vaults' keyrings and lacking keys; version-2 and
-    /// version-1 files still open.
+    /// Lacking keys are capped per vault (one is enough to refuse), so a
+    /// flood of made-up ids in one vault leaves room for every other vault.
+    #[test]
+    fn lacking_keys_are_capped_per_vault() {
+        let mut s = FreshState::default();
+        for i in 0..40u8 {
+            s.note_lacking(VaultId([1; 16]), KeyId([i; 16]));
+        }
+        assert_eq!(s.lacking_in(VaultId([1; 16])).len(), MAX_LACKING_PER_VAULT);
+        assert!(s.note_lacking(VaultId([2; 16]), KeyId([1; 16])), "another vault still has room");
+        assert!(!s.note_lacking(VaultId([2; 16]), KeyId([1; 16])), "once");
+        assert_eq!(s.lacking_in(VaultId([2; 16])), vec![KeyId([1; 16])]);
+        assert!(s.lacking_in(VaultId([3; 16])).is_empty());
+    }
+
+    fn sealed_body(k: &StateKey, version: u8, body: &[u8]) -> Vec<u8> {
+        let header = [&STATE_MAGIC[..], &[version, 0, 0, 0]].concat();
+        let nonce = [version; XNONCE_LEN];
+        let sealed = aead::seal(k.secret(), &nonce, &aad(&header, ME).unwrap(), body).unwrap();
+        [header, nonce.to_vec(), sealed].concat()
+    }
+
+    /// Version 4 keeps the vaults' keyrings with a check of the newest key,
+    /// and lacking keys; version-3, -2 and -1 files still open; a section
+    /// with trailing bytes, or a lacking key twice, does not.
     #[test]
     fn vault_keyrings_and_lacking_keys_round_trip_and_older_versions_still_open() {
         let k = key();
         let mut s = FreshState { wallet_revision: 2, ..Default::default() };
         s.generations.insert(FileId([1; 16]), 4);
-        s.vault_keys.insert(VaultId([7; 16]), (3, KeyId([9; 16])));
+        s.vault_keys.insert(VaultId([7; 16]), ring(3, 9, Some(10)));
+        s.vault_keys.insert(VaultId([6; 16]), ring(1, 5, None));
         s.lacking_keys.insert((VaultId([7; 16]), KeyId([8; 16])));
         let blob = seal_state(&k, ME, &s, &mut OsRandom).unwrap();
-        assert_eq!(blob[4], 3);
+        assert_eq!(blob[4], 4);
         assert_eq!(open_state(&k, ME, &blob).unwrap(), s);
-        // A version-2 file: the body ends after the vaults.
-        let mut header = blob[..HEADER_LEN].to_vec();
-        header[4] = 2;
-        let mut body = 2u64.to_be_bytes().to_vec();
-        body.extend_from_slice(&0u32.to_be_bytes());
-        body.extend_from_slice(&1u32.to_be_bytes());
-        body.extend_from_slice(&[7; 16]);
-        body.extend_from_slice(&3u32.to_be_bytes());
-        body.extend_from_slice(&[9; 16]);
-        let nonce = [4u8; XNONCE_LEN];
-        let sealed = aead::seal(k.secret(), &nonce, &aad(&header, ME).unwrap(), &body).unwrap();
-        let v2 = [header, nonce.to_vec(), sealed].concat();
-        let opened = open_state(&k, ME, &v2).unwrap();
-        assert_eq!(opened.vault_keys[&VaultId([7; 16])], (3, KeyId([9; 16])));
+        // Versions 3 and 2: vault entries without the check; version 2 ends after them.
+        let mut v2 = 2u64.to_be_bytes().to_vec();
+        v2.extend_from_slice(&0u32.to_be_bytes());
+        v2.extend_from_slice(&1u32.to_be_bytes());
+        v2.extend_from_slice(&[7; 16]);
+        v2.extend_from_slice(&3u32.to_be_bytes());
+        v2.extend_from_slice(&[9; 16]);
+        let opened = open_state(&k, ME, &sealed_body(&k, 2, &v2)).unwrap();
+        assert_eq!(opened.vault_keys[&VaultId([7; 16])], ring(3, 9, None));
         assert!(opened.lacking_keys.is_empty());
-        // A version-1 file: the same header with version 1 and a body
-        // without the vault section.
-        let mut header = blob[..HEADER_LEN].to_vec();
-        header[4] = 1;
-        let mut body = 2u64.to_be_bytes().to_vec();
-        body.extend_from_slice(&1u32.to_be_bytes());
-        body.extend_from_slice(&[1; 16]);
-        body.extend_from_slice(&4u64.to_be_bytes());
-        let nonce = [3u8; XNONCE_LEN];
-        let sealed = aead::seal(k.secret(), &nonce, &aad(&header, ME).unwrap(), &body).unwrap();
-        let v1 = [header, nonce.to_vec(), sealed].concat();
-        let opened = open_state(&k, ME, &v1).unwrap();
+        let mut v3 = v2.clone();
+        v3.extend_from_slice(&1u32.to_be_bytes());
+        v3.extend_from_slice(&[7; 16]);
+        v3.extend_from_slice(&[8; 16]);
+        let opened = open_state(&k, ME, &sealed_body(&k, 3, &v3)).unwrap();
+        assert_eq!(opened.vault_keys[&VaultId([7; 16])], ring(3, 9, None));
+        assert_eq!(opened.lacking_in(VaultId([7; 16])), vec![KeyId([8; 16])]);
+        assert!(open_state(&k, ME, &sealed_body(&k, 2, &v3)).is_err(), "version 2 with a lacking section");
+        let mut trailing = v3.clone();
+        trailing.push(0);
+        assert!(open_state(&k, ME, &sealed_body(&k, 3, &trailing)).is_err(), "trailing bytes");
+        let mut twice = v2.clone();
+        twice.extend_from_slice(&2u32.to_be_bytes());
+        twice.extend_from_slice(&[[7u8; 16], [8; 16], [7; 16], [8; 16]].concat());
+        assert!(open_state(&k, ME, &sealed_body(&k, 3, &twice)).is_err(), "a lacking key twice");
+        // A version-1 file: no vault section.
+        let mut v1 = 2u64.to_be_bytes().to_vec();
+        v1.extend_from_slice(&1u32.to_be_bytes());
+        v1.extend_from_slice(&[1; 16]);
+        v1.extend_from_slice(&4u64.to_be_bytes());
+        let opened = open_state(&k, ME, &sealed_body(&k, 1, &v1)).unwrap();
         assert_eq!((opened.wallet_revision, opened.generations.len(), opened.vault_keys.len()), (2, 1, 0));
     }
 }

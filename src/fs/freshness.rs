@@ -27,7 +27,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::crypto::state::{open_state, seal_state, FreshState, StateBinding};
+use crate::crypto::state::{open_state, seal_state, FreshState, RememberedRing, StateBinding};
 use crate::crypto::{CryptoError, IntegrityFailure, OsRandom, StateKey};
 use crate::ids::FileId;
 
@@ -316,36 +316,31 @@ impl Freshness {
 /// and the keys seen in use that this machine lacked, so that a later session
 /// seals nothing in that vault either, whatever the server lists then.
 impl crate::remote::account::KeyMemory for Freshness {
-    fn keys_seen(&self, vault: crate::ids::VaultId) -> Option<(u32, crate::crypto::KeyId)> {
+    fn keys_seen(&self, vault: crate::ids::VaultId) -> Option<RememberedRing> {
         self.state.lock().vault_keys.get(&vault).copied()
     }
 
-    fn note_keys(&self, vault: crate::ids::VaultId, count: u32, newest: crate::crypto::KeyId) {
+    fn note_keys(&self, vault: crate::ids::VaultId, count: u32, newest: &crate::crypto::VaultKey) {
+        let ring = RememberedRing {
+            count,
+            newest: newest.id(),
+            check: Some(crate::crypto::KeyId::of_secret(newest.secret())),
+        };
         let mut state = self.state.lock();
-        let seen = state.vault_keys.entry(vault).or_insert((0, newest));
-        if count > seen.0 {
-            *seen = (count, newest);
-            drop(state);
-            self.mark_changed();
+        let seen = state.vault_keys.entry(vault).or_insert(ring);
+        if count > seen.count || (count == seen.count && seen.newest == ring.newest && seen.check.is_none()) {
+            *seen = ring;
         }
+        drop(state);
+        self.mark_changed();
     }
 
     fn keys_lacking(&self, vault: crate::ids::VaultId) -> Vec<crate::crypto::KeyId> {
-        let state = self.state.lock();
-        state
-            .lacking_keys
-            .range((vault, crate::crypto::KeyId([0; 16]))..)
-            .take_while(|(v, _)| *v == vault)
-            .map(|(_, id)| *id)
-            .collect()
+        self.state.lock().lacking_in(vault)
     }
 
     fn note_lacking(&self, vault: crate::ids::VaultId, id: crate::crypto::KeyId) {
-        let mut state = self.state.lock();
-        if state.lacking_keys.len() < crate::crypto::state::MAX_LACKING
-            && state.lacking_keys.insert((vault, id))
-        {
-            drop(state);
+        if self.state.lock().note_lacking(vault, id) {
             self.mark_changed();
         }
     }

@@ -242,10 +242,11 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// keeps it). A share that holds fewer, or another key in that place, is
 /// refused, whatever wallet the server serves.
 pub trait KeyMemory: Send + Sync {
-    /// The keys of `vault` seen in an accepted share: how many, and the newest.
-    fn keys_seen(&self, vault: VaultId) -> Option<(u32, crypto::KeyId)>;
+    /// The keys of `vault` seen in an accepted share: how many, and which
+    /// is the newest.
+    fn keys_seen(&self, vault: VaultId) -> Option<crypto::state::RememberedRing>;
     /// Notes an accepted keyring of `count` keys, the newest `newest`.
-    fn note_keys(&self, vault: VaultId, count: u32, newest: crypto::KeyId);
+    fn note_keys(&self, vault: VaultId, count: u32, newest: &VaultKey);
     /// Key ids seen in use in `vault` while no key under them was held
     /// (super::keys_in_use), in any session on this machine.
     fn keys_lacking(&self, vault: VaultId) -> Vec<crypto::KeyId>;

@@ -35,6 +35,7 @@ use super::account::{AccountError, Unlocked};
 use super::Remote;
 use crate::crypto::manifest::manifest_key_id;
 use crate::crypto::names::name_key_id;
+use crate::crypto::share::Keyring;
 use crate::crypto::{self, FileContext, KeyId, NameContext, VaultKey};
 use crate::ids::VaultId;
 use crate::protocol::{FileInfo, RecordInfo};
@@ -125,6 +126,10 @@ impl<R: Remote> Unlocked<R> {
                 }
                 (Some(false), false) => {
                     ids.insert(id, Lack::WrongKey);
+                    // Remembered as not held: only a key derived under the id clears it.
+                    if let Some(memory) = &self.key_memory {
+                        memory.note_lacking(vault, id);
+                    }
                 }
                 (Some(false), true) => {}
             }
@@ -143,28 +148,56 @@ impl<R: Remote> Unlocked<R> {
 
     /// How many key ids seen in use in `vault` this client lacks (`None`: none).
     pub fn keys_missing(&self, vault: VaultId) -> Option<usize> {
-        let mut lacking: HashMap<KeyId, Lack> =
-            self.keys_in_use.lacking.lock().get(&vault).cloned().unwrap_or_default();
-        // What earlier sessions on this machine saw lacking.
-        for id in self.key_memory.as_ref().map(|m| m.keys_lacking(vault)).unwrap_or_default() {
-            lacking.entry(id).or_insert(Lack::NotHeld);
-        }
-        let mut missing = lacking
-            .iter()
-            .filter(|(id, lack)| match lack {
-                Lack::WrongKey => true,
-                Lack::NotHeld => !self.vault_key(vault, **id).is_some_and(|k| k.id_is_derived()),
-            })
-            .count();
+        let mut missing = self.lacking_ids(vault).len();
         // The newest key this machine accepted for the vault (a wallet stored
         // before it, or rolled back, lacks it until its share is taken again).
         let remembered = self.key_memory.as_ref().and_then(|m| m.keys_seen(vault));
-        if remembered.is_some_and(|(_, newest)| {
-            !lacking.contains_key(&newest) && self.vault_key(vault, newest).is_none()
+        if remembered.is_some_and(|seen| {
+            !self.vault_key(vault, seen.newest).is_some_and(|k| super::sharing::is_remembered(&seen, &k))
         }) {
             missing += 1;
         }
         (missing > 0).then_some(missing)
+    }
+
+    /// The key ids `vault` is seen using (in this session, or noted on this
+    /// machine before) that this client lacks.
+    fn lacking_ids(&self, vault: VaultId) -> Vec<KeyId> {
+        let mut lacking: HashMap<KeyId, Lack> =
+            self.keys_in_use.lacking.lock().get(&vault).cloned().unwrap_or_default();
+        for id in self.key_memory.as_ref().map(|m| m.keys_lacking(vault)).unwrap_or_default() {
+            lacking.entry(id).or_insert(Lack::NotHeld);
+        }
+        lacking
+            .into_iter()
+            .filter(|(id, lack)| match lack {
+                Lack::WrongKey => true,
+                Lack::NotHeld => !self.vault_key(vault, *id).is_some_and(|k| k.id_is_derived()),
+            })
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    /// Refuses a share of `vault` that adds keys to those held without
+    /// bringing, for every id the vault is seen using that this client lacks,
+    /// a key derived under that id: taking it would put a key of its sender's
+    /// choosing in the wallet (and in every session of this user) and split
+    /// the vault, as the share that brings the missing key would no longer
+    /// extend the keys held.
+    pub(super) fn check_brings_lacking(&self, vault: VaultId, ring: &Keyring) -> Result<(), AccountError> {
+        let held = self.keyring_of(vault).map_or(0, |r| r.keys.len());
+        if ring.keys.len() <= held {
+            return Ok(());
+        }
+        let lacking = self.lacking_ids(vault);
+        let brought = |id: &KeyId| ring.keys.iter().any(|k| k.key.id() == *id && k.key.id_is_derived());
+        match lacking.iter().filter(|id| !brought(id)).count() {
+            0 => Ok(()),
+            n => Err(AccountError::Refused(format!(
+                "a share of vault {vault} adds keys but not the {n} key(s) this machine saw the vault use \
+                 and lacks: refused (ask the admin who rotated the vault's key to share it with you again)"
+            ))),
+        }
     }
 
     /// The key new names, manifests, files and shares of `vault` are sealed

@@ -26,6 +26,7 @@ use super::{Remote, RemoteError};
 use crate::crypto::share::{
     open_share, seal_share, share_sender, EpochKey, Keyring, ShareContext, KEYRING_MANIFESTS_REQUIRED,
 };
+use crate::crypto::state::RememberedRing;
 use crate::crypto::{Fingerprint, OsRandom, UserPublic};
 use crate::ids::VaultId;
 use crate::protocol::{Member, Rights, Sealed, VaultInfo};
@@ -301,6 +302,7 @@ impl<R: Remote> Unlocked<R> {
         let ctx = ShareContext { vault, sender: &sender, recipient: self.user() };
         let ring = open_share(blob, &ctx, &me, &from)?;
         self.check_extends(vault, &ring)?;
+        self.check_brings_lacking(vault, &ring)?;
         // Keys beyond those held come from an admin of the vault only (as
         // the server lists its members: what the cryptography cannot say).
         if ring.keys.len() > self.wallet().keys_of(vault).count() {
@@ -366,12 +368,14 @@ impl<R: Remote> Unlocked<R> {
     /// locks, against what is held now (another listing may have taken a
     /// newer share, or stored keys, while this one was being opened).
     fn hold(&self, vault: VaultId, accepted: Accepted) -> Result<(), AccountError> {
+        // Not under the locks below: it reads the keys held.
+        self.check_brings_lacking(vault, &accepted.ring)?;
         let seen = self.key_memory.as_ref().and_then(|m| m.keys_seen(vault));
         let wallet = self.wallet();
         let mut shared = self.shared.write();
         check_grows(&wallet, shared.get(&vault).map(|a| &*a.ring), seen, vault, &accepted.ring)?;
         if let (Some(memory), Some(newest)) = (&self.key_memory, accepted.ring.current()) {
-            memory.note_keys(vault, accepted.ring.keys.len() as u32, newest.key.id());
+            memory.note_keys(vault, accepted.ring.keys.len() as u32, &newest.key);
         }
         shared.insert(vault, accepted);
         Ok(())
@@ -432,11 +436,11 @@ impl<R: Remote> Unlocked<R> {
         // The new key goes into the wallet (stored) before anything else
         // changes: a member removed without it would keep every key.
         let new_key = crate::crypto::VaultKey::generate(&mut OsRandom)?;
-        let new_id = new_key.id();
+        let remembered = new_key.duplicate();
         self.wallet_mut().add_key(vault.id, new_key)?;
         self.save_wallet().await?;
         if let Some(memory) = &self.key_memory {
-            memory.note_keys(vault.id, self.wallet().keys_of(vault.id).count() as u32, new_id);
+            memory.note_keys(vault.id, self.wallet().keys_of(vault.id).count() as u32, &remembered);
         }
         self.remote.remove_member(vault.id, user).await.map_err(|e| {
             AccountError::Refused(format!(
@@ -508,7 +512,7 @@ impl<R: Remote> Unlocked<R> {
 fn check_grows(
     wallet: &crate::crypto::Wallet,
     held: Option<&Keyring>,
-    seen: Option<(u32, crate::crypto::KeyId)>,
+    seen: Option<RememberedRing>,
     vault: VaultId,
     ring: &Keyring,
 ) -> Result<(), AccountError> {
@@ -541,13 +545,13 @@ fn check_grows(
 fn grows(
     wallet: &crate::crypto::Wallet,
     held: Option<&Keyring>,
-    seen: Option<(u32, crate::crypto::KeyId)>,
+    seen: Option<RememberedRing>,
     vault: VaultId,
     ring: &Keyring,
 ) -> bool {
     let flags_kept = !wallet.manifests_required(vault) || ring.manifests_required();
-    let remembered = seen.is_none_or(|(count, newest)| {
-        ring.keys.get((count as usize).wrapping_sub(1)).is_some_and(|k| k.key.id() == newest)
+    let remembered = seen.is_none_or(|seen| {
+        ring.keys.get((seen.count as usize).wrapping_sub(1)).is_some_and(|k| is_remembered(&seen, &k.key))
     });
     let share_kept = held.is_none_or(|h| {
         h.keys.len() <= ring.keys.len()
@@ -555,6 +559,12 @@ fn grows(
             && (ring.flags & h.flags) == h.flags
     });
     extends(wallet, vault, ring) && flags_kept && share_kept && remembered
+}
+
+/// Whether `key` is the newest key `seen` remembers: its id, and (where the
+/// machine noted it) the key itself, whatever its id.
+pub(super) fn is_remembered(seen: &RememberedRing, key: &crate::crypto::VaultKey) -> bool {
+    key.id() == seen.newest && seen.check.is_none_or(|c| crate::crypto::KeyId::of_secret(key.secret()) == c)
 }
 
 fn same_key(a: &crate::crypto::VaultKey, b: &crate::crypto::VaultKey) -> bool {
@@ -831,7 +841,7 @@ mod tests {
         bob.vaults().await.unwrap();
         let new = alice.active_key(vault.id).unwrap().id();
         assert_eq!(bob.active_key(vault.id).unwrap().id(), new);
-        assert_eq!(memory.keys_seen(vault.id).map(|s| s.0), Some(2));
+        assert_eq!(memory.keys_seen(vault.id).map(|s| s.count), Some(2));
 
         // The server rolls bob's wallet back and replays his old share.
         let (_, v) = bob.remote.wallet().await.unwrap().unwrap();
@@ -892,6 +902,7 @@ mod tests {
         let carols_old = share_of(alice.remote.members(vault.id).await.unwrap(), "carol");
         alice.unshare(&vault, "mallory").await.unwrap();
         let new = alice.active_key(vault.id).unwrap().id();
+        let carols_new = share_of(alice.remote.members(vault.id).await.unwrap(), "carol");
         bob.vaults().await.unwrap();
         assert_eq!(bob.active_key(vault.id).unwrap().id(), new);
         // The server withholds carol's new share, and lists mallory as an admin again.
@@ -933,16 +944,23 @@ mod tests {
         let failed = carol.accept_shares(&carol.remote.vaults().await.unwrap()).await;
         assert!(matches!(failed.as_slice(), [(_, AccountError::Refused(e))] if e.contains("not derived")));
         assert!(carol.vault_key(vault.id, new).is_none());
+        // Nor under an id of its own: carol has seen the vault use a key the
+        // share does not bring (taking it would split the vault for her).
         alice.remote.set_member(vault.id, forge(&carol, "carol", &fresh)).await.unwrap();
+        let failed = carol.accept_shares(&carol.remote.vaults().await.unwrap()).await;
+        assert!(
+            matches!(failed.as_slice(), [(_, AccountError::Refused(e))] if e.contains("saw the vault use"))
+        );
         let carols_view = carol.vaults().await.unwrap().remove(0).info;
-        assert_eq!(carol.active_key(vault.id).unwrap().id(), fresh.id(), "carol took mallory's other key");
+        assert!(
+            carol.vault_key(vault.id, fresh.id()).is_none() && carol.wallet().keys_of(vault.id).count() == 1
+        );
         let e = carol.sealing_key(vault.id).map(|k| k.id()).unwrap_err();
         assert!(matches!(e, AccountError::KeyBehind { missing: 1, .. }), "{e}");
         let e = carol.share_vault(&carols_view, "bob", Rights::Read, &bob.user_public().unwrap()).await;
         assert!(matches!(e, Err(AccountError::KeyBehind { .. })), "{e:?}");
-        // A new session (mallory's key is in carol's wallet now) lists before a rekey.
+        // A new session elsewhere lists before a rekey.
         let carol2 = Unlocked::open(carol.remote.clone(), b"pw").await.unwrap();
-        assert_eq!(carol2.active_key(vault.id).unwrap().id(), fresh.id());
         let e = carol2.rekey_vault(vault.id, |_, _| {}).await.unwrap_err();
         assert!(matches!(e, AccountError::KeyBehind { .. }), "{e}");
         // A new session on carol's machine remembers what she saw, before
@@ -952,13 +970,19 @@ mod tests {
         carol3.set_key_memory(Arc::clone(&memory));
         let e = carol3.sealing_key(vault.id).map(|k| k.id()).unwrap_err();
         assert!(matches!(e, AccountError::KeyBehind { missing: 1, .. }), "{e}");
+        // The server hands carol her share: she takes it and seals again, in
+        // this session and the next.
+        alice.remote.set_member(vault.id, carols_new).await.unwrap();
+        assert!(carol.accept_shares(&carol.remote.vaults().await.unwrap()).await.is_empty());
+        assert_eq!(carol.sealing_key(vault.id).unwrap().id(), new);
+        let mut carol4 = Unlocked::open(carol.remote.clone(), b"pw").await.unwrap();
+        carol4.set_key_memory(Arc::clone(&memory));
+        assert_eq!(carol4.sealing_key(vault.id).unwrap().id(), new);
 
         // First shares, from mallory, under the new key's id: nothing to
         // compare them with. Erin's listing shows alice's title, which her
         // key does not open; dave saw the id in use before his share came,
-        // and the server then hides alice's title and shows one mallory
-        // sealed with that key: a key under an id not derived from it does
-        // not clear what was seen.
+        // and refuses a share that does not bring a key derived under it.
         let (erin, not_yet) =
             (user(&server, "erin").await, Member { wrapped_key: None, ..forge(&dave, "dave", &fresh) });
         trust(&erin, &mallory);
@@ -971,19 +995,49 @@ mod tests {
         assert!(erin.sealing_key(vault.id).is_ok(), "before a listing, nothing tells erin");
         erin.list_keys_in_use(vault.id).await.unwrap();
         assert!(matches!(erin.sealing_key(vault.id), Err(AccountError::KeyBehind { missing: 1, .. })));
-
-        let version = alice.remote.records(vault.id).await.unwrap()[0].version;
-        alice.remote.delete_record(record, version).await.unwrap();
-        let record = crate::ids::RecordId([8; 16]);
-        let ctx = crate::crypto::NameContext::RecordTitle { vault: vault.id, record };
-        let title = Sealed(crate::crypto::seal_name(&under_new_id, &ctx, b"hers", &mut OsRandom).unwrap());
-        let hers = crate::protocol::NewRecord { id: record, parent: None, title, fields: Sealed(Vec::new()) };
-        alice.remote.create_record(vault.id, hers).await.unwrap();
         alice.remote.set_member(vault.id, forge(&dave, "dave", &under_new_id)).await.unwrap();
-        dave.vaults().await.unwrap();
-        assert_eq!(dave.active_key(vault.id).unwrap().id(), new);
-        dave.list_keys_in_use(vault.id).await.unwrap();
-        assert!(matches!(dave.sealing_key(vault.id), Err(AccountError::KeyBehind { missing: 1, .. })));
+        let failed = dave.accept_shares(&dave.remote.vaults().await.unwrap()).await;
+        assert!(
+            matches!(failed.as_slice(), [(_, AccountError::Refused(e))] if e.contains("saw the vault use"))
+        );
+        assert!(dave.active_key(vault.id).is_none());
+    }
+
+    /// The machine remembers which key was a vault's newest, not only its
+    /// id: once the wallet that stored a first share is rolled back (it holds
+    /// no key of the vault then, so nothing else compares), a share with
+    /// another key under that id is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_machine_remembers_the_newest_key_itself() {
+        let server = MemoryServer::new().unwrap();
+        let mut alice = user(&server, "alice").await;
+        let mut bob = user(&server, "bob").await;
+        let memory: Arc<dyn crate::remote::account::KeyMemory> =
+            Arc::new(crate::fs::freshness::Freshness::memory());
+        bob.set_key_memory(Arc::clone(&memory));
+        let before = bob.remote.wallet().await.unwrap().unwrap().0;
+        let vault = alice.create_vault("V", false).await.unwrap().info;
+        share_with(&alice, &vault, &bob, Rights::Write).await;
+        bob.vaults().await.unwrap();
+        let real = alice.active_key(vault.id).unwrap();
+        assert_eq!(bob.wallet().keys_of(vault.id).count(), 1);
+        let (_, v) = bob.remote.wallet().await.unwrap().unwrap();
+        bob.remote.put_wallet(before, Some(v)).await.unwrap();
+        let mut later = Unlocked::open(bob.remote.clone(), b"pw").await.unwrap();
+        later.set_key_memory(Arc::clone(&memory));
+        trust(&later, &alice);
+        assert_eq!(later.wallet().keys_of(vault.id).count(), 0);
+        let other = VaultKey::from_bytes(real.id(), [0x77; 32]);
+        let ring = Keyring { keys: vec![EpochKey { epoch: 0, key: other }], flags: 0 };
+        let ctx = ShareContext { vault: vault.id, sender: "alice", recipient: "bob" };
+        let me = alice.wallet().user_key().unwrap().duplicate();
+        let share = seal_share(&ring, &ctx, &me, &later.user_public().unwrap(), &mut OsRandom).unwrap();
+        let m = Member { user: "bob".into(), rights: Rights::Write, wrapped_key: Some(Sealed(share)) };
+        alice.remote.set_member(vault.id, m).await.unwrap();
+        let failed = later.accept_shares(&later.remote.vaults().await.unwrap()).await;
+        assert!(matches!(failed.as_slice(), [(_, AccountError::Refused(e))] if e.contains("lacks keys")));
+        assert!(later.active_key(vault.id).is_none());
+        assert!(later.sealing_key(vault.id).is_err());
     }
 
     /// A share held for the session counts only while it extends the
