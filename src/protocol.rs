@@ -235,6 +235,33 @@ pub struct VaultInfo {
     pub version: u64,
     /// The caller's wrapped copy of the vault key, if a client stored one.
     pub wrapped_key: Option<Sealed>,
+    /// The number of the vault's latest change (to its records, files,
+    /// members, name or flags; 0 from a server without a change feed): a
+    /// client whose copy is at this number has nothing to fetch.
+    #[serde(default)]
+    pub changes: u64,
+}
+
+/// `GET /v1/vaults/{id}/changes?since=N`: what changed in a vault after its
+/// change `N`, each object once, as it is now. A client too far behind (or
+/// ahead: the server's history is not the one it saw) gets 410 and lists the
+/// vault again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Changes {
+    /// The change number these changes bring the caller to: ask again from here.
+    pub until: u64,
+    /// Whether more changes follow (ask again with `since = until`).
+    pub more: bool,
+    /// Records created or changed, as they are now.
+    pub records: Vec<RecordInfo>,
+    /// Files created or changed, as they are now.
+    pub files: Vec<FileInfo>,
+    /// Records deleted.
+    pub deleted_records: Vec<RecordId>,
+    /// Files deleted.
+    pub deleted_files: Vec<FileId>,
+    /// Whether the vault's name, flags or members changed (list the vaults again).
+    pub vault_changed: bool,
 }
 
 /// `POST /v1/vaults`.

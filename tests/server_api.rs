@@ -864,3 +864,68 @@ async fn a_passphrase_change_swaps_login_and_wallet_together_and_ends_other_sess
         .await
         .expect("the new passphrase logs in");
 }
+
+/// The change feed over HTTPS: a member reads what changed, in pages;
+/// a non-member gets "not found" as for any vault of someone else; a bogus
+/// `since` or `limit` is a 400; a `since` ahead of the vault, and a vault
+/// deleted meanwhile, are told apart (410 "relist", 404).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_feed_pages_and_keeps_to_members() {
+    let s = TestServer::start();
+    let alice = s.user("alice", &[]).await;
+    let bob = s.user("bob", &[]).await;
+    let carol = s.user("carol", &[]).await;
+    let vault = new_vault(&alice, false).await;
+    let member = vaultfs::protocol::Member { user: "bob".into(), rights: Rights::Read, wrapped_key: None };
+    alice.set_member(vault, member).await.unwrap();
+    let start = bob.vaults().await.unwrap()[0].changes;
+    let record = new_record(&alice, vault, None).await;
+    let file = new_file(&alice, record).await;
+    alice.upload(file, 1, true, None, UploadBody::from_bytes(&b"content"[..])).await.unwrap();
+    let changes = bob.changes(vault, start).await.unwrap();
+    assert_eq!(changes.records.iter().map(|r| r.id).collect::<Vec<_>>(), [record]);
+    assert_eq!(changes.files.iter().map(|f| (f.id, f.version)).collect::<Vec<_>>(), [(file, 2)]);
+    assert!(!changes.more);
+    assert_eq!(changes.until, bob.vaults().await.unwrap()[0].changes);
+    assert!(matches!(carol.changes(vault, start).await, Err(RemoteError::NotFound(_))), "not a member");
+    assert!(matches!(bob.changes(vault, changes.until + 1).await, Err(RemoteError::Relist(_))), "ahead");
+
+    // Pages, and malformed queries, through raw HTTP.
+    let token = login_token(&s, "bob").await;
+    let client = tls_client(&s);
+    let get = |query: String| {
+        client.get(format!("{}/v1/vaults/{vault}/changes?{query}", s.url)).bearer_auth(&token).send()
+    };
+    let page: vaultfs::protocol::Changes =
+        get(format!("since={start}&limit=1")).await.unwrap().json().await.unwrap();
+    assert!(page.more && page.records.len() + page.files.len() == 1 && page.until > start);
+    let rest: vaultfs::protocol::Changes =
+        get(format!("since={}&limit=1", page.until)).await.unwrap().json().await.unwrap();
+    assert!(!rest.more && rest.records.len() + rest.files.len() == 1 && rest.until == changes.until);
+    for (query, status) in [
+        ("since=-1".to_string(), 400),
+        ("since=abc".into(), 400),
+        (String::new(), 400),
+        (format!("since={start}&limit=0"), 400),
+        (format!("since={start}&limit=1001"), 400),
+        (format!("since={}", changes.until + 5), 410),
+    ] {
+        let resp = get(query.clone()).await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{query}");
+    }
+
+    // The vault deleted: its feed is gone.
+    alice.delete_file(file, 2).await.unwrap();
+    alice.delete_record(record, 1).await.unwrap();
+    let version = alice.vaults().await.unwrap()[0].version;
+    let alice_token = login_token(&s, "alice").await;
+    let deleted = client
+        .delete(format!("{}/v1/vaults/{vault}", s.url))
+        .bearer_auth(&alice_token)
+        .header("if-match", vaultfs::protocol::etag(version))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status().as_u16(), 204);
+    assert!(matches!(bob.changes(vault, start).await, Err(RemoteError::NotFound(_))));
+}

@@ -155,7 +155,7 @@ impl From<RemoteError> for FsError {
             RemoteError::StorageFull => FsError::NoSpace,
             RemoteError::BadRange => FsError::Invalid("range".into()),
             RemoteError::Unavailable(m) => FsError::Unavailable(m),
-            RemoteError::Protocol(m) => FsError::Io(m),
+            RemoteError::Protocol(m) | RemoteError::Relist(m) => FsError::Io(m),
         }
     }
 }

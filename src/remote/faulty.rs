@@ -18,8 +18,8 @@ use super::{Content, Remote, RemoteError, Result, UploadBody};
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::ByteStream;
 use crate::protocol::{
-    CommitRequest, FileInfo, FileUpdate, Me, Member, NewFile, NewRecord, NewVault, RecordInfo, RecordUpdate,
-    Sealed, Staged, UploadResult, UserKey, VaultInfo,
+    Changes, CommitRequest, FileInfo, FileUpdate, Me, Member, NewFile, NewRecord, NewVault, RecordInfo,
+    RecordUpdate, Sealed, Staged, UploadResult, UserKey, VaultInfo,
 };
 
 /// The switches shared between a test and its [`FaultyRemote`].
@@ -197,6 +197,12 @@ impl<R: Remote> Remote for FaultyRemote<R> {
         let mut files = self.inner.files(vault).await?;
         files.iter_mut().for_each(|f| self.outage.lie(f));
         Ok(files)
+    }
+    async fn changes(&self, vault: VaultId, since: u64) -> Result<Changes> {
+        self.outage.check()?;
+        let mut changes = self.inner.changes(vault, since).await?;
+        changes.files.iter_mut().for_each(|f| self.outage.lie(f));
+        Ok(changes)
     }
     async fn file(&self, id: FileId) -> Result<FileInfo> {
         self.outage.check()?;

@@ -29,7 +29,7 @@ use crate::protocol::{
     LoginKeyChange, LoginRequest, Me, Member, NewFile, NewRecord, NewVault, PassphraseChanged, PreLogin,
     RecordInfo, RecordUpdate, Sealed, Session, UploadResult, UserKey, VaultInfo, HEADER_E2E, HEADER_MTIME,
 };
-use crate::protocol::{CommitRequest, Staged, HEADER_CONFLICT_COPY, HEADER_META, HEADER_STAGE};
+use crate::protocol::{Changes, CommitRequest, Staged, HEADER_CONFLICT_COPY, HEADER_META, HEADER_STAGE};
 
 /// Longest wait for a TCP + TLS connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -201,6 +201,7 @@ async fn error_from(resp: reqwest::Response) -> RemoteError {
         (StatusCode::UNAUTHORIZED, _) => RemoteError::Unauthorized(message),
         (StatusCode::INSUFFICIENT_STORAGE, _) => RemoteError::StorageFull,
         (StatusCode::RANGE_NOT_SATISFIABLE, _) => RemoteError::BadRange,
+        (StatusCode::GONE, "relist") => RemoteError::Relist(message),
         (s, _) if s.is_server_error() => RemoteError::Unavailable(message),
         _ => RemoteError::Protocol(message),
     }
@@ -662,6 +663,10 @@ impl super::Remote for HttpRemote {
 
     async fn files(&self, vault: VaultId) -> Result<Vec<FileInfo>> {
         self.get_json(&format!("/v1/vaults/{vault}/files")).await
+    }
+
+    async fn changes(&self, vault: VaultId, since: u64) -> Result<Changes> {
+        self.get_json(&format!("/v1/vaults/{vault}/changes?since={since}")).await
     }
 
     async fn file(&self, id: FileId) -> Result<FileInfo> {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use super::{Content, RemoteError, Result, UploadBody};
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::{
-    CommitRequest, FileInfo, FileUpdate, KdfWire, Limits, Me, Member, NewFile, NewRecord, NewVault,
+    Changes, CommitRequest, FileInfo, FileUpdate, KdfWire, Limits, Me, Member, NewFile, NewRecord, NewVault,
     RecordInfo, RecordUpdate, Sealed, Staged, UploadResult, UserKey, VaultInfo,
 };
 use crate::server::admin;
@@ -36,6 +36,7 @@ impl From<ServiceError> for RemoteError {
             ServiceError::TooLarge(_) => RemoteError::TooLarge(msg),
             ServiceError::BadRange(_) => RemoteError::BadRange,
             ServiceError::StorageFull => RemoteError::StorageFull,
+            ServiceError::Relist => RemoteError::Relist(msg),
             ServiceError::Internal(_) => RemoteError::Unavailable(msg),
         }
     }
@@ -174,6 +175,10 @@ impl super::Remote for MemoryRemote {
 
     async fn files(&self, vault: VaultId) -> Result<Vec<FileInfo>> {
         Ok(self.service.vault_files(&self.caller, vault).await?)
+    }
+
+    async fn changes(&self, vault: VaultId, since: u64) -> Result<Changes> {
+        Ok(self.service.changes(&self.caller, vault, since, crate::server::service::MAX_CHANGES).await?)
     }
 
     async fn file(&self, id: FileId) -> Result<FileInfo> {

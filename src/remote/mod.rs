@@ -30,8 +30,8 @@ use std::ops::Range;
 
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::{
-    ByteStream, CommitRequest, FileInfo, FileUpdate, Me, Member, NewFile, NewRecord, NewVault, RecordInfo,
-    RecordUpdate, Sealed, Staged, UploadResult, UserKey, VaultInfo,
+    ByteStream, Changes, CommitRequest, FileInfo, FileUpdate, Me, Member, NewFile, NewRecord, NewVault,
+    RecordInfo, RecordUpdate, Sealed, Staged, UploadResult, UserKey, VaultInfo,
 };
 
 /// Errors a remote reports; each maps to one errno in the filesystem.
@@ -76,6 +76,10 @@ pub enum RemoteError {
     /// The server answered something we do not understand (EIO).
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A vault's changes since the number asked for are not kept (or that
+    /// number is ahead of the vault): list it whole (EIO if it gets this far).
+    #[error("list the vault again: {0}")]
+    Relist(String),
 }
 
 /// Result alias.
@@ -192,6 +196,9 @@ pub trait Remote: Send + Sync + 'static {
     fn delete_record(&self, id: RecordId, expected: u64) -> impl Future<Output = Result<()>> + Send;
     /// All files of a vault.
     fn files(&self, vault: VaultId) -> impl Future<Output = Result<Vec<FileInfo>>> + Send;
+    /// What changed in a vault after its change `since`: one page
+    /// ([`RemoteError::Relist`] when the server keeps no such history).
+    fn changes(&self, vault: VaultId, since: u64) -> impl Future<Output = Result<Changes>> + Send;
     /// One file's metadata.
     fn file(&self, id: FileId) -> impl Future<Output = Result<FileInfo>> + Send;
     /// Creates an empty file in a record.

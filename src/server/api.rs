@@ -71,6 +71,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ServiceError::BadRange(_) => (StatusCode::RANGE_NOT_SATISFIABLE, "bad_range"),
             ServiceError::StorageFull => (StatusCode::INSUFFICIENT_STORAGE, "storage_full"),
+            ServiceError::Relist => (StatusCode::GONE, "relist"),
             ServiceError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
@@ -220,6 +221,7 @@ pub fn router<B: BlobStore>(service: Arc<Service<B>>) -> Router {
         .route("/v1/vaults/{vault}/members/{user}", put(set_member::<B>).delete(remove_member::<B>))
         .route("/v1/vaults/{vault}/records", get(list_records::<B>).post(create_record::<B>))
         .route("/v1/vaults/{vault}/files", get(vault_files::<B>))
+        .route("/v1/vaults/{vault}/changes", get(vault_changes::<B>))
         .route(
             "/v1/records/{record}",
             get(get_record::<B>).patch(update_record::<B>).delete(delete_record::<B>),
@@ -505,6 +507,28 @@ async fn vault_files<B: BlobStore>(
     Path(v): Path<String>,
 ) -> ApiResult<Response> {
     Ok(axum::Json(s.vault_files(&c, parse_id(&v, "vault")?).await?).into_response())
+}
+
+#[derive(Deserialize)]
+struct ChangesQuery {
+    since: u64,
+    #[serde(default = "default_change_page")]
+    limit: usize,
+}
+
+fn default_change_page() -> usize {
+    super::service::MAX_CHANGES
+}
+
+async fn vault_changes<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(v): Path<String>,
+    query: Result<Query<ChangesQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) =
+        query.map_err(|e| ApiError::bad_request(format!("since (and limit) must be numbers: {e}")))?;
+    Ok(axum::Json(s.changes(&c, parse_id(&v, "vault")?, q.since, q.limit).await?).into_response())
 }
 
 async fn get_record<B: BlobStore>(

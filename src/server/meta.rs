@@ -15,8 +15,8 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use crate::ids::{hex_encode, FileId, RecordId, VaultId};
 use crate::protocol::{
-    FileInfo, FileUpdate, KdfWire, Limits, Member, NewFile, NewRecord, NewVault, RecordInfo, RecordUpdate,
-    Rights, Sealed, VaultInfo, VaultUpdate,
+    Changes, FileInfo, FileUpdate, KdfWire, Limits, Member, NewFile, NewRecord, NewVault, RecordInfo,
+    RecordUpdate, Rights, Sealed, VaultInfo, VaultUpdate,
 };
 
 use super::blob::BlobId;
@@ -180,7 +180,73 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("users", "login_version", "INTEGER NOT NULL DEFAULT 1"),
     ("files", "meta", "BLOB"),
     ("users", "public_key", "BLOB"),
+    ("vaults", "seq", "INTEGER NOT NULL DEFAULT 0"),
 ];
+
+/// How many changes of a vault the change feed keeps deletions for: a client
+/// further behind lists the vault again.
+pub const CHANGE_HISTORY: u64 = 10_000;
+
+/// The change feed (docs/API.md "Changes"): every insert, update and delete of
+/// a record, file or member, and every change of a vault's name or flags,
+/// takes the vault's next change number (`vaults.seq`) and leaves one row per
+/// object in `changes` with the number of its latest change (a deleted record
+/// or file as a tombstone, kept for [`CHANGE_HISTORY`] changes). Triggers, so
+/// that no write path can forget one. Created after [`ADDED_COLUMNS`], as they
+/// use `vaults.seq`.
+fn change_triggers() -> String {
+    let mut sql = String::from(
+        "CREATE TABLE IF NOT EXISTS changes (
+            vault_id BLOB NOT NULL REFERENCES vaults(id) ON DELETE CASCADE,
+            object BLOB NOT NULL,
+            kind INTEGER NOT NULL,
+            gone INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            PRIMARY KEY (vault_id, object)
+        ) WITHOUT ROWID;
+        CREATE INDEX IF NOT EXISTS changes_by_seq ON changes(vault_id, seq);\n",
+    );
+    // The statements that give `vault`'s next change number to `object`.
+    let note = |vault: &str, object: &str, kind: u8, gone: u8| {
+        format!(
+            "UPDATE vaults SET seq = seq + 1 WHERE id = {vault};
+             INSERT INTO changes (vault_id, object, kind, gone, seq)
+                 SELECT id, {object}, {kind}, {gone}, seq FROM vaults WHERE id = {vault}
+                 ON CONFLICT(vault_id, object) DO UPDATE SET kind = excluded.kind, gone = excluded.gone, seq = excluded.seq;"
+        )
+    };
+    for (table, kind) in [("records", KIND_RECORD), ("files", KIND_FILE)] {
+        sql += &format!(
+            "CREATE TRIGGER IF NOT EXISTS {table}_inserted AFTER INSERT ON {table} BEGIN {} END;
+             CREATE TRIGGER IF NOT EXISTS {table}_updated AFTER UPDATE ON {table} BEGIN {} END;
+             CREATE TRIGGER IF NOT EXISTS {table}_deleted AFTER DELETE ON {table} BEGIN {}
+                 DELETE FROM changes WHERE vault_id = OLD.vault_id AND gone = 1
+                     AND seq + {CHANGE_HISTORY} <= (SELECT seq FROM vaults WHERE id = OLD.vault_id);
+             END;\n",
+            note("NEW.vault_id", "NEW.id", kind, 0),
+            note("NEW.vault_id", "NEW.id", kind, 0),
+            note("OLD.vault_id", "OLD.id", kind, 1),
+        );
+    }
+    // A member's change counts in their vault (while it exists: a deleted
+    // vault takes its members with it).
+    for (event, row) in [("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")] {
+        sql += &format!(
+            "CREATE TRIGGER IF NOT EXISTS members_{event} AFTER {event} ON members
+                 WHEN EXISTS (SELECT 1 FROM vaults WHERE id = {row}.vault_id) BEGIN {} END;\n",
+            note(&format!("{row}.vault_id"), "X'00'", KIND_VAULT, 0),
+        );
+    }
+    sql += &format!(
+        "CREATE TRIGGER IF NOT EXISTS vaults_updated AFTER UPDATE OF name, e2e_required ON vaults BEGIN {} END;\n",
+        note("NEW.id", "X'01'", KIND_VAULT, 0),
+    );
+    sql
+}
+
+const KIND_RECORD: u8 = 1;
+const KIND_FILE: u8 = 2;
+const KIND_VAULT: u8 = 3;
 
 /// Adds the columns of [`ADDED_COLUMNS`] a database does not have yet.
 fn upgrade_schema(conn: &Connection) -> rusqlite::Result<()> {
@@ -373,6 +439,7 @@ impl Meta {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
         upgrade_schema(&conn)?;
+        conn.execute_batch(&change_triggers())?;
         Ok(Meta { conn })
     }
 
@@ -680,7 +747,7 @@ impl Meta {
 
     fn vault_query(&self, filter: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<VaultInfo>> {
         let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT v.id, v.name, m.rights, v.e2e_required, v.version, m.wrapped_key \
+            "SELECT v.id, v.name, m.rights, v.e2e_required, v.version, m.wrapped_key, v.seq \
              FROM vaults v JOIN members m ON m.vault_id = v.id WHERE {filter} ORDER BY v.id"
         ))?;
         let rows = stmt
@@ -692,6 +759,7 @@ impl Meta {
                     e2e_required: r.get(3)?,
                     version: r.get::<_, i64>(4)? as u64,
                     wrapped_key: r.get::<_, Option<Vec<u8>>>(5)?.map(Sealed),
+                    changes: r.get::<_, i64>(6)? as u64,
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -822,6 +890,45 @@ impl Meta {
         let mut stmt = self.conn.prepare_cached("SELECT id FROM vaults ORDER BY id")?;
         let ids = stmt.query_map([], |r| id16(r.get(0)?, VaultId))?.collect::<rusqlite::Result<Vec<_>>>()?;
         ids.into_iter().map(|id| Ok((id, self.members(id)?))).collect()
+    }
+
+    /// What changed in `vault` after its change `since`, at most `limit`
+    /// objects (oldest change first); `None` when `since` is further back than
+    /// the deletions kept, or ahead of the vault (another history).
+    pub fn changes(&self, vault: VaultId, since: u64, limit: usize) -> Result<Option<Changes>> {
+        let head = self
+            .conn
+            .q_row("SELECT seq FROM vaults WHERE id = ?1", [&vault.0[..]], |r| r.get::<_, i64>(0))
+            .optional()?
+            .ok_or(MetaError::NotFound("vault"))? as u64;
+        if since > head || head - since > CHANGE_HISTORY {
+            return Ok(None);
+        }
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT object, kind, gone, seq FROM changes WHERE vault_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = stmt
+            .query_map(params![&vault.0[..], since as i64, limit as i64 + 1], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, u8>(1)?, r.get::<_, bool>(2)?, r.get::<_, i64>(3)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        // One more than asked for says whether more follow.
+        let more = rows.len() > limit;
+        let rows = &rows[..rows.len().min(limit)];
+        let mut out = Changes { until: head, more, ..Changes::default() };
+        if let (true, Some(last)) = (more, rows.last()) {
+            out.until = last.3 as u64;
+        }
+        for (object, kind, gone, _) in rows.iter().cloned() {
+            match (kind, gone) {
+                (KIND_RECORD, false) => out.records.push(load_record(&self.conn, id16(object, RecordId)?)?),
+                (KIND_RECORD, true) => out.deleted_records.push(id16(object, RecordId)?),
+                (KIND_FILE, false) => out.files.push(load_file(&self.conn, id16(object, FileId)?)?.info),
+                (KIND_FILE, true) => out.deleted_files.push(id16(object, FileId)?),
+                _ => out.vault_changed = true,
+            }
+        }
+        Ok(Some(out))
     }
 
     // ---- records -----------------------------------------------------------
@@ -1116,4 +1223,155 @@ impl Meta {
 /// Hex of an id, for messages.
 pub fn short(id: &[u8; 16]) -> String {
     hex_encode(&id[..4])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{KdfWire, ParentChange};
+
+    struct Db {
+        meta: Meta,
+        _dir: tempfile::TempDir,
+        user: i64,
+        vault: VaultId,
+    }
+
+    fn db() -> Db {
+        let dir = tempfile::tempdir().unwrap();
+        let mut meta = Meta::open(&dir.path().join("meta.db")).unwrap();
+        let kdf = KdfWire { m_cost_kib: 64, t_cost: 1, p_cost: 1 };
+        meta.create_user("alice", Limits::DEFAULT, &[1; 16], kdf, &[2; 32]).unwrap();
+        let user = meta.user_by_name("alice").unwrap().unwrap().id;
+        let vault = VaultId([9; 16]);
+        let v = NewVault { id: vault, name: Sealed(b"v".to_vec()), e2e_required: false, wrapped_key: None };
+        meta.create_vault(user, &v).unwrap();
+        Db { meta, _dir: dir, user, vault }
+    }
+
+    fn record(db: &mut Db, id: u8, parent: Option<u8>) -> RecordInfo {
+        let r = NewRecord {
+            id: RecordId([id; 16]),
+            parent: parent.map(|p| RecordId([p; 16])),
+            title: Sealed(vec![id]),
+            fields: Sealed(Vec::new()),
+        };
+        db.meta.create_record(db.vault, &r).unwrap()
+    }
+
+    fn file(db: &mut Db, id: u8, record: u8) -> FileInfo {
+        let f = NewFile {
+            id: FileId([id; 16]),
+            name: Sealed(vec![id]),
+            e2e: true,
+            mtime_ms: None,
+            meta: Sealed::default(),
+        };
+        db.meta.create_file(RecordId([record; 16]), &f, 0).unwrap()
+    }
+
+    fn head(db: &Db) -> u64 {
+        db.meta.vault_of(db.user, db.vault).unwrap().changes
+    }
+
+    /// Every write to a vault's records, files, members or name is a change;
+    /// the feed lists each object once, as it is now, oldest change first,
+    /// in pages that add up to the whole.
+    #[test]
+    fn every_write_is_a_change_and_each_object_is_listed_once() {
+        let mut db = db();
+        let start = head(&db);
+        assert_eq!(
+            db.meta.changes(db.vault, start, 100).unwrap(),
+            Some(Changes { until: start, ..Changes::default() })
+        );
+        record(&mut db, 1, None);
+        record(&mut db, 2, None);
+        file(&mut db, 3, 1);
+        file(&mut db, 4, 1);
+        let renamed = FileUpdate {
+            name: Some(Sealed(b"new".to_vec())),
+            record: Some(RecordId([2; 16])),
+            ..Default::default()
+        };
+        db.meta.update_file(FileId([3; 16]), 1, &renamed).unwrap();
+        db.meta.delete_file(FileId([4; 16]), 1).unwrap();
+        let moved =
+            RecordUpdate { parent: Some(ParentChange { to: Some(RecordId([2; 16])) }), ..Default::default() };
+        db.meta.update_record(RecordId([1; 16]), 1, &moved).unwrap();
+        let all = db.meta.changes(db.vault, start, 100).unwrap().unwrap();
+        assert_eq!(all.until, head(&db));
+        assert!(!all.more && !all.vault_changed);
+        let ids: Vec<_> = all.records.iter().map(|r| r.id).collect();
+        assert_eq!(ids, [RecordId([2; 16]), RecordId([1; 16])], "oldest change first, each once");
+        assert_eq!(all.records[1].parent, Some(RecordId([2; 16])), "as it is now");
+        assert_eq!(all.files.len(), 1);
+        assert_eq!((all.files[0].name.0.as_slice(), all.files[0].record), (&b"new"[..], RecordId([2; 16])));
+        assert_eq!(all.deleted_files, [FileId([4; 16])]);
+        // Pages of one.
+        let (mut since, mut pages, mut records, mut files) = (start, 0, 0, 0);
+        loop {
+            let page = db.meta.changes(db.vault, since, 1).unwrap().unwrap();
+            pages += 1;
+            records += page.records.len();
+            files += page.files.len() + page.deleted_files.len();
+            assert!(page.until > since || !page.more);
+            since = page.until;
+            if !page.more {
+                break;
+            }
+        }
+        assert_eq!((records, files, since), (2, 2, all.until));
+        assert!(pages >= 4, "{pages}");
+        // From the middle: only what changed after.
+        let later = db.meta.changes(db.vault, all.until, 100).unwrap().unwrap();
+        assert!(later.records.is_empty() && later.files.is_empty());
+        // Members and the vault's name count as changes of the vault.
+        let m = Member { user: "alice".into(), rights: Rights::Admin, wrapped_key: Some(Sealed(vec![1])) };
+        db.meta.set_member(db.vault, &m).unwrap();
+        let after = db.meta.changes(db.vault, all.until, 100).unwrap().unwrap();
+        assert!(after.vault_changed && after.until > all.until);
+        let renamed = VaultUpdate { name: Some(Sealed(b"w".to_vec())), e2e_required: None };
+        db.meta.update_vault(db.vault, 1, &renamed).unwrap();
+        assert!(db.meta.changes(db.vault, after.until, 100).unwrap().unwrap().vault_changed);
+    }
+
+    /// A client further behind than the deletions kept, or ahead of the
+    /// vault (a server restored from a backup), is told to list again.
+    #[test]
+    fn a_client_too_far_behind_or_ahead_lists_again() {
+        let mut db = db();
+        record(&mut db, 1, None);
+        let start = head(&db);
+        assert_eq!(db.meta.changes(db.vault, start + 1, 10).unwrap(), None, "ahead");
+        let tx = db.meta.conn.transaction().unwrap();
+        for _ in 0..CHANGE_HISTORY {
+            tx.exec("UPDATE records SET version = version + 1 WHERE id = ?1", [&[1u8; 16][..]]).unwrap();
+        }
+        tx.commit().unwrap();
+        let now = head(&db);
+        assert_eq!(now, start + CHANGE_HISTORY);
+        assert!(db.meta.changes(db.vault, start, 10).unwrap().is_some(), "just within");
+        assert_eq!(db.meta.changes(db.vault, start - 1, 10).unwrap(), None, "too far behind");
+        // Deletions older than that are forgotten, newer ones kept.
+        file(&mut db, 2, 1);
+        db.meta.delete_file(FileId([2; 16]), 1).unwrap();
+        let gone = db.meta.changes(db.vault, now, 10).unwrap().unwrap();
+        assert_eq!(gone.deleted_files, [FileId([2; 16])]);
+    }
+
+    /// Deleting a vault deletes its changes (its members' triggers do not
+    /// stand in the way), and its feed is gone.
+    #[test]
+    fn a_deleted_vault_takes_its_changes() {
+        let mut db = db();
+        record(&mut db, 1, None);
+        file(&mut db, 2, 1);
+        db.meta.delete_file(FileId([2; 16]), 1).unwrap();
+        db.meta.delete_record(RecordId([1; 16]), 1).unwrap();
+        db.meta.delete_vault(db.vault, 1).unwrap();
+        assert!(matches!(db.meta.changes(db.vault, 0, 10), Err(MetaError::NotFound(_))));
+        let left: i64 = db.meta.conn.q_row("SELECT COUNT(*) FROM changes", [], |r| r.get(0)).unwrap();
+        assert_eq!(left, 0);
+    }
 }

@@ -28,9 +28,9 @@ use super::blob::{BlobError, BlobId, BlobRead, BlobStore, ByteStream};
 use super::meta::{Committed, FileRow, Meta, MetaError, User};
 use crate::ids::{hex_encode, FileId, RecordId, VaultId};
 use crate::protocol::{
-    CommitRequest, FileInfo, FileUpdate, KdfWire, Limits, LoginKeyChange, Me, Member, NewFile, NewRecord,
-    NewVault, PreLogin, RecordInfo, RecordUpdate, Rights, Sealed, Session, Staged, UploadResult, UserKey,
-    VaultInfo, VaultUpdate,
+    Changes, CommitRequest, FileInfo, FileUpdate, KdfWire, Limits, LoginKeyChange, Me, Member, NewFile,
+    NewRecord, NewVault, PreLogin, RecordInfo, RecordUpdate, Rights, Sealed, Session, Staged, UploadResult,
+    UserKey, VaultInfo, VaultUpdate,
 };
 
 /// Length of a login key (SHA-256 output).
@@ -39,6 +39,8 @@ pub const LOGIN_KEY_LEN: usize = 32;
 pub const LOGIN_SALT_LEN: usize = 16;
 /// Largest sealed wallet accepted.
 pub const MAX_WALLET_LEN: usize = 1 << 20;
+/// Most objects one page of a vault's changes holds.
+pub const MAX_CHANGES: usize = 1000;
 
 /// Errors of the service, each with an HTTP status in `api.rs`.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +84,10 @@ pub enum ServiceError {
     /// The server's storage is full.
     #[error("the server's storage is full")]
     StorageFull,
+    /// The caller's change number is further back than the history kept, or
+    /// ahead of the vault: list it again.
+    #[error("too far behind the vault's changes (or ahead of them): list the vault again")]
+    Relist,
     /// Something broke on the server; details are logged, not sent.
     #[error("internal error")]
     Internal(String),
@@ -616,6 +622,22 @@ impl<B: BlobStore> Service<B> {
     pub async fn remove_member(&self, caller: &Caller, vault: VaultId, user: String) -> Result<()> {
         self.require(caller, vault, Rights::Admin, "vault").await?;
         self.db(move |m| m.remove_member(vault, &user)).await
+    }
+
+    /// What changed in a vault after change `since` (any member), at most
+    /// `limit` objects (1 to [`MAX_CHANGES`]).
+    pub async fn changes(
+        &self,
+        caller: &Caller,
+        vault: VaultId,
+        since: u64,
+        limit: usize,
+    ) -> Result<Changes> {
+        if !(1..=MAX_CHANGES).contains(&limit) {
+            return Err(ServiceError::BadRequest(format!("limit must be 1 to {MAX_CHANGES}")));
+        }
+        self.require(caller, vault, Rights::Read, "vault").await?;
+        self.db(move |m| m.changes(vault, since, limit)).await?.ok_or(ServiceError::Relist)
     }
 
     // ---- records -----------------------------------------------------------
