@@ -36,8 +36,9 @@ const LACKING_ENTRY_LEN: usize = ID_LEN + KEY_ID_LEN;
 /// Most vaults remembered.
 pub const MAX_VAULTS: usize = 1 << 16;
 /// Most lacking keys remembered per vault (one is enough to refuse; more
-/// are not noted).
-pub const MAX_LACKING_PER_VAULT: usize = 16;
+/// are not noted). Ids cleared since (a key derived under them is held)
+/// count until this machine forgets them.
+pub const MAX_LACKING_PER_VAULT: usize = 64;
 /// Most lacking keys remembered in all: a server that lists made-up ids in
 /// that many vaults can make this machine forget later evidence (it keeps
 /// it for the session), not what it noted before.
@@ -255,9 +256,11 @@ pub fn open_state(key: &StateKey, binding: StateBinding<'_>, blob: &[u8]) -> Res
             for e in rest[4..].chunks_exact(LACKING_ENTRY_LEN) {
                 let vault = VaultId(e[..ID_LEN].try_into().map_err(|_| bad())?);
                 let id = KeyId(e[ID_LEN..].try_into().map_err(|_| bad())?);
-                if !state.note_lacking(vault, id) {
+                if state.lacking_keys.contains(&(vault, id)) {
                     return Err(bad());
                 }
+                // Beyond the caps (a file written under other caps): dropped.
+                state.note_lacking(vault, id);
             }
             lacking_keys = state.lacking_keys;
         }
@@ -340,7 +343,7 @@ mod tests {
     #[test]
     fn lacking_keys_are_capped_per_vault() {
         let mut s = FreshState::default();
-        for i in 0..40u8 {
+        for i in 0..MAX_LACKING_PER_VAULT as u8 + 10 {
             s.note_lacking(VaultId([1; 16]), KeyId([i; 16]));
         }
         assert_eq!(s.lacking_in(VaultId([1; 16])).len(), MAX_LACKING_PER_VAULT);
@@ -392,6 +395,13 @@ mod tests {
         let mut trailing = v3.clone();
         trailing.push(0);
         assert!(open_state(&k, ME, &sealed_body(&k, 3, &trailing)).is_err(), "trailing bytes");
+        let mut crowded = v2.clone();
+        crowded.extend_from_slice(&(MAX_LACKING_PER_VAULT as u32 + 3).to_be_bytes());
+        for i in 0..MAX_LACKING_PER_VAULT as u8 + 3 {
+            crowded.extend_from_slice(&[[7u8; 16], [i; 16]].concat());
+        }
+        let opened = open_state(&k, ME, &sealed_body(&k, 3, &crowded)).expect("over the cap: extras dropped");
+        assert_eq!(opened.lacking_in(VaultId([7; 16])).len(), MAX_LACKING_PER_VAULT);
         let mut twice = v2.clone();
         twice.extend_from_slice(&2u32.to_be_bytes());
         twice.extend_from_slice(&[[7u8; 16], [8; 16], [7; 16], [8; 16]].concat());

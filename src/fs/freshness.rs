@@ -126,6 +126,9 @@ pub struct Freshness {
     /// yet (a server may store one and answer an error): the next upload of
     /// the file goes above them, so two uploads never share a generation.
     attempted: Mutex<std::collections::HashMap<FileId, u64>>,
+    /// Lacking keys cleared this session (a key derived under them is held):
+    /// left out of what is saved, whatever another mount saved meanwhile.
+    cleared: Mutex<std::collections::BTreeSet<(crate::ids::VaultId, crate::crypto::KeyId)>>,
     /// Whether `state` holds something the file does not.
     dirty: std::sync::atomic::AtomicBool,
     changed: tokio::sync::Notify,
@@ -167,6 +170,7 @@ impl Freshness {
             file: None,
             state: Mutex::default(),
             attempted: Default::default(),
+            cleared: Default::default(),
             dirty: false.into(),
             changed: tokio::sync::Notify::new(),
         }
@@ -188,6 +192,7 @@ impl Freshness {
             file: Some(file),
             state: Mutex::new(state),
             attempted: Default::default(),
+            cleared: Default::default(),
             dirty: false.into(),
             changed: tokio::sync::Notify::new(),
         })
@@ -282,6 +287,9 @@ impl Freshness {
             }
         };
         merged.merge(&self.state.lock());
+        for cleared in self.cleared.lock().iter() {
+            merged.lacking_keys.remove(cleared);
+        }
         let result = file.write(&merged);
         if result.is_err() {
             self.dirty.store(true, std::sync::atomic::Ordering::Release);
@@ -340,7 +348,15 @@ impl crate::remote::account::KeyMemory for Freshness {
     }
 
     fn note_lacking(&self, vault: crate::ids::VaultId, id: crate::crypto::KeyId) {
+        self.cleared.lock().remove(&(vault, id));
         if self.state.lock().note_lacking(vault, id) {
+            self.mark_changed();
+        }
+    }
+
+    fn forget_lacking(&self, vault: crate::ids::VaultId, id: crate::crypto::KeyId) {
+        self.cleared.lock().insert((vault, id));
+        if self.state.lock().lacking_keys.remove(&(vault, id)) {
             self.mark_changed();
         }
     }

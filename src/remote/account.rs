@@ -252,6 +252,8 @@ pub trait KeyMemory: Send + Sync {
     fn keys_lacking(&self, vault: VaultId) -> Vec<crypto::KeyId>;
     /// Notes that `vault` was seen using `id` while no key under it was held.
     fn note_lacking(&self, vault: VaultId, id: crypto::KeyId);
+    /// Forgets `id` of `vault`: a key derived under it is held now.
+    fn forget_lacking(&self, vault: VaultId, id: crypto::KeyId);
 }
 
 /// A vault as the user sees it: server metadata plus the opened name.

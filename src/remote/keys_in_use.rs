@@ -123,13 +123,12 @@ impl<R: Remote> Unlocked<R> {
                 }
                 (Some(true), _) => {
                     ids.remove(&id);
+                    if let Some(memory) = &self.key_memory {
+                        memory.forget_lacking(vault, id);
+                    }
                 }
                 (Some(false), false) => {
                     ids.insert(id, Lack::WrongKey);
-                    // Remembered as not held: only a key derived under the id clears it.
-                    if let Some(memory) = &self.key_memory {
-                        memory.note_lacking(vault, id);
-                    }
                 }
                 (Some(false), true) => {}
             }
@@ -148,7 +147,7 @@ impl<R: Remote> Unlocked<R> {
 
     /// How many key ids seen in use in `vault` this client lacks (`None`: none).
     pub fn keys_missing(&self, vault: VaultId) -> Option<usize> {
-        let mut missing = self.lacking_ids(vault).len();
+        let mut missing = self.lacking_ids(vault, true).len();
         // The newest key this machine accepted for the vault (a wallet stored
         // before it, or rolled back, lacks it until its share is taken again).
         let remembered = self.key_memory.as_ref().and_then(|m| m.keys_seen(vault));
@@ -161,8 +160,11 @@ impl<R: Remote> Unlocked<R> {
     }
 
     /// The key ids `vault` is seen using (in this session, or noted on this
-    /// machine before) that this client lacks.
-    fn lacking_ids(&self, vault: VaultId) -> Vec<KeyId> {
+    /// machine before) that this client lacks; with `wrong_keys`, also those
+    /// under which it holds a key that failed to open something (this
+    /// session only: no share can replace a key held, so those do not ask a
+    /// share for anything).
+    fn lacking_ids(&self, vault: VaultId, wrong_keys: bool) -> Vec<KeyId> {
         let mut lacking: HashMap<KeyId, Lack> =
             self.keys_in_use.lacking.lock().get(&vault).cloned().unwrap_or_default();
         for id in self.key_memory.as_ref().map(|m| m.keys_lacking(vault)).unwrap_or_default() {
@@ -171,7 +173,7 @@ impl<R: Remote> Unlocked<R> {
         lacking
             .into_iter()
             .filter(|(id, lack)| match lack {
-                Lack::WrongKey => true,
+                Lack::WrongKey => wrong_keys,
                 Lack::NotHeld => !self.vault_key(vault, *id).is_some_and(|k| k.id_is_derived()),
             })
             .map(|(id, _)| id)
@@ -189,7 +191,7 @@ impl<R: Remote> Unlocked<R> {
         if ring.keys.len() <= held {
             return Ok(());
         }
-        let lacking = self.lacking_ids(vault);
+        let lacking = self.lacking_ids(vault, false);
         let brought = |id: &KeyId| ring.keys.iter().any(|k| k.key.id() == *id && k.key.id_is_derived());
         match lacking.iter().filter(|id| !brought(id)).count() {
             0 => Ok(()),

@@ -1001,6 +1001,13 @@ mod tests {
             matches!(failed.as_slice(), [(_, AccountError::Refused(e))] if e.contains("saw the vault use"))
         );
         assert!(dave.active_key(vault.id).is_none());
+        // Another machine of dave's (which never saw the id) took it as its
+        // first share and stored it in the wallet: a key under an id not
+        // derived from it does not clear what this machine saw.
+        let mut dave = dave;
+        dave.wallet_mut().add_key(vault.id, under_new_id.duplicate()).unwrap();
+        assert_eq!(dave.active_key(vault.id).unwrap().id(), new);
+        assert!(matches!(dave.sealing_key(vault.id), Err(AccountError::KeyBehind { missing: 1, .. })));
     }
 
     /// The machine remembers which key was a vault's newest, not only its
@@ -1037,7 +1044,12 @@ mod tests {
         let failed = later.accept_shares(&later.remote.vaults().await.unwrap()).await;
         assert!(matches!(failed.as_slice(), [(_, AccountError::Refused(e))] if e.contains("lacks keys")));
         assert!(later.active_key(vault.id).is_none());
-        assert!(later.sealing_key(vault.id).is_err());
+        // Another machine of bob's stored that key in the wallet: this one
+        // still seals nothing with it.
+        later.wallet_mut().add_key(vault.id, VaultKey::from_bytes(real.id(), [0x77; 32])).unwrap();
+        assert_eq!(later.active_key(vault.id).unwrap().id(), real.id());
+        let e = later.sealing_key(vault.id).map(|k| k.id()).unwrap_err();
+        assert!(matches!(e, AccountError::KeyBehind { .. }), "{e}");
     }
 
     /// A share held for the session counts only while it extends the
