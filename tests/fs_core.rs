@@ -405,6 +405,36 @@ async fn an_interrupted_rekey_resumes_where_it_stopped() {
     }
 }
 
+/// A vault whose change number has not moved since it was listed is not
+/// listed again: after the listing's reuse time, a lookup asks for the vault
+/// list only. Another client's change moves the number, and the next lookup
+/// lists the vault and finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_vault_is_not_listed_again() {
+    let s = setup(&["V"]).await;
+    let (fs, outage) = mount_faulty(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    write_file(&fs, r.ino, "a.txt", b"a").await;
+    let wait = || tokio::time::sleep(vaultfs::fs::core::LISTING_TTL + std::time::Duration::from_millis(100));
+    wait().await;
+    fs.lookup(r.ino, n("a.txt")).await.unwrap();
+    let listed = outage.listings();
+    for _ in 0..2 {
+        wait().await;
+        fs.lookup(r.ino, n("a.txt")).await.unwrap();
+        assert_eq!(fs.readdir(r.ino).await.unwrap().len(), 1);
+        assert_eq!(outage.listings(), listed, "nothing changed: not listed again");
+    }
+    let other = mount(s.alice.clone()).await;
+    let v2 = other.lookup(ROOT, n("V")).await.unwrap();
+    let r2 = other.lookup(v2.ino, n("r")).await.unwrap();
+    write_file(&other, r2.ino, "b.txt", b"b").await;
+    wait().await;
+    assert_eq!(read_file(&fs, r.ino, "b.txt").await.unwrap(), b"b");
+    assert!(outage.listings() > listed, "changed: listed again");
+}
+
 /// Bob's share of a rotated key is withheld by the server: once his mount
 /// sees the vault use the key he was not given, it seals nothing in it (new
 /// files and saves get EACCES; a save's data stays in memory and is retried),

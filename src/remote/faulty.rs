@@ -41,6 +41,8 @@ struct Faults {
     any_version: AtomicBool,
     /// Rewrites file metadata on its way to the client (a lying server).
     lie: Mutex<Option<FileLie>>,
+    /// How many listings of records or files were asked for.
+    listings: std::sync::atomic::AtomicUsize,
 }
 
 /// A change a lying server makes to the file metadata it answers with.
@@ -96,6 +98,11 @@ impl Outage {
         if let Some(lie) = self.0.lie.lock().unwrap().as_ref() {
             lie(info);
         }
+    }
+
+    /// How many listings of a vault's records or files were asked for so far.
+    pub fn listings(&self) -> usize {
+        self.0.listings.load(Ordering::SeqCst)
     }
 
     /// The ranges downloaded so far, and forgets them.
@@ -178,6 +185,7 @@ impl<R: Remote> Remote for FaultyRemote<R> {
     }
     async fn records(&self, vault: VaultId) -> Result<Vec<RecordInfo>> {
         self.outage.check()?;
+        self.outage.0.listings.fetch_add(1, Ordering::SeqCst);
         self.inner.records(vault).await
     }
     async fn create_record(&self, vault: VaultId, record: NewRecord) -> Result<RecordInfo> {
@@ -194,6 +202,7 @@ impl<R: Remote> Remote for FaultyRemote<R> {
     }
     async fn files(&self, vault: VaultId) -> Result<Vec<FileInfo>> {
         self.outage.check()?;
+        self.outage.0.listings.fetch_add(1, Ordering::SeqCst);
         let mut files = self.inner.files(vault).await?;
         files.iter_mut().for_each(|f| self.outage.lie(f));
         Ok(files)

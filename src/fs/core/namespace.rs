@@ -2,7 +2,10 @@
 //!
 //! Data flow. The root lists the vaults the user can open; a vault's records
 //! and files are fetched together ([`VaultFs::load_vault`]) and reused for
-//! [`LISTING_TTL`](super::LISTING_TTL). Names, titles and manifests are opened here, outside the
+//! [`LISTING_TTL`](super::LISTING_TTL), and after that for as long as the
+//! vault list shows the vault's change number where it was when the vault
+//! was listed (the server's word: a server that hides a change only shows an
+//! older listing, as it could anyway). Names, titles and manifests are opened here, outside the
 //! tree's lock, and the result handed to the [`Tree`](super::tree::Tree) in
 //! one call. Anything the server lists that fails its check is listed under a
 //! stand-in name and gives EIO; anything it lists for another vault is left
@@ -95,7 +98,9 @@ impl<R: Remote> VaultFs<R> {
                 (v.info.id, name)
             })
             .collect();
-        self.tree.lock().set_vaults(shown);
+        let mut tree = self.tree.lock();
+        tree.set_vaults(shown);
+        tree.note_vault_changes(vaults.iter().map(|v| (v.info.id, v.info.changes)));
         Ok(())
     }
 
@@ -103,6 +108,17 @@ impl<R: Remote> VaultFs<R> {
         if self.tree.lock().vault_fresh(vault) && !force {
             return Ok(());
         }
+        if !force {
+            // The vault list says whether the vault changed since it was
+            // listed: if not, it is fresh again without listing it.
+            if let Err(e) = self.load_root(false).await {
+                tracing::debug!(error = %e, "cannot refresh the vault list before listing a vault");
+            }
+            if self.tree.lock().vault_fresh(vault) {
+                return Ok(());
+            }
+        }
+        let changes = self.tree.lock().vault_changes(vault);
         let listing = tokio::try_join!(self.remote().records(vault), self.remote().files(vault));
         let (records, files) = match listing {
             Ok(l) => l,
@@ -163,7 +179,7 @@ impl<R: Remote> VaultFs<R> {
             })
             .collect();
         self.note_keys_in_use(vault, &records, &files);
-        self.tree.lock().apply_listing(vault, records, files);
+        self.tree.lock().apply_listing(vault, changes, records, files);
         if !self.account.manifests_required(vault) && self.legacy_warned.lock().insert(vault) {
             tracing::warn!(%vault, files_without_manifest = legacy, "vault made by an older vaultfs: until `vaultfs vault migrate` marks it, a file without a manifest is trusted as the server describes it (and the server could remove one)");
         }

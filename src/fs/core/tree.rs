@@ -127,6 +127,11 @@ pub(super) struct Tree {
     next: Ino,
     root_loaded: Option<Instant>,
     vault_loaded: HashMap<VaultId, Instant>,
+    /// Each vault's change number as the latest vault list gave it.
+    vault_changes: HashMap<VaultId, u64>,
+    /// The change number each vault's listing is known to be current at:
+    /// the vault list's, read before the listing was fetched.
+    listed_at: HashMap<VaultId, u64>,
 }
 
 impl Tree {
@@ -363,11 +368,32 @@ impl Tree {
         shown
     }
 
+    /// Notes each vault's change number from a vault list: a vault whose
+    /// listing is current at that number is fresh again without fetching it
+    /// (0: a server without a change feed, which says nothing).
+    pub(super) fn note_vault_changes(&mut self, changes: impl IntoIterator<Item = (VaultId, u64)>) {
+        let now = Instant::now();
+        for (vault, n) in changes {
+            self.vault_changes.insert(vault, n);
+            if n != 0 && self.listed_at.get(&vault) == Some(&n) {
+                self.vault_loaded.insert(vault, now);
+            }
+        }
+    }
+
+    /// `vault`'s change number as the latest vault list gave it (0: unknown).
+    pub(super) fn vault_changes(&self, vault: VaultId) -> u64 {
+        self.vault_changes.get(&vault).copied().unwrap_or(0)
+    }
+
     /// Replaces the content of `vault` (its records, nested, and their files)
     /// with a listing, keeping inodes and any newer version this mount holds.
+    /// `changes` is the vault's change number read before the listing was
+    /// fetched: the listing is current at least at that number.
     pub(super) fn apply_listing(
         &mut self,
         vault: VaultId,
+        changes: u64,
         records: Vec<ListedRecord>,
         files: Vec<ListedFile>,
     ) {
@@ -422,6 +448,7 @@ impl Tree {
             self.children.insert(dir, entries);
         }
         self.vault_loaded.insert(vault, Instant::now());
+        self.listed_at.insert(vault, changes);
     }
 
     /// Records whether `ino`'s name failed its check, and which object it is.
@@ -526,6 +553,7 @@ mod tests {
         let listing = |t: &mut Tree| {
             t.apply_listing(
                 v,
+                0,
                 vec![(sub.clone(), name("2026")), (top.clone(), name("Taxes"))],
                 vec![(f.clone(), FileMeta::Legacy, name("a.pdf"))],
             )
@@ -548,11 +576,11 @@ mod tests {
         let mut t = Tree::new();
         let r = record(v, None, 1);
         let mut f = file(v, r.id, 5);
-        t.apply_listing(v, vec![(r.clone(), name("r"))], vec![(f.clone(), FileMeta::Legacy, name("x"))]);
+        t.apply_listing(v, 0, vec![(r.clone(), name("r"))], vec![(f.clone(), FileMeta::Legacy, name("x"))]);
         let ino = t.file_ino(f.id).unwrap();
         t.update_file(ino, |i| i.version = 7, |_| FileMeta::Legacy);
         f.version = 6; // fetched before our change was committed
-        t.apply_listing(v, vec![(r, name("r"))], vec![(f, FileMeta::Legacy, name("x"))]);
+        t.apply_listing(v, 0, vec![(r, name("r"))], vec![(f, FileMeta::Legacy, name("x"))]);
         assert_eq!(t.file(ino).unwrap().0.version, 7);
     }
 
@@ -564,6 +592,7 @@ mod tests {
         let (a, b, c) = (file(v, r.id, 1), file(v, r.id, 1), file(v, r.id, 1));
         t.apply_listing(
             v,
+            0,
             vec![(r.clone(), name("r"))],
             vec![
                 (a.clone(), FileMeta::Legacy, name("same")),
@@ -588,7 +617,7 @@ mod tests {
         let mut t = Tree::new();
         let (r1, r2) = (record(v, None, 1), record(v, None, 1));
         let f = file(v, r1.id, 1);
-        t.apply_listing(v, vec![(r1.clone(), name("one")), (r2.clone(), name("two"))], vec![]);
+        t.apply_listing(v, 0, vec![(r1.clone(), name("one")), (r2.clone(), name("two"))], vec![]);
         let vino = t.parent_of(t.keys[&Key::Record(r1.id)]).unwrap();
         let (one, two) =
             (t.child(vino, OsStr::new("one")).unwrap(), t.child(vino, OsStr::new("two")).unwrap());
@@ -615,7 +644,12 @@ mod tests {
         let mut t = Tree::new();
         let r = record(v, None, 1);
         let (old, new) = (file(v, r.id, 1), file(v, r.id, 1));
-        t.apply_listing(v, vec![(r.clone(), name("r"))], vec![(old.clone(), FileMeta::Legacy, name("old"))]);
+        t.apply_listing(
+            v,
+            0,
+            vec![(r.clone(), name("r"))],
+            vec![(old.clone(), FileMeta::Legacy, name("old"))],
+        );
         let ino = t.file_ino(old.id).unwrap();
         let rino = t.parent_of(ino).unwrap();
         let node = Node::File { info: new.clone(), parent: rino, meta: FileMeta::Legacy };
