@@ -242,6 +242,28 @@ pub struct VaultInfo {
     pub changes: u64,
 }
 
+/// `POST /v1/changes/wait`: the vaults' change numbers the caller knows; the
+/// answer comes once the caller's vaults are not those (one changed, was
+/// added or left), or after `timeout_ms` (at most [`MAX_WAIT_MS`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitForChanges {
+    /// Each vault the caller knows, with its change number.
+    pub known: std::collections::BTreeMap<VaultId, u64>,
+    /// How long to wait at most, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+/// The longest a wait for changes is held (below the clients' read timeout).
+pub const MAX_WAIT_MS: u64 = 20_000;
+
+/// The answer to [`WaitForChanges`]: each of the caller's vaults with its
+/// change number now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VaultChanges {
+    /// Each vault the caller is a member of, with its change number.
+    pub vaults: std::collections::BTreeMap<VaultId, u64>,
+}
+
 /// `GET /v1/vaults/{id}/changes?since=N`: what changed in a vault after its
 /// change `N`, each object once, as it is now. A client too far behind (or
 /// ahead: the server's history is not the one it saw) gets 410 and lists the

@@ -929,3 +929,54 @@ async fn the_change_feed_pages_and_keeps_to_members() {
     assert_eq!(deleted.status().as_u16(), 204);
     assert!(matches!(bob.changes(vault, start).await, Err(RemoteError::NotFound(_))));
 }
+
+/// A wait for changes is held until one of the caller's vaults changes (or
+/// is added), then answers at once with the new numbers; with nothing
+/// changing it answers the same numbers after its timeout. A vault the caller
+/// is not a member of never shows in the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_for_changes_answers_when_a_vault_changes() {
+    use std::collections::BTreeMap;
+    let s = TestServer::start();
+    let alice = s.user("alice", &[]).await;
+    let bob = s.user("bob", &[]).await;
+    let vault = new_vault(&alice, false).await;
+    let known: BTreeMap<VaultId, u64> =
+        alice.vaults().await.unwrap().iter().map(|v| (v.id, v.changes)).collect();
+
+    // Nothing changes: the same numbers after the timeout.
+    let started = Instant::now();
+    let same = alice.wait_for_changes(known.clone(), Duration::from_millis(300)).await.unwrap();
+    assert_eq!(same, known);
+    assert!(started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
+
+    // A change by another request ends the wait at once.
+    let ((now, took), ()) = tokio::join!(
+        async {
+            let started = Instant::now();
+            (alice.wait_for_changes(known.clone(), Duration::from_secs(15)).await.unwrap(), started.elapsed())
+        },
+        async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            new_record(&alice, vault, None).await;
+        }
+    );
+    assert!(now[&vault] > known[&vault], "{now:?}");
+    assert!(took < Duration::from_secs(5), "answered when the vault changed, not at the timeout: {took:?}");
+
+    // Bob is no member: he learns nothing of alice's vault, until she adds him.
+    let his = bob.wait_for_changes(BTreeMap::new(), Duration::from_millis(200)).await.unwrap();
+    assert!(his.is_empty());
+    let asked = bob.wait_for_changes(known.clone(), Duration::from_secs(5)).await.unwrap();
+    assert!(asked.is_empty(), "naming a vault he is not a member of shows him nothing: {asked:?}");
+    let (his, ()) = tokio::join!(
+        async { bob.wait_for_changes(BTreeMap::new(), Duration::from_secs(15)).await.unwrap() },
+        async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let member =
+                vaultfs::protocol::Member { user: "bob".into(), rights: Rights::Read, wrapped_key: None };
+            alice.set_member(vault, member).await.unwrap();
+        }
+    );
+    assert_eq!(his.keys().copied().collect::<Vec<_>>(), [vault]);
+}

@@ -207,6 +207,15 @@ impl<R: Remote> Remote for FaultyRemote<R> {
         files.iter_mut().for_each(|f| self.outage.lie(f));
         Ok(files)
     }
+    async fn wait_for_changes(
+        &self,
+        known: std::collections::BTreeMap<VaultId, u64>,
+        timeout: std::time::Duration,
+    ) -> Result<std::collections::BTreeMap<VaultId, u64>> {
+        self.outage.check()?;
+        self.inner.wait_for_changes(known, timeout).await
+    }
+
     async fn changes(&self, vault: VaultId, since: u64) -> Result<Changes> {
         self.outage.check()?;
         let mut changes = self.inner.changes(vault, since).await?;

@@ -665,6 +665,17 @@ impl super::Remote for HttpRemote {
         self.get_json(&format!("/v1/vaults/{vault}/files")).await
     }
 
+    async fn wait_for_changes(
+        &self,
+        known: std::collections::BTreeMap<VaultId, u64>,
+        timeout: Duration,
+    ) -> Result<std::collections::BTreeMap<VaultId, u64>> {
+        let body = crate::protocol::WaitForChanges { known, timeout_ms: timeout.as_millis() as u64 };
+        let answer: crate::protocol::VaultChanges =
+            self.send_json(Method::POST, "/v1/changes/wait", None, &body).await?;
+        Ok(answer.vaults)
+    }
+
     async fn changes(&self, vault: VaultId, since: u64) -> Result<Changes> {
         self.get_json(&format!("/v1/vaults/{vault}/changes?since={since}")).await
     }

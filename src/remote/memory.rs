@@ -177,6 +177,14 @@ impl super::Remote for MemoryRemote {
         Ok(self.service.vault_files(&self.caller, vault).await?)
     }
 
+    async fn wait_for_changes(
+        &self,
+        known: std::collections::BTreeMap<VaultId, u64>,
+        timeout: std::time::Duration,
+    ) -> Result<std::collections::BTreeMap<VaultId, u64>> {
+        Ok(self.service.wait_for_changes(&self.caller, known, timeout).await?)
+    }
+
     async fn changes(&self, vault: VaultId, since: u64) -> Result<Changes> {
         Ok(self.service.changes(&self.caller, vault, since, crate::server::service::MAX_CHANGES).await?)
     }

@@ -222,6 +222,7 @@ pub fn router<B: BlobStore>(service: Arc<Service<B>>) -> Router {
         .route("/v1/vaults/{vault}/records", get(list_records::<B>).post(create_record::<B>))
         .route("/v1/vaults/{vault}/files", get(vault_files::<B>))
         .route("/v1/vaults/{vault}/changes", get(vault_changes::<B>))
+        .route("/v1/changes/wait", post(wait_for_changes::<B>))
         .route(
             "/v1/records/{record}",
             get(get_record::<B>).patch(update_record::<B>).delete(delete_record::<B>),
@@ -507,6 +508,15 @@ async fn vault_files<B: BlobStore>(
     Path(v): Path<String>,
 ) -> ApiResult<Response> {
     Ok(axum::Json(s.vault_files(&c, parse_id(&v, "vault")?).await?).into_response())
+}
+
+async fn wait_for_changes<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    JsonBody(w): JsonBody<crate::protocol::WaitForChanges>,
+) -> ApiResult<Response> {
+    let vaults = s.wait_for_changes(&c, w.known, Duration::from_millis(w.timeout_ms)).await?;
+    Ok(axum::Json(crate::protocol::VaultChanges { vaults }).into_response())
 }
 
 #[derive(Deserialize)]

@@ -443,6 +443,11 @@ impl Meta {
         Ok(Meta { conn })
     }
 
+    /// How many rows this connection has written so far (any table).
+    pub fn writes(&self) -> u64 {
+        self.conn.total_changes()
+    }
+
     /// A random secret created on first use (for fake pre-login answers).
     pub fn server_secret(&mut self) -> Result<[u8; 32]> {
         let existing: Option<Vec<u8>> = self

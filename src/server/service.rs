@@ -17,7 +17,7 @@
 //! deletes the old blob after the commit. A crash anywhere leaves the old version
 //! (plus at most an orphan blob, collected at the next start).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -30,7 +30,7 @@ use crate::ids::{hex_encode, FileId, RecordId, VaultId};
 use crate::protocol::{
     Changes, CommitRequest, FileInfo, FileUpdate, KdfWire, Limits, LoginKeyChange, Me, Member, NewFile,
     NewRecord, NewVault, PreLogin, RecordInfo, RecordUpdate, Rights, Sealed, Session, Staged, UploadResult,
-    UserKey, VaultInfo, VaultUpdate,
+    UserKey, VaultInfo, VaultUpdate, MAX_WAIT_MS,
 };
 
 /// Length of a login key (SHA-256 output).
@@ -212,6 +212,9 @@ pub struct Service<B> {
     config: ServiceConfig,
     /// Recently confirmed sessions: SHA-256 of the token -> user, and when.
     sessions: parking_lot::Mutex<HashMap<[u8; 32], (User, Instant)>>,
+    /// Counts the metadata writes (any row): waits for changes wake on it and
+    /// look at their vaults again.
+    written: tokio::sync::watch::Sender<u64>,
 }
 
 fn sha256(parts: &[&[u8]]) -> [u8; 32] {
@@ -260,6 +263,7 @@ impl<B: BlobStore> Service<B> {
             secret,
             config,
             sessions: parking_lot::Mutex::default(),
+            written: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -277,13 +281,19 @@ impl<B: BlobStore> Service<B> {
         f: impl FnOnce(&mut Meta) -> std::result::Result<T, MetaError> + Send + 'static,
     ) -> Result<T> {
         let meta = Arc::clone(&self.meta);
-        tokio::task::spawn_blocking(move || {
+        let (result, wrote) = tokio::task::spawn_blocking(move || {
             let mut guard =
                 meta.lock().map_err(|_| ServiceError::Internal("metadata lock poisoned".into()))?;
-            f(&mut guard).map_err(ServiceError::from)
+            let before = guard.writes();
+            let result = f(&mut guard).map_err(ServiceError::from);
+            Ok::<_, ServiceError>((result, guard.writes() != before))
         })
         .await
-        .map_err(|e| ServiceError::Internal(format!("metadata task: {e}")))?
+        .map_err(|e| ServiceError::Internal(format!("metadata task: {e}")))??;
+        if wrote {
+            self.written.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        result
     }
 
     /// Removes leftovers of interrupted uploads, staged content never
@@ -622,6 +632,34 @@ impl<B: BlobStore> Service<B> {
     pub async fn remove_member(&self, caller: &Caller, vault: VaultId, user: String) -> Result<()> {
         self.require(caller, vault, Rights::Admin, "vault").await?;
         self.db(move |m| m.remove_member(vault, &user)).await
+    }
+
+    /// Each of the caller's vaults with its change number, once they are not
+    /// `known` (a vault changed, was added or left) or after `timeout`
+    /// (at most [`MAX_WAIT_MS`]): what a client waits on to learn of
+    /// changes as they happen, holding one request open.
+    pub async fn wait_for_changes(
+        &self,
+        caller: &Caller,
+        known: BTreeMap<VaultId, u64>,
+        timeout: std::time::Duration,
+    ) -> Result<BTreeMap<VaultId, u64>> {
+        let deadline =
+            tokio::time::Instant::now() + timeout.min(std::time::Duration::from_millis(MAX_WAIT_MS));
+        let mut written = self.written.subscribe();
+        loop {
+            // Marked seen before looking: a write after the look wakes the wait.
+            written.borrow_and_update();
+            let now: BTreeMap<VaultId, u64> =
+                self.vaults(caller).await?.into_iter().map(|v| (v.id, v.changes)).collect();
+            if now != known {
+                return Ok(now);
+            }
+            match tokio::time::timeout_at(deadline, written.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) | Err(_) => return Ok(now),
+            }
+        }
     }
 
     /// What changed in a vault after change `since` (any member), at most
