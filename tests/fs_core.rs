@@ -408,7 +408,7 @@ async fn an_interrupted_rekey_resumes_where_it_stopped() {
 /// A vault whose change number has not moved since it was listed is not
 /// listed again: after the listing's reuse time, a lookup asks for the vault
 /// list only. Another client's change moves the number, and the next lookup
-/// lists the vault and finds it.
+/// fetches the vault's changes and finds it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unchanged_vault_is_not_listed_again() {
     let s = setup(&["V"]).await;
@@ -432,7 +432,46 @@ async fn an_unchanged_vault_is_not_listed_again() {
     write_file(&other, r2.ino, "b.txt", b"b").await;
     wait().await;
     assert_eq!(read_file(&fs, r.ino, "b.txt").await.unwrap(), b"b");
-    assert!(outage.listings() > listed, "changed: listed again");
+    assert!(outage.feeds() > 0, "changed: its changes were fetched");
+}
+
+/// A vault that changed since it was listed is brought up to date from its
+/// changes, not listed whole again: another client's new file, rename,
+/// delete, new directory and file in it all show, and the mount's own
+/// changes (already in its tree) cost a page of changes too, not a listing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_vault_follows_its_changes_instead_of_listing_again() {
+    let s = setup(&["V"]).await;
+    let (fs, outage) = mount_faulty(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let wait = || tokio::time::sleep(vaultfs::fs::core::LISTING_TTL + std::time::Duration::from_millis(100));
+    wait().await;
+    fs.lookup(r.ino, n("x")).await.unwrap_err();
+    let listed = outage.listings();
+    write_file(&fs, r.ino, "a.txt", b"a").await;
+    write_file(&fs, r.ino, "b.txt", b"b").await;
+    wait().await;
+    assert_eq!(read_file(&fs, r.ino, "a.txt").await.unwrap(), b"a");
+
+    let other = mount(s.alice.clone()).await;
+    let v2 = other.lookup(ROOT, n("V")).await.unwrap();
+    let r2 = other.lookup(v2.ino, n("r")).await.unwrap();
+    write_file(&other, r2.ino, "c.txt", b"from the other client").await;
+    other.rename(r2.ino, n("a.txt"), r2.ino, n("a2.txt")).await.unwrap();
+    other.unlink(r2.ino, n("b.txt")).await.unwrap();
+    let d = other.mkdir(v2.ino, n("d")).await.unwrap();
+    write_file(&other, d.ino, "e.txt", b"e").await;
+    wait().await;
+    let mut names: Vec<_> = fs.readdir(r.ino).await.unwrap().into_iter().map(|(_, _, name)| name).collect();
+    names.sort();
+    assert_eq!(names, ["a2.txt", "c.txt"]);
+    assert_eq!(read_file(&fs, r.ino, "c.txt").await.unwrap(), b"from the other client");
+    assert_eq!(read_file(&fs, r.ino, "a2.txt").await.unwrap(), b"a");
+    let d1 = fs.lookup(v.ino, n("d")).await.unwrap();
+    assert_eq!(read_file(&fs, d1.ino, "e.txt").await.unwrap(), b"e");
+    assert_eq!(outage.listings(), listed, "followed the changes, never listed whole");
+    assert!(outage.feeds() >= 2, "{}", outage.feeds());
 }
 
 /// Bob's share of a rotated key is withheld by the server: once his mount
@@ -1559,6 +1598,18 @@ async fn metadata_for_another_file_or_vault_is_refused() {
     let r = fresh.lookup(v.ino, n("r")).await.unwrap();
     assert!(fresh.readdir(r.ino).await.unwrap().is_empty(), "files of another vault are left out");
     assert_eq!(errno(fresh.lookup(r.ino, n("big.bin")).await), libc::ENOENT);
+    // The same through the change feed: a file written since, that the feed
+    // says is of another vault, is left out too.
+    let listed = outage2.listings();
+    write_file(&writer, r_ino(&writer).await, "later.txt", b"later").await;
+    tokio::time::sleep(vaultfs::fs::core::LISTING_TTL + std::time::Duration::from_millis(100)).await;
+    assert_eq!(errno(fresh.lookup(r.ino, n("later.txt")).await), libc::ENOENT);
+    assert!(outage2.feeds() > 0 && outage2.listings() == listed, "through the feed");
+    outage2.lie_about_files(None);
+    tokio::time::sleep(vaultfs::fs::core::LISTING_TTL + std::time::Duration::from_millis(100)).await;
+    write_file(&writer, r_ino(&writer).await, "honest.txt", b"h").await;
+    tokio::time::sleep(vaultfs::fs::core::LISTING_TTL + std::time::Duration::from_millis(100)).await;
+    assert_eq!(read_file(&fresh, r.ino, "honest.txt").await.unwrap(), b"h", "the feed's truth is taken");
 }
 
 /// An upload the server stored but whose answer was lost, then a retry that

@@ -43,6 +43,8 @@ struct Faults {
     lie: Mutex<Option<FileLie>>,
     /// How many listings of records or files were asked for.
     listings: std::sync::atomic::AtomicUsize,
+    /// How many pages of a vault's changes were asked for.
+    feeds: std::sync::atomic::AtomicUsize,
 }
 
 /// A change a lying server makes to the file metadata it answers with.
@@ -103,6 +105,11 @@ impl Outage {
     /// How many listings of a vault's records or files were asked for so far.
     pub fn listings(&self) -> usize {
         self.0.listings.load(Ordering::SeqCst)
+    }
+
+    /// How many pages of a vault's changes were asked for so far.
+    pub fn feeds(&self) -> usize {
+        self.0.feeds.load(Ordering::SeqCst)
     }
 
     /// The ranges downloaded so far, and forgets them.
@@ -218,6 +225,7 @@ impl<R: Remote> Remote for FaultyRemote<R> {
 
     async fn changes(&self, vault: VaultId, since: u64) -> Result<Changes> {
         self.outage.check()?;
+        self.outage.0.feeds.fetch_add(1, Ordering::SeqCst);
         let mut changes = self.inner.changes(vault, since).await?;
         changes.files.iter_mut().for_each(|f| self.outage.lie(f));
         Ok(changes)

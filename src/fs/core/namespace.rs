@@ -5,7 +5,9 @@
 //! [`LISTING_TTL`](super::LISTING_TTL), and after that for as long as the
 //! vault list shows the vault's change number where it was when the vault
 //! was listed (the server's word: a server that hides a change only shows an
-//! older listing, as it could anyway). Names, titles and manifests are opened here, outside the
+//! older listing, as it could anyway). A vault that changed is brought up to
+//! date from its change feed (only what changed, checked as a listing is)
+//! when it was listed with a change number, else listed whole. Names, titles and manifests are opened here, outside the
 //! tree's lock, and the result handed to the [`Tree`](super::tree::Tree) in
 //! one call. Anything the server lists that fails its check is listed under a
 //! stand-in name and gives EIO; anything it lists for another vault is left
@@ -21,6 +23,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use super::tree::{display_name, FileMeta, Key, ListedFile, ListedRecord, Node};
+
+/// Most objects the change feed may bring for one vault before the vault is
+/// listed whole instead.
+const FEED_MOST: usize = 50_000;
 use super::{check_file_answer, Attr, Entry, EntryPlus, FsError, Ino, Kind, Result, VaultFs, ROOT};
 use crate::crypto::{self, open_name, seal_name, FileContext, FileManifest, NameContext, OsRandom};
 use crate::ids::{FileId, RecordId, VaultId};
@@ -118,6 +124,20 @@ impl<R: Remote> VaultFs<R> {
                 return Ok(());
             }
         }
+        if !force {
+            match self.follow_feed(vault).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e @ FsError::Unavailable(_)) => {
+                    if !self.tree.lock().keep_vault(vault) {
+                        return Err(e);
+                    }
+                    tracing::warn!(%vault, error = %e, "cannot follow the vault's changes; showing the last listing");
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let changes = self.tree.lock().vault_changes(vault);
         let listing = tokio::try_join!(self.remote().records(vault), self.remote().files(vault));
         let (records, files) = match listing {
@@ -132,9 +152,66 @@ impl<R: Remote> VaultFs<R> {
             }
             Err(e) => return Err(e.into()),
         };
-        // Only what is of this vault: a record or file the server lists here
-        // but says belongs elsewhere would be read under another vault's key
-        // check and policy (or under no manifest rule at all).
+        let legacy = files.iter().filter(|f| f.meta.0.is_empty()).count();
+        let (records, files) = self.open_listed(vault, records, files, |_| false);
+        self.note_keys_in_use(vault, &records, &files);
+        self.tree.lock().apply_listing(vault, changes, records, files);
+        if !self.account.manifests_required(vault) && self.legacy_warned.lock().insert(vault) {
+            tracing::warn!(%vault, files_without_manifest = legacy, "vault made by an older vaultfs: until `vaultfs vault migrate` marks it, a file without a manifest is trusted as the server describes it (and the server could remove one)");
+        }
+        Ok(())
+    }
+
+    /// Brings `vault`'s listing up to date from the change feed (only what
+    /// changed since it was listed); `Ok(false)`: list it whole (never listed
+    /// with a change number, too far behind, or another listing meanwhile).
+    async fn follow_feed(&self, vault: VaultId) -> Result<bool> {
+        let Some(from) = self.tree.lock().listed_at(vault) else { return Ok(false) };
+        let (mut since, mut records, mut files, mut deleted) = (from, Vec::new(), Vec::new(), Vec::new());
+        loop {
+            let page = match self.remote().changes(vault, since).await {
+                Ok(page) => page,
+                Err(e @ RemoteError::Unavailable(_)) => return Err(e.into()),
+                // Told to list again, or any other refusal: the listing says
+                // what is wrong, if anything.
+                Err(_) => return Ok(false),
+            };
+            if page.until < since
+                || (page.more && page.until == since)
+                || records.len() + files.len() > FEED_MOST
+            {
+                // Not a page that moves on (or more than a listing would
+                // cost): list the vault whole.
+                return Ok(false);
+            }
+            since = page.until;
+            records.extend(page.records);
+            files.extend(page.files);
+            deleted.extend(page.deleted_records.into_iter().map(Key::Record));
+            deleted.extend(page.deleted_files.into_iter().map(Key::File));
+            if !page.more {
+                break;
+            }
+        }
+        // A record of this vault the feed does not bring is one the tree has.
+        let (records, files) =
+            self.open_listed(vault, records, files, |r| self.tree.lock().has_record(vault, r));
+        self.note_keys_in_use(vault, &records, &files);
+        Ok(self.tree.lock().apply_changes(vault, from, since, records, files, deleted))
+    }
+
+    /// Keeps what is of `vault` (a record or file the server lists here but
+    /// says belongs elsewhere would be read under another vault's key check
+    /// and policy, or under no manifest rule at all; `known` says whether a
+    /// record not in `records` is of this vault) and opens the names, titles
+    /// and manifests, before the tree is locked.
+    fn open_listed(
+        &self,
+        vault: VaultId,
+        records: Vec<RecordInfo>,
+        files: Vec<FileInfo>,
+        known: impl Fn(RecordId) -> bool,
+    ) -> (Vec<ListedRecord>, Vec<ListedFile>) {
         let stray = |kind: &str, id: String| {
             tracing::error!(%vault, kind, id, "the server listed an object of another vault (or of no record of this one); it is left out");
         };
@@ -148,20 +225,18 @@ impl<R: Remote> VaultFs<R> {
                 ours
             })
             .collect();
-        let known: HashSet<RecordId> = records.iter().map(|r| r.id).collect();
+        let listed: HashSet<RecordId> = records.iter().map(|r| r.id).collect();
         let files: Vec<FileInfo> = files
             .into_iter()
             .filter(|f| {
-                let ours = f.vault == vault && known.contains(&f.record);
+                let ours = f.vault == vault && (listed.contains(&f.record) || known(f.record));
                 if !ours {
                     stray("file", f.id.to_string());
                 }
                 ours
             })
             .collect();
-        let legacy = files.iter().filter(|f| f.meta.0.is_empty()).count();
-        // Names and manifests are opened before the tree is locked.
-        let records: Vec<ListedRecord> = records
+        let records = records
             .into_iter()
             .map(|r| {
                 let ctx = NameContext::RecordTitle { vault, record: r.id };
@@ -169,7 +244,7 @@ impl<R: Remote> VaultFs<R> {
                 (r, name)
             })
             .collect();
-        let files: Vec<ListedFile> = files
+        let files = files
             .into_iter()
             .map(|f| {
                 let ctx = NameContext::FileName { vault, record: f.record, file: f.id };
@@ -178,12 +253,7 @@ impl<R: Remote> VaultFs<R> {
                 (f, meta, name)
             })
             .collect();
-        self.note_keys_in_use(vault, &records, &files);
-        self.tree.lock().apply_listing(vault, changes, records, files);
-        if !self.account.manifests_required(vault) && self.legacy_warned.lock().insert(vault) {
-            tracing::warn!(%vault, files_without_manifest = legacy, "vault made by an older vaultfs: until `vaultfs vault migrate` marks it, a file without a manifest is trusted as the server describes it (and the server could remove one)");
-        }
-        Ok(())
+        (records, files)
     }
 
     /// Tells the account which keys the listing's titles, names and

@@ -386,6 +386,93 @@ impl Tree {
         self.vault_changes.get(&vault).copied().unwrap_or(0)
     }
 
+    /// The change number `vault`'s listing is current at, if it was listed
+    /// with one.
+    pub(super) fn listed_at(&self, vault: VaultId) -> Option<u64> {
+        self.listed_at.get(&vault).copied().filter(|n| *n != 0)
+    }
+
+    /// Whether record `id` is in `vault` as this tree holds it.
+    pub(super) fn has_record(&self, vault: VaultId, id: RecordId) -> bool {
+        self.keys.get(&Key::Record(id)).and_then(|ino| self.nodes.get(ino)).and_then(Node::vault)
+            == Some(vault)
+    }
+
+    /// Applies what changed in `vault` since its listing (from the change
+    /// feed: each object as it is now, or deleted), keeping inodes and any
+    /// newer version this mount holds; the listing is then current at
+    /// `until`. Refused (false: list the vault whole) unless the listing was
+    /// current at `from`.
+    pub(super) fn apply_changes(
+        &mut self,
+        vault: VaultId,
+        from: u64,
+        until: u64,
+        records: Vec<ListedRecord>,
+        files: Vec<ListedFile>,
+        deleted: Vec<Key>,
+    ) -> bool {
+        if self.listed_at(vault) != Some(from) {
+            return false;
+        }
+        let vault_ino = self.ino_for(Key::Vault(vault));
+        for (info, name) in records {
+            let ino = self.ino_for(Key::Record(info.id));
+            let parent = match info.parent {
+                Some(p) => self.ino_for(Key::Record(p)),
+                None => vault_ino,
+            };
+            let what = ("record", info.id.to_string());
+            self.place_listed(parent, ino, name, what, Node::Record { info, parent });
+        }
+        for (info, meta, name) in files {
+            let ino = self.ino_for(Key::File(info.id));
+            let parent = self.ino_for(Key::Record(info.record));
+            let what = ("file", info.id.to_string());
+            self.place_listed(parent, ino, name, what, Node::File { info, parent, meta });
+        }
+        for key in deleted {
+            if let Some(&ino) = self.keys.get(&key) {
+                // Its node stays for handles still open on it, as after a listing.
+                self.detach(ino);
+            }
+        }
+        self.vault_loaded.insert(vault, Instant::now());
+        self.listed_at.insert(vault, until);
+        true
+    }
+
+    /// Places an object of the change feed as `name` (`None`: it failed its
+    /// check) in `parent`, unless this mount holds a newer version of it.
+    fn place_listed(
+        &mut self,
+        parent: Ino,
+        ino: Ino,
+        name: Option<OsString>,
+        what: (&str, String),
+        node: Node,
+    ) {
+        if self.nodes.get(&ino).and_then(Node::version).is_some_and(|ours| ours > node.version().unwrap_or(0))
+        {
+            return;
+        }
+        let (kind, id) = what;
+        let field = if kind == "record" { "title" } else { "name" };
+        self.mark_unreadable(ino, name.is_none().then(|| format!("the {field} of {kind} {id}")));
+        let mut name = name.unwrap_or_else(|| unreadable_name(kind, &id).into());
+        self.detach(ino);
+        let dir = self.children.entry(parent).or_default();
+        if dir.get(&name).is_some_and(|other| *other != ino) {
+            name = duplicate_name(name, ino);
+        }
+        dir.insert(name.clone(), ino);
+        self.names.insert(ino, name);
+        if node.is_dir() {
+            self.children.entry(ino).or_default();
+        }
+        self.nodes.insert(ino, node);
+    }
+
     /// Replaces the content of `vault` (its records, nested, and their files)
     /// with a listing, keeping inodes and any newer version this mount holds.
     /// `changes` is the vault's change number read before the listing was
@@ -425,15 +512,7 @@ impl Tree {
         for (parent, ino, mut name, node) in placed {
             let dir = kids.entry(parent).or_default();
             if dir.contains_key(&name) {
-                // Two entries with one name (written by other clients): keep both visible.
-                let mut alt = name.clone();
-                alt.push(format!(" (duplicate {ino:x})"));
-                tracing::warn!(
-                    ino,
-                    name = %super::super::lognames::shown(&name),
-                    "two entries of one directory have the same name; this one is shown with \"(duplicate {ino:x})\" added"
-                );
-                name = alt;
+                name = duplicate_name(name, ino);
             }
             dir.insert(name.clone(), ino);
             self.names.insert(ino, name);
@@ -458,6 +537,19 @@ impl Tree {
             None => self.unreadable.remove(&ino),
         };
     }
+}
+
+/// The name entry `ino` is shown under when its directory has another
+/// entry named `name` (written by other clients): both stay visible.
+fn duplicate_name(name: OsString, ino: Ino) -> OsString {
+    let mut alt = name.clone();
+    alt.push(format!(" (duplicate {ino:x})"));
+    tracing::warn!(
+        ino,
+        name = %super::super::lognames::shown(&name),
+        "two entries of one directory have the same name; this one is shown with \"(duplicate {ino:x})\" added"
+    );
+    alt
 }
 
 /// Refuses a name no directory entry may have (EINVAL, ENAMETOOLONG).
