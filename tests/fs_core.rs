@@ -1612,6 +1612,40 @@ async fn metadata_for_another_file_or_vault_is_refused() {
     assert_eq!(read_file(&fresh, r.ino, "honest.txt").await.unwrap(), b"h", "the feed's truth is taken");
 }
 
+/// A record the server lists under a record of another vault (its own
+/// title authentic) is left out: shown there, it would take new files sealed
+/// under its own vault's key among the other vault's. Through a listing and
+/// through the change feed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_under_a_record_of_another_vault_is_left_out() {
+    let s = setup(&["V", "W"]).await;
+    let writer = mount(s.alice.clone()).await;
+    let v = writer.lookup(ROOT, n("V")).await.unwrap();
+    let w = writer.lookup(ROOT, n("W")).await.unwrap();
+    writer.mkdir(v.ino, n("r")).await.unwrap();
+    let w_rec = writer.mkdir(w.ino, n("w")).await.unwrap();
+    let id = |ino| String::from_utf8(writer.getxattr(ino, n(vaultfs::fs::core::XATTR_ID)).unwrap()).unwrap();
+    let (v_id, w_rec_id) = (id(v.ino), id(w_rec.ino));
+    let under_w = move |r: &mut vaultfs::protocol::RecordInfo| {
+        if r.vault.to_string() == v_id {
+            r.parent = Some(w_rec_id.parse().unwrap());
+        }
+    };
+    let (fs, outage) = mount_faulty(s.alice.clone()).await;
+    outage.lie_about_records(Some(std::sync::Arc::new(under_w)));
+    let v1 = fs.lookup(ROOT, n("V")).await.unwrap();
+    let w1 = fs.lookup(ROOT, n("W")).await.unwrap();
+    let w1_rec = fs.lookup(w1.ino, n("w")).await.unwrap();
+    assert!(fs.readdir(w1_rec.ino).await.unwrap().is_empty(), "not among W's records");
+    assert!(fs.readdir(v1.ino).await.unwrap().is_empty());
+    // Through the feed: a record made since, listed under W's record.
+    writer.mkdir(v.ino, n("later")).await.unwrap();
+    tokio::time::sleep(vaultfs::fs::core::LISTING_TTL + std::time::Duration::from_millis(100)).await;
+    assert!(fs.readdir(v1.ino).await.unwrap().is_empty());
+    assert!(fs.readdir(w1_rec.ino).await.unwrap().is_empty(), "not among W's records");
+    assert!(outage.feeds() > 0);
+}
+
 /// An upload the server stored but whose answer was lost, then a retry that
 /// the server (ignoring versions) stores over it: the retry has a newer
 /// generation, so the server cannot serve the first upload (as authentic as

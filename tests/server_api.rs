@@ -979,4 +979,18 @@ async fn a_wait_for_changes_answers_when_a_vault_changes() {
         }
     );
     assert_eq!(his.keys().copied().collect::<Vec<_>>(), [vault]);
+
+    // At most eight waits at once per user: a ninth is refused at once.
+    let known: BTreeMap<VaultId, u64> =
+        alice.vaults().await.unwrap().iter().map(|v| (v.id, v.changes)).collect();
+    let held = futures_util::future::join_all(
+        (0..8).map(|_| alice.wait_for_changes(known.clone(), Duration::from_secs(2))),
+    );
+    let ninth = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        alice.wait_for_changes(known.clone(), Duration::from_secs(2)).await
+    };
+    let (held, ninth) = tokio::join!(held, ninth);
+    assert!(held.iter().all(|r| r.as_ref().is_ok_and(|now| *now == known)));
+    assert!(matches!(ninth, Err(RemoteError::Refused(_))), "{ninth:?}");
 }

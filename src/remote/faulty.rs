@@ -41,6 +41,8 @@ struct Faults {
     any_version: AtomicBool,
     /// Rewrites file metadata on its way to the client (a lying server).
     lie: Mutex<Option<FileLie>>,
+    /// Rewrites record metadata on its way to the client.
+    record_lie: Mutex<Option<RecordLie>>,
     /// How many listings of records or files were asked for.
     listings: std::sync::atomic::AtomicUsize,
     /// How many pages of a vault's changes were asked for.
@@ -49,6 +51,8 @@ struct Faults {
 
 /// A change a lying server makes to the file metadata it answers with.
 pub type FileLie = Arc<dyn Fn(&mut FileInfo) + Send + Sync>;
+/// A change a lying server makes to the record metadata it answers with.
+pub type RecordLie = Arc<dyn Fn(&mut RecordInfo) + Send + Sync>;
 
 impl std::fmt::Debug for Faults {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -94,6 +98,18 @@ impl Outage {
     /// through `lie` first (`None`: the truth again).
     pub fn lie_about_files(&self, lie: Option<FileLie>) {
         *self.0.lie.lock().unwrap() = lie;
+    }
+
+    /// Every record's metadata the client gets in listings and changes goes
+    /// through `lie` first (`None`: the truth again).
+    pub fn lie_about_records(&self, lie: Option<RecordLie>) {
+        *self.0.record_lie.lock().unwrap() = lie;
+    }
+
+    fn lie_record(&self, info: &mut RecordInfo) {
+        if let Some(lie) = self.0.record_lie.lock().unwrap().as_ref() {
+            lie(info);
+        }
     }
 
     fn lie(&self, info: &mut FileInfo) {
@@ -193,7 +209,9 @@ impl<R: Remote> Remote for FaultyRemote<R> {
     async fn records(&self, vault: VaultId) -> Result<Vec<RecordInfo>> {
         self.outage.check()?;
         self.outage.0.listings.fetch_add(1, Ordering::SeqCst);
-        self.inner.records(vault).await
+        let mut records = self.inner.records(vault).await?;
+        records.iter_mut().for_each(|r| self.outage.lie_record(r));
+        Ok(records)
     }
     async fn create_record(&self, vault: VaultId, record: NewRecord) -> Result<RecordInfo> {
         self.outage.check()?;
@@ -228,6 +246,7 @@ impl<R: Remote> Remote for FaultyRemote<R> {
         self.outage.0.feeds.fetch_add(1, Ordering::SeqCst);
         let mut changes = self.inner.changes(vault, since).await?;
         changes.files.iter_mut().for_each(|f| self.outage.lie(f));
+        changes.records.iter_mut().for_each(|r| self.outage.lie_record(r));
         Ok(changes)
     }
     async fn file(&self, id: FileId) -> Result<FileInfo> {

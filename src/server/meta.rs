@@ -191,9 +191,11 @@ pub const CHANGE_HISTORY: u64 = 10_000;
 /// a record, file or member, and every change of a vault's name or flags,
 /// takes the vault's next change number (`vaults.seq`) and leaves one row per
 /// object in `changes` with the number of its latest change (a deleted record
-/// or file as a tombstone, kept for [`CHANGE_HISTORY`] changes). Triggers, so
-/// that no write path can forget one. Created after [`ADDED_COLUMNS`], as they
-/// use `vaults.seq`.
+/// or file as a tombstone, kept for [`CHANGE_HISTORY`] changes), and counts
+/// the changes of all vaults in `feed` (what waits for changes wake on).
+/// Triggers, so that no write path can forget one; made anew at each open
+/// (so a newer vaultfs replaces them), after [`ADDED_COLUMNS`], as they use
+/// `vaults.seq`.
 fn change_triggers() -> String {
     let mut sql = String::from(
         "CREATE TABLE IF NOT EXISTS changes (
@@ -204,12 +206,15 @@ fn change_triggers() -> String {
             seq INTEGER NOT NULL,
             PRIMARY KEY (vault_id, object)
         ) WITHOUT ROWID;
-        CREATE INDEX IF NOT EXISTS changes_by_seq ON changes(vault_id, seq);\n",
+        CREATE INDEX IF NOT EXISTS changes_by_seq ON changes(vault_id, seq);
+        CREATE TABLE IF NOT EXISTS feed (n INTEGER NOT NULL);
+        INSERT INTO feed (n) SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM feed);\n",
     );
     // The statements that give `vault`'s next change number to `object`.
     let note = |vault: &str, object: &str, kind: u8, gone: u8| {
         format!(
-            "UPDATE vaults SET seq = seq + 1 WHERE id = {vault};
+            "UPDATE feed SET n = n + 1;
+             UPDATE vaults SET seq = seq + 1 WHERE id = {vault};
              INSERT INTO changes (vault_id, object, kind, gone, seq)
                  SELECT id, {object}, {kind}, {gone}, seq FROM vaults WHERE id = {vault}
                  ON CONFLICT(vault_id, object) DO UPDATE SET kind = excluded.kind, gone = excluded.gone, seq = excluded.seq;"
@@ -217,11 +222,11 @@ fn change_triggers() -> String {
     };
     for (table, kind) in [("records", KIND_RECORD), ("files", KIND_FILE)] {
         sql += &format!(
-            "CREATE TRIGGER IF NOT EXISTS {table}_inserted AFTER INSERT ON {table} BEGIN {} END;
-             CREATE TRIGGER IF NOT EXISTS {table}_updated AFTER UPDATE ON {table} BEGIN {} END;
-             CREATE TRIGGER IF NOT EXISTS {table}_deleted AFTER DELETE ON {table} BEGIN {}
+            "DROP TRIGGER IF EXISTS {table}_inserted; CREATE TRIGGER {table}_inserted AFTER INSERT ON {table} BEGIN {} END;
+             DROP TRIGGER IF EXISTS {table}_updated; CREATE TRIGGER {table}_updated AFTER UPDATE ON {table} BEGIN {} END;
+             DROP TRIGGER IF EXISTS {table}_deleted; CREATE TRIGGER {table}_deleted AFTER DELETE ON {table} BEGIN {}
                  DELETE FROM changes WHERE vault_id = OLD.vault_id AND gone = 1
-                     AND seq + {CHANGE_HISTORY} <= (SELECT seq FROM vaults WHERE id = OLD.vault_id);
+                     AND seq <= (SELECT seq FROM vaults WHERE id = OLD.vault_id) - {CHANGE_HISTORY};
              END;\n",
             note("NEW.vault_id", "NEW.id", kind, 0),
             note("NEW.vault_id", "NEW.id", kind, 0),
@@ -232,13 +237,13 @@ fn change_triggers() -> String {
     // vault takes its members with it).
     for (event, row) in [("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")] {
         sql += &format!(
-            "CREATE TRIGGER IF NOT EXISTS members_{event} AFTER {event} ON members
+            "DROP TRIGGER IF EXISTS members_{event}; CREATE TRIGGER members_{event} AFTER {event} ON members
                  WHEN EXISTS (SELECT 1 FROM vaults WHERE id = {row}.vault_id) BEGIN {} END;\n",
             note(&format!("{row}.vault_id"), "X'00'", KIND_VAULT, 0),
         );
     }
     sql += &format!(
-        "CREATE TRIGGER IF NOT EXISTS vaults_updated AFTER UPDATE OF name, e2e_required ON vaults BEGIN {} END;\n",
+        "DROP TRIGGER IF EXISTS vaults_updated; CREATE TRIGGER vaults_updated AFTER UPDATE OF name, e2e_required ON vaults BEGIN {} END;\n",
         note("NEW.id", "X'01'", KIND_VAULT, 0),
     );
     sql
@@ -443,9 +448,9 @@ impl Meta {
         Ok(Meta { conn })
     }
 
-    /// How many rows this connection has written so far (any table).
-    pub fn writes(&self) -> u64 {
-        self.conn.total_changes()
+    /// How many changes all vaults have had (what waits for changes wake on).
+    pub fn writes(&self) -> Result<u64> {
+        Ok(self.conn.q_row("SELECT n FROM feed", [], |r| r.get::<_, i64>(0))? as u64)
     }
 
     /// A random secret created on first use (for fake pre-login answers).
@@ -1347,6 +1352,8 @@ mod tests {
     fn a_client_too_far_behind_or_ahead_lists_again() {
         let mut db = db();
         record(&mut db, 1, None);
+        file(&mut db, 5, 1);
+        db.meta.delete_file(FileId([5; 16]), 1).unwrap();
         let start = head(&db);
         assert_eq!(db.meta.changes(db.vault, start + 1, 10).unwrap(), None, "ahead");
         let tx = db.meta.conn.transaction().unwrap();
@@ -1363,6 +1370,15 @@ mod tests {
         db.meta.delete_file(FileId([2; 16]), 1).unwrap();
         let gone = db.meta.changes(db.vault, now, 10).unwrap().unwrap();
         assert_eq!(gone.deleted_files, [FileId([2; 16])]);
+        let tombstone = |id: u8| -> i64 {
+            db.meta
+                .conn
+                .q_row("SELECT COUNT(*) FROM changes WHERE object = ?1 AND gone = 1", [&[id; 16][..]], |r| {
+                    r.get(0)
+                })
+                .unwrap()
+        };
+        assert_eq!((tombstone(5), tombstone(2)), (0, 1), "the old deletion forgotten, the new one kept");
     }
 
     /// Deleting a vault deletes its changes (its members' triggers do not

@@ -212,9 +212,32 @@ pub struct Service<B> {
     config: ServiceConfig,
     /// Recently confirmed sessions: SHA-256 of the token -> user, and when.
     sessions: parking_lot::Mutex<HashMap<[u8; 32], (User, Instant)>>,
-    /// Counts the metadata writes (any row): waits for changes wake on it and
-    /// look at their vaults again.
+    /// Counts the calls that changed a vault: waits for changes wake on it
+    /// and look at their vaults again.
     written: tokio::sync::watch::Sender<u64>,
+    /// Waits for changes held open, per user (at most [`MAX_WAITS`] each).
+    waits: parking_lot::Mutex<HashMap<i64, usize>>,
+}
+
+/// Most waits for changes one user may hold open at once.
+pub const MAX_WAITS: usize = 8;
+
+/// One wait for changes held open by a user; counted down when dropped.
+struct WaitSlot<'a> {
+    waits: &'a parking_lot::Mutex<HashMap<i64, usize>>,
+    user: i64,
+}
+
+impl Drop for WaitSlot<'_> {
+    fn drop(&mut self) {
+        let mut waits = self.waits.lock();
+        if let Some(n) = waits.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                waits.remove(&self.user);
+            }
+        }
+    }
 }
 
 fn sha256(parts: &[&[u8]]) -> [u8; 32] {
@@ -264,6 +287,7 @@ impl<B: BlobStore> Service<B> {
             config,
             sessions: parking_lot::Mutex::default(),
             written: tokio::sync::watch::Sender::new(0),
+            waits: parking_lot::Mutex::default(),
         })
     }
 
@@ -284,9 +308,9 @@ impl<B: BlobStore> Service<B> {
         let (result, wrote) = tokio::task::spawn_blocking(move || {
             let mut guard =
                 meta.lock().map_err(|_| ServiceError::Internal("metadata lock poisoned".into()))?;
-            let before = guard.writes();
+            let before = guard.writes()?;
             let result = f(&mut guard).map_err(ServiceError::from);
-            Ok::<_, ServiceError>((result, guard.writes() != before))
+            Ok::<_, ServiceError>((result, guard.writes()? != before))
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("metadata task: {e}")))??;
@@ -646,6 +670,15 @@ impl<B: BlobStore> Service<B> {
     ) -> Result<BTreeMap<VaultId, u64>> {
         let deadline =
             tokio::time::Instant::now() + timeout.min(std::time::Duration::from_millis(MAX_WAIT_MS));
+        let _slot = {
+            let mut waits = self.waits.lock();
+            let n = waits.entry(caller.user.id).or_insert(0);
+            if *n >= MAX_WAITS {
+                return Err(ServiceError::Refused(format!("at most {MAX_WAITS} waits for changes at once")));
+            }
+            *n += 1;
+            WaitSlot { waits: &self.waits, user: caller.user.id }
+        };
         let mut written = self.written.subscribe();
         loop {
             // Marked seen before looking: a write after the look wakes the wait.

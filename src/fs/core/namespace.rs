@@ -24,9 +24,11 @@ use std::sync::Arc;
 
 use super::tree::{display_name, FileMeta, Key, ListedFile, ListedRecord, Node};
 
-/// Most objects the change feed may bring for one vault before the vault is
-/// listed whole instead.
+/// Most objects (changed or deleted) the change feed may bring for one vault
+/// before the vault is listed whole instead.
 const FEED_MOST: usize = 50_000;
+/// Most pages of changes asked for at once (a page holds up to 1,000).
+const FEED_PAGES: usize = 100;
 use super::{check_file_answer, Attr, Entry, EntryPlus, FsError, Ino, Kind, Result, VaultFs, ROOT};
 use crate::crypto::{self, open_name, seal_name, FileContext, FileManifest, NameContext, OsRandom};
 use crate::ids::{FileId, RecordId, VaultId};
@@ -168,7 +170,7 @@ impl<R: Remote> VaultFs<R> {
     async fn follow_feed(&self, vault: VaultId) -> Result<bool> {
         let Some(from) = self.tree.lock().listed_at(vault) else { return Ok(false) };
         let (mut since, mut records, mut files, mut deleted) = (from, Vec::new(), Vec::new(), Vec::new());
-        loop {
+        for _ in 0..FEED_PAGES {
             let page = match self.remote().changes(vault, since).await {
                 Ok(page) => page,
                 Err(e @ RemoteError::Unavailable(_)) => return Err(e.into()),
@@ -176,12 +178,8 @@ impl<R: Remote> VaultFs<R> {
                 // what is wrong, if anything.
                 Err(_) => return Ok(false),
             };
-            if page.until < since
-                || (page.more && page.until == since)
-                || records.len() + files.len() > FEED_MOST
-            {
-                // Not a page that moves on (or more than a listing would
-                // cost): list the vault whole.
+            if page.until < since || (page.more && page.until == since) {
+                // Not a page that moves on: list the vault whole.
                 return Ok(false);
             }
             since = page.until;
@@ -189,15 +187,20 @@ impl<R: Remote> VaultFs<R> {
             files.extend(page.files);
             deleted.extend(page.deleted_records.into_iter().map(Key::Record));
             deleted.extend(page.deleted_files.into_iter().map(Key::File));
+            if records.len() + files.len() + deleted.len() > FEED_MOST {
+                // More than a listing would cost.
+                return Ok(false);
+            }
             if !page.more {
-                break;
+                // A record of this vault the feed does not bring is one the tree has.
+                let known = |r| self.tree.lock().has_record(vault, r);
+                let (records, files) = self.open_listed(vault, records, files, known);
+                self.note_keys_in_use(vault, &records, &files);
+                return Ok(self.tree.lock().apply_changes(vault, from, since, records, files, deleted));
             }
         }
-        // A record of this vault the feed does not bring is one the tree has.
-        let (records, files) =
-            self.open_listed(vault, records, files, |r| self.tree.lock().has_record(vault, r));
-        self.note_keys_in_use(vault, &records, &files);
-        Ok(self.tree.lock().apply_changes(vault, from, since, records, files, deleted))
+        // Pages without end: list the vault whole.
+        Ok(false)
     }
 
     /// Keeps what is of `vault` (a record or file the server lists here but
@@ -215,10 +218,13 @@ impl<R: Remote> VaultFs<R> {
         let stray = |kind: &str, id: String| {
             tracing::error!(%vault, kind, id, "the server listed an object of another vault (or of no record of this one); it is left out");
         };
+        let in_batch: HashSet<RecordId> = records.iter().filter(|r| r.vault == vault).map(|r| r.id).collect();
+        // A record under a record of another vault would show (and take new
+        // files, sealed under this vault's key) among that vault's.
         let records: Vec<RecordInfo> = records
             .into_iter()
             .filter(|r| {
-                let ours = r.vault == vault;
+                let ours = r.vault == vault && r.parent.is_none_or(|p| in_batch.contains(&p) || known(p));
                 if !ours {
                     stray("record", r.id.to_string());
                 }

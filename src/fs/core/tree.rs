@@ -416,6 +416,19 @@ impl Tree {
             return false;
         }
         let vault_ino = self.ino_for(Key::Vault(vault));
+        // Deletions first, then every changed object out of its directory,
+        // then each placed: a file replaced by another of its name, or two
+        // that swapped names, show under their names, not as duplicates.
+        for key in deleted {
+            if let Some(&ino) = self.keys.get(&key) {
+                // Only an object of this vault; its node stays for handles
+                // still open on it, as after a listing.
+                if self.nodes.get(&ino).and_then(Node::vault) == Some(vault) {
+                    self.detach(ino);
+                }
+            }
+        }
+        let mut placed = Vec::with_capacity(records.len() + files.len());
         for (info, name) in records {
             let ino = self.ino_for(Key::Record(info.id));
             let parent = match info.parent {
@@ -423,27 +436,31 @@ impl Tree {
                 None => vault_ino,
             };
             let what = ("record", info.id.to_string());
-            self.place_listed(parent, ino, name, what, Node::Record { info, parent });
+            placed.push((parent, ino, name, what, Node::Record { info, parent }));
         }
         for (info, meta, name) in files {
             let ino = self.ino_for(Key::File(info.id));
             let parent = self.ino_for(Key::Record(info.record));
             let what = ("file", info.id.to_string());
-            self.place_listed(parent, ino, name, what, Node::File { info, parent, meta });
+            placed.push((parent, ino, name, what, Node::File { info, parent, meta }));
         }
-        for key in deleted {
-            if let Some(&ino) = self.keys.get(&key) {
-                // Its node stays for handles still open on it, as after a listing.
-                self.detach(ino);
-            }
+        // Not where this mount holds a newer version (its own change, not yet in the feed).
+        placed.retain(|(_, ino, _, _, node)| {
+            self.nodes.get(ino).and_then(Node::version).is_none_or(|ours| ours <= node.version().unwrap_or(0))
+        });
+        for (_, ino, ..) in &placed {
+            self.detach(*ino);
+        }
+        for (parent, ino, name, what, node) in placed {
+            self.place_listed(parent, ino, name, what, node);
         }
         self.vault_loaded.insert(vault, Instant::now());
         self.listed_at.insert(vault, until);
         true
     }
 
-    /// Places an object of the change feed as `name` (`None`: it failed its
-    /// check) in `parent`, unless this mount holds a newer version of it.
+    /// Places an object of the change feed, out of any directory, as `name`
+    /// (`None`: it failed its check) in `parent`.
     fn place_listed(
         &mut self,
         parent: Ino,
@@ -452,19 +469,15 @@ impl Tree {
         what: (&str, String),
         node: Node,
     ) {
-        if self.nodes.get(&ino).and_then(Node::version).is_some_and(|ours| ours > node.version().unwrap_or(0))
-        {
-            return;
-        }
         let (kind, id) = what;
         let field = if kind == "record" { "title" } else { "name" };
         self.mark_unreadable(ino, name.is_none().then(|| format!("the {field} of {kind} {id}")));
         let mut name = name.unwrap_or_else(|| unreadable_name(kind, &id).into());
-        self.detach(ino);
         let dir = self.children.entry(parent).or_default();
         if dir.get(&name).is_some_and(|other| *other != ino) {
             name = duplicate_name(name, ino);
         }
+        let dir = self.children.entry(parent).or_default();
         dir.insert(name.clone(), ino);
         self.names.insert(ino, name);
         if node.is_dir() {
@@ -631,6 +644,58 @@ mod tests {
         for (key, ino) in &t.keys {
             assert_eq!(t.keys.values().filter(|i| *i == ino).count(), 1, "{key:?}");
         }
+    }
+
+    /// The change feed applied: a file replaced by another of its name, and
+    /// two files that swap names, show under their names (no duplicates);
+    /// a deleted file leaves its directory; a moved record takes its files
+    /// along; the listing is current at the new number, and only if it was
+    /// current at the old one.
+    #[test]
+    fn changes_apply_in_place_without_stray_duplicates() {
+        let v = vault();
+        let (r, r2) = (record(v, None, 1), record(v, None, 1));
+        let (f, g, h) = (file(v, r.id, 1), file(v, r.id, 1), file(v, r.id, 1));
+        let mut t = Tree::new();
+        let listing = |f: &FileInfo, g: &FileInfo, h: &FileInfo| {
+            vec![
+                (f.clone(), FileMeta::Legacy, name("f")),
+                (g.clone(), FileMeta::Legacy, name("g")),
+                (h.clone(), FileMeta::Legacy, name("h")),
+            ]
+        };
+        t.apply_listing(v, 5, vec![(r.clone(), name("r")), (r2.clone(), name("r2"))], listing(&f, &g, &h));
+        let dir = t.keys[&Key::Record(r.id)];
+        assert!(!t.apply_changes(v, 4, 6, vec![], vec![], vec![]), "not current at 4");
+        // f deleted and a new file named f; g and h swap names.
+        let f2 = file(v, r.id, 1);
+        let g2 = FileInfo { version: 2, ..g.clone() };
+        let h2 = FileInfo { version: 2, ..h.clone() };
+        let changed = vec![
+            (f2.clone(), FileMeta::Legacy, name("f")),
+            (g2, FileMeta::Legacy, name("h")),
+            (h2, FileMeta::Legacy, name("g")),
+        ];
+        assert!(t.apply_changes(v, 5, 9, vec![], changed, vec![Key::File(f.id)]));
+        check_consistent(&t);
+        let names: Vec<_> = t.entries(dir).unwrap().map(|(n, ino, _)| (n.clone(), ino)).collect();
+        let ino = |id| t.keys[&Key::File(id)];
+        assert_eq!(
+            names,
+            [
+                (OsString::from("f"), ino(f2.id)),
+                (OsString::from("g"), ino(h.id)),
+                (OsString::from("h"), ino(g.id))
+            ]
+        );
+        assert_eq!(t.listed_at(v), Some(9));
+        // The record moves under r2, with its files.
+        let moved = RecordInfo { parent: Some(r2.id), version: 2, ..r.clone() };
+        assert!(t.apply_changes(v, 9, 10, vec![(moved, name("r"))], vec![], vec![]));
+        check_consistent(&t);
+        let r2_ino = t.keys[&Key::Record(r2.id)];
+        assert_eq!(t.child(r2_ino, OsStr::new("r")), Some(dir));
+        assert_eq!(t.entries(dir).unwrap().count(), 3);
     }
 
     #[test]
