@@ -1639,11 +1639,34 @@ async fn a_record_under_a_record_of_another_vault_is_left_out() {
     assert!(fs.readdir(w1_rec.ino).await.unwrap().is_empty(), "not among W's records");
     assert!(fs.readdir(v1.ino).await.unwrap().is_empty());
     // Through the feed: a record made since, listed under W's record.
+    let listed = outage.listings();
     writer.mkdir(v.ino, n("later")).await.unwrap();
     tokio::time::sleep(vaultfs::fs::core::LISTING_TTL + std::time::Duration::from_millis(100)).await;
     assert!(fs.readdir(v1.ino).await.unwrap().is_empty());
     assert!(fs.readdir(w1_rec.ino).await.unwrap().is_empty(), "not among W's records");
-    assert!(outage.feeds() > 0);
+    assert!(outage.feeds() > 0 && outage.listings() == listed, "through the feed");
+
+    // A record of V listed under W's record's id claimed for V, that
+    // record's parent: neither is taken (W's record stays W's).
+    let c = writer.mkdir(writer.lookup(v.ino, n("r")).await.unwrap().ino, n("c")).await.unwrap();
+    let r_id = id(writer.lookup(v.ino, n("r")).await.unwrap().ino);
+    let (_, w_id) = (id(c.ino), id(w_rec.ino));
+    let claim = move |rec: &mut vaultfs::protocol::RecordInfo| {
+        if rec.id.to_string() == r_id {
+            rec.id = w_id.parse().unwrap();
+        }
+        if rec.parent.is_some_and(|p| p.to_string() == r_id) {
+            rec.parent = Some(w_id.parse().unwrap());
+        }
+    };
+    let (fs2, outage2) = mount_faulty(s.alice.clone()).await;
+    let w2 = fs2.lookup(ROOT, n("W")).await.unwrap();
+    let w2_rec = fs2.lookup(w2.ino, n("w")).await.unwrap();
+    outage2.lie_about_records(Some(std::sync::Arc::new(claim)));
+    let v2 = fs2.lookup(ROOT, n("V")).await.unwrap();
+    fs2.readdir(v2.ino).await.unwrap();
+    assert!(fs2.readdir(w2_rec.ino).await.unwrap().is_empty(), "nothing of V among W's records");
+    assert!(fs2.lookup(w2.ino, n("w")).await.is_ok(), "W's record stays where it is");
 }
 
 /// An upload the server stored but whose answer was lost, then a retry that

@@ -993,4 +993,6 @@ async fn a_wait_for_changes_answers_when_a_vault_changes() {
     let (held, ninth) = tokio::join!(held, ninth);
     assert!(held.iter().all(|r| r.as_ref().is_ok_and(|now| *now == known)));
     assert!(matches!(ninth, Err(RemoteError::Refused(_))), "{ninth:?}");
+    // Their slots are free again once they answered.
+    assert!(alice.wait_for_changes(known.clone(), Duration::from_millis(100)).await.is_ok());
 }

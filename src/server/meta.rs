@@ -193,9 +193,8 @@ pub const CHANGE_HISTORY: u64 = 10_000;
 /// object in `changes` with the number of its latest change (a deleted record
 /// or file as a tombstone, kept for [`CHANGE_HISTORY`] changes), and counts
 /// the changes of all vaults in `feed` (what waits for changes wake on).
-/// Triggers, so that no write path can forget one; made anew at each open
-/// (so a newer vaultfs replaces them), after [`ADDED_COLUMNS`], as they use
-/// `vaults.seq`.
+/// Triggers, so that no write path can forget one; made by
+/// [`upgrade_triggers`], after [`ADDED_COLUMNS`], as they use `vaults.seq`.
 fn change_triggers() -> String {
     let mut sql = String::from(
         "CREATE TABLE IF NOT EXISTS changes (
@@ -207,6 +206,7 @@ fn change_triggers() -> String {
             PRIMARY KEY (vault_id, object)
         ) WITHOUT ROWID;
         CREATE INDEX IF NOT EXISTS changes_by_seq ON changes(vault_id, seq);
+        CREATE INDEX IF NOT EXISTS tombstones ON changes(vault_id, seq) WHERE gone = 1;
         CREATE TABLE IF NOT EXISTS feed (n INTEGER NOT NULL);
         INSERT INTO feed (n) SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM feed);\n",
     );
@@ -246,7 +246,32 @@ fn change_triggers() -> String {
         "DROP TRIGGER IF EXISTS vaults_updated; CREATE TRIGGER vaults_updated AFTER UPDATE OF name, e2e_required ON vaults BEGIN {} END;\n",
         note("NEW.id", "X'01'", KIND_VAULT, 0),
     );
+    // A deleted vault has no changes left, but its members' waits wake.
+    sql += "DROP TRIGGER IF EXISTS vaults_deleted; CREATE TRIGGER vaults_deleted AFTER DELETE ON vaults BEGIN UPDATE feed SET n = n + 1; END;\n";
     sql
+}
+
+/// The version of the change feed's triggers (`PRAGMA user_version`): they
+/// are made anew, in one transaction, only by a vaultfs that has newer ones.
+const FEED_TRIGGERS: i64 = 2;
+
+/// Makes the change feed's tables and triggers if the database has older
+/// ones (or none), in one transaction: a server writing meanwhile (`vaultfs
+/// admin` opens the database while it runs) never writes between a dropped
+/// trigger and its replacement.
+fn upgrade_triggers(conn: &mut Connection) -> rusqlite::Result<()> {
+    let have: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if have >= FEED_TRIGGERS {
+        return Ok(());
+    }
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    // Asked again under the write lock: another process may have done it.
+    let have: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if have < FEED_TRIGGERS {
+        tx.execute_batch(&change_triggers())?;
+        tx.pragma_update(None, "user_version", FEED_TRIGGERS)?;
+    }
+    tx.commit()
 }
 
 const KIND_RECORD: u8 = 1;
@@ -434,7 +459,7 @@ fn refuse(msg: impl Into<String>) -> MetaError {
 impl Meta {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         // WAL: readers do not block the writer; synchronous=FULL: a commit that
@@ -444,7 +469,7 @@ impl Meta {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
         upgrade_schema(&conn)?;
-        conn.execute_batch(&change_triggers())?;
+        upgrade_triggers(&mut conn)?;
         Ok(Meta { conn })
     }
 

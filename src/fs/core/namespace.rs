@@ -17,7 +17,7 @@
 //! by the `*_now` form when the listing is fresh (the FUSE adapter then
 //! answers on its own thread) or after fetching the listing by the async form.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
@@ -155,7 +155,7 @@ impl<R: Remote> VaultFs<R> {
             Err(e) => return Err(e.into()),
         };
         let legacy = files.iter().filter(|f| f.meta.0.is_empty()).count();
-        let (records, files) = self.open_listed(vault, records, files, |_| false);
+        let (records, files) = self.open_listed(vault, records, files, false);
         self.note_keys_in_use(vault, &records, &files);
         self.tree.lock().apply_listing(vault, changes, records, files);
         if !self.account.manifests_required(vault) && self.legacy_warned.lock().insert(vault) {
@@ -169,7 +169,11 @@ impl<R: Remote> VaultFs<R> {
     /// with a change number, too far behind, or another listing meanwhile).
     async fn follow_feed(&self, vault: VaultId) -> Result<bool> {
         let Some(from) = self.tree.lock().listed_at(vault) else { return Ok(false) };
-        let (mut since, mut records, mut files, mut deleted) = (from, Vec::new(), Vec::new(), Vec::new());
+        // Each object as the latest page has it (a page fetched later may
+        // bring again, or delete, what an earlier one brought).
+        let mut records: HashMap<RecordId, Option<RecordInfo>> = HashMap::new();
+        let mut files: HashMap<FileId, Option<FileInfo>> = HashMap::new();
+        let mut since = from;
         for _ in 0..FEED_PAGES {
             let page = match self.remote().changes(vault, since).await {
                 Ok(page) => page,
@@ -183,18 +187,19 @@ impl<R: Remote> VaultFs<R> {
                 return Ok(false);
             }
             since = page.until;
-            records.extend(page.records);
-            files.extend(page.files);
-            deleted.extend(page.deleted_records.into_iter().map(Key::Record));
-            deleted.extend(page.deleted_files.into_iter().map(Key::File));
-            if records.len() + files.len() + deleted.len() > FEED_MOST {
+            records.extend(page.records.into_iter().map(|r| (r.id, Some(r))));
+            records.extend(page.deleted_records.into_iter().map(|id| (id, None)));
+            files.extend(page.files.into_iter().map(|f| (f.id, Some(f))));
+            files.extend(page.deleted_files.into_iter().map(|id| (id, None)));
+            if records.len() + files.len() > FEED_MOST {
                 // More than a listing would cost.
                 return Ok(false);
             }
             if !page.more {
-                // A record of this vault the feed does not bring is one the tree has.
-                let known = |r| self.tree.lock().has_record(vault, r);
-                let (records, files) = self.open_listed(vault, records, files, known);
+                let mut deleted = Vec::new();
+                let records = present(records, Key::Record, &mut deleted);
+                let files = present(files, Key::File, &mut deleted);
+                let (records, files) = self.open_listed(vault, records, files, true);
                 self.note_keys_in_use(vault, &records, &files);
                 return Ok(self.tree.lock().apply_changes(vault, from, since, records, files, deleted));
             }
@@ -203,28 +208,65 @@ impl<R: Remote> VaultFs<R> {
         Ok(false)
     }
 
-    /// Keeps what is of `vault` (a record or file the server lists here but
+    /// Keeps what is of `vault` and opens the names, titles and manifests,
+    /// before the tree is locked. A record or file the server lists here but
     /// says belongs elsewhere would be read under another vault's key check
-    /// and policy, or under no manifest rule at all; `known` says whether a
-    /// record not in `records` is of this vault) and opens the names, titles
-    /// and manifests, before the tree is locked.
+    /// and policy (or under no manifest rule at all); a record whose parents
+    /// do not lead to this vault's top (through records of this listing, or,
+    /// for the `feed`, records of this vault the tree holds) would show, and
+    /// take new files sealed under this vault's key, among another vault's;
+    /// a record the tree holds in another vault would move there. All are
+    /// left out.
     fn open_listed(
         &self,
         vault: VaultId,
         records: Vec<RecordInfo>,
         files: Vec<FileInfo>,
-        known: impl Fn(RecordId) -> bool,
+        feed: bool,
     ) -> (Vec<ListedRecord>, Vec<ListedFile>) {
         let stray = |kind: &str, id: String| {
             tracing::error!(%vault, kind, id, "the server listed an object of another vault (or of no record of this one); it is left out");
         };
-        let in_batch: HashSet<RecordId> = records.iter().filter(|r| r.vault == vault).map(|r| r.id).collect();
-        // A record under a record of another vault would show (and take new
-        // files, sealed under this vault's key) among that vault's.
-        let records: Vec<RecordInfo> = records
+        let held = |id: RecordId| self.tree.lock().record_vault(id);
+        let mut parents: HashMap<RecordId, Option<RecordId>> = HashMap::new();
+        let mut candidates = Vec::with_capacity(records.len());
+        for r in records {
+            if r.vault == vault && held(r.id).is_none_or(|v| v == vault) {
+                parents.insert(r.id, r.parent);
+                candidates.push(r);
+            } else {
+                stray("record", r.id.to_string());
+            }
+        }
+        // Whether each record's parents lead to the top of the vault: one
+        // walk up per record, each result kept for the records on its way
+        // (a cycle leads nowhere).
+        let mut leads: HashMap<RecordId, bool> = HashMap::new();
+        for r in &candidates {
+            let (mut at, mut path) = (r.id, Vec::new());
+            let mut on_path = HashSet::new();
+            let result = loop {
+                if let Some(known) = leads.get(&at) {
+                    break *known;
+                }
+                if !on_path.insert(at) {
+                    break false;
+                }
+                path.push(at);
+                match parents.get(&at).copied().flatten() {
+                    None => break true,
+                    Some(p) if parents.contains_key(&p) => at = p,
+                    Some(p) => break feed && held(p) == Some(vault),
+                }
+            };
+            for id in path {
+                leads.insert(id, result);
+            }
+        }
+        let records: Vec<RecordInfo> = candidates
             .into_iter()
             .filter(|r| {
-                let ours = r.vault == vault && r.parent.is_none_or(|p| in_batch.contains(&p) || known(p));
+                let ours = leads.get(&r.id).copied().unwrap_or(false);
                 if !ours {
                     stray("record", r.id.to_string());
                 }
@@ -235,7 +277,8 @@ impl<R: Remote> VaultFs<R> {
         let files: Vec<FileInfo> = files
             .into_iter()
             .filter(|f| {
-                let ours = f.vault == vault && (listed.contains(&f.record) || known(f.record));
+                let ours = f.vault == vault
+                    && (listed.contains(&f.record) || (feed && held(f.record) == Some(vault)));
                 if !ours {
                     stray("file", f.id.to_string());
                 }
@@ -555,6 +598,19 @@ impl<R: Remote> VaultFs<R> {
     pub(super) fn note_generation(&self, id: FileId, generation: u64) {
         self.freshness.note(id, generation);
     }
+}
+
+/// The objects of `changes` that are there, as they are now; the keys of
+/// those deleted go to `deleted`.
+fn present<I, T>(changes: HashMap<I, Option<T>>, key: fn(I) -> Key, deleted: &mut Vec<Key>) -> Vec<T> {
+    let mut out = Vec::with_capacity(changes.len());
+    for (id, object) in changes {
+        match object {
+            Some(o) => out.push(o),
+            None => deleted.push(key(id)),
+        }
+    }
+    out
 }
 
 /// A name too long for any entry needs no listing to be refused.

@@ -392,10 +392,9 @@ impl Tree {
         self.listed_at.get(&vault).copied().filter(|n| *n != 0)
     }
 
-    /// Whether record `id` is in `vault` as this tree holds it.
-    pub(super) fn has_record(&self, vault: VaultId, id: RecordId) -> bool {
+    /// The vault of record `id` as this tree holds it.
+    pub(super) fn record_vault(&self, id: RecordId) -> Option<VaultId> {
         self.keys.get(&Key::Record(id)).and_then(|ino| self.nodes.get(ino)).and_then(Node::vault)
-            == Some(vault)
     }
 
     /// Applies what changed in `vault` since its listing (from the change
@@ -459,8 +458,8 @@ impl Tree {
         true
     }
 
-    /// Places an object of the change feed, out of any directory, as `name`
-    /// (`None`: it failed its check) in `parent`.
+    /// Places an object of the change feed as `name` (`None`: it failed its
+    /// check) in `parent`, taking it out of where it was.
     fn place_listed(
         &mut self,
         parent: Ino,
@@ -469,6 +468,7 @@ impl Tree {
         what: (&str, String),
         node: Node,
     ) {
+        self.detach(ino);
         let (kind, id) = what;
         let field = if kind == "record" { "title" } else { "name" };
         self.mark_unreadable(ino, name.is_none().then(|| format!("the {field} of {kind} {id}")));
@@ -689,6 +689,14 @@ mod tests {
             ]
         );
         assert_eq!(t.listed_at(v), Some(9));
+        // The same object twice in one batch (a hostile page): in one place.
+        let twice =
+            vec![(f2.clone(), FileMeta::Legacy, name("x")), (f2.clone(), FileMeta::Legacy, name("y"))];
+        assert!(t.apply_changes(v, 9, 9, vec![], twice, vec![]));
+        check_consistent(&t);
+        assert_eq!(t.name_of(t.keys[&Key::File(f2.id)]), "y");
+        let twice_back = vec![(f2.clone(), FileMeta::Legacy, name("f"))];
+        assert!(t.apply_changes(v, 9, 9, vec![], twice_back, vec![]));
         // The record moves under r2, with its files.
         let moved = RecordInfo { parent: Some(r2.id), version: 2, ..r.clone() };
         assert!(t.apply_changes(v, 9, 10, vec![(moved, name("r"))], vec![], vec![]));
