@@ -228,10 +228,15 @@ impl<R: Remote> VaultFs<R> {
             tracing::error!(%vault, kind, id, "the server listed an object of another vault (or of no record of this one); it is left out");
         };
         let held = |id: RecordId| self.tree.lock().record_vault(id);
+        // A record listed twice: which of its entries to believe?
+        let mut times: HashMap<RecordId, usize> = HashMap::new();
+        for r in &records {
+            *times.entry(r.id).or_default() += 1;
+        }
         let mut parents: HashMap<RecordId, Option<RecordId>> = HashMap::new();
         let mut candidates = Vec::with_capacity(records.len());
         for r in records {
-            if r.vault == vault && held(r.id).is_none_or(|v| v == vault) {
+            if r.vault == vault && times[&r.id] == 1 && held(r.id).is_none_or(|v| v == vault) {
                 parents.insert(r.id, r.parent);
                 candidates.push(r);
             } else {

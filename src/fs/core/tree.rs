@@ -392,6 +392,18 @@ impl Tree {
         self.listed_at.get(&vault).copied().filter(|n| *n != 0)
     }
 
+    /// Whether the tree holds `key` as an object of another vault than
+    /// `vault`: what a listing of `vault` says of it (or places under it) is
+    /// left out, checked under the tree's lock (the namespace checks it too,
+    /// before; another vault's listing may have been applied since).
+    fn elsewhere(&self, vault: VaultId, key: Key) -> bool {
+        self.keys
+            .get(&key)
+            .and_then(|ino| self.nodes.get(ino))
+            .and_then(Node::vault)
+            .is_some_and(|v| v != vault)
+    }
+
     /// The vault of record `id` as this tree holds it.
     pub(super) fn record_vault(&self, id: RecordId) -> Option<VaultId> {
         self.keys.get(&Key::Record(id)).and_then(|ino| self.nodes.get(ino)).and_then(Node::vault)
@@ -429,6 +441,11 @@ impl Tree {
         }
         let mut placed = Vec::with_capacity(records.len() + files.len());
         for (info, name) in records {
+            if self.elsewhere(vault, Key::Record(info.id))
+                || info.parent.is_some_and(|p| self.elsewhere(vault, Key::Record(p)))
+            {
+                continue;
+            }
             let ino = self.ino_for(Key::Record(info.id));
             let parent = match info.parent {
                 Some(p) => self.ino_for(Key::Record(p)),
@@ -438,6 +455,9 @@ impl Tree {
             placed.push((parent, ino, name, what, Node::Record { info, parent }));
         }
         for (info, meta, name) in files {
+            if self.elsewhere(vault, Key::File(info.id)) || self.elsewhere(vault, Key::Record(info.record)) {
+                continue;
+            }
             let ino = self.ino_for(Key::File(info.id));
             let parent = self.ino_for(Key::Record(info.record));
             let what = ("file", info.id.to_string());
@@ -503,6 +523,11 @@ impl Tree {
         kids.insert(vault_ino, BTreeMap::new());
         let mut placed: Vec<(Ino, Ino, OsString, Node)> = Vec::new();
         for (info, name) in records {
+            if self.elsewhere(vault, Key::Record(info.id))
+                || info.parent.is_some_and(|p| self.elsewhere(vault, Key::Record(p)))
+            {
+                continue;
+            }
             let ino = self.ino_for(Key::Record(info.id));
             kids.entry(ino).or_default();
             let parent = match info.parent {
@@ -515,6 +540,9 @@ impl Tree {
             placed.push((parent, ino, name, Node::Record { info, parent }));
         }
         for (info, meta, name) in files {
+            if self.elsewhere(vault, Key::File(info.id)) || self.elsewhere(vault, Key::Record(info.record)) {
+                continue;
+            }
             let ino = self.ino_for(Key::File(info.id));
             let parent = self.ino_for(Key::Record(info.record));
             let id = info.id.to_string();
@@ -704,6 +732,61 @@ mod tests {
         let r2_ino = t.keys[&Key::Record(r2.id)];
         assert_eq!(t.child(r2_ino, OsStr::new("r")), Some(dir));
         assert_eq!(t.entries(dir).unwrap().count(), 3);
+    }
+
+    /// Under the tree's lock: a listing or a change of one vault never
+    /// places anything under (or as) a record or file the tree holds in
+    /// another vault.
+    #[test]
+    fn nothing_goes_under_another_vaults_objects() {
+        let (v, w) = (vault(), VaultId([8; 16]));
+        let wr = record(w, None, 1);
+        let wf = file(w, wr.id, 1);
+        let mut t = Tree::new();
+        t.apply_listing(
+            w,
+            3,
+            vec![(wr.clone(), name("w"))],
+            vec![(wf.clone(), FileMeta::Legacy, name("wf"))],
+        );
+        let w_dir = t.keys[&Key::Record(wr.id)];
+        let x = record(v, Some(wr.id), 1);
+        let claimed = RecordInfo { vault: v, ..wr.clone() };
+        let into_w = FileInfo { vault: v, ..file(v, wr.id, 1) };
+        let wf_claimed = FileInfo { vault: v, ..wf.clone() };
+        t.apply_listing(
+            v,
+            4,
+            vec![(x.clone(), name("x")), (claimed.clone(), name("c"))],
+            vec![
+                (into_w.clone(), FileMeta::Legacy, name("i")),
+                (wf_claimed.clone(), FileMeta::Legacy, name("j")),
+            ],
+        );
+        check_consistent(&t);
+        let names: Vec<_> = t.entries(w_dir).unwrap().map(|(n, ..)| n.clone()).collect();
+        assert_eq!(names, ["wf"], "W's record holds what it held");
+        assert_eq!(t.record_vault(wr.id), Some(w));
+        assert!(t.apply_changes(
+            v,
+            4,
+            5,
+            vec![(x, name("x"))],
+            vec![(into_w, FileMeta::Legacy, name("i"))],
+            vec![]
+        ));
+        assert!(t.apply_changes(
+            v,
+            5,
+            6,
+            vec![(claimed, name("c"))],
+            vec![(wf_claimed, FileMeta::Legacy, name("j"))],
+            vec![Key::File(wf.id)]
+        ));
+        check_consistent(&t);
+        let names: Vec<_> = t.entries(w_dir).unwrap().map(|(n, ..)| n.clone()).collect();
+        assert_eq!(names, ["wf"], "nor through changes");
+        assert_eq!(t.name_of(w_dir), "w");
     }
 
     #[test]
