@@ -1667,7 +1667,11 @@ async fn a_record_under_a_record_of_another_vault_is_left_out() {
     fs2.readdir(v2.ino).await.unwrap();
     assert!(fs2.readdir(w2_rec.ino).await.unwrap().is_empty(), "nothing of V among W's records");
     assert_eq!(fs2.lookup(w2.ino, n("w")).await.unwrap().ino, w2_rec.ino, "W's record stays where it is");
-    assert_eq!(errno(fs2.lookup(v2.ino, n("r")).await), libc::ENOENT, "the record claiming its id is left out");
+    assert_eq!(
+        errno(fs2.lookup(v2.ino, n("r")).await),
+        libc::ENOENT,
+        "the record claiming its id is left out"
+    );
 }
 
 /// An upload the server stored but whose answer was lost, then a retry that
