@@ -995,4 +995,33 @@ async fn a_wait_for_changes_answers_when_a_vault_changes() {
     assert!(matches!(ninth, Err(RemoteError::Refused(_))), "{ninth:?}");
     // Their slots are free again once they answered.
     assert!(alice.wait_for_changes(known.clone(), Duration::from_millis(100)).await.is_ok());
+
+    // A vault deleted: its members' waits answer at once, without it.
+    let token = login_token(&s, "alice").await;
+    let client = tls_client(&s);
+    let records = alice.records(vault).await.unwrap();
+    for r in records {
+        alice.delete_record(r.id, r.version).await.unwrap();
+    }
+    let bobs: BTreeMap<VaultId, u64> =
+        bob.vaults().await.unwrap().iter().map(|v| (v.id, v.changes)).collect();
+    let version = alice.vaults().await.unwrap()[0].version;
+    let ((gone, took), ()) = tokio::join!(
+        async {
+            let started = Instant::now();
+            (bob.wait_for_changes(bobs.clone(), Duration::from_secs(15)).await.unwrap(), started.elapsed())
+        },
+        async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let deleted = client
+                .delete(format!("{}/v1/vaults/{vault}", s.url))
+                .bearer_auth(&token)
+                .header("if-match", vaultfs::protocol::etag(version))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(deleted.status().as_u16(), 204);
+        }
+    );
+    assert!(gone.is_empty() && took < Duration::from_secs(5), "{gone:?} after {took:?}");
 }

@@ -1406,6 +1406,30 @@ mod tests {
         assert_eq!((tombstone(5), tombstone(2)), (0, 1), "the old deletion forgotten, the new one kept");
     }
 
+    /// A database whose triggers are older (or missing, as before the feed)
+    /// gets them at the next open; one that has them is left as it is.
+    #[test]
+    fn an_older_database_gets_the_triggers_at_open() {
+        let mut db = db();
+        let path = db._dir.path().join("meta.db");
+        db.meta.conn.execute_batch("DROP TRIGGER records_inserted; PRAGMA user_version = 0;").unwrap();
+        record(&mut db, 1, None);
+        let before = head(&db);
+        drop(db.meta);
+        let mut meta = Meta::open(&path).unwrap();
+        let version: i64 = meta.conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(version, FEED_TRIGGERS);
+        let r = NewRecord {
+            id: RecordId([2; 16]),
+            parent: None,
+            title: Sealed(vec![2]),
+            fields: Sealed(Vec::new()),
+        };
+        meta.create_record(db.vault, &r).unwrap();
+        let changes = meta.changes(db.vault, before, 10).unwrap().unwrap();
+        assert_eq!(changes.records.iter().map(|r| r.id).collect::<Vec<_>>(), [RecordId([2; 16])]);
+    }
+
     /// Deleting a vault deletes its changes (its members' triggers do not
     /// stand in the way), and its feed is gone.
     #[test]
