@@ -56,6 +56,19 @@ fn tls_client(s: &TestServer) -> reqwest::Client {
     vaultfs::remote::http::build_client(&s.access()).unwrap()
 }
 
+/// Deletes an (empty) vault as `user`, over raw HTTPS (the remote has no call for it).
+async fn delete_vault(s: &TestServer, user: &str, vault: VaultId, version: u64) {
+    let token = login_token(s, user).await;
+    let deleted = tls_client(s)
+        .delete(format!("{}/v1/vaults/{vault}", s.url))
+        .bearer_auth(&token)
+        .header("if-match", vaultfs::protocol::etag(version))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status().as_u16(), 204);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_life_of_vaults_records_and_files() {
     let s = TestServer::start();
@@ -918,15 +931,7 @@ async fn the_change_feed_pages_and_keeps_to_members() {
     alice.delete_file(file, 2).await.unwrap();
     alice.delete_record(record, 1).await.unwrap();
     let version = alice.vaults().await.unwrap()[0].version;
-    let alice_token = login_token(&s, "alice").await;
-    let deleted = client
-        .delete(format!("{}/v1/vaults/{vault}", s.url))
-        .bearer_auth(&alice_token)
-        .header("if-match", vaultfs::protocol::etag(version))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(deleted.status().as_u16(), 204);
+    delete_vault(&s, "alice", vault, version).await;
     assert!(matches!(bob.changes(vault, start).await, Err(RemoteError::NotFound(_))));
 }
 
@@ -997,8 +1002,6 @@ async fn a_wait_for_changes_answers_when_a_vault_changes() {
     assert!(alice.wait_for_changes(known.clone(), Duration::from_millis(100)).await.is_ok());
 
     // A vault deleted: its members' waits answer at once, without it.
-    let token = login_token(&s, "alice").await;
-    let client = tls_client(&s);
     let records = alice.records(vault).await.unwrap();
     for r in records {
         alice.delete_record(r.id, r.version).await.unwrap();
@@ -1013,14 +1016,7 @@ async fn a_wait_for_changes_answers_when_a_vault_changes() {
         },
         async {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            let deleted = client
-                .delete(format!("{}/v1/vaults/{vault}", s.url))
-                .bearer_auth(&token)
-                .header("if-match", vaultfs::protocol::etag(version))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(deleted.status().as_u16(), 204);
+            delete_vault(&s, "alice", vault, version).await;
         }
     );
     assert!(gone.is_empty() && took < Duration::from_secs(5), "{gone:?} after {took:?}");

@@ -293,6 +293,8 @@ fn upgrade_schema(conn: &Connection) -> rusqlite::Result<()> {
 /// The metadata database.
 pub struct Meta {
     conn: Connection,
+    /// The change count of all vaults when last looked at ([`Meta::vaults_changed`]).
+    feed_seen: u64,
 }
 
 fn limits_of(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Limits> {
@@ -470,12 +472,22 @@ impl Meta {
         conn.execute_batch(SCHEMA)?;
         upgrade_schema(&conn)?;
         upgrade_triggers(&mut conn)?;
-        Ok(Meta { conn })
+        let mut meta = Meta { conn, feed_seen: 0 };
+        meta.vaults_changed()?;
+        Ok(meta)
     }
 
-    /// How many changes all vaults have had (what waits for changes wake on).
-    pub fn writes(&self) -> Result<u64> {
-        Ok(self.conn.q_row("SELECT n FROM feed", [], |r| r.get::<_, i64>(0))? as u64)
+    /// How many rows this connection has written so far (no query: what
+    /// tells a call that only read from one that may have changed a vault).
+    pub fn rows_written(&self) -> u64 {
+        self.conn.total_changes()
+    }
+
+    /// Whether any vault changed since this was last asked (what waits for
+    /// changes wake on).
+    pub fn vaults_changed(&mut self) -> Result<bool> {
+        let n = self.conn.q_row("SELECT n FROM feed", [], |r| r.get::<_, i64>(0))? as u64;
+        Ok(std::mem::replace(&mut self.feed_seen, n) != n)
     }
 
     /// A random secret created on first use (for fake pre-login answers).

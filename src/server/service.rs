@@ -308,9 +308,12 @@ impl<B: BlobStore> Service<B> {
         let (result, wrote) = tokio::task::spawn_blocking(move || {
             let mut guard =
                 meta.lock().map_err(|_| ServiceError::Internal("metadata lock poisoned".into()))?;
-            let before = guard.writes()?;
+            // Reads (most calls) cost nothing more: the feed's count is looked
+            // at only after a call that wrote rows.
+            let before = guard.rows_written();
             let result = f(&mut guard).map_err(ServiceError::from);
-            Ok::<_, ServiceError>((result, guard.writes()? != before))
+            let wrote = guard.rows_written() != before && guard.vaults_changed()?;
+            Ok::<_, ServiceError>((result, wrote))
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("metadata task: {e}")))??;
