@@ -1731,3 +1731,114 @@ async fn a_pass_through_file_replaced_while_open_gives_estale_not_eio() {
     let back = read_file(&fs, r_ino(&fs).await, "movie.bin").await.unwrap();
     assert!(back == new);
 }
+
+/// The mount's follow task, stopped when the test ends (also when it fails),
+/// and what the mount told the kernel to forget.
+struct Following {
+    task: tokio::task::JoinHandle<()>,
+    told: tokio::sync::mpsc::UnboundedReceiver<vaultfs::fs::Invalidation>,
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn follow<R: vaultfs::remote::Remote>(fs: &Arc<VaultFs<R>>) -> Following {
+    let (tx, told) = tokio::sync::mpsc::unbounded_channel();
+    fs.set_invalidator(Box::new(move |batch| batch.into_iter().for_each(|i| drop(tx.send(i)))));
+    Following { task: tokio::spawn(fs.follow()), told }
+}
+
+impl Following {
+    /// Waits (at most 5 s) until the kernel is told `what`.
+    async fn told(&mut self, what: vaultfs::fs::Invalidation) {
+        let wait = async {
+            while let Some(i) = self.told.recv().await {
+                if i == what {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), wait)
+            .await
+            .unwrap_or_else(|_| panic!("never told the kernel {what:?}"));
+    }
+}
+
+/// Waits (at most 5 s) until `cond` holds.
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// A mount that follows the change feed: while idle it asks the server
+/// nothing (lookups, listings and opens answer from the tree past the
+/// listing's reuse time); another client's changes reach it at once, and the
+/// kernel is told what to forget (a new name, a rename, a deletion, a new
+/// version); a cut connection makes it ask again until the feed is back,
+/// and what changed meanwhile shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followed_mount_asks_nothing_while_idle_and_sees_changes_at_once() {
+    use vaultfs::fs::Invalidation;
+    let s = setup(&["V"]).await;
+    let (fs, outage) = mount_faulty_with(s.alice.clone(), FsOptions::default()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let a = write_file(&fs, r.ino, "a.txt", b"a").await;
+    let mut feed = follow(&fs);
+    until("the feed is live", || fs.feed_live()).await;
+    // Idle past every reuse time: nothing asked.
+    tokio::time::sleep(vaultfs::fs::core::LISTING_TTL + std::time::Duration::from_millis(200)).await;
+    let asked = outage.requests();
+    assert!(fs.lookup_now(r.ino, n("a.txt")).is_some(), "answered on the caller's thread");
+    assert_eq!(fs.readdir(r.ino).await.unwrap().len(), 1);
+    assert_eq!(read_file(&fs, r.ino, "a.txt").await.unwrap(), b"a");
+    assert_eq!(outage.requests(), asked, "idle and live: the server was not asked");
+
+    let other = mount(s.alice.clone()).await;
+    let v2 = other.lookup(ROOT, n("V")).await.unwrap();
+    let r2 = other.lookup(v2.ino, n("r")).await.unwrap();
+    write_file(&other, r2.ino, "c.txt", b"from the other client").await;
+    feed.told(Invalidation::Entry { parent: r.ino, name: "c.txt".into() }).await;
+    // The feed may have brought the new file before its content was saved.
+    let size = || fs.lookup_now(r.ino, n("c.txt")).expect("fresh").map(|a| a.size).unwrap_or(0);
+    until("the content is in", || size() == 21).await;
+    let c = fs.lookup_now(r.ino, n("c.txt")).expect("fresh").unwrap();
+    assert_eq!(read_file(&fs, r.ino, "c.txt").await.unwrap(), b"from the other client");
+    other.rename(r2.ino, n("a.txt"), r2.ino, n("b.txt")).await.unwrap();
+    feed.told(Invalidation::Entry { parent: r.ino, name: "b.txt".into() }).await;
+    assert_eq!(fs.lookup_now(r.ino, n("b.txt")).expect("fresh").unwrap().ino, a, "same inode");
+    assert!(fs.lookup_now(r.ino, n("a.txt")).expect("fresh").is_err());
+    write_over(&other, r2.ino, "c.txt", b"changed").await;
+    feed.told(Invalidation::Inode(c.ino)).await;
+    assert_eq!(read_file(&fs, r.ino, "c.txt").await.unwrap(), b"changed");
+    other.unlink(r2.ino, n("c.txt")).await.unwrap();
+    feed.told(Invalidation::Deleted { parent: r.ino, child: c.ino, name: "c.txt".into() }).await;
+
+    // The connection is cut while the server is unreachable: the feed is
+    // lost, and what changes meanwhile shows once it is back.
+    outage.set(true);
+    outage.cut_waits();
+    until("the feed is lost", || !fs.feed_live()).await;
+    write_file(&other, r2.ino, "d.txt", b"d").await;
+    outage.set(false);
+    feed.told(Invalidation::Entry { parent: r.ino, name: "d.txt".into() }).await;
+    assert_eq!(read_file(&fs, r.ino, "d.txt").await.unwrap(), b"d");
+    let d = fs.lookup(r.ino, n("d.txt")).await.unwrap();
+    until("the feed is live again", || fs.feed_live()).await;
+
+    // Told to list again (too far behind): listed whole, nothing stale.
+    outage.tell_to_relist(true);
+    let listed = outage.listings();
+    other.unlink(r2.ino, n("d.txt")).await.unwrap();
+    feed.told(Invalidation::Deleted { parent: r.ino, child: d.ino, name: "d.txt".into() }).await;
+    assert!(outage.listings() > listed, "listed whole");
+    let names: Vec<_> = fs.readdir(r.ino).await.unwrap().into_iter().map(|(_, _, name)| name).collect();
+    assert_eq!(names, ["b.txt"]);
+    assert_eq!(fs.lookup(r.ino, n("b.txt")).await.unwrap().ino, a, "inodes kept");
+}

@@ -660,3 +660,124 @@ fn vaultfs_status_shows_cache_and_uploads_in_progress() {
     let (ok, text) = status(Path::new("/"));
     assert!(!ok && text.contains("not a running vaultfs mount"), "{text}");
 }
+
+/// An inotify watch on a directory (no crate needed: three system calls).
+struct Watch(std::os::fd::OwnedFd);
+
+impl Watch {
+    fn on(dir: &Path) -> Watch {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        // SAFETY: plain system calls on a descriptor this struct owns.
+        #[allow(unsafe_code)]
+        unsafe {
+            let fd = libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC);
+            assert!(fd >= 0, "inotify_init1: {}", std::io::Error::last_os_error());
+            let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+            let mask = libc::IN_ALL_EVENTS;
+            assert!(
+                libc::inotify_add_watch(fd, path.as_ptr(), mask) >= 0,
+                "{}",
+                std::io::Error::last_os_error()
+            );
+            Watch(std::os::fd::OwnedFd::from_raw_fd(fd))
+        }
+    }
+
+    /// The names of the events of `mask` that arrive within `limit` (empty
+    /// names for events of the watched object itself).
+    fn names(&self, mask: u32, limit: Duration) -> Vec<String> {
+        use std::os::fd::AsRawFd;
+        let deadline = std::time::Instant::now() + limit;
+        let mut names = Vec::new();
+        let mut buf = [0u8; 4096];
+        while names.is_empty() && std::time::Instant::now() < deadline {
+            // SAFETY: reads into a buffer this function owns.
+            #[allow(unsafe_code)]
+            let n = unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            let mut at = 0;
+            while at + 16 <= n as usize {
+                let event_mask = u32::from_ne_bytes(buf[at + 4..at + 8].try_into().unwrap());
+                let len = u32::from_ne_bytes(buf[at + 12..at + 16].try_into().unwrap()) as usize;
+                let name = &buf[at + 16..at + 16 + len];
+                let name = String::from_utf8_lossy(name).trim_end_matches('\0').to_string();
+                if event_mask & mask != 0 {
+                    names.push(name);
+                }
+                at += 16 + len;
+            }
+        }
+        names
+    }
+}
+
+/// How long until `cond` holds (polled every 5 ms), failing after `limit`.
+fn seen_within(what: &str, limit: Duration, log: &dyn Fn() -> String, cond: impl Fn() -> bool) -> Duration {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "mount B never saw {what} within {limit:?}\n{}", log());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    start.elapsed()
+}
+
+/// Two mounts of one vault: each change on A (create, write, rename, delete,
+/// mkdir, a record moved, rmdir) is seen by B's stat, listing and read
+/// within a second (the change feed pushes it; without it a change could
+/// take the listing's two seconds and the kernel's one), each after B's
+/// kernel had cached the old state; and an inotify watcher of a file on B
+/// hears when A deletes it (IN_DELETE_SELF: of what the daemon tells it, the
+/// kernel passes on to watchers only that a file it held is gone).
+#[test]
+fn two_mounts_see_each_others_changes_at_once() {
+    let m = TestMount::start();
+    let a = |rel: &str| m.path(&format!("Family/{rel}"));
+    std::fs::create_dir(a("shared")).unwrap();
+    std::fs::create_dir(a("archive")).unwrap();
+    std::fs::write(a("shared/old.txt"), b"old").unwrap();
+    let other = m.second_mount();
+    let b = |rel: &str| other.path(&format!("Family/{rel}"));
+    let log = || format!("--- A ---\n{}\n--- B ---\n{}", m.log(), other.log());
+    const LIMIT: Duration = Duration::from_secs(1);
+    seen_within("the first listing", Duration::from_secs(10), &log, || b("shared/old.txt").exists());
+    // B's kernel caches what it saw; then A changes it.
+    let mut times = Vec::new();
+    let mut step = |what: &str, on_a: &dyn Fn(), on_b: &dyn Fn() -> bool| {
+        assert!(!on_b(), "{what}: B saw it before A did it");
+        on_a();
+        times.push((what.to_string(), seen_within(what, LIMIT, &log, on_b)));
+    };
+    step("a new file", &|| std::fs::write(a("shared/new.txt"), b"new").unwrap(), &|| {
+        std::fs::read(b("shared/new.txt")).is_ok_and(|d| d == b"new")
+    });
+    step("a write", &|| std::fs::write(a("shared/new.txt"), b"written on A").unwrap(), &|| {
+        std::fs::metadata(b("shared/new.txt")).is_ok_and(|s| s.len() == 12)
+            && std::fs::read(b("shared/new.txt")).is_ok_and(|d| d == b"written on A")
+    });
+    step("a rename", &|| std::fs::rename(a("shared/new.txt"), a("shared/renamed.txt")).unwrap(), &|| {
+        !b("shared/new.txt").exists() && b("shared/renamed.txt").exists()
+    });
+    step("a new directory", &|| std::fs::create_dir(a("shared/sub")).unwrap(), &|| {
+        std::fs::read_dir(b("shared")).unwrap().flatten().any(|e| e.file_name() == "sub")
+    });
+    step("a record moved", &|| std::fs::rename(a("shared/sub"), a("archive/sub")).unwrap(), &|| {
+        b("archive/sub").is_dir() && !b("shared/sub").exists()
+    });
+    step("a removed directory", &|| std::fs::remove_dir(a("archive/sub")).unwrap(), &|| {
+        !b("archive/sub").exists()
+    });
+    // A watcher of the file (as an editor has of the file it shows).
+    let watch = Watch::on(&b("shared/old.txt"));
+    step("a deletion", &|| std::fs::remove_file(a("shared/old.txt")).unwrap(), &|| {
+        !b("shared/old.txt").exists()
+    });
+    let heard = watch.names(libc::IN_DELETE_SELF, Duration::from_secs(2));
+    assert_eq!(heard.len(), 1, "the watcher on B hears of the deletion\n{}", log());
+    let figures: Vec<String> = times.iter().map(|(w, t)| format!("{w} {} ms", t.as_millis())).collect();
+    support::report(&format!("two mounts: seen on B after {}", figures.join(", ")));
+    drop(other);
+}

@@ -232,18 +232,10 @@ pub(crate) fn start_session<R: crate::remote::Remote>(
         .map_err(|e| format!("mounting {}: {e}", mountpoint.display()))?;
     let background = session.spawn().map_err(|e| format!("starting the FUSE session: {e}"))?;
     raise_readahead(mountpoint);
-    // When we replace a file's content behind the kernel's back (a reduced
-    // image), its cached pages and size must go. Sent from a blocking thread:
-    // the kernel may wait on the inode while a request on it is in flight.
-    let notifier = background.notifier();
-    fs.set_invalidator(Box::new(move |ino| {
-        let notifier = notifier.clone();
-        std::thread::spawn(move || {
-            if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), 0, -1) {
-                tracing::debug!(ino, error = %e, "could not drop the kernel's cached pages");
-            }
-        });
-    }));
+    // What the kernel must forget (other clients' changes, a reduced image)
+    // goes to it from a thread of its own; the feed follows the server's changes.
+    fs.set_invalidator(crate::fs::fuse::notifier_thread(background.notifier()));
+    rt.spawn(fs.follow());
     Ok(background)
 }
 

@@ -21,7 +21,7 @@ use fuser::{
 };
 use tracing::Instrument;
 
-use super::core::{Attr, Entry, EntryPlus, Kind, VaultFs};
+use super::core::{Attr, Entry, EntryPlus, Invalidation, Kind, VaultFs};
 use super::error::FsError;
 use crate::remote::Remote;
 
@@ -51,6 +51,46 @@ impl<R: Remote> FuseAdapter<R> {
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         self.rt.spawn(op.instrument(tracing::debug_span!("fuse", op = name, ino)));
+    }
+}
+
+/// What tells the kernel to forget what changed: one thread that sends the
+/// notifications, so the caller never blocks (the kernel may hold an inode
+/// while a request on it is in flight, and the notification then waits for
+/// that request). The thread ends when the filesystem lets go of the sender.
+pub fn notifier_thread(notifier: fuser::Notifier) -> Box<dyn Fn(Vec<Invalidation>) + Send + Sync> {
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<Invalidation>>();
+    let spawned = std::thread::Builder::new().name("vaultfs-notify".into()).spawn(move || {
+        for batch in rx {
+            for what in batch {
+                notify(&notifier, &what);
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no thread to tell the kernel of changes: it sees them after its timeouts");
+    }
+    let tx = parking_lot::Mutex::new(tx);
+    Box::new(move |batch| {
+        let _ = tx.lock().send(batch);
+    })
+}
+
+/// Sends one notification. The kernel refuses those about what it does not
+/// hold (ENOENT): nothing to forget. A deletion it refuses (a directory it
+/// still holds entries of) becomes a plain invalidation of the name.
+fn notify(notifier: &fuser::Notifier, what: &Invalidation) {
+    let result = match what {
+        Invalidation::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, -1),
+        Invalidation::Entry { parent, name } => notifier.inval_entry(INodeNo(*parent), name),
+        Invalidation::Deleted { parent, child, name } => notifier
+            .delete(INodeNo(*parent), INodeNo(*child), name)
+            .or_else(|_| notifier.inval_entry(INodeNo(*parent), name)),
+    };
+    if let Err(e) = result {
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            tracing::debug!(?what, error = %e, "the kernel refused a notification");
+        }
     }
 }
 

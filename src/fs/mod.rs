@@ -14,5 +14,5 @@ pub mod fuse;
 pub mod lognames;
 pub mod reduce;
 
-pub use self::core::{Attr, FsOptions, Ino, Kind, ReadData, VaultFs, ROOT};
+pub use self::core::{Attr, FsOptions, Ino, Invalidation, Kind, ReadData, VaultFs, ROOT};
 pub use self::error::FsError;

@@ -47,6 +47,12 @@ struct Faults {
     listings: std::sync::atomic::AtomicUsize,
     /// How many pages of a vault's changes were asked for.
     feeds: std::sync::atomic::AtomicUsize,
+    /// How many requests were made (while up), long polls included.
+    requests: std::sync::atomic::AtomicUsize,
+    /// Bumped to drop every poll held (a connection cut).
+    cuts: std::sync::OnceLock<tokio::sync::watch::Sender<u64>>,
+    /// Pages of changes are refused with "list again" (too far behind).
+    relist: AtomicBool,
 }
 
 /// A change a lying server makes to the file metadata it answers with.
@@ -128,6 +134,27 @@ impl Outage {
         self.0.feeds.load(Ordering::SeqCst)
     }
 
+    /// How many requests were made so far (long polls included).
+    pub fn requests(&self) -> usize {
+        self.0.requests.load(Ordering::SeqCst)
+    }
+
+    /// Drops every long poll held now, as a cut connection would (each
+    /// returns an error).
+    pub fn cut_waits(&self) {
+        self.cuts().send_modify(|n| *n += 1);
+    }
+
+    /// While set, pages of changes are refused with "list again", as by a
+    /// server whose history no longer reaches back to the caller.
+    pub fn tell_to_relist(&self, relist: bool) {
+        self.0.relist.store(relist, Ordering::SeqCst);
+    }
+
+    fn cuts(&self) -> &tokio::sync::watch::Sender<u64> {
+        self.0.cuts.get_or_init(|| tokio::sync::watch::channel(0).0)
+    }
+
     /// The ranges downloaded so far, and forgets them.
     pub fn take_downloads(&self) -> Vec<Option<Range<u64>>> {
         std::mem::take(&mut *self.0.downloads.lock().unwrap())
@@ -141,6 +168,7 @@ impl Outage {
         if self.0.down.load(Ordering::SeqCst) {
             Err(RemoteError::Unavailable("injected outage".into()))
         } else {
+            self.0.requests.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
     }
@@ -238,12 +266,19 @@ impl<R: Remote> Remote for FaultyRemote<R> {
         timeout: std::time::Duration,
     ) -> Result<std::collections::BTreeMap<VaultId, u64>> {
         self.outage.check()?;
-        self.inner.wait_for_changes(known, timeout).await
+        let mut cut = self.outage.cuts().subscribe();
+        tokio::select! {
+            answer = self.inner.wait_for_changes(known, timeout) => answer,
+            _ = cut.changed() => Err(RemoteError::Unavailable("injected: the connection was cut".into())),
+        }
     }
 
     async fn changes(&self, vault: VaultId, since: u64) -> Result<Changes> {
         self.outage.check()?;
         self.outage.0.feeds.fetch_add(1, Ordering::SeqCst);
+        if self.outage.0.relist.load(Ordering::SeqCst) {
+            return Err(RemoteError::Relist("injected: too far behind".into()));
+        }
         let mut changes = self.inner.changes(vault, since).await?;
         changes.files.iter_mut().for_each(|f| self.outage.lie(f));
         changes.records.iter_mut().for_each(|r| self.outage.lie_record(r));

@@ -10,6 +10,7 @@
 //! |---|---|---|
 //! | name → inode: the namespace built from the server's listings | `tree.rs`, `namespace.rs` | [`tree::Tree`] |
 //! | records as directories: mkdir, rmdir | `dirs.rs` | |
+//! | the server's changes while mounted: long poll, catching up, telling the kernel | `follow.rs` | [`follow::Feed`] |
 //! | what the mount policies allow in each vault | `rules.rs` | [`rules::Rules`] |
 //! | attributes and times | `attr.rs` | [`attr::Times`] |
 //! | create and open: handle → file and how it reads | `open.rs`, `handles.rs` | [`handles::Handles`] |
@@ -30,9 +31,14 @@
 //! 1. a file's plaintext (async, per file; held across awaits while the file
 //!    is loaded, changed or uploaded, which orders those steps per file; no
 //!    task holds two files' plaintext at once);
-//! 2. `tree`;
-//! 3. leaf locks: `rules`, `handles`, `modes`, `times`, `fills`, `refusals`,
-//!    `legacy_warned`, and those inside the cache and the freshness state.
+//! 2. a vault's loading lock (async, per vault, in `loading`: held while its
+//!    listing or changes are fetched and applied, so one load of a vault runs
+//!    at a time and those waiting find it fresh; nothing else async is taken
+//!    under it);
+//! 3. `tree`;
+//! 4. leaf locks: `rules`, `handles`, `modes`, `times`, `fills`, `refusals`,
+//!    `legacy_warned`, `loading`, `feed`, and those inside the cache and the
+//!    freshness state.
 //!
 //! The tree and every leaf lock are synchronous (`parking_lot`), never held
 //! across an await (the compiler checks it: their guards are not `Send`), and
@@ -58,6 +64,7 @@ use crate::remote::Remote;
 mod attr;
 mod dirs;
 mod fill;
+mod follow;
 mod handles;
 mod io;
 mod mode;
@@ -87,6 +94,11 @@ pub const ROOT: Ino = 1;
 /// How long a vault's listing is reused before it is fetched again. Short, so
 /// other clients' changes show up quickly; our own changes never wait for it.
 pub const LISTING_TTL: Duration = Duration::from_secs(2);
+/// How long the vault list is reused while the change feed is live. The feed
+/// says when a vault is added, left or changed (and the list is read again
+/// then); this bounds how late a change of the wallet alone (another client
+/// of this user confirming a sender's key) shows.
+pub const LIVE_ROOT_TTL: Duration = Duration::from_secs(30);
 /// How long after the server said which version of a file is current an open
 /// trusts that answer instead of asking again. The question is an HTTPS round
 /// trip (about 1 ms on loopback, 0.15 ms for a whole open on gocryptfs), paid by
@@ -129,6 +141,32 @@ pub struct Attr {
     pub perm: u16,
     /// Hard links: 0 for a file unlinked while still open.
     pub nlink: u32,
+}
+
+/// What the kernel is told to forget when the server's state changed under
+/// it (FUSE notifications), so `stat`, `ls`, reads and inotify watchers see
+/// the new state without waiting for a timeout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    /// A node's attributes and cached pages (a new version).
+    Inode(Ino),
+    /// A name in a directory: now another node's, or new.
+    Entry {
+        /// The directory.
+        parent: Ino,
+        /// The name.
+        name: std::ffi::OsString,
+    },
+    /// A name gone from a directory, with the node it named (inotify watchers
+    /// of the directory are told).
+    Deleted {
+        /// The directory.
+        parent: Ino,
+        /// The node the name was.
+        child: Ino,
+        /// The name.
+        name: std::ffi::OsString,
+    },
 }
 
 /// A directory entry: inode, kind and name.
@@ -190,9 +228,13 @@ pub struct VaultFs<R> {
     legacy_warned: Mutex<HashSet<VaultId>>,
     /// See [`FsOptions::confirmed_for`].
     confirmed_for: Duration,
-    /// Called with an inode whose content we replaced behind the kernel's back
-    /// (a reduced image), so its cached pages and size are dropped.
-    invalidate: OnceLock<Box<dyn Fn(Ino) + Send + Sync>>,
+    /// Told what the kernel must forget: a file whose content we replaced
+    /// behind its back (a reduced image), what other clients changed.
+    invalidate: OnceLock<Box<dyn Fn(Vec<Invalidation>) + Send + Sync>>,
+    /// Whether the change feed is live (see `follow.rs`).
+    feed: follow::Feed,
+    /// Each vault's loading lock (see the lock order).
+    loading: Mutex<std::collections::HashMap<VaultId, Arc<tokio::sync::Mutex<()>>>>,
     /// What directories show as their time until this mount changes them.
     mounted_at: SystemTime,
 }
@@ -215,6 +257,8 @@ impl<R: Remote> VaultFs<R> {
             legacy_warned: Mutex::new(HashSet::new()),
             confirmed_for: options.confirmed_for,
             invalidate: OnceLock::new(),
+            feed: follow::Feed::default(),
+            loading: Mutex::new(std::collections::HashMap::new()),
             mounted_at: SystemTime::now(),
         })
     }
@@ -233,10 +277,21 @@ impl<R: Remote> VaultFs<R> {
         self.rules.limits()
     }
 
-    /// Sets what is called when we replaced a file's content behind the
-    /// kernel's back (the FUSE adapter drops the kernel's pages and attributes).
-    pub fn set_invalidator(&self, f: Box<dyn Fn(Ino) + Send + Sync>) {
+    /// Sets what is told what the kernel must forget (the FUSE adapter sends
+    /// it notifications). It must not block: it may be called while a request
+    /// on the same inode is in flight.
+    pub fn set_invalidator(&self, f: Box<dyn Fn(Vec<Invalidation>) + Send + Sync>) {
         let _ = self.invalidate.set(f);
+    }
+
+    /// Tells the kernel what to forget (nothing without a mount).
+    fn tell_kernel(&self, what: Vec<Invalidation>) {
+        if what.is_empty() {
+            return;
+        }
+        if let Some(invalidate) = self.invalidate.get() {
+            invalidate(what);
+        }
     }
 
     /// The plaintext cache (for status).

@@ -7,7 +7,11 @@
 //! was listed (the server's word: a server that hides a change only shows an
 //! older listing, as it could anyway). A vault that changed is brought up to
 //! date from its change feed (only what changed, checked as a listing is)
-//! when it was listed with a change number, else listed whole. Names, titles and manifests are opened here, outside the
+//! when it was listed with a change number, else listed whole. While the
+//! change feed is live (super::follow) a listing current at the vault's
+//! latest change number is fresh however old it is. One load of a vault runs
+//! at a time (its loading lock); those that waited find it fresh. Names,
+//! titles and manifests are opened here, outside the
 //! tree's lock, and the result handed to the [`Tree`](super::tree::Tree) in
 //! one call. Anything the server lists that fails its check is listed under a
 //! stand-in name and gives EIO; anything it lists for another vault is left
@@ -40,7 +44,7 @@ impl<R: Remote> VaultFs<R> {
     // ---- loading -------------------------------------------------------------
 
     pub(super) async fn load_root(&self, force: bool) -> Result<()> {
-        if self.tree.lock().root_fresh() && !force {
+        if self.tree.lock().root_fresh(self.feed.live()) && !force {
             return Ok(());
         }
         // Another client of this user may have changed the wallet (a vault
@@ -106,26 +110,48 @@ impl<R: Remote> VaultFs<R> {
                 (v.info.id, name)
             })
             .collect();
-        let mut tree = self.tree.lock();
-        tree.set_vaults(shown);
-        tree.note_vault_changes(vaults.iter().map(|v| (v.info.id, v.info.changes)));
+        let told = {
+            let mut tree = self.tree.lock();
+            let told = tree.set_vaults(shown);
+            tree.note_vault_changes(vaults.iter().map(|v| (v.info.id, v.info.changes)));
+            told
+        };
+        self.tell_kernel(told);
         Ok(())
     }
 
+    /// Whether `vault`'s listing can answer without asking the server.
+    fn vault_fresh(&self, vault: VaultId) -> bool {
+        let live = self.feed.live();
+        self.tree.lock().vault_fresh(vault, live)
+    }
+
     pub(super) async fn load_vault(&self, vault: VaultId, force: bool) -> Result<()> {
-        if self.tree.lock().vault_fresh(vault) && !force {
+        if !force && self.vault_fresh(vault) {
             return Ok(());
         }
+        // One load of a vault at a time: those that waited find it fresh.
+        let loading = self.loading_lock(vault);
+        let _one = loading.lock().await;
         if !force {
+            if self.vault_fresh(vault) {
+                return Ok(());
+            }
             // The vault list says whether the vault changed since it was
             // listed: if not, it is fresh again without listing it.
             if let Err(e) = self.load_root(false).await {
                 tracing::debug!(error = %e, "cannot refresh the vault list before listing a vault");
             }
-            if self.tree.lock().vault_fresh(vault) {
+            if self.vault_fresh(vault) {
                 return Ok(());
             }
         }
+        self.refresh_vault(vault, force).await
+    }
+
+    /// Brings `vault`'s listing up to date: from its change feed, else (or
+    /// if `force`d) by listing it whole. The caller holds its loading lock.
+    pub(super) async fn refresh_vault(&self, vault: VaultId, force: bool) -> Result<()> {
         if !force {
             match self.follow_feed(vault).await {
                 Ok(true) => return Ok(()),
@@ -157,7 +183,8 @@ impl<R: Remote> VaultFs<R> {
         let legacy = files.iter().filter(|f| f.meta.0.is_empty()).count();
         let (records, files) = self.open_listed(vault, records, files, false);
         self.note_keys_in_use(vault, &records, &files);
-        self.tree.lock().apply_listing(vault, changes, records, files);
+        let told = self.tree.lock().apply_listing(vault, changes, records, files);
+        self.tell_kernel(told);
         if !self.account.manifests_required(vault) && self.legacy_warned.lock().insert(vault) {
             tracing::warn!(%vault, files_without_manifest = legacy, "vault made by an older vaultfs: until `vaultfs vault migrate` marks it, a file without a manifest is trusted as the server describes it (and the server could remove one)");
         }
@@ -201,7 +228,10 @@ impl<R: Remote> VaultFs<R> {
                 let files = present(files, Key::File, &mut deleted);
                 let (records, files) = self.open_listed(vault, records, files, true);
                 self.note_keys_in_use(vault, &records, &files);
-                return Ok(self.tree.lock().apply_changes(vault, from, since, records, files, deleted));
+                let told = self.tree.lock().apply_changes(vault, from, since, records, files, deleted);
+                let applied = told.is_some();
+                self.tell_kernel(told.unwrap_or_default());
+                return Ok(applied);
             }
         }
         // Pages without end: list the vault whole.
@@ -336,12 +366,13 @@ impl<R: Remote> VaultFs<R> {
     /// Whether directory `ino`'s listing is fresh, so looking in it needs no
     /// server.
     fn listing_fresh(&self, ino: Ino) -> bool {
+        let live = self.feed.live();
         let tree = self.tree.lock();
         // An unreadable directory is not fresh: the async path reports it.
         match tree.node(ino).ok() {
-            Some(Node::Root) => tree.root_fresh(),
+            Some(Node::Root) => tree.root_fresh(live),
             Some(Node::Vault { vault } | Node::Record { info: RecordInfo { vault, .. }, .. }) => {
-                tree.vault_fresh(*vault)
+                tree.vault_fresh(*vault, live)
             }
             _ => false,
         }

@@ -5,7 +5,8 @@
 //! reads ranges from the server (super::passread); every other open pins the
 //! file's cache entry and makes sure it holds the server's current version:
 //! kept if the server confirms the version held (or did within
-//! `confirmed_for`), else downloaded again (super::fill), the open returning
+//! `confirmed_for`, or the live change feed vouches for the tree's version:
+//! super::follow), else downloaded again (super::fill), the open returning
 //! once the header is authenticated. O_TRUNC empties the entry instead.
 //! Whether the kernel may keep its cached pages follows from the same answer.
 
@@ -76,7 +77,10 @@ impl<R: Remote> VaultFs<R> {
             // came from.
             let known = self.modes.pass_confirmed(info.id);
             let recent = known.is_some_and(|(v, at)| v == info.version && at.elapsed() < self.confirmed_for);
-            if !recent {
+            if self.feed_vouches(info.vault) {
+                // The live feed says the tree's version is the server's.
+                self.modes.set_pass_confirmed(info.id, Some((info.version, Instant::now())));
+            } else if !recent {
                 let asked = Instant::now();
                 info = self.fetch_file(&info).await?;
                 self.set_file_info(ino, |i| *i = info.clone());
@@ -134,7 +138,8 @@ impl<R: Remote> VaultFs<R> {
             // version? Not asked again soon after its last answer (CONFIRMED_FOR).
             if d.loaded || d.filling {
                 let recent = d.version == info.version
-                    && d.confirmed.is_some_and(|t| t.elapsed() < self.confirmed_for);
+                    && (d.confirmed.is_some_and(|t| t.elapsed() < self.confirmed_for)
+                        || self.feed_vouches(info.vault));
                 if !recent {
                     let asked = Instant::now();
                     info = self.fetch_file(&info).await?;

@@ -414,9 +414,7 @@ impl<R: Remote> VaultFs<R> {
                 self.modes.note_resized(id, len as u64);
                 self.cache.account(id, len);
                 // The kernel still holds the pages and size the application wrote.
-                if let Some(invalidate) = self.invalidate.get() {
-                    invalidate(ino);
-                }
+                self.tell_kernel(vec![super::Invalidation::Inode(ino)]);
             }
             Ok(Reduced::Unchanged(why)) => tracing::debug!(file = %id, "image not reduced: {why}"),
             Err(why) => {

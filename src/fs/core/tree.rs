@@ -25,7 +25,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{FsError, Ino, Result, LISTING_TTL, NAME_MAX, ROOT};
+use super::{FsError, Ino, Invalidation, Result, LISTING_TTL, LIVE_ROOT_TTL, NAME_MAX, ROOT};
 use crate::crypto::{self, FileManifest};
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::{FileInfo, RecordInfo};
@@ -104,6 +104,15 @@ impl FileMeta {
             FileMeta::Legacy | FileMeta::Invalid => None,
         }
     }
+}
+
+/// Where a node was, to tell the kernel what a listing changed.
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    /// Its directory and name there, if it is in one.
+    entry: Option<(Ino, OsString)>,
+    /// Its server version.
+    version: Option<u64>,
 }
 
 /// A record of a vault listing, with its opened title (`None`: it failed its check).
@@ -318,14 +327,38 @@ impl Tree {
 
     // ---- listings from the server --------------------------------------------
 
-    /// Whether the vault list was fetched less than [`LISTING_TTL`] ago.
-    pub(super) fn root_fresh(&self) -> bool {
-        self.root_loaded.is_some_and(|t| t.elapsed() < LISTING_TTL)
+    /// Whether the vault list was fetched less than [`LISTING_TTL`] ago, or,
+    /// while the change feed is `live` (it tells when a vault is added or
+    /// left), less than [`LIVE_ROOT_TTL`] ago.
+    pub(super) fn root_fresh(&self, live: bool) -> bool {
+        let ttl = if live { LIVE_ROOT_TTL } else { LISTING_TTL };
+        self.root_loaded.is_some_and(|t| t.elapsed() < ttl)
     }
 
-    /// Whether `vault`'s listing was fetched less than [`LISTING_TTL`] ago.
-    pub(super) fn vault_fresh(&self, vault: VaultId) -> bool {
+    /// Whether `vault`'s listing was fetched less than [`LISTING_TTL`] ago,
+    /// or is current at the change number the `live` feed last gave.
+    pub(super) fn vault_fresh(&self, vault: VaultId, live: bool) -> bool {
         self.vault_loaded.get(&vault).is_some_and(|t| t.elapsed() < LISTING_TTL)
+            || (live && self.vault_current(vault))
+    }
+
+    /// Whether `vault`'s listing is current at the vault's latest known
+    /// change number (never for a server without a change feed).
+    pub(super) fn vault_current(&self, vault: VaultId) -> bool {
+        self.listed_at(vault).is_some_and(|n| n == self.vault_changes(vault))
+    }
+
+    /// The vaults the root lists, with their latest known change numbers.
+    pub(super) fn known_changes(&self) -> BTreeMap<VaultId, u64> {
+        self.children
+            .get(&ROOT)
+            .into_iter()
+            .flat_map(|kids| kids.values())
+            .filter_map(|ino| match self.nodes.get(ino) {
+                Some(Node::Vault { vault }) => Some((*vault, self.vault_changes(*vault))),
+                _ => None,
+            })
+            .collect()
     }
 
     /// The server could not be asked: keeps showing the last vault list for
@@ -348,10 +381,11 @@ impl Tree {
     }
 
     /// Sets the vaults the root lists, each with its opened name (`None`: it
-    /// failed its check). Returns each vault's name as shown.
-    pub(super) fn set_vaults(&mut self, vaults: Vec<(VaultId, Option<String>)>) -> Vec<(VaultId, OsString)> {
+    /// failed its check). Returns what the kernel must forget.
+    pub(super) fn set_vaults(&mut self, vaults: Vec<(VaultId, Option<String>)>) -> Vec<Invalidation> {
+        let before = self
+            .seen(self.children.get(&ROOT).into_iter().flat_map(|k| k.values().copied()).collect::<Vec<_>>());
         let mut kids = BTreeMap::new();
-        let mut shown = Vec::with_capacity(vaults.len());
         for (vault, name) in vaults {
             let ino = self.ino_for(Key::Vault(vault));
             let failed = name.is_none().then(|| format!("the name of vault {vault}"));
@@ -360,12 +394,14 @@ impl Tree {
             self.nodes.insert(ino, Node::Vault { vault });
             self.children.entry(ino).or_default();
             self.names.insert(ino, name.clone());
-            kids.insert(name.clone(), ino);
-            shown.push((vault, name));
+            kids.insert(name, ino);
         }
+        let mut after: Vec<Ino> = before.keys().chain(kids.values()).copied().collect();
+        after.sort_unstable();
+        after.dedup();
         self.children.insert(ROOT, kids);
         self.root_loaded = Some(Instant::now());
-        shown
+        self.changed_since(before, after)
     }
 
     /// Notes each vault's change number from a vault list: a vault whose
@@ -422,11 +458,18 @@ impl Tree {
         records: Vec<ListedRecord>,
         files: Vec<ListedFile>,
         deleted: Vec<Key>,
-    ) -> bool {
+    ) -> Option<Vec<Invalidation>> {
         if self.listed_at(vault) != Some(from) {
-            return false;
+            return None;
         }
         let vault_ino = self.ino_for(Key::Vault(vault));
+        let touched = deleted
+            .iter()
+            .copied()
+            .chain(records.iter().map(|(r, _)| Key::Record(r.id)))
+            .chain(files.iter().map(|(f, _, _)| Key::File(f.id)))
+            .filter_map(|key| self.keys.get(&key).copied());
+        let before = self.seen(touched);
         // Deletions first, then every changed object out of its directory,
         // then each placed: a file replaced by another of its name, or two
         // that swapped names, show under their names, not as duplicates.
@@ -470,12 +513,62 @@ impl Tree {
         for (_, ino, ..) in &placed {
             self.detach(*ino);
         }
+        let mut after: Vec<Ino> = before.keys().copied().collect();
+        after.extend(placed.iter().map(|(_, ino, ..)| *ino));
         for (parent, ino, name, what, node) in placed {
             self.place_listed(parent, ino, name, what, node);
         }
         self.vault_loaded.insert(vault, Instant::now());
         self.listed_at.insert(vault, until);
-        true
+        // The feed says the vault is at least this far.
+        let known = self.vault_changes.entry(vault).or_insert(0);
+        *known = (*known).max(until);
+        Some(self.changed_since(before, after))
+    }
+
+    /// Where each of `inos` is now (its entry, if it is in a directory) and
+    /// which server version it has, to tell the kernel what changed.
+    fn seen(&self, inos: impl IntoIterator<Item = Ino>) -> HashMap<Ino, Seen> {
+        inos.into_iter()
+            .map(|ino| {
+                let entry = self.parent_of(ino).zip(self.names.get(&ino)).filter(|(parent, name)| {
+                    self.children.get(parent).and_then(|kids| kids.get(*name)) == Some(&ino)
+                });
+                let seen = Seen {
+                    entry: entry.map(|(parent, name)| (parent, name.clone())),
+                    version: self.nodes.get(&ino).and_then(Node::version),
+                };
+                (ino, seen)
+            })
+            .collect()
+    }
+
+    /// What the kernel must forget about `inos` (those seen `before`, and
+    /// others new since): names gone (deleted: inotify watchers hear of it),
+    /// names new (the kernel may remember that they did not exist), and
+    /// nodes of a new version (their attributes and cached pages).
+    fn changed_since(&self, before: HashMap<Ino, Seen>, inos: Vec<Ino>) -> Vec<Invalidation> {
+        let now = self.seen(inos);
+        let mut out = Vec::new();
+        for (ino, new) in now {
+            let old = before.get(&ino).cloned().unwrap_or_default();
+            if old.entry != new.entry {
+                match old.entry {
+                    Some((parent, name)) if new.entry.is_none() => {
+                        out.push(Invalidation::Deleted { parent, child: ino, name })
+                    }
+                    Some((parent, name)) => out.push(Invalidation::Entry { parent, name }),
+                    None => {}
+                }
+                if let Some((parent, name)) = new.entry {
+                    out.push(Invalidation::Entry { parent, name });
+                }
+            }
+            if old.version.is_some() && old.version != new.version {
+                out.push(Invalidation::Inode(ino));
+            }
+        }
+        out
     }
 
     /// Places an object of the change feed as `name` (`None`: it failed its
@@ -516,8 +609,10 @@ impl Tree {
         changes: u64,
         records: Vec<ListedRecord>,
         files: Vec<ListedFile>,
-    ) {
+    ) -> Vec<Invalidation> {
         let vault_ino = self.ino_for(Key::Vault(vault));
+        let held = self.nodes.iter().filter(|(_, n)| n.vault() == Some(vault)).map(|(ino, _)| *ino);
+        let before = self.seen(held.collect::<Vec<_>>());
         // Rebuild the children of the vault and of each of its records.
         let mut kids: HashMap<Ino, BTreeMap<OsString, Ino>> = HashMap::new();
         kids.insert(vault_ino, BTreeMap::new());
@@ -564,11 +659,16 @@ impl Tree {
                 self.nodes.insert(ino, node);
             }
         }
+        let mut after: Vec<Ino> = before.keys().copied().collect();
         for (dir, entries) in kids {
+            after.extend(entries.values().copied());
             self.children.insert(dir, entries);
         }
         self.vault_loaded.insert(vault, Instant::now());
         self.listed_at.insert(vault, changes);
+        after.sort_unstable();
+        after.dedup();
+        self.changed_since(before, after)
     }
 
     /// Records whether `ino`'s name failed its check, and which object it is.
@@ -694,7 +794,7 @@ mod tests {
         };
         t.apply_listing(v, 5, vec![(r.clone(), name("r")), (r2.clone(), name("r2"))], listing(&f, &g, &h));
         let dir = t.keys[&Key::Record(r.id)];
-        assert!(!t.apply_changes(v, 4, 6, vec![], vec![], vec![]), "not current at 4");
+        assert!(t.apply_changes(v, 4, 6, vec![], vec![], vec![]).is_none(), "not current at 4");
         // f deleted and a new file named f; g and h swap names.
         let f2 = file(v, r.id, 1);
         let g2 = FileInfo { version: 2, ..g.clone() };
@@ -704,10 +804,25 @@ mod tests {
             (g2, FileMeta::Legacy, name("h")),
             (h2, FileMeta::Legacy, name("g")),
         ];
-        assert!(t.apply_changes(v, 5, 9, vec![], changed, vec![Key::File(f.id)]));
+        let f_ino = t.keys[&Key::File(f.id)];
+        let told = t.apply_changes(v, 5, 9, vec![], changed, vec![Key::File(f.id)]).unwrap();
         check_consistent(&t);
         let names: Vec<_> = t.entries(dir).unwrap().map(|(n, ino, _)| (n.clone(), ino)).collect();
         let ino = |id| t.keys[&Key::File(id)];
+        // The kernel hears of each: f deleted (watchers too), the name f
+        // (now another file), g and h under each other's names, new versions.
+        let entry = |n: &str| Invalidation::Entry { parent: dir, name: n.into() };
+        for expected in [
+            Invalidation::Deleted { parent: dir, child: f_ino, name: "f".into() },
+            entry("f"),
+            entry("g"),
+            entry("h"),
+            Invalidation::Inode(ino(g.id)),
+            Invalidation::Inode(ino(h.id)),
+        ] {
+            assert!(told.contains(&expected), "{expected:?} not in {told:?}");
+        }
+        assert!(!told.contains(&Invalidation::Inode(ino(f2.id))), "a new file has nothing cached");
         assert_eq!(
             names,
             [
@@ -720,16 +835,24 @@ mod tests {
         // The same object twice in one batch (a hostile page): in one place.
         let twice =
             vec![(f2.clone(), FileMeta::Legacy, name("x")), (f2.clone(), FileMeta::Legacy, name("y"))];
-        assert!(t.apply_changes(v, 9, 9, vec![], twice, vec![]));
+        assert!(t.apply_changes(v, 9, 9, vec![], twice, vec![]).is_some());
         check_consistent(&t);
         assert_eq!(t.name_of(t.keys[&Key::File(f2.id)]), "y");
         let twice_back = vec![(f2.clone(), FileMeta::Legacy, name("f"))];
-        assert!(t.apply_changes(v, 9, 9, vec![], twice_back, vec![]));
+        assert!(t.apply_changes(v, 9, 9, vec![], twice_back, vec![]).is_some());
         // The record moves under r2, with its files.
         let moved = RecordInfo { parent: Some(r2.id), version: 2, ..r.clone() };
-        assert!(t.apply_changes(v, 9, 10, vec![(moved, name("r"))], vec![], vec![]));
+        let told = t.apply_changes(v, 9, 10, vec![(moved, name("r"))], vec![], vec![]).unwrap();
         check_consistent(&t);
         let r2_ino = t.keys[&Key::Record(r2.id)];
+        let vault_ino = t.keys[&Key::Vault(v)];
+        for expected in [
+            Invalidation::Entry { parent: vault_ino, name: "r".into() },
+            Invalidation::Entry { parent: r2_ino, name: "r".into() },
+            Invalidation::Inode(dir),
+        ] {
+            assert!(told.contains(&expected), "{expected:?} not in {told:?}");
+        }
         assert_eq!(t.child(r2_ino, OsStr::new("r")), Some(dir));
         assert_eq!(t.entries(dir).unwrap().count(), 3);
     }
@@ -767,22 +890,19 @@ mod tests {
         let names: Vec<_> = t.entries(w_dir).unwrap().map(|(n, ..)| n.clone()).collect();
         assert_eq!(names, ["wf"], "W's record holds what it held");
         assert_eq!(t.record_vault(wr.id), Some(w));
-        assert!(t.apply_changes(
-            v,
-            4,
-            5,
-            vec![(x, name("x"))],
-            vec![(into_w, FileMeta::Legacy, name("i"))],
-            vec![]
-        ));
-        assert!(t.apply_changes(
-            v,
-            5,
-            6,
-            vec![(claimed, name("c"))],
-            vec![(wf_claimed, FileMeta::Legacy, name("j"))],
-            vec![Key::File(wf.id)]
-        ));
+        assert!(t
+            .apply_changes(v, 4, 5, vec![(x, name("x"))], vec![(into_w, FileMeta::Legacy, name("i"))], vec![])
+            .is_some());
+        assert!(t
+            .apply_changes(
+                v,
+                5,
+                6,
+                vec![(claimed, name("c"))],
+                vec![(wf_claimed, FileMeta::Legacy, name("j"))],
+                vec![Key::File(wf.id)]
+            )
+            .is_some());
         check_consistent(&t);
         let names: Vec<_> = t.entries(w_dir).unwrap().map(|(n, ..)| n.clone()).collect();
         assert_eq!(names, ["wf"], "nor through changes");

@@ -1,0 +1,183 @@
+//! Following the server's changes while mounted.
+//!
+//! Data flow. One task per mount ([`VaultFs::follow`]) holds a long poll on
+//! the server (`Remote::wait_for_changes`) with each listed vault's latest
+//! known change number; the server answers as soon as one of them moves (a
+//! vault added, left, renamed, shared, or its records and files changed), or
+//! after [`WAIT`] with nothing new. The answer's numbers go to the tree. When
+//! anything moved, the vault list is read again (names, shares, the wallet)
+//! and each vault this mount has listed is brought up to date from its change
+//! feed (super::namespace: only what changed, checked as a listing is); the
+//! kernel is told what to forget ([`super::Invalidation`]). Changes this
+//! mount made come back too, and change nothing the tree does not hold.
+//!
+//! While a poll is held (until [`WAIT`] and [`GRACE`] past the last answer)
+//! the feed is live: a vault listing current at the latest change number is
+//! fresh without asking, the vault list for [`super::LIVE_ROOT_TTL`], and an
+//! open trusts the version the tree holds. When a poll fails the feed is not
+//! live, the mount asks as it did without a feed (`LISTING_TTL`,
+//! `CONFIRMED_FOR`), and the task tries again after a growing pause; a server
+//! that answers at once, again and again, gets at most one round every
+//! [`MIN_ROUND`].
+//!
+//! A server's answers here are worth what its listings are worth: one that
+//! says nothing changed only shows an older state, as an older listing could;
+//! what a change brings is checked as any listing is, and a file's content
+//! still opens only at a generation this machine has not seen surpassed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::{Result, VaultFs};
+use crate::ids::VaultId;
+use crate::remote::Remote;
+
+/// How long the server may hold a poll.
+const WAIT: Duration = Duration::from_secs(15);
+/// How long past [`WAIT`] a poll may go unanswered before the feed counts as
+/// lost (a connection that died without a word).
+const GRACE: Duration = Duration::from_secs(3);
+/// The shortest round: bounds the rounds a burst of changes (or a server
+/// that answers at once) costs to 20 a second.
+const MIN_ROUND: Duration = Duration::from_millis(50);
+/// The longest pause between tries while the server cannot be reached.
+const MOST_PAUSE: Duration = Duration::from_secs(30);
+
+/// Whether the change feed is live. A leaf lock.
+#[derive(Debug, Default)]
+pub(super) struct Feed {
+    /// Until when the feed vouches for the tree (`None`: not live).
+    live_until: Mutex<Option<Instant>>,
+}
+
+impl Feed {
+    /// Whether a poll is held now, after one that answered.
+    pub(super) fn live(&self) -> bool {
+        self.live_until.lock().is_some_and(|t| Instant::now() < t)
+    }
+
+    fn set(&self, until: Option<Instant>) {
+        *self.live_until.lock() = until;
+    }
+}
+
+/// The pause after `failures` failed rounds in a row: 1, 2, 4 … 30 s.
+fn pause_after(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(5)).min(MOST_PAUSE)
+}
+
+impl<R: Remote> VaultFs<R> {
+    /// Follows the server's changes until the filesystem is dropped: run it
+    /// on the runtime (once per mount).
+    pub fn follow(self: &Arc<Self>) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let fs = Arc::downgrade(self);
+        async move {
+            let mut failures = 0u32;
+            loop {
+                let Some(me) = fs.upgrade() else { return };
+                let started = Instant::now();
+                match me.follow_round().await {
+                    Ok(()) => failures = 0,
+                    Err(e) => {
+                        me.feed.set(None);
+                        failures += 1;
+                        if failures == 1 {
+                            tracing::info!(error = %e, "lost the server's change feed; asking as needed until it is back");
+                        } else {
+                            tracing::debug!(error = %e, failures, "the change feed is still down");
+                        }
+                    }
+                }
+                drop(me);
+                let pause = if failures == 0 { MIN_ROUND } else { pause_after(failures) };
+                tokio::time::sleep_until((started + pause).max(Instant::now()).into()).await;
+            }
+        }
+    }
+
+    /// One poll, and what follows from its answer.
+    async fn follow_round(&self) -> Result<()> {
+        if self.tree.lock().known_changes().is_empty() {
+            // Nothing listed yet (or no vault): the list first.
+            self.load_root(true).await?;
+        }
+        let known = self.tree.lock().known_changes();
+        let answer = self.remote().wait_for_changes(known.clone(), WAIT).await?;
+        self.feed.set(Some(Instant::now() + WAIT + GRACE));
+        self.take_changes(&known, answer).await;
+        Ok(())
+    }
+
+    /// Brings the tree to what `answer` says, from what was `known`.
+    async fn take_changes(&self, known: &BTreeMap<VaultId, u64>, answer: BTreeMap<VaultId, u64>) {
+        let moved: Vec<VaultId> =
+            answer.iter().filter(|(v, n)| known.get(v) != Some(n)).map(|(v, _)| *v).collect();
+        let left = known.keys().any(|v| !answer.contains_key(v));
+        if moved.is_empty() && !left {
+            return;
+        }
+        self.tree.lock().note_vault_changes(answer);
+        if let Err(e) = self.load_root(true).await {
+            tracing::debug!(error = %e, "cannot read the vault list after a change");
+        }
+        for vault in moved {
+            if let Err(e) = self.catch_up(vault).await {
+                tracing::debug!(%vault, error = %e, "cannot bring the vault up to date; it is listed when next used");
+            }
+        }
+    }
+
+    /// Brings `vault` up to date if this mount has listed it and it is not
+    /// current (a vault never opened is listed when it is).
+    async fn catch_up(&self, vault: VaultId) -> Result<()> {
+        if self.tree.lock().listed_at(vault).is_none() {
+            return Ok(());
+        }
+        let loading = self.loading_lock(vault);
+        let _one = loading.lock().await;
+        if self.tree.lock().vault_current(vault) {
+            return Ok(());
+        }
+        self.refresh_vault(vault, false).await
+    }
+
+    /// Whether the change feed is live: a poll held, after one that answered.
+    pub fn feed_live(&self) -> bool {
+        self.feed.live()
+    }
+
+    /// Whether the feed vouches that the tree's version of `vault`'s objects
+    /// is the server's: live, and the vault's listing current.
+    pub(super) fn feed_vouches(&self, vault: VaultId) -> bool {
+        self.feed.live() && self.tree.lock().vault_current(vault)
+    }
+
+    /// `vault`'s loading lock (see the lock order).
+    pub(super) fn loading_lock(&self, vault: VaultId) -> Arc<tokio::sync::Mutex<()>> {
+        Arc::clone(self.loading.lock().entry(vault).or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pauses_grow_to_a_bound() {
+        let pauses: Vec<u64> = (1..=9).map(|n| pause_after(n).as_secs()).collect();
+        assert_eq!(pauses, [1, 2, 4, 8, 16, 30, 30, 30, 30]);
+    }
+
+    #[test]
+    fn the_feed_is_live_only_until_its_deadline() {
+        let feed = Feed::default();
+        assert!(!feed.live());
+        feed.set(Some(Instant::now() + Duration::from_secs(5)));
+        assert!(feed.live());
+        feed.set(Some(Instant::now()));
+        assert!(!feed.live());
+    }
+}
