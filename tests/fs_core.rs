@@ -1822,9 +1822,14 @@ async fn a_followed_mount_asks_nothing_while_idle_and_sees_changes_at_once() {
 
     // The connection is cut while the server is unreachable: the feed is
     // lost, and what changes meanwhile shows once it is back.
+    assert_eq!(read_file(&fs, r.ino, "b.txt").await.unwrap(), b"a", "cached at its current version");
     outage.set(true);
     outage.cut_waits();
     until("the feed is lost", || !fs.feed_live()).await;
+    // Without the feed, an open past the confirmation window asks the
+    // server (which is down) instead of trusting the tree.
+    tokio::time::sleep(vaultfs::fs::core::CONFIRMED_FOR + std::time::Duration::from_millis(100)).await;
+    assert!(fs.open(a, false, false).await.is_err(), "the feed lost, the open asked the server");
     write_file(&other, r2.ino, "d.txt", b"d").await;
     outage.set(false);
     feed.told(Invalidation::Entry { parent: r.ino, name: "d.txt".into() }).await;
@@ -1841,4 +1846,35 @@ async fn a_followed_mount_asks_nothing_while_idle_and_sees_changes_at_once() {
     let names: Vec<_> = fs.readdir(r.ino).await.unwrap().into_iter().map(|(_, _, name)| name).collect();
     assert_eq!(names, ["b.txt"]);
     assert_eq!(fs.lookup(r.ino, n("b.txt")).await.unwrap().ino, a, "inodes kept");
+}
+
+/// A vault the root does not show (a share whose sender's key is not
+/// confirmed yet) is still named in the wait for changes: the server does not
+/// answer at once, again and again, and the idle mount asks nearly nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vault_not_shown_does_not_make_the_feed_spin() {
+    let s = setup(&["V"]).await;
+    let mut alice = Unlocked::open(s.alice.clone(), b"pw").await.unwrap();
+    alice.ensure_user_key().await.unwrap();
+    let bob_remote = s.server.add_user("bob", Limits::DEFAULT).await.unwrap();
+    let mut bob = Unlocked::create_wallet(bob_remote.clone(), b"pw", FAST).await.unwrap();
+    bob.ensure_user_key().await.unwrap();
+    bob.create_vault("Own", false).await.unwrap();
+    let vault =
+        alice.vaults().await.unwrap().into_iter().find(|x| x.name.as_deref() == Some("V")).unwrap().info;
+    let (key, _) = alice.colleague_key("bob").await.unwrap();
+    alice.pin("bob", key.fingerprint()).unwrap();
+    alice.share_vault(&vault, "bob", vaultfs::protocol::Rights::Read, &key).await.unwrap();
+    // Bob has not confirmed alice's key: V is not shown in his mount.
+    let (faulty, outage) = FaultyRemote::new(bob_remote);
+    let account = Unlocked::open(faulty, b"pw").await.unwrap();
+    let fs = Arc::new(VaultFs::new(account, strict()).await.unwrap());
+    let names: Vec<_> = fs.readdir(ROOT).await.unwrap().into_iter().map(|(_, _, name)| name).collect();
+    assert_eq!(names, ["Own"]);
+    let _feed = follow(&fs);
+    until("the feed is live", || fs.feed_live()).await;
+    let asked = outage.requests();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let more = outage.requests() - asked;
+    assert!(more <= 2, "{more} requests in an idle second");
 }

@@ -230,11 +230,12 @@ pub(crate) fn start_session<R: crate::remote::Remote>(
     config.clone_fd = true;
     let session = fuser::Session::new(adapter, mountpoint, &config)
         .map_err(|e| format!("mounting {}: {e}", mountpoint.display()))?;
+    // What the kernel must forget (other clients' changes, a reduced image)
+    // goes to it from a thread of its own, from the first request on.
+    fs.set_invalidator(crate::fs::fuse::notifier_thread(session.notifier()));
     let background = session.spawn().map_err(|e| format!("starting the FUSE session: {e}"))?;
     raise_readahead(mountpoint);
-    // What the kernel must forget (other clients' changes, a reduced image)
-    // goes to it from a thread of its own; the feed follows the server's changes.
-    fs.set_invalidator(crate::fs::fuse::notifier_thread(background.notifier()));
+    // The server's changes, followed while mounted.
     rt.spawn(fs.follow());
     Ok(background)
 }

@@ -70,9 +70,8 @@ pub fn notifier_thread(notifier: fuser::Notifier) -> Box<dyn Fn(Vec<Invalidation
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "no thread to tell the kernel of changes: it sees them after its timeouts");
     }
-    let tx = parking_lot::Mutex::new(tx);
     Box::new(move |batch| {
-        let _ = tx.lock().send(batch);
+        let _ = tx.send(batch);
     })
 }
 

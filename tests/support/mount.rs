@@ -150,7 +150,12 @@ impl TestMount {
     /// A second daemon of the same user on another mount point (its own
     /// cache, as on another machine), ready when this returns.
     pub fn second_mount(&self) -> ExtraMount {
-        let mountpoint = self.mountpoint.with_file_name("mnt2");
+        self.extra_mount("mnt2")
+    }
+
+    /// Like [`TestMount::second_mount`], on mount point `name` next to this one.
+    pub fn extra_mount(&self, name: &str) -> ExtraMount {
+        let mountpoint = self.mountpoint.with_file_name(name);
         std::fs::create_dir_all(&mountpoint).unwrap();
         let log = Default::default();
         let child = self.spawn_daemon(&mountpoint, &log);
@@ -388,6 +393,11 @@ impl ExtraMount {
 
     pub fn log(&self) -> String {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Pid of the mount daemon.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 }
 

@@ -11,8 +11,8 @@
 //! kernel is told what to forget ([`super::Invalidation`]). Changes this
 //! mount made come back too, and change nothing the tree does not hold.
 //!
-//! While a poll is held (until [`WAIT`] and [`GRACE`] past the last answer)
-//! the feed is live: a vault listing current at the latest change number is
+//! While a poll is held (for at most [`WAIT`] and [`GRACE`]) the feed is
+//! live: a vault listing current at the latest change number is
 //! fresh without asking, the vault list for [`super::LIVE_ROOT_TTL`], and an
 //! open trusts the version the tree holds. When a poll fails the feed is not
 //! live, the mount asks as it did without a feed (`LISTING_TTL`,
@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::{Result, VaultFs};
+use super::{FsError, Result, VaultFs};
 use crate::ids::VaultId;
 use crate::remote::Remote;
 
@@ -79,8 +79,14 @@ impl<R: Remote> VaultFs<R> {
             loop {
                 let Some(me) = fs.upgrade() else { return };
                 let started = Instant::now();
-                match me.follow_round().await {
-                    Ok(()) => failures = 0,
+                let pause = match me.follow_round(failures == 0).await {
+                    // At least as long as taking the answer took: a server
+                    // that answers at once, again and again, gets at most
+                    // half of the task's time.
+                    Ok(work) => {
+                        failures = 0;
+                        (started + MIN_ROUND).saturating_duration_since(Instant::now()).max(work)
+                    }
                     Err(e) => {
                         me.feed.set(None);
                         failures += 1;
@@ -89,41 +95,58 @@ impl<R: Remote> VaultFs<R> {
                         } else {
                             tracing::debug!(error = %e, failures, "the change feed is still down");
                         }
+                        pause_after(failures)
                     }
-                }
+                };
                 drop(me);
-                let pause = if failures == 0 { MIN_ROUND } else { pause_after(failures) };
-                tokio::time::sleep_until((started + pause).max(Instant::now()).into()).await;
+                tokio::time::sleep(pause).await;
             }
         }
     }
 
-    /// One poll, and what follows from its answer.
-    async fn follow_round(&self) -> Result<()> {
-        if self.tree.lock().known_changes().is_empty() {
-            // Nothing listed yet (or no vault): the list first.
+    /// One poll, and what follows from its answer; `taken`: the previous
+    /// round's answer was taken, so the tree knows where each vault is (else
+    /// the vault list is read first, and vaults behind brought up to date).
+    /// The feed vouches for the tree while the poll is held: the server
+    /// answers it as soon as anything moves past what the tree knows.
+    /// Returns how long taking the answer took.
+    async fn follow_round(&self, taken: bool) -> Result<Duration> {
+        if !taken || self.tree.lock().known_changes().is_empty() {
             self.load_root(true).await?;
+            self.catch_up_behind().await;
         }
         let known = self.tree.lock().known_changes();
-        let answer = self.remote().wait_for_changes(known.clone(), WAIT).await?;
         self.feed.set(Some(Instant::now() + WAIT + GRACE));
-        self.take_changes(&known, answer).await;
-        Ok(())
+        // Bounded as a whole, not only each read: a server that trickles
+        // bytes does not hold the feed forever.
+        let answer = tokio::time::timeout(WAIT + GRACE, self.remote().wait_for_changes(known.clone(), WAIT))
+            .await
+            .map_err(|_| FsError::Unavailable("the wait for changes was not answered in time".into()))??;
+        if answer == known {
+            return Ok(Duration::ZERO);
+        }
+        // Not vouched for while the answer is taken (no poll is held).
+        self.feed.set(None);
+        let started = Instant::now();
+        self.take_changes(answer).await;
+        Ok(started.elapsed())
     }
 
-    /// Brings the tree to what `answer` says, from what was `known`.
-    async fn take_changes(&self, known: &BTreeMap<VaultId, u64>, answer: BTreeMap<VaultId, u64>) {
-        let moved: Vec<VaultId> =
-            answer.iter().filter(|(v, n)| known.get(v) != Some(n)).map(|(v, _)| *v).collect();
-        let left = known.keys().any(|v| !answer.contains_key(v));
-        if moved.is_empty() && !left {
-            return;
-        }
+    /// Brings the tree to what `answer` says.
+    async fn take_changes(&self, answer: BTreeMap<VaultId, u64>) {
         self.tree.lock().note_vault_changes(answer);
+        // The list again (names, shares, vaults added or left, the wallet);
+        // then every vault this mount listed that is behind.
         if let Err(e) = self.load_root(true).await {
             tracing::debug!(error = %e, "cannot read the vault list after a change");
         }
-        for vault in moved {
+        self.catch_up_behind().await;
+    }
+
+    /// Brings every vault this mount listed that is behind up to date.
+    async fn catch_up_behind(&self) {
+        let behind = self.tree.lock().listed_behind();
+        for vault in behind {
             if let Err(e) = self.catch_up(vault).await {
                 tracing::debug!(%vault, error = %e, "cannot bring the vault up to date; it is listed when next used");
             }

@@ -85,6 +85,7 @@ impl<R: Remote> VaultFs<R> {
         if let Err(e) = fresh.check_wallet(self.account.wallet().revision()) {
             tracing::warn!(error = %e, "the wallet held is older than this machine saw");
         }
+        let listed: Vec<(VaultId, u64)> = vaults.iter().map(|v| (v.info.id, v.info.changes)).collect();
         // A vault shared by someone whose key the user has not confirmed is
         // not shown (`vaultfs vault list` says how to confirm it).
         let pending = self.account.pending_shares();
@@ -113,7 +114,7 @@ impl<R: Remote> VaultFs<R> {
         let told = {
             let mut tree = self.tree.lock();
             let told = tree.set_vaults(shown);
-            tree.note_vault_changes(vaults.iter().map(|v| (v.info.id, v.info.changes)));
+            tree.note_vault_list(listed);
             told
         };
         self.tell_kernel(told);

@@ -138,6 +138,8 @@ pub(super) struct Tree {
     vault_loaded: HashMap<VaultId, Instant>,
     /// Each vault's change number as the latest vault list gave it.
     vault_changes: HashMap<VaultId, u64>,
+    /// Every vault the latest vault list named.
+    server_vaults: std::collections::BTreeSet<VaultId>,
     /// The change number each vault's listing is known to be current at:
     /// the vault list's, read before the listing was fetched.
     listed_at: HashMap<VaultId, u64>,
@@ -348,17 +350,12 @@ impl Tree {
         self.listed_at(vault).is_some_and(|n| n == self.vault_changes(vault))
     }
 
-    /// The vaults the root lists, with their latest known change numbers.
+    /// Every vault the latest vault list named (also those the root does
+    /// not show: shares still waiting for the sender's key to be confirmed),
+    /// with its latest known change number: what the server's list says, so
+    /// a wait for changes is answered only when something moved.
     pub(super) fn known_changes(&self) -> BTreeMap<VaultId, u64> {
-        self.children
-            .get(&ROOT)
-            .into_iter()
-            .flat_map(|kids| kids.values())
-            .filter_map(|ino| match self.nodes.get(ino) {
-                Some(Node::Vault { vault }) => Some((*vault, self.vault_changes(*vault))),
-                _ => None,
-            })
-            .collect()
+        self.server_vaults.iter().map(|v| (*v, self.vault_changes(*v))).collect()
     }
 
     /// The server could not be asked: keeps showing the last vault list for
@@ -393,6 +390,7 @@ impl Tree {
             let name = OsString::from(name.unwrap_or_else(|| unreadable_name("vault", &vault.to_string())));
             self.nodes.insert(ino, Node::Vault { vault });
             self.children.entry(ino).or_default();
+            let name = if kids.contains_key(&name) { duplicate_name(name, ino) } else { name };
             self.names.insert(ino, name.clone());
             kids.insert(name, ino);
         }
@@ -407,9 +405,20 @@ impl Tree {
     /// Notes each vault's change number from a vault list: a vault whose
     /// listing is current at that number is fresh again without fetching it
     /// (0: a server without a change feed, which says nothing).
+    pub(super) fn note_vault_list(&mut self, changes: Vec<(VaultId, u64)>) {
+        self.server_vaults = changes.iter().map(|(v, _)| *v).collect();
+        self.note_vault_changes(changes);
+    }
+
+    /// As [`Tree::note_vault_list`], for vaults of the latest list only (a
+    /// wait's answer: it may name vaults the list did not, which are read
+    /// with the next list, not noted).
     pub(super) fn note_vault_changes(&mut self, changes: impl IntoIterator<Item = (VaultId, u64)>) {
         let now = Instant::now();
         for (vault, n) in changes {
+            if !self.server_vaults.contains(&vault) {
+                continue;
+            }
             self.vault_changes.insert(vault, n);
             if n != 0 && self.listed_at.get(&vault) == Some(&n) {
                 self.vault_loaded.insert(vault, now);
@@ -426,6 +435,16 @@ impl Tree {
     /// with one.
     pub(super) fn listed_at(&self, vault: VaultId) -> Option<u64> {
         self.listed_at.get(&vault).copied().filter(|n| *n != 0)
+    }
+
+    /// The vaults listed with a change number whose listing is behind the
+    /// latest known number.
+    pub(super) fn listed_behind(&self) -> Vec<VaultId> {
+        self.listed_at
+            .keys()
+            .copied()
+            .filter(|v| self.listed_at(*v).is_some() && !self.vault_current(*v))
+            .collect()
     }
 
     /// Whether the tree holds `key` as an object of another vault than
@@ -568,6 +587,13 @@ impl Tree {
                 out.push(Invalidation::Inode(ino));
             }
         }
+        // Deletions first: told of a new name first, the kernel would forget
+        // the old file's entry, and its watchers would not hear it went.
+        out.sort_by_key(|i| match i {
+            Invalidation::Deleted { .. } => 0,
+            Invalidation::Entry { .. } => 1,
+            Invalidation::Inode(_) => 2,
+        });
         out
     }
 
@@ -907,6 +933,22 @@ mod tests {
         let names: Vec<_> = t.entries(w_dir).unwrap().map(|(n, ..)| n.clone()).collect();
         assert_eq!(names, ["wf"], "nor through changes");
         assert_eq!(t.name_of(w_dir), "w");
+    }
+
+    /// The vault list: two vaults of one name both show; a vault left is
+    /// told as deleted, before the names that are new.
+    #[test]
+    fn the_vault_list_tells_what_left_and_keeps_both_of_one_name() {
+        let (v, w, x) = (vault(), VaultId([8; 16]), VaultId([9; 16]));
+        let mut t = Tree::new();
+        t.set_vaults(vec![(v, name("A").map(|n| n.into_string().unwrap())), (w, Some("B".into()))]);
+        let v_ino = t.keys[&Key::Vault(v)];
+        let told = t.set_vaults(vec![(w, Some("B".into())), (x, Some("B".into()))]);
+        check_consistent(&t);
+        assert_eq!(t.entries(ROOT).unwrap().count(), 2, "both vaults named B show");
+        assert_eq!(told[0], Invalidation::Deleted { parent: ROOT, child: v_ino, name: "A".into() });
+        assert!(told[1..].iter().all(|i| matches!(i, Invalidation::Entry { .. })), "{told:?}");
+        assert_eq!(told.len(), 2, "{told:?}");
     }
 
     #[test]
