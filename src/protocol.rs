@@ -244,11 +244,15 @@ pub struct VaultInfo {
 
 /// `POST /v1/changes/wait`: the vaults' change numbers the caller knows; the
 /// answer comes once the caller's vaults are not those (one changed, was
-/// added or left), or after `timeout_ms` (at most [`MAX_WAIT_MS`]).
+/// added or left), or its wallet's version is not `wallet` (if given), or
+/// after `timeout_ms` (at most [`MAX_WAIT_MS`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WaitForChanges {
     /// Each vault the caller knows, with its change number.
     pub known: std::collections::BTreeMap<VaultId, u64>,
+    /// The version of the caller's wallet it holds (`None`: not watched).
+    #[serde(default)]
+    pub wallet: Option<u64>,
     /// How long to wait at most, in milliseconds.
     pub timeout_ms: u64,
 }
@@ -262,6 +266,9 @@ pub const MAX_WAIT_MS: u64 = 20_000;
 pub struct VaultChanges {
     /// Each vault the caller is a member of, with its change number.
     pub vaults: std::collections::BTreeMap<VaultId, u64>,
+    /// The version of the caller's wallet now (`None`: it has none).
+    #[serde(default)]
+    pub wallet: Option<u64>,
 }
 
 /// `GET /v1/vaults/{id}/changes?since=N`: what changed in a vault after its

@@ -734,49 +734,70 @@ fn seen_within(what: &str, limit: Duration, log: &dyn Fn() -> String, cond: impl
 /// kernel passes on to watchers only that a file it held is gone).
 #[test]
 fn two_mounts_see_each_others_changes_at_once() {
-    let m = TestMount::start();
-    let a = |rel: &str| m.path(&format!("Family/{rel}"));
+    let mut m = TestMount::start();
+    let a_root = m.path("Family");
+    let a = |rel: &str| a_root.join(rel);
     std::fs::create_dir(a("shared")).unwrap();
     std::fs::create_dir(a("archive")).unwrap();
     std::fs::write(a("shared/old.txt"), b"old").unwrap();
+    std::fs::write(a("shared/later.txt"), b"later").unwrap();
     let other = m.second_mount();
     let b = |rel: &str| other.path(&format!("Family/{rel}"));
-    let log = || format!("--- A ---\n{}\n--- B ---\n{}", m.log(), other.log());
+    let a_log = m.log_reader();
+    let log = || format!("--- A ---\n{}\n--- B ---\n{}", a_log(), other.log());
     const LIMIT: Duration = Duration::from_secs(1);
-    seen_within("the first listing", Duration::from_secs(10), &log, || b("shared/old.txt").exists());
+    seen_within("the first listing", Duration::from_secs(10), &log, || b("shared/later.txt").exists());
     // B's kernel caches what it saw; then A changes it.
     let mut times = Vec::new();
-    let mut step = |what: &str, on_a: &dyn Fn(), on_b: &dyn Fn() -> bool| {
+    let mut step = |what: &str, limit: Duration, on_a: &dyn Fn(), on_b: &dyn Fn() -> bool| {
         assert!(!on_b(), "{what}: B saw it before A did it");
         on_a();
-        times.push((what.to_string(), seen_within(what, LIMIT, &log, on_b)));
+        times.push((what.to_string(), seen_within(what, limit, &log, on_b)));
     };
-    step("a new file", &|| std::fs::write(a("shared/new.txt"), b"new").unwrap(), &|| {
+    step("a new file", LIMIT, &|| std::fs::write(a("shared/new.txt"), b"new").unwrap(), &|| {
         std::fs::read(b("shared/new.txt")).is_ok_and(|d| d == b"new")
     });
-    step("a write", &|| std::fs::write(a("shared/new.txt"), b"written on A").unwrap(), &|| {
+    step("a write", LIMIT, &|| std::fs::write(a("shared/new.txt"), b"written on A").unwrap(), &|| {
         std::fs::metadata(b("shared/new.txt")).is_ok_and(|s| s.len() == 12)
             && std::fs::read(b("shared/new.txt")).is_ok_and(|d| d == b"written on A")
     });
-    step("a rename", &|| std::fs::rename(a("shared/new.txt"), a("shared/renamed.txt")).unwrap(), &|| {
-        !b("shared/new.txt").exists() && b("shared/renamed.txt").exists()
-    });
-    step("a new directory", &|| std::fs::create_dir(a("shared/sub")).unwrap(), &|| {
+    step(
+        "a rename",
+        LIMIT,
+        &|| std::fs::rename(a("shared/new.txt"), a("shared/renamed.txt")).unwrap(),
+        &|| !b("shared/new.txt").exists() && b("shared/renamed.txt").exists(),
+    );
+    step("a new directory", LIMIT, &|| std::fs::create_dir(a("shared/sub")).unwrap(), &|| {
         std::fs::read_dir(b("shared")).unwrap().flatten().any(|e| e.file_name() == "sub")
     });
-    step("a record moved", &|| std::fs::rename(a("shared/sub"), a("archive/sub")).unwrap(), &|| {
+    step("a record moved", LIMIT, &|| std::fs::rename(a("shared/sub"), a("archive/sub")).unwrap(), &|| {
         b("archive/sub").is_dir() && !b("shared/sub").exists()
     });
-    step("a removed directory", &|| std::fs::remove_dir(a("archive/sub")).unwrap(), &|| {
+    step("a removed directory", LIMIT, &|| std::fs::remove_dir(a("archive/sub")).unwrap(), &|| {
         !b("archive/sub").exists()
     });
     // A watcher of the file (as an editor has of the file it shows).
     let watch = Watch::on(&b("shared/old.txt"));
-    step("a deletion", &|| std::fs::remove_file(a("shared/old.txt")).unwrap(), &|| {
+    step("a deletion", LIMIT, &|| std::fs::remove_file(a("shared/old.txt")).unwrap(), &|| {
         !b("shared/old.txt").exists()
     });
     let heard = watch.names(libc::IN_DELETE_SELF, Duration::from_secs(2));
     assert_eq!(heard.len(), 1, "the watcher on B hears of the deletion\n{}", log());
+
+    // The server killed and started again: both mounts lose the feed, ask
+    // as needed, and take it up again; a deletion is then pushed to B's
+    // watcher again (nothing else tells watchers).
+    m.server.restart();
+    step(
+        "a file after the restart",
+        Duration::from_secs(10),
+        &|| std::fs::write(a("shared/restarted.txt"), b"r").unwrap(),
+        &|| b("shared/restarted.txt").exists(),
+    );
+    let watch = Watch::on(&b("shared/later.txt"));
+    std::fs::remove_file(a("shared/later.txt")).unwrap();
+    let heard = watch.names(libc::IN_DELETE_SELF, Duration::from_secs(10));
+    assert_eq!(heard.len(), 1, "after the restart, the watcher on B hears of a deletion\n{}", log());
     let figures: Vec<String> = times.iter().map(|(w, t)| format!("{w} {} ms", t.as_millis())).collect();
     support::report(&format!("two mounts: seen on B after {}", figures.join(", ")));
     drop(other);

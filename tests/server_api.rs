@@ -938,7 +938,8 @@ async fn the_change_feed_pages_and_keeps_to_members() {
 /// A wait for changes is held until one of the caller's vaults changes (or
 /// is added), then answers at once with the new numbers; with nothing
 /// changing it answers the same numbers after its timeout. A vault the caller
-/// is not a member of never shows in the answer.
+/// is not a member of never shows in the answer. The wallet's version is
+/// watched when the caller names the one it holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_for_changes_answers_when_a_vault_changes() {
     use std::collections::BTreeMap;
@@ -951,31 +952,55 @@ async fn a_wait_for_changes_answers_when_a_vault_changes() {
 
     // Nothing changes: the same numbers after the timeout.
     let started = Instant::now();
-    let same = alice.wait_for_changes(known.clone(), Duration::from_millis(300)).await.unwrap();
-    assert_eq!(same, known);
+    let same = alice.wait_for_changes(known.clone(), None, Duration::from_millis(300)).await.unwrap();
+    assert_eq!(same.vaults, known);
     assert!(started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
 
     // A change by another request ends the wait at once.
     let ((now, took), ()) = tokio::join!(
         async {
             let started = Instant::now();
-            (alice.wait_for_changes(known.clone(), Duration::from_secs(15)).await.unwrap(), started.elapsed())
+            (
+                alice.wait_for_changes(known.clone(), None, Duration::from_secs(15)).await.unwrap(),
+                started.elapsed(),
+            )
         },
         async {
             tokio::time::sleep(Duration::from_millis(200)).await;
             new_record(&alice, vault, None).await;
         }
     );
-    assert!(now[&vault] > known[&vault], "{now:?}");
+    assert!(now.vaults[&vault] > known[&vault], "{now:?}");
     assert!(took < Duration::from_secs(5), "answered when the vault changed, not at the timeout: {took:?}");
 
+    // The wallet is watched when asked: storing it ends the wait at once,
+    // with its new version.
+    let version = alice.put_wallet(b"sealed wallet".to_vec(), None).await.unwrap();
+    let current: BTreeMap<VaultId, u64> =
+        alice.vaults().await.unwrap().iter().map(|v| (v.id, v.changes)).collect();
+    let same = alice.wait_for_changes(current.clone(), Some(version), Duration::from_millis(300)).await;
+    assert_eq!(same.unwrap().wallet, Some(version), "nothing changed: held to the timeout");
+    let ((now, took), ()) = tokio::join!(
+        async {
+            let started = Instant::now();
+            let now = alice.wait_for_changes(current.clone(), Some(version), Duration::from_secs(15)).await;
+            (now.unwrap(), started.elapsed())
+        },
+        async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            alice.put_wallet(b"sealed wallet, changed".to_vec(), Some(version)).await.unwrap();
+        }
+    );
+    assert_eq!(now.wallet, Some(version + 1));
+    assert!(took < Duration::from_secs(5), "answered when the wallet changed: {took:?}");
+
     // Bob is no member: he learns nothing of alice's vault, until she adds him.
-    let his = bob.wait_for_changes(BTreeMap::new(), Duration::from_millis(200)).await.unwrap();
-    assert!(his.is_empty());
-    let asked = bob.wait_for_changes(known.clone(), Duration::from_secs(5)).await.unwrap();
-    assert!(asked.is_empty(), "naming a vault he is not a member of shows him nothing: {asked:?}");
+    let his = bob.wait_for_changes(BTreeMap::new(), None, Duration::from_millis(200)).await.unwrap();
+    assert!(his.vaults.is_empty());
+    let asked = bob.wait_for_changes(known.clone(), None, Duration::from_secs(5)).await.unwrap();
+    assert!(asked.vaults.is_empty(), "naming a vault he is not a member of shows him nothing: {asked:?}");
     let (his, ()) = tokio::join!(
-        async { bob.wait_for_changes(BTreeMap::new(), Duration::from_secs(15)).await.unwrap() },
+        async { bob.wait_for_changes(BTreeMap::new(), None, Duration::from_secs(15)).await.unwrap() },
         async {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let member =
@@ -983,23 +1008,23 @@ async fn a_wait_for_changes_answers_when_a_vault_changes() {
             alice.set_member(vault, member).await.unwrap();
         }
     );
-    assert_eq!(his.keys().copied().collect::<Vec<_>>(), [vault]);
+    assert_eq!(his.vaults.keys().copied().collect::<Vec<_>>(), [vault]);
 
     // At most eight waits at once per user: a ninth is refused at once.
     let known: BTreeMap<VaultId, u64> =
         alice.vaults().await.unwrap().iter().map(|v| (v.id, v.changes)).collect();
     let held = futures_util::future::join_all(
-        (0..8).map(|_| alice.wait_for_changes(known.clone(), Duration::from_secs(2))),
+        (0..8).map(|_| alice.wait_for_changes(known.clone(), None, Duration::from_secs(2))),
     );
     let ninth = async {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        alice.wait_for_changes(known.clone(), Duration::from_secs(2)).await
+        alice.wait_for_changes(known.clone(), None, Duration::from_secs(2)).await
     };
     let (held, ninth) = tokio::join!(held, ninth);
-    assert!(held.iter().all(|r| r.as_ref().is_ok_and(|now| *now == known)));
+    assert!(held.iter().all(|r| r.as_ref().is_ok_and(|now| now.vaults == known)));
     assert!(matches!(ninth, Err(RemoteError::Refused(_))), "{ninth:?}");
     // Their slots are free again once they answered.
-    assert!(alice.wait_for_changes(known.clone(), Duration::from_millis(100)).await.is_ok());
+    assert!(alice.wait_for_changes(known.clone(), None, Duration::from_millis(100)).await.is_ok());
 
     // A vault deleted: its members' waits answer at once, without it.
     let records = alice.records(vault).await.unwrap();
@@ -1012,12 +1037,15 @@ async fn a_wait_for_changes_answers_when_a_vault_changes() {
     let ((gone, took), ()) = tokio::join!(
         async {
             let started = Instant::now();
-            (bob.wait_for_changes(bobs.clone(), Duration::from_secs(15)).await.unwrap(), started.elapsed())
+            (
+                bob.wait_for_changes(bobs.clone(), None, Duration::from_secs(15)).await.unwrap(),
+                started.elapsed(),
+            )
         },
         async {
             tokio::time::sleep(Duration::from_millis(200)).await;
             delete_vault(&s, "alice", vault, version).await;
         }
     );
-    assert!(gone.is_empty() && took < Duration::from_secs(5), "{gone:?} after {took:?}");
+    assert!(gone.vaults.is_empty() && took < Duration::from_secs(5), "{gone:?} after {took:?}");
 }

@@ -171,6 +171,12 @@ fn print(out: &mut impl Write, s: &MountStatus) -> std::io::Result<()> {
         s.fs.cached_files,
         s.fs.unsaved
     )?;
+    let feed = if s.fs.feed_live {
+        "the server pushes changes (feed live)"
+    } else {
+        "the server's change feed is down: asking as needed"
+    };
+    writeln!(out, "  listing    {} entries; {feed}", s.fs.listed)?;
     if s.fs.uploads.is_empty() {
         writeln!(out, "  uploading  nothing")?;
     }
@@ -302,6 +308,8 @@ mod tests {
                     crate::fs::core::UploadStatus { name: "v.mkv".into(), sent: 100 << 20, total: None },
                 ],
                 refused: vec!["file ab12: stale version: generation 3, expected at least 5".into()],
+                listed: 1234,
+                feed_live: true,
             },
         };
         let mut out = Vec::new();
@@ -311,5 +319,6 @@ mod tests {
         assert!(text.contains("a.pdf  [##########----------]  50%"), "{text}");
         assert!(text.contains("v.mkv  streaming"), "{text}");
         assert!(text.contains("refused    file ab12: stale version"), "{text}");
+        assert!(text.contains("listing    1234 entries; the server pushes changes (feed live)"), "{text}");
     }
 }

@@ -501,6 +501,11 @@ impl<R: Remote> Unlocked<R> {
         self.wallet.read()
     }
 
+    /// The server's version of the wallet held.
+    pub fn held_wallet_version(&self) -> u64 {
+        self.wallet_version.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Reads the wallet again if the server holds another version of it (a
     /// vault created or a key added by another client of this user): the new
     /// one must open with this session's passphrase, be no older (by

@@ -263,12 +263,13 @@ impl<R: Remote> Remote for FaultyRemote<R> {
     async fn wait_for_changes(
         &self,
         known: std::collections::BTreeMap<VaultId, u64>,
+        wallet: Option<u64>,
         timeout: std::time::Duration,
-    ) -> Result<std::collections::BTreeMap<VaultId, u64>> {
+    ) -> Result<crate::protocol::VaultChanges> {
         self.outage.check()?;
         let mut cut = self.outage.cuts().subscribe();
         tokio::select! {
-            answer = self.inner.wait_for_changes(known, timeout) => answer,
+            answer = self.inner.wait_for_changes(known, wallet, timeout) => answer,
             _ = cut.changed() => Err(RemoteError::Unavailable("injected: the connection was cut".into())),
         }
     }

@@ -668,12 +668,11 @@ impl super::Remote for HttpRemote {
     async fn wait_for_changes(
         &self,
         known: std::collections::BTreeMap<VaultId, u64>,
+        wallet: Option<u64>,
         timeout: Duration,
-    ) -> Result<std::collections::BTreeMap<VaultId, u64>> {
-        let body = crate::protocol::WaitForChanges { known, timeout_ms: timeout.as_millis() as u64 };
-        let answer: crate::protocol::VaultChanges =
-            self.send_json(Method::POST, "/v1/changes/wait", None, &body).await?;
-        Ok(answer.vaults)
+    ) -> Result<crate::protocol::VaultChanges> {
+        let body = crate::protocol::WaitForChanges { known, wallet, timeout_ms: timeout.as_millis() as u64 };
+        self.send_json(Method::POST, "/v1/changes/wait", None, &body).await
     }
 
     async fn changes(&self, vault: VaultId, since: u64) -> Result<Changes> {

@@ -180,9 +180,10 @@ impl super::Remote for MemoryRemote {
     async fn wait_for_changes(
         &self,
         known: std::collections::BTreeMap<VaultId, u64>,
+        wallet: Option<u64>,
         timeout: std::time::Duration,
-    ) -> Result<std::collections::BTreeMap<VaultId, u64>> {
-        Ok(self.service.wait_for_changes(&self.caller, known, timeout).await?)
+    ) -> Result<crate::protocol::VaultChanges> {
+        Ok(self.service.wait_for_changes(&self.caller, known, wallet, timeout).await?)
     }
 
     async fn changes(&self, vault: VaultId, since: u64) -> Result<Changes> {

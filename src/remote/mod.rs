@@ -196,13 +196,16 @@ pub trait Remote: Send + Sync + 'static {
     fn delete_record(&self, id: RecordId, expected: u64) -> impl Future<Output = Result<()>> + Send;
     /// All files of a vault.
     fn files(&self, vault: VaultId) -> impl Future<Output = Result<Vec<FileInfo>>> + Send;
-    /// Each of the user's vaults with its change number, once they are not
-    /// `known` or after `timeout` (the server holds the request meanwhile).
+    /// Each of the user's vaults with its change number (and the wallet's
+    /// version), once they are not `known` (or the wallet's version is not
+    /// `wallet`, if given) or after `timeout` (the server holds the request
+    /// meanwhile).
     fn wait_for_changes(
         &self,
         known: std::collections::BTreeMap<VaultId, u64>,
+        wallet: Option<u64>,
         timeout: std::time::Duration,
-    ) -> impl Future<Output = Result<std::collections::BTreeMap<VaultId, u64>>> + Send;
+    ) -> impl Future<Output = Result<crate::protocol::VaultChanges>> + Send;
     /// What changed in a vault after its change `since`: one page
     /// ([`RemoteError::Relist`] when the server keeps no such history).
     fn changes(&self, vault: VaultId, since: u64) -> impl Future<Output = Result<Changes>> + Send;

@@ -515,8 +515,8 @@ async fn wait_for_changes<B: BlobStore>(
     Auth(c, _): Auth,
     JsonBody(w): JsonBody<crate::protocol::WaitForChanges>,
 ) -> ApiResult<Response> {
-    let vaults = s.wait_for_changes(&c, w.known, Duration::from_millis(w.timeout_ms)).await?;
-    Ok(axum::Json(crate::protocol::VaultChanges { vaults }).into_response())
+    let answer = s.wait_for_changes(&c, w.known, w.wallet, Duration::from_millis(w.timeout_ms)).await?;
+    Ok(axum::Json(answer).into_response())
 }
 
 #[derive(Deserialize)]

@@ -732,6 +732,15 @@ impl Meta {
             .optional()?)
     }
 
+    /// The version of the user's wallet, if it has one.
+    pub fn wallet_version(&self, user_id: i64) -> Result<Option<u64>> {
+        Ok(self
+            .conn
+            .q_row("SELECT version FROM wallets WHERE user_id = ?1", [user_id], |r| r.get::<_, i64>(0))
+            .optional()?
+            .map(|v| v as u64))
+    }
+
     /// Stores the wallet if `expected` matches: `None` means "must not exist yet".
     pub fn put_wallet(&mut self, user_id: i64, blob: &[u8], expected: Option<u64>) -> Result<u64> {
         let tx = self.conn.transaction()?;

@@ -514,7 +514,10 @@ impl<B: BlobStore> Service<B> {
             return Err(ServiceError::TooLarge(MAX_WALLET_LEN as u64));
         }
         let id = caller.user.id;
-        self.db(move |m| m.put_wallet(id, &blob, expected)).await
+        let version = self.db(move |m| m.put_wallet(id, &blob, expected)).await?;
+        // Waits for changes watch the wallet too.
+        self.written.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(version)
     }
 
     // ---- user keys ---------------------------------------------------------
@@ -669,8 +672,9 @@ impl<B: BlobStore> Service<B> {
         &self,
         caller: &Caller,
         known: BTreeMap<VaultId, u64>,
+        wallet: Option<u64>,
         timeout: std::time::Duration,
-    ) -> Result<BTreeMap<VaultId, u64>> {
+    ) -> Result<crate::protocol::VaultChanges> {
         let deadline =
             tokio::time::Instant::now() + timeout.min(std::time::Duration::from_millis(MAX_WAIT_MS));
         let _slot = {
@@ -686,9 +690,12 @@ impl<B: BlobStore> Service<B> {
         loop {
             // Marked seen before looking: a write after the look wakes the wait.
             written.borrow_and_update();
-            let now: BTreeMap<VaultId, u64> =
+            let vaults: BTreeMap<VaultId, u64> =
                 self.vaults(caller).await?.into_iter().map(|v| (v.id, v.changes)).collect();
-            if now != known {
+            let user = caller.user.id;
+            let now_wallet = self.db(move |m| m.wallet_version(user)).await?;
+            let now = crate::protocol::VaultChanges { vaults, wallet: now_wallet };
+            if now.vaults != known || wallet.is_some_and(|w| Some(w) != now_wallet) {
                 return Ok(now);
             }
             match tokio::time::timeout_at(deadline, written.changed()).await {

@@ -214,6 +214,12 @@ impl TestMount {
         self.stderr_log.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// What [`TestMount::log`] returns, readable without borrowing the mount.
+    pub fn log_reader(&self) -> impl Fn() -> String + use<> {
+        let log = std::sync::Arc::clone(&self.stderr_log);
+        move || log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Path inside the mount.
     pub fn path(&self, rel: &str) -> PathBuf {
         self.mountpoint.join(rel)

@@ -4,7 +4,8 @@
 //! the server (`Remote::wait_for_changes`) with each listed vault's latest
 //! known change number; the server answers as soon as one of them moves (a
 //! vault added, left, renamed, shared, or its records and files changed), or
-//! after [`WAIT`] with nothing new. The answer's numbers go to the tree. When
+//! after [`WAIT`] with nothing new; the wallet's version is watched too (a
+//! vault created or a sender's key confirmed by another client of the user). The answer's numbers go to the tree. When
 //! anything moved, the vault list is read again (names, shares, the wallet)
 //! and each vault this mount has listed is brought up to date from its change
 //! feed (super::namespace: only what changed, checked as a listing is); the
@@ -13,8 +14,8 @@
 //!
 //! While a poll is held (for at most [`WAIT`] and [`GRACE`]) the feed is
 //! live: a vault listing current at the latest change number is
-//! fresh without asking, the vault list for [`super::LIVE_ROOT_TTL`], and an
-//! open trusts the version the tree holds. When a poll fails the feed is not
+//! fresh without asking, so is the vault list, and an open trusts the
+//! version the tree holds. When a poll fails the feed is not
 //! live, the mount asks as it did without a feed (`LISTING_TTL`,
 //! `CONFIRMED_FOR`), and the task tries again after a growing pause; a server
 //! that answers at once, again and again, gets at most one round every
@@ -51,6 +52,10 @@ const MOST_PAUSE: Duration = Duration::from_secs(30);
 pub(super) struct Feed {
     /// Until when the feed vouches for the tree (`None`: not live).
     live_until: Mutex<Option<Instant>>,
+    /// The wallet's version as the last answer gave it: the wallet is read
+    /// again once per version the server names (if it is refused, the
+    /// next wait does not answer at once for it again and again).
+    wallet_seen: Mutex<Option<u64>>,
 }
 
 impl Feed {
@@ -116,19 +121,23 @@ impl<R: Remote> VaultFs<R> {
             self.catch_up_behind().await;
         }
         let known = self.tree.lock().known_changes();
+        let seen = *self.feed.wallet_seen.lock();
+        let wallet = seen.unwrap_or_else(|| self.account.held_wallet_version());
         self.feed.set(Some(Instant::now() + WAIT + GRACE));
         // Bounded as a whole, not only each read: a server that trickles
         // bytes does not hold the feed forever.
-        let answer = tokio::time::timeout(WAIT + GRACE, self.remote().wait_for_changes(known.clone(), WAIT))
+        let wait = self.remote().wait_for_changes(known.clone(), Some(wallet), WAIT);
+        let answer = tokio::time::timeout(WAIT + GRACE, wait)
             .await
             .map_err(|_| FsError::Unavailable("the wait for changes was not answered in time".into()))??;
-        if answer == known {
+        if answer.vaults == known && answer.wallet == Some(wallet) {
             return Ok(Duration::ZERO);
         }
         // Not vouched for while the answer is taken (no poll is held).
         self.feed.set(None);
+        *self.feed.wallet_seen.lock() = answer.wallet;
         let started = Instant::now();
-        self.take_changes(answer).await;
+        self.take_changes(answer.vaults).await;
         Ok(started.elapsed())
     }
 

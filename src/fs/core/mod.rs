@@ -94,11 +94,6 @@ pub const ROOT: Ino = 1;
 /// How long a vault's listing is reused before it is fetched again. Short, so
 /// other clients' changes show up quickly; our own changes never wait for it.
 pub const LISTING_TTL: Duration = Duration::from_secs(2);
-/// How long the vault list is reused while the change feed is live. The feed
-/// says when a vault is added, left or changed (and the list is read again
-/// then); this bounds how late a change of the wallet alone (another client
-/// of this user confirming a sender's key) shows.
-pub const LIVE_ROOT_TTL: Duration = Duration::from_secs(30);
 /// How long after the server said which version of a file is current an open
 /// trusts that answer instead of asking again. The question is an HTTPS round
 /// trip (about 1 ms on loopback, 0.15 ms for a whole open on gocryptfs), paid by

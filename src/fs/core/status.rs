@@ -70,6 +70,12 @@ pub struct FsStatus {
     /// manifests), by id, newest last.
     #[serde(default)]
     pub refused: Vec<String>,
+    /// Vaults, records and files the mount holds from the server's listings.
+    #[serde(default)]
+    pub listed: u64,
+    /// Whether the server's change feed is live (changes pushed at once).
+    #[serde(default)]
+    pub feed_live: bool,
 }
 
 /// Upload state of a file, for `user.vaultfs.state` and `vaultfs status`.
@@ -123,7 +129,9 @@ impl<R: Remote> VaultFs<R> {
     pub fn status(&self) -> FsStatus {
         let stats = self.cache.stats();
         let uploads = self.modes.uploads();
+        let feed_live = self.feed.live();
         let tree = self.tree.lock();
+        let listed = tree.len() as u64;
         let uploads = uploads
             .into_iter()
             .map(|(id, sent, total)| {
@@ -143,6 +151,8 @@ impl<R: Remote> VaultFs<R> {
             unsaved: self.cache.dirty_ids().len() as u64,
             uploads,
             refused: self.refusals.list(),
+            listed,
+            feed_live,
         }
     }
 

@@ -25,7 +25,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{FsError, Ino, Invalidation, Result, LISTING_TTL, LIVE_ROOT_TTL, NAME_MAX, ROOT};
+use super::{FsError, Ino, Invalidation, Result, LISTING_TTL, NAME_MAX, ROOT};
 use crate::crypto::{self, FileManifest};
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::{FileInfo, RecordInfo};
@@ -152,6 +152,11 @@ impl Tree {
         t.nodes.insert(ROOT, Node::Root);
         t.children.insert(ROOT, BTreeMap::new());
         t
+    }
+
+    /// How many nodes the tree holds (the root, vaults, records, files).
+    pub(super) fn len(&self) -> usize {
+        self.nodes.len()
     }
 
     /// The inode of `key`, given one now if it has none yet.
@@ -329,12 +334,11 @@ impl Tree {
 
     // ---- listings from the server --------------------------------------------
 
-    /// Whether the vault list was fetched less than [`LISTING_TTL`] ago, or,
-    /// while the change feed is `live` (it tells when a vault is added or
-    /// left), less than [`LIVE_ROOT_TTL`] ago.
+    /// Whether the vault list was fetched less than [`LISTING_TTL`] ago, or
+    /// at all while the change feed is `live` (it tells when a vault is
+    /// added, left or renamed, or the wallet changed).
     pub(super) fn root_fresh(&self, live: bool) -> bool {
-        let ttl = if live { LIVE_ROOT_TTL } else { LISTING_TTL };
-        self.root_loaded.is_some_and(|t| t.elapsed() < ttl)
+        self.root_loaded.is_some_and(|t| live || t.elapsed() < LISTING_TTL)
     }
 
     /// Whether `vault`'s listing was fetched less than [`LISTING_TTL`] ago,
