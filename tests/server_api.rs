@@ -978,8 +978,10 @@ async fn a_wait_for_changes_answers_when_a_vault_changes() {
     let version = alice.put_wallet(b"sealed wallet".to_vec(), None).await.unwrap();
     let current: BTreeMap<VaultId, u64> =
         alice.vaults().await.unwrap().iter().map(|v| (v.id, v.changes)).collect();
+    let started = Instant::now();
     let same = alice.wait_for_changes(current.clone(), Some(version), Duration::from_millis(300)).await;
-    assert_eq!(same.unwrap().wallet, Some(version), "nothing changed: held to the timeout");
+    assert_eq!(same.unwrap().wallet, Some(version));
+    assert!(started.elapsed() >= Duration::from_millis(250), "nothing changed: held to the timeout");
     let ((now, took), ()) = tokio::join!(
         async {
             let started = Instant::now();

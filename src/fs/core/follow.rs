@@ -26,7 +26,6 @@
 //! what a change brings is checked as any listing is, and a file's content
 //! still opens only at a generation this machine has not seen surpassed.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +33,8 @@ use parking_lot::Mutex;
 
 use super::{FsError, Result, VaultFs};
 use crate::ids::VaultId;
+use crate::protocol::VaultChanges;
+use crate::remote::account::AccountError;
 use crate::remote::Remote;
 
 /// How long the server may hold a poll.
@@ -52,10 +53,11 @@ const MOST_PAUSE: Duration = Duration::from_secs(30);
 pub(super) struct Feed {
     /// Until when the feed vouches for the tree (`None`: not live).
     live_until: Mutex<Option<Instant>>,
-    /// The wallet's version as the last answer gave it: the wallet is read
-    /// again once per version the server names (if it is refused, the
-    /// next wait does not answer at once for it again and again).
-    wallet_seen: Mutex<Option<u64>>,
+    /// What the next wait says of the wallet, once an answer was taken:
+    /// the version the server last named (so a wallet refused is not asked
+    /// about again and again), `None` if it named none (not watched).
+    /// Before any answer, the version held.
+    wallet_seen: Mutex<Option<Option<u64>>>,
 }
 
 impl Feed {
@@ -122,34 +124,46 @@ impl<R: Remote> VaultFs<R> {
         }
         let known = self.tree.lock().known_changes();
         let seen = *self.feed.wallet_seen.lock();
-        let wallet = seen.unwrap_or_else(|| self.account.held_wallet_version());
+        let wallet = seen.unwrap_or_else(|| Some(self.account.held_wallet_version()));
         self.feed.set(Some(Instant::now() + WAIT + GRACE));
         // Bounded as a whole, not only each read: a server that trickles
         // bytes does not hold the feed forever.
-        let wait = self.remote().wait_for_changes(known.clone(), Some(wallet), WAIT);
+        let wait = self.remote().wait_for_changes(known.clone(), wallet, WAIT);
         let answer = tokio::time::timeout(WAIT + GRACE, wait)
             .await
             .map_err(|_| FsError::Unavailable("the wait for changes was not answered in time".into()))??;
-        if answer.vaults == known && answer.wallet == Some(wallet) {
+        if answer.vaults == known && (wallet.is_none() || answer.wallet == wallet) {
             return Ok(Duration::ZERO);
         }
         // Not vouched for while the answer is taken (no poll is held).
         self.feed.set(None);
-        *self.feed.wallet_seen.lock() = answer.wallet;
         let started = Instant::now();
-        self.take_changes(answer.vaults).await;
+        self.take_changes(answer).await?;
         Ok(started.elapsed())
     }
 
-    /// Brings the tree to what `answer` says.
-    async fn take_changes(&self, answer: BTreeMap<VaultId, u64>) {
-        self.tree.lock().note_vault_changes(answer);
-        // The list again (names, shares, vaults added or left, the wallet);
-        // then every vault this mount listed that is behind.
-        if let Err(e) = self.load_root(true).await {
-            tracing::debug!(error = %e, "cannot read the vault list after a change");
+    /// Brings the tree to what `answer` says. A failure to read the wallet
+    /// or the vault list fails the round: the next one reads the list
+    /// first, after a pause, and the feed vouches for nothing meanwhile.
+    async fn take_changes(&self, answer: VaultChanges) -> Result<()> {
+        self.tree.lock().note_vault_changes(answer.vaults);
+        if answer.wallet.is_some_and(|v| v != self.account.held_wallet_version()) {
+            let fresh = &self.freshness;
+            let accept = |revision| fresh.check_wallet(revision).map_err(|e| e.to_string());
+            match self.account.refresh_wallet(accept).await {
+                Ok(_) => {}
+                Err(AccountError::Remote(e)) => return Err(e.into()),
+                // Refused (older than the one held, or than this machine saw):
+                // kept the one held; not asked about again for this version.
+                Err(e) => tracing::warn!(error = %e, "the wallet changed on the server but was not taken"),
+            }
         }
+        *self.feed.wallet_seen.lock() = Some(answer.wallet);
+        // The list again (names, shares, vaults added or left); then every
+        // vault this mount listed that is behind.
+        self.load_root(true).await?;
         self.catch_up_behind().await;
+        Ok(())
     }
 
     /// Brings every vault this mount listed that is behind up to date.
