@@ -1878,3 +1878,32 @@ async fn a_vault_not_shown_does_not_make_the_feed_spin() {
     let more = outage.requests() - asked;
     assert!(more <= 2, "{more} requests in an idle second");
 }
+
+/// A server that answers every wait at once, each time naming a vault never
+/// seen: the mount takes at most a round every 50 ms (a few requests each),
+/// shows no vault it was only told of, and is back to quiet once the server
+/// is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_answering_waits_at_once_gets_a_bounded_rate() {
+    let s = setup(&["V"]).await;
+    let (fs, outage) = mount_faulty_with(s.alice.clone(), FsOptions::default()).await;
+    fs.lookup(ROOT, n("V")).await.unwrap();
+    let _feed = follow(&fs);
+    until("the feed is live", || fs.feed_live()).await;
+    outage.spin_waits(true);
+    // The wait held now ends (an error: the task pauses a second), and every
+    // one after it is answered at once.
+    outage.cut_waits();
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    let asked = outage.requests();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let spun = outage.requests() - asked;
+    outage.spin_waits(false);
+    // Each round: the wait, the wallet's version, the vault list.
+    assert!((3..=80).contains(&spun), "{spun} requests in a second of instant answers");
+    assert_eq!(fs.readdir(ROOT).await.unwrap().len(), 1, "V only: no vault it was only told of");
+    until("the feed is live again", || fs.feed_live()).await;
+    let asked = outage.requests();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert!(outage.requests() - asked <= 2, "quiet again");
+}

@@ -53,6 +53,9 @@ struct Faults {
     cuts: std::sync::OnceLock<tokio::sync::watch::Sender<u64>>,
     /// Pages of changes are refused with "list again" (too far behind).
     relist: AtomicBool,
+    /// Waits for changes are answered at once, each with a vault never seen
+    /// before added (a server that makes a mount spin).
+    spin_waits: AtomicBool,
 }
 
 /// A change a lying server makes to the file metadata it answers with.
@@ -149,6 +152,12 @@ impl Outage {
     /// server whose history no longer reaches back to the caller.
     pub fn tell_to_relist(&self, relist: bool) {
         self.0.relist.store(relist, Ordering::SeqCst);
+    }
+
+    /// While set, every wait for changes is answered at once with what the
+    /// client knows plus a vault id never seen before.
+    pub fn spin_waits(&self, spin: bool) {
+        self.0.spin_waits.store(spin, Ordering::SeqCst);
     }
 
     fn cuts(&self) -> &tokio::sync::watch::Sender<u64> {
@@ -267,6 +276,11 @@ impl<R: Remote> Remote for FaultyRemote<R> {
         timeout: std::time::Duration,
     ) -> Result<crate::protocol::VaultChanges> {
         self.outage.check()?;
+        if self.outage.0.spin_waits.load(Ordering::SeqCst) {
+            let mut vaults = known;
+            vaults.insert(VaultId::random().map_err(|e| RemoteError::Protocol(e.to_string()))?, 1);
+            return Ok(crate::protocol::VaultChanges { vaults, wallet });
+        }
         let mut cut = self.outage.cuts().subscribe();
         tokio::select! {
             answer = self.inner.wait_for_changes(known, wallet, timeout) => answer,

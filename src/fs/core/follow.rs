@@ -82,11 +82,13 @@ impl<R: Remote> VaultFs<R> {
     pub fn follow(self: &Arc<Self>) -> impl std::future::Future<Output = ()> + Send + 'static {
         let fs = Arc::downgrade(self);
         async move {
-            let mut failures = 0u32;
+            let (mut failures, mut taken) = (0u32, false);
             loop {
                 let Some(me) = fs.upgrade() else { return };
                 let started = Instant::now();
-                let pause = match me.follow_round(failures == 0).await {
+                let round = me.follow_round(taken).await;
+                taken = round.is_ok();
+                let pause = match round {
                     // At least as long as taking the answer took: a server
                     // that answers at once, again and again, gets at most
                     // half of the task's time.
