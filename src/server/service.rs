@@ -693,7 +693,10 @@ impl<B: BlobStore> Service<B> {
             let vaults: BTreeMap<VaultId, u64> =
                 self.vaults(caller).await?.into_iter().map(|v| (v.id, v.changes)).collect();
             let user = caller.user.id;
-            let now_wallet = self.db(move |m| m.wallet_version(user)).await?;
+            let now_wallet = match wallet {
+                Some(_) => self.db(move |m| m.wallet_version(user)).await?,
+                None => None,
+            };
             let now = crate::protocol::VaultChanges { vaults, wallet: now_wallet };
             if now.vaults != known || wallet.is_some_and(|w| Some(w) != now_wallet) {
                 return Ok(now);

@@ -33,7 +33,9 @@ use super::tree::{display_name, FileMeta, Key, ListedFile, ListedRecord, Node};
 const FEED_MOST: usize = 50_000;
 /// Most pages of changes asked for at once (a page holds up to 1,000).
 const FEED_PAGES: usize = 100;
-use super::{check_file_answer, Attr, Entry, EntryPlus, FsError, Ino, Kind, Result, VaultFs, ROOT};
+use super::{
+    check_file_answer, Attr, Entry, EntryPlus, FsError, Ino, Invalidation, Kind, Result, VaultFs, ROOT,
+};
 use crate::crypto::{self, open_name, seal_name, FileContext, FileManifest, NameContext, OsRandom};
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::{now_ms, FileInfo, NewFile, RecordInfo, Sealed};
@@ -91,11 +93,16 @@ impl<R: Remote> VaultFs<R> {
         let pending = self.account.pending_shares();
         let vaults: Vec<_> =
             vaults.into_iter().filter(|v| !pending.iter().any(|p| p.0 == v.info.id)).collect();
+        let mut rights_changed = Vec::new();
         for v in &vaults {
             if v.name.is_none() {
                 tracing::error!(vault = %v.info.id, "vault name cannot be opened; it is listed as unreadable and gives EIO");
             }
+            let before = self.rules.vault(v.info.id).read_only;
             self.rules.set_vault(v.info.id, v.name.as_deref(), v.info.e2e_required, v.info.rights);
+            if self.rules.vault(v.info.id).read_only != before {
+                rights_changed.push(v.info.id);
+            }
         }
         // A shared vault whose name another listed vault has too is shown
         // with its sender's name: a share never takes the place of a vault
@@ -113,8 +120,12 @@ impl<R: Remote> VaultFs<R> {
             .collect();
         let told = {
             let mut tree = self.tree.lock();
-            let told = tree.set_vaults(shown);
+            let mut told = tree.set_vaults(shown);
             tree.note_vault_list(listed);
+            // Rights granted or taken: every entry's permission bits changed.
+            for vault in rights_changed {
+                told.extend(tree.inos_of(vault).into_iter().map(Invalidation::Inode));
+            }
             told
         };
         self.tell_kernel(told);

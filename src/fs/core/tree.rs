@@ -154,6 +154,11 @@ impl Tree {
         t
     }
 
+    /// Every node of `vault` the tree holds (the vault's own too).
+    pub(super) fn inos_of(&self, vault: VaultId) -> Vec<Ino> {
+        self.nodes.iter().filter(|(_, n)| n.vault() == Some(vault)).map(|(ino, _)| *ino).collect()
+    }
+
     /// How many nodes the tree holds (the root, vaults, records, files).
     pub(super) fn len(&self) -> usize {
         self.nodes.len()
@@ -394,7 +399,10 @@ impl Tree {
             let name = OsString::from(name.unwrap_or_else(|| unreadable_name("vault", &vault.to_string())));
             self.nodes.insert(ino, Node::Vault { vault });
             self.children.entry(ino).or_default();
-            let name = if kids.contains_key(&name) { duplicate_name(name, ino) } else { name };
+            let mut name = name;
+            while kids.contains_key(&name) {
+                name = duplicate_name(name, ino);
+            }
             self.names.insert(ino, name.clone());
             kids.insert(name, ino);
         }
@@ -447,7 +455,9 @@ impl Tree {
         self.listed_at
             .keys()
             .copied()
-            .filter(|v| self.listed_at(*v).is_some() && !self.vault_current(*v))
+            .filter(|v| {
+                self.server_vaults.contains(v) && self.listed_at(*v).is_some() && !self.vault_current(*v)
+            })
             .collect()
     }
 
@@ -589,6 +599,22 @@ impl Tree {
             }
             if old.version.is_some() && old.version != new.version {
                 out.push(Invalidation::Inode(ino));
+            }
+        }
+        // The directories whose entries changed: their attributes (links,
+        // which the kernel keeps while the feed is live).
+        let mut dirs: Vec<Ino> = out
+            .iter()
+            .filter_map(|i| match i {
+                Invalidation::Entry { parent, .. } | Invalidation::Deleted { parent, .. } => Some(*parent),
+                Invalidation::Inode(_) => None,
+            })
+            .collect();
+        dirs.sort_unstable();
+        dirs.dedup();
+        for dir in dirs {
+            if !out.contains(&Invalidation::Inode(dir)) {
+                out.push(Invalidation::Inode(dir));
             }
         }
         // Deletions first: told of a new name first, the kernel would forget
@@ -951,8 +977,14 @@ mod tests {
         check_consistent(&t);
         assert_eq!(t.entries(ROOT).unwrap().count(), 2, "both vaults named B show");
         assert_eq!(told[0], Invalidation::Deleted { parent: ROOT, child: v_ino, name: "A".into() });
-        assert!(told[1..].iter().all(|i| matches!(i, Invalidation::Entry { .. })), "{told:?}");
-        assert_eq!(told.len(), 2, "{told:?}");
+        assert!(matches!(told[1], Invalidation::Entry { .. }), "{told:?}");
+        assert_eq!(told[2..], [Invalidation::Inode(ROOT)], "{told:?}");
+        // A vault whose own name is another's stand-in stays visible too.
+        let (x_ino, y) = (t.keys[&Key::Vault(x)], VaultId([10; 16]));
+        let stand_in = format!("B (duplicate {x_ino:x})");
+        t.set_vaults(vec![(w, Some("B".into())), (x, Some("B".into())), (y, Some(stand_in))]);
+        check_consistent(&t);
+        assert_eq!(t.entries(ROOT).unwrap().count(), 3, "all three show");
     }
 
     #[test]
