@@ -25,25 +25,9 @@ use super::core::{Attr, Entry, EntryPlus, Invalidation, Kind, VaultFs};
 use super::error::FsError;
 use crate::remote::Remote;
 
-/// How long the kernel may cache attributes and names while the server's
-/// change feed is down. Short, because other clients change the vault too;
-/// our own changes are always visible at once.
+/// How long the kernel may cache attributes and names. Short, because other
+/// clients change the vault too; our own changes are always visible at once.
 const TTL: Duration = Duration::from_secs(1);
-/// The same while the change feed is live: every change another client makes
-/// is then told to the kernel as it lands (super::core::Invalidation), so it
-/// need not ask again. A `stat` or `git status` after a pause then costs no
-/// request to the daemon at all. What changes while the feed is down is told
-/// when it is back (the mount catches up), or seen after this at the latest.
-const LIVE_TTL: Duration = Duration::from_secs(60);
-
-/// How long the kernel may cache what is replied now.
-fn ttl<R: Remote>(fs: &VaultFs<R>) -> Duration {
-    if fs.feed_live() {
-        LIVE_TTL
-    } else {
-        TTL
-    }
-}
 /// Largest write the kernel sends in one request.
 pub const MAX_WRITE: u32 = 1 << 20;
 
@@ -171,14 +155,14 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.fs.lookup_now(parent.0, name) {
-            Some(Ok(a)) => return reply.entry(&ttl(&self.fs), &self.owner.attr(&a), Generation(0)),
+            Some(Ok(a)) => return reply.entry(&TTL, &self.owner.attr(&a), Generation(0)),
             Some(Err(e)) => return reply.error(errno("lookup", &e)),
             None => {}
         }
         let (fs, name, me) = (Arc::clone(&self.fs), name.to_owned(), self.owner);
         self.spawn("lookup", parent.0, async move {
             match fs.lookup(parent.0, &name).await {
-                Ok(a) => reply.entry(&ttl(&fs), &me.attr(&a), Generation(0)),
+                Ok(a) => reply.entry(&TTL, &me.attr(&a), Generation(0)),
                 Err(e) => reply.error(errno("lookup", &e)),
             }
         });
@@ -187,7 +171,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         // Attributes never need the server: answered here.
         match self.fs.getattr(ino.0) {
-            Ok(a) => reply.attr(&ttl(&self.fs), &self.owner.attr(&a)),
+            Ok(a) => reply.attr(&TTL, &self.owner.attr(&a)),
             Err(e) => reply.error(errno("getattr", &e)),
         }
     }
@@ -220,7 +204,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
                 }
             }
             match fs.setattr(ino.0, size, mtime.map(time_or_now)).await {
-                Ok(a) => reply.attr(&ttl(&fs), &me.attr(&a)),
+                Ok(a) => reply.attr(&TTL, &me.attr(&a)),
                 Err(e) => reply.error(errno("setattr", &e)),
             }
         });
@@ -238,7 +222,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         let (fs, name, me) = (Arc::clone(&self.fs), name.to_owned(), self.owner);
         self.spawn("mkdir", parent.0, async move {
             match fs.mkdir(parent.0, &name).await {
-                Ok(a) => reply.entry(&ttl(&fs), &me.attr(&a), Generation(0)),
+                Ok(a) => reply.entry(&TTL, &me.attr(&a), Generation(0)),
                 Err(e) => reply.error(errno("mkdir", &e)),
             }
         });
@@ -314,8 +298,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         self.spawn("create", parent.0, async move {
             match fs.create(parent.0, &name).await {
                 Ok((a, fh)) => {
-                    let ttl = ttl(&fs);
-                    reply.created(&ttl, &me.attr(&a), Generation(0), FileHandle(fh), open_flags(flags, false))
+                    reply.created(&TTL, &me.attr(&a), Generation(0), FileHandle(fh), open_flags(flags, false))
                 }
                 Err(e) => reply.error(errno("create", &e)),
             }
@@ -540,7 +523,7 @@ fn reply_plus<R: Remote>(
         // An entry that failed its check is listed but not cached (TTL 0), so
         // each use of it comes back to us and gets EIO.
         let (attr, ttl) = match attr {
-            Some(a) => (a, ttl(fs)),
+            Some(a) => (a, TTL),
             None => {
                 let epoch = SystemTime::UNIX_EPOCH;
                 (
