@@ -935,6 +935,23 @@ async fn the_change_feed_pages_and_keeps_to_members() {
     assert!(matches!(bob.changes(vault, start).await, Err(RemoteError::NotFound(_))));
 }
 
+/// `who`'s wait for changes from `known` (and `wallet`), held at most 15 s,
+/// with `change` made 200 ms into it: the answer, and how long it took.
+async fn wait_across(
+    who: &HttpRemote,
+    known: &std::collections::BTreeMap<VaultId, u64>,
+    wallet: Option<u64>,
+    change: impl std::future::Future<Output = ()>,
+) -> (vaultfs::protocol::VaultChanges, Duration) {
+    let started = Instant::now();
+    let (answer, ()) =
+        tokio::join!(who.wait_for_changes(known.clone(), wallet, Duration::from_secs(15)), async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            change.await;
+        });
+    (answer.unwrap(), started.elapsed())
+}
+
 /// A wait for changes is held until one of the caller's vaults changes (or
 /// is added), then answers at once with the new numbers; with nothing
 /// changing it answers the same numbers after its timeout. A vault the caller
@@ -957,19 +974,10 @@ async fn a_wait_for_changes_answers_when_a_vault_changes() {
     assert!(started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
 
     // A change by another request ends the wait at once.
-    let ((now, took), ()) = tokio::join!(
-        async {
-            let started = Instant::now();
-            (
-                alice.wait_for_changes(known.clone(), None, Duration::from_secs(15)).await.unwrap(),
-                started.elapsed(),
-            )
-        },
-        async {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            new_record(&alice, vault, None).await;
-        }
-    );
+    let (now, took) = wait_across(&alice, &known, None, async {
+        new_record(&alice, vault, None).await;
+    })
+    .await;
     assert!(now.vaults[&vault] > known[&vault], "{now:?}");
     assert!(took < Duration::from_secs(5), "answered when the vault changed, not at the timeout: {took:?}");
 
@@ -982,17 +990,10 @@ async fn a_wait_for_changes_answers_when_a_vault_changes() {
     let same = alice.wait_for_changes(current.clone(), Some(version), Duration::from_millis(300)).await;
     assert_eq!(same.unwrap().wallet, Some(version));
     assert!(started.elapsed() >= Duration::from_millis(250), "nothing changed: held to the timeout");
-    let ((now, took), ()) = tokio::join!(
-        async {
-            let started = Instant::now();
-            let now = alice.wait_for_changes(current.clone(), Some(version), Duration::from_secs(15)).await;
-            (now.unwrap(), started.elapsed())
-        },
-        async {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            alice.put_wallet(b"sealed wallet, changed".to_vec(), Some(version)).await.unwrap();
-        }
-    );
+    let (now, took) = wait_across(&alice, &current, Some(version), async {
+        alice.put_wallet(b"sealed wallet, changed".to_vec(), Some(version)).await.unwrap();
+    })
+    .await;
     assert_eq!(now.wallet, Some(version + 1));
     assert!(took < Duration::from_secs(5), "answered when the wallet changed: {took:?}");
 
@@ -1001,15 +1002,12 @@ async fn a_wait_for_changes_answers_when_a_vault_changes() {
     assert!(his.vaults.is_empty());
     let asked = bob.wait_for_changes(known.clone(), None, Duration::from_secs(5)).await.unwrap();
     assert!(asked.vaults.is_empty(), "naming a vault he is not a member of shows him nothing: {asked:?}");
-    let (his, ()) = tokio::join!(
-        async { bob.wait_for_changes(BTreeMap::new(), None, Duration::from_secs(15)).await.unwrap() },
-        async {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let member =
-                vaultfs::protocol::Member { user: "bob".into(), rights: Rights::Read, wrapped_key: None };
-            alice.set_member(vault, member).await.unwrap();
-        }
-    );
+    let (his, _) = wait_across(&bob, &BTreeMap::new(), None, async {
+        let member =
+            vaultfs::protocol::Member { user: "bob".into(), rights: Rights::Read, wrapped_key: None };
+        alice.set_member(vault, member).await.unwrap();
+    })
+    .await;
     assert_eq!(his.vaults.keys().copied().collect::<Vec<_>>(), [vault]);
 
     // At most eight waits at once per user: a ninth is refused at once.
@@ -1036,18 +1034,9 @@ async fn a_wait_for_changes_answers_when_a_vault_changes() {
     let bobs: BTreeMap<VaultId, u64> =
         bob.vaults().await.unwrap().iter().map(|v| (v.id, v.changes)).collect();
     let version = alice.vaults().await.unwrap()[0].version;
-    let ((gone, took), ()) = tokio::join!(
-        async {
-            let started = Instant::now();
-            (
-                bob.wait_for_changes(bobs.clone(), None, Duration::from_secs(15)).await.unwrap(),
-                started.elapsed(),
-            )
-        },
-        async {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            delete_vault(&s, "alice", vault, version).await;
-        }
-    );
+    let (gone, took) = wait_across(&bob, &bobs, None, async {
+        delete_vault(&s, "alice", vault, version).await;
+    })
+    .await;
     assert!(gone.vaults.is_empty() && took < Duration::from_secs(5), "{gone:?} after {took:?}");
 }

@@ -612,11 +612,14 @@ impl Tree {
             .collect();
         dirs.sort_unstable();
         dirs.dedup();
-        for dir in dirs {
-            if !out.contains(&Invalidation::Inode(dir)) {
-                out.push(Invalidation::Inode(dir));
-            }
-        }
+        let told: HashSet<Ino> = out
+            .iter()
+            .filter_map(|i| match i {
+                Invalidation::Inode(ino) => Some(*ino),
+                _ => None,
+            })
+            .collect();
+        out.extend(dirs.into_iter().filter(|d| !told.contains(d)).map(Invalidation::Inode));
         // Deletions first: told of a new name first, the kernel would forget
         // the old file's entry, and its watchers would not hear it went.
         out.sort_by_key(|i| match i {
