@@ -57,8 +57,18 @@ fn no_name_or_title_reaches_the_daemons_log() {
         write(&theirs.join(format!("Walrus {MARK}.txt")), b"theirs");
         ours.write_all(b"ours, written after theirs was stored").unwrap();
     }
-    write(&record.join(format!("Twin {MARK}")), b"one");
-    write(&theirs.join(format!("Twin {MARK}")), b"two");
+    // Both at once: each mount learns of the other's file from the change
+    // feed within tens of milliseconds, and a mount that knows the name
+    // opens that file instead (a conflict copy, not a duplicate).
+    let start = std::sync::Barrier::new(2);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            start.wait();
+            write(&record.join(format!("Twin {MARK}")), b"one");
+        });
+        start.wait();
+        write(&theirs.join(format!("Twin {MARK}")), b"two");
+    });
     std::thread::sleep(Duration::from_millis(2500)); // both listings expire
     let names: Vec<String> = std::fs::read_dir(&record)
         .unwrap()
