@@ -459,17 +459,23 @@ impl<R: Remote> Unlocked<R> {
     }
 
     /// How many of `vault`'s files are sealed under a key older than its
-    /// current one (by their manifests), of how many. A file under a key
-    /// this client lacks is not counted, but noted
-    /// ([`Unlocked::keys_missing`] then says so).
+    /// current one (by their manifests or names), of how many. A rekey
+    /// stopped between a file's upload and its name leaves the name under
+    /// the older key, so names count too. A key this client lacks is not
+    /// counted, but noted ([`Unlocked::keys_missing`] then says so).
     pub async fn files_under_older_keys(&self, vault: VaultId) -> Result<(usize, usize), AccountError> {
         let Some(current) = self.active_key(vault).map(|k| k.id()) else { return Ok((0, 0)) };
         let files = self.remote.files(vault).await?;
         self.note_keys_in_use(vault, super::keys_in_use::opened_in(self, vault, &[], &files));
+        let older_key = |id: Option<crate::crypto::KeyId>| {
+            id.is_some_and(|id| id != current && self.vault_key(vault, id).is_some())
+        };
         let older = files
             .iter()
-            .filter_map(|f| crate::crypto::manifest::manifest_key_id(&f.meta.0).ok())
-            .filter(|id| *id != current && self.vault_key(vault, *id).is_some())
+            .filter(|f| {
+                older_key(crate::crypto::manifest::manifest_key_id(&f.meta.0).ok())
+                    || (!f.name.0.is_empty() && older_key(crate::crypto::names::name_key_id(&f.name.0).ok()))
+            })
             .count();
         Ok((older, files.len()))
     }
