@@ -140,7 +140,8 @@ fn populate(m: &TestMount, size: &Size) -> Duration {
                     let name_ctx = NameContext::FileName { vault, record, file: id };
                     let name = seal_name(&key, &name_ctx, file_name(f).as_bytes(), &mut OsRandom).unwrap();
                     let ctx = FileContext { vault, record, file: id };
-                    let meta = seal_manifest(&key, &ctx, &FileManifest::new_empty(1), &mut OsRandom).unwrap();
+                    let meta =
+                        seal_manifest(&key, &ctx, &FileManifest::new_empty(1, 0o644), &mut OsRandom).unwrap();
                     let new =
                         NewFile { id, name: Sealed(name), e2e: true, mtime_ms: None, meta: Sealed(meta) };
                     remote.create_file(record, new).await.unwrap();

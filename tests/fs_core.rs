@@ -81,7 +81,7 @@ async fn write_file<R: vaultfs::remote::Remote>(
     name: &str,
     data: &[u8],
 ) -> u64 {
-    let (attr, fh) = fs.create(dir, n(name)).await.unwrap();
+    let (attr, fh) = fs.create(dir, n(name), 0o644).await.unwrap();
     fs.write(fh, 0, data).await.unwrap();
     fs.fsync(attr.ino, fh).await.unwrap();
     fs.release(attr.ino, fh).await.unwrap();
@@ -110,7 +110,7 @@ async fn vaults_records_and_files_make_a_tree() {
     assert_eq!(family.kind, Kind::Dir);
 
     // Files need a record; records nest.
-    assert!(matches!(fs.create(family.ino, n("loose.txt")).await, Err(FsError::NotPermitted(_))));
+    assert!(matches!(fs.create(family.ino, n("loose.txt"), 0o644).await, Err(FsError::NotPermitted(_))));
     let taxes = fs.mkdir(family.ino, n("Taxes")).await.unwrap();
     let y2026 = fs.mkdir(taxes.ino, n("2026")).await.unwrap();
     assert!(matches!(fs.mkdir(taxes.ino, n("2026")).await, Err(FsError::Exists)));
@@ -161,13 +161,52 @@ async fn vaults_records_and_files_make_a_tree() {
     assert!(fs.readdir(family.ino).await.unwrap().is_empty());
 }
 
+/// Modes and links in the core: chmod on a file seals a new manifest (a newer
+/// generation, the content untouched and still readable), on a directory is
+/// accepted and changes nothing; links keep their target across a mount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modes_are_stored_and_links_keep_their_targets() {
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let (a, fh) = fs.create(r.ino, n("run.sh"), 0o600).await.unwrap();
+    assert_eq!(a.perm, 0o600);
+    fs.write(fh, 0, b"#!/bin/sh").await.unwrap();
+    fs.release(a.ino, fh).await.unwrap();
+    assert_eq!(fs.chmod(a.ino, 0o755).await.unwrap().perm, 0o755);
+    assert_eq!(fs.chmod(r.ino, 0o700).await.unwrap().perm, r.perm, "a directory keeps its mode");
+    let l = fs.symlink(r.ino, n("link"), b"run.sh").await.unwrap();
+    assert_eq!((l.kind, l.size), (vaultfs::fs::core::Kind::Symlink, 6));
+    assert_eq!(errno(fs.symlink(r.ino, n("link"), b"x").await), libc::EEXIST);
+    assert_eq!(errno(fs.symlink(r.ino, n("empty"), b"").await), libc::ENOENT);
+    assert_eq!(fs.readlink(a.ino).unwrap_err().errno(), libc::EINVAL);
+
+    let fs2 = mount(s.alice.clone()).await;
+    let v2 = fs2.lookup(ROOT, n("V")).await.unwrap();
+    let r2 = fs2.lookup(v2.ino, n("r")).await.unwrap();
+    let a2 = fs2.lookup(r2.ino, n("run.sh")).await.unwrap();
+    assert_eq!(a2.perm, 0o755, "the mode is stored");
+    assert_eq!(read_file(&fs2, r2.ino, "run.sh").await.unwrap(), b"#!/bin/sh", "the content is untouched");
+    let l2 = fs2.lookup(r2.ino, n("link")).await.unwrap();
+    assert_eq!(fs2.readlink(l2.ino).unwrap(), b"run.sh");
+    // A write after the chmod keeps the mode.
+    let fh = fs2.open(a2.ino, true, true).await.unwrap();
+    fs2.write(fh, 0, b"#!/bin/sh\necho 2").await.unwrap();
+    fs2.release(a2.ino, fh).await.unwrap();
+    let a3 = mount(s.alice.clone()).await;
+    let v3 = a3.lookup(ROOT, n("V")).await.unwrap();
+    let r3 = a3.lookup(v3.ino, n("r")).await.unwrap();
+    assert_eq!(a3.lookup(r3.ino, n("run.sh")).await.unwrap().perm, 0o755);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_at_offsets_truncation_and_reopen() {
     let s = setup(&["V"]).await;
     let fs = mount(s.alice.clone()).await;
     let v = fs.lookup(ROOT, n("V")).await.unwrap();
     let r = fs.mkdir(v.ino, n("r")).await.unwrap();
-    let (attr, fh) = fs.create(r.ino, n("f")).await.unwrap();
+    let (attr, fh) = fs.create(r.ino, n("f"), 0o644).await.unwrap();
     fs.write(fh, 10, b"world").await.unwrap();
     fs.write(fh, 0, b"hello").await.unwrap();
     assert_eq!(fs.read(fh, 0, 100).await.unwrap(), b"hello\0\0\0\0\0world");
@@ -196,7 +235,7 @@ async fn writes_at_offsets_truncation_and_reopen() {
 
     // cp -a: write, set the time on the open file, close. The stored file
     // keeps that time (not the time of the upload), seen from another mount.
-    let (g, fh) = fs.create(r.ino, n("copied")).await.unwrap();
+    let (g, fh) = fs.create(r.ino, n("copied"), 0o644).await.unwrap();
     fs.write(fh, 0, b"data").await.unwrap();
     let old = std::time::UNIX_EPOCH + std::time::Duration::from_secs(981_173_106);
     assert_eq!(fs.setattr(g.ino, None, Some(old)).await.unwrap().mtime, old);
@@ -523,7 +562,7 @@ async fn a_mount_seals_nothing_while_the_vault_uses_a_key_it_was_not_given() {
 
     tokio::time::sleep(vaultfs::fs::core::LISTING_TTL + std::time::Duration::from_millis(100)).await;
     bob.readdir(br.ino).await.unwrap();
-    assert_eq!(errno(bob.create(br.ino, n("new.txt")).await), libc::EACCES);
+    assert_eq!(errno(bob.create(br.ino, n("new.txt"), 0o644).await), libc::EACCES);
     assert_eq!(errno(bob.mkdir(bv.ino, n("r2")).await), libc::EACCES);
     let a = bob.lookup(br.ino, n("a.txt")).await.unwrap();
     let fh = bob.open(a.ino, true, true).await.unwrap();
@@ -600,7 +639,7 @@ async fn a_failed_upload_keeps_the_data_and_is_retried() {
     let (fs, outage) = mount_faulty(s.alice.clone()).await;
     let v = fs.lookup(ROOT, n("V")).await.unwrap();
     let r = fs.mkdir(v.ino, n("r")).await.unwrap();
-    let (attr, fh) = fs.create(r.ino, n("precious.txt")).await.unwrap();
+    let (attr, fh) = fs.create(r.ino, n("precious.txt"), 0o644).await.unwrap();
     fs.write(fh, 0, b"do not lose me").await.unwrap();
     outage.set(true);
     let err = fs.fsync(attr.ino, fh).await.unwrap_err();
@@ -789,7 +828,7 @@ async fn an_end_to_end_only_vault_never_gets_plaintext_and_keeps_the_data() {
     let fs = mount(s.alice.clone()).await;
     let v = fs.lookup(ROOT, n("Strict")).await.unwrap();
     let r = fs.mkdir(v.ino, n("r")).await.unwrap();
-    let (attr, fh) = fs.create(r.ino, n("big.bin")).await.unwrap();
+    let (attr, fh) = fs.create(r.ino, n("big.bin"), 0o644).await.unwrap();
     // The policy passes files above 5 MB through; this vault is end-to-end
     // only, so the write that crosses 5 MB fails, and nothing is uploaded.
     let data = pattern(6_000_000);
@@ -798,7 +837,7 @@ async fn an_end_to_end_only_vault_never_gets_plaintext_and_keeps_the_data() {
     assert_eq!(err.errno(), libc::EFBIG, "{err}");
     assert!(err.to_string().contains("end-to-end only"), "{err}");
     // Written back to front (held in memory, not streamed): refused as well.
-    let (attr2, fh2) = fs.create(r.ino, n("back.bin")).await.unwrap();
+    let (attr2, fh2) = fs.create(r.ino, n("back.bin"), 0o644).await.unwrap();
     assert_eq!(fs.write(fh2, 5_500_000, b"tail").await.unwrap_err().errno(), libc::EFBIG);
     assert_eq!(fs.setattr(attr2.ino, Some(5_000_001), None).await.unwrap_err().errno(), libc::EFBIG);
     fs.release(attr2.ino, fh2).await.unwrap();
@@ -838,7 +877,7 @@ async fn a_server_e2e_limit_of_zero_gets_no_plaintext() {
     let fs = mount(s.alice.clone()).await;
     let r = r_ino(&fs).await;
     let secret = b"a 35-byte secret that stays secret";
-    let (attr, fh) = fs.create(r, n("small.txt")).await.unwrap();
+    let (attr, fh) = fs.create(r, n("small.txt"), 0o644).await.unwrap();
     let err = fs.write(fh, 0, secret).await.unwrap_err();
     assert_eq!(err.errno(), libc::EFBIG, "{err}");
     assert!(err.to_string().contains("refuses rather than send"), "{err}");
@@ -851,7 +890,7 @@ async fn a_server_e2e_limit_of_zero_gets_no_plaintext() {
     assert!(!s.server.stored_blobs().iter().any(|b| contains(b, secret)), "plaintext reached the server");
     assert_eq!(read_file(&fs, r, "before.txt").await.unwrap(), b"end-to-end before the change");
     // An empty file still is what it is.
-    let (attr, fh) = fs.create(r, n("empty")).await.unwrap();
+    let (attr, fh) = fs.create(r, n("empty"), 0o644).await.unwrap();
     fs.fsync(attr.ino, fh).await.unwrap();
     fs.release(attr.ino, fh).await.unwrap();
 }
@@ -863,7 +902,7 @@ async fn a_stream_whose_file_changed_meanwhile_is_kept_as_a_conflict_copy() {
     let a = mount(s.alice.clone()).await;
     let v = a.lookup(ROOT, n("V")).await.unwrap();
     let r = a.mkdir(v.ino, n("r")).await.unwrap();
-    let (attr, fh) = a.create(r.ino, n("clip.mov")).await.unwrap();
+    let (attr, fh) = a.create(r.ino, n("clip.mov"), 0o644).await.unwrap();
     let ours = pattern(6_000_000);
     a.write(fh, 0, &ours[..5_500_000]).await.unwrap();
     assert_eq!(a.getxattr(attr.ino, n(XATTR_STATE)).unwrap(), b"uploading");
@@ -987,7 +1026,7 @@ async fn the_core_enforces_the_mount_policy() {
     let ro = fs.lookup(ROOT, n("Ro")).await.unwrap();
     let ro_r = fs.lookup(ro.ino, n("r")).await.unwrap();
     let f = fs.lookup(ro_r.ino, n("f")).await.unwrap();
-    assert_eq!(errno(fs.create(ro_r.ino, n("g")).await), libc::EROFS);
+    assert_eq!(errno(fs.create(ro_r.ino, n("g"), 0o644).await), libc::EROFS);
     assert_eq!(errno(fs.mkdir(ro.ino, n("x")).await), libc::EROFS);
     assert_eq!(errno(fs.open(f.ino, false, true).await), libc::EROFS);
     assert_eq!(errno(fs.setattr(f.ino, Some(0), None).await), libc::EROFS);
@@ -1001,7 +1040,7 @@ async fn the_core_enforces_the_mount_policy() {
     assert_eq!(errno(fs.rmdir(keep.ino, n("empty")).await), libc::EPERM);
     let _ = empty;
     // Above the policy's end-to-end limit of 1000 bytes: refused in every vault.
-    let (a, fh) = fs.create(keep_r.ino, n("big")).await.unwrap();
+    let (a, fh) = fs.create(keep_r.ino, n("big"), 0o644).await.unwrap();
     fs.write(fh, 0, &[1u8; 1000]).await.unwrap();
     assert_eq!(errno(fs.write(fh, 1000, b"x").await), libc::EFBIG);
     assert_eq!(errno(fs.setattr(a.ino, Some(5000), None).await), libc::EFBIG);
@@ -1024,7 +1063,7 @@ async fn a_large_image_reduction_does_not_block_other_operations() {
     });
     let mut jpeg = Vec::new();
     img.write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 95)).unwrap();
-    let (attr, fh) = fs.create(r.ino, n("photo.jpg")).await.unwrap();
+    let (attr, fh) = fs.create(r.ino, n("photo.jpg"), 0o644).await.unwrap();
     fs.write(fh, 0, &jpeg).await.unwrap();
     let saving = tokio::spawn({
         let fs = Arc::clone(&fs);
@@ -1059,11 +1098,11 @@ async fn limits_and_bad_names_give_the_expected_errno() {
     let fs = mount(s.alice.clone()).await;
     let v = fs.lookup(ROOT, n("V")).await.unwrap();
     let r = fs.mkdir(v.ino, n("r")).await.unwrap();
-    let (attr, fh) = fs.create(r.ino, n("big")).await.unwrap();
+    let (attr, fh) = fs.create(r.ino, n("big"), 0o644).await.unwrap();
     assert_eq!(fs.write(fh, 10_000_000, b"x").await.unwrap_err().errno(), libc::EFBIG);
     assert_eq!(fs.setattr(attr.ino, Some(10_000_001), None).await.unwrap_err().errno(), libc::EFBIG);
     fs.release(attr.ino, fh).await.unwrap();
-    assert_eq!(fs.create(r.ino, n("a/b")).await.unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(fs.create(r.ino, n("a/b"), 0o644).await.unwrap_err().errno(), libc::EINVAL);
     assert_eq!(fs.mkdir(r.ino, n(&"x".repeat(300))).await.unwrap_err().errno(), libc::ENAMETOOLONG);
     assert_eq!(fs.lookup(r.ino, n("missing")).await.unwrap_err().errno(), libc::ENOENT);
     assert_eq!(fs.mkdir(ROOT, n("new vault")).await.unwrap_err().errno(), libc::EPERM);
@@ -1109,7 +1148,7 @@ async fn run_model(ops: Vec<Op>) {
                 let (ino, fh) = match fs.lookup(dir, n(&name)).await {
                     Ok(a) => (a.ino, fs.open(a.ino, false, true).await.unwrap()),
                     Err(_) => {
-                        let (a, fh) = fs.create(dir, n(&name)).await.unwrap();
+                        let (a, fh) = fs.create(dir, n(&name), 0o644).await.unwrap();
                         (a.ino, fh)
                     }
                 };
@@ -1196,7 +1235,7 @@ async fn files_above_the_e2e_limit_stream_through_as_plain_https() {
     let v = fs.lookup(ROOT, n("V")).await.unwrap();
     let r = fs.mkdir(v.ino, n("r")).await.unwrap();
     let data: Vec<u8> = (0..8_000_000u32).map(|i| (i % 253) as u8).collect();
-    let (attr, fh) = fs.create(r.ino, n("video.mkv")).await.unwrap();
+    let (attr, fh) = fs.create(r.ino, n("video.mkv"), 0o644).await.unwrap();
     for (i, piece) in data.chunks(1 << 20).enumerate() {
         fs.write(fh, (i << 20) as u64, piece).await.unwrap();
     }
@@ -1249,7 +1288,7 @@ async fn files_above_the_e2e_limit_stream_through_as_plain_https() {
     assert_eq!(fs2.cache().stats().used, 0);
 
     // Past the upload limit: EFBIG at the write that crosses it.
-    let (attr, fh) = fs.create(r.ino, n("too big")).await.unwrap();
+    let (attr, fh) = fs.create(r.ino, n("too big"), 0o644).await.unwrap();
     let piece = vec![7u8; 1 << 20];
     let mut offset = 0u64;
     let err = loop {
@@ -1272,7 +1311,7 @@ async fn a_stream_takes_writes_on_the_callers_thread_while_its_queue_has_room() 
     let v = fs.lookup(ROOT, n("V")).await.unwrap();
     let r = fs.mkdir(v.ino, n("r")).await.unwrap();
     let data = pattern(9_000_000);
-    let (attr, fh) = fs.create(r.ino, n("film.mkv")).await.unwrap();
+    let (attr, fh) = fs.create(r.ino, n("film.mkv"), 0o644).await.unwrap();
     // A stalled link: the upload reads nothing, so the stream's queue fills.
     outage.hold_uploads(true);
     let piece = 100_000;

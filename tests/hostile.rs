@@ -674,3 +674,57 @@ fn older_versions_and_wallets_are_refused_after_a_remount() {
     assert!(std::fs::read(m.path("Family/r/small.bin")).unwrap() == old_small, "the older version, now");
     m.unmount();
 }
+
+/// Modes and links live in the sealed manifest: the server can neither roll
+/// a chmod back on a machine that saw it, nor point a link elsewhere, nor
+/// turn a file into a link.
+#[test]
+fn modes_and_links_cannot_be_changed_by_the_server() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut m = TestMount::start();
+    let r = m.path("Family/r");
+    std::fs::create_dir(&r).unwrap();
+    write(&r.join("script.sh"), b"#!/bin/sh\necho ran\n");
+    write(&r.join("plain.txt"), b"just text");
+    let script = support::xattr(&r.join("script.sh"), "user.vaultfs.id");
+    let plain = support::xattr(&r.join("plain.txt"), "user.vaultfs.id");
+    std::os::unix::fs::symlink("first/target", r.join("l1")).unwrap();
+    std::os::unix::fs::symlink("second/target", r.join("l2")).unwrap();
+    assert_eq!(std::fs::read_link(r.join("l1")).unwrap(), Path::new("first/target"));
+    assert_eq!(std::fs::read_link(r.join("l2")).unwrap(), Path::new("second/target"));
+    let s = Storage::open(&m.server.data_dir);
+    let before_chmod = s.meta(&script);
+    std::fs::set_permissions(r.join("script.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    m.unmount();
+
+    // The links are the files without content.
+    let links: Vec<String> = {
+        let mut q = s.db.prepare("SELECT lower(hex(id)) FROM files WHERE size = 0").unwrap();
+        q.query_map([], |row| row.get(0)).unwrap().map(Result::unwrap).collect()
+    };
+    assert_eq!(links.len(), 2, "{links:?}");
+    // The chmod rolled back; the links' targets swapped; a file given a link's manifest.
+    s.set_meta(&script, &before_chmod);
+    let (a, b) = (s.meta(&links[0]), s.meta(&links[1]));
+    s.set_meta(&links[0], &b);
+    s.set_meta(&links[1], &a);
+    s.set_meta(&plain, &a);
+    for id in [&script, &links[0], &links[1], &plain] {
+        s.set(id, "UPDATE files SET version = version + 5 WHERE id = ?1");
+    }
+    m.mount();
+    let mode = std::fs::metadata(r.join("script.sh")).unwrap().mode() & 0o7777;
+    assert_eq!(mode, 0, "a rolled-back chmod shows no permissions (it was 0644 before it)");
+    assert_eio(&r.join("script.sh"), "a rolled-back chmod", &m.log());
+    for l in ["l1", "l2"] {
+        let e = std::fs::read_link(r.join(l)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{l}: a target moved to another link");
+    }
+    match std::fs::symlink_metadata(r.join("plain.txt")) {
+        Ok(meta) => assert!(!meta.file_type().is_symlink(), "a file given a link's manifest became a link"),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+    }
+    assert!(std::fs::read_link(r.join("plain.txt")).is_err());
+    assert_eio(&r.join("plain.txt"), "a file given a link's manifest", &m.log());
+    m.unmount();
+}

@@ -9,17 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::mount::TestMount;
-
-fn sh(dir: &Path, script: &str) -> String {
-    let out = Command::new("sh").arg("-ec").arg(script).current_dir(dir).output().unwrap();
-    assert!(
-        out.status.success(),
-        "script failed: {script}\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use support::sh;
 
 fn pattern(len: usize, seed: u32) -> Vec<u8> {
     let mut x = seed.wrapping_mul(2_654_435_761).max(1);

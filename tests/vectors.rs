@@ -9,6 +9,7 @@ mod support;
 
 use support::vectors::*;
 use support::{hex, pattern, unhex};
+use vaultfs::crypto::manifest::{LinkTarget, LEGACY_PERM};
 use vaultfs::crypto::random::ReplayRandom;
 use vaultfs::crypto::{
     decrypt_file, encrypt_file, open_manifest, open_name, seal_manifest, seal_name, ContentMode, FileContext,
@@ -221,15 +222,39 @@ fn manifest_of(v: &ManifestVector, rng: &mut ReplayRandom) -> FileManifest {
             }
             ContentMode::Plain(tagger.finish().unwrap())
         }
+        "link" => ContentMode::Link(LinkTarget::new(&unhex(v.target.as_deref().expect("target"))).unwrap()),
         other => panic!("unknown mode {other}"),
     };
-    FileManifest { generation: v.generation, length: v.length, mode }
+    FileManifest {
+        generation: v.generation,
+        length: v.length,
+        mode,
+        // Version 1 states neither.
+        content_generation: v.content_generation.unwrap_or(v.generation),
+        perm: v.perm.unwrap_or(LEGACY_PERM),
+    }
 }
 
 #[test]
-fn manifest_vectors_reproduce_and_open() {
+fn manifest_v1_vectors_still_open() {
     let vectors: ManifestVectors = load(MANIFEST_VECTORS);
     assert!(vectors.vector.len() >= 7, "vector file lost entries");
+    for v in &vectors.vector {
+        let key = key_of(&v.vault_key_id, &v.vault_key);
+        let mut rng = ReplayRandom::new(unhex(&v.random));
+        let m = manifest_of(v, &mut rng);
+        if let ContentMode::Plain(tags) = &m.mode {
+            let joined: Vec<u8> = tags.tags().iter().flatten().copied().collect();
+            assert_eq!(Some(hex(&joined)), v.tags, "{}: tags", v.description);
+        }
+        assert_eq!(open_manifest(&key, &manifest_ctx(v), &unhex(&v.sealed)).unwrap(), m, "{}", v.description);
+    }
+}
+
+#[test]
+fn manifest_v2_vectors_reproduce_and_open() {
+    let vectors: ManifestVectors = load(MANIFEST_V2_VECTORS);
+    assert!(vectors.vector.len() >= 6, "vector file lost entries");
     for v in &vectors.vector {
         let key = key_of(&v.vault_key_id, &v.vault_key);
         let mut rng = ReplayRandom::new(unhex(&v.random));
@@ -248,45 +273,55 @@ fn manifest_vectors_reproduce_and_open() {
     }
 }
 
-/// Writes tests/data/manifest-vectors.toml (added with file manifests; the
-/// older vector files are left as they are).
+// manifest-vectors.toml (version 1) was written by the version before
+// manifest version 2; it is frozen, and only opened now.
+
+/// Writes tests/data/manifest-v2-vectors.toml (manifest version 2: modes,
+/// content generations, symbolic links).
 #[test]
 #[ignore = "writes tests/data; run by hand only"]
-fn write_manifest_vectors() {
+fn write_manifest_v2_vectors() {
     let random =
-        |seed: u8, len: usize| -> Vec<u8> { (0..len).map(|i| (i as u8).wrapping_mul(11) ^ seed).collect() };
-    let cases: [(&str, u64, &str); 7] = [
-        ("e2e", 100, "end-to-end, 100 bytes"),
-        ("e2e", 0, "end-to-end, created empty, nothing uploaded"),
-        ("plain", 0, "pass-through, empty"),
-        ("plain", 1, "pass-through, 1 byte"),
-        ("plain", 1 << 20, "pass-through, exactly one piece"),
-        ("plain", (1 << 20) + 1, "pass-through, one piece and one byte"),
-        ("plain", 5 << 19, "pass-through, 2.5 pieces"),
+        |seed: u8, len: usize| -> Vec<u8> { (0..len).map(|i| (i as u8).wrapping_mul(13) ^ seed).collect() };
+    // (mode, length, content generation below the generation, perm, target, description)
+    type Case<'a> = (&'a str, u64, u64, u16, &'a [u8], &'a str);
+    let cases: [Case; 7] = [
+        ("e2e", 100, 0, 0o644, b"", "end-to-end, 100 bytes, 0644"),
+        ("e2e", 100, 2, 0o755, b"", "end-to-end, chmodded to 0755 twice since its content"),
+        ("e2e", 0, 0, 0o600, b"", "end-to-end, created empty with 0600, nothing uploaded"),
+        ("plain", 1, 0, 0o4750, b"", "pass-through, 1 byte, setuid 0750"),
+        ("plain", (1 << 20) + 1, 1, 0o640, b"", "pass-through, one piece and one byte, chmodded"),
+        ("link", 0, 0, 0o777, b"../shared/notes.txt", "symbolic link, relative target"),
+        ("link", 0, 0, 0o777, &[b'x'; 64], "symbolic link, 64-byte target (one padding bucket)"),
     ];
     let mut out = Vec::new();
-    for (n, (mode, length, description)) in cases.into_iter().enumerate() {
+    for (n, (mode, length, behind, perm, target, description)) in cases.into_iter().enumerate() {
         let n = n as u8;
         let plain = mode == "plain";
+        let length = if mode == "link" { target.len() as u64 } else { length };
+        let generation = u64::from(n) * 3 + 3;
         let upload = match (mode, length) {
             ("e2e", 0) => Some(hex(&[0; 16])),
-            ("e2e", _) => Some(hex(&random(0x31 + n, 16))),
+            ("e2e", _) => Some(hex(&random(0x32 + n, 16))),
             _ => None,
         };
         let mut v = ManifestVector {
             description: description.into(),
-            vault_key_id: hex(&[0x11 + n; 16]),
-            vault_key: hex(&random(0x21 + n, 32)),
-            vault_id: hex(&[0x41 + n; 16]),
-            record_id: hex(&[0x51 + n; 16]),
-            file_id: hex(&[0x61 + n; 16]),
+            vault_key_id: hex(&[0x12 + n; 16]),
+            vault_key: hex(&random(0x22 + n, 32)),
+            vault_id: hex(&[0x42 + n; 16]),
+            record_id: hex(&[0x52 + n; 16]),
+            file_id: hex(&[0x62 + n; 16]),
             mode: mode.into(),
-            generation: u64::from(n) * 3 + 1,
+            generation,
             length,
             upload,
             plaintext: (plain && length <= 1).then(|| hex(&pattern(length as usize))),
-            random: hex(&random(0x71 + n, if plain { 56 } else { 24 })),
+            random: hex(&random(0x72 + n, if plain { 56 } else { 24 })),
             tags: None,
+            content_generation: Some(generation - behind),
+            perm: Some(perm),
+            target: (mode == "link").then(|| hex(target)),
             sealed: String::new(),
         };
         let key = key_of(&v.vault_key_id, &v.vault_key);
@@ -298,10 +333,11 @@ fn write_manifest_vectors() {
         v.sealed = hex(&seal_manifest(&key, &manifest_ctx(&v), &m, &mut rng).unwrap());
         out.push(v);
     }
-    let header = "# Test vectors for vaultfs file manifests (docs/FORMAT.md, \"File manifests\").\n\
+    let header =
+        "# Test vectors for vaultfs file manifests, version 2 (docs/FORMAT.md, \"File manifests\").\n\
                   # Generated once; never edit or regenerate to make a test pass.\n\n";
     let body = toml::to_string(&ManifestVectors { vector: out }).unwrap();
-    std::fs::write(data_path(MANIFEST_VECTORS), format!("{header}{body}")).unwrap();
+    std::fs::write(data_path(MANIFEST_V2_VECTORS), format!("{header}{body}")).unwrap();
 }
 
 /// Writes the vector files from the cases below. Run by hand, only when adding

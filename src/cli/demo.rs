@@ -150,7 +150,7 @@ fn run_in(work: &Path, mountpoint: Option<PathBuf>) -> CliResult {
         let fs = Arc::new(VaultFs::new(unlocked, FsOptions::default()).await?);
         let vault = fs.lookup(ROOT, "Demo vault".as_ref()).await?;
         let record = fs.mkdir(vault.ino, "Welcome".as_ref()).await?;
-        let (file, fh) = fs.create(record.ino, "README.txt".as_ref()).await?;
+        let (file, fh) = fs.create(record.ino, "README.txt".as_ref(), 0o644).await?;
         fs.write(fh, 0, WELCOME.as_bytes()).await?;
         fs.fsync(file.ino, fh).await?;
         fs.release(file.ino, fh).await?;

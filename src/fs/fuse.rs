@@ -10,6 +10,8 @@
 //! logged at a level that fits them.
 
 use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -180,7 +182,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _mode: Option<u32>,
+        mode: Option<u32>,
         _uid: Option<u32>,
         _gid: Option<u32>,
         size: Option<u64>,
@@ -194,10 +196,15 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        // Mode and ownership are presented, not stored: accepted and ignored, so
-        // `cp -a` and editors that chmod do not fail.
+        // A file's mode is stored (in its manifest); ownership is presented,
+        // not stored: accepted and ignored, so `cp -a` does not fail.
         let (fs, me) = (Arc::clone(&self.fs), self.owner);
         self.spawn("setattr", ino.0, async move {
+            if let Some(mode) = mode {
+                if let Err(e) = fs.chmod(ino.0, (mode & 0o7777) as u16).await {
+                    return reply.error(errno("setattr", &e));
+                }
+            }
             if let Some(t) = atime {
                 if let Err(e) = fs.set_atime(ino.0, time_or_now(t)) {
                     return reply.error(errno("setattr", &e));
@@ -226,6 +233,25 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
                 Err(e) => reply.error(errno("mkdir", &e)),
             }
         });
+    }
+
+    fn symlink(&self, _req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let (fs, name, me) = (Arc::clone(&self.fs), link_name.to_owned(), self.owner);
+        let target = target.as_os_str().as_bytes().to_vec();
+        self.spawn("symlink", parent.0, async move {
+            match fs.symlink(parent.0, &name, &target).await {
+                Ok(a) => reply.entry(&TTL, &me.attr(&a), Generation(0)),
+                Err(e) => reply.error(errno("symlink", &e)),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        // The target is in the tree: answered here.
+        match self.fs.readlink(ino.0) {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(errno("readlink", &e)),
+        }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -289,14 +315,15 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         _req: &Request,
         parent: INodeNo,
         name: &OsStr,
-        _mode: u32,
-        _umask: u32,
+        mode: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
         let (fs, name, me) = (Arc::clone(&self.fs), name.to_owned(), self.owner);
+        let perm = (mode & !umask & 0o7777) as u16;
         self.spawn("create", parent.0, async move {
-            match fs.create(parent.0, &name).await {
+            match fs.create(parent.0, &name, perm).await {
                 Ok((a, fh)) => {
                     reply.created(&TTL, &me.attr(&a), Generation(0), FileHandle(fh), open_flags(flags, false))
                 }
@@ -490,7 +517,7 @@ fn reply_dir<R: Remote>(
     let parent = fs.parent(ino);
     let all = [(ino, Kind::Dir, ".".into()), (parent, Kind::Dir, "..".into())].into_iter().chain(entries);
     for (i, (child, kind, name)) in all.enumerate().skip(offset as usize) {
-        let kind = if kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile };
+        let kind = file_type(kind);
         if reply.add(INodeNo(child), (i + 1) as u64, kind, &name) {
             break;
         }
@@ -549,10 +576,7 @@ struct Owner {
 
 impl Owner {
     fn attr(&self, a: &Attr) -> FileAttr {
-        let kind = match a.kind {
-            Kind::Dir => FileType::Directory,
-            Kind::File => FileType::RegularFile,
-        };
+        let kind = file_type(a.kind);
         FileAttr {
             ino: INodeNo(a.ino),
             size: a.size,
@@ -570,5 +594,13 @@ impl Owner {
             blksize: 4096,
             flags: 0,
         }
+    }
+}
+
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
     }
 }

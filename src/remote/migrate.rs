@@ -23,6 +23,7 @@ use futures_util::StreamExt;
 
 use super::account::{AccountError, Unlocked};
 use super::{Remote, RemoteError};
+use crate::crypto::manifest::LEGACY_PERM;
 use crate::crypto::{
     self, ContentMode, FileContext, FileDecryptor, FileManifest, Layout, OsRandom, PieceTagger, HEADER_LEN,
 };
@@ -89,7 +90,7 @@ impl<R: Remote> Unlocked<R> {
         // has none, bounded as the mount bounds it.
         let generation = info.version.clamp(1, 1 << 48);
         if info.size == 0 {
-            return Ok(FileManifest::new_empty(generation));
+            return Ok(FileManifest::new_empty(generation, LEGACY_PERM));
         }
         // End-to-end, if it opens as this file's vault file.
         if info.size >= HEADER_LEN {
@@ -103,7 +104,7 @@ impl<R: Remote> Unlocked<R> {
                         return Err(Skip("its stored length does not match its header".into()));
                     }
                     let mode = ContentMode::EndToEnd { upload: h.upload_id };
-                    return Ok(FileManifest { generation: h.generation, length: h.plaintext_len, mode });
+                    return Ok(FileManifest::new(h.generation, h.plaintext_len, mode, LEGACY_PERM));
                 }
             }
             if info.e2e {
@@ -122,7 +123,7 @@ impl<R: Remote> Unlocked<R> {
         }
         let length = tagger.length();
         let tags = tagger.finish().map_err(|e| skip(&e))?;
-        Ok(FileManifest { generation, length, mode: ContentMode::Plain(tags) })
+        Ok(FileManifest::new(generation, length, ContentMode::Plain(tags), LEGACY_PERM))
     }
 }
 

@@ -143,7 +143,7 @@ impl<R: Remote> Unlocked<R> {
             .vault_key(f.vault, header.key_id)
             .ok_or_else(|| Skip("its header's key is not held".into()))?;
         let (_, plain) =
-            crypto::decrypt_file(&blob, &key, &ctx, manifest.generation).map_err(|e| skip(&e))?;
+            crypto::decrypt_file(&blob, &key, &ctx, manifest.content_generation).map_err(|e| skip(&e))?;
         drop(blob);
         let generation = manifest.generation + 1;
         let sealed =
@@ -151,7 +151,7 @@ impl<R: Remote> Unlocked<R> {
         drop(plain);
         let upload = crypto::peek_header(&sealed).map_err(|e| skip(&e))?.upload_id;
         let next =
-            FileManifest { generation, length: manifest.length, mode: ContentMode::EndToEnd { upload } };
+            FileManifest::new(generation, manifest.length, ContentMode::EndToEnd { upload }, manifest.perm);
         let meta = crypto::seal_manifest(current, &ctx, &next, &mut OsRandom).map_err(|e| skip(&e))?;
         let len = sealed.len() as u64;
         let body = UploadBody {

@@ -90,3 +90,15 @@ fn xattr_text(n: isize, buf: &[u8]) -> String {
         Err(_) => String::new(),
     }
 }
+
+/// Runs `script` with `sh -e` in `dir`; its stdout (it must succeed).
+pub fn sh(dir: &std::path::Path, script: &str) -> String {
+    let out = std::process::Command::new("sh").arg("-ec").arg(script).current_dir(dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "script failed: {script}\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -89,7 +89,7 @@ pub struct ManifestVector {
     pub vault_id: String,
     pub record_id: String,
     pub file_id: String,
-    /// "e2e" or "plain".
+    /// "e2e", "plain" or (version 2) "link".
     pub mode: String,
     pub generation: u64,
     pub length: u64,
@@ -102,6 +102,15 @@ pub struct ManifestVector {
     pub random: String,
     /// For "plain": the piece tags, 16 bytes each, concatenated.
     pub tags: Option<String>,
+    /// Version 2: the content's generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_generation: Option<u64>,
+    /// Version 2: the permission bits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perm: Option<u16>,
+    /// Version 2, "link": the target, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
     pub sealed: String,
 }
 
@@ -138,6 +147,7 @@ pub const FILE_VECTORS: &str = "file-vectors.toml";
 pub const NAME_VECTORS: &str = "name-vectors.toml";
 pub const WALLET_VECTORS: &str = "wallet-vectors.toml";
 pub const MANIFEST_VECTORS: &str = "manifest-vectors.toml";
+pub const MANIFEST_V2_VECTORS: &str = "manifest-v2-vectors.toml";
 pub const WALLET_V2_VECTORS: &str = "wallet-v2-vectors.toml";
 pub const WALLET_V3_VECTORS: &str = "wallet-v3-vectors.toml";
 

@@ -19,7 +19,8 @@ use parking_lot::Mutex;
 use super::rules::check_size;
 use super::tree::{FileMeta, Node, Tree};
 use super::{check_file_answer, Attr, FsError, Ino, Kind, Result, VaultFs};
-use crate::crypto::Layout;
+use crate::crypto::manifest::{LEGACY_PERM, PERM_MASK};
+use crate::crypto::{FileContext, Layout};
 use crate::protocol::{ms_of, time_from_ms, FileUpdate};
 use crate::remote::Remote;
 
@@ -76,13 +77,23 @@ impl<R: Remote> VaultFs<R> {
                 };
                 let (size, mtime) =
                     self.modes.local_size(info.id).unwrap_or((size, time_from_ms(info.mtime_ms)));
+                let (kind, perm) = match meta.manifest() {
+                    // Older than a generation this machine saw (a rollback):
+                    // every use is EIO, and it shows no permissions.
+                    Some(m) if m.generation < self.freshness.generation(info.id) => {
+                        (if m.is_link() { Kind::Symlink } else { Kind::File }, 0)
+                    }
+                    Some(m) if m.is_link() => (Kind::Symlink, 0o777),
+                    Some(m) => (Kind::File, self.perm_of(node, m.perm)),
+                    None => (Kind::File, self.perm_of(node, LEGACY_PERM)),
+                };
                 Attr {
                     ino,
-                    kind: Kind::File,
+                    kind,
                     size,
                     mtime,
                     atime: UNIX_EPOCH,
-                    perm: self.perm_of(node, 0o666),
+                    perm,
                     nlink: if tree.is_orphan(ino) { 0 } else { 1 },
                 }
             }
@@ -108,9 +119,63 @@ impl<R: Remote> VaultFs<R> {
     /// write bits in a read-only vault.
     fn perm_of(&self, node: &Node, full: u16) -> u16 {
         match node.vault() {
-            Some(v) if self.rules.vault(v).read_only => full & 0o555,
+            Some(v) if self.rules.vault(v).read_only => full & 0o7555,
             _ => full,
         }
+    }
+
+    /// Sets a file's permission bits: a new manifest with a newer generation
+    /// and the same content (nothing is encrypted again). Directories show
+    /// the mount's permissions and keep them (records carry no mode).
+    pub async fn chmod(&self, ino: Ino, perm: u16) -> Result<Attr> {
+        let perm = perm & PERM_MASK;
+        let file = match self.tree.lock().node(ino)? {
+            Node::File { info, .. } => Some(info.clone()),
+            _ => None,
+        };
+        // (The tree's guard is gone here: getattr takes it again.)
+        let Some(info) = file else { return self.getattr(ino) };
+        self.writable(ino)?;
+        // A stream being ended commits first (its manifest states the
+        // permissions it started with).
+        self.settle_stream(ino).await;
+        // Under the file's plaintext lock, as uploads are: none seals a
+        // manifest meanwhile, and the cached copy's version follows.
+        let handle = self.cache.pin(info.id);
+        let result = async {
+            let d = Arc::clone(&handle).lock_owned().await;
+            let (current, meta) = self.tree.lock().file(ino).map(|(i, m)| (i.clone(), m.clone()))?;
+            let manifest = match meta {
+                FileMeta::Sealed(m) if m.is_link() => return Ok(()),
+                FileMeta::Sealed(m) if m.perm == perm => return Ok(()),
+                FileMeta::Sealed(m) => m,
+                FileMeta::Legacy => {
+                    return Err(FsError::NotPermitted(
+                        "a file without a manifest keeps no mode: run `vaultfs vault migrate`".into(),
+                    ))
+                }
+                FileMeta::Invalid => return Err(FsError::Io("the file's manifest failed its check".into())),
+            };
+            let generation = self.next_generation(ino, current.id, current.version);
+            let ctx = FileContext { vault: current.vault, record: current.record, file: current.id };
+            let sealed = self.seal_manifest(&ctx, &manifest.with_perm(generation, perm))?;
+            let update = FileUpdate { meta: Some(sealed), ..Default::default() };
+            let updated = self.remote().update_file(current.id, current.version, update).await?;
+            let updated = check_file_answer(current.id, current.vault, updated)?;
+            let mut d = d;
+            if d.version == current.version {
+                d.version = updated.version;
+            }
+            // The tree first: a generation noted before the tree holds it
+            // would show the file as rolled back meanwhile.
+            self.set_file_info(ino, |i| *i = updated);
+            self.note_generation(current.id, generation);
+            Ok(())
+        }
+        .await;
+        self.cache.unpin(info.id);
+        result?;
+        self.getattr(ino)
     }
 
     /// Attributes of `ino`: always known without asking the server.

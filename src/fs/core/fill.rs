@@ -239,7 +239,11 @@ impl<R: Remote> VaultFs<R> {
                 .vault_key(info.vault, header.key_id)
                 .ok_or(integrity(CryptoError::Malformed("header names a key this vault does not have")))?;
             let ctx = FileContext { vault: info.vault, record: info.record, file: info.id };
-            let min = self.freshness.generation(info.id);
+            // Content under a manifest is as fresh as the manifest (checked
+            // above), whose upload the header must be: a chmod since then
+            // made the manifest newer than the content.
+            let min =
+                meta.manifest().map_or_else(|| self.freshness.generation(info.id), |m| m.content_generation);
             let dec = FileDecryptor::open(&head, &key, &ctx, min).map_err(integrity)?;
             if let Some(m) = meta.manifest() {
                 // The header must be the upload the manifest names.
@@ -322,7 +326,8 @@ impl<R: Remote> VaultFs<R> {
         match decryptor {
             Some(dec) => {
                 let header = dec.finish().map_err(integrity)?;
-                self.note_generation(info.id, header.generation);
+                let seen = meta.manifest().map_or(header.generation, |m| m.generation);
+                self.note_generation(info.id, seen);
             }
             None => {
                 let ready = handle.lock().await.bytes.len() as u64;

@@ -20,6 +20,7 @@
 //! | what each file is doing: cached, sequential, streaming; unsaved; uploading | `mode.rs` | [`mode::FileModes`] |
 //! | plaintext → server while written (files above the limit) | `stream.rs` | |
 //! | plaintext → server on flush, fsync, release; conflicts; retries | `save.rs`, `seal.rs` | |
+//! | symbolic links: symlink, readlink | `links.rs` | |
 //! | unlink and rename | `rename.rs` | |
 //! | `vaultfs status` and the `user.vaultfs.*` attributes | `status.rs` | [`status::Refusals`] |
 //!
@@ -67,6 +68,7 @@ mod fill;
 mod follow;
 mod handles;
 mod io;
+mod links;
 mod mode;
 mod namespace;
 mod open;
@@ -117,6 +119,8 @@ pub enum Kind {
     Dir,
     /// A file linked to a record.
     File,
+    /// A symbolic link in a record (a file whose manifest holds its target).
+    Symlink,
 }
 
 /// Attributes of a node.

@@ -472,13 +472,25 @@ impl<R: Remote> VaultFs<R> {
 
     // ---- files by id --------------------------------------------------------------
 
-    /// Creates an empty file `name` in record `parent` on the server and in the tree.
-    pub(super) async fn new_file(&self, parent: Ino, name: &OsStr) -> Result<(Ino, FileInfo)> {
+    /// Creates an empty file `name` with permission bits `perm` in record
+    /// `parent` on the server and in the tree.
+    pub(super) async fn new_file(&self, parent: Ino, name: &OsStr, perm: u16) -> Result<(Ino, FileInfo)> {
+        self.new_entry(parent, name, &FileManifest::new_empty(1, perm)).await
+    }
+
+    /// Creates file `name` in record `parent` with `manifest` (an empty file's,
+    /// or a symbolic link's), on the server and in the tree.
+    pub(super) async fn new_entry(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        manifest: &FileManifest,
+    ) -> Result<(Ino, FileInfo)> {
         let (vault, record) = self.file_parent(parent)?;
         let id = FileId::random().map_err(|e| FsError::Io(e.to_string()))?;
         let sealed = self.seal(vault, NameContext::FileName { vault, record, file: id }, name)?;
         let ctx = FileContext { vault, record, file: id };
-        let meta = self.seal_manifest(&ctx, &FileManifest::new_empty(1))?;
+        let meta = self.seal_manifest(&ctx, manifest)?;
         let new = NewFile { id, name: sealed, e2e: true, mtime_ms: Some(now_ms()), meta };
         let info = self.remote().create_file(record, new).await?;
         let info = check_file_answer(id, vault, info)?;
@@ -486,6 +498,7 @@ impl<R: Remote> VaultFs<R> {
             return Err(FsError::Io("the server created the file in another record".into()));
         }
         let node = self.file_node(info.clone(), parent);
+        self.note_generation(id, manifest.generation);
         let ino = self.tree.lock().add(parent, name, Key::File(id), node);
         self.touch_dir(parent);
         Ok((ino, info))
@@ -502,6 +515,14 @@ impl<R: Remote> VaultFs<R> {
         let tree = self.tree.lock();
         let ino = tree.file_ino(id).ok_or(FsError::NotFound)?;
         tree.file(ino).map(|(info, meta)| (info.clone(), meta.clone()))
+    }
+
+    /// The permission bits file `id`'s manifest states (a new manifest keeps
+    /// them).
+    pub(super) fn stated_perm(&self, id: FileId) -> u16 {
+        let tree = self.tree.lock();
+        let meta = tree.file_ino(id).and_then(|ino| tree.file(ino).ok().map(|(_, meta)| meta.clone()));
+        meta.and_then(|m| m.manifest().map(|m| m.perm)).unwrap_or(crypto::manifest::LEGACY_PERM)
     }
 
     pub(super) fn file_info_by_id(&self, id: FileId) -> Result<FileInfo> {
@@ -671,6 +692,7 @@ fn check_lookup_name(name: &OsStr) -> Result<()> {
 
 fn kind_of(node: &Node) -> Kind {
     match node {
+        Node::File { meta: FileMeta::Sealed(m), .. } if m.is_link() => Kind::Symlink,
         Node::File { .. } => Kind::File,
         _ => Kind::Dir,
     }

@@ -23,15 +23,16 @@ use crate::crypto;
 use crate::remote::Remote;
 
 impl<R: Remote> VaultFs<R> {
-    /// Creates and opens a new, empty file.
-    pub async fn create(&self, parent: Ino, name: &OsStr) -> Result<(Attr, u64)> {
+    /// Creates and opens a new, empty file with permission bits `perm` (the
+    /// creating process's mode less its umask).
+    pub async fn create(&self, parent: Ino, name: &OsStr, perm: u16) -> Result<(Attr, u64)> {
         check_name(name)?;
         self.load_dir(parent).await?;
         self.writable(parent)?;
         if self.tree.lock().child(parent, name).is_some() {
             return Err(FsError::Exists);
         }
-        let (ino, info) = self.new_file(parent, name).await?;
+        let (ino, info) = self.new_file(parent, name, perm).await?;
         let handle = self.cache.pin(info.id);
         {
             let mut d = handle.lock().await;

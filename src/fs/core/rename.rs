@@ -171,6 +171,9 @@ impl<R: Remote> VaultFs<R> {
             None => {}
         }
         if new_record != info.record {
+            if self.tree.lock().file(ino)?.1.manifest().is_some_and(|m| m.is_link()) {
+                return self.move_link(ino, info, to.parent, to.name).await;
+            }
             return self.move_file(ino, info, to.parent, to.name).await;
         }
         let ctx = NameContext::FileName { vault: info.vault, record: info.record, file: info.id };
@@ -201,7 +204,8 @@ impl<R: Remote> VaultFs<R> {
                 drop(d);
                 d = self.ready(info.id, &handle, None).await?.0;
             }
-            let (new_ino, created) = self.new_file(new_parent, new_name).await?;
+            let perm = self.stated_perm(info.id);
+            let (new_ino, created) = self.new_file(new_parent, new_name, perm).await?;
             let (done, meta) = self.upload_whole(&created, 2, info.mtime_ms, &d.bytes).await?;
             let mut moved = created.clone();
             moved.version = done.version;

@@ -270,7 +270,6 @@ impl<R: Remote> VaultFs<R> {
                 d.dirty = false;
                 d.version = done.version;
                 d.confirmed = Some(asked);
-                self.note_generation(info.id, generation);
                 self.set_file_info(ino, |i| {
                     i.version = done.version;
                     i.size = done.size;
@@ -278,6 +277,8 @@ impl<R: Remote> VaultFs<R> {
                     i.mtime_ms = mtime_ms;
                     i.meta = meta.unwrap_or_default();
                 });
+                // After the tree holds it (see `attr_of`).
+                self.note_generation(info.id, generation);
                 // The server's size now says what the application wrote.
                 self.modes.forget_unsaved(info.id);
                 Ok(())
@@ -349,11 +350,9 @@ impl<R: Remote> VaultFs<R> {
         if staged.size != plain.length {
             return Err(FsError::Io(format!("the server stored {} bytes of {}", staged.size, plain.length)));
         }
-        let manifest = FileManifest {
-            generation: plain.generation,
-            length: plain.length,
-            mode: crypto::ContentMode::Plain(tags),
-        };
+        let perm = self.stated_perm(info.id);
+        let manifest =
+            FileManifest::new(plain.generation, plain.length, crypto::ContentMode::Plain(tags), perm);
         let ctx = FileContext { vault: info.vault, record: info.record, file: info.id };
         let meta = self.seal_manifest(&ctx, &manifest)?;
         let conflict_copy = match plain.copy {
@@ -452,7 +451,7 @@ impl<R: Remote> VaultFs<R> {
             (tree.parent_of(ino).ok_or(FsError::NotFound)?, tree.name_of(ino))
         };
         let copy_name = conflict_name(&name, SystemTime::now());
-        let (copy_ino, copy) = self.new_file(parent, &copy_name).await?;
+        let (copy_ino, copy) = self.new_file(parent, &copy_name, self.stated_perm(info.id)).await?;
         let (done, meta) = self.upload_whole(&copy, 2, now_ms(), plain).await?;
         let e2e = self.rules.vault(info.vault).encrypts(plain.len() as u64);
         self.set_file_info(copy_ino, |i| {

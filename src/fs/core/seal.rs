@@ -93,11 +93,8 @@ impl<R: Remote> VaultFs<R> {
         let key = self.sealing_key(ctx.vault)?;
         let (encryptor, header) = FileEncryptor::new(&key, ctx, generation, plain_len, &mut OsRandom)
             .map_err(|e| FsError::Io(e.to_string()))?;
-        let manifest = FileManifest {
-            generation,
-            length: plain_len,
-            mode: ContentMode::EndToEnd { upload: encryptor.upload_id() },
-        };
+        let mode = ContentMode::EndToEnd { upload: encryptor.upload_id() };
+        let manifest = FileManifest::new(generation, plain_len, mode, self.stated_perm(ctx.file));
         let meta = self.seal_manifest(ctx, &manifest)?;
         let len = Layout::new(plain_len).map_or(0, |l| l.ciphertext_len());
         Ok(Sealer::EndToEnd { encryptor, header: header.to_vec(), meta, len })

@@ -181,7 +181,6 @@ impl<R: Remote> VaultFs<R> {
         // flags never fall back to the pre-upload view in between.
         if let Some((done, meta, generation)) = outcome.as_ref().ok().filter(|d| d.0.conflict_copy.is_none())
         {
-            self.note_generation(id, *generation);
             self.set_file_info(ino, |i| {
                 i.version = done.version;
                 i.size = done.size;
@@ -189,6 +188,8 @@ impl<R: Remote> VaultFs<R> {
                 i.mtime_ms = now_ms();
                 i.meta = meta.clone();
             });
+            // After the tree holds it (see `attr_of`).
+            self.note_generation(id, *generation);
         }
         self.modes.stream_done(id);
         match outcome {

@@ -1,0 +1,90 @@
+//! Symbolic links: a link is a file of its record with no content, whose
+//! manifest holds the target (docs/FORMAT.md "File manifests", mode 03), so
+//! the server stores an empty file and learns nothing of where it points
+//! beyond a 64-byte bucket of the target's length.
+//!
+//! Data flow. `symlink` seals a link manifest and creates the file with it
+//! (super::namespace `new_entry`); listings open it like any manifest, and the
+//! tree shows the file as [`super::Kind::Symlink`]; `readlink` returns the
+//! target from the tree without asking the server. Renames within a record
+//! reseal the name (super::rename, as for any file); a move to another record
+//! creates the link there and deletes the old one. The kernel resolves links
+//! itself (a target outside the mount is followed like on any filesystem), so
+//! no open, read or write reaches a link.
+
+use std::ffi::OsStr;
+
+use super::tree::{check_name, FileMeta, Node};
+use super::{Attr, FsError, Ino, Result, VaultFs};
+use crate::crypto::manifest::LinkTarget;
+use crate::crypto::FileManifest;
+use crate::protocol::FileInfo;
+use crate::remote::Remote;
+
+impl<R: Remote> VaultFs<R> {
+    /// Creates symbolic link `name` in record `parent`, pointing at `target`
+    /// (stored as written: relative or absolute, inside the mount or not).
+    pub async fn symlink(&self, parent: Ino, name: &OsStr, target: &[u8]) -> Result<Attr> {
+        check_name(name)?;
+        let target = LinkTarget::new(target).map_err(|_| {
+            if target.is_empty() {
+                FsError::NotFound
+            } else {
+                FsError::NameTooLong
+            }
+        })?;
+        self.load_dir(parent).await?;
+        self.writable(parent)?;
+        if self.tree.lock().child(parent, name).is_some() {
+            return Err(FsError::Exists);
+        }
+        let (ino, _) = self.new_entry(parent, name, &FileManifest::new_link(1, target)).await?;
+        self.getattr(ino)
+    }
+
+    /// The target of symbolic link `ino` (EINVAL if it is not a link; EIO
+    /// if its manifest is older than one this machine saw: a rollback).
+    pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
+        match self.tree.lock().node(ino)? {
+            Node::File { info, meta: FileMeta::Sealed(m), .. } => match &m.mode {
+                crate::crypto::ContentMode::Link(target) => {
+                    if let Err(source) = self.check_fresh(info.id, m.generation) {
+                        self.note_refusal(format!("file {}: {source}", info.id));
+                        return Err(FsError::Integrity { what: format!("link {}", info.id), source });
+                    }
+                    // Read: remembered, as a file's content is when read.
+                    self.note_generation(info.id, m.generation);
+                    Ok(target.as_bytes().to_vec())
+                }
+                _ => Err(FsError::Invalid("not a symbolic link".into())),
+            },
+            Node::File { meta: FileMeta::Invalid, .. } => {
+                Err(FsError::Io("the file's manifest failed its check".into()))
+            }
+            _ => Err(FsError::Invalid("not a symbolic link".into())),
+        }
+    }
+
+    /// Moves link `ino` to another record: made anew there (its manifest is
+    /// bound to its record), then the old one deleted.
+    pub(super) async fn move_link(
+        &self,
+        ino: Ino,
+        info: &FileInfo,
+        new_parent: Ino,
+        new_name: &OsStr,
+    ) -> Result<()> {
+        let mode = self.tree.lock().file(ino)?.1.manifest().map(|m| m.mode.clone());
+        let Some(crate::crypto::ContentMode::Link(target)) = mode else {
+            return Err(FsError::Invalid("not a symbolic link".into()));
+        };
+        let (new_ino, created) =
+            self.new_entry(new_parent, new_name, &FileManifest::new_link(1, target)).await?;
+        self.delete_file(info).await?;
+        let node = self.file_node(created.clone(), new_parent);
+        let mut tree = self.tree.lock();
+        tree.rekey_file(ino, info.id, created.id, new_ino);
+        tree.place(new_parent, new_name, ino, node);
+        Ok(())
+    }
+}

@@ -1,0 +1,114 @@
+//! The POSIX features real tools need beyond files and directories, on real
+//! mounts: symbolic links, stored permission bits, and a project tree with
+//! both carried through git, tar and rsync unchanged.
+
+mod support;
+
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use support::mount::TestMount;
+use support::sh;
+
+fn mode(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path).unwrap().mode() & 0o7777
+}
+
+/// Links: made, read, listed, followed, renamed, moved, deleted; dangling and
+/// outside targets kept as written; O_NOFOLLOW refused; seen by another mount.
+#[test]
+fn symbolic_links_work_and_show_on_other_mounts() {
+    let m = TestMount::start();
+    let r = m.path("Family/links");
+    std::fs::create_dir(&r).unwrap();
+    std::fs::create_dir(m.path("Family/other")).unwrap();
+    std::fs::write(r.join("target.txt"), b"pointed at").unwrap();
+    std::os::unix::fs::symlink("target.txt", r.join("rel")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", r.join("outside")).unwrap();
+    std::os::unix::fs::symlink("nowhere/at/all", r.join("dangling")).unwrap();
+    std::os::unix::fs::symlink("../links/target.txt", m.path("Family/other/up")).unwrap();
+
+    let meta = std::fs::symlink_metadata(r.join("rel")).unwrap();
+    assert!(meta.file_type().is_symlink(), "lstat sees a link");
+    assert_eq!(meta.len(), "target.txt".len() as u64, "a link's size is its target's length");
+    assert_eq!(std::fs::read_link(r.join("rel")).unwrap(), Path::new("target.txt"));
+    assert_eq!(std::fs::read(r.join("rel")).unwrap(), b"pointed at", "followed");
+    assert_eq!(std::fs::read(m.path("Family/other/up")).unwrap(), b"pointed at", "followed across records");
+    assert_eq!(std::fs::read_link(r.join("outside")).unwrap(), Path::new("/etc/hostname"));
+    assert_eq!(std::fs::read(r.join("outside")).unwrap(), std::fs::read("/etc/hostname").unwrap());
+    assert_eq!(std::fs::read(r.join("dangling")).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+    let listing = sh(&r, "ls -l");
+    assert!(
+        listing.contains("rel -> target.txt") && listing.contains("dangling -> nowhere/at/all"),
+        "{listing}"
+    );
+    // O_NOFOLLOW on a link: ELOOP.
+    let nofollow = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(r.join("rel"))
+        .unwrap_err();
+    assert_eq!(nofollow.raw_os_error(), Some(libc::ELOOP), "{nofollow}");
+    // A link over an existing name: EEXIST.
+    let taken = std::os::unix::fs::symlink("x", r.join("target.txt")).unwrap_err();
+    assert_eq!(taken.raw_os_error(), Some(libc::EEXIST));
+
+    // Renamed in its record, moved to another, deleted.
+    std::fs::rename(r.join("rel"), r.join("renamed")).unwrap();
+    std::fs::rename(r.join("renamed"), m.path("Family/other/moved")).unwrap();
+    assert_eq!(std::fs::read_link(m.path("Family/other/moved")).unwrap(), Path::new("target.txt"));
+    std::fs::remove_file(r.join("dangling")).unwrap();
+    assert!(std::fs::symlink_metadata(r.join("dangling")).is_err());
+
+    // Another mount, and this one after a remount, see the same.
+    let other = m.second_mount();
+    let seen = |base: &dyn Fn(&str) -> std::path::PathBuf| {
+        (
+            std::fs::read_link(base("Family/other/moved")).unwrap(),
+            std::fs::read_link(base("Family/links/outside")).unwrap(),
+            std::fs::symlink_metadata(base("Family/links/dangling")).is_err(),
+        )
+    };
+    let expected = (Path::new("target.txt").to_path_buf(), Path::new("/etc/hostname").to_path_buf(), true);
+    assert_eq!(seen(&|p| other.path(p)), expected);
+    drop(other);
+
+    // The server holds no target in the clear.
+    let mut db = std::fs::read(m.server.data_dir.join("meta.sqlite3")).unwrap();
+    db.extend(std::fs::read(m.server.data_dir.join("meta.sqlite3-wal")).unwrap_or_default());
+    for needle in [&b"/etc/hostname"[..], b"nowhere/at/all", b"../links/target.txt"] {
+        assert!(!db.windows(needle.len()).any(|w| w == needle), "a target in the server's database");
+    }
+}
+
+/// chmod is stored: it survives a remount, shows on another mount, and an
+/// executable script runs; new files take the creator's mode and umask.
+#[test]
+fn permission_bits_are_stored_and_seen_everywhere() {
+    let mut m = TestMount::start();
+    let r = m.path("Family/modes");
+    std::fs::create_dir(&r).unwrap();
+    std::fs::write(r.join("build.sh"), b"#!/bin/sh\necho built\n").unwrap();
+    assert_eq!(mode(&r.join("build.sh")), 0o644, "created with 0666 less the umask 022");
+    std::fs::set_permissions(r.join("build.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(sh(&r, "./build.sh"), "built\n");
+    sh(&r, "umask 077 && echo secret > private && chmod 640 build.sh && chmod 755 build.sh");
+    assert_eq!(mode(&r.join("private")), 0o600);
+    std::fs::write(r.join("plain.txt"), b"x").unwrap();
+    std::fs::set_permissions(r.join("plain.txt"), std::fs::Permissions::from_mode(0o400)).unwrap();
+    // A chmod after writing keeps the content.
+    std::fs::write(r.join("build.sh"), b"#!/bin/sh\necho rebuilt\n").unwrap();
+    assert_eq!(mode(&r.join("build.sh")), 0o755, "a content change keeps the mode");
+
+    let other = m.second_mount();
+    let modes = |base: &dyn Fn(&str) -> std::path::PathBuf| {
+        ["build.sh", "private", "plain.txt"].map(|f| mode(&base(&format!("Family/modes/{f}"))))
+    };
+    assert_eq!(modes(&|p| other.path(p)), [0o755, 0o600, 0o400]);
+    drop(other);
+    m.unmount();
+    m.mount();
+    assert_eq!(modes(&|p| m.path(p)), [0o755, 0o600, 0o400]);
+    assert_eq!(sh(&r, "./build.sh"), "rebuilt\n");
+    assert_eq!(std::fs::read(r.join("private")).unwrap(), b"secret\n");
+}
