@@ -112,3 +112,76 @@ fn permission_bits_are_stored_and_seen_everywhere() {
     assert_eq!(sh(&r, "./build.sh"), "rebuilt\n");
     assert_eq!(std::fs::read(r.join("private")).unwrap(), b"secret\n");
 }
+
+/// A project tree with links and executable files: cloned with git (status
+/// and fsck clean), and carried through tar and `rsync -a` with every byte,
+/// mode and link target as in the source.
+#[test]
+fn a_repository_with_links_and_executables_survives_git_tar_and_rsync() {
+    let m = TestMount::start();
+    let src = tempfile::tempdir().unwrap();
+    let git = "git -c user.email=t@t -c user.name=t -c init.defaultBranch=main";
+    sh(
+        src.path(),
+        &format!(
+            "mkdir -p proj/bin proj/lib && cd proj && {git} init -q . \
+             && printf '#!/bin/sh\\necho built\\n' > build.sh && chmod 755 build.sh \
+             && printf 'tool\\n' > bin/tool && chmod 700 bin/tool \
+             && printf 'secret\\n' > lib/private && chmod 600 lib/private \
+             && printf 'lib\\n' > lib/code.txt && ln -s lib/code.txt current && ln -s ../build.sh bin/build \
+             && ln -s /etc/hostname host && ln -s missing dangling \
+             && {git} add -A && {git} commit -qm tree"
+        ),
+    );
+    let r = m.path("Family/work");
+    std::fs::create_dir(&r).unwrap();
+    let proj = src.path().join("proj");
+    sh(&r, &format!("{git} clone -q {} clone", proj.display()));
+    let clone = r.join("clone");
+    assert_eq!(sh(&clone, "git status --porcelain"), "", "a fresh clone is clean");
+    sh(&clone, "git fsck --no-progress 2>&1");
+    assert_eq!(sh(&clone, "./build.sh"), "built\n");
+    assert_eq!(std::fs::read_link(clone.join("bin/build")).unwrap(), Path::new("../build.sh"));
+
+    // What each entry is, its mode and its content or target.
+    let describe = |dir: &Path| {
+        sh(
+            dir,
+            "find . -path ./.git -prune -o -print | sort | while read -r p; do \
+               if [ -L \"$p\" ]; then echo \"$p link $(readlink \"$p\")\"; \
+               elif [ -d \"$p\" ]; then echo \"$p dir\"; \
+               else echo \"$p $(stat -c %a \"$p\") $(sha256sum < \"$p\" | cut -c1-16)\"; fi; done",
+        )
+    };
+    let expected = describe(&proj);
+    assert!(
+        expected.contains("./build.sh 755") && expected.contains("./current link lib/code.txt"),
+        "{expected}"
+    );
+    // git keeps only 755 or 644: compared with a clone on local disk.
+    let local = tempfile::tempdir().unwrap();
+    sh(local.path(), &format!("{git} clone -q {} clone", proj.display()));
+    assert_eq!(describe(&clone), describe(&local.path().join("clone")), "git clone");
+    sh(
+        &r,
+        &format!(
+            "mkdir untarred && tar -C {} --exclude=.git -cf - . | tar -C untarred -xpf -",
+            proj.display()
+        ),
+    );
+    assert_eq!(describe(&r.join("untarred")), expected, "tar");
+    sh(&r, &format!("rsync -a --exclude=.git {}/ synced/", proj.display()));
+    assert_eq!(describe(&r.join("synced")), expected, "rsync -a");
+    let again = sh(
+        &r,
+        &format!(
+            "rsync -a --checksum --dry-run --itemize-changes --exclude=.git {}/ synced/",
+            proj.display()
+        ),
+    );
+    assert!(again.trim().is_empty(), "rsync still sees differences: {again}");
+    // And back out of the mount.
+    let out = tempfile::tempdir().unwrap();
+    sh(&r, &format!("tar -C synced -cf - . | tar -C {} -xpf -", out.path().display()));
+    assert_eq!(describe(out.path()), expected, "tar out of the mount");
+}

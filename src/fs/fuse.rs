@@ -586,7 +586,8 @@ impl Owner {
             ctime: a.mtime,
             crtime: a.mtime,
             kind,
-            perm: a.perm & !self.umask,
+            // A link's mode means nothing on Linux; it shows 0777 as everywhere.
+            perm: if a.kind == Kind::Symlink { a.perm } else { a.perm & !self.umask },
             nlink: a.nlink,
             uid: self.uid,
             gid: self.gid,
