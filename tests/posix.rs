@@ -185,3 +185,47 @@ fn a_repository_with_links_and_executables_survives_git_tar_and_rsync() {
     sh(&r, &format!("tar -C synced -cf - . | tar -C {} -xpf -", out.path().display()));
     assert_eq!(describe(out.path()), expected, "tar out of the mount");
 }
+
+/// The temp-file pattern on a file above the end-to-end limit: created,
+/// unlinked while open, then read, written and read back through the
+/// descriptor; the server's copy goes once it is closed.
+#[test]
+fn an_unlinked_open_file_above_the_limit_keeps_working() {
+    let m = TestMount::start();
+    let r = m.path("Family/tmp");
+    std::fs::create_dir(&r).unwrap();
+    let py = r#"
+import os, sys, hashlib
+path = sys.argv[1]
+size = 100 * 1024 * 1024
+block = bytes(range(256)) * 4096          # 1 MiB
+fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+for i in range(size // len(block)):
+    os.write(fd, block)
+os.unlink(path)
+assert not os.path.exists(path), "the name is gone"
+os.lseek(fd, 0, os.SEEK_SET)
+got = b""
+while len(got) < 3 * len(block):
+    got += os.read(fd, len(block))
+assert got[:3 * len(block)] == block * 3, "read back after unlink"
+os.pwrite(fd, b"CHANGED", 50 * 1024 * 1024)
+back = os.pread(fd, 7, 50 * 1024 * 1024)
+assert back == b"CHANGED", back
+assert os.fstat(fd).st_size == size and os.fstat(fd).st_nlink == 0
+os.close(fd)
+print("ok")
+"#;
+    let out = std::process::Command::new("python3").args(["-c", py]).arg(r.join("big.tmp")).output().unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
+        "{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        m.log()
+    );
+    assert_eq!(std::fs::read_dir(&r).unwrap().count(), 0, "nothing left in the record");
+    // Nothing of it left on the server once closed (the record is empty there too).
+    let other = m.second_mount();
+    assert_eq!(std::fs::read_dir(other.path("Family/tmp")).unwrap().count(), 0);
+}

@@ -185,7 +185,7 @@ impl<R: Remote> VaultFs<R> {
     /// Whether a file's content is passed through (not end-to-end) and not
     /// empty, by its manifest (by the server's word for a legacy file):
     /// then it is read in ranges, never held whole.
-    fn passes_through(&self, ino: Ino) -> Result<bool> {
+    pub(super) fn passes_through(&self, ino: Ino) -> Result<bool> {
         Ok(match self.tree.lock().file(ino)? {
             (_, FileMeta::Sealed(m)) => !m.is_e2e() && m.length > 0,
             (info, _) => !info.e2e && info.size > 0,

@@ -42,10 +42,16 @@ impl<R: Remote> VaultFs<R> {
                 _ => return Err(FsError::IsDir),
             }
         };
-        self.delete_file(&info).await?;
         // Open handles keep reading and writing until they close (POSIX).
+        // A file read from the server in ranges, or being streamed to it,
+        // needs the server's copy until then: it is deleted at the last
+        // close instead (super::save `release`).
         let open = self.handles.is_open(info.id);
-        self.tree.lock().unlink(ino, open);
+        let keep = open && (self.modes.is_streaming(info.id) || self.passes_through(ino)?);
+        if !keep {
+            self.delete_file(&info).await?;
+        }
+        self.tree.lock().unlink(ino, open, keep);
         self.touch_dir(parent);
         if open {
             return Ok(());

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::handles::HandleMode;
 use super::rules::check_size;
 use super::seal;
-use super::tree::{FileMeta, Node};
+use super::tree::{FileMeta, Node, Released};
 use super::{FsError, Ino, Result, VaultFs, MAX_SERVER_VERSION};
 use crate::cache::{PlainCache, PlainData, PlainHandle, SecretBuf};
 use crate::crypto::{self, FileContext, FileManifest, NameContext};
@@ -105,10 +105,17 @@ impl<R: Remote> VaultFs<R> {
             self.finish_stream(id).await?;
         }
         let last = !self.handles.is_open(id);
-        if last && self.tree.lock().release_orphan(ino) {
+        let released = if last { self.tree.lock().release_orphan(ino) } else { None };
+        if let Some(released) = released {
             // The last handle of an unlinked file: now it goes.
             self.modes.forget_unsaved(id);
             self.cache.remove(id);
+            if let Released::DeleteOnServer(info) = released {
+                if let Err(e) = self.delete_file(&info).await {
+                    tracing::warn!(file = %id, error = %e, "a file unlinked while open could not be deleted on the server at its last close; it shows again at the next listing");
+                    return Err(e);
+                }
+            }
             return Ok(());
         }
         let dirty = match self.cache.peek(id) {

@@ -143,6 +143,9 @@ impl<R: Remote> VaultFs<R> {
             // was streamed, then edit the file in memory like any other, at the
             // price of downloading it again. Slower, never wrong.
             tracing::info!(file = %id, offset, sent, "write behind a pass-through stream: finishing it and editing in memory");
+            // Our sender first: the upload's body ends only when every
+            // sender is gone (kept, the upload waited for more until it timed out).
+            drop(tx);
             self.finish_stream(id).await?;
             return Ok(Err(data));
         }

@@ -115,6 +115,15 @@ struct Seen {
     version: Option<u64>,
 }
 
+/// What the last release of an orphan leaves to do.
+#[derive(Debug)]
+pub(super) enum Released {
+    /// Nothing: the server deleted it at the unlink.
+    Gone,
+    /// Delete it on the server now (it was kept there for its handles).
+    DeleteOnServer(FileInfo),
+}
+
 /// A record of a vault listing, with its opened title (`None`: it failed its check).
 pub(super) type ListedRecord = (RecordInfo, Option<OsString>);
 /// A file of a vault listing, with its opened manifest and name.
@@ -131,8 +140,10 @@ pub(super) struct Tree {
     /// damage is visible) under a stand-in name, but every use of them is EIO.
     unreadable: HashMap<Ino, String>,
     /// Files unlinked while open: in no directory, still readable and
-    /// writable through their handles until the last one is released.
-    orphans: HashSet<Ino>,
+    /// writable through their handles until the last one is released. The
+    /// value: the server still holds the file (its content is read from
+    /// there, a pass-through file), to be deleted at that release.
+    orphans: HashMap<Ino, bool>,
     next: Ino,
     root_loaded: Option<Instant>,
     vault_loaded: HashMap<VaultId, Instant>,
@@ -263,7 +274,7 @@ impl Tree {
 
     /// Whether `ino` is a file unlinked while open.
     pub(super) fn is_orphan(&self, ino: Ino) -> bool {
-        self.orphans.contains(&ino)
+        self.orphans.contains_key(&ino)
     }
 
     // ---- the mount's own changes ---------------------------------------------
@@ -308,23 +319,31 @@ impl Tree {
 
     /// Removes file `ino` from its directory; if it is still `open`, it
     /// stays an orphan until [`Tree::release_orphan`], else it goes.
-    pub(super) fn unlink(&mut self, ino: Ino, open: bool) {
+    /// `on_server`: the server still holds it (see `orphans`).
+    pub(super) fn unlink(&mut self, ino: Ino, open: bool, on_server: bool) {
         if open {
             self.detach(ino);
-            self.orphans.insert(ino);
+            self.orphans.insert(ino, on_server);
         } else {
             self.remove(ino);
         }
     }
 
     /// The last handle of `ino` closed: if it was an orphan it goes now
-    /// (returns true).
-    pub(super) fn release_orphan(&mut self, ino: Ino) -> bool {
-        if !self.orphans.remove(&ino) {
-            return false;
-        }
-        self.nodes.remove(&ino);
-        true
+    /// (`None` if it was not one).
+    pub(super) fn release_orphan(&mut self, ino: Ino) -> Option<Released> {
+        let on_server = self.orphans.remove(&ino)?;
+        let node = self.nodes.remove(&ino);
+        Some(match node {
+            Some(Node::File { info, .. }) if on_server => Released::DeleteOnServer(info),
+            _ => Released::Gone,
+        })
+    }
+
+    /// Whether file `id` is an orphan: a listing that still names it (the
+    /// server holds it until its last close) does not put it back.
+    fn is_orphan_file(&self, id: FileId) -> bool {
+        self.keys.get(&Key::File(id)).is_some_and(|ino| self.orphans.contains_key(ino))
     }
 
     /// A file moved to another record was written anew as `new` (its
@@ -531,7 +550,10 @@ impl Tree {
             placed.push((parent, ino, name, what, Node::Record { info, parent }));
         }
         for (info, meta, name) in files {
-            if self.elsewhere(vault, Key::File(info.id)) || self.elsewhere(vault, Key::Record(info.record)) {
+            if self.elsewhere(vault, Key::File(info.id))
+                || self.elsewhere(vault, Key::Record(info.record))
+                || self.is_orphan_file(info.id)
+            {
                 continue;
             }
             let ino = self.ino_for(Key::File(info.id));
@@ -694,7 +716,10 @@ impl Tree {
             placed.push((parent, ino, name, Node::Record { info, parent }));
         }
         for (info, meta, name) in files {
-            if self.elsewhere(vault, Key::File(info.id)) || self.elsewhere(vault, Key::Record(info.record)) {
+            if self.elsewhere(vault, Key::File(info.id))
+                || self.elsewhere(vault, Key::Record(info.record))
+                || self.is_orphan_file(info.id)
+            {
                 continue;
             }
             let ino = self.ino_for(Key::File(info.id));
@@ -1078,12 +1103,12 @@ mod tests {
         assert_eq!(t.child(two, OsStr::new("g")), Some(ino));
         assert_eq!(t.name_of(ino), "g");
         check_consistent(&t);
-        t.unlink(ino, true);
+        t.unlink(ino, true, false);
         assert_eq!(t.child(two, OsStr::new("g")), None);
         assert!(t.is_orphan(ino) && t.file(ino).is_ok(), "still usable while open");
-        assert!(t.release_orphan(ino));
+        assert!(matches!(t.release_orphan(ino), Some(Released::Gone)));
         assert!(matches!(t.node(ino), Err(FsError::NotFound)));
-        assert!(!t.release_orphan(ino), "released once");
+        assert!(t.release_orphan(ino).is_none(), "released once");
         check_consistent(&t);
     }
 
