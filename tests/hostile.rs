@@ -716,6 +716,11 @@ fn modes_and_links_cannot_be_changed_by_the_server() {
     let mode = std::fs::metadata(r.join("script.sh")).unwrap().mode() & 0o7777;
     assert_eq!(mode, 0, "a rolled-back chmod shows no permissions (it was 0644 before it)");
     assert_eio(&r.join("script.sh"), "a rolled-back chmod", &m.log());
+    // A chmod now must not seal the older manifest anew (which would make
+    // its older content current again).
+    let again = std::fs::set_permissions(r.join("script.sh"), std::fs::Permissions::from_mode(0o644));
+    assert_eq!(again.unwrap_err().raw_os_error(), Some(libc::EIO), "a chmod over a rolled-back manifest");
+    assert_eio(&r.join("script.sh"), "after a refused chmod", &m.log());
     for l in ["l1", "l2"] {
         let e = std::fs::read_link(r.join(l)).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EIO), "{l}: a target moved to another link");

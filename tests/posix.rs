@@ -100,15 +100,27 @@ fn permission_bits_are_stored_and_seen_everywhere() {
     std::fs::write(r.join("build.sh"), b"#!/bin/sh\necho rebuilt\n").unwrap();
     assert_eq!(mode(&r.join("build.sh")), 0o755, "a content change keeps the mode");
 
+    // A chmod while a file above the end-to-end limit streams (cp -p does
+    // fchmod before close) goes with the stream's commit: no conflict copy.
+    let py = "import os, sys\nfd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)\n\
+              block = b'x' * (1 << 20)\nfor i in range(34): os.write(fd, block)\n\
+              os.fchmod(fd, 0o750)\nos.write(fd, block)\nos.close(fd)\n";
+    let out = std::process::Command::new("python3").args(["-c", py]).arg(r.join("big.bin")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(mode(&r.join("big.bin")), 0o750);
+    assert_eq!(std::fs::metadata(r.join("big.bin")).unwrap().len(), 35 << 20);
+    let names: Vec<_> = std::fs::read_dir(&r).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 4, "no conflict copy: {names:?}");
+
     let other = m.second_mount();
     let modes = |base: &dyn Fn(&str) -> std::path::PathBuf| {
-        ["build.sh", "private", "plain.txt"].map(|f| mode(&base(&format!("Family/modes/{f}"))))
+        ["build.sh", "private", "plain.txt", "big.bin"].map(|f| mode(&base(&format!("Family/modes/{f}"))))
     };
-    assert_eq!(modes(&|p| other.path(p)), [0o755, 0o600, 0o400]);
+    assert_eq!(modes(&|p| other.path(p)), [0o755, 0o600, 0o400, 0o750]);
     drop(other);
     m.unmount();
     m.mount();
-    assert_eq!(modes(&|p| m.path(p)), [0o755, 0o600, 0o400]);
+    assert_eq!(modes(&|p| m.path(p)), [0o755, 0o600, 0o400, 0o750]);
     assert_eq!(sh(&r, "./build.sh"), "rebuilt\n");
     assert_eq!(std::fs::read(r.join("private")).unwrap(), b"secret\n");
 }

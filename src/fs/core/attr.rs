@@ -21,7 +21,7 @@ use super::tree::{FileMeta, Node, Tree};
 use super::{check_file_answer, Attr, FsError, Ino, Kind, Result, VaultFs};
 use crate::crypto::manifest::{LEGACY_PERM, PERM_MASK};
 use crate::crypto::{FileContext, Layout};
-use crate::protocol::{ms_of, time_from_ms, FileUpdate};
+use crate::protocol::{ms_of, time_from_ms, FileInfo, FileUpdate};
 use crate::remote::Remote;
 
 /// Times this mount keeps for a node, in memory only.
@@ -84,7 +84,10 @@ impl<R: Remote> VaultFs<R> {
                         (if m.is_link() { Kind::Symlink } else { Kind::File }, 0)
                     }
                     Some(m) if m.is_link() => (Kind::Symlink, 0o777),
-                    Some(m) => (Kind::File, self.perm_of(node, m.perm)),
+                    Some(m) => {
+                        (Kind::File, self.perm_of(node, self.modes.chosen_perm(info.id).unwrap_or(m.perm)))
+                    }
+                    None if matches!(meta, FileMeta::Invalid) => (Kind::File, 0),
                     None => (Kind::File, self.perm_of(node, LEGACY_PERM)),
                 };
                 Attr {
@@ -136,9 +139,13 @@ impl<R: Remote> VaultFs<R> {
         // (The tree's guard is gone here: getattr takes it again.)
         let Some(info) = file else { return self.getattr(ino) };
         self.writable(ino)?;
-        // A stream being ended commits first (its manifest states the
-        // permissions it started with).
+        // A stream being ended commits first; one still running takes the
+        // bits with its commit (a chmod of its own would bump the version the
+        // commit expects, and its data would go to a conflict copy).
         self.settle_stream(ino).await;
+        if self.modes.choose_perm(info.id, perm) {
+            return self.getattr(ino);
+        }
         // Under the file's plaintext lock, as uploads are: none seals a
         // manifest meanwhile, and the cached copy's version follows.
         let handle = self.cache.pin(info.id);
@@ -147,21 +154,33 @@ impl<R: Remote> VaultFs<R> {
             let (current, meta) = self.tree.lock().file(ino).map(|(i, m)| (i.clone(), m.clone()))?;
             let manifest = match meta {
                 FileMeta::Sealed(m) if m.is_link() => return Ok(()),
-                FileMeta::Sealed(m) if m.perm == perm => return Ok(()),
-                FileMeta::Sealed(m) => m,
+                FileMeta::Sealed(m) => {
+                    // Never seal an older manifest anew: that would undo a
+                    // rollback this machine refused (its content included).
+                    self.check_fresh(current.id, m.generation).map_err(|source| FsError::Integrity {
+                        what: format!("file {}", current.id),
+                        source,
+                    })?;
+                    if m.perm == perm {
+                        return Ok(());
+                    }
+                    m
+                }
                 FileMeta::Legacy => {
-                    return Err(FsError::NotPermitted(
-                        "a file without a manifest keeps no mode: run `vaultfs vault migrate`".into(),
-                    ))
+                    // No manifest to keep a mode in: accepted and ignored,
+                    // as before modes were stored, so `cp -a` still works.
+                    tracing::debug!(file = %current.id, "chmod of a file without a manifest ignored (run `vaultfs vault migrate`)");
+                    return Ok(());
                 }
                 FileMeta::Invalid => return Err(FsError::Io("the file's manifest failed its check".into())),
             };
             let generation = self.next_generation(ino, current.id, current.version);
             let ctx = FileContext { vault: current.vault, record: current.record, file: current.id };
             let sealed = self.seal_manifest(&ctx, &manifest.with_perm(generation, perm))?;
-            let update = FileUpdate { meta: Some(sealed), ..Default::default() };
+            let update = FileUpdate { meta: Some(sealed.clone()), ..Default::default() };
             let updated = self.remote().update_file(current.id, current.version, update).await?;
-            let updated = check_file_answer(current.id, current.vault, updated)?;
+            // The manifest is the one sealed here, whatever the server answers.
+            let updated = FileInfo { meta: sealed, ..check_file_answer(current.id, current.vault, updated)? };
             let mut d = d;
             if d.version == current.version {
                 d.version = updated.version;
@@ -206,6 +225,7 @@ impl<R: Remote> VaultFs<R> {
         };
         let rules = self.writable(ino)?;
         if let Some(size) = size {
+            self.not_a_link(ino)?;
             check_size(&rules, size)?;
             // What the file holds now, as shown: an entry not loaded yet is
             // empty, but the file it stands for may not be.

@@ -256,7 +256,11 @@ impl<R: Remote> VaultFs<R> {
         } else if let Some(m) = meta.manifest() {
             // Pass-through content: exactly the length the manifest states,
             // each piece checked against its tag.
-            let crypto::ContentMode::Plain(tags) = &m.mode else { unreachable!("checked above") };
+            let crypto::ContentMode::Plain(tags) = &m.mode else {
+                // A link's manifest (the server answered with another
+                // version of another kind): nothing to read as content.
+                return Err(integrity(CryptoError::Integrity(crypto::IntegrityFailure::Authentication)));
+            };
             if content.total_len != m.length {
                 return Err(integrity(CryptoError::Integrity(crypto::IntegrityFailure::Length)));
             }

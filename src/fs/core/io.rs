@@ -170,7 +170,10 @@ impl<R: Remote> VaultFs<R> {
         let Ok(info) = self.file_info_by_id(id) else { return false };
         let Ok(fresh) = self.fetch_file(&info).await else { return false };
         match self.open_meta(&fresh) {
-            FileMeta::Sealed(m) => m.generation > generation && self.check_fresh(id, m.generation).is_ok(),
+            // New content, not a new manifest of the same content (a chmod).
+            FileMeta::Sealed(m) => {
+                m.content_generation > generation && self.check_fresh(id, m.generation).is_ok()
+            }
             FileMeta::Legacy | FileMeta::Invalid => false,
         }
     }

@@ -38,6 +38,15 @@ impl<R: Remote> VaultFs<R> {
         if self.tree.lock().child(parent, name).is_some() {
             return Err(FsError::Exists);
         }
+        let (vault, _) = self.file_parent(parent)?;
+        if !self.account.manifests_required(vault) {
+            // There the server could strip a link's manifest and serve it
+            // as a file of its choosing.
+            return Err(FsError::NotPermitted(
+                "symbolic links need a vault whose files all have manifests: run `vaultfs vault migrate`"
+                    .into(),
+            ));
+        }
         let (ino, _) = self.new_entry(parent, name, &FileManifest::new_link(1, target)).await?;
         self.getattr(ino)
     }
@@ -62,6 +71,17 @@ impl<R: Remote> VaultFs<R> {
                 Err(FsError::Io("the file's manifest failed its check".into()))
             }
             _ => Err(FsError::Invalid("not a symbolic link".into())),
+        }
+    }
+
+    /// Refuses to use link `ino` as a file (open, truncate): the kernel
+    /// resolves links before such calls, so only a caller of the core gets here.
+    pub(super) fn not_a_link(&self, ino: Ino) -> Result<()> {
+        match self.tree.lock().file(ino) {
+            Ok((_, meta)) if meta.manifest().is_some_and(|m| m.is_link()) => {
+                Err(FsError::Invalid("a symbolic link is not opened or truncated".into()))
+            }
+            _ => Ok(()),
         }
     }
 

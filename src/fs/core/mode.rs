@@ -92,6 +92,9 @@ struct FileState {
     /// the server last said it was current: while it still has that version,
     /// the kernel may keep the pages it cached from it.
     pass_confirmed: Option<(u64, Instant)>,
+    /// Permission bits set while the file streams: the stream's commit seals
+    /// them (a chmod of its own would bump the version the commit expects).
+    chosen_perm: Option<u16>,
 }
 
 impl FileState {
@@ -100,6 +103,7 @@ impl FileState {
             && self.unsaved.is_none()
             && self.upload.is_none()
             && self.pass_confirmed.is_none()
+            && self.chosen_perm.is_none()
     }
 }
 
@@ -297,8 +301,26 @@ impl FileModes {
                 _ => Writing::Cached,
             };
             s.upload = None;
+            s.chosen_perm = None;
         });
         self.bump();
+    }
+
+    /// Sets the permission bits of a streaming file (its commit seals them);
+    /// false if it is not streaming.
+    pub(super) fn choose_perm(&self, id: FileId, perm: u16) -> bool {
+        self.with(id, |s| match s.writing {
+            Writing::Streaming(_) => {
+                s.chosen_perm = Some(perm);
+                true
+            }
+            _ => false,
+        })
+    }
+
+    /// The permission bits chosen while streaming, if any.
+    pub(super) fn chosen_perm(&self, id: FileId) -> Option<u16> {
+        self.read(id, |s| s.chosen_perm).flatten()
     }
 
     // ---- unsaved changes ---------------------------------------------------------

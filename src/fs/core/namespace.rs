@@ -517,12 +517,30 @@ impl<R: Remote> VaultFs<R> {
         tree.file(ino).map(|(info, meta)| (info.clone(), meta.clone()))
     }
 
-    /// The permission bits file `id`'s manifest states (a new manifest keeps
-    /// them).
-    pub(super) fn stated_perm(&self, id: FileId) -> u16 {
-        let tree = self.tree.lock();
-        let meta = tree.file_ino(id).and_then(|ino| tree.file(ino).ok().map(|(_, meta)| meta.clone()));
-        meta.and_then(|m| m.manifest().map(|m| m.perm)).unwrap_or(crypto::manifest::LEGACY_PERM)
+    /// The permission bits a new manifest of file `id` keeps: those chosen
+    /// while it streams, else its manifest's. Refused (EIO) for a manifest
+    /// that failed its check or is older than one this machine saw: sealing
+    /// its bits at a new generation would undo a chmod the server rolled back.
+    pub(super) fn stated_perm(&self, id: FileId) -> Result<u16> {
+        if let Some(perm) = self.modes.chosen_perm(id) {
+            return Ok(perm);
+        }
+        let meta = {
+            let tree = self.tree.lock();
+            tree.file_ino(id).and_then(|ino| tree.file(ino).ok().map(|(_, meta)| meta.clone()))
+        };
+        match meta {
+            Some(FileMeta::Sealed(m)) => {
+                self.check_fresh(id, m.generation)
+                    .map_err(|source| FsError::Integrity { what: format!("file {id}"), source })?;
+                Ok(m.perm)
+            }
+            Some(FileMeta::Invalid) => Err(FsError::Integrity {
+                what: format!("the manifest of file {id}"),
+                source: crypto::CryptoError::Integrity(crypto::IntegrityFailure::Authentication),
+            }),
+            Some(FileMeta::Legacy) | None => Ok(crypto::manifest::LEGACY_PERM),
+        }
     }
 
     pub(super) fn file_info_by_id(&self, id: FileId) -> Result<FileInfo> {

@@ -64,6 +64,7 @@ impl<R: Remote> VaultFs<R> {
         truncate: bool,
         write: bool,
     ) -> Result<(u64, bool)> {
+        self.not_a_link(ino)?;
         if write || truncate {
             self.writable(ino)?;
         }
@@ -99,7 +100,7 @@ impl<R: Remote> VaultFs<R> {
                         let crypto::ContentMode::Plain(tags) = &m.mode else {
                             return Err(FsError::Io("not a pass-through file".into()));
                         };
-                        PassRead::new(info.id, m.length, m.generation, Some(tags.verifier()))
+                        PassRead::new(info.id, m.length, m.content_generation, Some(tags.verifier()))
                     }
                     _ => PassRead::new(info.id, info.size, 0, None),
                 };

@@ -210,7 +210,7 @@ impl<R: Remote> VaultFs<R> {
                 drop(d);
                 d = self.ready(info.id, &handle, None).await?.0;
             }
-            let perm = self.stated_perm(info.id);
+            let perm = self.stated_perm(info.id)?;
             let (new_ino, created) = self.new_file(new_parent, new_name, perm).await?;
             let (done, meta) = self.upload_whole(&created, 2, info.mtime_ms, &d.bytes).await?;
             let mut moved = created.clone();

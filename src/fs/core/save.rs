@@ -357,7 +357,7 @@ impl<R: Remote> VaultFs<R> {
         if staged.size != plain.length {
             return Err(FsError::Io(format!("the server stored {} bytes of {}", staged.size, plain.length)));
         }
-        let perm = self.stated_perm(info.id);
+        let perm = self.stated_perm(info.id)?;
         let manifest =
             FileManifest::new(plain.generation, plain.length, crypto::ContentMode::Plain(tags), perm);
         let ctx = FileContext { vault: info.vault, record: info.record, file: info.id };
@@ -458,7 +458,7 @@ impl<R: Remote> VaultFs<R> {
             (tree.parent_of(ino).ok_or(FsError::NotFound)?, tree.name_of(ino))
         };
         let copy_name = conflict_name(&name, SystemTime::now());
-        let (copy_ino, copy) = self.new_file(parent, &copy_name, self.stated_perm(info.id)).await?;
+        let (copy_ino, copy) = self.new_file(parent, &copy_name, self.stated_perm(info.id)?).await?;
         let (done, meta) = self.upload_whole(&copy, 2, now_ms(), plain).await?;
         let e2e = self.rules.vault(info.vault).encrypts(plain.len() as u64);
         self.set_file_info(copy_ino, |i| {

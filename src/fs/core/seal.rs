@@ -94,7 +94,7 @@ impl<R: Remote> VaultFs<R> {
         let (encryptor, header) = FileEncryptor::new(&key, ctx, generation, plain_len, &mut OsRandom)
             .map_err(|e| FsError::Io(e.to_string()))?;
         let mode = ContentMode::EndToEnd { upload: encryptor.upload_id() };
-        let manifest = FileManifest::new(generation, plain_len, mode, self.stated_perm(ctx.file));
+        let manifest = FileManifest::new(generation, plain_len, mode, self.stated_perm(ctx.file)?);
         let meta = self.seal_manifest(ctx, &manifest)?;
         let len = Layout::new(plain_len).map_or(0, |l| l.ciphertext_len());
         Ok(Sealer::EndToEnd { encryptor, header: header.to_vec(), meta, len })
