@@ -1,7 +1,8 @@
 //! Symbolic links: a link is a file of its record with no content, whose
 //! manifest holds the target (docs/FORMAT.md "File manifests", mode 03), so
-//! the server stores an empty file and learns nothing of where it points
-//! beyond a 64-byte bucket of the target's length.
+//! the server stores an empty file and learns nothing of where it points: it
+//! can tell a link by its manifest's length, which gives the target's length
+//! in 64-byte steps.
 //!
 //! Data flow. `symlink` seals a link manifest and creates the file with it
 //! (super::namespace `new_entry`); listings open it like any manifest, and the
