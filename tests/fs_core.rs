@@ -399,6 +399,37 @@ async fn rekey_after_a_removal_leaves_nothing_under_the_old_key() {
     assert_eq!((again.reencrypted, again.resealed, again.records, again.current), (0, 0, 0, 2));
 }
 
+/// A rekey seals what the server serves at a new generation: a file whose
+/// manifest (and content) the server rolled back below what this machine saw
+/// is left alone, not made current again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rekey_leaves_a_replayed_file_alone() {
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let ino = write_file(&fs, r.ino, "a.txt", b"first").await;
+    let (cli, vault, _) = share_and_remove_bob(&s).await;
+    let then = s.alice.files(vault.id).await.unwrap().remove(0);
+    let then_blob =
+        vaultfs::remote::collect(s.alice.download(then.id, None).await.unwrap().stream).await.unwrap();
+    let fh = fs.open(ino, true, true).await.unwrap();
+    fs.write(fh, 0, b"second").await.unwrap();
+    fs.fsync(ino, fh).await.unwrap();
+    fs.release(ino, fh).await.unwrap();
+    // The server serves the first version again.
+    let now = s.alice.file(then.id).await.unwrap();
+    let body = vaultfs::remote::UploadBody::from_bytes(then_blob).with_meta(then.meta.clone());
+    s.alice.upload(then.id, now.version, true, None, body).await.unwrap();
+
+    let freshness = Arc::clone(fs.freshness());
+    let seen = move |id| freshness.generation(id);
+    let generations = vaultfs::remote::rekey::Generations { seen: &seen, wrote: &|_, _| {} };
+    let done = cli.rekey_vault_checked(vault.id, &generations, |_, _| {}).await.unwrap();
+    assert_eq!((done.reencrypted, done.skipped.len()), (0, 1), "{done:?}");
+    assert!(done.skipped[0].contains("older than a version this machine saw"), "{done:?}");
+}
+
 /// A rekey of a vault with many files, stopped partway (its future dropped,
 /// as Ctrl-C does) and run again: the second run takes up the rest, skips what
 /// the first finished, and every file reads back as written.

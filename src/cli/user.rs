@@ -561,8 +561,12 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
                 .into());
             }
             let tty = std::io::stderr().is_terminal();
+            // What this machine saw: a replayed manifest is not sealed anew.
+            let seen = |id| freshness.generation(id);
+            let wrote = |id, generation| freshness.note(id, generation);
+            let generations = crate::remote::rekey::Generations { seen: &seen, wrote: &wrote };
             let done = unlocked
-                .rekey_vault(info.id, |k, total| {
+                .rekey_vault_checked(info.id, &generations, |k, total| {
                     if tty {
                         let width = 30;
                         let filled = (k * width).checked_div(total).unwrap_or(width);

@@ -10,6 +10,11 @@
 //! a pass-through file (never encrypted) only gets its manifest sealed afresh.
 //! What is already under the current key is skipped, so an interrupted run
 //! resumes where it stopped; a file changed meanwhile is left for the next run.
+//!
+//! A rekey seals what the server serves at a new generation, so it must not
+//! take a replay for the current state: given what this machine remembers
+//! ([`Generations`]), a file whose manifest is older than a generation seen
+//! is left alone, and every generation written is remembered.
 
 use futures_util::stream;
 
@@ -18,7 +23,7 @@ use super::{collect, Remote, RemoteError, UploadBody};
 use crate::crypto::manifest::manifest_key_id;
 use crate::crypto::names::name_key_id;
 use crate::crypto::{self, ContentMode, FileContext, FileManifest, KeyId, NameContext, OsRandom, VaultKey};
-use crate::ids::VaultId;
+use crate::ids::{FileId, VaultId};
 use crate::protocol::{FileInfo, FileUpdate, RecordUpdate, Sealed};
 
 /// What a rekey did.
@@ -36,12 +41,39 @@ pub struct Rekeyed {
     pub skipped: Vec<String>,
 }
 
+/// What this machine remembers of files' generations (the mount's freshness
+/// state), for a rekey: the newest seen of a file, and a note of one written.
+pub struct Generations<'a> {
+    /// The newest generation seen of a file (0: none).
+    pub seen: &'a (dyn Fn(FileId) -> u64 + Send + Sync),
+    /// A generation this rekey wrote.
+    pub wrote: &'a (dyn Fn(FileId, u64) + Send + Sync),
+}
+
+impl Generations<'static> {
+    /// Nothing remembered (tests, and a machine without a state file).
+    pub fn none() -> Self {
+        Generations { seen: &|_| 0, wrote: &|_, _| {} }
+    }
+}
+
 impl<R: Remote> Unlocked<R> {
     /// Seals everything of `vault` that is under an older key afresh under the
     /// current one; `progress(done, total)` is called after each file.
     pub async fn rekey_vault(
         &self,
         vault: VaultId,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Rekeyed, AccountError> {
+        self.rekey_vault_checked(vault, &Generations::none(), progress).await
+    }
+
+    /// [`Unlocked::rekey_vault`], refusing manifests older than `generations`
+    /// remembers and noting the generations written there.
+    pub async fn rekey_vault_checked(
+        &self,
+        vault: VaultId,
+        generations: &Generations<'_>,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Rekeyed, AccountError> {
         let (records, files) = tokio::try_join!(self.remote.records(vault), self.remote.files(vault))?;
@@ -67,7 +99,7 @@ impl<R: Remote> Unlocked<R> {
         }
         let total = files.len();
         for (done, f) in files.into_iter().enumerate() {
-            match self.rekey_file(&current, &f).await {
+            match self.rekey_file(&current, &f, generations).await {
                 Ok(Some(true)) => report.reencrypted += 1,
                 Ok(Some(false)) => report.resealed += 1,
                 Ok(None) => report.current += 1,
@@ -101,7 +133,12 @@ impl<R: Remote> Unlocked<R> {
 
     /// One file: `Some(true)` re-encrypted, `Some(false)` resealed only,
     /// `None` already current.
-    async fn rekey_file(&self, current: &VaultKey, f: &FileInfo) -> Result<Option<bool>, Skip> {
+    async fn rekey_file(
+        &self,
+        current: &VaultKey,
+        f: &FileInfo,
+        generations: &Generations<'_>,
+    ) -> Result<Option<bool>, Skip> {
         let skip = |e: &dyn std::fmt::Display| Skip(e.to_string());
         if f.meta.0.is_empty() {
             return Err(Skip("no manifest: run `vaultfs vault migrate` first".into()));
@@ -121,6 +158,11 @@ impl<R: Remote> Unlocked<R> {
         let old =
             self.vault_key(f.vault, meta_key).ok_or_else(|| Skip("its manifest's key is not held".into()))?;
         let manifest = crypto::open_manifest(&old, &ctx, &f.meta.0).map_err(|e| skip(&e))?;
+        if manifest.generation < (generations.seen)(f.id) {
+            return Err(Skip(
+                "its manifest is older than a version this machine saw (a replay by the server?)".into(),
+            ));
+        }
         // Stored end-to-end content is encrypted again, even an empty file's
         // (its header names the old key too).
         let reencrypt = manifest.is_e2e() && f.size > 0;
@@ -145,7 +187,7 @@ impl<R: Remote> Unlocked<R> {
         let (_, plain) =
             crypto::decrypt_file(&blob, &key, &ctx, manifest.content_generation).map_err(|e| skip(&e))?;
         drop(blob);
-        let generation = manifest.generation + 1;
+        let generation = manifest.generation.max((generations.seen)(f.id)) + 1;
         let sealed =
             crypto::encrypt_file(current, &ctx, generation, &plain, &mut OsRandom).map_err(|e| skip(&e))?;
         drop(plain);
@@ -165,6 +207,7 @@ impl<R: Remote> Unlocked<R> {
             .upload(f.id, f.version, true, Some(f.mtime_ms), body)
             .await
             .map_err(|e| changed(&e))?;
+        (generations.wrote)(f.id, generation);
         if let Some(name) = name {
             let update = FileUpdate { name: Some(name), ..Default::default() };
             self.remote.update_file(f.id, done.version, update).await.map_err(|e| changed(&e))?;
