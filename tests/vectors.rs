@@ -235,26 +235,12 @@ fn manifest_of(v: &ManifestVector, rng: &mut ReplayRandom) -> FileManifest {
     }
 }
 
-#[test]
-fn manifest_v1_vectors_still_open() {
-    let vectors: ManifestVectors = load(MANIFEST_VECTORS);
-    assert!(vectors.vector.len() >= 7, "vector file lost entries");
-    for v in &vectors.vector {
-        let key = key_of(&v.vault_key_id, &v.vault_key);
-        let mut rng = ReplayRandom::new(unhex(&v.random));
-        let m = manifest_of(v, &mut rng);
-        if let ContentMode::Plain(tags) = &m.mode {
-            let joined: Vec<u8> = tags.tags().iter().flatten().copied().collect();
-            assert_eq!(Some(hex(&joined)), v.tags, "{}: tags", v.description);
-        }
-        assert_eq!(open_manifest(&key, &manifest_ctx(v), &unhex(&v.sealed)).unwrap(), m, "{}", v.description);
-    }
-}
-
-#[test]
-fn manifest_v2_vectors_reproduce_and_open() {
-    let vectors: ManifestVectors = load(MANIFEST_V2_VECTORS);
-    assert!(vectors.vector.len() >= 6, "vector file lost entries");
+/// Checks each manifest vector of `file`: tags, and that the sealed bytes
+/// open to the manifest described; `reproduce`: sealing it again gives
+/// those bytes (the current version only: older ones are opened only).
+fn check_manifest_vectors(file: &str, at_least: usize, reproduce: bool) {
+    let vectors: ManifestVectors = load(file);
+    assert!(vectors.vector.len() >= at_least, "vector file lost entries");
     for v in &vectors.vector {
         let key = key_of(&v.vault_key_id, &v.vault_key);
         let mut rng = ReplayRandom::new(unhex(&v.random));
@@ -267,10 +253,22 @@ fn manifest_v2_vectors_reproduce_and_open() {
                 tags.verifier().verify(i as u64, [piece]).unwrap();
             }
         }
-        let sealed = seal_manifest(&key, &manifest_ctx(v), &m, &mut rng).unwrap();
-        assert_eq!(hex(&sealed), v.sealed, "{}: sealed", v.description);
+        if reproduce {
+            let sealed = seal_manifest(&key, &manifest_ctx(v), &m, &mut rng).unwrap();
+            assert_eq!(hex(&sealed), v.sealed, "{}: sealed", v.description);
+        }
         assert_eq!(open_manifest(&key, &manifest_ctx(v), &unhex(&v.sealed)).unwrap(), m, "{}", v.description);
     }
+}
+
+#[test]
+fn manifest_v1_vectors_still_open() {
+    check_manifest_vectors(MANIFEST_VECTORS, 7, false);
+}
+
+#[test]
+fn manifest_v2_vectors_reproduce_and_open() {
+    check_manifest_vectors(MANIFEST_V2_VECTORS, 6, true);
 }
 
 // manifest-vectors.toml (version 1) was written by the version before

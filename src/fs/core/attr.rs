@@ -77,22 +77,21 @@ impl<R: Remote> VaultFs<R> {
                 };
                 let (size, mtime) =
                     self.modes.local_size(info.id).unwrap_or((size, time_from_ms(info.mtime_ms)));
-                let (kind, perm) = match meta.manifest() {
-                    // Older than a generation this machine saw (a rollback):
-                    // every use is EIO, and it shows no permissions.
-                    Some(m) if m.generation < self.freshness.generation(info.id) => {
-                        (if m.is_link() { Kind::Symlink } else { Kind::File }, 0)
+                let perm = match meta {
+                    // Older than a generation this machine saw (a rollback),
+                    // or failed its check: every use is EIO, and it shows no
+                    // permissions.
+                    FileMeta::Sealed(m) if m.generation < self.freshness.generation(info.id) => 0,
+                    FileMeta::Invalid => 0,
+                    FileMeta::Sealed(m) if m.is_link() => 0o777,
+                    FileMeta::Sealed(m) => {
+                        self.perm_of(node, self.modes.chosen_perm(info.id).unwrap_or(m.perm))
                     }
-                    Some(m) if m.is_link() => (Kind::Symlink, 0o777),
-                    Some(m) => {
-                        (Kind::File, self.perm_of(node, self.modes.chosen_perm(info.id).unwrap_or(m.perm)))
-                    }
-                    None if matches!(meta, FileMeta::Invalid) => (Kind::File, 0),
-                    None => (Kind::File, self.perm_of(node, LEGACY_PERM)),
+                    FileMeta::Legacy => self.perm_of(node, LEGACY_PERM),
                 };
                 Attr {
                     ino,
-                    kind,
+                    kind: node.kind(),
                     size,
                     mtime,
                     atime: UNIX_EPOCH,
@@ -157,10 +156,7 @@ impl<R: Remote> VaultFs<R> {
                 FileMeta::Sealed(m) => {
                     // Never seal an older manifest anew: that would undo a
                     // rollback this machine refused (its content included).
-                    self.check_fresh(current.id, m.generation).map_err(|source| FsError::Integrity {
-                        what: format!("file {}", current.id),
-                        source,
-                    })?;
+                    self.refuse_stale(current.id, m.generation)?;
                     if m.perm == perm {
                         return Ok(());
                     }

@@ -58,10 +58,7 @@ impl<R: Remote> VaultFs<R> {
         match self.tree.lock().node(ino)? {
             Node::File { info, meta: FileMeta::Sealed(m), .. } => match &m.mode {
                 crate::crypto::ContentMode::Link(target) => {
-                    if let Err(source) = self.check_fresh(info.id, m.generation) {
-                        self.note_refusal(format!("file {}: {source}", info.id));
-                        return Err(FsError::Integrity { what: format!("link {}", info.id), source });
-                    }
+                    self.refuse_stale(info.id, m.generation)?;
                     // Read: remembered, as a file's content is when read.
                     self.note_generation(info.id, m.generation);
                     Ok(target.as_bytes().to_vec())

@@ -33,9 +33,7 @@ use super::tree::{display_name, FileMeta, Key, ListedFile, ListedRecord, Node};
 const FEED_MOST: usize = 50_000;
 /// Most pages of changes asked for at once (a page holds up to 1,000).
 const FEED_PAGES: usize = 100;
-use super::{
-    check_file_answer, Attr, Entry, EntryPlus, FsError, Ino, Invalidation, Kind, Result, VaultFs, ROOT,
-};
+use super::{check_file_answer, Attr, Entry, EntryPlus, FsError, Ino, Invalidation, Result, VaultFs, ROOT};
 use crate::crypto::{self, open_name, seal_name, FileContext, FileManifest, NameContext, OsRandom};
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::{now_ms, FileInfo, NewFile, RecordInfo, Sealed};
@@ -437,7 +435,7 @@ impl<R: Remote> VaultFs<R> {
     fn names_of(&self, ino: Ino) -> Result<Vec<Entry>> {
         let tree = self.tree.lock();
         let entries =
-            tree.entries(ino)?.map(|(name, child, node)| (child, kind_of(node), name.clone())).collect();
+            tree.entries(ino)?.map(|(name, child, node)| (child, node.kind(), name.clone())).collect();
         Ok(entries)
     }
 
@@ -459,7 +457,7 @@ impl<R: Remote> VaultFs<R> {
             .entries(ino)?
             .map(|(name, child, node)| {
                 let attr = tree.node(child).is_ok().then(|| self.attr_of(&tree, child, node));
-                (child, kind_of(node), name.clone(), attr)
+                (child, node.kind(), name.clone(), attr)
             })
             .collect();
         Ok(entries)
@@ -531,8 +529,7 @@ impl<R: Remote> VaultFs<R> {
         };
         match meta {
             Some(FileMeta::Sealed(m)) => {
-                self.check_fresh(id, m.generation)
-                    .map_err(|source| FsError::Integrity { what: format!("file {id}"), source })?;
+                self.refuse_stale(id, m.generation)?;
                 Ok(m.perm)
             }
             Some(FileMeta::Invalid) => Err(FsError::Integrity {
@@ -681,6 +678,16 @@ impl<R: Remote> VaultFs<R> {
         self.freshness.check(id, generation)
     }
 
+    /// [`VaultFs::check_fresh`] as the error every use of such a file gets
+    /// (EIO), logged and listed in `vaultfs status`.
+    pub(super) fn refuse_stale(&self, id: FileId, generation: u64) -> Result<()> {
+        self.check_fresh(id, generation).map_err(|source| {
+            tracing::error!(file = %id, error = %source, "refusing an older version of the file than this machine saw");
+            self.note_refusal(format!("file {id}: {source}"));
+            FsError::Integrity { what: format!("file {id}"), source }
+        })
+    }
+
     /// Notes that generation `generation` of a file exists.
     pub(super) fn note_generation(&self, id: FileId, generation: u64) {
         self.freshness.note(id, generation);
@@ -706,12 +713,4 @@ fn check_lookup_name(name: &OsStr) -> Result<()> {
         return Err(FsError::NameTooLong);
     }
     Ok(())
-}
-
-fn kind_of(node: &Node) -> Kind {
-    match node {
-        Node::File { meta: FileMeta::Sealed(m), .. } if m.is_link() => Kind::Symlink,
-        Node::File { .. } => Kind::File,
-        _ => Kind::Dir,
-    }
 }

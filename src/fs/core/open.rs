@@ -91,11 +91,7 @@ impl<R: Remote> VaultFs<R> {
             if self.passes_through(ino)? {
                 let reader = match self.file_state_by_id(info.id)?.1 {
                     FileMeta::Sealed(m) => {
-                        if let Err(source) = self.check_fresh(info.id, m.generation) {
-                            tracing::error!(file = %info.id, error = %source, "refusing an older version of the file than this machine saw");
-                            self.note_refusal(format!("file {}: {source}", info.id));
-                            return Err(FsError::Integrity { what: format!("file {}", info.id), source });
-                        }
+                        self.refuse_stale(info.id, m.generation)?;
                         self.note_generation(info.id, m.generation);
                         let crypto::ContentMode::Plain(tags) = &m.mode else {
                             return Err(FsError::Io("not a pass-through file".into()));

@@ -25,7 +25,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{FsError, Ino, Invalidation, Result, LISTING_TTL, NAME_MAX, ROOT};
+use super::{FsError, Ino, Invalidation, Kind, Result, LISTING_TTL, NAME_MAX, ROOT};
 use crate::crypto::{self, FileManifest};
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::{FileInfo, RecordInfo};
@@ -68,6 +68,15 @@ impl Node {
 
     fn is_dir(&self) -> bool {
         !matches!(self, Node::File { .. })
+    }
+
+    /// What the node is shown as: a file whose manifest says link is one.
+    pub(super) fn kind(&self) -> Kind {
+        match self {
+            Node::File { meta: FileMeta::Sealed(m), .. } if m.is_link() => Kind::Symlink,
+            Node::File { .. } => Kind::File,
+            _ => Kind::Dir,
+        }
     }
 
     /// The server's version of a record or file.
@@ -340,10 +349,13 @@ impl Tree {
         })
     }
 
-    /// Whether file `id` is an orphan: a listing that still names it (the
-    /// server holds it until its last close) does not put it back.
-    fn is_orphan_file(&self, id: FileId) -> bool {
-        self.keys.get(&Key::File(id)).is_some_and(|ino| self.orphans.contains_key(ino))
+    /// Whether a file a listing of `vault` names stays out of it: it (or its
+    /// record) is another vault's, or it is an orphan (the server holds it
+    /// until its last close; the listing does not put it back).
+    fn not_listed_here(&self, vault: VaultId, info: &FileInfo) -> bool {
+        self.elsewhere(vault, Key::File(info.id))
+            || self.elsewhere(vault, Key::Record(info.record))
+            || self.keys.get(&Key::File(info.id)).is_some_and(|ino| self.orphans.contains_key(ino))
     }
 
     /// A file moved to another record was written anew as `new` (its
@@ -550,10 +562,7 @@ impl Tree {
             placed.push((parent, ino, name, what, Node::Record { info, parent }));
         }
         for (info, meta, name) in files {
-            if self.elsewhere(vault, Key::File(info.id))
-                || self.elsewhere(vault, Key::Record(info.record))
-                || self.is_orphan_file(info.id)
-            {
+            if self.not_listed_here(vault, &info) {
                 continue;
             }
             let ino = self.ino_for(Key::File(info.id));
@@ -716,10 +725,7 @@ impl Tree {
             placed.push((parent, ino, name, Node::Record { info, parent }));
         }
         for (info, meta, name) in files {
-            if self.elsewhere(vault, Key::File(info.id))
-                || self.elsewhere(vault, Key::Record(info.record))
-                || self.is_orphan_file(info.id)
-            {
+            if self.not_listed_here(vault, &info) {
                 continue;
             }
             let ino = self.ino_for(Key::File(info.id));
