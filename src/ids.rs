@@ -82,6 +82,11 @@ define_id!(
     /// A file linked to a record.
     FileId
 );
+define_id!(
+    /// One mount's name as a holder of locks: random per mount, so the
+    /// server can tell its locks from another mount's of the same user.
+    HolderId
+);
 
 /// Lowercase hex of `bytes`.
 pub fn hex_encode(bytes: &[u8]) -> String {

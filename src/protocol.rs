@@ -8,7 +8,7 @@
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{FileId, RecordId, VaultId};
+use crate::ids::{FileId, HolderId, RecordId, VaultId};
 
 /// Unix time in milliseconds, as the server stores times.
 pub fn now_ms() -> i64 {
@@ -259,6 +259,111 @@ pub struct WaitForChanges {
 
 /// The longest a wait for changes is held (below the clients' read timeout).
 pub const MAX_WAIT_MS: u64 = 20_000;
+
+/// One byte range of a lock, both ends included (`end` at most `i64::MAX`:
+/// the kernel's "to the end of the file").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockRange {
+    /// First byte.
+    pub start: u64,
+    /// Last byte.
+    pub end: u64,
+    /// A write lock (no other owner may hold any lock over these bytes);
+    /// else a read lock (others may hold read locks too).
+    pub exclusive: bool,
+}
+
+impl LockRange {
+    /// Whether two locks of different owners cannot both be held: they
+    /// overlap and one of them is a write lock.
+    pub fn conflicts_with(&self, other: &LockRange) -> bool {
+        self.start <= other.end && other.start <= self.end && (self.exclusive || other.exclusive)
+    }
+}
+
+/// How long a lock lasts unless renewed, unless the server is set otherwise.
+pub const DEFAULT_LOCK_TTL_MS: u64 = 30_000;
+/// The largest byte a lock may name.
+pub const LOCK_END_MAX: u64 = i64::MAX as u64;
+/// Most ranges one owner may hold on one file.
+pub const MAX_LOCK_RANGES: usize = 256;
+/// Longest label of a lock holder, in bytes.
+pub const MAX_LOCK_LABEL: usize = 200;
+
+/// `PUT /v1/files/{id}/locks`: from now on, `owner` of mount `holder` holds
+/// exactly `ranges` of the file (none: it holds nothing). Granted when no
+/// other owner holds a conflicting lock, waiting up to `wait_ms` (at most
+/// [`MAX_WAIT_MS`]) for one to go. A request whose `seq` is below one already
+/// taken for this owner is refused, and a waiting one gives up when a newer
+/// one arrives: a client that gave up on a wait can take back what it asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetLocks {
+    /// The mount.
+    pub holder: HolderId,
+    /// The lock owner within the mount (a process, or an open file).
+    pub owner: u64,
+    /// Increases with each request of the mount.
+    pub seq: u64,
+    /// What the owner holds from now on.
+    pub ranges: Vec<LockRange>,
+    /// Who holds it, for other members to see (a host and process).
+    #[serde(default)]
+    pub label: String,
+    /// How long to wait for conflicting locks to go, in milliseconds.
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+/// The answer to [`SetLocks`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockAnswer {
+    /// Whether the owner now holds what it asked for (else it holds what it
+    /// held before).
+    pub granted: bool,
+    /// A lock that stood in the way, when not granted.
+    #[serde(default)]
+    pub blocker: Option<HeldLock>,
+    /// The file's version when answered.
+    pub version: u64,
+    /// The file's vault's change number when answered.
+    pub changes: u64,
+    /// How long a lock lasts unless renewed, in milliseconds.
+    pub ttl_ms: u64,
+}
+
+/// A lock someone holds on a file (`GET /v1/files/{id}/locks`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldLock {
+    /// The user holding it.
+    pub user: String,
+    /// The holding mount's label.
+    pub label: String,
+    /// The holding mount.
+    pub holder: HolderId,
+    /// The owner within that mount.
+    pub owner: u64,
+    /// The bytes and kind.
+    pub range: LockRange,
+    /// When it ends unless renewed, in milliseconds from the answer.
+    pub expires_in_ms: u64,
+}
+
+/// `POST /v1/locks/renew` and `DELETE /v1/locks/{holder}`: what a mount's
+/// locks came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocksRenewed {
+    /// How many ranges the mount holds (renewed), or held (dropped).
+    pub ranges: u64,
+    /// How long they last now unless renewed again, in milliseconds.
+    pub ttl_ms: u64,
+}
+
+/// `POST /v1/locks/renew`: keep every lock of `holder`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewLocks {
+    /// The mount.
+    pub holder: HolderId,
+}
 
 /// The answer to [`WaitForChanges`]: each of the caller's vaults with its
 /// change number now.

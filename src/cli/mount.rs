@@ -237,6 +237,7 @@ pub(crate) fn start_session<R: crate::remote::Remote>(
     raise_readahead(mountpoint);
     // The server's changes, followed while mounted.
     rt.spawn(fs.follow());
+    rt.spawn(fs.keep_locks());
     Ok(background)
 }
 

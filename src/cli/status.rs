@@ -177,6 +177,12 @@ fn print(out: &mut impl Write, s: &MountStatus) -> std::io::Result<()> {
         "the server's change feed is down: asking as needed"
     };
     writeln!(out, "  listing    {} entries; {feed}", s.fs.listed)?;
+    if s.fs.locks_shared {
+        let n = s.fs.locks_held;
+        writeln!(out, "  locks      {n} held on the server, seen by every mount (who holds one: getfattr -n user.vaultfs.locks FILE)")?;
+    } else {
+        writeln!(out, "  locks      held on this machine only (the server keeps none)")?;
+    }
     if s.fs.uploads.is_empty() {
         writeln!(out, "  uploading  nothing")?;
     }
@@ -310,6 +316,8 @@ mod tests {
                 refused: vec!["file ab12: stale version: generation 3, expected at least 5".into()],
                 listed: 1234,
                 feed_live: true,
+                locks_shared: true,
+                locks_held: 3,
             },
         };
         let mut out = Vec::new();
@@ -320,5 +328,6 @@ mod tests {
         assert!(text.contains("v.mkv  streaming"), "{text}");
         assert!(text.contains("refused    file ab12: stale version"), "{text}");
         assert!(text.contains("listing    1234 entries; the server pushes changes (feed live)"), "{text}");
+        assert!(text.contains("locks      3 held on the server"), "{text}");
     }
 }

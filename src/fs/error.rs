@@ -69,6 +69,15 @@ pub enum FsError {
     /// kept and retried).
     #[error("permission denied: {0}")]
     KeyBehind(String),
+    /// Another owner holds a conflicting lock (a lock asked for without waiting).
+    #[error("locked by another owner")]
+    WouldBlock,
+    /// A wait for a lock was interrupted by a signal.
+    #[error("interrupted")]
+    Interrupted,
+    /// A lock could not be taken or given up on the server (outage, refusal).
+    #[error("lock not available: {0}")]
+    NoLock(String),
     /// The server cannot be reached or failed.
     #[error("server unavailable: {0}")]
     Unavailable(String),
@@ -98,6 +107,9 @@ impl FsError {
             FsError::ReadOnly => libc::EROFS,
             FsError::Integrity { .. } => libc::EIO,
             FsError::Stale => libc::ESTALE,
+            FsError::WouldBlock => libc::EAGAIN,
+            FsError::Interrupted => libc::EINTR,
+            FsError::NoLock(_) => libc::ENOLCK,
             FsError::Unavailable(_) => libc::EIO,
             FsError::Io(_) => libc::EIO,
         }
@@ -118,6 +130,8 @@ impl FsError {
                 | FsError::NotSupported
                 | FsError::NameTooLong
                 | FsError::ReadOnly
+                | FsError::WouldBlock
+                | FsError::Interrupted
         )
     }
 }

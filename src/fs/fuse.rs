@@ -18,12 +18,12 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-    TimeOrNow, WriteFlags,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 use tracing::Instrument;
 
-use super::core::{Attr, Entry, EntryPlus, Invalidation, Kind, VaultFs};
+use super::core::{Attr, Entry, EntryPlus, Invalidation, Kind, LockKind, LockRequest, VaultFs, XATTR_LOCKS};
 use super::error::FsError;
 use crate::remote::Remote;
 
@@ -83,6 +83,10 @@ pub fn notifier_thread(notifier: fuser::Notifier) -> Box<dyn Fn(Vec<Invalidation
 fn notify(notifier: &fuser::Notifier, what: &Invalidation) {
     let result = match what {
         Invalidation::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, -1),
+        Invalidation::Told(told) => {
+            told.done();
+            Ok(())
+        }
         Invalidation::Entry { parent, name } => notifier.inval_entry(INodeNo(*parent), name),
         Invalidation::Deleted { parent, child, name } => notifier
             .delete(INodeNo(*parent), INodeNo(*child), name)
@@ -92,6 +96,64 @@ fn notify(notifier: &fuser::Notifier, what: &Invalidation) {
         if e.raw_os_error() != Some(libc::ENOENT) {
             tracing::debug!(?what, error = %e, "the kernel refused a notification");
         }
+    }
+}
+
+/// How often a blocked lock request looks whether its caller got a signal.
+const SIGNAL_POLL: Duration = Duration::from_millis(100);
+
+/// Completes once thread `tid` has a signal pending that it neither blocks
+/// nor ignores, or is gone: then its lock request is answered EINTR. (The
+/// kernel would say so with FUSE_INTERRUPT, but fuser 0.18 answers those
+/// itself, with ENOSYS, after which the kernel stops sending them; so the
+/// thread's state is read from /proc, every [`SIGNAL_POLL`], only while a
+/// lock request waits.) A caller in another pid namespace (tid 0) is never
+/// seen to get one.
+async fn signalled(tid: u32) {
+    if tid == 0 {
+        return std::future::pending().await;
+    }
+    let path = format!("/proc/{tid}/status");
+    loop {
+        tokio::time::sleep(SIGNAL_POLL).await;
+        match std::fs::read_to_string(&path) {
+            Ok(status) if !signal_pending(&status) => {}
+            _ => return,
+        }
+    }
+}
+
+/// Whether a /proc status names a pending signal that is neither blocked
+/// nor ignored (a fatal one shows as SIGKILL pending).
+fn signal_pending(status: &str) -> bool {
+    let mask = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    (mask("SigPnd:") | mask("ShdPnd:")) & !mask("SigBlk:") & !mask("SigIgn:") != 0
+}
+
+/// The core's lock request for the kernel's.
+fn lock_request(owner: LockOwner, start: u64, end: u64, typ: i32, pid: u32) -> Result<LockRequest, FsError> {
+    let kind = match typ {
+        libc::F_RDLCK => LockKind::Read,
+        libc::F_WRLCK => LockKind::Write,
+        libc::F_UNLCK => LockKind::Unlock,
+        _ => return Err(FsError::Invalid(format!("lock type {typ}"))),
+    };
+    Ok(LockRequest { owner: owner.0, pid, start, end, kind })
+}
+
+fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if value.len() > size as usize {
+        reply.error(Errno::from_i32(libc::ERANGE));
+    } else {
+        reply.data(value);
     }
 }
 
@@ -144,12 +206,25 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         {
             tracing::debug!(?missing, "kernel without readdirplus: listings without attributes");
         }
+        // Locks go to the server, so other mounts of the vault honour them;
+        // without these the kernel keeps them, on this machine only.
+        if self.fs.locks_across_clients() {
+            if let Err(missing) =
+                config.add_capabilities(InitFlags::FUSE_POSIX_LOCKS | InitFlags::FUSE_FLOCK_LOCKS)
+            {
+                tracing::warn!(?missing, "the kernel does not pass locks on: they hold on this machine only");
+            }
+        }
         Ok(())
     }
 
     fn destroy(&mut self) {
         let fs = Arc::clone(&self.fs);
-        let failed = self.rt.block_on(async move { fs.flush_all().await });
+        let failed = self.rt.block_on(async move {
+            let failed = fs.flush_all().await;
+            fs.drop_all_locks().await;
+            failed
+        });
         if failed > 0 {
             tracing::error!(failed, "unmounted with files that could not be saved");
         }
@@ -382,10 +457,13 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         });
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
         let fs = Arc::clone(&self.fs);
         self.spawn("flush", ino.0, async move {
-            match fs.flush(ino.0, fh.0).await {
+            // Saved first: a lock given up lets others read what was written.
+            let saved = fs.flush(ino.0, fh.0).await;
+            let unlocked = fs.unlock_owner(ino.0, lock_owner.0).await;
+            match saved.and(unlocked) {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("flush", &e)),
             }
@@ -414,6 +492,8 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     ) {
         let fs = Arc::clone(&self.fs);
         self.spawn("release", ino.0, async move {
+            // Its flocks and open-file locks go with the open file.
+            fs.unlock_handle(fh.0).await;
             match fs.release(ino.0, fh.0).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("release", &e)),
@@ -471,7 +551,72 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         reply.error(Errno::from_i32(FsError::NotSupported.errno()));
     }
 
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        let req = match lock_request(lock_owner, start, end, typ, pid) {
+            Ok(req) => req,
+            Err(e) => return reply.error(errno("getlk", &e)),
+        };
+        let fs = Arc::clone(&self.fs);
+        self.spawn("getlk", ino.0, async move {
+            match fs.getlk(ino.0, req).await {
+                Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+                Ok(Some(c)) => {
+                    let typ = if c.exclusive { libc::F_WRLCK } else { libc::F_RDLCK };
+                    reply.locked(c.start, c.end, typ, c.pid)
+                }
+                Err(e) => reply.error(errno("getlk", &e)),
+            }
+        });
+    }
+
+    fn setlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let lock = match lock_request(lock_owner, start, end, typ, pid) {
+            Ok(lock) => lock,
+            Err(e) => return reply.error(errno("setlk", &e)),
+        };
+        let (fs, thread) = (Arc::clone(&self.fs), req.pid());
+        self.spawn("setlk", ino.0, async move {
+            match fs.setlk(ino.0, fh.0, lock, sleep, signalled(thread)).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("setlk", &e)),
+            }
+        });
+    }
+
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if name == XATTR_LOCKS {
+            // Asks the server; not listed, so copies of the file never ask.
+            let fs = Arc::clone(&self.fs);
+            return self.spawn("getxattr", ino.0, async move {
+                match fs.lock_holders(ino.0).await {
+                    Ok(value) => reply_xattr(reply, size, &value),
+                    Err(e) => reply.error(errno("getxattr", &e)),
+                }
+            });
+        }
         match self.fs.getxattr(ino.0, name) {
             Ok(value) if size == 0 => reply.size(value.len() as u32),
             Ok(value) if value.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),

@@ -317,6 +317,26 @@ impl<R: Remote> Remote for FaultyRemote<R> {
         self.outage.check()?;
         self.inner.delete_file(id, expected).await
     }
+    async fn set_locks(
+        &self,
+        file: FileId,
+        req: crate::protocol::SetLocks,
+    ) -> Result<crate::protocol::LockAnswer> {
+        self.outage.check()?;
+        self.inner.set_locks(file, req).await
+    }
+    async fn file_locks(&self, file: FileId) -> Result<Vec<crate::protocol::HeldLock>> {
+        self.outage.check()?;
+        self.inner.file_locks(file).await
+    }
+    async fn renew_locks(&self, holder: crate::ids::HolderId) -> Result<crate::protocol::LocksRenewed> {
+        self.outage.check()?;
+        self.inner.renew_locks(holder).await
+    }
+    async fn drop_locks(&self, holder: crate::ids::HolderId) -> Result<crate::protocol::LocksRenewed> {
+        self.outage.check()?;
+        self.inner.drop_locks(holder).await
+    }
     async fn download(&self, id: FileId, range: Option<Range<u64>>) -> Result<Content> {
         self.outage.check()?;
         self.outage.0.downloads.lock().unwrap().push(range.clone());

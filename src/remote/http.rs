@@ -695,6 +695,32 @@ impl super::Remote for HttpRemote {
         self.delete(&format!("/v1/files/{id}"), expected).await
     }
 
+    async fn set_locks(
+        &self,
+        file: FileId,
+        req: crate::protocol::SetLocks,
+    ) -> Result<crate::protocol::LockAnswer> {
+        // A request names all the owner holds: sent twice, it does no harm.
+        let path = format!("/v1/files/{file}/locks");
+        let resp = self.send(Method::PUT, &path, Idempotent::Yes, |r| r.json(&req)).await?;
+        resp.json().await.map_err(protocol)
+    }
+
+    async fn file_locks(&self, file: FileId) -> Result<Vec<crate::protocol::HeldLock>> {
+        self.get_json(&format!("/v1/files/{file}/locks")).await
+    }
+
+    async fn renew_locks(&self, holder: crate::ids::HolderId) -> Result<crate::protocol::LocksRenewed> {
+        let body = crate::protocol::RenewLocks { holder };
+        let resp = self.send(Method::POST, "/v1/locks/renew", Idempotent::Yes, |r| r.json(&body)).await?;
+        resp.json().await.map_err(protocol)
+    }
+
+    async fn drop_locks(&self, holder: crate::ids::HolderId) -> Result<crate::protocol::LocksRenewed> {
+        let resp = self.send(Method::DELETE, &format!("/v1/locks/{holder}"), Idempotent::Yes, |r| r).await?;
+        resp.json().await.map_err(protocol)
+    }
+
     async fn download(&self, id: FileId, range: Option<Range<u64>>) -> Result<Content> {
         if range.as_ref().is_some_and(|r| r.start >= r.end) {
             return Err(RemoteError::BadRange);

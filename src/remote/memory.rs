@@ -58,7 +58,11 @@ impl MemoryServer {
     /// A fresh, empty server.
     pub fn new() -> Result<Self> {
         let meta = Meta::open(Path::new(":memory:")).map_err(|e| RemoteError::Unavailable(e.to_string()))?;
-        let config = ServiceConfig { session_ttl_secs: 3600, login_kdf: TEST_KDF };
+        let config = ServiceConfig {
+            session_ttl_secs: 3600,
+            login_kdf: TEST_KDF,
+            lock_ttl: crate::server::service::DEFAULT_LOCK_TTL,
+        };
         let blobs = MemoryBlobStore::default();
         let service = Service::new(meta, blobs.clone(), config)?;
         Ok(MemoryServer { service: Arc::new(service), blobs })
@@ -204,6 +208,26 @@ impl super::Remote for MemoryRemote {
 
     async fn delete_file(&self, id: FileId, expected: u64) -> Result<()> {
         Ok(self.service.delete_file(&self.caller, id, expected).await?)
+    }
+
+    async fn set_locks(
+        &self,
+        file: FileId,
+        req: crate::protocol::SetLocks,
+    ) -> Result<crate::protocol::LockAnswer> {
+        Ok(self.service.set_locks(&self.caller, file, req).await?)
+    }
+
+    async fn file_locks(&self, file: FileId) -> Result<Vec<crate::protocol::HeldLock>> {
+        Ok(self.service.file_locks(&self.caller, file).await?)
+    }
+
+    async fn renew_locks(&self, holder: crate::ids::HolderId) -> Result<crate::protocol::LocksRenewed> {
+        Ok(self.service.renew_locks(&self.caller, holder).await?)
+    }
+
+    async fn drop_locks(&self, holder: crate::ids::HolderId) -> Result<crate::protocol::LocksRenewed> {
+        Ok(self.service.drop_locks(&self.caller, holder).await?)
     }
 
     async fn download(&self, id: FileId, range: Option<Range<u64>>) -> Result<Content> {

@@ -28,10 +28,11 @@ pub mod tls;
 use std::future::Future;
 use std::ops::Range;
 
-use crate::ids::{FileId, RecordId, VaultId};
+use crate::ids::{FileId, HolderId, RecordId, VaultId};
 use crate::protocol::{
-    ByteStream, Changes, CommitRequest, FileInfo, FileUpdate, Me, Member, NewFile, NewRecord, NewVault,
-    RecordInfo, RecordUpdate, Sealed, Staged, UploadResult, UserKey, VaultInfo,
+    ByteStream, Changes, CommitRequest, FileInfo, FileUpdate, HeldLock, LockAnswer, LocksRenewed, Me, Member,
+    NewFile, NewRecord, NewVault, RecordInfo, RecordUpdate, Sealed, SetLocks, Staged, UploadResult, UserKey,
+    VaultInfo,
 };
 
 /// Errors a remote reports; each maps to one errno in the filesystem.
@@ -222,6 +223,15 @@ pub trait Remote: Send + Sync + 'static {
     ) -> impl Future<Output = Result<FileInfo>> + Send;
     /// Deletes a file if it is still at `expected`.
     fn delete_file(&self, id: FileId, expected: u64) -> impl Future<Output = Result<()>> + Send;
+    /// Makes what one lock owner of a mount holds on a file exactly
+    /// `req.ranges`, waiting up to `req.wait_ms` for conflicting locks to go.
+    fn set_locks(&self, file: FileId, req: SetLocks) -> impl Future<Output = Result<LockAnswer>> + Send;
+    /// The locks held on a file, by anyone.
+    fn file_locks(&self, file: FileId) -> impl Future<Output = Result<Vec<HeldLock>>> + Send;
+    /// Keeps every lock of mount `holder` for another lock lifetime.
+    fn renew_locks(&self, holder: HolderId) -> impl Future<Output = Result<LocksRenewed>> + Send;
+    /// Gives up every lock of mount `holder`.
+    fn drop_locks(&self, holder: HolderId) -> impl Future<Output = Result<LocksRenewed>> + Send;
     /// Reads content, whole or a byte range.
     fn download(&self, id: FileId, range: Option<Range<u64>>)
         -> impl Future<Output = Result<Content>> + Send;

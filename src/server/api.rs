@@ -11,7 +11,7 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use base64::Engine as _;
 use bytes::Bytes;
@@ -234,6 +234,9 @@ pub fn router<B: BlobStore>(service: Arc<Service<B>>) -> Router {
             get(download::<B>).put(upload::<B>).layer(DefaultBodyLimit::disable()),
         )
         .route("/v1/files/{file}/commit", post(commit::<B>))
+        .route("/v1/files/{file}/locks", get(file_locks::<B>).put(set_locks::<B>))
+        .route("/v1/locks/renew", post(renew_locks::<B>))
+        .route("/v1/locks/{holder}", delete(drop_locks::<B>))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .layer(axum::middleware::from_fn(drain_refused_bodies))
@@ -617,6 +620,39 @@ async fn delete_file<B: BlobStore>(
 ) -> ApiResult<StatusCode> {
     s.delete_file(&c, parse_id(&f, "file")?, if_match(&headers)?).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn set_locks<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(f): Path<String>,
+    JsonBody(req): JsonBody<crate::protocol::SetLocks>,
+) -> ApiResult<Response> {
+    Ok(axum::Json(s.set_locks(&c, parse_id(&f, "file")?, req).await?).into_response())
+}
+
+async fn file_locks<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(f): Path<String>,
+) -> ApiResult<Response> {
+    Ok(axum::Json(s.file_locks(&c, parse_id(&f, "file")?).await?).into_response())
+}
+
+async fn renew_locks<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    JsonBody(req): JsonBody<crate::protocol::RenewLocks>,
+) -> ApiResult<Response> {
+    Ok(axum::Json(s.renew_locks(&c, req.holder).await?).into_response())
+}
+
+async fn drop_locks<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(h): Path<String>,
+) -> ApiResult<Response> {
+    Ok(axum::Json(s.drop_locks(&c, parse_id(&h, "holder")?).await?).into_response())
 }
 
 /// Parses a single `Range: bytes=...` into (start, end exclusive). `bytes=-N`

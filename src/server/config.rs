@@ -26,6 +26,9 @@ pub struct ServerConfig {
     pub default_limits: LimitsConfig,
     /// Session lifetime in seconds.
     pub session_ttl_secs: u64,
+    /// How long a file lock lasts unless its mount renews it, in seconds: the
+    /// longest a crashed machine's locks stay (mounts renew every third of it).
+    pub lock_ttl_secs: u64,
     /// Argon2id parameters for new users' login keys (derived on the client).
     pub login_kdf: KdfConfig,
     /// Where file contents (blobs) are kept.
@@ -145,6 +148,7 @@ impl Default for ServerConfig {
             tls: TlsConfig::default(),
             default_limits: LimitsConfig::default(),
             session_ttl_secs: 12 * 3600,
+            lock_ttl_secs: 30,
             login_kdf: KdfConfig::default(),
             storage: StorageConfig::default(),
         }
@@ -239,6 +243,9 @@ impl ServerConfig {
             .map_err(|e| format!("table `login_kdf`: {e}"))?;
         if self.session_ttl_secs == 0 {
             return Err("key `session_ttl_secs`: must be positive".into());
+        }
+        if !(3..=3600).contains(&self.lock_ttl_secs) {
+            return Err("key `lock_ttl_secs`: must be between 3 and 3600".into());
         }
         if self.storage.backend == StorageBackend::S3 {
             let s3 = &self.storage.s3;

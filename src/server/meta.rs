@@ -21,6 +21,9 @@ use crate::protocol::{
 
 use super::blob::BlobId;
 
+mod locks;
+pub use locks::LockOutcome;
+
 /// Every statement is prepared once per connection and then reused from
 /// rusqlite's statement cache: for the small queries a request makes, parsing
 /// the SQL cost more than running it (13% of the server's CPU time on small
@@ -470,6 +473,7 @@ impl Meta {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(locks::LOCK_SCHEMA)?;
         upgrade_schema(&conn)?;
         upgrade_triggers(&mut conn)?;
         let mut meta = Meta { conn, feed_seen: 0 };

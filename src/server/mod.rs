@@ -124,7 +124,11 @@ async fn serve<B: BlobStore>(
     let service = Service::new(
         meta,
         blobs,
-        ServiceConfig { session_ttl_secs: config.session_ttl_secs, login_kdf: config.login_kdf.into() },
+        ServiceConfig {
+            session_ttl_secs: config.session_ttl_secs,
+            login_kdf: config.login_kdf.into(),
+            lock_ttl: std::time::Duration::from_secs(config.lock_ttl_secs),
+        },
     )?;
     let (incomplete, orphans) = service.collect_garbage().await?;
     if incomplete + orphans > 0 {

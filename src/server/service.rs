@@ -24,6 +24,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+mod locks;
+pub use locks::{DEFAULT_LOCK_TTL, MAX_LOCK_WAITS};
+
 use super::blob::{BlobError, BlobId, BlobRead, BlobStore, ByteStream};
 use super::meta::{Committed, FileRow, Meta, MetaError, User};
 use crate::ids::{hex_encode, FileId, RecordId, VaultId};
@@ -136,6 +139,8 @@ pub struct ServiceConfig {
     /// Argon2id parameters announced for users that do not exist (so answers for
     /// unknown and known users look alike).
     pub login_kdf: KdfWire,
+    /// How long a lock lasts unless its mount renews it.
+    pub lock_ttl: std::time::Duration,
 }
 
 /// An authenticated caller.
@@ -217,6 +222,11 @@ pub struct Service<B> {
     written: tokio::sync::watch::Sender<u64>,
     /// Waits for changes held open, per user (at most [`MAX_WAITS`] each).
     waits: parking_lot::Mutex<HashMap<i64, usize>>,
+    /// Counts the calls that may have given up a lock: lock requests that
+    /// wait look again when it moves.
+    lock_released: tokio::sync::watch::Sender<u64>,
+    /// Lock requests waiting, per user (at most `MAX_LOCK_WAITS` each).
+    lock_waits: parking_lot::Mutex<HashMap<i64, usize>>,
 }
 
 /// Most waits for changes one user may hold open at once.
@@ -288,6 +298,8 @@ impl<B: BlobStore> Service<B> {
             sessions: parking_lot::Mutex::default(),
             written: tokio::sync::watch::Sender::new(0),
             waits: parking_lot::Mutex::default(),
+            lock_released: tokio::sync::watch::Sender::new(0),
+            lock_waits: parking_lot::Mutex::default(),
         })
     }
 

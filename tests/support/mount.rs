@@ -28,6 +28,8 @@ pub struct MountSetup<'a> {
     pub log: Option<&'a str>,
     /// More arguments of `vaultfs mount`.
     pub mount_args: &'a [&'a str],
+    /// More lines of the server's config/server.toml (top-level keys).
+    pub server_toml: &'a str,
 }
 
 pub struct TestMount {
@@ -83,11 +85,12 @@ impl TestMount {
 
     /// A server with user "alice" and vault "Family", set up as `setup` says, mounted.
     pub fn start_setup(setup: MountSetup<'_>) -> Self {
-        let MountSetup { policy, vaults: more, data, user, log, mount_args } = setup;
+        let MountSetup { policy, vaults: more, data, user, log, mount_args, server_toml } = setup;
         assert!(fuse_available(), "/dev/fuse is missing: mount tests need FUSE (CI installs fuse3)");
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("server.toml");
-        std::fs::write(&config, "[login_kdf]\nm_cost_kib = 19456\nt_cost = 2\np_cost = 1\n").unwrap();
+        let toml = format!("{server_toml}\n[login_kdf]\nm_cost_kib = 19456\nt_cost = 2\np_cost = 1\n");
+        std::fs::write(&config, toml).unwrap();
         let data = data.map(Path::to_path_buf).unwrap_or_else(|| dir.path().join("data"));
         let server = TestServer::start_with_config(&data, &config);
         let home = dir.path().join("home");

@@ -180,7 +180,7 @@ impl<R: Remote> VaultFs<R> {
 
     /// Brings `vault` up to date if this mount has listed it and it is not
     /// current (a vault never opened is listed when it is).
-    async fn catch_up(&self, vault: VaultId) -> Result<()> {
+    pub(super) async fn catch_up(&self, vault: VaultId) -> Result<()> {
         if self.tree.lock().listed_at(vault).is_none() {
             return Ok(());
         }

@@ -21,6 +21,7 @@
 //! | plaintext → server while written (files above the limit) | `stream.rs` | |
 //! | plaintext → server on flush, fsync, release; conflicts; retries | `save.rs`, `seal.rs` | |
 //! | symbolic links: symlink, readlink | `links.rs` | |
+//! | flock and POSIX locks across clients: leases on the server, renewed | `locks.rs` | [`locks::LockTable`] |
 //! | unlink and rename | `rename.rs` | |
 //! | `vaultfs status` and the `user.vaultfs.*` attributes | `status.rs` | [`status::Refusals`] |
 //!
@@ -29,6 +30,9 @@
 //! generations is the [`Freshness`].
 //!
 //! Lock order. Outermost first:
+//! 0. a lock owner's gate (async, per file and owner, in `locks`: held while
+//!    one request of that owner is sent, waited on and followed up, which
+//!    takes the file's plaintext);
 //! 1. a file's plaintext (async, per file; held across awaits while the file
 //!    is loaded, changed or uploaded, which orders those steps per file; no
 //!    task holds two files' plaintext at once);
@@ -38,7 +42,7 @@
 //!    under it);
 //! 3. `tree`;
 //! 4. leaf locks: `rules`, `handles`, `modes`, `times`, `fills`, `refusals`,
-//!    `legacy_warned`, `loading`, `feed`, and those inside the cache and the
+//!    `legacy_warned`, `loading`, `feed`, those inside `locks`, the cache and the
 //!    freshness state.
 //!
 //! The tree and every leaf lock are synchronous (`parking_lot`), never held
@@ -69,6 +73,7 @@ mod follow;
 mod handles;
 mod io;
 mod links;
+mod locks;
 mod mode;
 mod namespace;
 mod open;
@@ -83,10 +88,12 @@ mod tree;
 
 pub use io::ReadData;
 use io::WriteData;
+pub use locks::{with_lock, LockConflict, LockKind, LockRequest};
 pub use passread::READ_AHEAD;
 pub use save::conflict_name;
 pub use status::{
-    FsStatus, SyncState, UploadProgress, UploadStatus, XATTR_E2E, XATTR_ID, XATTR_STATE, XATTR_VERSION,
+    FsStatus, SyncState, UploadProgress, UploadStatus, XATTR_E2E, XATTR_ID, XATTR_LOCKS, XATTR_STATE,
+    XATTR_VERSION,
 };
 
 /// Inode number.
@@ -156,6 +163,8 @@ pub enum Invalidation {
         /// The name.
         name: std::ffi::OsString,
     },
+    /// Not a notification: the ones before it in the batch were sent.
+    Told(Told),
     /// A name gone from a directory, with the node it named (inotify watchers
     /// of the directory are told).
     Deleted {
@@ -167,6 +176,25 @@ pub enum Invalidation {
         name: std::ffi::OsString,
     },
 }
+
+/// Said once the notifications before it were sent to the kernel.
+#[derive(Debug, Clone, Default)]
+pub struct Told(Arc<tokio::sync::Notify>);
+
+impl Told {
+    /// The notifications before it were sent.
+    pub fn done(&self) {
+        self.0.notify_one();
+    }
+}
+
+impl PartialEq for Told {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Told {}
 
 /// A directory entry: inode, kind and name.
 pub type Entry = (Ino, Kind, std::ffi::OsString);
@@ -232,6 +260,8 @@ pub struct VaultFs<R> {
     invalidate: OnceLock<Box<dyn Fn(Vec<Invalidation>) + Send + Sync>>,
     /// Whether the change feed is live (see `follow.rs`).
     feed: follow::Feed,
+    /// The locks this mount holds on the server.
+    locks: locks::LockTable,
     /// Each vault's loading lock (see the lock order).
     loading: Mutex<std::collections::HashMap<VaultId, Arc<tokio::sync::Mutex<()>>>>,
     /// What directories show as their time until this mount changes them.
@@ -242,7 +272,7 @@ impl<R: Remote> VaultFs<R> {
     /// A filesystem over an unlocked account.
     pub async fn new(account: Unlocked<R>, options: FsOptions) -> Result<Self> {
         let limits = account.remote.me().await?.limits;
-        Ok(VaultFs {
+        let fs = VaultFs {
             account,
             rules: rules::Rules::new(options.policy, limits),
             tree: Mutex::new(tree::Tree::new()),
@@ -257,9 +287,12 @@ impl<R: Remote> VaultFs<R> {
             confirmed_for: options.confirmed_for,
             invalidate: OnceLock::new(),
             feed: follow::Feed::default(),
+            locks: locks::LockTable::new(),
             loading: Mutex::new(std::collections::HashMap::new()),
             mounted_at: SystemTime::now(),
-        })
+        };
+        fs.start_locks().await;
+        Ok(fs)
     }
 
     fn remote(&self) -> &R {
@@ -291,6 +324,17 @@ impl<R: Remote> VaultFs<R> {
         if let Some(invalidate) = self.invalidate.get() {
             invalidate(what);
         }
+    }
+
+    /// Tells the kernel what to forget and waits until it was told (for at
+    /// most [`locks::KERNEL_TOLD_WITHIN`]): what a caller reads next must not
+    /// come from pages it dropped.
+    async fn tell_kernel_now(&self, mut what: Vec<Invalidation>) {
+        let Some(invalidate) = self.invalidate.get() else { return };
+        let told = Told::default();
+        what.push(Invalidation::Told(told.clone()));
+        invalidate(what);
+        let _ = tokio::time::timeout(locks::KERNEL_TOLD_WITHIN, told.0.notified()).await;
     }
 
     /// The plaintext cache (for status).

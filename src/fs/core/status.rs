@@ -32,6 +32,9 @@ pub const XATTR_VERSION: &str = "user.vaultfs.version";
 /// it (they never name a decrypted name). Readable also where the object's
 /// name or manifest failed its check, which is when a log line names it.
 pub const XATTR_ID: &str = "user.vaultfs.id";
+/// Who holds locks on a file, one line each, asked of the server (not
+/// listed by listxattr, so copying a file never asks).
+pub const XATTR_LOCKS: &str = "user.vaultfs.locks";
 
 /// How far an upload got.
 #[derive(Debug)]
@@ -76,6 +79,12 @@ pub struct FsStatus {
     /// Whether the server's change feed is live (changes pushed at once).
     #[serde(default)]
     pub feed_live: bool,
+    /// Whether locks are held on the server (else on this machine only).
+    #[serde(default)]
+    pub locks_shared: bool,
+    /// Lock ranges this mount holds on the server.
+    #[serde(default)]
+    pub locks_held: u64,
 }
 
 /// Upload state of a file, for `user.vaultfs.state` and `vaultfs status`.
@@ -153,6 +162,8 @@ impl<R: Remote> VaultFs<R> {
             refused: self.refusals.list(),
             listed,
             feed_live,
+            locks_shared: self.locks_across_clients(),
+            locks_held: self.locks.count(),
         }
     }
 

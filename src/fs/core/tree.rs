@@ -638,7 +638,7 @@ impl Tree {
             .iter()
             .filter_map(|i| match i {
                 Invalidation::Entry { parent, .. } | Invalidation::Deleted { parent, .. } => Some(*parent),
-                Invalidation::Inode(_) => None,
+                Invalidation::Inode(_) | Invalidation::Told(_) => None,
             })
             .collect();
         dirs.sort_unstable();
@@ -657,6 +657,7 @@ impl Tree {
             Invalidation::Deleted { .. } => 0,
             Invalidation::Entry { .. } => 1,
             Invalidation::Inode(_) => 2,
+            Invalidation::Told(_) => 3,
         });
         out
     }
