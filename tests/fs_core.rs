@@ -1979,3 +1979,122 @@ async fn a_server_answering_waits_at_once_gets_a_bounded_rate() {
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     assert!(outage.requests() - asked <= 2, "quiet again");
 }
+
+/// A lock over the whole file for `owner`.
+fn whole(owner: u64, kind: vaultfs::fs::core::LockKind) -> vaultfs::fs::core::LockRequest {
+    vaultfs::fs::core::LockRequest { owner, pid: 7, start: 0, end: i64::MAX as u64, kind }
+}
+
+/// Two mounts of one vault: a lock held through one keeps the other out
+/// (refused, or waited for until it goes), an interrupted wait gets EINTR
+/// and leaves nothing held, and a lock granted after another mount wrote
+/// under its own lock reads what that mount wrote, not its own older copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_keep_two_mounts_in_turn_and_bring_the_file_up_to_date() {
+    use vaultfs::fs::core::LockKind::{Read, Unlock, Write};
+    let never = std::future::pending::<()>;
+    let s = setup(&["V"]).await;
+    let (fs1, fs2) = (mount(s.alice.clone()).await, mount(s.alice.clone()).await);
+    let v1 = fs1.lookup(ROOT, n("V")).await.unwrap();
+    let r1 = fs1.mkdir(v1.ino, n("r")).await.unwrap();
+    write_file(&fs1, r1.ino, "db", b"base").await;
+    let a1 = fs1.lookup(r1.ino, n("db")).await.unwrap();
+    let a2 = fs2.lookup(r_ino(&fs2).await, n("db")).await.unwrap();
+    let (h1, h2) =
+        (fs1.open(a1.ino, false, true).await.unwrap(), fs2.open(a2.ino, false, true).await.unwrap());
+    assert_eq!(fs2.read(h2, 0, 100).await.unwrap().to_vec(), b"base", "mount 2 holds the file in memory");
+
+    fs1.setlk(a1.ino, h1, whole(1, Write), false, never()).await.unwrap();
+    assert_eq!(errno(fs2.setlk(a2.ino, h2, whole(2, Read), false, never()).await), libc::EAGAIN);
+    let seen = fs2.getlk(a2.ino, whole(2, Read)).await.unwrap().expect("mount 1's lock");
+    assert!(seen.exclusive && seen.pid == 0, "another machine's lock, no local pid: {seen:?}");
+    let local = fs1.getlk(a1.ino, whole(3, Read)).await.unwrap().expect("owner 1's lock");
+    assert_eq!(local.pid, 7, "a lock of this mount names its process");
+    assert_eq!(fs1.getlk(a1.ino, whole(1, Write)).await.unwrap(), None, "an owner never blocks itself");
+
+    // Interrupted while waiting: EINTR, and nothing is left held for owner 2.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let fs = Arc::clone(&fs2);
+    let waiting = tokio::spawn(async move {
+        fs.setlk(a2.ino, h2, whole(2, Write), true, async { drop(stopped.await) }).await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "a blocking request waits");
+    stop.send(()).unwrap();
+    assert_eq!(errno(waiting.await.unwrap()), libc::EINTR);
+
+    // Mount 1 writes under its lock; mount 2's waiter is granted when it lets
+    // go, and reads the new bytes (its own copy was older).
+    fs1.write(h1, 0, b"written under the lock").await.unwrap();
+    let fs = Arc::clone(&fs2);
+    let waiting = tokio::spawn(async move { fs.setlk(a2.ino, h2, whole(2, Write), true, never()).await });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "waits while mount 1 holds the lock");
+    fs1.setlk(a1.ino, h1, whole(1, Unlock), false, never()).await.unwrap();
+    waiting.await.unwrap().unwrap();
+    assert_eq!(fs2.read(h2, 0, 100).await.unwrap().to_vec(), b"written under the lock");
+
+    // A flush (a close by owner 2) gives up owner 2's locks; then mount 1 gets one.
+    assert_eq!(errno(fs1.setlk(a1.ino, h1, whole(1, Read), false, never()).await), libc::EAGAIN);
+    fs2.unlock_owner(a2.ino, 2).await.unwrap();
+    fs1.setlk(a1.ino, h1, whole(1, Read), false, never()).await.unwrap();
+    // The release of the handle a flock was taken through gives it up too.
+    fs2.setlk(a2.ino, h2, whole(9, Read), false, never()).await.unwrap();
+    assert_eq!(fs1.status().locks_held, 1);
+    assert_eq!(fs2.status().locks_held, 1);
+    fs2.unlock_handle(h2).await;
+    fs2.release(a2.ino, h2).await.unwrap();
+    assert_eq!(fs2.status().locks_held, 0);
+    let holders = String::from_utf8(fs1.lock_holders(a1.ino).await.unwrap()).unwrap();
+    assert_eq!(holders.lines().count(), 1, "{holders}");
+    assert!(holders.starts_with("read lock on bytes 0-end by alice at ") && holders.contains("(this mount)"));
+    fs1.unlock_handle(h1).await;
+    fs1.release(a1.ino, h1).await.unwrap();
+    drop(s.server);
+}
+
+/// The server's side of a taken-back request: a request numbered below one
+/// already seen for its owner is void, and one still waiting when a newer
+/// one arrives gives up instead of being granted later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_request_taken_back_is_never_granted_later() {
+    use vaultfs::ids::HolderId;
+    use vaultfs::protocol::{LockRange, SetLocks};
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    write_file(&fs, r.ino, "f", b"x").await;
+    let ino = fs.lookup(r.ino, n("f")).await.unwrap().ino;
+    let id: vaultfs::ids::FileId =
+        String::from_utf8(fs.getxattr(ino, n("user.vaultfs.id")).unwrap()).unwrap().parse().unwrap();
+    let (one, two) = (HolderId([1; 16]), HolderId([2; 16]));
+    let all = vec![LockRange { start: 0, end: 99, exclusive: true }];
+    let ask = |holder, seq, ranges: &Vec<LockRange>, wait_ms| SetLocks {
+        holder,
+        owner: 5,
+        seq,
+        ranges: ranges.clone(),
+        label: "test".into(),
+        wait_ms,
+    };
+    assert!(s.alice.set_locks(id, ask(one, 10, &all, 0)).await.unwrap().granted);
+    // Holder two waits for the range, then takes the request back (seq 21).
+    let remote = s.alice.clone();
+    let waiting = tokio::spawn({
+        let all = all.clone();
+        async move { remote.set_locks(id, ask(two, 20, &all, 10_000)).await.unwrap() }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished());
+    assert!(s.alice.set_locks(id, ask(two, 21, &Vec::new(), 0)).await.unwrap().granted);
+    // Holder one lets go: the old request must not be granted now.
+    assert!(s.alice.set_locks(id, ask(one, 11, &Vec::new(), 0)).await.unwrap().granted);
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.unwrap().unwrap();
+    assert!(!answer.granted && answer.blocker.is_none(), "{answer:?}");
+    assert!(s.alice.file_locks(id).await.unwrap().is_empty(), "nothing held");
+    // An older number than one seen is void too.
+    assert!(!s.alice.set_locks(id, ask(two, 19, &all, 0)).await.unwrap().granted);
+    assert!(s.alice.file_locks(id).await.unwrap().is_empty());
+    drop(s.server);
+}
