@@ -358,12 +358,28 @@ pub struct LocksRenewed {
     pub ttl_ms: u64,
 }
 
-/// `POST /v1/locks/renew`: keep every lock of `holder`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// `POST /v1/locks/renew`: keep the locks of `holder` that `held` names, and
+/// drop its others.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RenewLocks {
     /// The mount.
     pub holder: HolderId,
+    /// Each file and owner the mount holds locks of.
+    #[serde(default)]
+    pub held: Vec<LockOwnerOf>,
 }
+
+/// One owner's locks on one file, as a mount names them when renewing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LockOwnerOf {
+    /// The file.
+    pub file: FileId,
+    /// The owner.
+    pub owner: u64,
+}
+
+/// Most (file, owner) pairs one renewal may name.
+pub const MAX_LOCK_OWNERS: usize = 65_536;
 
 /// The answer to [`WaitForChanges`]: each of the caller's vaults with its
 /// change number now.

@@ -2096,5 +2096,17 @@ async fn a_lock_request_taken_back_is_never_granted_later() {
     // An older number than one seen is void too.
     assert!(!s.alice.set_locks(id, ask(two, 19, &all, 0)).await.unwrap().granted);
     assert!(s.alice.file_locks(id).await.unwrap().is_empty());
+
+    // A renewal keeps only what the mount names: a lock whose answer it
+    // never got (here owner 6's) goes at once instead of being kept alive.
+    let some = vec![LockRange { start: 0, end: 9, exclusive: false }];
+    assert!(s.alice.set_locks(id, ask(one, 30, &some, 0)).await.unwrap().granted);
+    let mut stray = ask(one, 31, &some, 0);
+    stray.owner = 6;
+    assert!(s.alice.set_locks(id, stray).await.unwrap().granted);
+    let named = vec![vaultfs::protocol::LockOwnerOf { file: id, owner: 5 }];
+    assert_eq!(s.alice.renew_locks(one, named).await.unwrap().ranges, 1);
+    let left = s.alice.file_locks(id).await.unwrap();
+    assert_eq!(left.iter().map(|l| l.owner).collect::<Vec<_>>(), [5], "{left:?}");
     drop(s.server);
 }

@@ -117,8 +117,12 @@ async fn signalled(tid: u32) {
     loop {
         tokio::time::sleep(SIGNAL_POLL).await;
         match std::fs::read_to_string(&path) {
-            Ok(status) if !signal_pending(&status) => {}
-            _ => return,
+            Ok(status) if signal_pending(&status) => return,
+            Ok(_) => {}
+            // The thread is gone: nobody waits for the answer.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            // Unreadable (/proc mounted with hidepid): never taken for a signal.
+            Err(_) => return std::future::pending().await,
         }
     }
 }
@@ -134,6 +138,28 @@ fn signal_pending(status: &str) -> bool {
             .unwrap_or(0)
     };
     (mask("SigPnd:") | mask("ShdPnd:")) & !mask("SigBlk:") & !mask("SigIgn:") != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::signal_pending;
+
+    #[test]
+    fn a_pending_signal_counts_unless_blocked_or_ignored() {
+        let status = |pnd: &str, shd: &str, blk: &str, ign: &str| {
+            format!("Name:\tflock\nSigPnd:\t{pnd}\nShdPnd:\t{shd}\nSigBlk:\t{blk}\nSigIgn:\t{ign}\n")
+        };
+        let none = "0000000000000000";
+        let sigint = "0000000000000002";
+        let sigkill = "0000000000000100";
+        assert!(!signal_pending(&status(none, none, none, none)));
+        assert!(signal_pending(&status(sigint, none, none, none)));
+        assert!(signal_pending(&status(none, sigint, none, none)), "process-wide");
+        assert!(!signal_pending(&status(sigint, none, sigint, none)), "blocked");
+        assert!(!signal_pending(&status(none, sigint, none, sigint)), "ignored");
+        assert!(signal_pending(&status(sigkill, none, none, none)), "a fatal signal");
+        assert!(!signal_pending("garbage"));
+    }
 }
 
 /// The core's lock request for the kernel's.
@@ -492,9 +518,11 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     ) {
         let fs = Arc::clone(&self.fs);
         self.spawn("release", ino.0, async move {
-            // Its flocks and open-file locks go with the open file.
+            // Its flocks and open-file locks go with the open file, once what
+            // it wrote is stored (a stream ends at release).
+            let released = fs.release(ino.0, fh.0).await;
             fs.unlock_handle(fh.0).await;
-            match fs.release(ino.0, fh.0).await {
+            match released {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno("release", &e)),
             }

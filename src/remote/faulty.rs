@@ -329,9 +329,13 @@ impl<R: Remote> Remote for FaultyRemote<R> {
         self.outage.check()?;
         self.inner.file_locks(file).await
     }
-    async fn renew_locks(&self, holder: crate::ids::HolderId) -> Result<crate::protocol::LocksRenewed> {
+    async fn renew_locks(
+        &self,
+        holder: crate::ids::HolderId,
+        held: Vec<crate::protocol::LockOwnerOf>,
+    ) -> Result<crate::protocol::LocksRenewed> {
         self.outage.check()?;
-        self.inner.renew_locks(holder).await
+        self.inner.renew_locks(holder, held).await
     }
     async fn drop_locks(&self, holder: crate::ids::HolderId) -> Result<crate::protocol::LocksRenewed> {
         self.outage.check()?;

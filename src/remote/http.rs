@@ -710,8 +710,12 @@ impl super::Remote for HttpRemote {
         self.get_json(&format!("/v1/files/{file}/locks")).await
     }
 
-    async fn renew_locks(&self, holder: crate::ids::HolderId) -> Result<crate::protocol::LocksRenewed> {
-        let body = crate::protocol::RenewLocks { holder };
+    async fn renew_locks(
+        &self,
+        holder: crate::ids::HolderId,
+        held: Vec<crate::protocol::LockOwnerOf>,
+    ) -> Result<crate::protocol::LocksRenewed> {
+        let body = crate::protocol::RenewLocks { holder, held };
         let resp = self.send(Method::POST, "/v1/locks/renew", Idempotent::Yes, |r| r.json(&body)).await?;
         resp.json().await.map_err(protocol)
     }

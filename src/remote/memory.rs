@@ -222,8 +222,12 @@ impl super::Remote for MemoryRemote {
         Ok(self.service.file_locks(&self.caller, file).await?)
     }
 
-    async fn renew_locks(&self, holder: crate::ids::HolderId) -> Result<crate::protocol::LocksRenewed> {
-        Ok(self.service.renew_locks(&self.caller, holder).await?)
+    async fn renew_locks(
+        &self,
+        holder: crate::ids::HolderId,
+        held: Vec<crate::protocol::LockOwnerOf>,
+    ) -> Result<crate::protocol::LocksRenewed> {
+        Ok(self.service.renew_locks(&self.caller, holder, held).await?)
     }
 
     async fn drop_locks(&self, holder: crate::ids::HolderId) -> Result<crate::protocol::LocksRenewed> {

@@ -30,9 +30,9 @@ use std::ops::Range;
 
 use crate::ids::{FileId, HolderId, RecordId, VaultId};
 use crate::protocol::{
-    ByteStream, Changes, CommitRequest, FileInfo, FileUpdate, HeldLock, LockAnswer, LocksRenewed, Me, Member,
-    NewFile, NewRecord, NewVault, RecordInfo, RecordUpdate, Sealed, SetLocks, Staged, UploadResult, UserKey,
-    VaultInfo,
+    ByteStream, Changes, CommitRequest, FileInfo, FileUpdate, HeldLock, LockAnswer, LockOwnerOf,
+    LocksRenewed, Me, Member, NewFile, NewRecord, NewVault, RecordInfo, RecordUpdate, Sealed, SetLocks,
+    Staged, UploadResult, UserKey, VaultInfo,
 };
 
 /// Errors a remote reports; each maps to one errno in the filesystem.
@@ -228,8 +228,13 @@ pub trait Remote: Send + Sync + 'static {
     fn set_locks(&self, file: FileId, req: SetLocks) -> impl Future<Output = Result<LockAnswer>> + Send;
     /// The locks held on a file, by anyone.
     fn file_locks(&self, file: FileId) -> impl Future<Output = Result<Vec<HeldLock>>> + Send;
-    /// Keeps every lock of mount `holder` for another lock lifetime.
-    fn renew_locks(&self, holder: HolderId) -> impl Future<Output = Result<LocksRenewed>> + Send;
+    /// Keeps the locks of mount `holder` on the (file, owner) pairs `held`
+    /// names for another lock lifetime, and drops its others.
+    fn renew_locks(
+        &self,
+        holder: HolderId,
+        held: Vec<LockOwnerOf>,
+    ) -> impl Future<Output = Result<LocksRenewed>> + Send;
     /// Gives up every lock of mount `holder`.
     fn drop_locks(&self, holder: HolderId) -> impl Future<Output = Result<LocksRenewed>> + Send;
     /// Reads content, whole or a byte range.

@@ -644,7 +644,7 @@ async fn renew_locks<B: BlobStore>(
     Auth(c, _): Auth,
     JsonBody(req): JsonBody<crate::protocol::RenewLocks>,
 ) -> ApiResult<Response> {
-    Ok(axum::Json(s.renew_locks(&c, req.holder).await?).into_response())
+    Ok(axum::Json(s.renew_locks(&c, req.holder, req.held).await?).into_response())
 }
 
 async fn drop_locks<B: BlobStore>(

@@ -41,7 +41,8 @@ use parking_lot::Mutex;
 use super::{FsError, Ino, Invalidation, Result, VaultFs};
 use crate::ids::{FileId, HolderId};
 use crate::protocol::{
-    HeldLock, LockAnswer, LockRange, SetLocks, DEFAULT_LOCK_TTL_MS, LOCK_END_MAX, MAX_WAIT_MS,
+    HeldLock, LockAnswer, LockOwnerOf, LockRange, SetLocks, DEFAULT_LOCK_TTL_MS, LOCK_END_MAX,
+    MAX_LOCK_RANGES, MAX_WAIT_MS,
 };
 use crate::remote::{Remote, RemoteError};
 
@@ -51,6 +52,11 @@ const TTL_BOUNDS: (Duration, Duration) = (Duration::from_secs(3), Duration::from
 /// How long the kernel is given to drop a file's pages before a lock is
 /// answered anyway.
 pub(super) const KERNEL_TOLD_WITHIN: Duration = Duration::from_secs(2);
+
+/// The first and the longest pause between rounds of a blocking request
+/// that the server answered early.
+const MIN_PAUSE: Duration = Duration::from_millis(50);
+const MAX_PAUSE: Duration = Duration::from_secs(5);
 
 /// What a lock request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +159,10 @@ pub(super) struct LockTable {
     ttl: Mutex<Option<Duration>>,
     /// What each owner holds, by file and owner.
     held: Mutex<HashMap<(FileId, u64), Owned>>,
+    /// A request went unanswered (an outage, a lost answer): the server may
+    /// hold what the table does not, until the next renewal, which names
+    /// what the table holds and so drops the rest.
+    uncertain: std::sync::atomic::AtomicBool,
     /// Each owner's gate, by file and owner.
     gates: Mutex<HashMap<(FileId, u64), Gate>>,
 }
@@ -170,8 +180,18 @@ impl LockTable {
             seq: AtomicU64::new(1),
             ttl: Mutex::new(None),
             held: Mutex::new(HashMap::new()),
+            uncertain: std::sync::atomic::AtomicBool::new(false),
             gates: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Each (file, owner) with ranges held, as a renewal names them.
+    fn owners(&self) -> Vec<LockOwnerOf> {
+        self.held.lock().keys().map(|(file, owner)| LockOwnerOf { file: *file, owner: *owner }).collect()
+    }
+
+    fn set_uncertain(&self) {
+        self.uncertain.store(true, Ordering::Relaxed);
     }
 
     fn next_seq(&self) -> u64 {
@@ -229,7 +249,7 @@ impl<R: Remote> VaultFs<R> {
     /// before the kernel is told to send lock requests here. A server without
     /// them (an older version) leaves locking to the kernel, on this machine only.
     pub(super) async fn start_locks(&self) -> bool {
-        let ttl = match self.remote().renew_locks(self.locks.holder).await {
+        let ttl = match self.remote().renew_locks(self.locks.holder, Vec::new()).await {
             Ok(r) => Some(bounded_ttl(r.ttl_ms)),
             Err(RemoteError::NotFound(_)) => {
                 tracing::warn!(
@@ -261,16 +281,24 @@ impl<R: Remote> VaultFs<R> {
                 let Some(me) = fs.upgrade() else { return };
                 let Some(ttl) = *me.locks.ttl.lock() else { return };
                 let held = me.locks.count();
-                if held > 0 {
-                    match me.remote().renew_locks(me.locks.holder).await {
-                        Ok(r) if r.ranges < held => tracing::warn!(
+                if held > 0 || me.locks.uncertain.swap(false, Ordering::Relaxed) {
+                    // Bounded: a renewal stuck on a dead connection must not
+                    // outlast the locks it renews.
+                    let renew = me.remote().renew_locks(me.locks.holder, me.locks.owners());
+                    match tokio::time::timeout(ttl / 3, renew).await {
+                        Ok(Ok(r)) if r.ranges < held => tracing::warn!(
                             held,
                             renewed = r.ranges,
                             "the server lost some of this mount's locks (not renewed in time?)"
                         ),
-                        Ok(r) => *me.locks.ttl.lock() = Some(bounded_ttl(r.ttl_ms)),
-                        Err(e) => {
+                        Ok(Ok(r)) => *me.locks.ttl.lock() = Some(bounded_ttl(r.ttl_ms)),
+                        Ok(Err(e)) => {
+                            me.locks.set_uncertain();
                             tracing::warn!(error = %e, "could not renew this mount's locks; they lapse unless the next try works")
+                        }
+                        Err(_) => {
+                            me.locks.set_uncertain();
+                            tracing::warn!("renewing this mount's locks took too long; they lapse unless the next try works")
                         }
                     }
                 }
@@ -342,19 +370,34 @@ impl<R: Remote> VaultFs<R> {
         let _one = gate.lock().await;
         let before = self.locks.ranges(key);
         let after = with_lock(&before, req.start, req.end, req.kind);
-        if req.kind == LockKind::Unlock {
-            // What was written under the lock is stored before others may take it.
+        if after.len() > MAX_LOCK_RANGES {
+            return Err(FsError::NoLock(format!("more than {MAX_LOCK_RANGES} locked ranges on one file")));
+        }
+        let gives_up_writes = before
+            .iter()
+            .any(|r| r.exclusive && r.start <= req.end && req.start <= r.end && req.kind != LockKind::Write);
+        if req.kind == LockKind::Unlock || gives_up_writes {
+            // What was written under the lock is stored before others may read it.
             let saved = self.save_before_unlock(ino, id).await;
-            if after != before {
-                self.send_locks(id, req.owner, req.pid, after, fh).await?;
+            if req.kind == LockKind::Unlock {
+                if after != before || self.locks.uncertain.load(Ordering::Relaxed) {
+                    self.send_locks(id, req.owner, req.pid, after, fh).await?;
+                }
+                return saved;
             }
-            return saved;
+            saved?;
         }
         let mut interrupted = std::pin::pin!(interrupted);
+        let mut pause = MIN_PAUSE;
         let answer = loop {
             let ask = self.lock_request(req.owner, req.pid, after.clone(), wait);
+            let asked = std::time::Instant::now();
             let answer = tokio::select! {
-                answer = self.remote().set_locks(id, ask) => answer.map_err(lock_error)?,
+                answer = self.remote().set_locks(id, ask) => answer.map_err(|e| {
+                    // Whether the server took it is not known.
+                    self.locks.set_uncertain();
+                    lock_error(e)
+                })?,
                 () = &mut interrupted => {
                     // Whatever the server did with the request, the owner holds
                     // what it held before; the newer number voids the wait.
@@ -370,7 +413,18 @@ impl<R: Remote> VaultFs<R> {
             if !wait {
                 return Err(FsError::WouldBlock);
             }
-            // The server's wait ended with the lock still held: ask again.
+            // The server's wait ended with the lock still held: ask again,
+            // after a pause if it answered well before its wait was over (a
+            // server that refuses at once is not asked in a tight loop).
+            if asked.elapsed() < Duration::from_millis(MAX_WAIT_MS / 2) {
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = &mut interrupted => return Err(FsError::Interrupted),
+                }
+                pause = (pause * 2).min(MAX_PAUSE);
+            } else {
+                pause = MIN_PAUSE;
+            }
         };
         self.locks.set(key, after, fh, req.pid);
         *self.locks.ttl.lock() = Some(bounded_ttl(answer.ttl_ms));
@@ -402,14 +456,20 @@ impl<R: Remote> VaultFs<R> {
     ) -> Result<()> {
         let ask = self.lock_request(owner, pid, ranges.clone(), false);
         let result = self.remote().set_locks(id, ask).await;
-        // Kept as asked even when the server could not be told: it holds
-        // them at most until they lapse, as nothing renews them any more.
+        // Kept as asked even when the server could not be told: the next
+        // renewal names only what the table holds, and the server drops the rest.
         self.locks.set((id, owner), ranges, fh, pid);
         match result {
             Ok(a) if a.granted => Ok(()),
-            Ok(_) => Err(FsError::NoLock("the server kept a lock this mount gave up".into())),
+            Ok(_) => {
+                self.locks.set_uncertain();
+                Err(FsError::NoLock("the server kept a lock this mount gave up".into()))
+            }
             Err(RemoteError::NotFound(_)) => Ok(()), // the file is gone, and its locks with it
-            Err(e) => Err(lock_error(e)),
+            Err(e) => {
+                self.locks.set_uncertain();
+                Err(lock_error(e))
+            }
         }
     }
 
@@ -475,16 +535,23 @@ impl<R: Remote> VaultFs<R> {
                 tracing::debug!(vault = %info.vault, error = %e, "could not bring the vault up to date after a lock");
             }
         }
-        let Some(handle) = self.cache.peek(id) else { return };
-        let mut d = handle.lock().await;
-        if d.dirty || !(d.loaded || d.filling) || d.version == answer.version {
+        let listed_older = self.file_info(ino).is_ok_and(|i| i.version != answer.version);
+        if let Some(handle) = self.cache.peek(id) {
+            let mut d = handle.lock().await;
+            if d.dirty {
+                return; // its save goes through the usual conflict path
+            }
+            if (d.loaded || d.filling) && d.version != answer.version {
+                // Older than what the server had when it granted the lock: read anew.
+                self.cancel_fill(id, &mut d);
+                d.loaded = false;
+            } else if !listed_older {
+                return;
+            }
+        } else if !listed_older {
             return;
         }
-        // Older than what the server had when it granted the lock: read anew.
-        self.cancel_fill(id, &mut d);
-        d.loaded = false;
-        drop(d);
-        if self.file_info(ino).is_ok_and(|i| i.version != answer.version) {
+        if listed_older {
             match self.fetch_file(&info).await {
                 Ok(fresh) => self.set_file_info(ino, |i| *i = fresh),
                 Err(e) => {

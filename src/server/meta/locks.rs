@@ -30,22 +30,33 @@ CREATE TABLE IF NOT EXISTS locks (
 );
 CREATE INDEX IF NOT EXISTS locks_by_file ON locks(file_id);
 CREATE INDEX IF NOT EXISTS locks_by_holder ON locks(user_id, holder);
+CREATE INDEX IF NOT EXISTS locks_by_expiry ON locks(expires);
 CREATE TABLE IF NOT EXISTS lock_owners (
     user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
     holder BLOB NOT NULL,
     owner INTEGER NOT NULL,
+    file_id BLOB NOT NULL,
     seq INTEGER NOT NULL,
     label TEXT NOT NULL,
     expires INTEGER NOT NULL,
-    PRIMARY KEY (user_id, holder, owner)
+    PRIMARY KEY (user_id, holder, owner, file_id)
 );
+CREATE INDEX IF NOT EXISTS lock_owners_by_expiry ON lock_owners(expires);
 ";
+
+/// How long an owner's last request number is kept at least: longer than
+/// any wait, so a wait it voided cannot come back after a short lock lifetime.
+const OWNER_KEPT_MS: i64 = 2 * crate::protocol::MAX_WAIT_MS as i64;
 
 /// How a request to hold locks ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LockOutcome {
-    /// The owner holds what it asked for.
-    Granted,
+    /// The owner holds what it asked for; `released`: it held something
+    /// before (which it may have given up).
+    Granted {
+        /// Whether the owner held anything before.
+        released: bool,
+    },
     /// Another owner's lock stands in the way (its expiry in Unix ms).
     Blocked(HeldLock, i64),
     /// A newer request of the same owner came first: this one is void.
@@ -73,8 +84,8 @@ impl Meta {
         let (holder, owner) = (&req.holder.0[..], owner_db(req.owner));
         let seq: Option<i64> = tx
             .query_row(
-                "SELECT seq FROM lock_owners WHERE user_id = ?1 AND holder = ?2 AND owner = ?3",
-                params![user_id, holder, owner],
+                "SELECT seq FROM lock_owners WHERE user_id = ?1 AND holder = ?2 AND owner = ?3 AND file_id = ?4",
+                params![user_id, holder, owner, &file.0[..]],
                 |r| r.get(0),
             )
             .optional()?;
@@ -82,18 +93,35 @@ impl Meta {
             return Ok(LockOutcome::Superseded);
         }
         tx.execute(
-            "INSERT INTO lock_owners (user_id, holder, owner, seq, label, expires) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (user_id, holder, owner) DO UPDATE SET seq = ?4, label = ?5, expires = ?6",
-            params![user_id, holder, owner, req.seq as i64, req.label, now_ms + ttl_ms],
+            "INSERT INTO lock_owners (user_id, holder, owner, file_id, seq, label, expires)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (user_id, holder, owner, file_id) DO UPDATE SET seq = ?5, label = ?6, expires = ?7",
+            params![
+                user_id,
+                holder,
+                owner,
+                &file.0[..],
+                req.seq as i64,
+                req.label,
+                now_ms + ttl_ms.max(OWNER_KEPT_MS)
+            ],
         )?;
         tx.execute("DELETE FROM locks WHERE file_id = ?1 AND expires <= ?2", params![&file.0[..], now_ms])?;
-        let others = live_locks(&tx, file, now_ms)?;
+        let (own, others): (Vec<_>, Vec<_>) =
+            live_locks(&tx, file, now_ms)?.into_iter().partition(|(l, _)| {
+                l.lock.holder == req.holder && l.lock.owner == req.owner && l.user_is(user_id)
+            });
+        // What the owner already holds (or less of it) is never refused:
+        // giving up part of a lock cannot wait on anyone.
+        let held = |r: &LockRange| {
+            own.iter().any(|(o, _)| {
+                let o = &o.lock.range;
+                o.start <= r.start && r.end <= o.end && (o.exclusive || !r.exclusive)
+            })
+        };
         let blocker = others
             .into_iter()
-            .filter(|(l, _)| {
-                !(l.lock.holder == req.holder && l.lock.owner == req.owner && l.user_is(user_id))
-            })
-            .find(|(l, _)| req.ranges.iter().any(|r| r.conflicts_with(&l.lock.range)));
+            .find(|(l, _)| req.ranges.iter().any(|r| !held(r) && r.conflicts_with(&l.lock.range)));
         if let Some((l, expires)) = blocker {
             // The seq is kept: an older request still waiting gives up.
             tx.commit()?;
@@ -122,7 +150,7 @@ impl Meta {
             }
         }
         tx.commit()?;
-        Ok(LockOutcome::Granted)
+        Ok(LockOutcome::Granted { released: !own.is_empty() })
     }
 
     /// The live locks on `file`, with their expiry in Unix ms.
@@ -130,17 +158,51 @@ impl Meta {
         Ok(live_locks(&self.conn, file, now_ms)?.into_iter().map(|(l, e)| (l.lock, e)).collect())
     }
 
-    /// Extends every lock of `holder` (user `user_id`) to `now_ms + ttl_ms`;
-    /// returns how many ranges it holds. Owners that expired anywhere go.
-    pub fn renew_locks(&mut self, user_id: i64, holder: HolderId, now_ms: i64, ttl_ms: i64) -> Result<u64> {
+    /// Extends the locks of `holder` (user `user_id`) on the (file, owner)
+    /// pairs it says it holds to `now_ms + ttl_ms`, and drops its others (a
+    /// request whose answer it never got) and those on files of vaults the
+    /// user is no longer a member of; returns how many ranges it holds.
+    /// Expired rows anywhere go.
+    pub fn renew_locks(
+        &mut self,
+        user_id: i64,
+        holder: HolderId,
+        held: &[(FileId, u64)],
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<u64> {
         let tx = self.conn.transaction()?;
         let until = now_ms + ttl_ms;
+        tx.execute(
+            "DELETE FROM locks WHERE user_id = ?1 AND holder = ?2 AND NOT EXISTS
+             (SELECT 1 FROM files f JOIN members m ON m.vault_id = f.vault_id
+              WHERE f.id = locks.file_id AND m.user_id = locks.user_id)",
+            params![user_id, &holder.0[..]],
+        )?;
+        let rows = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT rowid, file_id, owner FROM locks WHERE user_id = ?1 AND holder = ?2",
+            )?;
+            let rows = stmt
+                .query_map(params![user_id, &holder.0[..]], |r| {
+                    Ok((r.get::<_, i64>(0)?, id16(r.get(1)?, FileId)?, r.get::<_, i64>(2)? as u64))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows
+        };
+        let held: std::collections::HashSet<(FileId, u64)> = held.iter().copied().collect();
+        for (rowid, file, owner) in rows {
+            if !held.contains(&(file, owner)) {
+                tx.execute("DELETE FROM locks WHERE rowid = ?1", [rowid])?;
+            }
+        }
+        tx.execute("DELETE FROM locks WHERE expires <= ?1", [now_ms])?;
         let n = tx.execute(
             "UPDATE locks SET expires = ?4 WHERE user_id = ?1 AND holder = ?2 AND expires > ?3",
             params![user_id, &holder.0[..], now_ms, until],
         )?;
         tx.execute(
-            "UPDATE lock_owners SET expires = ?4 WHERE user_id = ?1 AND holder = ?2 AND expires > ?3",
+            "UPDATE lock_owners SET expires = max(expires, ?4) WHERE user_id = ?1 AND holder = ?2 AND expires > ?3",
             params![user_id, &holder.0[..], now_ms, until],
         )?;
         tx.execute("DELETE FROM lock_owners WHERE expires <= ?1", [now_ms])?;

@@ -13,8 +13,8 @@ use std::time::Duration;
 use super::{check_rights, now_ms, Caller, Result, Service, ServiceError, WaitSlot};
 use crate::ids::{FileId, HolderId};
 use crate::protocol::{
-    HeldLock, LockAnswer, LocksRenewed, Rights, SetLocks, LOCK_END_MAX, MAX_LOCK_LABEL, MAX_LOCK_RANGES,
-    MAX_WAIT_MS,
+    HeldLock, LockAnswer, LockOwnerOf, LocksRenewed, Rights, SetLocks, LOCK_END_MAX, MAX_LOCK_LABEL,
+    MAX_LOCK_OWNERS, MAX_LOCK_RANGES, MAX_WAIT_MS,
 };
 use crate::server::blob::BlobStore;
 use crate::server::meta::LockOutcome;
@@ -49,11 +49,16 @@ impl<B: BlobStore> Service<B> {
     /// `req.ranges`, waiting up to `req.wait_ms` for conflicting locks to go.
     pub async fn set_locks(&self, caller: &Caller, file: FileId, req: SetLocks) -> Result<LockAnswer> {
         check_request(&req)?;
-        let need = if req.ranges.iter().any(|r| r.exclusive) { Rights::Write } else { Rights::Read };
-        self.file_checked(caller, file, need).await?;
+        // Giving everything up needs no right: a member removed from the
+        // vault may still let go of what it held.
+        let giving_up = req.ranges.is_empty();
+        if !giving_up {
+            let need = if req.ranges.iter().any(|r| r.exclusive) { Rights::Write } else { Rights::Read };
+            self.file_checked(caller, file, need).await?;
+        }
         let wait = Duration::from_millis(req.wait_ms.min(MAX_WAIT_MS));
         let deadline = tokio::time::Instant::now() + wait;
-        let _slot = if wait.is_zero() { None } else { Some(self.lock_wait_slot(caller)?) };
+        let mut slot = None;
         let (uid, ttl) = (caller.user.id, self.lock_ttl_ms());
         let req = std::sync::Arc::new(req);
         let mut released = self.lock_released.subscribe();
@@ -66,16 +71,22 @@ impl<B: BlobStore> Service<B> {
                 .db(move |m| {
                     let outcome = m.set_locks(file, uid, &asked, now, ttl)?;
                     let row = m.file(file)?;
-                    let changes = m.vault_of(uid, row.info.vault)?.changes;
+                    let changes = match m.vault_of(uid, row.info.vault) {
+                        Ok(v) => v.changes,
+                        Err(_) if giving_up => 0,
+                        Err(e) => return Err(e),
+                    };
                     Ok((outcome, row.info.version, changes))
                 })
                 .await?;
             let answer =
                 |granted, blocker| LockAnswer { granted, blocker, version, changes, ttl_ms: ttl as u64 };
             let (blocker, expires) = match outcome {
-                LockOutcome::Granted => {
-                    // It may hold less than before: waiters look again.
-                    self.lock_released.send_modify(|n| *n = n.wrapping_add(1));
+                LockOutcome::Granted { released } => {
+                    if released {
+                        // It may hold less than before: waiters look again.
+                        self.lock_released.send_modify(|n| *n = n.wrapping_add(1));
+                    }
                     return Ok(answer(true, None));
                 }
                 LockOutcome::Superseded => return Ok(answer(false, None)),
@@ -84,6 +95,9 @@ impl<B: BlobStore> Service<B> {
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 return Ok(answer(false, Some(blocker)));
+            }
+            if slot.is_none() {
+                slot = Some(self.lock_wait_slot(caller)?);
             }
             let lapses = now + Duration::from_millis((expires - now_ms()).max(1) as u64);
             match tokio::time::timeout_at(deadline.min(lapses), released.changed()).await {
@@ -120,10 +134,22 @@ impl<B: BlobStore> Service<B> {
         Ok(locks.into_iter().map(|(l, _)| l).collect())
     }
 
-    /// Keeps every lock of the caller's mount `holder` for another lock lifetime.
-    pub async fn renew_locks(&self, caller: &Caller, holder: HolderId) -> Result<LocksRenewed> {
+    /// Keeps the locks of the caller's mount `holder` on the (file, owner)
+    /// pairs `held` names for another lock lifetime, and drops its others.
+    pub async fn renew_locks(
+        &self,
+        caller: &Caller,
+        holder: HolderId,
+        held: Vec<LockOwnerOf>,
+    ) -> Result<LocksRenewed> {
+        if held.len() > MAX_LOCK_OWNERS {
+            return Err(ServiceError::BadRequest(format!(
+                "a renewal names at most {MAX_LOCK_OWNERS} owners"
+            )));
+        }
+        let held: Vec<(FileId, u64)> = held.into_iter().map(|h| (h.file, h.owner)).collect();
         let (uid, ttl, now) = (caller.user.id, self.lock_ttl_ms(), now_ms());
-        let ranges = self.db(move |m| m.renew_locks(uid, holder, now, ttl)).await?;
+        let ranges = self.db(move |m| m.renew_locks(uid, holder, &held, now, ttl)).await?;
         Ok(LocksRenewed { ranges, ttl_ms: ttl as u64 })
     }
 
