@@ -53,6 +53,9 @@ const TTL_BOUNDS: (Duration, Duration) = (Duration::from_secs(3), Duration::from
 /// answered anyway.
 pub(super) const KERNEL_TOLD_WITHIN: Duration = Duration::from_secs(2);
 
+/// How much of `user.vaultfs.locks` lists locks one by one.
+const MAX_HOLDERS_TEXT: usize = 60 << 10;
+
 /// The first and the longest pause between rounds of a blocking request
 /// that the server answered early.
 const MIN_PAUSE: Duration = Duration::from_millis(50);
@@ -567,7 +570,13 @@ impl<R: Remote> VaultFs<R> {
         let id = self.file_info(ino)?.id;
         let held = self.remote().file_locks(id).await.map_err(lock_error)?;
         let mut out = String::new();
-        for l in held {
+        let total = held.len();
+        for (i, l) in held.into_iter().enumerate() {
+            if out.len() > MAX_HOLDERS_TEXT {
+                // An attribute's value is at most 64 KiB.
+                out.push_str(&format!("and {} more\n", total - i));
+                break;
+            }
             let here = if l.holder == self.locks.holder { " (this mount)" } else { "" };
             let end = if l.range.end >= LOCK_END_MAX { "end".to_string() } else { l.range.end.to_string() };
             let label: String = l.label.chars().map(|c| if c.is_control() { '?' } else { c }).collect();
