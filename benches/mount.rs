@@ -102,6 +102,31 @@ fn main() {
     let (_, list_warm) = time(|| walk(&root));
     assert_eq!(n, files + 40);
 
+    // SQLite commits (rollback journal), each taking and giving up its
+    // locks: held on the server (seen by every mount), then, remounted with
+    // --local-locks, on this machine only.
+    let commits = if quick { 20 } else { 200 };
+    let sqlite = |m: &TestMount, name: &str| -> f64 {
+        let script = format!(
+            "import sqlite3, time\nd = sqlite3.connect('{name}')\nd.execute('create table t(n int)')\nd.commit()\n\
+             t = time.perf_counter()\nfor i in range({commits}):\n    d.execute('insert into t values(?)', (i,))\n    \
+             d.commit()\nprint(time.perf_counter() - t)\n"
+        );
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(&script)
+            .current_dir(m.path("Family/bench"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {}\n{}", String::from_utf8_lossy(&out.stderr), m.log());
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    };
+    let locks_on_server = sqlite(&m, "server.db");
+    m.set_mount_args(&["--local-locks"]);
+    m.unmount();
+    m.mount();
+    let locks_here = sqlite(&m, "local.db");
+
     drop(m);
 
     // Memory: the plaintext cache stays within its budget however much is read,
@@ -167,6 +192,12 @@ fn main() {
         list_cold.as_secs_f64()
     );
     println!("| list them recursively with stat, warm | {:.3} s | |", list_warm.as_secs_f64());
+    for (how, secs) in [("locks on the server", locks_on_server), ("--local-locks", locks_here)] {
+        println!(
+            "| {commits} SQLite commits, {how} | {secs:.2} s | {:.1} ms/commit |",
+            secs * 1000.0 / commits as f64
+        );
+    }
     println!(
         "| daemon peak memory reading {count} x {} MB cold with a {budget_mib} MiB cache budget | {} MiB | {} MiB idle after mounting |",
         each / 1_000_000,

@@ -409,3 +409,23 @@ fn sqlite_written_from_two_mounts_at_once_keeps_every_row() {
         assert_eq!(out.trim(), format!("ok {}", 2 * ROWS), "{}", String::from_utf8_lossy(&check.stderr));
     }
 }
+
+/// A process that starts working in a directory of a mount just started
+/// keeps its path: the mount's first listings must not make the kernel drop
+/// the entries it just looked up (getcwd failed with ENOENT, and SQLite,
+/// which asks for it, could not open a database).
+#[test]
+fn a_working_directory_in_a_fresh_mount_keeps_its_path() {
+    let mut m = TestMount::start();
+    std::fs::create_dir(m.path("Family/work")).unwrap();
+    std::fs::write(m.path("Family/work/x"), b"x").unwrap();
+    m.unmount();
+    m.mount();
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg("import os, time\nbad = 0\nfor i in range(40):\n    try: os.getcwd()\n    except OSError: bad += 1\n    time.sleep(0.025)\nprint(bad)")
+        .current_dir(m.path("Family/work"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "{}", String::from_utf8_lossy(&out.stderr));
+}

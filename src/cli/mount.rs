@@ -47,6 +47,11 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4)]
     threads: usize,
+    /// Keep flock and fcntl locks on this machine only, as before vaultfs
+    /// held them on the server: faster for a database only this machine
+    /// writes, but other mounts of the vault do not see them.
+    #[arg(long)]
+    local_locks: bool,
     /// Show decrypted names in log lines (off by default: logs name objects by
     /// id, since a log may be kept on disk). For debugging only.
     #[arg(long, env = crate::fs::lognames::LOG_NAMES_ENV, value_parser = clap::builder::FalseyValueParser::new())]
@@ -124,6 +129,7 @@ fn spawn_background(args: &MountArgs, mountpoint: &Path, pass: &str) -> CliResul
             .args(["--foreground", "--passphrase-stdin"])
             .args(["--threads", &args.threads.to_string()])
             .args(args.log_names.then_some("--log-names"))
+            .args(args.local_locks.then_some("--local-locks"))
             .args(args.cache_mib.map(|c| format!("--cache-mib={c}")))
             .arg("--policy")
             .arg(&args.policy.system)
@@ -177,8 +183,13 @@ fn run_foreground(
         }
         let mut unlocked = Unlocked::open(remote, pass.as_bytes()).await?;
         let freshness = freshness_for(&mut unlocked, &access.identity()?, &account.user).await?;
-        let options =
-            FsOptions { cache_budget: budget, policy, freshness: Some(freshness), ..FsOptions::default() };
+        let options = FsOptions {
+            cache_budget: budget,
+            policy,
+            freshness: Some(freshness),
+            local_locks: args.local_locks,
+            ..FsOptions::default()
+        };
         let fs = VaultFs::new(unlocked, options).await?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Arc::new(fs))
     })?;

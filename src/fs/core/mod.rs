@@ -214,6 +214,8 @@ pub struct FsOptions {
     /// What this machine remembers of the server across mounts (in memory
     /// only if `None`).
     pub freshness: Option<Arc<Freshness>>,
+    /// Keep locks on this machine only (the kernel's), not on the server.
+    pub local_locks: bool,
 }
 
 impl Default for FsOptions {
@@ -223,6 +225,7 @@ impl Default for FsOptions {
             policy: Policy::default(),
             confirmed_for: CONFIRMED_FOR,
             freshness: None,
+            local_locks: false,
         }
     }
 }
@@ -291,7 +294,9 @@ impl<R: Remote> VaultFs<R> {
             loading: Mutex::new(std::collections::HashMap::new()),
             mounted_at: SystemTime::now(),
         };
-        fs.start_locks().await;
+        if !options.local_locks {
+            fs.start_locks().await;
+        }
         Ok(fs)
     }
 

@@ -609,11 +609,17 @@ impl Tree {
 
     /// What the kernel must forget about `inos` (those seen `before`, and
     /// others new since): names gone (deleted: inotify watchers hear of it),
-    /// names new (the kernel may remember that they did not exist), and
-    /// nodes of a new version (their attributes and cached pages).
+    /// names that moved away, nodes of a new version (their attributes and
+    /// cached pages), and the directories whose entries changed. A name new
+    /// to a directory is not told: the kernel keeps no memory that a name did
+    /// not exist (a lookup answered ENOENT is asked again at its next use),
+    /// and telling it races with the lookup that made the name known: the
+    /// kernel would drop the entry it just made, and a process whose working
+    /// directory is under it could no longer find its path (getcwd: ENOENT).
     fn changed_since(&self, before: HashMap<Ino, Seen>, inos: Vec<Ino>) -> Vec<Invalidation> {
         let now = self.seen(inos);
         let mut out = Vec::new();
+        let mut dirs: Vec<Ino> = Vec::new();
         for (ino, new) in now {
             let old = before.get(&ino).cloned().unwrap_or_default();
             if old.entry != new.entry {
@@ -624,8 +630,8 @@ impl Tree {
                     Some((parent, name)) => out.push(Invalidation::Entry { parent, name }),
                     None => {}
                 }
-                if let Some((parent, name)) = new.entry {
-                    out.push(Invalidation::Entry { parent, name });
+                if let Some((parent, _)) = new.entry {
+                    dirs.push(parent);
                 }
             }
             if old.version.is_some() && old.version != new.version {
@@ -634,13 +640,10 @@ impl Tree {
         }
         // The directories whose entries changed: their attributes (links,
         // which the kernel keeps while the feed is live).
-        let mut dirs: Vec<Ino> = out
-            .iter()
-            .filter_map(|i| match i {
-                Invalidation::Entry { parent, .. } | Invalidation::Deleted { parent, .. } => Some(*parent),
-                Invalidation::Inode(_) | Invalidation::Told(_) => None,
-            })
-            .collect();
+        dirs.extend(out.iter().filter_map(|i| match i {
+            Invalidation::Entry { parent, .. } | Invalidation::Deleted { parent, .. } => Some(*parent),
+            Invalidation::Inode(_) | Invalidation::Told(_) => None,
+        }));
         dirs.sort_unstable();
         dirs.dedup();
         let told: HashSet<Ino> = out
@@ -900,19 +903,22 @@ mod tests {
         check_consistent(&t);
         let names: Vec<_> = t.entries(dir).unwrap().map(|(n, ino, _)| (n.clone(), ino)).collect();
         let ino = |id| t.keys[&Key::File(id)];
-        // The kernel hears of each: f deleted (watchers too), the name f
-        // (now another file), g and h under each other's names, new versions.
+        // The kernel hears of each: f deleted (watchers too), g and h gone
+        // from their names (each now the other's), new versions, the
+        // directory; not of the name f again (new to it: the kernel keeps no
+        // negative entries, and telling it would race with its lookups).
         let entry = |n: &str| Invalidation::Entry { parent: dir, name: n.into() };
         for expected in [
             Invalidation::Deleted { parent: dir, child: f_ino, name: "f".into() },
-            entry("f"),
             entry("g"),
             entry("h"),
             Invalidation::Inode(ino(g.id)),
             Invalidation::Inode(ino(h.id)),
+            Invalidation::Inode(dir),
         ] {
             assert!(told.contains(&expected), "{expected:?} not in {told:?}");
         }
+        assert!(!told.contains(&entry("f")), "{told:?}");
         assert!(!told.contains(&Invalidation::Inode(ino(f2.id))), "a new file has nothing cached");
         assert_eq!(
             names,
@@ -939,8 +945,8 @@ mod tests {
         let vault_ino = t.keys[&Key::Vault(v)];
         for expected in [
             Invalidation::Entry { parent: vault_ino, name: "r".into() },
-            Invalidation::Entry { parent: r2_ino, name: "r".into() },
-            Invalidation::Inode(dir),
+            Invalidation::Inode(vault_ino),
+            Invalidation::Inode(r2_ino),
         ] {
             assert!(told.contains(&expected), "{expected:?} not in {told:?}");
         }
@@ -1001,7 +1007,8 @@ mod tests {
     }
 
     /// The vault list: two vaults of one name both show; a vault left is
-    /// told as deleted, before the names that are new.
+    /// told as deleted, and the root's attributes as changed (a name new to
+    /// it is not told: see `changed_since`).
     #[test]
     fn the_vault_list_tells_what_left_and_keeps_both_of_one_name() {
         let (v, w, x) = (vault(), VaultId([8; 16]), VaultId([9; 16]));
@@ -1012,8 +1019,7 @@ mod tests {
         check_consistent(&t);
         assert_eq!(t.entries(ROOT).unwrap().count(), 2, "both vaults named B show");
         assert_eq!(told[0], Invalidation::Deleted { parent: ROOT, child: v_ino, name: "A".into() });
-        assert!(matches!(told[1], Invalidation::Entry { .. }), "{told:?}");
-        assert_eq!(told[2..], [Invalidation::Inode(ROOT)], "{told:?}");
+        assert_eq!(told[1..], [Invalidation::Inode(ROOT)], "{told:?}");
         // A vault whose own name is another's stand-in stays visible too.
         let (x_ino, y) = (t.keys[&Key::Vault(x)], VaultId([10; 16]));
         let stand_in = format!("B (duplicate {x_ino:x})");
