@@ -2113,3 +2113,35 @@ async fn a_lock_request_taken_back_is_never_granted_later() {
     assert_eq!(left.iter().map(|l| l.owner).collect::<Vec<_>>(), [5], "{left:?}");
     drop(s.server);
 }
+
+/// A chmod of a file with unsaved changes (tar's fchmod before close) asks
+/// the server nothing: the bits go up with the content, in the manifest its
+/// upload seals, and another mount sees them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chmod_before_the_close_goes_up_with_the_content() {
+    let s = setup(&["V"]).await;
+    let (fs, outage) = mount_faulty(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let (attr, fh) = fs.create(r.ino, n("run.sh"), 0o644).await.unwrap();
+    fs.write(fh, 0, b"#!/bin/sh\n").await.unwrap();
+    let asked = outage.requests();
+    assert_eq!(fs.chmod(attr.ino, 0o755).await.unwrap().perm, 0o755, "shown at once");
+    assert_eq!(outage.requests(), asked, "nothing asked of the server");
+    fs.flush(attr.ino, fh).await.unwrap();
+    fs.release(attr.ino, fh).await.unwrap();
+    assert_eq!(fs.getattr(attr.ino).unwrap().perm, 0o755);
+    let seen_elsewhere = || async {
+        let other = mount(s.alice.clone()).await;
+        let ov = other.lookup(ROOT, n("V")).await.unwrap();
+        let or = other.lookup(ov.ino, n("r")).await.unwrap();
+        other.lookup(or.ino, n("run.sh")).await.unwrap().perm
+    };
+    assert_eq!(seen_elsewhere().await, 0o755, "sealed with the content");
+    // After the save, a chmod is a request of its own again.
+    let asked = outage.requests();
+    assert_eq!(fs.chmod(attr.ino, 0o700).await.unwrap().perm, 0o700);
+    assert!(outage.requests() > asked);
+    assert_eq!(seen_elsewhere().await, 0o700);
+    drop(s.server);
+}

@@ -240,7 +240,30 @@ pub fn router<B: BlobStore>(service: Arc<Service<B>>) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .layer(axum::middleware::from_fn(drain_refused_bodies))
+        .layer(axum::middleware::from_fn(log_request))
         .with_state(service)
+}
+
+/// Logs each request at debug level (`VAULTFS_LOG=vaultfs::server::api=debug`):
+/// method, route, status and how long the answer took. Ids in paths are not
+/// secret; names, bodies and tokens never appear.
+async fn log_request(req: Request, next: axum::middleware::Next) -> Response {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return next.run(req).await;
+    }
+    let (method, route) = (req.method().clone(), route_of(req.uri().path()));
+    let started = std::time::Instant::now();
+    let answer = next.run(req).await;
+    tracing::debug!(%method, route, status = answer.status().as_u16(), micros = started.elapsed().as_micros() as u64, "request");
+    answer
+}
+
+/// A path with its ids replaced by `{id}`, so requests group by route.
+fn route_of(path: &str) -> String {
+    path.split('/')
+        .map(|seg| if seg.len() == 32 && seg.bytes().all(|b| b.is_ascii_hexdigit()) { "{id}" } else { seg })
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// How long a refused request's unread body is read and dropped, at most.

@@ -108,7 +108,8 @@ impl TestServer {
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
-            .env("VAULTFS_LOG", "warn")
+            // VAULTFS_TEST_SERVER_LOG: the server's log filter (say, to see each request).
+            .env("VAULTFS_LOG", std::env::var("VAULTFS_TEST_SERVER_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -150,6 +150,13 @@ impl<R: Remote> VaultFs<R> {
         let handle = self.cache.pin(info.id);
         let result = async {
             let d = Arc::clone(&handle).lock_owned().await;
+            if d.dirty && self.modes.choose_unsaved_perm(info.id, perm) {
+                // Unsaved changes: the bits go up with them, in the manifest
+                // their upload seals (one request, as tar's fchmod before
+                // close). Under the plaintext lock, so no upload is between
+                // sealing its manifest and being stored.
+                return Ok(());
+            }
             let (current, meta) = self.tree.lock().file(ino).map(|(i, m)| (i.clone(), m.clone()))?;
             let manifest = match meta {
                 FileMeta::Sealed(m) if m.is_link() => return Ok(()),

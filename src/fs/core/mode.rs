@@ -92,8 +92,9 @@ struct FileState {
     /// the server last said it was current: while it still has that version,
     /// the kernel may keep the pages it cached from it.
     pass_confirmed: Option<(u64, Instant)>,
-    /// Permission bits set while the file streams: the stream's commit seals
-    /// them (a chmod of its own would bump the version the commit expects).
+    /// Permission bits set while the file streams or has unsaved changes:
+    /// the stream's commit, or the upload, seals them (a chmod of its own
+    /// would bump the version they expect, and cost a request).
     chosen_perm: Option<u16>,
 }
 
@@ -318,7 +319,20 @@ impl FileModes {
         })
     }
 
-    /// The permission bits chosen while streaming, if any.
+    /// Sets the permission bits of a file with unsaved changes (their upload
+    /// seals them; the caller holds the file's plaintext lock); false if it
+    /// has none.
+    pub(super) fn choose_unsaved_perm(&self, id: FileId, perm: u16) -> bool {
+        self.with(id, |s| match s.unsaved {
+            Some(_) => {
+                s.chosen_perm = Some(perm);
+                true
+            }
+            None => false,
+        })
+    }
+
+    /// The permission bits chosen while streaming or unsaved, if any.
     pub(super) fn chosen_perm(&self, id: FileId) -> Option<u16> {
         self.read(id, |s| s.chosen_perm).flatten()
     }
@@ -360,7 +374,14 @@ impl FileModes {
 
     /// The file has no unsaved changes any more (saved, streamed or gone).
     pub(super) fn forget_unsaved(&self, id: FileId) {
-        self.with(id, |s| s.unsaved = None)
+        self.with(id, |s| {
+            s.unsaved = None;
+            // Bits chosen for the unsaved content went with it (a stream's
+            // go with its commit: `stream_done`).
+            if matches!(s.writing, Writing::Cached | Writing::Sequential { .. }) {
+                s.chosen_perm = None;
+            }
+        })
     }
 
     /// Size and time the file shows while it differs from the server's:
