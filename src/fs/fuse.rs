@@ -646,9 +646,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             });
         }
         match self.fs.getxattr(ino.0, name) {
-            Ok(value) if size == 0 => reply.size(value.len() as u32),
-            Ok(value) if value.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
-            Ok(value) => reply.data(&value),
+            Ok(value) => reply_xattr(reply, size, &value),
             Err(e) => reply.error(errno("getxattr", &e)),
         }
     }
@@ -661,13 +659,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
                     buf.extend_from_slice(n.as_bytes());
                     buf.push(0);
                 }
-                if size == 0 {
-                    reply.size(buf.len() as u32);
-                } else if buf.len() > size as usize {
-                    reply.error(Errno::from_i32(libc::ERANGE));
-                } else {
-                    reply.data(&buf);
-                }
+                reply_xattr(reply, size, &buf);
             }
             Err(e) => reply.error(errno("listxattr", &e)),
         }
