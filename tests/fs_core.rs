@@ -1923,6 +1923,54 @@ async fn a_followed_mount_asks_nothing_while_idle_and_sees_changes_at_once() {
     assert_eq!(fs.lookup(r.ino, n("b.txt")).await.unwrap().ino, a, "inodes kept");
 }
 
+/// A mount without the feed that learns of a new version by asking (at an
+/// open past the confirmation window, and after its save became a conflict
+/// copy) tells the kernel to drop the file's attributes and pages: a reader
+/// must not get the new content cut at the old length.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_learnt_by_asking_is_told_to_the_kernel() {
+    use vaultfs::fs::Invalidation;
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let (tx, mut told) = tokio::sync::mpsc::unbounded_channel();
+    fs.set_invalidator(Box::new(move |batch| batch.into_iter().for_each(|i| drop(tx.send(i)))));
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let a = write_file(&fs, r.ino, "a.txt", b"short").await;
+    assert_eq!(read_file(&fs, r.ino, "a.txt").await.unwrap(), b"short");
+    let other = mount(s.alice.clone()).await;
+    let v2 = other.lookup(ROOT, n("V")).await.unwrap();
+    let r2 = other.lookup(v2.ino, n("r")).await.unwrap();
+    let mut told_of_a = || {
+        let mut seen = false;
+        while let Ok(i) = told.try_recv() {
+            seen |= i == Invalidation::Inode(a);
+        }
+        seen
+    };
+
+    write_over(&other, r2.ino, "a.txt", b"a longer content").await;
+    tokio::time::sleep(vaultfs::fs::core::CONFIRMED_FOR + std::time::Duration::from_millis(100)).await;
+    told_of_a();
+    let fh = fs.open(a, false, false).await.unwrap();
+    assert_eq!(fs.read(fh, 0, 4096).await.unwrap().to_vec(), b"a longer content");
+    fs.release(a, fh).await.unwrap();
+    assert!(told_of_a(), "a new version found at open is told");
+
+    // Both hold the file; the other saves first, so ours becomes a copy and
+    // the original shows the other's version.
+    let fh = fs.open(a, false, true).await.unwrap();
+    write_over(&other, r2.ino, "a.txt", b"the other's newest content").await;
+    told_of_a();
+    fs.write(fh, 0, b"ours").await.unwrap();
+    fs.fsync(a, fh).await.unwrap();
+    assert!(told_of_a(), "the version after a conflict copy is told");
+    fs.release(a, fh).await.unwrap();
+    assert_eq!(read_file(&fs, r.ino, "a.txt").await.unwrap(), b"the other's newest content");
+    let names: Vec<_> = fs.readdir(r.ino).await.unwrap().into_iter().map(|(_, _, name)| name).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
+
 /// A vault the root does not show (a share whose sender's key is not
 /// confirmed yet) is still named in the wait for changes: the server does not
 /// answer at once, again and again, and the idle mount asks nearly nothing.

@@ -392,7 +392,7 @@ impl<R: Remote> VaultFs<R> {
         }
         let meta = self.open_meta(&fresh);
         if let Ok(ino) = self.file_ino(info.id) {
-            self.set_file_info(ino, |i| *i = fresh);
+            self.take_server_info(ino, fresh);
         }
         Ok(meta)
     }

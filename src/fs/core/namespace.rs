@@ -508,6 +508,22 @@ impl<R: Remote> VaultFs<R> {
         self.tree.lock().update_file(ino, f, |info| self.open_meta(info));
     }
 
+    /// Takes the server's word on file `ino` (read just now). A version the
+    /// tree did not hold means the kernel's attributes and pages of the file
+    /// are of another content, and it is told to drop them: a reader must not
+    /// get the new content cut at the old length until its attributes expire.
+    pub(super) fn take_server_info(&self, ino: Ino, fresh: FileInfo) {
+        let mut held = None;
+        let version = fresh.version;
+        self.set_file_info(ino, |i| {
+            held = Some(i.version);
+            *i = fresh;
+        });
+        if held.is_some_and(|v| v != version) {
+            self.tell_kernel(vec![super::Invalidation::Inode(ino)]);
+        }
+    }
+
     /// A file's metadata and what its manifest says, by id.
     pub(super) fn file_state_by_id(&self, id: FileId) -> Result<(FileInfo, FileMeta)> {
         let tree = self.tree.lock();

@@ -85,7 +85,7 @@ impl<R: Remote> VaultFs<R> {
             } else if !recent {
                 let asked = Instant::now();
                 info = self.fetch_file(&info).await?;
-                self.set_file_info(ino, |i| *i = info.clone());
+                self.take_server_info(ino, info.clone());
                 self.modes.set_pass_confirmed(info.id, Some((info.version, asked)));
             }
             if self.passes_through(ino)? {
@@ -141,7 +141,7 @@ impl<R: Remote> VaultFs<R> {
                 if !recent {
                     let asked = Instant::now();
                     info = self.fetch_file(&info).await?;
-                    self.set_file_info(ino, |i| *i = info.clone());
+                    self.take_server_info(ino, info.clone());
                     if d.version == info.version {
                         d.confirmed = Some(asked);
                     }

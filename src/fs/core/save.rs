@@ -382,7 +382,7 @@ impl<R: Remote> VaultFs<R> {
     /// server's version again, and the copy appears.
     pub(super) async fn refresh_after_conflict(&self, ino: Ino, info: &FileInfo) {
         if let Ok(fresh) = self.fetch_file(info).await {
-            self.set_file_info(ino, |i| *i = fresh);
+            self.take_server_info(ino, fresh);
         }
         let _ = self.load_vault(info.vault, true).await;
     }
