@@ -38,6 +38,9 @@ pub const HEADER_META: &str = "x-vaultfs-meta";
 /// it (`1`): the answer names it, and `POST /v1/files/{id}/commit` commits it
 /// with its manifest, for content whose manifest is known only at its end.
 pub const HEADER_STAGE: &str = "x-vaultfs-stage";
+/// Header carrying the base64 sealed name of a file created with its
+/// content (`PUT /v1/records/{record}/files/{file}`).
+pub const HEADER_NAME: &str = "x-vaultfs-name";
 /// Header asking the server to keep both versions if the file changed since
 /// the expected version: `ID:NAME`, the id and base64 sealed name of a new
 /// file, in the same record, that then receives the uploaded content.

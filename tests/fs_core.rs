@@ -2193,3 +2193,151 @@ async fn a_chmod_before_the_close_goes_up_with_the_content() {
     assert_eq!(seen_elsewhere().await, 0o700);
     drop(s.server);
 }
+
+/// What another, fresh mount of the user sees in `V/r`: each name with its
+/// content, mode and time.
+async fn seen_by_another(s: &Setup) -> BTreeMap<String, (Vec<u8>, u16, std::time::SystemTime)> {
+    let other = mount(s.alice.clone()).await;
+    let v = other.lookup(ROOT, n("V")).await.unwrap();
+    let r = other.lookup(v.ino, n("r")).await.unwrap();
+    let mut seen = BTreeMap::new();
+    for (ino, _, name) in other.readdir(r.ino).await.unwrap() {
+        let attr = other.getattr(ino).unwrap();
+        let data = read_file(&other, r.ino, name.to_str().unwrap()).await.unwrap();
+        seen.insert(name.to_string_lossy().into_owned(), (data, attr.perm, attr.mtime));
+    }
+    seen
+}
+
+/// A new file reaches the server at its first save, with its content, mode
+/// and time in one request (what tar -x does per file: create, write,
+/// fchmod, futimens, close). Until then only this mount has it: another
+/// sees nothing, and a full listing here keeps it. A file closed unwritten
+/// (touch) is created empty; one unlinked before its first save costs no
+/// request and leaves nothing; one renamed first is created, then renamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_file_goes_up_with_its_content_in_one_request() {
+    let s = setup(&["V"]).await;
+    let (fs, outage) = mount_faulty(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    write_file(&fs, r.ino, "old.txt", b"old").await;
+
+    let asked = outage.requests();
+    let (a, fh) = fs.create(r.ino, n("a.txt"), 0o600).await.unwrap();
+    fs.write(fh, 0, b"hello").await.unwrap();
+    fs.chmod(a.ino, 0o640).await.unwrap();
+    let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+    fs.setattr(a.ino, None, Some(when)).await.unwrap();
+    assert_eq!(outage.requests(), asked, "nothing is sent before the first save");
+    assert!(!seen_by_another(&s).await.contains_key("a.txt"));
+    // A full listing of the vault (told to list again) keeps it here.
+    tokio::time::sleep(vaultfs::fs::core::LISTING_TTL + std::time::Duration::from_millis(100)).await;
+    let writer = mount(s.alice.clone()).await;
+    let wv = writer.lookup(ROOT, n("V")).await.unwrap();
+    write_file(&writer, writer.lookup(wv.ino, n("r")).await.unwrap().ino, "b.txt", b"b").await;
+    outage.tell_to_relist(true);
+    let listed = outage.listings();
+    let names: Vec<_> = fs.readdir(r.ino).await.unwrap().into_iter().map(|(_, _, name)| name).collect();
+    assert!(outage.listings() > listed, "listed whole");
+    assert_eq!(names, ["a.txt", "b.txt", "old.txt"]);
+    outage.tell_to_relist(false);
+
+    let asked = outage.requests();
+    fs.flush(a.ino, fh).await.unwrap();
+    assert_eq!(outage.requests() - asked, 1, "one request creates it with its content");
+    fs.release(a.ino, fh).await.unwrap();
+    let seen = seen_by_another(&s).await;
+    assert_eq!(seen["a.txt"], (b"hello".to_vec(), 0o640, when));
+    assert_eq!(fs.getattr(a.ino).unwrap().size, 5);
+
+    // touch: created empty, in one request.
+    let asked = outage.requests();
+    let (t, fh) = fs.create(r.ino, n("touched"), 0o644).await.unwrap();
+    fs.flush(t.ino, fh).await.unwrap();
+    fs.release(t.ino, fh).await.unwrap();
+    assert_eq!(outage.requests() - asked, 1);
+    assert_eq!(seen_by_another(&s).await["touched"].0, b"");
+
+    // Unlinked before its first save: nothing sent, nothing left.
+    let asked = outage.requests();
+    let (g, fh) = fs.create(r.ino, n("gone"), 0o644).await.unwrap();
+    fs.write(fh, 0, b"scratch").await.unwrap();
+    fs.unlink(r.ino, n("gone")).await.unwrap();
+    assert_eq!(fs.read(fh, 0, 100).await.unwrap().to_vec(), b"scratch", "still open");
+    fs.flush(g.ino, fh).await.unwrap();
+    fs.release(g.ino, fh).await.unwrap();
+    assert_eq!(outage.requests(), asked, "never sent");
+    // Renamed before its first save, over an existing file: created, then
+    // renamed, and the content follows at the close.
+    let (m, fh) = fs.create(r.ino, n("draft"), 0o644).await.unwrap();
+    fs.write(fh, 0, b"final").await.unwrap();
+    fs.rename(r.ino, n("draft"), r.ino, n("old.txt")).await.unwrap();
+    fs.flush(m.ino, fh).await.unwrap();
+    fs.release(m.ino, fh).await.unwrap();
+    let seen = seen_by_another(&s).await;
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["a.txt", "b.txt", "old.txt", "touched"]);
+    assert_eq!(seen["old.txt"].0, b"final");
+    drop(s.server);
+}
+
+/// The first save of a new file whose answer was lost is sent again as the
+/// id the server already has: the file is taken as ours and the content goes
+/// up over it (no second file, nothing lost). Against an older server (404
+/// to the one-request create) files are created, then uploaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_first_save_and_an_older_server_lose_nothing() {
+    let s = setup(&["V"]).await;
+    let (fs, outage) = mount_faulty(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let (a, fh) = fs.create(r.ino, n("a.txt"), 0o644).await.unwrap();
+    fs.write(fh, 0, b"first").await.unwrap();
+    outage.lose_upload_answers(true);
+    assert!(fs.fsync(a.ino, fh).await.is_err(), "the answer was lost");
+    outage.lose_upload_answers(false);
+    fs.write(fh, 5, b" and more").await.unwrap();
+    fs.flush(a.ino, fh).await.unwrap();
+    fs.release(a.ino, fh).await.unwrap();
+    let seen = seen_by_another(&s).await;
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["a.txt"]);
+    assert_eq!(seen["a.txt"].0, b"first and more");
+
+    outage.be_older_server(true);
+    for (name, data) in [("b.txt", &b"bee"[..]), ("c.txt", &b"sea"[..])] {
+        let asked = outage.requests();
+        write_file(&fs, r.ino, name, data).await;
+        // The first learns (404, then a create and an upload); the next
+        // asks no more.
+        assert_eq!(outage.requests() - asked, if name == "b.txt" { 3 } else { 2 }, "{name}");
+    }
+    let seen = seen_by_another(&s).await;
+    assert_eq!(seen["b.txt"].0, b"bee");
+    assert_eq!(seen["c.txt"].0, b"sea");
+    drop(s.server);
+}
+
+/// A file streamed up past the end-to-end limit and read back through the
+/// writer's handle before it is closed: the stream is committed and the
+/// bytes come from the server (the mount keeps none of what it sent; on a
+/// real mount the kernel's own pages hid this until they were dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_read_back_while_it_streams_up_reads_what_was_written() {
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let data = pattern(6 << 20);
+    let (a, fh) = fs.create(r.ino, n("big.bin"), 0o644).await.unwrap();
+    for (i, piece) in data.chunks(1 << 20).enumerate() {
+        fs.write(fh, (i << 20) as u64, piece).await.unwrap();
+    }
+    assert_eq!(fs.getattr(a.ino).unwrap().size, data.len() as u64);
+    assert!(fs.read(fh, 0, 8192).await.unwrap() == data[..8192], "read back while streaming");
+    assert!(fs.read(fh, 5 << 20, 8192).await.unwrap() == data[5 << 20..(5 << 20) + 8192]);
+    fs.release(a.ino, fh).await.unwrap();
+    let other = mount(s.alice.clone()).await;
+    let ov = other.lookup(ROOT, n("V")).await.unwrap();
+    let or = other.lookup(ov.ino, n("r")).await.unwrap();
+    assert!(read_file(&other, or.ino, "big.bin").await.unwrap() == data);
+}

@@ -223,7 +223,9 @@ assert not os.path.exists(path), "the name is gone"
 os.lseek(fd, 0, os.SEEK_SET)
 got = b""
 while len(got) < 3 * len(block):
-    got += os.read(fd, len(block))
+    piece = os.read(fd, len(block))
+    assert piece, f"end of file at {len(got)} (size {os.fstat(fd).st_size})"
+    got += piece
 assert got[:3 * len(block)] == block * 3, "read back after unlink"
 os.pwrite(fd, b"CHANGED", 50 * 1024 * 1024)
 back = os.pread(fd, 7, 50 * 1024 * 1024)

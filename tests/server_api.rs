@@ -440,6 +440,79 @@ async fn end_to_end_required_refuses_plaintext() {
     assert!(!alice.download(file, None).await.unwrap().e2e);
 }
 
+/// A new file created with its content in one request: stored at once with
+/// its manifest and time; the same id again is refused (409 exists) and
+/// changes nothing; a reader, a stranger, a missing record, plaintext in a
+/// vault that requires end-to-end encryption and a request without
+/// `If-None-Match: *` or a name are refused, and none leaves a file or a
+/// blob behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_is_created_with_its_content_in_one_request() {
+    let s = TestServer::start();
+    let alice = s.user("alice", &[]).await;
+    let bob = s.user("bob", &[]).await;
+    let eve = s.user("eve", &[]).await;
+    let vault = new_vault(&alice, true).await;
+    let record = new_record(&alice, vault, None).await;
+    let member = vaultfs::protocol::Member { user: "bob".into(), rights: Rights::Read, wrapped_key: None };
+    alice.set_member(vault, member).await.unwrap();
+    let new =
+        |id| NewFile { id, name: sealed("n"), e2e: true, mtime_ms: Some(7_000), meta: sealed("manifest") };
+    let id = FileId::random().unwrap();
+    let done =
+        alice.create_with_content(record, new(id), UploadBody::from_bytes(&b"content"[..])).await.unwrap();
+    assert_eq!((done.version, done.size), (2, 7));
+    let info = alice.file(id).await.unwrap();
+    assert_eq!((info.version, info.size, info.mtime_ms, info.record), (2, 7, 7_000, record));
+    assert_eq!(info.meta, sealed("manifest"));
+    assert_eq!(info.name, sealed("n"));
+    assert_eq!(read(&alice, id, None).await.unwrap(), b"content");
+    let changes = |vaults: Vec<vaultfs::protocol::VaultInfo>| {
+        vaults.into_iter().find(|v| v.id == vault).unwrap().changes
+    };
+    let changed = changes(alice.vaults().await.unwrap());
+    let blobs = s.stored_blobs().len();
+
+    // The same id again (a request sent twice): refused, nothing changed.
+    let again = alice.create_with_content(record, new(id), UploadBody::from_bytes(&b"other"[..])).await;
+    assert!(matches!(again, Err(RemoteError::Exists(_))), "{again:?}");
+    assert_eq!(read(&alice, id, None).await.unwrap(), b"content");
+    // A reader, a stranger, a record that does not exist, plaintext here.
+    let body = || UploadBody::from_bytes(&b"x"[..]);
+    let refused = bob.create_with_content(record, new(FileId::random().unwrap()), body()).await;
+    assert!(matches!(refused, Err(RemoteError::Forbidden(_))), "{refused:?}");
+    let refused = eve.create_with_content(record, new(FileId::random().unwrap()), body()).await;
+    assert!(matches!(refused, Err(RemoteError::NotFound(_))), "{refused:?}");
+    let nowhere = RecordId::random().unwrap();
+    let refused = alice.create_with_content(nowhere, new(FileId::random().unwrap()), body()).await;
+    assert!(matches!(refused, Err(RemoteError::NotFound(_))), "{refused:?}");
+    let plain = NewFile { e2e: false, ..new(FileId::random().unwrap()) };
+    assert_eq!(alice.create_with_content(record, plain, body()).await.unwrap_err(), RemoteError::E2eRequired);
+    // Raw requests without the precondition or the name.
+    let token = login_token(&s, "alice").await;
+    let client = tls_client(&s);
+    let put = |headers: &[(&str, &str)]| {
+        let mut r = client
+            .put(format!("{}/v1/records/{record}/files/{}", s.url, FileId::random().unwrap()))
+            .bearer_auth(&token)
+            .header("x-vaultfs-e2e", "1")
+            .body("x");
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.send()
+    };
+    let status = |r: reqwest::Response| r.status().as_u16();
+    assert_eq!(status(put(&[("x-vaultfs-name", "bg=="), ("x-vaultfs-meta", "bQ==")]).await.unwrap()), 428);
+    assert_eq!(status(put(&[("if-none-match", "*"), ("x-vaultfs-meta", "bQ==")]).await.unwrap()), 400);
+    assert_eq!(status(put(&[("if-none-match", "*"), ("x-vaultfs-name", "bg==")]).await.unwrap()), 400);
+    let files = alice.files(vault).await.unwrap();
+    assert_eq!(files.len(), 1, "only the first file exists: {files:?}");
+    assert_eq!(changes(alice.vaults().await.unwrap()), changed, "no refusal changed the vault");
+    assert!(s.partial_uploads().is_empty(), "{:?}", s.partial_uploads());
+    assert_eq!(s.stored_blobs().len(), blobs, "no refusal left a blob");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_cannot_reach_each_others_vaults_even_by_guessing_ids() {
     let s = TestServer::start();

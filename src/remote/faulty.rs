@@ -36,6 +36,8 @@ struct Faults {
     downloads: Mutex<Vec<Option<Range<u64>>>>,
     /// Uploads are stored, but their answer is lost (an error comes back).
     lose_upload_answers: AtomicBool,
+    /// Requests an older server does not know are answered 404.
+    older_server: AtomicBool,
     /// Uploads replace the file whatever version they expect (a server that
     /// ignores If-Match).
     any_version: AtomicBool,
@@ -96,6 +98,12 @@ impl Outage {
     /// connection breaks just before the answer.
     pub fn lose_upload_answers(&self, lose: bool) {
         self.0.lose_upload_answers.store(lose, Ordering::SeqCst);
+    }
+
+    /// Answers what an older server does not know (a file created with its
+    /// content in one request) with 404, as such a server does.
+    pub fn be_older_server(&self, older: bool) {
+        self.0.older_server.store(older, Ordering::SeqCst);
     }
 
     /// While true, an upload replaces the file whatever version it expects.
@@ -364,6 +372,23 @@ impl<R: Remote> Remote for FaultyRemote<R> {
             false => expected,
         };
         let done = self.inner.upload(id, expected, e2e, mtime_ms, body).await?;
+        if self.outage.0.lose_upload_answers.load(Ordering::SeqCst) {
+            return Err(RemoteError::Unavailable("injected: the answer was lost".into()));
+        }
+        Ok(done)
+    }
+    async fn create_with_content(
+        &self,
+        record: RecordId,
+        file: NewFile,
+        mut body: UploadBody,
+    ) -> Result<UploadResult> {
+        self.outage.check()?;
+        if self.outage.0.older_server.load(Ordering::SeqCst) {
+            return Err(RemoteError::NotFound("no such endpoint".into()));
+        }
+        body.stream = held(body.stream, self.outage.clone());
+        let done = self.inner.create_with_content(record, file, body).await?;
         if self.outage.0.lose_upload_answers.load(Ordering::SeqCst) {
             return Err(RemoteError::Unavailable("injected: the answer was lost".into()));
         }

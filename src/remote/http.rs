@@ -29,7 +29,9 @@ use crate::protocol::{
     LoginKeyChange, LoginRequest, Me, Member, NewFile, NewRecord, NewVault, PassphraseChanged, PreLogin,
     RecordInfo, RecordUpdate, Sealed, Session, UploadResult, UserKey, VaultInfo, HEADER_E2E, HEADER_MTIME,
 };
-use crate::protocol::{Changes, CommitRequest, Staged, HEADER_CONFLICT_COPY, HEADER_META, HEADER_STAGE};
+use crate::protocol::{
+    Changes, CommitRequest, Staged, HEADER_CONFLICT_COPY, HEADER_META, HEADER_NAME, HEADER_STAGE,
+};
 
 /// Longest wait for a TCP + TLS connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -529,27 +531,35 @@ impl HttpRemote {
         if stage {
             request = request.header(HEADER_STAGE, "1");
         }
-        if let Some(len) = body.len {
-            request = request.header(CONTENT_LENGTH, len);
-        }
-        if let Some(m) = mtime_ms {
-            request = request.header(HEADER_MTIME, m);
-        }
         if let Some(copy) = &body.conflict_copy {
             request = request.header(HEADER_CONFLICT_COPY, format!("{}:{}", copy.id, b64(&copy.name.0)));
         }
         if let Some(meta) = &body.meta {
             request = request.header(HEADER_META, b64(&meta.0));
         }
-        let resp = request
-            .send()
-            .await
-            .map_err(|e| RemoteError::Unavailable(format!("upload: {}", with_causes(&e))))?;
-        if !resp.status().is_success() {
-            return Err(error_from(resp).await);
-        }
-        resp.json().await.map_err(protocol)
+        send_content(request, body.len, mtime_ms).await
     }
+}
+
+/// Sends a content upload built as `request`, with its length and time when
+/// known, and reads the answer.
+async fn send_content<T: DeserializeOwned>(
+    mut request: reqwest::RequestBuilder,
+    len: Option<u64>,
+    mtime_ms: Option<i64>,
+) -> Result<T> {
+    if let Some(len) = len {
+        request = request.header(CONTENT_LENGTH, len);
+    }
+    if let Some(m) = mtime_ms {
+        request = request.header(HEADER_MTIME, m);
+    }
+    let resp =
+        request.send().await.map_err(|e| RemoteError::Unavailable(format!("upload: {}", with_causes(&e))))?;
+    if !resp.status().is_success() {
+        return Err(error_from(resp).await);
+    }
+    resp.json().await.map_err(protocol)
 }
 
 fn header_u64(resp: &reqwest::Response, name: impl reqwest::header::AsHeaderName) -> Option<u64> {
@@ -764,6 +774,26 @@ impl super::Remote for HttpRemote {
         body: UploadBody,
     ) -> Result<UploadResult> {
         self.put_content(id, expected, e2e, mtime_ms, body, false).await
+    }
+
+    async fn create_with_content(
+        &self,
+        record: RecordId,
+        file: NewFile,
+        body: UploadBody,
+    ) -> Result<UploadResult> {
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        let token = self.current_token().await?;
+        let request = self
+            .client
+            .put(format!("{}/v1/records/{record}/files/{}", self.base, file.id))
+            .bearer_auth(token)
+            .header(IF_NONE_MATCH, "*")
+            .header(HEADER_E2E, if file.e2e { "1" } else { "0" })
+            .header(HEADER_NAME, b64(&file.name.0))
+            .header(HEADER_META, b64(&file.meta.0))
+            .body(reqwest::Body::wrap_stream(body.stream));
+        send_content(request, body.len, file.mtime_ms).await
     }
 
     async fn stage(&self, id: FileId, expected: u64, e2e: bool, body: UploadBody) -> Result<Staged> {

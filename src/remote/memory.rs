@@ -259,6 +259,24 @@ impl super::Remote for MemoryRemote {
         Ok(self.service.upload(&self.caller, id, up).await?)
     }
 
+    async fn create_with_content(
+        &self,
+        record: RecordId,
+        file: NewFile,
+        body: UploadBody,
+    ) -> Result<UploadResult> {
+        let up = Upload {
+            expected_version: 0,
+            e2e: file.e2e,
+            mtime_ms: file.mtime_ms,
+            declared_len: body.len,
+            conflict_copy: None,
+            meta: Some(file.meta.clone()),
+            body: body.stream,
+        };
+        Ok(self.service.create_with_content(&self.caller, record, file, up).await?)
+    }
+
     async fn stage(&self, id: FileId, expected: u64, e2e: bool, body: UploadBody) -> Result<Staged> {
         let up = Upload {
             expected_version: expected,

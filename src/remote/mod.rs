@@ -249,6 +249,16 @@ pub trait Remote: Send + Sync + 'static {
         mtime_ms: Option<i64>,
         body: UploadBody,
     ) -> impl Future<Output = Result<UploadResult>> + Send;
+    /// Creates `file` in `record` with `body` as its content, in one request
+    /// (`file.meta` is the content's sealed manifest). `Exists` if the id is
+    /// taken (sent again after a lost answer); `NotFound` if the record is
+    /// gone, or from a server that does not know the request (an older one).
+    fn create_with_content(
+        &self,
+        record: RecordId,
+        file: NewFile,
+        body: UploadBody,
+    ) -> impl Future<Output = Result<UploadResult>> + Send;
     /// Stores content for file `id` without committing it (its manifest is
     /// known only once it was all sent); `expected` is checked at once unless
     /// the body names a conflict copy. [`Remote::commit`] makes it the file's.

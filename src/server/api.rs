@@ -27,7 +27,7 @@ use crate::protocol::{
     Member, NewFile, NewRecord, NewVault, PassphraseChanged, RecordUpdate, Rights, Sealed, VaultUpdate,
     HEADER_E2E, HEADER_MTIME,
 };
-use crate::protocol::{CommitRequest, HEADER_CONFLICT_COPY, HEADER_META, HEADER_STAGE};
+use crate::protocol::{CommitRequest, HEADER_CONFLICT_COPY, HEADER_META, HEADER_NAME, HEADER_STAGE};
 
 /// Largest JSON body accepted (names are sealed and padded, fields may be long).
 pub const MAX_JSON_BODY: usize = 2 << 20;
@@ -228,6 +228,10 @@ pub fn router<B: BlobStore>(service: Arc<Service<B>>) -> Router {
             get(get_record::<B>).patch(update_record::<B>).delete(delete_record::<B>),
         )
         .route("/v1/records/{record}/files", get(record_files::<B>).post(create_file::<B>))
+        .route(
+            "/v1/records/{record}/files/{file}",
+            put(create_with_content::<B>).layer(DefaultBodyLimit::disable()),
+        )
         .route("/v1/files/{file}", get(get_file::<B>).patch(update_file::<B>).delete(delete_file::<B>))
         .route(
             "/v1/files/{file}/content",
@@ -755,15 +759,14 @@ async fn download<B: BlobStore>(
         .map_err(|e| ServiceError::Internal(format!("building response: {e}")).into())
 }
 
-async fn upload<B: BlobStore>(
-    State(s): State<AppState<B>>,
-    Auth(c, _): Auth,
-    Path(f): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> ApiResult<Response> {
-    let id: FileId = parse_id(&f, "file")?;
-    let expected_version = if_match(&headers)?;
+/// What every content upload says in its headers.
+struct UploadFields {
+    e2e: bool,
+    mtime_ms: Option<i64>,
+    declared_len: Option<u64>,
+}
+
+fn upload_fields(headers: &HeaderMap) -> ApiResult<UploadFields> {
     let e2e = match headers.get(HEADER_E2E).map(|v| v.as_bytes()) {
         Some(b"1") => true,
         Some(b"0") => false,
@@ -784,6 +787,19 @@ async fn upload<B: BlobStore>(
                 .ok_or_else(|| ApiError::bad_request("invalid Content-Length"))?,
         ),
     };
+    Ok(UploadFields { e2e, mtime_ms, declared_len })
+}
+
+async fn upload<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path(f): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let id: FileId = parse_id(&f, "file")?;
+    let expected_version = if_match(&headers)?;
+    let UploadFields { e2e, mtime_ms, declared_len } = upload_fields(&headers)?;
     let conflict_copy = match headers.get(HEADER_CONFLICT_COPY) {
         None => None,
         Some(v) => {
@@ -814,6 +830,52 @@ async fn upload<B: BlobStore>(
     }
     let result = s.upload(&c, id, up).await?;
     Ok(json_with_etag(result.version, StatusCode::OK, result))
+}
+
+/// `PUT /v1/records/{record}/files/{file}` with `If-None-Match: *`: a new
+/// file with its content, in one request.
+async fn create_with_content<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    Path((r, f)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let (record, id): (RecordId, FileId) = (parse_id(&r, "record")?, parse_id(&f, "file")?);
+    if headers.get(header::IF_NONE_MATCH).map(|v| v.as_bytes()) != Some(b"*") {
+        return Err(ServiceError::PreconditionRequired.into());
+    }
+    let fields = upload_fields(&headers)?;
+    let b64 = |name: &str| {
+        headers.get(name).map(|v| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v.as_bytes())
+                .map_err(|_| ApiError::bad_request(format!("header {name} must be base64")))
+        })
+    };
+    let name = b64(HEADER_NAME)
+        .ok_or_else(|| ApiError::bad_request(format!("header {HEADER_NAME} is required")))??;
+    let meta = b64(HEADER_META)
+        .ok_or_else(|| ApiError::bad_request(format!("header {HEADER_META} is required")))??;
+    let new = NewFile {
+        id,
+        name: Sealed(name),
+        e2e: fields.e2e,
+        mtime_ms: fields.mtime_ms,
+        meta: Sealed(meta.clone()),
+    };
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    let up = Upload {
+        expected_version: 0,
+        e2e: fields.e2e,
+        mtime_ms: fields.mtime_ms,
+        declared_len: fields.declared_len,
+        conflict_copy: None,
+        meta: Some(Sealed(meta)),
+        body: Box::pin(stream),
+    };
+    let result = s.create_with_content(&c, record, new, up).await?;
+    Ok(json_with_etag(result.version, StatusCode::CREATED, result))
 }
 
 async fn commit<B: BlobStore>(

@@ -1146,6 +1146,16 @@ impl Meta {
         Ok(done)
     }
 
+    /// Creates file `f` in `record` with content `c`, in one transaction:
+    /// the file appears with its content or not at all. Returns its version.
+    pub fn create_with_content(&mut self, record: RecordId, f: &NewFile, c: &Committed) -> Result<u64> {
+        let tx = self.conn.transaction()?;
+        let created = create_in(&tx, record, f, c.mtime_ms)?;
+        let (version, _) = commit_in(&tx, created.id, created.version, c)?;
+        tx.commit()?;
+        Ok(version)
+    }
+
     /// Creates file `copy` in `id`'s record and commits `c` to it: where a
     /// stream whose file moved on goes.
     pub fn commit_to_copy(

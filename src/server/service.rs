@@ -919,6 +919,44 @@ impl<B: BlobStore> Service<B> {
         }
     }
 
+    /// Creates file `f` in `record` with the upload's content: what a new
+    /// small file costs in one request and one transaction, instead of a
+    /// create and an upload. Checked before any byte is read as an upload is
+    /// (write rights in the record's vault, its end-to-end rule); `Exists` if
+    /// the id is taken (a request sent again after its answer was lost).
+    pub async fn create_with_content(
+        &self,
+        caller: &Caller,
+        record: RecordId,
+        f: NewFile,
+        up: Upload,
+    ) -> Result<UploadResult> {
+        let (uid, e2e) = (caller.user.id, up.e2e);
+        let (rights, e2e_required) = self
+            .db(move |m| {
+                let vault = m.record(record)?.vault;
+                let rights = m.rights(uid, vault)?;
+                let required = !e2e && rights.is_some() && m.e2e_required(vault)?;
+                Ok((rights, required))
+            })
+            .await?;
+        check_rights(rights, Rights::Write, "record")?;
+        if e2e_required {
+            return Err(ServiceError::E2eRequired);
+        }
+        let (blob, size) = self.store_body(caller, up.body, up.declared_len).await?;
+        let mtime_ms = up.mtime_ms.unwrap_or_else(now_ms);
+        let c = Committed { blob, size, e2e, mtime_ms, meta: up.meta };
+        let f = NewFile { e2e, mtime_ms: Some(mtime_ms), ..f };
+        match self.db(move |m| m.create_with_content(record, &f, &c)).await {
+            Ok(version) => Ok(UploadResult { version, size, conflict_copy: None }),
+            Err(e) => {
+                self.discard_blob(Some(blob)).await;
+                Err(e)
+            }
+        }
+    }
+
     /// The checks before any byte of an upload is read: rights, the vault's
     /// end-to-end rule, the version (unless a conflict copy may take the
     /// content, or none is given), a conflict copy's id.

@@ -332,6 +332,10 @@ impl<R: Remote> VaultFs<R> {
     /// would stand in the way of `req`, if any.
     pub async fn getlk(&self, ino: Ino, req: LockRequest) -> Result<Option<LockConflict>> {
         let id = self.lock_target(ino, &req)?;
+        // A file only this mount knows has no locks (a lock creates it there).
+        if self.tree.lock().is_unsent(ino) {
+            return Ok(None);
+        }
         let wanted = LockRange { start: req.start, end: req.end, exclusive: req.kind == LockKind::Write };
         let held = self.remote().file_locks(id).await.map_err(lock_error)?;
         let blocker = held.into_iter().find(|l| {
@@ -374,6 +378,8 @@ impl<R: Remote> VaultFs<R> {
         interrupted: impl Future<Output = ()> + Send,
     ) -> Result<()> {
         let id = self.lock_target(ino, &req)?;
+        // Locks are kept by the server, which must have the file.
+        self.ensure_on_server(ino).await?;
         let key = (id, req.owner);
         let gate = self.locks.gate(key);
         let _one = gate.lock().await;

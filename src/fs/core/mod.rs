@@ -22,6 +22,7 @@
 //! | plaintext → server on flush, fsync, release; conflicts; retries | `save.rs`, `seal.rs` | |
 //! | symbolic links: symlink, readlink | `links.rs` | |
 //! | flock and POSIX locks across clients: leases on the server, renewed | `locks.rs` | [`locks::LockTable`] |
+//! | new files known only here until their first save creates them with their content | `unsent.rs` | [`unsent::Creates`] |
 //! | unlink and rename | `rename.rs` | |
 //! | `vaultfs status` and the `user.vaultfs.*` attributes | `status.rs` | [`status::Refusals`] |
 //!
@@ -42,7 +43,7 @@
 //!    under it);
 //! 3. `tree`;
 //! 4. leaf locks: `rules`, `handles`, `modes`, `times`, `fills`, `refusals`,
-//!    `legacy_warned`, `loading`, `feed`, those inside `locks`, the cache and the
+//!    `legacy_warned`, `loading`, `feed`, `creates`, those inside `locks`, the cache and the
 //!    freshness state.
 //!
 //! The tree and every leaf lock are synchronous (`parking_lot`), never held
@@ -85,6 +86,7 @@ mod seal;
 mod status;
 mod stream;
 mod tree;
+mod unsent;
 
 pub use io::ReadData;
 use io::WriteData;
@@ -269,6 +271,8 @@ pub struct VaultFs<R> {
     loading: Mutex<std::collections::HashMap<VaultId, Arc<tokio::sync::Mutex<()>>>>,
     /// What directories show as their time until this mount changes them.
     mounted_at: SystemTime,
+    /// Whether the server creates a file with its content in one request.
+    creates: unsent::Creates,
 }
 
 impl<R: Remote> VaultFs<R> {
@@ -293,6 +297,7 @@ impl<R: Remote> VaultFs<R> {
             locks: locks::LockTable::new(),
             loading: Mutex::new(std::collections::HashMap::new()),
             mounted_at: SystemTime::now(),
+            creates: unsent::Creates::default(),
         };
         if !options.local_locks {
             fs.start_locks().await;

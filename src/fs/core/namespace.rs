@@ -36,7 +36,7 @@ const FEED_PAGES: usize = 100;
 use super::{check_file_answer, Attr, Entry, EntryPlus, FsError, Ino, Invalidation, Result, VaultFs, ROOT};
 use crate::crypto::{self, open_name, seal_name, FileContext, FileManifest, NameContext, OsRandom};
 use crate::ids::{FileId, RecordId, VaultId};
-use crate::protocol::{now_ms, FileInfo, NewFile, RecordInfo, Sealed};
+use crate::protocol::{FileInfo, RecordInfo, Sealed};
 use crate::remote::account::AccountError;
 use crate::remote::{Remote, RemoteError};
 
@@ -485,11 +485,8 @@ impl<R: Remote> VaultFs<R> {
         manifest: &FileManifest,
     ) -> Result<(Ino, FileInfo)> {
         let (vault, record) = self.file_parent(parent)?;
-        let id = FileId::random().map_err(|e| FsError::Io(e.to_string()))?;
-        let sealed = self.seal(vault, NameContext::FileName { vault, record, file: id }, name)?;
-        let ctx = FileContext { vault, record, file: id };
-        let meta = self.seal_manifest(&ctx, manifest)?;
-        let new = NewFile { id, name: sealed, e2e: true, mtime_ms: Some(now_ms()), meta };
+        let new = self.new_file_request(parent, name, manifest)?;
+        let id = new.id;
         let info = self.remote().create_file(record, new).await?;
         let info = check_file_answer(id, vault, info)?;
         if info.record != record {
@@ -644,7 +641,14 @@ impl<R: Remote> VaultFs<R> {
 
     /// The server's current metadata of the file `info` describes, refused if
     /// it answers for another file or vault ([`check_file_answer`]).
+    /// A file only this mount knows (see `unsent`) is as the tree holds it.
     pub(super) async fn fetch_file(&self, info: &FileInfo) -> Result<FileInfo> {
+        {
+            let tree = self.tree.lock();
+            if let Some(ino) = tree.file_ino(info.id).filter(|&ino| tree.is_unsent(ino)) {
+                return tree.file(ino).map(|(i, _)| i.clone());
+            }
+        }
         let got = self.remote().file(info.id).await?;
         check_file_answer(info.id, info.vault, got)
     }

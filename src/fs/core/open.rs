@@ -32,13 +32,14 @@ impl<R: Remote> VaultFs<R> {
         if self.tree.lock().child(parent, name).is_some() {
             return Err(FsError::Exists);
         }
-        let (ino, info) = self.new_file(parent, name, perm).await?;
+        // On the server at its first save, with its content (see `unsent`).
+        let (ino, info) = self.new_unsent_file(parent, name, perm)?;
         let handle = self.cache.pin(info.id);
         {
             let mut d = handle.lock().await;
             *d = PlainData {
                 bytes: SecretBuf::new(),
-                dirty: false,
+                dirty: true,
                 version: info.version,
                 confirmed: None,
                 loaded: true,

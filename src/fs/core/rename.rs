@@ -47,11 +47,15 @@ impl<R: Remote> VaultFs<R> {
         // needs the server's copy until then: it is deleted at the last
         // close instead (super::save `release`).
         let open = self.handles.is_open(info.id);
-        let keep = open && (self.modes.is_streaming(info.id) || self.passes_through(ino)?);
-        if !keep {
-            self.delete_file(&info).await?;
+        if self.forget_unsent(ino, info.id, open).await {
+            // Never saved: nothing to delete on the server.
+        } else {
+            let keep = open && (self.modes.is_streaming(info.id) || self.passes_through(ino)?);
+            if !keep {
+                self.delete_file(&self.file_info(ino).unwrap_or(info.clone())).await?;
+            }
+            self.tree.lock().unlink(ino, open, keep);
         }
-        self.tree.lock().unlink(ino, open, keep);
         self.touch_dir(parent);
         if open {
             return Ok(());
@@ -121,7 +125,7 @@ impl<R: Remote> VaultFs<R> {
                 Err(FsError::NotPermitted("vaults are renamed with the CLI".into()))
             }
             Node::Record { info, .. } => self.rename_record(ino, &info, parent, to).await,
-            Node::File { info, .. } => self.rename_file(ino, &info, to).await,
+            Node::File { .. } => self.rename_file(ino, to).await,
         }
     }
 
@@ -165,13 +169,20 @@ impl<R: Remote> VaultFs<R> {
     }
 
     /// Renames file `ino` in its record, or moves it to another.
-    async fn rename_file(self: &Arc<Self>, ino: Ino, info: &FileInfo, to: Destination<'_>) -> Result<()> {
+    async fn rename_file(self: &Arc<Self>, ino: Ino, to: Destination<'_>) -> Result<()> {
         let (_, new_record) = self.file_parent(to.parent)?;
+        // The server is asked to rename it: it must have it.
+        self.ensure_on_server(ino).await?;
+        let info = &self.file_info(ino)?;
         match to.replaces {
             Some((t, Some(Node::File { info: tinfo, .. }))) => {
                 // rename(2) replaces the target.
-                self.delete_file(&tinfo).await?;
-                self.tree.lock().remove(t);
+                let open = self.handles.is_open(tinfo.id);
+                if !self.forget_unsent(t, tinfo.id, open).await {
+                    let tinfo = self.file_info(t).unwrap_or(tinfo);
+                    self.delete_file(&tinfo).await?;
+                    self.tree.lock().remove(t);
+                }
             }
             Some(_) => return Err(FsError::IsDir),
             None => {}

@@ -26,6 +26,7 @@ use super::handles::HandleMode;
 use super::rules::check_size;
 use super::seal;
 use super::tree::{FileMeta, Node, Released};
+use super::unsent::FirstSave;
 use super::{FsError, Ino, Result, VaultFs, MAX_SERVER_VERSION};
 use crate::cache::{PlainCache, PlainData, PlainHandle, SecretBuf};
 use crate::crypto::{self, FileContext, FileManifest, NameContext};
@@ -44,6 +45,8 @@ enum Saved {
     Stored(UploadResult, Option<Sealed>),
     /// The file changed on the server meanwhile: nothing stored.
     Stale(Option<u64>),
+    /// A first save that did not create the file (see `unsent`).
+    CreateFirst { unknown: bool },
     /// Not stored.
     Failed(FsError),
 }
@@ -220,6 +223,16 @@ impl<R: Remote> VaultFs<R> {
         let plain_len = d.bytes.len() as u64;
         check_size(&rules, plain_len)?;
         let e2e = rules.encrypts(plain_len);
+        // A file only this mount knows: created with its content in one
+        // request, or else created first.
+        let first = self.creates_with_content(ino, e2e);
+        let mut d = d;
+        let info = if !first && self.tree.lock().is_unsent(ino) {
+            self.create_on_server(ino, &mut d).await?;
+            self.file_info(ino)?
+        } else {
+            info
+        };
         let generation = self.next_generation(ino, info.id, d.version);
         let ctx = FileContext { vault: info.vault, record: info.record, file: info.id };
         let sealer = self.sealer(&ctx, generation, e2e, plain_len)?;
@@ -233,12 +246,25 @@ impl<R: Remote> VaultFs<R> {
         let asked = Instant::now();
         let outcome = match copy {
             None => {
-                let result = self.remote().upload(info.id, expected, true, Some(mtime_ms), body).await;
+                let result = match (first, meta.clone()) {
+                    (true, Some(sealed)) => {
+                        match self.create_with_content(&info, sealed, mtime_ms, body).await {
+                            FirstSave::Stored(done) => Ok(done),
+                            FirstSave::CreateFirst { unknown } => Err(Saved::CreateFirst { unknown }),
+                            FirstSave::Failed(e) => Err(Saved::Failed(e.into())),
+                        }
+                    }
+                    _ => self.remote().upload(info.id, expected, true, Some(mtime_ms), body).await.map_err(
+                        |e| match e {
+                            RemoteError::Conflict { current } => Saved::Stale(current),
+                            e => Saved::Failed(e.into()),
+                        },
+                    ),
+                };
                 sealing.finish().await.map(|(d, _)| {
                     let saved = match result {
                         Ok(done) => Saved::Stored(done, meta),
-                        Err(RemoteError::Conflict { current }) => Saved::Stale(current),
-                        Err(e) => Saved::Failed(e.into()),
+                        Err(not) => not,
                     };
                     (d, saved)
                 })
@@ -277,6 +303,9 @@ impl<R: Remote> VaultFs<R> {
                 d.dirty = false;
                 d.version = done.version;
                 d.confirmed = Some(asked);
+                if first {
+                    self.now_sent(ino);
+                }
                 self.set_file_info(ino, |i| {
                     i.version = done.version;
                     i.size = done.size;
@@ -313,6 +342,15 @@ impl<R: Remote> VaultFs<R> {
             Saved::Failed(e) => {
                 tracing::warn!(file = %info.id, error = %e, "upload failed; the data stays in memory and will be retried");
                 Err(e)
+            }
+            Saved::CreateFirst { unknown } => {
+                self.create_on_server(ino, &mut d).await?;
+                if unknown {
+                    // The record is there, so the server did not know the request.
+                    self.no_creates_with_content();
+                }
+                drop(d);
+                Box::pin(self.upload(ino, handle)).await
             }
         }
     }

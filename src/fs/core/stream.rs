@@ -64,6 +64,8 @@ impl<R: Remote> VaultFs<R> {
     /// Starts a pass-through upload with what `d` holds so far.
     pub(super) async fn start_stream(self: &Arc<Self>, id: FileId, d: &mut PlainData) -> Result<()> {
         let ino = self.file_ino(id)?;
+        // The stream is staged for a file the server has.
+        self.create_on_server(ino, d).await?;
         let info = self.file_info(ino)?;
         // A stream cannot be sent twice, so if the file changes on the server
         // meanwhile, the server is asked to keep ours as a conflict copy.

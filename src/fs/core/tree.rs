@@ -153,6 +153,10 @@ pub(super) struct Tree {
     /// value: the server still holds the file (its content is read from
     /// there, a pass-through file), to be deleted at that release.
     orphans: HashMap<Ino, bool>,
+    /// Files created here that are not on the server yet: their first save
+    /// creates them there with their content, in one request. Listings do
+    /// not name them, and leave them where they are.
+    unsent: HashSet<Ino>,
     next: Ino,
     root_loaded: Option<Instant>,
     vault_loaded: HashMap<VaultId, Instant>,
@@ -319,11 +323,30 @@ impl Tree {
         }
     }
 
+    /// Adds file `key` as `name` in `parent`, known only here until it is
+    /// [`Tree::sent`]; returns its inode.
+    pub(super) fn add_unsent(&mut self, parent: Ino, name: &OsStr, key: Key, node: Node) -> Ino {
+        let ino = self.add(parent, name, key, node);
+        self.unsent.insert(ino);
+        ino
+    }
+
+    /// Whether file `ino` exists only here (created, never saved).
+    pub(super) fn is_unsent(&self, ino: Ino) -> bool {
+        self.unsent.contains(&ino)
+    }
+
+    /// File `ino` now exists on the server.
+    pub(super) fn sent(&mut self, ino: Ino) {
+        self.unsent.remove(&ino);
+    }
+
     /// Removes `ino` (deleted on the server, nothing of it open).
     pub(super) fn remove(&mut self, ino: Ino) {
         self.detach(ino);
         self.nodes.remove(&ino);
         self.orphans.remove(&ino);
+        self.unsent.remove(&ino);
     }
 
     /// Removes file `ino` from its directory; if it is still `open`, it
@@ -342,6 +365,7 @@ impl Tree {
     /// (`None` if it was not one).
     pub(super) fn release_orphan(&mut self, ino: Ino) -> Option<Released> {
         let on_server = self.orphans.remove(&ino)?;
+        self.unsent.remove(&ino);
         let node = self.nodes.remove(&ino);
         Some(match node {
             Some(Node::File { info, .. }) if on_server => Released::DeleteOnServer(info),
@@ -738,6 +762,18 @@ impl Tree {
             self.mark_unreadable(ino, name.is_none().then(|| format!("the name of file {id}")));
             let name = name.unwrap_or_else(|| unreadable_name("file", &id).into());
             placed.push((parent, ino, name, Node::File { info, parent, meta }));
+        }
+        // Files created here and not yet saved stay in their records (if the
+        // listing still has them), under their names.
+        let listed: HashSet<Ino> = placed.iter().map(|(_, ino, ..)| *ino).collect();
+        for &ino in &self.unsent {
+            let Some(Node::File { info, parent, .. }) = self.nodes.get(&ino) else { continue };
+            if info.vault != vault || self.orphans.contains_key(&ino) || listed.contains(&ino) {
+                continue;
+            }
+            if let (Some(dir), Some(name)) = (kids.get_mut(parent), self.names.get(&ino)) {
+                dir.insert(name.clone(), ino);
+            }
         }
         for (parent, ino, mut name, node) in placed {
             let dir = kids.entry(parent).or_default();

@@ -1,0 +1,217 @@
+//! New files that exist only in this mount until their first save.
+//!
+//! Data flow. A create makes the file in the tree only (its name and empty
+//! manifest sealed as for the server) and marks its empty plaintext unsaved.
+//! Its first save (the close that follows, an fsync, unmount, or the retry
+//! of a failed save) creates it on the server with its content, mode and
+//! time in one request (`PUT /v1/records/{record}/files/{file}`), where it
+//! used to take a create and an upload: what `tar -x` or `git checkout` pays
+//! per small file. Anything else that must name the file to the server first
+//! (a rename, a lock, a stream past the end-to-end limit, a pass-through
+//! save) creates it empty, as before ([`VaultFs::ensure_on_server`]); an
+//! unlink before the first save sends nothing. Until then the tree keeps the
+//! file across listings, which do not name it ([`Tree::is_unsent`]).
+//!
+//! Every step that creates it holds the file's plaintext lock, so a save and
+//! an unlink or rename never overlap half way. A create sent again after its
+//! answer was lost finds the id taken: the file the server then describes
+//! is taken as ours, and the content goes up over it as an ordinary save.
+//! A server that does not know the one-request create (an older one answers
+//! 404) gets a create and an upload from then on.
+//!
+//! [`Tree::is_unsent`]: super::tree::Tree::is_unsent
+
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use super::tree::{Key, Node};
+use super::{check_file_answer, FsError, Ino, Result, VaultFs};
+use crate::cache::{PlainData, PlainHandle};
+use crate::crypto::{FileContext, FileManifest, NameContext};
+use crate::ids::FileId;
+use crate::protocol::{now_ms, FileInfo, NewFile, Sealed, UploadResult};
+use crate::remote::{Remote, RemoteError, UploadBody};
+
+/// Whether the server creates a file with its content in one request.
+pub(super) struct Creates(AtomicBool);
+
+impl Default for Creates {
+    fn default() -> Self {
+        Creates(AtomicBool::new(true))
+    }
+}
+
+/// How a first save that tried to create the file with its content ended.
+pub(super) enum FirstSave {
+    /// Created and stored.
+    Stored(UploadResult),
+    /// Not created by that request: create the file on its own, then save
+    /// it as usual. `unknown`: the answer was 404 (the record is gone, or
+    /// the server does not know the request); else the id was taken.
+    CreateFirst { unknown: bool },
+    /// Failed (kept unsaved, retried as any save).
+    Failed(RemoteError),
+}
+
+impl<R: Remote> VaultFs<R> {
+    /// Adds an empty file `name` with permission bits `perm` to record
+    /// `parent`, in this mount only: unsaved, its first save creates it on
+    /// the server.
+    pub(super) fn new_unsent_file(&self, parent: Ino, name: &OsStr, perm: u16) -> Result<(Ino, FileInfo)> {
+        let manifest = FileManifest::new_empty(1, perm);
+        let new = self.new_file_request(parent, name, &manifest)?;
+        let (vault, record) = self.file_parent(parent)?;
+        let info = FileInfo {
+            id: new.id,
+            vault,
+            record,
+            name: new.name,
+            size: 0,
+            version: 0,
+            e2e: true,
+            mtime_ms: new.mtime_ms.unwrap_or_else(now_ms),
+            meta: new.meta,
+        };
+        let node = self.file_node(info.clone(), parent);
+        self.note_generation(info.id, manifest.generation);
+        let ino = self.tree.lock().add_unsent(parent, name, Key::File(info.id), node);
+        self.modes.note_change(info.id, 0);
+        self.touch_dir(parent);
+        Ok((ino, info))
+    }
+
+    /// What creates file `name` in record `parent` with `manifest` (an empty
+    /// file's, or a symbolic link's): a new id, the name and manifest sealed.
+    pub(super) fn new_file_request(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        manifest: &FileManifest,
+    ) -> Result<NewFile> {
+        let (vault, record) = self.file_parent(parent)?;
+        let id = FileId::random().map_err(|e| FsError::Io(e.to_string()))?;
+        let sealed = self.seal(vault, NameContext::FileName { vault, record, file: id }, name)?;
+        let meta = self.seal_manifest(&FileContext { vault, record, file: id }, manifest)?;
+        Ok(NewFile { id, name: sealed, e2e: true, mtime_ms: Some(now_ms()), meta })
+    }
+
+    /// Whether the first save of file `ino` may create it with its content
+    /// (end-to-end content, a server that knows the request).
+    pub(super) fn creates_with_content(&self, ino: Ino, e2e: bool) -> bool {
+        e2e && self.creates.0.load(Ordering::Relaxed) && self.tree.lock().is_unsent(ino)
+    }
+
+    /// The first save of file `info`: creates it with `body` (sealed as
+    /// `meta`, dated `mtime_ms`) in one request. The caller holds its
+    /// plaintext.
+    pub(super) async fn create_with_content(
+        &self,
+        info: &FileInfo,
+        meta: Sealed,
+        mtime_ms: i64,
+        body: UploadBody,
+    ) -> FirstSave {
+        let new = NewFile { id: info.id, name: info.name.clone(), e2e: true, mtime_ms: Some(mtime_ms), meta };
+        match self.remote().create_with_content(info.record, new, body).await {
+            Ok(done) => FirstSave::Stored(done),
+            Err(RemoteError::Exists(_)) => FirstSave::CreateFirst { unknown: false },
+            Err(RemoteError::NotFound(_)) => FirstSave::CreateFirst { unknown: true },
+            Err(e) => FirstSave::Failed(e),
+        }
+    }
+
+    /// The first save of file `ino` went up: it is on the server now.
+    pub(super) fn now_sent(&self, ino: Ino) {
+        self.tree.lock().sent(ino);
+    }
+
+    /// Creates file `ino` on the server, empty as its manifest says, if it
+    /// exists only in this mount: before anything that names it to the
+    /// server. Takes its plaintext lock (so no save is half way).
+    pub(super) async fn ensure_on_server(&self, ino: Ino) -> Result<()> {
+        if !self.tree.lock().is_unsent(ino) {
+            return Ok(());
+        }
+        let id = self.file_info(ino)?.id;
+        match self.cache.peek(id) {
+            Some(handle) => {
+                let mut d = Arc::clone(&handle).lock_owned().await;
+                self.create_on_server(ino, &mut d).await
+            }
+            None => self.create_on_server(ino, &mut PlainData::default()).await,
+        }
+    }
+
+    /// [`VaultFs::ensure_on_server`] for a caller that holds the plaintext
+    /// `d` of file `ino`; `d` then follows the server's version.
+    pub(super) async fn create_on_server(&self, ino: Ino, d: &mut PlainData) -> Result<()> {
+        if !self.tree.lock().is_unsent(ino) {
+            return Ok(());
+        }
+        let info = self.file_info(ino)?;
+        let new = NewFile {
+            id: info.id,
+            name: info.name.clone(),
+            e2e: true,
+            mtime_ms: Some(info.mtime_ms),
+            meta: info.meta.clone(),
+        };
+        let created = match self.remote().create_file(info.record, new).await {
+            Ok(created) => {
+                let created = check_file_answer(info.id, info.vault, created)?;
+                // As sealed here, whatever the server echoes.
+                FileInfo { meta: info.meta.clone(), ..created }
+            }
+            // Created by an earlier request whose answer was lost (or the
+            // server says so): what it holds now is the file, and what this
+            // mount holds goes up over it as an ordinary save.
+            Err(RemoteError::Exists(_)) => {
+                check_file_answer(info.id, info.vault, self.remote().file(info.id).await?)?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if created.record != info.record {
+            return Err(FsError::Io("the server created the file in another record".into()));
+        }
+        d.version = created.version;
+        self.tree.lock().sent(ino);
+        // Not news to the kernel: what it holds of the file is this mount's,
+        // and that is what goes up.
+        self.set_file_info(ino, |i| *i = created);
+        Ok(())
+    }
+
+    /// Unlinks or replaces file `ino` if it exists only in this mount: it
+    /// leaves the tree (an orphan while `open`) and nothing is sent. Under
+    /// its plaintext lock, so a first save is not half way. False if it is on
+    /// the server (delete it there).
+    pub(super) async fn forget_unsent(&self, ino: Ino, id: FileId, open: bool) -> bool {
+        if !self.tree.lock().is_unsent(ino) {
+            return false;
+        }
+        let handle: Option<PlainHandle> = self.cache.peek(id);
+        let _d = match &handle {
+            Some(h) => Some(Arc::clone(h).lock_owned().await),
+            None => None,
+        };
+        let mut tree = self.tree.lock();
+        if !tree.is_unsent(ino) {
+            return false;
+        }
+        match tree.node_unchecked(ino) {
+            Some(Node::File { .. }) => tree.unlink(ino, open, false),
+            _ => return false,
+        }
+        true
+    }
+
+    /// A server answering 404 to a one-request create knows no such request
+    /// (an older version) if a create of the same file then works: from
+    /// then on new files are created, then uploaded.
+    pub(super) fn no_creates_with_content(&self) {
+        if self.creates.0.swap(false, Ordering::Relaxed) {
+            tracing::info!("the server does not create files with their content in one request (an older version): each new file costs a create and an upload");
+        }
+    }
+}
