@@ -833,9 +833,20 @@ impl<B: BlobStore> Service<B> {
 
     /// Deletes a file and its content.
     pub async fn delete_file(&self, caller: &Caller, id: FileId, expected: u64) -> Result<()> {
-        self.file_checked(caller, id, Rights::Write).await?;
-        let old = self.db(move |m| m.delete_file(id, expected)).await?;
-        self.discard_blob(old).await;
+        let uid = caller.user.id;
+        // The check and the delete in one trip to the database (rm -r sends
+        // one request per file), and the blob deleted after the answer.
+        let (rights, old) = self
+            .db(move |m| {
+                let rights = m.rights(uid, m.file(id)?.info.vault)?;
+                if check_rights(rights, Rights::Write, "file").is_err() {
+                    return Ok((rights, None));
+                }
+                Ok((rights, Some(m.delete_file(id, expected)?)))
+            })
+            .await?;
+        check_rights(rights, Rights::Write, "file")?;
+        self.discard_later(old.flatten());
         Ok(())
     }
 
