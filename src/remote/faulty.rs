@@ -38,6 +38,8 @@ struct Faults {
     lose_upload_answers: AtomicBool,
     /// Requests an older server does not know are answered 404.
     older_server: AtomicBool,
+    /// Upload answers name a conflict copy nobody asked for (a lying server).
+    invent_copies: AtomicBool,
     /// Uploads replace the file whatever version they expect (a server that
     /// ignores If-Match).
     any_version: AtomicBool,
@@ -72,6 +74,17 @@ impl std::fmt::Debug for Faults {
 }
 
 impl Outage {
+    /// The answer to a stored upload, as the faults set make it.
+    fn answer(&self, mut done: UploadResult) -> Result<UploadResult> {
+        if self.0.lose_upload_answers.load(Ordering::SeqCst) {
+            return Err(RemoteError::Unavailable("injected: the answer was lost".into()));
+        }
+        if self.0.invent_copies.load(Ordering::SeqCst) {
+            done.conflict_copy = Some(FileId::random().map_err(|e| RemoteError::Protocol(e.to_string()))?);
+        }
+        Ok(done)
+    }
+
     /// Takes the server "down" (true) or brings it back (false).
     pub fn set(&self, down: bool) {
         self.0.down.store(down, Ordering::SeqCst);
@@ -104,6 +117,12 @@ impl Outage {
     /// content in one request) with 404, as such a server does.
     pub fn be_older_server(&self, older: bool) {
         self.0.older_server.store(older, Ordering::SeqCst);
+    }
+
+    /// While true, upload answers name a conflict copy that was not asked
+    /// for, as a lying server's would (the upload itself is stored).
+    pub fn invent_conflict_copies(&self, invent: bool) {
+        self.0.invent_copies.store(invent, Ordering::SeqCst);
     }
 
     /// While true, an upload replaces the file whatever version it expects.
@@ -372,10 +391,7 @@ impl<R: Remote> Remote for FaultyRemote<R> {
             false => expected,
         };
         let done = self.inner.upload(id, expected, e2e, mtime_ms, body).await?;
-        if self.outage.0.lose_upload_answers.load(Ordering::SeqCst) {
-            return Err(RemoteError::Unavailable("injected: the answer was lost".into()));
-        }
-        Ok(done)
+        self.outage.answer(done)
     }
     async fn create_with_content(
         &self,
@@ -389,10 +405,7 @@ impl<R: Remote> Remote for FaultyRemote<R> {
         }
         body.stream = held(body.stream, self.outage.clone());
         let done = self.inner.create_with_content(record, file, body).await?;
-        if self.outage.0.lose_upload_answers.load(Ordering::SeqCst) {
-            return Err(RemoteError::Unavailable("injected: the answer was lost".into()));
-        }
-        Ok(done)
+        self.outage.answer(done)
     }
     async fn stage(&self, id: FileId, expected: u64, e2e: bool, mut body: UploadBody) -> Result<Staged> {
         self.outage.check()?;

@@ -943,17 +943,24 @@ impl<B: BlobStore> Service<B> {
         up: Upload,
     ) -> Result<UploadResult> {
         let (uid, e2e) = (caller.user.id, up.e2e);
-        let (rights, e2e_required) = self
+        let id = f.id;
+        let (rights, e2e_required, taken) = self
             .db(move |m| {
                 let vault = m.record(record)?.vault;
                 let rights = m.rights(uid, vault)?;
                 let required = !e2e && rights.is_some() && m.e2e_required(vault)?;
-                Ok((rights, required))
+                // Taken already (sent again after a lost answer): said before
+                // the body is read, not after it was stored.
+                let taken = rights.is_some() && m.file(id).is_ok();
+                Ok((rights, required, taken))
             })
             .await?;
         check_rights(rights, Rights::Write, "record")?;
         if e2e_required {
             return Err(ServiceError::E2eRequired);
+        }
+        if taken {
+            return Err(ServiceError::Exists("file"));
         }
         let (blob, size) = self.store_body(caller, up.body, up.declared_len).await?;
         let mtime_ms = up.mtime_ms.unwrap_or_else(now_ms);

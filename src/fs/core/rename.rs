@@ -47,7 +47,7 @@ impl<R: Remote> VaultFs<R> {
         // needs the server's copy until then: it is deleted at the last
         // close instead (super::save `release`).
         let open = self.handles.is_open(info.id);
-        if self.forget_unsent(ino, info.id, open).await {
+        if self.forget_unsent(ino, info.id, open).await? {
             // Never saved: nothing to delete on the server.
         } else {
             let keep = open && (self.modes.is_streaming(info.id) || self.passes_through(ino)?);
@@ -178,7 +178,7 @@ impl<R: Remote> VaultFs<R> {
             Some((t, Some(Node::File { info: tinfo, .. }))) => {
                 // rename(2) replaces the target.
                 let open = self.handles.is_open(tinfo.id);
-                if !self.forget_unsent(t, tinfo.id, open).await {
+                if !self.forget_unsent(t, tinfo.id, open).await? {
                     let tinfo = self.file_info(t).unwrap_or(tinfo);
                     self.delete_file(&tinfo).await?;
                     self.tree.lock().remove(t);

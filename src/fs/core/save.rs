@@ -248,18 +248,22 @@ impl<R: Remote> VaultFs<R> {
             None => {
                 let result = match (first, meta.clone()) {
                     (true, Some(sealed)) => {
-                        match self.create_with_content(&info, sealed, mtime_ms, body).await {
+                        match self.create_with_content(ino, &info, sealed, mtime_ms, body).await {
                             FirstSave::Stored(done) => Ok(done),
                             FirstSave::CreateFirst { unknown } => Err(Saved::CreateFirst { unknown }),
                             FirstSave::Failed(e) => Err(Saved::Failed(e.into())),
                         }
                     }
-                    _ => self.remote().upload(info.id, expected, true, Some(mtime_ms), body).await.map_err(
-                        |e| match e {
-                            RemoteError::Conflict { current } => Saved::Stale(current),
-                            e => Saved::Failed(e.into()),
-                        },
-                    ),
+                    _ => match self.remote().upload(info.id, expected, true, Some(mtime_ms), body).await {
+                        // None was asked for: a server that says it kept our
+                        // content as a copy is not believed (it stays unsaved).
+                        Ok(done) if done.conflict_copy.is_some() => Err(Saved::Failed(FsError::Io(
+                            "the server answered with a conflict copy it was not asked for".into(),
+                        ))),
+                        Ok(done) => Ok(done),
+                        Err(RemoteError::Conflict { current }) => Err(Saved::Stale(current)),
+                        Err(e) => Err(Saved::Failed(e.into())),
+                    },
                 };
                 sealing.finish().await.map(|(d, _)| {
                     let saved = match result {
@@ -344,8 +348,8 @@ impl<R: Remote> VaultFs<R> {
                 Err(e)
             }
             Saved::CreateFirst { unknown } => {
-                self.create_on_server(ino, &mut d).await?;
-                if unknown {
+                let created = self.create_on_server(ino, &mut d).await?;
+                if unknown && created {
                     // The record is there, so the server did not know the request.
                     self.no_creates_with_content();
                 }

@@ -155,8 +155,9 @@ pub(super) struct Tree {
     orphans: HashMap<Ino, bool>,
     /// Files created here that are not on the server yet: their first save
     /// creates them there with their content, in one request. Listings do
-    /// not name them, and leave them where they are.
-    unsent: HashSet<Ino>,
+    /// not name them, and leave them where they are. The value: a request
+    /// that would have created it got no answer (it may be there after all).
+    unsent: HashMap<Ino, bool>,
     next: Ino,
     root_loaded: Option<Instant>,
     vault_loaded: HashMap<VaultId, Instant>,
@@ -327,18 +328,35 @@ impl Tree {
     /// [`Tree::sent`]; returns its inode.
     pub(super) fn add_unsent(&mut self, parent: Ino, name: &OsStr, key: Key, node: Node) -> Ino {
         let ino = self.add(parent, name, key, node);
-        self.unsent.insert(ino);
+        self.unsent.insert(ino, false);
         ino
     }
 
     /// Whether file `ino` exists only here (created, never saved).
     pub(super) fn is_unsent(&self, ino: Ino) -> bool {
-        self.unsent.contains(&ino)
+        self.unsent.contains_key(&ino)
     }
 
-    /// File `ino` now exists on the server.
+    /// Whether a request that would have created unsent file `ino` got no
+    /// answer: the server may have it.
+    pub(super) fn maybe_sent(&self, ino: Ino) -> bool {
+        self.unsent.get(&ino).copied().unwrap_or(false)
+    }
+
+    /// A request that would have created unsent file `ino` got no answer.
+    pub(super) fn note_maybe_sent(&mut self, ino: Ino) {
+        if let Some(maybe) = self.unsent.get_mut(&ino) {
+            *maybe = true;
+        }
+    }
+
+    /// File `ino` now exists on the server (if it was unlinked meanwhile,
+    /// it is deleted there at its last close).
     pub(super) fn sent(&mut self, ino: Ino) {
         self.unsent.remove(&ino);
+        if let Some(on_server) = self.orphans.get_mut(&ino) {
+            *on_server = true;
+        }
     }
 
     /// Removes `ino` (deleted on the server, nothing of it open).
@@ -766,7 +784,7 @@ impl Tree {
         // Files created here and not yet saved stay in their records (if the
         // listing still has them), under their names.
         let listed: HashSet<Ino> = placed.iter().map(|(_, ino, ..)| *ino).collect();
-        for &ino in &self.unsent {
+        for &ino in self.unsent.keys() {
             let Some(Node::File { info, parent, .. }) = self.nodes.get(&ino) else { continue };
             if info.vault != vault || self.orphans.contains_key(&ino) || listed.contains(&ino) {
                 continue;

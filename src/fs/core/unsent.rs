@@ -25,7 +25,7 @@ use std::ffi::OsStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use super::tree::{Key, Node};
+use super::tree::{FileMeta, Key, Node};
 use super::{check_file_answer, FsError, Ino, Result, VaultFs};
 use crate::cache::{PlainData, PlainHandle};
 use crate::crypto::{FileContext, FileManifest, NameContext};
@@ -107,6 +107,7 @@ impl<R: Remote> VaultFs<R> {
     /// plaintext.
     pub(super) async fn create_with_content(
         &self,
+        ino: Ino,
         info: &FileInfo,
         meta: Sealed,
         mtime_ms: i64,
@@ -114,10 +115,26 @@ impl<R: Remote> VaultFs<R> {
     ) -> FirstSave {
         let new = NewFile { id: info.id, name: info.name.clone(), e2e: true, mtime_ms: Some(mtime_ms), meta };
         match self.remote().create_with_content(info.record, new, body).await {
+            // Nothing of the sort was asked: a server that says it kept our
+            // content as a copy is not believed (the content stays unsaved).
+            Ok(done) if done.conflict_copy.is_some() => FirstSave::Failed(RemoteError::Protocol(
+                "the server answered a new file's first save with a conflict copy".into(),
+            )),
             Ok(done) => FirstSave::Stored(done),
             Err(RemoteError::Exists(_)) => FirstSave::CreateFirst { unknown: false },
             Err(RemoteError::NotFound(_)) => FirstSave::CreateFirst { unknown: true },
-            Err(e) => FirstSave::Failed(e),
+            Err(e) => {
+                self.note_uncertain(ino, &e);
+                FirstSave::Failed(e)
+            }
+        }
+    }
+
+    /// A request that would have created file `ino` failed: if it may have
+    /// reached the server anyway (no answer), an unlink must ask there.
+    fn note_uncertain(&self, ino: Ino, e: &RemoteError) {
+        if matches!(e, RemoteError::Unavailable(_) | RemoteError::Protocol(_)) {
+            self.tree.lock().note_maybe_sent(ino);
         }
     }
 
@@ -137,17 +154,18 @@ impl<R: Remote> VaultFs<R> {
         match self.cache.peek(id) {
             Some(handle) => {
                 let mut d = Arc::clone(&handle).lock_owned().await;
-                self.create_on_server(ino, &mut d).await
+                self.create_on_server(ino, &mut d).await.map(drop)
             }
-            None => self.create_on_server(ino, &mut PlainData::default()).await,
+            None => self.create_on_server(ino, &mut PlainData::default()).await.map(drop),
         }
     }
 
     /// [`VaultFs::ensure_on_server`] for a caller that holds the plaintext
-    /// `d` of file `ino`; `d` then follows the server's version.
-    pub(super) async fn create_on_server(&self, ino: Ino, d: &mut PlainData) -> Result<()> {
+    /// `d` of file `ino`; `d` then follows the server's version. True if
+    /// this request created it (not: it was there, or on the server already).
+    pub(super) async fn create_on_server(&self, ino: Ino, d: &mut PlainData) -> Result<bool> {
         if !self.tree.lock().is_unsent(ino) {
-            return Ok(());
+            return Ok(false);
         }
         let info = self.file_info(ino)?;
         let new = NewFile {
@@ -157,19 +175,29 @@ impl<R: Remote> VaultFs<R> {
             mtime_ms: Some(info.mtime_ms),
             meta: info.meta.clone(),
         };
-        let created = match self.remote().create_file(info.record, new).await {
+        let (created, by_us) = match self.remote().create_file(info.record, new).await {
             Ok(created) => {
                 let created = check_file_answer(info.id, info.vault, created)?;
                 // As sealed here, whatever the server echoes.
-                FileInfo { meta: info.meta.clone(), ..created }
+                (FileInfo { meta: info.meta.clone(), ..created }, true)
             }
             // Created by an earlier request whose answer was lost (or the
             // server says so): what it holds now is the file, and what this
-            // mount holds goes up over it as an ordinary save.
+            // mount holds goes up over it as an ordinary save. Its manifest
+            // is taken only if it opens (sealed for this file); else ours
+            // stays, and nothing of the server's word on the file's kind
+            // (e2e, size) is used.
             Err(RemoteError::Exists(_)) => {
-                check_file_answer(info.id, info.vault, self.remote().file(info.id).await?)?
+                let there = check_file_answer(info.id, info.vault, self.remote().file(info.id).await?)?;
+                match self.open_meta(&there) {
+                    FileMeta::Sealed(_) => (there, false),
+                    _ => (FileInfo { meta: info.meta.clone(), ..there }, false),
+                }
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                self.note_uncertain(ino, &e);
+                return Err(e.into());
+            }
         };
         if created.record != info.record {
             return Err(FsError::Io("the server created the file in another record".into()));
@@ -179,31 +207,48 @@ impl<R: Remote> VaultFs<R> {
         // Not news to the kernel: what it holds of the file is this mount's,
         // and that is what goes up.
         self.set_file_info(ino, |i| *i = created);
-        Ok(())
+        Ok(by_us)
     }
 
     /// Unlinks or replaces file `ino` if it exists only in this mount: it
     /// leaves the tree (an orphan while `open`) and nothing is sent. Under
     /// its plaintext lock, so a first save is not half way. False if it is on
-    /// the server (delete it there).
-    pub(super) async fn forget_unsent(&self, ino: Ino, id: FileId, open: bool) -> bool {
+    /// the server (delete it there): also when a request that would have
+    /// created it got no answer, after making sure it is there.
+    pub(super) async fn forget_unsent(&self, ino: Ino, id: FileId, open: bool) -> Result<bool> {
         if !self.tree.lock().is_unsent(ino) {
-            return false;
+            return Ok(false);
         }
         let handle: Option<PlainHandle> = self.cache.peek(id);
-        let _d = match &handle {
+        let mut d = match &handle {
             Some(h) => Some(Arc::clone(h).lock_owned().await),
             None => None,
         };
-        let mut tree = self.tree.lock();
-        if !tree.is_unsent(ino) {
-            return false;
+        if self.tree.lock().maybe_sent(ino) {
+            let mut none = PlainData::default();
+            self.create_on_server(ino, d.as_deref_mut().unwrap_or(&mut none)).await?;
+            return Ok(false);
         }
-        match tree.node_unchecked(ino) {
-            Some(Node::File { .. }) => tree.unlink(ino, open, false),
-            _ => return false,
+        {
+            let mut tree = self.tree.lock();
+            if !tree.is_unsent(ino) {
+                return Ok(false);
+            }
+            match tree.node_unchecked(ino) {
+                Some(Node::File { .. }) => tree.unlink(ino, open, false),
+                _ => return Ok(false),
+            }
         }
-        true
+        if !open {
+            // Nothing of it is left to save.
+            if let Some(d) = d.as_mut() {
+                d.dirty = false;
+            }
+            drop(d);
+            self.modes.forget_unsaved(id);
+            self.cache.remove(id);
+        }
+        Ok(true)
     }
 
     /// A server answering 404 to a one-request create knows no such request
