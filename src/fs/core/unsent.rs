@@ -9,13 +9,17 @@
 //! per small file. Anything else that must name the file to the server first
 //! (a rename, a lock, a stream past the end-to-end limit, a pass-through
 //! save) creates it empty, as before ([`VaultFs::ensure_on_server`]); an
-//! unlink before the first save sends nothing. Until then the tree keeps the
+//! unlink before the first save sends nothing, unless a request that would
+//! have created it got no answer (then it is made sure of, and deleted). One
+//! unlinked while open and created later (a stream, a lock) is deleted on
+//! the server at its last close. Until its first save the tree keeps the
 //! file across listings, which do not name it ([`Tree::is_unsent`]).
 //!
 //! Every step that creates it holds the file's plaintext lock, so a save and
 //! an unlink or rename never overlap half way. A create sent again after its
 //! answer was lost finds the id taken: the file the server then describes
-//! is taken as ours, and the content goes up over it as an ordinary save.
+//! is taken as ours (its manifest only if it opens for this file), and the
+//! content goes up over it as an ordinary save.
 //! A server that does not know the one-request create (an older one answers
 //! 404) gets a create and an upload from then on.
 //!
