@@ -2400,3 +2400,27 @@ async fn a_conflict_copy_nobody_asked_for_does_not_drop_the_content() {
     assert_eq!(seen_by_another(&s).await["a.txt"].0, b"FIRST");
     drop(s.server);
 }
+
+/// A file's modification time is that of its last change, before and after
+/// the save that stores it: a new file closed later (pjdfstest keeps its
+/// descriptor open, and a forked child's close saves it) shows the same time
+/// throughout, to the nanosecond.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_keeps_the_time_of_the_last_change() {
+    let s = setup(&["V"]).await;
+    let (fs, _outage, r) = faulty_in_record(&s).await;
+    let (a, fh) = fs.create(r.ino, n("a.txt"), 0o644).await.unwrap();
+    let created = fs.getattr(a.ino).unwrap().mtime;
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    fs.flush(a.ino, fh).await.unwrap();
+    assert_eq!(fs.getattr(a.ino).unwrap().mtime, created, "the first save");
+    fs.write(fh, 0, b"x").await.unwrap();
+    let written = fs.getattr(a.ino).unwrap().mtime;
+    assert!(written > created);
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    fs.flush(a.ino, fh).await.unwrap();
+    fs.release(a.ino, fh).await.unwrap();
+    assert_eq!(fs.getattr(a.ino).unwrap().mtime, written, "a later save");
+    assert_eq!(seen_by_another(&s).await["a.txt"].2, written, "as stored");
+    drop(s.server);
+}

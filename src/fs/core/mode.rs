@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, watch};
 use super::status::{SyncState, UploadProgress};
 use super::{Ino, Result};
 use crate::ids::FileId;
-use crate::protocol::{Sealed, UploadResult};
+use crate::protocol::{now_ms, time_from_ms, Sealed, UploadResult};
 
 /// The pieces fed to a streaming upload.
 pub(super) type StreamTx = mpsc::Sender<std::io::Result<bytes::Bytes>>;
@@ -342,7 +342,7 @@ impl FileModes {
     /// The application changed the file (now `len` bytes) and has not saved
     /// it yet; its modification time becomes now.
     pub(super) fn note_change(&self, id: FileId, len: u64) {
-        self.with(id, |s| s.unsaved = Some(Unsaved { size: len, changed: SystemTime::now(), chosen: None }));
+        self.with(id, |s| s.unsaved = Some(Unsaved { size: len, changed: changed_now(), chosen: None }));
     }
 
     /// The mount itself changed the content (a reduced image): a time the
@@ -350,7 +350,7 @@ impl FileModes {
     pub(super) fn note_resized(&self, id: FileId, len: u64) {
         self.with(id, |s| {
             let chosen = s.unsaved.and_then(|u| u.chosen);
-            s.unsaved = Some(Unsaved { size: len, changed: SystemTime::now(), chosen });
+            s.unsaved = Some(Unsaved { size: len, changed: changed_now(), chosen });
         })
     }
 
@@ -367,7 +367,16 @@ impl FileModes {
         })
     }
 
+    /// When the unsaved content last changed (or the time chosen for it):
+    /// the modification time its save records, so the time shown does not
+    /// move when the file is saved (a flush can come from any close, even a
+    /// forked child's).
+    pub(super) fn unsaved_since(&self, id: FileId) -> Option<SystemTime> {
+        self.read(id, |s| s.unsaved.map(|u| u.changed)).flatten()
+    }
+
     /// The time the application chose for the unsaved content, if any.
+    #[cfg(test)]
     pub(super) fn chosen_mtime(&self, id: FileId) -> Option<SystemTime> {
         self.read(id, |s| s.unsaved.and_then(|u| u.chosen)).flatten()
     }
@@ -447,6 +456,12 @@ impl FileModes {
     pub(super) fn set_pass_confirmed(&self, id: FileId, confirmed: Option<(u64, Instant)>) {
         self.with(id, |s| s.pass_confirmed = confirmed)
     }
+}
+
+/// Now, to the millisecond the server keeps: a time shown for unsaved
+/// changes is the one their save records.
+fn changed_now() -> SystemTime {
+    time_from_ms(now_ms())
 }
 
 #[cfg(test)]

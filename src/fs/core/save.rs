@@ -242,7 +242,7 @@ impl<R: Remote> VaultFs<R> {
         let expected = d.version;
         tracing::debug!(file = %info.id, len = plain_len, expected, e2e, "uploading from the cache");
         let (body, sealing) = seal::pipeline(d, sealer, progress);
-        let mtime_ms = self.modes.chosen_mtime(info.id).map_or_else(now_ms, ms_of);
+        let mtime_ms = self.modes.unsaved_since(info.id).map_or_else(now_ms, ms_of);
         let asked = Instant::now();
         let outcome = match copy {
             None => {
