@@ -2309,6 +2309,28 @@ async fn a_lost_first_save_and_an_older_server_lose_nothing() {
     assert_eq!(seen.keys().collect::<Vec<_>>(), ["a.txt"]);
     assert_eq!(seen["a.txt"].0, b"first and more");
 
+    // A lock after a lost first save creates the file (409: it is there) and
+    // asks for it; a manifest that does not open for it (here junk) is not
+    // taken: the file keeps this mount's, and its content and mode go up.
+    let (d, fh) = fs.create(r.ino, n("d.txt"), 0o640).await.unwrap();
+    fs.write(fh, 0, b"locked").await.unwrap();
+    outage.lose_upload_answers(true);
+    assert!(fs.fsync(d.ino, fh).await.is_err(), "the answer was lost");
+    outage.lose_upload_answers(false);
+    outage.lie_about_files_asked_for(Some(Arc::new(|f: &mut vaultfs::protocol::FileInfo| {
+        f.meta = vaultfs::protocol::Sealed(vec![7; 120]);
+    })));
+    use vaultfs::fs::core::LockKind::{Unlock, Write};
+    let never = std::future::pending::<()>;
+    fs.setlk(d.ino, fh, whole(1, Write), false, never()).await.unwrap();
+    outage.lie_about_files_asked_for(None);
+    fs.write(fh, 6, b" in").await.unwrap();
+    fs.flush(d.ino, fh).await.unwrap();
+    fs.setlk(d.ino, fh, whole(1, Unlock), false, never()).await.unwrap();
+    fs.release(d.ino, fh).await.unwrap();
+    let seen = seen_by_another(&s).await;
+    assert_eq!((&seen["d.txt"].0[..], seen["d.txt"].1), (&b"locked in"[..], 0o640));
+
     outage.be_older_server(true);
     for (name, data) in [("b.txt", &b"bee"[..]), ("c.txt", &b"sea"[..])] {
         let asked = outage.requests();
@@ -2342,10 +2364,40 @@ async fn a_file_read_back_while_it_streams_up_reads_what_was_written() {
     assert!(fs.read(fh, 0, 8192).await.unwrap() == data[..8192], "read back while streaming");
     assert!(fs.read(fh, 5 << 20, 8192).await.unwrap() == data[5 << 20..(5 << 20) + 8192]);
     fs.release(a.ino, fh).await.unwrap();
+
+    // Cut short while it streams: the cut keeps the front of what was written.
+    let (cut, fh) = fs.create(r.ino, n("cut.bin"), 0o644).await.unwrap();
+    for (i, piece) in data.chunks(1 << 20).enumerate() {
+        fs.write(fh, (i << 20) as u64, piece).await.unwrap();
+    }
+    fs.setattr(cut.ino, Some(3 << 20), None).await.unwrap();
+    fs.flush(cut.ino, fh).await.unwrap();
+    fs.release(cut.ino, fh).await.unwrap();
+    // Emptied while it streams: it stays empty.
+    let (empty, fh) = fs.create(r.ino, n("empty.bin"), 0o644).await.unwrap();
+    for (i, piece) in data.chunks(1 << 20).enumerate() {
+        fs.write(fh, (i << 20) as u64, piece).await.unwrap();
+    }
+    fs.setattr(empty.ino, Some(0), None).await.unwrap();
+    fs.flush(empty.ino, fh).await.unwrap();
+    fs.release(empty.ino, fh).await.unwrap();
+    // Moved to another record while it streams: the whole of it moves.
+    let r2 = fs.mkdir(v.ino, n("r2")).await.unwrap();
+    let (moved, fh) = fs.create(r.ino, n("moved.bin"), 0o644).await.unwrap();
+    for (i, piece) in data.chunks(1 << 20).enumerate() {
+        fs.write(fh, (i << 20) as u64, piece).await.unwrap();
+    }
+    fs.rename(r.ino, n("moved.bin"), r2.ino, n("moved.bin")).await.unwrap();
+    fs.release(moved.ino, fh).await.unwrap();
+
     let other = mount(s.alice.clone()).await;
     let ov = other.lookup(ROOT, n("V")).await.unwrap();
     let or = other.lookup(ov.ino, n("r")).await.unwrap();
     assert!(read_file(&other, or.ino, "big.bin").await.unwrap() == data);
+    assert!(read_file(&other, or.ino, "cut.bin").await.unwrap() == data[..3 << 20], "cut while streaming");
+    assert_eq!(read_file(&other, or.ino, "empty.bin").await.unwrap(), b"", "emptied while streaming");
+    let or2 = other.lookup(ov.ino, n("r2")).await.unwrap();
+    assert!(read_file(&other, or2.ino, "moved.bin").await.unwrap() == data, "moved while streaming");
 }
 
 /// A new file unlinked before its first save leaves nothing on the server,

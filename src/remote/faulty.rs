@@ -45,6 +45,8 @@ struct Faults {
     any_version: AtomicBool,
     /// Rewrites file metadata on its way to the client (a lying server).
     lie: Mutex<Option<FileLie>>,
+    /// Rewrites the metadata of a file asked for by id, and nothing else.
+    asked_lie: Mutex<Option<FileLie>>,
     /// Rewrites record metadata on its way to the client.
     record_lie: Mutex<Option<RecordLie>>,
     /// How many listings of records or files were asked for.
@@ -134,6 +136,12 @@ impl Outage {
     /// through `lie` first (`None`: the truth again).
     pub fn lie_about_files(&self, lie: Option<FileLie>) {
         *self.0.lie.lock().unwrap() = lie;
+    }
+
+    /// The metadata of a file asked for by its id (and only that: not the
+    /// same file in listings or changes) goes through `lie` first.
+    pub fn lie_about_files_asked_for(&self, lie: Option<FileLie>) {
+        *self.0.asked_lie.lock().unwrap() = lie;
     }
 
     /// Every record's metadata the client gets in listings and changes goes
@@ -330,6 +338,9 @@ impl<R: Remote> Remote for FaultyRemote<R> {
         self.outage.check()?;
         let mut info = self.inner.file(id).await?;
         self.outage.lie(&mut info);
+        if let Some(lie) = self.outage.0.asked_lie.lock().unwrap().as_ref() {
+            lie(&mut info);
+        }
         Ok(info)
     }
     async fn create_file(&self, record: RecordId, file: NewFile) -> Result<FileInfo> {

@@ -230,9 +230,13 @@ impl<R: Remote> VaultFs<R> {
         if let Some(size) = size {
             self.not_a_link(ino)?;
             check_size(&rules, size)?;
+            // A stream commits first: emptied here, its later bytes would
+            // still be sent and the emptying lost.
+            self.end_stream_before_use(info.id).await?;
             // What the file holds now, as shown: an entry not loaded yet is
             // empty, but the file it stands for may not be.
             let shown = self.getattr(ino)?.size;
+            let version = self.file_info(ino)?.version;
             let handle = self.cache.pin(info.id);
             let result = async {
                 {
@@ -246,7 +250,7 @@ impl<R: Remote> VaultFs<R> {
                     let held = if d.loaded { d.bytes.len() as u64 } else { shown };
                     if !d.loaded {
                         // Its emptying replaces the version shown (as O_TRUNC does).
-                        d.version = d.version.max(info.version);
+                        d.version = d.version.max(version);
                         d.loaded = true;
                     }
                     if held != size {

@@ -111,6 +111,10 @@ impl<R: Remote> VaultFs<R> {
         handle: &PlainHandle,
         want: Option<u64>,
     ) -> Result<(OwnedMutexGuard<PlainData>, u64)> {
+        // What a stream sent is not kept here: it is read back from the server
+        // once committed (a read, a truncate or a move of it would otherwise
+        // start from the version before the stream).
+        self.end_stream_before_use(id).await?;
         loop {
             let mut d = Arc::clone(handle).lock_owned().await;
             if d.loaded {

@@ -147,12 +147,6 @@ impl<R: Remote> VaultFs<R> {
                 return read.map(ReadData::Fetched);
             }
         };
-        if self.modes.is_streaming(id) {
-            // What a stream sent is not kept here: it is read back from the
-            // server once committed (the kernel's own pages of it may be gone).
-            self.finish_stream(id).await?;
-            self.settle_stream(self.file_ino(id)?).await;
-        }
         let want = offset.saturating_add(u64::from(size));
         // Ready means the bytes up to `want` (or the end) have arrived.
         let (d, _) = self.ready(id, &handle, Some(want)).await?;

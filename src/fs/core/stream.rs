@@ -61,6 +61,17 @@ impl<R: Remote> VaultFs<R> {
         }
     }
 
+    /// Before this mount uses a file's content itself (a read, a truncate, a
+    /// move): if it is being streamed to the server, ends the stream and waits
+    /// until it has committed, so the content is the one written.
+    pub(super) async fn end_stream_before_use(&self, id: FileId) -> Result<()> {
+        if self.modes.is_streaming(id) {
+            self.finish_stream(id).await?;
+            self.settle_stream(self.file_ino(id)?).await;
+        }
+        Ok(())
+    }
+
     /// Starts a pass-through upload with what `d` holds so far.
     pub(super) async fn start_stream(self: &Arc<Self>, id: FileId, d: &mut PlainData) -> Result<()> {
         let ino = self.file_ino(id)?;
