@@ -34,6 +34,9 @@ struct Config {
     huge: usize,
     files: usize,
     fio_seconds: u32,
+    /// `--tree`: only the small-file tree (tar -x, ls -lR, rm -r), for
+    /// quicker runs and profiles while working on it.
+    tree_only: bool,
 }
 
 // ---- helpers ------------------------------------------------------------------
@@ -608,6 +611,10 @@ fn measure(sys: &mut dyn System, cfg: &Config, tar: &Path) -> Figures {
     let mut out = Figures::new();
     let mut peak = Peak(0);
     let _ = reset_peak_rss(sys.pid());
+    if cfg.tree_only {
+        tree(sys, &mut peak, tar, cfg.tree_reps, &mut out);
+        return out;
+    }
     let big = PageAligned::pattern(cfg.big, 1);
     big_files(sys, &mut peak, &big, cfg.reps, [W30, W30_DONE, R30_COLD, R30_WARM], true, &mut out);
     fio(sys, cfg.fio_seconds, cfg.big, &mut out);
@@ -661,6 +668,7 @@ fn fmt(row: &str, v: f64) -> String {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
+    let tree_only = args.iter().any(|a| a == "--tree");
     let json_path = args
         .iter()
         .position(|a| a == "--json")
@@ -671,7 +679,16 @@ fn main() {
     // cap, so the first is the largest end-to-end file and the second the
     // largest pass-through one (a 30 MiB file would already be pass-through).
     let cfg = if quick {
-        Config { quick, reps: 1, tree_reps: 1, big: 3_000_000, huge: 12_000_000, files: 100, fio_seconds: 2 }
+        Config {
+            quick,
+            reps: 1,
+            tree_reps: 1,
+            big: 3_000_000,
+            huge: 12_000_000,
+            files: 100,
+            fio_seconds: 2,
+            tree_only,
+        }
     } else {
         // Five of each file workload: a single read of 30 MB takes 10-130 ms
         // and wanders by a tenth from one to the next on a busy 2-core
@@ -685,6 +702,7 @@ fn main() {
             huge: 300_000_000,
             files: 2000,
             fio_seconds: 10,
+            tree_only,
         }
     };
     // The AEAD figures first, on a quiet machine: measured at the end, after

@@ -176,7 +176,10 @@ impl<R: Remote> VaultFs<R> {
                 Err(e) => return Err(e),
             }
         }
-        let changes = self.tree.lock().vault_changes(vault);
+        let (changes, asked) = {
+            let tree = self.tree.lock();
+            (tree.vault_changes(vault), tree.deletions())
+        };
         let listing = tokio::try_join!(self.remote().records(vault), self.remote().files(vault));
         let (records, files) = match listing {
             Ok(l) => l,
@@ -191,9 +194,13 @@ impl<R: Remote> VaultFs<R> {
             Err(e) => return Err(e.into()),
         };
         let legacy = files.iter().filter(|f| f.meta.0.is_empty()).count();
-        let (records, files) = self.open_listed(vault, records, files, false);
+        let (mut records, mut files) = self.open_listed(vault, records, files, false);
         self.note_keys_in_use(vault, &records, &files);
-        let told = self.tree.lock().apply_listing(vault, changes, records, files);
+        let told = {
+            let mut tree = self.tree.lock();
+            tree.drop_deleted_here(vault, asked, &mut records, &mut files);
+            tree.apply_listing(vault, changes, records, files)
+        };
         self.tell_kernel(told);
         if !self.account.manifests_required(vault) && self.legacy_warned.lock().insert(vault) {
             tracing::warn!(%vault, files_without_manifest = legacy, "vault made by an older vaultfs: until `vaultfs vault migrate` marks it, a file without a manifest is trusted as the server describes it (and the server could remove one)");
@@ -205,7 +212,11 @@ impl<R: Remote> VaultFs<R> {
     /// changed since it was listed); `Ok(false)`: list it whole (never listed
     /// with a change number, too far behind, or another listing meanwhile).
     async fn follow_feed(&self, vault: VaultId) -> Result<bool> {
-        let Some(from) = self.tree.lock().listed_at(vault) else { return Ok(false) };
+        let (from, asked) = {
+            let tree = self.tree.lock();
+            (tree.listed_at(vault), tree.deletions())
+        };
+        let Some(from) = from else { return Ok(false) };
         // Each object as the latest page has it (a page fetched later may
         // bring again, or delete, what an earlier one brought).
         let mut records: HashMap<RecordId, Option<RecordInfo>> = HashMap::new();
@@ -236,9 +247,13 @@ impl<R: Remote> VaultFs<R> {
                 let mut deleted = Vec::new();
                 let records = present(records, Key::Record, &mut deleted);
                 let files = present(files, Key::File, &mut deleted);
-                let (records, files) = self.open_listed(vault, records, files, true);
+                let (mut records, mut files) = self.open_listed(vault, records, files, true);
                 self.note_keys_in_use(vault, &records, &files);
-                let told = self.tree.lock().apply_changes(vault, from, since, records, files, deleted);
+                let told = {
+                    let mut tree = self.tree.lock();
+                    tree.drop_deleted_here(vault, asked, &mut records, &mut files);
+                    tree.apply_changes(vault, from, since, records, files, deleted)
+                };
                 let applied = told.is_some();
                 self.tell_kernel(told.unwrap_or_default());
                 return Ok(applied);

@@ -158,6 +158,15 @@ pub(super) struct Tree {
     /// not name them, and leave them where they are. The value: a request
     /// that would have created it got no answer (it may be there after all).
     unsent: HashMap<Ino, bool>,
+    /// What this mount deleted on the server, with the vault and the number
+    /// of the deletion: a listing or page of changes asked for before then
+    /// may still name it, and must not put it back (rm -r right after tar
+    /// -x met its files again, brought by the change feed's page of tar's
+    /// own changes, and rmdir said "not empty"). Forgotten once an answer
+    /// asked for after the deletion was applied.
+    deleted_here: HashMap<Key, (VaultId, u64)>,
+    /// How many deletions this mount made (see `deleted_here`).
+    deletions: u64,
     next: Ino,
     root_loaded: Option<Instant>,
     vault_loaded: HashMap<VaultId, Instant>,
@@ -361,6 +370,7 @@ impl Tree {
 
     /// Removes `ino` (deleted on the server, nothing of it open).
     pub(super) fn remove(&mut self, ino: Ino) {
+        self.note_deleted(ino);
         self.detach(ino);
         self.nodes.remove(&ino);
         self.orphans.remove(&ino);
@@ -372,6 +382,9 @@ impl Tree {
     /// `on_server`: the server still holds it (see `orphans`).
     pub(super) fn unlink(&mut self, ino: Ino, open: bool, on_server: bool) {
         if open {
+            if !on_server {
+                self.note_deleted(ino);
+            }
             self.detach(ino);
             self.orphans.insert(ino, on_server);
         } else {
@@ -383,6 +396,10 @@ impl Tree {
     /// (`None` if it was not one).
     pub(super) fn release_orphan(&mut self, ino: Ino) -> Option<Released> {
         let on_server = self.orphans.remove(&ino)?;
+        if on_server {
+            // Deleted on the server next (by the caller).
+            self.note_deleted(ino);
+        }
         self.unsent.remove(&ino);
         let node = self.nodes.remove(&ino);
         Some(match node {
@@ -404,13 +421,57 @@ impl Tree {
     /// placeholder inode `new_ino`): the kernel keeps the old inode `ino` for
     /// the renamed entry, so the new file takes it over.
     pub(super) fn rekey_file(&mut self, ino: Ino, old: FileId, new: FileId, new_ino: Ino) {
+        // The old file was deleted on the server; the new one lives on.
+        self.note_deleted(ino);
         self.remove(new_ino);
+        self.deleted_here.remove(&Key::File(new));
         self.keys.remove(&Key::File(new));
         self.keys.remove(&Key::File(old));
         self.keys.insert(Key::File(new), ino);
     }
 
+    /// `ino`'s object was deleted on the server by this mount (see
+    /// `deleted_here`).
+    fn note_deleted(&mut self, ino: Ino) {
+        let key = match self.nodes.get(&ino) {
+            Some(Node::Record { info, .. }) => (Key::Record(info.id), info.vault),
+            Some(Node::File { info, .. }) => (Key::File(info.id), info.vault),
+            _ => return,
+        };
+        self.deletions += 1;
+        self.deleted_here.insert(key.0, (key.1, self.deletions));
+    }
+
     // ---- listings from the server --------------------------------------------
+
+    /// Where this mount's deletions stand: taken before a listing or a page
+    /// of changes is asked for, and given to [`Tree::drop_deleted_here`]
+    /// with the answer.
+    pub(super) fn deletions(&self) -> u64 {
+        self.deletions
+    }
+
+    /// Takes out of an answer about `vault` (a listing or changes), asked
+    /// for when [`Tree::deletions`] was `asked`, what this mount deleted
+    /// since: the answer may predate the deletion. Deletions older than the
+    /// question are forgotten: its answer, and every later one, reflects
+    /// them (answers about one vault are applied one at a time, under its
+    /// loading lock).
+    pub(super) fn drop_deleted_here(
+        &mut self,
+        vault: VaultId,
+        asked: u64,
+        records: &mut Vec<ListedRecord>,
+        files: &mut Vec<ListedFile>,
+    ) {
+        self.deleted_here.retain(|_, (v, n)| *v != vault || *n > asked);
+        if self.deleted_here.is_empty() {
+            return;
+        }
+        let since = |key: Key| self.deleted_here.contains_key(&key);
+        records.retain(|(r, _)| !since(Key::Record(r.id)));
+        files.retain(|(f, ..)| !since(Key::File(f.id)));
+    }
 
     /// Whether the vault list was fetched less than [`LISTING_TTL`] ago, or
     /// at all while the change feed is `live` (it tells when a vault is
@@ -1109,6 +1170,44 @@ mod tests {
         listing(&mut t);
         assert_eq!(t.child(sub_ino, OsStr::new("a.pdf")), Some(f_ino), "same inode on every listing");
         check_consistent(&t);
+    }
+
+    #[test]
+    fn an_answer_asked_for_before_a_deletion_here_does_not_bring_it_back() {
+        let v = vault();
+        let mut t = Tree::new();
+        let r = record(v, None, 1);
+        let r2 = record(v, None, 1);
+        let (f, g) = (file(v, r.id, 1), file(v, r.id, 1));
+        let (records, files) = (
+            vec![(r.clone(), name("r")), (r2.clone(), name("r2"))],
+            vec![(f.clone(), FileMeta::Legacy, name("f")), (g.clone(), FileMeta::Legacy, name("g"))],
+        );
+        t.apply_listing(v, 5, records.clone(), files.clone());
+        let vino = t.ino_for(Key::Vault(v));
+        let r_ino = t.child(vino, OsStr::new("r")).unwrap();
+        let asked = t.deletions();
+        // Deleted here (f, then the record r2) while answers were on their way.
+        t.remove(t.file_ino(f.id).unwrap());
+        t.remove(t.keys[&Key::Record(r2.id)]);
+        let (mut old_records, mut old_files) = (records.clone(), files.clone());
+        t.drop_deleted_here(v, asked, &mut old_records, &mut old_files);
+        t.apply_listing(v, 5, old_records, old_files);
+        assert_eq!(t.child(r_ino, OsStr::new("f")), None, "a listing asked for before the unlink");
+        assert!(t.child(r_ino, OsStr::new("g")).is_some());
+        assert_eq!(t.child(vino, OsStr::new("r2")), None, "nor before the rmdir");
+        let (mut page_records, mut page_files) = (vec![(r2.clone(), name("r2"))], files.clone());
+        t.drop_deleted_here(v, asked, &mut page_records, &mut page_files);
+        assert!(t.apply_changes(v, 5, 6, page_records, page_files, vec![]).is_some());
+        assert_eq!(t.child(r_ino, OsStr::new("f")), None, "a page of changes asked for before");
+        assert_eq!(t.child(vino, OsStr::new("r2")), None);
+        check_consistent(&t);
+        // An answer asked for after the deletions is taken whole (the server
+        // has the file again: its word stands), and they are forgotten.
+        let (mut now_records, mut now_files) = (records, files);
+        t.drop_deleted_here(v, t.deletions(), &mut now_records, &mut now_files);
+        assert_eq!((now_records.len(), now_files.len()), (2, 2));
+        assert!(t.deleted_here.is_empty());
     }
 
     #[test]
