@@ -109,6 +109,18 @@ pub trait BlobStore: Send + Sync + 'static {
     fn list(&self) -> impl Future<Output = Result<Vec<BlobId>, BlobError>> + Send;
     /// Removes leftovers of uploads interrupted by a crash.
     fn clean_incomplete(&self) -> impl Future<Output = Result<usize, BlobError>> + Send;
+    /// Whether [`BlobStore::put_in_place`] stores on the calling thread (a
+    /// local directory): then a small upload's blob and its commit take one
+    /// blocking task.
+    fn writes_in_place(&self) -> bool {
+        false
+    }
+    /// Stores `pieces` under `id` on the calling thread, which may block (it
+    /// runs on the blocking pool), where [`BlobStore::writes_in_place`]; a
+    /// store that only writes asynchronously refuses.
+    fn put_in_place(&self, _id: BlobId, _pieces: Vec<Bytes>) -> Result<u64, BlobError> {
+        Err(BlobError::Io(io::Error::other("this blob store does not write in place")))
+    }
 }
 
 /// Blobs as files in a directory.
@@ -392,6 +404,22 @@ impl BlobStore for LocalBlobStore {
         }
         Ok(removed)
     }
+
+    fn writes_in_place(&self) -> bool {
+        true
+    }
+
+    fn put_in_place(&self, id: BlobId, pieces: Vec<Bytes>) -> Result<u64, BlobError> {
+        let (tmp, dest) = (self.tmp_path(id), self.path(id));
+        let len = pieces.iter().map(|p| p.len() as u64).sum();
+        match store_whole(&tmp, &dest, pieces) {
+            Ok(()) => Ok(len),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e.into())
+            }
+        }
+    }
 }
 
 /// Blobs in memory, for tests and the in-memory remote.
@@ -448,6 +476,17 @@ impl BlobStore for MemoryBlobStore {
 
     async fn clean_incomplete(&self) -> Result<usize, BlobError> {
         Ok(0)
+    }
+
+    fn writes_in_place(&self) -> bool {
+        true
+    }
+
+    fn put_in_place(&self, id: BlobId, pieces: Vec<Bytes>) -> Result<u64, BlobError> {
+        let data: Vec<u8> = pieces.concat();
+        let len = data.len() as u64;
+        self.lock()?.insert(id, Bytes::from(data));
+        Ok(len)
     }
 }
 

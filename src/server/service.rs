@@ -21,6 +21,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -273,6 +275,42 @@ fn check_rights(rights: Option<Rights>, need: Rights, what: &'static str) -> Res
 
 /// Deletes a blob the metadata no longer points to; a failure only leaves an
 /// orphan, which the next start collects.
+/// Runs `f` on the metadata store; also says whether it changed a vault
+/// (the feed's count is looked at only after a call that wrote rows, so
+/// reads, most calls, cost nothing more).
+fn run_on<T>(
+    meta: &mut Meta,
+    f: impl FnOnce(&mut Meta) -> std::result::Result<T, MetaError>,
+) -> Result<(Result<T>, bool)> {
+    let before = meta.rows_written();
+    let result = f(meta).map_err(ServiceError::from);
+    let wrote = meta.rows_written() != before && meta.vaults_changed()?;
+    Ok((result, wrote))
+}
+
+/// Bodies up to this declared size are read whole before they are stored
+/// (see [`Service::store_and_commit`]).
+const SMALL_IN_PLACE: usize = 1 << 20;
+
+/// Reads a body of declared length `len` whole: refused if it is longer or
+/// shorter than declared.
+async fn read_declared(mut body: ByteStream, len: u64) -> Result<Vec<Bytes>> {
+    let mut pieces = Vec::new();
+    let mut held = 0u64;
+    while let Some(piece) = body.next().await {
+        let piece = piece.map_err(|e| BlobError::Body(e.to_string()))?;
+        held += piece.len() as u64;
+        if held > len {
+            return Err(ServiceError::BadRequest("body longer than its declared length".into()));
+        }
+        pieces.push(piece);
+    }
+    if held != len {
+        return Err(ServiceError::BadRequest("body shorter than its declared length".into()));
+    }
+    Ok(pieces)
+}
+
 async fn delete_replaced<B: BlobStore>(blobs: &B, blob: BlobId) {
     if let Err(e) = blobs.delete(blob).await {
         tracing::warn!(blob = %blob.to_hex(), error = %e, "could not delete replaced blob");
@@ -320,19 +358,102 @@ impl<B: BlobStore> Service<B> {
         let (result, wrote) = tokio::task::spawn_blocking(move || {
             let mut guard =
                 meta.lock().map_err(|_| ServiceError::Internal("metadata lock poisoned".into()))?;
-            // Reads (most calls) cost nothing more: the feed's count is looked
-            // at only after a call that wrote rows.
-            let before = guard.rows_written();
-            let result = f(&mut guard).map_err(ServiceError::from);
-            let wrote = guard.rows_written() != before && guard.vaults_changed()?;
-            Ok::<_, ServiceError>((result, wrote))
+            run_on(&mut guard, f)
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("metadata task: {e}")))??;
+        self.note_written(wrote);
+        result
+    }
+
+    /// [`Service::db`] for a lookup of a few rows by key (a file, a record,
+    /// the caller's rights): run right here when nobody holds the store, which
+    /// takes microseconds, where the hand-off to the blocking pool and back
+    /// took about a tenth of a small upload. Never for a listing or a write
+    /// (their time grows with the vault, or with a disk's fsync).
+    async fn db_lookup<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Meta) -> std::result::Result<T, MetaError> + Send + 'static,
+    ) -> Result<T> {
+        let free = match self.meta.try_lock() {
+            Ok(mut guard) => Ok(run_on(&mut guard, f)),
+            Err(std::sync::TryLockError::WouldBlock) => Err(f),
+            Err(std::sync::TryLockError::Poisoned(_)) => {
+                return Err(ServiceError::Internal("metadata lock poisoned".into()))
+            }
+        };
+        match free {
+            Ok(ran) => {
+                let (result, wrote) = ran?;
+                self.note_written(wrote);
+                result
+            }
+            Err(f) => self.db(f).await,
+        }
+    }
+
+    /// Wakes the waits for changes after a call that changed a vault.
+    fn note_written(&self, wrote: bool) {
         if wrote {
             self.written.send_modify(|n| *n = n.wrapping_add(1));
         }
-        result
+    }
+
+    /// Stores an upload's body as a new blob and commits it with `commit`
+    /// (given the blob and its size); on failure the blob is gone again. A
+    /// small body of declared length on a store that writes in place (a
+    /// local directory) is read whole first, then stored and committed by
+    /// one blocking task: a small file's upload makes one hand-off to the
+    /// blocking pool instead of two.
+    async fn store_and_commit<T: Send + 'static>(
+        &self,
+        caller: &Caller,
+        body: ByteStream,
+        declared: Option<u64>,
+        commit: impl FnOnce(&mut Meta, BlobId, u64) -> std::result::Result<T, MetaError> + Send + 'static,
+    ) -> Result<(T, u64)> {
+        let small = declared.filter(|&len| len <= SMALL_IN_PLACE as u64 && self.blobs.writes_in_place());
+        let Some(len) = small else {
+            let (blob, size) = self.store_body(caller, body, declared).await?;
+            return match self.db(move |m| commit(m, blob, size)).await {
+                Ok(done) => Ok((done, size)),
+                Err(e) => {
+                    self.discard_blob(Some(blob)).await;
+                    Err(e)
+                }
+            };
+        };
+        let limit = caller.user.limits.upload_limit;
+        if len > limit {
+            return Err(ServiceError::TooLarge(limit));
+        }
+        let pieces = read_declared(body, len).await?;
+        let blob = BlobId::random().map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let (blobs, meta) = (Arc::clone(&self.blobs), Arc::clone(&self.meta));
+        let stored = tokio::task::spawn_blocking(move || {
+            blobs.put_in_place(blob, pieces)?;
+            let mut guard =
+                meta.lock().map_err(|_| ServiceError::Internal("metadata lock poisoned".into()))?;
+            run_on(&mut guard, move |m| commit(m, blob, len))
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("metadata task: {e}")));
+        match stored {
+            Ok(Ok((Ok(done), wrote))) => {
+                self.note_written(wrote);
+                Ok((done, len))
+            }
+            Ok(Ok((Err(e), wrote))) => {
+                self.note_written(wrote);
+                self.discard_blob(Some(blob)).await;
+                Err(e)
+            }
+            Ok(Err(e)) | Err(e) => {
+                // Stored or not: the blob is no file's.
+                self.discard_blob(Some(blob)).await;
+                Err(e)
+            }
+        }
     }
 
     /// Removes leftovers of interrupted uploads, staged content never
@@ -574,7 +695,7 @@ impl<B: BlobStore> Service<B> {
     async fn record_checked(&self, caller: &Caller, id: RecordId, need: Rights) -> Result<RecordInfo> {
         let uid = caller.user.id;
         let (record, rights) = self
-            .db(move |m| {
+            .db_lookup(move |m| {
                 let record = m.record(id)?;
                 let rights = m.rights(uid, record.vault)?;
                 Ok((record, rights))
@@ -596,7 +717,7 @@ impl<B: BlobStore> Service<B> {
     ) -> Result<(FileRow, bool)> {
         let uid = caller.user.id;
         let (row, rights, e2e_required) = self
-            .db(move |m| {
+            .db_lookup(move |m| {
                 let row = m.file(id)?;
                 let rights = m.rights(uid, row.info.vault)?;
                 let required = e2e_check && rights.is_some() && m.e2e_required(row.info.vault)?;
@@ -903,31 +1024,25 @@ impl<B: BlobStore> Service<B> {
     /// Replaces a file's content (see the module comment for the protocol).
     pub async fn upload(&self, caller: &Caller, id: FileId, up: Upload) -> Result<UploadResult> {
         self.check_upload(caller, id, up.e2e, Some(up.expected_version), up.conflict_copy.as_ref()).await?;
-        let (blob, size) = self.store_body(caller, up.body, up.declared_len).await?;
         let mtime = up.mtime_ms.unwrap_or_else(now_ms);
-        let c = Committed { blob, size, e2e: up.e2e, mtime_ms: mtime, meta: up.meta };
-        let expected = up.expected_version;
-        let first = c.clone();
-        let mut committed = self.db(move |m| m.commit_upload(id, expected, &first)).await;
-        let mut conflict_copy = None;
-        // Changed meanwhile, or deleted: the content goes to the copy (if the
-        // record itself is gone, creating the copy fails and the upload with it).
-        let moved_on =
-            matches!(committed, Err(ServiceError::VersionConflict { .. } | ServiceError::NotFound("file")));
-        if let (true, Some(copy)) = (moved_on, up.conflict_copy) {
-            conflict_copy = Some(copy.id);
-            committed = self.db(move |m| m.commit_to_copy(id, &copy, &c)).await;
-        }
-        match committed {
-            Ok((version, old)) => {
-                self.discard_later(old);
-                Ok(UploadResult { version, size, conflict_copy })
-            }
-            Err(e) => {
-                self.discard_blob(Some(blob)).await;
-                Err(e)
-            }
-        }
+        let (e2e, meta, expected, copy) = (up.e2e, up.meta, up.expected_version, up.conflict_copy);
+        let ((version, old, conflict_copy), size) = self
+            .store_and_commit(caller, up.body, up.declared_len, move |m, blob, size| {
+                let c = Committed { blob, size, e2e, mtime_ms: mtime, meta };
+                match (m.commit_upload(id, expected, &c), copy) {
+                    // Changed meanwhile, or deleted: the content goes to the
+                    // copy (if the record itself is gone, creating the copy
+                    // fails and the upload with it).
+                    (Err(MetaError::VersionMismatch { .. } | MetaError::NotFound("file")), Some(copy)) => {
+                        let (version, old) = m.commit_to_copy(id, &copy, &c)?;
+                        Ok((version, old, Some(copy.id)))
+                    }
+                    (committed, _) => committed.map(|(version, old)| (version, old, None)),
+                }
+            })
+            .await?;
+        self.discard_later(old);
+        Ok(UploadResult { version, size, conflict_copy })
     }
 
     /// Creates file `f` in `record` with the upload's content: what a new
@@ -945,7 +1060,7 @@ impl<B: BlobStore> Service<B> {
         let (uid, e2e) = (caller.user.id, up.e2e);
         let id = f.id;
         let (rights, e2e_required, taken) = self
-            .db(move |m| {
+            .db_lookup(move |m| {
                 let vault = m.record(record)?.vault;
                 let rights = m.rights(uid, vault)?;
                 let required = !e2e && rights.is_some() && m.e2e_required(vault)?;
@@ -962,17 +1077,16 @@ impl<B: BlobStore> Service<B> {
         if taken {
             return Err(ServiceError::Exists("file"));
         }
-        let (blob, size) = self.store_body(caller, up.body, up.declared_len).await?;
         let mtime_ms = up.mtime_ms.unwrap_or_else(now_ms);
-        let c = Committed { blob, size, e2e, mtime_ms, meta: up.meta };
         let f = NewFile { e2e, mtime_ms: Some(mtime_ms), ..f };
-        match self.db(move |m| m.create_with_content(record, &f, &c)).await {
-            Ok(version) => Ok(UploadResult { version, size, conflict_copy: None }),
-            Err(e) => {
-                self.discard_blob(Some(blob)).await;
-                Err(e)
-            }
-        }
+        let meta = up.meta;
+        let (version, size) = self
+            .store_and_commit(caller, up.body, up.declared_len, move |m, blob, size| {
+                let c = Committed { blob, size, e2e, mtime_ms, meta };
+                m.create_with_content(record, &f, &c)
+            })
+            .await?;
+        Ok(UploadResult { version, size, conflict_copy: None })
     }
 
     /// The checks before any byte of an upload is read: rights, the vault's
