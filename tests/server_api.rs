@@ -1128,3 +1128,21 @@ async fn a_wait_for_changes_answers_when_a_vault_changes() {
     .await;
     assert!(gone.vaults.is_empty() && took < Duration::from_secs(5), "{gone:?} after {took:?}");
 }
+
+/// Long ranges come back byte for byte, whatever the backend (on S3 a long
+/// range is fetched as several ranged GETs at once and given out in order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_ranges_read_back_byte_for_byte() {
+    let s = TestServer::start();
+    let alice = s.user("alice", &[]).await;
+    let vault = new_vault(&alice, false).await;
+    let file = new_file(&alice, new_record(&alice, vault, None).await).await;
+    let len = 41 << 20;
+    let data: Vec<u8> = (0..len as u64).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    alice.upload(file, 1, false, None, UploadBody::from_bytes(data.clone())).await.unwrap();
+    for range in [3..len as u64 - 5, 17 << 20..len as u64, 8 << 20..(24 << 20) + 1, 5..6] {
+        let got = read(&alice, file, Some(range.clone())).await.unwrap();
+        assert!(got == data[range.start as usize..range.end as usize], "bytes {range:?}");
+    }
+    assert!(read(&alice, file, None).await.unwrap() == data);
+}

@@ -221,6 +221,47 @@ impl Multipart {
     }
 }
 
+/// A range longer than this is read as several ranged GETs at once
+/// ([`PARTS_IN_FLIGHT`] of [`PART`] bytes): one GET streams at what one
+/// connection and one server thread give (a 300 MB read took 3.6 times as
+/// long as from local blobs), several use the bucket's parallelism.
+const PARALLEL_FROM: u64 = 2 * PART;
+/// The size of each ranged GET of a long read.
+const PART: u64 = 8 << 20;
+/// Ranged GETs of one read in flight at once: the memory one read holds on
+/// the server is at most this many parts.
+const PARTS_IN_FLIGHT: usize = 4;
+
+impl S3BlobStore {
+    /// The bytes of `range` of object `key`, fetched as ranged GETs of
+    /// [`PART`] bytes, [`PARTS_IN_FLIGHT`] at once, and given out in order;
+    /// a part that comes back short (the object changed or the store lied)
+    /// ends the stream with an error.
+    fn get_in_parts(&self, key: ObjectPath, range: std::ops::Range<u64>) -> ByteStream {
+        let store = Arc::clone(&self.store);
+        let parts =
+            (range.start..range.end).step_by(PART as usize).map(move |s| s..(s + PART).min(range.end));
+        let fetched = futures_util::stream::iter(parts)
+            .map(move |part| {
+                let (store, key) = (Arc::clone(&store), key.clone());
+                async move {
+                    let bytes = store.get_range(&key, part.clone()).await.map_err(io::Error::other)?;
+                    if bytes.len() as u64 != part.end - part.start {
+                        return Err(io::Error::other(format!(
+                            "object store: bytes {}..{} came back as {} bytes",
+                            part.start,
+                            part.end,
+                            bytes.len()
+                        )));
+                    }
+                    Ok(bytes)
+                }
+            })
+            .buffered(PARTS_IN_FLIGHT);
+        Box::pin(fetched)
+    }
+}
+
 impl BlobStore for S3BlobStore {
     async fn put(&self, id: BlobId, body: ByteStream, limit: u64) -> Result<u64, BlobError> {
         self.upload(id, body, limit).await
@@ -237,6 +278,9 @@ impl BlobStore for S3BlobStore {
             }
             if start == end {
                 return Ok(BlobRead { stream: Box::pin(futures_util::stream::empty()), total_len: size });
+            }
+            if end - start > PARALLEL_FROM {
+                return Ok(BlobRead { stream: self.get_in_parts(key, start..end), total_len: size });
             }
         }
         let opts = GetOptions { range: range.map(|(s, e)| GetRange::Bounded(s..e)), ..Default::default() };
