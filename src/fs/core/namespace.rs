@@ -178,7 +178,7 @@ impl<R: Remote> VaultFs<R> {
         }
         let (changes, asked) = {
             let tree = self.tree.lock();
-            (tree.vault_changes(vault), tree.deletions())
+            (tree.vault_changes(vault), tree.local_changes())
         };
         let listing = tokio::try_join!(self.remote().records(vault), self.remote().files(vault));
         let (records, files) = match listing {
@@ -194,13 +194,9 @@ impl<R: Remote> VaultFs<R> {
             Err(e) => return Err(e.into()),
         };
         let legacy = files.iter().filter(|f| f.meta.0.is_empty()).count();
-        let (mut records, mut files) = self.open_listed(vault, records, files, false);
+        let (records, files) = self.open_listed(vault, records, files, false);
         self.note_keys_in_use(vault, &records, &files);
-        let told = {
-            let mut tree = self.tree.lock();
-            tree.drop_deleted_here(vault, asked, &mut records, &mut files);
-            tree.apply_listing(vault, changes, records, files)
-        };
+        let told = self.tree.lock().apply_listing(vault, changes, asked, records, files);
         self.tell_kernel(told);
         if !self.account.manifests_required(vault) && self.legacy_warned.lock().insert(vault) {
             tracing::warn!(%vault, files_without_manifest = legacy, "vault made by an older vaultfs: until `vaultfs vault migrate` marks it, a file without a manifest is trusted as the server describes it (and the server could remove one)");
@@ -214,7 +210,7 @@ impl<R: Remote> VaultFs<R> {
     async fn follow_feed(&self, vault: VaultId) -> Result<bool> {
         let (from, asked) = {
             let tree = self.tree.lock();
-            (tree.listed_at(vault), tree.deletions())
+            (tree.listed_at(vault), tree.local_changes())
         };
         let Some(from) = from else { return Ok(false) };
         // Each object as the latest page has it (a page fetched later may
@@ -247,13 +243,9 @@ impl<R: Remote> VaultFs<R> {
                 let mut deleted = Vec::new();
                 let records = present(records, Key::Record, &mut deleted);
                 let files = present(files, Key::File, &mut deleted);
-                let (mut records, mut files) = self.open_listed(vault, records, files, true);
+                let (records, files) = self.open_listed(vault, records, files, true);
                 self.note_keys_in_use(vault, &records, &files);
-                let told = {
-                    let mut tree = self.tree.lock();
-                    tree.drop_deleted_here(vault, asked, &mut records, &mut files);
-                    tree.apply_changes(vault, from, since, records, files, deleted)
-                };
+                let told = self.tree.lock().apply_changes(vault, from, since, asked, records, files, deleted);
                 let applied = told.is_some();
                 self.tell_kernel(told.unwrap_or_default());
                 return Ok(applied);

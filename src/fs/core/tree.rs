@@ -159,14 +159,19 @@ pub(super) struct Tree {
     /// that would have created it got no answer (it may be there after all).
     unsent: HashMap<Ino, bool>,
     /// What this mount deleted on the server, with the vault and the number
-    /// of the deletion: a listing or page of changes asked for before then
-    /// may still name it, and must not put it back (rm -r right after tar
-    /// -x met its files again, brought by the change feed's page of tar's
-    /// own changes, and rmdir said "not empty"). Forgotten once an answer
-    /// asked for after the deletion was applied.
+    /// of the change (see `local_changes`): a listing or page of changes
+    /// asked for before then may still name it, and must not put it back
+    /// (rm -r right after tar -x met its files again, brought by the change
+    /// feed's page of tar's own changes, and rmdir said "not empty").
+    /// Forgotten once an answer about the vault asked for after it was applied.
     deleted_here: HashMap<Key, (VaultId, u64)>,
-    /// How many deletions this mount made (see `deleted_here`).
-    deletions: u64,
+    /// What this mount created on the server, likewise: a listing asked for
+    /// before then does not name it, and must not take it away.
+    made_here: HashMap<Ino, (VaultId, u64)>,
+    /// How many creations and deletions this mount made on the server: taken
+    /// before an answer is asked for, it tells which of them the answer may
+    /// predate.
+    local_changes: u64,
     next: Ino,
     root_loaded: Option<Instant>,
     vault_loaded: HashMap<VaultId, Instant>,
@@ -307,6 +312,7 @@ impl Tree {
     pub(super) fn add(&mut self, parent: Ino, name: &OsStr, key: Key, node: Node) -> Ino {
         let ino = self.ino_for(key);
         self.place(parent, name, ino, node);
+        self.note_made(ino);
         ino
     }
 
@@ -362,6 +368,7 @@ impl Tree {
     /// File `ino` now exists on the server (if it was unlinked meanwhile,
     /// it is deleted there at its last close).
     pub(super) fn sent(&mut self, ino: Ino) {
+        self.note_made(ino);
         self.unsent.remove(&ino);
         if let Some(on_server) = self.orphans.get_mut(&ino) {
             *on_server = true;
@@ -428,6 +435,7 @@ impl Tree {
         self.keys.remove(&Key::File(new));
         self.keys.remove(&Key::File(old));
         self.keys.insert(Key::File(new), ino);
+        self.note_made(ino);
     }
 
     /// `ino`'s object was deleted on the server by this mount (see
@@ -438,26 +446,33 @@ impl Tree {
             Some(Node::File { info, .. }) => (Key::File(info.id), info.vault),
             _ => return,
         };
-        self.deletions += 1;
-        self.deleted_here.insert(key.0, (key.1, self.deletions));
+        self.local_changes += 1;
+        self.deleted_here.insert(key.0, (key.1, self.local_changes));
+        self.made_here.remove(&ino);
+    }
+
+    /// `ino`'s object was created on the server by this mount (see
+    /// `made_here`).
+    fn note_made(&mut self, ino: Ino) {
+        let Some(vault) = self.nodes.get(&ino).and_then(Node::vault) else { return };
+        self.local_changes += 1;
+        self.made_here.insert(ino, (vault, self.local_changes));
     }
 
     // ---- listings from the server --------------------------------------------
 
-    /// Where this mount's deletions stand: taken before a listing or a page
-    /// of changes is asked for, and given to [`Tree::drop_deleted_here`]
-    /// with the answer.
-    pub(super) fn deletions(&self) -> u64 {
-        self.deletions
+    /// Where this mount's own creations and deletions stand: taken before a
+    /// listing or a page of changes is asked for, and given with the answer
+    /// to [`Tree::apply_listing`] or [`Tree::apply_changes`].
+    pub(super) fn local_changes(&self) -> u64 {
+        self.local_changes
     }
 
-    /// Takes out of an answer about `vault` (a listing or changes), asked
-    /// for when [`Tree::deletions`] was `asked`, what this mount deleted
-    /// since: the answer may predate the deletion. Deletions older than the
-    /// question are forgotten: its answer, and every later one, reflects
-    /// them (answers about one vault are applied one at a time, under its
-    /// loading lock).
-    pub(super) fn drop_deleted_here(
+    /// Forgets this mount's changes in `vault` older than `asked`: the answer
+    /// being applied, and every later one, reflects them (answers about one
+    /// vault are applied one at a time, under its loading lock); then takes
+    /// out of that answer what this mount deleted since it was asked for.
+    fn drop_deleted_here(
         &mut self,
         vault: VaultId,
         asked: u64,
@@ -465,6 +480,7 @@ impl Tree {
         files: &mut Vec<ListedFile>,
     ) {
         self.deleted_here.retain(|_, (v, n)| *v != vault || *n > asked);
+        self.made_here.retain(|_, (v, n)| *v != vault || *n > asked);
         if self.deleted_here.is_empty() {
             return;
         }
@@ -616,19 +632,23 @@ impl Tree {
     /// feed: each object as it is now, or deleted), keeping inodes and any
     /// newer version this mount holds; the listing is then current at
     /// `until`. Refused (false: list the vault whole) unless the listing was
-    /// current at `from`.
+    /// current at `from`. `asked`: [`Tree::local_changes`] when the changes
+    /// were asked for (what this mount deleted since stays deleted).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn apply_changes(
         &mut self,
         vault: VaultId,
         from: u64,
         until: u64,
-        records: Vec<ListedRecord>,
-        files: Vec<ListedFile>,
+        asked: u64,
+        mut records: Vec<ListedRecord>,
+        mut files: Vec<ListedFile>,
         deleted: Vec<Key>,
     ) -> Option<Vec<Invalidation>> {
         if self.listed_at(vault) != Some(from) {
             return None;
         }
+        self.drop_deleted_here(vault, asked, &mut records, &mut files);
         let vault_ino = self.ino_for(Key::Vault(vault));
         let touched = deleted
             .iter()
@@ -799,14 +819,18 @@ impl Tree {
     /// Replaces the content of `vault` (its records, nested, and their files)
     /// with a listing, keeping inodes and any newer version this mount holds.
     /// `changes` is the vault's change number read before the listing was
-    /// fetched: the listing is current at least at that number.
+    /// fetched: the listing is current at least at that number. `asked`:
+    /// [`Tree::local_changes`] then (what this mount created or deleted
+    /// since stays as it is).
     pub(super) fn apply_listing(
         &mut self,
         vault: VaultId,
         changes: u64,
-        records: Vec<ListedRecord>,
-        files: Vec<ListedFile>,
+        asked: u64,
+        mut records: Vec<ListedRecord>,
+        mut files: Vec<ListedFile>,
     ) -> Vec<Invalidation> {
+        self.drop_deleted_here(vault, asked, &mut records, &mut files);
         let vault_ino = self.ino_for(Key::Vault(vault));
         let held = self.nodes.iter().filter(|(_, n)| n.vault() == Some(vault)).map(|(ino, _)| *ino);
         let before = self.seen(held.collect::<Vec<_>>());
@@ -842,9 +866,28 @@ impl Tree {
             let name = name.unwrap_or_else(|| unreadable_name("file", &id).into());
             placed.push((parent, ino, name, Node::File { info, parent, meta }));
         }
-        // Files created here and not yet saved stay in their records (if the
-        // listing still has them), under their names.
+        // Records and files created here since the listing was asked for, and
+        // files created here and not yet saved, stay where they are (if the
+        // listing still has their directory), under their names; records first,
+        // so that what is in them has a place.
         let listed: HashSet<Ino> = placed.iter().map(|(_, ino, ..)| *ino).collect();
+        let mut made: Vec<Ino> = self.made_here.keys().copied().filter(|ino| !listed.contains(ino)).collect();
+        made.sort_by_key(|ino| self.made_here[ino].1);
+        for ino in made {
+            let node = self.nodes.get(&ino);
+            let Some(parent) = node.filter(|n| n.vault() == Some(vault)).and_then(Node::parent) else {
+                continue;
+            };
+            if self.orphans.contains_key(&ino) {
+                continue;
+            }
+            if let (Some(dir), Some(name)) = (kids.get_mut(&parent), self.names.get(&ino)) {
+                dir.insert(name.clone(), ino);
+                if node.is_some_and(Node::is_dir) {
+                    kids.entry(ino).or_default();
+                }
+            }
+        }
         for &ino in self.unsent.keys() {
             let Some(Node::File { info, parent, .. }) = self.nodes.get(&ino) else { continue };
             if info.vault != vault || self.orphans.contains_key(&ino) || listed.contains(&ino) {
@@ -855,16 +898,24 @@ impl Tree {
             }
         }
         for (parent, ino, mut name, node) in placed {
+            // The listing may have been fetched before one of our own changes was
+            // committed: never go back to an older version than the one we hold,
+            // nor to where the object was before (a rename or move made here).
+            let ours = self.nodes.get(&ino).filter(|n| n.version() > node.version());
+            let (parent, node) = match ours.and_then(|n| Some((n.parent()?, self.names.get(&ino)?))) {
+                Some((our_parent, our_name)) => {
+                    name = our_name.clone();
+                    (our_parent, None)
+                }
+                None => (parent, Some(node)),
+            };
             let dir = kids.entry(parent).or_default();
-            if dir.contains_key(&name) {
+            if dir.get(&name).is_some_and(|other| *other != ino) {
                 name = duplicate_name(name, ino);
             }
             dir.insert(name.clone(), ino);
             self.names.insert(ino, name);
-            // The listing may have been fetched before one of our own changes was
-            // committed: never go back to an older version than the one we hold.
-            let ours = self.nodes.get(&ino).and_then(Node::version);
-            if ours.is_none_or(|v| v <= node.version().unwrap_or(0)) {
+            if let Some(node) = node {
                 self.nodes.insert(ino, node);
             }
         }
@@ -1001,9 +1052,9 @@ mod tests {
                 (h.clone(), FileMeta::Legacy, name("h")),
             ]
         };
-        t.apply_listing(v, 5, vec![(r.clone(), name("r")), (r2.clone(), name("r2"))], listing(&f, &g, &h));
+        t.apply_listing(v, 5, 0, vec![(r.clone(), name("r")), (r2.clone(), name("r2"))], listing(&f, &g, &h));
         let dir = t.keys[&Key::Record(r.id)];
-        assert!(t.apply_changes(v, 4, 6, vec![], vec![], vec![]).is_none(), "not current at 4");
+        assert!(t.apply_changes(v, 4, 6, 0, vec![], vec![], vec![]).is_none(), "not current at 4");
         // f deleted and a new file named f; g and h swap names.
         let f2 = file(v, r.id, 1);
         let g2 = FileInfo { version: 2, ..g.clone() };
@@ -1014,7 +1065,7 @@ mod tests {
             (h2, FileMeta::Legacy, name("g")),
         ];
         let f_ino = t.keys[&Key::File(f.id)];
-        let told = t.apply_changes(v, 5, 9, vec![], changed, vec![Key::File(f.id)]).unwrap();
+        let told = t.apply_changes(v, 5, 9, 0, vec![], changed, vec![Key::File(f.id)]).unwrap();
         check_consistent(&t);
         let names: Vec<_> = t.entries(dir).unwrap().map(|(n, ino, _)| (n.clone(), ino)).collect();
         let ino = |id| t.keys[&Key::File(id)];
@@ -1047,14 +1098,14 @@ mod tests {
         // The same object twice in one batch (a hostile page): in one place.
         let twice =
             vec![(f2.clone(), FileMeta::Legacy, name("x")), (f2.clone(), FileMeta::Legacy, name("y"))];
-        assert!(t.apply_changes(v, 9, 9, vec![], twice, vec![]).is_some());
+        assert!(t.apply_changes(v, 9, 9, 0, vec![], twice, vec![]).is_some());
         check_consistent(&t);
         assert_eq!(t.name_of(t.keys[&Key::File(f2.id)]), "y");
         let twice_back = vec![(f2.clone(), FileMeta::Legacy, name("f"))];
-        assert!(t.apply_changes(v, 9, 9, vec![], twice_back, vec![]).is_some());
+        assert!(t.apply_changes(v, 9, 9, 0, vec![], twice_back, vec![]).is_some());
         // The record moves under r2, with its files.
         let moved = RecordInfo { parent: Some(r2.id), version: 2, ..r.clone() };
-        let told = t.apply_changes(v, 9, 10, vec![(moved, name("r"))], vec![], vec![]).unwrap();
+        let told = t.apply_changes(v, 9, 10, 0, vec![(moved, name("r"))], vec![], vec![]).unwrap();
         check_consistent(&t);
         let r2_ino = t.keys[&Key::Record(r2.id)];
         let vault_ino = t.keys[&Key::Vault(v)];
@@ -1081,6 +1132,7 @@ mod tests {
         t.apply_listing(
             w,
             3,
+            0,
             vec![(wr.clone(), name("w"))],
             vec![(wf.clone(), FileMeta::Legacy, name("wf"))],
         );
@@ -1092,6 +1144,7 @@ mod tests {
         t.apply_listing(
             v,
             4,
+            0,
             vec![(x.clone(), name("x")), (claimed.clone(), name("c"))],
             vec![
                 (into_w.clone(), FileMeta::Legacy, name("i")),
@@ -1103,13 +1156,22 @@ mod tests {
         assert_eq!(names, ["wf"], "W's record holds what it held");
         assert_eq!(t.record_vault(wr.id), Some(w));
         assert!(t
-            .apply_changes(v, 4, 5, vec![(x, name("x"))], vec![(into_w, FileMeta::Legacy, name("i"))], vec![])
+            .apply_changes(
+                v,
+                4,
+                5,
+                0,
+                vec![(x, name("x"))],
+                vec![(into_w, FileMeta::Legacy, name("i"))],
+                vec![]
+            )
             .is_some());
         assert!(t
             .apply_changes(
                 v,
                 5,
                 6,
+                0,
                 vec![(claimed, name("c"))],
                 vec![(wf_claimed, FileMeta::Legacy, name("j"))],
                 vec![Key::File(wf.id)]
@@ -1156,6 +1218,7 @@ mod tests {
             t.apply_listing(
                 v,
                 0,
+                0,
                 vec![(sub.clone(), name("2026")), (top.clone(), name("Taxes"))],
                 vec![(f.clone(), FileMeta::Legacy, name("a.pdf"))],
             )
@@ -1173,41 +1236,65 @@ mod tests {
     }
 
     #[test]
-    fn an_answer_asked_for_before_a_deletion_here_does_not_bring_it_back() {
+    fn an_answer_asked_for_before_a_change_here_does_not_undo_it() {
         let v = vault();
         let mut t = Tree::new();
         let r = record(v, None, 1);
         let r2 = record(v, None, 1);
-        let (f, g) = (file(v, r.id, 1), file(v, r.id, 1));
+        let (f, g, h) = (file(v, r.id, 1), file(v, r.id, 1), file(v, r.id, 1));
         let (records, files) = (
             vec![(r.clone(), name("r")), (r2.clone(), name("r2"))],
-            vec![(f.clone(), FileMeta::Legacy, name("f")), (g.clone(), FileMeta::Legacy, name("g"))],
+            vec![
+                (f.clone(), FileMeta::Legacy, name("f")),
+                (g.clone(), FileMeta::Legacy, name("g")),
+                (h.clone(), FileMeta::Legacy, name("h")),
+            ],
         );
-        t.apply_listing(v, 5, records.clone(), files.clone());
+        t.apply_listing(v, 5, 0, records.clone(), files.clone());
         let vino = t.ino_for(Key::Vault(v));
         let r_ino = t.child(vino, OsStr::new("r")).unwrap();
-        let asked = t.deletions();
-        // Deleted here (f, then the record r2) while answers were on their way.
+        let asked = t.local_changes();
+        // While answers were on their way: f unlinked, the record r2 removed,
+        // a record and a file in it created, h renamed (a new version).
         t.remove(t.file_ino(f.id).unwrap());
         t.remove(t.keys[&Key::Record(r2.id)]);
-        let (mut old_records, mut old_files) = (records.clone(), files.clone());
-        t.drop_deleted_here(v, asked, &mut old_records, &mut old_files);
-        t.apply_listing(v, 5, old_records, old_files);
-        assert_eq!(t.child(r_ino, OsStr::new("f")), None, "a listing asked for before the unlink");
-        assert!(t.child(r_ino, OsStr::new("g")).is_some());
-        assert_eq!(t.child(vino, OsStr::new("r2")), None, "nor before the rmdir");
-        let (mut page_records, mut page_files) = (vec![(r2.clone(), name("r2"))], files.clone());
-        t.drop_deleted_here(v, asked, &mut page_records, &mut page_files);
-        assert!(t.apply_changes(v, 5, 6, page_records, page_files, vec![]).is_some());
-        assert_eq!(t.child(r_ino, OsStr::new("f")), None, "a page of changes asked for before");
-        assert_eq!(t.child(vino, OsStr::new("r2")), None);
+        let made = record(v, None, 1);
+        let made_ino =
+            t.add(vino, OsStr::new("new"), Key::Record(made.id), Node::Record { info: made, parent: vino });
+        let inner = file(v, r.id, 1);
+        let node = Node::File { info: inner.clone(), parent: made_ino, meta: FileMeta::Legacy };
+        let inner_ino = t.add(made_ino, OsStr::new("inner"), Key::File(inner.id), node);
+        let h_ino = t.file_ino(h.id).unwrap();
+        let moved = FileInfo { version: 2, ..h.clone() };
+        t.place(
+            r_ino,
+            OsStr::new("h2"),
+            h_ino,
+            Node::File { info: moved, parent: r_ino, meta: FileMeta::Legacy },
+        );
+
+        t.apply_listing(v, 5, asked, records.clone(), files.clone());
+        let shown = |t: &Tree, dir: Ino| -> Vec<String> {
+            t.children[&dir].keys().map(|n| n.to_string_lossy().into_owned()).collect()
+        };
+        assert_eq!(shown(&t, vino), ["new", "r"], "a listing asked for before: r2 stays gone, new stays");
+        assert_eq!(shown(&t, r_ino), ["g", "h2"], "f stays gone, h keeps its new name");
+        assert_eq!(shown(&t, made_ino), ["inner"]);
+        assert_eq!(t.file_ino(inner.id), Some(inner_ino));
         check_consistent(&t);
-        // An answer asked for after the deletions is taken whole (the server
-        // has the file again: its word stands), and they are forgotten.
-        let (mut now_records, mut now_files) = (records, files);
-        t.drop_deleted_here(v, t.deletions(), &mut now_records, &mut now_files);
-        assert_eq!((now_records.len(), now_files.len()), (2, 2));
-        assert!(t.deleted_here.is_empty());
+        let page = (vec![(r2.clone(), name("r2"))], files.clone());
+        assert!(t.apply_changes(v, 5, 6, asked, page.0, page.1, vec![]).is_some());
+        assert_eq!(shown(&t, vino), ["new", "r"], "a page of changes asked for before");
+        assert_eq!(shown(&t, r_ino), ["g", "h2"]);
+        check_consistent(&t);
+        // An answer asked for after the changes is taken whole: the server
+        // has f again and lost the new record, its word stands; and the
+        // changes are forgotten.
+        t.apply_listing(v, 6, t.local_changes(), records, files);
+        assert_eq!(shown(&t, vino), ["r", "r2"]);
+        assert_eq!(shown(&t, r_ino), ["f", "g", "h2"]);
+        assert!(t.deleted_here.is_empty() && t.made_here.is_empty());
+        check_consistent(&t);
     }
 
     #[test]
@@ -1216,11 +1303,17 @@ mod tests {
         let mut t = Tree::new();
         let r = record(v, None, 1);
         let mut f = file(v, r.id, 5);
-        t.apply_listing(v, 0, vec![(r.clone(), name("r"))], vec![(f.clone(), FileMeta::Legacy, name("x"))]);
+        t.apply_listing(
+            v,
+            0,
+            0,
+            vec![(r.clone(), name("r"))],
+            vec![(f.clone(), FileMeta::Legacy, name("x"))],
+        );
         let ino = t.file_ino(f.id).unwrap();
         t.update_file(ino, |i| i.version = 7, |_| FileMeta::Legacy);
         f.version = 6; // fetched before our change was committed
-        t.apply_listing(v, 0, vec![(r, name("r"))], vec![(f, FileMeta::Legacy, name("x"))]);
+        t.apply_listing(v, 0, 0, vec![(r, name("r"))], vec![(f, FileMeta::Legacy, name("x"))]);
         assert_eq!(t.file(ino).unwrap().0.version, 7);
     }
 
@@ -1232,6 +1325,7 @@ mod tests {
         let (a, b, c) = (file(v, r.id, 1), file(v, r.id, 1), file(v, r.id, 1));
         t.apply_listing(
             v,
+            0,
             0,
             vec![(r.clone(), name("r"))],
             vec![
@@ -1257,7 +1351,7 @@ mod tests {
         let mut t = Tree::new();
         let (r1, r2) = (record(v, None, 1), record(v, None, 1));
         let f = file(v, r1.id, 1);
-        t.apply_listing(v, 0, vec![(r1.clone(), name("one")), (r2.clone(), name("two"))], vec![]);
+        t.apply_listing(v, 0, 0, vec![(r1.clone(), name("one")), (r2.clone(), name("two"))], vec![]);
         let vino = t.parent_of(t.keys[&Key::Record(r1.id)]).unwrap();
         let (one, two) =
             (t.child(vino, OsStr::new("one")).unwrap(), t.child(vino, OsStr::new("two")).unwrap());
@@ -1286,6 +1380,7 @@ mod tests {
         let (old, new) = (file(v, r.id, 1), file(v, r.id, 1));
         t.apply_listing(
             v,
+            0,
             0,
             vec![(r.clone(), name("r"))],
             vec![(old.clone(), FileMeta::Legacy, name("old"))],
