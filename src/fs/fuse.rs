@@ -49,24 +49,44 @@ impl<R: Remote> FuseAdapter<R> {
         FuseAdapter { fs, rt, owner: Owner { uid, gid, umask: (umask & 0o777) as u16 } }
     }
 
-    /// Runs `op` inside a span naming the operation: here, on the thread that
-    /// read the request, as far as it goes without waiting, and on the runtime
-    /// from its first wait on. Most requests (a create, a chmod, a write to a
-    /// file in memory, a lookup) never wait: answered here, they save a hand-off
-    /// to a runtime thread and the wake-ups it costs, which on a busy machine
-    /// were a large part of each request (tar -x spends most of its time in
-    /// them). The runtime polls a request that waits again, with its own waker:
-    /// a future wakes only the waker of its latest poll, so the first poll's
-    /// (which wakes nothing) is never relied on.
-    fn spawn<F>(&self, name: &'static str, ino: u64, op: F)
+    /// Runs `op`, a request that usually needs nothing but memory (a lookup,
+    /// a create, a chmod, a write to a file in memory), inside a span naming
+    /// the operation: here, on the thread that read the request, as far as it
+    /// goes without waiting, and on the runtime from its first wait on.
+    /// Answered here, it saves a hand-off to a runtime thread and the
+    /// wake-ups it costs, which on a busy machine were a large part of each
+    /// such request (tar -x makes five of them per file). The runtime polls a
+    /// request that waits again, with its own waker: a future wakes only the
+    /// waker of its latest poll, so the first poll's (which wakes nothing) is
+    /// never relied on. A panic in that first poll is caught (as the runtime
+    /// catches those of its tasks): the request is answered EIO and the
+    /// thread goes on reading requests.
+    fn run<F>(&self, name: &'static str, ino: u64, op: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
         let mut op = Box::pin(op.instrument(tracing::debug_span!("fuse", op = name, ino)));
         let _runtime = self.rt.enter();
-        if op.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_pending() {
-            self.rt.spawn(op);
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            op.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_pending()
+        }));
+        match polled {
+            Ok(true) => drop(self.rt.spawn(op)),
+            Ok(false) => {}
+            Err(_) => tracing::error!(op = name, ino, "a request panicked; answered EIO"),
         }
+    }
+
+    /// Runs `op`, a request that goes to the server (a save, an unlink, a
+    /// mkdir), on the runtime inside a span naming the operation: there its
+    /// request to the server is handed to the connection's task on the same
+    /// thread, where started here it would wake another (with unlink started
+    /// here, rm -r gained nothing and came out slower in one bench run).
+    fn spawn<F>(&self, name: &'static str, ino: u64, op: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(op.instrument(tracing::debug_span!("fuse", op = name, ino)));
     }
 }
 
@@ -277,7 +297,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             None => {}
         }
         let (fs, name, me) = (Arc::clone(&self.fs), name.to_owned(), self.owner);
-        self.spawn("lookup", parent.0, async move {
+        self.run("lookup", parent.0, async move {
             match fs.lookup(parent.0, &name).await {
                 Ok(a) => reply.entry(&TTL, &me.attr(&a), Generation(0)),
                 Err(e) => reply.error(errno("lookup", &e)),
@@ -314,7 +334,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         // A file's mode is stored (in its manifest); ownership is presented,
         // not stored: accepted and ignored, so `cp -a` does not fail.
         let (fs, me) = (Arc::clone(&self.fs), self.owner);
-        self.spawn("setattr", ino.0, async move {
+        self.run("setattr", ino.0, async move {
             if let Some(mode) = mode {
                 if let Err(e) = fs.chmod(ino.0, (mode & 0o7777) as u16).await {
                     return reply.error(errno("setattr", &e));
@@ -417,7 +437,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         let fs = Arc::clone(&self.fs);
         let truncate = flags.0 & libc::O_TRUNC != 0;
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-        self.spawn("open", ino.0, async move {
+        self.run("open", ino.0, async move {
             match fs.open_keeping_cache(ino.0, truncate, write).await {
                 Ok((fh, keep)) => reply.opened(FileHandle(fh), open_flags(flags.0, keep)),
                 Err(e) => reply.error(errno("open", &e)),
@@ -437,7 +457,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     ) {
         let (fs, name, me) = (Arc::clone(&self.fs), name.to_owned(), self.owner);
         let perm = (mode & !umask & 0o7777) as u16;
-        self.spawn("create", parent.0, async move {
+        self.run("create", parent.0, async move {
             match fs.create(parent.0, &name, perm).await {
                 Ok((a, fh)) => {
                     reply.created(&TTL, &me.attr(&a), Generation(0), FileHandle(fh), open_flags(flags, false))
@@ -464,7 +484,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             None => {}
         }
         let fs = Arc::clone(&self.fs);
-        self.spawn("read", ino.0, async move {
+        self.run("read", ino.0, async move {
             match fs.read(fh.0, offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(errno("read", &e)),
@@ -489,7 +509,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         }
         let fs = Arc::clone(&self.fs);
         let data = crate::cache::SecretBuf::from_vec(data.to_vec());
-        self.spawn("write", ino.0, async move {
+        self.run("write", ino.0, async move {
             match fs.write_owned(fh.0, offset, data).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno("write", &e)),
@@ -531,7 +551,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         reply: ReplyEmpty,
     ) {
         let fs = Arc::clone(&self.fs);
-        self.spawn("release", ino.0, async move {
+        self.run("release", ino.0, async move {
             // Its flocks and open-file locks go with the open file, once what
             // it wrote is stored (a stream ends at release).
             let released = fs.release(ino.0, fh.0).await;
@@ -548,7 +568,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             return reply_dir(&self.fs, ino.0, offset, entries, reply);
         }
         let fs = Arc::clone(&self.fs);
-        self.spawn("readdir", ino.0, async move {
+        self.run("readdir", ino.0, async move {
             let entries = fs.readdir(ino.0).await;
             reply_dir(&fs, ino.0, offset, entries, reply);
         });
@@ -566,7 +586,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             return reply_plus(&self.fs, self.owner, ino.0, offset, entries, reply);
         }
         let (fs, me) = (Arc::clone(&self.fs), self.owner);
-        self.spawn("readdirplus", ino.0, async move {
+        self.run("readdirplus", ino.0, async move {
             let entries = fs.readdir_plus(ino.0).await;
             reply_plus(&fs, me, ino.0, offset, entries, reply);
         });
@@ -652,7 +672,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         if name == XATTR_LOCKS {
             // Asks the server; not listed, so copies of the file never ask.
             let fs = Arc::clone(&self.fs);
-            return self.spawn("getxattr", ino.0, async move {
+            return self.run("getxattr", ino.0, async move {
                 match fs.lock_holders(ino.0).await {
                     Ok(value) => reply_xattr(reply, size, &value),
                     Err(e) => reply.error(errno("getxattr", &e)),

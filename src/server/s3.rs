@@ -39,6 +39,9 @@ pub struct S3BlobStore {
     concurrency: usize,
     /// One file per multipart upload in progress (see the module docs).
     journal: PathBuf,
+    /// Parts of long reads held by the whole server at once (see
+    /// [`PARTS_ON_SERVER`]).
+    read_parts: Arc<tokio::sync::Semaphore>,
 }
 
 fn store_err(e: object_store::Error) -> BlobError {
@@ -75,6 +78,7 @@ impl S3BlobStore {
             part_size: (config.part_size_mib as usize) << 20,
             concurrency: config.concurrency.max(1),
             journal,
+            read_parts: Arc::new(tokio::sync::Semaphore::new(PARTS_ON_SERVER)),
         })
     }
 
@@ -231,34 +235,54 @@ const PART: u64 = 8 << 20;
 /// Ranged GETs of one read in flight at once: the memory one read holds on
 /// the server is at most this many parts.
 const PARTS_IN_FLIGHT: usize = 4;
+/// Parts of long reads the whole server holds at once (128 MiB): many
+/// readers, or one opening many long reads, wait for each other rather than
+/// fill the server's memory.
+const PARTS_ON_SERVER: usize = 16;
 
 impl S3BlobStore {
     /// The bytes of `range` of object `key`, fetched as ranged GETs of
-    /// [`PART`] bytes, [`PARTS_IN_FLIGHT`] at once, and given out in order;
-    /// a part that comes back short (the object changed or the store lied)
-    /// ends the stream with an error.
-    fn get_in_parts(&self, key: ObjectPath, range: std::ops::Range<u64>) -> ByteStream {
-        let store = Arc::clone(&self.store);
-        let parts =
-            (range.start..range.end).step_by(PART as usize).map(move |s| s..(s + PART).min(range.end));
-        let fetched = futures_util::stream::iter(parts)
-            .map(move |part| {
-                let (store, key) = (Arc::clone(&store), key.clone());
-                async move {
-                    let bytes = store.get_range(&key, part.clone()).await.map_err(io::Error::other)?;
-                    if bytes.len() as u64 != part.end - part.start {
-                        return Err(io::Error::other(format!(
-                            "object store: bytes {}..{} came back as {} bytes",
-                            part.start,
-                            part.end,
-                            bytes.len()
-                        )));
-                    }
-                    Ok(bytes)
+    /// [`PART`] bytes, [`PARTS_IN_FLIGHT`] at once, and given out in order.
+    /// The first part is fetched before this returns, so that an object gone
+    /// meanwhile is `NotFound` (which the caller answers, or retries),
+    /// not a stream cut after its first byte. A part that comes back short
+    /// (the object changed, or the store lied) ends the stream with an error.
+    async fn get_in_parts(
+        &self,
+        key: ObjectPath,
+        range: std::ops::Range<u64>,
+    ) -> Result<ByteStream, BlobError> {
+        let (store, permits) = (Arc::clone(&self.store), Arc::clone(&self.read_parts));
+        let fetch = move |part: std::ops::Range<u64>| {
+            let (store, key, permits) = (Arc::clone(&store), key.clone(), Arc::clone(&permits));
+            async move {
+                let held = permits.acquire_owned().await.map_err(io::Error::other)?;
+                let bytes = store.get_range(&key, part.clone()).await.map_err(|e| match e {
+                    object_store::Error::NotFound { .. } => io::Error::from(io::ErrorKind::NotFound),
+                    e => io::Error::other(e),
+                })?;
+                if bytes.len() as u64 != part.end - part.start {
+                    return Err(io::Error::other(format!(
+                        "object store: bytes {}..{} came back as {} bytes",
+                        part.start,
+                        part.end,
+                        bytes.len()
+                    )));
                 }
-            })
-            .buffered(PARTS_IN_FLIGHT);
-        Box::pin(fetched)
+                Ok((held, bytes))
+            }
+        };
+        let mut parts =
+            (range.start..range.end).step_by(PART as usize).map(move |s| s..(s + PART).min(range.end));
+        let first = parts.next().expect("a long range has parts");
+        let first = fetch.clone()(first).await.map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => BlobError::NotFound,
+            _ => BlobError::Io(e),
+        })?;
+        let rest = futures_util::stream::iter(parts).map(fetch).buffered(PARTS_IN_FLIGHT);
+        // A part's permit goes when the part is handed on.
+        let all = futures_util::stream::once(async { Ok(first) }).chain(rest).map_ok(|(_held, bytes)| bytes);
+        Ok(Box::pin(all))
     }
 }
 
@@ -280,7 +304,7 @@ impl BlobStore for S3BlobStore {
                 return Ok(BlobRead { stream: Box::pin(futures_util::stream::empty()), total_len: size });
             }
             if end - start > PARALLEL_FROM {
-                return Ok(BlobRead { stream: self.get_in_parts(key, start..end), total_len: size });
+                return Ok(BlobRead { stream: self.get_in_parts(key, start..end).await?, total_len: size });
             }
         }
         let opts = GetOptions { range: range.map(|(s, e)| GetRange::Bounded(s..e)), ..Default::default() };

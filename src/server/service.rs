@@ -273,19 +273,23 @@ fn check_rights(rights: Option<Rights>, need: Rights, what: &'static str) -> Res
     }
 }
 
-/// Deletes a blob the metadata no longer points to; a failure only leaves an
-/// orphan, which the next start collects.
 /// Runs `f` on the metadata store; also says whether it changed a vault
 /// (the feed's count is looked at only after a call that wrote rows, so
-/// reads, most calls, cost nothing more).
+/// reads, most calls, cost nothing more). A count that cannot be read
+/// counts as a change: `f` is done (perhaps committed) either way, and a
+/// wait woken for nothing only asks again.
 fn run_on<T>(
     meta: &mut Meta,
     f: impl FnOnce(&mut Meta) -> std::result::Result<T, MetaError>,
-) -> Result<(Result<T>, bool)> {
+) -> (Result<T>, bool) {
     let before = meta.rows_written();
     let result = f(meta).map_err(ServiceError::from);
-    let wrote = meta.rows_written() != before && meta.vaults_changed()?;
-    Ok((result, wrote))
+    let wrote = meta.rows_written() != before
+        && meta.vaults_changed().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read whether a vault changed; waking the waits for changes");
+            true
+        });
+    (result, wrote)
 }
 
 /// Bodies up to this declared size are read whole before they are stored
@@ -311,6 +315,8 @@ async fn read_declared(mut body: ByteStream, len: u64) -> Result<Vec<Bytes>> {
     Ok(pieces)
 }
 
+/// Deletes a blob the metadata no longer points to; a failure only leaves an
+/// orphan, which the next start collects.
 async fn delete_replaced<B: BlobStore>(blobs: &B, blob: BlobId) {
     if let Err(e) = blobs.delete(blob).await {
         tracing::warn!(blob = %blob.to_hex(), error = %e, "could not delete replaced blob");
@@ -358,7 +364,7 @@ impl<B: BlobStore> Service<B> {
         let (result, wrote) = tokio::task::spawn_blocking(move || {
             let mut guard =
                 meta.lock().map_err(|_| ServiceError::Internal("metadata lock poisoned".into()))?;
-            run_on(&mut guard, f)
+            Ok::<_, ServiceError>(run_on(&mut guard, f))
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("metadata task: {e}")))??;
@@ -383,8 +389,7 @@ impl<B: BlobStore> Service<B> {
             }
         };
         match free {
-            Ok(ran) => {
-                let (result, wrote) = ran?;
+            Ok((result, wrote)) => {
                 self.note_written(wrote);
                 result
             }
@@ -434,7 +439,7 @@ impl<B: BlobStore> Service<B> {
             blobs.put_in_place(blob, pieces)?;
             let mut guard =
                 meta.lock().map_err(|_| ServiceError::Internal("metadata lock poisoned".into()))?;
-            run_on(&mut guard, move |m| commit(m, blob, len))
+            Ok::<_, ServiceError>(run_on(&mut guard, move |m| commit(m, blob, len)))
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("metadata task: {e}")));
@@ -449,7 +454,8 @@ impl<B: BlobStore> Service<B> {
                 Err(e)
             }
             Ok(Err(e)) | Err(e) => {
-                // Stored or not: the blob is no file's.
+                // Not stored, or stored and not committed (the lock was
+                // poisoned, the task failed): the blob is no file's.
                 self.discard_blob(Some(blob)).await;
                 Err(e)
             }

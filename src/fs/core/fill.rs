@@ -121,6 +121,12 @@ impl<R: Remote> VaultFs<R> {
                 let len = d.bytes.len() as u64;
                 return Ok((d, len));
             }
+            if !d.filling && self.modes.is_streaming(id) {
+                // A stream started while this waited for the lock.
+                drop(d);
+                self.end_stream_before_use(id).await?;
+                continue;
+            }
             let running = if d.filling { self.fills.lock().get(&id).cloned() } else { None };
             let fill = match running {
                 Some(fill) => fill,

@@ -118,6 +118,7 @@ impl<R: Remote> VaultFs<R> {
                     tracing::warn!(file = %id, error = %e, "a file unlinked while open could not be deleted on the server at its last close; it shows again at the next listing");
                     return Err(e);
                 }
+                self.tree.lock().deleted_on_server(&info);
             }
             return Ok(());
         }

@@ -219,7 +219,14 @@ impl<R: Remote> VaultFs<R> {
             }
             Ok((done, _, _)) => {
                 if let Some(h) = self.cache.peek(id) {
-                    h.lock().await.version = done.version;
+                    let mut d = h.lock().await;
+                    if !d.dirty && (d.loaded || d.filling) {
+                        // Not what was streamed (a stream keeps none of it):
+                        // read from the server at the next use.
+                        self.cancel_fill(id, &mut d);
+                        d.loaded = false;
+                    }
+                    d.version = done.version;
                 }
                 Ok(true)
             }

@@ -403,10 +403,6 @@ impl Tree {
     /// (`None` if it was not one).
     pub(super) fn release_orphan(&mut self, ino: Ino) -> Option<Released> {
         let on_server = self.orphans.remove(&ino)?;
-        if on_server {
-            // Deleted on the server next (by the caller).
-            self.note_deleted(ino);
-        }
         self.unsent.remove(&ino);
         let node = self.nodes.remove(&ino);
         Some(match node {
@@ -449,6 +445,13 @@ impl Tree {
         self.local_changes += 1;
         self.deleted_here.insert(key.0, (key.1, self.local_changes));
         self.made_here.remove(&ino);
+    }
+
+    /// File `info`, no longer in the tree, was deleted on the server by this
+    /// mount (see `deleted_here`): a file unlinked while open, at its last close.
+    pub(super) fn deleted_on_server(&mut self, info: &FileInfo) {
+        self.local_changes += 1;
+        self.deleted_here.insert(Key::File(info.id), (info.vault, self.local_changes));
     }
 
     /// `ino`'s object was created on the server by this mount (see
@@ -871,21 +874,24 @@ impl Tree {
         // listing still has their directory), under their names; records first,
         // so that what is in them has a place.
         let listed: HashSet<Ino> = placed.iter().map(|(_, ino, ..)| *ino).collect();
-        let mut made: Vec<Ino> = self.made_here.keys().copied().filter(|ino| !listed.contains(ino)).collect();
-        made.sort_by_key(|ino| self.made_here[ino].1);
-        for ino in made {
-            let node = self.nodes.get(&ino);
-            let Some(parent) = node.filter(|n| n.vault() == Some(vault)).and_then(Node::parent) else {
-                continue;
-            };
-            if self.orphans.contains_key(&ino) {
-                continue;
+        let made: Vec<(Ino, Ino, bool)> = self
+            .made_here
+            .keys()
+            .filter(|ino| !listed.contains(ino) && !self.orphans.contains_key(ino))
+            .filter_map(|&ino| {
+                let node = self.nodes.get(&ino).filter(|n| n.vault() == Some(vault))?;
+                Some((ino, node.parent()?, node.is_dir()))
+            })
+            .collect();
+        // Directories first (one may have been moved into another made here).
+        for &(ino, _, dir) in &made {
+            if dir {
+                kids.entry(ino).or_default();
             }
+        }
+        for (ino, parent, _) in made {
             if let (Some(dir), Some(name)) = (kids.get_mut(&parent), self.names.get(&ino)) {
                 dir.insert(name.clone(), ino);
-                if node.is_some_and(Node::is_dir) {
-                    kids.entry(ino).or_default();
-                }
             }
         }
         for &ino in self.unsent.keys() {
@@ -1258,9 +1264,19 @@ mod tests {
         // a record and a file in it created, h renamed (a new version).
         t.remove(t.file_ino(f.id).unwrap());
         t.remove(t.keys[&Key::Record(r2.id)]);
+        let a = record(v, None, 1);
+        let a_ino =
+            t.add(vino, OsStr::new("a"), Key::Record(a.id), Node::Record { info: a.clone(), parent: vino });
         let made = record(v, None, 1);
-        let made_ino =
-            t.add(vino, OsStr::new("new"), Key::Record(made.id), Node::Record { info: made, parent: vino });
+        let made_ino = t.add(
+            vino,
+            OsStr::new("new"),
+            Key::Record(made.id),
+            Node::Record { info: made.clone(), parent: vino },
+        );
+        // a, made first, moved into the record made after it.
+        let moved_a = RecordInfo { version: 2, parent: Some(made.id), ..a };
+        t.place(made_ino, OsStr::new("a"), a_ino, Node::Record { info: moved_a, parent: made_ino });
         let inner = file(v, r.id, 1);
         let node = Node::File { info: inner.clone(), parent: made_ino, meta: FileMeta::Legacy };
         let inner_ino = t.add(made_ino, OsStr::new("inner"), Key::File(inner.id), node);
@@ -1279,7 +1295,7 @@ mod tests {
         };
         assert_eq!(shown(&t, vino), ["new", "r"], "a listing asked for before: r2 stays gone, new stays");
         assert_eq!(shown(&t, r_ino), ["g", "h2"], "f stays gone, h keeps its new name");
-        assert_eq!(shown(&t, made_ino), ["inner"]);
+        assert_eq!(shown(&t, made_ino), ["a", "inner"]);
         assert_eq!(t.file_ino(inner.id), Some(inner_ino));
         check_consistent(&t);
         let page = (vec![(r2.clone(), name("r2"))], files.clone());
