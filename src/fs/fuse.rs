@@ -50,7 +50,7 @@ impl<R: Remote> FuseAdapter<R> {
     }
 
     /// Runs `op`, a request that usually needs nothing but memory (a lookup,
-    /// a create, a chmod, a write to a file in memory), inside a span naming
+    /// a create, a chmod, a release), inside a span naming
     /// the operation: here, on the thread that read the request, as far as it
     /// goes without waiting, and on the runtime from its first wait on.
     /// Answered here, it saves a hand-off to a runtime thread and the
@@ -78,10 +78,14 @@ impl<R: Remote> FuseAdapter<R> {
     }
 
     /// Runs `op`, a request that goes to the server (a save, an unlink, a
-    /// mkdir), on the runtime inside a span naming the operation: there its
-    /// request to the server is handed to the connection's task on the same
-    /// thread, where started here it would wake another (with unlink started
-    /// here, rm -r gained nothing and came out slower in one bench run).
+    /// mkdir, an open that may download), or a read or write that has to
+    /// wait (those that need not are answered on the reading thread by
+    /// `read_now` and `write_now`), on the runtime inside a span naming the
+    /// operation: there its request to the server is handed to the
+    /// connection's task on the same thread, where started here it would wake
+    /// another (in one bench run, with these started here, rm -r gained
+    /// nothing, cold reads were slower and a 300 MB streamed write took
+    /// twice as long).
     fn spawn<F>(&self, name: &'static str, ino: u64, op: F)
     where
         F: Future<Output = ()> + Send + 'static,
@@ -437,7 +441,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         let fs = Arc::clone(&self.fs);
         let truncate = flags.0 & libc::O_TRUNC != 0;
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-        self.run("open", ino.0, async move {
+        self.spawn("open", ino.0, async move {
             match fs.open_keeping_cache(ino.0, truncate, write).await {
                 Ok((fh, keep)) => reply.opened(FileHandle(fh), open_flags(flags.0, keep)),
                 Err(e) => reply.error(errno("open", &e)),
@@ -484,7 +488,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             None => {}
         }
         let fs = Arc::clone(&self.fs);
-        self.run("read", ino.0, async move {
+        self.spawn("read", ino.0, async move {
             match fs.read(fh.0, offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(errno("read", &e)),
@@ -509,7 +513,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         }
         let fs = Arc::clone(&self.fs);
         let data = crate::cache::SecretBuf::from_vec(data.to_vec());
-        self.run("write", ino.0, async move {
+        self.spawn("write", ino.0, async move {
             match fs.write_owned(fh.0, offset, data).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno("write", &e)),
