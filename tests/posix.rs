@@ -323,7 +323,11 @@ fn locks_hold_across_mounts_and_go_with_their_holder() {
     // fcntl record locks, from this process through both mounts.
     let open = |p: &Path| std::fs::OpenOptions::new().read(true).write(true).open(p).unwrap();
     let (fa, fb) = (open(&a), open(&b));
-    fcntl_lock(&fa, libc::F_SETLK, libc::F_WRLCK, 0, 10).unwrap();
+    // The waiter's flock goes with its release, which the kernel sends after
+    // the process ended, without waiting for it.
+    wait_until("the waiter's flock is given up", || {
+        fcntl_lock(&fa, libc::F_SETLK, libc::F_WRLCK, 0, 10).is_ok()
+    });
     assert_eq!(fcntl_lock(&fb, libc::F_SETLK, libc::F_WRLCK, 5, 1).unwrap_err(), libc::EAGAIN);
     assert_eq!(fcntl_lock(&fb, libc::F_SETLK, libc::F_RDLCK, 9, 100).unwrap_err(), libc::EAGAIN);
     fcntl_lock(&fb, libc::F_SETLK, libc::F_WRLCK, 20, 5).expect("bytes nobody holds");

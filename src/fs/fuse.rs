@@ -50,7 +50,7 @@ impl<R: Remote> FuseAdapter<R> {
     }
 
     /// Runs `op`, a request that usually needs nothing but memory (a lookup,
-    /// a create, a chmod, a release), inside a span naming
+    /// a create, a chmod, a listing), inside a span naming
     /// the operation: here, on the thread that read the request, as far as it
     /// goes without waiting, and on the runtime from its first wait on.
     /// Answered here, it saves a hand-off to a runtime thread and the
@@ -78,7 +78,8 @@ impl<R: Remote> FuseAdapter<R> {
     }
 
     /// Runs `op`, a request that goes to the server (a save, an unlink, a
-    /// mkdir, an open that may download), or a read or write that has to
+    /// mkdir, an open that may download, a release that gives up locks; no
+    /// caller waits for a release), or a read or write that has to
     /// wait (those that need not are answered on the reading thread by
     /// `read_now` and `write_now`), on the runtime inside a span naming the
     /// operation: there its request to the server is handed to the
@@ -555,7 +556,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         reply: ReplyEmpty,
     ) {
         let fs = Arc::clone(&self.fs);
-        self.run("release", ino.0, async move {
+        self.spawn("release", ino.0, async move {
             // Its flocks and open-file locks go with the open file, once what
             // it wrote is stored (a stream ends at release).
             let released = fs.release(ino.0, fh.0).await;
