@@ -2345,6 +2345,14 @@ async fn a_lost_first_save_and_an_older_server_lose_nothing() {
     drop(s.server);
 }
 
+/// Writes `data` through `fh` front to back in 1 MiB writes (past the
+/// end-to-end limit, a stream to the server).
+async fn write_in_pieces<R: vaultfs::remote::Remote>(fs: &Arc<VaultFs<R>>, fh: u64, data: &[u8]) {
+    for (i, piece) in data.chunks(1 << 20).enumerate() {
+        fs.write(fh, (i << 20) as u64, piece).await.unwrap();
+    }
+}
+
 /// A file streamed up past the end-to-end limit and read back through the
 /// writer's handle before it is closed: the stream is committed and the
 /// bytes come from the server (the mount keeps none of what it sent; on a
@@ -2357,9 +2365,7 @@ async fn a_file_read_back_while_it_streams_up_reads_what_was_written() {
     let r = fs.mkdir(v.ino, n("r")).await.unwrap();
     let data = pattern(6 << 20);
     let (a, fh) = fs.create(r.ino, n("big.bin"), 0o644).await.unwrap();
-    for (i, piece) in data.chunks(1 << 20).enumerate() {
-        fs.write(fh, (i << 20) as u64, piece).await.unwrap();
-    }
+    write_in_pieces(&fs, fh, &data).await;
     assert_eq!(fs.getattr(a.ino).unwrap().size, data.len() as u64);
     assert!(fs.read(fh, 0, 8192).await.unwrap() == data[..8192], "read back while streaming");
     assert!(fs.read(fh, 5 << 20, 8192).await.unwrap() == data[5 << 20..(5 << 20) + 8192]);
@@ -2367,26 +2373,20 @@ async fn a_file_read_back_while_it_streams_up_reads_what_was_written() {
 
     // Cut short while it streams: the cut keeps the front of what was written.
     let (cut, fh) = fs.create(r.ino, n("cut.bin"), 0o644).await.unwrap();
-    for (i, piece) in data.chunks(1 << 20).enumerate() {
-        fs.write(fh, (i << 20) as u64, piece).await.unwrap();
-    }
+    write_in_pieces(&fs, fh, &data).await;
     fs.setattr(cut.ino, Some(3 << 20), None).await.unwrap();
     fs.flush(cut.ino, fh).await.unwrap();
     fs.release(cut.ino, fh).await.unwrap();
     // Emptied while it streams: it stays empty.
     let (empty, fh) = fs.create(r.ino, n("empty.bin"), 0o644).await.unwrap();
-    for (i, piece) in data.chunks(1 << 20).enumerate() {
-        fs.write(fh, (i << 20) as u64, piece).await.unwrap();
-    }
+    write_in_pieces(&fs, fh, &data).await;
     fs.setattr(empty.ino, Some(0), None).await.unwrap();
     fs.flush(empty.ino, fh).await.unwrap();
     fs.release(empty.ino, fh).await.unwrap();
     // Moved to another record while it streams: the whole of it moves.
     let r2 = fs.mkdir(v.ino, n("r2")).await.unwrap();
     let (moved, fh) = fs.create(r.ino, n("moved.bin"), 0o644).await.unwrap();
-    for (i, piece) in data.chunks(1 << 20).enumerate() {
-        fs.write(fh, (i << 20) as u64, piece).await.unwrap();
-    }
+    write_in_pieces(&fs, fh, &data).await;
     fs.rename(r.ino, n("moved.bin"), r2.ino, n("moved.bin")).await.unwrap();
     fs.release(moved.ino, fh).await.unwrap();
 

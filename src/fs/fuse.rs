@@ -61,11 +61,11 @@ impl<R: Remote> FuseAdapter<R> {
     /// never relied on. A panic in that first poll is caught (as the runtime
     /// catches those of its tasks): the request is answered EIO and the
     /// thread goes on reading requests.
-    fn run<F>(&self, name: &'static str, ino: u64, op: F)
+    fn run<F>(&self, what: &'static str, ino: u64, op: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let mut op = Box::pin(op.instrument(tracing::debug_span!("fuse", op = name, ino)));
+        let mut op = Box::pin(op.instrument(tracing::debug_span!("fuse", op = what, ino)));
         let _runtime = self.rt.enter();
         let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             op.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_pending()
@@ -73,7 +73,7 @@ impl<R: Remote> FuseAdapter<R> {
         match polled {
             Ok(true) => drop(self.rt.spawn(op)),
             Ok(false) => {}
-            Err(_) => tracing::error!(op = name, ino, "a request panicked; answered EIO"),
+            Err(_) => tracing::error!(op = what, ino, "a request panicked; answered EIO"),
         }
     }
 

@@ -111,18 +111,18 @@ impl<R: Remote> VaultFs<R> {
         handle: &PlainHandle,
         want: Option<u64>,
     ) -> Result<(OwnedMutexGuard<PlainData>, u64)> {
-        // What a stream sent is not kept here: it is read back from the server
-        // once committed (a read, a truncate or a move of it would otherwise
-        // start from the version before the stream).
-        self.end_stream_before_use(id).await?;
         loop {
             let mut d = Arc::clone(handle).lock_owned().await;
             if d.loaded {
                 let len = d.bytes.len() as u64;
                 return Ok((d, len));
             }
-            if !d.filling && self.modes.is_streaming(id) {
-                // A stream started while this waited for the lock.
+            if self.modes.is_streaming(id) {
+                // What a stream sent is not kept here (a streaming entry is
+                // never loaded): it is read back from the server once
+                // committed, else a read, a truncate or a move of it would
+                // start from the version before the stream. Committing it
+                // cancels any fill of that older version.
                 drop(d);
                 self.end_stream_before_use(id).await?;
                 continue;
