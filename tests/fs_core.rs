@@ -2476,3 +2476,164 @@ async fn a_save_keeps_the_time_of_the_last_change() {
     assert_eq!(seen_by_another(&s).await["a.txt"].2, written, "as stored");
     drop(s.server);
 }
+
+/// What a backing file holds, read through its descriptor (as the kernel
+/// reads it for a passthrough handle).
+fn backing_bytes(b: &vaultfs::fs::core::Backing) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::from(b.fd().try_clone_to_owned().unwrap());
+    let mut out = vec![0u8; b.len() as usize + 100];
+    let n = file.read_at(&mut out, 0).unwrap();
+    out.truncate(n);
+    out
+}
+
+fn how(flags: i32) -> vaultfs::fs::core::OpenHow {
+    vaultfs::fs::core::OpenHow::from_flags(flags)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_handles_share_one_backing_file_that_follows_every_change() {
+    use vaultfs::fs::core::{KernelOpen, PassthroughMode, PASSTHROUGH_MIN};
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    fs.set_passthrough(PassthroughMode::On);
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let data = pattern(PASSTHROUGH_MIN as usize * 4);
+    let ino = write_file(&fs, r.ino, "big.bin", &data).await;
+    let small = write_file(&fs, r.ino, "small.txt", b"small").await;
+
+    // Reads only, large enough: the kernel reads from a backing file, one per file.
+    let (r1, k1) = fs.open_for_kernel(ino, how(libc::O_RDONLY)).await.unwrap();
+    let KernelOpen::Passthrough { backing: b1, direct: false } = k1 else { panic!("no backing file") };
+    assert!(backing_bytes(&b1) == data);
+    let (r2, k2) = fs.open_for_kernel(ino, how(libc::O_RDONLY)).await.unwrap();
+    let KernelOpen::Passthrough { backing: b2, direct: false } = k2 else { panic!("no backing file") };
+    assert!(Arc::ptr_eq(&b1, &b2), "the kernel wants one backing file per inode");
+    // Small files keep the page cache.
+    let (sh, sk) = fs.open_for_kernel(small, how(libc::O_RDONLY)).await.unwrap();
+    assert!(matches!(sk, KernelOpen::PageCache { .. }), "a small file has no backing file");
+    fs.release(small, sh).await.unwrap();
+
+    // Opened for writing next to them: names the same backing file, with direct I/O.
+    let (w, kw) = fs.open_for_kernel(ino, how(libc::O_RDWR)).await.unwrap();
+    let KernelOpen::Passthrough { backing: bw, direct: true } = kw else {
+        panic!("a writer must name the backing file")
+    };
+    assert!(Arc::ptr_eq(&b1, &bw));
+    // Every change reaches the backing file before it is answered.
+    fs.write(w, 10, b"changed").await.unwrap();
+    let mut want = data.clone();
+    want[10..17].copy_from_slice(b"changed");
+    assert!(backing_bytes(&b1) == want, "a write");
+    fs.write(w, want.len() as u64, b"grown").await.unwrap();
+    want.extend_from_slice(b"grown");
+    assert!(backing_bytes(&b1) == want, "a write past the end");
+    fs.setattr(ino, Some(300_000), None).await.unwrap();
+    want.truncate(300_000);
+    assert!(backing_bytes(&b1) == want, "a truncation");
+    fs.flush(ino, w).await.unwrap();
+    fs.release(ino, w).await.unwrap();
+    assert_eq!(fs.status().backing_bytes, 300_000);
+
+    // Another client's version shows in the backing file at the next open.
+    let other = mount(s.alice.clone()).await;
+    let ov = other.lookup(ROOT, n("V")).await.unwrap();
+    let or = other.lookup(ov.ino, n("r")).await.unwrap();
+    assert!(read_file(&other, or.ino, "big.bin").await.unwrap() == want, "the writes were saved");
+    let newer = pattern(PASSTHROUGH_MIN as usize * 2 + 3);
+    let oa = other.lookup(or.ino, n("big.bin")).await.unwrap();
+    let oh = other.open(oa.ino, true, true).await.unwrap();
+    other.write(oh, 0, &newer).await.unwrap();
+    other.flush(oa.ino, oh).await.unwrap();
+    other.release(oa.ino, oh).await.unwrap();
+    let (r3, k3) = fs.open_for_kernel(ino, how(libc::O_RDONLY)).await.unwrap();
+    let KernelOpen::Passthrough { backing: b3, .. } = k3 else { panic!("no backing file") };
+    assert!(Arc::ptr_eq(&b1, &b3), "still the one the open handles name");
+    assert!(backing_bytes(&b1) == newer, "the new version, for the handles opened before too");
+
+    // The last handle that names it lets it go; the next open makes another.
+    for fh in [r1, r2, r3] {
+        fs.release(ino, fh).await.unwrap();
+    }
+    drop((b1, b2, bw, b3));
+    assert_eq!(fs.status().backing_bytes, 0);
+    assert_eq!(fs.status().passthrough_opens, 3);
+    let (r4, k4) = fs.open_for_kernel(ino, how(libc::O_RDONLY)).await.unwrap();
+    let KernelOpen::Passthrough { backing: b4, .. } = k4 else { panic!("no backing file") };
+    assert!(backing_bytes(&b4) == newer);
+    fs.release(ino, r4).await.unwrap();
+    drop(s.server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_stays_off_where_the_kernel_would_refuse_it() {
+    use vaultfs::fs::core::{KernelOpen, PassthroughMode, PASSTHROUGH_MIN};
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let data = pattern(PASSTHROUGH_MIN as usize * 2);
+    let ino = write_file(&fs, r.ino, "big.bin", &data).await;
+
+    // Not turned on (no kernel): the page cache.
+    let (fh, k) = fs.open_for_kernel(ino, how(libc::O_RDONLY)).await.unwrap();
+    assert!(matches!(k, KernelOpen::PageCache { .. }));
+    fs.release(ino, fh).await.unwrap();
+
+    // A handle on the page cache first: readers use it too (the kernel
+    // refuses a backing file next to it).
+    fs.set_passthrough(PassthroughMode::On);
+    let (w, kw) = fs.open_for_kernel(ino, how(libc::O_RDWR)).await.unwrap();
+    assert!(matches!(kw, KernelOpen::PageCache { .. }));
+    let (r1, k1) = fs.open_for_kernel(ino, how(libc::O_RDONLY)).await.unwrap();
+    assert!(matches!(k1, KernelOpen::PageCache { .. }), "no backing file next to a page-cache handle");
+    fs.release(ino, w).await.unwrap();
+    fs.release(ino, r1).await.unwrap();
+    // Write-only and O_DIRECT opens never read from a backing file.
+    let (wo, kwo) = fs.open_for_kernel(ino, how(libc::O_WRONLY)).await.unwrap();
+    assert!(matches!(kwo, KernelOpen::Direct { .. }));
+    fs.release(ino, wo).await.unwrap();
+    let (d, kd) = fs.open_for_kernel(ino, how(libc::O_RDONLY | libc::O_DIRECT)).await.unwrap();
+    assert!(matches!(kd, KernelOpen::PageCache { .. }));
+    fs.release(ino, d).await.unwrap();
+
+    // The kernel refused one: direct I/O for it, and no more are made.
+    let (r2, k2) = fs.open_for_kernel(ino, how(libc::O_RDONLY)).await.unwrap();
+    assert!(matches!(k2, KernelOpen::Passthrough { .. }));
+    drop(k2);
+    fs.passthrough_refused(r2, "Operation not permitted");
+    assert!(matches!(fs.passthrough_mode(), PassthroughMode::Off(_)));
+    assert_eq!(fs.status().backing_bytes, 0, "the refused backing file is gone");
+    let (r3, k3) = fs.open_for_kernel(ino, how(libc::O_RDONLY)).await.unwrap();
+    assert!(matches!(k3, KernelOpen::PageCache { .. }), "the page cache goes with the demoted handle");
+    fs.release(ino, r2).await.unwrap();
+    fs.release(ino, r3).await.unwrap();
+    drop(s.server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backing_files_stay_within_the_cache_budget() {
+    use vaultfs::fs::core::{KernelOpen, PassthroughMode, PASSTHROUGH_MIN};
+    let s = setup(&["V"]).await;
+    let size = PASSTHROUGH_MIN as usize * 4;
+    // Room for the file and one copy of it, not two files and their copies.
+    let options = FsOptions { cache_budget: size * 3, ..strict() };
+    let account = Unlocked::open(s.alice.clone(), b"pw").await.unwrap();
+    let fs = Arc::new(VaultFs::new(account, options).await.unwrap());
+    fs.set_passthrough(PassthroughMode::On);
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let a = write_file(&fs, r.ino, "a.bin", &pattern(size)).await;
+    let b = write_file(&fs, r.ino, "b.bin", &pattern(size)).await;
+    let (ha, ka) = fs.open_for_kernel(a, how(libc::O_RDONLY)).await.unwrap();
+    assert!(matches!(ka, KernelOpen::Passthrough { .. }));
+    let (hb, kb) = fs.open_for_kernel(b, how(libc::O_RDONLY)).await.unwrap();
+    assert!(matches!(kb, KernelOpen::Direct { .. }), "over the budget: read through the daemon");
+    let st = fs.status();
+    assert!(st.cache_used + st.backing_bytes <= st.cache_budget, "{st:?}");
+    fs.release(a, ha).await.unwrap();
+    fs.release(b, hb).await.unwrap();
+    drop(s.server);
+}

@@ -4,6 +4,7 @@
 mod support;
 
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -265,7 +266,7 @@ impl Strace {
             .arg(out.path())
             .args([
                 "-e",
-                "trace=open,openat,openat2,creat,truncate,rename,renameat,renameat2,link,linkat,write,writev,sendto,sendmsg",
+                "trace=open,openat,openat2,creat,truncate,rename,renameat,renameat2,link,linkat,write,writev,sendto,sendmsg,memfd_create",
                 "-p",
                 &pid.to_string(),
             ])
@@ -353,8 +354,9 @@ fn plaintext_never_reaches_the_disk() {
         }
         seen
     });
+    // Large enough to be read back through a backing file (passthrough).
     let mut body = Vec::new();
-    for _ in 0..2000 {
+    for _ in 0..6000 {
         body.extend_from_slice(canary);
     }
     let strace = Strace::attach(pid);
@@ -377,6 +379,10 @@ fn plaintext_never_reaches_the_disk() {
         trace.lines().filter(|l| l.contains("write") || l.contains("send")).count() > 10,
         "strace saw too little of the daemon's work:\n{trace}"
     );
+    // Read back through a backing file in memory, where the kernel allows it.
+    if std::env::var_os("VAULTFS_NO_PASSTHROUGH").is_none() {
+        assert!(trace.contains("memfd_create("), "no backing file was made:\n{trace}");
+    }
     // ...and it never opened, created, truncated or renamed a file on a disk.
     let bad: Vec<&str> =
         trace.lines().filter(|l| writes_to_disk(l) && !l.contains(&format!("\"{state_dir}/"))).collect();
@@ -791,4 +797,124 @@ fn two_mounts_see_each_others_changes_at_once() {
     let figures: Vec<String> = times.iter().map(|(w, t)| format!("{w} {} ms", t.as_millis())).collect();
     support::report(&format!("two mounts: seen on B after {}", figures.join(", ")));
     drop(other);
+}
+
+/// Sends SIGCONT to a stopped process when dropped, also when the test fails.
+struct Resume(i32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) with a valid pid and signal.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// Passthrough, as root: a file open for reading is read by the kernel from
+/// a backing file in memory. With the daemon stopped, reads of two such files
+/// still come, each from its own bytes; a write through a handle opened for
+/// writing next to a reader shows to the reader at once, as does one made
+/// through a shared map, and both are saved; another client's version shows
+/// at the next open.
+#[test]
+fn passthrough_reads_need_no_daemon_and_see_every_change() {
+    use std::os::unix::fs::FileExt;
+    if std::env::var_os("VAULTFS_NO_PASSTHROUGH").is_some() {
+        eprintln!("skipped: passthrough turned off for this run");
+        return;
+    }
+    let m = TestMount::start();
+    let status = || {
+        let out =
+            Command::new(support::server::vaultfs_bin()).arg("status").arg(&m.mountpoint).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(status().contains("passthrough on"), "{}", status());
+    std::fs::create_dir(m.path("Family/pt")).unwrap();
+    let (a, b) = (pattern(1 << 20, 1), pattern(600_000, 2));
+    // Written by another mount, so this one's page cache holds none of it.
+    let other = m.second_mount();
+    let log_a = m.log_reader();
+    let log = || format!("--- A ---\n{}\n--- B ---\n{}", log_a(), other.log());
+    let theirs = |name: &str| other.path(&format!("Family/pt/{name}"));
+    let ours = |name: &str| m.path(&format!("Family/pt/{name}"));
+    seen_within("the record", Duration::from_secs(10), &log, || theirs("").is_dir());
+    std::fs::write(theirs("a.bin"), &a).unwrap();
+    std::fs::write(theirs("b.bin"), &b).unwrap();
+    seen_within("the files", Duration::from_secs(10), &log, || {
+        std::fs::metadata(ours("b.bin")).is_ok_and(|s| s.len() == b.len() as u64)
+    });
+
+    let (fa, fb) = (std::fs::File::open(ours("a.bin")).unwrap(), std::fs::File::open(ours("b.bin")).unwrap());
+    // SAFETY: kill(2) with a valid pid and signal.
+    assert_eq!(unsafe { libc::kill(m.pid() as i32, libc::SIGSTOP) }, 0);
+    let resume = Resume(m.pid() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut got = Vec::new();
+        for off in [0u64, 4096, 300_000, 599_000, 1_000_000] {
+            for f in [&fa, &fb] {
+                let mut buf = vec![0u8; 8192];
+                let n = f.read_at(&mut buf, off).unwrap();
+                buf.truncate(n);
+                got.push(buf);
+            }
+        }
+        let _ = tx.send(got);
+    });
+    let got = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("reads waited for the stopped daemon: no passthrough");
+    drop(resume);
+    let mut i = 0;
+    for off in [0usize, 4096, 300_000, 599_000, 1_000_000] {
+        for data in [&a, &b] {
+            let want = &data[off.min(data.len())..(off + 8192).min(data.len())];
+            assert!(got[i] == want, "read {i} at {off} is not that file's bytes");
+            i += 1;
+        }
+    }
+
+    // A write next to a reader shows to it at once, and is saved.
+    let reader = std::fs::File::open(ours("a.bin")).unwrap();
+    let writer = std::fs::OpenOptions::new().read(true).write(true).open(ours("a.bin")).unwrap();
+    writer.write_all_at(b"written", 100).unwrap();
+    let mut seen = [0u8; 7];
+    reader.read_exact_at(&mut seen, 100).unwrap();
+    assert_eq!(&seen, b"written");
+    // So does one through a shared writable map of the writer's handle.
+    // SAFETY: a new shared mapping of a file we hold open, unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            writer.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+    // SAFETY: 6 bytes inside the 4096 just mapped.
+    unsafe { std::ptr::copy_nonoverlapping(b"mapped".as_ptr(), map.cast::<u8>().add(200), 6) };
+    reader.read_exact_at(&mut seen[..6], 200).unwrap();
+    assert_eq!(&seen[..6], b"mapped");
+    // SAFETY: the mapping made above.
+    unsafe { libc::munmap(map, 4096) };
+    drop(writer);
+    drop(reader);
+    let mut want = a.clone();
+    want[100..107].copy_from_slice(b"written");
+    want[200..206].copy_from_slice(b"mapped");
+    seen_within("the writes", Duration::from_secs(10), &log, || {
+        std::fs::read(theirs("a.bin")).is_ok_and(|d| d == want)
+    });
+
+    // Another client's version: at the next open.
+    let newer = pattern(700_000, 3);
+    std::fs::write(theirs("a.bin"), &newer).unwrap();
+    seen_within("the new version", Duration::from_secs(10), &log, || {
+        std::fs::read(ours("a.bin")).is_ok_and(|d| d == newer)
+    });
+    let text = status();
+    assert!(!text.contains("0 open(s) served so"), "{text}");
 }

@@ -52,6 +52,11 @@ pub struct MountArgs {
     /// writes, but other mounts of the vault do not see them.
     #[arg(long)]
     local_locks: bool,
+    /// Read every file through the daemon, never from a backing file the
+    /// kernel reads itself (passthrough, used where the kernel and the
+    /// user allow it: Linux 6.9 or later, root).
+    #[arg(long, env = "VAULTFS_NO_PASSTHROUGH", value_parser = clap::builder::FalseyValueParser::new())]
+    no_passthrough: bool,
     /// Show decrypted names in log lines (off by default: logs name objects by
     /// id, since a log may be kept on disk). For debugging only.
     #[arg(long, env = crate::fs::lognames::LOG_NAMES_ENV, value_parser = clap::builder::FalseyValueParser::new())]
@@ -130,6 +135,7 @@ fn spawn_background(args: &MountArgs, mountpoint: &Path, pass: &str) -> CliResul
             .args(["--threads", &args.threads.to_string()])
             .args(args.log_names.then_some("--log-names"))
             .args(args.local_locks.then_some("--local-locks"))
+            .args(args.no_passthrough.then_some("--no-passthrough"))
             .args(args.cache_mib.map(|c| format!("--cache-mib={c}")))
             .arg("--policy")
             .arg(&args.policy.system)
@@ -188,6 +194,7 @@ fn run_foreground(
             policy,
             freshness: Some(freshness),
             local_locks: args.local_locks,
+            passthrough: !args.no_passthrough,
             ..FsOptions::default()
         };
         let fs = VaultFs::new(unlocked, options).await?;

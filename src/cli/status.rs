@@ -183,6 +183,15 @@ fn print(out: &mut impl Write, s: &MountStatus) -> std::io::Result<()> {
     } else {
         writeln!(out, "  locks      held on this machine only (the server keeps none)")?;
     }
+    if !s.fs.passthrough.is_empty() {
+        writeln!(
+            out,
+            "  reads      passthrough {}; {} open(s) served so, {} in backing files",
+            s.fs.passthrough,
+            s.fs.passthrough_opens,
+            human(s.fs.backing_bytes)
+        )?;
+    }
     if s.fs.uploads.is_empty() {
         writeln!(out, "  uploading  nothing")?;
     }
@@ -318,6 +327,9 @@ mod tests {
                 feed_live: true,
                 locks_shared: true,
                 locks_held: 3,
+                passthrough: "off (not root)".into(),
+                passthrough_opens: 0,
+                backing_bytes: 0,
             },
         };
         let mut out = Vec::new();
@@ -325,6 +337,7 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("1.0 MiB of 512.0 MiB in memory, 2 file(s), 1 unsaved"), "{text}");
         assert!(text.contains("a.pdf  [##########----------]  50%"), "{text}");
+        assert!(text.contains("reads      passthrough off (not root); 0 open(s) served so"), "{text}");
         assert!(text.contains("v.mkv  streaming"), "{text}");
         assert!(text.contains("refused    file ab12: stale version"), "{text}");
         assert!(text.contains("listing    1234 entries; the server pushes changes (feed live)"), "{text}");

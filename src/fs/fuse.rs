@@ -18,14 +18,17 @@ use std::task::{Context, Waker};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
     Request, TimeOrNow, WriteFlags,
 };
 use tracing::Instrument;
 
-use super::core::{Attr, Entry, EntryPlus, Invalidation, Kind, LockKind, LockRequest, VaultFs, XATTR_LOCKS};
+use super::core::{
+    Attr, Entry, EntryPlus, Invalidation, KernelOpen, Kind, LockKind, LockRequest, OpenHow, PassthroughMode,
+    VaultFs, XATTR_LOCKS,
+};
 use super::error::FsError;
 use crate::remote::Remote;
 
@@ -49,9 +52,10 @@ impl<R: Remote> FuseAdapter<R> {
         FuseAdapter { fs, rt, owner: Owner { uid, gid, umask: (umask & 0o777) as u16 } }
     }
 
-    /// Runs `op`, a request that usually needs nothing but memory (a lookup,
-    /// a create, a chmod, a listing), inside a span naming
-    /// the operation: here, on the thread that read the request, as far as it
+    /// Runs `op`, a request that usually needs nothing but memory (a create,
+    /// a chmod; lookups and listings answered from memory never get here:
+    /// their fallbacks load from the server and take [`Self::spawn`]), inside
+    /// a span naming the operation: here, on the thread that read the request, as far as it
     /// goes without waiting, and on the runtime from its first wait on.
     /// Answered here, it saves a hand-off to a runtime thread and the
     /// wake-ups it costs, which on a busy machine were a large part of each
@@ -78,7 +82,8 @@ impl<R: Remote> FuseAdapter<R> {
     }
 
     /// Runs `op`, a request that goes to the server (a save, an unlink, a
-    /// mkdir, an open that may download, a release that gives up locks; no
+    /// mkdir, an open that may download, a lookup or listing of a directory
+    /// not yet loaded, the lock holders, a release that gives up locks; no
     /// caller waits for a release), or a read or write that has to
     /// wait (those that need not are answered on the reading thread by
     /// `read_now` and `write_now`), on the runtime inside a span naming the
@@ -231,24 +236,66 @@ fn errno(op: &str, e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
 
-/// How the kernel treats a new handle's data. A handle opened write-only
-/// bypasses the page cache (direct I/O): the kernel then hands the writer's own
-/// pages to the daemon instead of first copying every byte into newly allocated
-/// cache pages, which was the writer's largest cost for a big file (a 300 MB
-/// write spent more time in that copy than the daemon spent on the whole
-/// upload). Such a handle can neither read nor be mapped, so nothing is lost;
-/// the kernel drops cached pages a direct write overlaps, so readers of the
-/// same file see the new bytes. Other handles keep the page cache, and `keep`
-/// says whether the pages cached before the open are still good.
-fn open_flags(flags: i32, keep: bool) -> FopenFlags {
-    let mut out = FopenFlags::empty();
-    if flags & libc::O_ACCMODE == libc::O_WRONLY {
-        out |= FopenFlags::FOPEN_DIRECT_IO;
+/// Answers an open as the core decided (see `core::backing`). A handle
+/// opened write-only bypasses the page cache (direct I/O): the kernel then
+/// hands the writer's own pages to the daemon instead of first copying every
+/// byte into newly allocated cache pages, which was the writer's largest
+/// cost for a big file (a 300 MB write spent more time in that copy than the
+/// daemon spent on the whole upload). Such a handle can neither read nor be
+/// mapped, so nothing is lost; the kernel drops cached pages a direct write
+/// overlaps, so readers of the same file see the new bytes. A backing
+/// file is registered with the kernel at its first handle and its
+/// registration reused for the others, as the kernel wants one backing file
+/// per inode; it goes with the backing file, after the file's last handle
+/// that read from it. Where the kernel refuses it (not permitted, say), the
+/// handle is direct I/O and the mount stops asking.
+fn reply_open<R: Remote>(fs: &VaultFs<R>, fh: u64, kernel: KernelOpen, reply: ReplyOpen) {
+    let keep = |keep: bool| if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+    let flags = match kernel {
+        KernelOpen::PageCache { keep: k } => keep(k),
+        KernelOpen::Direct { keep: k } => FopenFlags::FOPEN_DIRECT_IO | keep(k),
+        KernelOpen::Passthrough { backing, direct } => {
+            let mut registration = backing.registration();
+            if registration.is_none() {
+                match reply.open_backing(backing.fd()) {
+                    Ok(id) => *registration = Some(Box::new(id)),
+                    Err(e) => {
+                        drop(registration);
+                        fs.passthrough_refused(fh, &e.to_string());
+                        return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+                    }
+                }
+            }
+            if let Some(id) = registration.as_ref().and_then(|r| r.downcast_ref::<BackingId>()) {
+                let flags = if direct { FopenFlags::FOPEN_DIRECT_IO } else { FopenFlags::empty() };
+                return reply.opened_passthrough(FileHandle(fh), flags, id);
+            }
+            drop(registration);
+            fs.passthrough_refused(fh, "a backing file registered by something else");
+            FopenFlags::FOPEN_DIRECT_IO
+        }
+    };
+    reply.opened(FileHandle(fh), flags)
+}
+
+/// Whether the kernel may read from backing files for this mount, asked of
+/// it at INIT: it needs passthrough (Linux 6.9 or later) and takes backing
+/// files from root only.
+fn passthrough_mode(wanted: bool, config: &mut KernelConfig) -> PassthroughMode {
+    // SAFETY: geteuid only reads the process's effective user id.
+    #[allow(unsafe_code)]
+    let root = unsafe { libc::geteuid() } == 0;
+    if !wanted {
+        PassthroughMode::Off("turned off with --no-passthrough".into())
+    } else if !root {
+        PassthroughMode::Off("not root: the kernel takes backing files from root only".into())
+    } else if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_err() {
+        PassthroughMode::Off("the kernel does not offer it (Linux 6.9 or later does)".into())
+    } else if let Err(most) = config.set_max_stack_depth(1) {
+        PassthroughMode::Off(format!("the kernel allows a stacking depth of {most} only"))
+    } else {
+        PassthroughMode::On
     }
-    if keep {
-        out |= FopenFlags::FOPEN_KEEP_CACHE;
-    }
-    out
 }
 
 fn time_or_now(t: TimeOrNow) -> SystemTime {
@@ -271,6 +318,8 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         {
             tracing::debug!(?missing, "kernel without readdirplus: listings without attributes");
         }
+        // Reads of files open for reading served by the kernel from memory.
+        self.fs.set_passthrough(passthrough_mode(self.fs.passthrough_wanted(), config));
         // Locks go to the server, so other mounts of the vault honour them;
         // without these the kernel keeps them, on this machine only.
         if self.fs.locks_across_clients() {
@@ -302,7 +351,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             None => {}
         }
         let (fs, name, me) = (Arc::clone(&self.fs), name.to_owned(), self.owner);
-        self.run("lookup", parent.0, async move {
+        self.spawn("lookup", parent.0, async move {
             match fs.lookup(parent.0, &name).await {
                 Ok(a) => reply.entry(&TTL, &me.attr(&a), Generation(0)),
                 Err(e) => reply.error(errno("lookup", &e)),
@@ -440,11 +489,10 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let fs = Arc::clone(&self.fs);
-        let truncate = flags.0 & libc::O_TRUNC != 0;
-        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        let how = OpenHow::from_flags(flags.0);
         self.spawn("open", ino.0, async move {
-            match fs.open_keeping_cache(ino.0, truncate, write).await {
-                Ok((fh, keep)) => reply.opened(FileHandle(fh), open_flags(flags.0, keep)),
+            match fs.open_for_kernel(ino.0, how).await {
+                Ok((fh, kernel)) => reply_open(&fs, fh, kernel, reply),
                 Err(e) => reply.error(errno("open", &e)),
             }
         });
@@ -462,10 +510,15 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     ) {
         let (fs, name, me) = (Arc::clone(&self.fs), name.to_owned(), self.owner);
         let perm = (mode & !umask & 0o7777) as u16;
+        let how = OpenHow::from_flags(flags);
         self.run("create", parent.0, async move {
-            match fs.create(parent.0, &name, perm).await {
-                Ok((a, fh)) => {
-                    reply.created(&TTL, &me.attr(&a), Generation(0), FileHandle(fh), open_flags(flags, false))
+            match fs.create_for_kernel(parent.0, &name, perm, how).await {
+                Ok((a, fh, kernel)) => {
+                    let flags = match kernel {
+                        KernelOpen::Direct { .. } => FopenFlags::FOPEN_DIRECT_IO,
+                        _ => FopenFlags::empty(),
+                    };
+                    reply.created(&TTL, &me.attr(&a), Generation(0), FileHandle(fh), flags)
                 }
                 Err(e) => reply.error(errno("create", &e)),
             }
@@ -573,7 +626,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             return reply_dir(&self.fs, ino.0, offset, entries, reply);
         }
         let fs = Arc::clone(&self.fs);
-        self.run("readdir", ino.0, async move {
+        self.spawn("readdir", ino.0, async move {
             let entries = fs.readdir(ino.0).await;
             reply_dir(&fs, ino.0, offset, entries, reply);
         });
@@ -591,7 +644,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             return reply_plus(&self.fs, self.owner, ino.0, offset, entries, reply);
         }
         let (fs, me) = (Arc::clone(&self.fs), self.owner);
-        self.run("readdirplus", ino.0, async move {
+        self.spawn("readdirplus", ino.0, async move {
             let entries = fs.readdir_plus(ino.0).await;
             reply_plus(&fs, me, ino.0, offset, entries, reply);
         });
@@ -677,7 +730,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         if name == XATTR_LOCKS {
             // Asks the server; not listed, so copies of the file never ask.
             let fs = Arc::clone(&self.fs);
-            return self.run("getxattr", ino.0, async move {
+            return self.spawn("getxattr", ino.0, async move {
                 match fs.lock_holders(ino.0).await {
                     Ok(value) => reply_xattr(reply, size, &value),
                     Err(e) => reply.error(errno("getxattr", &e)),

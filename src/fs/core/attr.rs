@@ -16,6 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
+use super::backing::Change;
 use super::rules::check_size;
 use super::tree::{FileMeta, Node, Tree};
 use super::{check_file_answer, Attr, FsError, Ino, Kind, Result, VaultFs};
@@ -256,6 +257,7 @@ impl<R: Remote> VaultFs<R> {
                     if held != size {
                         let size = size as usize;
                         d.bytes.resize(size);
+                        self.follow_in_backing(info.id, Change::Length(size as u64));
                         d.dirty = true;
                         self.modes.note_change(info.id, size as u64);
                         if size == 0 {

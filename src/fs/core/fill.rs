@@ -26,6 +26,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use tokio::sync::{watch, OwnedMutexGuard};
 
+use super::backing::Change;
 use super::tree::FileMeta;
 use super::{FsError, Result, VaultFs};
 use crate::cache::{PlainData, PlainHandle, SecretBuf};
@@ -170,6 +171,8 @@ impl<R: Remote> VaultFs<R> {
         match result {
             Ok(()) => {
                 d.loaded = true;
+                // A new version: readers through the kernel see it too.
+                self.follow_in_backing(info.id, Change::Whole(&d.bytes));
                 let len = d.bytes.len();
                 drop(d);
                 fill.state.send_replace(FillState::Done);

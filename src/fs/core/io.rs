@@ -17,6 +17,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use super::backing::Change;
 use super::handles::HandleMode;
 use super::rules::check_size;
 use super::tree::FileMeta;
@@ -201,6 +202,10 @@ impl<R: Remote> VaultFs<R> {
 
     async fn write_data(self: &Arc<Self>, fh: u64, offset: u64, data: WriteData<'_>) -> Result<u32> {
         let WriteTarget { id, end, rules } = self.write_target(fh, offset, data.len())?;
+        if self.modes.is_streaming(id) {
+            // Streamed past the cache: its backing file, if any, follows here.
+            self.follow_in_backing(id, Change::Wrote { offset, data: data.as_slice() });
+        }
         let data = match self.write_to_stream(id, offset, data).await? {
             Ok(n) => return Ok(n),
             Err(data) => data,
@@ -231,7 +236,11 @@ impl<R: Remote> VaultFs<R> {
     pub fn write_now(&self, fh: u64, offset: u64, data: &[u8]) -> Option<u32> {
         let WriteTarget { id, end, rules } = self.write_target(fh, offset, data.len()).ok()?;
         if self.modes.is_streaming(id) {
-            return self.modes.try_stream_write(id, offset, data);
+            let written = self.modes.try_stream_write(id, offset, data);
+            if written.is_some() {
+                self.follow_in_backing(id, Change::Wrote { offset, data });
+            }
+            return written;
         }
         if end > rules.e2e_limit {
             return None;
@@ -256,6 +265,7 @@ impl<R: Remote> VaultFs<R> {
             d.bytes.resize(end);
         }
         d.bytes[offset as usize..end].copy_from_slice(data);
+        self.follow_in_backing(id, Change::Wrote { offset, data });
         d.dirty = true;
         let new_len = d.bytes.len();
         self.modes.note_change(id, new_len as u64);

@@ -14,6 +14,7 @@
 //! | what the mount policies allow in each vault | `rules.rs` | [`rules::Rules`] |
 //! | attributes and times | `attr.rs` | [`attr::Times`] |
 //! | create and open: handle → file and how it reads | `open.rs`, `handles.rs` | [`handles::Handles`] |
+//! | plaintext the kernel reads itself (passthrough): memfd copies that follow every change | `backing.rs` | [`backing::Backing`] (held in the handle table) |
 //! | server → plaintext: download, check, decrypt into the cache | `fill.rs` | running fills |
 //! | server → bytes for files above the end-to-end limit | `passread.rs` | each handle's read window |
 //! | reads and writes | `io.rs` | |
@@ -43,8 +44,9 @@
 //!    under it);
 //! 3. `tree`;
 //! 4. leaf locks: `rules`, `handles`, `modes`, `times`, `fills`, `refusals`,
-//!    `legacy_warned`, `loading`, `feed`, `creates`, those inside `locks`, the cache and the
-//!    freshness state.
+//!    `legacy_warned`, `loading`, `feed`, `creates`, `passthrough`, those
+//!    inside `locks` and each backing file (its mapping, its registration),
+//!    the cache and the freshness state.
 //!
 //! The tree and every leaf lock are synchronous (`parking_lot`), never held
 //! across an await (the compiler checks it: their guards are not `Send`), and
@@ -68,6 +70,7 @@ use crate::remote::account::Unlocked;
 use crate::remote::Remote;
 
 mod attr;
+mod backing;
 mod dirs;
 mod fill;
 mod follow;
@@ -88,6 +91,7 @@ mod stream;
 mod tree;
 mod unsent;
 
+pub use backing::{Backing, KernelOpen, OpenHow, PassthroughMode, PASSTHROUGH_MIN};
 pub use io::ReadData;
 use io::WriteData;
 pub use locks::{with_lock, LockConflict, LockKind, LockRequest};
@@ -218,6 +222,9 @@ pub struct FsOptions {
     pub freshness: Option<Arc<Freshness>>,
     /// Keep locks on this machine only (the kernel's), not on the server.
     pub local_locks: bool,
+    /// Let the kernel read files open for reading from memory itself
+    /// (passthrough, where it allows: super::backing).
+    pub passthrough: bool,
 }
 
 impl Default for FsOptions {
@@ -228,6 +235,7 @@ impl Default for FsOptions {
             confirmed_for: CONFIRMED_FOR,
             freshness: None,
             local_locks: false,
+            passthrough: true,
         }
     }
 }
@@ -273,6 +281,8 @@ pub struct VaultFs<R> {
     mounted_at: SystemTime,
     /// Whether the server creates a file with its content in one request.
     creates: unsent::Creates,
+    /// Whether the kernel reads from backing files, and how often it did.
+    passthrough: backing::Passthrough,
 }
 
 impl<R: Remote> VaultFs<R> {
@@ -298,6 +308,7 @@ impl<R: Remote> VaultFs<R> {
             loading: Mutex::new(std::collections::HashMap::new()),
             mounted_at: SystemTime::now(),
             creates: unsent::Creates::default(),
+            passthrough: backing::Passthrough::new(options.passthrough),
         };
         if !options.local_locks {
             fs.start_locks().await;

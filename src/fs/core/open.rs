@@ -14,7 +14,8 @@ use std::ffi::OsStr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::handles::HandleMode;
+use super::backing::{Change, KernelOpen, OpenHow};
+use super::handles::{HandleMode, KernelIo, KernelWish};
 use super::passread::PassRead;
 use super::tree::{check_name, FileMeta};
 use super::{Attr, FsError, Ino, Result, VaultFs};
@@ -26,6 +27,20 @@ impl<R: Remote> VaultFs<R> {
     /// Creates and opens a new, empty file with permission bits `perm` (the
     /// creating process's mode less its umask).
     pub async fn create(&self, parent: Ino, name: &OsStr, perm: u16) -> Result<(Attr, u64)> {
+        let how = OpenHow { read: true, write: true, ..OpenHow::default() };
+        self.create_for_kernel(parent, name, perm, how).await.map(|(attr, fh, _)| (attr, fh))
+    }
+
+    /// [`VaultFs::create`] opened as `how` asks, also saying what the kernel
+    /// may do with the handle: direct I/O if it only writes, else the page
+    /// cache (a new file has no backing file to read from).
+    pub async fn create_for_kernel(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        perm: u16,
+        how: OpenHow,
+    ) -> Result<(Attr, u64, KernelOpen)> {
         check_name(name)?;
         self.load_dir(parent).await?;
         self.writable(parent)?;
@@ -47,8 +62,13 @@ impl<R: Remote> VaultFs<R> {
             };
         }
         self.modes.start_sequential(info.id);
-        let fh = self.handles.open(info.id, HandleMode::Cached);
-        Ok((self.getattr(ino)?, fh))
+        let wish = if how.read { KernelWish::PageCache } else { KernelWish::Direct };
+        let (fh, io, _) = self.handles.open_kernel(info.id, HandleMode::Cached, wish);
+        let kernel = match io {
+            KernelIo::Direct => KernelOpen::Direct { keep: false },
+            _ => KernelOpen::PageCache { keep: false },
+        };
+        Ok((self.getattr(ino)?, fh, kernel))
     }
 
     /// Opens a file; `truncate` empties it (O_TRUNC); `write` if opened for writing.
@@ -65,6 +85,17 @@ impl<R: Remote> VaultFs<R> {
         truncate: bool,
         write: bool,
     ) -> Result<(u64, bool)> {
+        let how = OpenHow { read: true, write, truncate, direct: false };
+        let (fh, kernel) = self.open_for_kernel(ino, how).await?;
+        Ok((fh, matches!(kernel, KernelOpen::PageCache { keep: true } | KernelOpen::Direct { keep: true })))
+    }
+
+    /// Opens a file as `how` asks, also saying what the kernel may do with
+    /// the handle: keep the pages it cached (while the content is the
+    /// version they came from), read with direct I/O, or read from a backing
+    /// file in memory (super::backing).
+    pub async fn open_for_kernel(self: &Arc<Self>, ino: Ino, how: OpenHow) -> Result<(u64, KernelOpen)> {
+        let (truncate, write) = (how.truncate, how.write);
         self.not_a_link(ino)?;
         if write || truncate {
             self.writable(ino)?;
@@ -106,7 +137,7 @@ impl<R: Remote> VaultFs<R> {
                     .handles
                     .open(info.id, HandleMode::PassRead(Arc::new(tokio::sync::Mutex::new(reader))));
                 self.cache.pin(info.id);
-                return Ok((fh, keep));
+                return Ok((fh, KernelOpen::PageCache { keep }));
             }
         }
         // Opened any other way, the kernel's pages are checked by what follows.
@@ -123,6 +154,7 @@ impl<R: Remote> VaultFs<R> {
                 }
                 self.cancel_fill(info.id, &mut d);
                 d.bytes = SecretBuf::new();
+                self.follow_in_backing(info.id, Change::Length(0));
                 d.loaded = true;
                 d.version = d.version.max(info.version);
                 if d.dirty {
@@ -164,14 +196,18 @@ impl<R: Remote> VaultFs<R> {
             self.ready(info.id, &handle, Some(0)).await.map(|_| false)
         }
         .await;
-        match result {
-            Ok(keep) => {
+        let opened = match result {
+            Ok(keep) => self.open_handle(info.id, how, keep, &handle).await,
+            Err(e) => Err(e),
+        };
+        match opened {
+            Ok(opened) => {
                 if let Ok(d) = handle.try_lock() {
                     if d.loaded {
                         self.cache.account(info.id, d.bytes.len());
                     }
                 }
-                Ok((self.handles.open(info.id, HandleMode::Cached), keep))
+                Ok(opened)
             }
             Err(e) => {
                 self.cache.unpin(info.id);

@@ -22,6 +22,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::backing::Change;
 use super::handles::HandleMode;
 use super::rules::check_size;
 use super::seal;
@@ -85,6 +86,7 @@ impl<R: Remote> VaultFs<R> {
     }
 
     async fn save(&self, ino: Ino, fh: u64, closing: bool) -> Result<()> {
+        self.take_mapped_writes(fh).await;
         let (id, mode) = self.handles.get(fh)?;
         if self.modes.is_streaming(id) {
             if closing {
@@ -103,6 +105,7 @@ impl<R: Remote> VaultFs<R> {
     /// Last close of a handle. Changes that could not be uploaded stay in memory
     /// and are retried in the background until they are stored.
     pub async fn release(self: &Arc<Self>, ino: Ino, fh: u64) -> Result<()> {
+        self.take_mapped_writes(fh).await;
         let id = self.handles.close(fh)?;
         if !self.handles.is_open(id) {
             self.finish_stream(id).await?;
@@ -459,6 +462,7 @@ impl<R: Remote> VaultFs<R> {
                 tracing::info!(file = %id, from = d.bytes.len(), to = bytes.len(), width, height, "image reduced");
                 let len = bytes.len();
                 d.bytes = SecretBuf::from_vec(bytes);
+                self.follow_in_backing(id, Change::Whole(&d.bytes));
                 // Not the user's change: a time set with utimensat stays.
                 self.modes.note_resized(id, len as u64);
                 self.cache.account(id, len);

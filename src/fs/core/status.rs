@@ -85,6 +85,16 @@ pub struct FsStatus {
     /// Lock ranges this mount holds on the server.
     #[serde(default)]
     pub locks_held: u64,
+    /// Whether the kernel serves reads of files open for reading from
+    /// memory (passthrough), and if not, why.
+    #[serde(default)]
+    pub passthrough: String,
+    /// Handles given a backing file (passthrough) since the mount.
+    #[serde(default)]
+    pub passthrough_opens: u64,
+    /// Bytes the backing files hold now (counted against the cache budget).
+    #[serde(default)]
+    pub backing_bytes: u64,
 }
 
 /// Upload state of a file, for `user.vaultfs.state` and `vaultfs status`.
@@ -139,6 +149,7 @@ impl<R: Remote> VaultFs<R> {
         let stats = self.cache.stats();
         let uploads = self.modes.uploads();
         let feed_live = self.feed.live();
+        let (passthrough_opens, backing_bytes) = self.passthrough_use();
         let tree = self.tree.lock();
         let listed = tree.len() as u64;
         let uploads = uploads
@@ -164,6 +175,9 @@ impl<R: Remote> VaultFs<R> {
             feed_live,
             locks_shared: self.locks_across_clients(),
             locks_held: self.locks.count(),
+            passthrough: self.passthrough_mode().to_string(),
+            passthrough_opens,
+            backing_bytes,
         }
     }
 
