@@ -2553,17 +2553,21 @@ async fn passthrough_handles_share_one_backing_file_that_follows_every_change() 
     assert!(Arc::ptr_eq(&b1, &b3), "still the one the open handles name");
     assert!(backing_bytes(&b1) == newer, "the new version, for the handles opened before too");
 
-    // The last handle that names it lets it go; the next open makes another.
+    // Kept after the last handle that names it, for the next open.
     for fh in [r1, r2, r3] {
         fs.release(ino, fh).await.unwrap();
     }
-    drop((b1, b2, bw, b3));
-    assert_eq!(fs.status().backing_bytes, 0);
+    drop((b2, bw, b3));
+    assert_eq!(fs.status().backing_bytes, newer.len() as u64);
     assert_eq!(fs.status().passthrough_opens, 3);
     let (r4, k4) = fs.open_for_kernel(ino, how(libc::O_RDONLY)).await.unwrap();
     let KernelOpen::Passthrough { backing: b4, .. } = k4 else { panic!("no backing file") };
+    assert!(Arc::ptr_eq(&b1, &b4), "the one kept");
     assert!(backing_bytes(&b4) == newer);
     fs.release(ino, r4).await.unwrap();
+    // It goes with the file.
+    fs.unlink(r.ino, n("big.bin")).await.unwrap();
+    assert_eq!(fs.status().backing_bytes, 0);
     drop(s.server);
 }
 
@@ -2630,7 +2634,7 @@ async fn backing_files_stay_within_the_cache_budget() {
     let (ha, ka) = fs.open_for_kernel(a, how(libc::O_RDONLY)).await.unwrap();
     assert!(matches!(ka, KernelOpen::Passthrough { .. }));
     let (hb, kb) = fs.open_for_kernel(b, how(libc::O_RDONLY)).await.unwrap();
-    assert!(matches!(kb, KernelOpen::Direct { .. }), "over the budget: read through the daemon");
+    assert!(matches!(kb, KernelOpen::PageCache { .. }), "over the budget: the page cache");
     let st = fs.status();
     assert!(st.cache_used + st.backing_bytes <= st.cache_budget, "{st:?}");
     fs.release(a, ha).await.unwrap();

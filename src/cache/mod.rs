@@ -71,6 +71,9 @@ struct Inner {
     /// Recency order: the front is the least recently used.
     order: lru::LruCache<FileId, ()>,
     used: usize,
+    /// Plaintext held outside the cache (the kernel's backing files), also
+    /// counted against the budget.
+    outside: usize,
 }
 
 /// Counters for `vaultfs status` and the logs.
@@ -99,7 +102,12 @@ impl PlainCache {
     pub fn new(budget: usize) -> Self {
         PlainCache {
             budget,
-            inner: Mutex::new(Inner { slots: HashMap::new(), order: lru::LruCache::unbounded(), used: 0 }),
+            inner: Mutex::new(Inner {
+                slots: HashMap::new(),
+                order: lru::LruCache::unbounded(),
+                used: 0,
+                outside: 0,
+            }),
         }
     }
 
@@ -163,7 +171,16 @@ impl PlainCache {
         }
     }
 
+    /// Sets the plaintext held outside the cache that counts against its
+    /// budget, evicting to make room.
+    pub fn set_outside(&self, bytes: usize) {
+        let mut inner = self.lock();
+        inner.outside = bytes;
+        Self::evict(&mut inner, self.budget);
+    }
+
     fn evict(inner: &mut Inner, budget: usize) {
+        let budget = budget.saturating_sub(inner.outside);
         if inner.used <= budget {
             return;
         }

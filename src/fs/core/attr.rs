@@ -253,6 +253,7 @@ impl<R: Remote> VaultFs<R> {
                         // Its emptying replaces the version shown (as O_TRUNC does).
                         d.version = d.version.max(version);
                         d.loaded = true;
+                        self.follow_in_backing(info.id, Change::Whole(&d.bytes));
                     }
                     if held != size {
                         let size = size as usize;

@@ -35,7 +35,12 @@
 //! memory lock (`mlockall`, super::super::super::cache::harden) keeps them
 //! out of swap where the limit allows, and they are left out of core dumps.
 //! They are counted against the cache budget: no backing file is made that
-//! would take the cache over it (the open then reads through the daemon).
+//! would take the cache over it (the open then uses the page cache), and
+//! the cache counts the backing files' bytes when it decides what to evict.
+//! A backing file is kept after the last handle that names it, for the next
+//! open (a warm read then copies nothing), and follows the plaintext
+//! meanwhile; kept ones go when a new one needs their room, and with their
+//! file.
 #![allow(unsafe_code)]
 
 use std::any::Any;
@@ -152,6 +157,8 @@ pub struct Backing {
     registration: Mutex<Option<Box<dyn Any + Send + Sync>>>,
     map: Mutex<Map>,
     fd: OwnedFd,
+    /// A change could not be copied in: it no longer follows the plaintext.
+    broken: std::sync::atomic::AtomicBool,
 }
 
 /// The memfd's pages as mapped here: `len` bytes (the memfd's size) in a
@@ -180,6 +187,22 @@ impl Backing {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let mut map = Map { ptr: None, len: 0, mapped: 0 };
         map.map_first(fd.as_fd(), bytes.len())?;
+        // Written with pwrite before the seal: the kernel fills its pages
+        // directly, without a page fault per page of our mapping.
+        let mut done = 0;
+        while done < bytes.len() {
+            let rest = &bytes[done..];
+            // SAFETY: pwrite from a slice we borrow, of its length, at an offset within it.
+            let n = unsafe {
+                libc::pwrite(fd.as_raw_fd(), rest.as_ptr().cast(), rest.len(), done as libc::off_t)
+            };
+            if n <= 0 {
+                let e = io::Error::last_os_error();
+                map.unmap();
+                return Err(e);
+            }
+            done += n as usize;
+        }
         // From here on no write reaches the pages but through our mapping:
         // not write(2), not a new shared writable map of the memfd (but see
         // the module's comment on maps the kernel makes for a FUSE file).
@@ -192,9 +215,7 @@ impl Backing {
             map.unmap();
             return Err(e);
         }
-        let backing = Backing { registration: Mutex::new(None), map: Mutex::new(map), fd };
-        backing.map.lock().copy_in(0, bytes);
-        Ok(backing)
+        Ok(Backing { registration: Mutex::new(None), map: Mutex::new(map), fd, broken: Default::default() })
     }
 
     /// The memfd, to be registered with the kernel.
@@ -235,20 +256,26 @@ impl Backing {
         self.map.lock().resize(self.fd.as_fd(), len)
     }
 
-    /// Makes `plain` hold what this holds; false if it did already.
+    /// Makes `plain` hold what this holds; false if it did already (or this
+    /// no longer follows the plaintext: then what it holds is not newer).
     fn copy_out_if_changed(&self, plain: &mut SecretBuf) -> bool {
-        let map = self.map.lock();
-        let held: &[u8] = match map.ptr {
-            // SAFETY: the first `len` bytes of the mapping, which the memfd
-            // covers; read while the lock keeps our writes out.
-            Some(ptr) => unsafe { std::slice::from_raw_parts(ptr.as_ptr(), map.len) },
-            None => &[],
-        };
-        if held == &plain[..] {
+        if self.broken.load(Ordering::Relaxed) {
             return false;
         }
-        plain.resize(held.len());
-        plain.copy_from_slice(held);
+        let map = self.map.lock();
+        let Some(ptr) = map.ptr else { return false };
+        // Copied out first: another process may write the pages through its
+        // own map while we read them, so they are never borrowed as a slice.
+        let mut held = SecretBuf::with_capacity(map.len);
+        held.resize(map.len);
+        // SAFETY: the first `len` bytes of the mapping, which the memfd
+        // covers, into a buffer of that length.
+        unsafe { std::ptr::copy_nonoverlapping(ptr.as_ptr(), held.as_mut_ptr(), map.len) };
+        drop(map);
+        if held[..] == plain[..] {
+            return false;
+        }
+        *plain = held;
         true
     }
 
@@ -321,7 +348,6 @@ impl Map {
     fn resize(&mut self, fd: BorrowedFd<'_>, len: usize) -> io::Result<()> {
         let Some(ptr) = self.ptr else { return Err(io::Error::from_raw_os_error(libc::EBADF)) };
         set_size(fd, len)?;
-        self.len = len;
         let page = page_size();
         let want = len.div_ceil(page) * page;
         if want > self.mapped {
@@ -329,12 +355,16 @@ impl Map {
             // of `mapped` bytes; the memfd covers the new range.
             let moved = unsafe { libc::mremap(ptr.as_ptr().cast(), self.mapped, want, libc::MREMAP_MAYMOVE) };
             if moved == libc::MAP_FAILED {
-                return Err(io::Error::last_os_error());
+                let e = io::Error::last_os_error();
+                // Back to the size the mapping covers (`len` stays what it was).
+                let _ = set_size(fd, self.len);
+                return Err(e);
             }
             self.ptr = NonNull::new(moved.cast());
             self.mapped = want;
             self.dont_dump();
         }
+        self.len = len;
         Ok(())
     }
 
@@ -410,16 +440,17 @@ impl<R: Remote> VaultFs<R> {
     pub fn passthrough_refused(&self, fh: u64, why: &str) {
         tracing::warn!(error = why, "the kernel refused a backing file; passthrough off for this mount");
         *self.passthrough.mode.lock() = PassthroughMode::Off(format!("the kernel refused it: {why}"));
-        drop(self.handles.demote(fh));
+        self.handles.demote(fh);
+        drop(self.handles.drop_unnamed(None));
+        self.count_backings();
     }
 
     /// A new handle on the cached file `id` opened as `how`, with what the
     /// kernel may do with it; `keep` if the kernel's cached pages are good.
     /// A handle that may read from a backing file waits for the whole
-    /// plaintext first, and holds its lock while the backing file is made,
-    /// so no change falls between the copy and the copy's following; one
-    /// that only has to name the backing file (another handle reads from
-    /// it) takes that lock to wait until it is made.
+    /// plaintext first and holds its lock while the backing file is made
+    /// and counted, so no change falls between the copy and its following;
+    /// where none can be made (over the budget), it is an ordinary handle.
     pub(super) async fn open_handle(
         self: &Arc<Self>,
         id: FileId,
@@ -428,76 +459,102 @@ impl<R: Remote> VaultFs<R> {
         plain: &PlainHandle,
     ) -> Result<(u64, KernelOpen)> {
         let on = *self.passthrough.mode.lock() == PassthroughMode::On;
-        let mut wish = if how.write && !how.read {
-            KernelWish::Direct
-        } else if on && !how.write && !how.truncate && !how.direct && !self.modes.is_streaming(id) {
-            KernelWish::Passthrough
-        } else {
-            KernelWish::PageCache
-        };
-        let mut held = None;
-        if wish == KernelWish::Passthrough {
+        let reads_only = on && !how.write && !how.truncate && !how.direct && !self.modes.is_streaming(id);
+        if reads_only {
             let (d, len) = self.ready(id, plain, None).await?;
             if len >= PASSTHROUGH_MIN {
-                held = Some(d);
-            } else {
-                wish = KernelWish::PageCache;
+                let made = match self.handles.backing(id) {
+                    Some(_) => None,
+                    None if !self.backing_fits(len) => {
+                        tracing::debug!(file = %id, "no backing file: it would take the cache over its budget");
+                        return self
+                            .name_backing(id, HandleMode::Cached, KernelWish::PageCache, keep, plain)
+                            .await;
+                    }
+                    None => match Backing::new(&d.bytes) {
+                        Ok(b) => Some(Arc::new(b)),
+                        Err(e) => {
+                            tracing::debug!(file = %id, error = %e, "no backing file: no memfd");
+                            return self
+                                .name_backing(id, HandleMode::Cached, KernelWish::PageCache, keep, plain)
+                                .await;
+                        }
+                    },
+                };
+                let (fh, io, backing) =
+                    self.handles.open_kernel(id, HandleMode::Cached, KernelWish::Passthrough);
+                tracing::debug!(file = %id, ?io, "opened for reading");
+                let opened = match (io, backing.or(made)) {
+                    (KernelIo::Passthrough { direct: false }, Some(b)) => {
+                        let b = self.handles.set_backing(fh, b)?;
+                        self.passthrough.opens.fetch_add(1, Ordering::Relaxed);
+                        self.count_backings();
+                        (fh, KernelOpen::Passthrough { backing: b, direct: false })
+                    }
+                    _ => (fh, KernelOpen::PageCache { keep }),
+                };
+                // Held until the backing file is the file's: a handle that
+                // names it waits for this lock (`name_backing`).
+                drop(d);
+                return Ok(opened);
             }
         }
-        let (fh, io, backing) = self.handles.open_kernel(id, HandleMode::Cached, wish);
-        tracing::debug!(file = %id, ?wish, ?io, "opened");
-        let direct = match io {
+        let wish = if how.write && !how.read { KernelWish::Direct } else { KernelWish::PageCache };
+        self.name_backing(id, HandleMode::Cached, wish, keep, plain).await
+    }
+
+    /// A new handle on file `id` that does not read from a backing file: the
+    /// page cache or direct I/O as `wish` says, or, while the file has a
+    /// backing file (another handle reads from it), naming it with direct
+    /// I/O, as the kernel wants of every handle of such an inode. One made
+    /// just now by another opener is waited for on the plaintext's lock,
+    /// which that opener holds until it is counted.
+    pub(super) async fn name_backing(
+        &self,
+        id: FileId,
+        mode: HandleMode,
+        wish: KernelWish,
+        keep: bool,
+        plain: &PlainHandle,
+    ) -> Result<(u64, KernelOpen)> {
+        let (fh, io, backing) = self.handles.open_kernel(id, mode, wish);
+        match io {
             KernelIo::PageCache => return Ok((fh, KernelOpen::PageCache { keep })),
             KernelIo::Direct => return Ok((fh, KernelOpen::Direct { keep })),
-            KernelIo::Passthrough { direct } => direct,
-        };
+            KernelIo::Passthrough { .. } => {}
+        }
         let backing = match backing {
-            Some(b) => Ok(b),
+            Some(b) => Some(b),
             None => {
-                let d = match held {
-                    Some(d) => d,
-                    None => Arc::clone(plain).lock_owned().await,
-                };
-                let len = d.bytes.len() as u64;
-                match self.handles.backing(id) {
-                    Some(b) => Ok(b),
-                    None if direct || !d.loaded => Err("none was made".to_string()),
-                    None if !self.backing_fits(len) => {
-                        Err("it would take the cache over its budget".to_string())
-                    }
-                    None => Backing::new(&d.bytes)
-                        .map_err(|e| format!("no memfd: {e}"))
-                        .and_then(|b| self.handles.set_backing(fh, Arc::new(b)).map_err(|e| e.to_string())),
-                }
+                drop(plain.lock().await);
+                self.handles.backing(id)
             }
         };
         match backing {
-            Ok(backing) => {
-                if !direct {
-                    self.passthrough.opens.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok((fh, KernelOpen::Passthrough { backing, direct }))
-            }
-            Err(why) => {
-                tracing::debug!(file = %id, why, "no backing file; direct I/O");
-                drop(self.handles.demote(fh));
+            Some(backing) => Ok((fh, KernelOpen::Passthrough { backing, direct: true })),
+            None => {
+                // Nobody made one after all: nothing for the kernel to name.
+                self.handles.demote(fh);
                 Ok((fh, KernelOpen::Direct { keep }))
             }
         }
     }
 
     /// Takes into the cached plaintext what was written through a shared
-    /// writable map of handle `fh`, if it names its file's backing file with
+    /// writable map of a handle that named its file's backing file with
     /// direct I/O (opened for writing while another handle read from it).
     /// The kernel maps the backing file itself for such a handle, so those
     /// writes reach only the backing file (its seal against writes is not
-    /// checked for a map made through a FUSE file): taken here, at the
-    /// handle's flush, fsync and release, they are saved like any write.
+    /// checked for a map made through a FUSE file): taken here, at the flush,
+    /// fsync and release of every handle of the file once such a handle was
+    /// opened (the last release before the backing file goes included), they
+    /// are saved like any write, and the kernel drops the pages it cached of
+    /// the file before them.
     pub(super) async fn take_mapped_writes(&self, fh: u64) {
-        if self.handles.kernel_io(fh) != Some(KernelIo::Passthrough { direct: true }) {
+        let Ok(id) = self.handles.file(fh) else { return };
+        if !self.handles.named_by_writer(id) {
             return;
         }
-        let Ok(id) = self.handles.file(fh) else { return };
         let (Some(backing), Some(plain)) = (self.handles.backing(id), self.cache.peek(id)) else { return };
         let mut d = plain.lock().await;
         if !d.loaded || !backing.copy_out_if_changed(&mut d.bytes) {
@@ -509,14 +566,42 @@ impl<R: Remote> VaultFs<R> {
         self.modes.note_change(id, len as u64);
         drop(d);
         self.cache.account(id, len);
+        let ino = self.tree.lock().file_ino(id);
+        if let Some(ino) = ino {
+            self.tell_kernel(vec![super::Invalidation::Inode(ino)]);
+        }
     }
 
     /// Whether `len` more bytes of backing files keep plaintext in memory
     /// within the cache budget.
     fn backing_fits(&self, len: u64) -> bool {
-        let stats = self.cache.stats();
+        let fits = || {
+            let stats = self.cache.stats();
+            let (_, held) = self.passthrough_use();
+            (stats.used as u64).saturating_add(held).saturating_add(len) <= stats.budget as u64
+        };
+        if fits() {
+            return true;
+        }
+        // Room made by the backing files kept for files nobody has open.
+        drop(self.handles.drop_unnamed(None));
+        self.count_backings();
+        fits()
+    }
+
+    /// Tells the cache how much plaintext the backing files hold, which it
+    /// counts against its budget too (it cannot drop them, so it drops more
+    /// of its own).
+    pub(super) fn count_backings(&self) {
         let (_, held) = self.passthrough_use();
-        (stats.used as u64).saturating_add(held).saturating_add(len) <= stats.budget as u64
+        self.cache.set_outside(usize::try_from(held).unwrap_or(usize::MAX));
+    }
+
+    /// File `id` is gone: so is the backing file kept for it.
+    pub(super) fn forget_backing(&self, id: FileId) {
+        if !self.handles.drop_unnamed(Some(id)).is_empty() {
+            self.count_backings();
+        }
     }
 
     /// Applies a change of file `id`'s cached plaintext to its backing file,
@@ -529,6 +614,7 @@ impl<R: Remote> VaultFs<R> {
             Change::Whole(bytes) => backing.replace(bytes),
         };
         if let Err(e) = followed {
+            backing.broken.store(true, Ordering::Relaxed);
             tracing::error!(file = %id, error = %e, "a change did not reach the kernel's copy of the file: its readers see the content before it until they open it again");
         }
     }

@@ -81,8 +81,13 @@ struct PerFile {
     handles: usize,
     page_cache: usize,
     passthrough: usize,
-    /// Held while `passthrough` is not zero (and dropped with the last).
+    /// Made by the first handle that read from it; kept after the last, for
+    /// the next (while it follows the plaintext and the budget has room:
+    /// [`Handles::drop_unnamed`]).
     backing: Option<Arc<Backing>>,
+    /// A handle that may write named the backing file (so the kernel may
+    /// have mapped it shared and writable for it: super::backing).
+    writer_named: bool,
 }
 
 #[derive(Default)]
@@ -92,7 +97,7 @@ struct Table {
 }
 
 impl Table {
-    fn count(&mut self, file: FileId, io: KernelIo, up: bool) -> Option<Arc<Backing>> {
+    fn count(&mut self, file: FileId, io: KernelIo, up: bool) {
         let per = self.open.entry(file).or_default();
         let mut direct = 0;
         let n = match io {
@@ -103,15 +108,13 @@ impl Table {
         if up {
             *n += 1;
             per.handles += 1;
-            return None;
+            return;
         }
         *n = n.saturating_sub(1);
         per.handles = per.handles.saturating_sub(1);
-        let dropped = if per.passthrough == 0 { per.backing.take() } else { None };
-        if per.handles == 0 {
+        if per.handles == 0 && per.backing.is_none() {
             self.open.remove(&file);
         }
-        dropped
     }
 }
 
@@ -124,11 +127,6 @@ pub(super) struct Handles {
 impl Handles {
     pub(super) fn new() -> Self {
         Handles { next: AtomicU64::new(1), table: Mutex::new(Table::default()) }
-    }
-
-    /// A new handle on `file`, read by the kernel through its page cache.
-    pub(super) fn open(&self, file: FileId, mode: HandleMode) -> u64 {
-        self.open_kernel(file, mode, KernelWish::PageCache).0
     }
 
     /// A new handle on `file`, with what the kernel may do with it given the
@@ -159,6 +157,9 @@ impl Handles {
         };
         t.handles.insert(fh, Handle { file, mode, io });
         t.count(file, io, true);
+        if io == (KernelIo::Passthrough { direct: true }) {
+            t.open.entry(file).or_default().writer_named = true;
+        }
         (fh, io, backing)
     }
 
@@ -175,22 +176,41 @@ impl Handles {
         Ok(Arc::clone(per.backing.get_or_insert(backing)))
     }
 
-    /// Handle `fh` reads with direct I/O instead of from a backing file (none
-    /// could be made, or the kernel refused it). Direct I/O goes with any
-    /// other handle the kernel holds. Returns the backing file if it was its
-    /// file's last user, to be dropped by the caller.
-    pub(super) fn demote(&self, fh: u64) -> Option<Arc<Backing>> {
+    /// Handle `fh` reads with direct I/O instead of from a backing file (the
+    /// kernel refused it, or none was made). Direct I/O goes with any other
+    /// handle the kernel holds.
+    pub(super) fn demote(&self, fh: u64) {
         let mut t = self.table.lock();
-        let h = t.handles.get_mut(&fh)?;
+        let Some(h) = t.handles.get_mut(&fh) else { return };
         let was = h.io;
         if !matches!(was, KernelIo::Passthrough { .. }) {
-            return None;
+            return;
         }
         h.io = KernelIo::Direct;
         let file = h.file;
-        let dropped = t.count(file, was, false);
         t.count(file, KernelIo::Direct, true);
+        t.count(file, was, false);
+    }
+
+    /// Takes the backing files no handle names: of `file`, or of every file
+    /// if `None` (to make room, or when the file goes). Returned, to be
+    /// dropped by the caller after the lock.
+    pub(super) fn drop_unnamed(&self, file: Option<FileId>) -> Vec<Arc<Backing>> {
+        let mut t = self.table.lock();
+        let mut dropped = Vec::new();
+        t.open.retain(|f, per| {
+            if file.is_none_or(|want| want == *f) && per.passthrough == 0 {
+                dropped.extend(per.backing.take());
+            }
+            per.handles > 0 || per.backing.is_some()
+        });
         dropped
+    }
+
+    /// Whether a handle that may write named `file`'s backing file since its
+    /// handles were last all closed.
+    pub(super) fn named_by_writer(&self, file: FileId) -> bool {
+        self.table.lock().open.get(&file).is_some_and(|p| p.writer_named)
     }
 
     /// The backing file of `file`, while a handle reads from it.
@@ -210,30 +230,22 @@ impl Handles {
         Ok((h.file, h.mode.clone()))
     }
 
-    /// How the kernel reads and writes through handle `fh`.
-    pub(super) fn kernel_io(&self, fh: u64) -> Option<KernelIo> {
-        self.table.lock().handles.get(&fh).map(|h| h.io)
-    }
-
     /// The file handle `fh` is on.
     pub(super) fn file(&self, fh: u64) -> Result<FileId> {
         self.table.lock().handles.get(&fh).map(|h| h.file).ok_or_else(bad_handle)
     }
 
-    /// Removes handle `fh`; returns its file. The file's backing file goes
-    /// with its last handle that read from it (dropped here, after the lock).
+    /// Removes handle `fh`; returns its file.
     pub(super) fn close(&self, fh: u64) -> Result<FileId> {
         let mut t = self.table.lock();
         let h = t.handles.remove(&fh).ok_or_else(bad_handle)?;
-        let dropped = t.count(h.file, h.io, false);
-        drop(t);
-        drop(dropped);
+        t.count(h.file, h.io, false);
         Ok(h.file)
     }
 
     /// Whether any handle is open on `file`.
     pub(super) fn is_open(&self, file: FileId) -> bool {
-        self.table.lock().open.contains_key(&file)
+        self.table.lock().open.get(&file).is_some_and(|p| p.handles > 0)
     }
 
     /// The file `old` is now `new` (moved to another record): its handles follow.
@@ -249,6 +261,7 @@ impl Handles {
             per.handles += moved.handles;
             per.page_cache += moved.page_cache;
             per.passthrough += moved.passthrough;
+            per.writer_named |= moved.writer_named;
             if per.backing.is_none() {
                 per.backing = moved.backing;
             }
@@ -264,12 +277,65 @@ fn bad_handle() -> FsError {
 mod tests {
     use super::*;
 
+    fn open(handles: &Handles, file: FileId, wish: KernelWish) -> (u64, KernelIo) {
+        let (fh, io, _) = handles.open_kernel(file, HandleMode::Cached, wish);
+        (fh, io)
+    }
+
+    #[test]
+    fn the_kernel_gets_what_the_other_handles_of_the_file_allow() {
+        let handles = Handles::new();
+        let f = FileId::random().unwrap();
+        // Direct I/O goes with anything; a backing file comes first here.
+        let (d, io) = open(&handles, f, KernelWish::Direct);
+        assert_eq!(io, KernelIo::Direct);
+        let (r, io) = open(&handles, f, KernelWish::Passthrough);
+        assert_eq!(io, KernelIo::Passthrough { direct: false });
+        let backing = Arc::new(Backing::new(b"plaintext").unwrap());
+        let set = handles.set_backing(r, Arc::clone(&backing)).unwrap();
+        assert!(Arc::ptr_eq(&set, &backing));
+        assert!(!handles.named_by_writer(f));
+        // While it has one, every other handle names it.
+        let (w, io) = open(&handles, f, KernelWish::PageCache);
+        assert_eq!(io, KernelIo::Passthrough { direct: true });
+        assert!(handles.named_by_writer(f));
+        let (w2, io) = open(&handles, f, KernelWish::Direct);
+        assert_eq!(io, KernelIo::Passthrough { direct: true });
+        let (_, io, named) = handles.open_kernel(f, HandleMode::Cached, KernelWish::Passthrough);
+        assert_eq!(io, KernelIo::Passthrough { direct: false });
+        assert!(named.is_some_and(|b| Arc::ptr_eq(&b, &backing)), "the same backing file");
+        for fh in [r, w, w2, d] {
+            handles.close(fh).unwrap();
+        }
+        assert!(handles.drop_unnamed(Some(f)).is_empty(), "one handle still names it");
+        assert!(handles.backing(f).is_some());
+        // A page-cache handle first: no backing file next to it.
+        let g = FileId::random().unwrap();
+        let (p, io) = open(&handles, g, KernelWish::PageCache);
+        assert_eq!(io, KernelIo::PageCache);
+        let (q, io) = open(&handles, g, KernelWish::Passthrough);
+        assert_eq!(io, KernelIo::PageCache);
+        handles.close(p).unwrap();
+        handles.close(q).unwrap();
+        // Kept after its last handle, for the next; dropped on demand.
+        let (r, _) = open(&handles, g, KernelWish::Passthrough);
+        handles.set_backing(r, Arc::new(Backing::new(b"x").unwrap())).unwrap();
+        handles.demote(r);
+        let (s, io) = open(&handles, g, KernelWish::PageCache);
+        assert_eq!(io, KernelIo::PageCache, "direct I/O does not hold the page cache back");
+        handles.close(r).unwrap();
+        handles.close(s).unwrap();
+        assert!(!handles.is_open(g) && handles.backing(g).is_some(), "kept");
+        assert_eq!(handles.drop_unnamed(None).len(), 1);
+        assert!(handles.backing(g).is_none());
+    }
+
     #[test]
     fn open_counts_follow_handles() {
         let handles = Handles::new();
         let (a, b) = (FileId::random().unwrap(), FileId::random().unwrap());
-        let h1 = handles.open(a, HandleMode::Cached);
-        let h2 = handles.open(a, HandleMode::Cached);
+        let h1 = open(&handles, a, KernelWish::PageCache).0;
+        let h2 = open(&handles, a, KernelWish::PageCache).0;
         assert_ne!(h1, h2);
         assert!(handles.is_open(a) && !handles.is_open(b));
         assert_eq!(handles.close(h1).unwrap(), a);

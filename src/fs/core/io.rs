@@ -202,10 +202,6 @@ impl<R: Remote> VaultFs<R> {
 
     async fn write_data(self: &Arc<Self>, fh: u64, offset: u64, data: WriteData<'_>) -> Result<u32> {
         let WriteTarget { id, end, rules } = self.write_target(fh, offset, data.len())?;
-        if self.modes.is_streaming(id) {
-            // Streamed past the cache: its backing file, if any, follows here.
-            self.follow_in_backing(id, Change::Wrote { offset, data: data.as_slice() });
-        }
         let data = match self.write_to_stream(id, offset, data).await? {
             Ok(n) => return Ok(n),
             Err(data) => data,
@@ -215,7 +211,10 @@ impl<R: Remote> VaultFs<R> {
         let handle = self.cache.peek(id).ok_or(FsError::Io("file data evicted while open".into()))?;
         let (mut d, _) = self.ready(id, &handle, None).await?;
         let new_len = self.apply_write(id, &mut d, offset, data);
-        if sequential && new_len as u64 > rules.e2e_limit {
+        // Not while the kernel reads the file from a backing file, which
+        // follows the cached plaintext only (it grows in memory instead, as a
+        // file written out of order past the limit does).
+        if sequential && new_len as u64 > rules.e2e_limit && self.handles.backing(id).is_none() {
             // Past the end-to-end limit while being written front to back: stream
             // it to the server from here on instead of holding it all in memory.
             self.start_stream(id, &mut d).await?;
@@ -236,11 +235,7 @@ impl<R: Remote> VaultFs<R> {
     pub fn write_now(&self, fh: u64, offset: u64, data: &[u8]) -> Option<u32> {
         let WriteTarget { id, end, rules } = self.write_target(fh, offset, data.len()).ok()?;
         if self.modes.is_streaming(id) {
-            let written = self.modes.try_stream_write(id, offset, data);
-            if written.is_some() {
-                self.follow_in_backing(id, Change::Wrote { offset, data });
-            }
-            return written;
+            return self.modes.try_stream_write(id, offset, data);
         }
         if end > rules.e2e_limit {
             return None;

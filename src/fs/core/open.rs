@@ -133,11 +133,11 @@ impl<R: Remote> VaultFs<R> {
                     _ => PassRead::new(info.id, info.size, 0, None),
                 };
                 let keep = known.is_some_and(|(v, _)| v == info.version);
-                let fh = self
-                    .handles
-                    .open(info.id, HandleMode::PassRead(Arc::new(tokio::sync::Mutex::new(reader))));
-                self.cache.pin(info.id);
-                return Ok((fh, KernelOpen::PageCache { keep }));
+                let plain = self.cache.pin(info.id);
+                let mode = HandleMode::PassRead(Arc::new(tokio::sync::Mutex::new(reader)));
+                // Another handle may still read the end-to-end version from a
+                // backing file, which this one must then name.
+                return self.name_backing(info.id, mode, KernelWish::PageCache, keep, &plain).await;
             }
         }
         // Opened any other way, the kernel's pages are checked by what follows.

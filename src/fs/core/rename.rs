@@ -62,6 +62,7 @@ impl<R: Remote> VaultFs<R> {
         }
         self.modes.forget_unsaved(info.id);
         self.cache.remove(info.id);
+        self.forget_backing(info.id);
         Ok(())
     }
 

@@ -116,6 +116,7 @@ impl<R: Remote> VaultFs<R> {
             // The last handle of an unlinked file: now it goes.
             self.modes.forget_unsaved(id);
             self.cache.remove(id);
+            self.forget_backing(id);
             if let Released::DeleteOnServer(info) = released {
                 if let Err(e) = self.delete_file(&info).await {
                     tracing::warn!(file = %id, error = %e, "a file unlinked while open could not be deleted on the server at its last close; it shows again at the next listing");

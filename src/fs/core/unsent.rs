@@ -251,6 +251,7 @@ impl<R: Remote> VaultFs<R> {
             drop(d);
             self.modes.forget_unsaved(id);
             self.cache.remove(id);
+            self.forget_backing(id);
         }
         Ok(true)
     }
