@@ -2551,6 +2551,8 @@ async fn passthrough_handles_share_one_backing_file_that_follows_every_change() 
     let (r3, k3) = fs.open_for_kernel(ino, how(libc::O_RDONLY)).await.unwrap();
     let KernelOpen::Passthrough { backing: b3, .. } = k3 else { panic!("no backing file") };
     assert!(Arc::ptr_eq(&b1, &b3), "still the one the open handles name");
+    // Once downloaded (a read waits for it), for the handles opened before too.
+    assert!(fs.read(r3, 0, u32::MAX).await.unwrap().to_vec() == newer);
     assert!(backing_bytes(&b1) == newer, "the new version, for the handles opened before too");
 
     // Kept after the last handle that names it, for the next open.

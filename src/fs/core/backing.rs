@@ -3,8 +3,8 @@
 //! Data flow. At mount the FUSE adapter says whether the kernel takes backing
 //! files ([`PassthroughMode`]: it needs kernel 6.9 or later and root). An open
 //! for reading only of an end-to-end file of at least [`PASSTHROUGH_MIN`]
-//! bytes waits until the plaintext is whole in the cache, then gets the
-//! file's [`Backing`]: a memfd (anonymous shared memory, never a file on any
+//! bytes whose plaintext is whole in the cache (not a cold open, whose reads
+//! start before the download ends) gets the file's [`Backing`]: a memfd (anonymous shared memory, never a file on any
 //! disk) holding a copy of the plaintext. The adapter registers it with the
 //! kernel once per backing, and the kernel then answers that handle's reads
 //! and maps from it without a request to the daemon: no copy through
@@ -447,10 +447,10 @@ impl<R: Remote> VaultFs<R> {
 
     /// A new handle on the cached file `id` opened as `how`, with what the
     /// kernel may do with it; `keep` if the kernel's cached pages are good.
-    /// A handle that may read from a backing file waits for the whole
-    /// plaintext first and holds its lock while the backing file is made
-    /// and counted, so no change falls between the copy and its following;
-    /// where none can be made (over the budget), it is an ordinary handle.
+    /// A handle that may read from a backing file holds the plaintext's
+    /// lock while the backing file is made and counted, so no change falls
+    /// between the copy and its following; where none can be made (over the
+    /// budget), it is an ordinary handle.
     pub(super) async fn open_handle(
         self: &Arc<Self>,
         id: FileId,
@@ -461,8 +461,12 @@ impl<R: Remote> VaultFs<R> {
         let on = *self.passthrough.mode.lock() == PassthroughMode::On;
         let reads_only = on && !how.write && !how.truncate && !how.direct && !self.modes.is_streaming(id);
         if reads_only {
-            let (d, len) = self.ready(id, plain, None).await?;
-            if len >= PASSTHROUGH_MIN {
+            // Only from plaintext already whole here: a cold open is not made
+            // to wait for the whole download (its reads start as the first
+            // chunks arrive, through the page cache); the next open gets one.
+            let d = Arc::clone(plain).lock_owned().await;
+            let len = d.bytes.len() as u64;
+            if d.loaded && len >= PASSTHROUGH_MIN {
                 let made = match self.handles.backing(id) {
                     Some(_) => None,
                     None if !self.backing_fits(len) => {
