@@ -29,7 +29,8 @@
 //! maps the backing file for it and does not check the seal through the
 //! FUSE file). Such writes are taken into the cache at that handle's flush,
 //! fsync and release ([`VaultFs::take_mapped_writes`]) and saved like any
-//! other; ones made through the map after the handle's release are not.
+//! other; ones made through the map after the file's last close are not
+//! (the backing file is then dropped, and the map keeps a copy nobody reads).
 //!
 //! Its pages are mapped into this process to be written, so the process's
 //! memory lock (`mlockall`, super::super::super::cache::harden) keeps them
@@ -39,8 +40,9 @@
 //! the cache counts the backing files' bytes when it decides what to evict.
 //! A backing file is kept after the last handle that names it, for the next
 //! open (a warm read then copies nothing), and follows the plaintext
-//! meanwhile; kept ones go when a new one needs their room, and with their
-//! file.
+//! meanwhile; kept ones go when a new one needs their room, when a handle
+//! that may write opens, with their file, and at the last close if a writer
+//! named one (its map could go on writing into it).
 #![allow(unsafe_code)]
 
 use std::any::Any;
@@ -53,7 +55,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, MutexGuard};
 
 use super::handles::{HandleMode, KernelIo, KernelWish};
-use super::{Result, VaultFs};
+use super::{FsError, Result, VaultFs};
 use crate::cache::{PlainHandle, SecretBuf};
 use crate::ids::FileId;
 use crate::remote::Remote;
@@ -467,10 +469,15 @@ impl<R: Remote> VaultFs<R> {
             let d = Arc::clone(plain).lock_owned().await;
             let len = d.bytes.len() as u64;
             if d.loaded && len >= PASSTHROUGH_MIN {
+                if self.handles.backing(id).is_some_and(|b| b.broken.load(Ordering::Relaxed)) {
+                    // One that stopped following: gone, unless a handle still names it.
+                    self.forget_backing(id);
+                }
                 let made = match self.handles.backing(id) {
                     Some(_) => None,
                     None if !self.backing_fits(len) => {
                         tracing::debug!(file = %id, "no backing file: it would take the cache over its budget");
+                        drop(d);
                         return self
                             .name_backing(id, HandleMode::Cached, KernelWish::PageCache, keep, plain)
                             .await;
@@ -479,6 +486,7 @@ impl<R: Remote> VaultFs<R> {
                         Ok(b) => Some(Arc::new(b)),
                         Err(e) => {
                             tracing::debug!(file = %id, error = %e, "no backing file: no memfd");
+                            drop(d);
                             return self
                                 .name_backing(id, HandleMode::Cached, KernelWish::PageCache, keep, plain)
                                 .await;
@@ -488,20 +496,44 @@ impl<R: Remote> VaultFs<R> {
                 let (fh, io, backing) =
                     self.handles.open_kernel(id, HandleMode::Cached, KernelWish::Passthrough);
                 tracing::debug!(file = %id, ?io, "opened for reading");
-                let opened = match (io, backing.or(made)) {
-                    (KernelIo::Passthrough { direct: false }, Some(b)) => {
-                        let b = self.handles.set_backing(fh, b)?;
-                        self.passthrough.opens.fetch_add(1, Ordering::Relaxed);
-                        self.count_backings();
-                        (fh, KernelOpen::Passthrough { backing: b, direct: false })
+                let opened = match io {
+                    KernelIo::Passthrough { direct: false } => {
+                        // The kept one may have been dropped for room since it
+                        // was looked at: then one is made now (the lock is held).
+                        let backing = match backing.or(made) {
+                            Some(b) => Ok(b),
+                            None => Backing::new(&d.bytes).map(Arc::new),
+                        };
+                        let backing = backing
+                            .map_err(|e| FsError::Io(format!("no memfd: {e}")))
+                            .and_then(|b| self.handles.set_backing(fh, b));
+                        match backing {
+                            Ok(b) => {
+                                self.passthrough.opens.fetch_add(1, Ordering::Relaxed);
+                                self.count_backings();
+                                (fh, KernelOpen::Passthrough { backing: b, direct: false })
+                            }
+                            Err(e) => {
+                                tracing::debug!(file = %id, error = %e, "no backing file; direct I/O");
+                                self.handles.demote(fh);
+                                (fh, KernelOpen::Direct { keep })
+                            }
+                        }
                     }
-                    _ => (fh, KernelOpen::PageCache { keep }),
+                    KernelIo::Passthrough { direct: true } | KernelIo::Direct => {
+                        (fh, KernelOpen::Direct { keep })
+                    }
+                    KernelIo::PageCache => (fh, KernelOpen::PageCache { keep }),
                 };
                 // Held until the backing file is the file's: a handle that
                 // names it waits for this lock (`name_backing`).
                 drop(d);
                 return Ok(opened);
             }
+        }
+        if how.write {
+            // A backing file kept for nobody would only follow this writer.
+            self.forget_backing(id);
         }
         let wish = if how.write && !how.read { KernelWish::Direct } else { KernelWish::PageCache };
         self.name_backing(id, HandleMode::Cached, wish, keep, plain).await
@@ -601,6 +633,14 @@ impl<R: Remote> VaultFs<R> {
         self.cache.set_outside(usize::try_from(held).unwrap_or(usize::MAX));
     }
 
+    /// A handle of file `id` closed: with passthrough off (the kernel refused
+    /// a backing file), nothing keeps one for the next open.
+    pub(super) fn closed_for_backing(&self, id: FileId) {
+        if *self.passthrough.mode.lock() != PassthroughMode::On {
+            self.forget_backing(id);
+        }
+    }
+
     /// File `id` is gone: so is the backing file kept for it.
     pub(super) fn forget_backing(&self, id: FileId) {
         if !self.handles.drop_unnamed(Some(id)).is_empty() {
@@ -612,14 +652,21 @@ impl<R: Remote> VaultFs<R> {
     /// if it has one; called under the plaintext's lock, after the change.
     pub(super) fn follow_in_backing(&self, id: FileId, change: Change<'_>) {
         let Some(backing) = self.handles.backing(id) else { return };
+        let before = backing.len();
         let followed = match change {
             Change::Wrote { offset, data } => backing.write_at(offset, data),
             Change::Length(len) => backing.set_len(len),
             Change::Whole(bytes) => backing.replace(bytes),
         };
-        if let Err(e) = followed {
-            backing.broken.store(true, Ordering::Relaxed);
-            tracing::error!(file = %id, error = %e, "a change did not reach the kernel's copy of the file: its readers see the content before it until they open it again");
+        match followed {
+            Ok(()) if backing.len() == before => {}
+            // Its length changed: the cache counts it against its budget.
+            Ok(()) => self.count_backings(),
+            Err(e) => {
+                backing.broken.store(true, Ordering::Relaxed);
+                tracing::error!(file = %id, error = %e, "a change did not reach the kernel's copy of the file: its readers see the content before it until they all closed it");
+                self.forget_backing(id);
+            }
         }
     }
 }

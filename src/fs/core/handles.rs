@@ -97,7 +97,7 @@ struct Table {
 }
 
 impl Table {
-    fn count(&mut self, file: FileId, io: KernelIo, up: bool) {
+    fn count(&mut self, file: FileId, io: KernelIo, up: bool) -> Option<Arc<Backing>> {
         let per = self.open.entry(file).or_default();
         let mut direct = 0;
         let n = match io {
@@ -108,13 +108,21 @@ impl Table {
         if up {
             *n += 1;
             per.handles += 1;
-            return;
+            return None;
         }
         *n = n.saturating_sub(1);
         per.handles = per.handles.saturating_sub(1);
+        let mut dropped = None;
+        if per.handles == 0 && per.writer_named {
+            // Not kept: a writer's shared map may still write into it, and
+            // nothing would take those writes any more.
+            per.writer_named = false;
+            dropped = per.backing.take();
+        }
         if per.handles == 0 && per.backing.is_none() {
             self.open.remove(&file);
         }
+        dropped
     }
 }
 
@@ -156,7 +164,7 @@ impl Handles {
             _ => None,
         };
         t.handles.insert(fh, Handle { file, mode, io });
-        t.count(file, io, true);
+        let _ = t.count(file, io, true);
         if io == (KernelIo::Passthrough { direct: true }) {
             t.open.entry(file).or_default().writer_named = true;
         }
@@ -189,7 +197,9 @@ impl Handles {
         h.io = KernelIo::Direct;
         let file = h.file;
         t.count(file, KernelIo::Direct, true);
-        t.count(file, was, false);
+        let dropped = t.count(file, was, false);
+        drop(t);
+        drop(dropped);
     }
 
     /// Takes the backing files no handle names: of `file`, or of every file
@@ -205,6 +215,11 @@ impl Handles {
             per.handles > 0 || per.backing.is_some()
         });
         dropped
+    }
+
+    /// Whether a handle reads from or names `file`'s backing file.
+    pub(super) fn backing_named(&self, file: FileId) -> bool {
+        self.table.lock().open.get(&file).is_some_and(|p| p.passthrough > 0)
     }
 
     /// Whether a handle that may write named `file`'s backing file since its
@@ -239,7 +254,9 @@ impl Handles {
     pub(super) fn close(&self, fh: u64) -> Result<FileId> {
         let mut t = self.table.lock();
         let h = t.handles.remove(&fh).ok_or_else(bad_handle)?;
-        t.count(h.file, h.io, false);
+        let dropped = t.count(h.file, h.io, false);
+        drop(t);
+        drop(dropped);
         Ok(h.file)
     }
 

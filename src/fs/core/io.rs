@@ -211,10 +211,11 @@ impl<R: Remote> VaultFs<R> {
         let handle = self.cache.peek(id).ok_or(FsError::Io("file data evicted while open".into()))?;
         let (mut d, _) = self.ready(id, &handle, None).await?;
         let new_len = self.apply_write(id, &mut d, offset, data);
-        // Not while the kernel reads the file from a backing file, which
-        // follows the cached plaintext only (it grows in memory instead, as a
-        // file written out of order past the limit does).
-        if sequential && new_len as u64 > rules.e2e_limit && self.handles.backing(id).is_none() {
+        // Not while a handle names the file's backing file, which follows
+        // the cached plaintext only (it grows in memory instead, as a file
+        // written out of order past the limit does; a backing file kept for
+        // nobody went at this writer's open).
+        if sequential && new_len as u64 > rules.e2e_limit && !self.handles.backing_named(id) {
             // Past the end-to-end limit while being written front to back: stream
             // it to the server from here on instead of holding it all in memory.
             self.start_stream(id, &mut d).await?;

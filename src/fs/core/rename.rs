@@ -183,6 +183,7 @@ impl<R: Remote> VaultFs<R> {
                     let tinfo = self.file_info(t).unwrap_or(tinfo);
                     self.delete_file(&tinfo).await?;
                     self.tree.lock().remove(t);
+                    self.forget_backing(tinfo.id);
                 }
             }
             Some(_) => return Err(FsError::IsDir),

@@ -107,6 +107,7 @@ impl<R: Remote> VaultFs<R> {
     pub async fn release(self: &Arc<Self>, ino: Ino, fh: u64) -> Result<()> {
         self.take_mapped_writes(fh).await;
         let id = self.handles.close(fh)?;
+        self.closed_for_backing(id);
         if !self.handles.is_open(id) {
             self.finish_stream(id).await?;
         }
