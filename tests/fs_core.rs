@@ -2650,3 +2650,41 @@ async fn backing_files_stay_within_the_cache_budget() {
     fs.release(b, hb).await.unwrap();
     drop(s.server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlink_answers_at_once_and_the_server_deletes_in_the_background() {
+    let s = setup(&["V"]).await;
+    let (fs, outage) = mount_faulty(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let names: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
+    for name in &names {
+        write_file(&fs, r.ino, name, b"content").await;
+    }
+    // The server cannot be reached: unlink still answers, and the files are gone here.
+    outage.set(true);
+    for name in &names {
+        fs.unlink(r.ino, n(name)).await.unwrap();
+    }
+    assert!(fs.readdir(r.ino).await.unwrap().is_empty(), "gone from the mount");
+    assert_eq!(fs.status().deleting, 20);
+    // Still on the server.
+    let other = mount(s.alice.clone()).await;
+    let ov = other.lookup(ROOT, n("V")).await.unwrap();
+    let or = other.lookup(ov.ino, n("r")).await.unwrap();
+    assert_eq!(other.readdir(or.ino).await.unwrap().len(), 20);
+    // rmdir of their record waits for the server to delete them.
+    let rmdir = tokio::spawn({
+        let fs = Arc::clone(&fs);
+        async move { fs.rmdir(v.ino, n("r")).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!rmdir.is_finished(), "rmdir waited");
+    outage.set(false);
+    tokio::time::timeout(std::time::Duration::from_secs(10), rmdir).await.unwrap().unwrap().unwrap();
+    assert_eq!(fs.status().deleting, 0);
+    let third = mount(s.alice.clone()).await;
+    let tv = third.lookup(ROOT, n("V")).await.unwrap();
+    assert!(matches!(third.lookup(tv.ino, n("r")).await, Err(FsError::NotFound)), "deleted on the server");
+    drop(s.server);
+}

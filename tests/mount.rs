@@ -599,7 +599,7 @@ fn large_files_pass_through_without_being_held_in_memory() {
     let peak_read = support::peak_rss_kib(m.pid());
     // Never the whole file in memory: the first 30 MB are buffered until the
     // limit is passed, then writes stream; reads stream at most 8 MiB ahead.
-    assert!(peak_write < 150 * 1024, "daemon peaked at {peak_write} KiB while writing 250 MB");
+    assert!(peak_write < 150 * 1024, "daemon peaked at {peak_write} KiB while writing 250 MB\n{}", m.log());
     // About 30 MB of that is the idle daemon; the 64 MiB of the Argon2id unlock
     // at mount are not counted (the peak is reset after mounting).
     assert!(peak_read < 64 * 1024, "daemon peaked at {peak_read} KiB while reading 250 MB");

@@ -70,6 +70,10 @@ impl<R: Remote> VaultFs<R> {
                 _ => return Err(FsError::NotDir),
             }
         };
+        // Files unlinked from it are gone from the server first (it removes
+        // only empty records); not waited for past RMDIR_WAIT, so a server
+        // that cannot take them answers rmdir with an error, not a hang.
+        let _ = tokio::time::timeout(super::deletes::RMDIR_WAIT, self.deletes_settled(Some(info.id))).await;
         self.remote().delete_record(info.id, info.version).await?;
         self.tree.lock().remove(ino);
         self.touch_dir(parent);

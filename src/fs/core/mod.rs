@@ -25,6 +25,7 @@
 //! | flock and POSIX locks across clients: leases on the server, renewed | `locks.rs` | [`locks::LockTable`] |
 //! | new files known only here until their first save creates them with their content | `unsent.rs` | [`unsent::Creates`] |
 //! | unlink and rename | `rename.rs` | |
+//! | deleting unlinked files on the server in the background | `deletes.rs` | [`deletes::Deletes`] (the files waiting: [`tree::Tree`]) |
 //! | `vaultfs status` and the `user.vaultfs.*` attributes | `status.rs` | [`status::Refusals`] |
 //!
 //! A file's plaintext lives in the memory-only [`PlainCache`], each file
@@ -71,6 +72,7 @@ use crate::remote::Remote;
 
 mod attr;
 mod backing;
+mod deletes;
 mod dirs;
 mod fill;
 mod follow;
@@ -92,6 +94,7 @@ mod tree;
 mod unsent;
 
 pub use backing::{Backing, KernelOpen, OpenHow, PassthroughMode, PASSTHROUGH_MIN};
+pub use deletes::DELETES_IN_FLIGHT;
 pub use io::ReadData;
 use io::WriteData;
 pub use locks::{with_lock, LockConflict, LockKind, LockRequest};
@@ -283,6 +286,8 @@ pub struct VaultFs<R> {
     creates: unsent::Creates,
     /// Whether the kernel reads from backing files, and how often it did.
     passthrough: backing::Passthrough,
+    /// Deletes of unlinked files on their way to the server.
+    deletes: deletes::Deletes,
 }
 
 impl<R: Remote> VaultFs<R> {
@@ -309,6 +314,7 @@ impl<R: Remote> VaultFs<R> {
             mounted_at: SystemTime::now(),
             creates: unsent::Creates::default(),
             passthrough: backing::Passthrough::new(options.passthrough),
+            deletes: deletes::Deletes::default(),
         };
         if !options.local_locks {
             fs.start_locks().await;

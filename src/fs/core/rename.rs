@@ -1,7 +1,9 @@
 //! Removing and moving files and records: unlink, and rename within a vault.
 //!
 //! Data flow. The server is asked first, with the version this mount knows;
-//! the tree follows only once it agreed. A file unlinked while open stays
+//! the tree follows only once it agreed, but for an unlinked file no handle
+//! holds open: it goes from the tree at once and from the server in the
+//! background (super::deletes). A file unlinked while open stays
 //! readable and writable through its handles (POSIX) as an orphan in the
 //! tree, and nothing of it is uploaded. Renaming within a record reseals the
 //! name; moving a file to another record writes it anew there (its content is
@@ -30,8 +32,9 @@ struct Destination<'a> {
 }
 
 impl<R: Remote> VaultFs<R> {
-    /// Removes a file.
-    pub async fn unlink(&self, parent: Ino, name: &OsStr) -> Result<()> {
+    /// Removes a file. One no handle holds open is gone from the mount when
+    /// this returns, and deleted on the server in the background (super::deletes).
+    pub async fn unlink(self: &Arc<Self>, parent: Ino, name: &OsStr) -> Result<()> {
         self.load_dir(parent).await?;
         self.deletable(parent)?;
         let (ino, info) = {
@@ -49,8 +52,12 @@ impl<R: Remote> VaultFs<R> {
         let open = self.handles.is_open(info.id);
         if self.forget_unsent(ino, info.id, open).await? {
             // Never saved: nothing to delete on the server.
+        } else if !open {
+            let info = self.file_info(ino).unwrap_or(info.clone());
+            self.tree.lock().unlink_deleting(ino, &info);
+            self.delete_in_background(info);
         } else {
-            let keep = open && (self.modes.is_streaming(info.id) || self.passes_through(ino)?);
+            let keep = self.modes.is_streaming(info.id) || self.passes_through(ino)?;
             if !keep {
                 self.delete_file(&self.file_info(ino).unwrap_or(info.clone())).await?;
             }

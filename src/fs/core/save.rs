@@ -38,6 +38,8 @@ use crate::remote::{Remote, RemoteError, UploadBody};
 
 /// How often unmount says it is still waiting for streams to commit.
 const UNMOUNT_WAIT_NOTICE: Duration = Duration::from_secs(5);
+/// How long unmount waits for the deletes of unlinked files.
+const UNMOUNT_DELETE_WAIT: Duration = Duration::from_secs(30);
 
 /// How an upload from the cache ended.
 enum Saved {
@@ -202,6 +204,12 @@ impl<R: Remote> VaultFs<R> {
                 }
                 None => failed += 1,
             }
+        }
+        // Unlinked files the server has not deleted yet: waited for a while
+        // (a delete the server cannot take now would show the file again).
+        if tokio::time::timeout(UNMOUNT_DELETE_WAIT, self.deletes_settled(None)).await.is_err() {
+            let left = self.deletes_pending();
+            tracing::warn!(left, "unmounted before the server deleted every unlinked file; they show again");
         }
         failed
     }

@@ -95,6 +95,9 @@ pub struct FsStatus {
     /// Bytes the backing files hold now (counted against the cache budget).
     #[serde(default)]
     pub backing_bytes: u64,
+    /// Unlinked files the server has not deleted yet.
+    #[serde(default)]
+    pub deleting: u64,
 }
 
 /// Upload state of a file, for `user.vaultfs.state` and `vaultfs status`.
@@ -178,6 +181,7 @@ impl<R: Remote> VaultFs<R> {
             passthrough: self.passthrough_mode().to_string(),
             passthrough_opens,
             backing_bytes,
+            deleting: self.deletes_pending() as u64,
         }
     }
 

@@ -168,6 +168,10 @@ pub(super) struct Tree {
     /// What this mount created on the server, likewise: a listing asked for
     /// before then does not name it, and must not take it away.
     made_here: HashMap<Ino, (VaultId, u64)>,
+    /// Files unlinked here whose deletion the server has not confirmed yet
+    /// (super::deletes), with their record: every listing and page of
+    /// changes leaves them out, whenever it was asked for.
+    deleting: HashMap<FileId, RecordId>,
     /// How many creations and deletions this mount made on the server: taken
     /// before an answer is asked for, it tells which of them the answer may
     /// predate.
@@ -399,6 +403,37 @@ impl Tree {
         }
     }
 
+    /// Removes file `ino` (no handle holds it open) before the server
+    /// deleted it (see `deleting`).
+    pub(super) fn unlink_deleting(&mut self, ino: Ino, info: &FileInfo) {
+        self.deleting.insert(info.id, info.record);
+        self.remove(ino);
+    }
+
+    /// The server deleted file `info` (or refused to, if not `deleted`): it
+    /// is no longer left out of every listing; answers asked for before now
+    /// still leave it out (`deleted_here`).
+    pub(super) fn deletion_done(&mut self, info: &FileInfo, deleted: bool) {
+        self.deleting.remove(&info.id);
+        if deleted {
+            self.deleted_on_server(info);
+        }
+    }
+
+    /// Whether files unlinked here wait for the server to delete them (in
+    /// `record` only, if given).
+    pub(super) fn deleting(&self, record: Option<RecordId>) -> bool {
+        match record {
+            Some(r) => self.deleting.values().any(|&of| of == r),
+            None => !self.deleting.is_empty(),
+        }
+    }
+
+    /// How many files unlinked here wait for the server to delete them.
+    pub(super) fn deleting_count(&self) -> usize {
+        self.deleting.len()
+    }
+
     /// The last handle of `ino` closed: if it was an orphan it goes now
     /// (`None` if it was not one).
     pub(super) fn release_orphan(&mut self, ino: Ino) -> Option<Released> {
@@ -484,12 +519,12 @@ impl Tree {
     ) {
         self.deleted_here.retain(|_, (v, n)| *v != vault || *n > asked);
         self.made_here.retain(|_, (v, n)| *v != vault || *n > asked);
-        if self.deleted_here.is_empty() {
+        if self.deleted_here.is_empty() && self.deleting.is_empty() {
             return;
         }
         let since = |key: Key| self.deleted_here.contains_key(&key);
         records.retain(|(r, _)| !since(Key::Record(r.id)));
-        files.retain(|(f, ..)| !since(Key::File(f.id)));
+        files.retain(|(f, ..)| !since(Key::File(f.id)) && !self.deleting.contains_key(&f.id));
     }
 
     /// Whether the vault list was fetched less than [`LISTING_TTL`] ago, or
@@ -1310,6 +1345,44 @@ mod tests {
         assert_eq!(shown(&t, vino), ["r", "r2"]);
         assert_eq!(shown(&t, r_ino), ["f", "g", "h2"]);
         assert!(t.deleted_here.is_empty() && t.made_here.is_empty());
+        check_consistent(&t);
+    }
+
+    #[test]
+    fn a_file_waiting_for_its_delete_stays_out_of_every_answer() {
+        let v = vault();
+        let mut t = Tree::new();
+        let r = record(v, None, 1);
+        let (f, g) = (file(v, r.id, 1), file(v, r.id, 1));
+        let records = vec![(r.clone(), name("r"))];
+        let files = vec![(f.clone(), FileMeta::Legacy, name("f")), (g.clone(), FileMeta::Legacy, name("g"))];
+        t.apply_listing(v, 5, 0, records.clone(), files.clone());
+        let r_ino = t.keys[&Key::Record(r.id)];
+        let shown = |t: &Tree| -> Vec<String> {
+            t.children[&r_ino].keys().map(|n| n.to_string_lossy().into_owned()).collect()
+        };
+        t.unlink_deleting(t.file_ino(f.id).unwrap(), &f);
+        assert!(t.deleting(Some(r.id)) && t.deleting(None) && t.deleting_count() == 1);
+        assert!(!t.deleting(Some(record(v, None, 1).id)), "another record has none");
+        // Asked for after the unlink, but before the server deleted it.
+        t.apply_listing(v, 6, t.local_changes(), records.clone(), files.clone());
+        assert_eq!(shown(&t), ["g"], "a listing");
+        assert!(t.apply_changes(v, 6, 7, t.local_changes(), vec![], files.clone(), vec![]).is_some());
+        assert_eq!(shown(&t), ["g"], "a page of changes");
+        // Deleted now: an answer asked for before that still leaves it out...
+        let asked = t.local_changes();
+        t.deletion_done(&f, true);
+        assert!(!t.deleting(None));
+        t.apply_listing(v, 7, asked, records.clone(), files.clone());
+        assert_eq!(shown(&t), ["g"], "asked for before the delete");
+        // ...one asked for after is taken whole.
+        t.apply_listing(v, 8, t.local_changes(), records.clone(), files.clone());
+        assert_eq!(shown(&t), ["f", "g"]);
+        // A delete the server refused: the file shows again at the next listing.
+        t.unlink_deleting(t.file_ino(g.id).unwrap(), &g);
+        t.deletion_done(&g, false);
+        t.apply_listing(v, 9, t.local_changes(), records, files);
+        assert_eq!(shown(&t), ["f", "g"]);
         check_consistent(&t);
     }
 
