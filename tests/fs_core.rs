@@ -926,6 +926,38 @@ async fn a_server_e2e_limit_of_zero_gets_no_plaintext() {
     fs.release(attr.ino, fh).await.unwrap();
 }
 
+/// A tiny upload limit from the server lowers the end-to-end limit with it
+/// (`min(upload_limit)`), but never makes a file stream past it in
+/// plaintext: what is above the upload limit is refused first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_upload_limit_below_the_file_gets_no_plaintext() {
+    let s = setup(&["V"]).await;
+    s.server
+        .set_limits("alice", Limits { upload_limit: 1000, e2e_limit: 5_000_000, image_max_edge: 2560 })
+        .await
+        .unwrap();
+    let fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let secret = b"a secret written front to back, piece after piece, past the limit ".repeat(100);
+    let (attr, fh) = fs.create(r.ino, n("big.txt"), 0o644).await.unwrap();
+    let mut refused = None;
+    for (i, piece) in secret.chunks(500).enumerate() {
+        if let Err(e) = fs.write(fh, (i * 500) as u64, piece).await {
+            refused = Some(e);
+            break;
+        }
+    }
+    assert_eq!(refused.expect("a write past the upload limit is refused").errno(), libc::EFBIG);
+    let _ = fs.fsync(attr.ino, fh).await;
+    fs.release(attr.ino, fh).await.unwrap();
+    assert!(
+        !s.server.stored_blobs().iter().any(|b| contains(b, &secret[..500])),
+        "plaintext reached the server"
+    );
+    drop(s.server);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_whose_file_changed_meanwhile_is_kept_as_a_conflict_copy() {
     // setup(): e2e limit 5 MB, so 6 MB written front to back streams.
