@@ -2524,6 +2524,27 @@ fn how(flags: i32) -> vaultfs::fs::core::OpenHow {
     vaultfs::fs::core::OpenHow::from_flags(flags)
 }
 
+/// Opens `ino` for reading only until the kernel is told to read it from a
+/// backing file: an open whose kernel pages are good keeps reading those
+/// while the backing file is made in the background, for the next open.
+async fn open_passthrough<R: vaultfs::remote::Remote>(
+    fs: &Arc<VaultFs<R>>,
+    ino: u64,
+) -> (u64, vaultfs::fs::core::KernelOpen) {
+    use vaultfs::fs::core::KernelOpen;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (fh, k) = fs.open_for_kernel(ino, how(libc::O_RDONLY)).await.unwrap();
+        if matches!(k, KernelOpen::Passthrough { .. }) {
+            return (fh, k);
+        }
+        assert!(matches!(k, KernelOpen::PageCache { keep: true }), "only good kernel pages wait for one");
+        fs.release(ino, fh).await.unwrap();
+        assert!(std::time::Instant::now() < deadline, "no backing file was made");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_handles_share_one_backing_file_that_follows_every_change() {
     use vaultfs::fs::core::{KernelOpen, PassthroughMode, PASSTHROUGH_MIN};
@@ -2537,7 +2558,7 @@ async fn passthrough_handles_share_one_backing_file_that_follows_every_change() 
     let small = write_file(&fs, r.ino, "small.txt", b"small").await;
 
     // Reads only, large enough: the kernel reads from a backing file, one per file.
-    let (r1, k1) = fs.open_for_kernel(ino, how(libc::O_RDONLY)).await.unwrap();
+    let (r1, k1) = open_passthrough(&fs, ino).await;
     let KernelOpen::Passthrough { backing: b1, direct: false } = k1 else { panic!("no backing file") };
     assert!(backing_bytes(&b1) == data);
     let (r2, k2) = fs.open_for_kernel(ino, how(libc::O_RDONLY)).await.unwrap();
@@ -2596,7 +2617,7 @@ async fn passthrough_handles_share_one_backing_file_that_follows_every_change() 
     assert_eq!(fs.status().backing_bytes, 0);
     assert_eq!(fs.status().passthrough_opens, 3);
     // ...else kept for the next open.
-    let (r4, k4) = fs.open_for_kernel(ino, how(libc::O_RDONLY)).await.unwrap();
+    let (r4, k4) = open_passthrough(&fs, ino).await;
     let KernelOpen::Passthrough { backing: b4, .. } = k4 else { panic!("no backing file") };
     assert!(backing_bytes(&b4) == newer);
     fs.release(ino, r4).await.unwrap();
@@ -2645,8 +2666,7 @@ async fn passthrough_stays_off_where_the_kernel_would_refuse_it() {
     fs.release(ino, d).await.unwrap();
 
     // The kernel refused one: direct I/O for it, and no more are made.
-    let (r2, k2) = fs.open_for_kernel(ino, how(libc::O_RDONLY)).await.unwrap();
-    assert!(matches!(k2, KernelOpen::Passthrough { .. }));
+    let (r2, k2) = open_passthrough(&fs, ino).await;
     drop(k2);
     fs.passthrough_refused(r2, "Operation not permitted");
     assert!(matches!(fs.passthrough_mode(), PassthroughMode::Off(_)));
@@ -2672,8 +2692,12 @@ async fn backing_files_stay_within_the_cache_budget() {
     let r = fs.mkdir(v.ino, n("r")).await.unwrap();
     let a = write_file(&fs, r.ino, "a.bin", &pattern(size)).await;
     let b = write_file(&fs, r.ino, "b.bin", &pattern(size)).await;
-    let (ha, ka) = fs.open_for_kernel(a, how(libc::O_RDONLY)).await.unwrap();
+    let (ha, ka) = open_passthrough(&fs, a).await;
     assert!(matches!(ka, KernelOpen::Passthrough { .. }));
+    // The first open of b would have one made in the background: none is.
+    let (hb, _) = fs.open_for_kernel(b, how(libc::O_RDONLY)).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    fs.release(b, hb).await.unwrap();
     let (hb, kb) = fs.open_for_kernel(b, how(libc::O_RDONLY)).await.unwrap();
     assert!(matches!(kb, KernelOpen::PageCache { .. }), "over the budget: the page cache");
     let st = fs.status();

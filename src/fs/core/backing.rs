@@ -3,9 +3,13 @@
 //! Data flow. At mount the FUSE adapter says whether the kernel takes backing
 //! files ([`PassthroughMode`]: it needs kernel 6.9 or later and root). An open
 //! for reading only of an end-to-end file of at least [`PASSTHROUGH_MIN`]
-//! bytes whose plaintext is whole in the cache (not a cold open, whose reads
-//! start before the download ends) gets the file's [`Backing`]: a memfd (anonymous shared memory, never a file on any
-//! disk) holding a copy of the plaintext. The adapter registers it with the
+//! bytes whose plaintext is whole in the cache gets the file's [`Backing`]: a
+//! memfd (anonymous shared memory, never a file on any disk) holding a copy
+//! of the plaintext. Not a cold open: its reads start before the download
+//! ends. Nor an open whose kernel pages of the file are still good (`keep`):
+//! the kernel reads those as fast, and the backing file is made in the
+//! background for the opens after it, so no open waits for a copy of the
+//! whole file. The adapter registers it with the
 //! kernel once per backing, and the kernel then answers that handle's reads
 //! and maps from it without a request to the daemon: no copy through
 //! /dev/fuse, no hand-off between threads.
@@ -39,7 +43,7 @@
 //! would take the cache over it (the open then uses the page cache), and
 //! the cache counts the backing files' bytes when it decides what to evict.
 //! A backing file is kept after the last handle that names it, for the next
-//! open (a warm read then copies nothing), and follows the plaintext
+//! open, and follows the plaintext
 //! meanwhile; kept ones go when a new one needs their room, when a handle
 //! that may write opens, with their file, and at the last close if a writer
 //! named one (its map could go on writing into it).
@@ -473,6 +477,17 @@ impl<R: Remote> VaultFs<R> {
                     // One that stopped following: gone, unless a handle still names it.
                     self.forget_backing(id);
                 }
+                if keep && self.handles.backing(id).is_none() {
+                    // The kernel's pages of this version are good: it reads
+                    // them as fast as a backing file, which is made meanwhile
+                    // for the opens after this one (a copy of the whole file
+                    // would make this one wait).
+                    drop(d);
+                    self.make_backing_ahead(id, plain);
+                    return self
+                        .name_backing(id, HandleMode::Cached, KernelWish::PageCache, keep, plain)
+                        .await;
+                }
                 let made = match self.handles.backing(id) {
                     Some(_) => None,
                     None if !self.backing_fits(len) => {
@@ -537,6 +552,44 @@ impl<R: Remote> VaultFs<R> {
         }
         let wish = if how.write && !how.read { KernelWish::Direct } else { KernelWish::PageCache };
         self.name_backing(id, HandleMode::Cached, wish, keep, plain).await
+    }
+
+    /// Makes file `id`'s backing file in the background and keeps it for its
+    /// next reader, if the plaintext `plain` is still whole, the file's, and
+    /// large enough, and the budget has room.
+    fn make_backing_ahead(self: &Arc<Self>, id: FileId, plain: &PlainHandle) {
+        let fs = Arc::clone(self);
+        let plain = Arc::clone(plain);
+        tokio::spawn(async move {
+            let d = plain.lock().await;
+            let len = d.bytes.len() as u64;
+            let on = *fs.passthrough.mode.lock() == PassthroughMode::On;
+            if !on
+                || !d.loaded
+                || len < PASSTHROUGH_MIN
+                || fs.handles.backing(id).is_some()
+                || !fs.backing_fits(len)
+            {
+                return;
+            }
+            let backing = match Backing::new(&d.bytes) {
+                Ok(b) => Arc::new(b),
+                Err(e) => {
+                    tracing::debug!(file = %id, error = %e, "no backing file made ahead: no memfd");
+                    return;
+                }
+            };
+            // Under the plaintext's lock: every later change follows into it.
+            if fs.handles.keep_backing(id, backing) {
+                fs.count_backings();
+            }
+            drop(d);
+            // The file went meanwhile (its plaintext left the cache before
+            // its kept backing file was dropped): this one goes too.
+            if !fs.cache.peek(id).is_some_and(|h| Arc::ptr_eq(&h, &plain)) {
+                fs.forget_backing(id);
+            }
+        });
     }
 
     /// A new handle on file `id` that does not read from a backing file: the

@@ -171,6 +171,18 @@ impl Handles {
         (fh, io, backing)
     }
 
+    /// Keeps `backing` for `file`'s next reader, made ahead of it; false if
+    /// the file has one already or a writer may have mapped the old one.
+    pub(super) fn keep_backing(&self, file: FileId, backing: Arc<Backing>) -> bool {
+        let mut t = self.table.lock();
+        let per = t.open.entry(file).or_default();
+        if per.backing.is_some() || per.writer_named {
+            return false;
+        }
+        per.backing = Some(backing);
+        true
+    }
+
     /// Gives the file of passthrough handle `fh` its backing file; the one it
     /// has already if another opener was first (that one is returned).
     pub(super) fn set_backing(&self, fh: u64, backing: Arc<Backing>) -> Result<Arc<Backing>> {
