@@ -154,6 +154,12 @@ trait System {
     fn settle(&self, _written: &Path) -> bool {
         false
     }
+    /// Waits until what was just removed is deleted by the backend. True if
+    /// the system's unlink and rmdir return before that (vaultfs), so the
+    /// wait is a figure of its own.
+    fn settle_deletes(&self) -> bool {
+        false
+    }
 }
 
 struct Vaultfs {
@@ -190,6 +196,15 @@ impl System for Vaultfs {
         }
         wait_until(Duration::from_secs(600), "the pass-through upload", || {
             xattr(written, "user.vaultfs.state") == "clean"
+        });
+        true
+    }
+    fn settle_deletes(&self) -> bool {
+        // Unlink and rmdir answer once the tree is gone from the mount; the
+        // server deletes it in the background.
+        let mountpoint = self.m.mountpoint.to_string_lossy().into_owned();
+        wait_until(Duration::from_secs(600), "the deletes on the server", || {
+            !self.m.ok(&["status", &mountpoint]).contains("deleting ")
         });
         true
     }
@@ -380,6 +395,7 @@ const TAR_DONE: &str = "tar -x until stored (s)";
 const LS_COLD: &str = "ls -lR cold (s)";
 const LS_WARM: &str = "ls -lR warm (s)";
 const RM: &str = "rm -r the tree (s)";
+const RM_DONE: &str = "rm -r until deleted on the server (s)";
 const FIO: &str = "fio 4 KiB random reads (IOPS)";
 const RSS: &str = "daemon peak RSS (MiB)";
 
@@ -397,6 +413,7 @@ const ROWS: &[(&str, bool)] = &[
     (LS_COLD, false),
     (LS_WARM, false),
     (RM, false),
+    (RM_DONE, false),
     (FIO, true),
     (RSS, false),
 ];
@@ -576,7 +593,8 @@ fn make_tree(store: &Path, files: usize) -> PathBuf {
 }
 
 fn tree(sys: &mut dyn System, peak: &mut Peak, tar: &Path, reps: usize, out: &mut Figures) {
-    let (mut untar, mut done, mut cold, mut warm, mut rm) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut untar, mut done, mut cold, mut warm, mut rm, mut rm_done) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut waited = false;
     for r in 0..reps {
         let dir = sys.root().join(format!("tree{r}"));
@@ -594,8 +612,12 @@ fn tree(sys: &mut dyn System, peak: &mut Peak, tar: &Path, reps: usize, out: &mu
         let (n2, d) = time(ls);
         warm.push(d.as_secs_f64());
         assert_eq!(n, n2);
-        let (_, d) = time(|| run(Command::new("rm").arg("-r").arg(&dir)));
-        rm.push(d.as_secs_f64());
+        let start = Instant::now();
+        run(Command::new("rm").arg("-r").arg(&dir));
+        rm.push(start.elapsed().as_secs_f64());
+        if sys.settle_deletes() {
+            rm_done.push(start.elapsed().as_secs_f64());
+        }
         sys.settle(&sys.root());
     }
     out.insert(TAR, median(untar));
@@ -605,6 +627,9 @@ fn tree(sys: &mut dyn System, peak: &mut Peak, tar: &Path, reps: usize, out: &mu
     out.insert(LS_COLD, median(cold));
     out.insert(LS_WARM, median(warm));
     out.insert(RM, median(rm));
+    if !rm_done.is_empty() {
+        out.insert(RM_DONE, median(rm_done));
+    }
 }
 
 fn measure(sys: &mut dyn System, cfg: &Config, tar: &Path) -> Figures {

@@ -384,6 +384,71 @@ pub struct LockOwnerOf {
 /// Most (file, owner) pairs one renewal may name.
 pub const MAX_LOCK_OWNERS: usize = 65_536;
 
+/// One object of a [`DeleteMany`], deleted only if it is still at `version`
+/// (and, a record, empty by then).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DeleteItem {
+    /// A file.
+    File {
+        /// The file.
+        id: FileId,
+        /// The version the caller knows.
+        version: u64,
+    },
+    /// A record.
+    Record {
+        /// The record.
+        id: RecordId,
+        /// The version the caller knows.
+        version: u64,
+    },
+}
+
+/// `POST /v1/deletes`: deletes files and records in the order given, each on
+/// its own terms (one that cannot go does not stop the others), committed
+/// together. A record after the files in it goes once they went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteMany {
+    /// At most [`MAX_DELETES`].
+    pub items: Vec<DeleteItem>,
+}
+
+/// Most objects one [`DeleteMany`] may name.
+pub const MAX_DELETES: usize = 1000;
+
+/// What became of one object of a [`DeleteMany`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum DeleteOutcome {
+    /// Deleted now.
+    Deleted,
+    /// No such object (or not in a vault of the caller's).
+    NotFound,
+    /// Not at the version named: this is its version.
+    Conflict {
+        /// The current version.
+        current: u64,
+    },
+    /// The caller may not delete it.
+    Forbidden {
+        /// Why.
+        message: String,
+    },
+    /// Not now: a record that is not empty.
+    Refused {
+        /// Why.
+        message: String,
+    },
+}
+
+/// The answer to a [`DeleteMany`]: one outcome per object, in its order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletedMany {
+    /// The outcomes.
+    pub outcomes: Vec<DeleteOutcome>,
+}
+
 /// The answer to [`WaitForChanges`]: each of the caller's vaults with its
 /// change number now.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -2708,39 +2708,113 @@ async fn backing_files_stay_within_the_cache_budget() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unlink_answers_at_once_and_the_server_deletes_in_the_background() {
+async fn unlink_and_rmdir_answer_at_once_and_the_server_deletes_in_the_background() {
     let s = setup(&["V"]).await;
     let (fs, outage) = mount_faulty(s.alice.clone()).await;
     let v = fs.lookup(ROOT, n("V")).await.unwrap();
-    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let p = fs.mkdir(v.ino, n("p")).await.unwrap();
+    let r = fs.mkdir(p.ino, n("r")).await.unwrap();
+    fs.mkdir(v.ino, n("q")).await.unwrap();
     let names: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
     for name in &names {
         write_file(&fs, r.ino, name, b"content").await;
     }
-    // The server cannot be reached: unlink still answers, and the files are gone here.
+    // The server cannot be reached: unlink and rmdir still answer, and what
+    // they removed is gone here, a record in a record too.
     outage.set(true);
     for name in &names {
         fs.unlink(r.ino, n(name)).await.unwrap();
     }
     assert!(fs.readdir(r.ino).await.unwrap().is_empty(), "gone from the mount");
     assert_eq!(fs.status().deleting, 20);
+    fs.rmdir(p.ino, n("r")).await.unwrap();
+    fs.rmdir(v.ino, n("p")).await.unwrap();
+    fs.rmdir(v.ino, n("q")).await.unwrap();
+    assert!(matches!(fs.lookup(v.ino, n("p")).await, Err(FsError::NotFound)));
+    assert!(matches!(fs.lookup(v.ino, n("q")).await, Err(FsError::NotFound)));
+    assert_eq!(fs.status().deleting, 23);
     // Still on the server.
     let other = mount(s.alice.clone()).await;
     let ov = other.lookup(ROOT, n("V")).await.unwrap();
-    let or = other.lookup(ov.ino, n("r")).await.unwrap();
+    let op = other.lookup(ov.ino, n("p")).await.unwrap();
+    let or = other.lookup(op.ino, n("r")).await.unwrap();
     assert_eq!(other.readdir(or.ino).await.unwrap().len(), 20);
-    // rmdir of their record waits for the server to delete them.
-    let rmdir = tokio::spawn({
-        let fs = Arc::clone(&fs);
-        async move { fs.rmdir(v.ino, n("r")).await }
-    });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert!(!rmdir.is_finished(), "rmdir waited");
+    // Another client puts a file into q before the server hears of its rmdir.
+    let oq = other.lookup(ov.ino, n("q")).await.unwrap();
+    write_file(&other, oq.ino, "theirs.txt", b"keep me").await;
+    // The server is back: everything goes, each record after what was in it;
+    // q is refused (not empty) and shows again, with their file.
     outage.set(false);
-    tokio::time::timeout(std::time::Duration::from_secs(10), rmdir).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), fs.deletes_settled(None)).await.unwrap();
     assert_eq!(fs.status().deleting, 0);
     let third = mount(s.alice.clone()).await;
     let tv = third.lookup(ROOT, n("V")).await.unwrap();
-    assert!(matches!(third.lookup(tv.ino, n("r")).await, Err(FsError::NotFound)), "deleted on the server");
+    assert!(matches!(third.lookup(tv.ino, n("p")).await, Err(FsError::NotFound)), "deleted on the server");
+    let q = fs.lookup(v.ino, n("q")).await.expect("a refused rmdir shows the record again");
+    assert!(read_file(&fs, q.ino, "theirs.txt").await.unwrap() == b"keep me");
+    assert!(fs.status().refused.iter().any(|r| r.contains("delete refused")), "the refusal is noted");
+    drop(s.server);
+}
+
+/// `rm -r` of many files sends few requests: what queued while a request
+/// was out goes in the next one. A server that does not know deletes in one
+/// request, or answers them with the wrong number of outcomes (a lying
+/// server), gets one request per object, and everything is still deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletes_go_many_per_request_or_one_by_one_to_a_server_that_cannot() {
+    for server in ["batches", "older", "short answers"] {
+        let s = setup(&["V"]).await;
+        let (fs, outage) = mount_faulty(s.alice.clone()).await;
+        let v = fs.lookup(ROOT, n("V")).await.unwrap();
+        let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+        for i in 0..100 {
+            write_file(&fs, r.ino, &format!("f{i}"), b"content").await;
+        }
+        outage.be_older_server(server == "older");
+        outage.short_delete_answers(server == "short answers");
+        outage.hold_file_deletes(true);
+        for i in 0..100 {
+            fs.unlink(r.ino, n(&format!("f{i}"))).await.unwrap();
+        }
+        fs.rmdir(v.ino, n("r")).await.unwrap();
+        let before = outage.requests();
+        outage.hold_file_deletes(false);
+        tokio::time::timeout(std::time::Duration::from_secs(10), fs.deletes_settled(None))
+            .await
+            .unwrap_or_else(|_| panic!("{server}: deletes never settled"));
+        let requests = outage.requests() - before;
+        assert!(fs.status().refused.is_empty(), "{server}: {:?}", fs.status().refused);
+        let other = mount(s.alice.clone()).await;
+        let ov = other.lookup(ROOT, n("V")).await.unwrap();
+        assert!(matches!(other.lookup(ov.ino, n("r")).await, Err(FsError::NotFound)), "{server}");
+        if server == "batches" {
+            assert!(requests < 20, "{requests} requests for 101 deletes");
+        } else {
+            assert!(requests >= 101, "{server}: {requests} requests");
+        }
+        drop(s.server);
+    }
+}
+
+/// A record removed here is deleted on the server only after the files
+/// unlinked from it are: the server refuses a record that is not empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_is_deleted_after_its_files() {
+    let s = setup(&["V"]).await;
+    let (fs, outage) = mount_faulty(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    write_file(&fs, r.ino, "f", b"content").await;
+    outage.hold_file_deletes(true);
+    fs.unlink(r.ino, n("f")).await.unwrap();
+    fs.rmdir(v.ino, n("r")).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(fs.status().deleting, 2, "the record waits for its file");
+    outage.hold_file_deletes(false);
+    tokio::time::timeout(std::time::Duration::from_secs(10), fs.deletes_settled(None)).await.unwrap();
+    assert!(fs.status().refused.is_empty(), "{:?}", fs.status().refused);
+    let other = mount(s.alice.clone()).await;
+    let ov = other.lookup(ROOT, n("V")).await.unwrap();
+    assert!(matches!(other.lookup(ov.ino, n("r")).await, Err(FsError::NotFound)), "deleted on the server");
     drop(s.server);
 }

@@ -540,6 +540,58 @@ async fn a_file_is_created_with_its_content_in_one_request() {
     assert_eq!(s.stored_blobs().len(), blobs, "no refusal left a blob");
 }
 
+/// `POST /v1/deletes`: each object on its own terms, in the order given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_deletes_in_one_request_each_on_its_own_terms() {
+    use vaultfs::protocol::{DeleteItem as I, DeleteOutcome as O, Member, MAX_DELETES};
+    let s = TestServer::start();
+    let alice = s.user("alice", &[]).await;
+    let bob = s.user("bob", &[]).await;
+    let vault = new_vault(&alice, false).await;
+    let (top, full) = (new_record(&alice, vault, None).await, new_record(&alice, vault, None).await);
+    let child = new_record(&alice, vault, Some(top)).await;
+    let (a, b, kept) =
+        (new_file(&alice, child).await, new_file(&alice, child).await, new_file(&alice, full).await);
+    alice.upload(b, 1, true, None, UploadBody::from_bytes(&b"b"[..])).await.unwrap();
+    // Bob may read alice's vault only; his own he may write.
+    let member = Member { user: "bob".into(), rights: Rights::Read, wrapped_key: None };
+    alice.set_member(vault, member).await.unwrap();
+    let bobs = new_file(&bob, new_record(&bob, new_vault(&bob, false).await, None).await).await;
+
+    let items = vec![
+        I::File { id: a, version: 1 },
+        I::File { id: b, version: 1 }, // uploaded since: version 2
+        I::Record { id: full, version: 1 },
+        I::File { id: FileId::random().unwrap(), version: 1 },
+        I::File { id: b, version: 2 },
+        I::Record { id: child, version: 1 }, // empty by now
+        I::Record { id: top, version: 1 },
+        I::File { id: bobs, version: 1 }, // another user's
+    ];
+    let outcomes = alice.delete_many(items).await.unwrap();
+    assert_eq!(outcomes.len(), 8);
+    assert_eq!(outcomes[0], O::Deleted);
+    assert_eq!(outcomes[1], O::Conflict { current: 2 });
+    assert!(
+        matches!(&outcomes[2], O::Refused { message } if message.contains("not empty")),
+        "{:?}",
+        outcomes[2]
+    );
+    assert_eq!(outcomes[3..8], [O::NotFound, O::Deleted, O::Deleted, O::Deleted, O::NotFound]);
+    assert!(matches!(alice.file(a).await, Err(RemoteError::NotFound(_))));
+    let records: Vec<RecordId> = alice.records(vault).await.unwrap().iter().map(|r| r.id).collect();
+    assert_eq!(records, [full], "child and top went, after what was in them");
+    assert!(alice.file(kept).await.is_ok() && bob.file(bobs).await.is_ok(), "the others are kept");
+    // Read rights: refused, kept.
+    let outcomes = bob.delete_many(vec![I::File { id: kept, version: 1 }]).await.unwrap();
+    assert!(matches!(&outcomes[0], O::Forbidden { message } if message.contains("read")), "{outcomes:?}");
+    assert!(alice.file(kept).await.is_ok());
+    // Too many at once: refused whole.
+    let many = vec![I::File { id: kept, version: 1 }; MAX_DELETES + 1];
+    assert!(matches!(alice.delete_many(many).await, Err(RemoteError::Protocol(_))));
+    assert!(alice.file(kept).await.is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_cannot_reach_each_others_vaults_even_by_guessing_ids() {
     let s = TestServer::start();

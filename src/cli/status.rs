@@ -193,7 +193,7 @@ fn print(out: &mut impl Write, s: &MountStatus) -> std::io::Result<()> {
         )?;
     }
     if s.fs.deleting > 0 {
-        writeln!(out, "  deleting   {} unlinked file(s) on the server", s.fs.deleting)?;
+        writeln!(out, "  deleting   {} removed file(s) or record(s) on the server", s.fs.deleting)?;
     }
     if s.fs.uploads.is_empty() {
         writeln!(out, "  uploading  nothing")?;
@@ -342,7 +342,7 @@ mod tests {
         assert!(text.contains("1.0 MiB of 512.0 MiB in memory, 2 file(s), 1 unsaved"), "{text}");
         assert!(text.contains("a.pdf  [##########----------]  50%"), "{text}");
         assert!(text.contains("reads      passthrough off (not root); 0 open(s) served so"), "{text}");
-        assert!(text.contains("deleting   2 unlinked file(s) on the server"), "{text}");
+        assert!(text.contains("deleting   2 removed file(s) or record(s) on the server"), "{text}");
         assert!(text.contains("v.mkv  streaming"), "{text}");
         assert!(text.contains("refused    file ab12: stale version"), "{text}");
         assert!(text.contains("listing    1234 entries; the server pushes changes (feed live)"), "{text}");

@@ -5,7 +5,7 @@
 //! before it arrives, the rest waits), broken off there if the server goes down
 //! meanwhile, or have one byte flipped (a tampering server). Downloads arrive
 //! in pieces of at most 64 KiB, as over a network. Uploads can be held before
-//! their body is read (a stalled link).
+//! their body is read (a stalled link), and file deletes before they are sent.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +31,10 @@ struct Faults {
     down: AtomicBool,
     hold_at: Mutex<Option<u64>>,
     hold_uploads: AtomicBool,
+    /// File deletes wait before they reach the server (a slow link).
+    hold_file_deletes: AtomicBool,
+    /// Answers to a batch of deletes leave the last outcome out (a lying server).
+    short_delete_answers: AtomicBool,
     flip_at: Mutex<Option<u64>>,
     /// The range of every download asked for (None: whole content).
     downloads: Mutex<Vec<Option<Range<u64>>>>,
@@ -104,6 +108,22 @@ impl Outage {
         self.0.hold_uploads.store(hold, Ordering::SeqCst);
     }
 
+    /// While true, file deletes (one or in a batch) wait before they reach the server.
+    pub fn hold_file_deletes(&self, hold: bool) {
+        self.0.hold_file_deletes.store(hold, Ordering::SeqCst);
+    }
+
+    /// While true, answers to a batch of deletes leave the last outcome out.
+    pub fn short_delete_answers(&self, short: bool) {
+        self.0.short_delete_answers.store(short, Ordering::SeqCst);
+    }
+
+    async fn deletes_held(&self) {
+        while self.0.hold_file_deletes.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Downloads have the byte at `offset` of the content flipped.
     pub fn flip_download_byte(&self, offset: Option<u64>) {
         *self.0.flip_at.lock().unwrap() = offset;
@@ -116,7 +136,8 @@ impl Outage {
     }
 
     /// Answers what an older server does not know (a file created with its
-    /// content in one request) with 404, as such a server does.
+    /// content in one request, deletes in one request) with 404, as such a
+    /// server does.
     pub fn be_older_server(&self, older: bool) {
         self.0.older_server.store(older, Ordering::SeqCst);
     }
@@ -352,8 +373,24 @@ impl<R: Remote> Remote for FaultyRemote<R> {
         self.inner.update_file(id, expected, update).await
     }
     async fn delete_file(&self, id: FileId, expected: u64) -> Result<()> {
+        self.outage.deletes_held().await;
         self.outage.check()?;
         self.inner.delete_file(id, expected).await
+    }
+    async fn delete_many(
+        &self,
+        items: Vec<crate::protocol::DeleteItem>,
+    ) -> Result<Vec<crate::protocol::DeleteOutcome>> {
+        self.outage.deletes_held().await;
+        self.outage.check()?;
+        if self.outage.0.older_server.load(Ordering::SeqCst) {
+            return Err(RemoteError::NotFound("no such endpoint".into()));
+        }
+        let mut outcomes = self.inner.delete_many(items).await?;
+        if self.outage.0.short_delete_answers.load(Ordering::SeqCst) {
+            outcomes.pop();
+        }
+        Ok(outcomes)
     }
     async fn set_locks(
         &self,

@@ -705,6 +705,17 @@ impl super::Remote for HttpRemote {
         self.delete(&format!("/v1/files/{id}"), expected).await
     }
 
+    async fn delete_many(
+        &self,
+        items: Vec<crate::protocol::DeleteItem>,
+    ) -> Result<Vec<crate::protocol::DeleteOutcome>> {
+        // Sent again after a lost answer, what went is NotFound: no harm.
+        let body = crate::protocol::DeleteMany { items };
+        let resp = self.send(Method::POST, "/v1/deletes", Idempotent::Yes, |r| r.json(&body)).await?;
+        let answer: crate::protocol::DeletedMany = resp.json().await.map_err(protocol)?;
+        Ok(answer.outcomes)
+    }
+
     async fn set_locks(
         &self,
         file: FileId,

@@ -177,6 +177,13 @@ impl super::Remote for MemoryRemote {
         Ok(self.service.delete_record(&self.caller, id, expected).await?)
     }
 
+    async fn delete_many(
+        &self,
+        items: Vec<crate::protocol::DeleteItem>,
+    ) -> Result<Vec<crate::protocol::DeleteOutcome>> {
+        Ok(self.service.delete_many(&self.caller, items).await?)
+    }
+
     async fn files(&self, vault: VaultId) -> Result<Vec<FileInfo>> {
         Ok(self.service.vault_files(&self.caller, vault).await?)
     }

@@ -223,6 +223,14 @@ pub trait Remote: Send + Sync + 'static {
     ) -> impl Future<Output = Result<FileInfo>> + Send;
     /// Deletes a file if it is still at `expected`.
     fn delete_file(&self, id: FileId, expected: u64) -> impl Future<Output = Result<()>> + Send;
+    /// Deletes files and records in order, each if it is still at the
+    /// version named (a record: and empty by then), in one request; one
+    /// outcome per item, in order (a server may lie: the caller checks the
+    /// count). `NotFound` from a server that does not know the request.
+    fn delete_many(
+        &self,
+        items: Vec<crate::protocol::DeleteItem>,
+    ) -> impl Future<Output = Result<Vec<crate::protocol::DeleteOutcome>>> + Send;
     /// Makes what one lock owner of a mount holds on a file exactly
     /// `req.ranges`, waiting up to `req.wait_ms` for conflicting locks to go.
     fn set_locks(&self, file: FileId, req: SetLocks) -> impl Future<Output = Result<LockAnswer>> + Send;

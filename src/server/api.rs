@@ -239,6 +239,7 @@ pub fn router<B: BlobStore>(service: Arc<Service<B>>) -> Router {
         )
         .route("/v1/files/{file}/commit", post(commit::<B>))
         .route("/v1/files/{file}/locks", get(file_locks::<B>).put(set_locks::<B>))
+        .route("/v1/deletes", post(delete_many::<B>))
         .route("/v1/locks/renew", post(renew_locks::<B>))
         .route("/v1/locks/{holder}", delete(drop_locks::<B>))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
@@ -647,6 +648,15 @@ async fn delete_file<B: BlobStore>(
 ) -> ApiResult<StatusCode> {
     s.delete_file(&c, parse_id(&f, "file")?, if_match(&headers)?).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn delete_many<B: BlobStore>(
+    State(s): State<AppState<B>>,
+    Auth(c, _): Auth,
+    JsonBody(req): JsonBody<crate::protocol::DeleteMany>,
+) -> ApiResult<Response> {
+    let outcomes = s.delete_many(&c, req.items).await?;
+    Ok(axum::Json(crate::protocol::DeletedMany { outcomes }).into_response())
 }
 
 async fn set_locks<B: BlobStore>(

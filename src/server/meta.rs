@@ -15,8 +15,8 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use crate::ids::{hex_encode, FileId, RecordId, VaultId};
 use crate::protocol::{
-    Changes, FileInfo, FileUpdate, KdfWire, Limits, Member, NewFile, NewRecord, NewVault, RecordInfo,
-    RecordUpdate, Rights, Sealed, VaultInfo, VaultUpdate,
+    Changes, DeleteItem, DeleteOutcome, FileInfo, FileUpdate, KdfWire, Limits, Member, NewFile, NewRecord,
+    NewVault, RecordInfo, RecordUpdate, Rights, Sealed, VaultInfo, VaultUpdate,
 };
 
 use super::blob::BlobId;
@@ -449,6 +449,45 @@ fn load_record(conn: &Connection, id: RecordId) -> Result<RecordInfo> {
         .ok_or(MetaError::NotFound("record"))
 }
 
+/// The rights `user_id` has in `vault`, read through `conn`.
+fn member_rights(conn: &Connection, user_id: i64, vault: VaultId) -> Result<Option<Rights>> {
+    let r: Option<String> = conn
+        .q_row(
+            "SELECT rights FROM members WHERE vault_id = ?1 AND user_id = ?2",
+            params![&vault.0[..], user_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(r.and_then(|s| Rights::parse(&s)))
+}
+
+/// Deletes file `id` if it is at `expected`, through `tx`; its blob.
+fn delete_file_in(tx: &Connection, id: FileId, expected: u64) -> Result<Option<BlobId>> {
+    let row = load_file(tx, id)?;
+    check_version(row.info.version, expected)?;
+    tx.exec("DELETE FROM files WHERE id = ?1", [&id.0[..]])?;
+    Ok(row.blob)
+}
+
+/// Deletes record `id` if it is at `expected` and empty, through `tx`.
+fn delete_record_in(tx: &Connection, id: RecordId, expected: u64) -> Result<()> {
+    let current: i64 = tx
+        .q_row("SELECT version FROM records WHERE id = ?1", [&id.0[..]], |r| r.get(0))
+        .optional()?
+        .ok_or(MetaError::NotFound("record"))?;
+    check_version(current as u64, expected)?;
+    let children: i64 = tx.q_row(
+        "SELECT (SELECT COUNT(*) FROM records WHERE parent_id = ?1) + (SELECT COUNT(*) FROM files WHERE record_id = ?1)",
+        [&id.0[..]],
+        |r| r.get(0),
+    )?;
+    if children > 0 {
+        return Err(refuse("record is not empty"));
+    }
+    tx.exec("DELETE FROM records WHERE id = ?1", [&id.0[..]])?;
+    Ok(())
+}
+
 fn check_version(current: u64, expected: u64) -> Result<()> {
     if current == expected {
         Ok(())
@@ -776,15 +815,7 @@ impl Meta {
 
     /// The rights `user_id` has in `vault`, or `None` if not a member (or no vault).
     pub fn rights(&self, user_id: i64, vault: VaultId) -> Result<Option<Rights>> {
-        let r: Option<String> = self
-            .conn
-            .q_row(
-                "SELECT rights FROM members WHERE vault_id = ?1 AND user_id = ?2",
-                params![&vault.0[..], user_id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        Ok(r.and_then(|s| Rights::parse(&s)))
+        member_rights(&self.conn, user_id, vault)
     }
 
     /// Creates a vault with the creator as admin.
@@ -1085,22 +1116,59 @@ impl Meta {
     /// Deletes a record that has no child records and no files.
     pub fn delete_record(&mut self, id: RecordId, expected: u64) -> Result<()> {
         let tx = self.conn.transaction()?;
-        let current: i64 = tx
-            .q_row("SELECT version FROM records WHERE id = ?1", [&id.0[..]], |r| r.get(0))
-            .optional()?
-            .ok_or(MetaError::NotFound("record"))?;
-        check_version(current as u64, expected)?;
-        let children: i64 = tx.q_row(
-            "SELECT (SELECT COUNT(*) FROM records WHERE parent_id = ?1) + (SELECT COUNT(*) FROM files WHERE record_id = ?1)",
-            [&id.0[..]],
-            |r| r.get(0),
-        )?;
-        if children > 0 {
-            return Err(refuse("record is not empty"));
-        }
-        tx.exec("DELETE FROM records WHERE id = ?1", [&id.0[..]])?;
+        delete_record_in(&tx, id, expected)?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Deletes `items` in order, each as [`Meta::delete_file`] or
+    /// [`Meta::delete_record`] would if user `user_id` may write in its vault,
+    /// in one transaction (one commit, one sync to disk, for all: `rm -r`
+    /// removes many). The outcome of each, and the blobs of the files deleted.
+    pub fn delete_many(
+        &mut self,
+        user_id: i64,
+        items: &[DeleteItem],
+    ) -> Result<(Vec<DeleteOutcome>, Vec<BlobId>)> {
+        let tx = self.conn.transaction()?;
+        let mut rights = std::collections::HashMap::new();
+        let (mut outcomes, mut blobs) = (Vec::with_capacity(items.len()), Vec::new());
+        for item in items {
+            let vault = match *item {
+                DeleteItem::File { id, .. } => load_file(&tx, id).map(|f| f.info.vault),
+                DeleteItem::Record { id, .. } => load_record(&tx, id).map(|r| r.vault),
+            };
+            let done = vault.and_then(|vault| {
+                let held = match rights.get(&vault) {
+                    Some(held) => *held,
+                    None => *rights.entry(vault).or_insert(member_rights(&tx, user_id, vault)?),
+                };
+                match held {
+                    None => return Err(MetaError::NotFound("vault")),
+                    Some(r) if r < Rights::Write => {
+                        let message =
+                            format!("you have {} rights in this vault; this needs write", r.as_str());
+                        return Ok(Some(DeleteOutcome::Forbidden { message }));
+                    }
+                    Some(_) => {}
+                }
+                match *item {
+                    DeleteItem::File { id, version } => blobs.extend(delete_file_in(&tx, id, version)?),
+                    DeleteItem::Record { id, version } => delete_record_in(&tx, id, version)?,
+                }
+                Ok(None)
+            });
+            outcomes.push(match done {
+                Ok(None) => DeleteOutcome::Deleted,
+                Ok(Some(outcome)) => outcome,
+                Err(MetaError::NotFound(_)) => DeleteOutcome::NotFound,
+                Err(MetaError::VersionMismatch { current }) => DeleteOutcome::Conflict { current },
+                Err(MetaError::Refused(message)) => DeleteOutcome::Refused { message },
+                Err(e @ (MetaError::Exists(_) | MetaError::Db(_))) => return Err(e),
+            });
+        }
+        tx.commit()?;
+        Ok((outcomes, blobs))
     }
 
     // ---- files -------------------------------------------------------------
@@ -1273,11 +1341,9 @@ impl Meta {
     /// Deletes a file; returns its blob (to delete after commit).
     pub fn delete_file(&mut self, id: FileId, expected: u64) -> Result<Option<BlobId>> {
         let tx = self.conn.transaction()?;
-        let row = load_file(&tx, id)?;
-        check_version(row.info.version, expected)?;
-        tx.exec("DELETE FROM files WHERE id = ?1", [&id.0[..]])?;
+        let blob = delete_file_in(&tx, id, expected)?;
         tx.commit()?;
-        Ok(row.blob)
+        Ok(blob)
     }
 
     /// Every blob some file points at (garbage collection keeps exactly these).

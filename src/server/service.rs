@@ -33,9 +33,9 @@ use super::blob::{BlobError, BlobId, BlobRead, BlobStore, ByteStream};
 use super::meta::{Committed, FileRow, Meta, MetaError, User};
 use crate::ids::{hex_encode, FileId, RecordId, VaultId};
 use crate::protocol::{
-    Changes, CommitRequest, FileInfo, FileUpdate, KdfWire, Limits, LoginKeyChange, Me, Member, NewFile,
-    NewRecord, NewVault, PreLogin, RecordInfo, RecordUpdate, Rights, Sealed, Session, Staged, UploadResult,
-    UserKey, VaultInfo, VaultUpdate, MAX_WAIT_MS,
+    Changes, CommitRequest, DeleteItem, DeleteOutcome, FileInfo, FileUpdate, KdfWire, Limits, LoginKeyChange,
+    Me, Member, NewFile, NewRecord, NewVault, PreLogin, RecordInfo, RecordUpdate, Rights, Sealed, Session,
+    Staged, UploadResult, UserKey, VaultInfo, VaultUpdate, MAX_DELETES, MAX_WAIT_MS,
 };
 
 /// Length of a login key (SHA-256 output).
@@ -975,6 +975,22 @@ impl<B: BlobStore> Service<B> {
         check_rights(rights, Rights::Write, "file")?;
         self.discard_later(old.flatten());
         Ok(())
+    }
+
+    /// Deletes files and records in order, each on its own terms (see
+    /// [`Meta::delete_many`]), in one trip to the database: `rm -r` removes
+    /// many, and one commit each was most of their cost. The blobs are
+    /// deleted after the answer.
+    pub async fn delete_many(&self, caller: &Caller, items: Vec<DeleteItem>) -> Result<Vec<DeleteOutcome>> {
+        if items.len() > MAX_DELETES {
+            return Err(ServiceError::BadRequest(format!("at most {MAX_DELETES} objects per request")));
+        }
+        let uid = caller.user.id;
+        let (outcomes, blobs) = self.db(move |m| m.delete_many(uid, &items)).await?;
+        for blob in blobs {
+            self.discard_later(Some(blob));
+        }
+        Ok(outcomes)
     }
 
     async fn discard_blob(&self, blob: Option<BlobId>) {

@@ -1,30 +1,47 @@
-//! Deleting unlinked files on the server in the background.
+//! Deleting unlinked files and removed records on the server in the background.
 //!
-//! Data flow. `unlink` of a file that no handle holds open takes it out of
-//! the tree at once and answers; the file's id waits in the tree's
-//! `deleting` set (which every listing and page of changes leaves out,
-//! whenever asked for) while a task here sends the DELETE, several at a
-//! time ([`DELETES_IN_FLIGHT`]), so `rm -r` does not wait for one round trip
-//! per file. A delete that fails for want of the server is sent again, with
-//! growing waits, until it goes through; one the server refuses for good is
-//! logged and noted for `vaultfs status`, and the file shows again at the
-//! next listing. Whatever needs the server to have them gone waits here,
-//! for a while: `rmdir` of their record (the server removes only empty
-//! records; [`RMDIR_WAIT`]), and unmount. Nothing is lost by answering early: an unlink keeps no data, and
-//! a delete that never reaches the server leaves the file where it was.
+//! Data flow. `unlink` of a file that no handle holds open, and `rmdir` of
+//! a record, take it out of the tree at once and answer; its id waits in the
+//! tree's `deleting` set (which every listing and page of changes leaves
+//! out, whenever asked for) while it waits in the queue here. A record joins
+//! the queue once everything removed from it is gone on the server (the
+//! server removes only empty records). Senders, at most [`DELETES_IN_FLIGHT`]
+//! at a time, take what has queued meanwhile, up to [`BATCH_MOST`] objects,
+//! and send it in one request (`POST /v1/deletes`, one commit on the
+//! server): `rm -r` waits for no round trip per file, and the server syncs
+//! its database once per batch, not once per file. A server that does not
+//! know the request, or answers it with the wrong number of outcomes, gets
+//! one DELETE per object instead.
+//!
+//! A batch that fails for want of the server is sent again, with growing
+//! waits, until it goes through. A file changed elsewhere meanwhile is
+//! deleted on its own (after a look at its new version, as unlink always
+//! did); any other refusal is final: logged, noted for `vaultfs status`, and
+//! the object shows again at the next listing. Whatever needs the server to
+//! have them gone waits here, for a while: `rmdir` of a record that still
+//! holds a file unlinked while open ([`RMDIR_WAIT`]), and unmount. Nothing
+//! is lost by answering early: an unlink keeps no data, and a delete that
+//! never reaches the server leaves the object where it was.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore};
+use parking_lot::Mutex;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
+use super::tree::Key;
 use super::{FsError, VaultFs};
 use crate::ids::RecordId;
-use crate::protocol::FileInfo;
-use crate::remote::Remote;
+use crate::protocol::{DeleteItem, DeleteOutcome, FileInfo, RecordInfo};
+use crate::remote::{Remote, RemoteError};
 
-/// DELETE requests in flight at once.
-pub const DELETES_IN_FLIGHT: usize = 8;
+/// Requests of deletes in flight at once.
+pub const DELETES_IN_FLIGHT: usize = 4;
+
+/// Most objects one request deletes.
+pub const BATCH_MOST: usize = 256;
 
 /// How long rmdir waits for the deletes of files unlinked from its record
 /// before it asks the server anyway (which then refuses a record not empty).
@@ -33,15 +50,52 @@ pub(super) const RMDIR_WAIT: Duration = Duration::from_secs(10);
 /// The first wait before a failed delete is sent again (it doubles, up to a minute).
 const FIRST_RETRY: Duration = Duration::from_millis(250);
 
-/// The background deletes' slots, and word when one ends.
+/// An object waiting for its delete.
+enum Pending {
+    File(FileInfo),
+    Record(RecordInfo),
+}
+
+impl Pending {
+    fn item(&self) -> DeleteItem {
+        match self {
+            Pending::File(f) => DeleteItem::File { id: f.id, version: f.version },
+            Pending::Record(r) => DeleteItem::Record { id: r.id, version: r.version },
+        }
+    }
+
+    fn key(&self) -> Key {
+        match self {
+            Pending::File(f) => Key::File(f.id),
+            Pending::Record(r) => Key::Record(r.id),
+        }
+    }
+
+    fn what(&self) -> String {
+        match self {
+            Pending::File(f) => format!("file {}", f.id),
+            Pending::Record(r) => format!("record {}", r.id),
+        }
+    }
+}
+
+/// The queue of deletes, the senders' slots, and word when one ends.
 pub(super) struct Deletes {
+    queue: Mutex<VecDeque<Pending>>,
     slots: Arc<Semaphore>,
     ended: Notify,
+    /// The server does not know deletes in one request (an older one).
+    one_by_one: AtomicBool,
 }
 
 impl Default for Deletes {
     fn default() -> Self {
-        Deletes { slots: Arc::new(Semaphore::new(DELETES_IN_FLIGHT)), ended: Notify::new() }
+        Deletes {
+            queue: Mutex::new(VecDeque::new()),
+            slots: Arc::new(Semaphore::new(DELETES_IN_FLIGHT)),
+            ended: Notify::new(),
+            one_by_one: AtomicBool::new(false),
+        }
     }
 }
 
@@ -49,33 +103,150 @@ impl<R: Remote> VaultFs<R> {
     /// Deletes file `info` on the server in the background; the caller took it
     /// out of the tree with [`super::tree::Tree::unlink_deleting`].
     pub(super) fn delete_in_background(self: &Arc<Self>, info: FileInfo) {
+        self.deletes.queue.lock().push_back(Pending::File(info));
+        self.send_deletes();
+    }
+
+    /// Deletes record `info` on the server in the background, once what was
+    /// removed from it is gone there; the caller took it out of the tree with
+    /// [`super::tree::Tree::rmdir_deleting`]. A record changed or filled by
+    /// another client meanwhile is refused, and shows again.
+    pub(super) fn delete_record_in_background(self: &Arc<Self>, info: RecordInfo) {
         let fs = Arc::clone(self);
         tokio::spawn(async move {
-            let slots = Arc::clone(&fs.deletes.slots);
-            let _slot = slots.acquire_owned().await;
-            let mut wait = FIRST_RETRY;
-            let deleted = loop {
-                match fs.delete_file(&info).await {
-                    Ok(()) | Err(FsError::NotFound) => break true,
-                    Err(e) if e.is_permanent() => {
-                        tracing::error!(file = %info.id, error = %e, "the server refused to delete an unlinked file; it shows again at the next listing");
-                        fs.note_refusal(format!("file {}: delete refused: {e}", info.id));
-                        break false;
-                    }
-                    Err(e) => {
-                        tracing::warn!(file = %info.id, error = %e, "could not delete an unlinked file on the server; trying again in {wait:?}");
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(Duration::from_secs(60));
-                    }
-                }
-            };
-            fs.tree.lock().deletion_done(&info, deleted);
-            fs.deletes.ended.notify_waiters();
+            fs.deletes_settled(Some(info.id)).await;
+            fs.deletes.queue.lock().push_back(Pending::Record(info));
+            fs.send_deletes();
         });
     }
 
-    /// Waits until the server has deleted every file unlinked here (in
-    /// `record` only, if given), or refused to.
+    /// Starts a sender if a slot is free. One that finds none leaves the
+    /// queue to the senders at work, each of which looks at it again after
+    /// it gave its slot back.
+    fn send_deletes(self: &Arc<Self>) {
+        let Ok(slot) = Arc::clone(&self.deletes.slots).try_acquire_owned() else { return };
+        let fs = Arc::clone(self);
+        tokio::spawn(async move { fs.sender(slot).await });
+    }
+
+    async fn sender(self: Arc<Self>, slot: OwnedSemaphorePermit) {
+        loop {
+            let batch: Vec<Pending> = {
+                let mut queue = self.deletes.queue.lock();
+                let n = queue.len().min(BATCH_MOST);
+                queue.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                break;
+            }
+            self.send_batch(batch).await;
+        }
+        drop(slot);
+        if !self.deletes.queue.lock().is_empty() {
+            self.send_deletes();
+        }
+    }
+
+    /// Sends `batch` in one request, or one by one.
+    async fn send_batch(&self, batch: Vec<Pending>) {
+        if !self.deletes.one_by_one.load(Ordering::Relaxed) {
+            let items: Vec<DeleteItem> = batch.iter().map(Pending::item).collect();
+            let mut wait = FIRST_RETRY;
+            let outcomes = loop {
+                match self.remote().delete_many(items.clone()).await {
+                    Ok(outcomes) if outcomes.len() == batch.len() => break Some(outcomes),
+                    Ok(outcomes) => {
+                        tracing::warn!(sent = batch.len(), answered = outcomes.len(), "the server answered deletes with the wrong number of outcomes; sending them one by one");
+                        break None;
+                    }
+                    Err(RemoteError::NotFound(_)) => {
+                        tracing::info!("the server deletes one object per request (an older version)");
+                        self.deletes.one_by_one.store(true, Ordering::Relaxed);
+                        break None;
+                    }
+                    Err(e @ RemoteError::Unavailable(_)) => {
+                        tracing::warn!(objects = batch.len(), error = %e, "could not delete on the server; trying again in {wait:?}");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(60));
+                    }
+                    Err(e) => {
+                        tracing::warn!(objects = batch.len(), error = %e, "the server refused deletes in one request; sending them one by one");
+                        break None;
+                    }
+                }
+            };
+            if let Some(outcomes) = outcomes {
+                for (pending, outcome) in batch.into_iter().zip(outcomes) {
+                    self.take_outcome(pending, outcome).await;
+                }
+                return;
+            }
+        }
+        for pending in batch {
+            let deleted = self.send_one(&pending).await;
+            self.deletion_done(&pending, deleted);
+        }
+    }
+
+    /// What the server said of one object of a batch.
+    async fn take_outcome(&self, pending: Pending, outcome: DeleteOutcome) {
+        let deleted = match (outcome, &pending) {
+            (DeleteOutcome::Deleted | DeleteOutcome::NotFound, _) => true,
+            // Changed elsewhere (renamed, touched): deleted on its own, after
+            // a look at its new version (unlink removes it regardless).
+            (DeleteOutcome::Conflict { .. }, Pending::File(_)) => self.send_one(&pending).await,
+            (DeleteOutcome::Conflict { current }, Pending::Record(_)) => {
+                self.refused(&pending, &format!("changed elsewhere (now version {current})"))
+            }
+            (DeleteOutcome::Forbidden { message } | DeleteOutcome::Refused { message }, _) => {
+                self.refused(&pending, &message)
+            }
+        };
+        self.deletion_done(&pending, deleted);
+    }
+
+    /// Deletes one object in its own request until the server answers;
+    /// whether it is gone.
+    async fn send_one(&self, pending: &Pending) -> bool {
+        let mut wait = FIRST_RETRY;
+        loop {
+            let sent = match pending {
+                Pending::File(f) => self.delete_file(f).await,
+                Pending::Record(r) => {
+                    self.remote().delete_record(r.id, r.version).await.map_err(FsError::from)
+                }
+            };
+            match sent {
+                Ok(()) | Err(FsError::NotFound) => return true,
+                Err(e @ FsError::Unavailable(_)) => {
+                    tracing::warn!(object = pending.what(), error = %e, "could not delete on the server; trying again in {wait:?}");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(60));
+                }
+                Err(e) => return self.refused(pending, &e.to_string()),
+            }
+        }
+    }
+
+    /// The server refused to delete `pending` for good: logged and noted.
+    fn refused(&self, pending: &Pending, why: &str) -> bool {
+        let what = pending.what();
+        tracing::error!(
+            object = what,
+            error = why,
+            "the server refused a delete; it shows again at the next listing"
+        );
+        self.note_refusal(format!("{what}: delete refused: {why}"));
+        false
+    }
+
+    fn deletion_done(&self, pending: &Pending, deleted: bool) {
+        self.tree.lock().deletion_done(pending.key(), deleted);
+        self.deletes.ended.notify_waiters();
+    }
+
+    /// Waits until the server has deleted every file unlinked and record
+    /// removed here (those in `record` only, if given), or refused to.
     pub async fn deletes_settled(&self, record: Option<RecordId>) {
         loop {
             let ended = self.deletes.ended.notified();
@@ -88,7 +259,7 @@ impl<R: Remote> VaultFs<R> {
         }
     }
 
-    /// Files unlinked here that the server has not deleted yet.
+    /// Files and records removed here that the server has not deleted yet.
     pub(super) fn deletes_pending(&self) -> usize {
         self.tree.lock().deleting_count()
     }

@@ -2,10 +2,15 @@
 //!
 //! Data flow. A new record's title is sealed with the vault's key and created
 //! on the server; only once the server has it does it appear in the tree.
-//! Removing one asks the server first, too, with the version this mount
-//! knows, so a record changed elsewhere meanwhile is not removed blindly.
+//! Removing one takes it out of the tree at once and deletes it on the
+//! server in the background (super::deletes), after the files unlinked from
+//! it, with the version this mount knows: a record changed or filled
+//! elsewhere meanwhile is not removed blindly (the server refuses, and it
+//! shows again). One that still holds a file unlinked while open asks the
+//! server first.
 
 use std::ffi::OsStr;
+use std::sync::Arc;
 
 use super::tree::{check_name, Key, Node};
 use super::{Attr, FsError, Ino, Result, VaultFs};
@@ -49,7 +54,7 @@ impl<R: Remote> VaultFs<R> {
     }
 
     /// Removes an empty record.
-    pub async fn rmdir(&self, parent: Ino, name: &OsStr) -> Result<()> {
+    pub async fn rmdir(self: &Arc<Self>, parent: Ino, name: &OsStr) -> Result<()> {
         self.load_dir(parent).await?;
         if self.tree.lock().node(parent)?.vault().is_some() {
             self.deletable(parent)?;
@@ -70,9 +75,19 @@ impl<R: Remote> VaultFs<R> {
                 _ => return Err(FsError::NotDir),
             }
         };
-        // Files unlinked from it are gone from the server first (it removes
-        // only empty records); not waited for past RMDIR_WAIT, so a server
-        // that cannot take them answers rmdir with an error, not a hang.
+        if !self.tree.lock().holds_orphans(ino) {
+            // Gone from the mount now; deleted on the server in the
+            // background once what was in it is (super::deletes).
+            self.tree.lock().rmdir_deleting(ino);
+            self.touch_dir(parent);
+            self.delete_record_in_background(info);
+            return Ok(());
+        }
+        // A file unlinked while open keeps it on the server until its last
+        // close: the server's answer (not empty) is the one to give. Files
+        // unlinked from it are gone from the server first; not waited for
+        // past RMDIR_WAIT, so a server that cannot take them answers rmdir
+        // with an error, not a hang.
         let _ = tokio::time::timeout(super::deletes::RMDIR_WAIT, self.deletes_settled(Some(info.id))).await;
         self.remote().delete_record(info.id, info.version).await?;
         self.tree.lock().remove(ino);

@@ -25,7 +25,7 @@
 //! | flock and POSIX locks across clients: leases on the server, renewed | `locks.rs` | [`locks::LockTable`] |
 //! | new files known only here until their first save creates them with their content | `unsent.rs` | [`unsent::Creates`] |
 //! | unlink and rename | `rename.rs` | |
-//! | deleting unlinked files on the server in the background | `deletes.rs` | [`deletes::Deletes`] (the files waiting: [`tree::Tree`]) |
+//! | deleting unlinked files and removed records on the server in the background, many per request | `deletes.rs` | [`deletes::Deletes`] (the objects waiting: [`tree::Tree`]) |
 //! | `vaultfs status` and the `user.vaultfs.*` attributes | `status.rs` | [`status::Refusals`] |
 //!
 //! A file's plaintext lives in the memory-only [`PlainCache`], each file

@@ -168,10 +168,11 @@ pub(super) struct Tree {
     /// What this mount created on the server, likewise: a listing asked for
     /// before then does not name it, and must not take it away.
     made_here: HashMap<Ino, (VaultId, u64)>,
-    /// Files unlinked here whose deletion the server has not confirmed yet
-    /// (super::deletes), with their record: every listing and page of
-    /// changes leaves them out, whenever it was asked for.
-    deleting: HashMap<FileId, RecordId>,
+    /// Files unlinked and records removed here whose deletion the server
+    /// has not confirmed yet (super::deletes), with their vault and the
+    /// record they are in: every listing and page of changes leaves them
+    /// out, whenever it was asked for.
+    deleting: HashMap<Key, (VaultId, Option<RecordId>)>,
     /// How many creations and deletions this mount made on the server: taken
     /// before an answer is asked for, it tells which of them the answer may
     /// predate.
@@ -406,30 +407,50 @@ impl Tree {
     /// Removes file `ino` (no handle holds it open) before the server
     /// deleted it (see `deleting`).
     pub(super) fn unlink_deleting(&mut self, ino: Ino, info: &FileInfo) {
-        self.deleting.insert(info.id, info.record);
+        self.deleting.insert(Key::File(info.id), (info.vault, Some(info.record)));
         self.remove(ino);
     }
 
-    /// The server deleted file `info` (or refused to, if not `deleted`): it
-    /// is no longer left out of every listing; answers asked for before now
-    /// still leave it out (`deleted_here`).
-    pub(super) fn deletion_done(&mut self, info: &FileInfo, deleted: bool) {
-        self.deleting.remove(&info.id);
+    /// Removes record `ino`, empty here, before the server deleted it (see
+    /// `deleting`).
+    pub(super) fn rmdir_deleting(&mut self, ino: Ino) {
+        if let Some(Node::Record { info, .. }) = self.nodes.get(&ino) {
+            self.deleting.insert(Key::Record(info.id), (info.vault, info.parent));
+        }
+        self.remove(ino);
+    }
+
+    /// The server deleted `key` (or refused to, if not `deleted`): it is no
+    /// longer left out of every listing; answers asked for before now still
+    /// leave it out (`deleted_here`). After a refusal the vault's next
+    /// listing is fetched anew (whatever the change feed says: nothing
+    /// changed on the server), and shows it again.
+    pub(super) fn deletion_done(&mut self, key: Key, deleted: bool) {
+        let Some((vault, _)) = self.deleting.remove(&key) else { return };
         if deleted {
-            self.deleted_on_server(info);
+            self.local_changes += 1;
+            self.deleted_here.insert(key, (vault, self.local_changes));
+        } else {
+            self.vault_loaded.remove(&vault);
+            self.listed_at.remove(&vault);
         }
     }
 
-    /// Whether files unlinked here wait for the server to delete them (in
-    /// `record` only, if given).
+    /// Whether files or records removed here wait for the server to delete
+    /// them (those in `record` only, if given).
     pub(super) fn deleting(&self, record: Option<RecordId>) -> bool {
         match record {
-            Some(r) => self.deleting.values().any(|&of| of == r),
+            Some(r) => self.deleting.values().any(|&(_, of)| of == Some(r)),
             None => !self.deleting.is_empty(),
         }
     }
 
-    /// How many files unlinked here wait for the server to delete them.
+    /// Whether a file unlinked while open was in directory `ino`.
+    pub(super) fn holds_orphans(&self, ino: Ino) -> bool {
+        self.orphans.keys().any(|o| self.parent_of(*o) == Some(ino))
+    }
+
+    /// How many files and records removed here wait for the server to delete them.
     pub(super) fn deleting_count(&self) -> usize {
         self.deleting.len()
     }
@@ -523,8 +544,9 @@ impl Tree {
             return;
         }
         let since = |key: Key| self.deleted_here.contains_key(&key);
-        records.retain(|(r, _)| !since(Key::Record(r.id)));
-        files.retain(|(f, ..)| !since(Key::File(f.id)) && !self.deleting.contains_key(&f.id));
+        let gone = |key: Key| since(key) || self.deleting.contains_key(&key);
+        records.retain(|(r, _)| !gone(Key::Record(r.id)));
+        files.retain(|(f, ..)| !gone(Key::File(f.id)));
     }
 
     /// Whether the vault list was fetched less than [`LISTING_TTL`] ago, or
@@ -1371,7 +1393,7 @@ mod tests {
         assert_eq!(shown(&t), ["g"], "a page of changes");
         // Deleted now: an answer asked for before that still leaves it out...
         let asked = t.local_changes();
-        t.deletion_done(&f, true);
+        t.deletion_done(Key::File(f.id), true);
         assert!(!t.deleting(None));
         t.apply_listing(v, 7, asked, records.clone(), files.clone());
         assert_eq!(shown(&t), ["g"], "asked for before the delete");
@@ -1380,9 +1402,39 @@ mod tests {
         assert_eq!(shown(&t), ["f", "g"]);
         // A delete the server refused: the file shows again at the next listing.
         t.unlink_deleting(t.file_ino(g.id).unwrap(), &g);
-        t.deletion_done(&g, false);
+        t.deletion_done(Key::File(g.id), false);
         t.apply_listing(v, 9, t.local_changes(), records, files);
         assert_eq!(shown(&t), ["f", "g"]);
+        check_consistent(&t);
+    }
+
+    #[test]
+    fn a_record_waiting_for_its_delete_stays_out_of_every_answer() {
+        let v = vault();
+        let mut t = Tree::new();
+        let (p, q) = (record(v, None, 1), record(v, None, 1));
+        let c = record(v, Some(p.id), 1);
+        let records = vec![(p.clone(), name("p")), (q.clone(), name("q")), (c.clone(), name("c"))];
+        t.apply_listing(v, 5, 0, records.clone(), vec![]);
+        let vault_ino = t.keys[&Key::Vault(v)];
+        let shown = |t: &Tree| -> Vec<String> {
+            t.children[&vault_ino].keys().map(|n| n.to_string_lossy().into_owned()).collect()
+        };
+        t.rmdir_deleting(t.keys[&Key::Record(c.id)]);
+        t.rmdir_deleting(t.keys[&Key::Record(p.id)]);
+        assert!(t.deleting(Some(p.id)), "p waits for c");
+        assert!(!t.deleting(Some(c.id)) && t.deleting_count() == 2);
+        t.apply_listing(v, 6, t.local_changes(), records.clone(), vec![]);
+        assert_eq!(shown(&t), ["q"], "a listing");
+        assert!(t.apply_changes(v, 6, 7, t.local_changes(), records.clone(), vec![], vec![]).is_some());
+        assert_eq!(shown(&t), ["q"], "a page of changes");
+        t.deletion_done(Key::Record(c.id), true);
+        assert!(!t.deleting(Some(p.id)));
+        // Refused: the vault is listed anew, and shows it again.
+        t.deletion_done(Key::Record(p.id), false);
+        assert!(!t.vault_fresh(v, true), "listed anew, whatever the feed says");
+        t.apply_listing(v, 8, t.local_changes(), records, vec![]);
+        assert_eq!(shown(&t), ["p", "q"]);
         check_consistent(&t);
     }
 
