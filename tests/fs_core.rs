@@ -1255,6 +1255,9 @@ async fn run_model(ops: Vec<Op>) {
                 assert_eq!(res.is_ok(), model.remove(&name).is_some(), "step {step}: {res:?}");
             }
             Op::Remount => {
+                // As at unmount: what is unsaved is saved, what was removed
+                // deleted on the server.
+                fs.flush_all().await;
                 fs = mount(s.alice.clone()).await;
                 let v = fs.lookup(ROOT, n("V")).await.unwrap();
                 dir = fs.lookup(v.ino, n("r")).await.unwrap().ino;
@@ -2459,6 +2462,8 @@ async fn an_unlinked_new_file_leaves_nothing_on_the_server() {
     fs.unlink(r.ino, n("lost")).await.unwrap();
     fs.release(lost.ino, fh).await.unwrap();
 
+    // Deleted in the background since their last close.
+    fs.deletes_settled(None).await;
     assert_eq!(seen_by_another(&s).await.keys().collect::<Vec<_>>(), ["kept"]);
     drop(s.server);
 }
@@ -2794,6 +2799,57 @@ async fn deletes_go_many_per_request_or_one_by_one_to_a_server_that_cannot() {
         }
         drop(s.server);
     }
+}
+
+/// A delete that waited long for the server does not take another client's
+/// later work with it: a file written elsewhere meanwhile is kept (and the
+/// refusal noted). Heard of soon, a change elsewhere does not stop unlink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_that_waited_long_keeps_a_file_written_elsewhere() {
+    let s = setup(&["V"]).await;
+    let (fs, outage, r) = faulty_in_record(&s).await;
+    write_file(&fs, r.ino, "soon", b"ours").await;
+    write_file(&fs, r.ino, "late", b"ours").await;
+    let other = mount(s.alice.clone()).await;
+    let ov = other.lookup(ROOT, n("V")).await.unwrap();
+    let or = other.lookup(ov.ino, n("r")).await.unwrap();
+    // Changed elsewhere just before the unlink reaches the server: it goes.
+    outage.set(true);
+    fs.unlink(r.ino, n("soon")).await.unwrap();
+    write_over(&other, or.ino, "soon", b"theirs, soon").await;
+    outage.set(false);
+    tokio::time::timeout(std::time::Duration::from_secs(10), fs.deletes_settled(None)).await.unwrap();
+    assert!(!seen_by_another(&s).await.contains_key("soon"), "deleted, as unlink always did");
+    // Written elsewhere while the server could not be reached for longer.
+    outage.set(true);
+    fs.unlink(r.ino, n("late")).await.unwrap();
+    write_over(&other, or.ino, "late", b"theirs, later").await;
+    tokio::time::sleep(std::time::Duration::from_millis(10_500)).await;
+    outage.set(false);
+    tokio::time::timeout(std::time::Duration::from_secs(70), fs.deletes_settled(None)).await.unwrap();
+    assert_eq!(seen_by_another(&s).await["late"].0, b"theirs, later", "their work is kept");
+    assert!(fs.status().refused.iter().any(|r| r.contains("changed elsewhere")), "{:?}", fs.status().refused);
+    drop(s.server);
+}
+
+/// rename(2) over an empty directory whose contents were removed just now
+/// (their deletes still on their way) replaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_emptied_just_now_can_be_renamed_over() {
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let a = fs.mkdir(v.ino, n("a")).await.unwrap();
+    let b = fs.mkdir(v.ino, n("b")).await.unwrap();
+    let c = fs.mkdir(b.ino, n("c")).await.unwrap();
+    write_file(&fs, c.ino, "f", b"x").await;
+    write_file(&fs, b.ino, "g", b"x").await;
+    fs.unlink(c.ino, n("f")).await.unwrap();
+    fs.rmdir(b.ino, n("c")).await.unwrap();
+    fs.unlink(b.ino, n("g")).await.unwrap();
+    fs.rename(v.ino, n("a"), v.ino, n("b")).await.unwrap();
+    assert_eq!(fs.lookup(v.ino, n("b")).await.unwrap().ino, a.ino);
+    drop(s.server);
 }
 
 /// A record removed here is deleted on the server only after the files

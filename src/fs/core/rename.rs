@@ -156,6 +156,10 @@ impl<R: Remote> VaultFs<R> {
                 if !self.tree.lock().is_empty_dir(t) {
                     return Err(FsError::NotEmpty);
                 }
+                // What was removed from it is gone from the server first (as
+                // for rmdir of one that holds a file unlinked while open).
+                let settled = self.deletes_settled(Some(tinfo.id));
+                let _ = tokio::time::timeout(super::deletes::RMDIR_WAIT, settled).await;
                 self.remote().delete_record(tinfo.id, tinfo.version).await?;
                 self.tree.lock().remove(t);
             }

@@ -121,11 +121,9 @@ impl<R: Remote> VaultFs<R> {
             self.cache.remove(id);
             self.forget_backing(id);
             if let Released::DeleteOnServer(info) = released {
-                if let Err(e) = self.delete_file(&info).await {
-                    tracing::warn!(file = %id, error = %e, "a file unlinked while open could not be deleted on the server at its last close; it shows again at the next listing");
-                    return Err(e);
-                }
-                self.tree.lock().deleted_on_server(&info);
+                // Waiting for its delete since the tree let go of it (rmdir
+                // of its record waits for it), like any unlinked file.
+                self.delete_in_background(info);
             }
             return Ok(());
         }

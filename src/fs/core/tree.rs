@@ -129,7 +129,8 @@ struct Seen {
 pub(super) enum Released {
     /// Nothing: the server deleted it at the unlink.
     Gone,
-    /// Delete it on the server now (it was kept there for its handles).
+    /// Delete it on the server now (it was kept there for its handles); it
+    /// waits for its delete in `deleting` already.
     DeleteOnServer(FileInfo),
 }
 
@@ -431,6 +432,9 @@ impl Tree {
             self.local_changes += 1;
             self.deleted_here.insert(key, (vault, self.local_changes));
         } else {
+            // It is still there: no answer is to leave it out, not even one
+            // asked for before it was removed here and applied only now.
+            self.deleted_here.remove(&key);
             self.vault_loaded.remove(&vault);
             self.listed_at.remove(&vault);
         }
@@ -462,7 +466,12 @@ impl Tree {
         self.unsent.remove(&ino);
         let node = self.nodes.remove(&ino);
         Some(match node {
-            Some(Node::File { info, .. }) if on_server => Released::DeleteOnServer(info),
+            Some(Node::File { info, .. }) if on_server => {
+                // From an orphan to one waiting for its delete, in one step:
+                // rmdir of its record never sees neither.
+                self.deleting.insert(Key::File(info.id), (info.vault, Some(info.record)));
+                Released::DeleteOnServer(info)
+            }
             _ => Released::Gone,
         })
     }
@@ -501,13 +510,6 @@ impl Tree {
         self.local_changes += 1;
         self.deleted_here.insert(key.0, (key.1, self.local_changes));
         self.made_here.remove(&ino);
-    }
-
-    /// File `info`, no longer in the tree, was deleted on the server by this
-    /// mount (see `deleted_here`): a file unlinked while open, at its last close.
-    pub(super) fn deleted_on_server(&mut self, info: &FileInfo) {
-        self.local_changes += 1;
-        self.deleted_here.insert(Key::File(info.id), (info.vault, self.local_changes));
     }
 
     /// `ino`'s object was created on the server by this mount (see
@@ -1420,6 +1422,7 @@ mod tests {
         let shown = |t: &Tree| -> Vec<String> {
             t.children[&vault_ino].keys().map(|n| n.to_string_lossy().into_owned()).collect()
         };
+        let asked_before = t.local_changes();
         t.rmdir_deleting(t.keys[&Key::Record(c.id)]);
         t.rmdir_deleting(t.keys[&Key::Record(p.id)]);
         assert!(t.deleting(Some(p.id)), "p waits for c");
@@ -1430,10 +1433,11 @@ mod tests {
         assert_eq!(shown(&t), ["q"], "a page of changes");
         t.deletion_done(Key::Record(c.id), true);
         assert!(!t.deleting(Some(p.id)));
-        // Refused: the vault is listed anew, and shows it again.
+        // Refused: the vault is listed anew, and shows it again, even from a
+        // listing asked for before the rmdir.
         t.deletion_done(Key::Record(p.id), false);
         assert!(!t.vault_fresh(v, true), "listed anew, whatever the feed says");
-        t.apply_listing(v, 8, t.local_changes(), records, vec![]);
+        t.apply_listing(v, 8, asked_before, records, vec![]);
         assert_eq!(shown(&t), ["p", "q"]);
         check_consistent(&t);
     }
