@@ -45,6 +45,52 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Watches the resident memory of `pid` by kind until dropped or
+/// [`RssWatch::finish`]ed: the largest anonymous, file-backed and shared
+/// (memfd) parts seen, every 10 ms, and the threads. For a test whose memory
+/// bound fails, to say what grew.
+pub struct RssWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<String>>,
+}
+
+impl RssWatch {
+    pub fn start(pid: u32) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let keys = ["VmRSS:", "RssAnon:", "RssFile:", "RssShmem:", "Threads:"];
+            let mut most = [0u64; 5];
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                for (i, key) in keys.iter().enumerate() {
+                    let v = status
+                        .lines()
+                        .find_map(|l| l.strip_prefix(key))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                        .unwrap_or(0);
+                    most[i] = most[i].max(v);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            keys.iter().zip(most).map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+        });
+        RssWatch { stop, thread: Some(thread) }
+    }
+
+    /// The largest of each part seen (kB; threads as a count).
+    pub fn finish(mut self) -> String {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default()
+    }
+}
+
+impl Drop for RssWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Resets the peak resident memory of `pid` to what it uses now (so the
 /// Argon2id unlock at mount, 64 MiB, does not count as the cost of what follows).
 pub fn reset_peak_rss(pid: u32) -> std::io::Result<()> {

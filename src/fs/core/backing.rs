@@ -9,10 +9,10 @@
 //! ends. Nor an open whose kernel pages of the file are still good (`keep`):
 //! the kernel reads those as fast, and the backing file is made in the
 //! background for the opens after it, so no open waits for a copy of the
-//! whole file. The adapter registers it with the
-//! kernel once per backing, and the kernel then answers that handle's reads
-//! and maps from it without a request to the daemon: no copy through
-//! /dev/fuse, no hand-off between threads.
+//! whole file. The adapter registers it with the kernel once per backing,
+//! and the kernel then answers that handle's reads and maps from it without
+//! a request to the daemon: no copy through /dev/fuse, no hand-off between
+//! threads.
 //!
 //! The kernel takes one backing file per inode at a time, none while a
 //! handle of the inode uses its page cache, and, while the inode has one,
@@ -43,10 +43,10 @@
 //! would take the cache over it (the open then uses the page cache), and
 //! the cache counts the backing files' bytes when it decides what to evict.
 //! A backing file is kept after the last handle that names it, for the next
-//! open, and follows the plaintext
-//! meanwhile; kept ones go when a new one needs their room, when a handle
-//! that may write opens, with their file, and at the last close if a writer
-//! named one (its map could go on writing into it).
+//! open, and follows the plaintext meanwhile; kept ones go when a new one
+//! needs their room, when a handle that may write opens, with their file,
+//! and at the last close if a writer named one (its map could go on writing
+//! into it).
 #![allow(unsafe_code)]
 
 use std::any::Any;

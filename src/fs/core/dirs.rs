@@ -75,13 +75,22 @@ impl<R: Remote> VaultFs<R> {
                 _ => return Err(FsError::NotDir),
             }
         };
-        if !self.tree.lock().holds_orphans(ino) {
-            // Gone from the mount now; deleted on the server in the
-            // background once what was in it is (super::deletes).
-            self.tree.lock().rmdir_deleting(ino);
-            self.touch_dir(parent);
-            self.delete_record_in_background(info);
-            return Ok(());
+        {
+            // Checked again and taken out in one step: nothing is made in it
+            // in between.
+            let mut tree = self.tree.lock();
+            if !tree.is_empty_dir(ino) {
+                return Err(FsError::NotEmpty);
+            }
+            if !tree.holds_orphans(ino) {
+                // Gone from the mount now; deleted on the server in the
+                // background once what was in it is (super::deletes).
+                tree.rmdir_deleting(ino);
+                drop(tree);
+                self.touch_dir(parent);
+                self.delete_record_in_background(info);
+                return Ok(());
+            }
         }
         // A file unlinked while open keeps it on the server until its last
         // close: the server's answer (not empty) is the one to give. Files
