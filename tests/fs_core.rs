@@ -2562,6 +2562,13 @@ async fn passthrough_handles_share_one_backing_file_that_follows_every_change() 
     let ino = write_file(&fs, r.ino, "big.bin", &data).await;
     let small = write_file(&fs, r.ino, "small.txt", b"small").await;
 
+    // Written just now, the kernel's pages are good: an open reads those, and
+    // nothing is copied while it does; its backing file is made at its close.
+    let (w0, k0) = fs.open_for_kernel(ino, how(libc::O_RDONLY)).await.unwrap();
+    assert!(matches!(k0, KernelOpen::PageCache { keep: true }));
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(fs.status().backing_bytes, 0, "a copy made while the kernel reads its pages");
+    fs.release(ino, w0).await.unwrap();
     // Reads only, large enough: the kernel reads from a backing file, one per file.
     let (r1, k1) = open_passthrough(&fs, ino).await;
     let KernelOpen::Passthrough { backing: b1, direct: false } = k1 else { panic!("no backing file") };

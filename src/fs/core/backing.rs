@@ -8,8 +8,8 @@
 //! of the plaintext. Not a cold open: its reads start before the download
 //! ends. Nor an open whose kernel pages of the file are still good (`keep`):
 //! the kernel reads those as fast, and the backing file is made in the
-//! background for the opens after it, so no open waits for a copy of the
-//! whole file. The adapter registers it with the kernel once per backing,
+//! background at its last close, for the opens after it: no open waits for
+//! a copy of the whole file, and no copy competes with its reads. The adapter registers it with the kernel once per backing,
 //! and the kernel then answers that handle's reads and maps from it without
 //! a request to the daemon: no copy through /dev/fuse, no hand-off between
 //! threads.
@@ -147,12 +147,15 @@ pub(super) struct Passthrough {
     wanted: bool,
     mode: Mutex<PassthroughMode>,
     opens: AtomicU64,
+    /// Files opened while the kernel's pages were good and no backing file
+    /// was there: one is made at their last close, for the next open.
+    ahead: Mutex<std::collections::HashSet<FileId>>,
 }
 
 impl Passthrough {
     pub(super) fn new(wanted: bool) -> Self {
         let mode = PassthroughMode::Off("not mounted".into());
-        Passthrough { wanted, mode: Mutex::new(mode), opens: AtomicU64::new(0) }
+        Passthrough { wanted, mode: Mutex::new(mode), opens: AtomicU64::new(0), ahead: Mutex::default() }
     }
 }
 
@@ -479,11 +482,12 @@ impl<R: Remote> VaultFs<R> {
                 }
                 if keep && self.handles.backing(id).is_none() {
                     // The kernel's pages of this version are good: it reads
-                    // them as fast as a backing file, which is made meanwhile
-                    // for the opens after this one (a copy of the whole file
-                    // would make this one wait).
+                    // them as fast as a backing file, which is made at the
+                    // last close for the opens after this one (a copy of the
+                    // whole file would make this one wait, and one made
+                    // meanwhile competes with its reads).
                     drop(d);
-                    self.make_backing_ahead(id, plain);
+                    self.passthrough.ahead.lock().insert(id);
                     return self
                         .name_backing(id, HandleMode::Cached, KernelWish::PageCache, keep, plain)
                         .await;
@@ -687,10 +691,20 @@ impl<R: Remote> VaultFs<R> {
     }
 
     /// A handle of file `id` closed: with passthrough off (the kernel refused
-    /// a backing file), nothing keeps one for the next open.
-    pub(super) fn closed_for_backing(&self, id: FileId) {
+    /// a backing file), nothing keeps one for the next open; at the last
+    /// close of a file opened while its kernel pages were good, one is made
+    /// for the next open.
+    pub(super) fn closed_for_backing(self: &Arc<Self>, id: FileId) {
         if *self.passthrough.mode.lock() != PassthroughMode::On {
+            self.passthrough.ahead.lock().remove(&id);
             self.forget_backing(id);
+            return;
+        }
+        if self.handles.is_open(id) || !self.passthrough.ahead.lock().remove(&id) {
+            return;
+        }
+        if let Some(plain) = self.cache.peek(id) {
+            self.make_backing_ahead(id, &plain);
         }
     }
 
