@@ -1,17 +1,18 @@
 //! Deleting unlinked files and removed records on the server in the background.
 //!
-//! Data flow. `unlink` of a file that no handle holds open, and `rmdir` of
-//! a record, take it out of the tree at once and answer; its id waits in the
-//! tree's `deleting` set (which every listing and page of changes leaves
-//! out, whenever asked for) while it waits in the queue here. A record joins
-//! the queue once everything removed from it is gone on the server (the
-//! server removes only empty records). Senders, at most [`DELETES_IN_FLIGHT`]
-//! at a time, take what has queued meanwhile, up to [`BATCH_MOST`] objects,
-//! and send it in one request (`POST /v1/deletes`, one commit on the
-//! server): `rm -r` waits for no round trip per file, and the server syncs
-//! its database once per batch, not once per file. A server that does not
-//! know the request, or answers it with the wrong number of outcomes, gets
-//! one DELETE per object instead.
+//! Data flow. `unlink` of a file that no handle holds open (or the last
+//! close of one unlinked while open), and `rmdir` of a record, take it out
+//! of the tree at once and answer; its id waits in the tree's `deleting` set
+//! (which every listing and page of changes leaves out, whenever asked for)
+//! while it waits in the queue here. A record joins the queue once
+//! everything removed from it is gone on the server (the server removes
+//! only empty records). Senders, at most [`DELETES_IN_FLIGHT`] at a time,
+//! take what has queued meanwhile, up to [`BATCH_MOST`] objects, and send it
+//! in one request (`POST /v1/deletes`, one commit on the server): `rm -r`
+//! waits for no round trip per file, and the server syncs its database once
+//! per batch, not once per file. A server that does not know the request,
+//! or answers it with the wrong number of outcomes, gets one DELETE per
+//! object instead.
 //!
 //! A sender lets deletes gather for [`LINGER`] before it sends them: sent
 //! as they come, one per request, they cost the server (on the same two
@@ -21,13 +22,16 @@
 //! up nothing else), each until it goes through. A file changed elsewhere
 //! meanwhile is deleted at its new version if the server says so within
 //! [`PATIENCE`] of the unlink (as a delete sent at once would), else kept:
-//! after a long wait that may be another client's work. That and any other refusal
-//! is final: logged, noted for `vaultfs status`, and the object shows again
-//! at the vault's next listing, which is then asked for. Whatever needs the server to
-//! have them gone waits here, for a while: `rmdir` of a record that still
-//! holds a file unlinked while open ([`RMDIR_WAIT`]), and unmount. Nothing
-//! is lost by answering early: an unlink keeps no data, and a delete that
-//! never reaches the server leaves the object where it was.
+//! after a long wait that may be another client's work. That and any other
+//! refusal is final: logged, noted for `vaultfs status`, and the object
+//! shows again at the vault's next listing, which is then asked for.
+//!
+//! Whatever needs the server to have them gone waits here, for a while:
+//! `rmdir` of a record that still holds a file unlinked while open, and a
+//! rename over a directory emptied just now ([`RMDIR_WAIT`]), and unmount
+//! (at most 30 s). Nothing is lost by answering early: an unlink keeps no
+//! data, and a delete that never reaches the server leaves the object where
+//! it was.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
