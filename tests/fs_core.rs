@@ -2618,6 +2618,12 @@ async fn passthrough_handles_share_one_backing_file_that_follows_every_change() 
     assert!(Arc::ptr_eq(&b1, &b3), "still the one the open handles name");
     // Once downloaded (a read waits for it), for the handles opened before too.
     assert!(fs.read(r3, 0, u32::MAX).await.unwrap().to_vec() == newer);
+    // The download task copies it in just after its last piece, which the
+    // read above may have returned before.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while backing_bytes(&b1) != newer && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     assert!(backing_bytes(&b1) == newer, "the new version, for the handles opened before too");
 
     // Not kept after the last handle once a writer named it (a shared map of

@@ -70,6 +70,7 @@ pub(super) const RMDIR_WAIT: Duration = Duration::from_secs(10);
 
 /// The first wait before a failed delete is sent again (it doubles, up to a minute).
 const FIRST_RETRY: Duration = Duration::from_millis(250);
+const LAST_RETRY: Duration = Duration::from_secs(60);
 
 /// Unlink deletes a file whatever another client did to it meanwhile
 /// (renamed, touched, written) if it hears of that within this long, as a
@@ -77,6 +78,27 @@ const FIRST_RETRY: Duration = Duration::from_millis(250);
 /// Past it (the server could not be reached, say), a file changed elsewhere
 /// is kept: it shows again.
 const PATIENCE: Duration = Duration::from_secs(10);
+
+/// The growing waits between sends of a delete the server could not take.
+struct Backoff {
+    next: Duration,
+    /// Waits so far.
+    waited: u32,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: FIRST_RETRY, waited: 0 }
+    }
+}
+
+impl Backoff {
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(LAST_RETRY);
+        self.waited += 1;
+    }
+}
 
 /// An object waiting for its delete.
 enum Pending {
@@ -183,9 +205,8 @@ impl<R: Remote> VaultFs<R> {
     async fn send_batch(&self, batch: Vec<Pending>) {
         if !self.deletes.one_by_one.load(Ordering::Relaxed) {
             let items: Vec<DeleteItem> = batch.iter().map(Pending::item).collect();
-            let (mut wait, mut tries) = (FIRST_RETRY, 0);
+            let mut backoff = Backoff::default();
             let outcomes = loop {
-                tries += 1;
                 match self.remote().delete_many(items.clone()).await {
                     Ok(outcomes) if outcomes.len() == batch.len() => break Some(outcomes),
                     Ok(outcomes) => {
@@ -197,16 +218,15 @@ impl<R: Remote> VaultFs<R> {
                         self.deletes.one_by_one.store(true, Ordering::Relaxed);
                         break None;
                     }
-                    Err(e @ RemoteError::Unavailable(_)) if tries >= BATCH_TRIES => {
+                    Err(e @ RemoteError::Unavailable(_)) if backoff.waited + 1 >= BATCH_TRIES => {
                         // One object the server always fails on must not hold
                         // up the others: each is sent (and retried) on its own.
                         tracing::warn!(objects = batch.len(), error = %e, "could not delete on the server; sending them one by one");
                         break None;
                     }
                     Err(e @ RemoteError::Unavailable(_)) => {
-                        tracing::warn!(objects = batch.len(), error = %e, "could not delete on the server; trying again in {wait:?}");
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(Duration::from_secs(60));
+                        tracing::warn!(objects = batch.len(), error = %e, "could not delete on the server; trying again in {:?}", backoff.next);
+                        backoff.wait().await;
                     }
                     Err(e) => {
                         tracing::warn!(objects = batch.len(), error = %e, "the server refused deletes in one request; sending them one by one");
@@ -248,7 +268,7 @@ impl<R: Remote> VaultFs<R> {
     /// Deletes one object in its own request until the server answers;
     /// whether it is gone.
     async fn send_one(&self, pending: &Pending) -> bool {
-        let mut wait = FIRST_RETRY;
+        let mut backoff = Backoff::default();
         loop {
             let sent = match pending {
                 Pending::File(f, unlinked) if unlinked.elapsed() < PATIENCE => self.delete_file(f).await,
@@ -265,9 +285,8 @@ impl<R: Remote> VaultFs<R> {
             match sent {
                 Ok(()) | Err(FsError::NotFound) => return true,
                 Err(e @ FsError::Unavailable(_)) => {
-                    tracing::warn!(object = pending.what(), error = %e, "could not delete on the server; trying again in {wait:?}");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(60));
+                    tracing::warn!(object = pending.what(), error = %e, "could not delete on the server; trying again in {:?}", backoff.next);
+                    backoff.wait().await;
                 }
                 Err(e) => return self.refused(pending, &e.to_string()),
             }

@@ -408,8 +408,12 @@ impl Tree {
     /// Removes file `ino` (no handle holds it open) before the server
     /// deleted it (see `deleting`).
     pub(super) fn unlink_deleting(&mut self, ino: Ino, info: &FileInfo) {
-        self.deleting.insert(Key::File(info.id), (info.vault, Some(info.record)));
+        self.file_deleting(info);
         self.remove(ino);
+    }
+
+    fn file_deleting(&mut self, info: &FileInfo) {
+        self.deleting.insert(Key::File(info.id), (info.vault, Some(info.record)));
     }
 
     /// Removes record `ino`, empty here, before the server deleted it (see
@@ -469,7 +473,7 @@ impl Tree {
             Some(Node::File { info, .. }) if on_server => {
                 // From an orphan to one waiting for its delete, in one step:
                 // rmdir of its record never sees neither.
-                self.deleting.insert(Key::File(info.id), (info.vault, Some(info.record)));
+                self.file_deleting(&info);
                 Released::DeleteOnServer(info)
             }
             _ => Released::Gone,
