@@ -160,6 +160,12 @@ trait System {
     fn settle_deletes(&self) -> bool {
         false
     }
+    /// Seconds for another client to read the largest stored object straight
+    /// from the system's object store, if it has one (vaultfs on S3): the
+    /// ceiling its large reads sit under.
+    fn store_alone_read(&self) -> Option<f64> {
+        None
+    }
 }
 
 struct Vaultfs {
@@ -207,6 +213,34 @@ impl System for Vaultfs {
             !self.m.ok(&["status", &mountpoint]).contains("deleting ")
         });
         true
+    }
+    fn store_alone_read(&self) -> Option<f64> {
+        // rclone, four ranged GETs at once, as the server reads a long blob
+        // (without its MD5 check, which the server does not make either).
+        let remote = self.m.server.s3_rclone_remote()?;
+        let bucket = self.m.server.blob_root().join(remote.rsplit(':').next()?);
+        let largest =
+            self.m.server.stored_blobs().into_iter().max_by_key(|p| p.metadata().map_or(0, |m| m.len()))?;
+        let key = largest.strip_prefix(&bucket).ok()?.to_string_lossy().into_owned();
+        let out = tempfile::tempdir_in("/dev/shm").ok()?;
+        let (status, d) = time(|| {
+            Command::new("rclone")
+                .args([
+                    "copyto",
+                    "--ignore-checksum",
+                    "--multi-thread-streams",
+                    "4",
+                    "--multi-thread-cutoff",
+                    "10M",
+                ])
+                .arg(format!("{remote}/{key}"))
+                .arg(out.path().join("object"))
+                .env_remove("AWS_CA_BUNDLE")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+        });
+        status.ok()?.success().then_some(d.as_secs_f64())
     }
 }
 
@@ -390,6 +424,7 @@ const R30_WARM: &str = "read 30 MB warm (s)";
 const W300: &str = "write+close 300 MB (s)";
 const W300_DONE: &str = "write 300 MB until stored (s)";
 const R300_COLD: &str = "read 300 MB cold (s)";
+const R300_STORE: &str = "read 300 MB from the S3 store alone (s)";
 const TAR: &str = "tar -x of the tree (s)";
 const TAR_DONE: &str = "tar -x until stored (s)";
 const LS_COLD: &str = "ls -lR cold (s)";
@@ -408,6 +443,7 @@ const ROWS: &[(&str, bool)] = &[
     (W300, false),
     (W300_DONE, false),
     (R300_COLD, false),
+    (R300_STORE, false),
     (TAR, false),
     (TAR_DONE, false),
     (LS_COLD, false),
@@ -646,6 +682,10 @@ fn measure(sys: &mut dyn System, cfg: &Config, tar: &Path) -> Figures {
     drop(big);
     let huge = PageAligned::pattern(cfg.huge, 2);
     big_files(sys, &mut peak, &huge, cfg.reps, [W300, W300_DONE, R300_COLD, ""], false, &mut out);
+    let alone: Vec<f64> = (0..cfg.reps).filter_map(|_| sys.store_alone_read()).collect();
+    if !alone.is_empty() {
+        out.insert(R300_STORE, median(alone));
+    }
     drop(huge);
     tree(sys, &mut peak, tar, cfg.tree_reps, &mut out);
     peak.note(sys.pid());

@@ -11,9 +11,12 @@
 //! A failed or refused upload aborts its multipart upload at once. A crash
 //! cannot, so before its first part every multipart upload is written to a
 //! small journal in the server's data directory; the next start aborts every
-//! upload still listed there ([`BlobStore::clean_incomplete`]). Downloads and
-//! Range reads stream from the store. The S3 protocol (SigV4 signing, retries)
-//! is the `object_store` crate's.
+//! upload still listed there ([`BlobStore::clean_incomplete`]).
+//!
+//! A read streams its first 8 MiB from one ranged GET; the rest of a long read
+//! comes from several ranged GETs at once, fetched by a task while the first
+//! part streams, and is given out in order. The S3 protocol (SigV4 signing,
+//! retries) is the `object_store` crate's.
 
 use std::io;
 use std::path::PathBuf;
@@ -225,15 +228,16 @@ impl Multipart {
     }
 }
 
-/// A range longer than this is read as several ranged GETs at once
+/// A read longer than this is fetched as several ranged GETs at once
 /// ([`PARTS_IN_FLIGHT`] of [`PART`] bytes): one GET streams at what one
 /// connection and one server thread give (a 300 MB read took 3.6 times as
 /// long as from local blobs), several use the bucket's parallelism.
 const PARALLEL_FROM: u64 = 2 * PART;
 /// The size of each ranged GET of a long read.
 const PART: u64 = 8 << 20;
-/// Ranged GETs of one read in flight at once: the memory one read holds on
-/// the server is at most this many parts.
+/// Ranged GETs of one read in flight at once, besides the part being given
+/// out: the memory one read holds on the server is about this many parts
+/// plus one.
 const PARTS_IN_FLIGHT: usize = 4;
 /// Parts of long reads the whole server holds at once (128 MiB): many
 /// readers, or one opening many long reads, wait for each other rather than
@@ -241,26 +245,33 @@ const PARTS_IN_FLIGHT: usize = 4;
 const PARTS_ON_SERVER: usize = 16;
 
 impl S3BlobStore {
-    /// The bytes of `range` of object `key`, fetched as ranged GETs of
-    /// [`PART`] bytes, [`PARTS_IN_FLIGHT`] at once, and given out in order.
-    /// The first part is fetched before this returns, so that an object gone
-    /// meanwhile is `NotFound` (which the caller answers, or retries),
-    /// not a stream cut after its first byte. A part that comes back short
-    /// (the object changed, or the store lied) ends the stream with an error.
-    async fn get_in_parts(
-        &self,
-        key: ObjectPath,
-        range: std::ops::Range<u64>,
-    ) -> Result<ByteStream, BlobError> {
+    /// Bytes `start..` of object `key` as one streamed GET of at most
+    /// [`PART`] bytes, and the object's whole length. A GET, not a HEAD and
+    /// a GET: a whole read of a small object costs one request.
+    async fn get_first(&self, key: &ObjectPath, start: u64) -> Result<(ByteStream, u64, u64), BlobError> {
+        let opts = GetOptions { range: Some(GetRange::Bounded(start..start + PART)), ..Default::default() };
+        let got = self.store.get_opts(key, opts).await.map_err(store_err)?;
+        let (size, got_range) = (got.meta.size, got.range.clone());
+        if got_range != (start..(start + PART).min(size)) {
+            return Err(BlobError::BadRange);
+        }
+        Ok((Box::pin(got.into_stream().map_err(io::Error::other)), got_range.end, size))
+    }
+
+    /// Bytes `first_end..end` of object `key`, fetched as ranged GETs of
+    /// [`PART`] bytes in a task of their own, [`PARTS_IN_FLIGHT`] at once,
+    /// and given out in order after `first` (the stream of the bytes before
+    /// them). The task starts at once, so the later parts arrive while
+    /// `first` streams; it ends when the reader goes away. A part that comes
+    /// back short (the object changed, or the store lied) ends the stream
+    /// with an error.
+    fn rest_in_parts(&self, key: ObjectPath, first: ByteStream, first_end: u64, end: u64) -> ByteStream {
         let (store, permits) = (Arc::clone(&self.store), Arc::clone(&self.read_parts));
         let fetch = move |part: std::ops::Range<u64>| {
             let (store, key, permits) = (Arc::clone(&store), key.clone(), Arc::clone(&permits));
             async move {
                 let held = permits.acquire_owned().await.map_err(io::Error::other)?;
-                let bytes = store.get_range(&key, part.clone()).await.map_err(|e| match e {
-                    object_store::Error::NotFound { .. } => io::Error::from(io::ErrorKind::NotFound),
-                    e => io::Error::other(e),
-                })?;
+                let bytes = store.get_range(&key, part.clone()).await.map_err(io::Error::other)?;
                 if bytes.len() as u64 != part.end - part.start {
                     return Err(io::Error::other(format!(
                         "object store: bytes {}..{} came back as {} bytes",
@@ -272,17 +283,26 @@ impl S3BlobStore {
                 Ok((held, bytes))
             }
         };
-        let mut parts =
-            (range.start..range.end).step_by(PART as usize).map(move |s| s..(s + PART).min(range.end));
-        let first = parts.next().expect("a long range has parts");
-        let first = fetch.clone()(first).await.map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => BlobError::NotFound,
-            _ => BlobError::Io(e),
-        })?;
-        let rest = futures_util::stream::iter(parts).map(fetch).buffered(PARTS_IN_FLIGHT);
-        // A part's permit goes when the part is handed on.
-        let all = futures_util::stream::once(async { Ok(first) }).chain(rest).map_ok(|(_held, bytes)| bytes);
-        Ok(Box::pin(all))
+        let parts = (first_end..end).step_by(PART as usize).map(move |s| s..(s + PART).min(end));
+        let mut fetched = futures_util::stream::iter(parts).map(fetch).buffered(PARTS_IN_FLIGHT);
+        // One part waits in the channel; its permit goes when it is handed on.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = fetched.next() => next,
+                    () = tx.closed() => return,
+                };
+                let Some(part) = next else { return };
+                let failed = part.is_err();
+                if tx.send(part).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let rest = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|p| (p, rx)) })
+            .map_ok(|(_held, bytes)| bytes);
+        Box::pin(first.chain(rest))
     }
 }
 
@@ -293,28 +313,44 @@ impl BlobStore for S3BlobStore {
 
     async fn get(&self, id: BlobId, range: Option<(u64, u64)>) -> Result<BlobRead, BlobError> {
         let key = self.key(id);
-        if let Some((start, end)) = range {
-            // A range the object cannot serve (or an empty one, which S3
-            // cannot express) is settled from its size alone.
-            let size = self.store.head(&key).await.map_err(store_err)?.size;
-            if start > end || end > size {
-                return Err(BlobError::BadRange);
+        let Some((start, end)) = range else {
+            // A whole read starts as a ranged GET of its first part, which
+            // also tells the object's length. An empty object has no first
+            // part (S3 refuses the range): it, and any other refusal but
+            // "not found", is read as one plain GET.
+            match self.get_first(&key, 0).await {
+                Ok((first, first_end, size)) if size > first_end => {
+                    let stream = self.rest_in_parts(key, first, first_end, size);
+                    return Ok(BlobRead { stream, total_len: size });
+                }
+                Ok((stream, _, size)) => return Ok(BlobRead { stream, total_len: size }),
+                Err(BlobError::NotFound) => return Err(BlobError::NotFound),
+                Err(_) => {}
             }
-            if start == end {
-                return Ok(BlobRead { stream: Box::pin(futures_util::stream::empty()), total_len: size });
-            }
-            if end - start > PARALLEL_FROM {
-                return Ok(BlobRead { stream: self.get_in_parts(key, start..end).await?, total_len: size });
-            }
-        }
-        let opts = GetOptions { range: range.map(|(s, e)| GetRange::Bounded(s..e)), ..Default::default() };
-        let got = self.store.get_opts(&key, opts).await.map_err(store_err)?;
-        let total_len = got.meta.size;
-        if range.is_some_and(|(s, e)| got.range != (s..e)) {
+            let got = self.store.get_opts(&key, GetOptions::default()).await.map_err(store_err)?;
+            let total_len = got.meta.size;
+            return Ok(BlobRead { stream: Box::pin(got.into_stream().map_err(io::Error::other)), total_len });
+        };
+        // A range the object cannot serve (or an empty one, which S3 cannot
+        // express) is settled from its size alone.
+        let size = self.store.head(&key).await.map_err(store_err)?.size;
+        if start > end || end > size {
             return Err(BlobError::BadRange);
         }
-        let stream = got.into_stream().map_err(io::Error::other);
-        Ok(BlobRead { stream: Box::pin(stream), total_len })
+        if start == end {
+            return Ok(BlobRead { stream: Box::pin(futures_util::stream::empty()), total_len: size });
+        }
+        if end - start > PARALLEL_FROM {
+            let (first, first_end, _) = self.get_first(&key, start).await?;
+            return Ok(BlobRead { stream: self.rest_in_parts(key, first, first_end, end), total_len: size });
+        }
+        let opts = GetOptions { range: Some(GetRange::Bounded(start..end)), ..Default::default() };
+        let got = self.store.get_opts(&key, opts).await.map_err(store_err)?;
+        if got.range != (start..end) {
+            return Err(BlobError::BadRange);
+        }
+        let total_len = got.meta.size;
+        Ok(BlobRead { stream: Box::pin(got.into_stream().map_err(io::Error::other)), total_len })
     }
 
     async fn delete(&self, id: BlobId) -> Result<(), BlobError> {

@@ -238,6 +238,19 @@ impl TestServer {
         }
     }
 
+    /// On S3: the bucket as an rclone connection string (`:s3,...:bucket`),
+    /// for reading objects with another S3 client (the bench's figure of what
+    /// the S3 server alone delivers).
+    pub fn s3_rclone_remote(&self) -> Option<String> {
+        self.s3.as_ref().map(|s3| {
+            format!(
+                ":s3,provider=Other,access_key_id={S3_KEY},secret_access_key={S3_SECRET},\
+                 endpoint='http://127.0.0.1:{}':{S3_BUCKET}",
+                s3.port
+            )
+        })
+    }
+
     /// Where blobs are kept on this machine (the S3 server's root on S3).
     pub fn blob_root(&self) -> PathBuf {
         match &self.s3 {
