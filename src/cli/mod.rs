@@ -2,9 +2,11 @@
 
 mod admin;
 mod demo;
+mod helper;
 mod logring;
 mod mount;
 mod policy;
+mod secret;
 mod status;
 mod user;
 
@@ -106,6 +108,11 @@ fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
 /// Parses `std::env::args` and runs the command.
 pub fn main() -> ExitCode {
     tune_allocator();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(call) = helper::helper_call(&argv) {
+        init_logging();
+        return finish(call.map_err(Into::into).and_then(helper::run));
+    }
     let cli = Cli::parse();
     init_logging();
     let result: CliResult = match cli.command {
@@ -127,6 +134,11 @@ pub fn main() -> ExitCode {
         Command::Status(args) => status::run(args),
         Command::Policy(cmd) => policy::run(cmd),
     };
+    finish(result)
+}
+
+/// The exit code for `result`, with the error on stderr.
+fn finish(result: CliResult) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

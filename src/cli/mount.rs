@@ -15,7 +15,8 @@ use clap::Args;
 use zeroize::Zeroizing;
 
 use super::policy::PolicyPaths;
-use super::user::{freshness_for, read_passphrase, LOGIN_KDF_FLOOR, PASSPHRASE_FILE_ENV};
+use super::secret::{read_passphrase_from, PASSPHRASE_COMMAND_ENV};
+use super::user::{freshness_for, LOGIN_KDF_FLOOR, PASSPHRASE_FILE_ENV};
 use super::CliResult;
 use crate::fs::fuse::FuseAdapter;
 use crate::fs::{FsOptions, VaultFs};
@@ -37,6 +38,12 @@ pub struct MountArgs {
     /// Read the passphrase from this file instead of asking.
     #[arg(long, env = PASSPHRASE_FILE_ENV)]
     passphrase_file: Option<PathBuf>,
+    /// Run this command (with `sh -c`) and take what it prints as the
+    /// passphrase, e.g. `pass show vaultfs`. Without this, a file, or a
+    /// systemd credential `vaultfs-passphrase`, the passphrase is asked for
+    /// (a passphrase file, if given too, wins).
+    #[arg(long, env = PASSPHRASE_COMMAND_ENV)]
+    passphrase_command: Option<String>,
     /// Plaintext cache budget in MiB (memory only; never written to disk); the
     /// policy's cache_budget, if lower, wins [default: the policy's, or 512].
     #[arg(long)]
@@ -79,7 +86,12 @@ fn passphrase(args: &MountArgs, user: &str) -> Result<Zeroizing<String>, String>
         std::io::stdin().read_to_string(&mut text).map_err(|e| e.to_string())?;
         return Ok(Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string()));
     }
-    read_passphrase(args.passphrase_file.as_deref(), &format!("Passphrase for {user}: "), false)
+    read_passphrase_from(
+        args.passphrase_file.as_deref(),
+        args.passphrase_command.as_deref(),
+        &format!("Passphrase for {user}: "),
+        false,
+    )
 }
 
 fn check_mountpoint(path: &Path) -> Result<PathBuf, String> {
@@ -143,6 +155,7 @@ fn spawn_background(args: &MountArgs, mountpoint: &Path, pass: &str) -> CliResul
                 args.policy.user.iter().flat_map(|u| [std::ffi::OsStr::new("--user-config"), u.as_os_str()]),
             )
             .env_remove(PASSPHRASE_FILE_ENV)
+            .env_remove(PASSPHRASE_COMMAND_ENV)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use clap::{Args, Subcommand};
 use zeroize::Zeroizing;
 
+pub(crate) use super::secret::{read_passphrase, PASSPHRASE_FILE_ENV};
 use super::CliResult;
 use crate::crypto::{Fingerprint, KdfParams, RecoveryKey};
 use crate::fs::freshness::{state_dir, state_path, Freshness, FreshnessError};
@@ -18,9 +19,6 @@ use crate::remote::tls::{normalize_fingerprint, Trust};
 /// The weakest Argon2id this client accepts from a server for the login key
 /// (OWASP's minimum for Argon2id): a hostile server cannot make it cheaper.
 pub const LOGIN_KDF_FLOOR: KdfParams = KdfParams { m_cost_kib: 19 * 1024, t_cost: 2, p_cost: 1 };
-
-/// Environment variable naming a file that holds the passphrase (for scripts).
-pub const PASSPHRASE_FILE_ENV: &str = "VAULTFS_PASSPHRASE_FILE";
 
 /// `vaultfs login`.
 #[derive(Debug, Args)]
@@ -201,42 +199,6 @@ fn login_path() -> Result<PathBuf, String> {
     config_dir()
         .map(|d| d.join(LOGIN_FILE))
         .ok_or_else(|| "cannot find a config directory: set HOME or XDG_CONFIG_HOME".to_string())
-}
-
-/// Reads the passphrase from `file`, or asks on the terminal (twice if `confirm`).
-pub(crate) fn read_passphrase(
-    file: Option<&Path>,
-    prompt: &str,
-    confirm: bool,
-) -> Result<Zeroizing<String>, String> {
-    if let Some(path) = file {
-        let text = Zeroizing::new(
-            std::fs::read_to_string(path)
-                .map_err(|e| format!("reading passphrase from {}: {e}", path.display()))?,
-        );
-        let pass = Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string());
-        if pass.is_empty() {
-            return Err(format!("{}: the passphrase file is empty", path.display()));
-        }
-        return Ok(pass);
-    }
-    if !std::io::stdin().is_terminal() {
-        return Err(format!(
-            "no terminal to ask for the passphrase: pass --passphrase-file or set {PASSPHRASE_FILE_ENV}"
-        ));
-    }
-    let first = Zeroizing::new(rpassword::prompt_password(prompt).map_err(|e| e.to_string())?);
-    if first.is_empty() {
-        return Err("empty passphrase".into());
-    }
-    if confirm {
-        let second =
-            Zeroizing::new(rpassword::prompt_password("Repeat the passphrase: ").map_err(|e| e.to_string())?);
-        if *first != *second {
-            return Err("the passphrases differ".into());
-        }
-    }
-    Ok(first)
 }
 
 /// Reads the recovery key from `file`, or asks on the terminal; a mistyped

@@ -1,0 +1,286 @@
+//! The mount helper: `vaultfs` run as `mount.vaultfs` or `mount.fuse.vaultfs`
+//! (links to the binary), or by fuse3's `mount.fuse` as `vaultfs SOURCE
+//! MOUNTPOINT -o OPTIONS`, which is how `mount -t fuse.vaultfs`, an fstab
+//! line and a systemd mount unit start it.
+//!
+//! Data flow: the helper's arguments (`SOURCE MOUNTPOINT [-o opts] [-nsfv]`)
+//! are turned into those of `vaultfs mount MOUNTPOINT ...` and parsed and
+//! run as that command, so both take the same options the same way. SOURCE
+//! is a label of the admin's choosing (the login names the server); each
+//! `-o key=value` maps to the long option `--key value`. Options meant for
+//! mount(8), fuse3 or systemd (`_netdev`, `noauto`, `user`, `nofail`,
+//! `x-systemd.*`, ...) are accepted and left alone. An unknown option is an
+//! error that names it, and nothing is mounted, unless `-s` (sloppy) asks
+//! for unknown options to be ignored.
+//!
+//! mount(8) runs helpers with a bare environment: no `HOME`, no `PATH`, no
+//! `XDG_*`. So the helper finds the user's login through `-o home=DIR`, or
+//! else the home directory the password database gives the user it runs as
+//! (root, or the user fuse3's `setuid=USER` or an fstab `user` mount runs
+//! it as); and `vaultfs` must be on the shell's default path (/usr/bin,
+//! where the package puts it) for fuse3's mount.fuse to find it.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use clap::Parser;
+
+use super::{Cli, CliResult, Command};
+
+/// Names the binary answers to as a mount helper.
+const HELPER_NAMES: &[&str] = &["mount.vaultfs", "mount.fuse.vaultfs"];
+
+/// Options that take a value, as `-o key=value`: the `vaultfs mount` option
+/// each becomes.
+const VALUED: &[(&str, &str)] = &[
+    ("passphrase_file", "--passphrase-file"),
+    ("passphrase_command", "--passphrase-command"),
+    ("cache_mib", "--cache-mib"),
+    ("threads", "--threads"),
+    ("policy", "--policy"),
+    ("user_config", "--user-config"),
+];
+
+/// The option naming the home directory whose login and state to use.
+const HOME: &str = "home";
+
+/// Options without a value that `vaultfs mount` takes.
+const FLAGS: &[(&str, &str)] = &[
+    ("foreground", "--foreground"),
+    ("local_locks", "--local-locks"),
+    ("no_passthrough", "--no-passthrough"),
+];
+
+/// Options for mount(8), fuse3's helper or systemd, which vaultfs accepts and
+/// leaves to them (`x-*` and `comment=*` too). A FUSE mount is always
+/// nodev and nosuid; vaultfs always mounts with noatime.
+const LEFT_ALONE: &[&str] = &[
+    "rw",
+    "defaults",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "owner",
+    "group",
+    "_netdev",
+    "nofail",
+    "dev",
+    "nodev",
+    "suid",
+    "nosuid",
+    "exec",
+    "noexec",
+    "atime",
+    "noatime",
+    "relatime",
+    "nodiratime",
+    "async",
+    "sync",
+];
+
+/// If this process was started as a mount helper, the `vaultfs mount`
+/// arguments it stands for (or why they are wrong); `None` for an ordinary
+/// command line.
+pub(super) fn helper_call(argv: &[OsString]) -> Option<Result<HelperCall, String>> {
+    let name = argv.first().map(Path::new).and_then(Path::file_name)?.to_string_lossy().into_owned();
+    let called_as_helper = HELPER_NAMES.contains(&name.as_str());
+    // fuse3's mount.fuse runs the subtype's program as `vaultfs SOURCE
+    // MOUNTPOINT -o ...`: a first word that is no command, then a directory.
+    let from_mount_fuse = !called_as_helper
+        && argv.len() >= 3
+        && argv[1].to_str().is_some_and(|w| !w.starts_with('-') && !is_command(w))
+        && Path::new(&argv[2]).is_dir();
+    (called_as_helper || from_mount_fuse).then(|| translate(&argv[1..]))
+}
+
+fn is_command(word: &str) -> bool {
+    use clap::CommandFactory;
+    Cli::command().get_subcommands().any(|c| c.get_name() == word || c.get_all_aliases().any(|a| a == word))
+        || word == "help"
+}
+
+/// What a helper call asks for: `vaultfs mount`'s arguments (none for a fake
+/// mount, `-f`, which does nothing) and the home directory to use, if named.
+#[derive(Debug, PartialEq)]
+pub(super) struct HelperCall {
+    args: Vec<OsString>,
+    home: Option<String>,
+}
+
+/// `SOURCE MOUNTPOINT [-o opts] [-n] [-s] [-f] [-v]` as a [`HelperCall`].
+fn translate(args: &[OsString]) -> Result<HelperCall, String> {
+    let usage = "usage: mount.vaultfs SOURCE MOUNTPOINT [-o OPTIONS] [-n] [-s] [-f] [-v]";
+    let mut words = Vec::new();
+    let mut options: Vec<String> = Vec::new();
+    let (mut sloppy, mut fake) = (false, false);
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let text = arg.to_str().ok_or_else(|| format!("an argument is not UTF-8; {usage}"))?;
+        match text {
+            "-o" => {
+                let opts = it.next().ok_or_else(|| format!("-o needs a value; {usage}"))?;
+                options.push(opts.to_str().ok_or("the options are not UTF-8")?.to_string());
+            }
+            "-s" => sloppy = true,
+            "-f" => fake = true,
+            "-n" | "-v" => {}
+            _ if text.starts_with("-o") && text.len() > 2 => options.push(text[2..].to_string()),
+            _ if text.starts_with('-') => return Err(format!("unknown flag {text}; {usage}")),
+            _ => words.push(arg.clone()),
+        }
+    }
+    let [_source, mountpoint] = <[OsString; 2]>::try_from(words).map_err(|_| usage.to_string())?;
+    let mut out: Vec<OsString> = vec!["vaultfs".into(), "mount".into(), mountpoint];
+    let mut home = None;
+    for option in options.iter().flat_map(|o| o.split(',')) {
+        let (key, value) = match option.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (option, None),
+        };
+        if key == HOME {
+            home =
+                Some(value.filter(|v| !v.is_empty()).ok_or("mount option home needs a value")?.to_string());
+        } else if let Some((_, long)) = VALUED.iter().find(|(k, _)| *k == key) {
+            let value =
+                value.filter(|v| !v.is_empty()).ok_or_else(|| format!("mount option {key} needs a value"))?;
+            out.push(format!("{long}={value}").into());
+        } else if let Some((_, long)) = FLAGS.iter().find(|(k, _)| *k == key) {
+            if value.is_some() {
+                return Err(format!("mount option {key} takes no value"));
+            }
+            out.push(long.into());
+        } else if option.is_empty() || LEFT_ALONE.contains(&key) || key.starts_with("x-") || key == "comment"
+        {
+        } else if key == "ro" {
+            return Err("read-only mounts are not supported (mount option ro)".into());
+        } else if !sloppy {
+            let known: Vec<&str> =
+                VALUED.iter().map(|(k, _)| *k).chain(FLAGS.iter().map(|(k, _)| *k)).collect();
+            return Err(format!("unknown mount option {key} (vaultfs knows {})", known.join(", ")));
+        }
+    }
+    Ok(HelperCall { args: if fake { Vec::new() } else { out }, home })
+}
+
+/// Runs the helper call: `vaultfs mount` with the translated arguments, in
+/// the home directory named or the user's own.
+pub(super) fn run(call: HelperCall) -> CliResult {
+    if call.args.is_empty() {
+        return Ok(()); // -f: a fake mount
+    }
+    let home = match call.home {
+        Some(home) => Some(home.into()),
+        None if std::env::var_os("HOME").is_some_and(|h| !h.is_empty()) => None,
+        None => Some(
+            home_of_this_user().ok_or("no HOME, and no home directory for this user: pass -o home=DIR")?,
+        ),
+    };
+    if let Some(home) = home {
+        // Still one thread: nothing reads the environment meanwhile. The
+        // XDG variables would point elsewhere than the home named.
+        std::env::set_var("HOME", &home);
+        std::env::remove_var("XDG_CONFIG_HOME");
+        std::env::remove_var("XDG_STATE_HOME");
+    }
+    let cli = Cli::try_parse_from(call.args).map_err(|e| e.to_string())?;
+    match cli.command {
+        Command::Mount(args) => super::mount::mount(args),
+        _ => unreachable!("translated to a mount"),
+    }
+}
+
+/// The home directory of the user this process runs as, from the password
+/// database.
+#[allow(unsafe_code)]
+fn home_of_this_user() -> Option<OsString> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    // SAFETY: an all-zero passwd is a valid value to be overwritten.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwuid_r writes into `pwd` and `buf`, both ours and of the
+    // sizes given, and sets `found` to `&pwd` or null.
+    let rc = unsafe { libc::getpwuid_r(libc::getuid(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut found) };
+    if rc != 0 || found.is_null() || pwd.pw_dir.is_null() {
+        return None;
+    }
+    // SAFETY: pw_dir points at a NUL-terminated string inside `buf`.
+    let dir = unsafe { std::ffi::CStr::from_ptr(pwd.pw_dir) };
+    (!dir.to_bytes().is_empty()).then(|| std::ffi::OsStr::from_bytes(dir.to_bytes()).to_os_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(argv: &[&str]) -> Option<Result<Vec<String>, String>> {
+        let argv: Vec<OsString> = argv.iter().map(OsString::from).collect();
+        helper_call(&argv).map(|r| r.map(|c| c.args.into_iter().map(|a| a.into_string().unwrap()).collect()))
+    }
+
+    #[test]
+    fn options_become_mount_arguments() {
+        let got = call(&[
+            "/sbin/mount.vaultfs",
+            "alice@vaults",
+            "/mnt/v",
+            "-o",
+            "rw,_netdev,noauto,x-systemd.automount,passphrase_command=pass show v,cache_mib=64,local_locks",
+            "-n",
+        ]);
+        assert_eq!(
+            got,
+            Some(Ok(vec![
+                "vaultfs".into(),
+                "mount".into(),
+                "/mnt/v".into(),
+                "--passphrase-command=pass show v".into(),
+                "--cache-mib=64".into(),
+                "--local-locks".into(),
+            ]))
+        );
+        let parsed = Cli::try_parse_from(got.unwrap().unwrap()).unwrap();
+        assert!(matches!(parsed.command, Command::Mount(_)));
+        assert_eq!(call(&["mount.fuse.vaultfs", "x", "/m", "-f"]), Some(Ok(vec![])));
+        let argv: Vec<OsString> =
+            ["mount.vaultfs", "x", "/m", "-o", "home=/srv/h"].map(OsString::from).to_vec();
+        assert_eq!(helper_call(&argv).unwrap().unwrap().home.as_deref(), Some("/srv/h"));
+        assert!(home_of_this_user().is_some(), "the password database names this user's home");
+    }
+
+    #[test]
+    fn bad_options_are_named_and_mount_nothing() {
+        let e = call(&["mount.vaultfs", "x", "/m", "-o", "cache_mib=64,colour=blue"]).unwrap().unwrap_err();
+        assert!(e.contains("unknown mount option colour"), "{e}");
+        let sloppy = call(&["mount.vaultfs", "x", "/m", "-s", "-o", "colour=blue"]).unwrap().unwrap();
+        assert_eq!(sloppy, ["vaultfs", "mount", "/m"]);
+        assert!(call(&["mount.vaultfs", "x", "/m", "-o", "ro"]).unwrap().unwrap_err().contains("read-only"));
+        assert!(call(&["mount.vaultfs", "x", "/m", "-o", "cache_mib"])
+            .unwrap()
+            .unwrap_err()
+            .contains("needs a value"));
+        assert!(call(&["mount.vaultfs", "x", "/m", "-o", "local_locks=1"])
+            .unwrap()
+            .unwrap_err()
+            .contains("no value"));
+        assert!(call(&["mount.vaultfs", "/m"]).unwrap().unwrap_err().contains("usage"));
+        assert!(call(&["mount.vaultfs", "x", "/m", "--bogus"])
+            .unwrap()
+            .unwrap_err()
+            .contains("unknown flag"));
+    }
+
+    #[test]
+    fn ordinary_command_lines_are_not_helper_calls() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        assert_eq!(call(&["vaultfs", "mount", d]), None);
+        assert_eq!(call(&["vaultfs", "status", d]), None);
+        assert_eq!(call(&["vaultfs", "--version"]), None);
+        assert_eq!(call(&["vaultfs", "x", "/no/such/dir"]), None);
+        // As fuse3's mount.fuse calls it: SOURCE, then a directory.
+        assert_eq!(call(&["vaultfs", "vaults", d, "-o", "cache_mib=8"]).unwrap().unwrap()[2], d);
+    }
+}
