@@ -5,7 +5,8 @@
 //! its plaintext in memory only; [`remote`] is the client the mount talks to
 //! the server through, and [`server`] is `vaultfs serve`; [`policy`] holds the
 //! mount policies; [`protocol`] and [`ids`] are shared by client and server;
-//! [`cli`] parses the command line and dispatches. README.md says what works.
+//! [`cli`] parses the command line and dispatches; [`systemd`] tells systemd
+//! how the daemons are doing. README.md says what works.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -21,3 +22,4 @@ pub mod policy;
 pub mod protocol;
 pub mod remote;
 pub mod server;
+pub mod systemd;

@@ -150,3 +150,162 @@ fn an_fstab_mount_takes_its_options_and_passphrase_and_umount_saves_every_file()
     }
     umount(&m.mountpoint);
 }
+
+/// A datagram socket standing in for systemd's notify socket.
+struct Notify {
+    socket: std::os::unix::net::UnixDatagram,
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Notify {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        Notify { socket, path, _dir: dir }
+    }
+
+    /// Waits up to `limit` for a message holding `line`; returns it.
+    fn wait_for(&self, line: &str, limit: Duration) -> String {
+        let start = Instant::now();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while start.elapsed() < limit {
+            if let Ok(n) = self.socket.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if msg.lines().any(|l| l == line) {
+                    return msg;
+                }
+                seen.push(msg);
+            }
+        }
+        panic!("no {line} within {limit:?}; got {seen:?}");
+    }
+}
+
+/// Kills and reaps a child left running by a failed test.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sigterm(child: &std::process::Child) {
+    assert!(Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap().success());
+}
+
+fn exits(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(start.elapsed() < limit, "still running after {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `Type=notify` and `WatchdogSec=`, as systemd runs the shipped units: the
+/// server says it is ready once it listens, pings the watchdog while its
+/// metadata store answers, and says it is stopping at SIGTERM; the mount
+/// says ready once mounted, pings, and says stopping while it saves.
+#[test]
+fn the_daemons_tell_systemd_they_are_ready_alive_and_stopping() {
+    let notify = Notify::new();
+    let data = tempfile::tempdir().unwrap();
+    let server = Command::new(vaultfs_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--plain-http", "--data-dir"])
+        .arg(data.path())
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env("WATCHDOG_USEC", "200000")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut server = Reaped(server);
+    let ready = notify.wait_for("READY=1", Duration::from_secs(20));
+    assert!(ready.contains("STATUS=listening on http://127.0.0.1:"), "{ready}");
+    for _ in 0..2 {
+        notify.wait_for("WATCHDOG=1", Duration::from_secs(2));
+    }
+    sigterm(&server.0);
+    notify.wait_for("STOPPING=1", Duration::from_secs(10));
+    assert!(exits(&mut server.0, Duration::from_secs(15)).success());
+
+    let mut m = TestMount::start();
+    m.unmount();
+    let notify = Notify::new();
+    let mount = Command::new(vaultfs_bin())
+        .arg("mount")
+        .arg(&m.mountpoint)
+        .arg("--foreground")
+        .env("XDG_CONFIG_HOME", &m.home)
+        .env("XDG_STATE_HOME", m.home.join("state"))
+        .env("VAULTFS_PASSPHRASE_FILE", &m.pass)
+        .env("VAULTFS_POLICY", &m.policy)
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env("WATCHDOG_USEC", "200000")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut mount = Reaped(mount);
+    let _guard = Unmounted(m.mountpoint.clone());
+    let ready = notify.wait_for("READY=1", Duration::from_secs(30));
+    assert!(ready.contains("STATUS=mounted at"), "{ready}");
+    assert!(mounted(&m.mountpoint));
+    std::fs::create_dir_all(m.path("Family/a-record")).unwrap();
+    std::fs::write(m.path("Family/a-record/x"), b"saved before it stops").unwrap();
+    notify.wait_for("WATCHDOG=1", Duration::from_secs(2));
+    sigterm(&mount.0);
+    notify.wait_for("STOPPING=1", Duration::from_secs(10));
+    assert!(exits(&mut mount.0, Duration::from_secs(30)).success());
+    assert!(!mounted(&m.mountpoint));
+}
+
+/// The shipped units pass `systemd-analyze verify` (with the binary under
+/// test as ExecStart and its own manual pages on MANPATH, which verify
+/// checks Documentation= against), with no warning at all; the sysusers
+/// file makes the server's user.
+#[test]
+fn the_shipped_systemd_units_verify_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/systemd");
+    let man = dir.path().join("man");
+    let out = Command::new(vaultfs_bin()).arg("man").arg(man.join("man1")).output().unwrap();
+    assert!(out.status.success(), "vaultfs man: {}", String::from_utf8_lossy(&out.stderr));
+    let runtime = dir.path().join("runtime");
+    std::fs::create_dir_all(&runtime).unwrap();
+    for (unit, user) in [("vaultfs-server.service", false), ("vaultfs-mount@.service", true)] {
+        let text = std::fs::read_to_string(units.join(unit)).unwrap();
+        assert!(text.contains("ExecStart=/usr/bin/vaultfs "), "{unit} runs the installed binary");
+        std::fs::write(dir.path().join(unit), text.replace("/usr/bin/vaultfs", &vaultfs_bin())).unwrap();
+        let name = if user { "vaultfs-mount@Vaults.service" } else { unit };
+        if user {
+            std::os::unix::fs::symlink(dir.path().join(unit), dir.path().join(name)).unwrap();
+        }
+        let out = Command::new("systemd-analyze")
+            .args(user.then_some("--user"))
+            .arg("verify")
+            .arg(dir.path().join(name))
+            .env("MANPATH", &man)
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .output()
+            .expect("systemd-analyze (the test command installs systemd)");
+        let said = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && said.trim().is_empty(), "{unit}: {said}");
+    }
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    let out = Command::new("systemd-sysusers")
+        .arg("--dry-run")
+        .arg(format!("--root={}", root.display()))
+        .arg(units.join("vaultfs.sysusers"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.contains("Creating user 'vaultfs'"), "{said}");
+}

@@ -2,6 +2,7 @@
 
 mod admin;
 mod demo;
+mod docs;
 mod helper;
 mod logring;
 mod mount;
@@ -69,6 +70,15 @@ pub enum Command {
     /// Check mount policies.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Print the shell completion script for bash, zsh or fish.
+    ///
+    /// bash: `vaultfs completions bash > /etc/bash_completion.d/vaultfs`;
+    /// zsh: into a directory on `$fpath` as `_vaultfs`; fish:
+    /// `~/.config/fish/completions/vaultfs.fish`. The Debian package
+    /// installs all three.
+    Completions(docs::CompletionsArgs),
+    /// Write the manual pages (vaultfs.1 and one per command) into a directory.
+    Man(docs::ManArgs),
 }
 
 /// `vaultfs serve`.
@@ -133,6 +143,8 @@ pub fn main() -> ExitCode {
         Command::Unmount(args) => mount::unmount(args),
         Command::Status(args) => status::run(args),
         Command::Policy(cmd) => policy::run(cmd),
+        Command::Completions(args) => docs::completions(args),
+        Command::Man(args) => docs::man(args),
     };
     finish(result)
 }

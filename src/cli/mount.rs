@@ -221,6 +221,10 @@ fn run_foreground(
     println!("{READY}{}", mountpoint.display());
     let _ = std::io::stdout().flush();
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
+    crate::systemd::ready(&format!("mounted at {}", mountpoint.display()));
+    // systemd's watchdog (a unit with WatchdogSec=) is pinged while the
+    // runtime that answers the kernel's requests runs tasks.
+    rt.spawn(crate::systemd::watchdog(|| async { true }));
     if args.passphrase_stdin {
         // Started in the background by `vaultfs mount`: let go of the caller's
         // terminal and pipes, or whoever waits for them to close waits forever.
@@ -329,6 +333,7 @@ pub(crate) fn serve_until_stopped<R: crate::remote::Remote>(
         };
         Ok::<_, std::io::Error>(outcome)
     })?;
+    crate::systemd::stopping("saving files and unmounting");
     let failed = rt.block_on(fs.flush_all());
     if failed > 0 {
         tracing::error!(failed, "some files could not be saved before unmounting");

@@ -134,7 +134,14 @@ async fn serve<B: BlobStore>(
     if incomplete + orphans > 0 {
         tracing::info!(incomplete, orphans, "removed leftovers of interrupted uploads");
     }
-    let app = api::router(Arc::new(service));
+    let service = Arc::new(service);
+    let app = api::router(Arc::clone(&service));
+    // systemd's watchdog (a unit with WatchdogSec=) is pinged while the
+    // metadata store answers a query.
+    tokio::spawn(crate::systemd::watchdog(move || {
+        let service = Arc::clone(&service);
+        async move { service.run_admin(|m| m.setting("")).await.is_ok() }
+    }));
 
     // Accepted connections get TCP_NODELAY. With Nagle's algorithm a response
     // written in more than one piece (a TLS record for the head, more for the
@@ -150,11 +157,13 @@ async fn serve<B: BlobStore>(
     tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutting down");
+        crate::systemd::stopping("finishing the requests in flight");
         stopper.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
     });
 
     if config.plain_http {
         on_start(&Started { addr, scheme: "http", fingerprint: None });
+        crate::systemd::ready(&format!("listening on http://{addr}"));
         axum_server::from_tcp(listener)
             .map_err(io_err("preparing the listener"))?
             .acceptor(NoDelayAcceptor::new())
@@ -176,7 +185,8 @@ async fn serve<B: BlobStore>(
             }
         };
         let (tls_config, fingerprint) = tls::server_config(&cert, &key)?;
-        on_start(&Started { addr, scheme: "https", fingerprint: Some(fingerprint) });
+        on_start(&Started { addr, scheme: "https", fingerprint: Some(fingerprint.clone()) });
+        crate::systemd::ready(&format!("listening on https://{addr}, certificate {fingerprint}"));
         let rustls = axum_server::tls_rustls::RustlsConfig::from_config(tls_config);
         let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(rustls).acceptor(NoDelayAcceptor::new());
         axum_server::from_tcp(listener)
