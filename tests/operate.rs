@@ -309,3 +309,44 @@ fn the_shipped_systemd_units_verify_cleanly() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && said.contains("Creating user 'vaultfs'"), "{said}");
 }
+
+/// `--log-format json`: every line the server logs is one JSON object with
+/// a time, a level, a target and a message (here: a request logged at debug
+/// level, and the shutdown).
+#[test]
+fn json_logs_are_one_object_per_line() {
+    use std::io::{BufRead, Read, Write};
+    let data = tempfile::tempdir().unwrap();
+    let server = Command::new(vaultfs_bin())
+        .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0", "--plain-http", "--data-dir"])
+        .arg(data.path())
+        .env("VAULTFS_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut server = Reaped(server);
+    let mut stdout = std::io::BufReader::new(server.0.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let addr = line.trim().rsplit("http://").next().unwrap().to_string();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.write_all(b"GET /v1/health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    sigterm(&server.0);
+    assert!(exits(&mut server.0, Duration::from_secs(15)).success());
+    let mut logged = String::new();
+    server.0.stderr.take().unwrap().read_to_string(&mut logged).unwrap();
+    let lines: Vec<&str> = logged.lines().collect();
+    assert!(lines.len() >= 2, "{logged}");
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        for key in ["timestamp", "level", "target"] {
+            assert!(v.get(key).is_some_and(|x| x.is_string()), "no {key}: {l}");
+        }
+        assert!(v["fields"]["message"].is_string(), "no message: {l}");
+    }
+    assert!(logged.contains("/v1/health") && logged.contains("shutting down"), "{logged}");
+}

@@ -186,7 +186,7 @@ pub(super) fn run(call: HelperCall) -> CliResult {
     }
     let cli = Cli::try_parse_from(call.args).map_err(|e| e.to_string())?;
     match cli.command {
-        Command::Mount(args) => super::mount::mount(args),
+        Command::Mount(args) => super::mount::mount(args, cli.log_format),
         _ => unreachable!("translated to a mount"),
     }
 }

@@ -25,9 +25,23 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "vaultfs", version, propagate_version = true)]
 pub struct Cli {
+    /// How log lines are written to standard error: `text` for people, or
+    /// `json`, one object per line (time, level, target, message and
+    /// fields), for log collectors. Which lines: `VAULTFS_LOG` (say `debug`).
+    #[arg(long, global = true, env = "VAULTFS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The log line formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Lines for people (coloured on a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The subcommands.
@@ -100,15 +114,24 @@ pub struct ServeArgs {
 
 type CliResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("VAULTFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(logring::Sink)
-        .try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(logring::Sink);
+    let _ = match format {
+        LogFormat::Text => builder.with_ansi(ansi).try_init(),
+        LogFormat::Json => builder.json().with_ansi(false).try_init(),
+    };
+}
+
+/// The log format asked for in the environment, for a mount helper call
+/// (which has no `--log-format`).
+fn log_format_from_env() -> LogFormat {
+    match std::env::var("VAULTFS_LOG_FORMAT").as_deref() {
+        Ok("json") => LogFormat::Json,
+        _ => LogFormat::Text,
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
@@ -120,11 +143,11 @@ pub fn main() -> ExitCode {
     tune_allocator();
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let Some(call) = helper::helper_call(&argv) {
-        init_logging();
+        init_logging(log_format_from_env());
         return finish(call.map_err(Into::into).and_then(helper::run));
     }
     let cli = Cli::parse();
-    init_logging();
+    init_logging(cli.log_format);
     let result: CliResult = match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Serve(args) => serve(args),
@@ -139,7 +162,7 @@ pub fn main() -> ExitCode {
         }
         Command::Trust(args) => runtime().map_err(Into::into).and_then(|rt| rt.block_on(user::trust(args))),
         Command::Whoami(args) => runtime().map_err(Into::into).and_then(|rt| rt.block_on(user::whoami(args))),
-        Command::Mount(args) => mount::mount(args),
+        Command::Mount(args) => mount::mount(args, cli.log_format),
         Command::Unmount(args) => mount::unmount(args),
         Command::Status(args) => status::run(args),
         Command::Policy(cmd) => policy::run(cmd),

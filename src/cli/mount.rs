@@ -103,7 +103,7 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, String> {
 }
 
 /// `vaultfs mount`.
-pub fn mount(args: MountArgs) -> CliResult {
+pub fn mount(args: MountArgs, log_format: super::LogFormat) -> CliResult {
     let mountpoint = check_mountpoint(&args.mountpoint)?;
     // Before anything else: never mount on a policy that could not be read.
     let policy = args.policy.load()?;
@@ -124,7 +124,7 @@ pub fn mount(args: MountArgs) -> CliResult {
     }
     let pass = passphrase(&args, &account.user)?;
     if !args.foreground {
-        return spawn_background(&args, &mountpoint, &pass);
+        return spawn_background(&args, &mountpoint, &pass, log_format);
     }
     run_foreground(&args, &mountpoint, (&account, &login), &pass, policy, budget)
 }
@@ -136,7 +136,12 @@ fn cache_budget(args: &MountArgs, policy: &Policy) -> usize {
 }
 
 /// Starts `vaultfs mount --foreground` detached and waits for it to be ready.
-fn spawn_background(args: &MountArgs, mountpoint: &Path, pass: &str) -> CliResult {
+fn spawn_background(
+    args: &MountArgs,
+    mountpoint: &Path,
+    pass: &str,
+    log_format: super::LogFormat,
+) -> CliResult {
     let exe = std::env::current_exe()?;
     let mut child = {
         use std::os::unix::process::CommandExt;
@@ -146,6 +151,7 @@ fn spawn_background(args: &MountArgs, mountpoint: &Path, pass: &str) -> CliResul
             .args(["--foreground", "--passphrase-stdin"])
             .args(["--threads", &args.threads.to_string()])
             .args(args.log_names.then_some("--log-names"))
+            .args((log_format == super::LogFormat::Json).then_some("--log-format=json"))
             .args(args.local_locks.then_some("--local-locks"))
             .args(args.no_passthrough.then_some("--no-passthrough"))
             .args(args.cache_mib.map(|c| format!("--cache-mib={c}")))
