@@ -350,3 +350,57 @@ fn json_logs_are_one_object_per_line() {
     }
     assert!(logged.contains("/v1/health") && logged.contains("shutting down"), "{logged}");
 }
+
+/// `vaultfs status --watch`: plain blocks with the time when not on a
+/// terminal, progress bars on one (run under script(1)); both end when the
+/// mount they watch does. Bad intervals are refused.
+#[test]
+fn status_watch_redraws_until_the_mount_ends() {
+    let mut m = TestMount::start();
+    std::fs::create_dir_all(m.path("Family/w")).unwrap();
+    std::fs::write(m.path("Family/w/f"), vec![7u8; 3 << 20]).unwrap();
+    let mountpoint = m.mountpoint.display().to_string();
+    let watch = |under_script: bool| {
+        let mut cmd = if under_script {
+            let mut c = Command::new("script");
+            c.args([
+                "-qfec",
+                &format!("{} status --watch --interval 0.2 {mountpoint}", vaultfs_bin()),
+                "/dev/null",
+            ]);
+            c
+        } else {
+            let mut c = Command::new(vaultfs_bin());
+            c.args(["status", "--watch", "--interval", "0.2", &mountpoint]);
+            c
+        };
+        cmd.env("XDG_CONFIG_HOME", &m.home)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let plain = Reaped(watch(false));
+    let tty = Reaped(watch(true));
+    std::thread::sleep(Duration::from_millis(1200));
+    m.unmount();
+    let mut outputs = Vec::new();
+    for mut w in [plain, tty] {
+        assert!(exits(&mut w.0, Duration::from_secs(10)).success(), "the watch did not end with the mount");
+        let mut text = String::new();
+        std::io::Read::read_to_string(w.0.stdout.as_mut().unwrap(), &mut text).unwrap();
+        outputs.push(text);
+    }
+    let (plain, tty) = (&outputs[0], &outputs[1]);
+    assert!(plain.matches("\n-- ").count() + plain.starts_with("-- ") as usize >= 3, "{plain}");
+    assert!(plain.contains("  cache      ") && plain.contains("is not a running vaultfs mount"), "{plain}");
+    assert!(!plain.contains('\u{1b}'), "terminal codes in plain output: {plain}");
+    assert!(tty.contains("cache     [") && tty.contains(" of ") && tty.contains('\u{1b}'), "{tty}");
+    for bad in ["0", "x", "7200"] {
+        let out =
+            Command::new(vaultfs_bin()).args(["status", "--watch", "--interval", bad]).output().unwrap();
+        assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("seconds from 0.1"));
+    }
+    let out = Command::new(vaultfs_bin()).args(["status", "--interval", "2"]).output().unwrap();
+    assert!(!out.status.success(), "--interval without --watch");
+}

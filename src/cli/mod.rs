@@ -10,6 +10,7 @@ mod policy;
 mod secret;
 mod status;
 mod user;
+mod watch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

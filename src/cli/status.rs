@@ -26,8 +26,23 @@ pub struct StatusArgs {
     /// A mount point; without one, every running mount of this user is shown.
     mountpoint: Option<PathBuf>,
     /// Also show the mount's most recent log lines (kept in its memory only).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "watch")]
     log: bool,
+    /// Keep showing the status, redrawn every `--interval` seconds with
+    /// progress bars and rates on a terminal (plain text, a block per
+    /// interval, otherwise), until interrupted or the mount ends.
+    #[arg(long)]
+    watch: bool,
+    /// Seconds between two looks with `--watch`.
+    #[arg(long, default_value_t = 1.0, requires = "watch", value_parser = interval)]
+    interval: f64,
+}
+
+fn interval(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if (0.1..=3600.0).contains(&s) => Ok(s),
+        _ => Err(format!("`{text}` is not a number of seconds from 0.1 to 3600")),
+    }
 }
 
 /// Log lines a status answer carries.
@@ -161,7 +176,19 @@ pub fn bar(sent: u64, total: u64) -> String {
     format!("[{}{}]", "#".repeat(filled), "-".repeat(20 - filled))
 }
 
-fn print(out: &mut impl Write, s: &MountStatus) -> std::io::Result<()> {
+/// One transfer's line: name, bar, percentage and sizes.
+fn progress(out: &mut impl Write, label: &str, name: &str, done: u64, total: u64) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "  {label:<9}  {name}  {} {:>3}%  {} of {}",
+        bar(done, total),
+        (done.min(total) * 100).checked_div(total).unwrap_or(100),
+        human(done),
+        human(total)
+    )
+}
+
+pub(super) fn print(out: &mut impl Write, s: &MountStatus) -> std::io::Result<()> {
     writeln!(out, "{}  ({}, process {})", s.mountpoint.display(), s.server, s.pid)?;
     writeln!(
         out,
@@ -198,6 +225,9 @@ fn print(out: &mut impl Write, s: &MountStatus) -> std::io::Result<()> {
     if s.fs.uploads.is_empty() {
         writeln!(out, "  uploading  nothing")?;
     }
+    for (i, d) in s.fs.downloads.iter().enumerate() {
+        progress(out, if i == 0 { "fetching" } else { "" }, &d.name, d.sent, d.total.unwrap_or(0))?;
+    }
     for (i, what) in s.fs.refused.iter().enumerate() {
         let label = if i == 0 { "refused" } else { "" };
         writeln!(out, "  {label:<9}  {what}")?;
@@ -205,15 +235,7 @@ fn print(out: &mut impl Write, s: &MountStatus) -> std::io::Result<()> {
     for (i, u) in s.fs.uploads.iter().enumerate() {
         let label = if i == 0 { "uploading" } else { "" };
         match u.total {
-            Some(total) => writeln!(
-                out,
-                "  {label:<9}  {}  {} {:>3}%  {} of {}",
-                u.name,
-                bar(u.sent, total),
-                (u.sent.min(total) * 100).checked_div(total).unwrap_or(100),
-                human(u.sent),
-                human(total)
-            )?,
+            Some(total) => progress(out, label, &u.name, u.sent, total)?,
             None => writeln!(
                 out,
                 "  {label:<9}  {}  streaming (not end-to-end encrypted), {} sent",
@@ -225,9 +247,11 @@ fn print(out: &mut impl Write, s: &MountStatus) -> std::io::Result<()> {
     Ok(())
 }
 
-/// `vaultfs status`.
-pub fn run(args: StatusArgs) -> CliResult {
-    let paths = match &args.mountpoint {
+/// The status of the mount asked for, or of every running mount.
+pub(super) fn look(
+    mountpoint: Option<&Path>,
+) -> Result<Vec<MountStatus>, Box<dyn std::error::Error + Send + Sync>> {
+    let paths = match mountpoint {
         Some(m) => {
             let m = std::fs::canonicalize(m).map_err(|e| format!("{}: {e}", m.display()))?;
             vec![socket_path(&m)?]
@@ -238,33 +262,46 @@ pub fn run(args: StatusArgs) -> CliResult {
             .filter(|p| p.extension().is_some_and(|x| x == "sock"))
             .collect(),
     };
-    let mut shown = 0;
-    let mut out = std::io::stdout().lock();
+    let mut found = Vec::new();
     for path in paths {
         match query(&path) {
-            Some(s) => {
-                print(&mut out, &s)?;
-                if args.log {
-                    writeln!(out, "  recent log lines:")?;
-                    for line in &s.log {
-                        writeln!(out, "    {line}")?;
-                    }
-                }
-                shown += 1;
-            }
-            None if args.mountpoint.is_none() => {
-                // A socket left by a mount that was killed: tidy it away.
+            Some(s) => found.push(s),
+            // A socket left by a mount that was killed: tidy it away.
+            None if mountpoint.is_none() => {
                 let _ = std::fs::remove_file(&path);
             }
             None => {}
         }
     }
-    if shown == 0 {
-        return Err(match &args.mountpoint {
-            Some(m) => format!("{} is not a running vaultfs mount", m.display()),
-            None => "no running vaultfs mounts".to_string(),
+    found.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
+    Ok(found)
+}
+
+pub(super) fn none_running(mountpoint: Option<&Path>) -> String {
+    match mountpoint {
+        Some(m) => format!("{} is not a running vaultfs mount", m.display()),
+        None => "no running vaultfs mounts".to_string(),
+    }
+}
+
+/// `vaultfs status`.
+pub fn run(args: StatusArgs) -> CliResult {
+    if args.watch {
+        return super::watch::watch(args.mountpoint.as_deref(), args.interval);
+    }
+    let found = look(args.mountpoint.as_deref())?;
+    if found.is_empty() {
+        return Err(none_running(args.mountpoint.as_deref()).into());
+    }
+    let mut out = std::io::stdout().lock();
+    for s in &found {
+        print(&mut out, s)?;
+        if args.log {
+            writeln!(out, "  recent log lines:")?;
+            for line in &s.log {
+                writeln!(out, "    {line}")?;
+            }
         }
-        .into());
     }
     Ok(())
 }
@@ -334,6 +371,11 @@ mod tests {
                 passthrough_opens: 0,
                 backing_bytes: 0,
                 deleting: 2,
+                downloads: vec![crate::fs::core::UploadStatus {
+                    name: "b.iso".into(),
+                    sent: 3 << 20,
+                    total: Some(12 << 20),
+                }],
             },
         };
         let mut out = Vec::new();
@@ -344,6 +386,10 @@ mod tests {
         assert!(text.contains("reads      passthrough off (not root); 0 open(s) served so"), "{text}");
         assert!(text.contains("deleting   2 removed file(s) or record(s) on the server"), "{text}");
         assert!(text.contains("v.mkv  streaming"), "{text}");
+        assert!(
+            text.contains("fetching   b.iso  [#####---------------]  25%  3.0 MiB of 12.0 MiB"),
+            "{text}"
+        );
         assert!(text.contains("refused    file ab12: stale version"), "{text}");
         assert!(text.contains("listing    1234 entries; the server pushes changes (feed live)"), "{text}");
         assert!(text.contains("locks      3 held on the server"), "{text}");

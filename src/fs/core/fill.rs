@@ -98,6 +98,19 @@ impl<R: Remote> VaultFs<R> {
         }
     }
 
+    /// Downloads in progress: each file's id, the plaintext bytes ready and
+    /// its length once known (for `vaultfs status`).
+    pub(super) fn downloads(&self) -> Vec<(FileId, u64, Option<u64>)> {
+        let fills = self.fills.lock();
+        fills
+            .iter()
+            .filter_map(|(id, fill)| match *fill.state.borrow() {
+                FillState::Running { ready, total } => Some((*id, ready, total)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Whether `fill` is still the one filling the entry `d`.
     fn is_current(&self, id: FileId, fill: &Arc<Fill>, d: &PlainData) -> bool {
         d.filling && self.fills.lock().get(&id).is_some_and(|f| Arc::ptr_eq(f, fill))

@@ -50,7 +50,7 @@ pub struct UploadProgress {
 pub struct UploadStatus {
     /// The file's name.
     pub name: String,
-    /// Bytes sent.
+    /// Bytes sent (of a download: plaintext bytes ready).
     pub sent: u64,
     /// Total, if known.
     pub total: Option<u64>,
@@ -98,6 +98,10 @@ pub struct FsStatus {
     /// Unlinked files the server has not deleted yet.
     #[serde(default)]
     pub deleting: u64,
+    /// Downloads in progress (files being fetched and decrypted into the
+    /// cache; pass-through reads, fetched a piece at a time, are not listed).
+    #[serde(default)]
+    pub downloads: Vec<UploadStatus>,
 }
 
 /// Upload state of a file, for `user.vaultfs.state` and `vaultfs status`.
@@ -151,21 +155,21 @@ impl<R: Remote> VaultFs<R> {
     pub fn status(&self) -> FsStatus {
         let stats = self.cache.stats();
         let uploads = self.modes.uploads();
+        let downloads = self.downloads();
         let feed_live = self.feed.live();
         let (passthrough_opens, backing_bytes) = self.passthrough_use();
         let tree = self.tree.lock();
         let listed = tree.len() as u64;
-        let uploads = uploads
-            .into_iter()
-            .map(|(id, sent, total)| {
-                let name = tree
-                    .file_ino(id)
-                    .map(|ino| tree.name_of(ino))
-                    .filter(|n| !n.is_empty())
-                    .map_or_else(|| id.to_string(), |n| n.to_string_lossy().into_owned());
-                UploadStatus { name, sent, total }
-            })
-            .collect();
+        let named = |(id, sent, total): (FileId, u64, Option<u64>)| {
+            let name = tree
+                .file_ino(id)
+                .map(|ino| tree.name_of(ino))
+                .filter(|n| !n.is_empty())
+                .map_or_else(|| id.to_string(), |n| n.to_string_lossy().into_owned());
+            UploadStatus { name, sent, total }
+        };
+        let uploads = uploads.into_iter().map(named).collect();
+        let downloads = downloads.into_iter().map(named).collect();
         drop(tree);
         FsStatus {
             cache_used: stats.used as u64,
@@ -182,6 +186,7 @@ impl<R: Remote> VaultFs<R> {
             passthrough_opens,
             backing_bytes,
             deleting: self.deletes_pending() as u64,
+            downloads,
         }
     }
 
