@@ -404,3 +404,118 @@ fn status_watch_redraws_until_the_mount_ends() {
     let out = Command::new(vaultfs_bin()).args(["status", "--interval", "2"]).output().unwrap();
     assert!(!out.status.success(), "--interval without --watch");
 }
+
+/// One plain HTTP/1.1 request; the answer's status and body.
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).unwrap();
+    conn.write_all(body.as_bytes()).unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    let status = answer.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// TCP ports process `pid` listens on (from /proc: its socket inodes in the
+/// kernel's LISTEN table).
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_string))
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table).unwrap_or_default().lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 && f[3] == "0A" && inodes.iter().any(|i| i == f[9]) {
+                let port = f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+                ports.extend(port);
+            }
+        }
+    }
+    ports.sort();
+    ports
+}
+
+/// The value of metric `name{labels}` in a Prometheus text exposition.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+/// Metrics: no listener unless configured; when configured, a known sequence
+/// of requests is counted by route and status, with failed logins, bytes and
+/// latencies; a bad metrics address is refused by name.
+#[test]
+fn metrics_are_off_by_default_and_count_requests_when_on() {
+    let start = |config: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(vaultfs_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--plain-http", "--config"])
+            .arg(&path)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)
+            .unwrap();
+        let addr = line.trim().rsplit("http://").next().unwrap().to_string();
+        (Reaped(child), addr, dir)
+    };
+    let (off, addr, _d) = start("");
+    assert_eq!(http(&addr, "GET", "/v1/health", "").0, 200);
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    assert_eq!(listening_ports(off.0.id()), vec![port], "a listener besides the API without [metrics]");
+    drop(off);
+
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    drop(std::net::TcpListener::bind(free).unwrap());
+    let (on, addr, _d2) = start(&format!("[metrics]\nlisten = \"{free}\"\n"));
+    assert_eq!(listening_ports(on.0.id()).len(), 2, "the API and the metrics listener");
+    let m = free.to_string();
+    for _ in 0..3 {
+        assert_eq!(http(&addr, "GET", "/v1/health", "").0, 200);
+    }
+    assert_eq!(http(&addr, "GET", "/v1/no-such-thing", "").0, 404);
+    let refused =
+        http(&addr, "POST", "/v1/login", r#"{"user":"nobody","login_key":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}"#);
+    assert!(refused.0 == 401 || refused.0 == 403, "{refused:?}");
+    let (status, text) = http(&m, "GET", "/metrics", "");
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(metric(&text, r#"vaultfs_requests_total{method="GET",route="/v1/health",status="200"}"#), 3.0);
+    assert_eq!(
+        metric(&text, r#"vaultfs_requests_total{method="GET",route="/v1/no-such-thing",status="404"}"#),
+        1.0
+    );
+    assert_eq!(metric(&text, "vaultfs_login_failures_total"), 1.0);
+    assert_eq!(metric(&text, r#"vaultfs_request_duration_seconds_count{route="/v1/health"}"#), 3.0);
+    assert!(metric(&text, "vaultfs_received_bytes_total") >= 50.0, "the login body");
+    assert!(metric(&text, "vaultfs_sent_bytes_total") >= 3.0 * 15.0, "three health answers");
+    assert_eq!(metric(&text, "vaultfs_uploads_in_flight"), 0.0);
+    assert_eq!(metric(&text, "vaultfs_stored_bytes"), 0.0);
+    assert_eq!(http(&m, "GET", "/v1/health", "").0, 404, "the API is not on the metrics listener");
+    drop(on);
+
+    // The metrics address must not be the API's.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("server.toml");
+    std::fs::write(&path, "listen = \"127.0.0.1:18443\"\n[metrics]\nlisten = \"127.0.0.1:18443\"\n").unwrap();
+    let out = Command::new(vaultfs_bin()).args(["serve", "--config"]).arg(&path).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("metrics.listen"), "{err}");
+}

@@ -33,6 +33,18 @@ pub struct ServerConfig {
     pub login_kdf: KdfConfig,
     /// Where file contents (blobs) are kept.
     pub storage: StorageConfig,
+    /// Prometheus metrics (off unless `listen` is given).
+    pub metrics: MetricsConfig,
+}
+
+/// The metrics listener.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address to serve `GET /metrics` on, in plain HTTP without
+    /// authentication: a loopback address, or one only the monitoring
+    /// network reaches. Absent: no metrics.
+    pub listen: Option<SocketAddr>,
 }
 
 /// Where blobs live: `data_dir/blobs` (the default), or an S3-compatible store.
@@ -151,6 +163,7 @@ impl Default for ServerConfig {
             lock_ttl_secs: 30,
             login_kdf: KdfConfig::default(),
             storage: StorageConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -246,6 +259,12 @@ impl ServerConfig {
         }
         if !(3..=3600).contains(&self.lock_ttl_secs) {
             return Err("key `lock_ttl_secs`: must be between 3 and 3600".into());
+        }
+        if self.metrics.listen.is_some_and(|m| m == self.listen) {
+            return Err(
+                "key `metrics.listen`: must differ from `listen` (metrics have a listener of their own)"
+                    .into(),
+            );
         }
         if self.storage.backend == StorageBackend::S3 {
             let s3 = &self.storage.s3;

@@ -1346,6 +1346,14 @@ impl Meta {
         Ok(blob)
     }
 
+    /// Bytes of file content the server stores (each file's current
+    /// version; metrics).
+    pub fn stored_bytes(&self) -> Result<u64> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT COALESCE(SUM(size), 0) FROM files WHERE blob_id IS NOT NULL")?;
+        Ok(stmt.query_row([], |r| r.get::<_, i64>(0))?.max(0) as u64)
+    }
+
     /// Every blob some file points at (garbage collection keeps exactly these).
     pub fn blobs_in_use(&self) -> Result<HashSet<String>> {
         let mut stmt = self.conn.prepare_cached(

@@ -13,7 +13,8 @@ pub mod api;
 pub mod blob;
 pub mod config;
 pub mod meta;
-pub mod s3;
+pub mod metrics;
+mod s3;
 pub mod service;
 pub mod tls;
 
@@ -135,7 +136,25 @@ async fn serve<B: BlobStore>(
         tracing::info!(incomplete, orphans, "removed leftovers of interrupted uploads");
     }
     let service = Arc::new(service);
-    let app = api::router(Arc::clone(&service));
+    let mut app = api::router(Arc::clone(&service));
+    if let Some(listen) = config.metrics.listen {
+        let m = Arc::new(metrics::Metrics::new());
+        app = app.layer(axum::middleware::from_fn_with_state(Arc::clone(&m), metrics::count));
+        let svc = Arc::clone(&service);
+        let stored = move || -> futures_util::future::BoxFuture<'static, Option<u64>> {
+            let svc = Arc::clone(&svc);
+            Box::pin(async move { svc.run_admin(|m| m.stored_bytes()).await.ok() })
+        };
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(io_err(format!("listening for metrics on {listen}")))?;
+        tracing::info!(%listen, "metrics at http://{listen}/metrics");
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, metrics::router(m, stored)).await {
+                tracing::error!(error = %e, "the metrics listener stopped");
+            }
+        });
+    }
     // systemd's watchdog (a unit with WatchdogSec=) is pinged while the
     // metadata store answers a query.
     tokio::spawn(crate::systemd::watchdog(move || {
