@@ -492,8 +492,12 @@ fn metrics_are_off_by_default_and_count_requests_when_on() {
         assert_eq!(http(&addr, "GET", "/v1/health", "").0, 200);
     }
     assert_eq!(http(&addr, "GET", "/v1/no-such-thing", "").0, 404);
-    let refused =
-        http(&addr, "POST", "/v1/login", r#"{"user":"nobody","login_key":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}"#);
+    let refused = http(
+        &addr,
+        "POST",
+        "/v1/login",
+        r#"{"user":"nobody","login_key":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}"#,
+    );
     assert!(refused.0 == 401 || refused.0 == 403, "{refused:?}");
     let (status, text) = http(&m, "GET", "/metrics", "");
     assert_eq!(status, 200, "{text}");
