@@ -29,24 +29,41 @@ pub fn stopping(status: &str) {
     send(&[NotifyState::Stopping, NotifyState::Status(status)]);
 }
 
-/// Pings systemd's watchdog at half its interval for as long as `healthy`
-/// answers true within that half; a check that fails or hangs skips the
-/// ping, so systemd restarts a daemon that stopped working rather than one
-/// that stopped running. Returns at once without a watchdog.
+/// Looks at the daemon's health four times per watchdog interval and pings
+/// systemd's watchdog after each look, unless the last [`UNHEALTHY_LOOKS`]
+/// looks in a row failed or took longer than a quarter interval. So a
+/// metadata store stuck for about one interval gets the daemon restarted,
+/// while one slow look (a long fsync) does not. Returns at once without a
+/// watchdog.
 pub async fn watchdog<F, Fut>(mut healthy: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
     let Some(interval) = sd_notify::watchdog_enabled() else { return };
-    let every = (interval / 2).max(Duration::from_millis(100));
+    let tick = (interval / 4).max(Duration::from_millis(50));
     tracing::debug!(?interval, "systemd watchdog on");
+    let mut failed = 0u32;
     loop {
-        match tokio::time::timeout(every, healthy()).await {
-            Ok(true) => send(&[NotifyState::Watchdog]),
-            Ok(false) => tracing::warn!("health check failed: not pinging systemd's watchdog"),
-            Err(_) => tracing::warn!("health check took too long: not pinging systemd's watchdog"),
+        match tokio::time::timeout(tick, healthy()).await {
+            Ok(true) => failed = 0,
+            Ok(false) => {
+                failed += 1;
+                tracing::warn!(failed, "health check failed");
+            }
+            Err(_) => {
+                failed += 1;
+                tracing::warn!(failed, "health check took longer than {tick:?}");
+            }
         }
-        tokio::time::sleep(every).await;
+        if failed < UNHEALTHY_LOOKS {
+            send(&[NotifyState::Watchdog]);
+        } else if failed == UNHEALTHY_LOOKS {
+            tracing::error!("not pinging systemd's watchdog any more: systemd will restart this daemon");
+        }
+        tokio::time::sleep(tick).await;
     }
 }
+
+/// Failed looks in a row after which the watchdog is no longer pinged.
+const UNHEALTHY_LOOKS: u32 = 3;

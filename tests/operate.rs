@@ -422,6 +422,17 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
     (status, body)
 }
 
+/// The head of the answer to `GET path` (status line and headers, lower case).
+fn http_head(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    answer.split("\r\n\r\n").next().unwrap_or_default().to_lowercase()
+}
+
 /// TCP ports process `pid` listens on (from /proc: its socket inodes in the
 /// kernel's LISTEN table).
 fn listening_ports(pid: u32) -> Vec<u16> {
@@ -491,7 +502,11 @@ fn metrics_are_off_by_default_and_count_requests_when_on() {
     for _ in 0..3 {
         assert_eq!(http(&addr, "GET", "/v1/health", "").0, 200);
     }
-    assert_eq!(http(&addr, "GET", "/v1/no-such-thing", "").0, 404);
+    // Paths and methods no route knows share one label each, however many.
+    for i in 0..5 {
+        assert_eq!(http(&addr, "GET", &format!("/v1/no-such-thing-{i}/alice"), "").0, 404);
+    }
+    assert!(http(&addr, "BREW", "/v1/health", "").0 >= 400);
     let refused = http(
         &addr,
         "POST",
@@ -502,17 +517,20 @@ fn metrics_are_off_by_default_and_count_requests_when_on() {
     let (status, text) = http(&m, "GET", "/metrics", "");
     assert_eq!(status, 200, "{text}");
     assert_eq!(metric(&text, r#"vaultfs_requests_total{method="GET",route="/v1/health",status="200"}"#), 3.0);
-    assert_eq!(
-        metric(&text, r#"vaultfs_requests_total{method="GET",route="/v1/no-such-thing",status="404"}"#),
-        1.0
-    );
+    assert_eq!(metric(&text, r#"vaultfs_requests_total{method="GET",route="unmatched",status="404"}"#), 5.0);
+    assert!(text.contains(r#"method="OTHER""#), "{text}");
+    assert!(!text.contains("no-such-thing") && !text.contains("alice") && !text.contains("BREW"), "{text}");
     assert_eq!(metric(&text, "vaultfs_login_failures_total"), 1.0);
-    assert_eq!(metric(&text, r#"vaultfs_request_duration_seconds_count{route="/v1/health"}"#), 3.0);
+    // Three GETs and the BREW, which matched the route and got a 405.
+    assert_eq!(metric(&text, r#"vaultfs_request_duration_seconds_count{route="/v1/health"}"#), 4.0);
     assert!(metric(&text, "vaultfs_received_bytes_total") >= 50.0, "the login body");
     assert!(metric(&text, "vaultfs_sent_bytes_total") >= 3.0 * 15.0, "three health answers");
     assert_eq!(metric(&text, "vaultfs_uploads_in_flight"), 0.0);
     assert_eq!(metric(&text, "vaultfs_stored_bytes"), 0.0);
     assert_eq!(http(&m, "GET", "/v1/health", "").0, 404, "the API is not on the metrics listener");
+    // Counting the bytes keeps the answers as they were (a length, not chunks).
+    let head = http_head(&addr, "/v1/health");
+    assert!(head.contains("content-length:") && !head.contains("chunked"), "{head}");
     drop(on);
 
     // The metrics address must not be the API's.

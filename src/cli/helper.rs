@@ -87,11 +87,15 @@ pub(super) fn helper_call(argv: &[OsString]) -> Option<Result<HelperCall, String
     let name = argv.first().map(Path::new).and_then(Path::file_name)?.to_string_lossy().into_owned();
     let called_as_helper = HELPER_NAMES.contains(&name.as_str());
     // fuse3's mount.fuse runs the subtype's program as `vaultfs SOURCE
-    // MOUNTPOINT -o ...`: a first word that is no command, then a directory.
+    // MOUNTPOINT -o OPTIONS` (mount(8) always passes options, `rw` at least):
+    // a first word that is no command, an absolute directory, then `-o`. A
+    // typo such as `vaultfs umount ~/dir` is none of that and stays an error.
     let from_mount_fuse = !called_as_helper
-        && argv.len() >= 3
+        && argv.len() >= 5
         && argv[1].to_str().is_some_and(|w| !w.starts_with('-') && !is_command(w))
-        && Path::new(&argv[2]).is_dir();
+        && Path::new(&argv[2]).is_absolute()
+        && Path::new(&argv[2]).is_dir()
+        && argv[3] == "-o";
     (called_as_helper || from_mount_fuse).then(|| translate(&argv[1..]))
 }
 
@@ -134,14 +138,18 @@ fn translate(args: &[OsString]) -> Result<HelperCall, String> {
     let [_source, mountpoint] = <[OsString; 2]>::try_from(words).map_err(|_| usage.to_string())?;
     let mut out: Vec<OsString> = vec!["vaultfs".into(), "mount".into(), mountpoint];
     let mut home = None;
-    for option in options.iter().flat_map(|o| o.split(',')) {
+    for option in options.iter().flat_map(|o| split_options(o)) {
+        let option = option.as_str();
         let (key, value) = match option.split_once('=') {
             Some((k, v)) => (k, Some(v)),
             None => (option, None),
         };
         if key == HOME {
-            home =
-                Some(value.filter(|v| !v.is_empty()).ok_or("mount option home needs a value")?.to_string());
+            let dir = value.filter(|v| !v.is_empty()).ok_or("mount option home needs a value")?;
+            if !Path::new(dir).is_absolute() {
+                return Err(format!("mount option home: {dir} is not an absolute path"));
+            }
+            home = Some(dir.to_string());
         } else if let Some((_, long)) = VALUED.iter().find(|(k, _)| *k == key) {
             let value =
                 value.filter(|v| !v.is_empty()).ok_or_else(|| format!("mount option {key} needs a value"))?;
@@ -164,6 +172,43 @@ fn translate(args: &[OsString]) -> Result<HelperCall, String> {
     Ok(HelperCall { args: if fake { Vec::new() } else { out }, home })
 }
 
+/// Splits `-o` options at commas outside double quotes, dropping the quotes
+/// (as libmount does): `passphrase_command="printf %s a,b"` is one option.
+fn split_options(text: &str) -> Vec<String> {
+    let (mut out, mut cur, mut quoted) = (Vec::new(), String::new(), false);
+    for c in text.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => out.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+/// Refuses a home directory that a user other than the one this runs as
+/// owns, when this runs as root: the daemon writes its login and state files
+/// there, and such a user could point those at any file of root's with a
+/// link. Run the mount as that user instead (fuse3's `setuid=USER` option,
+/// or an fstab `user` mount).
+fn check_home_owner(home: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid only reads the process's effective user id.
+    #[allow(unsafe_code)]
+    let euid = unsafe { libc::geteuid() };
+    let meta = std::fs::metadata(home).map_err(|e| format!("home directory {}: {e}", home.display()))?;
+    if euid == 0 && meta.uid() != 0 {
+        return Err(format!(
+            "home directory {} belongs to uid {}, and this mount runs as root: mount as that user \
+             instead (setuid=USER, or an fstab `user` mount)",
+            home.display(),
+            meta.uid()
+        ));
+    }
+    Ok(())
+}
+
 /// Runs the helper call: `vaultfs mount` with the translated arguments, in
 /// the home directory named or the user's own.
 pub(super) fn run(call: HelperCall) -> CliResult {
@@ -177,6 +222,9 @@ pub(super) fn run(call: HelperCall) -> CliResult {
             home_of_this_user().ok_or("no HOME, and no home directory for this user: pass -o home=DIR")?,
         ),
     };
+    if let Some(home) = &home {
+        check_home_owner(Path::new(home))?;
+    }
     if let Some(home) = home {
         // Still one thread: nothing reads the environment meanwhile. The
         // XDG variables would point elsewhere than the home named.
@@ -280,7 +328,19 @@ mod tests {
         assert_eq!(call(&["vaultfs", "status", d]), None);
         assert_eq!(call(&["vaultfs", "--version"]), None);
         assert_eq!(call(&["vaultfs", "x", "/no/such/dir"]), None);
-        // As fuse3's mount.fuse calls it: SOURCE, then a directory.
+        // As fuse3's mount.fuse calls it: SOURCE, an absolute directory, -o.
         assert_eq!(call(&["vaultfs", "vaults", d, "-o", "cache_mib=8"]).unwrap().unwrap()[2], d);
+        // Typos stay errors: no -o, or a relative directory.
+        assert_eq!(call(&["vaultfs", "umount", d]), None);
+        assert_eq!(call(&["vaultfs", "umount", ".", "-o", "rw"]), None);
+        // A relative home, and a quoted value that keeps its commas.
+        let e = call(&["mount.vaultfs", "x", "/m", "-o", "home=rel/dir"]).unwrap().unwrap_err();
+        assert!(e.contains("absolute"), "{e}");
+        let quoted =
+            call(&["mount.vaultfs", "x", "/m", "-o", "passphrase_command=\"printf %s a,b\",local_locks"]);
+        assert_eq!(
+            quoted.unwrap().unwrap()[3..],
+            ["--passphrase-command=printf %s a,b".to_string(), "--local-locks".to_string()]
+        );
     }
 }

@@ -82,8 +82,12 @@ pub struct UnmountArgs {
 
 fn passphrase(args: &MountArgs, user: &str) -> Result<Zeroizing<String>, String> {
     if args.passphrase_stdin {
-        let mut text = Zeroizing::new(String::new());
-        std::io::stdin().read_to_string(&mut text).map_err(|e| e.to_string())?;
+        // Room for all of it from the start: a string that grew would leave
+        // unwiped copies behind in freed memory of this long-lived process.
+        let mut text = Zeroizing::new(String::with_capacity(64 << 10));
+        std::io::Read::take(std::io::stdin(), 64 << 10)
+            .read_to_string(&mut text)
+            .map_err(|e| e.to_string())?;
         return Ok(Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string()));
     }
     read_passphrase_from(

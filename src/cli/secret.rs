@@ -59,11 +59,13 @@ pub(crate) fn read_passphrase_from(
         );
         return trimmed(&text).ok_or_else(|| format!("{}: the passphrase file is empty", path.display()));
     }
-    let from_env = std::env::var(PASSPHRASE_COMMAND_ENV).ok().filter(|c| !c.trim().is_empty());
-    if let Some(command) = command.map(str::to_string).or(from_env) {
+    // A new passphrase (confirm) comes from a file or the terminal only: the
+    // command and the credential give the current one.
+    let from_env = std::env::var(PASSPHRASE_COMMAND_ENV).ok().filter(|c| !c.trim().is_empty() && !confirm);
+    if let Some(command) = command.filter(|_| !confirm).map(str::to_string).or(from_env) {
         return run_command(&command);
     }
-    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty()) {
+    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty() && !confirm) {
         let path = Path::new(&dir).join(CREDENTIAL);
         if path.exists() {
             let text = Zeroizing::new(
@@ -99,9 +101,10 @@ fn trimmed(text: &str) -> Option<Zeroizing<String>> {
     (!pass.is_empty()).then(|| Zeroizing::new(pass.to_string()))
 }
 
-/// Runs `command` with `sh -c` and takes what it prints.
+/// Runs `command` with `sh -c` and takes what it prints. Errors do not repeat
+/// the command, which may hold a secret of its own.
 fn run_command(command: &str) -> Result<Zeroizing<String>, String> {
-    let failed = |why: String| format!("the passphrase command `{command}` {why}");
+    let failed = |why: String| format!("the passphrase command {why}");
     let mut child = Command::new("/bin/sh")
         .args(["-c", command])
         .stdout(Stdio::piped())
@@ -109,7 +112,9 @@ fn run_command(command: &str) -> Result<Zeroizing<String>, String> {
         .env_remove(PASSPHRASE_COMMAND_ENV)
         .spawn()
         .map_err(|e| failed(format!("could not start: {e}")))?;
-    let mut out = Zeroizing::new(Vec::new());
+    // Room for all of it from the start: a vector that grew would leave
+    // unwiped copies of the passphrase behind in freed memory.
+    let mut out = Zeroizing::new(Vec::with_capacity(MOST as usize + 1));
     let read = child.stdout.take().map(|s| s.take(MOST).read_to_end(&mut out));
     let status = child.wait().map_err(|e| failed(format!("could not be waited for: {e}")))?;
     if !status.success() {
@@ -133,7 +138,7 @@ mod tests {
         let got = read_passphrase_from(None, Some("printf 'secret one\\r\\n'"), "", false).unwrap();
         assert_eq!(&*got, "secret one");
         let e = read_passphrase_from(None, Some("exit 3"), "", false).unwrap_err();
-        assert!(e.contains("`exit 3` failed") && e.contains('3'), "{e}");
+        assert!(e.contains("command failed") && e.contains('3') && !e.contains("exit 3"), "{e}");
         let e = read_passphrase_from(None, Some("true"), "", false).unwrap_err();
         assert!(e.contains("printed no passphrase"), "{e}");
         let e = read_passphrase_from(None, Some("echo"), "", false).unwrap_err();
@@ -146,6 +151,9 @@ mod tests {
             &*read_passphrase_from(Some(&file), Some("echo other"), "", false).unwrap(),
             "from the file"
         );
+        // A new passphrase (confirm) never comes from a command.
+        let e = read_passphrase_from(None, Some("echo current"), "", true).unwrap_err();
+        assert!(!e.contains("current") && e.contains("no terminal"), "{e}");
         std::fs::write(&file, "\n").unwrap();
         assert!(read_passphrase_from(Some(&file), None, "", false).unwrap_err().contains("is empty"));
     }

@@ -147,12 +147,61 @@ pub fn serve_status<R: Remote>(
     Ok(StatusSocket(path))
 }
 
-fn query(path: &Path) -> Option<MountStatus> {
-    let stream = std::os::unix::net::UnixStream::connect(path).ok()?;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).ok()?;
+/// What asking a mount's socket gave.
+enum Answer {
+    Status(Box<MountStatus>),
+    /// Nobody listens: a socket left by a mount that was killed.
+    Gone,
+    /// A mount that did not answer in time, or answered nonsense: busy, or
+    /// another version; its socket stays.
+    Silent,
+}
+
+fn query(path: &Path) -> Answer {
+    let stream = match std::os::unix::net::UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound) =>
+        {
+            return Answer::Gone
+        }
+        Err(_) => return Answer::Silent,
+    };
+    if stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).is_err() {
+        return Answer::Silent;
+    }
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).ok()?;
-    serde_json::from_str(&line).ok()
+    if BufReader::new(stream).read_line(&mut line).is_err() {
+        return Answer::Silent;
+    }
+    match serde_json::from_str::<MountStatus>(&line) {
+        Ok(mut s) => {
+            s.sanitize();
+            Answer::Status(Box::new(s))
+        }
+        Err(_) => Answer::Silent,
+    }
+}
+
+/// `text` with control characters (terminal escape sequences among them)
+/// shown as `?`: file names are chosen by whoever shares the vault.
+fn printable(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
+}
+
+impl MountStatus {
+    /// Makes every name and message safe to print on a terminal.
+    fn sanitize(&mut self) {
+        for t in self.fs.uploads.iter_mut().chain(self.fs.downloads.iter_mut()) {
+            t.name = printable(&t.name);
+        }
+        for r in &mut self.fs.refused {
+            *r = printable(r);
+        }
+        for l in &mut self.log {
+            *l = printable(l);
+        }
+    }
 }
 
 fn human(bytes: u64) -> String {
@@ -265,12 +314,12 @@ pub(super) fn look(
     let mut found = Vec::new();
     for path in paths {
         match query(&path) {
-            Some(s) => found.push(s),
+            Answer::Status(s) => found.push(*s),
             // A socket left by a mount that was killed: tidy it away.
-            None if mountpoint.is_none() => {
+            Answer::Gone if mountpoint.is_none() => {
                 let _ = std::fs::remove_file(&path);
             }
-            None => {}
+            Answer::Gone | Answer::Silent => {}
         }
     }
     found.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
@@ -330,6 +379,12 @@ mod tests {
         std::os::unix::fs::symlink(&ok, &link).unwrap();
         let e = check_private_dir(&link, uid).unwrap_err().to_string();
         assert!(e.contains("symbolic link"), "{e}");
+    }
+
+    #[test]
+    fn names_from_the_vault_cannot_drive_the_terminal() {
+        assert_eq!(printable("a\u{1b}]0;pwned\u{7}b\nc"), "a?]0;pwned?b?c");
+        assert_eq!(printable("plain name.pdf"), "plain name.pdf");
     }
 
     #[test]

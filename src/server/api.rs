@@ -264,7 +264,7 @@ async fn log_request(req: Request, next: axum::middleware::Next) -> Response {
 }
 
 /// A path with its ids replaced by `{id}`, so requests group by route.
-pub(super) fn route_of(path: &str) -> String {
+fn route_of(path: &str) -> String {
     path.split('/')
         .map(|seg| if seg.len() == 32 && seg.bytes().all(|b| b.is_ascii_hexdigit()) { "{id}" } else { seg })
         .collect::<Vec<_>>()

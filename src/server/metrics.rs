@@ -2,12 +2,14 @@
 //! (`[metrics] listen = "127.0.0.1:9464"` in the server's configuration).
 //!
 //! Data flow: a middleware around the API ([`count`]) counts each request by
-//! method, route (ids as `{id}`) and status, times it, counts the body bytes
+//! method, the route it matched (as declared: `/v1/files/{file}`) and status, times it, counts the body bytes
 //! that arrive and leave as they stream, and keeps a gauge of uploads in
 //! flight; failed logins and enrollments get a counter of their own. A scrape
 //! of `GET /metrics` on the metrics listener reads the stored bytes from the
 //! metadata store and encodes everything in the Prometheus text format.
-//! Nothing secret is in a metric: routes carry no ids, names or tokens.
+//! Nothing secret is in a metric: routes are the router's own patterns, so
+//! they carry no ids, user names or tokens, and the label sets stay bounded
+//! whatever paths and methods clients send.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -15,7 +17,6 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use http_body_util::BodyExt;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -92,46 +93,99 @@ impl Metrics {
     }
 }
 
-/// Whether a request carries file content up.
+/// Whether a request carries file content up (by its matched route).
 fn is_upload(method: &axum::http::Method, route: &str) -> bool {
-    method == axum::http::Method::PUT && (route.ends_with("/content") || route.contains("/files/{id}"))
+    method == axum::http::Method::PUT
+        && matches!(route, "/v1/files/{file}/content" | "/v1/records/{record}/files/{file}")
+}
+
+/// The route a request matched, as the router declares it (`/v1/files/{file}`),
+/// so labels never hold ids, user names or anything a client chose; requests
+/// that matched no route share one label. A bounded set, whatever clients send.
+fn route_label(req: &Request) -> String {
+    req.extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string())
+}
+
+/// The method, one of the few the API knows or `OTHER` (any token is a valid
+/// HTTP method, and a label per token would grow without bound).
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+/// Takes one off the uploads gauge when dropped: also when the client goes
+/// away and the request's future is dropped half way.
+struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A body that counts its data bytes as they pass and otherwise behaves as
+/// the body it wraps (its size hint too, so a Content-Length stays).
+struct Counted {
+    inner: Body,
+    bytes: Counter,
+}
+
+impl http_body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.bytes.inc_by(data.len() as u64);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The API middleware: counts, times and measures each request.
 pub async fn count(State(m): State<Arc<Metrics>>, req: Request, next: axum::middleware::Next) -> Response {
-    let (method, route) = (req.method().clone(), super::api::route_of(req.uri().path()));
-    let upload = is_upload(&method, &route);
-    if upload {
+    let (method, route) = (method_label(req.method()), route_label(&req));
+    let _in_flight = is_upload(req.method(), &route).then(|| {
         m.uploads.inc();
-    }
+        InFlight(m.uploads.clone())
+    });
     let started = std::time::Instant::now();
     let (parts, body) = req.into_parts();
-    let received = m.bytes_in.clone();
-    let body = Body::new(body.map_frame(move |f| {
-        if let Some(data) = f.data_ref() {
-            received.inc_by(data.len() as u64);
-        }
-        f
-    }));
+    let body = Body::new(Counted { inner: body, bytes: m.bytes_in.clone() });
     let answer = next.run(Request::from_parts(parts, body)).await;
-    if upload {
-        m.uploads.dec();
-    }
     let status = answer.status().as_u16();
     m.seconds.get_or_create(&RouteLabels { route: route.clone() }).observe(started.elapsed().as_secs_f64());
     if matches!(route.as_str(), "/v1/login" | "/v1/enroll") && (status == 401 || status == 403) {
         m.login_failures.inc();
     }
     m.requests.get_or_create(&RequestLabels { method: method.to_string(), route, status }).inc();
-    let sent = m.bytes_out.clone();
     let (parts, body) = answer.into_parts();
-    let body = Body::new(body.map_frame(move |f| {
-        if let Some(data) = f.data_ref() {
-            sent.inc_by(data.len() as u64);
-        }
-        f
-    }));
-    Response::from_parts(parts, body)
+    Response::from_parts(parts, Body::new(Counted { inner: body, bytes: m.bytes_out.clone() }))
 }
 
 /// The metrics listener's one route: `GET /metrics`.

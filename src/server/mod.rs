@@ -141,9 +141,22 @@ async fn serve<B: BlobStore>(
         let m = Arc::new(metrics::Metrics::new());
         app = app.layer(axum::middleware::from_fn_with_state(Arc::clone(&m), metrics::count));
         let svc = Arc::clone(&service);
+        // The stored bytes are a sum over every file: asked at most every
+        // 30 s, however often Prometheus scrapes.
+        let last: Arc<parking_lot::Mutex<Option<(std::time::Instant, u64)>>> = Arc::default();
         let stored = move || -> futures_util::future::BoxFuture<'static, Option<u64>> {
-            let svc = Arc::clone(&svc);
-            Box::pin(async move { svc.run_admin(|m| m.stored_bytes()).await.ok() })
+            let (svc, last) = (Arc::clone(&svc), Arc::clone(&last));
+            Box::pin(async move {
+                let cached = *last.lock();
+                if let Some((_, bytes)) =
+                    cached.filter(|(at, _)| at.elapsed() < std::time::Duration::from_secs(30))
+                {
+                    return Some(bytes);
+                }
+                let bytes = svc.run_admin(|m| m.stored_bytes()).await.ok()?;
+                *last.lock() = Some((std::time::Instant::now(), bytes));
+                Some(bytes)
+            })
         };
         let listener = tokio::net::TcpListener::bind(listen)
             .await
