@@ -1,6 +1,8 @@
 //! Running vaultfs the way other tools run: `mount -t fuse.vaultfs` (an fstab
-//! line) with its options and passphrase sources, and `umount`. Needs root
-//! and /dev/fuse, as the other mount tests.
+//! line) with its options and passphrase sources, and `umount`; systemd's
+//! notify protocol and unit checks; JSON logs; `status --watch`; metrics;
+//! backups taken while a client writes, and their restores. Needs root and
+//! /dev/fuse, as the other mount tests.
 
 mod support;
 
@@ -8,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use support::mount::TestMount;
-use support::server::vaultfs_bin;
+use support::mount::{MountSetup, TestMount};
+use support::server::{vaultfs_bin, S3Server};
 
 /// Runs `mount -t fuse.vaultfs vaults MOUNTPOINT -o OPTIONS` as from an
 /// fstab line: mount(8) calls fuse3's mount.fuse, which runs `vaultfs` from
@@ -540,4 +542,260 @@ fn metrics_are_off_by_default_and_count_requests_when_on() {
     let out = Command::new(vaultfs_bin()).args(["serve", "--config"]).arg(&path).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("metrics.listen"), "{err}");
+}
+
+/// `vaultfs admin --data-dir DIR ARGS...`, as it ends.
+fn admin(data_dir: &Path, args: &[&str]) -> Output {
+    Command::new(vaultfs_bin()).arg("admin").arg("--data-dir").arg(data_dir).args(args).output().unwrap()
+}
+
+/// What the backup test writes as `name`'s content in its `generation`:
+/// the name and generation first, so a file read back says which it is.
+fn generation_of(name: &str, generation: u32, len: usize) -> Vec<u8> {
+    let mut data = format!("{name} generation {generation}\n").into_bytes();
+    data.resize(len, (generation % 251) as u8);
+    data
+}
+
+/// What the backup test does to a copy of a backup.
+type Damage = dyn Fn(&Path);
+
+/// The files under `dir`, by path, with their contents.
+fn contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    support::server::walk_files(dir).into_iter().map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect()
+}
+
+#[test]
+fn a_backup_taken_while_a_client_writes_restores_every_committed_file() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let mut m = TestMount::start();
+    let dir = tempfile::tempdir().unwrap();
+    let root = m.path("Family/backup");
+    std::fs::create_dir_all(&root).unwrap();
+    // Written (so committed: a close returns once the server stored it)
+    // before any backup; `stable` is never touched again, `churn` is
+    // written again and again while the backups run, which lets their
+    // earlier blobs go on the server.
+    let stable: Vec<(String, Vec<u8>)> = (0..24)
+        .map(|i| {
+            let name = format!("s{i}");
+            let data = generation_of(&name, 0, 100_000 + i * 37_001);
+            (name, data)
+        })
+        .collect();
+    for (name, data) in &stable {
+        std::fs::write(root.join(name), data).unwrap();
+    }
+    const CHURN_LEN: usize = 1_500_000;
+    let churn: Vec<String> = (0..6).map(|i| format!("c{i}")).collect();
+    for name in &churn {
+        std::fs::write(root.join(name), generation_of(name, 0, CHURN_LEN)).unwrap();
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let created: Arc<Mutex<Vec<String>>> = Arc::default();
+    let writer = std::thread::spawn({
+        let (stop, created, root, churn) =
+            (Arc::clone(&stop), Arc::clone(&created), root.clone(), churn.clone());
+        move || {
+            let mut generation = 1;
+            while !stop.load(Ordering::Relaxed) {
+                for name in &churn {
+                    std::fs::write(root.join(name), generation_of(name, generation, CHURN_LEN)).unwrap();
+                }
+                let name = format!("n{generation}");
+                std::fs::write(root.join(&name), generation_of(&name, 0, 50_000)).unwrap();
+                created.lock().unwrap().push(name);
+                generation += 1;
+            }
+            generation
+        }
+    });
+    // Each backup must finish whole while the blobs it copies are being
+    // replaced (without the hold on their deletion, one goes first).
+    let data = m.server.data_dir.clone();
+    let mut committed_before = Vec::new();
+    let started = Instant::now();
+    for k in 0..3 {
+        committed_before.push(created.lock().unwrap().len());
+        let out = admin(&data, &["backup", dir.path().join(format!("b{k}")).to_str().unwrap()]);
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "backup {k}: {stderr}");
+        assert!(stdout.contains("backed up meta.sqlite3 and"), "{stdout}");
+        assert!(stderr.is_empty(), "a progress bar off a terminal, or a warning: {stderr}");
+    }
+    let backing_up = started.elapsed();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.path().join("b0")).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o700, "a backup others can read");
+    stop.store(true, Ordering::Relaxed);
+    let generations = writer.join().unwrap();
+    let created = created.lock().unwrap().clone();
+    assert!(
+        generations >= 3,
+        "the writer wrote {generations} generations in {backing_up:?}: no overlap to test"
+    );
+    // What the backups held back goes once they ended (with the next blob
+    // the server lets go): one blob per file, none left over.
+    std::fs::write(root.join("c0"), generation_of("c0", generations, CHURN_LEN)).unwrap();
+    let files = stable.len() + churn.len() + created.len();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while m.server.stored_blobs().len() != files && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        m.server.stored_blobs().len(),
+        files,
+        "blobs held for the backups were not deleted after them"
+    );
+
+    // Bad inputs: a clear error, nothing changed.
+    let full = dir.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("keep"), b"mine").unwrap();
+    for args in [["backup", full.to_str().unwrap()], ["restore", dir.path().join("b0").to_str().unwrap()]] {
+        let target = if args[0] == "backup" { data.clone() } else { full.clone() };
+        let out = admin(&target, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("not empty"), "{args:?}: {err}");
+        assert_eq!(contents(&full), vec![(full.join("keep"), b"mine".to_vec())], "{args:?} changed it");
+    }
+    let damages: [(&str, &Damage); 5] = [
+        ("a blob's byte changed", &|b| {
+            let blob = &support::server::walk_files(&b.join("blobs"))[3];
+            let mut bytes = std::fs::read(blob).unwrap();
+            bytes[1000] ^= 1;
+            std::fs::write(blob, bytes).unwrap();
+        }),
+        ("a blob removed", &|b| {
+            std::fs::remove_file(&support::server::walk_files(&b.join("blobs"))[5]).unwrap()
+        }),
+        ("no manifest", &|b| std::fs::remove_file(b.join("vaultfs-backup.json")).unwrap()),
+        ("the database cut short", &|b| {
+            let db = b.join("meta.sqlite3");
+            let len = std::fs::metadata(&db).unwrap().len();
+            std::fs::OpenOptions::new().write(true).open(&db).unwrap().set_len(len / 2).unwrap();
+        }),
+        ("a file outside the backup named", &|b| {
+            let manifest = b.join("vaultfs-backup.json");
+            let text = std::fs::read_to_string(&manifest).unwrap().replace("tls/key.pem", "../key.pem");
+            std::fs::write(&manifest, text).unwrap();
+        }),
+    ];
+    for (i, (what, damage)) in damages.iter().enumerate() {
+        let copy = dir.path().join(format!("damaged{i}"));
+        assert!(Command::new("cp")
+            .arg("-a")
+            .arg(dir.path().join("b0"))
+            .arg(&copy)
+            .status()
+            .unwrap()
+            .success());
+        damage(&copy);
+        // Into a directory that is not there, and into an empty one.
+        let (absent, empty) = (dir.path().join(format!("absent{i}")), dir.path().join(format!("empty{i}")));
+        std::fs::create_dir(&empty).unwrap();
+        for target in [&absent, &empty] {
+            let out = admin(target, &["restore", copy.to_str().unwrap()]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success() && err.contains("damaged backup"), "{what}: {err}");
+        }
+        assert!(!absent.exists(), "{what}: a failed restore left {absent:?}");
+        assert!(contents(&empty).is_empty() && empty.is_dir(), "{what}: a failed restore left files");
+    }
+
+    // The last backup, restored into a new data directory, served by a
+    // server at the same address (it kept its TLS key, so the pinned
+    // fingerprint holds).
+    let restored = dir.path().join("restored");
+    let out = admin(&restored, &["restore", dir.path().join("b2").to_str().unwrap()]);
+    assert!(out.status.success(), "restore: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("every hash matched"));
+    m.unmount();
+    m.server.restart_on(&restored, None);
+    // This machine saw newer versions of the churned files than the
+    // backup holds: to it the restored server rolled them back, and it
+    // refuses them as it would any server's.
+    m.mount();
+    let rolled_back = churn.iter().filter(|c| std::fs::read(root.join(c)).is_err()).count();
+    assert!(rolled_back > 0, "no rolled-back file was refused");
+    m.unmount();
+    // The admin who restored it tells the machines to forget what they saw.
+    std::fs::remove_dir_all(m.home.join("state/vaultfs")).unwrap();
+    m.mount();
+    for (name, data) in &stable {
+        assert!(std::fs::read(root.join(name)).unwrap() == *data, "{name} differs after the restore");
+    }
+    for name in &churn {
+        let got = std::fs::read(root.join(name)).unwrap();
+        let generation: u32 = String::from_utf8_lossy(&got[..40])
+            .strip_prefix(&format!("{name} generation "))
+            .and_then(|r| r.split('\n').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: not a version the client wrote"));
+        assert!(got == generation_of(name, generation, CHURN_LEN), "{name}: not whole");
+    }
+    for name in &created[..committed_before[2]] {
+        assert!(
+            std::fs::read(root.join(name)).unwrap() == generation_of(name, 0, 50_000),
+            "{name}, committed before the backup, differs or is missing"
+        );
+    }
+}
+
+/// The same from a server whose blobs are in S3: the backup reads them from
+/// the bucket, and restores onto local blobs (a way off S3); a restore onto
+/// a bucket that holds blobs is refused.
+#[test]
+fn a_backup_of_an_s3_server_restores_onto_local_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start(&dir.path().join("s3"));
+    let mut m = TestMount::start_setup(MountSetup { server_toml: &s3.config(), ..Default::default() });
+    std::fs::create_dir_all(m.path("Family/s3")).unwrap();
+    // One larger than a part of a ranged S3 read (8 MiB).
+    let files: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| {
+            let name = format!("Family/s3/f{i}");
+            let data = generation_of(&name, 0, 1000 + i * 2_500_001);
+            (name, data)
+        })
+        .collect();
+    for (name, data) in &files {
+        std::fs::write(m.path(name), data).unwrap();
+    }
+    let s3_config = dir.path().join("s3.toml");
+    std::fs::write(&s3_config, s3.config()).unwrap();
+    let data = m.server.data_dir.clone();
+    let backup = dir.path().join("backup");
+    let out = Command::new(vaultfs_bin())
+        .args(["admin", "--config", s3_config.to_str().unwrap(), "--data-dir", data.to_str().unwrap()])
+        .args(["backup", backup.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "backup: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(support::server::walk_files(&backup.join("blobs")).len(), files.len());
+
+    let onto_bucket = dir.path().join("onto-bucket");
+    let out = Command::new(vaultfs_bin())
+        .args(["admin", "--config", s3_config.to_str().unwrap(), "--data-dir", onto_bucket.to_str().unwrap()])
+        .args(["restore", backup.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("already holds"), "{err}");
+    assert!(!onto_bucket.exists(), "a refused restore left {onto_bucket:?}");
+
+    let restored = dir.path().join("restored");
+    let out = admin(&restored, &["restore", backup.to_str().unwrap()]);
+    assert!(out.status.success(), "restore: {}", String::from_utf8_lossy(&out.stderr));
+    m.unmount();
+    let local = dir.path().join("local.toml");
+    std::fs::write(&local, "").unwrap();
+    m.server.restart_on(&restored, Some(&local));
+    m.mount();
+    for (name, data) in &files {
+        assert!(std::fs::read(m.path(name)).unwrap() == *data, "{name} differs after the restore");
+    }
+    assert_eq!(support::server::walk_files(&restored.join("blobs")).len(), files.len(), "not on local blobs");
 }

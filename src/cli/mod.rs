@@ -7,6 +7,7 @@ mod helper;
 mod logring;
 mod mount;
 mod policy;
+mod progress;
 mod secret;
 mod status;
 mod user;

@@ -522,23 +522,18 @@ pub async fn vault(cmd: VaultCommand) -> CliResult {
                 )
                 .into());
             }
-            let tty = std::io::stderr().is_terminal();
             // What this machine saw: a replayed manifest is not sealed anew.
             let seen = |id| freshness.generation(id);
             let wrote = |id, generation| freshness.note(id, generation);
             let generations = crate::remote::rekey::Generations { seen: &seen, wrote: &wrote };
+            let bar = super::progress::count("files", 0);
             let done = unlocked
                 .rekey_vault_checked(info.id, &generations, |k, total| {
-                    if tty {
-                        let width = 30;
-                        let filled = (k * width).checked_div(total).unwrap_or(width);
-                        eprint!("\r[{}{}] {k}/{total} files", "#".repeat(filled), ".".repeat(width - filled));
-                    }
+                    bar.set_length(total as u64);
+                    bar.set_position(k as u64);
                 })
                 .await;
-            if tty {
-                eprintln!();
-            }
+            bar.finish_and_clear();
             let done = saving(done, &freshness)?;
             println!(
                 "{vault}: {} file(s) encrypted again, {} sealed afresh (manifest or name), {} already current, \

@@ -13,8 +13,9 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar};
 
+use super::progress::style;
 use super::status::{look, none_running, print, MountStatus};
 use super::CliResult;
 
@@ -67,12 +68,6 @@ struct MountBars {
     cache: ProgressBar,
     /// By direction and name.
     transfers: HashMap<(bool, String), ProgressBar>,
-}
-
-fn style(template: &str) -> ProgressStyle {
-    ProgressStyle::with_template(template)
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("#>-")
 }
 
 impl Board {

@@ -23,7 +23,7 @@ use crate::ids::{hex_encode, parse_hex_array};
 pub use crate::protocol::ByteStream;
 
 /// Server-chosen name of a stored blob.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BlobId(pub [u8; 16]);
 
 impl BlobId {

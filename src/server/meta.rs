@@ -21,7 +21,9 @@ use crate::protocol::{
 
 use super::blob::BlobId;
 
+mod backup;
 mod locks;
+pub use backup::{check_snapshot, snapshot_blobs};
 pub use locks::LockOutcome;
 
 /// Every statement is prepared once per connection and then reused from
@@ -513,6 +515,7 @@ impl Meta {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(locks::LOCK_SCHEMA)?;
+        conn.execute_batch(backup::HOLD_SCHEMA)?;
         upgrade_schema(&conn)?;
         upgrade_triggers(&mut conn)?;
         let mut meta = Meta { conn, feed_seen: 0 };

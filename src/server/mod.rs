@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod backup;
 pub mod blob;
 pub mod config;
 pub mod meta;

@@ -463,7 +463,8 @@ impl<B: BlobStore> Service<B> {
     }
 
     /// Removes leftovers of interrupted uploads, staged content never
-    /// committed ([`STAGED_TTL_MS`]), and blobs no file points at. Only safe
+    /// committed ([`STAGED_TTL_MS`]), and blobs no file points at (unless
+    /// a backup holds them). Only safe
     /// while no upload is in flight (at startup).
     pub async fn collect_garbage(&self) -> Result<(usize, usize)> {
         let incomplete = self.blobs.clean_incomplete().await?;
@@ -472,14 +473,15 @@ impl<B: BlobStore> Service<B> {
             self.blobs.delete(blob).await?;
         }
         let in_use = self.db(|m| m.blobs_in_use()).await?;
-        let mut orphans = 0;
-        for id in self.blobs.list().await? {
-            if !in_use.contains(&id.to_hex()) {
-                self.blobs.delete(id).await?;
-                orphans += 1;
-            }
+        let orphans: Vec<BlobId> =
+            self.blobs.list().await?.into_iter().filter(|id| !in_use.contains(&id.to_hex())).collect();
+        // Those a running backup may still copy wait for its end.
+        let now = now_ms();
+        let free = self.db(move |m| m.release_blobs(&orphans, now)).await?;
+        for &id in &free {
+            self.blobs.delete(id).await?;
         }
-        Ok((incomplete, orphans))
+        Ok((incomplete, free.len()))
     }
 
     // ---- authentication ----------------------------------------------------
@@ -987,9 +989,7 @@ impl<B: BlobStore> Service<B> {
         }
         let uid = caller.user.id;
         let (outcomes, blobs) = self.db(move |m| m.delete_many(uid, &items)).await?;
-        for blob in blobs {
-            self.discard_later(Some(blob));
-        }
+        self.discard_later(blobs);
         Ok(outcomes)
     }
 
@@ -1159,14 +1159,36 @@ impl<B: BlobStore> Service<B> {
         Ok((blob, size))
     }
 
-    /// Deletes a replaced blob after the answer: freeing a large blob took
-    /// 50-100 ms here (300 MB on tmpfs), which the writer would otherwise
-    /// wait for. If the server stops first, the next start collects it.
-    fn discard_later(&self, old: Option<BlobId>) {
-        if let Some(old) = old {
-            let blobs = Arc::clone(&self.blobs);
-            tokio::spawn(async move { delete_replaced(&*blobs, old).await });
+    /// Deletes blobs no file points at any more, after the answer: freeing
+    /// a large blob took 50-100 ms here (300 MB on tmpfs), which the writer
+    /// would otherwise wait for. While a backup holds them
+    /// (`meta/backup.rs`) they are written down instead, and go with the
+    /// first ones let go after it. If the server stops first, the next
+    /// start collects them.
+    fn discard_later(&self, old: impl IntoIterator<Item = BlobId>) {
+        let old: Vec<BlobId> = old.into_iter().collect();
+        if old.is_empty() {
+            return;
         }
+        let (blobs, meta) = (Arc::clone(&self.blobs), Arc::clone(&self.meta));
+        tokio::spawn(async move {
+            let now = now_ms();
+            let free = tokio::task::spawn_blocking(move || {
+                let mut m = meta.lock().map_err(|_| "metadata lock poisoned".to_string())?;
+                m.release_blobs(&old, now).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+            match free {
+                Ok(free) => {
+                    for blob in free {
+                        delete_replaced(&*blobs, blob).await;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "replaced blobs left for the next start"),
+            }
+        });
     }
 
     /// Stores an upload's content without committing it (its manifest is

@@ -85,6 +85,17 @@ impl TestServer {
         assert_eq!(again.url, self.url, "restarted on another address");
     }
 
+    /// Stops the server and starts it again on the same address with the
+    /// data in `data_dir` (a restored backup, say), and the configuration
+    /// file `config` if one is given.
+    pub fn restart_on(&mut self, data_dir: &Path, config: Option<&Path>) {
+        self.data_dir = data_dir.to_path_buf();
+        if let Some(config) = config {
+            self.config = config.to_path_buf();
+        }
+        self.restart();
+    }
+
     fn spawn_on(
         listen: &str,
         data_dir: &Path,
@@ -260,7 +271,7 @@ impl TestServer {
     }
 }
 
-fn walk_files(dir: &Path) -> Vec<PathBuf> {
+pub fn walk_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -295,7 +306,7 @@ pub struct S3Server {
 }
 
 impl S3Server {
-    fn start(root: &Path) -> Self {
+    pub fn start(root: &Path) -> Self {
         std::fs::create_dir_all(root.join(S3_BUCKET)).expect("S3 root");
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let bin = std::env::var_os("CARGO_HOME")
@@ -322,7 +333,7 @@ impl S3Server {
 
     /// The server configuration's [storage] table for this S3 server. Small
     /// parts (5 MiB, the S3 minimum) so multipart uploads happen in tests.
-    fn config(&self) -> String {
+    pub fn config(&self) -> String {
         format!(
             "\n[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"{S3_BUCKET}\"\n\
              endpoint = \"http://127.0.0.1:{}\"\nregion = \"us-east-1\"\nallow_http = true\n\
