@@ -1217,3 +1217,83 @@ async fn long_ranges_read_back_byte_for_byte() {
         assert!(read(&alice, file, None).await.unwrap() == data[..cut], "{cut} bytes");
     }
 }
+
+/// Readiness says whether to send this instance requests; a SIGTERM lets
+/// an upload in flight finish and commit before the server exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_blob_store_and_a_shutdown_finishes_uploads_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut s = TestServer::start_in(&data, &[]);
+    let client = tls_client(&s);
+    let ready = |client: reqwest::Client, url: String| async move {
+        let r = client.get(format!("{url}/v1/ready")).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    assert_eq!(ready(client.clone(), s.url.clone()).await, (200, r#"{"status":"ready"}"#.to_string()));
+    if !support::server::s3_mode() {
+        // The blob store gone: not ready, and the answer says which part.
+        std::fs::rename(data.join("blobs"), data.join("blobs.away")).unwrap();
+        let (status, body) = ready(client.clone(), s.url.clone()).await;
+        assert!(
+            status == 503 && body.contains("not_ready") && body.contains("blob store"),
+            "{status} {body}"
+        );
+        std::fs::rename(data.join("blobs.away"), data.join("blobs")).unwrap();
+        assert_eq!(ready(client.clone(), s.url.clone()).await.0, 200);
+    }
+
+    let alice = s.user("alice", &[]).await;
+    let vault = new_vault(&alice, false).await;
+    let file = new_file(&alice, new_record(&alice, vault, None).await).await;
+    const PIECES: u32 = 40;
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = std::sync::Arc::clone(&sent);
+    let body = futures_util::stream::unfold(0u32, move |n| {
+        let counter = std::sync::Arc::clone(&counter);
+        async move {
+            if n == PIECES {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            counter.fetch_add(1 << 20, std::sync::atomic::Ordering::SeqCst);
+            Some((Ok::<_, std::io::Error>(Bytes::from(vec![n as u8; 1 << 20])), n + 1))
+        }
+    });
+    let upload = tokio::spawn(async move {
+        let body = UploadBody {
+            len: Some(u64::from(PIECES) << 20),
+            stream: Box::pin(body),
+            conflict_copy: None,
+            meta: None,
+        };
+        alice.upload(file, 1, true, None, body).await
+    });
+    while sent.load(std::sync::atomic::Ordering::SeqCst) < 8 << 20 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pid = s.pid();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
+    let result =
+        tokio::time::timeout(Duration::from_secs(60), upload).await.expect("the upload hung").unwrap();
+    assert!(sent.load(std::sync::atomic::Ordering::SeqCst) == u64::from(PIECES) << 20, "not sent whole");
+    assert_eq!(result.expect("an upload in flight at the shutdown failed").version, 2);
+    // It exits by itself once the upload is answered.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exited = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+            stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
+    };
+    while !exited() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(exited(), "the server did not exit after its uploads finished");
+    s.restart();
+    let alice = HttpRemote::login(&s.access(), "alice", b"alice passphrase", support::server::TEST_KDF)
+        .await
+        .unwrap();
+    let got = read(&alice, file, None).await.unwrap();
+    let want: Vec<u8> = (0..PIECES).flat_map(|n| vec![n as u8; 1 << 20]).collect();
+    assert!(got == want, "the upload finished during the shutdown was not kept whole");
+}

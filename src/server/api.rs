@@ -206,6 +206,7 @@ fn json_with_etag<T: Serialize>(version: u64, status: StatusCode, value: T) -> R
 pub fn router<B: BlobStore>(service: Arc<Service<B>>) -> Router {
     Router::new()
         .route("/v1/health", get(health))
+        .route("/v1/ready", get(ready::<B>))
         .route("/v1/prelogin", get(prelogin::<B>))
         .route("/v1/login", post(login::<B>))
         .route("/v1/enroll", post(enroll::<B>))
@@ -349,6 +350,17 @@ impl axum::body::HttpBody for SharedBody {
 
 async fn health() -> impl IntoResponse {
     axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Readiness for a load balancer: 503 while shutting down, or while the
+/// database or the blob store does not answer.
+async fn ready<B: BlobStore>(State(s): State<AppState<B>>) -> Response {
+    match s.ready().await {
+        Ok(()) => axum::Json(serde_json::json!({ "status": "ready" })).into_response(),
+        Err(why) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", why.to_string()).into_response()
+        }
+    }
 }
 
 #[derive(Deserialize)]

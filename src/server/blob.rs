@@ -109,6 +109,8 @@ pub trait BlobStore: Send + Sync + 'static {
     fn list(&self) -> impl Future<Output = Result<Vec<BlobId>, BlobError>> + Send;
     /// Removes leftovers of uploads interrupted by a crash.
     fn clean_incomplete(&self) -> impl Future<Output = Result<usize, BlobError>> + Send;
+    /// Whether the store answers (readiness): one cheap request, no data.
+    fn probe(&self) -> impl Future<Output = Result<(), BlobError>> + Send;
     /// Whether [`BlobStore::put_in_place`] stores on the calling thread (a
     /// local directory): then a small upload's blob and its commit take one
     /// blocking task.
@@ -405,6 +407,14 @@ impl BlobStore for LocalBlobStore {
         Ok(removed)
     }
 
+    async fn probe(&self) -> Result<(), BlobError> {
+        if tokio::fs::metadata(self.root.join("blobs")).await?.is_dir() {
+            Ok(())
+        } else {
+            Err(BlobError::Io(io::Error::other("blobs/ is not a directory")))
+        }
+    }
+
     fn writes_in_place(&self) -> bool {
         true
     }
@@ -476,6 +486,10 @@ impl BlobStore for MemoryBlobStore {
 
     async fn clean_incomplete(&self) -> Result<usize, BlobError> {
         Ok(0)
+    }
+
+    async fn probe(&self) -> Result<(), BlobError> {
+        self.lock().map(drop)
     }
 
     fn writes_in_place(&self) -> bool {

@@ -29,6 +29,9 @@ pub struct ServerConfig {
     /// How long a file lock lasts unless its mount renews it, in seconds: the
     /// longest a crashed machine's locks stay (mounts renew every third of it).
     pub lock_ttl_secs: u64,
+    /// How long a shutdown waits for the requests in flight (uploads) to
+    /// finish, in seconds, while readiness already fails.
+    pub shutdown_grace_secs: u64,
     /// Argon2id parameters for new users' login keys (derived on the client).
     pub login_kdf: KdfConfig,
     /// Where file contents (blobs) are kept.
@@ -161,6 +164,7 @@ impl Default for ServerConfig {
             default_limits: LimitsConfig::default(),
             session_ttl_secs: 12 * 3600,
             lock_ttl_secs: 30,
+            shutdown_grace_secs: 60,
             login_kdf: KdfConfig::default(),
             storage: StorageConfig::default(),
             metrics: MetricsConfig::default(),
@@ -259,6 +263,9 @@ impl ServerConfig {
         }
         if !(3..=3600).contains(&self.lock_ttl_secs) {
             return Err("key `lock_ttl_secs`: must be between 3 and 3600".into());
+        }
+        if self.shutdown_grace_secs > 3600 {
+            return Err("key `shutdown_grace_secs`: at most 3600".into());
         }
         if self.metrics.listen.is_some_and(|m| m == self.listen) {
             return Err(

@@ -171,8 +171,9 @@ async fn serve<B: BlobStore>(
     }
     // systemd's watchdog (a unit with WatchdogSec=) is pinged while the
     // metadata store answers a query.
+    let watched = Arc::clone(&service);
     tokio::spawn(crate::systemd::watchdog(move || {
-        let service = Arc::clone(&service);
+        let service = Arc::clone(&watched);
         async move { service.run_admin(|m| m.setting("")).await.is_ok() }
     }));
 
@@ -187,11 +188,15 @@ async fn serve<B: BlobStore>(
     let addr = listener.local_addr().map_err(io_err("reading the bound address"))?;
     let handle = axum_server::Handle::new();
     let stopper = handle.clone();
+    let grace = std::time::Duration::from_secs(config.shutdown_grace_secs);
     tokio::spawn(async move {
         shutdown.await;
-        tracing::info!("shutting down");
+        tracing::info!(grace_secs = grace.as_secs(), "shutting down: finishing the requests in flight");
         crate::systemd::stopping("finishing the requests in flight");
-        stopper.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
+        // Readiness fails from now on; no new connection is taken, idle
+        // ones close, and requests in flight (an upload) get `grace` to end.
+        service.drain();
+        stopper.graceful_shutdown(Some(grace));
     });
 
     if config.plain_http {

@@ -86,10 +86,14 @@ impl S3BlobStore {
     }
 
     fn key(&self, id: BlobId) -> ObjectPath {
+        self.key_named(&id.to_hex())
+    }
+
+    fn key_named(&self, name: &str) -> ObjectPath {
         if self.prefix.is_empty() {
-            ObjectPath::from(id.to_hex())
+            ObjectPath::from(name)
         } else {
-            ObjectPath::from(format!("{}/{}", self.prefix, id.to_hex()))
+            ObjectPath::from(format!("{}/{name}", self.prefix))
         }
     }
 
@@ -371,6 +375,14 @@ impl BlobStore for S3BlobStore {
             }
         }
         Ok(ids)
+    }
+
+    async fn probe(&self) -> Result<(), BlobError> {
+        // A key no blob has (blob ids are hex): "not found" is an answer.
+        match self.store.head(&self.key_named(".probe")).await {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_err(e)),
+        }
     }
 
     async fn clean_incomplete(&self) -> Result<usize, BlobError> {

@@ -229,7 +229,28 @@ pub struct Service<B> {
     lock_released: tokio::sync::watch::Sender<u64>,
     /// Lock requests waiting, per user (at most `MAX_LOCK_WAITS` each).
     lock_waits: parking_lot::Mutex<HashMap<i64, usize>>,
+    /// Set when the server begins to shut down: readiness fails from then
+    /// on, so a load balancer sends new requests elsewhere while the ones in
+    /// flight finish.
+    draining: std::sync::atomic::AtomicBool,
 }
+
+/// Why the server is not ready for requests (`GET /v1/ready`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    /// It is shutting down.
+    #[error("shutting down")]
+    Draining,
+    /// The metadata database did not answer.
+    #[error("the metadata database does not answer")]
+    Database,
+    /// The blob store did not answer.
+    #[error("the blob store does not answer")]
+    BlobStore,
+}
+
+/// How long readiness waits for the database and the blob store.
+const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Most waits for changes one user may hold open at once.
 pub const MAX_WAITS: usize = 8;
@@ -344,7 +365,44 @@ impl<B: BlobStore> Service<B> {
             waits: parking_lot::Mutex::default(),
             lock_released: tokio::sync::watch::Sender::new(0),
             lock_waits: parking_lot::Mutex::default(),
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Whether this instance should be sent requests: not shutting down,
+    /// and its database and blob store answer (each within [`READY_WITHIN`];
+    /// what failed is logged, the answer only says which).
+    pub async fn ready(&self) -> std::result::Result<(), NotReady> {
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(NotReady::Draining);
+        }
+        match tokio::time::timeout(READY_WITHIN, self.db(|m| m.setting(""))).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "not ready: the database failed");
+                return Err(NotReady::Database);
+            }
+            Err(_) => {
+                tracing::warn!("not ready: the database did not answer in time");
+                return Err(NotReady::Database);
+            }
+        }
+        match tokio::time::timeout(READY_WITHIN, self.blobs.probe()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "not ready: the blob store failed");
+                Err(NotReady::BlobStore)
+            }
+            Err(_) => {
+                tracing::warn!("not ready: the blob store did not answer in time");
+                Err(NotReady::BlobStore)
+            }
+        }
+    }
+
+    /// The server begins to shut down: readiness fails from now on.
+    pub fn drain(&self) {
+        self.draining.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Runs an administrative operation on the metadata store (users, limits).
