@@ -637,9 +637,8 @@ fn a_backup_taken_while_a_client_writes_restores_every_committed_file() {
         generations >= 3,
         "the writer wrote {generations} generations in {backing_up:?}: no overlap to test"
     );
-    // What the backups held back goes once they ended (with the next blob
-    // the server lets go): one blob per file, none left over.
-    std::fs::write(root.join("c0"), generation_of("c0", generations, CHURN_LEN)).unwrap();
+    // What the server held back for the backups went as each ended: one
+    // blob per file, none left over.
     let files = stable.len() + churn.len() + created.len();
     let deadline = Instant::now() + Duration::from_secs(10);
     while m.server.stored_blobs().len() != files && Instant::now() < deadline {
@@ -662,6 +661,19 @@ fn a_backup_taken_while_a_client_writes_restores_every_committed_file() {
         assert!(!out.status.success() && err.contains("not empty"), "{args:?}: {err}");
         assert_eq!(contents(&full), vec![(full.join("keep"), b"mine".to_vec())], "{args:?} changed it");
     }
+    // A backup inside the data directory (its tmp/ is empty when idle), or
+    // a restore into a directory inside the backup.
+    let inside = [
+        (data.clone(), vec!["backup".to_string(), data.join("tmp").display().to_string()]),
+        (dir.path().join("b0/new"), vec!["restore".to_string(), dir.path().join("b0").display().to_string()]),
+    ];
+    for (target, args) in inside {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = admin(&target, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("overlaps"), "{args:?}: {err}");
+    }
+    assert!(!dir.path().join("b0/new").exists());
     let damages: [(&str, &Damage); 5] = [
         ("a blob's byte changed", &|b| {
             let blob = &support::server::walk_files(&b.join("blobs"))[3];

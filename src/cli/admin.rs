@@ -212,7 +212,7 @@ fn backup(config: ServerConfig, dir: &Path) -> CliResult {
     if done.odd_lengths > 0 {
         println!(
             "WARNING: {} stored content(s) differ in length from what their files record: the store was \
-             damaged before this backup (copied as they are; the server's log names them)",
+             damaged before this backup (copied as they are; the warnings above name them)",
             done.odd_lengths
         );
     }

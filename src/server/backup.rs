@@ -26,9 +26,9 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{self, Write as _};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use indicatif::ProgressBar;
@@ -54,9 +54,10 @@ const RENEW_EVERY: Duration = Duration::from_secs(60);
 /// Errors of a backup or a restore; each says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
-    /// The target already holds something: nothing was written.
+    /// The target is not new and empty, or overlaps the source: nothing
+    /// was written.
     #[error("{0}")]
-    NotEmpty(String),
+    Target(String),
     /// The backup is incomplete or altered: nothing was restored.
     #[error("damaged backup: {0}")]
     Damaged(String),
@@ -143,8 +144,15 @@ pub struct Summary {
 pub async fn backup(config: &ServerConfig, dest: &Path, bar: &ProgressBar) -> Result<Summary, BackupError> {
     let live = config.data_dir.join(META_FILE);
     if !live.exists() {
-        return Err(BackupError::NotEmpty(format!(
+        return Err(BackupError::Target(format!(
             "{}: no vaultfs server data here (start `vaultfs serve` once, or pass --data-dir)",
+            config.data_dir.display()
+        )));
+    }
+    if nested(dest, &config.data_dir) {
+        return Err(BackupError::Target(format!(
+            "{}: overlaps the data directory {}; a backup goes elsewhere",
+            dest.display(),
             config.data_dir.display()
         )));
     }
@@ -168,6 +176,13 @@ pub async fn backup(config: &ServerConfig, dest: &Path, bar: &ProgressBar) -> Re
 /// Restores the backup in `from` onto the server `config` describes: its
 /// data directory must be new or empty, and its blob store empty.
 pub async fn restore(config: &ServerConfig, from: &Path, bar: &ProgressBar) -> Result<Summary, BackupError> {
+    if nested(from, &config.data_dir) {
+        return Err(BackupError::Target(format!(
+            "{}: overlaps the backup {}",
+            config.data_dir.display(),
+            from.display()
+        )));
+    }
     let manifest = read_manifest(from)?;
     let listed = check_database(from, &manifest)?;
     let created = claim_empty(&config.data_dir, "a restore goes into a new or empty data directory")?;
@@ -198,10 +213,23 @@ fn open_s3(config: &ServerConfig) -> Result<super::s3::S3BlobStore, BackupError>
 /// above the end-to-end limit, which are not encrypted); returns whether it
 /// was made here.
 fn claim_empty(dir: &Path, why: &str) -> Result<bool, BackupError> {
+    if let Ok(found) = std::fs::symlink_metadata(dir) {
+        // Not one someone else made (who could open it up again), nor a
+        // link to one.
+        // SAFETY: geteuid only reads the process's effective user id.
+        #[allow(unsafe_code)]
+        let me = unsafe { libc::geteuid() };
+        if !found.is_dir() || std::os::unix::fs::MetadataExt::uid(&found) != me {
+            return Err(BackupError::Target(format!(
+                "{}: not a directory of this user's (uid {me}); {why}",
+                dir.display()
+            )));
+        }
+    }
     let created = match std::fs::read_dir(dir) {
         Ok(mut entries) => match entries.next() {
             None => false,
-            Some(_) => return Err(BackupError::NotEmpty(format!("{}: not empty; {why}", dir.display()))),
+            Some(_) => return Err(BackupError::Target(format!("{}: not empty; {why}", dir.display()))),
         },
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
@@ -212,6 +240,31 @@ fn claim_empty(dir: &Path, why: &str) -> Result<bool, BackupError> {
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .map_err(io_err(format!("setting permissions of {}", dir.display())))?;
     Ok(created)
+}
+
+/// Whether one of two directories is the other or within it, their links
+/// resolved (a part not made yet is taken as named).
+fn nested(a: &Path, b: &Path) -> bool {
+    fn resolved(p: &Path) -> PathBuf {
+        let whole = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let mut existing = whole.as_path();
+        let mut rest = Vec::new();
+        loop {
+            if let Ok(mut found) = existing.canonicalize() {
+                found.extend(rest.iter().rev());
+                return found;
+            }
+            match (existing.parent(), existing.file_name()) {
+                (Some(parent), Some(name)) => {
+                    rest.push(name.to_owned());
+                    existing = parent;
+                }
+                _ => return whole,
+            }
+        }
+    }
+    let (a, b) = (resolved(a), resolved(b));
+    a.starts_with(&b) || b.starts_with(&a)
 }
 
 /// Removes what a failed backup or restore wrote into `dir`, which was
@@ -283,6 +336,9 @@ fn file_piece(path: &Path, name: &str) -> Result<Piece, BackupError> {
 /// the copy holds.
 fn copy_kept(from: &Path, to: &Path, name: &str) -> Result<Piece, BackupError> {
     let what = format!("copying {} to {}", from.display(), to.display());
+    if !std::fs::symlink_metadata(from).map_err(io_err(what.clone()))?.is_file() {
+        return Err(BackupError::Damaged(format!("{} is not a regular file", from.display())));
+    }
     if let Some(dir) = to.parent() {
         std::fs::create_dir_all(dir).map_err(io_err(what.clone()))?;
         std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
@@ -307,18 +363,38 @@ async fn backup_from<B: BlobStore>(
     let mut hold = [0u8; 16];
     getrandom::getrandom(&mut hold)
         .map_err(|e| BackupError::Io { what: "getrandom".into(), source: io::Error::other(e) })?;
+    let live = data_dir.join(META_FILE);
     meta.hold_blobs(&hold, now_ms() + HOLD_FOR.as_millis() as i64)?;
-    let copied = copy_out(&mut meta, &hold, store, data_dir, dest, bar).await;
+    let keeper = meta::HoldKeeper::start(&live, hold, RENEW_EVERY, HOLD_FOR);
+    let copied = match keeper {
+        Ok(keeper) => {
+            let copied = copy_out(&meta, store, data_dir, dest, bar).await;
+            drop(keeper);
+            copied
+        }
+        Err(e) => Err(e.into()),
+    };
     if let Err(e) = meta.end_hold(&hold) {
         // It lapses by itself; the server then deletes what it held.
         tracing::warn!(error = %e, "could not end the backup's hold on blob deletion");
+    }
+    // What the server held back for this backup goes now (unless another
+    // backup holds it), not at the server's next replaced blob.
+    match meta.release_blobs(&[], now_ms()) {
+        Ok(free) => {
+            for id in free {
+                if let Err(e) = store.delete(id).await {
+                    tracing::warn!(blob = %id.to_hex(), error = %e, "could not delete a blob held for the backup");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "blobs held for the backup are left for the server"),
     }
     copied
 }
 
 async fn copy_out<B: BlobStore>(
-    meta: &mut Meta,
-    hold: &[u8; 16],
+    meta: &Meta,
     store: &B,
     data_dir: &Path,
     dest: &Path,
@@ -336,12 +412,7 @@ async fn copy_out<B: BlobStore>(
     let copies = LocalBlobStore::open(dest).map_err(io_err(format!("creating {}/blobs", dest.display())))?;
     let mut summary = Summary { blobs: named.len(), bytes: 0, odd_lengths: 0 };
     let mut blobs = Vec::with_capacity(named.len());
-    let mut renewed = Instant::now();
     for (id, recorded) in named {
-        if renewed.elapsed() >= RENEW_EVERY {
-            meta.hold_blobs(hold, now_ms() + HOLD_FOR.as_millis() as i64)?;
-            renewed = Instant::now();
-        }
         let read = match store.get(id, None).await {
             Err(BlobError::NotFound) => return Err(BackupError::Gone(id.to_hex())),
             read => read.map_err(blob_err(id))?,
@@ -462,12 +533,13 @@ async fn restore_into<B: BlobStore>(
 ) -> Result<Summary, BackupError> {
     let already = store.list().await.map_err(BackupError::Store)?;
     if !already.is_empty() {
-        return Err(BackupError::NotEmpty(format!(
+        return Err(BackupError::Target(format!(
             "the blob store already holds {} blob(s); a restore goes into an empty one",
             already.len()
         )));
     }
-    let copies = LocalBlobStore::open(from).map_err(io_err(format!("opening {}/blobs", from.display())))?;
+    let copies = LocalBlobStore::open_existing(from)
+        .map_err(|e| BackupError::Damaged(format!("{}/blobs: {e}", from.display())))?;
     bar.set_length(m.blobs.iter().map(|p| p.len).sum());
     let mut put = Vec::with_capacity(listed.len());
     let copied = async {
@@ -499,12 +571,18 @@ async fn restore_into<B: BlobStore>(
                 return Err(BackupError::Damaged(format!("{} changed during the restore", f.name)));
             }
         }
+        // The copy is what is checked (again): the backup's file could
+        // have changed since it was.
         let db = data_dir.join(META_FILE);
         let tmp = db.with_extension("part");
         std::fs::copy(from.join(META_FILE), &tmp)
             .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, &db))
-            .map_err(io_err(format!("writing {}", db.display())))?;
+            .map_err(io_err(format!("writing {}", tmp.display())))?;
+        if file_piece(&tmp, META_FILE)? != m.metadata {
+            return Err(BackupError::Damaged(format!("{META_FILE} changed during the restore")));
+        }
+        meta::check_snapshot(&tmp).map_err(|e| BackupError::Damaged(format!("{META_FILE}: {e}")))?;
+        std::fs::rename(&tmp, &db).map_err(io_err(format!("writing {}", db.display())))?;
         sync_dir(&db)?;
         // Opened as the server opens it (which brings an older schema up to
         // date); every blob it names must now be in the store.

@@ -162,6 +162,15 @@ impl LocalBlobStore {
         Ok(LocalBlobStore { root: root.to_path_buf() })
     }
 
+    /// A store over the blobs already under `root`, creating nothing (a
+    /// backup being restored, which may be read-only).
+    pub fn open_existing(root: &Path) -> io::Result<Self> {
+        if !std::fs::symlink_metadata(root.join("blobs"))?.is_dir() {
+            return Err(io::Error::other(format!("{}/blobs is not a directory", root.display())));
+        }
+        Ok(LocalBlobStore { root: root.to_path_buf() })
+    }
+
     fn path(&self, id: BlobId) -> PathBuf {
         let hex = id.to_hex();
         self.root.join("blobs").join(&hex[..2]).join(hex)
@@ -321,13 +330,24 @@ impl BlobStore for LocalBlobStore {
     async fn get(&self, id: BlobId, range: Option<(u64, u64)>) -> Result<BlobRead, BlobError> {
         let path = self.path(id);
         let opened = tokio::task::spawn_blocking(move || -> Result<_, BlobError> {
-            let file = match std::fs::File::open(path) {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            // A blob is a regular file: never a link followed elsewhere, nor
+            // a FIFO that would block the open (a restored backup's blobs
+            // come from outside).
+            let file = match std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(path)
+            {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(BlobError::NotFound),
                 Err(e) => return Err(e.into()),
             };
-            let total_len = file.metadata()?.len();
-            Ok((file, total_len))
+            let meta = file.metadata()?;
+            if !meta.is_file() {
+                return Err(BlobError::Io(io::Error::other("a blob that is not a regular file")));
+            }
+            Ok((file, meta.len()))
         })
         .await;
         let (mut file, total_len) = joined(opened)?;

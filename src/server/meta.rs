@@ -23,7 +23,7 @@ use super::blob::BlobId;
 
 mod backup;
 mod locks;
-pub use backup::{check_snapshot, snapshot_blobs};
+pub use backup::{check_snapshot, snapshot_blobs, HoldKeeper};
 pub use locks::LockOutcome;
 
 /// Every statement is prepared once per connection and then reused from

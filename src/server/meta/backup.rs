@@ -17,6 +17,8 @@
 //! finds a blob gone and fails, and says so.
 
 use std::path::Path;
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::Duration;
 
 use rusqlite::backup::StepResult;
 use rusqlite::{params, Connection, OpenFlags};
@@ -71,6 +73,9 @@ impl Meta {
         };
         let mut free = blobs.to_vec();
         if !deferred.is_empty() {
+            // Startup collection hands in what was deferred too: once each.
+            let given: std::collections::HashSet<String> = blobs.iter().map(BlobId::to_hex).collect();
+            let deferred: Vec<String> = deferred.into_iter().filter(|h| !given.contains(h)).collect();
             let tx = self.conn.transaction()?;
             tx.exec("DELETE FROM deferred_blobs", [])?;
             tx.exec("DELETE FROM blob_holds WHERE expires_ms <= ?1", [now_ms])?;
@@ -108,6 +113,45 @@ impl Meta {
         )?;
         copy.close().map_err(|(_, e)| e)?;
         Ok(())
+    }
+}
+
+/// Renews a hold from a thread of its own until dropped: a copy of one
+/// large blob may take longer than a hold lasts.
+pub struct HoldKeeper {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HoldKeeper {
+    /// Renews hold `id` in the database at `path` every `every`, to
+    /// `hold_for` ahead (on a connection of its own). A hold that lapsed
+    /// meanwhile is not made again: what it protected may be gone, and the
+    /// backup finds that out.
+    pub fn start(path: &Path, id: [u8; 16], every: Duration, hold_for: Duration) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                let until = crate::protocol::now_ms() + hold_for.as_millis() as i64;
+                let renewed = conn
+                    .execute("UPDATE blob_holds SET expires_ms = ?2 WHERE id = ?1", params![&id[..], until]);
+                if let Err(e) = renewed {
+                    tracing::warn!(error = %e, "could not renew the backup's hold on blob deletion");
+                }
+            }
+        });
+        Ok(HoldKeeper { stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for HoldKeeper {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
