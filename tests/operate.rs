@@ -34,10 +34,18 @@ fn fstab_mount(m: &TestMount, options: &str, env: &[(&str, &str)]) -> Output {
 
 /// `vaultfs` on the shell's default path, as the package installs it: a
 /// link to the binary under test in /usr/local/bin, removed when dropped.
-struct OnDefaultPath(PathBuf);
+/// One test at a time holds it.
+struct OnDefaultPath(PathBuf, #[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
+
+static DEFAULT_PATH: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl OnDefaultPath {
     fn link() -> Self {
+        Self::link_to(Path::new(&vaultfs_bin()))
+    }
+
+    fn link_to(bin: &Path) -> Self {
+        let held = DEFAULT_PATH.lock().unwrap_or_else(|p| p.into_inner());
         let link = PathBuf::from("/usr/local/bin/vaultfs");
         match std::fs::symlink_metadata(&link) {
             Ok(meta) if !meta.file_type().is_symlink() => {
@@ -46,8 +54,8 @@ impl OnDefaultPath {
             Ok(_) => std::fs::remove_file(&link).unwrap(), // a link left by an earlier run
             Err(_) => {}
         }
-        std::os::unix::fs::symlink(vaultfs_bin(), &link).unwrap();
-        OnDefaultPath(link)
+        std::os::unix::fs::symlink(bin, &link).unwrap();
+        OnDefaultPath(link, held)
     }
 }
 
@@ -810,4 +818,195 @@ fn a_backup_of_an_s3_server_restores_onto_local_blobs() {
         assert!(std::fs::read(m.path(name)).unwrap() == *data, "{name} differs after the restore");
     }
     assert_eq!(support::server::walk_files(&restored.join("blobs")).len(), files.len(), "not on local blobs");
+}
+
+/// A system user made for a test, removed (with anything it still runs)
+/// when dropped.
+struct SystemUser(String);
+
+impl SystemUser {
+    fn add(name: &str, home: &Path) -> Self {
+        // One left by a run that was killed goes first.
+        let _ = Command::new("userdel").args(["-f", name]).output();
+        let out = Command::new("useradd")
+            .args(["-M", "-s", "/bin/sh", "-d"])
+            .arg(home)
+            .arg(name)
+            .output()
+            .expect("useradd (passwd package)");
+        assert!(out.status.success(), "useradd: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::create_dir_all(home).unwrap();
+        assert!(Command::new("chown").arg(format!("{name}:")).arg(home).status().unwrap().success());
+        SystemUser(name.to_string())
+    }
+
+    fn uid(&self) -> u32 {
+        let out = Command::new("id").args(["-u", &self.0]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+
+    fn owns(&self, path: &Path, mode: u32) {
+        assert!(Command::new("chown").arg(format!("{}:", self.0)).arg(path).status().unwrap().success());
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    }
+}
+
+impl Drop for SystemUser {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill").args(["-KILL", "-u", &self.0]).output();
+        let _ = Command::new("userdel").args(["-f", &self.0]).output();
+    }
+}
+
+/// /etc/fstab with one more line, as it was again when dropped.
+struct FstabLine(String);
+
+impl FstabLine {
+    fn add(line: &str) -> Self {
+        let before = std::fs::read_to_string("/etc/fstab").unwrap_or_default();
+        let mut after = before.clone();
+        if !after.is_empty() && !after.ends_with('\n') {
+            after.push('\n');
+        }
+        after.push_str(line);
+        after.push('\n');
+        std::fs::write("/etc/fstab", after).unwrap();
+        FstabLine(before)
+    }
+}
+
+impl Drop for FstabLine {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/etc/fstab", &self.0);
+    }
+}
+
+/// /dev/fuse readable and writable by all, as distributions make it (some
+/// containers keep it root's), its mode as it was again when dropped.
+struct FuseOpenToAll(u32);
+
+impl FuseOpenToAll {
+    fn set() -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata("/dev/fuse").unwrap().permissions().mode() & 0o7777;
+        std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(mode | 0o666)).unwrap();
+        FuseOpenToAll(mode)
+    }
+}
+
+impl Drop for FuseOpenToAll {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(self.0));
+    }
+}
+
+#[test]
+fn a_user_mounts_an_fstab_line_marked_user_and_unmounts_it_as_itself() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut m = TestMount::start();
+    m.unmount();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let name = "vaultfs-test-user";
+    let home = dir.path().join("home");
+    let user = SystemUser::add(name, &home);
+    user.owns(&home, 0o700);
+    // The binary it runs: a copy it can reach (a build tree may lie under a
+    // home only root enters), on the default path mount(8)'s helpers use.
+    let bin = dir.path().join("vaultfs");
+    std::fs::copy(vaultfs_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _path = OnDefaultPath::link_to(&bin);
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, "user mount passphrase").unwrap();
+    user.owns(&pass, 0o600);
+    let as_user = |args: &[&str]| {
+        Command::new("runuser")
+            .args(["-u", name, "--", "env"])
+            .arg(format!("HOME={}", home.display()))
+            .arg(format!("VAULTFS_PASSPHRASE_FILE={}", pass.display()))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let ok = |args: &[&str]| {
+        let out = as_user(args);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        out
+    };
+    let code = m.server.add_user("bob", &[]);
+    let fp = m.server.fingerprint.clone().unwrap();
+    ok(&[
+        "vaultfs",
+        "login",
+        "--server",
+        &m.server.url,
+        "--user",
+        "bob",
+        "--fingerprint",
+        &fp,
+        "--enroll",
+        &code,
+    ]);
+    ok(&["vaultfs", "vault", "create", "Family"]);
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    user.owns(&mnt, 0o755);
+    let mnt_s = mnt.to_str().unwrap();
+    let _fstab = FstabLine::add(&format!(
+        "vaults {mnt_s} fuse.vaultfs noauto,user,passphrase_file={} 0 0",
+        pass.display()
+    ));
+    let _gone = Unmounted(mnt.clone());
+
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/dev/fuse").unwrap().mode() & 0o006 != 0o006 {
+        // Where /dev/fuse is root's alone, a user mount says so.
+        let out = as_user(&["mount", mnt_s]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("/dev/fuse cannot be opened by this user"), "{err}");
+    }
+    let _fuse = FuseOpenToAll::set();
+    ok(&["mount", mnt_s]);
+    assert!(mounted(&mnt));
+    let pids = daemons(&mnt);
+    assert_eq!(pids.len(), 1, "one daemon: {pids:?}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pids[0])).unwrap();
+    let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap().split_whitespace().next().unwrap();
+    assert_eq!(uid, user.uid().to_string(), "the daemon runs as the user");
+    let line = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .find(|l| l.split(' ').nth(1) == Some(mnt_s))
+        .unwrap()
+        .to_string();
+    assert!(line.contains("noexec") && line.contains("nosuid"), "a `user` mount is noexec: {line}");
+
+    // Files written as the user, saved by its own fusermount3 -u.
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    for i in 0..5 {
+        std::fs::write(src.join(format!("f{i}")), generation_of("user", i, 10_000 + i as usize * 300_007))
+            .unwrap();
+    }
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o755)).unwrap();
+    ok(&["cp", "-r", src.to_str().unwrap(), &format!("{mnt_s}/Family/")]);
+    ok(&["fusermount3", "-u", mnt_s]);
+    let start = Instant::now();
+    while !daemons(&mnt).is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(20), "the daemon did not exit after fusermount3 -u");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!mounted(&mnt));
+    ok(&["mount", mnt_s]);
+    for i in 0..5 {
+        ok(&["cmp", src.join(format!("f{i}")).to_str().unwrap(), &format!("{mnt_s}/Family/src/f{i}")]);
+    }
+    ok(&["umount", mnt_s]);
+    let start = Instant::now();
+    while !daemons(&mnt).is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(20), "the daemon did not exit after umount");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -158,8 +158,14 @@ fn run_in(work: &Path, mountpoint: Option<PathBuf>) -> CliResult {
     })?;
 
     // 3. The mount.
-    let background =
-        start_session(&fs, rt.handle(), &mountpoint, &url, 4, &crate::policy::Policy::default().mount())?;
+    let background = start_session(
+        &fs,
+        rt.handle(),
+        &mountpoint,
+        &url,
+        super::mount::Session { threads: 4, noexec: false },
+        &crate::policy::Policy::default().mount(),
+    )?;
     let _status = super::status::serve_status(rt.handle(), &fs, &mountpoint, &url).ok();
     let vault_dir = mountpoint.join("Demo vault");
     let mut out = std::io::stdout().lock();

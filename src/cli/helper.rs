@@ -71,7 +71,6 @@ const LEFT_ALONE: &[&str] = &[
     "suid",
     "nosuid",
     "exec",
-    "noexec",
     "atime",
     "noatime",
     "relatime",
@@ -138,13 +137,18 @@ fn translate(args: &[OsString]) -> Result<HelperCall, String> {
     let [_source, mountpoint] = <[OsString; 2]>::try_from(words).map_err(|_| usage.to_string())?;
     let mut out: Vec<OsString> = vec!["vaultfs".into(), "mount".into(), mountpoint];
     let mut home = None;
+    // `user` in fstab implies noexec, which mount(8) passes on unless an
+    // `exec` follows; the last of the two wins.
+    let mut noexec = false;
     for option in options.iter().flat_map(|o| split_options(o)) {
         let option = option.as_str();
         let (key, value) = match option.split_once('=') {
             Some((k, v)) => (k, Some(v)),
             None => (option, None),
         };
-        if key == HOME {
+        if option == "noexec" || option == "exec" {
+            noexec = option == "noexec";
+        } else if key == HOME {
             let dir = value.filter(|v| !v.is_empty()).ok_or("mount option home needs a value")?;
             if !Path::new(dir).is_absolute() {
                 return Err(format!("mount option home: {dir} is not an absolute path"));
@@ -168,6 +172,9 @@ fn translate(args: &[OsString]) -> Result<HelperCall, String> {
                 VALUED.iter().map(|(k, _)| *k).chain(FLAGS.iter().map(|(k, _)| *k)).collect();
             return Err(format!("unknown mount option {key} (vaultfs knows {})", known.join(", ")));
         }
+    }
+    if noexec {
+        out.push("--noexec".into());
     }
     Ok(HelperCall { args: if fake { Vec::new() } else { out }, home })
 }
@@ -209,18 +216,29 @@ fn check_home_owner(home: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether `path` belongs to the user this process runs as.
+fn owned_by_me(path: &Path) -> bool {
+    // SAFETY: geteuid only reads the process's effective user id.
+    #[allow(unsafe_code)]
+    let euid = unsafe { libc::geteuid() };
+    std::fs::metadata(path).is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == euid)
+}
+
 /// Runs the helper call: `vaultfs mount` with the translated arguments, in
 /// the home directory named or the user's own.
 pub(super) fn run(call: HelperCall) -> CliResult {
     if call.args.is_empty() {
         return Ok(()); // -f: a fake mount
     }
+    // HOME only if it is this user's: mount(8) hands a user mount (fstab
+    // `user`) the environment it was given, whose HOME may be another
+    // user's (seen: root's, under runuser).
     let home = match call.home {
         Some(home) => Some(home.into()),
-        None if std::env::var_os("HOME").is_some_and(|h| !h.is_empty()) => None,
-        None => Some(
-            home_of_this_user().ok_or("no HOME, and no home directory for this user: pass -o home=DIR")?,
-        ),
+        None if std::env::var_os("HOME").is_some_and(|h| !h.is_empty() && owned_by_me(Path::new(&h))) => None,
+        None => Some(home_of_this_user().ok_or(
+            "no HOME of this user's, and no home directory in the password database: pass -o home=DIR",
+        )?),
     };
     if let Some(home) = &home {
         check_home_owner(Path::new(home))?;
@@ -296,6 +314,10 @@ mod tests {
             ["mount.vaultfs", "x", "/m", "-o", "home=/srv/h"].map(OsString::from).to_vec();
         assert_eq!(helper_call(&argv).unwrap().unwrap().home.as_deref(), Some("/srv/h"));
         assert!(home_of_this_user().is_some(), "the password database names this user's home");
+        // An fstab `user` line: mount(8) passes noexec, and `exec` after it wins.
+        let noexec = |o: &str| call(&["mount.vaultfs", "x", "/m", "-o", o]).unwrap().unwrap();
+        assert_eq!(noexec("rw,noexec,nosuid,nodev").last().map(String::as_str), Some("--noexec"));
+        assert!(!noexec("user,noexec,exec").contains(&"--noexec".to_string()));
     }
 
     #[test]

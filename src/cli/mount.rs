@@ -64,6 +64,10 @@ pub struct MountArgs {
     /// user allow it: Linux 6.9 or later, root).
     #[arg(long, env = "VAULTFS_NO_PASSTHROUGH", value_parser = clap::builder::FalseyValueParser::new())]
     no_passthrough: bool,
+    /// Files on the mount cannot be executed (what an fstab line with
+    /// `user` means unless `exec` follows it).
+    #[arg(long)]
+    noexec: bool,
     /// Show decrypted names in log lines (off by default: logs name objects by
     /// id, since a log may be kept on disk). For debugging only.
     #[arg(long, env = crate::fs::lognames::LOG_NAMES_ENV, value_parser = clap::builder::FalseyValueParser::new())]
@@ -158,6 +162,7 @@ fn spawn_background(
             .args((log_format == super::LogFormat::Json).then_some("--log-format=json"))
             .args(args.local_locks.then_some("--local-locks"))
             .args(args.no_passthrough.then_some("--no-passthrough"))
+            .args(args.noexec.then_some("--noexec"))
             .args(args.cache_mib.map(|c| format!("--cache-mib={c}")))
             .arg("--policy")
             .arg(&args.policy.system)
@@ -224,7 +229,8 @@ fn run_foreground(
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Arc::new(fs))
     })?;
     rt.spawn(Arc::clone(fs.freshness()).run_saver());
-    let background = start_session(&fs, rt.handle(), mountpoint, &account.server, args.threads, &rules)?;
+    let session = Session { threads: args.threads, noexec: args.noexec };
+    let background = start_session(&fs, rt.handle(), mountpoint, &account.server, session, &rules)?;
     let _status = super::status::serve_status(rt.handle(), &fs, mountpoint, &account.server)
         .map_err(|e| tracing::warn!(error = %e, "vaultfs status will not see this mount"))
         .ok();
@@ -243,18 +249,43 @@ fn run_foreground(
     serve_until_stopped(&rt, &fs, background, mountpoint)
 }
 
+/// How the FUSE session is set up, besides the policy.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Session {
+    /// FUSE worker threads.
+    pub threads: usize,
+    /// Mounted noexec.
+    pub noexec: bool,
+}
+
 /// Mounts `fs` at `mountpoint` with FUSE worker threads.
 pub(crate) fn start_session<R: crate::remote::Remote>(
     fs: &Arc<VaultFs<R>>,
     rt: &tokio::runtime::Handle,
     mountpoint: &Path,
     source: &str,
-    threads: usize,
+    session: Session,
     rules: &MountPolicy,
 ) -> Result<fuser::BackgroundSession, String> {
-    // SAFETY: getuid/getgid only read the process's ids.
+    // SAFETY: getuid/getgid/geteuid only read the process's ids; access
+    // reads the NUL-terminated path, a constant.
     #[allow(unsafe_code)]
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let (uid, gid, root, fuse_open) = unsafe {
+        (
+            libc::getuid(),
+            libc::getgid(),
+            libc::geteuid() == 0,
+            libc::access(c"/dev/fuse".as_ptr(), libc::R_OK | libc::W_OK) == 0,
+        )
+    };
+    if !root && !fuse_open {
+        // fuser opens it as this user before fusermount3 mounts (a bare
+        // "Permission denied" otherwise).
+        return Err("/dev/fuse cannot be opened by this user: a mount by a user other than root needs it \
+                    readable and writable by all (mode 0666, as distributions make it); ask an admin, or \
+                    mount as root"
+            .into());
+    }
     let (uid, gid) = (rules.uid.unwrap_or(uid), rules.gid.unwrap_or(gid));
     let adapter = FuseAdapter::new(Arc::clone(fs), rt.clone(), uid, gid, rules.umask);
     let mut config = fuser::Config::default();
@@ -265,13 +296,16 @@ pub(crate) fn start_session<R: crate::remote::Remote>(
         fuser::MountOption::NoDev,
         fuser::MountOption::NoSuid,
     ];
+    if session.noexec {
+        config.mount_options.push(fuser::MountOption::NoExec);
+    }
     if rules.allow_other {
         config.acl = fuser::SessionACL::All;
     }
     if rules.default_permissions {
         config.mount_options.push(fuser::MountOption::DefaultPermissions);
     }
-    config.n_threads = Some(threads.max(1));
+    config.n_threads = Some(session.threads.max(1));
     config.clone_fd = true;
     let session = fuser::Session::new(adapter, mountpoint, &config)
         .map_err(|e| format!("mounting {}: {e}", mountpoint.display()))?;
