@@ -73,6 +73,17 @@ pub enum MetaError {
     /// The change is not allowed in the current state (e.g. record not empty).
     #[error("{0}")]
     Refused(String),
+    /// The database was written by a newer vaultfs: nothing is changed.
+    #[error(
+        "the metadata was written by a newer vaultfs (schema version {found}; this vaultfs knows up to \
+         {known}): run that version or newer, or restore a backup this version made"
+    )]
+    TooNew {
+        /// The database's schema version.
+        found: i64,
+        /// The newest this build knows.
+        known: i64,
+    },
     /// The database failed.
     #[error("metadata store: {0}")]
     Db(#[from] rusqlite::Error),
@@ -199,7 +210,8 @@ pub const CHANGE_HISTORY: u64 = 10_000;
 /// or file as a tombstone, kept for [`CHANGE_HISTORY`] changes), and counts
 /// the changes of all vaults in `feed` (what waits for changes wake on).
 /// Triggers, so that no write path can forget one; made by
-/// [`upgrade_triggers`], after [`ADDED_COLUMNS`], as they use `vaults.seq`.
+/// the first of [`MIGRATIONS`], after [`ADDED_COLUMNS`], as they use
+/// `vaults.seq`.
 fn change_triggers() -> String {
     let mut sql = String::from(
         "CREATE TABLE IF NOT EXISTS changes (
@@ -256,27 +268,63 @@ fn change_triggers() -> String {
     sql
 }
 
-/// The version of the change feed's triggers (`PRAGMA user_version`): they
-/// are made anew, in one transaction, only by a vaultfs that has newer ones.
-const FEED_TRIGGERS: i64 = 2;
+/// The schema version this vaultfs writes (`PRAGMA user_version`); each
+/// of [`MIGRATIONS`] brings a database up to one.
+pub const SCHEMA_VERSION: i64 = 3;
 
-/// Makes the change feed's tables and triggers if the database has older
-/// ones (or none), in one transaction: a server writing meanwhile (`vaultfs
-/// admin` opens the database while it runs) never writes between a dropped
-/// trigger and its replacement.
-fn upgrade_triggers(conn: &mut Connection) -> rusqlite::Result<()> {
-    let have: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if have >= FEED_TRIGGERS {
+/// One step of [`MIGRATIONS`], run in the upgrade's transaction.
+type Migration = fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>;
+
+/// The steps from one schema version to the next, oldest first: a database
+/// at a lower version gets every later step, all in one transaction, and
+/// then this version. Before versions were counted with care (0 and 1),
+/// tables and columns came as they were needed; the first step makes all
+/// of them that are missing.
+const MIGRATIONS: &[(i64, Migration)] = &[
+    // Tables, added columns, and the change feed's tables and triggers
+    // (which use `vaults.seq`).
+    (2, |tx| {
+        tx.execute_batch(SCHEMA)?;
+        upgrade_schema(tx)?;
+        tx.execute_batch(&change_triggers())
+    }),
+    // Cross-client locks (made at every open before, so a database at 2
+    // may lack them), and holds on blob deletion for backups.
+    (3, |tx| {
+        tx.execute_batch(locks::LOCK_SCHEMA)?;
+        tx.execute_batch(backup::HOLD_SCHEMA)
+    }),
+];
+
+fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.pragma_query_value(None, "user_version", |r| r.get(0))
+}
+
+/// Brings the database to [`SCHEMA_VERSION`], or refuses one a newer
+/// vaultfs wrote (changing nothing). The steps run under the write lock,
+/// with the version asked again there: two processes opening an old
+/// database at once (a server and `vaultfs admin`) upgrade it once.
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let found = schema_version(conn)?;
+    if found > SCHEMA_VERSION {
+        return Err(MetaError::TooNew { found, known: SCHEMA_VERSION });
+    }
+    if found == SCHEMA_VERSION {
         return Ok(());
     }
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    // Asked again under the write lock: another process may have done it.
-    let have: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if have < FEED_TRIGGERS {
-        tx.execute_batch(&change_triggers())?;
-        tx.pragma_update(None, "user_version", FEED_TRIGGERS)?;
+    let found = schema_version(&tx)?;
+    if found > SCHEMA_VERSION {
+        return Err(MetaError::TooNew { found, known: SCHEMA_VERSION });
     }
-    tx.commit()
+    for (version, step) in MIGRATIONS {
+        if found < *version {
+            step(&tx)?;
+        }
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()?;
+    Ok(())
 }
 
 const KIND_RECORD: u8 = 1;
@@ -508,16 +556,17 @@ impl Meta {
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        // Before anything is changed (WAL is a change to the file):
+        let found = schema_version(&conn)?;
+        if found > SCHEMA_VERSION {
+            return Err(MetaError::TooNew { found, known: SCHEMA_VERSION });
+        }
         // WAL: readers do not block the writer; synchronous=FULL: a commit that
         // returned survives power loss, which the upload protocol relies on.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.execute_batch(SCHEMA)?;
-        conn.execute_batch(locks::LOCK_SCHEMA)?;
-        conn.execute_batch(backup::HOLD_SCHEMA)?;
-        upgrade_schema(&conn)?;
-        upgrade_triggers(&mut conn)?;
+        migrate(&mut conn)?;
         let mut meta = Meta { conn, feed_seen: 0 };
         meta.vaults_changed()?;
         Ok(meta)
@@ -1167,7 +1216,9 @@ impl Meta {
                 Err(MetaError::NotFound(_)) => DeleteOutcome::NotFound,
                 Err(MetaError::VersionMismatch { current }) => DeleteOutcome::Conflict { current },
                 Err(MetaError::Refused(message)) => DeleteOutcome::Refused { message },
-                Err(e @ (MetaError::Exists(_) | MetaError::Db(_))) => return Err(e),
+                Err(e @ (MetaError::Exists(_) | MetaError::TooNew { .. } | MetaError::Db(_))) => {
+                    return Err(e)
+                }
             });
         }
         tx.commit()?;
@@ -1530,7 +1581,7 @@ mod tests {
         drop(db.meta);
         let mut meta = Meta::open(&path).unwrap();
         let version: i64 = meta.conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
-        assert_eq!(version, FEED_TRIGGERS);
+        assert_eq!(version, SCHEMA_VERSION);
         let r = NewRecord {
             id: RecordId([2; 16]),
             parent: None,
@@ -1540,6 +1591,41 @@ mod tests {
         meta.create_record(db.vault, &r).unwrap();
         let changes = meta.changes(db.vault, before, 10).unwrap().unwrap();
         assert_eq!(changes.records.iter().map(|r| r.id).collect::<Vec<_>>(), [RecordId([2; 16])]);
+    }
+
+    /// A database a newer vaultfs wrote is refused before anything in it
+    /// changes; one at version 2 (whose lock tables came at any open, not
+    /// with a version) gets them, and the holds, at the next.
+    #[test]
+    fn versions_are_upgraded_in_steps_and_a_newer_one_is_refused() {
+        let db = db();
+        let path = db._dir.path().join("meta.db");
+        db.meta
+            .conn
+            .execute_batch(
+                "DROP TABLE lock_owners; DROP TABLE locks; DROP TABLE blob_holds; PRAGMA user_version = 2;",
+            )
+            .unwrap();
+        drop(db.meta);
+        let meta = Meta::open(&path).unwrap();
+        assert_eq!(schema_version(&meta.conn).unwrap(), SCHEMA_VERSION);
+        let tables: i64 = meta
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name IN ('locks', 'lock_owners', 'blob_holds')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(tables, 3);
+        meta.conn.pragma_update(None, "journal_mode", "DELETE").unwrap();
+        meta.conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+        drop(meta);
+        let before = std::fs::read(&path).unwrap();
+        let e = Meta::open(&path).err().expect("a newer schema was opened");
+        assert!(matches!(e, MetaError::TooNew { found, .. } if found == SCHEMA_VERSION + 1), "{e}");
+        assert!(e.to_string().contains("newer vaultfs"), "{e}");
+        assert!(std::fs::read(&path).unwrap() == before, "the refused database changed");
     }
 
     /// Deleting a vault deletes its changes (its members' triggers do not

@@ -112,6 +112,7 @@ impl From<MetaError> for ServiceError {
             {
                 ServiceError::StorageFull
             }
+            e @ MetaError::TooNew { .. } => ServiceError::Internal(e.to_string()),
             MetaError::Db(e) => ServiceError::Internal(format!("database: {e}")),
         }
     }
