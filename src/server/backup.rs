@@ -588,7 +588,7 @@ async fn restore_into<B: BlobStore>(
         // date); every blob it names must now be in the store.
         let in_use = Meta::open(&db)?.blobs_in_use()?;
         let stored: HashSet<String> =
-            store.list().await.map_err(BackupError::Store)?.iter().map(BlobId::to_hex).collect();
+            store.list().await.map_err(BackupError::Store)?.iter().map(|(id, _)| id.to_hex()).collect();
         if let Some(lost) = in_use.iter().find(|b| !stored.contains(*b)) {
             return Err(BackupError::Damaged(format!("blob {lost} is not in the store after the restore")));
         }

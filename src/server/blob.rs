@@ -14,6 +14,7 @@
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -105,8 +106,9 @@ pub trait BlobStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<BlobRead, BlobError>> + Send;
     /// Removes a blob; removing a missing blob is not an error.
     fn delete(&self, id: BlobId) -> impl Future<Output = Result<(), BlobError>> + Send;
-    /// Every stored blob (for garbage collection at startup).
-    fn list(&self) -> impl Future<Output = Result<Vec<BlobId>, BlobError>> + Send;
+    /// Every stored blob, with when it was stored (garbage collection takes
+    /// only blobs old enough to be no upload's that is about to commit).
+    fn list(&self) -> impl Future<Output = Result<Vec<(BlobId, SystemTime)>, BlobError>> + Send;
     /// Removes leftovers of uploads interrupted by a crash.
     fn clean_incomplete(&self) -> impl Future<Output = Result<usize, BlobError>> + Send;
     /// Whether the store answers (readiness): one cheap request, no data.
@@ -400,7 +402,7 @@ impl BlobStore for LocalBlobStore {
         }
     }
 
-    async fn list(&self) -> Result<Vec<BlobId>, BlobError> {
+    async fn list(&self) -> Result<Vec<(BlobId, SystemTime)>, BlobError> {
         let mut ids = Vec::new();
         let mut shards = tokio::fs::read_dir(self.root.join("blobs")).await?;
         while let Some(shard) = shards.next_entry().await? {
@@ -410,7 +412,7 @@ impl BlobStore for LocalBlobStore {
             let mut files = tokio::fs::read_dir(shard.path()).await?;
             while let Some(f) = files.next_entry().await? {
                 if let Some(id) = f.file_name().to_str().and_then(BlobId::from_hex) {
-                    ids.push(id);
+                    ids.push((id, f.metadata().await?.modified()?));
                 }
             }
         }
@@ -455,16 +457,20 @@ impl BlobStore for LocalBlobStore {
 /// Blobs in memory, for tests and the in-memory remote.
 #[derive(Debug, Default, Clone)]
 pub struct MemoryBlobStore {
-    blobs: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<BlobId, Bytes>>>,
+    blobs: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<BlobId, (Bytes, SystemTime)>>>,
 }
 
 impl MemoryBlobStore {
     /// Every blob held now.
     pub fn snapshot(&self) -> Vec<Bytes> {
-        self.blobs.lock().map(|b| b.values().cloned().collect()).unwrap_or_default()
+        self.blobs.lock().map(|b| b.values().map(|(data, _)| data.clone()).collect()).unwrap_or_default()
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, std::collections::HashMap<BlobId, Bytes>>, BlobError> {
+    #[allow(clippy::type_complexity)]
+    fn lock(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, std::collections::HashMap<BlobId, (Bytes, SystemTime)>>, BlobError>
+    {
         self.blobs.lock().map_err(|_| BlobError::Io(io::Error::other("memory blob store lock poisoned")))
     }
 }
@@ -480,12 +486,12 @@ impl BlobStore for MemoryBlobStore {
             data.extend_from_slice(&piece);
         }
         let len = data.len() as u64;
-        self.lock()?.insert(id, Bytes::from(data));
+        self.lock()?.insert(id, (Bytes::from(data), SystemTime::now()));
         Ok(len)
     }
 
     async fn get(&self, id: BlobId, range: Option<(u64, u64)>) -> Result<BlobRead, BlobError> {
-        let data = self.lock()?.get(&id).cloned().ok_or(BlobError::NotFound)?;
+        let data = self.lock()?.get(&id).map(|(data, _)| data.clone()).ok_or(BlobError::NotFound)?;
         let total_len = data.len() as u64;
         let (start, end) = range.unwrap_or((0, total_len));
         if start > end || end > total_len {
@@ -500,8 +506,8 @@ impl BlobStore for MemoryBlobStore {
         Ok(())
     }
 
-    async fn list(&self) -> Result<Vec<BlobId>, BlobError> {
-        Ok(self.lock()?.keys().copied().collect())
+    async fn list(&self) -> Result<Vec<(BlobId, SystemTime)>, BlobError> {
+        Ok(self.lock()?.iter().map(|(id, (_, at))| (*id, *at)).collect())
     }
 
     async fn clean_incomplete(&self) -> Result<usize, BlobError> {
@@ -519,7 +525,7 @@ impl BlobStore for MemoryBlobStore {
     fn put_in_place(&self, id: BlobId, pieces: Vec<Bytes>) -> Result<u64, BlobError> {
         let data: Vec<u8> = pieces.concat();
         let len = data.len() as u64;
-        self.lock()?.insert(id, Bytes::from(data));
+        self.lock()?.insert(id, (Bytes::from(data), SystemTime::now()));
         Ok(len)
     }
 }
@@ -553,7 +559,7 @@ mod tests {
         assert_eq!(part.total_len, 11);
         assert_eq!(read_all(part).await, b"world");
         assert!(matches!(store.get(id, Some((5, 12))).await, Err(BlobError::BadRange)));
-        assert_eq!(store.list().await.unwrap(), vec![id]);
+        assert_eq!(store.list().await.unwrap().into_iter().map(|(id, _)| id).collect::<Vec<_>>(), vec![id]);
         store.delete(id).await.unwrap();
         store.delete(id).await.unwrap();
         assert!(matches!(store.get(id, None).await, Err(BlobError::NotFound)));
@@ -591,7 +597,7 @@ mod tests {
         assert!(matches!(store.put(big, body, 3 << 20).await, Err(BlobError::TooLarge(_))));
         let (body, _) = big_body(80, 65_537, Some(40));
         assert!(matches!(store.put(big, body, u64::MAX).await, Err(BlobError::Body(_))));
-        assert_eq!(store.list().await.unwrap(), vec![id]);
+        assert_eq!(store.list().await.unwrap().into_iter().map(|(id, _)| id).collect::<Vec<_>>(), vec![id]);
         assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 

@@ -30,6 +30,10 @@ use self::config::{ServerConfig, StorageBackend};
 use self::meta::Meta;
 use self::service::{Service, ServiceConfig};
 
+/// How often a running server collects garbage (see
+/// [`service::Service::collect_garbage`]).
+const GARBAGE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Name of the metadata database inside the data directory.
 pub const META_FILE: &str = "meta.sqlite3";
 
@@ -132,11 +136,27 @@ async fn serve<B: BlobStore>(
             lock_ttl: std::time::Duration::from_secs(config.lock_ttl_secs),
         },
     )?;
-    let (incomplete, orphans) = service.collect_garbage().await?;
-    if incomplete + orphans > 0 {
-        tracing::info!(incomplete, orphans, "removed leftovers of interrupted uploads");
+    let incomplete = service.clean_incomplete().await?;
+    let collected = service.collect_garbage().await?;
+    if incomplete + collected > 0 {
+        tracing::info!(incomplete, collected, "removed leftovers of interrupted uploads");
     }
     let service = Arc::new(service);
+    // Garbage collection again every hour: blobs too young to collect at
+    // the start go at a later run, without a restart.
+    let collector = Arc::clone(&service);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(GARBAGE_EVERY);
+        every.tick().await; // the first tick is at once: just done
+        loop {
+            every.tick().await;
+            match collector.collect_garbage().await {
+                Ok(0) => {}
+                Ok(collected) => tracing::info!(collected, "removed abandoned uploads"),
+                Err(e) => tracing::warn!(error = %e, "garbage collection failed; trying again in an hour"),
+            }
+        }
+    });
     let mut app = api::router(Arc::clone(&service));
     if let Some(listen) = config.metrics.listen {
         let m = Arc::new(metrics::Metrics::new());

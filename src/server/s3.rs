@@ -364,14 +364,14 @@ impl BlobStore for S3BlobStore {
         }
     }
 
-    async fn list(&self) -> Result<Vec<BlobId>, BlobError> {
+    async fn list(&self) -> Result<Vec<(BlobId, std::time::SystemTime)>, BlobError> {
         let prefix = (!self.prefix.is_empty()).then(|| ObjectPath::from(self.prefix.as_str()));
         let mut listing = self.store.list(prefix.as_ref());
         let mut ids = Vec::new();
         while let Some(meta) = listing.next().await {
             let meta = meta.map_err(store_err)?;
             if let Some(id) = meta.location.filename().and_then(BlobId::from_hex) {
-                ids.push(id);
+                ids.push((id, meta.last_modified.into()));
             }
         }
         Ok(ids)

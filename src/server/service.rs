@@ -197,6 +197,11 @@ pub struct Upload {
     pub body: ByteStream,
 }
 
+/// How old a blob no file points at must be before garbage collection
+/// takes it: far longer than the moment between an upload's blob being
+/// stored and its commit, on the slowest store and database.
+pub const ORPHAN_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// How long staged content waits for its commit before garbage collection
 /// may take it (at the server's next start): a day, far longer than any
 /// upload and commit take, so only abandoned ones go.
@@ -521,26 +526,45 @@ impl<B: BlobStore> Service<B> {
         }
     }
 
-    /// Removes leftovers of interrupted uploads, staged content never
-    /// committed ([`STAGED_TTL_MS`]), and blobs no file points at (unless
-    /// a backup holds them). Only safe
-    /// while no upload is in flight (at startup).
-    pub async fn collect_garbage(&self) -> Result<(usize, usize)> {
-        let incomplete = self.blobs.clean_incomplete().await?;
+    /// Removes what uploads this instance was making when it stopped left
+    /// (its temporary files, its journal of multipart uploads): only safe
+    /// before it serves.
+    pub async fn clean_incomplete(&self) -> Result<usize> {
+        Ok(self.blobs.clean_incomplete().await?)
+    }
+
+    /// Removes staged content never committed ([`STAGED_TTL_MS`]) and blobs
+    /// no file points at that were stored more than [`ORPHAN_AGE`] ago
+    /// (unless a backup holds them); returns how many blobs went. Safe at
+    /// any time and on any number of instances sharing a store: a younger
+    /// blob may be an upload about to commit, here or on another instance,
+    /// and a blob is stored only moments before its commit (or its staging,
+    /// which makes it one in use).
+    pub async fn collect_garbage(&self) -> Result<usize> {
         let before = now_ms() - STAGED_TTL_MS;
-        for blob in self.db(move |m| m.collect_staged(before)).await? {
+        let staged = self.db(move |m| m.collect_staged(before)).await?;
+        for &blob in &staged {
             self.blobs.delete(blob).await?;
         }
         let in_use = self.db(|m| m.blobs_in_use()).await?;
-        let orphans: Vec<BlobId> =
-            self.blobs.list().await?.into_iter().filter(|id| !in_use.contains(&id.to_hex())).collect();
+        // Listed after what is in use was read: a blob committed between
+        // the two is young, and stays.
+        let old_enough = SystemTime::now() - ORPHAN_AGE;
+        let orphans: Vec<BlobId> = self
+            .blobs
+            .list()
+            .await?
+            .into_iter()
+            .filter(|(id, stored)| *stored < old_enough && !in_use.contains(&id.to_hex()))
+            .map(|(id, _)| id)
+            .collect();
         // Those a running backup may still copy wait for its end.
         let now = now_ms();
         let free = self.db(move |m| m.release_blobs(&orphans, now)).await?;
         for &id in &free {
             self.blobs.delete(id).await?;
         }
-        Ok((incomplete, free.len()))
+        Ok(staged.len() + free.len())
     }
 
     // ---- authentication ----------------------------------------------------

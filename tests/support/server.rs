@@ -262,6 +262,15 @@ impl TestServer {
         })
     }
 
+    /// The file that holds blob `hex` (in `blobs/` of the data directory,
+    /// or the S3 server's bucket directory).
+    pub fn blob_file(&self, hex: &str) -> PathBuf {
+        match &self.s3 {
+            Some(s3) => s3.root.join(S3_BUCKET).join(hex),
+            None => self.data_dir.join("blobs").join(&hex[..2]).join(hex),
+        }
+    }
+
     /// Where blobs are kept on this machine (the S3 server's root on S3).
     pub fn blob_root(&self) -> PathBuf {
         match &self.s3 {
