@@ -288,9 +288,12 @@ const MIGRATIONS: &[(i64, Migration)] = &[
         upgrade_schema(tx)?;
         tx.execute_batch(&change_triggers())
     }),
-    // Cross-client locks (made at every open before, so a database at 2
-    // may lack them), and holds on blob deletion for backups.
+    // What versions up to 2 made at every open rather than with a version
+    // (tables, added columns, cross-client locks: a database at 2 may lack
+    // any made since), and holds on blob deletion for backups.
     (3, |tx| {
+        tx.execute_batch(SCHEMA)?;
+        upgrade_schema(tx)?;
         tx.execute_batch(locks::LOCK_SCHEMA)?;
         tx.execute_batch(backup::HOLD_SCHEMA)
     }),
@@ -1594,8 +1597,9 @@ mod tests {
     }
 
     /// A database a newer vaultfs wrote is refused before anything in it
-    /// changes; one at version 2 (whose lock tables came at any open, not
-    /// with a version) gets them, and the holds, at the next.
+    /// changes; one at version 2 (whose lock tables and some columns came
+    /// at any open, not with a version) gets them, and the holds, at the
+    /// next.
     #[test]
     fn versions_are_upgraded_in_steps_and_a_newer_one_is_refused() {
         let db = db();
@@ -1603,7 +1607,8 @@ mod tests {
         db.meta
             .conn
             .execute_batch(
-                "DROP TABLE lock_owners; DROP TABLE locks; DROP TABLE blob_holds; PRAGMA user_version = 2;",
+                "DROP TABLE lock_owners; DROP TABLE locks; DROP TABLE blob_holds; \
+                 ALTER TABLE users DROP COLUMN public_key; PRAGMA user_version = 2;",
             )
             .unwrap();
         drop(db.meta);
@@ -1618,6 +1623,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(tables, 3);
+        assert!(meta.public_key("alice").unwrap().is_none(), "the column added without a version is back");
         meta.conn.pragma_update(None, "journal_mode", "DELETE").unwrap();
         meta.conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
         drop(meta);
