@@ -861,13 +861,29 @@ impl Drop for SystemUser {
 /// /etc/fstab with one more line, as it was again when dropped.
 struct FstabLine(String);
 
+/// Marks the lines a test adds to /etc/fstab, so that one left by a run
+/// that was killed goes at the next.
+const FSTAB_MARK: &str = "# added by vaultfs tests/operate.rs";
+
 impl FstabLine {
     fn add(line: &str) -> Self {
-        let before = std::fs::read_to_string("/etc/fstab").unwrap_or_default();
+        // (A marker line, and the entry after it.)
+        let mut before = String::new();
+        let mut skip = false;
+        for l in std::fs::read_to_string("/etc/fstab").unwrap_or_default().split_inclusive('\n') {
+            if l.starts_with(FSTAB_MARK) {
+                skip = true;
+            } else if std::mem::take(&mut skip) {
+            } else {
+                before.push_str(l);
+            }
+        }
         let mut after = before.clone();
         if !after.is_empty() && !after.ends_with('\n') {
             after.push('\n');
         }
+        after.push_str(FSTAB_MARK);
+        after.push('\n');
         after.push_str(line);
         after.push('\n');
         std::fs::write("/etc/fstab", after).unwrap();

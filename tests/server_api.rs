@@ -1233,14 +1233,28 @@ async fn readiness_follows_the_blob_store_and_a_shutdown_finishes_uploads_in_fli
     assert_eq!(ready(client.clone(), s.url.clone()).await, (200, r#"{"status":"ready"}"#.to_string()));
     if !support::server::s3_mode() {
         // The blob store gone: not ready, and the answer says which part.
+        // (An answer is reused for a second: asked until it changes.)
+        let until = |want: u16| {
+            let (client, url) = (client.clone(), s.url.clone());
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                loop {
+                    let (status, body) = ready(client.clone(), url.clone()).await;
+                    if status == want || Instant::now() > deadline {
+                        return (status, body);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
         std::fs::rename(data.join("blobs"), data.join("blobs.away")).unwrap();
-        let (status, body) = ready(client.clone(), s.url.clone()).await;
+        let (status, body) = until(503).await;
         assert!(
             status == 503 && body.contains("not_ready") && body.contains("blob store"),
             "{status} {body}"
         );
         std::fs::rename(data.join("blobs.away"), data.join("blobs")).unwrap();
-        assert_eq!(ready(client.clone(), s.url.clone()).await.0, 200);
+        assert_eq!(until(200).await.0, 200);
     }
 
     let alice = s.user("alice", &[]).await;

@@ -13,12 +13,15 @@
 //! error that names it, and nothing is mounted, unless `-s` (sloppy) asks
 //! for unknown options to be ignored.
 //!
-//! mount(8) runs helpers with a bare environment: no `HOME`, no `PATH`, no
-//! `XDG_*`. So the helper finds the user's login through `-o home=DIR`, or
-//! else the home directory the password database gives the user it runs as
+//! mount(8) runs a root mount's helper with a bare environment (no `HOME`,
+//! no `PATH`, no `XDG_*`), and a user mount's with the environment it was
+//! given, whose `HOME` may be someone else's. So the helper finds the
+//! user's login through `-o home=DIR`, else `HOME` if the user it runs as
+//! owns it, else the home directory the password database gives that user
 //! (root, or the user fuse3's `setuid=USER` or an fstab `user` mount runs
-//! it as); and `vaultfs` must be on the shell's default path (/usr/bin,
-//! where the package puts it) for fuse3's mount.fuse to find it.
+//! it as); a home every user may write to is refused. `vaultfs` must be on
+//! the shell's default path (/usr/bin, where the package puts it) for
+//! fuse3's mount.fuse to find it.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -205,6 +208,13 @@ fn check_home_owner(home: &Path) -> Result<(), String> {
     #[allow(unsafe_code)]
     let euid = unsafe { libc::geteuid() };
     let meta = std::fs::metadata(home).map_err(|e| format!("home directory {}: {e}", home.display()))?;
+    if meta.mode() & 0o002 != 0 {
+        return Err(format!(
+            "home directory {} is writable by every user, who could replace the login in it: pass -o \
+             home=DIR with a directory only its owner writes",
+            home.display()
+        ));
+    }
     if euid == 0 && meta.uid() != 0 {
         return Err(format!(
             "home directory {} belongs to uid {}, and this mount runs as root: mount as that user \
@@ -221,7 +231,9 @@ fn owned_by_me(path: &Path) -> bool {
     // SAFETY: geteuid only reads the process's effective user id.
     #[allow(unsafe_code)]
     let euid = unsafe { libc::geteuid() };
-    std::fs::metadata(path).is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == euid)
+    std::fs::canonicalize(path)
+        .and_then(std::fs::metadata)
+        .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == euid)
 }
 
 /// Runs the helper call: `vaultfs mount` with the translated arguments, in
@@ -230,26 +242,28 @@ pub(super) fn run(call: HelperCall) -> CliResult {
     if call.args.is_empty() {
         return Ok(()); // -f: a fake mount
     }
-    // HOME only if it is this user's: mount(8) hands a user mount (fstab
-    // `user`) the environment it was given, whose HOME may be another
-    // user's (seen: root's, under runuser).
-    let home = match call.home {
-        Some(home) => Some(home.into()),
-        None if std::env::var_os("HOME").is_some_and(|h| !h.is_empty() && owned_by_me(Path::new(&h))) => None,
-        None => Some(home_of_this_user().ok_or(
-            "no HOME of this user's, and no home directory in the password database: pass -o home=DIR",
-        )?),
+    // The home named, else HOME if it is this user's (mount(8) hands a
+    // user mount, fstab `user`, the environment it was given, whose HOME
+    // may be another user's: seen, root's under runuser), else the one the
+    // password database gives. Used resolved (a link could be pointed
+    // elsewhere once checked), and never with XDG variables, which could
+    // name another user's directories.
+    let named: OsString = match call.home {
+        Some(home) => home.into(),
+        None => match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+            Some(home) if owned_by_me(Path::new(&home)) => home,
+            _ => home_of_this_user().ok_or(
+                "no HOME of this user's, and no home directory in the password database: pass -o home=DIR",
+            )?,
+        },
     };
-    if let Some(home) = &home {
-        check_home_owner(Path::new(home))?;
-    }
-    if let Some(home) = home {
-        // Still one thread: nothing reads the environment meanwhile. The
-        // XDG variables would point elsewhere than the home named.
-        std::env::set_var("HOME", &home);
-        std::env::remove_var("XDG_CONFIG_HOME");
-        std::env::remove_var("XDG_STATE_HOME");
-    }
+    let home = std::fs::canonicalize(&named)
+        .map_err(|e| format!("home directory {}: {e}", Path::new(&named).display()))?;
+    check_home_owner(&home)?;
+    // Still one thread: nothing reads the environment meanwhile.
+    std::env::set_var("HOME", &home);
+    std::env::remove_var("XDG_CONFIG_HOME");
+    std::env::remove_var("XDG_STATE_HOME");
     let cli = Cli::try_parse_from(call.args).map_err(|e| e.to_string())?;
     match cli.command {
         Command::Mount(args) => super::mount::mount(args, cli.log_format),

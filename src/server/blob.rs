@@ -412,7 +412,12 @@ impl BlobStore for LocalBlobStore {
             let mut files = tokio::fs::read_dir(shard.path()).await?;
             while let Some(f) = files.next_entry().await? {
                 if let Some(id) = f.file_name().to_str().and_then(BlobId::from_hex) {
-                    ids.push((id, f.metadata().await?.modified()?));
+                    match f.metadata().await {
+                        Ok(meta) => ids.push((id, meta.modified()?)),
+                        // Deleted since the directory was read: not stored.
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e.into()),
+                    }
                 }
             }
         }

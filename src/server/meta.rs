@@ -191,7 +191,9 @@ CREATE INDEX IF NOT EXISTS files_by_record ON files(record_id);
 ";
 
 /// Columns added since the first schema, for databases made before them:
-/// (table, column, declaration). Added at open, in this order.
+/// (table, column, declaration), added by the migrations to versions 2 and
+/// 3 where missing. A column added from now on comes with a migration step
+/// of its own (and a new [`SCHEMA_VERSION`]).
 const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("users", "login_version", "INTEGER NOT NULL DEFAULT 1"),
     ("files", "meta", "BLOB"),

@@ -239,6 +239,8 @@ pub struct Service<B> {
     /// on, so a load balancer sends new requests elsewhere while the ones in
     /// flight finish.
     draining: std::sync::atomic::AtomicBool,
+    /// The last look at readiness, and when ([`Service::ready`]).
+    readiness: tokio::sync::Mutex<Option<(Instant, std::result::Result<(), NotReady>)>>,
 }
 
 /// Why the server is not ready for requests (`GET /v1/ready`).
@@ -254,6 +256,9 @@ pub enum NotReady {
     #[error("the blob store does not answer")]
     BlobStore,
 }
+
+/// How long an answer about readiness is reused.
+const READY_KEPT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long readiness waits for the database and the blob store.
 const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
@@ -372,16 +377,31 @@ impl<B: BlobStore> Service<B> {
             lock_released: tokio::sync::watch::Sender::new(0),
             lock_waits: parking_lot::Mutex::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
+            readiness: tokio::sync::Mutex::new(None),
         })
     }
 
     /// Whether this instance should be sent requests: not shutting down,
     /// and its database and blob store answer (each within [`READY_WITHIN`];
-    /// what failed is logged, the answer only says which).
+    /// what failed is logged, the answer only says which). One look at a
+    /// time, its answer reused for [`READY_KEPT`]: the endpoint needs no
+    /// login, and a flood of asks must not queue work on the database.
     pub async fn ready(&self) -> std::result::Result<(), NotReady> {
-        if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.draining() {
             return Err(NotReady::Draining);
         }
+        let mut last = self.readiness.lock().await;
+        if let Some((at, answer)) = *last {
+            if at.elapsed() < READY_KEPT {
+                return answer;
+            }
+        }
+        let answer = self.look_ready().await;
+        *last = Some((Instant::now(), answer));
+        answer
+    }
+
+    async fn look_ready(&self) -> std::result::Result<(), NotReady> {
         match tokio::time::timeout(READY_WITHIN, self.db(|m| m.setting(""))).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
@@ -406,9 +426,18 @@ impl<B: BlobStore> Service<B> {
         }
     }
 
-    /// The server begins to shut down: readiness fails from now on.
+    /// The server begins to shut down: readiness fails from now on, and
+    /// waits for changes and for locks are answered at once (they would
+    /// hold the shutdown for their whole time).
     pub fn drain(&self) {
         self.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.written.send_modify(|n| *n = n.wrapping_add(1));
+        self.lock_released.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Whether [`Service::drain`] was called.
+    pub(crate) fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Runs an administrative operation on the metadata store (users, limits).
@@ -546,14 +575,13 @@ impl<B: BlobStore> Service<B> {
         for &blob in &staged {
             self.blobs.delete(blob).await?;
         }
+        // Listed before what is in use is read: a blob the listing shows
+        // was stored by then, so its commit follows in a moment, before the
+        // read below (a long listing of a large bucket leaves no window).
+        let listed = self.blobs.list().await?;
         let in_use = self.db(|m| m.blobs_in_use()).await?;
-        // Listed after what is in use was read: a blob committed between
-        // the two is young, and stays.
         let old_enough = SystemTime::now() - ORPHAN_AGE;
-        let orphans: Vec<BlobId> = self
-            .blobs
-            .list()
-            .await?
+        let orphans: Vec<BlobId> = listed
             .into_iter()
             .filter(|(id, stored)| *stored < old_enough && !in_use.contains(&id.to_hex()))
             .map(|(id, _)| id)
@@ -922,7 +950,9 @@ impl<B: BlobStore> Service<B> {
                 None => None,
             };
             let now = crate::protocol::VaultChanges { vaults, wallet: now_wallet };
-            if now.vaults != known || wallet.is_some_and(|w| Some(w) != now_wallet) {
+            if now.vaults != known || wallet.is_some_and(|w| Some(w) != now_wallet) || self.draining() {
+                // (Shutting down: answered now, so the wait does not hold
+                // the shutdown; the client asks again, elsewhere.)
                 return Ok(now);
             }
             match tokio::time::timeout_at(deadline, written.changed()).await {

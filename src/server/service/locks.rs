@@ -93,7 +93,7 @@ impl<B: BlobStore> Service<B> {
                 LockOutcome::Blocked(blocker, expires) => (blocker, expires),
             };
             let now = tokio::time::Instant::now();
-            if now >= deadline {
+            if now >= deadline || self.draining() {
                 return Ok(answer(false, Some(blocker)));
             }
             if slot.is_none() {
