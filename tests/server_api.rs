@@ -1283,15 +1283,26 @@ async fn readiness_follows_the_blob_store_and_a_shutdown_finishes_uploads_in_fli
         };
         alice.upload(file, 1, true, None, body).await
     });
+    // A wait for changes held open, as every mount holds one: answered at
+    // the shutdown, not at its end (it would hold the shutdown that long).
+    let bob = s.user("bob", &[]).await;
+    let waiting = tokio::spawn(async move {
+        let started = Instant::now();
+        let answer = bob.wait_for_changes(Default::default(), None, Duration::from_secs(15)).await;
+        (answer, started.elapsed())
+    });
     while sent.load(std::sync::atomic::Ordering::SeqCst) < 8 << 20 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let pid = s.pid();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
     let result =
         tokio::time::timeout(Duration::from_secs(60), upload).await.expect("the upload hung").unwrap();
     assert!(sent.load(std::sync::atomic::Ordering::SeqCst) == u64::from(PIECES) << 20, "not sent whole");
     assert_eq!(result.expect("an upload in flight at the shutdown failed").version, 2);
+    let (answer, took) = waiting.await.unwrap();
+    assert!(answer.is_ok() && took < Duration::from_secs(8), "a wait held the shutdown: {took:?} {answer:?}");
     // It exits by itself once the upload is answered.
     let deadline = Instant::now() + Duration::from_secs(20);
     let exited = || {
