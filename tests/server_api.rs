@@ -1231,8 +1231,9 @@ async fn readiness_follows_the_blob_store_and_a_shutdown_finishes_uploads_in_fli
         (r.status().as_u16(), r.text().await.unwrap())
     };
     assert_eq!(ready(client.clone(), s.url.clone()).await, (200, r#"{"status":"ready"}"#.to_string()));
-    if !support::server::s3_mode() {
-        // The blob store gone: not ready, and the answer says which part.
+    {
+        // The blob store gone (on S3, the bucket): not ready, and the
+        // answer says which part.
         // (An answer is reused for a second: asked until it changes.)
         let until = |want: u16| {
             let (client, url) = (client.clone(), s.url.clone());
@@ -1247,13 +1248,15 @@ async fn readiness_follows_the_blob_store_and_a_shutdown_finishes_uploads_in_fli
                 }
             }
         };
-        std::fs::rename(data.join("blobs"), data.join("blobs.away")).unwrap();
+        let store = s.store_dir();
+        let away = store.with_extension("away");
+        std::fs::rename(&store, &away).unwrap();
         let (status, body) = until(503).await;
         assert!(
             status == 503 && body.contains("not_ready") && body.contains("blob store"),
             "{status} {body}"
         );
-        std::fs::rename(data.join("blobs.away"), data.join("blobs")).unwrap();
+        std::fs::rename(&away, &store).unwrap();
         assert_eq!(until(200).await.0, 200);
     }
 

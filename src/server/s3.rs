@@ -378,10 +378,15 @@ impl BlobStore for S3BlobStore {
     }
 
     async fn probe(&self) -> Result<(), BlobError> {
-        // A key no blob has (blob ids are hex): "not found" is an answer.
-        match self.store.head(&self.key_named(".probe")).await {
-            Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(store_err(e)),
+        // A listing that starts after every blob's key (ids are hex, and
+        // "g" sorts after them all): one request, an empty answer from a
+        // bucket that is there, an error from one that is not. (A HEAD of
+        // a missing key answers 404 whether or not the bucket is there.)
+        let prefix = (!self.prefix.is_empty()).then(|| ObjectPath::from(self.prefix.as_str()));
+        let after = self.key_named("g");
+        match self.store.list_with_offset(prefix.as_ref(), &after).next().await {
+            None | Some(Ok(_)) => Ok(()),
+            Some(Err(e)) => Err(store_err(e)),
         }
     }
 

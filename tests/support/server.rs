@@ -271,6 +271,15 @@ impl TestServer {
         }
     }
 
+    /// The directory without which the blob store is gone: `blobs/` in
+    /// the data directory, or the S3 server's bucket directory.
+    pub fn store_dir(&self) -> PathBuf {
+        match &self.s3 {
+            Some(s3) => s3.root.join(S3_BUCKET),
+            None => self.data_dir.join("blobs"),
+        }
+    }
+
     /// Where blobs are kept on this machine (the S3 server's root on S3).
     pub fn blob_root(&self) -> PathBuf {
         match &self.s3 {
