@@ -462,8 +462,11 @@ impl BlobStore for LocalBlobStore {
 /// Blobs in memory, for tests and the in-memory remote.
 #[derive(Debug, Default, Clone)]
 pub struct MemoryBlobStore {
-    blobs: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<BlobId, (Bytes, SystemTime)>>>,
+    blobs: std::sync::Arc<std::sync::Mutex<Held>>,
 }
+
+/// What a [`MemoryBlobStore`] holds: each blob, and when it was stored.
+type Held = std::collections::HashMap<BlobId, (Bytes, SystemTime)>;
 
 impl MemoryBlobStore {
     /// Every blob held now.
@@ -471,11 +474,7 @@ impl MemoryBlobStore {
         self.blobs.lock().map(|b| b.values().map(|(data, _)| data.clone()).collect()).unwrap_or_default()
     }
 
-    #[allow(clippy::type_complexity)]
-    fn lock(
-        &self,
-    ) -> Result<std::sync::MutexGuard<'_, std::collections::HashMap<BlobId, (Bytes, SystemTime)>>, BlobError>
-    {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Held>, BlobError> {
         self.blobs.lock().map_err(|_| BlobError::Io(io::Error::other("memory blob store lock poisoned")))
     }
 }

@@ -324,6 +324,20 @@ fn run_on<T>(
     (result, wrote)
 }
 
+/// Runs `f` on the metadata store on the blocking pool (see
+/// [`Service::db`]); with whether it wrote a vault's change.
+async fn on_blocking_pool<T: Send + 'static>(
+    meta: Arc<Mutex<Meta>>,
+    f: impl FnOnce(&mut Meta) -> std::result::Result<T, MetaError> + Send + 'static,
+) -> Result<(Result<T>, bool)> {
+    tokio::task::spawn_blocking(move || {
+        let mut guard = meta.lock().map_err(|_| ServiceError::Internal("metadata lock poisoned".into()))?;
+        Ok(run_on(&mut guard, f))
+    })
+    .await
+    .map_err(|e| ServiceError::Internal(format!("metadata task: {e}")))?
+}
+
 /// Bodies up to this declared size are read whole before they are stored
 /// (see [`Service::store_and_commit`]).
 const SMALL_IN_PLACE: usize = 1 << 20;
@@ -453,14 +467,7 @@ impl<B: BlobStore> Service<B> {
         &self,
         f: impl FnOnce(&mut Meta) -> std::result::Result<T, MetaError> + Send + 'static,
     ) -> Result<T> {
-        let meta = Arc::clone(&self.meta);
-        let (result, wrote) = tokio::task::spawn_blocking(move || {
-            let mut guard =
-                meta.lock().map_err(|_| ServiceError::Internal("metadata lock poisoned".into()))?;
-            Ok::<_, ServiceError>(run_on(&mut guard, f))
-        })
-        .await
-        .map_err(|e| ServiceError::Internal(format!("metadata task: {e}")))??;
+        let (result, wrote) = on_blocking_pool(Arc::clone(&self.meta), f).await?;
         self.note_written(wrote);
         result
     }
@@ -1286,13 +1293,9 @@ impl<B: BlobStore> Service<B> {
         let (blobs, meta) = (Arc::clone(&self.blobs), Arc::clone(&self.meta));
         tokio::spawn(async move {
             let now = now_ms();
-            let free = tokio::task::spawn_blocking(move || {
-                let mut m = meta.lock().map_err(|_| "metadata lock poisoned".to_string())?;
-                m.release_blobs(&old, now).map_err(|e| e.to_string())
-            })
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r);
+            // (Releasing blobs changes no vault: nothing to wake.)
+            let free =
+                on_blocking_pool(meta, move |m| m.release_blobs(&old, now)).await.and_then(|(free, _)| free);
             match free {
                 Ok(free) => {
                     for blob in free {

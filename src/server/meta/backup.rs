@@ -26,7 +26,8 @@ use rusqlite::{params, Connection, OpenFlags};
 use super::{CachedSql, Meta, MetaError, Result};
 use crate::server::blob::BlobId;
 
-/// Tables of holds and deferred deletions; made at open with the rest.
+/// Tables of holds and deferred deletions; made by the migration to
+/// schema version 3.
 pub(super) const HOLD_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS blob_holds (id BLOB PRIMARY KEY, expires_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS deferred_blobs (blob_id TEXT PRIMARY KEY);
