@@ -8,7 +8,7 @@
 
 use sha2::{Digest, Sha256};
 
-use super::meta::{Meta, MetaError, User};
+use super::meta::{MetaError, MetaStore, User};
 use crate::ids::{hex_encode, VaultId};
 use crate::protocol::{KdfWire, Limits, Member};
 
@@ -27,13 +27,13 @@ pub struct NewUserDefaults {
 /// Records the server's configured defaults, so `vaultfs admin` run without the
 /// server's config file still creates users exactly as the server would (and the
 /// fake pre-login answers for unknown users stay indistinguishable).
-pub fn record_defaults(meta: &mut Meta, d: NewUserDefaults) -> Result<(), AdminError> {
+pub fn record_defaults(meta: &mut dyn MetaStore, d: NewUserDefaults) -> Result<(), AdminError> {
     let json = serde_json::to_vec(&d).map_err(|e| AdminError::BadLimits(e.to_string()))?;
     Ok(meta.put_setting(NEW_USER_DEFAULTS, &json)?)
 }
 
 /// The defaults the server last recorded, if any.
-pub fn recorded_defaults(meta: &Meta) -> Result<Option<NewUserDefaults>, AdminError> {
+pub fn recorded_defaults(meta: &dyn MetaStore) -> Result<Option<NewUserDefaults>, AdminError> {
     Ok(meta.setting(NEW_USER_DEFAULTS)?.and_then(|v| serde_json::from_slice(&v).ok()))
 }
 
@@ -101,7 +101,12 @@ fn code_hash(code: &str) -> [u8; 32] {
 }
 
 /// Adds a user; returns the one-time enrollment code to hand to them.
-pub fn add_user(meta: &mut Meta, name: &str, limits: Limits, kdf: KdfWire) -> Result<String, AdminError> {
+pub fn add_user(
+    meta: &mut dyn MetaStore,
+    name: &str,
+    limits: Limits,
+    kdf: KdfWire,
+) -> Result<String, AdminError> {
     check_name(name)?;
     check_limits(&limits)?;
     let code = enrollment_code()?;
@@ -124,7 +129,7 @@ pub enum WalletAfterReset {
 /// sessions end; their wallet stays as it was: their recovery key (if they
 /// made one) restores it at enrollment, otherwise they start over and the
 /// vaults only they held keys for stay unreadable.
-pub fn reset_user(meta: &mut Meta, name: &str) -> Result<(String, WalletAfterReset), AdminError> {
+pub fn reset_user(meta: &mut dyn MetaStore, name: &str) -> Result<(String, WalletAfterReset), AdminError> {
     let code = enrollment_code()?;
     meta.reset_enrollment(name, &code_hash(&code), &random::<16>()?)?;
     let id = meta.user_by_name(name)?.ok_or(MetaError::NotFound("user"))?.id;
@@ -141,29 +146,30 @@ pub fn reset_user(meta: &mut Meta, name: &str) -> Result<(String, WalletAfterRes
 }
 
 /// Removes a user.
-pub fn remove_user(meta: &mut Meta, name: &str) -> Result<(), AdminError> {
+pub fn remove_user(meta: &mut dyn MetaStore, name: &str) -> Result<(), AdminError> {
     Ok(meta.remove_user(name)?)
 }
 
 /// Sets a user's limits.
-pub fn set_limits(meta: &mut Meta, name: &str, limits: Limits) -> Result<(), AdminError> {
+pub fn set_limits(meta: &mut dyn MetaStore, name: &str, limits: Limits) -> Result<(), AdminError> {
     check_limits(&limits)?;
     Ok(meta.set_limits(name, limits)?)
 }
 
 /// All users.
-pub fn users(meta: &Meta) -> Result<Vec<User>, AdminError> {
+pub fn users(meta: &dyn MetaStore) -> Result<Vec<User>, AdminError> {
     Ok(meta.users()?)
 }
 
 /// All vaults with their members (names stay sealed: the admin sees ids).
-pub fn vaults(meta: &Meta) -> Result<Vec<(VaultId, Vec<Member>)>, AdminError> {
+pub fn vaults(meta: &dyn MetaStore) -> Result<Vec<(VaultId, Vec<Member>)>, AdminError> {
     Ok(meta.all_vaults()?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::meta::Meta;
 
     fn meta() -> Meta {
         Meta::open(std::path::Path::new(":memory:")).unwrap()

@@ -37,7 +37,7 @@ use sha2::{Digest, Sha256};
 
 use super::blob::{BlobError, BlobId, BlobStore, ByteStream, LocalBlobStore};
 use super::config::{ServerConfig, StorageBackend};
-use super::meta::{self, Meta, MetaError};
+use super::meta::{self, Meta, MetaError, MetaStore};
 use super::META_FILE;
 use crate::ids::hex_encode;
 

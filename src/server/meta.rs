@@ -13,18 +13,22 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use crate::ids::{hex_encode, FileId, RecordId, VaultId};
+use crate::ids::{hex_encode, FileId, HolderId, RecordId, VaultId};
 use crate::protocol::{
-    Changes, DeleteItem, DeleteOutcome, FileInfo, FileUpdate, KdfWire, Limits, Member, NewFile, NewRecord,
-    NewVault, RecordInfo, RecordUpdate, Rights, Sealed, VaultInfo, VaultUpdate,
+    Changes, DeleteItem, DeleteOutcome, FileInfo, FileUpdate, HeldLock, KdfWire, Limits, Member, NewFile,
+    NewRecord, NewVault, RecordInfo, RecordUpdate, Rights, Sealed, SetLocks, VaultInfo, VaultUpdate,
 };
 
 use super::blob::BlobId;
 
 mod backup;
+mod db;
 mod locks;
+mod store;
 pub use backup::{check_snapshot, snapshot_blobs, HoldKeeper};
+pub use db::MetaDb;
 pub use locks::LockOutcome;
+pub use store::MetaStore;
 
 /// Every statement is prepared once per connection and then reused from
 /// rusqlite's statement cache: for the small queries a request makes, parsing
@@ -87,6 +91,10 @@ pub enum MetaError {
     /// The database failed.
     #[error("metadata store: {0}")]
     Db(#[from] rusqlite::Error),
+    /// The database cannot be reached or used (a poisoned lock, no
+    /// connection to be had).
+    #[error("metadata store unavailable: {0}")]
+    Unavailable(String),
 }
 
 type Result<T> = std::result::Result<T, MetaError>;
@@ -590,8 +598,94 @@ impl Meta {
         Ok(std::mem::replace(&mut self.feed_seen, n) != n)
     }
 
-    /// A random secret created on first use (for fake pre-login answers).
-    pub fn server_secret(&mut self) -> Result<[u8; 32]> {
+    fn vault_query(&self, filter: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<VaultInfo>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT v.id, v.name, m.rights, v.e2e_required, v.version, m.wrapped_key, v.seq \
+             FROM vaults v JOIN members m ON m.vault_id = v.id WHERE {filter} ORDER BY v.id"
+        ))?;
+        let rows = stmt
+            .query_map(args, |r| {
+                Ok(VaultInfo {
+                    id: id16(r.get(0)?, VaultId)?,
+                    name: Sealed(r.get(1)?),
+                    rights: Rights::parse(&r.get::<_, String>(2)?).unwrap_or(Rights::Read),
+                    e2e_required: r.get(3)?,
+                    version: r.get::<_, i64>(4)? as u64,
+                    wrapped_key: r.get::<_, Option<Vec<u8>>>(5)?.map(Sealed),
+                    changes: r.get::<_, i64>(6)? as u64,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows)
+    }
+
+    fn ensure_an_admin(tx: &Transaction<'_>, vault: VaultId) -> Result<()> {
+        let admins: i64 = tx.q_row(
+            "SELECT COUNT(*) FROM members WHERE vault_id = ?1 AND rights = 'admin'",
+            [&vault.0[..]],
+            |r| r.get(0),
+        )?;
+        if admins == 0 {
+            return Err(refuse("a vault must keep at least one admin"));
+        }
+        Ok(())
+    }
+
+    // ---- records -----------------------------------------------------------
+
+    fn record_vault(tx: &Connection, record: RecordId) -> Result<VaultId> {
+        tx.q_row("SELECT vault_id FROM records WHERE id = ?1", [&record.0[..]], |r| id16(r.get(0)?, VaultId))
+            .optional()?
+            .ok_or(MetaError::NotFound("record"))
+    }
+}
+
+impl MetaStore for Meta {
+    // Locks and holds on blob deletion: in `locks.rs` and `backup.rs`.
+
+    fn set_locks(
+        &mut self,
+        file: FileId,
+        user_id: i64,
+        req: &SetLocks,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<LockOutcome> {
+        Meta::set_locks(self, file, user_id, req, now_ms, ttl_ms)
+    }
+
+    fn locks(&self, file: FileId, now_ms: i64) -> Result<Vec<(HeldLock, i64)>> {
+        Meta::locks(self, file, now_ms)
+    }
+
+    fn renew_locks(
+        &mut self,
+        user_id: i64,
+        holder: HolderId,
+        held: &[(FileId, u64)],
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<u64> {
+        Meta::renew_locks(self, user_id, holder, held, now_ms, ttl_ms)
+    }
+
+    fn drop_locks(&mut self, user_id: i64, holder: HolderId) -> Result<u64> {
+        Meta::drop_locks(self, user_id, holder)
+    }
+
+    fn hold_blobs(&mut self, id: &[u8; 16], expires_ms: i64) -> Result<()> {
+        Meta::hold_blobs(self, id, expires_ms)
+    }
+
+    fn end_hold(&mut self, id: &[u8; 16]) -> Result<()> {
+        Meta::end_hold(self, id)
+    }
+
+    fn release_blobs(&mut self, blobs: &[BlobId], now_ms: i64) -> Result<Vec<BlobId>> {
+        Meta::release_blobs(self, blobs, now_ms)
+    }
+
+    fn server_secret(&mut self) -> Result<[u8; 32]> {
         let existing: Option<Vec<u8>> = self
             .conn
             .q_row("SELECT value FROM settings WHERE key = 'secret'", [], |r| r.get(0))
@@ -606,22 +700,17 @@ impl Meta {
         Ok(secret)
     }
 
-    /// Stores a small setting (JSON) under `key`.
-    pub fn put_setting(&mut self, key: &str, value: &[u8]) -> Result<()> {
+    fn put_setting(&mut self, key: &str, value: &[u8]) -> Result<()> {
         self.conn
             .exec("INSERT OR REPLACE INTO settings (key, value) VALUES (?1, ?2)", params![key, value])?;
         Ok(())
     }
 
-    /// Reads a setting stored with [`Meta::put_setting`].
-    pub fn setting(&self, key: &str) -> Result<Option<Vec<u8>>> {
+    fn setting(&self, key: &str) -> Result<Option<Vec<u8>>> {
         Ok(self.conn.q_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0)).optional()?)
     }
 
-    // ---- users -------------------------------------------------------------
-
-    /// Creates a user awaiting enrollment.
-    pub fn create_user(
+    fn create_user(
         &mut self,
         name: &str,
         limits: Limits,
@@ -650,24 +739,21 @@ impl Meta {
         Ok(())
     }
 
-    /// Looks a user up by name.
-    pub fn user_by_name(&self, name: &str) -> Result<Option<User>> {
+    fn user_by_name(&self, name: &str) -> Result<Option<User>> {
         Ok(self
             .conn
             .q_row(&format!("SELECT {USER_COLUMNS} FROM users WHERE name = ?1"), [name], user_of)
             .optional()?)
     }
 
-    /// All users, by name.
-    pub fn users(&self) -> Result<Vec<User>> {
+    fn users(&self) -> Result<Vec<User>> {
         let mut stmt =
             self.conn.prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users ORDER BY name"))?;
         let rows = stmt.query_map([], user_of)?.collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }
 
-    /// Replaces a user's limits.
-    pub fn set_limits(&mut self, name: &str, limits: Limits) -> Result<()> {
+    fn set_limits(&mut self, name: &str, limits: Limits) -> Result<()> {
         let n = self.conn.exec(
             "UPDATE users SET upload_limit = ?2, e2e_limit = ?3, image_max_edge = ?4 WHERE name = ?1",
             params![name, limits.upload_limit as i64, limits.e2e_limit as i64, limits.image_max_edge as i64],
@@ -678,17 +764,14 @@ impl Meta {
         Ok(())
     }
 
-    /// Removes a user, their sessions, wallet and memberships. Vaults they were the
-    /// only admin of stay, without an admin (the server admin can see them).
-    pub fn remove_user(&mut self, name: &str) -> Result<()> {
+    fn remove_user(&mut self, name: &str) -> Result<()> {
         if self.conn.exec("DELETE FROM users WHERE name = ?1", [name])? == 0 {
             return Err(MetaError::NotFound("user"));
         }
         Ok(())
     }
 
-    /// Sets a new enrollment code (and clears the login key), e.g. for a reset.
-    pub fn reset_enrollment(&mut self, name: &str, enroll_hash: &[u8], login_salt: &[u8]) -> Result<()> {
+    fn reset_enrollment(&mut self, name: &str, enroll_hash: &[u8], login_salt: &[u8]) -> Result<()> {
         let tx = self.conn.transaction()?;
         let id: Option<i64> =
             tx.q_row("SELECT id FROM users WHERE name = ?1", [name], |r| r.get(0)).optional()?;
@@ -702,9 +785,7 @@ impl Meta {
         Ok(())
     }
 
-    /// Completes enrollment: stores the login-key hash and its version,
-    /// consumes the code.
-    pub fn complete_enrollment(&mut self, user_id: i64, login_hash: &[u8], version: u8) -> Result<()> {
+    fn complete_enrollment(&mut self, user_id: i64, login_hash: &[u8], version: u8) -> Result<()> {
         self.conn.exec(
             "UPDATE users SET login_hash = ?2, login_version = ?3, enroll_hash = NULL WHERE id = ?1",
             params![user_id, login_hash, version],
@@ -712,8 +793,7 @@ impl Meta {
         Ok(())
     }
 
-    /// Replaces a user's login-key hash if it is still `old_hash`.
-    pub fn change_login_key(
+    fn change_login_key(
         &mut self,
         user_id: i64,
         old_hash: &[u8],
@@ -727,12 +807,8 @@ impl Meta {
         Ok(n == 1)
     }
 
-    /// A new passphrase, in one transaction: the login-key hash (if it is still
-    /// `old_hash`), the wallet sealed under the new passphrase (if it is still
-    /// at `wallet_version`), and every session of the user but `keep_session`
-    /// ended. `None` if the old hash did not match (nothing changed).
     #[allow(clippy::too_many_arguments)]
-    pub fn change_passphrase(
+    fn change_passphrase(
         &mut self,
         user_id: i64,
         old_hash: &[u8],
@@ -769,14 +845,12 @@ impl Meta {
         Ok(Some(wallet_version + 1))
     }
 
-    /// Stores the public key the user publishes for shares (replacing any).
-    pub fn set_public_key(&mut self, user_id: i64, key: &[u8]) -> Result<()> {
+    fn set_public_key(&mut self, user_id: i64, key: &[u8]) -> Result<()> {
         self.conn.exec("UPDATE users SET public_key = ?1 WHERE id = ?2", params![key, user_id])?;
         Ok(())
     }
 
-    /// The public key `name` published, if the user exists and published one.
-    pub fn public_key(&self, name: &str) -> Result<Option<Vec<u8>>> {
+    fn public_key(&self, name: &str) -> Result<Option<Vec<u8>>> {
         Ok(self
             .conn
             .query_row("SELECT public_key FROM users WHERE name = ?1", params![name], |r| {
@@ -786,10 +860,7 @@ impl Meta {
             .flatten())
     }
 
-    // ---- sessions ----------------------------------------------------------
-
-    /// Stores a new session.
-    pub fn create_session(&mut self, user_id: i64, token_hash: &[u8], expires: i64) -> Result<()> {
+    fn create_session(&mut self, user_id: i64, token_hash: &[u8], expires: i64) -> Result<()> {
         self.conn.exec("DELETE FROM sessions WHERE expires < ?1", [expires - 366 * 86_400])?;
         self.conn.exec(
             "INSERT INTO sessions (token_hash, user_id, expires) VALUES (?1, ?2, ?3)",
@@ -798,8 +869,7 @@ impl Meta {
         Ok(())
     }
 
-    /// The user a live session belongs to.
-    pub fn session_user(&self, token_hash: &[u8], now: i64) -> Result<Option<User>> {
+    fn session_user(&self, token_hash: &[u8], now: i64) -> Result<Option<User>> {
         let cols = USER_COLUMNS.split(", ").map(|c| format!("u.{c}")).collect::<Vec<_>>().join(", ");
         Ok(self
             .conn
@@ -814,16 +884,12 @@ impl Meta {
             .optional()?)
     }
 
-    /// Ends a session.
-    pub fn delete_session(&mut self, token_hash: &[u8]) -> Result<()> {
+    fn delete_session(&mut self, token_hash: &[u8]) -> Result<()> {
         self.conn.exec("DELETE FROM sessions WHERE token_hash = ?1", [token_hash])?;
         Ok(())
     }
 
-    // ---- wallets -----------------------------------------------------------
-
-    /// The user's sealed wallet and its version.
-    pub fn wallet(&self, user_id: i64) -> Result<Option<(Vec<u8>, u64)>> {
+    fn wallet(&self, user_id: i64) -> Result<Option<(Vec<u8>, u64)>> {
         Ok(self
             .conn
             .q_row("SELECT blob, version FROM wallets WHERE user_id = ?1", [user_id], |r| {
@@ -832,8 +898,7 @@ impl Meta {
             .optional()?)
     }
 
-    /// The version of the user's wallet, if it has one.
-    pub fn wallet_version(&self, user_id: i64) -> Result<Option<u64>> {
+    fn wallet_version(&self, user_id: i64) -> Result<Option<u64>> {
         Ok(self
             .conn
             .q_row("SELECT version FROM wallets WHERE user_id = ?1", [user_id], |r| r.get::<_, i64>(0))
@@ -841,8 +906,7 @@ impl Meta {
             .map(|v| v as u64))
     }
 
-    /// Stores the wallet if `expected` matches: `None` means "must not exist yet".
-    pub fn put_wallet(&mut self, user_id: i64, blob: &[u8], expected: Option<u64>) -> Result<u64> {
+    fn put_wallet(&mut self, user_id: i64, blob: &[u8], expected: Option<u64>) -> Result<u64> {
         let tx = self.conn.transaction()?;
         let current: Option<i64> =
             tx.q_row("SELECT version FROM wallets WHERE user_id = ?1", [user_id], |r| r.get(0)).optional()?;
@@ -868,15 +932,11 @@ impl Meta {
         Ok(version)
     }
 
-    // ---- vaults and members ------------------------------------------------
-
-    /// The rights `user_id` has in `vault`, or `None` if not a member (or no vault).
-    pub fn rights(&self, user_id: i64, vault: VaultId) -> Result<Option<Rights>> {
+    fn rights(&self, user_id: i64, vault: VaultId) -> Result<Option<Rights>> {
         member_rights(&self.conn, user_id, vault)
     }
 
-    /// Creates a vault with the creator as admin.
-    pub fn create_vault(&mut self, user_id: i64, v: &NewVault) -> Result<u64> {
+    fn create_vault(&mut self, user_id: i64, v: &NewVault) -> Result<u64> {
         let tx = self.conn.transaction()?;
         let n = tx.exec(
             "INSERT INTO vaults (id, name, e2e_required, version) VALUES (?1, ?2, ?3, 1) ON CONFLICT(id) DO NOTHING",
@@ -893,49 +953,24 @@ impl Meta {
         Ok(1)
     }
 
-    fn vault_query(&self, filter: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<VaultInfo>> {
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT v.id, v.name, m.rights, v.e2e_required, v.version, m.wrapped_key, v.seq \
-             FROM vaults v JOIN members m ON m.vault_id = v.id WHERE {filter} ORDER BY v.id"
-        ))?;
-        let rows = stmt
-            .query_map(args, |r| {
-                Ok(VaultInfo {
-                    id: id16(r.get(0)?, VaultId)?,
-                    name: Sealed(r.get(1)?),
-                    rights: Rights::parse(&r.get::<_, String>(2)?).unwrap_or(Rights::Read),
-                    e2e_required: r.get(3)?,
-                    version: r.get::<_, i64>(4)? as u64,
-                    wrapped_key: r.get::<_, Option<Vec<u8>>>(5)?.map(Sealed),
-                    changes: r.get::<_, i64>(6)? as u64,
-                })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(rows)
-    }
-
-    /// Vaults `user_id` is a member of.
-    pub fn vaults_of(&self, user_id: i64) -> Result<Vec<VaultInfo>> {
+    fn vaults_of(&self, user_id: i64) -> Result<Vec<VaultInfo>> {
         self.vault_query("m.user_id = ?1", &[&user_id])
     }
 
-    /// One vault as `user_id` sees it.
-    pub fn vault_of(&self, user_id: i64, vault: VaultId) -> Result<VaultInfo> {
+    fn vault_of(&self, user_id: i64, vault: VaultId) -> Result<VaultInfo> {
         self.vault_query("m.user_id = ?1 AND v.id = ?2", &[&user_id, &&vault.0[..]])?
             .pop()
             .ok_or(MetaError::NotFound("vault"))
     }
 
-    /// Whether the vault refuses plaintext uploads.
-    pub fn e2e_required(&self, vault: VaultId) -> Result<bool> {
+    fn e2e_required(&self, vault: VaultId) -> Result<bool> {
         self.conn
             .q_row("SELECT e2e_required FROM vaults WHERE id = ?1", [&vault.0[..]], |r| r.get(0))
             .optional()?
             .ok_or(MetaError::NotFound("vault"))
     }
 
-    /// Changes a vault's name or flags.
-    pub fn update_vault(&mut self, vault: VaultId, expected: u64, u: &VaultUpdate) -> Result<u64> {
+    fn update_vault(&mut self, vault: VaultId, expected: u64, u: &VaultUpdate) -> Result<u64> {
         let tx = self.conn.transaction()?;
         let current: i64 = tx
             .q_row("SELECT version FROM vaults WHERE id = ?1", [&vault.0[..]], |r| r.get(0))
@@ -953,8 +988,7 @@ impl Meta {
         Ok(expected + 1)
     }
 
-    /// Deletes an empty vault.
-    pub fn delete_vault(&mut self, vault: VaultId, expected: u64) -> Result<()> {
+    fn delete_vault(&mut self, vault: VaultId, expected: u64) -> Result<()> {
         let tx = self.conn.transaction()?;
         let current: i64 = tx
             .q_row("SELECT version FROM vaults WHERE id = ?1", [&vault.0[..]], |r| r.get(0))
@@ -971,8 +1005,7 @@ impl Meta {
         Ok(())
     }
 
-    /// Members of a vault.
-    pub fn members(&self, vault: VaultId) -> Result<Vec<Member>> {
+    fn members(&self, vault: VaultId) -> Result<Vec<Member>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT u.name, m.rights, m.wrapped_key FROM members m JOIN users u ON u.id = m.user_id \
              WHERE m.vault_id = ?1 ORDER BY u.name",
@@ -989,8 +1022,7 @@ impl Meta {
         Ok(rows)
     }
 
-    /// Adds a member or changes their rights. Refuses to remove the last admin.
-    pub fn set_member(&mut self, vault: VaultId, m: &Member) -> Result<()> {
+    fn set_member(&mut self, vault: VaultId, m: &Member) -> Result<()> {
         let tx = self.conn.transaction()?;
         let user_id: i64 = tx
             .q_row("SELECT id FROM users WHERE name = ?1", [&m.user], |r| r.get(0))
@@ -1006,8 +1038,7 @@ impl Meta {
         Ok(())
     }
 
-    /// Removes a member. Refuses to remove the last admin.
-    pub fn remove_member(&mut self, vault: VaultId, user: &str) -> Result<()> {
+    fn remove_member(&mut self, vault: VaultId, user: &str) -> Result<()> {
         let tx = self.conn.transaction()?;
         let n = tx.exec(
             "DELETE FROM members WHERE vault_id = ?1 AND user_id = (SELECT id FROM users WHERE name = ?2)",
@@ -1021,29 +1052,13 @@ impl Meta {
         Ok(())
     }
 
-    fn ensure_an_admin(tx: &Transaction<'_>, vault: VaultId) -> Result<()> {
-        let admins: i64 = tx.q_row(
-            "SELECT COUNT(*) FROM members WHERE vault_id = ?1 AND rights = 'admin'",
-            [&vault.0[..]],
-            |r| r.get(0),
-        )?;
-        if admins == 0 {
-            return Err(refuse("a vault must keep at least one admin"));
-        }
-        Ok(())
-    }
-
-    /// Every vault with its members (for the server admin).
-    pub fn all_vaults(&self) -> Result<Vec<(VaultId, Vec<Member>)>> {
+    fn all_vaults(&self) -> Result<Vec<(VaultId, Vec<Member>)>> {
         let mut stmt = self.conn.prepare_cached("SELECT id FROM vaults ORDER BY id")?;
         let ids = stmt.query_map([], |r| id16(r.get(0)?, VaultId))?.collect::<rusqlite::Result<Vec<_>>>()?;
         ids.into_iter().map(|id| Ok((id, self.members(id)?))).collect()
     }
 
-    /// What changed in `vault` after its change `since`, at most `limit`
-    /// objects (oldest change first); `None` when `since` is further back than
-    /// the deletions kept, or ahead of the vault (another history).
-    pub fn changes(&self, vault: VaultId, since: u64, limit: usize) -> Result<Option<Changes>> {
+    fn changes(&self, vault: VaultId, since: u64, limit: usize) -> Result<Option<Changes>> {
         let head = self
             .conn
             .q_row("SELECT seq FROM vaults WHERE id = ?1", [&vault.0[..]], |r| r.get::<_, i64>(0))
@@ -1079,16 +1094,7 @@ impl Meta {
         Ok(Some(out))
     }
 
-    // ---- records -----------------------------------------------------------
-
-    fn record_vault(tx: &Connection, record: RecordId) -> Result<VaultId> {
-        tx.q_row("SELECT vault_id FROM records WHERE id = ?1", [&record.0[..]], |r| id16(r.get(0)?, VaultId))
-            .optional()?
-            .ok_or(MetaError::NotFound("record"))
-    }
-
-    /// Creates a record in `vault` (its parent must be in the same vault).
-    pub fn create_record(&mut self, vault: VaultId, r: &NewRecord) -> Result<RecordInfo> {
+    fn create_record(&mut self, vault: VaultId, r: &NewRecord) -> Result<RecordInfo> {
         let tx = self.conn.transaction()?;
         if let Some(parent) = r.parent {
             if Self::record_vault(&tx, parent)? != vault {
@@ -1114,13 +1120,11 @@ impl Meta {
         })
     }
 
-    /// One record.
-    pub fn record(&self, id: RecordId) -> Result<RecordInfo> {
+    fn record(&self, id: RecordId) -> Result<RecordInfo> {
         load_record(&self.conn, id)
     }
 
-    /// All records of a vault.
-    pub fn records(&self, vault: VaultId) -> Result<Vec<RecordInfo>> {
+    fn records(&self, vault: VaultId) -> Result<Vec<RecordInfo>> {
         let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {RECORD_COLUMNS} FROM records WHERE vault_id = ?1 ORDER BY id"
         ))?;
@@ -1128,8 +1132,7 @@ impl Meta {
         Ok(rows)
     }
 
-    /// Changes a record's title, fields or parent (same vault, no cycles).
-    pub fn update_record(&mut self, id: RecordId, expected: u64, u: &RecordUpdate) -> Result<RecordInfo> {
+    fn update_record(&mut self, id: RecordId, expected: u64, u: &RecordUpdate) -> Result<RecordInfo> {
         let tx = self.conn.transaction()?;
         let current = load_record(&tx, id)?;
         check_version(current.version, expected)?;
@@ -1170,19 +1173,14 @@ impl Meta {
         Ok(updated)
     }
 
-    /// Deletes a record that has no child records and no files.
-    pub fn delete_record(&mut self, id: RecordId, expected: u64) -> Result<()> {
+    fn delete_record(&mut self, id: RecordId, expected: u64) -> Result<()> {
         let tx = self.conn.transaction()?;
         delete_record_in(&tx, id, expected)?;
         tx.commit()?;
         Ok(())
     }
 
-    /// Deletes `items` in order, each as [`Meta::delete_file`] or
-    /// [`Meta::delete_record`] would if user `user_id` may write in its vault,
-    /// in one transaction (one commit, one sync to disk, for all: `rm -r`
-    /// removes many). The outcome of each, and the blobs of the files deleted.
-    pub fn delete_many(
+    fn delete_many(
         &mut self,
         user_id: i64,
         items: &[DeleteItem],
@@ -1221,32 +1219,30 @@ impl Meta {
                 Err(MetaError::NotFound(_)) => DeleteOutcome::NotFound,
                 Err(MetaError::VersionMismatch { current }) => DeleteOutcome::Conflict { current },
                 Err(MetaError::Refused(message)) => DeleteOutcome::Refused { message },
-                Err(e @ (MetaError::Exists(_) | MetaError::TooNew { .. } | MetaError::Db(_))) => {
-                    return Err(e)
-                }
+                Err(
+                    e @ (MetaError::Exists(_)
+                    | MetaError::TooNew { .. }
+                    | MetaError::Db(_)
+                    | MetaError::Unavailable(_)),
+                ) => return Err(e),
             });
         }
         tx.commit()?;
         Ok((outcomes, blobs))
     }
 
-    // ---- files -------------------------------------------------------------
-
-    /// Creates an empty file linked to `record`.
-    pub fn create_file(&mut self, record: RecordId, f: &NewFile, now_ms: i64) -> Result<FileInfo> {
+    fn create_file(&mut self, record: RecordId, f: &NewFile, now_ms: i64) -> Result<FileInfo> {
         let tx = self.conn.transaction()?;
         let created = create_in(&tx, record, f, now_ms)?;
         tx.commit()?;
         Ok(created)
     }
 
-    /// One file with its blob.
-    pub fn file(&self, id: FileId) -> Result<FileRow> {
+    fn file(&self, id: FileId) -> Result<FileRow> {
         load_file(&self.conn, id)
     }
 
-    /// Files of a vault, or of one record of it.
-    pub fn files(&self, vault: VaultId, record: Option<RecordId>) -> Result<Vec<FileInfo>> {
+    fn files(&self, vault: VaultId, record: Option<RecordId>) -> Result<Vec<FileInfo>> {
         let (sql, key) = match record {
             Some(r) => (format!("SELECT {FILE_COLUMNS} FROM files WHERE record_id = ?1 ORDER BY id"), r.0),
             None => (format!("SELECT {FILE_COLUMNS} FROM files WHERE vault_id = ?1 ORDER BY id"), vault.0),
@@ -1259,23 +1255,14 @@ impl Meta {
         Ok(rows)
     }
 
-    /// Points a file at a newly stored blob, if the file is still at `expected`.
-    /// Returns the new version and the blob it replaced (to delete after commit).
-    pub fn commit_upload(
-        &mut self,
-        id: FileId,
-        expected: u64,
-        c: &Committed,
-    ) -> Result<(u64, Option<BlobId>)> {
+    fn commit_upload(&mut self, id: FileId, expected: u64, c: &Committed) -> Result<(u64, Option<BlobId>)> {
         let tx = self.conn.transaction()?;
         let done = commit_in(&tx, id, expected, c)?;
         tx.commit()?;
         Ok(done)
     }
 
-    /// Creates file `f` in `record` with content `c`, in one transaction:
-    /// the file appears with its content or not at all. Returns its version.
-    pub fn create_with_content(&mut self, record: RecordId, f: &NewFile, c: &Committed) -> Result<u64> {
+    fn create_with_content(&mut self, record: RecordId, f: &NewFile, c: &Committed) -> Result<u64> {
         let tx = self.conn.transaction()?;
         let created = create_in(&tx, record, f, c.mtime_ms)?;
         let (version, _) = commit_in(&tx, created.id, created.version, c)?;
@@ -1283,30 +1270,14 @@ impl Meta {
         Ok(version)
     }
 
-    /// Creates file `copy` in `id`'s record and commits `c` to it: where a
-    /// stream whose file moved on goes.
-    pub fn commit_to_copy(
-        &mut self,
-        id: FileId,
-        copy: &NewFile,
-        c: &Committed,
-    ) -> Result<(u64, Option<BlobId>)> {
+    fn commit_to_copy(&mut self, id: FileId, copy: &NewFile, c: &Committed) -> Result<(u64, Option<BlobId>)> {
         let tx = self.conn.transaction()?;
         let done = copy_in(&tx, id, copy, c)?;
         tx.commit()?;
         Ok(done)
     }
 
-    /// Stores staged content: kept, not yet a file's, until committed or
-    /// collected (see [`Meta::collect_staged`]).
-    pub fn stage(
-        &mut self,
-        token: &[u8],
-        file: FileId,
-        user_id: i64,
-        s: &Committed,
-        now_ms: i64,
-    ) -> Result<()> {
+    fn stage(&mut self, token: &[u8], file: FileId, user_id: i64, s: &Committed, now_ms: i64) -> Result<()> {
         self.conn.exec(
             "INSERT INTO staged (token, file_id, user_id, blob_id, size, e2e, created_ms) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -1315,14 +1286,8 @@ impl Meta {
         Ok(())
     }
 
-    /// Commits the staged content `token` of `user_id` to file `id` at
-    /// `expected`, with `meta`; or, if the file moved on (or is gone) and
-    /// `conflict_copy` is given, to that new file instead. One transaction:
-    /// the staged entry is used up exactly when a file points at its blob.
-    /// Returns the new version, the replaced blob, the size, and whether the
-    /// copy took it.
     #[allow(clippy::too_many_arguments)]
-    pub fn commit_staged(
+    fn commit_staged(
         &mut self,
         token: &[u8],
         id: FileId,
@@ -1356,10 +1321,7 @@ impl Meta {
         Ok((version, old, size as u64, copied))
     }
 
-    /// Forgets staged content older than `before_ms` (a client that never
-    /// committed it: it crashed, or lost the connection); returns the blobs
-    /// to delete.
-    pub fn collect_staged(&mut self, before_ms: i64) -> Result<Vec<BlobId>> {
+    fn collect_staged(&mut self, before_ms: i64) -> Result<Vec<BlobId>> {
         let tx = self.conn.transaction()?;
         let blobs: Vec<String> = {
             let mut stmt = tx.prepare_cached("SELECT blob_id FROM staged WHERE created_ms < ?1")?;
@@ -1371,8 +1333,7 @@ impl Meta {
         Ok(blobs.iter().filter_map(|b| BlobId::from_hex(b)).collect())
     }
 
-    /// Renames, moves (within the vault) or touches a file.
-    pub fn update_file(&mut self, id: FileId, expected: u64, u: &FileUpdate) -> Result<FileInfo> {
+    fn update_file(&mut self, id: FileId, expected: u64, u: &FileUpdate) -> Result<FileInfo> {
         let tx = self.conn.transaction()?;
         let row = load_file(&tx, id)?;
         check_version(row.info.version, expected)?;
@@ -1397,24 +1358,20 @@ impl Meta {
         Ok(updated.info)
     }
 
-    /// Deletes a file; returns its blob (to delete after commit).
-    pub fn delete_file(&mut self, id: FileId, expected: u64) -> Result<Option<BlobId>> {
+    fn delete_file(&mut self, id: FileId, expected: u64) -> Result<Option<BlobId>> {
         let tx = self.conn.transaction()?;
         let blob = delete_file_in(&tx, id, expected)?;
         tx.commit()?;
         Ok(blob)
     }
 
-    /// Bytes of file content the server stores (each file's current
-    /// version; metrics).
-    pub fn stored_bytes(&self) -> Result<u64> {
+    fn stored_bytes(&self) -> Result<u64> {
         let mut stmt =
             self.conn.prepare_cached("SELECT COALESCE(SUM(size), 0) FROM files WHERE blob_id IS NOT NULL")?;
         Ok(stmt.query_row([], |r| r.get::<_, i64>(0))?.max(0) as u64)
     }
 
-    /// Every blob some file points at (garbage collection keeps exactly these).
-    pub fn blobs_in_use(&self) -> Result<HashSet<String>> {
+    fn blobs_in_use(&self) -> Result<HashSet<String>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT blob_id FROM files WHERE blob_id IS NOT NULL UNION SELECT blob_id FROM staged",
         )?;

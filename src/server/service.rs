@@ -18,7 +18,7 @@
 //! (plus at most an orphan blob, collected at the next start).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -30,7 +30,7 @@ mod locks;
 pub use locks::{DEFAULT_LOCK_TTL, MAX_LOCK_WAITS};
 
 use super::blob::{BlobError, BlobId, BlobRead, BlobStore, ByteStream};
-use super::meta::{Committed, FileRow, Meta, MetaError, User};
+use super::meta::{Committed, FileRow, MetaDb, MetaError, MetaStore, User};
 use crate::ids::{hex_encode, FileId, RecordId, VaultId};
 use crate::protocol::{
     Changes, CommitRequest, DeleteItem, DeleteOutcome, FileInfo, FileUpdate, KdfWire, Limits, LoginKeyChange,
@@ -112,7 +112,9 @@ impl From<MetaError> for ServiceError {
             {
                 ServiceError::StorageFull
             }
-            e @ MetaError::TooNew { .. } => ServiceError::Internal(e.to_string()),
+            e @ (MetaError::TooNew { .. } | MetaError::Unavailable(_)) => {
+                ServiceError::Internal(e.to_string())
+            }
             MetaError::Db(e) => ServiceError::Internal(format!("database: {e}")),
         }
     }
@@ -219,7 +221,7 @@ const SESSION_CACHE_ENTRIES: usize = 1024;
 
 /// The vault service over a blob store.
 pub struct Service<B> {
-    meta: Arc<Mutex<Meta>>,
+    meta: MetaDb,
     blobs: Arc<B>,
     secret: [u8; 32],
     config: ServiceConfig,
@@ -305,37 +307,18 @@ fn check_rights(rights: Option<Rights>, need: Rights, what: &'static str) -> Res
     }
 }
 
-/// Runs `f` on the metadata store; also says whether it changed a vault
-/// (the feed's count is looked at only after a call that wrote rows, so
-/// reads, most calls, cost nothing more). A count that cannot be read
-/// counts as a change: `f` is done (perhaps committed) either way, and a
-/// wait woken for nothing only asks again.
-fn run_on<T>(
-    meta: &mut Meta,
-    f: impl FnOnce(&mut Meta) -> std::result::Result<T, MetaError>,
-) -> (Result<T>, bool) {
-    let before = meta.rows_written();
-    let result = f(meta).map_err(ServiceError::from);
-    let wrote = meta.rows_written() != before
-        && meta.vaults_changed().unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "cannot read whether a vault changed; waking the waits for changes");
-            true
-        });
-    (result, wrote)
-}
-
 /// Runs `f` on the metadata store on the blocking pool (see
-/// [`Service::db`]); with whether it wrote a vault's change.
+/// [`Service::db`]); with whether it changed a vault.
 async fn on_blocking_pool<T: Send + 'static>(
-    meta: Arc<Mutex<Meta>>,
-    f: impl FnOnce(&mut Meta) -> std::result::Result<T, MetaError> + Send + 'static,
+    meta: MetaDb,
+    f: impl FnOnce(&mut dyn MetaStore) -> std::result::Result<T, MetaError> + Send + 'static,
 ) -> Result<(Result<T>, bool)> {
     tokio::task::spawn_blocking(move || {
-        let mut guard = meta.lock().map_err(|_| ServiceError::Internal("metadata lock poisoned".into()))?;
-        Ok(run_on(&mut guard, f))
+        let (result, wrote) = meta.run(f);
+        (result.map_err(ServiceError::from), wrote)
     })
     .await
-    .map_err(|e| ServiceError::Internal(format!("metadata task: {e}")))?
+    .map_err(|e| ServiceError::Internal(format!("metadata task: {e}")))
 }
 
 /// Bodies up to this declared size are read whole before they are stored
@@ -378,10 +361,11 @@ pub use crate::protocol::now_ms;
 
 impl<B: BlobStore> Service<B> {
     /// A service over an open metadata store and blob store.
-    pub fn new(mut meta: Meta, blobs: B, config: ServiceConfig) -> Result<Self> {
-        let secret = meta.server_secret()?;
+    pub fn new(meta: impl Into<MetaDb>, blobs: B, config: ServiceConfig) -> Result<Self> {
+        let meta = meta.into();
+        let secret = meta.run(|m| m.server_secret()).0?;
         Ok(Service {
-            meta: Arc::new(Mutex::new(meta)),
+            meta,
             blobs: Arc::new(blobs),
             secret,
             config,
@@ -457,7 +441,7 @@ impl<B: BlobStore> Service<B> {
     /// Runs an administrative operation on the metadata store (users, limits).
     pub async fn run_admin<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Meta) -> std::result::Result<T, MetaError> + Send + 'static,
+        f: impl FnOnce(&mut dyn MetaStore) -> std::result::Result<T, MetaError> + Send + 'static,
     ) -> Result<T> {
         self.db(f).await
     }
@@ -465,9 +449,9 @@ impl<B: BlobStore> Service<B> {
     /// Runs a metadata operation on the blocking pool.
     async fn db<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Meta) -> std::result::Result<T, MetaError> + Send + 'static,
+        f: impl FnOnce(&mut dyn MetaStore) -> std::result::Result<T, MetaError> + Send + 'static,
     ) -> Result<T> {
-        let (result, wrote) = on_blocking_pool(Arc::clone(&self.meta), f).await?;
+        let (result, wrote) = on_blocking_pool(self.meta.clone(), f).await?;
         self.note_written(wrote);
         result
     }
@@ -479,19 +463,12 @@ impl<B: BlobStore> Service<B> {
     /// (their time grows with the vault, or with a disk's fsync).
     async fn db_lookup<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Meta) -> std::result::Result<T, MetaError> + Send + 'static,
+        f: impl FnOnce(&mut dyn MetaStore) -> std::result::Result<T, MetaError> + Send + 'static,
     ) -> Result<T> {
-        let free = match self.meta.try_lock() {
-            Ok(mut guard) => Ok(run_on(&mut guard, f)),
-            Err(std::sync::TryLockError::WouldBlock) => Err(f),
-            Err(std::sync::TryLockError::Poisoned(_)) => {
-                return Err(ServiceError::Internal("metadata lock poisoned".into()))
-            }
-        };
-        match free {
+        match self.meta.run_if_free(f) {
             Ok((result, wrote)) => {
                 self.note_written(wrote);
-                result
+                result.map_err(ServiceError::from)
             }
             Err(f) => self.db(f).await,
         }
@@ -515,7 +492,7 @@ impl<B: BlobStore> Service<B> {
         caller: &Caller,
         body: ByteStream,
         declared: Option<u64>,
-        commit: impl FnOnce(&mut Meta, BlobId, u64) -> std::result::Result<T, MetaError> + Send + 'static,
+        commit: impl FnOnce(&mut dyn MetaStore, BlobId, u64) -> std::result::Result<T, MetaError> + Send + 'static,
     ) -> Result<(T, u64)> {
         let small = declared.filter(|&len| len <= SMALL_IN_PLACE as u64 && self.blobs.writes_in_place());
         let Some(len) = small else {
@@ -534,12 +511,11 @@ impl<B: BlobStore> Service<B> {
         }
         let pieces = read_declared(body, len).await?;
         let blob = BlobId::random().map_err(|e| ServiceError::Internal(e.to_string()))?;
-        let (blobs, meta) = (Arc::clone(&self.blobs), Arc::clone(&self.meta));
+        let (blobs, meta) = (Arc::clone(&self.blobs), self.meta.clone());
         let stored = tokio::task::spawn_blocking(move || {
             blobs.put_in_place(blob, pieces)?;
-            let mut guard =
-                meta.lock().map_err(|_| ServiceError::Internal("metadata lock poisoned".into()))?;
-            Ok::<_, ServiceError>(run_on(&mut guard, move |m| commit(m, blob, len)))
+            let (result, wrote) = meta.run(move |m| commit(m, blob, len));
+            Ok::<_, ServiceError>((result.map_err(ServiceError::from), wrote))
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("metadata task: {e}")));
@@ -1290,7 +1266,7 @@ impl<B: BlobStore> Service<B> {
         if old.is_empty() {
             return;
         }
-        let (blobs, meta) = (Arc::clone(&self.blobs), Arc::clone(&self.meta));
+        let (blobs, meta) = (Arc::clone(&self.blobs), self.meta.clone());
         tokio::spawn(async move {
             let now = now_ms();
             // (Releasing blobs changes no vault: nothing to wake.)

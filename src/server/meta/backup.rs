@@ -202,6 +202,7 @@ pub fn check_snapshot(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::meta::MetaStore;
 
     fn blob(n: u8) -> BlobId {
         BlobId([n; 16])
