@@ -6,7 +6,8 @@ use clap::{Args, Subcommand};
 
 use super::{parse_size, CliResult};
 use crate::protocol::{KdfWire, Limits};
-use crate::server::config::ServerConfig;
+use crate::server::config::{MetadataBackend, ServerConfig};
+use crate::server::meta::MetaStore;
 use crate::server::{admin, backup, META_FILE};
 
 /// `vaultfs admin`.
@@ -115,36 +116,57 @@ pub fn run(args: AdminArgs) -> CliResult {
         None => ServerConfig::default(),
     };
     let data_dir = args.data_dir.clone().unwrap_or_else(|| config.data_dir.clone());
+    if config.metadata.backend == MetadataBackend::Postgres
+        && matches!(args.command, AdminCommand::Backup { .. } | AdminCommand::Restore { .. })
+    {
+        return Err("the metadata is in PostgreSQL: back it up with pg_dump (or the database's own backups) \
+                    and the blobs with the bucket's versioning or replication, in that order; docs/SCALING.md \
+                    says how"
+            .into());
+    }
     let command = match args.command {
         AdminCommand::Backup { dir } => return backup(ServerConfig { data_dir, ..config }, &dir),
         AdminCommand::Restore { dir } => return restore(ServerConfig { data_dir, ..config }, &dir),
         AdminCommand::Database(command) => command,
     };
-    if !data_dir.join(crate::server::META_FILE).exists() {
+    let postgres = config.metadata.backend == MetadataBackend::Postgres;
+    if !postgres && !data_dir.join(crate::server::META_FILE).exists() {
         return Err(format!(
             "{}: no vaultfs server data here (start `vaultfs serve` once, or pass --data-dir)",
             data_dir.display()
         )
         .into());
     }
-    let mut meta = crate::server::open_meta(&data_dir)?;
+    let db = crate::server::open_metadata(&ServerConfig { data_dir, ..config.clone() })?;
+    // One transaction for the whole command.
+    let (done, _) = db.run(|meta| database_command(meta, command, &args.config, &config));
+    done
+}
+
+/// Runs `command` on the metadata store.
+fn database_command(
+    meta: &mut dyn MetaStore,
+    command: DatabaseCommand,
+    config_file: &Option<PathBuf>,
+    config: &ServerConfig,
+) -> CliResult {
     // With the server's config file, its values; without, what the server
     // recorded when it last started (so users match what the server announces).
-    let recorded = admin::recorded_defaults(&meta)?;
-    let (defaults, kdf): (Limits, KdfWire) = match (&args.config, recorded) {
+    let recorded = admin::recorded_defaults(meta)?;
+    let (defaults, kdf): (Limits, KdfWire) = match (config_file, recorded) {
         (None, Some(r)) => (r.limits, r.login_kdf),
         _ => (config.default_limits.into(), config.login_kdf.into()),
     };
     match command {
         DatabaseCommand::User(UserCommand::Add { name, limits }) => {
-            let code = admin::add_user(&mut meta, &name, limits.apply(defaults), kdf)?;
+            let code = admin::add_user(meta, &name, limits.apply(defaults), kdf)?;
             println!("added user {name}");
             println!("enrollment code (give it to {name}; it works once): {code}");
             println!("they log in with: vaultfs login --server URL --user {name} --enroll {code}");
         }
         DatabaseCommand::User(UserCommand::List) => {
             println!("{:<24} {:>14} {:>14} {:>10}  state", "user", "upload limit", "e2e limit", "image px");
-            for u in admin::users(&meta)? {
+            for u in admin::users(meta)? {
                 let state = if u.login_hash.is_some() { "active" } else { "awaiting enrollment" };
                 println!(
                     "{:<24} {:>14} {:>14} {:>10}  {state}",
@@ -153,23 +175,23 @@ pub fn run(args: AdminArgs) -> CliResult {
             }
         }
         DatabaseCommand::User(UserCommand::Remove { name }) => {
-            admin::remove_user(&mut meta, &name)?;
+            admin::remove_user(meta, &name)?;
             println!("removed user {name}");
         }
         DatabaseCommand::User(UserCommand::Limits { name, limits }) => {
-            let current = admin::users(&meta)?
+            let current = admin::users(meta)?
                 .into_iter()
                 .find(|u| u.name == name)
                 .ok_or_else(|| format!("no user named {name}"))?;
             let new = limits.apply(current.limits);
-            admin::set_limits(&mut meta, &name, new)?;
+            admin::set_limits(meta, &name, new)?;
             println!(
                 "{name}: upload limit {}, e2e limit {}, image edge {} px",
                 new.upload_limit, new.e2e_limit, new.image_max_edge
             );
         }
         DatabaseCommand::User(UserCommand::Reset { name }) => {
-            let (code, wallet) = admin::reset_user(&mut meta, &name)?;
+            let (code, wallet) = admin::reset_user(meta, &name)?;
             println!("new enrollment code for {name}: {code}");
             let login = format!("vaultfs login --server URL --user {name} --enroll {code}");
             match wallet {
@@ -186,7 +208,7 @@ pub fn run(args: AdminArgs) -> CliResult {
             }
         }
         DatabaseCommand::Vaults => {
-            for (id, members) in admin::vaults(&meta)? {
+            for (id, members) in admin::vaults(meta)? {
                 let list: Vec<String> =
                     members.iter().map(|m| format!("{} ({})", m.user, m.rights.as_str())).collect();
                 println!("{id}  {}", list.join(", "));

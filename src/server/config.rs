@@ -36,6 +36,8 @@ pub struct ServerConfig {
     pub login_kdf: KdfConfig,
     /// Where file contents (blobs) are kept.
     pub storage: StorageConfig,
+    /// Where the metadata (users, vaults, records, files) is kept.
+    pub metadata: MetadataConfig,
     /// Prometheus metrics (off unless `listen` is given).
     pub metrics: MetricsConfig,
 }
@@ -48,6 +50,92 @@ pub struct MetricsConfig {
     /// authentication: a loopback address, or one only the monitoring
     /// network reaches. Absent: no metrics.
     pub listen: Option<SocketAddr>,
+}
+
+/// Where the metadata lives: SQLite in `data_dir` (the default, one
+/// instance), or a PostgreSQL database several instances share.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetadataConfig {
+    /// `sqlite` or `postgres`.
+    pub backend: MetadataBackend,
+    /// Settings of the `postgres` backend.
+    pub postgres: PostgresConfig,
+}
+
+/// The metadata backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetadataBackend {
+    /// `data_dir/meta.db`.
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database.
+    Postgres,
+}
+
+/// A PostgreSQL database. The password is never written here: it is read
+/// from `password_file`, or else from the environment variable
+/// `password_env` names, so the file can be shown and copied freely.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// `postgres://user@host:port/database`, or the `key=value` form
+    /// (without a password).
+    pub url: String,
+    /// A file holding the password (its first line).
+    pub password_file: Option<PathBuf>,
+    /// The environment variable holding the password, if no file is given.
+    pub password_env: String,
+    /// Connections each instance keeps at most.
+    pub pool_size: usize,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: String::new(),
+            password_file: None,
+            password_env: "VAULTFS_PG_PASSWORD".into(),
+            pool_size: 16,
+        }
+    }
+}
+
+impl PostgresConfig {
+    /// The connection settings, with the password read from its file or
+    /// variable (errors name the key, never the password).
+    pub fn connection(&self) -> Result<tokio_postgres::Config, String> {
+        let mut config: tokio_postgres::Config =
+            self.url.parse().map_err(|e| format!("key `metadata.postgres.url`: {e}"))?;
+        if config.get_password().is_some() {
+            return Err("key `metadata.postgres.url`: holds a password; put it in `password_file` or the \
+                        variable `password_env` names instead"
+                .into());
+        }
+        if config.get_hosts().is_empty() {
+            return Err("key `metadata.postgres.url`: names no host".into());
+        }
+        let password = match &self.password_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    format!("key `metadata.postgres.password_file`: reading {}: {e}", path.display())
+                })?;
+                Some(text.lines().next().unwrap_or("").to_string())
+            }
+            None => std::env::var(&self.password_env).ok(),
+        };
+        if let Some(password) = password.filter(|p| !p.is_empty()) {
+            config.password(password);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("vaultfs");
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(std::time::Duration::from_secs(10));
+        }
+        Ok(config)
+    }
 }
 
 /// Where blobs live: `data_dir/blobs` (the default), or an S3-compatible store.
@@ -167,6 +255,7 @@ impl Default for ServerConfig {
             shutdown_grace_secs: 60,
             login_kdf: KdfConfig::default(),
             storage: StorageConfig::default(),
+            metadata: MetadataConfig::default(),
             metrics: MetricsConfig::default(),
         }
     }
@@ -273,6 +362,21 @@ impl ServerConfig {
                     .into(),
             );
         }
+        if self.metadata.backend == MetadataBackend::Postgres {
+            let pg = &self.metadata.postgres;
+            if pg.url.trim().is_empty() {
+                return Err(
+                    "key `metadata.postgres.url`: required with `metadata.backend = \"postgres\"`".into()
+                );
+            }
+            if pg.pool_size == 0 || pg.pool_size > 1000 {
+                return Err("key `metadata.postgres.pool_size`: must be between 1 and 1000".into());
+            }
+            let mut without_password = pg.clone();
+            without_password.password_file = None;
+            without_password.password_env = String::new();
+            without_password.connection()?;
+        }
         if self.storage.backend == StorageBackend::S3 {
             let s3 = &self.storage.s3;
             if s3.bucket.trim().is_empty() {
@@ -324,6 +428,41 @@ mod tests {
         assert!(e.contains("line 2") && e.contains("ftp"), "{e}");
         let e = parse("[storage.s3]\nbuckett = \"b\"\n").unwrap_err();
         assert!(e.contains("buckett"), "{e}");
+    }
+
+    #[test]
+    fn the_postgres_backend_is_checked_and_its_password_never_in_the_file() {
+        let c = parse("[metadata]\nbackend = \"postgres\"\n[metadata.postgres]\nurl = \"postgres://vaultfs@db:5432/v\"\n")
+            .unwrap();
+        assert_eq!((c.metadata.backend, c.metadata.postgres.pool_size), (MetadataBackend::Postgres, 16));
+        let e = parse("[metadata]\nbackend = \"postgres\"\n").unwrap_err();
+        assert!(e.contains("metadata.postgres.url"), "{e}");
+        let e = parse(
+            "[metadata]\nbackend = \"postgres\"\n[metadata.postgres]\nurl = \"postgres://v:hunter2@db/v\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("password_file") && !e.contains("hunter2"), "{e}");
+        let e = parse("[metadata]\nbackend = \"mysql\"\n").unwrap_err();
+        assert!(e.contains("line 2") && e.contains("mysql"), "{e}");
+        // The password comes from the file named, first line only.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\nignored\n").unwrap();
+        let pg = PostgresConfig {
+            url: "postgres://vaultfs@db/v".into(),
+            password_file: Some(file.clone()),
+            ..PostgresConfig::default()
+        };
+        assert_eq!(pg.connection().unwrap().get_password(), Some(&b"s3cret"[..]));
+        // Nor does the debug form of the settings show it.
+        let shown = format!(
+            "{:?}",
+            crate::server::meta::postgres::PgSettings { config: pg.connection().unwrap(), pool_size: 1 }
+        );
+        assert!(!shown.contains("s3cret"), "{shown}");
+        std::fs::remove_file(&file).unwrap();
+        let e = pg.connection().unwrap_err();
+        assert!(e.contains("password_file") && e.contains("pw"), "{e}");
     }
 
     #[test]

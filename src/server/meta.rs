@@ -24,6 +24,7 @@ use super::blob::BlobId;
 mod backup;
 mod db;
 mod locks;
+pub mod postgres;
 mod store;
 pub use backup::{check_snapshot, snapshot_blobs, HoldKeeper};
 pub use db::MetaDb;
@@ -95,6 +96,9 @@ pub enum MetaError {
     /// connection to be had).
     #[error("metadata store unavailable: {0}")]
     Unavailable(String),
+    /// PostgreSQL failed.
+    #[error("metadata store: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
 }
 
 type Result<T> = std::result::Result<T, MetaError>;
@@ -1223,6 +1227,7 @@ impl MetaStore for Meta {
                     e @ (MetaError::Exists(_)
                     | MetaError::TooNew { .. }
                     | MetaError::Db(_)
+                    | MetaError::Postgres(_)
                     | MetaError::Unavailable(_)),
                 ) => return Err(e),
             });

@@ -26,8 +26,10 @@ use std::sync::Arc;
 use axum_server::accept::NoDelayAcceptor;
 
 use self::blob::{BlobStore, LocalBlobStore};
+use self::config::MetadataBackend;
 use self::config::{ServerConfig, StorageBackend};
-use self::meta::Meta;
+use self::meta::postgres::{PgSettings, PgStore};
+use self::meta::{Meta, MetaDb};
 use self::service::{Service, ServiceConfig};
 
 /// How often a running server collects garbage (see
@@ -72,6 +74,25 @@ pub fn open_meta(data_dir: &Path) -> Result<Meta, ServeError> {
     Ok(Meta::open(&data_dir.join(META_FILE))?)
 }
 
+/// Opens the metadata database `config` names: SQLite in the data directory
+/// (made if needed), or PostgreSQL (its schema brought up to date).
+pub fn open_metadata(config: &ServerConfig) -> Result<MetaDb, ServeError> {
+    match config.metadata.backend {
+        MetadataBackend::Sqlite => Ok(open_meta(&config.data_dir)?.into()),
+        MetadataBackend::Postgres => {
+            let pg = &config.metadata.postgres;
+            let settings = PgSettings {
+                config: pg
+                    .connection()
+                    .map_err(|e| ServeError::Service(service::ServiceError::BadRequest(e)))?,
+                pool_size: pg.pool_size,
+            };
+            tracing::info!(?settings, "metadata in PostgreSQL");
+            Ok(PgStore::open(settings)?.into())
+        }
+    }
+}
+
 /// What a started server tells its caller.
 #[derive(Debug, Clone)]
 pub struct Started {
@@ -96,12 +117,17 @@ pub async fn run_until(
     on_start: impl FnOnce(&Started),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let mut meta = open_meta(&config.data_dir)?;
-    admin::record_defaults(
-        &mut meta,
-        admin::NewUserDefaults { limits: config.default_limits.into(), login_kdf: config.login_kdf.into() },
-    )
-    .map_err(|e| ServeError::Service(service::ServiceError::Internal(e.to_string())))?;
+    let meta = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || open_metadata(&config))
+            .await
+            .map_err(|e| ServeError::Service(service::ServiceError::Internal(e.to_string())))??
+    };
+    let defaults =
+        admin::NewUserDefaults { limits: config.default_limits.into(), login_kdf: config.login_kdf.into() };
+    meta.run(|m| admin::record_defaults(m, defaults))
+        .0
+        .map_err(|e| ServeError::Service(service::ServiceError::Internal(e.to_string())))?;
     match config.storage.backend {
         StorageBackend::Local => {
             let blobs = LocalBlobStore::open(&config.data_dir).map_err(io_err("opening blob store"))?;
@@ -122,7 +148,7 @@ pub async fn run_until(
 
 async fn serve<B: BlobStore>(
     config: ServerConfig,
-    meta: Meta,
+    meta: MetaDb,
     blobs: B,
     on_start: impl FnOnce(&Started),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,

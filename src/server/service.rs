@@ -30,6 +30,7 @@ mod locks;
 pub use locks::{DEFAULT_LOCK_TTL, MAX_LOCK_WAITS};
 
 use super::blob::{BlobError, BlobId, BlobRead, BlobStore, ByteStream};
+use super::meta::postgres::Events;
 use super::meta::{Committed, FileRow, MetaDb, MetaError, MetaStore, User};
 use crate::ids::{hex_encode, FileId, RecordId, VaultId};
 use crate::protocol::{
@@ -105,14 +106,18 @@ impl From<MetaError> for ServiceError {
             MetaError::Exists(what) => ServiceError::Exists(what),
             MetaError::VersionMismatch { current } => ServiceError::VersionConflict { current },
             MetaError::Refused(msg) => ServiceError::Refused(msg),
-            // SQLite reports a full disk as its own code; the client must see
-            // the same "storage full" (ENOSPC) as for a blob that did not fit.
+            // Both databases report a full disk as a code of their own; the
+            // client must see the same "storage full" (ENOSPC) as for a blob
+            // that did not fit.
             MetaError::Db(rusqlite::Error::SqliteFailure(f, _))
                 if f.code == rusqlite::ErrorCode::DiskFull =>
             {
                 ServiceError::StorageFull
             }
-            e @ (MetaError::TooNew { .. } | MetaError::Unavailable(_)) => {
+            MetaError::Postgres(e) if e.code() == Some(&tokio_postgres::error::SqlState::DISK_FULL) => {
+                ServiceError::StorageFull
+            }
+            e @ (MetaError::TooNew { .. } | MetaError::Unavailable(_) | MetaError::Postgres(_)) => {
                 ServiceError::Internal(e.to_string())
             }
             MetaError::Db(e) => ServiceError::Internal(format!("database: {e}")),
@@ -219,22 +224,27 @@ pub const SESSION_CACHE: std::time::Duration = std::time::Duration::from_secs(1)
 /// Sessions kept in that cache before expired entries are swept.
 const SESSION_CACHE_ENTRIES: usize = 1024;
 
+/// Recently confirmed sessions: SHA-256 of the token -> user, and when.
+type SessionCache = parking_lot::Mutex<HashMap<[u8; 32], (User, Instant)>>;
+
 /// The vault service over a blob store.
 pub struct Service<B> {
     meta: MetaDb,
     blobs: Arc<B>,
     secret: [u8; 32],
     config: ServiceConfig,
-    /// Recently confirmed sessions: SHA-256 of the token -> user, and when.
-    sessions: parking_lot::Mutex<HashMap<[u8; 32], (User, Instant)>>,
+    /// Recently confirmed sessions: SHA-256 of the token -> user, and when
+    /// (shared with the database's listener, which drops the sessions other
+    /// instances end).
+    sessions: Arc<SessionCache>,
     /// Counts the calls that changed a vault: waits for changes wake on it
     /// and look at their vaults again.
-    written: tokio::sync::watch::Sender<u64>,
+    written: Arc<tokio::sync::watch::Sender<u64>>,
     /// Waits for changes held open, per user (at most [`MAX_WAITS`] each).
     waits: parking_lot::Mutex<HashMap<i64, usize>>,
     /// Counts the calls that may have given up a lock: lock requests that
     /// wait look again when it moves.
-    lock_released: tokio::sync::watch::Sender<u64>,
+    lock_released: Arc<tokio::sync::watch::Sender<u64>>,
     /// Lock requests waiting, per user (at most `MAX_LOCK_WAITS` each).
     lock_waits: parking_lot::Mutex<HashMap<i64, usize>>,
     /// Set when the server begins to shut down: readiness fails from then
@@ -364,15 +374,33 @@ impl<B: BlobStore> Service<B> {
     pub fn new(meta: impl Into<MetaDb>, blobs: B, config: ServiceConfig) -> Result<Self> {
         let meta = meta.into();
         let secret = meta.run(|m| m.server_secret()).0?;
+        let sessions: Arc<SessionCache> = Arc::default();
+        let written = Arc::new(tokio::sync::watch::Sender::new(0u64));
+        let lock_released = Arc::new(tokio::sync::watch::Sender::new(0u64));
+        // Changes made through other instances wake this one's waits too,
+        // and sessions they end leave this one's cache.
+        let bump = |w: &Arc<tokio::sync::watch::Sender<u64>>| {
+            let w = Arc::clone(w);
+            Arc::new(move || w.send_modify(|n| *n = n.wrapping_add(1)))
+        };
+        let cache = Arc::clone(&sessions);
+        meta.listen(Events {
+            changed: bump(&written),
+            lock_released: bump(&lock_released),
+            sessions_ended: Arc::new(move |user| match user {
+                Some(id) => cache.lock().retain(|_, (u, _)| u.id != id),
+                None => cache.lock().clear(),
+            }),
+        });
         Ok(Service {
             meta,
             blobs: Arc::new(blobs),
             secret,
             config,
-            sessions: parking_lot::Mutex::default(),
-            written: tokio::sync::watch::Sender::new(0),
+            sessions,
+            written,
             waits: parking_lot::Mutex::default(),
-            lock_released: tokio::sync::watch::Sender::new(0),
+            lock_released,
             lock_waits: parking_lot::Mutex::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
             readiness: tokio::sync::Mutex::new(None),

@@ -15,6 +15,8 @@ use vaultfs::crypto::KdfParams;
 use vaultfs::remote::http::{HttpRemote, ServerAccess};
 use vaultfs::remote::tls::Trust;
 
+pub use super::postgres::{pg_mode, PgCluster};
+
 /// Cheap login-key parameters so tests do not spend seconds in Argon2id.
 pub const TEST_KDF: KdfParams = KdfParams { m_cost_kib: 256, t_cost: 1, p_cost: 1 };
 
@@ -39,7 +41,13 @@ pub struct TestServer {
     child: Option<Child>,
     /// The S3 server holding this server's blobs (`VAULTFS_TEST_STORAGE=s3`).
     s3: Option<std::sync::Arc<S3Server>>,
+    /// The PostgreSQL cluster and database holding this server's metadata
+    /// (`VAULTFS_TEST_METADATA=postgres`).
+    pg: Option<(std::sync::Arc<PgCluster>, String)>,
     config: PathBuf,
+    /// The configuration file the server runs with (`config` and the
+    /// backends' tables); `vaultfs admin` gets it too.
+    effective: PathBuf,
     extra: Vec<String>,
     pub data_dir: PathBuf,
     pub url: String,
@@ -71,7 +79,12 @@ impl TestServer {
 
     fn spawn(data_dir: &Path, config: &Path, extra: &[&str]) -> Self {
         let s3 = s3_mode().then(|| std::sync::Arc::new(S3Server::start(&data_dir.with_extension("s3"))));
-        Self::spawn_on("127.0.0.1:0", data_dir, config, extra, s3)
+        let pg = pg_mode().then(|| {
+            let cluster = PgCluster::get();
+            let database = cluster.database_for(data_dir);
+            (cluster, database)
+        });
+        Self::spawn_on("127.0.0.1:0", data_dir, config, extra, s3, pg)
     }
 
     /// Starts the server again on the same address and data (after a kill).
@@ -79,8 +92,14 @@ impl TestServer {
         self.kill_hard();
         let listen = self.url.rsplit("//").next().unwrap_or("").to_string();
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        let mut again =
-            Self::spawn_on(&listen, &self.data_dir.clone(), &self.config.clone(), &extra, self.s3.clone());
+        let mut again = Self::spawn_on(
+            &listen,
+            &self.data_dir.clone(),
+            &self.config.clone(),
+            &extra,
+            self.s3.clone(),
+            self.pg.clone(),
+        );
         self.child = again.child.take();
         assert_eq!(again.url, self.url, "restarted on another address");
     }
@@ -102,16 +121,23 @@ impl TestServer {
         config: &Path,
         extra: &[&str],
         s3: Option<std::sync::Arc<S3Server>>,
+        pg: Option<(std::sync::Arc<PgCluster>, String)>,
     ) -> Self {
-        // On S3, the same configuration plus a [storage] table naming the bucket.
-        let effective = match &s3 {
-            Some(s3) => {
-                let text = std::fs::read_to_string(config).unwrap_or_default() + &s3.config();
-                let path = config.with_extension("s3.toml");
-                std::fs::write(&path, text).expect("config");
-                path
+        // On S3, the same configuration plus a [storage] table naming the
+        // bucket; on PostgreSQL, plus a [metadata] table naming the database.
+        let effective = if s3.is_some() || pg.is_some() {
+            let mut text = std::fs::read_to_string(config).unwrap_or_default();
+            if let Some(s3) = &s3 {
+                text += &s3.config();
             }
-            None => config.to_path_buf(),
+            if let Some((cluster, database)) = &pg {
+                text += &cluster.config(database);
+            }
+            let path = config.with_extension("effective.toml");
+            std::fs::write(&path, text).expect("config");
+            path
+        } else {
+            config.to_path_buf()
         };
         let mut child = Command::new(vaultfs_bin())
             .args(["serve", "--listen", listen, "--config"])
@@ -137,7 +163,9 @@ impl TestServer {
         let mut server = TestServer {
             child: Some(child),
             s3,
+            pg,
             config: config.to_path_buf(),
+            effective: effective.clone(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             data_dir: data_dir.to_path_buf(),
             url: String::new(),
@@ -168,13 +196,12 @@ impl TestServer {
 
     /// Runs `vaultfs admin --data-dir DIR ARGS...` and returns its stdout.
     pub fn admin(&self, args: &[&str]) -> String {
-        let out = Command::new(vaultfs_bin())
-            .arg("admin")
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .args(args)
-            .output()
-            .expect("run vaultfs admin");
+        let mut admin = Command::new(vaultfs_bin());
+        admin.arg("admin").arg("--data-dir").arg(&self.data_dir);
+        if self.pg.is_some() {
+            admin.arg("--config").arg(&self.effective);
+        }
+        let out = admin.args(args).output().expect("run vaultfs admin");
         assert!(
             out.status.success(),
             "vaultfs admin {args:?} failed: {}",
