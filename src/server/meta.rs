@@ -1501,6 +1501,33 @@ mod tests {
         assert!(db.meta.changes(db.vault, after.until, 100).unwrap().unwrap().vault_changed);
     }
 
+    /// An owner holding locks on two files shows once on each (its label
+    /// row is per file).
+    #[test]
+    fn a_lock_owner_on_two_files_is_listed_once_on_each() {
+        use crate::ids::HolderId;
+        use crate::protocol::{LockRange, SetLocks};
+        let mut db = db();
+        record(&mut db, 1, None);
+        file(&mut db, 2, 1);
+        file(&mut db, 3, 1);
+        for (f, seq) in [(2u8, 1), (3, 2)] {
+            let req = SetLocks {
+                holder: HolderId([7; 16]),
+                owner: 42,
+                seq,
+                ranges: vec![LockRange { start: 0, end: 9, exclusive: true }],
+                label: format!("host:{f}"),
+                wait_ms: 0,
+            };
+            let done = db.meta.set_locks(FileId([f; 16]), db.user, &req, 1000, 30_000).unwrap();
+            assert_eq!(done, LockOutcome::Granted { released: false });
+        }
+        let held = db.meta.locks(FileId([2; 16]), 1000).unwrap();
+        assert_eq!(held.len(), 1, "{held:?}");
+        assert_eq!(held[0].0.label, "host:2");
+    }
+
     /// A client further behind than the deletions kept, or ahead of the
     /// vault (a server restored from a backup), is told to list again.
     #[test]

@@ -244,6 +244,7 @@ fn live_locks(conn: &rusqlite::Connection, file: FileId, now_ms: i64) -> Result<
         "SELECT l.user_id, u.name, COALESCE(o.label, ''), l.holder, l.owner, l.start, l.last, l.exclusive, l.expires
          FROM locks l JOIN users u ON u.id = l.user_id
          LEFT JOIN lock_owners o ON o.user_id = l.user_id AND o.holder = l.holder AND o.owner = l.owner
+             AND o.file_id = l.file_id
          WHERE l.file_id = ?1 AND l.expires > ?2 ORDER BY l.start",
     )?;
     let rows = stmt
