@@ -153,8 +153,14 @@ impl PgStore {
     ) -> std::result::Result<T, E> {
         let client = self.client()?;
         self.rt.wait(client.batch_execute("BEGIN")).map_err(MetaError::from)?;
-        let mut tx = PgTx { client: Some(client), rt: Arc::clone(&self.rt), open: true };
-        let result = f(&mut tx);
+        let mut tx =
+            PgTx { client: Some(client), rt: Arc::clone(&self.rt), open: true, failed: Default::default() };
+        let mut result = f(&mut tx);
+        if result.is_ok() && tx.failed.get() {
+            result = Err(
+                MetaError::Unavailable("a statement of this unit failed: nothing was kept".into()).into()
+            );
+        }
         let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
         let ended = tx.batch(end);
         tx.open = false;
@@ -177,6 +183,10 @@ pub struct PgTx {
     rt: Arc<IoRuntime>,
     /// Still inside `BEGIN` (not committed or rolled back).
     open: bool,
+    /// A statement failed outside a savepoint: PostgreSQL has aborted the
+    /// transaction, and a `COMMIT` would quietly roll it back, so the unit
+    /// fails whatever it returns.
+    failed: std::cell::Cell<bool>,
 }
 
 impl Drop for PgTx {
@@ -198,16 +208,24 @@ impl PgTx {
         self.client.as_ref().expect("client present until drop")
     }
 
+    /// Notes a failed statement (see [`PgTx::failed`]).
+    fn noted<T>(&self, r: std::result::Result<T, tokio_postgres::Error>) -> Result<T> {
+        if r.is_err() {
+            self.failed.set(true);
+        }
+        Ok(r?)
+    }
+
     fn batch(&self, sql: &str) -> Result<()> {
-        Ok(self.rt.wait(self.c().batch_execute(sql))?)
+        self.noted(self.rt.wait(self.c().batch_execute(sql)))
     }
 
     fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
         let c = self.c();
-        Ok(self.rt.wait(async {
+        self.noted(self.rt.wait(async {
             let statement = c.prepare_cached(sql).await?;
             c.query(&statement, params).await
-        })?)
+        }))
     }
 
     fn opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
@@ -220,22 +238,25 @@ impl PgTx {
 
     fn exec(&self, sql: &str, params: Params<'_>) -> Result<u64> {
         let c = self.c();
-        Ok(self.rt.wait(async {
+        self.noted(self.rt.wait(async {
             let statement = c.prepare_cached(sql).await?;
             c.execute(&statement, params).await
-        })?)
+        }))
     }
 
     /// Runs `f` in a savepoint: what it wrote is undone if it fails.
     fn step<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         self.batch("SAVEPOINT step")?;
+        let failed_before = self.failed.get();
         match f(self) {
             Ok(v) => {
                 self.batch("RELEASE SAVEPOINT step")?;
                 Ok(v)
             }
             Err(e) => {
+                // Undone: what failed inside no longer aborts the transaction.
                 self.batch("ROLLBACK TO SAVEPOINT step; RELEASE SAVEPOINT step")?;
+                self.failed.set(failed_before);
                 Err(e)
             }
         }
@@ -663,6 +684,7 @@ impl MetaStore for PgTx {
                 "DELETE FROM sessions WHERE user_id = $1 AND token_hash != $2",
                 &[&user_id, &keep_session],
             )?;
+            tx.batch("NOTIFY vaultfs_changes")?;
             Ok(Some(wallet_version + 1))
         })
     }
@@ -735,6 +757,7 @@ impl MetaStore for PgTx {
                         let cur = tx.wallet_version(user_id)?.unwrap_or(1);
                         return Err(MetaError::VersionMismatch { current: cur });
                     }
+                    tx.batch("NOTIFY vaultfs_changes")?;
                     Ok(1)
                 }
                 (Some(cur), Some(exp)) if cur as u64 == exp => {
@@ -742,6 +765,8 @@ impl MetaStore for PgTx {
                         "UPDATE wallets SET blob = $2, version = version + 1 WHERE user_id = $1",
                         &[&user_id, &blob],
                     )?;
+                    // Waits for changes watch the wallet too.
+                    tx.batch("NOTIFY vaultfs_changes")?;
                     Ok(exp + 1)
                 }
                 (Some(cur), _) => Err(MetaError::VersionMismatch { current: cur as u64 }),
@@ -859,7 +884,10 @@ impl MetaStore for PgTx {
 
     fn remove_member(&mut self, vault: VaultId, user: &str) -> Result<()> {
         self.step(|tx| {
-            tx.lock_vault(vault).map_err(|_| MetaError::NotFound("member"))?;
+            tx.lock_vault(vault).map_err(|e| match e {
+                MetaError::NotFound(_) => MetaError::NotFound("member"),
+                e => e,
+            })?;
             let n = tx.exec(
                 "DELETE FROM members WHERE vault_id = $1 AND user_id = (SELECT id FROM users WHERE name = $2)",
                 &[&&vault.0[..], &user],
@@ -898,6 +926,13 @@ impl MetaStore for PgTx {
              ORDER BY seq LIMIT $4",
             &[&&vault.0[..], &(since as i64), &(head as i64), &(limit as i64 + 1)],
         )?;
+        // A deletion committed between the two reads may have pruned
+        // tombstones this answer needed: then the client lists again.
+        let head_now =
+            self.one("SELECT seq FROM vaults WHERE id = $1", &[&&vault.0[..]])?.try_get::<_, i64>(0)? as u64;
+        if head_now.saturating_sub(since) > CHANGE_HISTORY {
+            return Ok(None);
+        }
         let more = rows.len() > limit;
         let rows = &rows[..rows.len().min(limit)];
         let mut out = Changes { until: head, more, ..Changes::default() };
@@ -1031,8 +1066,11 @@ impl MetaStore for PgTx {
                 }
             }
             for v in &vaults {
-                // A vault gone meanwhile: its items are not found below.
-                let _ = tx.lock_vault(VaultId(*v));
+                match tx.lock_vault(VaultId(*v)) {
+                    // A vault gone meanwhile: its items are not found below.
+                    Ok(()) | Err(MetaError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
             }
             let mut rights = HashMap::new();
             let (mut outcomes, mut blobs) = (Vec::with_capacity(items.len()), Vec::new());
@@ -1042,6 +1080,11 @@ impl MetaStore for PgTx {
                     DeleteItem::Record { id, .. } => tx.load_record(id).map(|r| r.vault),
                 };
                 let done = vault.and_then(|vault| {
+                    // Made after the vaults were locked: lock its vault now
+                    // (a rare second lock out of order).
+                    if vaults.insert(vault.0) {
+                        tx.lock_vault(vault)?;
+                    }
                     let held = match rights.get(&vault) {
                         Some(held) => *held,
                         None => *rights.entry(vault).or_insert(tx.member_rights(user_id, vault)?),
@@ -1384,7 +1427,12 @@ impl MetaStore for PgTx {
                     tx.exec("DELETE FROM locks WHERE id = $1", &[&row])?;
                 }
             }
-            tx.exec("DELETE FROM locks WHERE expires <= $1", &[&now_ms])?;
+            // Expired rows of every file: those no other unit holds (one
+            // sweeping the same rows in another order would deadlock).
+            tx.exec(
+                "DELETE FROM locks WHERE id IN (SELECT id FROM locks WHERE expires <= $1 FOR UPDATE SKIP LOCKED)",
+                &[&now_ms],
+            )?;
             let n = tx.exec(
                 "UPDATE locks SET expires = $4 WHERE user_id = $1 AND holder = $2 AND expires > $3",
                 &[&user_id, &holder, &now_ms, &until],
@@ -1394,7 +1442,11 @@ impl MetaStore for PgTx {
                  WHERE user_id = $1 AND holder = $2 AND expires > $3",
                 &[&user_id, &holder, &now_ms, &until],
             )?;
-            tx.exec("DELETE FROM lock_owners WHERE expires <= $1", &[&now_ms])?;
+            tx.exec(
+                "DELETE FROM lock_owners WHERE ctid IN \
+                 (SELECT ctid FROM lock_owners WHERE expires <= $1 FOR UPDATE SKIP LOCKED)",
+                &[&now_ms],
+            )?;
             tx.batch("NOTIFY vaultfs_locks")?;
             Ok(n)
         })

@@ -172,7 +172,7 @@ DECLARE v BYTEA;
 BEGIN
     IF TG_OP = 'DELETE' THEN v := OLD.vault_id; ELSE v := NEW.vault_id; END IF;
     IF EXISTS (SELECT 1 FROM vaults WHERE id = v) THEN
-        PERFORM vaultfs_note(v, '\\x00'::BYTEA, {KIND_VAULT}, false);
+        PERFORM vaultfs_note(v, decode('00', 'hex'), {KIND_VAULT}, false);
     END IF;
     RETURN NULL;
 END $$ LANGUAGE plpgsql;
@@ -186,7 +186,7 @@ BEGIN
         RETURN OLD;
     END IF;
     IF NEW.name IS DISTINCT FROM OLD.name OR NEW.e2e_required IS DISTINCT FROM OLD.e2e_required THEN
-        PERFORM vaultfs_note(NEW.id, '\\x01'::BYTEA, {KIND_VAULT}, false);
+        PERFORM vaultfs_note(NEW.id, decode('01', 'hex'), {KIND_VAULT}, false);
     END IF;
     RETURN NEW;
 END $$ LANGUAGE plpgsql;
