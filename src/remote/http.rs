@@ -487,6 +487,13 @@ impl HttpRemote {
         Ok(())
     }
 
+    /// The current session token (tests that carry a session to another
+    /// server instance).
+    #[cfg(feature = "testing")]
+    pub async fn session_token(&self) -> Option<String> {
+        self.token.lock().await.as_ref().map(|t| t.value.clone())
+    }
+
     /// Ends the session on the server.
     pub async fn logout(&self) -> Result<()> {
         self.send(Method::POST, "/v1/logout", Idempotent::No, |r| r).await?;

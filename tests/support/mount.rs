@@ -30,6 +30,8 @@ pub struct MountSetup<'a> {
     pub mount_args: &'a [&'a str],
     /// More lines of the server's config/server.toml (top-level keys).
     pub server_toml: &'a str,
+    /// A server already running, to use instead of starting one.
+    pub server: Option<TestServer>,
 }
 
 pub struct TestMount {
@@ -85,14 +87,14 @@ impl TestMount {
 
     /// A server with user "alice" and vault "Family", set up as `setup` says, mounted.
     pub fn start_setup(setup: MountSetup<'_>) -> Self {
-        let MountSetup { policy, vaults: more, data, user, log, mount_args, server_toml } = setup;
+        let MountSetup { policy, vaults: more, data, user, log, mount_args, server_toml, server } = setup;
         assert!(fuse_available(), "/dev/fuse is missing: mount tests need FUSE (CI installs fuse3)");
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("server.toml");
         let toml = format!("{server_toml}\n[login_kdf]\nm_cost_kib = 19456\nt_cost = 2\np_cost = 1\n");
         std::fs::write(&config, toml).unwrap();
         let data = data.map(Path::to_path_buf).unwrap_or_else(|| dir.path().join("data"));
-        let server = TestServer::start_with_config(&data, &config);
+        let server = server.unwrap_or_else(|| TestServer::start_with_config(&data, &config));
         let home = dir.path().join("home");
         let pass = dir.path().join("pass");
         std::fs::create_dir_all(&home).unwrap();
@@ -162,6 +164,32 @@ impl TestMount {
         std::fs::create_dir_all(&mountpoint).unwrap();
         let log = Default::default();
         let child = self.spawn_daemon(&mountpoint, &log);
+        ExtraMount { mountpoint, child: Some(child), log }
+    }
+
+    /// A second daemon of the same user on mount point `name` that talks to
+    /// the server at `url` instead (another instance, with the same
+    /// certificate): a machine whose login is a copy of this one's but for
+    /// the address, with a state of its own.
+    pub fn mount_via(&self, name: &str, url: &str) -> ExtraMount {
+        let home = self.mountpoint.with_file_name(format!("home-{name}"));
+        copy_tree(&self.home.join("vaultfs"), &home.join("vaultfs"));
+        let login = home.join("vaultfs").join("login.toml");
+        let text = std::fs::read_to_string(&login).unwrap();
+        assert!(text.contains(&self.server.url), "login.toml names the server:\n{text}");
+        std::fs::write(&login, text.replace(&self.server.url, url)).unwrap();
+        let mountpoint = self.mountpoint.with_file_name(name);
+        std::fs::create_dir_all(&mountpoint).unwrap();
+        let log = Default::default();
+        let child = spawn_daemon(
+            &home,
+            &self.pass,
+            &self.policy,
+            &self.mount_args,
+            &self.log_level,
+            &mountpoint,
+            &log,
+        );
         ExtraMount { mountpoint, child: Some(child), log }
     }
 
@@ -413,5 +441,18 @@ impl ExtraMount {
 impl Drop for ExtraMount {
     fn drop(&mut self) {
         stop_daemon(self.child.take(), &self.mountpoint);
+    }
+}
+
+/// Copies the directory `from` (files and directories) to `to`.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
     }
 }

@@ -72,6 +72,13 @@ impl TestServer {
         Self::spawn(data_dir, &config, extra)
     }
 
+    /// Starts a server on `data_dir` with exactly the configuration file
+    /// `config` (whatever `VAULTFS_TEST_STORAGE` and `VAULTFS_TEST_METADATA`
+    /// say: a test that sets the backends itself).
+    pub fn start_exact(data_dir: &Path, config: &Path) -> Self {
+        Self::spawn_on("127.0.0.1:0", data_dir, config, &[], None, None)
+    }
+
     /// Starts a server on `data_dir` with the configuration file `config`.
     pub fn start_with_config(data_dir: &Path, config: &Path) -> Self {
         Self::spawn(data_dir, config, &[])
@@ -196,11 +203,9 @@ impl TestServer {
 
     /// Runs `vaultfs admin --data-dir DIR ARGS...` and returns its stdout.
     pub fn admin(&self, args: &[&str]) -> String {
+        // With the server's own configuration: where its metadata is.
         let mut admin = Command::new(vaultfs_bin());
-        admin.arg("admin").arg("--data-dir").arg(&self.data_dir);
-        if self.pg.is_some() {
-            admin.arg("--config").arg(&self.effective);
-        }
+        admin.arg("admin").arg("--data-dir").arg(&self.data_dir).arg("--config").arg(&self.effective);
         let out = admin.args(args).output().expect("run vaultfs admin");
         assert!(
             out.status.success(),
