@@ -23,3 +23,21 @@ pub mod protocol;
 pub mod remote;
 pub mod server;
 pub mod systemd;
+
+/// An error with the causes under it, for people to read: libraries often
+/// say only what failed ("error sending request", "creating a new object"),
+/// and what a person needs is below (a certificate mismatch, a refused
+/// password).
+pub(crate) fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -275,3 +275,57 @@ async fn sessions_and_a_killed_instance() {
     let big = objects.iter().filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() >= 5 << 20)).count();
     assert_eq!(big, 0, "a part of the killed upload is left in the bucket: {objects:?}");
 }
+
+/// With `tls = "require"` the server talks to the database over TLS only,
+/// and only to a database whose certificate the configured authority
+/// signed; a cluster that takes TLS connections only shows it is used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_connection_can_require_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PgCluster::start_tls();
+    let database = pg.database_for(&dir.path().join("db"));
+    let config_with = |name: &str, extra: &str| {
+        let path = dir.path().join(name);
+        let text =
+            format!("[login_kdf]\nm_cost_kib = 256\nt_cost = 1\np_cost = 1\n{}{extra}", pg.config(&database));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let admin = |config: &Path| {
+        std::process::Command::new(support::server::vaultfs_bin())
+            .args(["admin", "--config"])
+            .arg(config)
+            .args(["user", "list"])
+            .output()
+            .unwrap()
+    };
+    // Plain TCP: the cluster refuses it.
+    let plain = admin(&config_with("plain.toml", ""));
+    assert!(!plain.status.success(), "a plain connection was taken");
+    // TLS with an authority that did not sign the database's certificate.
+    let other = dir.path().join("other-ca.pem");
+    let key = rcgen::KeyPair::generate().unwrap();
+    std::fs::write(
+        &other,
+        rcgen::CertificateParams::new(vec!["x".to_string()]).unwrap().self_signed(&key).unwrap().pem(),
+    )
+    .unwrap();
+    let wrong =
+        admin(&config_with("wrong.toml", &format!("tls = \"require\"\nca_file = \"{}\"\n", other.display())));
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(!wrong.status.success(), "a certificate from an unknown authority was accepted");
+    assert!(err.contains("invalid peer certificate: UnknownIssuer"), "{err}");
+    // The right authority: the server runs, and serves.
+    let tls =
+        config_with("tls.toml", &format!("tls = \"require\"\nca_file = \"{}\"\n", pg.ca_file().display()));
+    let ok = admin(&tls);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let server = TestServer::start_exact(&dir.path().join("data"), &tls);
+    let carol = server.user("carol", &[]).await;
+    let vault = VaultId::random().unwrap();
+    carol
+        .create_vault(NewVault { id: vault, name: sealed("v"), e2e_required: false, wrapped_key: None })
+        .await
+        .unwrap();
+    assert_eq!(carol.vaults().await.unwrap().len(), 1);
+}

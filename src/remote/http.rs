@@ -32,6 +32,7 @@ use crate::protocol::{
 use crate::protocol::{
     Changes, CommitRequest, Staged, HEADER_CONFLICT_COPY, HEADER_META, HEADER_NAME, HEADER_STAGE,
 };
+use crate::with_causes;
 
 /// Longest wait for a TCP + TLS connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -87,22 +88,6 @@ impl ServerAccess {
 
 fn protocol(e: impl std::fmt::Display) -> RemoteError {
     RemoteError::Protocol(e.to_string())
-}
-
-/// An error with its whole chain of causes: reqwest's own message ("error sending
-/// request") hides the part a person needs, such as a certificate mismatch.
-fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let more = cause.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 fn unavailable(e: reqwest::Error) -> RemoteError {

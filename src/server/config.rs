@@ -89,6 +89,23 @@ pub struct PostgresConfig {
     pub password_env: String,
     /// Connections each instance keeps at most.
     pub pool_size: usize,
+    /// `disable` (plain TCP: a private network or a tunnel) or `require`
+    /// (TLS, the database's certificate checked against `ca_file`).
+    pub tls: PgTls,
+    /// The PEM certificates of the authorities that sign the database's
+    /// certificate (with `tls = "require"`); its name must match the URL's host.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// TLS to PostgreSQL.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PgTls {
+    /// Plain TCP.
+    #[default]
+    Disable,
+    /// TLS or no connection, with the certificate verified.
+    Require,
 }
 
 impl Default for PostgresConfig {
@@ -98,6 +115,8 @@ impl Default for PostgresConfig {
             password_file: None,
             password_env: "VAULTFS_PG_PASSWORD".into(),
             pool_size: 16,
+            tls: PgTls::Disable,
+            ca_file: None,
         }
     }
 }
@@ -116,6 +135,15 @@ impl PostgresConfig {
         if config.get_hosts().is_empty() {
             return Err("key `metadata.postgres.url`: names no host".into());
         }
+        // TLS is this file's `tls` key, so that it is never weaker than it
+        // reads (tokio-postgres's `sslmode=require` does not verify).
+        if config.get_ssl_mode() != tokio_postgres::config::SslMode::Prefer {
+            return Err("key `metadata.postgres.url`: leave `sslmode` out and set `tls` instead".into());
+        }
+        config.ssl_mode(match self.tls {
+            PgTls::Disable => tokio_postgres::config::SslMode::Disable,
+            PgTls::Require => tokio_postgres::config::SslMode::Require,
+        });
         let password = match &self.password_file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| {
@@ -372,6 +400,13 @@ impl ServerConfig {
             if pg.pool_size == 0 || pg.pool_size > 1000 {
                 return Err("key `metadata.postgres.pool_size`: must be between 1 and 1000".into());
             }
+            if pg.tls == PgTls::Require && pg.ca_file.is_none() {
+                return Err(
+                    "key `metadata.postgres.ca_file`: required with `tls = \"require\"` (the authority \
+                            that signs the database's certificate)"
+                        .into(),
+                );
+            }
             let mut without_password = pg.clone();
             without_password.password_file = None;
             without_password.password_env = String::new();
@@ -442,6 +477,16 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("password_file") && !e.contains("hunter2"), "{e}");
+        let pg = "[metadata]\nbackend = \"postgres\"\n[metadata.postgres]\nurl = \"postgres://v@db/v";
+        let e = parse(&format!("{pg}\"\ntls = \"require\"\n")).unwrap_err();
+        assert!(e.contains("ca_file"), "{e}");
+        let e = parse(&format!("{pg}?sslmode=require\"\n")).unwrap_err();
+        assert!(e.contains("sslmode") && e.contains("`tls`"), "{e}");
+        let c = parse(&format!("{pg}\"\ntls = \"require\"\nca_file = \"/ca.pem\"\n")).unwrap();
+        assert_eq!(
+            c.metadata.postgres.connection().unwrap().get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
         let e = parse("[metadata]\nbackend = \"mysql\"\n").unwrap_err();
         assert!(e.contains("line 2") && e.contains("mysql"), "{e}");
         // The password comes from the file named, first line only.
@@ -457,7 +502,11 @@ mod tests {
         // Nor does the debug form of the settings show it.
         let shown = format!(
             "{:?}",
-            crate::server::meta::postgres::PgSettings { config: pg.connection().unwrap(), pool_size: 1 }
+            crate::server::meta::postgres::PgSettings {
+                config: pg.connection().unwrap(),
+                pool_size: 1,
+                tls: None
+            }
         );
         assert!(!shown.contains("s3cret"), "{shown}");
         std::fs::remove_file(&file).unwrap();

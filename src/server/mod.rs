@@ -26,9 +26,9 @@ use std::sync::Arc;
 use axum_server::accept::NoDelayAcceptor;
 
 use self::blob::{BlobStore, LocalBlobStore};
-use self::config::MetadataBackend;
+use self::config::{MetadataBackend, PgTls};
 use self::config::{ServerConfig, StorageBackend};
-use self::meta::postgres::{PgSettings, PgStore};
+use self::meta::postgres::{tls_connector, PgSettings, PgStore};
 use self::meta::{Meta, MetaDb};
 use self::service::{Service, ServiceConfig};
 
@@ -81,11 +81,16 @@ pub fn open_metadata(config: &ServerConfig) -> Result<MetaDb, ServeError> {
         MetadataBackend::Sqlite => Ok(open_meta(&config.data_dir)?.into()),
         MetadataBackend::Postgres => {
             let pg = &config.metadata.postgres;
+            let tls = match (pg.tls, &pg.ca_file) {
+                (PgTls::Require, Some(ca)) => Some(tls_connector(ca)?),
+                _ => None,
+            };
             let settings = PgSettings {
                 config: pg
                     .connection()
                     .map_err(|e| ServeError::Service(service::ServiceError::BadRequest(e)))?,
                 pool_size: pg.pool_size,
+                tls,
             };
             tracing::info!(?settings, "metadata in PostgreSQL");
             Ok(PgStore::open(settings)?.into())

@@ -65,6 +65,22 @@ impl PgCluster {
 
     /// Starts a cluster in a new temporary directory.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// Starts a cluster that takes only TLS connections, with a certificate
+    /// for 127.0.0.1 and localhost signed by a new authority, whose
+    /// certificate is [`PgCluster::ca_file`].
+    pub fn start_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    /// The authority's certificate of a [`PgCluster::start_tls`] cluster.
+    pub fn ca_file(&self) -> PathBuf {
+        self.owned.as_ref().expect("a cluster of this test's").0.path().join("ca.pem")
+    }
+
+    fn start_with(tls: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
         let password_file = dir.path().join("password");
@@ -97,12 +113,28 @@ impl PgCluster {
             .status()
             .expect("initdb (the test command installs postgresql)");
         assert!(ok.success(), "initdb failed");
+        let mut options = String::new();
+        if tls {
+            write_certificates(dir.path(), &data);
+            // TLS or nothing, from anywhere but the socket.
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all scram-sha-256\nhostssl all all 127.0.0.1/32 scram-sha-256\n",
+            )
+            .unwrap();
+            if root {
+                for f in ["server.crt", "server.key", "pg_hba.conf"] {
+                    chown_postgres(&data.join(f));
+                }
+            }
+            options = " -c ssl=on".into();
+        }
         let ok = as_pg("pg_ctl")
             .arg("-D")
             .arg(&data)
             .arg("-o")
             .arg(format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300",
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300{options}",
                 dir.path().display()
             ))
             .arg("-l")
@@ -177,4 +209,26 @@ impl Drop for PgCluster {
             let _ = dir;
         }
     }
+}
+
+/// A new authority (`dir/ca.pem`) and the cluster's certificate and key
+/// signed by it (`data/server.crt`, `data/server.key`).
+fn write_certificates(dir: &Path, data: &Path) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "vaultfs test authority");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    params.distinguished_name.push(rcgen::DnType::CommonName, "vaultfs test database");
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    std::fs::write(data.join("server.crt"), cert.pem()).unwrap();
+    let key_file = data.join("server.key");
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
 }

@@ -60,6 +60,29 @@ pub struct PgSettings {
     pub config: tokio_postgres::Config,
     /// Connections kept at most.
     pub pool_size: usize,
+    /// TLS to the database (see [`tls_connector`]); `None`: plain TCP.
+    pub tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+/// TLS to the database, trusting only the authorities in the PEM file
+/// `ca_file`, with the database's name checked against the URL's host.
+pub fn tls_connector(ca_file: &std::path::Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    use rustls::pki_types::pem::PemObject;
+    let bad = |e: String| MetaError::Unavailable(format!("{}: {e}", ca_file.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca_file).map_err(|e| bad(e.to_string()))? {
+        roots.add(cert.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no certificate in the file".into()));
+    }
+    let config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 impl std::fmt::Debug for PgSettings {
@@ -71,6 +94,7 @@ impl std::fmt::Debug for PgSettings {
             .field("user", &self.config.get_user())
             .field("dbname", &self.config.get_dbname())
             .field("pool_size", &self.pool_size)
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
@@ -119,11 +143,11 @@ impl PgStore {
             .build()
             .map_err(|e| MetaError::Unavailable(format!("starting the database runtime: {e}")))?;
         let rt = Arc::new(IoRuntime(Some(rt)));
-        let manager = Manager::from_config(
-            settings.config.clone(),
-            NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
+        let manager_config = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let manager = match &settings.tls {
+            Some(tls) => Manager::from_config(settings.config.clone(), tls.clone(), manager_config),
+            None => Manager::from_config(settings.config.clone(), NoTls, manager_config),
+        };
         let pool = {
             let _entered = rt.handle().enter();
             Pool::builder(manager)
@@ -141,9 +165,9 @@ impl PgStore {
     }
 
     fn client(&self) -> Result<deadpool_postgres::Object> {
-        self.rt
-            .wait(self.pool.get())
-            .map_err(|e| MetaError::Unavailable(format!("no database connection: {e}")))
+        self.rt.wait(self.pool.get()).map_err(|e| {
+            MetaError::Unavailable(format!("no database connection: {}", crate::with_causes(&e)))
+        })
     }
 
     /// Runs `f` in one transaction (see the module comment).
@@ -173,7 +197,7 @@ impl PgStore {
 
     /// Starts listening for other instances' changes (see [`Events`]).
     pub fn listen(&self, events: Events) {
-        listen::start(self.rt.handle(), self.settings.config.clone(), events);
+        listen::start(self.rt.handle(), self.settings.config.clone(), self.settings.tls.clone(), events);
     }
 }
 

@@ -16,7 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{AsyncMessage, NoTls, Socket};
 
 /// How long between attempts to connect the listener again.
 const RETRY: Duration = Duration::from_secs(2);
@@ -41,11 +42,20 @@ impl Events {
 }
 
 /// Starts the listener on `rt` (it runs until the runtime stops).
-pub fn start(rt: &tokio::runtime::Handle, config: tokio_postgres::Config, events: Events) {
+pub fn start(
+    rt: &tokio::runtime::Handle,
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    events: Events,
+) {
     rt.spawn(async move {
         let mut failed_before = false;
         loop {
-            match listen(&config, &events).await {
+            let done = match &tls {
+                Some(tls) => listen(&config, tls.clone(), &events).await,
+                None => listen(&config, NoTls, &events).await,
+            };
+            match done {
                 Ok(()) => tracing::warn!("the database closed the listening connection; connecting again"),
                 Err(e) if !failed_before => {
                     tracing::warn!(error = %e, "lost the listening connection to the database; trying again")
@@ -58,8 +68,16 @@ pub fn start(rt: &tokio::runtime::Handle, config: tokio_postgres::Config, events
     });
 }
 
-async fn listen(config: &tokio_postgres::Config, events: &Events) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) = config.connect(NoTls).await?;
+async fn listen<T>(
+    config: &tokio_postgres::Config,
+    tls: T,
+    events: &Events,
+) -> Result<(), tokio_postgres::Error>
+where
+    T: MakeTlsConnect<Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, mut connection) = config.connect(tls).await?;
     let (tx, mut messages) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
     // The connection's messages are read by this stream; the client's
     // LISTEN commands go through the same connection.
