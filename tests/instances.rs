@@ -329,3 +329,36 @@ async fn the_database_connection_can_require_tls() {
         .unwrap();
     assert_eq!(carol.vaults().await.unwrap().len(), 1);
 }
+
+/// A database a newer vaultfs upgraded is refused, with both versions
+/// named, and left as it was.
+#[test]
+fn a_database_from_a_newer_vaultfs_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PgCluster::get();
+    let database = pg.database_for(&dir.path().join("db"));
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, pg.config(&database)).unwrap();
+    let admin = |args: &[&str]| {
+        std::process::Command::new(support::server::vaultfs_bin())
+            .args(["admin", "--config"])
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // Made by this vaultfs (the first use makes the schema).
+    let made = admin(&["user", "add", "dave"]);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    // As a newer vaultfs would leave it.
+    pg.sql(&database, "UPDATE vaultfs_schema SET version = 99");
+    let refused = admin(&["user", "list"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "a newer schema was used");
+    assert!(err.contains("newer vaultfs") && err.contains("99"), "{err}");
+    assert_eq!(
+        pg.sql(&database, "SELECT version FROM vaultfs_schema").trim(),
+        "99",
+        "changed by the refusal"
+    );
+}

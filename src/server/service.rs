@@ -218,8 +218,10 @@ pub const STAGED_TTL_MS: i64 = 24 * 3600 * 1000;
 /// again. A request otherwise starts with a database round trip just to learn
 /// who is asking; with this, a burst of requests (a `tar -x`, a `cp -r`) costs
 /// one lookup a second. A logout through this server ends the session at once;
-/// a user removed or reset with `vaultfs admin` (another process) is refused
-/// from at most this long later.
+/// on SQLite, a user removed or reset with `vaultfs admin` (another process)
+/// is refused from at most this long later. On PostgreSQL every ended session
+/// is announced to every instance (and to this one for `vaultfs admin`'s), so
+/// all of them drop it at once.
 pub const SESSION_CACHE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Sessions kept in that cache before expired entries are swept.
 const SESSION_CACHE_ENTRIES: usize = 1024;

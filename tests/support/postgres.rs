@@ -169,6 +169,29 @@ impl PgCluster {
         name
     }
 
+    /// Runs `sql` in `database` with psql; its output (unaligned, no headers).
+    pub fn sql(&self, database: &str, sql: &str) -> String {
+        let password = std::fs::read_to_string(&self.password_file).unwrap();
+        let out = Command::new(pg_bin("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                SUPERUSER,
+                "-At",
+                "-c",
+                sql,
+                database,
+            ])
+            .env("PGPASSWORD", password.trim())
+            .output()
+            .expect("psql");
+        assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// The server configuration's [metadata] table for `database`.
     pub fn config(&self, database: &str) -> String {
         format!(
