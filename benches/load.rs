@@ -7,7 +7,10 @@
 //! shows as a mismatch.
 //!
 //! `cargo bench --bench load` (64 clients for 60 s each); `-- --quick`
-//! (8 clients for 5 s: the CI smoke run). Prints a markdown table: requests
+//! (8 clients for 5 s: the CI smoke run); `-- --latency` (one client, one
+//! request at a time: what each kind of round trip costs on its own; with
+//! `VAULTFS_BENCH_BASELINE=BIN`, another build's side by side); `-- --sqlite`
+//! (the SQLite setup alone). Prints a markdown table: requests
 //! per second, median and 99th-percentile latency, errors, lost updates.
 //! Figures, not pass/fail; every instance, client, database and bucket runs
 //! on this one machine, so two instances share its cores.
@@ -311,13 +314,111 @@ async fn measure(setup: &Setup, size: &Size) -> Row {
     }
 }
 
+/// `--latency`: one client on an idle SQLite server, each kind of request
+/// made `n` times one after another, so a round trip's own cost shows apart
+/// from queueing under load: the median of each, in microseconds. What a
+/// mount's close (a create with content) and mkdir (a record) wait for.
+async fn latency(setup: &Setup, n: usize) -> Vec<(&'static str, Duration)> {
+    let remote = setup.servers[0].user("lat", &[]).await;
+    let vault = VaultId::random().unwrap();
+    remote
+        .create_vault(NewVault { id: vault, name: sealed(b"v"), e2e_required: false, wrapped_key: None })
+        .await
+        .unwrap();
+    let record = RecordId::random().unwrap();
+    let new_record = |id| NewRecord { id, parent: Some(record), title: sealed(b"r"), fields: sealed(b"") };
+    remote.create_record(vault, NewRecord { parent: None, ..new_record(record) }).await.unwrap();
+    let body: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+    let access = setup.servers[0].access();
+    let raw = vaultfs::remote::http::build_client(&access).unwrap();
+    let health = format!("{}/v1/health", access.url);
+    let mut rows: Vec<(&str, Vec<Duration>)> = vec![
+        ("health (the transport alone)", vec![]),
+        ("list vaults", vec![]),
+        ("create record", vec![]),
+        ("create file with 4 KiB", vec![]),
+        ("read file", vec![]),
+    ];
+    let mut last = None;
+    for _ in 0..n {
+        let t = Instant::now();
+        assert!(raw.get(&health).send().await.unwrap().status().is_success());
+        rows[0].1.push(t.elapsed());
+        let t = Instant::now();
+        remote.vaults().await.unwrap();
+        rows[1].1.push(t.elapsed());
+        let t = Instant::now();
+        remote.create_record(vault, new_record(RecordId::random().unwrap())).await.unwrap();
+        rows[2].1.push(t.elapsed());
+        let id = FileId::random().unwrap();
+        let f = NewFile { id, name: sealed(b"n"), e2e: true, mtime_ms: Some(1), meta: Sealed::default() };
+        let t = Instant::now();
+        remote.create_with_content(record, f, UploadBody::from_bytes(body.clone())).await.unwrap();
+        rows[3].1.push(t.elapsed());
+        if let Some(id) = last.replace(id) {
+            let t = Instant::now();
+            let c = remote.download(id, None).await.unwrap();
+            assert_eq!(collect(c.stream).await.unwrap(), body);
+            rows[4].1.push(t.elapsed());
+        }
+    }
+    rows.into_iter()
+        .map(|(what, mut times)| {
+            times.sort();
+            (what, times[times.len() / 2])
+        })
+        .collect()
+}
+
+/// The `--latency` table: this build, and the build `VAULTFS_BENCH_BASELINE`
+/// names if set, taking turns (two rounds each) so drift on the machine
+/// falls on both.
+fn latency_table(rt: &tokio::runtime::Runtime, quick: bool) {
+    let n = if quick { 100 } else { 1000 };
+    let baseline = std::env::var("VAULTFS_BENCH_BASELINE").ok().filter(|b| !b.is_empty());
+    let builds: Vec<Option<String>> = std::iter::once(None).chain(baseline.clone().map(Some)).collect();
+    let mut medians: Vec<Vec<Vec<(&str, Duration)>>> = vec![vec![]; builds.len()];
+    for _round in 0..2 {
+        for (b, bin) in builds.iter().enumerate() {
+            support::server::use_vaultfs_bin(bin.clone());
+            let setup = sqlite();
+            medians[b].push(rt.block_on(latency(&setup, n)));
+        }
+    }
+    support::server::use_vaultfs_bin(None);
+    println!("\nOne client, one request at a time, {} of each per round, two rounds (SQLite, local blobs; medians of the rounds' medians, µs):\n", n);
+    let names: Vec<&str> = medians[0][0].iter().map(|(w, _)| *w).collect();
+    println!("| request | this build |{}", if baseline.is_some() { " baseline |" } else { "" });
+    println!("|---|---:|{}", if baseline.is_some() { "---:|" } else { "" });
+    for (i, what) in names.iter().enumerate() {
+        let cells: Vec<String> = medians
+            .iter()
+            .map(|rounds| {
+                let mut v: Vec<Duration> = rounds.iter().map(|r| r[i].1).collect();
+                v.sort();
+                format!(" {} |", v[v.len() / 2].as_micros())
+            })
+            .collect();
+        println!("| {what} |{}", cells.concat());
+    }
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    if std::env::args().any(|a| a == "--latency") {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        latency_table(&rt, quick);
+        return;
+    }
     let size = if quick { QUICK } else { FULL };
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let mut rows = Vec::new();
-    for make in [sqlite as fn() -> Setup, || postgres(1, false), || postgres(1, true), || postgres(2, true)] {
+    let setups = [sqlite as fn() -> Setup, || postgres(1, false), || postgres(1, true), || postgres(2, true)];
+    // `--sqlite`: the first setup alone.
+    let only_sqlite = std::env::args().any(|a| a == "--sqlite");
+    for make in setups.into_iter().take(if only_sqlite { 1 } else { usize::MAX }) {
         let setup = make();
         rows.push(rt.block_on(measure(&setup, &size)));
         drop(setup);

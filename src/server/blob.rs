@@ -120,8 +120,9 @@ pub trait BlobStore: Send + Sync + 'static {
         false
     }
     /// Stores `pieces` under `id` on the calling thread, which may block (it
-    /// runs on the blocking pool), where [`BlobStore::writes_in_place`]; a
-    /// store that only writes asynchronously refuses.
+    /// runs on the blocking pool, or on an async worker while small writes
+    /// are quick: see `service::pace`), where [`BlobStore::writes_in_place`];
+    /// a store that only writes asynchronously refuses.
     fn put_in_place(&self, _id: BlobId, _pieces: Vec<Bytes>) -> Result<u64, BlobError> {
         Err(BlobError::Io(io::Error::other("this blob store does not write in place")))
     }

@@ -27,6 +27,9 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 mod locks;
+mod pace;
+#[cfg(test)]
+mod tests;
 pub use locks::{DEFAULT_LOCK_TTL, MAX_LOCK_WAITS};
 
 use super::blob::{BlobError, BlobId, BlobRead, BlobStore, ByteStream};
@@ -255,6 +258,8 @@ pub struct Service<B> {
     draining: std::sync::atomic::AtomicBool,
     /// The last look at readiness, and when ([`Service::ready`]).
     readiness: tokio::sync::Mutex<Option<(Instant, std::result::Result<(), NotReady>)>>,
+    /// Whether small writes run in place or on the blocking pool.
+    pace: pace::WritePace,
 }
 
 /// Why the server is not ready for requests (`GET /v1/ready`).
@@ -406,6 +411,7 @@ impl<B: BlobStore> Service<B> {
             lock_waits: parking_lot::Mutex::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
             readiness: tokio::sync::Mutex::new(None),
+            pace: pace::WritePace::new(),
         })
     }
 
@@ -504,6 +510,33 @@ impl<B: BlobStore> Service<B> {
         }
     }
 
+    /// [`Service::db`] for a small write (a record, a rename): run right here
+    /// while small writes have been quick and nobody holds the store, saving
+    /// the hand-off to the blocking pool and back (see [`pace`]). Timed
+    /// wherever it runs.
+    async fn db_write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn MetaStore) -> std::result::Result<T, MetaError> + Send + 'static,
+    ) -> Result<T> {
+        let pace = self.pace.clone();
+        let timed = move |m: &mut dyn MetaStore| {
+            let started = Instant::now();
+            let done = f(m);
+            pace.observe(started.elapsed());
+            done
+        };
+        if !self.pace.quick() {
+            return self.db(timed).await;
+        }
+        match self.meta.run_if_free(timed) {
+            Ok((result, wrote)) => {
+                self.note_written(wrote);
+                result.map_err(ServiceError::from)
+            }
+            Err(timed) => self.db(timed).await,
+        }
+    }
+
     /// Wakes the waits for changes after a call that changed a vault.
     fn note_written(&self, wrote: bool) {
         if wrote {
@@ -516,7 +549,8 @@ impl<B: BlobStore> Service<B> {
     /// small body of declared length on a store that writes in place (a
     /// local directory) is read whole first, then stored and committed by
     /// one blocking task: a small file's upload makes one hand-off to the
-    /// blocking pool instead of two.
+    /// blocking pool instead of two, or none while small writes are quick
+    /// (see [`pace`]).
     async fn store_and_commit<T: Send + 'static>(
         &self,
         caller: &Caller,
@@ -541,14 +575,32 @@ impl<B: BlobStore> Service<B> {
         }
         let pieces = read_declared(body, len).await?;
         let blob = BlobId::random().map_err(|e| ServiceError::Internal(e.to_string()))?;
-        let (blobs, meta) = (Arc::clone(&self.blobs), self.meta.clone());
-        let stored = tokio::task::spawn_blocking(move || {
-            blobs.put_in_place(blob, pieces)?;
-            let (result, wrote) = meta.run(move |m| commit(m, blob, len));
-            Ok::<_, ServiceError>((result.map_err(ServiceError::from), wrote))
-        })
-        .await
-        .map_err(|e| ServiceError::Internal(format!("metadata task: {e}")));
+        let (blobs, meta, pace) = (Arc::clone(&self.blobs), self.meta.clone(), self.pace.clone());
+        let stored = if self.pace.quick() {
+            // In place (see `pace`): the blob, then the commit if nobody
+            // holds the store, else the commit alone goes to the pool.
+            let started = Instant::now();
+            match blobs.put_in_place(blob, pieces) {
+                Err(e) => Ok(Err(e.into())),
+                Ok(_) => match meta.run_if_free(move |m| commit(m, blob, len)) {
+                    Ok((result, wrote)) => {
+                        pace.observe(started.elapsed());
+                        Ok(Ok((result.map_err(ServiceError::from), wrote)))
+                    }
+                    Err(commit) => on_blocking_pool(meta, commit).await.map(Ok),
+                },
+            }
+        } else {
+            tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
+                blobs.put_in_place(blob, pieces)?;
+                let (result, wrote) = meta.run(move |m| commit(m, blob, len));
+                pace.observe(started.elapsed());
+                Ok::<_, ServiceError>((result.map_err(ServiceError::from), wrote))
+            })
+            .await
+            .map_err(|e| ServiceError::Internal(format!("metadata task: {e}")))
+        };
         match stored {
             Ok(Ok((Ok(done), wrote))) => {
                 self.note_written(wrote);
@@ -1005,7 +1057,7 @@ impl<B: BlobStore> Service<B> {
         if let Some(parent) = r.parent {
             self.record_checked(caller, parent, Rights::Read).await?;
         }
-        self.db(move |m| m.create_record(vault, &r)).await
+        self.db_write(move |m| m.create_record(vault, &r)).await
     }
 
     /// One record.

@@ -1,0 +1,174 @@
+//! The service on a real SQLite file and local blobs, without HTTP: what
+//! only shows below the API (where small writes run).
+
+use std::time::Duration;
+
+use super::*;
+use crate::protocol::{KdfWire, Limits, NewRecord, NewVault};
+use crate::server::blob::LocalBlobStore;
+use crate::server::meta::Meta;
+
+struct Setup {
+    service: Arc<Service<LocalBlobStore>>,
+    caller: Caller,
+    vault: VaultId,
+    record: RecordId,
+    dir: tempfile::TempDir,
+}
+
+async fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let meta: MetaDb = Meta::open(&dir.path().join("meta.db")).unwrap().into();
+    let kdf = KdfWire { m_cost_kib: 256, t_cost: 1, p_cost: 1 };
+    let (made, _) = meta.run(|m| m.create_user("u", Limits::DEFAULT, b"salt", kdf, b"hash"));
+    made.unwrap();
+    let (user, _) = meta.run(|m| m.user_by_name("u"));
+    let caller = Caller { user: user.unwrap().unwrap() };
+    let blobs = LocalBlobStore::open(&dir.path().join("blobs")).unwrap();
+    let config = ServiceConfig { session_ttl_secs: 60, login_kdf: kdf, lock_ttl: Duration::from_secs(30) };
+    let service = Arc::new(Service::new(meta, blobs, config).unwrap());
+    let vault = VaultId::random().unwrap();
+    let name = Sealed(b"v".to_vec());
+    service
+        .create_vault(&caller, NewVault { id: vault, name, e2e_required: false, wrapped_key: None })
+        .await
+        .unwrap();
+    let record = RecordId::random().unwrap();
+    let r = NewRecord { id: record, parent: None, title: Sealed(b"r".to_vec()), fields: Sealed::default() };
+    service.create_record(&caller, vault, r).await.unwrap();
+    Setup { service, caller, vault, record, dir }
+}
+
+fn upload(content: &[u8]) -> Upload {
+    let piece = Bytes::copy_from_slice(content);
+    Upload {
+        expected_version: 0,
+        e2e: true,
+        mtime_ms: Some(1),
+        declared_len: Some(content.len() as u64),
+        conflict_copy: None,
+        meta: None,
+        body: Box::pin(futures_util::stream::iter([Ok(piece)])),
+    }
+}
+
+fn new_file() -> NewFile {
+    NewFile {
+        id: FileId::random().unwrap(),
+        name: Sealed(b"n".to_vec()),
+        e2e: true,
+        mtime_ms: None,
+        meta: Sealed::default(),
+    }
+}
+
+async fn read_back(s: &Setup, id: FileId) -> Vec<u8> {
+    let d = s.service.download(&s.caller, id, None).await.unwrap();
+    crate::remote::collect(d.stream).await.unwrap()
+}
+
+/// Sets the pace: quick (small writes in place) or slow (on the pool).
+fn pace(s: &Setup, quick: bool) {
+    let took = if quick { Duration::from_micros(1) } else { Duration::from_millis(50) };
+    (0..100).for_each(|_| s.service.pace.observe(took));
+    assert_eq!(s.service.pace.quick(), quick);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_writes_do_the_same_in_place_and_on_the_pool() {
+    let s = setup().await;
+    for quick in [true, false, true] {
+        pace(&s, quick);
+        let f = new_file();
+        let content = format!("in place: {quick}").into_bytes();
+        let done = s.service.create_with_content(&s.caller, s.record, f.clone(), upload(&content)).await;
+        assert_eq!(done.unwrap().size, content.len() as u64);
+        assert_eq!(read_back(&s, f.id).await, content);
+        let r = NewRecord {
+            id: RecordId::random().unwrap(),
+            parent: Some(s.record),
+            title: Sealed(b"t".to_vec()),
+            fields: Sealed::default(),
+        };
+        s.service.create_record(&s.caller, s.vault, r.clone()).await.unwrap();
+        assert_eq!(s.service.record(&s.caller, r.id).await.unwrap().parent, Some(s.record));
+        // A write refused by the database, in place or not, is refused
+        // the same way.
+        let again = s.service.create_record(&s.caller, s.vault, r).await;
+        assert!(matches!(again, Err(ServiceError::Exists(_))), "{again:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_that_cannot_be_written_in_place_commits_nothing() {
+    let s = setup().await;
+    pace(&s, true);
+    // The store's temporary directory is a file now: creating the blob fails.
+    let tmp = s.dir.path().join("blobs/tmp");
+    std::fs::remove_dir(&tmp).unwrap();
+    std::fs::write(&tmp, b"").unwrap();
+    let f = new_file();
+    let done = s.service.create_with_content(&s.caller, s.record, f.clone(), upload(b"lost?")).await;
+    assert!(done.is_err(), "{done:?}");
+    assert!(matches!(s.service.file(&s.caller, f.id).await, Err(ServiceError::NotFound(_))));
+}
+
+/// Holds the database from another thread until the returned sender says
+/// go (or a watchdog does, after 5 s).
+fn hold_database(s: &Setup) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let meta = s.service.meta.clone();
+    let holder = std::thread::spawn(move || {
+        let (done, _) = meta.run(|_| {
+            held_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+            Ok::<_, MetaError>(())
+        });
+        done.unwrap();
+    });
+    let watchdog = go_tx.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(5));
+        let _ = watchdog.send(());
+    });
+    held_rx.recv().unwrap();
+    (go_tx, holder)
+}
+
+/// On one thread, so a small write that blocked it waiting for the
+/// database would stall everything (until the watchdog, and that shows).
+#[tokio::test(flavor = "current_thread")]
+async fn a_write_waits_on_the_pool_while_another_holds_the_database() {
+    let s = setup().await;
+    pace(&s, true);
+    let (go, holder) = hold_database(&s);
+    let (f, record) = (new_file(), s.record);
+    let id = f.id;
+    let service = Arc::clone(&s.service);
+    let caller = s.caller.clone();
+    let file = tokio::spawn(async move {
+        let commit = move |m: &mut dyn MetaStore, blob, size| {
+            m.create_with_content(record, &f, &Committed { blob, size, e2e: true, mtime_ms: 1, meta: None })
+        };
+        service.store_and_commit(&caller, upload(b"x").body, Some(1), commit).await
+    });
+    let child = RecordId::random().unwrap();
+    let service = Arc::clone(&s.service);
+    let (vault, title) = (s.vault, Sealed(b"t".to_vec()));
+    let new = NewRecord { id: child, parent: Some(record), title, fields: Sealed::default() };
+    let rec = tokio::spawn(async move { service.db_write(move |m| m.create_record(vault, &new)).await });
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "a write waiting for the database blocked the thread"
+    );
+    assert!(!file.is_finished() && !rec.is_finished(), "a write went past a held database");
+    let _ = go.send(());
+    holder.join().unwrap();
+    file.await.unwrap().unwrap();
+    rec.await.unwrap().unwrap();
+    assert_eq!(read_back(&s, id).await, b"x");
+    assert_eq!(s.service.record(&s.caller, child).await.unwrap().parent, Some(record));
+}
