@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -338,6 +338,22 @@ async fn on_blocking_pool<T: Send + 'static>(
     .map_err(|e| ServiceError::Internal(format!("metadata task: {e}")))
 }
 
+/// `f` timed from the moment it holds the database, with `before` (the
+/// blob's own write) added: one observation of a small write's pace, which
+/// waiting for the database or for a thread does not count in.
+fn timed<T>(
+    pace: pace::WritePace,
+    before: Duration,
+    f: impl FnOnce(&mut dyn MetaStore) -> std::result::Result<T, MetaError>,
+) -> impl FnOnce(&mut dyn MetaStore) -> std::result::Result<T, MetaError> {
+    move |m| {
+        let started = Instant::now();
+        let done = f(m);
+        pace.observe(before + started.elapsed());
+        done
+    }
+}
+
 /// Bodies up to this declared size are read whole before they are stored
 /// (see [`Service::store_and_commit`]).
 const SMALL_IN_PLACE: usize = 1 << 20;
@@ -510,30 +526,27 @@ impl<B: BlobStore> Service<B> {
         }
     }
 
-    /// [`Service::db`] for a small write (a record, a rename): run right here
-    /// while small writes have been quick and nobody holds the store, saving
-    /// the hand-off to the blocking pool and back (see [`pace`]). Timed
-    /// wherever it runs.
+    /// [`Service::db`] for a small write (a record): run right here while
+    /// small writes have been quick, no other runs in place and nobody holds
+    /// the database (SQLite only), saving the hand-off to the blocking pool
+    /// and back (see [`pace`]). Timed wherever it runs.
     async fn db_write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut dyn MetaStore) -> std::result::Result<T, MetaError> + Send + 'static,
     ) -> Result<T> {
-        let pace = self.pace.clone();
-        let timed = move |m: &mut dyn MetaStore| {
-            let started = Instant::now();
-            let done = f(m);
-            pace.observe(started.elapsed());
-            done
+        let unit = timed(self.pace.clone(), Duration::ZERO, f);
+        let leave = if self.meta.in_process() { self.pace.in_place() } else { None };
+        let Some(leave) = leave else {
+            return self.db(unit).await;
         };
-        if !self.pace.quick() {
-            return self.db(timed).await;
-        }
-        match self.meta.run_if_free(timed) {
+        let here = self.meta.run_if_free(unit);
+        drop(leave);
+        match here {
             Ok((result, wrote)) => {
                 self.note_written(wrote);
                 result.map_err(ServiceError::from)
             }
-            Err(timed) => self.db(timed).await,
+            Err(unit) => self.db(unit).await,
         }
     }
 
@@ -549,8 +562,8 @@ impl<B: BlobStore> Service<B> {
     /// small body of declared length on a store that writes in place (a
     /// local directory) is read whole first, then stored and committed by
     /// one blocking task: a small file's upload makes one hand-off to the
-    /// blocking pool instead of two, or none while small writes are quick
-    /// (see [`pace`]).
+    /// blocking pool instead of two; or, on SQLite while small writes are
+    /// quick, none: stored and committed right here (see [`pace`]).
     async fn store_and_commit<T: Send + 'static>(
         &self,
         caller: &Caller,
@@ -576,26 +589,41 @@ impl<B: BlobStore> Service<B> {
         let pieces = read_declared(body, len).await?;
         let blob = BlobId::random().map_err(|e| ServiceError::Internal(e.to_string()))?;
         let (blobs, meta, pace) = (Arc::clone(&self.blobs), self.meta.clone(), self.pace.clone());
-        let stored = if self.pace.quick() {
+        let leave = (len <= pace::IN_PLACE_MAX && meta.in_process()).then(|| self.pace.in_place()).flatten();
+        let stored = if let Some(leave) = leave {
             // In place (see `pace`): the blob, then the commit if nobody
-            // holds the store, else the commit alone goes to the pool.
-            let started = Instant::now();
-            match blobs.put_in_place(blob, pieces) {
-                Err(e) => Ok(Err(e.into())),
-                Ok(_) => match meta.run_if_free(move |m| commit(m, blob, len)) {
-                    Ok((result, wrote)) => {
-                        pace.observe(started.elapsed());
-                        Ok(Ok((result.map_err(ServiceError::from), wrote)))
+            // holds the database, else the commit alone goes to the pool. A
+            // panic is caught, as the pool's task would have been.
+            let here = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let started = Instant::now();
+                let put = blobs.put_in_place(blob, pieces);
+                let blob_took = started.elapsed();
+                match put {
+                    Err(e) => {
+                        pace.observe(blob_took);
+                        Ok(Err(e.into()))
                     }
-                    Err(commit) => on_blocking_pool(meta, commit).await.map(Ok),
-                },
+                    Ok(_) => meta
+                        .run_if_free(timed(pace.clone(), blob_took, move |m| commit(m, blob, len)))
+                        .map(|(result, wrote)| Ok((result.map_err(ServiceError::from), wrote))),
+                }
+            }));
+            drop(leave);
+            match here {
+                Ok(Ok(done)) => Ok(done),
+                Ok(Err(unit)) => on_blocking_pool(meta, unit).await.map(Ok),
+                Err(_) => Err(ServiceError::Internal("a small upload's store failed".into())),
             }
         } else {
             tokio::task::spawn_blocking(move || {
                 let started = Instant::now();
-                blobs.put_in_place(blob, pieces)?;
-                let (result, wrote) = meta.run(move |m| commit(m, blob, len));
-                pace.observe(started.elapsed());
+                let put = blobs.put_in_place(blob, pieces);
+                let blob_took = started.elapsed();
+                if let Err(e) = put {
+                    pace.observe(blob_took);
+                    return Err(e.into());
+                }
+                let (result, wrote) = meta.run(timed(pace, blob_took, move |m| commit(m, blob, len)));
                 Ok::<_, ServiceError>((result.map_err(ServiceError::from), wrote))
             })
             .await

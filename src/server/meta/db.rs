@@ -88,6 +88,13 @@ impl MetaDb {
         }
     }
 
+    /// Whether the database runs in this process (SQLite): a unit then
+    /// waits on no network, and may run on an async worker when it is quick
+    /// (see `service::pace`).
+    pub fn in_process(&self) -> bool {
+        matches!(self.inner, Inner::Sqlite(_))
+    }
+
     /// Whether other instances may share this database (then nothing may be
     /// kept in one instance that another could change).
     pub fn shared(&self) -> bool {

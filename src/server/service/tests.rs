@@ -67,10 +67,9 @@ async fn read_back(s: &Setup, id: FileId) -> Vec<u8> {
     crate::remote::collect(d.stream).await.unwrap()
 }
 
-/// Sets the pace: quick (small writes in place) or slow (on the pool).
+/// Fixes the pace: quick (small writes in place) or slow (on the pool).
 fn pace(s: &Setup, quick: bool) {
-    let took = if quick { Duration::from_micros(1) } else { Duration::from_millis(50) };
-    (0..100).for_each(|_| s.service.pace.observe(took));
+    s.service.pace.pin(quick);
     assert_eq!(s.service.pace.quick(), quick);
 }
 
@@ -79,6 +78,7 @@ async fn small_writes_do_the_same_in_place_and_on_the_pool() {
     let s = setup().await;
     for quick in [true, false, true] {
         pace(&s, quick);
+        let (in_place, changes) = (s.service.pace.in_place_count(), *s.service.written.borrow());
         let f = new_file();
         let content = format!("in place: {quick}").into_bytes();
         let done = s.service.create_with_content(&s.caller, s.record, f.clone(), upload(&content)).await;
@@ -96,7 +96,23 @@ async fn small_writes_do_the_same_in_place_and_on_the_pool() {
         // the same way.
         let again = s.service.create_record(&s.caller, s.vault, r).await;
         assert!(matches!(again, Err(ServiceError::Exists(_))), "{again:?}");
+        let ran_here = s.service.pace.in_place_count() - in_place;
+        assert_eq!(ran_here, if quick { 3 } else { 0 }, "writes in place (quick: {quick})");
+        // Waits for changes were woken by both writes, wherever they ran.
+        assert!(*s.service.written.borrow() >= changes + 2, "waits for changes not woken (quick: {quick})");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn larger_small_bodies_are_stored_on_the_pool() {
+    let s = setup().await;
+    pace(&s, true);
+    let before = s.service.pace.in_place_count();
+    let big = vec![7u8; pace::IN_PLACE_MAX as usize + 1];
+    let f = new_file();
+    s.service.create_with_content(&s.caller, s.record, f.clone(), upload(&big)).await.unwrap();
+    assert_eq!(read_back(&s, f.id).await, big);
+    assert_eq!(s.service.pace.in_place_count(), before, "a body over the in-place bound was stored in place");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
