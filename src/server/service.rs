@@ -535,8 +535,7 @@ impl<B: BlobStore> Service<B> {
         f: impl FnOnce(&mut dyn MetaStore) -> std::result::Result<T, MetaError> + Send + 'static,
     ) -> Result<T> {
         let unit = timed(self.pace.clone(), Duration::ZERO, f);
-        let leave = if self.meta.in_process() { self.pace.in_place() } else { None };
-        let Some(leave) = leave else {
+        let Some(leave) = self.in_place() else {
             return self.db(unit).await;
         };
         let here = self.meta.run_if_free(unit);
@@ -548,6 +547,12 @@ impl<B: BlobStore> Service<B> {
             }
             Err(unit) => self.db(unit).await,
         }
+    }
+
+    /// Leave to run a small write right here (see [`pace`]): only on a
+    /// database in this process, which waits on no network.
+    fn in_place(&self) -> Option<pace::InPlace<'_>> {
+        self.meta.in_process().then(|| self.pace.in_place()).flatten()
     }
 
     /// Wakes the waits for changes after a call that changed a vault.
@@ -589,7 +594,7 @@ impl<B: BlobStore> Service<B> {
         let pieces = read_declared(body, len).await?;
         let blob = BlobId::random().map_err(|e| ServiceError::Internal(e.to_string()))?;
         let (blobs, meta, pace) = (Arc::clone(&self.blobs), self.meta.clone(), self.pace.clone());
-        let leave = (len <= pace::IN_PLACE_MAX && meta.in_process()).then(|| self.pace.in_place()).flatten();
+        let leave = if len <= pace::IN_PLACE_MAX { self.in_place() } else { None };
         let stored = if let Some(leave) = leave {
             // In place (see `pace`): the blob, then the commit if nobody
             // holds the database, else the commit alone goes to the pool. A
