@@ -188,3 +188,36 @@ async fn a_write_waits_on_the_pool_while_another_holds_the_database() {
     assert_eq!(read_back(&s, id).await, b"x");
     assert_eq!(s.service.record(&s.caller, child).await.unwrap().parent, Some(record));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_goes_only_under_a_parent_of_its_own_vault() {
+    let s = setup().await;
+    // A second vault of the same caller, with a record of its own: the
+    // caller may write in both, so only the store's check refuses.
+    let other = VaultId::random().unwrap();
+    let name = Sealed(b"w".to_vec());
+    s.service
+        .create_vault(&s.caller, NewVault { id: other, name, e2e_required: false, wrapped_key: None })
+        .await
+        .unwrap();
+    let elsewhere = RecordId::random().unwrap();
+    let r =
+        NewRecord { id: elsewhere, parent: None, title: Sealed(b"e".to_vec()), fields: Sealed::default() };
+    s.service.create_record(&s.caller, other, r).await.unwrap();
+    for quick in [true, false] {
+        pace(&s, quick);
+        for parent in [elsewhere, RecordId::random().unwrap()] {
+            let id = RecordId::random().unwrap();
+            let r = NewRecord {
+                id,
+                parent: Some(parent),
+                title: Sealed(b"t".to_vec()),
+                fields: Sealed::default(),
+            };
+            let made = s.service.create_record(&s.caller, s.vault, r).await;
+            assert!(matches!(made, Err(ServiceError::NotFound(_))), "{made:?} (quick: {quick})");
+            let there = s.service.record(&s.caller, id).await;
+            assert!(matches!(there, Err(ServiceError::NotFound(_))), "{there:?} (quick: {quick})");
+        }
+    }
+}
