@@ -1102,7 +1102,9 @@ impl MetaStore for Meta {
         let tx = self.conn.transaction()?;
         if let Some(parent) = r.parent {
             if Self::record_vault(&tx, parent)? != vault {
-                return Err(MetaError::NotFound("parent record"));
+                // The answer for a record that does not exist: one in a vault
+                // the caller may not see is not told apart.
+                return Err(MetaError::NotFound("record"));
             }
         }
         let n = tx.exec(

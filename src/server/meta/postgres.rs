@@ -989,7 +989,9 @@ impl MetaStore for PgTx {
             tx.lock_vault(vault)?;
             if let Some(parent) = r.parent {
                 if tx.record_vault(parent)? != vault {
-                    return Err(MetaError::NotFound("parent record"));
+                    // The answer for a record that does not exist: one in a vault
+                    // the caller may not see is not told apart.
+                    return Err(MetaError::NotFound("record"));
                 }
             }
             let n = tx.exec(
