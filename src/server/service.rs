@@ -354,6 +354,24 @@ fn timed<T>(
     }
 }
 
+/// Stores a small body with [`BlobStore::put_in_place`] and says how long
+/// that took, for the commit's [`timed`] to add; a failed write is one
+/// observation of the pace on its own.
+fn put_timed<B: BlobStore>(
+    blobs: &B,
+    pace: &pace::WritePace,
+    blob: BlobId,
+    pieces: Vec<Bytes>,
+) -> std::result::Result<Duration, BlobError> {
+    let started = Instant::now();
+    let put = blobs.put_in_place(blob, pieces);
+    let took = started.elapsed();
+    if put.is_err() {
+        pace.observe(took);
+    }
+    put.map(|_| took)
+}
+
 /// Bodies up to this declared size are read whole before they are stored
 /// (see [`Service::store_and_commit`]).
 const SMALL_IN_PLACE: usize = 1 << 20;
@@ -600,15 +618,9 @@ impl<B: BlobStore> Service<B> {
             // holds the database, else the commit alone goes to the pool. A
             // panic is caught, as the pool's task would have been.
             let here = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let started = Instant::now();
-                let put = blobs.put_in_place(blob, pieces);
-                let blob_took = started.elapsed();
-                match put {
-                    Err(e) => {
-                        pace.observe(blob_took);
-                        Ok(Err(e.into()))
-                    }
-                    Ok(_) => meta
+                match put_timed(&*blobs, &pace, blob, pieces) {
+                    Err(e) => Ok(Err(e.into())),
+                    Ok(blob_took) => meta
                         .run_if_free(timed(pace.clone(), blob_took, move |m| commit(m, blob, len)))
                         .map(|(result, wrote)| Ok((result.map_err(ServiceError::from), wrote))),
                 }
@@ -621,13 +633,7 @@ impl<B: BlobStore> Service<B> {
             }
         } else {
             tokio::task::spawn_blocking(move || {
-                let started = Instant::now();
-                let put = blobs.put_in_place(blob, pieces);
-                let blob_took = started.elapsed();
-                if let Err(e) = put {
-                    pace.observe(blob_took);
-                    return Err(e.into());
-                }
+                let blob_took = put_timed(&*blobs, &pace, blob, pieces)?;
                 let (result, wrote) = meta.run(timed(pace, blob_took, move |m| commit(m, blob, len)));
                 Ok::<_, ServiceError>((result.map_err(ServiceError::from), wrote))
             })
