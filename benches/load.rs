@@ -156,7 +156,8 @@ async fn client(remote: HttpRemote, vault: VaultId, seed: u64, until: Instant) -
                 let id = FileId::random().unwrap();
                 let f =
                     NewFile { id, name: sealed(b"n"), e2e: true, mtime_ms: Some(1), meta: Sealed::default() };
-                match remote.create_with_content(record, f, UploadBody::from_bytes(body.clone())).await {
+                match remote.create_with_content(record, None, f, UploadBody::from_bytes(body.clone())).await
+                {
                     Ok(done) => drop(mine.insert(id, (done.version, body))),
                     Err(e) => t.error("create", e),
                 }
@@ -353,7 +354,7 @@ async fn latency(setup: &Setup, n: usize) -> Vec<(&'static str, Duration)> {
         let id = FileId::random().unwrap();
         let f = NewFile { id, name: sealed(b"n"), e2e: true, mtime_ms: Some(1), meta: Sealed::default() };
         let t = Instant::now();
-        remote.create_with_content(record, f, UploadBody::from_bytes(body.clone())).await.unwrap();
+        remote.create_with_content(record, None, f, UploadBody::from_bytes(body.clone())).await.unwrap();
         rows[3].1.push(t.elapsed());
         if let Some(id) = last.replace(id) {
             let t = Instant::now();

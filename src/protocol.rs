@@ -41,6 +41,16 @@ pub const HEADER_STAGE: &str = "x-vaultfs-stage";
 /// Header carrying the base64 sealed name of a file created with its
 /// content (`PUT /v1/records/{record}/files/{file}`).
 pub const HEADER_NAME: &str = "x-vaultfs-name";
+/// Header asking the server to create the record a file is created in, in
+/// the same request (`PUT /v1/records/{record}/files/{file}`): the id of the
+/// vault it goes in. [`HEADER_RECORD_TITLE`] is then required, and
+/// [`HEADER_RECORD_PARENT`] names its parent record (absent: the top of the
+/// vault).
+pub const HEADER_RECORD_VAULT: &str = "x-vaultfs-record-vault";
+/// Header carrying the base64 sealed title of the record created with a file.
+pub const HEADER_RECORD_TITLE: &str = "x-vaultfs-record-title";
+/// Header naming the parent record of the record created with a file.
+pub const HEADER_RECORD_PARENT: &str = "x-vaultfs-record-parent";
 /// Header asking the server to keep both versions if the file changed since
 /// the expected version: `ID:NAME`, the id and base64 sealed name of a new
 /// file, in the same record, that then receives the uploaded content.

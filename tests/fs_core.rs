@@ -1731,6 +1731,9 @@ async fn a_record_under_a_record_of_another_vault_is_left_out() {
     let w = writer.lookup(ROOT, n("W")).await.unwrap();
     writer.mkdir(v.ino, n("r")).await.unwrap();
     let w_rec = writer.mkdir(w.ino, n("w")).await.unwrap();
+    // On the server now, not at the first file saved in them.
+    writer.fsyncdir(v.ino).await.unwrap();
+    writer.fsyncdir(w.ino).await.unwrap();
     let id = |ino| String::from_utf8(writer.getxattr(ino, n(vaultfs::fs::core::XATTR_ID)).unwrap()).unwrap();
     let (v_id, w_rec_id) = (id(v.ino), id(w_rec.ino));
     let under_w = move |r: &mut vaultfs::protocol::RecordInfo| {
@@ -1748,6 +1751,7 @@ async fn a_record_under_a_record_of_another_vault_is_left_out() {
     // Through the feed: a record made since, listed under W's record.
     let listed = outage.listings();
     writer.mkdir(v.ino, n("later")).await.unwrap();
+    writer.fsyncdir(v.ino).await.unwrap();
     tokio::time::sleep(vaultfs::fs::core::LISTING_TTL + std::time::Duration::from_millis(100)).await;
     assert!(fs.readdir(v1.ino).await.unwrap().is_empty());
     assert!(fs.readdir(w1_rec.ino).await.unwrap().is_empty(), "not among W's records");
@@ -1756,6 +1760,7 @@ async fn a_record_under_a_record_of_another_vault_is_left_out() {
     // A record of V listed under W's record's id claimed for V, that
     // record's parent: neither is taken (W's record stays W's).
     let c = writer.mkdir(writer.lookup(v.ino, n("r")).await.unwrap().ino, n("c")).await.unwrap();
+    writer.fsyncdir(writer.lookup(v.ino, n("r")).await.unwrap().ino).await.unwrap();
     let r_id = id(writer.lookup(v.ino, n("r")).await.unwrap().ino);
     let (_, w_id) = (id(c.ino), id(w_rec.ino));
     let claim = move |rec: &mut vaultfs::protocol::RecordInfo| {
@@ -2735,6 +2740,8 @@ async fn unlink_and_rmdir_answer_at_once_and_the_server_deletes_in_the_backgroun
     let p = fs.mkdir(v.ino, n("p")).await.unwrap();
     let r = fs.mkdir(p.ino, n("r")).await.unwrap();
     fs.mkdir(v.ino, n("q")).await.unwrap();
+    // q on the server too (p and r go with r's first file).
+    fs.fsyncdir(v.ino).await.unwrap();
     let names: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
     for name in &names {
         write_file(&fs, r.ino, name, b"content").await;
@@ -2887,5 +2894,120 @@ async fn a_record_is_deleted_after_its_files() {
     let other = mount(s.alice.clone()).await;
     let ov = other.lookup(ROOT, n("V")).await.unwrap();
     assert!(matches!(other.lookup(ov.ino, n("r")).await, Err(FsError::NotFound)), "deleted on the server");
+    drop(s.server);
+}
+
+/// The names of `dir`'s entries as another mount of the user sees them
+/// (`dir`: a path from the vault V down).
+async fn names_seen_by_another(s: &Setup, dir: &[&str]) -> Vec<String> {
+    let other = mount(s.alice.clone()).await;
+    let mut at = other.lookup(ROOT, n("V")).await.unwrap().ino;
+    for name in dir {
+        at = other.lookup(at, n(name)).await.unwrap().ino;
+    }
+    let mut names: Vec<String> = other
+        .readdir(at)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, _, name)| name.to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A directory made here goes to the server with the first file saved in
+/// it: mkdir asks nothing, and the directory and its first file take one
+/// request (what `tar -x` pays per directory). Records above it that are not
+/// there yet go first, on their own. Until then a listing keeps it; an
+/// rmdir sends nothing; a rename sends it first; one nothing is saved in is
+/// sent on its own shortly after. A server that does not know records with
+/// files answers 404: the record goes alone, then the file, and from then
+/// on records go first. A lost answer is made sure of.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_directory_goes_to_the_server_with_its_first_file() {
+    use vaultfs::remote::Remote;
+    let s = setup(&["V"]).await;
+    let (fs, outage) = mount_faulty(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    fs.readdir(v.ino).await.unwrap();
+    let vault: vaultfs::ids::VaultId =
+        String::from_utf8(fs.getxattr(v.ino, n(vaultfs::fs::core::XATTR_ID)).unwrap())
+            .unwrap()
+            .parse()
+            .unwrap();
+    let on_server = || async { s.alice.records(vault).await.unwrap().len() };
+
+    let asked = outage.requests();
+    let d = fs.mkdir(v.ino, n("d")).await.unwrap();
+    assert_eq!(outage.requests(), asked, "mkdir asked the server");
+    assert_eq!(on_server().await, 0);
+    write_file(&fs, d.ino, "a.txt", b"first").await;
+    assert_eq!(outage.requests() - asked, 1, "the directory and its file in one request");
+    assert_eq!(names_seen_by_another(&s, &["d"]).await, ["a.txt"]);
+
+    // Nested: the outer record alone, the inner with its file.
+    let asked = outage.requests();
+    let p = fs.mkdir(v.ino, n("p")).await.unwrap();
+    let q = fs.mkdir(p.ino, n("q")).await.unwrap();
+    write_file(&fs, q.ino, "b.txt", b"second").await;
+    assert_eq!(outage.requests() - asked, 2, "p alone, then q with b.txt");
+    assert_eq!(names_seen_by_another(&s, &["p", "q"]).await, ["b.txt"]);
+
+    // Removed before it was sent: nothing is sent, ever (listings keep one
+    // not sent yet: the tree's unit tests).
+    let records = on_server().await;
+    let e = fs.mkdir(v.ino, n("e")).await.unwrap();
+    fs.mkdir(e.ino, n("inner")).await.unwrap();
+    assert_eq!(fs.readdir(e.ino).await.unwrap().len(), 1);
+    assert!(matches!(fs.rmdir(v.ino, n("e")).await, Err(FsError::NotEmpty)));
+    fs.rmdir(e.ino, n("inner")).await.unwrap();
+    fs.rmdir(v.ino, n("e")).await.unwrap();
+    assert!(matches!(fs.lookup(v.ino, n("e")).await, Err(FsError::NotFound)));
+
+    // Renamed before it was sent: sent, then renamed.
+    let g = fs.mkdir(v.ino, n("g")).await.unwrap();
+    fs.rename(v.ino, n("g"), v.ino, n("h")).await.unwrap();
+    write_file(&fs, g.ino, "c.txt", b"third").await;
+    assert_eq!(names_seen_by_another(&s, &["h"]).await, ["c.txt"]);
+
+    // Nothing saved in it: sent on its own shortly after, as is a record
+    // made in it (fsyncdir sends at once).
+    fs.mkdir(v.ino, n("lone")).await.unwrap();
+    let x = fs.mkdir(d.ino, n("x")).await.unwrap();
+    fs.mkdir(x.ino, n("y")).await.unwrap();
+    fs.fsyncdir(x.ino).await.unwrap();
+    assert_eq!(names_seen_by_another(&s, &["d", "x"]).await, ["y"]);
+    tokio::time::sleep(vaultfs::fs::core::SEND_NEW_DIR_AFTER + std::time::Duration::from_millis(300)).await;
+    assert_eq!(names_seen_by_another(&s, &[]).await, ["d", "h", "lone", "p"]);
+    // e and inner were never sent, nor deleted: only these were made.
+    assert_eq!(on_server().await, records + 4, "h, lone, x, y");
+    assert_eq!(fs.status().deleting, 0);
+
+    // The answer lost: the next save makes sure of the record and the file.
+    let z = fs.mkdir(v.ino, n("z")).await.unwrap();
+    let (f, fh) = fs.create(z.ino, n("f.txt"), 0o644).await.unwrap();
+    fs.write(fh, 0, b"lost?").await.unwrap();
+    outage.lose_upload_answers(true);
+    assert!(fs.fsync(f.ino, fh).await.is_err(), "the answer was lost");
+    outage.lose_upload_answers(false);
+    fs.write(fh, 5, b" no").await.unwrap();
+    fs.release(f.ino, fh).await.unwrap();
+    let other = mount(s.alice.clone()).await;
+    let ov = other.lookup(ROOT, n("V")).await.unwrap();
+    let oz = other.lookup(ov.ino, n("z")).await.unwrap();
+    assert_eq!(read_file(&other, oz.ino, "f.txt").await.unwrap(), b"lost? no");
+
+    // A server that ignores the record's headers.
+    outage.ignore_records_with_files(true);
+    for name in ["old1", "old2"] {
+        let asked = outage.requests();
+        let o = fs.mkdir(v.ino, n(name)).await.unwrap();
+        write_file(&fs, o.ino, "f.txt", name.as_bytes()).await;
+        // The first learns (404, the record, the file); the next sends the
+        // record first.
+        assert_eq!(outage.requests() - asked, if name == "old1" { 3 } else { 2 }, "{name}");
+        assert_eq!(names_seen_by_another(&s, &[name]).await, ["f.txt"]);
+    }
     drop(s.server);
 }

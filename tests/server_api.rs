@@ -486,8 +486,10 @@ async fn a_file_is_created_with_its_content_in_one_request() {
     let new =
         |id| NewFile { id, name: sealed("n"), e2e: true, mtime_ms: Some(7_000), meta: sealed("manifest") };
     let id = FileId::random().unwrap();
-    let done =
-        alice.create_with_content(record, new(id), UploadBody::from_bytes(&b"content"[..])).await.unwrap();
+    let done = alice
+        .create_with_content(record, None, new(id), UploadBody::from_bytes(&b"content"[..]))
+        .await
+        .unwrap();
     assert_eq!((done.version, done.size), (2, 7));
     let info = alice.file(id).await.unwrap();
     assert_eq!((info.version, info.size, info.mtime_ms, info.record), (2, 7, 7_000, record));
@@ -501,20 +503,23 @@ async fn a_file_is_created_with_its_content_in_one_request() {
     let blobs = s.stored_blobs().len();
 
     // The same id again (a request sent twice): refused, nothing changed.
-    let again = alice.create_with_content(record, new(id), UploadBody::from_bytes(&b"other"[..])).await;
+    let again = alice.create_with_content(record, None, new(id), UploadBody::from_bytes(&b"other"[..])).await;
     assert!(matches!(again, Err(RemoteError::Exists(_))), "{again:?}");
     assert_eq!(read(&alice, id, None).await.unwrap(), b"content");
     // A reader, a stranger, a record that does not exist, plaintext here.
     let body = || UploadBody::from_bytes(&b"x"[..]);
-    let refused = bob.create_with_content(record, new(FileId::random().unwrap()), body()).await;
+    let refused = bob.create_with_content(record, None, new(FileId::random().unwrap()), body()).await;
     assert!(matches!(refused, Err(RemoteError::Forbidden(_))), "{refused:?}");
-    let refused = eve.create_with_content(record, new(FileId::random().unwrap()), body()).await;
+    let refused = eve.create_with_content(record, None, new(FileId::random().unwrap()), body()).await;
     assert!(matches!(refused, Err(RemoteError::NotFound(_))), "{refused:?}");
     let nowhere = RecordId::random().unwrap();
-    let refused = alice.create_with_content(nowhere, new(FileId::random().unwrap()), body()).await;
+    let refused = alice.create_with_content(nowhere, None, new(FileId::random().unwrap()), body()).await;
     assert!(matches!(refused, Err(RemoteError::NotFound(_))), "{refused:?}");
     let plain = NewFile { e2e: false, ..new(FileId::random().unwrap()) };
-    assert_eq!(alice.create_with_content(record, plain, body()).await.unwrap_err(), RemoteError::E2eRequired);
+    assert_eq!(
+        alice.create_with_content(record, None, plain, body()).await.unwrap_err(),
+        RemoteError::E2eRequired
+    );
     // Raw requests without the precondition or the name.
     let token = login_token(&s, "alice").await;
     let client = tls_client(&s);
@@ -535,6 +540,116 @@ async fn a_file_is_created_with_its_content_in_one_request() {
     assert_eq!(status(put(&[("if-none-match", "*"), ("x-vaultfs-name", "bg==")]).await.unwrap()), 400);
     let files = alice.files(vault).await.unwrap();
     assert_eq!(files.len(), 1, "only the first file exists: {files:?}");
+    assert_eq!(changes(alice.vaults().await.unwrap()), changed, "no refusal changed the vault");
+    assert!(s.partial_uploads().is_empty(), "{:?}", s.partial_uploads());
+    assert_eq!(s.stored_blobs().len(), blobs, "no refusal left a blob");
+}
+
+/// A new record created with its first file, in one request: both appear,
+/// the record under its parent with its title, and the vault's change number
+/// moves. A reader, a stranger, a parent in another vault, a record id
+/// already taken and malformed record headers are refused, and none leaves
+/// a record, a file or a blob behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_is_created_with_its_first_file_in_one_request() {
+    let s = TestServer::start();
+    let alice = s.user("alice", &[]).await;
+    let bob = s.user("bob", &[]).await;
+    let eve = s.user("eve", &[]).await;
+    let vault = new_vault(&alice, true).await;
+    let parent = new_record(&alice, vault, None).await;
+    let elsewhere = new_record(&alice, new_vault(&alice, true).await, None).await;
+    let member = vaultfs::protocol::Member { user: "bob".into(), rights: Rights::Read, wrapped_key: None };
+    alice.set_member(vault, member).await.unwrap();
+    let file = || NewFile {
+        id: FileId::random().unwrap(),
+        name: sealed("n"),
+        e2e: true,
+        mtime_ms: Some(7_000),
+        meta: sealed("manifest"),
+    };
+    let record = |parent| NewRecord {
+        id: RecordId::random().unwrap(),
+        parent,
+        title: sealed("dir"),
+        fields: sealed(""),
+    };
+    let body = || UploadBody::from_bytes(&b"content"[..]);
+    let changes = |vaults: Vec<vaultfs::protocol::VaultInfo>| {
+        vaults.into_iter().find(|v| v.id == vault).unwrap().changes
+    };
+    let before = changes(alice.vaults().await.unwrap());
+    let (r, f) = (record(Some(parent)), file());
+    alice.create_with_content(r.id, Some((vault, r.clone())), f.clone(), body()).await.unwrap();
+    let made = alice.records(vault).await.unwrap().into_iter().find(|x| x.id == r.id).unwrap();
+    assert_eq!((made.vault, made.parent, made.title, made.version), (vault, Some(parent), sealed("dir"), 1));
+    let info = alice.file(f.id).await.unwrap();
+    assert_eq!((info.record, info.version, info.size), (r.id, 2, 7));
+    assert_eq!(read(&alice, f.id, None).await.unwrap(), b"content");
+    let changed = changes(alice.vaults().await.unwrap());
+    assert!(changed > before, "the vault's change number moved");
+    let (records, files, blobs) = (
+        alice.records(vault).await.unwrap().len(),
+        alice.files(vault).await.unwrap().len(),
+        s.stored_blobs().len(),
+    );
+
+    // Refused: the record's id taken, a parent in another vault, a reader,
+    // a stranger.
+    let again = alice.create_with_content(r.id, Some((vault, r.clone())), file(), body()).await;
+    assert!(matches!(again, Err(RemoteError::Exists(_))), "{again:?}");
+    let other = record(Some(elsewhere));
+    let refused = alice.create_with_content(other.id, Some((vault, other.clone())), file(), body()).await;
+    assert!(matches!(refused, Err(RemoteError::NotFound(_))), "{refused:?}");
+    let other = record(None);
+    let refused = bob.create_with_content(other.id, Some((vault, other.clone())), file(), body()).await;
+    assert!(matches!(refused, Err(RemoteError::Forbidden(_))), "{refused:?}");
+    let refused = eve.create_with_content(other.id, Some((vault, other.clone())), file(), body()).await;
+    assert!(matches!(refused, Err(RemoteError::NotFound(_))), "{refused:?}");
+    // Malformed record headers.
+    let token = login_token(&s, "alice").await;
+    let client = tls_client(&s);
+    let put = |headers: &[(&str, String)]| {
+        let mut r = client
+            .put(format!(
+                "{}/v1/records/{}/files/{}",
+                s.url,
+                RecordId::random().unwrap(),
+                FileId::random().unwrap()
+            ))
+            .bearer_auth(&token)
+            .header("if-none-match", "*")
+            .header("x-vaultfs-e2e", "1")
+            .header("x-vaultfs-name", "bg==")
+            .header("x-vaultfs-meta", "bQ==")
+            .body("x");
+        for (k, v) in headers {
+            r = r.header(*k, v);
+        }
+        r.send()
+    };
+    let status = |r: reqwest::Response| r.status().as_u16();
+    let v = vault.to_string();
+    for (headers, why) in [
+        (vec![("x-vaultfs-record-vault", v.clone())], "no title"),
+        (
+            vec![("x-vaultfs-record-vault", "nope".into()), ("x-vaultfs-record-title", "ZA==".into())],
+            "vault id",
+        ),
+        (vec![("x-vaultfs-record-vault", v.clone()), ("x-vaultfs-record-title", "!".into())], "title base64"),
+        (
+            vec![
+                ("x-vaultfs-record-vault", v.clone()),
+                ("x-vaultfs-record-title", "ZA==".into()),
+                ("x-vaultfs-record-parent", "nope".into()),
+            ],
+            "parent id",
+        ),
+    ] {
+        assert_eq!(status(put(&headers).await.unwrap()), 400, "{why}");
+    }
+    assert_eq!(alice.records(vault).await.unwrap().len(), records, "no refusal made a record");
+    assert_eq!(alice.files(vault).await.unwrap().len(), files, "no refusal made a file");
     assert_eq!(changes(alice.vaults().await.unwrap()), changed, "no refusal changed the vault");
     assert!(s.partial_uploads().is_empty(), "{:?}", s.partial_uploads());
     assert_eq!(s.stored_blobs().len(), blobs, "no refusal left a blob");

@@ -588,6 +588,16 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         });
     }
 
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let fs = Arc::clone(&self.fs);
+        self.spawn("fsyncdir", ino.0, async move {
+            match fs.fsyncdir(ino.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("fsyncdir", &e)),
+            }
+        });
+    }
+
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         let fs = Arc::clone(&self.fs);
         self.spawn("fsync", ino.0, async move {

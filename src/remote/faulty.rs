@@ -42,6 +42,9 @@ struct Faults {
     lose_upload_answers: AtomicBool,
     /// Requests an older server does not know are answered 404.
     older_server: AtomicBool,
+    /// A record created with a file is left out of the request, as by a
+    /// server that knows the one-request create but not that.
+    no_records_with_files: AtomicBool,
     /// Upload answers name a conflict copy nobody asked for (a lying server).
     invent_copies: AtomicBool,
     /// Uploads replace the file whatever version they expect (a server that
@@ -140,6 +143,12 @@ impl Outage {
     /// server does.
     pub fn be_older_server(&self, older: bool) {
         self.0.older_server.store(older, Ordering::SeqCst);
+    }
+
+    /// Leaves out the record created with a file (its headers), as a server
+    /// that creates files with their content but not records with them does.
+    pub fn ignore_records_with_files(&self, ignore: bool) {
+        self.0.no_records_with_files.store(ignore, Ordering::SeqCst);
     }
 
     /// While true, upload answers name a conflict copy that was not asked
@@ -444,6 +453,7 @@ impl<R: Remote> Remote for FaultyRemote<R> {
     async fn create_with_content(
         &self,
         record: RecordId,
+        mut new_record: Option<(VaultId, NewRecord)>,
         file: NewFile,
         mut body: UploadBody,
     ) -> Result<UploadResult> {
@@ -451,8 +461,12 @@ impl<R: Remote> Remote for FaultyRemote<R> {
         if self.outage.0.older_server.load(Ordering::SeqCst) {
             return Err(RemoteError::NotFound("no such endpoint".into()));
         }
+        if self.outage.0.no_records_with_files.load(Ordering::SeqCst) {
+            // As a server that does not know the record's headers: ignored.
+            new_record = None;
+        }
         body.stream = held(body.stream, self.outage.clone());
-        let done = self.inner.create_with_content(record, file, body).await?;
+        let done = self.inner.create_with_content(record, new_record, file, body).await?;
         self.outage.answer(done)
     }
     async fn stage(&self, id: FileId, expected: u64, e2e: bool, mut body: UploadBody) -> Result<Staged> {

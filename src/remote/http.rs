@@ -30,7 +30,8 @@ use crate::protocol::{
     RecordInfo, RecordUpdate, Sealed, Session, UploadResult, UserKey, VaultInfo, HEADER_E2E, HEADER_MTIME,
 };
 use crate::protocol::{
-    Changes, CommitRequest, Staged, HEADER_CONFLICT_COPY, HEADER_META, HEADER_NAME, HEADER_STAGE,
+    Changes, CommitRequest, Staged, HEADER_CONFLICT_COPY, HEADER_META, HEADER_NAME, HEADER_RECORD_PARENT,
+    HEADER_RECORD_TITLE, HEADER_RECORD_VAULT, HEADER_STAGE,
 };
 use crate::with_causes;
 
@@ -782,20 +783,29 @@ impl super::Remote for HttpRemote {
     async fn create_with_content(
         &self,
         record: RecordId,
+        new_record: Option<(VaultId, NewRecord)>,
         file: NewFile,
         body: UploadBody,
     ) -> Result<UploadResult> {
         let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
         let token = self.current_token().await?;
-        let request = self
+        let mut request = self
             .client
             .put(format!("{}/v1/records/{record}/files/{}", self.base, file.id))
             .bearer_auth(token)
             .header(IF_NONE_MATCH, "*")
             .header(HEADER_E2E, if file.e2e { "1" } else { "0" })
             .header(HEADER_NAME, b64(&file.name.0))
-            .header(HEADER_META, b64(&file.meta.0))
-            .body(reqwest::Body::wrap_stream(body.stream));
+            .header(HEADER_META, b64(&file.meta.0));
+        if let Some((vault, r)) = new_record {
+            request = request
+                .header(HEADER_RECORD_VAULT, vault.to_string())
+                .header(HEADER_RECORD_TITLE, b64(&r.title.0));
+            if let Some(parent) = r.parent {
+                request = request.header(HEADER_RECORD_PARENT, parent.to_string());
+            }
+        }
+        let request = request.body(reqwest::Body::wrap_stream(body.stream));
         send_content(request, body.len, file.mtime_ms).await
     }
 

@@ -269,6 +269,7 @@ impl super::Remote for MemoryRemote {
     async fn create_with_content(
         &self,
         record: RecordId,
+        new_record: Option<(VaultId, NewRecord)>,
         file: NewFile,
         body: UploadBody,
     ) -> Result<UploadResult> {
@@ -281,7 +282,7 @@ impl super::Remote for MemoryRemote {
             meta: Some(file.meta.clone()),
             body: body.stream,
         };
-        Ok(self.service.create_with_content(&self.caller, record, file, up).await?)
+        Ok(self.service.create_with_content(&self.caller, record, new_record, file, up).await?)
     }
 
     async fn stage(&self, id: FileId, expected: u64, e2e: bool, body: UploadBody) -> Result<Staged> {

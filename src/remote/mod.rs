@@ -261,9 +261,13 @@ pub trait Remote: Send + Sync + 'static {
     /// (`file.meta` is the content's sealed manifest). `Exists` if the id is
     /// taken (sent again after a lost answer); `NotFound` if the record is
     /// gone, or from a server that does not know the request (an older one).
+    /// With `new_record` (its vault, and the record with the id `record`),
+    /// the record is created in the same request; `Exists` also if its id is
+    /// taken, and `NotFound` also from a server that does not know that.
     fn create_with_content(
         &self,
         record: RecordId,
+        new_record: Option<(VaultId, NewRecord)>,
         file: NewFile,
         body: UploadBody,
     ) -> impl Future<Output = Result<UploadResult>> + Send;

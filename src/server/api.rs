@@ -27,7 +27,10 @@ use crate::protocol::{
     Member, NewFile, NewRecord, NewVault, PassphraseChanged, RecordUpdate, Rights, Sealed, VaultUpdate,
     HEADER_E2E, HEADER_MTIME,
 };
-use crate::protocol::{CommitRequest, HEADER_CONFLICT_COPY, HEADER_META, HEADER_NAME, HEADER_STAGE};
+use crate::protocol::{
+    CommitRequest, HEADER_CONFLICT_COPY, HEADER_META, HEADER_NAME, HEADER_RECORD_PARENT, HEADER_RECORD_TITLE,
+    HEADER_RECORD_VAULT, HEADER_STAGE,
+};
 
 /// Largest JSON body accepted (names are sealed and padded, fields may be long).
 pub const MAX_JSON_BODY: usize = 2 << 20;
@@ -879,6 +882,24 @@ async fn create_with_content<B: BlobStore>(
         .ok_or_else(|| ApiError::bad_request(format!("header {HEADER_NAME} is required")))??;
     let meta = b64(HEADER_META)
         .ok_or_else(|| ApiError::bad_request(format!("header {HEADER_META} is required")))??;
+    // The record it goes in, created in the same request (a new directory's
+    // first file): its vault, title and parent.
+    let new_record = match headers.get(HEADER_RECORD_VAULT) {
+        None => None,
+        Some(v) => {
+            let vault = parse_id(v.to_str().unwrap_or_default(), "vault")?;
+            let title = b64(HEADER_RECORD_TITLE).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "header {HEADER_RECORD_TITLE} is required with {HEADER_RECORD_VAULT}"
+                ))
+            })??;
+            let parent = match headers.get(HEADER_RECORD_PARENT) {
+                None => None,
+                Some(p) => Some(parse_id(p.to_str().unwrap_or_default(), "record")?),
+            };
+            Some((vault, NewRecord { id: record, parent, title: Sealed(title), fields: Sealed::default() }))
+        }
+    };
     let new = NewFile {
         id,
         name: Sealed(name),
@@ -896,7 +917,7 @@ async fn create_with_content<B: BlobStore>(
         meta: Some(Sealed(meta)),
         body: Box::pin(stream),
     };
-    let result = s.create_with_content(&c, record, new, up).await?;
+    let result = s.create_with_content(&c, record, new_record, new, up).await?;
     Ok(json_with_etag(result.version, StatusCode::CREATED, result))
 }
 

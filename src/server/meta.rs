@@ -477,6 +477,34 @@ fn copy_in(tx: &Connection, id: FileId, copy: &NewFile, c: &Committed) -> Result
     commit_in(tx, created.id, created.version, &for_copy)
 }
 
+/// Creates record `r` in `vault`: its parent, if any, must be a record of
+/// the same vault.
+fn record_in(tx: &Connection, vault: VaultId, r: &NewRecord) -> Result<RecordInfo> {
+    if let Some(parent) = r.parent {
+        if Meta::record_vault(tx, parent)? != vault {
+            // The answer for a record that does not exist: one in a vault
+            // the caller may not see is not told apart.
+            return Err(MetaError::NotFound("record"));
+        }
+    }
+    let n = tx.exec(
+        "INSERT INTO records (id, vault_id, parent_id, title, fields, version) VALUES (?1, ?2, ?3, ?4, ?5, 1) \
+         ON CONFLICT(id) DO NOTHING",
+        params![&r.id.0[..], &vault.0[..], r.parent.map(|p| p.0.to_vec()), &r.title.0, &r.fields.0],
+    )?;
+    if n == 0 {
+        return Err(MetaError::Exists("record"));
+    }
+    Ok(RecordInfo {
+        id: r.id,
+        vault,
+        parent: r.parent,
+        title: r.title.clone(),
+        fields: r.fields.clone(),
+        version: 1,
+    })
+}
+
 /// Creates an empty file in `record`.
 fn create_in(tx: &Connection, record: RecordId, f: &NewFile, now_ms: i64) -> Result<FileInfo> {
     let vault = Meta::record_vault(tx, record)?;
@@ -1100,30 +1128,9 @@ impl MetaStore for Meta {
 
     fn create_record(&mut self, vault: VaultId, r: &NewRecord) -> Result<RecordInfo> {
         let tx = self.conn.transaction()?;
-        if let Some(parent) = r.parent {
-            if Self::record_vault(&tx, parent)? != vault {
-                // The answer for a record that does not exist: one in a vault
-                // the caller may not see is not told apart.
-                return Err(MetaError::NotFound("record"));
-            }
-        }
-        let n = tx.exec(
-            "INSERT INTO records (id, vault_id, parent_id, title, fields, version) VALUES (?1, ?2, ?3, ?4, ?5, 1) \
-             ON CONFLICT(id) DO NOTHING",
-            params![&r.id.0[..], &vault.0[..], r.parent.map(|p| p.0.to_vec()), &r.title.0, &r.fields.0],
-        )?;
-        if n == 0 {
-            return Err(MetaError::Exists("record"));
-        }
+        let info = record_in(&tx, vault, r)?;
         tx.commit()?;
-        Ok(RecordInfo {
-            id: r.id,
-            vault,
-            parent: r.parent,
-            title: r.title.clone(),
-            fields: r.fields.clone(),
-            version: 1,
-        })
+        Ok(info)
     }
 
     fn record(&self, id: RecordId) -> Result<RecordInfo> {
@@ -1269,8 +1276,18 @@ impl MetaStore for Meta {
         Ok(done)
     }
 
-    fn create_with_content(&mut self, record: RecordId, f: &NewFile, c: &Committed) -> Result<u64> {
+    fn create_with_content(
+        &mut self,
+        new_record: Option<(VaultId, &NewRecord)>,
+        record: RecordId,
+        f: &NewFile,
+        c: &Committed,
+    ) -> Result<u64> {
         let tx = self.conn.transaction()?;
+        if let Some((vault, r)) = new_record {
+            debug_assert_eq!(r.id, record);
+            record_in(&tx, vault, r)?;
+        }
         let created = create_in(&tx, record, f, c.mtime_ms)?;
         let (version, _) = commit_in(&tx, created.id, created.version, c)?;
         tx.commit()?;

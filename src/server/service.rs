@@ -1291,32 +1291,49 @@ impl<B: BlobStore> Service<B> {
     /// create and an upload. Checked before any byte is read as an upload is
     /// (write rights in the record's vault, its end-to-end rule); `Exists` if
     /// the id is taken (a request sent again after its answer was lost).
+    /// With `new_record` (the vault it goes in, and the record with the id
+    /// `record`), the record is created in the same transaction: a new
+    /// directory's first file, one request where it took two. Checked as
+    /// [`Service::create_record`] checks it (write rights in that vault, a
+    /// parent of the same vault); `Exists` if its id is taken.
     pub async fn create_with_content(
         &self,
         caller: &Caller,
         record: RecordId,
+        new_record: Option<(VaultId, NewRecord)>,
         f: NewFile,
         up: Upload,
     ) -> Result<UploadResult> {
         let (uid, e2e) = (caller.user.id, up.e2e);
+        if new_record.as_ref().is_some_and(|(_, r)| r.id != record) {
+            return Err(ServiceError::BadRequest("the new record's id is not the record named".into()));
+        }
         let id = f.id;
+        let in_vault = new_record.as_ref().map(|(vault, _)| *vault);
         let (rights, e2e_required, taken) = self
             .db_lookup(move |m| {
-                let vault = m.record(record)?.vault;
+                let vault = match in_vault {
+                    Some(vault) => vault,
+                    None => m.record(record)?.vault,
+                };
                 let rights = m.rights(uid, vault)?;
                 let required = !e2e && rights.is_some() && m.e2e_required(vault)?;
                 // Taken already (sent again after a lost answer): said before
                 // the body is read, not after it was stored.
-                let taken = rights.is_some() && m.file(id).is_ok();
+                let taken = match rights {
+                    None => None,
+                    Some(_) if in_vault.is_some() && m.record(record).is_ok() => Some("record"),
+                    Some(_) => m.file(id).is_ok().then_some("file"),
+                };
                 Ok((rights, required, taken))
             })
             .await?;
-        check_rights(rights, Rights::Write, "record")?;
+        check_rights(rights, Rights::Write, if in_vault.is_some() { "vault" } else { "record" })?;
         if e2e_required {
             return Err(ServiceError::E2eRequired);
         }
-        if taken {
-            return Err(ServiceError::Exists("file"));
+        if let Some(what) = taken {
+            return Err(ServiceError::Exists(what));
         }
         let mtime_ms = up.mtime_ms.unwrap_or_else(now_ms);
         let f = NewFile { e2e, mtime_ms: Some(mtime_ms), ..f };
@@ -1324,7 +1341,8 @@ impl<B: BlobStore> Service<B> {
         let (version, size) = self
             .store_and_commit(caller, up.body, up.declared_len, move |m, blob, size| {
                 let c = Committed { blob, size, e2e, mtime_ms, meta };
-                m.create_with_content(record, &f, &c)
+                let new_record = new_record.as_ref().map(|(vault, r)| (*vault, r));
+                m.create_with_content(new_record, record, &f, &c)
             })
             .await?;
         Ok(UploadResult { version, size, conflict_copy: None })

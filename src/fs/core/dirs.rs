@@ -1,27 +1,78 @@
-//! Records as directories: mkdir and rmdir.
+//! Records as directories: mkdir and rmdir, and new records on their way
+//! to the server.
 //!
-//! Data flow. A new record's title is sealed with the vault's key and created
-//! on the server; only once the server has it does it appear in the tree.
-//! Removing one takes it out of the tree at once and deletes it on the
+//! Data flow. A new record's title is sealed with the vault's key and the
+//! record made in the tree only, empty and unsent (as a new file is, see
+//! super::unsent): mkdir answers without a round trip. The first file saved
+//! in it creates it on the server in the same request as the file
+//! (`PUT /v1/records/{record}/files/{file}` with the record's headers),
+//! where `tar -x` or `git checkout` paid a request per directory. Anything
+//! else that names it to the server sends it first, on its own
+//! ([`VaultFs::record_on_server`]): a file created empty (a lock, a stream, a
+//! symbolic link), a rename of it, into it or over it, an rmdir of one a
+//! request may have created. Records above it that are not sent yet go
+//! first. One nothing sends is sent [`SEND_NEW_DIR_AFTER`] after its mkdir,
+//! at fsyncdir of it or of its directory, and at unmount, so other clients
+//! see empty directories too. Each is sent under its own sending lock, so it
+//! is created once. An rmdir before then sends nothing.
+//!
+//! What this costs: a refusal (a vault turned read-only elsewhere meanwhile)
+//! comes at the first save in the directory, not at mkdir, and a crash
+//! before then loses the names of directories not yet sent, as it loses
+//! files not yet saved.
+//!
+//! Removing a record takes it out of the tree at once and deletes it on the
 //! server in the background (super::deletes), after the files unlinked from
 //! it, with the version this mount knows: a record changed or filled
 //! elsewhere meanwhile is not removed blindly (the server refuses, and it
 //! shows again). One that still holds a file unlinked while open asks the
 //! server first.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use super::tree::{check_name, Key, Node};
 use super::{Attr, FsError, Ino, Result, VaultFs};
 use crate::crypto::NameContext;
-use crate::ids::RecordId;
-use crate::protocol::{NewRecord, Sealed};
-use crate::remote::Remote;
+use crate::ids::{RecordId, VaultId};
+use crate::protocol::{NewRecord, RecordInfo, Sealed};
+use crate::remote::{Remote, RemoteError};
+
+/// How long after its mkdir a record no file was saved in is sent on its
+/// own: long enough for the first file of `tar -x` or `cp -r` to take it
+/// along, short enough that other clients soon see the directory.
+pub const SEND_NEW_DIR_AFTER: Duration = Duration::from_millis(500);
+
+/// New records on their way to the server.
+pub(super) struct NewDirs {
+    /// Each unsent record's sending lock, while one is wanted.
+    sending: Mutex<HashMap<Ino, Arc<tokio::sync::Mutex<()>>>>,
+    /// Whether the server creates a record with a file in one request (one
+    /// that does not know the record's headers ignores them, and answers
+    /// 404: then records go on their own from then on).
+    with_files: AtomicBool,
+}
+
+impl Default for NewDirs {
+    fn default() -> Self {
+        NewDirs { sending: Mutex::default(), with_files: AtomicBool::new(true) }
+    }
+}
+
+/// The sending lock of a record, held: the record is created once.
+pub(super) struct Sending {
+    _held: tokio::sync::OwnedMutexGuard<()>,
+}
 
 impl<R: Remote> VaultFs<R> {
-    /// Creates a record (a directory) in a vault or record.
-    pub async fn mkdir(&self, parent: Ino, name: &OsStr) -> Result<Attr> {
+    /// Creates a record (a directory) in a vault or record: in this mount
+    /// only, sent with the first file saved in it (see the module comment).
+    pub async fn mkdir(self: &Arc<Self>, parent: Ino, name: &OsStr) -> Result<Attr> {
         check_name(name)?;
         self.load_dir(parent).await?;
         self.writable(parent)?;
@@ -41,16 +92,173 @@ impl<R: Remote> VaultFs<R> {
         };
         let id = RecordId::random().map_err(|e| FsError::Io(e.to_string()))?;
         let title = self.seal(vault, NameContext::RecordTitle { vault, record: id }, name)?;
-        let info = self
-            .remote()
-            .create_record(vault, NewRecord { id, parent: parent_record, title, fields: Sealed::default() })
-            .await?;
-        let mut tree = self.tree.lock();
+        // Version 0: none the server gave yet.
+        let info =
+            RecordInfo { id, vault, parent: parent_record, title, fields: Sealed::default(), version: 0 };
         let node = Node::Record { info, parent };
-        let ino = tree.add(parent, name, Key::Record(id), node.clone());
+        let (ino, attr) = {
+            let mut tree = self.tree.lock();
+            if tree.child(parent, name).is_some() {
+                return Err(FsError::Exists);
+            }
+            let ino = tree.add_unsent(parent, name, Key::Record(id), node.clone());
+            (ino, self.attr_of(&tree, ino, &node))
+        };
         self.touch_dir(parent);
         self.touch_dir(ino);
-        Ok(self.attr_of(&tree, ino, &node))
+        let fs = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(SEND_NEW_DIR_AFTER).await;
+            if let Err(e) = fs.record_on_server(ino).await {
+                tracing::warn!(error = %e, "a new directory could not be sent; it is tried again with its first file, at fsyncdir and at unmount");
+            }
+        });
+        Ok(attr)
+    }
+
+    /// Creates record `ino` on the server if it exists only in this mount,
+    /// the records above it first: before anything that names it to the
+    /// server. Nothing to do for a vault, or a record on the server.
+    pub(super) async fn record_on_server(&self, ino: Ino) -> Result<()> {
+        let chain = self.tree.lock().unsent_chain(ino);
+        for record in chain.into_iter().rev() {
+            let sending = self.sending(record).await;
+            self.send_record(record, &sending).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes record `ino`'s sending lock.
+    pub(super) async fn sending(&self, ino: Ino) -> Sending {
+        let lock = Arc::clone(self.new_dirs.sending.lock().entry(ino).or_default());
+        Sending { _held: lock.lock_owned().await }
+    }
+
+    /// Creates unsent record `ino` on the server, alone (the records above
+    /// it are there). The caller holds its sending lock.
+    async fn send_record(&self, ino: Ino, _sending: &Sending) -> Result<()> {
+        let Some((vault, new)) = self.tree.lock().unsent_record(ino) else {
+            return Ok(());
+        };
+        let id = new.id;
+        let version = match self.remote().create_record(vault, new).await {
+            Ok(info) if info.id != id || info.vault != vault => {
+                return Err(FsError::Io("the server answered for another record".into()))
+            }
+            Ok(info) => info.version,
+            // Created by an earlier request whose answer was lost (an id is
+            // random: nobody else chose it). Version 1, as every new record's.
+            Err(RemoteError::Exists(_)) => 1,
+            Err(e) => {
+                self.note_record_uncertain(ino, &e);
+                return Err(e.into());
+            }
+        };
+        self.record_now_sent(ino, version);
+        Ok(())
+    }
+
+    /// Record `ino` is on the server now, at `version`.
+    pub(super) fn record_now_sent(&self, ino: Ino, version: u64) {
+        self.tree.lock().record_sent(ino, version);
+        self.new_dirs.sending.lock().remove(&ino);
+    }
+
+    /// A request that would have created record `ino` got no answer: an
+    /// rmdir must ask the server.
+    pub(super) fn note_record_uncertain(&self, ino: Ino, e: &RemoteError) {
+        if matches!(e, RemoteError::Unavailable(_) | RemoteError::Protocol(_)) {
+            self.tree.lock().note_maybe_sent(ino);
+        }
+    }
+
+    /// What a file's first save in record `record` sends along: the record,
+    /// if it is not on the server yet and the server takes records with
+    /// files (the records above it are sent first), with its sending lock
+    /// held until the save is answered.
+    pub(super) async fn record_with_file(
+        &self,
+        record: Ino,
+    ) -> Result<Option<(VaultId, NewRecord, Sending)>> {
+        if !self.tree.lock().is_unsent(record) {
+            return Ok(None);
+        }
+        if !self.new_dirs.with_files.load(Ordering::Relaxed) {
+            self.record_on_server(record).await?;
+            return Ok(None);
+        }
+        let parent = self.tree.lock().parent_of(record);
+        if let Some(parent) = parent {
+            self.record_on_server(parent).await?;
+        }
+        let sending = self.sending(record).await;
+        Ok(self.tree.lock().unsent_record(record).map(|(vault, new)| (vault, new, sending)))
+    }
+
+    /// A server answered 404 to a file with its new record, and then created
+    /// the record on its own: it does not know records with files (an
+    /// older version), and records go on their own from then on.
+    pub(super) fn no_records_with_files(&self) {
+        if self.new_dirs.with_files.swap(false, Ordering::Relaxed) {
+            tracing::info!("the server does not create a directory with its first file (an older version): each new directory costs a request of its own");
+        }
+    }
+
+    /// Sends the records made here that are not on the server yet: those in
+    /// directory `dir` and `dir` itself (fsyncdir), or all (unmount).
+    /// Returns how many could not be sent.
+    pub async fn send_new_dirs(&self, dir: Option<Ino>) -> usize {
+        let mut records = self.tree.lock().unsent_records(dir);
+        records.extend(dir);
+        let mut failed = 0;
+        for ino in records {
+            if let Err(e) = self.record_on_server(ino).await {
+                tracing::error!(error = %e, "a new directory could not be sent");
+                failed += 1;
+            }
+        }
+        failed
+    }
+
+    /// fsyncdir: the directory and the directories made in it are on the
+    /// server when it returns (files are, once saved).
+    pub async fn fsyncdir(&self, ino: Ino) -> Result<()> {
+        match self.send_new_dirs(Some(ino)).await {
+            0 => Ok(()),
+            _ => Err(FsError::Unavailable("a new directory could not be sent".into())),
+        }
+    }
+
+    /// Removes unsent record `ino` (empty) from the tree, sending nothing:
+    /// true if it did. False if it is on the server (or may be: a request
+    /// that would have created it got no answer, and it is sent now), or
+    /// holds a file unlinked while open: then the server is asked.
+    async fn forget_unsent_record(&self, ino: Ino) -> Result<bool> {
+        if !self.tree.lock().is_unsent(ino) {
+            return Ok(false);
+        }
+        let sending = self.sending(ino).await;
+        let maybe_sent = {
+            let mut tree = self.tree.lock();
+            if tree.unsent_record(ino).is_none() {
+                return Ok(false);
+            }
+            if !tree.is_empty_dir(ino) {
+                return Err(FsError::NotEmpty);
+            }
+            let maybe_sent = tree.maybe_sent(ino) || tree.holds_orphans(ino);
+            if !maybe_sent {
+                tree.remove(ino);
+            }
+            maybe_sent
+        };
+        if maybe_sent {
+            drop(sending);
+            self.record_on_server(ino).await?;
+            return Ok(false);
+        }
+        self.new_dirs.sending.lock().remove(&ino);
+        Ok(true)
     }
 
     /// Removes an empty record.
@@ -58,6 +266,19 @@ impl<R: Remote> VaultFs<R> {
         self.load_dir(parent).await?;
         if self.tree.lock().node(parent)?.vault().is_some() {
             self.deletable(parent)?;
+        }
+        // Made here and never sent: gone from the mount, nothing to ask.
+        let made_here = {
+            let tree = self.tree.lock();
+            tree.child(parent, name).filter(|&ino| {
+                tree.is_unsent(ino) && matches!(tree.node_unchecked(ino), Some(Node::Record { .. }))
+            })
+        };
+        if let Some(ino) = made_here {
+            if self.forget_unsent_record(ino).await? {
+                self.touch_dir(parent);
+                return Ok(());
+            }
         }
         let (ino, info) = {
             let tree = self.tree.lock();

@@ -9,7 +9,7 @@
 //! | step | file | owns |
 //! |---|---|---|
 //! | name → inode: the namespace built from the server's listings | `tree.rs`, `namespace.rs` | [`tree::Tree`] |
-//! | records as directories: mkdir, rmdir | `dirs.rs` | |
+//! | records as directories: mkdir, rmdir; new ones known only here until their first file (or a moment) sends them | `dirs.rs` | [`dirs::NewDirs`] |
 //! | the server's changes while mounted: long poll, catching up, telling the kernel | `follow.rs` | [`follow::Feed`] |
 //! | what the mount policies allow in each vault | `rules.rs` | [`rules::Rules`] |
 //! | attributes and times | `attr.rs` | [`attr::Times`] |
@@ -39,15 +39,20 @@
 //! 1. a file's plaintext (async, per file; held across awaits while the file
 //!    is loaded, changed or uploaded, which orders those steps per file; no
 //!    task holds two files' plaintext at once);
-//! 2. a vault's loading lock (async, per vault, in `loading`: held while its
+//! 2. a new record's sending lock (async, per record, in `new_dirs`: held
+//!    while the request that creates it is sent, so it is created once; no
+//!    task holds two: the records above it are sent first, each under its
+//!    own);
+//! 3. a vault's loading lock (async, per vault, in `loading`: held while its
 //!    listing or changes are fetched and applied, so one load of a vault runs
 //!    at a time and those waiting find it fresh; nothing else async is taken
 //!    under it);
-//! 3. `tree`;
-//! 4. leaf locks: `rules`, `handles`, `modes`, `times`, `fills`, `refusals`,
-//!    `legacy_warned`, `loading`, `feed`, `creates`, `passthrough`, those
-//!    inside `locks` and each backing file (its mapping, its registration),
-//!    the cache and the freshness state.
+//! 4. `tree`;
+//! 5. leaf locks: `rules`, `handles`, `modes`, `times`, `fills`, `refusals`,
+//!    `legacy_warned`, `loading`, `feed`, `creates`, `passthrough`, the map
+//!    of sending locks in `new_dirs`, those inside `locks` and each backing
+//!    file (its mapping, its registration), the cache and the freshness
+//!    state.
 //!
 //! The tree and every leaf lock are synchronous (`parking_lot`), never held
 //! across an await (the compiler checks it: their guards are not `Send`), and
@@ -95,6 +100,7 @@ mod unsent;
 
 pub use backing::{Backing, KernelOpen, OpenHow, PassthroughMode, PASSTHROUGH_MIN};
 pub use deletes::DELETES_IN_FLIGHT;
+pub use dirs::SEND_NEW_DIR_AFTER;
 pub use io::ReadData;
 use io::WriteData;
 pub use locks::{with_lock, LockConflict, LockKind, LockRequest};
@@ -288,6 +294,8 @@ pub struct VaultFs<R> {
     passthrough: backing::Passthrough,
     /// Deletes of unlinked files on their way to the server.
     deletes: deletes::Deletes,
+    /// Records made here on their way to the server (one request at a time each).
+    new_dirs: dirs::NewDirs,
 }
 
 impl<R: Remote> VaultFs<R> {
@@ -315,6 +323,7 @@ impl<R: Remote> VaultFs<R> {
             creates: unsent::Creates::default(),
             passthrough: backing::Passthrough::new(options.passthrough),
             deletes: deletes::Deletes::default(),
+            new_dirs: dirs::NewDirs::default(),
         };
         if !options.local_locks {
             fs.start_locks().await;

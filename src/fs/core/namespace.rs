@@ -492,6 +492,8 @@ impl<R: Remote> VaultFs<R> {
         manifest: &FileManifest,
     ) -> Result<(Ino, FileInfo)> {
         let (vault, record) = self.file_parent(parent)?;
+        // The record first, if it is not on the server yet (super::dirs).
+        self.record_on_server(parent).await?;
         let new = self.new_file_request(parent, name, manifest)?;
         let id = new.id;
         let info = self.remote().create_file(record, new).await?;

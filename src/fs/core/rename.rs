@@ -111,13 +111,29 @@ impl<R: Remote> VaultFs<R> {
         self.load_dir(new_parent).await?;
         self.writable(parent)?;
         self.writable(new_parent)?;
-        let (ino, node, target, dest) = {
+        let look = || {
             let tree = self.tree.lock();
             let ino = tree.child(parent, name).ok_or(FsError::NotFound)?;
             let node = tree.node(ino)?.clone();
             let target = tree.child(new_parent, new_name).map(|t| (t, tree.node_unchecked(t).cloned()));
-            (ino, node, target, tree.node(new_parent)?.clone())
+            Ok::<_, FsError>((ino, node, target, tree.node(new_parent)?.clone()))
         };
+        let (ino, node, target, _) = look()?;
+        // The server is asked: the records it is asked about must be there
+        // (super::dirs), and are then looked at again with their versions.
+        if node.vault().is_some() && node.vault() == self.tree.lock().node(new_parent)?.vault() {
+            let mut send = vec![new_parent];
+            if matches!(node, Node::Record { .. }) {
+                send.push(ino);
+            }
+            if let Some((t, Some(Node::Record { .. }))) = target {
+                send.push(t);
+            }
+            for record in send {
+                self.record_on_server(record).await?;
+            }
+        }
+        let (ino, node, target, dest) = look()?;
         if node.vault() != dest.vault() {
             return Err(match dest {
                 Node::Root => FsError::NotPermitted("vaults are top-level only".into()),

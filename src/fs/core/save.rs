@@ -50,6 +50,8 @@ enum Saved {
     Stale(Option<u64>),
     /// A first save that did not create the file (see `unsent`).
     CreateFirst { unknown: bool },
+    /// A first save that made neither the file nor its new record (see `dirs`).
+    RecordFirst,
     /// Not stored.
     Failed(FsError),
 }
@@ -203,6 +205,8 @@ impl<R: Remote> VaultFs<R> {
                 None => failed += 1,
             }
         }
+        // Directories made here that no save took along.
+        failed += self.send_new_dirs(None).await;
         // Unlinked files the server has not deleted yet: waited for a while
         // (a delete the server cannot take now would show the file again).
         if tokio::time::timeout(UNMOUNT_DELETE_WAIT, self.deletes_settled(None)).await.is_err() {
@@ -263,7 +267,8 @@ impl<R: Remote> VaultFs<R> {
                         match self.create_with_content(ino, &info, sealed, mtime_ms, body).await {
                             FirstSave::Stored(done) => Ok(done),
                             FirstSave::CreateFirst { unknown } => Err(Saved::CreateFirst { unknown }),
-                            FirstSave::Failed(e) => Err(Saved::Failed(e.into())),
+                            FirstSave::RecordFirst => Err(Saved::RecordFirst),
+                            FirstSave::Failed(e) => Err(Saved::Failed(e)),
                         }
                     }
                     _ => match self.remote().upload(info.id, expected, true, Some(mtime_ms), body).await {
@@ -358,6 +363,16 @@ impl<R: Remote> VaultFs<R> {
             Saved::Failed(e) => {
                 tracing::warn!(file = %info.id, error = %e, "upload failed; the data stays in memory and will be retried");
                 Err(e)
+            }
+            Saved::RecordFirst => {
+                // Neither the record nor the file was made: the record alone,
+                // then the save again. If the record could be made, the
+                // server did not know the request with a record.
+                let record = self.tree.lock().parent_of(ino).ok_or(FsError::NotFound)?;
+                self.record_on_server(record).await?;
+                self.no_records_with_files();
+                drop(d);
+                Box::pin(self.upload(ino, handle)).await
             }
             Saved::CreateFirst { unknown } => {
                 let created = self.create_on_server(ino, &mut d).await?;

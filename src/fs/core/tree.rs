@@ -28,7 +28,7 @@ use std::time::Instant;
 use super::{FsError, Ino, Invalidation, Kind, Result, LISTING_TTL, NAME_MAX, ROOT};
 use crate::crypto::{self, FileManifest};
 use crate::ids::{FileId, RecordId, VaultId};
-use crate::protocol::{FileInfo, RecordInfo};
+use crate::protocol::{FileInfo, NewRecord, RecordInfo};
 
 /// What an inode stands for on the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -154,10 +154,12 @@ pub(super) struct Tree {
     /// value: the server still holds the file (its content is read from
     /// there, a pass-through file), to be deleted at that release.
     orphans: HashMap<Ino, bool>,
-    /// Files created here that are not on the server yet: their first save
-    /// creates them there with their content, in one request. Listings do
-    /// not name them, and leave them where they are. The value: a request
-    /// that would have created it got no answer (it may be there after all).
+    /// Files and records created here that are not on the server yet: a
+    /// file's first save creates it there with its content, in one request,
+    /// and a record goes with the first file saved in it (super::dirs).
+    /// Listings do not name them, and leave them where they are. The value:
+    /// a request that would have created it got no answer (it may be there
+    /// after all).
     unsent: HashMap<Ino, bool>,
     /// What this mount deleted on the server, with the vault and the number
     /// of the change (see `local_changes`): a listing or page of changes
@@ -345,17 +347,64 @@ impl Tree {
         }
     }
 
-    /// Adds file `key` as `name` in `parent`, known only here until it is
-    /// [`Tree::sent`]; returns its inode.
+    /// Adds file or record `key` as `name` in `parent`, known only here
+    /// until it is [`Tree::sent`]; returns its inode.
     pub(super) fn add_unsent(&mut self, parent: Ino, name: &OsStr, key: Key, node: Node) -> Ino {
         let ino = self.add(parent, name, key, node);
         self.unsent.insert(ino, false);
         ino
     }
 
-    /// Whether file `ino` exists only here (created, never saved).
+    /// Whether file or record `ino` exists only here (created, never sent).
     pub(super) fn is_unsent(&self, ino: Ino) -> bool {
         self.unsent.contains_key(&ino)
+    }
+
+    /// What creates unsent record `ino` on the server: its vault, and the
+    /// record as it is here (`None` if it is not an unsent record).
+    pub(super) fn unsent_record(&self, ino: Ino) -> Option<(VaultId, NewRecord)> {
+        match self.nodes.get(&ino) {
+            Some(Node::Record { info, .. }) if self.is_unsent(ino) => Some((
+                info.vault,
+                NewRecord {
+                    id: info.id,
+                    parent: info.parent,
+                    title: info.title.clone(),
+                    fields: info.fields.clone(),
+                },
+            )),
+            _ => None,
+        }
+    }
+
+    /// The unsent records from `ino` up, `ino` first (each must be sent
+    /// after the one above it).
+    pub(super) fn unsent_chain(&self, ino: Ino) -> Vec<Ino> {
+        let mut chain = Vec::new();
+        let mut at = ino;
+        while let Some(Node::Record { parent, .. }) = self.nodes.get(&at).filter(|_| self.is_unsent(at)) {
+            chain.push(at);
+            at = *parent;
+        }
+        chain
+    }
+
+    /// Unsent records in directory `dir` (every one, if `None`).
+    pub(super) fn unsent_records(&self, dir: Option<Ino>) -> Vec<Ino> {
+        self.unsent
+            .keys()
+            .filter(|ino| matches!(self.nodes.get(ino), Some(Node::Record { .. })))
+            .filter(|&&ino| dir.is_none() || self.parent_of(ino) == dir)
+            .copied()
+            .collect()
+    }
+
+    /// Record `ino` now exists on the server, at `version`.
+    pub(super) fn record_sent(&mut self, ino: Ino, version: u64) {
+        if let Some(Node::Record { info, .. }) = self.nodes.get_mut(&ino) {
+            info.version = version;
+        }
+        self.sent(ino);
     }
 
     /// Whether a request that would have created unsent file `ino` got no
@@ -933,13 +982,14 @@ impl Tree {
             placed.push((parent, ino, name, Node::File { info, parent, meta }));
         }
         // Records and files created here since the listing was asked for, and
-        // files created here and not yet saved, stay where they are (if the
-        // listing still has their directory), under their names; records first,
-        // so that what is in them has a place.
+        // those created here and not yet sent, stay where they are (if the
+        // listing still has their directory, or it is one of them), under
+        // their names; records first, so that what is in them has a place.
         let listed: HashSet<Ino> = placed.iter().map(|(_, ino, ..)| *ino).collect();
         let made: Vec<(Ino, Ino, bool)> = self
             .made_here
             .keys()
+            .chain(self.unsent.keys())
             .filter(|ino| !listed.contains(ino) && !self.orphans.contains_key(ino))
             .filter_map(|&ino| {
                 let node = self.nodes.get(&ino).filter(|n| n.vault() == Some(vault))?;
@@ -954,15 +1004,6 @@ impl Tree {
         }
         for (ino, parent, _) in made {
             if let (Some(dir), Some(name)) = (kids.get_mut(&parent), self.names.get(&ino)) {
-                dir.insert(name.clone(), ino);
-            }
-        }
-        for &ino in self.unsent.keys() {
-            let Some(Node::File { info, parent, .. }) = self.nodes.get(&ino) else { continue };
-            if info.vault != vault || self.orphans.contains_key(&ino) || listed.contains(&ino) {
-                continue;
-            }
-            if let (Some(dir), Some(name)) = (kids.get_mut(parent), self.names.get(&ino)) {
                 dir.insert(name.clone(), ino);
             }
         }
@@ -1187,6 +1228,71 @@ mod tests {
         }
         assert_eq!(t.child(r2_ino, OsStr::new("r")), Some(dir));
         assert_eq!(t.entries(dir).unwrap().count(), 3);
+    }
+
+    /// Records and files made here and not sent yet, nested, stay where
+    /// they are across listings, which do not name them, once this mount's
+    /// own changes are forgotten too; until they are sent and the server's
+    /// listing names them.
+    #[test]
+    fn unsent_records_and_what_is_in_them_stay_across_listings() {
+        let v = vault();
+        let r = record(v, None, 1);
+        let mut t = Tree::new();
+        t.apply_listing(v, 1, 0, vec![(r.clone(), name("r"))], vec![]);
+        let (vault_ino, r_ino) = (t.keys[&Key::Vault(v)], t.keys[&Key::Record(r.id)]);
+        let outer = record(v, Some(r.id), 0);
+        let inner = record(v, Some(outer.id), 0);
+        let f = file(v, inner.id, 0);
+        let o = t.add_unsent(
+            r_ino,
+            OsStr::new("o"),
+            Key::Record(outer.id),
+            Node::Record { info: outer.clone(), parent: r_ino },
+        );
+        let i = t.add_unsent(
+            o,
+            OsStr::new("i"),
+            Key::Record(inner.id),
+            Node::Record { info: inner.clone(), parent: o },
+        );
+        let meta = FileMeta::Legacy;
+        let fi = t.add_unsent(
+            i,
+            OsStr::new("f"),
+            Key::File(f.id),
+            Node::File { info: f.clone(), parent: i, meta },
+        );
+        assert_eq!(t.unsent_chain(fi), Vec::<Ino>::new(), "a file is no record");
+        assert_eq!(t.unsent_chain(i), [i, o]);
+        assert_eq!(
+            t.unsent_record(i).map(|(vault, new)| (vault, new.id, new.parent)),
+            Some((v, inner.id, Some(outer.id)))
+        );
+        for _ in 0..2 {
+            // The second listing comes after this mount's changes are forgotten.
+            t.apply_listing(v, 2, t.local_changes(), vec![(r.clone(), name("r"))], vec![]);
+            check_consistent(&t);
+            assert_eq!(t.child(r_ino, OsStr::new("o")), Some(o));
+            assert_eq!(t.child(o, OsStr::new("i")), Some(i));
+            assert_eq!(t.child(i, OsStr::new("f")), Some(fi));
+        }
+        assert!(t.made_here.is_empty());
+        assert_eq!(t.unsent_records(Some(r_ino)), [o]);
+        t.record_sent(o, 1);
+        assert_eq!(t.unsent_chain(i), [i]);
+        assert_eq!(t.node_unchecked(o).and_then(Node::version), Some(1));
+        // Sent, and listed: in place as the server says.
+        t.apply_listing(
+            v,
+            3,
+            t.local_changes(),
+            vec![(r.clone(), name("r")), (RecordInfo { version: 1, ..outer }, name("o"))],
+            vec![],
+        );
+        check_consistent(&t);
+        assert_eq!(t.child(o, OsStr::new("i")), Some(i));
+        assert_eq!(t.child(vault_ino, OsStr::new("r")), Some(r_ino));
     }
 
     /// Under the tree's lock: a listing or a change of one vault never

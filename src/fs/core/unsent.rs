@@ -21,7 +21,9 @@
 //! is taken as ours (its manifest only if it opens for this file), and the
 //! content goes up over it as an ordinary save.
 //! A server that does not know the one-request create (an older one answers
-//! 404) gets a create and an upload from then on.
+//! 404) gets a create and an upload from then on. A file whose record is not
+//! on the server yet either takes the record along (super::dirs) or, for a
+//! create on its own, sends it first.
 //!
 //! [`Tree::is_unsent`]: super::tree::Tree::is_unsent
 
@@ -54,8 +56,11 @@ pub(super) enum FirstSave {
     /// it as usual. `unknown`: the answer was 404 (the record is gone, or
     /// the server does not know the request); else the id was taken.
     CreateFirst { unknown: bool },
+    /// Not created: the server took neither the file nor the record sent
+    /// with it (404). Send the record on its own, then save again.
+    RecordFirst,
     /// Failed (kept unsaved, retried as any save).
-    Failed(RemoteError),
+    Failed(FsError),
 }
 
 impl<R: Remote> VaultFs<R> {
@@ -118,18 +123,46 @@ impl<R: Remote> VaultFs<R> {
         body: UploadBody,
     ) -> FirstSave {
         let new = NewFile { id: info.id, name: info.name.clone(), e2e: true, mtime_ms: Some(mtime_ms), meta };
-        match self.remote().create_with_content(info.record, new, body).await {
+        // Its record goes along if it is not on the server yet (super::dirs).
+        let Some(record_ino) = self.tree.lock().parent_of(ino) else {
+            return FirstSave::Failed(FsError::NotFound);
+        };
+        let (new_record, _sending) = match self.record_with_file(record_ino).await {
+            Ok(Some((vault, record, sending))) => (Some((vault, record)), Some(sending)),
+            Ok(None) => (None, None),
+            Err(e) => return FirstSave::Failed(e),
+        };
+        let with_record = new_record.is_some();
+        match self.remote().create_with_content(info.record, new_record, new, body).await {
             // Nothing of the sort was asked: a server that says it kept our
             // content as a copy is not believed (the content stays unsaved).
-            Ok(done) if done.conflict_copy.is_some() => FirstSave::Failed(RemoteError::Protocol(
-                "the server answered a new file's first save with a conflict copy".into(),
-            )),
-            Ok(done) => FirstSave::Stored(done),
+            Ok(done) if done.conflict_copy.is_some() => {
+                let e = RemoteError::Protocol(
+                    "the server answered a new file's first save with a conflict copy".into(),
+                );
+                if with_record {
+                    self.note_record_uncertain(record_ino, &e);
+                }
+                FirstSave::Failed(e.into())
+            }
+            Ok(done) => {
+                if with_record {
+                    // Every new record's version.
+                    self.record_now_sent(record_ino, 1);
+                }
+                FirstSave::Stored(done)
+            }
+            // The file's id or the record's is taken (an earlier request
+            // whose answer was lost): each is made sure of on its own.
             Err(RemoteError::Exists(_)) => FirstSave::CreateFirst { unknown: false },
+            Err(RemoteError::NotFound(_)) if with_record => FirstSave::RecordFirst,
             Err(RemoteError::NotFound(_)) => FirstSave::CreateFirst { unknown: true },
             Err(e) => {
                 self.note_uncertain(ino, &e);
-                FirstSave::Failed(e)
+                if with_record {
+                    self.note_record_uncertain(record_ino, &e);
+                }
+                FirstSave::Failed(e.into())
             }
         }
     }
@@ -171,6 +204,9 @@ impl<R: Remote> VaultFs<R> {
         if !self.tree.lock().is_unsent(ino) {
             return Ok(false);
         }
+        // Its record first, if that is not on the server yet (super::dirs).
+        let record_ino = self.tree.lock().parent_of(ino).ok_or(FsError::NotFound)?;
+        self.record_on_server(record_ino).await?;
         let info = self.file_info(ino)?;
         let new = NewFile {
             id: info.id,

@@ -346,6 +346,34 @@ impl PgTx {
         Ok((expected + 1, row.blob))
     }
 
+    /// Creates record `r` in `vault` (the caller holds the vault's lock):
+    /// its parent, if any, must be a record of the same vault.
+    fn record_in(&self, vault: VaultId, r: &NewRecord) -> Result<RecordInfo> {
+        if let Some(parent) = r.parent {
+            if self.record_vault(parent)? != vault {
+                // The answer for a record that does not exist: one in a vault
+                // the caller may not see is not told apart.
+                return Err(MetaError::NotFound("record"));
+            }
+        }
+        let n = self.exec(
+            "INSERT INTO records (id, vault_id, parent_id, title, fields, version) \
+             VALUES ($1, $2, $3, $4, $5, 1) ON CONFLICT (id) DO NOTHING",
+            &[&&r.id.0[..], &&vault.0[..], &r.parent.as_ref().map(|p| &p.0[..]), &r.title.0, &r.fields.0],
+        )?;
+        if n == 0 {
+            return Err(MetaError::Exists("record"));
+        }
+        Ok(RecordInfo {
+            id: r.id,
+            vault,
+            parent: r.parent,
+            title: r.title.clone(),
+            fields: r.fields.clone(),
+            version: 1,
+        })
+    }
+
     fn create_in(&self, record: RecordId, f: &NewFile, now_ms: i64) -> Result<FileInfo> {
         let vault = self.record_vault(record)?;
         let mtime = f.mtime_ms.unwrap_or(now_ms);
@@ -987,29 +1015,7 @@ impl MetaStore for PgTx {
     fn create_record(&mut self, vault: VaultId, r: &NewRecord) -> Result<RecordInfo> {
         self.step(|tx| {
             tx.lock_vault(vault)?;
-            if let Some(parent) = r.parent {
-                if tx.record_vault(parent)? != vault {
-                    // The answer for a record that does not exist: one in a vault
-                    // the caller may not see is not told apart.
-                    return Err(MetaError::NotFound("record"));
-                }
-            }
-            let n = tx.exec(
-                "INSERT INTO records (id, vault_id, parent_id, title, fields, version) \
-                 VALUES ($1, $2, $3, $4, $5, 1) ON CONFLICT (id) DO NOTHING",
-                &[&&r.id.0[..], &&vault.0[..], &r.parent.as_ref().map(|p| &p.0[..]), &r.title.0, &r.fields.0],
-            )?;
-            if n == 0 {
-                return Err(MetaError::Exists("record"));
-            }
-            Ok(RecordInfo {
-                id: r.id,
-                vault,
-                parent: r.parent,
-                title: r.title.clone(),
-                fields: r.fields.clone(),
-                version: 1,
-            })
+            tx.record_in(vault, r)
         })
     }
 
@@ -1181,9 +1187,22 @@ impl MetaStore for PgTx {
         })
     }
 
-    fn create_with_content(&mut self, record: RecordId, f: &NewFile, c: &Committed) -> Result<u64> {
+    fn create_with_content(
+        &mut self,
+        new_record: Option<(VaultId, &NewRecord)>,
+        record: RecordId,
+        f: &NewFile,
+        c: &Committed,
+    ) -> Result<u64> {
         self.step(|tx| {
-            tx.lock_vault(tx.record_vault(record)?)?;
+            match new_record {
+                Some((vault, r)) => {
+                    debug_assert_eq!(r.id, record);
+                    tx.lock_vault(vault)?;
+                    tx.record_in(vault, r)?;
+                }
+                None => tx.lock_vault(tx.record_vault(record)?)?,
+            }
             let created = tx.create_in(record, f, c.mtime_ms)?;
             Ok(tx.commit_in(created.id, created.version, c)?.0)
         })

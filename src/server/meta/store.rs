@@ -200,7 +200,16 @@ pub trait MetaStore: Send {
 
     /// Creates file `f` in `record` with content `c`, in one transaction:
     /// the file appears with its content or not at all. Returns its version.
-    fn create_with_content(&mut self, record: RecordId, f: &NewFile, c: &Committed) -> Result<u64>;
+    /// With `new_record` (its vault, and `record` as its id), the record is
+    /// created first in the same transaction, checked as
+    /// [`MetaStore::create_record`] checks it.
+    fn create_with_content(
+        &mut self,
+        new_record: Option<(VaultId, &NewRecord)>,
+        record: RecordId,
+        f: &NewFile,
+        c: &Committed,
+    ) -> Result<u64>;
 
     /// Creates file `copy` in `id`'s record and commits `c` to it: where a
     /// stream whose file moved on goes.

@@ -81,7 +81,8 @@ async fn small_writes_do_the_same_in_place_and_on_the_pool() {
         let (in_place, changes) = (s.service.pace.in_place_count(), *s.service.written.borrow());
         let f = new_file();
         let content = format!("in place: {quick}").into_bytes();
-        let done = s.service.create_with_content(&s.caller, s.record, f.clone(), upload(&content)).await;
+        let done =
+            s.service.create_with_content(&s.caller, s.record, None, f.clone(), upload(&content)).await;
         assert_eq!(done.unwrap().size, content.len() as u64);
         assert_eq!(read_back(&s, f.id).await, content);
         let r = NewRecord {
@@ -110,7 +111,7 @@ async fn larger_small_bodies_are_stored_on_the_pool() {
     let before = s.service.pace.in_place_count();
     let big = vec![7u8; pace::IN_PLACE_MAX as usize + 1];
     let f = new_file();
-    s.service.create_with_content(&s.caller, s.record, f.clone(), upload(&big)).await.unwrap();
+    s.service.create_with_content(&s.caller, s.record, None, f.clone(), upload(&big)).await.unwrap();
     assert_eq!(read_back(&s, f.id).await, big);
     assert_eq!(s.service.pace.in_place_count(), before, "a body over the in-place bound was stored in place");
 }
@@ -124,7 +125,7 @@ async fn a_blob_that_cannot_be_written_in_place_commits_nothing() {
     std::fs::remove_dir(&tmp).unwrap();
     std::fs::write(&tmp, b"").unwrap();
     let f = new_file();
-    let done = s.service.create_with_content(&s.caller, s.record, f.clone(), upload(b"lost?")).await;
+    let done = s.service.create_with_content(&s.caller, s.record, None, f.clone(), upload(b"lost?")).await;
     assert!(done.is_err(), "{done:?}");
     assert!(matches!(s.service.file(&s.caller, f.id).await, Err(ServiceError::NotFound(_))));
 }
@@ -165,7 +166,12 @@ async fn a_write_waits_on_the_pool_while_another_holds_the_database() {
     let caller = s.caller.clone();
     let file = tokio::spawn(async move {
         let commit = move |m: &mut dyn MetaStore, blob, size| {
-            m.create_with_content(record, &f, &Committed { blob, size, e2e: true, mtime_ms: 1, meta: None })
+            m.create_with_content(
+                None,
+                record,
+                &f,
+                &Committed { blob, size, e2e: true, mtime_ms: 1, meta: None },
+            )
         };
         service.store_and_commit(&caller, upload(b"x").body, Some(1), commit).await
     });
@@ -189,22 +195,27 @@ async fn a_write_waits_on_the_pool_while_another_holds_the_database() {
     assert_eq!(s.service.record(&s.caller, child).await.unwrap().parent, Some(record));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_record_goes_only_under_a_parent_of_its_own_vault() {
-    let s = setup().await;
-    // A second vault of the same caller, with a record of its own: the
-    // caller may write in both, so only the store's check refuses (as it
-    // refuses a parent in another user's vault, the HTTP tests' case).
+/// A record in a second vault of the caller's (who may write in both).
+async fn record_elsewhere(s: &Setup) -> RecordId {
     let other = VaultId::random().unwrap();
     let name = Sealed(b"w".to_vec());
     s.service
         .create_vault(&s.caller, NewVault { id: other, name, e2e_required: false, wrapped_key: None })
         .await
         .unwrap();
-    let elsewhere = RecordId::random().unwrap();
-    let r =
-        NewRecord { id: elsewhere, parent: None, title: Sealed(b"e".to_vec()), fields: Sealed::default() };
+    let id = RecordId::random().unwrap();
+    let r = NewRecord { id, parent: None, title: Sealed(b"e".to_vec()), fields: Sealed::default() };
     s.service.create_record(&s.caller, other, r).await.unwrap();
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_goes_only_under_a_parent_of_its_own_vault() {
+    let s = setup().await;
+    // A second vault of the same caller, with a record of its own: the
+    // caller may write in both, so only the store's check refuses (as it
+    // refuses a parent in another user's vault, the HTTP tests' case).
+    let elsewhere = record_elsewhere(&s).await;
     for quick in [true, false] {
         pace(&s, quick);
         let mut answers = Vec::new();
@@ -225,5 +236,87 @@ async fn a_record_goes_only_under_a_parent_of_its_own_vault() {
         // The same words for a parent elsewhere as for none: the answer
         // does not tell that an id exists in a vault the caller may not see.
         assert_eq!(answers[0], answers[1], "(quick: {quick})");
+    }
+}
+
+/// A new record for a file's first save: with the caller's own vault and a
+/// parent there, or as its own.
+fn new_record(parent: Option<RecordId>) -> NewRecord {
+    NewRecord {
+        id: RecordId::random().unwrap(),
+        parent,
+        title: Sealed(b"d".to_vec()),
+        fields: Sealed::default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_record_goes_with_its_first_file_or_nothing_is_made() {
+    let s = setup().await;
+    // Another vault of the caller's, and another user with no rights here.
+    let elsewhere = record_elsewhere(&s).await;
+    let kdf = KdfWire { m_cost_kib: 256, t_cost: 1, p_cost: 1 };
+    let (made, _) = s.service.meta.run(|m| m.create_user("w", Limits::DEFAULT, b"salt", kdf, b"hash"));
+    made.unwrap();
+    let (user, _) = s.service.meta.run(|m| m.user_by_name("w"));
+    let stranger = Caller { user: user.unwrap().unwrap() };
+    for quick in [true, false] {
+        pace(&s, quick);
+        // Made together: the record under its parent, the file in it.
+        let r = new_record(Some(s.record));
+        let f = new_file();
+        let made = s.service.create_with_content(
+            &s.caller,
+            r.id,
+            Some((s.vault, r.clone())),
+            f.clone(),
+            upload(b"x"),
+        );
+        made.await.unwrap();
+        let there = s.service.record(&s.caller, r.id).await.unwrap();
+        assert_eq!((there.vault, there.parent, there.version), (s.vault, Some(s.record), 1));
+        assert_eq!(s.service.file(&s.caller, f.id).await.unwrap().record, r.id);
+        assert_eq!(read_back(&s, f.id).await, b"x");
+        // Refused, and nothing made: the record's id taken (sent again), a
+        // parent in another vault, a vault the caller is not a member of,
+        // a record other than the one named.
+        let cases: Vec<(&Caller, RecordId, VaultId, NewRecord, &str)> = vec![
+            (&s.caller, r.id, s.vault, r.clone(), "exists"),
+            (&s.caller, RecordId::random().unwrap(), s.vault, new_record(Some(elsewhere)), "not found"),
+            (&stranger, RecordId::random().unwrap(), s.vault, new_record(None), "not found"),
+            (&s.caller, RecordId::random().unwrap(), s.vault, new_record(None), "bad request"),
+        ];
+        for (caller, path_id, vault, mut r, what) in cases {
+            if what != "bad request" && what != "exists" {
+                r.id = path_id;
+            }
+            let named = if what == "exists" { r.id } else { path_id };
+            let f = new_file();
+            let done = s
+                .service
+                .create_with_content(caller, named, Some((vault, r.clone())), f.clone(), upload(b"y"))
+                .await;
+            let refused = match &done {
+                Err(ServiceError::Exists(_)) => "exists",
+                Err(ServiceError::NotFound(_)) => "not found",
+                Err(ServiceError::BadRequest(_)) => "bad request",
+                _ => "something else",
+            };
+            assert_eq!(refused, what, "{done:?} (quick: {quick})");
+            assert!(
+                matches!(s.service.file(&s.caller, f.id).await, Err(ServiceError::NotFound(_))),
+                "{what}"
+            );
+            if what != "exists" {
+                assert!(
+                    matches!(s.service.record(&s.caller, r.id).await, Err(ServiceError::NotFound(_))),
+                    "{what}"
+                );
+                assert!(
+                    matches!(s.service.record(&s.caller, path_id).await, Err(ServiceError::NotFound(_))),
+                    "{what}"
+                );
+            }
+        }
     }
 }
