@@ -2965,11 +2965,27 @@ async fn a_new_directory_goes_to_the_server_with_its_first_file() {
     fs.rmdir(v.ino, n("e")).await.unwrap();
     assert!(matches!(fs.lookup(v.ino, n("e")).await, Err(FsError::NotFound)));
 
-    // Renamed before it was sent: sent, then renamed.
+    // Renamed and moved before it was sent: here only; over an empty one
+    // not sent either, which goes here only. Then sent under its name.
+    let asked = outage.requests();
     let g = fs.mkdir(v.ino, n("g")).await.unwrap();
-    fs.rename(v.ino, n("g"), v.ino, n("h")).await.unwrap();
+    let k = fs.mkdir(v.ino, n("k")).await.unwrap();
+    fs.mkdir(v.ino, n("h")).await.unwrap();
+    fs.rename(v.ino, n("g"), k.ino, n("g2")).await.unwrap();
+    fs.rename(k.ino, n("g2"), v.ino, n("h")).await.unwrap();
+    assert!(matches!(fs.rename(v.ino, n("h"), v.ino, n("d")).await, Err(FsError::NotEmpty)));
+    assert_eq!(outage.requests(), asked, "renames of directories not sent asked the server");
+    assert_eq!(fs.lookup(v.ino, n("h")).await.unwrap().ino, g.ino);
     write_file(&fs, g.ino, "c.txt", b"third").await;
+    assert_eq!(outage.requests() - asked, 1, "h with c.txt");
     assert_eq!(names_seen_by_another(&s, &["h"]).await, ["c.txt"]);
+    fs.rmdir(v.ino, n("k")).await.unwrap();
+    // A first file over the bound: the directory goes alone first, so no
+    // save in it waits for a long upload.
+    let asked = outage.requests();
+    let big = fs.mkdir(v.ino, n("big")).await.unwrap();
+    write_file(&fs, big.ino, "big.bin", &pattern(2 << 20)).await;
+    assert_eq!(outage.requests() - asked, 2, "the record alone, then the file");
 
     // Nothing saved in it: sent on its own shortly after, as is a record
     // made in it (fsyncdir sends at once).
@@ -2979,9 +2995,9 @@ async fn a_new_directory_goes_to_the_server_with_its_first_file() {
     fs.fsyncdir(x.ino).await.unwrap();
     assert_eq!(names_seen_by_another(&s, &["d", "x"]).await, ["y"]);
     tokio::time::sleep(vaultfs::fs::core::SEND_NEW_DIR_AFTER + std::time::Duration::from_millis(300)).await;
-    assert_eq!(names_seen_by_another(&s, &[]).await, ["d", "h", "lone", "p"]);
+    assert_eq!(names_seen_by_another(&s, &[]).await, ["big", "d", "h", "lone", "p"]);
     // e and inner were never sent, nor deleted: only these were made.
-    assert_eq!(on_server().await, records + 4, "h, lone, x, y");
+    assert_eq!(on_server().await, records + 5, "h, big, lone, x, y");
     assert_eq!(fs.status().deleting, 0);
 
     // The answer lost: the next save makes sure of the record and the file.
@@ -2992,11 +3008,21 @@ async fn a_new_directory_goes_to_the_server_with_its_first_file() {
     assert!(fs.fsync(f.ino, fh).await.is_err(), "the answer was lost");
     outage.lose_upload_answers(false);
     fs.write(fh, 5, b" no").await.unwrap();
+    fs.flush(f.ino, fh).await.unwrap();
     fs.release(f.ino, fh).await.unwrap();
     let other = mount(s.alice.clone()).await;
     let ov = other.lookup(ROOT, n("V")).await.unwrap();
     let oz = other.lookup(ov.ino, n("z")).await.unwrap();
     assert_eq!(read_file(&other, oz.ino, "f.txt").await.unwrap(), b"lost? no");
+
+    // A server that says a new record exists, and makes none: not believed
+    // until its listing names it (the directory stays unsent, sent later).
+    let liar = fs.mkdir(v.ino, n("liar")).await.unwrap();
+    outage.claim_records_exist(true);
+    assert!(fs.fsyncdir(liar.ino).await.is_err(), "a record said to exist but not listed");
+    outage.claim_records_exist(false);
+    fs.fsyncdir(liar.ino).await.unwrap();
+    assert_eq!(names_seen_by_another(&s, &["liar"]).await, Vec::<String>::new());
 
     // A server that ignores the record's headers.
     outage.ignore_records_with_files(true);

@@ -380,7 +380,7 @@ pub(crate) fn serve_until_stopped<R: crate::remote::Remote>(
     crate::systemd::stopping("saving files and unmounting");
     let failed = rt.block_on(fs.flush_all());
     if failed > 0 {
-        tracing::error!(failed, "some files could not be saved before unmounting");
+        tracing::error!(failed, "some files or new directories could not be saved before unmounting");
     }
     if let Err(e) = fs.freshness().save() {
         tracing::error!(error = %e, "could not save which versions this machine saw");
@@ -400,14 +400,14 @@ pub(crate) fn serve_until_stopped<R: crate::remote::Remote>(
                 unmount_path(mountpoint, true)
                     .map_err(|e| format!("unmounting {}: {e}", mountpoint.display()))?;
                 if failed > 0 {
-                    return Err(format!("{failed} file(s) could not be saved").into());
+                    return Err(format!("{failed} file(s) or new directories could not be saved").into());
                 }
                 return Ok(());
             }
         }
     }
     if failed > 0 {
-        return Err(format!("{failed} file(s) could not be saved").into());
+        return Err(format!("{failed} file(s) or new directories could not be saved").into());
     }
     Ok(())
 }

@@ -340,7 +340,7 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
             failed
         });
         if failed > 0 {
-            tracing::error!(failed, "unmounted with files that could not be saved");
+            tracing::error!(failed, "unmounted with files or new directories that could not be saved");
         }
     }
 

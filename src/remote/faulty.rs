@@ -45,6 +45,9 @@ struct Faults {
     /// A record created with a file is left out of the request, as by a
     /// server that knows the one-request create but not that.
     no_records_with_files: AtomicBool,
+    /// Every new record is said to exist already, and none is made (a lying
+    /// server).
+    records_exist: AtomicBool,
     /// Upload answers name a conflict copy nobody asked for (a lying server).
     invent_copies: AtomicBool,
     /// Uploads replace the file whatever version they expect (a server that
@@ -149,6 +152,12 @@ impl Outage {
     /// that creates files with their content but not records with them does.
     pub fn ignore_records_with_files(&self, ignore: bool) {
         self.0.no_records_with_files.store(ignore, Ordering::SeqCst);
+    }
+
+    /// While true, a record created on its own is said to exist already,
+    /// and is not made (a lying server).
+    pub fn claim_records_exist(&self, claim: bool) {
+        self.0.records_exist.store(claim, Ordering::SeqCst);
     }
 
     /// While true, upload answers name a conflict copy that was not asked
@@ -317,6 +326,9 @@ impl<R: Remote> Remote for FaultyRemote<R> {
     }
     async fn create_record(&self, vault: VaultId, record: NewRecord) -> Result<RecordInfo> {
         self.outage.check()?;
+        if self.outage.0.records_exist.load(Ordering::SeqCst) {
+            return Err(RemoteError::Exists("record".into()));
+        }
         self.inner.create_record(vault, record).await
     }
     async fn update_record(&self, id: RecordId, expected: u64, update: RecordUpdate) -> Result<RecordInfo> {

@@ -6,20 +6,27 @@
 //! super::unsent): mkdir answers without a round trip. The first file saved
 //! in it creates it on the server in the same request as the file
 //! (`PUT /v1/records/{record}/files/{file}` with the record's headers),
-//! where `tar -x` or `git checkout` paid a request per directory. Anything
-//! else that names it to the server sends it first, on its own
-//! ([`VaultFs::record_on_server`]): a file created empty (a lock, a stream, a
-//! symbolic link), a rename of it, into it or over it, an rmdir of one a
-//! request may have created. Records above it that are not sent yet go
-//! first. One nothing sends is sent [`SEND_NEW_DIR_AFTER`] after its mkdir,
-//! at fsyncdir of it or of its directory, and at unmount, so other clients
-//! see empty directories too. Each is sent under its own sending lock, so it
-//! is created once. An rmdir before then sends nothing.
+//! where `tar -x` or `git checkout` paid a request per directory (a first
+//! file over [`WITH_FILE_MAX`] sends it alone first). Anything else that
+//! names it to the server sends it first, on its own
+//! ([`VaultFs::record_on_server`]): a file created empty (a lock, a stream,
+//! a symbolic link), a rename into it, an rmdir of one a request may have
+//! created. Records above it that are not sent yet go first. One nothing
+//! sends is sent [`SEND_NEW_DIR_AFTER`] after its mkdir, at fsyncdir of it or
+//! of its directory, and at unmount, so other clients see empty directories
+//! too. Each is sent under its own sending lock, so it is created once, with
+//! its title sealed then (the vault's key may have changed since mkdir). An
+//! rmdir before then sends nothing, and a rename of it, or over an empty one,
+//! changes the tree only. A server that says its id is taken is believed
+//! once its listing names it.
 //!
 //! What this costs: a refusal (a vault turned read-only elsewhere meanwhile)
-//! comes at the first save in the directory, not at mkdir, and a crash
-//! before then loses the names of directories not yet sent, as it loses
-//! files not yet saved.
+//! comes at the first save in the directory, not at mkdir; a crash before
+//! then loses the names of directories not yet sent, as it loses files not
+//! yet saved; and until then the directory above it, if it is on the server,
+//! looks empty there, so another client may remove it (saves in the new
+//! directory then fail with ENOENT, and their content stays in memory until
+//! unmount, as for a new file whose directory another client removed).
 //!
 //! Removing a record takes it out of the tree at once and deletes it on the
 //! server in the background (super::deletes), after the files unlinked from
@@ -47,6 +54,10 @@ use crate::remote::{Remote, RemoteError};
 /// own: long enough for the first file of `tar -x` or `cp -r` to take it
 /// along, short enough that other clients soon see the directory.
 pub const SEND_NEW_DIR_AFTER: Duration = Duration::from_millis(500);
+
+/// The largest first file a new record goes to the server with: the
+/// record's sending lock is held while that file uploads.
+pub const WITH_FILE_MAX: u64 = 1 << 20;
 
 /// New records on their way to the server.
 pub(super) struct NewDirs {
@@ -96,16 +107,16 @@ impl<R: Remote> VaultFs<R> {
         let info =
             RecordInfo { id, vault, parent: parent_record, title, fields: Sealed::default(), version: 0 };
         let node = Node::Record { info, parent };
-        let (ino, attr) = {
+        let ino = {
             let mut tree = self.tree.lock();
             if tree.child(parent, name).is_some() {
                 return Err(FsError::Exists);
             }
-            let ino = tree.add_unsent(parent, name, Key::Record(id), node.clone());
-            (ino, self.attr_of(&tree, ino, &node))
+            tree.add_unsent(parent, name, Key::Record(id), node.clone())
         };
         self.touch_dir(parent);
         self.touch_dir(ino);
+        let attr = self.attr_of(&self.tree.lock(), ino, &node);
         let fs = Arc::clone(self);
         tokio::spawn(async move {
             tokio::time::sleep(SEND_NEW_DIR_AFTER).await;
@@ -137,29 +148,62 @@ impl<R: Remote> VaultFs<R> {
     /// Creates unsent record `ino` on the server, alone (the records above
     /// it are there). The caller holds its sending lock.
     async fn send_record(&self, ino: Ino, _sending: &Sending) -> Result<()> {
-        let Some((vault, new)) = self.tree.lock().unsent_record(ino) else {
+        let Some((vault, new)) = self.new_record_request(ino)? else {
             return Ok(());
         };
         let id = new.id;
-        let version = match self.remote().create_record(vault, new).await {
+        match self.remote().create_record(vault, new).await {
             Ok(info) if info.id != id || info.vault != vault => {
-                return Err(FsError::Io("the server answered for another record".into()))
+                let e = RemoteError::Protocol("the server answered for another record".into());
+                self.note_record_uncertain(ino, &e);
+                Err(e.into())
             }
-            Ok(info) => info.version,
+            Ok(info) => {
+                self.record_now_sent(ino, Some(info.version));
+                Ok(())
+            }
             // Created by an earlier request whose answer was lost (an id is
-            // random: nobody else chose it). Version 1, as every new record's.
-            Err(RemoteError::Exists(_)) => 1,
+            // random: nobody else chose it), or so the server says: believed
+            // once its listing names it, with the version it gives there.
+            Err(RemoteError::Exists(_)) => {
+                self.load_vault(vault, true).await?;
+                let listed =
+                    self.tree.lock().node_unchecked(ino).and_then(Node::version).is_some_and(|v| v > 0);
+                if !listed {
+                    return Err(FsError::Io(format!(
+                        "the server says record {id} exists but does not list it"
+                    )));
+                }
+                self.record_now_sent(ino, None);
+                Ok(())
+            }
             Err(e) => {
                 self.note_record_uncertain(ino, &e);
-                return Err(e.into());
+                Err(e.into())
             }
-        };
-        self.record_now_sent(ino, version);
-        Ok(())
+        }
     }
 
-    /// Record `ino` is on the server now, at `version`.
-    pub(super) fn record_now_sent(&self, ino: Ino, version: u64) {
+    /// What creates unsent record `ino` on the server (`None` if it is not
+    /// one, or no longer), its title sealed now: with the key the vault
+    /// uses now, or not at all if this mount must seal nothing there.
+    pub(super) fn new_record_request(&self, ino: Ino) -> Result<Option<(VaultId, NewRecord)>> {
+        let (unsent, name) = {
+            let tree = self.tree.lock();
+            (tree.unsent_record(ino), tree.name_of(ino))
+        };
+        let Some((vault, mut new)) = unsent else {
+            // Sent or gone meanwhile: its sending lock is not wanted again.
+            self.new_dirs.sending.lock().remove(&ino);
+            return Ok(None);
+        };
+        new.title = self.seal(vault, NameContext::RecordTitle { vault, record: new.id }, &name)?;
+        Ok(Some((vault, new)))
+    }
+
+    /// Record `ino` is on the server now, at `version` (`None`: as the
+    /// tree holds it).
+    pub(super) fn record_now_sent(&self, ino: Ino, version: Option<u64>) {
         self.tree.lock().record_sent(ino, version);
         self.new_dirs.sending.lock().remove(&ino);
     }
@@ -172,18 +216,22 @@ impl<R: Remote> VaultFs<R> {
         }
     }
 
-    /// What a file's first save in record `record` sends along: the record,
-    /// if it is not on the server yet and the server takes records with
-    /// files (the records above it are sent first), with its sending lock
-    /// held until the save is answered.
+    /// What a file's first save in record `record`, of `len` bytes, sends
+    /// along: the record, if it is not on the server yet and the server
+    /// takes records with files (the records above it are sent first), with
+    /// its sending lock held until the save is answered. A body over
+    /// [`WITH_FILE_MAX`] sends the record on its own first, so that no save
+    /// in it waits for a long upload (nor for a server that reads it slowly).
     pub(super) async fn record_with_file(
         &self,
         record: Ino,
+        len: Option<u64>,
     ) -> Result<Option<(VaultId, NewRecord, Sending)>> {
         if !self.tree.lock().is_unsent(record) {
             return Ok(None);
         }
-        if !self.new_dirs.with_files.load(Ordering::Relaxed) {
+        let small = len.is_some_and(|len| len <= WITH_FILE_MAX);
+        if !small || !self.new_dirs.with_files.load(Ordering::Relaxed) {
             self.record_on_server(record).await?;
             return Ok(None);
         }
@@ -192,7 +240,7 @@ impl<R: Remote> VaultFs<R> {
             self.record_on_server(parent).await?;
         }
         let sending = self.sending(record).await;
-        Ok(self.tree.lock().unsent_record(record).map(|(vault, new)| (vault, new, sending)))
+        Ok(self.new_record_request(record)?.map(|(vault, new)| (vault, new, sending)))
     }
 
     /// A server answered 404 to a file with its new record, and then created
@@ -229,11 +277,47 @@ impl<R: Remote> VaultFs<R> {
         }
     }
 
+    /// Renames or moves record `ino` to `name` in `parent` if it was made
+    /// here and not sent: in the tree only (its title is sealed when it is
+    /// sent). False if it is on the server, or may be, or the name is taken
+    /// (then the server is asked).
+    pub(super) async fn rename_unsent_record(&self, ino: Ino, parent: Ino, name: &OsStr) -> Result<bool> {
+        if !self.tree.lock().is_unsent(ino) {
+            return Ok(false);
+        }
+        let _sending = self.sending(ino).await;
+        let mut tree = self.tree.lock();
+        let info = match tree.node_unchecked(ino) {
+            Some(Node::Record { info, .. }) if tree.is_unsent(ino) && !tree.maybe_sent(ino) => info.clone(),
+            _ => return Ok(false),
+        };
+        if tree.child(parent, name).is_some() {
+            return Ok(false);
+        }
+        let parent_record = match tree.node(parent)? {
+            Node::Vault { vault } if *vault == info.vault => None,
+            Node::Record { info: p, .. } if p.vault == info.vault => Some(p.id),
+            Node::File { .. } => return Err(FsError::NotDir),
+            _ => return Err(FsError::CrossDevice),
+        };
+        // Never into itself (the kernel checks it too).
+        let mut at = Some(parent);
+        while let Some(dir) = at {
+            if dir == ino {
+                return Err(FsError::Invalid("a directory cannot move into itself".into()));
+            }
+            at = tree.parent_of(dir);
+        }
+        let node = Node::Record { info: RecordInfo { parent: parent_record, ..info }, parent };
+        tree.place(parent, name, ino, node);
+        Ok(true)
+    }
+
     /// Removes unsent record `ino` (empty) from the tree, sending nothing:
     /// true if it did. False if it is on the server (or may be: a request
-    /// that would have created it got no answer, and it is sent now), or
-    /// holds a file unlinked while open: then the server is asked.
-    async fn forget_unsent_record(&self, ino: Ino) -> Result<bool> {
+    /// that would have created it got no answer, and it is sent now): then
+    /// the server is asked.
+    pub(super) async fn forget_unsent_record(&self, ino: Ino) -> Result<bool> {
         if !self.tree.lock().is_unsent(ino) {
             return Ok(false);
         }
@@ -241,12 +325,16 @@ impl<R: Remote> VaultFs<R> {
         let maybe_sent = {
             let mut tree = self.tree.lock();
             if tree.unsent_record(ino).is_none() {
+                drop(tree);
+                self.new_dirs.sending.lock().remove(&ino);
                 return Ok(false);
             }
             if !tree.is_empty_dir(ino) {
                 return Err(FsError::NotEmpty);
             }
-            let maybe_sent = tree.maybe_sent(ino) || tree.holds_orphans(ino);
+            // A file unlinked from it while open was not sent either (it
+            // would have sent the record): nothing of it is on the server.
+            let maybe_sent = tree.maybe_sent(ino);
             if !maybe_sent {
                 tree.remove(ino);
             }

@@ -119,9 +119,35 @@ impl<R: Remote> VaultFs<R> {
             Ok::<_, FsError>((ino, node, target, tree.node(new_parent)?.clone()))
         };
         let (ino, node, target, _) = look()?;
-        // The server is asked: the records it is asked about must be there
-        // (super::dirs), and are then looked at again with their versions.
         if node.vault().is_some() && node.vault() == self.tree.lock().node(new_parent)?.vault() {
+            // What the server would refuse is refused before anything is sent.
+            match (&node, &target) {
+                (Node::Record { .. }, Some((t, Some(Node::Record { .. }))))
+                    if *t != ino && !self.tree.lock().is_empty_dir(*t) =>
+                {
+                    return Err(FsError::NotEmpty)
+                }
+                (Node::Record { .. }, Some((_, Some(Node::Record { .. })))) => {}
+                (Node::Record { .. }, Some((t, Some(_)))) if *t != ino => return Err(FsError::NotDir),
+                (Node::File { .. }, Some((_, Some(Node::Record { .. })))) => return Err(FsError::IsDir),
+                _ => {}
+            }
+            // An empty directory it replaces that was never sent goes here only.
+            if let (Node::Record { .. }, Some((t, Some(Node::Record { .. })))) = (&node, &target) {
+                if *t != ino && self.forget_unsent_record(*t).await? {
+                    self.touch_dir(new_parent);
+                }
+            }
+            // A directory made here and not sent yet moves here only, with
+            // what is in it (none of which is sent either).
+            if matches!(node, Node::Record { .. })
+                && self.rename_unsent_record(ino, new_parent, new_name).await?
+            {
+                return Ok(());
+            }
+            // The server is asked: the records it is asked about must be
+            // there (super::dirs), and are then looked at again with their
+            // versions.
             let mut send = vec![new_parent];
             if matches!(node, Node::Record { .. }) {
                 send.push(ino);

@@ -171,8 +171,9 @@ impl<R: Remote> VaultFs<R> {
         self.cache.unpin(id);
     }
 
-    /// Uploads every file with unsaved changes (before unmount). Returns how many
-    /// could not be saved.
+    /// Uploads every file with unsaved changes, and sends the directories
+    /// made here that are not on the server yet (before unmount). Returns
+    /// how many could not be saved.
     pub async fn flush_all(&self) -> usize {
         let mut failed = 0;
         for id in self.modes.streaming() {

@@ -80,7 +80,7 @@ impl Node {
     }
 
     /// The server's version of a record or file.
-    fn version(&self) -> Option<u64> {
+    pub(super) fn version(&self) -> Option<u64> {
         match self {
             Node::File { info, .. } => Some(info.version),
             Node::Record { info, .. } => Some(info.version),
@@ -399,9 +399,10 @@ impl Tree {
             .collect()
     }
 
-    /// Record `ino` now exists on the server, at `version`.
-    pub(super) fn record_sent(&mut self, ino: Ino, version: u64) {
-        if let Some(Node::Record { info, .. }) = self.nodes.get_mut(&ino) {
+    /// Record `ino` now exists on the server, at `version` (`None`: the
+    /// version the tree holds, a listing's).
+    pub(super) fn record_sent(&mut self, ino: Ino, version: Option<u64>) {
+        if let (Some(Node::Record { info, .. }), Some(version)) = (self.nodes.get_mut(&ino), version) {
             info.version = version;
         }
         self.sent(ino);
@@ -1279,7 +1280,7 @@ mod tests {
         }
         assert!(t.made_here.is_empty());
         assert_eq!(t.unsent_records(Some(r_ino)), [o]);
-        t.record_sent(o, 1);
+        t.record_sent(o, Some(1));
         assert_eq!(t.unsent_chain(i), [i]);
         assert_eq!(t.node_unchecked(o).and_then(Node::version), Some(1));
         // Sent, and listed: in place as the server says.

@@ -127,7 +127,7 @@ impl<R: Remote> VaultFs<R> {
         let Some(record_ino) = self.tree.lock().parent_of(ino) else {
             return FirstSave::Failed(FsError::NotFound);
         };
-        let (new_record, _sending) = match self.record_with_file(record_ino).await {
+        let (new_record, _sending) = match self.record_with_file(record_ino, body.len).await {
             Ok(Some((vault, record, sending))) => (Some((vault, record)), Some(sending)),
             Ok(None) => (None, None),
             Err(e) => return FirstSave::Failed(e),
@@ -140,6 +140,7 @@ impl<R: Remote> VaultFs<R> {
                 let e = RemoteError::Protocol(
                     "the server answered a new file's first save with a conflict copy".into(),
                 );
+                self.note_uncertain(ino, &e);
                 if with_record {
                     self.note_record_uncertain(record_ino, &e);
                 }
@@ -148,7 +149,7 @@ impl<R: Remote> VaultFs<R> {
             Ok(done) => {
                 if with_record {
                     // Every new record's version.
-                    self.record_now_sent(record_ino, 1);
+                    self.record_now_sent(record_ino, Some(1));
                 }
                 FirstSave::Stored(done)
             }
