@@ -606,9 +606,12 @@ fn large_files_pass_through_without_being_held_in_memory() {
         "daemon peaked at {peak_write} KiB while writing 250 MB (largest seen: {parts_write})\n{}",
         m.log()
     );
-    // About 30 MB of that is the idle daemon; the 64 MiB of the Argon2id unlock
-    // at mount are not counted (the peak is reset after mounting).
-    assert!(peak_read < 64 * 1024, "daemon peaked at {peak_read} KiB while reading 250 MB");
+    // About 30 MB of that is the idle daemon, and about 40 MB the pages of
+    // the (debug) binary it mapped; the 64 MiB of the Argon2id unlock at
+    // mount are not counted (the peak is reset after mounting). Measured
+    // 61-65 MB on 2026-12-06, with this build and the one before: a bound of
+    // 64 MiB failed one run in four. Far below the file's 250 MB either way.
+    assert!(peak_read < 96 * 1024, "daemon peaked at {peak_read} KiB while reading 250 MB");
     eprintln!("peak RSS: writing {peak_write} KiB ({parts_write}), reading {peak_read} KiB");
 }
 
