@@ -81,8 +81,8 @@ impl<R: Remote> FuseAdapter<R> {
         }
     }
 
-    /// Runs `op`, a request that goes to the server (a save, an unlink, a
-    /// mkdir, an open that may download, a lookup or listing of a directory
+    /// Runs `op`, a request that goes to the server (a save, an unlink, an
+    /// open that may download, a lookup or listing of a directory
     /// not yet loaded, the lock holders, a release that gives up locks; no
     /// caller waits for a release), or a read or write that has to
     /// wait (those that need not are answered on the reading thread by
@@ -416,7 +416,9 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         reply: ReplyEntry,
     ) {
         let (fs, name, me) = (Arc::clone(&self.fs), name.to_owned(), self.owner);
-        self.spawn("mkdir", parent.0, async move {
+        // Answered from memory when the directory's listing is fresh (the
+        // server hears of it with its first file).
+        self.run("mkdir", parent.0, async move {
             match fs.mkdir(parent.0, &name).await {
                 Ok(a) => reply.entry(&TTL, &me.attr(&a), Generation(0)),
                 Err(e) => reply.error(errno("mkdir", &e)),

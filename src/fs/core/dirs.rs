@@ -35,11 +35,11 @@
 //! shows again). One that still holds a file unlinked while open asks the
 //! server first.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -67,11 +67,20 @@ pub(super) struct NewDirs {
     /// that does not know the record's headers ignores them, and answers
     /// 404: then records go on their own from then on).
     with_files: AtomicBool,
+    /// Records made here, each with when it is to be sent if nothing sent it.
+    later: Mutex<VecDeque<(Instant, Ino)>>,
+    /// Whether the task that sends them runs.
+    sender: AtomicBool,
 }
 
 impl Default for NewDirs {
     fn default() -> Self {
-        NewDirs { sending: Mutex::default(), with_files: AtomicBool::new(true) }
+        NewDirs {
+            sending: Mutex::default(),
+            with_files: AtomicBool::new(true),
+            later: Mutex::default(),
+            sender: AtomicBool::new(false),
+        }
     }
 }
 
@@ -117,14 +126,40 @@ impl<R: Remote> VaultFs<R> {
         self.touch_dir(parent);
         self.touch_dir(ino);
         let attr = self.attr_of(&self.tree.lock(), ino, &node);
-        let fs = Arc::clone(self);
-        tokio::spawn(async move {
-            tokio::time::sleep(SEND_NEW_DIR_AFTER).await;
-            if let Err(e) = fs.record_on_server(ino).await {
+        self.send_later(ino);
+        Ok(attr)
+    }
+
+    /// Sends record `ino` [`SEND_NEW_DIR_AFTER`] from now unless something
+    /// sent it first. One task sends them all, in the order they were made,
+    /// and ends when none waits: a mkdir wakes no thread (it is answered on
+    /// the kernel's reading thread), but for the first after a pause.
+    fn send_later(self: &Arc<Self>, ino: Ino) {
+        self.new_dirs.later.lock().push_back((Instant::now() + SEND_NEW_DIR_AFTER, ino));
+        if !self.new_dirs.sender.swap(true, Ordering::AcqRel) {
+            let fs = Arc::clone(self);
+            tokio::spawn(async move { fs.send_when_due().await });
+        }
+    }
+
+    async fn send_when_due(self: Arc<Self>) {
+        loop {
+            let next = self.new_dirs.later.lock().front().copied();
+            let Some((due, ino)) = next else {
+                self.new_dirs.sender.store(false, Ordering::Release);
+                // One queued meanwhile found the sender still running.
+                if self.new_dirs.later.lock().is_empty() || self.new_dirs.sender.swap(true, Ordering::AcqRel)
+                {
+                    return;
+                }
+                continue;
+            };
+            tokio::time::sleep_until(due.into()).await;
+            self.new_dirs.later.lock().pop_front();
+            if let Err(e) = self.record_on_server(ino).await {
                 tracing::warn!(error = %e, "a new directory could not be sent; it is tried again with its first file, at fsyncdir and at unmount");
             }
-        });
-        Ok(attr)
+        }
     }
 
     /// Creates record `ino` on the server if it exists only in this mount,

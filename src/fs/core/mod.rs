@@ -49,8 +49,8 @@
 //!    under it);
 //! 4. `tree`;
 //! 5. leaf locks: `rules`, `handles`, `modes`, `times`, `fills`, `refusals`,
-//!    `legacy_warned`, `loading`, `feed`, `creates`, `passthrough`, the map
-//!    of sending locks in `new_dirs`, those inside `locks` and each backing
+//!    `legacy_warned`, `loading`, `feed`, `creates`, `passthrough`, the maps
+//!    in `new_dirs` (its sending locks, the records to send later), those inside `locks` and each backing
 //!    file (its mapping, its registration), the cache and the freshness
 //!    state.
 //!
