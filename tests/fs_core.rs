@@ -3015,6 +3015,26 @@ async fn a_new_directory_goes_to_the_server_with_its_first_file() {
     let oz = other.lookup(ov.ino, n("z")).await.unwrap();
     assert_eq!(read_file(&other, oz.ino, "f.txt").await.unwrap(), b"lost? no");
 
+    // Moved here only under another not sent yet: that one goes first, then
+    // this one with its file.
+    let asked = outage.requests();
+    let outer = fs.mkdir(v.ino, n("outer")).await.unwrap();
+    let moved = fs.mkdir(v.ino, n("moved")).await.unwrap();
+    fs.rename(v.ino, n("moved"), outer.ino, n("in")).await.unwrap();
+    write_file(&fs, moved.ino, "m.txt", b"moved").await;
+    assert_eq!(outage.requests() - asked, 2, "outer alone, then in with m.txt");
+    assert_eq!(names_seen_by_another(&s, &["outer", "in"]).await, ["m.txt"]);
+    // Not sent while the server is down: tried again until it is back.
+    outage.set(true);
+    fs.mkdir(v.ino, n("offline")).await.unwrap();
+    tokio::time::sleep(vaultfs::fs::core::SEND_NEW_DIR_AFTER + std::time::Duration::from_millis(300)).await;
+    outage.set(false);
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    assert!(
+        names_seen_by_another(&s, &[]).await.contains(&"offline".to_string()),
+        "sent once the server was back"
+    );
+
     // A server that says a new record exists, and makes none: not believed
     // until its listing names it (the directory stays unsent, sent later).
     let liar = fs.mkdir(v.ino, n("liar")).await.unwrap();

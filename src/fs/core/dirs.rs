@@ -11,10 +11,11 @@
 //! names it to the server sends it first, on its own
 //! ([`VaultFs::record_on_server`]): a file created empty (a lock, a stream,
 //! a symbolic link), a rename into it, an rmdir of one a request may have
-//! created. Records above it that are not sent yet go first. One nothing
-//! sends is sent [`SEND_NEW_DIR_AFTER`] after its mkdir, at fsyncdir of it or
-//! of its directory, and at unmount, so other clients see empty directories
-//! too. Each is sent under its own sending lock, so it is created once, with
+//! created. Records above it that are not sent yet go first (taken again if
+//! one was moved meanwhile). One nothing sends is sent [`SEND_NEW_DIR_AFTER`]
+//! after its mkdir (again every few seconds while the server cannot be
+//! reached), at fsyncdir of it or of its directory, and at unmount, so other
+//! clients see empty directories too. Each is sent under its own sending lock, so it is created once, with
 //! its title sealed then (the vault's key may have changed since mkdir). An
 //! rmdir before then sends nothing, and a rename of it, or over an empty one,
 //! changes the tree only. A server that says its id is taken is believed
@@ -54,6 +55,13 @@ use crate::remote::{Remote, RemoteError};
 /// own: long enough for the first file of `tar -x` or `cp -r` to take it
 /// along, short enough that other clients soon see the directory.
 pub const SEND_NEW_DIR_AFTER: Duration = Duration::from_millis(500);
+
+/// How long after a send that found the server unreachable it is tried again.
+const SEND_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// How often a record sent on its own may be found moved, under a record
+/// not sent yet, before giving up (each time, that one is sent first).
+const MOVED_MOST: usize = 16;
 
 /// The largest first file a new record goes to the server with: the
 /// record's sending lock is held while that file uploads.
@@ -135,11 +143,19 @@ impl<R: Remote> VaultFs<R> {
     /// and ends when none waits: a mkdir wakes no thread (it is answered on
     /// the kernel's reading thread), but for the first after a pause.
     fn send_later(self: &Arc<Self>, ino: Ino) {
-        self.new_dirs.later.lock().push_back((Instant::now() + SEND_NEW_DIR_AFTER, ino));
+        self.queue_send(ino, SEND_NEW_DIR_AFTER);
         if !self.new_dirs.sender.swap(true, Ordering::AcqRel) {
             let fs = Arc::clone(self);
             tokio::spawn(async move { fs.send_when_due().await });
         }
+    }
+
+    /// Queues record `ino` to be sent `after` from now, in the order due.
+    fn queue_send(&self, ino: Ino, after: Duration) {
+        let mut later = self.new_dirs.later.lock();
+        let due = Instant::now() + after;
+        let at = later.partition_point(|(d, _)| *d <= due);
+        later.insert(at, (due, ino));
     }
 
     async fn send_when_due(self: Arc<Self>) {
@@ -156,8 +172,16 @@ impl<R: Remote> VaultFs<R> {
             };
             tokio::time::sleep_until(due.into()).await;
             self.new_dirs.later.lock().pop_front();
-            if let Err(e) = self.record_on_server(ino).await {
-                tracing::warn!(error = %e, "a new directory could not be sent; it is tried again with its first file, at fsyncdir and at unmount");
+            match self.record_on_server(ino).await {
+                Ok(()) => {}
+                // The server cannot be reached: again later.
+                Err(e @ FsError::Unavailable(_)) => {
+                    tracing::debug!(error = %e, "a new directory could not be sent; trying again");
+                    self.queue_send(ino, SEND_RETRY_AFTER);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "a new directory could not be sent; it is tried again with its first file, at fsyncdir and at unmount");
+                }
             }
         }
     }
@@ -166,12 +190,30 @@ impl<R: Remote> VaultFs<R> {
     /// the records above it first: before anything that names it to the
     /// server. Nothing to do for a vault, or a record on the server.
     pub(super) async fn record_on_server(&self, ino: Ino) -> Result<()> {
-        let chain = self.tree.lock().unsent_chain(ino);
-        for record in chain.into_iter().rev() {
-            let sending = self.sending(record).await;
-            self.send_record(record, &sending).await?;
+        for _ in 0..MOVED_MOST {
+            let chain = self.tree.lock().unsent_chain(ino);
+            let mut moved = false;
+            for record in chain.into_iter().rev() {
+                let sending = self.sending(record).await;
+                // Moved meanwhile (here only) under a record not sent yet:
+                // the chain is taken again.
+                if self.above_unsent(record) {
+                    moved = true;
+                    break;
+                }
+                self.send_record(record, &sending).await?;
+            }
+            if !moved {
+                return Ok(());
+            }
         }
-        Ok(())
+        Err(FsError::Io("a new directory kept moving while it was sent".into()))
+    }
+
+    /// Whether record `ino` is in a record not sent yet.
+    fn above_unsent(&self, ino: Ino) -> bool {
+        let tree = self.tree.lock();
+        tree.parent_of(ino).is_some_and(|parent| tree.is_unsent(parent))
     }
 
     /// Takes record `ino`'s sending lock.
@@ -270,12 +312,19 @@ impl<R: Remote> VaultFs<R> {
             self.record_on_server(record).await?;
             return Ok(None);
         }
-        let parent = self.tree.lock().parent_of(record);
-        if let Some(parent) = parent {
-            self.record_on_server(parent).await?;
+        for _ in 0..MOVED_MOST {
+            let parent = self.tree.lock().parent_of(record);
+            if let Some(parent) = parent {
+                self.record_on_server(parent).await?;
+            }
+            let sending = self.sending(record).await;
+            // Moved meanwhile (here only) under a record not sent yet: that
+            // one first (it holds the record's place on the server).
+            if !self.above_unsent(record) {
+                return Ok(self.new_record_request(record)?.map(|(vault, new)| (vault, new, sending)));
+            }
         }
-        let sending = self.sending(record).await;
-        Ok(self.new_record_request(record)?.map(|(vault, new)| (vault, new, sending)))
+        Err(FsError::Io("a new directory kept moving while it was sent".into()))
     }
 
     /// A server answered 404 to a file with its new record, and then created
@@ -324,7 +373,14 @@ impl<R: Remote> VaultFs<R> {
         let mut tree = self.tree.lock();
         let info = match tree.node_unchecked(ino) {
             Some(Node::Record { info, .. }) if tree.is_unsent(ino) && !tree.maybe_sent(ino) => info.clone(),
-            _ => return Ok(false),
+            _ => {
+                if !tree.is_unsent(ino) {
+                    // Sent meanwhile: its sending lock is not wanted again.
+                    drop(tree);
+                    self.new_dirs.sending.lock().remove(&ino);
+                }
+                return Ok(false);
+            }
         };
         if tree.child(parent, name).is_some() {
             return Ok(false);

@@ -132,8 +132,12 @@ impl<R: Remote> VaultFs<R> {
                 (Node::File { .. }, Some((_, Some(Node::Record { .. })))) => return Err(FsError::IsDir),
                 _ => {}
             }
-            // An empty directory it replaces that was never sent goes here only.
-            if let (Node::Record { .. }, Some((t, Some(Node::Record { .. })))) = (&node, &target) {
+            // An empty directory it replaces that was never sent goes here
+            // only, if what replaces it moves here only too (else it is
+            // sent, and replaced on the server: a failure there keeps it).
+            let local = self.tree.lock().is_unsent(ino);
+            if let (Node::Record { .. }, Some((t, Some(Node::Record { .. }))), true) = (&node, &target, local)
+            {
                 if *t != ino && self.forget_unsent_record(*t).await? {
                     self.touch_dir(new_parent);
                 }
