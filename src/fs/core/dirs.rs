@@ -15,11 +15,11 @@
 //! one was moved meanwhile). One nothing sends is sent [`SEND_NEW_DIR_AFTER`]
 //! after its mkdir (again every few seconds while the server cannot be
 //! reached), at fsyncdir of it or of its directory, and at unmount, so other
-//! clients see empty directories too. Each is sent under its own sending lock, so it is created once, with
-//! its title sealed then (the vault's key may have changed since mkdir). An
-//! rmdir before then sends nothing, and a rename of it, or over an empty one,
-//! changes the tree only. A server that says its id is taken is believed
-//! once its listing names it.
+//! clients see empty directories too. Each is sent under its own sending
+//! lock, so it is created once, with its title sealed then (the vault's key
+//! may have changed since mkdir). An rmdir before then sends nothing, and a
+//! rename of it, or over an empty one, changes the tree only. A server that
+//! says its id is taken is believed once its listing names it.
 //!
 //! What this costs: a refusal (a vault turned read-only elsewhere meanwhile)
 //! comes at the first save in the directory, not at mkdir; a crash before
@@ -139,7 +139,7 @@ impl<R: Remote> VaultFs<R> {
     }
 
     /// Sends record `ino` [`SEND_NEW_DIR_AFTER`] from now unless something
-    /// sent it first. One task sends them all, in the order they were made,
+    /// sent it first. One task sends them all, in the order they are due,
     /// and ends when none waits: a mkdir wakes no thread (it is answered on
     /// the kernel's reading thread), but for the first after a pause.
     fn send_later(self: &Arc<Self>, ino: Ino) {
@@ -161,7 +161,7 @@ impl<R: Remote> VaultFs<R> {
     async fn send_when_due(self: Arc<Self>) {
         loop {
             let next = self.new_dirs.later.lock().front().copied();
-            let Some((due, ino)) = next else {
+            let Some((due, _)) = next else {
                 self.new_dirs.sender.store(false, Ordering::Release);
                 // One queued meanwhile found the sender still running.
                 if self.new_dirs.later.lock().is_empty() || self.new_dirs.sender.swap(true, Ordering::AcqRel)
@@ -171,16 +171,25 @@ impl<R: Remote> VaultFs<R> {
                 continue;
             };
             tokio::time::sleep_until(due.into()).await;
-            self.new_dirs.later.lock().pop_front();
-            match self.record_on_server(ino).await {
-                Ok(()) => {}
-                // The server cannot be reached: again later.
-                Err(e @ FsError::Unavailable(_)) => {
-                    tracing::debug!(error = %e, "a new directory could not be sent; trying again");
-                    self.queue_send(ino, SEND_RETRY_AFTER);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "a new directory could not be sent; it is tried again with its first file, at fsyncdir and at unmount");
+            // Every one due now (one queued meanwhile may be due before the
+            // one waited for: a retry waits longer than a new one).
+            let ready: Vec<Ino> = {
+                let mut later = self.new_dirs.later.lock();
+                let now = Instant::now();
+                let due = later.partition_point(|(d, _)| *d <= now);
+                later.drain(..due).map(|(_, ino)| ino).collect()
+            };
+            for ino in ready {
+                match self.record_on_server(ino).await {
+                    Ok(()) => {}
+                    // The server cannot be reached: again later.
+                    Err(e @ FsError::Unavailable(_)) => {
+                        tracing::debug!(error = %e, "a new directory could not be sent; trying again");
+                        self.queue_send(ino, SEND_RETRY_AFTER);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a new directory could not be sent; it is tried again with its first file, at fsyncdir and at unmount");
+                    }
                 }
             }
         }
