@@ -632,6 +632,7 @@ async fn a_record_is_created_with_its_first_file_in_one_request() {
     let v = vault.to_string();
     for (headers, why) in [
         (vec![("x-vaultfs-record-vault", v.clone())], "no title"),
+        (vec![("x-vaultfs-record-title", "ZA==".into())], "a title without a vault"),
         (
             vec![("x-vaultfs-record-vault", "nope".into()), ("x-vaultfs-record-title", "ZA==".into())],
             "vault id",

@@ -885,6 +885,11 @@ async fn create_with_content<B: BlobStore>(
     // The record it goes in, created in the same request (a new directory's
     // first file): its vault, title and parent.
     let new_record = match headers.get(HEADER_RECORD_VAULT) {
+        None if headers.contains_key(HEADER_RECORD_TITLE) || headers.contains_key(HEADER_RECORD_PARENT) => {
+            return Err(ApiError::bad_request(format!(
+                "headers {HEADER_RECORD_TITLE} and {HEADER_RECORD_PARENT} need {HEADER_RECORD_VAULT}"
+            )))
+        }
         None => None,
         Some(v) => {
             let vault = parse_id(v.to_str().unwrap_or_default(), "vault")?;
