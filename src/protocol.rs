@@ -574,6 +574,20 @@ pub struct NewRecord {
     pub fields: Sealed,
 }
 
+impl NewRecord {
+    /// What the record is once made in `vault`: its first version.
+    pub fn created_in(&self, vault: VaultId) -> RecordInfo {
+        RecordInfo {
+            id: self.id,
+            vault,
+            parent: self.parent,
+            title: self.title.clone(),
+            fields: self.fields.clone(),
+            version: 1,
+        }
+    }
+}
+
 /// `PATCH /v1/records/{id}` (If-Match required). `parent` is `{"to": null}` to
 /// move a record to the top of its vault.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

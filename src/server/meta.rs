@@ -495,14 +495,7 @@ fn record_in(tx: &Connection, vault: VaultId, r: &NewRecord) -> Result<RecordInf
     if n == 0 {
         return Err(MetaError::Exists("record"));
     }
-    Ok(RecordInfo {
-        id: r.id,
-        vault,
-        parent: r.parent,
-        title: r.title.clone(),
-        fields: r.fields.clone(),
-        version: 1,
-    })
+    Ok(r.created_in(vault))
 }
 
 /// Creates an empty file in `record`.

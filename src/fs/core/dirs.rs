@@ -69,8 +69,8 @@ pub const WITH_FILE_MAX: u64 = 1 << 20;
 
 /// New records on their way to the server.
 pub(super) struct NewDirs {
-    /// Each unsent record's sending lock, while one is wanted.
-    sending: Mutex<HashMap<Ino, Arc<tokio::sync::Mutex<()>>>>,
+    /// Each record's sending lock, while a task holds or waits for it.
+    sending: Locks,
     /// Whether the server creates a record with a file in one request (one
     /// that does not know the record's headers ignores them, and answers
     /// 404: then records go on their own from then on).
@@ -84,7 +84,7 @@ pub(super) struct NewDirs {
 impl Default for NewDirs {
     fn default() -> Self {
         NewDirs {
-            sending: Mutex::default(),
+            sending: Locks::default(),
             with_files: AtomicBool::new(true),
             later: Mutex::default(),
             sender: AtomicBool::new(false),
@@ -92,9 +92,36 @@ impl Default for NewDirs {
     }
 }
 
-/// The sending lock of a record, held: the record is created once.
+/// The records' sending locks, by inode, while a task holds or waits for one.
+#[derive(Default)]
+struct Locks(Arc<Mutex<HashMap<Ino, Arc<tokio::sync::Mutex<()>>>>>);
+
+impl Locks {
+    /// Takes record `ino`'s sending lock, once no other task holds it.
+    async fn take(&self, ino: Ino) -> Sending {
+        let lock = Arc::clone(self.0.lock().entry(ino).or_default());
+        Sending { ino, locks: Arc::clone(&self.0), _held: lock.lock_owned().await }
+    }
+}
+
+/// The sending lock of a record, held: the record is created once. The
+/// last task to let go of a record's lock takes it out of the map, so the
+/// map holds only locks in use, whatever became of the record.
 pub(super) struct Sending {
+    ino: Ino,
+    locks: Arc<Mutex<HashMap<Ino, Arc<tokio::sync::Mutex<()>>>>>,
     _held: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        let mut locks = self.locks.lock();
+        // Two owners (the map and this guard): no task waits for it. A task
+        // takes a lock only under the map's mutex, held here.
+        if locks.get(&self.ino).is_some_and(|lock| Arc::strong_count(lock) == 2) {
+            locks.remove(&self.ino);
+        }
+    }
 }
 
 impl<R: Remote> VaultFs<R> {
@@ -227,8 +254,7 @@ impl<R: Remote> VaultFs<R> {
 
     /// Takes record `ino`'s sending lock.
     pub(super) async fn sending(&self, ino: Ino) -> Sending {
-        let lock = Arc::clone(self.new_dirs.sending.lock().entry(ino).or_default());
-        Sending { _held: lock.lock_owned().await }
+        self.new_dirs.sending.take(ino).await
     }
 
     /// Creates unsent record `ino` on the server, alone (the records above
@@ -279,8 +305,6 @@ impl<R: Remote> VaultFs<R> {
             (tree.unsent_record(ino), tree.name_of(ino))
         };
         let Some((vault, mut new)) = unsent else {
-            // Sent or gone meanwhile: its sending lock is not wanted again.
-            self.new_dirs.sending.lock().remove(&ino);
             return Ok(None);
         };
         new.title = self.seal(vault, NameContext::RecordTitle { vault, record: new.id }, &name)?;
@@ -291,7 +315,6 @@ impl<R: Remote> VaultFs<R> {
     /// tree holds it).
     pub(super) fn record_now_sent(&self, ino: Ino, version: Option<u64>) {
         self.tree.lock().record_sent(ino, version);
-        self.new_dirs.sending.lock().remove(&ino);
     }
 
     /// A request that would have created record `ino` got no answer: an
@@ -382,14 +405,7 @@ impl<R: Remote> VaultFs<R> {
         let mut tree = self.tree.lock();
         let info = match tree.node_unchecked(ino) {
             Some(Node::Record { info, .. }) if tree.is_unsent(ino) && !tree.maybe_sent(ino) => info.clone(),
-            _ => {
-                if !tree.is_unsent(ino) {
-                    // Sent meanwhile: its sending lock is not wanted again.
-                    drop(tree);
-                    self.new_dirs.sending.lock().remove(&ino);
-                }
-                return Ok(false);
-            }
+            _ => return Ok(false),
         };
         if tree.child(parent, name).is_some() {
             return Ok(false);
@@ -425,8 +441,6 @@ impl<R: Remote> VaultFs<R> {
         let maybe_sent = {
             let mut tree = self.tree.lock();
             if tree.unsent_record(ino).is_none() {
-                drop(tree);
-                self.new_dirs.sending.lock().remove(&ino);
                 return Ok(false);
             }
             if !tree.is_empty_dir(ino) {
@@ -445,7 +459,6 @@ impl<R: Remote> VaultFs<R> {
             self.record_on_server(ino).await?;
             return Ok(false);
         }
-        self.new_dirs.sending.lock().remove(&ino);
         Ok(true)
     }
 
@@ -511,5 +524,29 @@ impl<R: Remote> VaultFs<R> {
         self.tree.lock().remove(ino);
         self.touch_dir(parent);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_sending_lock_is_one_at_a_time_and_gone_once_nobody_wants_it() {
+        let locks = Locks::default();
+        let first = locks.take(7).await;
+        let other = locks.take(8).await;
+        let waiting = tokio::spawn({
+            let locks = Locks(Arc::clone(&locks.0));
+            async move { locks.take(7).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "a second task took a lock that was held");
+        drop(first);
+        let second = waiting.await.unwrap();
+        assert_eq!(locks.0.lock().len(), 2, "a lock still held left the map");
+        drop(second);
+        drop(other);
+        assert!(locks.0.lock().is_empty(), "a lock nobody holds stayed in the map");
     }
 }

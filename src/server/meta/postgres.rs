@@ -364,14 +364,7 @@ impl PgTx {
         if n == 0 {
             return Err(MetaError::Exists("record"));
         }
-        Ok(RecordInfo {
-            id: r.id,
-            vault,
-            parent: r.parent,
-            title: r.title.clone(),
-            fields: r.fields.clone(),
-            version: 1,
-        })
+        Ok(r.created_in(vault))
     }
 
     fn create_in(&self, record: RecordId, f: &NewFile, now_ms: i64) -> Result<FileInfo> {
