@@ -629,9 +629,15 @@ async fn two_mounts_editing_one_file_keep_both_versions() {
     let s = setup(&["V"]).await;
     let fs1 = mount(s.alice.clone()).await;
     let fs2 = mount(s.alice.clone()).await;
+    let fs4 = mount(s.alice.clone()).await;
     let v1 = fs1.lookup(ROOT, n("V")).await.unwrap();
     let r1 = fs1.mkdir(v1.ino, n("r")).await.unwrap();
     write_file(&fs1, r1.ino, "shared.txt", b"base").await;
+    let v4 = fs4.lookup(ROOT, n("V")).await.unwrap();
+    let r4 = fs4.lookup(v4.ino, n("r")).await.unwrap();
+    let a4 = fs4.lookup(r4.ino, n("shared.txt")).await.unwrap();
+    let h4 = fs4.open(a4.ino, false, true).await.unwrap();
+    fs4.write(h4, 0, b"edit from mount four").await.unwrap();
 
     let v2 = fs2.lookup(ROOT, n("V")).await.unwrap();
     let r2 = fs2.lookup(v2.ino, n("r")).await.unwrap();
@@ -646,6 +652,9 @@ async fn two_mounts_editing_one_file_keep_both_versions() {
     fs2.fsync(a2.ino, h2).await.unwrap();
     fs1.release(a1.ino, h1).await.unwrap();
     fs2.release(a2.ino, h2).await.unwrap();
+    // A third, most likely in the same second: a copy of another name.
+    fs4.fsync(a4.ino, h4).await.unwrap();
+    fs4.release(a4.ino, h4).await.unwrap();
 
     let fs3 = mount(s.alice.clone()).await;
     let v3 = fs3.lookup(ROOT, n("V")).await.unwrap();
@@ -654,13 +663,20 @@ async fn two_mounts_editing_one_file_keep_both_versions() {
     for (_, _, name) in fs3.readdir(r3.ino).await.unwrap() {
         contents.insert(name.clone(), read_file(&fs3, r3.ino, name.to_str().unwrap()).await.unwrap());
     }
-    assert_eq!(contents.len(), 2, "{contents:?}");
+    assert_eq!(contents.len(), 3, "{contents:?}");
     assert_eq!(contents[OsStr::new("shared.txt")], b"edit from mount one");
-    let (copy, data) = contents.iter().find(|(k, _)| k.to_str().unwrap().contains("(conflict ")).unwrap();
-    assert!(
-        copy.to_str().unwrap().starts_with("shared (conflict ") && copy.to_str().unwrap().ends_with(").txt")
-    );
-    assert_eq!(data, b"edit from mount two");
+    let copies: BTreeMap<_, _> =
+        contents.iter().filter(|(k, _)| k.to_str().unwrap().contains("(conflict ")).collect();
+    for copy in copies.keys() {
+        assert!(
+            copy.to_str().unwrap().starts_with("shared (conflict ")
+                && copy.to_str().unwrap().ends_with(").txt"),
+            "{copy:?}"
+        );
+    }
+    let mut kept: Vec<&[u8]> = copies.values().map(|d| d.as_slice()).collect();
+    kept.sort();
+    assert_eq!(kept, [&b"edit from mount four"[..], b"edit from mount two"]);
     drop(s.server);
 }
 
@@ -3056,4 +3072,61 @@ async fn a_new_directory_goes_to_the_server_with_its_first_file() {
         assert_eq!(names_seen_by_another(&s, &[name]).await, ["f.txt"]);
     }
     drop(s.server);
+}
+
+/// rename(2) is all or nothing: a rename over a file or an empty directory
+/// that fails on the server leaves what it would have replaced, here and
+/// there (it used to be deleted first). Once the rename goes through, the
+/// replaced entry goes, and another client listing then sees one name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_that_fails_on_the_server_replaces_nothing() {
+    let s = setup(&["V"]).await;
+    let (fs, outage) = mount_faulty(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let other_r = fs.mkdir(v.ino, n("o")).await.unwrap();
+    write_file(&fs, r.ino, "target.txt", b"keep me").await;
+    write_file(&fs, r.ino, "new.txt", b"new").await;
+    write_file(&fs, other_r.ino, "moved.txt", b"moved").await;
+    for d in ["d1", "d2"] {
+        let d = fs.mkdir(r.ino, n(d)).await.unwrap();
+        fs.fsyncdir(d.ino).await.unwrap();
+    }
+    let listed = ["d1", "d2", "new.txt", "target.txt"];
+    assert_eq!(names_seen_by_another(&s, &["r"]).await, listed);
+
+    // Renames in one record, of a file and of a directory, cut off.
+    outage.fail_updates(true);
+    let err = fs.rename(r.ino, n("new.txt"), r.ino, n("target.txt")).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    let err = fs.rename(r.ino, n("d1"), r.ino, n("d2")).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    outage.fail_updates(false);
+    // A move to another record (a new file there, then the old one deleted)
+    // whose upload's answer is lost.
+    outage.lose_upload_answers(true);
+    assert!(fs.rename(other_r.ino, n("moved.txt"), r.ino, n("target.txt")).await.is_err());
+    outage.lose_upload_answers(false);
+    assert_eq!(read_file(&fs, r.ino, "target.txt").await.unwrap(), b"keep me");
+    assert!(fs.lookup(r.ino, n("d2")).await.is_ok());
+    let seen = names_seen_by_another(&s, &["r"]).await;
+    for name in listed {
+        assert!(seen.iter().any(|s| s == name), "{name} is gone from the server: {seen:?}");
+    }
+    assert_eq!(names_seen_by_another(&s, &["o"]).await, ["moved.txt"]);
+    let other = mount(s.alice.clone()).await;
+    let ov = other.lookup(ROOT, n("V")).await.unwrap();
+    let or = other.lookup(ov.ino, n("r")).await.unwrap();
+    assert_eq!(read_file(&other, or.ino, "target.txt").await.unwrap(), b"keep me");
+
+    // Through: the replaced file and directory go, here and on the server.
+    fs.rename(r.ino, n("new.txt"), r.ino, n("target.txt")).await.unwrap();
+    fs.rename(r.ino, n("d1"), r.ino, n("d2")).await.unwrap();
+    assert_eq!(read_file(&fs, r.ino, "target.txt").await.unwrap(), b"new");
+    // Gone on the server when rename returns: another client sees one name.
+    assert_eq!(names_seen_by_another(&s, &["r"]).await, ["d2", "target.txt"]);
+    let other = mount(s.alice.clone()).await;
+    let ov = other.lookup(ROOT, n("V")).await.unwrap();
+    let or = other.lookup(ov.ino, n("r")).await.unwrap();
+    assert_eq!(read_file(&other, or.ino, "target.txt").await.unwrap(), b"new");
 }

@@ -35,6 +35,9 @@ struct Faults {
     hold_file_deletes: AtomicBool,
     /// Answers to a batch of deletes leave the last outcome out (a lying server).
     short_delete_answers: AtomicBool,
+    /// Metadata updates of files and records (renames, moves, times) fail
+    /// as if the connection dropped; every other request goes through.
+    fail_updates: AtomicBool,
     flip_at: Mutex<Option<u64>>,
     /// The range of every download asked for (None: whole content).
     downloads: Mutex<Vec<Option<Range<u64>>>>,
@@ -117,6 +120,19 @@ impl Outage {
     /// While true, file deletes (one or in a batch) wait before they reach the server.
     pub fn hold_file_deletes(&self, hold: bool) {
         self.0.hold_file_deletes.store(hold, Ordering::SeqCst);
+    }
+
+    /// While true, metadata updates of files and records (renames, moves,
+    /// times) fail as if the connection dropped; nothing else does.
+    pub fn fail_updates(&self, fail: bool) {
+        self.0.fail_updates.store(fail, Ordering::SeqCst);
+    }
+
+    fn update_check(&self) -> Result<()> {
+        if self.0.fail_updates.load(Ordering::SeqCst) {
+            return Err(RemoteError::Unavailable("injected: the connection dropped".into()));
+        }
+        self.check()
     }
 
     /// While true, answers to a batch of deletes leave the last outcome out.
@@ -332,7 +348,7 @@ impl<R: Remote> Remote for FaultyRemote<R> {
         self.inner.create_record(vault, record).await
     }
     async fn update_record(&self, id: RecordId, expected: u64, update: RecordUpdate) -> Result<RecordInfo> {
-        self.outage.check()?;
+        self.outage.update_check()?;
         self.inner.update_record(id, expected, update).await
     }
     async fn delete_record(&self, id: RecordId, expected: u64) -> Result<()> {
@@ -390,7 +406,7 @@ impl<R: Remote> Remote for FaultyRemote<R> {
         self.inner.create_file(record, file).await
     }
     async fn update_file(&self, id: FileId, expected: u64, update: FileUpdate) -> Result<FileInfo> {
-        self.outage.check()?;
+        self.outage.update_check()?;
         self.inner.update_file(id, expected, update).await
     }
     async fn delete_file(&self, id: FileId, expected: u64) -> Result<()> {

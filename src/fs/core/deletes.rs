@@ -171,6 +171,37 @@ impl<R: Remote> VaultFs<R> {
         });
     }
 
+    /// Deletes file `info` on the server now, in a request of its own; the
+    /// caller took it out of the tree with
+    /// [`super::tree::Tree::unlink_deleting`]. For the file a rename
+    /// replaced: whoever lists once the rename returned sees one name. If
+    /// the server does not delete it at once, it goes in the background.
+    pub(super) async fn delete_file_now(self: &Arc<Self>, info: FileInfo) {
+        match self.delete_file(&info).await {
+            Ok(()) | Err(FsError::NotFound) => {
+                self.deletion_done(&Pending::File(info, Instant::now()), true);
+            }
+            Err(_) => self.delete_in_background(info),
+        }
+    }
+
+    /// Deletes record `info` on the server now, once what was removed from
+    /// it is gone there (waited for at most [`RMDIR_WAIT`]); the caller took
+    /// it out of the tree with [`super::tree::Tree::rmdir_deleting`]. For
+    /// the directory a rename replaced, as [`VaultFs::delete_file_now`].
+    pub(super) async fn delete_record_now(self: &Arc<Self>, info: RecordInfo) {
+        let settled = tokio::time::timeout(RMDIR_WAIT, self.deletes_settled(Some(info.id))).await.is_ok();
+        if settled {
+            match self.remote().delete_record(info.id, info.version).await {
+                Ok(()) | Err(RemoteError::NotFound(_)) => {
+                    return self.deletion_done(&Pending::Record(info), true);
+                }
+                Err(_) => {}
+            }
+        }
+        self.delete_record_in_background(info);
+    }
+
     /// Starts a sender if a slot is free. One that finds none leaves the
     /// queue to the senders at work, each of which looks at it again after
     /// it gave its slot back.

@@ -9,8 +9,14 @@
 //! name; moving a file to another record writes it anew there (its content is
 //! bound to its record) and deletes the old one, so a reader sees the old
 //! file or the complete new one, never a half; the new file takes over the
-//! old inode, and open handles and cached data follow. Across vaults rename
-//! fails with EXDEV, so `mv` copies and deletes instead.
+//! old inode, and open handles and cached data follow. What a rename
+//! replaces goes only once the server made the rename (the server cannot
+//! tell two sealed names apart, so the client deletes the one replaced), as
+//! unlink and rmdir take it but deleted on the server before rename returns
+//! (in the background if it cannot be then): a rename that fails there
+//! replaces nothing, and whoever lists once it returned sees one name.
+//! A move that fails deletes the file it made. Across vaults rename fails
+//! with EXDEV, so `mv` copies and deletes instead.
 
 use std::ffi::OsStr;
 use std::sync::Arc;
@@ -45,17 +51,30 @@ impl<R: Remote> VaultFs<R> {
                 _ => return Err(FsError::IsDir),
             }
         };
-        // Open handles keep reading and writing until they close (POSIX).
-        // A file read from the server in ranges, or being streamed to it,
-        // needs the server's copy until then: it is deleted at the last
-        // close instead (super::save `release`).
+        self.remove_file(ino, info, false).await?;
+        self.touch_dir(parent);
+        Ok(())
+    }
+
+    /// Takes file `ino` out of the tree, and off the server: one no handle
+    /// holds open in the background (super::deletes), or first tried `now`.
+    /// Open handles keep
+    /// reading and writing until they close (POSIX). A file read from the
+    /// server in ranges, or being streamed to it, needs the server's copy
+    /// until then: it is deleted at the last close instead (super::save
+    /// `release`).
+    async fn remove_file(self: &Arc<Self>, ino: Ino, info: FileInfo, now: bool) -> Result<()> {
         let open = self.handles.is_open(info.id);
         if self.forget_unsent(ino, info.id, open).await? {
             // Never saved: nothing to delete on the server.
         } else if !open {
             let info = self.file_info(ino).unwrap_or(info.clone());
             self.tree.lock().unlink_deleting(ino, &info);
-            self.delete_in_background(info);
+            if now {
+                self.delete_file_now(info).await;
+            } else {
+                self.delete_in_background(info);
+            }
         } else {
             let keep = self.modes.is_streaming(info.id) || self.passes_through(ino)?;
             if !keep {
@@ -63,7 +82,6 @@ impl<R: Remote> VaultFs<R> {
             }
             self.tree.lock().unlink(ino, open, keep);
         }
-        self.touch_dir(parent);
         if open {
             return Ok(());
         }
@@ -183,9 +201,11 @@ impl<R: Remote> VaultFs<R> {
         }
     }
 
-    /// Renames record `ino` and/or moves it under another record of its vault.
+    /// Renames record `ino` and/or moves it under another record of its
+    /// vault. An empty record it replaces goes (as rmdir takes it) once the
+    /// server made the move: a move that fails there leaves it.
     async fn rename_record(
-        &self,
+        self: &Arc<Self>,
         ino: Ino,
         info: &RecordInfo,
         parent: Ino,
@@ -196,22 +216,29 @@ impl<R: Remote> VaultFs<R> {
             Node::Record { info: p, .. } => Some(p.id),
             _ => return Err(FsError::NotDir),
         };
-        match to.replaces {
+        let replaced = match to.replaces {
             Some((t, Some(Node::Record { info: tinfo, .. }))) => {
                 // rename(2) replaces an empty directory.
                 if !self.tree.lock().is_empty_dir(t) {
                     return Err(FsError::NotEmpty);
                 }
-                // What was removed from it is gone from the server first (as
-                // for rmdir of one that holds a file unlinked while open).
-                let settled = self.deletes_settled(Some(tinfo.id));
-                let _ = tokio::time::timeout(super::deletes::RMDIR_WAIT, settled).await;
-                self.remote().delete_record(tinfo.id, tinfo.version).await?;
-                self.tree.lock().remove(t);
+                if self.tree.lock().holds_orphans(t) {
+                    // A file unlinked from it while open keeps it on the
+                    // server until its last close: the server's answer (not
+                    // empty) is the one to give, before anything moves (as
+                    // rmdir asks it), once what was removed from it is gone.
+                    let settled = self.deletes_settled(Some(tinfo.id));
+                    let _ = tokio::time::timeout(super::deletes::RMDIR_WAIT, settled).await;
+                    self.remote().delete_record(tinfo.id, tinfo.version).await?;
+                    self.tree.lock().remove(t);
+                    None
+                } else {
+                    Some((t, tinfo))
+                }
             }
             Some(_) => return Err(FsError::NotDir),
-            None => {}
-        }
+            None => None,
+        };
         let ctx = NameContext::RecordTitle { vault: info.vault, record: info.id };
         let update = RecordUpdate {
             title: Some(self.seal(info.vault, ctx, to.name)?),
@@ -222,7 +249,18 @@ impl<R: Remote> VaultFs<R> {
         if updated.id != info.id || updated.vault != info.vault {
             return Err(FsError::Io("the server answered for another record".into()));
         }
-        self.tree.lock().place(to.parent, to.name, ino, Node::Record { info: updated, parent: to.parent });
+        let replaced = {
+            let mut tree = self.tree.lock();
+            tree.place(to.parent, to.name, ino, Node::Record { info: updated, parent: to.parent });
+            replaced.inspect(|(t, _)| tree.rmdir_deleting(*t))
+        };
+        if let Some((_, tinfo)) = replaced {
+            // Deleted on the server before this returns, or in the
+            // background if it cannot be now; if another client filled it
+            // meanwhile, the server refuses, and it shows again
+            // (super::deletes).
+            self.delete_record_now(tinfo).await;
+        }
         Ok(())
     }
 
@@ -232,33 +270,47 @@ impl<R: Remote> VaultFs<R> {
         // The server is asked to rename it: it must have it.
         self.ensure_on_server(ino).await?;
         let info = &self.file_info(ino)?;
-        match to.replaces {
-            Some((t, Some(Node::File { info: tinfo, .. }))) => {
-                // rename(2) replaces the target.
-                let open = self.handles.is_open(tinfo.id);
-                if !self.forget_unsent(t, tinfo.id, open).await? {
-                    let tinfo = self.file_info(t).unwrap_or(tinfo);
-                    self.delete_file(&tinfo).await?;
-                    self.tree.lock().remove(t);
-                    self.forget_backing(tinfo.id);
-                }
-            }
+        // rename(2) replaces the target. It goes (as unlink takes it) once
+        // this file has its name on the server: a rename that fails there
+        // leaves it, on the server and here.
+        let replaced = match to.replaces {
+            Some((t, Some(node @ Node::File { .. }))) => Some((t, node)),
             Some(_) => return Err(FsError::IsDir),
-            None => {}
-        }
+            None => None,
+        };
         if new_record != info.record {
-            if self.tree.lock().file(ino)?.1.manifest().is_some_and(|m| m.is_link()) {
-                return self.move_link(ino, info, to.parent, to.name).await;
+            let moved = if self.tree.lock().file(ino)?.1.manifest().is_some_and(|m| m.is_link()) {
+                self.move_link(ino, info, to.parent, to.name).await
+            } else {
+                self.move_file(ino, info, to.parent, to.name).await
+            };
+            if let Err(e) = moved {
+                // The file made for the move may have taken the name here.
+                if let Some((t, _)) = replaced {
+                    let mut tree = self.tree.lock();
+                    if let Some(node) = tree.node_unchecked(t).cloned() {
+                        tree.place(to.parent, to.name, t, node);
+                    }
+                }
+                return Err(e);
             }
-            return self.move_file(ino, info, to.parent, to.name).await;
+        } else {
+            let ctx = NameContext::FileName { vault: info.vault, record: info.record, file: info.id };
+            let update =
+                FileUpdate { name: Some(self.seal(info.vault, ctx, to.name)?), ..Default::default() };
+            let updated = self.remote().update_file(info.id, info.version, update).await?;
+            let updated = check_file_answer(info.id, info.vault, updated)?;
+            bump_cached_version(&self.cache, info.id, info.version, updated.version).await;
+            let node = self.file_node(updated, to.parent);
+            self.tree.lock().place(to.parent, to.name, ino, node);
         }
-        let ctx = NameContext::FileName { vault: info.vault, record: info.record, file: info.id };
-        let update = FileUpdate { name: Some(self.seal(info.vault, ctx, to.name)?), ..Default::default() };
-        let updated = self.remote().update_file(info.id, info.version, update).await?;
-        let updated = check_file_answer(info.id, info.vault, updated)?;
-        bump_cached_version(&self.cache, info.id, info.version, updated.version).await;
-        let node = self.file_node(updated, to.parent);
-        self.tree.lock().place(to.parent, to.name, ino, node);
+        if let Some((t, Node::File { info: tinfo, .. })) = replaced {
+            if let Err(e) = self.remove_file(t, tinfo, true).await {
+                // The rename is made: the replaced file, still on the server,
+                // shows again at the next listing, under a duplicate name.
+                tracing::warn!(error = %e, "the file a rename replaced could not be deleted on the server");
+            }
+        }
         Ok(())
     }
 
@@ -282,7 +334,18 @@ impl<R: Remote> VaultFs<R> {
             }
             let perm = self.stated_perm(info.id)?;
             let (new_ino, created) = self.new_file(new_parent, new_name, perm).await?;
-            let (done, meta) = self.upload_whole(&created, 2, info.mtime_ms, &d.bytes).await?;
+            let (done, meta) = match self.upload_whole(&created, 2, info.mtime_ms, &d.bytes).await {
+                Ok(done) => done,
+                Err(e) => {
+                    // The move failed: the file made for it goes too (the
+                    // file it was to replace, if any, stays; see rename_file).
+                    self.tree.lock().remove(new_ino);
+                    if let Err(e) = self.delete_file(&created).await {
+                        tracing::warn!(error = %e, file = %created.id, "the file made for a move that failed could not be deleted");
+                    }
+                    return Err(e);
+                }
+            };
             let mut moved = created.clone();
             moved.version = done.version;
             moved.size = done.size;

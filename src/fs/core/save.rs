@@ -407,7 +407,7 @@ impl<R: Remote> VaultFs<R> {
     /// that can be sent only once (staged content goes to it if the file
     /// moved on). Its manifest is sealed at the commit.
     pub(super) fn conflict_copy_file(&self, ino: Ino, info: &FileInfo) -> Result<NewFile> {
-        let copy_name = conflict_name(&self.tree.lock().name_of(ino), SystemTime::now());
+        let copy_name = self.conflict_copy_name(ino);
         let copy_id = FileId::random().map_err(|e| FsError::Io(e.to_string()))?;
         let ctx = NameContext::FileName { vault: info.vault, record: info.record, file: copy_id };
         let sealed = self.seal(info.vault, ctx, &copy_name)?;
@@ -523,12 +523,25 @@ impl<R: Remote> VaultFs<R> {
         Ok(done)
     }
 
+    /// A name for a conflict copy of `ino` that no entry of its directory
+    /// has: a copy made in the same second as another gets a number after
+    /// the time (two entries of one name would show as a duplicate).
+    fn conflict_copy_name(&self, ino: Ino) -> OsString {
+        let tree = self.tree.lock();
+        let (name, now) = (tree.name_of(ino), SystemTime::now());
+        let parent = tree.parent_of(ino);
+        (1..)
+            .map(|nth| conflict_name(&name, now, nth))
+            .find(|copy| parent.is_none_or(|p| tree.child(p, copy).is_none()))
+            .expect("a free name among endless numbers")
+    }
+
     async fn save_conflict_copy(&self, ino: Ino, info: &FileInfo, plain: &[u8]) -> Result<()> {
-        let (parent, name) = {
-            let tree = self.tree.lock();
-            (tree.parent_of(ino).ok_or(FsError::NotFound)?, tree.name_of(ino))
-        };
-        let copy_name = conflict_name(&name, SystemTime::now());
+        // The names other clients gave their copies meanwhile are known
+        // before one is chosen (a failed listing leaves the tree's).
+        let _ = self.load_vault(info.vault, true).await;
+        let parent = self.tree.lock().parent_of(ino).ok_or(FsError::NotFound)?;
+        let copy_name = self.conflict_copy_name(ino);
         let (copy_ino, copy) = self.new_file(parent, &copy_name, self.stated_perm(info.id)?).await?;
         let (done, meta) = self.upload_whole(&copy, 2, now_ms(), plain).await?;
         let e2e = self.rules.vault(info.vault).encrypts(plain.len() as u64);
@@ -582,8 +595,10 @@ pub(super) async fn bump_cached_version(cache: &PlainCache, id: FileId, from: u6
     }
 }
 
-/// `report.pdf` -> `report (conflict 2026-11-23 051500).pdf` (UTC).
-pub fn conflict_name(name: &OsStr, when: SystemTime) -> OsString {
+/// `report.pdf` -> `report (conflict 2026-11-23 051500).pdf` (UTC); the
+/// `nth` copy of that second after the first: `report (conflict 2026-11-23
+/// 051500 2).pdf`.
+pub fn conflict_name(name: &OsStr, when: SystemTime, nth: u32) -> OsString {
     let t = time::OffsetDateTime::from(when);
     let stamp = format!(
         "{:04}-{:02}-{:02} {:02}{:02}{:02}",
@@ -601,7 +616,8 @@ pub fn conflict_name(name: &OsStr, when: SystemTime) -> OsString {
         None => (bytes, &b""[..]),
     };
     let mut out = stem.to_vec();
-    out.extend_from_slice(format!(" (conflict {stamp})").as_bytes());
+    let nth = if nth > 1 { format!(" {nth}") } else { String::new() };
+    out.extend_from_slice(format!(" (conflict {stamp}{nth})").as_bytes());
     out.extend_from_slice(ext);
     OsString::from_vec(out)
 }
@@ -614,13 +630,18 @@ mod tests {
     #[test]
     fn conflict_names_keep_the_extension() {
         let t = UNIX_EPOCH + Duration::from_secs(1_795_410_900); // 2026-11-23 05:15:00
-        assert_eq!(conflict_name(OsStr::new("report.pdf"), t), "report (conflict 2026-11-23 051500).pdf");
-        assert_eq!(conflict_name(OsStr::new("notes"), t), "notes (conflict 2026-11-23 051500)");
-        assert_eq!(conflict_name(OsStr::new(".bashrc"), t), ".bashrc (conflict 2026-11-23 051500)");
+        assert_eq!(conflict_name(OsStr::new("report.pdf"), t, 1), "report (conflict 2026-11-23 051500).pdf");
+        assert_eq!(conflict_name(OsStr::new("notes"), t, 1), "notes (conflict 2026-11-23 051500)");
+        assert_eq!(conflict_name(OsStr::new(".bashrc"), t, 1), ".bashrc (conflict 2026-11-23 051500)");
         // Leap day and the last second of a year.
         let leap = UNIX_EPOCH + Duration::from_secs(1_709_251_199); // 2024-02-29 23:59:59
-        assert_eq!(conflict_name(OsStr::new("a"), leap), "a (conflict 2024-02-29 235959)");
+        assert_eq!(conflict_name(OsStr::new("a"), leap, 1), "a (conflict 2024-02-29 235959)");
         let eoy = UNIX_EPOCH + Duration::from_secs(1_798_761_599); // 2026-12-31 23:59:59
-        assert_eq!(conflict_name(OsStr::new("a"), eoy), "a (conflict 2026-12-31 235959)");
+        assert_eq!(conflict_name(OsStr::new("a"), eoy, 0), "a (conflict 2026-12-31 235959)");
+        // A second copy in the same second.
+        assert_eq!(
+            conflict_name(OsStr::new("report.pdf"), t, 2),
+            "report (conflict 2026-11-23 051500 2).pdf"
+        );
     }
 }
