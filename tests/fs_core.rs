@@ -3109,10 +3109,9 @@ async fn a_rename_that_fails_on_the_server_replaces_nothing() {
     outage.lose_upload_answers(false);
     assert_eq!(read_file(&fs, r.ino, "target.txt").await.unwrap(), b"keep me");
     assert!(fs.lookup(r.ino, n("d2")).await.is_ok());
-    let seen = names_seen_by_another(&s, &["r"]).await;
-    for name in listed {
-        assert!(seen.iter().any(|s| s == name), "{name} is gone from the server: {seen:?}");
-    }
+    // Nothing gone, and nothing more: the file made for the move is deleted.
+    assert_eq!(names_seen_by_another(&s, &["r"]).await, listed);
+    assert_eq!(fs.status().deleting, 0);
     assert_eq!(names_seen_by_another(&s, &["o"]).await, ["moved.txt"]);
     let other = mount(s.alice.clone()).await;
     let ov = other.lookup(ROOT, n("V")).await.unwrap();
@@ -3129,4 +3128,40 @@ async fn a_rename_that_fails_on_the_server_replaces_nothing() {
     let ov = other.lookup(ROOT, n("V")).await.unwrap();
     let or = other.lookup(ov.ino, n("r")).await.unwrap();
     assert_eq!(read_file(&other, or.ino, "target.txt").await.unwrap(), b"new");
+}
+
+/// A move to another record copies the file, then deletes it where it was at
+/// the version it copied: a change another client made meanwhile is not
+/// deleted with it (the source stays, with that change; the copy has what
+/// was moved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_keeps_a_source_another_client_changed_meanwhile() {
+    let s = setup(&["V"]).await;
+    let (fs, outage) = mount_faulty(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let o = fs.mkdir(v.ino, n("o")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    write_file(&fs, o.ino, "m.txt", b"first").await;
+    fs.fsyncdir(r.ino).await.unwrap();
+    // The source's delete waits once the copy is stored.
+    outage.hold_file_deletes(true);
+    let mover = tokio::spawn({
+        let fs = Arc::clone(&fs);
+        async move { fs.rename(o.ino, n("m.txt"), r.ino, n("m.txt")).await }
+    });
+    let copied = async {
+        while names_seen_by_another(&s, &["r"]).await != ["m.txt"] {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), copied).await.expect("the copy is stored");
+    let other = mount(s.alice.clone()).await;
+    let ov = other.lookup(ROOT, n("V")).await.unwrap();
+    let oo = other.lookup(ov.ino, n("o")).await.unwrap();
+    write_over(&other, oo.ino, "m.txt", b"second").await;
+    outage.hold_file_deletes(false);
+    mover.await.unwrap().unwrap();
+    assert_eq!(read_file(&fs, r.ino, "m.txt").await.unwrap(), b"first");
+    assert_eq!(read_file(&fs, o.ino, "m.txt").await.unwrap(), b"second", "the change made meanwhile is kept");
+    assert_eq!(names_seen_by_another(&s, &["o"]).await, ["m.txt"]);
 }

@@ -26,6 +26,11 @@
 //! refusal is final: logged, noted for `vaultfs status`, and the object
 //! shows again at the vault's next listing, which is then asked for.
 //!
+//! The file or directory a rename replaced is deleted at once, in a request
+//! of its own (`delete_file_now`, `delete_record_now`), so that whoever
+//! lists once the rename returned sees one name; it joins the queue only if
+//! that request fails.
+//!
 //! Whatever needs the server to have them gone waits here, for a while:
 //! `rmdir` of a record that still holds a file unlinked while open, and a
 //! rename over a directory emptied just now ([`RMDIR_WAIT`]), and unmount

@@ -18,7 +18,9 @@
 //! clients see empty directories too. Each is sent under its own sending
 //! lock, so it is created once, with its title sealed then (the vault's key
 //! may have changed since mkdir). An rmdir before then sends nothing, and a
-//! rename of it, or over an empty one, changes the tree only. A server that
+//! rename of it changes the tree only, as does a rename of one over an
+//! empty one (a directory on the server renamed over one sends that one
+//! first, to be replaced there). A server that
 //! says its id is taken is believed once its listing names it.
 //!
 //! What this costs: a refusal (a vault turned read-only elsewhere meanwhile)

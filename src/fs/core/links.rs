@@ -14,6 +14,7 @@
 //! no open, read or write reaches a link.
 
 use std::ffi::OsStr;
+use std::sync::Arc;
 
 use super::tree::{check_name, FileMeta, Node};
 use super::{Attr, FsError, Ino, Result, VaultFs};
@@ -86,7 +87,7 @@ impl<R: Remote> VaultFs<R> {
     /// Moves link `ino` to another record: made anew there (its manifest is
     /// bound to its record), then the old one deleted.
     pub(super) async fn move_link(
-        &self,
+        self: &Arc<Self>,
         ino: Ino,
         info: &FileInfo,
         new_parent: Ino,
@@ -98,11 +99,16 @@ impl<R: Remote> VaultFs<R> {
         };
         let (new_ino, created) =
             self.new_entry(new_parent, new_name, &FileManifest::new_link(1, target)).await?;
-        self.delete_file(info).await?;
+        let kept = self.delete_moved_source(info).await;
         let node = self.file_node(created.clone(), new_parent);
-        let mut tree = self.tree.lock();
-        tree.rekey_file(ino, info.id, created.id, new_ino);
-        tree.place(new_parent, new_name, ino, node);
+        {
+            let mut tree = self.tree.lock();
+            tree.rekey_file(ino, info.id, created.id, new_ino);
+            tree.place(new_parent, new_name, ino, node);
+        }
+        if kept {
+            let _ = self.load_vault(info.vault, true).await;
+        }
         Ok(())
     }
 }

@@ -9,14 +9,20 @@
 //! name; moving a file to another record writes it anew there (its content is
 //! bound to its record) and deletes the old one, so a reader sees the old
 //! file or the complete new one, never a half; the new file takes over the
-//! old inode, and open handles and cached data follow. What a rename
-//! replaces goes only once the server made the rename (the server cannot
-//! tell two sealed names apart, so the client deletes the one replaced), as
-//! unlink and rmdir take it but deleted on the server before rename returns
-//! (in the background if it cannot be then): a rename that fails there
-//! replaces nothing, and whoever lists once it returned sees one name.
-//! A move that fails deletes the file it made. Across vaults rename fails
-//! with EXDEV, so `mv` copies and deletes instead.
+//! old inode, and open handles and cached data follow. The file a move
+//! copied is deleted at the version it copied: changed elsewhere meanwhile,
+//! it stays. A move that fails deletes the copy it made.
+//!
+//! What a rename replaces goes only once the server made the rename (the
+//! server cannot tell two sealed names apart, so the client deletes the
+//! one replaced), as unlink and rmdir take it, but deleted on the server
+//! before rename returns (in the background if it cannot be then): a rename
+//! that fails there replaces nothing, and whoever lists once it returned
+//! sees one name. Not so for a replaced file still open that the server
+//! must keep until its last close (read in ranges, or streamed), nor for a
+//! directory holding one: that directory is deleted first, as rmdir asks
+//! the server. Across vaults rename fails with EXDEV, so `mv` copies and
+//! deletes instead.
 
 use std::ffi::OsStr;
 use std::sync::Arc;
@@ -222,7 +228,7 @@ impl<R: Remote> VaultFs<R> {
                 if !self.tree.lock().is_empty_dir(t) {
                     return Err(FsError::NotEmpty);
                 }
-                if self.tree.lock().holds_orphans(t) {
+                if self.tree.lock().holds_orphans_on_server(t) {
                     // A file unlinked from it while open keeps it on the
                     // server until its last close: the server's answer (not
                     // empty) is the one to give, before anything moves (as
@@ -285,11 +291,16 @@ impl<R: Remote> VaultFs<R> {
                 self.move_file(ino, info, to.parent, to.name).await
             };
             if let Err(e) = moved {
-                // The file made for the move may have taken the name here.
+                // The file made for the move took the name here and is gone:
+                // the name goes back to the file it was to replace, if that
+                // is still where it was and nothing else took the name.
                 if let Some((t, _)) = replaced {
                     let mut tree = self.tree.lock();
-                    if let Some(node) = tree.node_unchecked(t).cloned() {
-                        tree.place(to.parent, to.name, t, node);
+                    let free = tree.child(to.parent, to.name).is_none_or(|c| c == t);
+                    if free && tree.parent_of(t) == Some(to.parent) {
+                        if let Some(node) = tree.node_unchecked(t).cloned() {
+                            tree.place(to.parent, to.name, t, node);
+                        }
                     }
                 }
                 return Err(e);
@@ -305,13 +316,63 @@ impl<R: Remote> VaultFs<R> {
             self.tree.lock().place(to.parent, to.name, ino, node);
         }
         if let Some((t, Node::File { info: tinfo, .. })) = replaced {
-            if let Err(e) = self.remove_file(t, tinfo, true).await {
-                // The rename is made: the replaced file, still on the server,
-                // shows again at the next listing, under a duplicate name.
-                tracing::warn!(error = %e, "the file a rename replaced could not be deleted on the server");
-            }
+            self.replaced_file_goes(t, tinfo).await;
         }
         Ok(())
+    }
+
+    /// File `t`, which a rename just replaced on the server, goes as
+    /// [`Self::remove_file`] takes it, deleted on the server now. It goes
+    /// whatever the server answers (the rename is made): from the tree at
+    /// once, and from the server in the background or at its last close.
+    async fn replaced_file_goes(self: &Arc<Self>, t: Ino, tinfo: FileInfo) {
+        let Err(e) = self.remove_file(t, tinfo.clone(), true).await else { return };
+        tracing::warn!(error = %e, file = %tinfo.id, "the file a rename replaced could not be deleted on the server now; it is later");
+        let info = self.file_info(t).unwrap_or(tinfo);
+        let open = self.handles.is_open(info.id);
+        {
+            let mut tree = self.tree.lock();
+            if tree.node_unchecked(t).is_none() || tree.is_orphan(t) {
+                return;
+            }
+            if open {
+                // Deleted on the server at its last close (if it is there).
+                tree.unlink(t, true, true);
+                return;
+            }
+            tree.unlink_deleting(t, &info);
+        }
+        self.delete_in_background(info.clone());
+        self.modes.forget_unsaved(info.id);
+        self.cache.remove(info.id);
+        self.forget_backing(info.id);
+    }
+
+    /// Deletes the file a move copied from, at the version it copied; says
+    /// whether the server kept it. One changed elsewhere meanwhile stays
+    /// (that change was not copied), and shows again where it was; if the
+    /// server cannot be asked now, the delete goes in the background.
+    pub(super) async fn delete_moved_source(self: &Arc<Self>, info: &FileInfo) -> bool {
+        match self.remote().delete_file(info.id, info.version).await {
+            Ok(()) | Err(RemoteError::NotFound(_)) => false,
+            Err(RemoteError::Conflict { .. }) => {
+                tracing::warn!(file = %info.id, "a file moved was changed elsewhere meanwhile: kept where it was, with that change");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(file = %info.id, error = %e, "the file a move copied from could not be deleted now; it is later");
+                self.tree.lock().file_deleting(info);
+                self.delete_in_background(info.clone());
+                false
+            }
+        }
+    }
+
+    /// A move failed once file `created` (inode `new_ino`) was made for it:
+    /// it goes, from the tree and from the server (now, or in the background).
+    async fn made_for_failed_move(self: &Arc<Self>, new_ino: Ino, created: FileInfo) {
+        self.tree.lock().unlink_deleting(new_ino, &created);
+        self.delete_file_now(created).await;
     }
 
     /// Moves a file to another record. Content is bound to its record, so the file
@@ -339,10 +400,7 @@ impl<R: Remote> VaultFs<R> {
                 Err(e) => {
                     // The move failed: the file made for it goes too (the
                     // file it was to replace, if any, stays; see rename_file).
-                    self.tree.lock().remove(new_ino);
-                    if let Err(e) = self.delete_file(&created).await {
-                        tracing::warn!(error = %e, file = %created.id, "the file made for a move that failed could not be deleted");
-                    }
+                    self.made_for_failed_move(new_ino, created).await;
                     return Err(e);
                 }
             };
@@ -352,7 +410,9 @@ impl<R: Remote> VaultFs<R> {
             moved.e2e = self.rules.vault(info.vault).encrypts(d.bytes.len() as u64);
             moved.mtime_ms = info.mtime_ms;
             moved.meta = meta;
-            self.delete_file(info).await?;
+            // The move is made once the copy is stored, whatever becomes of
+            // the file it copied.
+            let kept = self.delete_moved_source(info).await;
             // The kernel keeps the old inode number for the renamed entry, so the
             // new file takes it over; open handles and cached data follow.
             let node = self.file_node(moved.clone(), new_parent);
@@ -360,6 +420,9 @@ impl<R: Remote> VaultFs<R> {
                 let mut tree = self.tree.lock();
                 tree.rekey_file(ino, info.id, created.id, new_ino);
                 tree.place(new_parent, new_name, ino, node);
+            }
+            if kept {
+                let _ = self.load_vault(info.vault, true).await;
             }
             self.handles.rekey(info.id, created.id);
             d.version = moved.version;

@@ -462,7 +462,9 @@ impl Tree {
         self.remove(ino);
     }
 
-    fn file_deleting(&mut self, info: &FileInfo) {
+    /// File `info`, no longer in the tree (a move's source: its inode went
+    /// to the copy), waits for the server to delete it (see `deleting`).
+    pub(super) fn file_deleting(&mut self, info: &FileInfo) {
         self.deleting.insert(Key::File(info.id), (info.vault, Some(info.record)));
     }
 
@@ -506,6 +508,12 @@ impl Tree {
     /// Whether a file unlinked while open was in directory `ino`.
     pub(super) fn holds_orphans(&self, ino: Ino) -> bool {
         self.orphans.keys().any(|o| self.parent_of(*o) == Some(ino))
+    }
+
+    /// Whether record `ino` holds a file unlinked while open that the server
+    /// still has (until its last close): the server finds the record not empty.
+    pub(super) fn holds_orphans_on_server(&self, ino: Ino) -> bool {
+        self.orphans.iter().any(|(o, on_server)| *on_server && self.parent_of(*o) == Some(ino))
     }
 
     /// How many files and records removed here wait for the server to delete them.
