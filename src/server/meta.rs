@@ -498,6 +498,39 @@ fn record_in(tx: &Connection, vault: VaultId, r: &NewRecord) -> Result<RecordInf
     Ok(r.created_in(vault))
 }
 
+/// Whether a caller holding `held` rights in a vault may delete there: not
+/// a member, the answer for an object that does not exist (NotFound);
+/// below write, a refusal of this object only (`Some`).
+fn may_delete(held: Option<Rights>) -> Result<Option<DeleteOutcome>> {
+    match held {
+        None => Err(MetaError::NotFound("vault")),
+        Some(r) if r < Rights::Write => {
+            let message = format!("you have {} rights in this vault; this needs write", r.as_str());
+            Ok(Some(DeleteOutcome::Forbidden { message }))
+        }
+        Some(_) => Ok(None),
+    }
+}
+
+/// What one object of a batch of deletes became (`done`: `None` if it was
+/// deleted, else the refusal), or the store's failure, which ends the batch.
+fn delete_outcome(done: Result<Option<DeleteOutcome>>) -> Result<DeleteOutcome> {
+    Ok(match done {
+        Ok(None) => DeleteOutcome::Deleted,
+        Ok(Some(outcome)) => outcome,
+        Err(MetaError::NotFound(_)) => DeleteOutcome::NotFound,
+        Err(MetaError::VersionMismatch { current }) => DeleteOutcome::Conflict { current },
+        Err(MetaError::Refused(message)) => DeleteOutcome::Refused { message },
+        Err(
+            e @ (MetaError::Exists(_)
+            | MetaError::TooNew { .. }
+            | MetaError::Db(_)
+            | MetaError::Postgres(_)
+            | MetaError::Unavailable(_)),
+        ) => return Err(e),
+    })
+}
+
 /// Creates an empty file in `record`.
 fn create_in(tx: &Connection, record: RecordId, f: &NewFile, now_ms: i64) -> Result<FileInfo> {
     let vault = Meta::record_vault(tx, record)?;
@@ -1204,14 +1237,8 @@ impl MetaStore for Meta {
                     Some(held) => *held,
                     None => *rights.entry(vault).or_insert(member_rights(&tx, user_id, vault)?),
                 };
-                match held {
-                    None => return Err(MetaError::NotFound("vault")),
-                    Some(r) if r < Rights::Write => {
-                        let message =
-                            format!("you have {} rights in this vault; this needs write", r.as_str());
-                        return Ok(Some(DeleteOutcome::Forbidden { message }));
-                    }
-                    Some(_) => {}
+                if let Some(refused) = may_delete(held)? {
+                    return Ok(Some(refused));
                 }
                 match *item {
                     DeleteItem::File { id, version } => blobs.extend(delete_file_in(&tx, id, version)?),
@@ -1219,20 +1246,7 @@ impl MetaStore for Meta {
                 }
                 Ok(None)
             });
-            outcomes.push(match done {
-                Ok(None) => DeleteOutcome::Deleted,
-                Ok(Some(outcome)) => outcome,
-                Err(MetaError::NotFound(_)) => DeleteOutcome::NotFound,
-                Err(MetaError::VersionMismatch { current }) => DeleteOutcome::Conflict { current },
-                Err(MetaError::Refused(message)) => DeleteOutcome::Refused { message },
-                Err(
-                    e @ (MetaError::Exists(_)
-                    | MetaError::TooNew { .. }
-                    | MetaError::Db(_)
-                    | MetaError::Postgres(_)
-                    | MetaError::Unavailable(_)),
-                ) => return Err(e),
-            });
+            outcomes.push(delete_outcome(done)?);
         }
         tx.commit()?;
         Ok((outcomes, blobs))

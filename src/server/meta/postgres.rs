@@ -1114,14 +1114,8 @@ impl MetaStore for PgTx {
                         Some(held) => *held,
                         None => *rights.entry(vault).or_insert(tx.member_rights(user_id, vault)?),
                     };
-                    match held {
-                        None => return Err(MetaError::NotFound("vault")),
-                        Some(r) if r < Rights::Write => {
-                            let message =
-                                format!("you have {} rights in this vault; this needs write", r.as_str());
-                            return Ok(Some(DeleteOutcome::Forbidden { message }));
-                        }
-                        Some(_) => {}
+                    if let Some(refused) = super::may_delete(held)? {
+                        return Ok(Some(refused));
                     }
                     match *item {
                         DeleteItem::File { id, version } => blobs.extend(tx.delete_file_in(id, version)?),
@@ -1129,20 +1123,7 @@ impl MetaStore for PgTx {
                     }
                     Ok(None)
                 });
-                outcomes.push(match done {
-                    Ok(None) => DeleteOutcome::Deleted,
-                    Ok(Some(outcome)) => outcome,
-                    Err(MetaError::NotFound(_)) => DeleteOutcome::NotFound,
-                    Err(MetaError::VersionMismatch { current }) => DeleteOutcome::Conflict { current },
-                    Err(MetaError::Refused(message)) => DeleteOutcome::Refused { message },
-                    Err(
-                        e @ (MetaError::Exists(_)
-                        | MetaError::TooNew { .. }
-                        | MetaError::Db(_)
-                        | MetaError::Postgres(_)
-                        | MetaError::Unavailable(_)),
-                    ) => return Err(e),
-                });
+                outcomes.push(super::delete_outcome(done)?);
             }
             Ok((outcomes, blobs))
         })
