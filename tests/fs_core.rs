@@ -3165,3 +3165,64 @@ async fn a_move_keeps_a_source_another_client_changed_meanwhile() {
     assert_eq!(read_file(&fs, o.ino, "m.txt").await.unwrap(), b"second", "the change made meanwhile is kept");
     assert_eq!(names_seen_by_another(&s, &["o"]).await, ["m.txt"]);
 }
+
+/// A move deletes its source at the version of the bytes it copied, never at
+/// a newer one: not when this mount's unsaved change is based on an older
+/// version than another client's (the move copies the change; the other
+/// client's version stays), nor when the delete waits in the background for
+/// the server and another client changes the file meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_deletes_its_source_only_at_the_version_it_copied() {
+    let s = setup(&["V"]).await;
+    let (fs, outage) = mount_faulty(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let o = fs.mkdir(v.ino, n("o")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    write_file(&fs, o.ino, "dirty.txt", b"base").await;
+    write_file(&fs, o.ino, "later.txt", b"first").await;
+    fs.fsyncdir(r.ino).await.unwrap();
+    let other = mount(s.alice.clone()).await;
+    let ov = other.lookup(ROOT, n("V")).await.unwrap();
+    let oo = other.lookup(ov.ino, n("o")).await.unwrap();
+
+    // Changed here (not saved), and elsewhere; this mount then lists the
+    // other client's version.
+    let a = fs.lookup(o.ino, n("dirty.txt")).await.unwrap();
+    let version = || fs.getxattr(a.ino, n("user.vaultfs.version")).unwrap();
+    let before = version();
+    let fh = fs.open(a.ino, false, true).await.unwrap();
+    fs.write(fh, 0, b"mine").await.unwrap();
+    write_over(&other, oo.ino, "dirty.txt", b"theirs").await;
+    let listed = async {
+        while version() == before {
+            let _ = fs.readdir(o.ino).await;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), listed)
+        .await
+        .expect("the other version is listed");
+    fs.rename(o.ino, n("dirty.txt"), r.ino, n("dirty.txt")).await.unwrap();
+    fs.release(a.ino, fh).await.unwrap();
+    assert_eq!(read_file(&fs, r.ino, "dirty.txt").await.unwrap(), b"mine");
+    assert_eq!(
+        read_file(&other, oo.ino, "dirty.txt").await.unwrap(),
+        b"theirs",
+        "the other client's version is kept"
+    );
+
+    // The source's delete cannot be made now, and waits; meanwhile another
+    // client changes it.
+    outage.fail_file_deletes(true);
+    fs.rename(o.ino, n("later.txt"), r.ino, n("later.txt")).await.unwrap();
+    write_over(&other, oo.ino, "later.txt", b"second").await;
+    outage.fail_file_deletes(false);
+    tokio::time::timeout(std::time::Duration::from_secs(30), fs.deletes_settled(None)).await.unwrap();
+    assert_eq!(read_file(&fs, r.ino, "later.txt").await.unwrap(), b"first");
+    assert_eq!(
+        read_file(&other, oo.ino, "later.txt").await.unwrap(),
+        b"second",
+        "the change made meanwhile is kept"
+    );
+    assert_eq!(read_file(&fs, o.ino, "later.txt").await.unwrap(), b"second", "and shows again here");
+}

@@ -33,6 +33,8 @@ struct Faults {
     hold_uploads: AtomicBool,
     /// File deletes wait before they reach the server (a slow link).
     hold_file_deletes: AtomicBool,
+    /// File deletes fail as if the connection dropped.
+    fail_file_deletes: AtomicBool,
     /// Answers to a batch of deletes leave the last outcome out (a lying server).
     short_delete_answers: AtomicBool,
     /// Metadata updates of files and records (renames, moves, times) fail
@@ -140,10 +142,21 @@ impl Outage {
         self.0.short_delete_answers.store(short, Ordering::SeqCst);
     }
 
-    async fn deletes_held(&self) {
+    /// While true, file deletes (one or in a batch) fail as if the
+    /// connection dropped; nothing else does.
+    pub fn fail_file_deletes(&self, fail: bool) {
+        self.0.fail_file_deletes.store(fail, Ordering::SeqCst);
+    }
+
+    /// Waits while file deletes are held; fails them while they fail.
+    async fn file_deletes_pass(&self) -> Result<()> {
         while self.0.hold_file_deletes.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        if self.0.fail_file_deletes.load(Ordering::SeqCst) {
+            return Err(RemoteError::Unavailable("injected: the connection dropped".into()));
+        }
+        Ok(())
     }
 
     /// Downloads have the byte at `offset` of the content flipped.
@@ -410,7 +423,7 @@ impl<R: Remote> Remote for FaultyRemote<R> {
         self.inner.update_file(id, expected, update).await
     }
     async fn delete_file(&self, id: FileId, expected: u64) -> Result<()> {
-        self.outage.deletes_held().await;
+        self.outage.file_deletes_pass().await?;
         self.outage.check()?;
         self.inner.delete_file(id, expected).await
     }
@@ -418,7 +431,7 @@ impl<R: Remote> Remote for FaultyRemote<R> {
         &self,
         items: Vec<crate::protocol::DeleteItem>,
     ) -> Result<Vec<crate::protocol::DeleteOutcome>> {
-        self.outage.deletes_held().await;
+        self.outage.file_deletes_pass().await?;
         self.outage.check()?;
         if self.outage.0.older_server.load(Ordering::SeqCst) {
             return Err(RemoteError::NotFound("no such endpoint".into()));

@@ -22,7 +22,8 @@
 //! up nothing else), each until it goes through. A file changed elsewhere
 //! meanwhile is deleted at its new version if the server says so within
 //! [`PATIENCE`] of the unlink (as a delete sent at once would), else kept:
-//! after a long wait that may be another client's work. That and any other
+//! after a long wait that may be another client's work (a move's source is
+//! kept at once: the move did not copy that change). That and any other
 //! refusal is final: logged, noted for `vaultfs status`, and the object
 //! shows again at the vault's next listing, which is then asked for.
 //!
@@ -107,8 +108,9 @@ impl Backoff {
 
 /// An object waiting for its delete.
 enum Pending {
-    /// With when it was unlinked.
-    File(FileInfo, Instant),
+    /// With when it was unlinked; `None`: at this version only (a move's
+    /// source, whose later changes the move did not copy).
+    File(FileInfo, Option<Instant>),
     Record(RecordInfo),
 }
 
@@ -159,7 +161,15 @@ impl<R: Remote> VaultFs<R> {
     /// Deletes file `info` on the server in the background; the caller took it
     /// out of the tree with [`super::tree::Tree::unlink_deleting`].
     pub(super) fn delete_in_background(self: &Arc<Self>, info: FileInfo) {
-        self.deletes.queue.lock().push_back(Pending::File(info, Instant::now()));
+        self.deletes.queue.lock().push_back(Pending::File(info, Some(Instant::now())));
+        self.send_deletes();
+    }
+
+    /// Deletes file `info` on the server in the background at its version
+    /// only: changed elsewhere meanwhile, it is kept (a move's source; the
+    /// caller marked it with [`super::tree::Tree::file_deleting`]).
+    pub(super) fn delete_at_version_in_background(self: &Arc<Self>, info: FileInfo) {
+        self.deletes.queue.lock().push_back(Pending::File(info, None));
         self.send_deletes();
     }
 
@@ -184,7 +194,7 @@ impl<R: Remote> VaultFs<R> {
     pub(super) async fn delete_file_now(self: &Arc<Self>, info: FileInfo) {
         match self.delete_file(&info).await {
             Ok(()) | Err(FsError::NotFound) => {
-                self.deletion_done(&Pending::File(info, Instant::now()), true);
+                self.deletion_done(&Pending::File(info, None), true);
             }
             Err(_) => self.delete_in_background(info),
         }
@@ -307,8 +317,15 @@ impl<R: Remote> VaultFs<R> {
         let mut backoff = Backoff::default();
         loop {
             let sent = match pending {
-                Pending::File(f, unlinked) if unlinked.elapsed() < PATIENCE => self.delete_file(f).await,
-                Pending::File(f, _) => match self.remote().delete_file(f.id, f.version).await {
+                Pending::File(f, Some(unlinked)) if unlinked.elapsed() < PATIENCE => {
+                    self.delete_file(f).await
+                }
+                Pending::File(f, unlinked) => match self.remote().delete_file(f.id, f.version).await {
+                    Err(RemoteError::Conflict { .. }) if unlinked.is_none() => {
+                        // A move's source: what changed it was not copied.
+                        tracing::warn!(file = %f.id, "a file moved was changed elsewhere meanwhile: kept where it was, with that change");
+                        return false;
+                    }
                     Err(RemoteError::Conflict { .. }) => Err(FsError::Io(
                         "changed elsewhere while its delete waited for the server; kept".into(),
                     )),

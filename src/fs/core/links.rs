@@ -107,7 +107,7 @@ impl<R: Remote> VaultFs<R> {
             tree.place(new_parent, new_name, ino, node);
         }
         if kept {
-            let _ = self.load_vault(info.vault, true).await;
+            self.show_kept_source(info).await;
         }
         Ok(())
     }

@@ -1,7 +1,8 @@
 //! Removing and moving files and records: unlink, and rename within a vault.
 //!
 //! Data flow. The server is asked first, with the version this mount knows;
-//! the tree follows only once it agreed, but for an unlinked file no handle
+//! the tree follows only once it agreed (a move, once its copy is stored),
+//! but for an unlinked file no handle
 //! holds open: it goes from the tree at once and from the server in the
 //! background (super::deletes). A file unlinked while open stays
 //! readable and writable through its handles (POSIX) as an orphan in the
@@ -28,7 +29,7 @@ use std::ffi::OsStr;
 use std::sync::Arc;
 
 use super::save::bump_cached_version;
-use super::tree::{check_name, Node};
+use super::tree::{check_name, Key, Node};
 use super::{check_file_answer, FsError, Ino, Result, VaultFs};
 use crate::crypto::NameContext;
 use crate::protocol::{FileInfo, FileUpdate, ParentChange, RecordInfo, RecordUpdate};
@@ -362,10 +363,16 @@ impl<R: Remote> VaultFs<R> {
             Err(e) => {
                 tracing::warn!(file = %info.id, error = %e, "the file a move copied from could not be deleted now; it is later");
                 self.tree.lock().file_deleting(info);
-                self.delete_in_background(info.clone());
+                self.delete_at_version_in_background(info.clone());
                 false
             }
         }
+    }
+
+    /// A move's source, which the server kept, shows again where it was.
+    pub(super) async fn show_kept_source(&self, info: &FileInfo) {
+        self.tree.lock().kept_on_server(info.vault, Key::File(info.id));
+        let _ = self.load_vault(info.vault, true).await;
     }
 
     /// A move failed once file `created` (inode `new_ino`) was made for it:
@@ -393,6 +400,9 @@ impl<R: Remote> VaultFs<R> {
                 drop(d);
                 d = self.ready(info.id, &handle, None).await?.0;
             }
+            // What is copied: the bytes held, of version `d.version` (the
+            // tree's may have moved on meanwhile), with any change not saved.
+            let source = FileInfo { version: d.version, ..info.clone() };
             let perm = self.stated_perm(info.id)?;
             let (new_ino, created) = self.new_file(new_parent, new_name, perm).await?;
             let (done, meta) = match self.upload_whole(&created, 2, info.mtime_ms, &d.bytes).await {
@@ -412,7 +422,7 @@ impl<R: Remote> VaultFs<R> {
             moved.meta = meta;
             // The move is made once the copy is stored, whatever becomes of
             // the file it copied.
-            let kept = self.delete_moved_source(info).await;
+            let kept = self.delete_moved_source(&source).await;
             // The kernel keeps the old inode number for the renamed entry, so the
             // new file takes it over; open handles and cached data follow.
             let node = self.file_node(moved.clone(), new_parent);
@@ -421,20 +431,21 @@ impl<R: Remote> VaultFs<R> {
                 tree.rekey_file(ino, info.id, created.id, new_ino);
                 tree.place(new_parent, new_name, ino, node);
             }
-            if kept {
-                let _ = self.load_vault(info.vault, true).await;
-            }
             self.handles.rekey(info.id, created.id);
             d.version = moved.version;
             d.dirty = false;
             self.modes.forget_unsaved(info.id);
-            Ok::<_, FsError>(created.id)
+            Ok::<_, FsError>((created.id, kept))
         }
         .await;
         match result {
-            Ok(new_id) => {
+            Ok((new_id, kept)) => {
                 self.cache.rename(info.id, new_id);
                 self.cache.unpin(new_id);
+                if kept {
+                    // Once nothing of this mount names it by the copy's inode.
+                    self.show_kept_source(info).await;
+                }
                 Ok(())
             }
             Err(e) => {

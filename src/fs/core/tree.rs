@@ -5,7 +5,9 @@
 //! their sealed names and manifests (outside this lock), and hands the result
 //! to [`Tree::set_vaults`] or [`Tree::apply_listing`]; the mount's own changes
 //! go through [`Tree::add`], [`Tree::place`], [`Tree::remove`],
-//! [`Tree::unlink`] and [`Tree::rekey_file`]. Everything here is synchronous
+//! [`Tree::unlink`], [`Tree::unlink_deleting`], [`Tree::rmdir_deleting`],
+//! [`Tree::file_deleting`], [`Tree::rekey_file`] and
+//! [`Tree::kept_on_server`]. Everything here is synchronous
 //! and cheap: the tree sits behind one mutex that is never held across an
 //! await.
 //!
@@ -488,12 +490,18 @@ impl Tree {
             self.local_changes += 1;
             self.deleted_here.insert(key, (vault, self.local_changes));
         } else {
-            // It is still there: no answer is to leave it out, not even one
-            // asked for before it was removed here and applied only now.
-            self.deleted_here.remove(&key);
-            self.vault_loaded.remove(&vault);
-            self.listed_at.remove(&vault);
+            self.kept_on_server(vault, key);
         }
+    }
+
+    /// `key`, which this mount took for deleted, is still on the server: no
+    /// answer is to leave it out, not even one asked for before it was
+    /// removed here and applied only now, and the vault's next listing is
+    /// fetched anew (whatever the change feed says), which shows it again.
+    pub(super) fn kept_on_server(&mut self, vault: VaultId, key: Key) {
+        self.deleted_here.remove(&key);
+        self.vault_loaded.remove(&vault);
+        self.listed_at.remove(&vault);
     }
 
     /// Whether files or records removed here wait for the server to delete
@@ -551,7 +559,8 @@ impl Tree {
     /// placeholder inode `new_ino`): the kernel keeps the old inode `ino` for
     /// the renamed entry, so the new file takes it over.
     pub(super) fn rekey_file(&mut self, ino: Ino, old: FileId, new: FileId, new_ino: Ino) {
-        // The old file was deleted on the server; the new one lives on.
+        // The old file is deleted on the server (or kept, changed elsewhere
+        // meanwhile: then `kept_on_server`); the new one lives on.
         self.note_deleted(ino);
         self.remove(new_ino);
         self.deleted_here.remove(&Key::File(new));
