@@ -3225,4 +3225,6 @@ async fn a_move_deletes_its_source_only_at_the_version_it_copied() {
         "the change made meanwhile is kept"
     );
     assert_eq!(read_file(&fs, o.ino, "later.txt").await.unwrap(), b"second", "and shows again here");
+    let kept = fs.status().refused.iter().filter(|r| r.contains("moved, but changed elsewhere")).count();
+    assert_eq!(kept, 2, "vaultfs status says why each source is still there");
 }

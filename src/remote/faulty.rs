@@ -142,8 +142,8 @@ impl Outage {
         self.0.short_delete_answers.store(short, Ordering::SeqCst);
     }
 
-    /// While true, file deletes (one or in a batch) fail as if the
-    /// connection dropped; nothing else does.
+    /// While true, file deletes, and batches of deletes whatever they hold,
+    /// fail as if the connection dropped; nothing else does.
     pub fn fail_file_deletes(&self, fail: bool) {
         self.0.fail_file_deletes.store(fail, Ordering::SeqCst);
     }

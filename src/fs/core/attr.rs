@@ -289,13 +289,9 @@ impl<R: Remote> VaultFs<R> {
             let update = FileUpdate { mtime_ms: Some(ms_of(t)), ..Default::default() };
             let updated = self.remote().update_file(current.id, current.version, update).await?;
             let updated = check_file_answer(current.id, current.vault, updated)?;
+            let version = updated.version;
             self.set_file_info(ino, |i| *i = updated);
-            if let Some(h) = self.cache.peek(current.id) {
-                let mut d = h.lock().await;
-                if d.version == current.version {
-                    d.version = current.version + 1;
-                }
-            }
+            super::save::bump_cached_version(&self.cache, current.id, current.version, version).await;
         }
         self.getattr(ino)
     }

@@ -50,7 +50,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::tree::Key;
 use super::{FsError, VaultFs};
-use crate::ids::RecordId;
+use crate::ids::{FileId, RecordId};
 use crate::protocol::{DeleteItem, DeleteOutcome, FileInfo, RecordInfo};
 use crate::remote::{Remote, RemoteError};
 
@@ -300,6 +300,10 @@ impl<R: Remote> VaultFs<R> {
             (DeleteOutcome::Deleted | DeleteOutcome::NotFound, _) => true,
             // Changed elsewhere: deleted on its own, after a look at its new
             // version, if that is soon enough (PATIENCE).
+            (DeleteOutcome::Conflict { .. }, Pending::File(f, None)) => {
+                self.moved_source_kept(f.id);
+                false
+            }
             (DeleteOutcome::Conflict { .. }, Pending::File(..)) => self.send_one(&pending).await,
             (DeleteOutcome::Conflict { current }, Pending::Record(_)) => {
                 self.refused(&pending, &format!("changed elsewhere (now version {current})"))
@@ -322,8 +326,7 @@ impl<R: Remote> VaultFs<R> {
                 }
                 Pending::File(f, unlinked) => match self.remote().delete_file(f.id, f.version).await {
                     Err(RemoteError::Conflict { .. }) if unlinked.is_none() => {
-                        // A move's source: what changed it was not copied.
-                        tracing::warn!(file = %f.id, "a file moved was changed elsewhere meanwhile: kept where it was, with that change");
+                        self.moved_source_kept(f.id);
                         return false;
                     }
                     Err(RemoteError::Conflict { .. }) => Err(FsError::Io(
@@ -344,6 +347,14 @@ impl<R: Remote> VaultFs<R> {
                 Err(e) => return self.refused(pending, &e.to_string()),
             }
         }
+    }
+
+    /// A move's source was changed elsewhere before its delete: kept (the
+    /// move did not copy that change), logged and noted for `vaultfs
+    /// status`, since the `mv` that left it succeeded.
+    pub(super) fn moved_source_kept(&self, id: FileId) {
+        tracing::warn!(file = %id, "a file moved was changed elsewhere meanwhile: kept where it was, with that change");
+        self.note_refusal(format!("file {id}: moved, but changed elsewhere meanwhile: kept where it was"));
     }
 
     /// The server refused to delete `pending` for good: logged and noted.

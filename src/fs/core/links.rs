@@ -99,16 +99,14 @@ impl<R: Remote> VaultFs<R> {
         };
         let (new_ino, created) =
             self.new_entry(new_parent, new_name, &FileManifest::new_link(1, target)).await?;
-        let kept = self.delete_moved_source(info).await;
+        let fate = self.delete_moved_source(info).await;
         let node = self.file_node(created.clone(), new_parent);
         {
             let mut tree = self.tree.lock();
             tree.rekey_file(ino, info.id, created.id, new_ino);
             tree.place(new_parent, new_name, ino, node);
         }
-        if kept {
-            self.show_kept_source(info).await;
-        }
+        self.after_move(info.clone(), fate).await;
         Ok(())
     }
 }

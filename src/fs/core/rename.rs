@@ -35,6 +35,17 @@ use crate::crypto::NameContext;
 use crate::protocol::{FileInfo, FileUpdate, ParentChange, RecordInfo, RecordUpdate};
 use crate::remote::{Remote, RemoteError};
 
+/// What became of the file a move copied from.
+pub(super) enum SourceFate {
+    /// Deleted on the server.
+    Gone,
+    /// Changed elsewhere meanwhile: kept, with that change (the move did not
+    /// copy it).
+    Kept,
+    /// The server could not be asked: to be deleted in the background.
+    Later,
+}
+
 /// Where a rename goes: the directory, the name, the directory's node, and
 /// the entry it replaces there, if any.
 struct Destination<'a> {
@@ -349,30 +360,36 @@ impl<R: Remote> VaultFs<R> {
         self.forget_backing(info.id);
     }
 
-    /// Deletes the file a move copied from, at the version it copied; says
-    /// whether the server kept it. One changed elsewhere meanwhile stays
-    /// (that change was not copied), and shows again where it was; if the
-    /// server cannot be asked now, the delete goes in the background.
-    pub(super) async fn delete_moved_source(self: &Arc<Self>, info: &FileInfo) -> bool {
+    /// Deletes the file a move copied from, at the version it copied (see
+    /// [`SourceFate`]); listings leave it out from now on unless it is kept.
+    pub(super) async fn delete_moved_source(&self, info: &FileInfo) -> SourceFate {
         match self.remote().delete_file(info.id, info.version).await {
-            Ok(()) | Err(RemoteError::NotFound(_)) => false,
+            Ok(()) | Err(RemoteError::NotFound(_)) => SourceFate::Gone,
             Err(RemoteError::Conflict { .. }) => {
-                tracing::warn!(file = %info.id, "a file moved was changed elsewhere meanwhile: kept where it was, with that change");
-                true
+                self.moved_source_kept(info.id);
+                SourceFate::Kept
             }
             Err(e) => {
                 tracing::warn!(file = %info.id, error = %e, "the file a move copied from could not be deleted now; it is later");
                 self.tree.lock().file_deleting(info);
-                self.delete_at_version_in_background(info.clone());
-                false
+                SourceFate::Later
             }
         }
     }
 
-    /// A move's source, which the server kept, shows again where it was.
-    pub(super) async fn show_kept_source(&self, info: &FileInfo) {
-        self.tree.lock().kept_on_server(info.vault, Key::File(info.id));
-        let _ = self.load_vault(info.vault, true).await;
+    /// What follows for a move's source, once nothing of this mount names
+    /// it by the copy's inode (the tree, the handles and the cache follow
+    /// the copy): one kept shows again where it was; one not deleted yet
+    /// is, in the background, at the version copied.
+    pub(super) async fn after_move(self: &Arc<Self>, source: FileInfo, fate: SourceFate) {
+        match fate {
+            SourceFate::Gone => {}
+            SourceFate::Kept => {
+                self.tree.lock().kept_on_server(source.vault, Key::File(source.id));
+                let _ = self.load_vault(source.vault, true).await;
+            }
+            SourceFate::Later => self.delete_at_version_in_background(source),
+        }
     }
 
     /// A move failed once file `created` (inode `new_ino`) was made for it:
@@ -422,7 +439,7 @@ impl<R: Remote> VaultFs<R> {
             moved.meta = meta;
             // The move is made once the copy is stored, whatever becomes of
             // the file it copied.
-            let kept = self.delete_moved_source(&source).await;
+            let fate = self.delete_moved_source(&source).await;
             // The kernel keeps the old inode number for the renamed entry, so the
             // new file takes it over; open handles and cached data follow.
             let node = self.file_node(moved.clone(), new_parent);
@@ -435,17 +452,14 @@ impl<R: Remote> VaultFs<R> {
             d.version = moved.version;
             d.dirty = false;
             self.modes.forget_unsaved(info.id);
-            Ok::<_, FsError>((created.id, kept))
+            Ok::<_, FsError>((created.id, source, fate))
         }
         .await;
         match result {
-            Ok((new_id, kept)) => {
+            Ok((new_id, source, fate)) => {
                 self.cache.rename(info.id, new_id);
                 self.cache.unpin(new_id);
-                if kept {
-                    // Once nothing of this mount names it by the copy's inode.
-                    self.show_kept_source(info).await;
-                }
+                self.after_move(source, fate).await;
                 Ok(())
             }
             Err(e) => {
