@@ -103,9 +103,7 @@ impl<R: Remote> VaultFs<R> {
         if open {
             return Ok(());
         }
-        self.modes.forget_unsaved(info.id);
-        self.cache.remove(info.id);
-        self.forget_backing(info.id);
+        self.forget_content(info.id);
         Ok(())
     }
 
@@ -355,9 +353,7 @@ impl<R: Remote> VaultFs<R> {
             tree.unlink_deleting(t, &info);
         }
         self.delete_in_background(info.clone());
-        self.modes.forget_unsaved(info.id);
-        self.cache.remove(info.id);
-        self.forget_backing(info.id);
+        self.forget_content(info.id);
     }
 
     /// Deletes the file a move copied from, at the version it copied (see

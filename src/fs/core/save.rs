@@ -106,6 +106,15 @@ impl<R: Remote> VaultFs<R> {
         self.upload(ino, &handle).await
     }
 
+    /// This mount keeps nothing more of file `id` (deleted, replaced or
+    /// never to be saved): its unsaved state, its plaintext (wiped) and its
+    /// backing file go.
+    pub(super) fn forget_content(&self, id: FileId) {
+        self.modes.forget_unsaved(id);
+        self.cache.remove(id);
+        self.forget_backing(id);
+    }
+
     /// Last close of a handle. Changes that could not be uploaded stay in memory
     /// and are retried in the background until they are stored.
     pub async fn release(self: &Arc<Self>, ino: Ino, fh: u64) -> Result<()> {
@@ -119,9 +128,7 @@ impl<R: Remote> VaultFs<R> {
         let released = if last { self.tree.lock().release_orphan(ino) } else { None };
         if let Some(released) = released {
             // The last handle of an unlinked file: now it goes.
-            self.modes.forget_unsaved(id);
-            self.cache.remove(id);
-            self.forget_backing(id);
+            self.forget_content(id);
             if let Released::DeleteOnServer(info) = released {
                 // Waiting for its delete since the tree let go of it (rmdir
                 // of its record waits for it), like any unlinked file.

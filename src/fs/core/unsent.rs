@@ -286,9 +286,7 @@ impl<R: Remote> VaultFs<R> {
                 d.dirty = false;
             }
             drop(d);
-            self.modes.forget_unsaved(id);
-            self.cache.remove(id);
-            self.forget_backing(id);
+            self.forget_content(id);
         }
         Ok(true)
     }
