@@ -1071,15 +1071,16 @@ async fn tampered_names_and_titles_are_listed_as_unreadable_and_give_eio() {
     assert!(err.to_string().contains(&f.id.to_string()), "the error names the file: {err}");
     // Listings with attributes give none for it (so the kernel caches nothing
     // and each use comes back as EIO), nor may a lookup skip the check.
-    let plus = fresh.readdir_plus(d.ino).await.unwrap();
-    for (_, _, name, attr) in &plus {
+    let plus = fresh.listing(d.ino, fresh.opendir(d.ino), 0).await.unwrap();
+    for (_, (_, _, name, attr)) in &plus {
         assert_eq!(attr.is_none(), name == bad_file.as_str(), "{name:?}");
     }
     assert_eq!(fresh.lookup_now(d.ino, n(bad_file)).expect("fresh").unwrap_err().errno(), libc::EIO);
     let bad_ino =
         fresh.readdir(v.ino).await.unwrap().into_iter().find(|e| e.2 == bad_dir.as_str()).unwrap().0;
-    assert!(fresh.readdir_plus_now(bad_ino).is_none() && fresh.readdir_now(bad_ino).is_none());
-    assert_eq!(fresh.readdir_plus(bad_ino).await.unwrap_err().errno(), libc::EIO);
+    let bad_fh = fresh.opendir(bad_ino);
+    assert!(fresh.listing_now(bad_ino, bad_fh, 0).is_none() && fresh.readdir_now(bad_ino).is_none());
+    assert_eq!(fresh.listing(bad_ino, bad_fh, 0).await.unwrap_err().errno(), libc::EIO);
     // The others are untouched.
     assert_eq!(read_file(&fresh, d.ino, "fine.txt").await.unwrap(), b"fine");
 }
@@ -1570,10 +1571,12 @@ async fn fresh_listings_answer_lookups_and_listings_without_the_server() {
     assert!(matches!(fs.lookup_now(r.ino, n("nope")), Some(Err(FsError::NotFound))));
     let long = "x".repeat(300);
     assert!(matches!(fs.lookup_now(r.ino, n(&long)), Some(Err(FsError::NameTooLong))));
-    let plus = fs.readdir_plus_now(r.ino).expect("fresh").unwrap();
+    let fh = fs.opendir(r.ino);
+    let plus = fs.listing_now(r.ino, fh, 0).expect("fresh").unwrap();
     assert_eq!(plus.len(), 1);
-    assert_eq!((plus[0].0, plus[0].1, plus[0].2.as_os_str()), (a.ino, Kind::File, n("a.txt")));
-    let attr = plus[0].3.as_ref().expect("a readable entry has attributes");
+    let (at, (ino, kind, name, attr)) = &plus[0];
+    assert_eq!((*at, *ino, *kind, name.as_os_str()), (0, a.ino, Kind::File, n("a.txt")));
+    let attr = attr.as_ref().expect("a readable entry has attributes");
     assert_eq!((attr.ino, attr.size, attr.mtime), (a.ino, 5, a.mtime));
     let names = fs.readdir_now(v.ino).expect("fresh").unwrap();
     assert_eq!(names, vec![(r.ino, Kind::Dir, OsString::from("r"))]);
@@ -1583,11 +1586,43 @@ async fn fresh_listings_answer_lookups_and_listings_without_the_server() {
     write_file(&other, r_ino(&other).await, "b.txt", b"x").await;
     tokio::time::sleep(LISTING_TTL + std::time::Duration::from_millis(100)).await;
     assert!(fs.lookup_now(r.ino, n("b.txt")).is_none(), "stale listing: must ask the server");
-    assert!(fs.readdir_plus_now(r.ino).is_none() && fs.readdir_now(r.ino).is_none());
-    let plus = fs.readdir_plus(r.ino).await.unwrap();
-    let names: Vec<_> = plus.iter().map(|e| e.2.clone()).collect();
+    assert!(fs.listing_now(r.ino, fh, 0).is_none() && fs.readdir_now(r.ino).is_none());
+    let plus = fs.listing(r.ino, fh, 0).await.unwrap();
+    let names: Vec<_> = plus.iter().map(|e| e.1 .2.clone()).collect();
     assert_eq!(names, ["a.txt", "b.txt"]);
     assert_eq!(fs.lookup_now(r.ino, n("b.txt")).expect("fresh again").unwrap().size, 1);
+}
+
+/// A directory read in several calls (the kernel's offset is a position)
+/// lists each entry once, even when an entry sorting before those still to
+/// come appears between the calls; one removed meanwhile is not listed
+/// again, and a new pass from position 0 (rewinddir) sees both changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_read_in_pieces_lists_each_entry_once() {
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    for name in ["b.txt", "c.txt", "d.txt", "e.txt"] {
+        write_file(&fs, r.ino, name, b"x").await;
+    }
+    let names = |l: vaultfs::fs::core::Listing| -> Vec<(usize, String)> {
+        l.into_iter().map(|(at, e)| (at, e.2.into_string().unwrap())).collect()
+    };
+    let fh = fs.opendir(r.ino);
+    let first = names(fs.listing(r.ino, fh, 0).await.unwrap());
+    assert_eq!(first.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(), ["b.txt", "c.txt", "d.txt", "e.txt"]);
+    // The first call got b and c. A file sorting first arrives and e goes.
+    write_file(&fs, r.ino, "a.txt", b"x").await;
+    fs.unlink(r.ino, n("e.txt")).await.unwrap();
+    let rest = names(fs.listing(r.ino, fh, 2).await.unwrap());
+    assert_eq!(rest, [(2, "d.txt".to_owned())], "the pass goes on where it was");
+    let now = names(fs.listing_now(r.ino, fh, 2).expect("nothing to fetch").unwrap());
+    assert_eq!(now, rest);
+    let again = names(fs.listing(r.ino, fh, 0).await.unwrap());
+    let again: Vec<_> = again.iter().map(|e| e.1.as_str()).collect();
+    assert_eq!(again, ["a.txt", "b.txt", "c.txt", "d.txt"], "a new pass sees the changes");
+    fs.releasedir(fh);
 }
 
 /// A vault written by a vaultfs older than manifests keeps opening (its files

@@ -26,8 +26,8 @@ use fuser::{
 use tracing::Instrument;
 
 use super::core::{
-    Attr, Entry, EntryPlus, Invalidation, KernelOpen, Kind, LockKind, LockRequest, OpenHow, PassthroughMode,
-    VaultFs, XATTR_LOCKS,
+    Attr, Invalidation, KernelOpen, Kind, Listing, LockKind, LockRequest, OpenHow, PassthroughMode, VaultFs,
+    XATTR_LOCKS,
 };
 use super::error::FsError;
 use crate::remote::Remote;
@@ -633,13 +633,29 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         });
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, reply: ReplyDirectory) {
-        if let Some(entries) = self.fs.readdir_now(ino.0) {
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.opened(FileHandle(self.fs.opendir(ino.0)), FopenFlags::empty());
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+        if let Some(entries) = self.fs.listing_now(ino.0, fh.0, entry_from(offset)) {
             return reply_dir(&self.fs, ino.0, offset, entries, reply);
         }
         let fs = Arc::clone(&self.fs);
         self.spawn("readdir", ino.0, async move {
-            let entries = fs.readdir(ino.0).await;
+            let entries = fs.listing(ino.0, fh.0, entry_from(offset)).await;
             reply_dir(&fs, ino.0, offset, entries, reply);
         });
     }
@@ -648,16 +664,16 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         reply: ReplyDirectoryPlus,
     ) {
-        if let Some(entries) = self.fs.readdir_plus_now(ino.0) {
+        if let Some(entries) = self.fs.listing_now(ino.0, fh.0, entry_from(offset)) {
             return reply_plus(&self.fs, self.owner, ino.0, offset, entries, reply);
         }
         let (fs, me) = (Arc::clone(&self.fs), self.owner);
         self.spawn("readdirplus", ino.0, async move {
-            let entries = fs.readdir_plus(ino.0).await;
+            let entries = fs.listing(ino.0, fh.0, entry_from(offset)).await;
             reply_plus(&fs, me, ino.0, offset, entries, reply);
         });
     }
@@ -770,13 +786,28 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     }
 }
 
-/// Answers a readdir from `entries` (the directory's children), starting after
-/// the kernel's `offset`.
+/// A directory's offsets for the kernel count `.` and `..` first, then the
+/// entries in the order of the open directory's listing: an entry's offset
+/// is where the next read starts after it.
+const DOTS: u64 = 2;
+
+/// The position in the listing of the entry after kernel offset `offset`.
+fn entry_from(offset: u64) -> usize {
+    offset.saturating_sub(DOTS) as usize
+}
+
+/// The position among `.`, `..` and the entries of the entry at `at` in the listing.
+fn kernel_offset(at: usize) -> u64 {
+    at as u64 + DOTS
+}
+
+/// Answers a readdir from `entries` (the directory's children in the listing
+/// its open directory reads), starting after the kernel's `offset`.
 fn reply_dir<R: Remote>(
     fs: &VaultFs<R>,
     ino: u64,
     offset: u64,
-    entries: Result<Vec<Entry>, FsError>,
+    entries: Result<Listing, FsError>,
     mut reply: ReplyDirectory,
 ) {
     let entries = match entries {
@@ -784,10 +815,12 @@ fn reply_dir<R: Remote>(
         Err(e) => return reply.error(errno("readdir", &e)),
     };
     let parent = fs.parent(ino);
-    let all = [(ino, Kind::Dir, ".".into()), (parent, Kind::Dir, "..".into())].into_iter().chain(entries);
-    for (i, (child, kind, name)) in all.enumerate().skip(offset as usize) {
-        let kind = file_type(kind);
-        if reply.add(INodeNo(child), (i + 1) as u64, kind, &name) {
+    let dots = [(0, (ino, Kind::Dir, OsStr::new("."))), (1, (parent, Kind::Dir, OsStr::new("..")))];
+    let listed = entries
+        .iter()
+        .map(|(at, (child, kind, name, _))| (kernel_offset(*at), (*child, *kind, name.as_os_str())));
+    for (at, (child, kind, name)) in dots.into_iter().filter(|(at, _)| *at >= offset).chain(listed) {
+        if reply.add(INodeNo(child), at + 1, file_type(kind), name) {
             break;
         }
     }
@@ -795,13 +828,14 @@ fn reply_dir<R: Remote>(
 }
 
 /// Answers a readdirplus from `entries` (the directory's children with their
-/// attributes), starting after the kernel's `offset`.
+/// attributes, in the listing its open directory reads), starting after the
+/// kernel's `offset`.
 fn reply_plus<R: Remote>(
     fs: &VaultFs<R>,
     me: Owner,
     ino: u64,
     offset: u64,
-    entries: Result<Vec<EntryPlus>, FsError>,
+    entries: Result<Listing, FsError>,
     mut reply: ReplyDirectoryPlus,
 ) {
     let entries = match entries {
@@ -812,10 +846,14 @@ fn reply_plus<R: Remote>(
     let [Ok(this), Ok(parent)] = dots else {
         return reply.error(Errno::from_i32(FsError::NotFound.errno()));
     };
-    let all = [(Some(this), ino, Kind::Dir, ".".into()), (Some(parent), parent.ino, Kind::Dir, "..".into())]
-        .into_iter()
-        .chain(entries.into_iter().map(|(child, kind, name, attr)| (attr, child, kind, name)));
-    for (i, (attr, child, kind, name)) in all.enumerate().skip(offset as usize) {
+    let dots = [
+        (0, (Some(this), ino, Kind::Dir, OsStr::new("."))),
+        (1, (Some(parent), parent.ino, Kind::Dir, OsStr::new(".."))),
+    ];
+    let listed = entries.iter().map(|(at, (child, kind, name, attr))| {
+        (kernel_offset(*at), (*attr, *child, *kind, name.as_os_str()))
+    });
+    for (at, (attr, child, kind, name)) in dots.into_iter().filter(|(at, _)| *at >= offset).chain(listed) {
         // An entry that failed its check is listed but not cached (TTL 0), so
         // each use of it comes back to us and gets EIO.
         let (attr, ttl) = match attr {
@@ -828,7 +866,7 @@ fn reply_plus<R: Remote>(
                 )
             }
         };
-        if reply.add(INodeNo(child), (i + 1) as u64, &name, &ttl, &me.attr(&attr), Generation(0)) {
+        if reply.add(INodeNo(child), at + 1, name, &ttl, &me.attr(&attr), Generation(0)) {
             break;
         }
     }

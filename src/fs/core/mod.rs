@@ -9,6 +9,7 @@
 //! | step | file | owns |
 //! |---|---|---|
 //! | name → inode: the namespace built from the server's listings | `tree.rs`, `namespace.rs` | [`tree::Tree`] |
+//! | open directories: the listing each pass of readdir reads by position | `listings.rs` | [`listings::Listings`] |
 //! | records as directories: mkdir, rmdir; new ones known only here until their first file (or a moment) sends them | `dirs.rs` | [`dirs::NewDirs`] |
 //! | the server's changes while mounted: long poll, catching up, telling the kernel | `follow.rs` | [`follow::Feed`] |
 //! | what the mount policies allow in each vault | `rules.rs` | [`rules::Rules`] |
@@ -49,7 +50,7 @@
 //!    under it);
 //! 4. `tree`;
 //! 5. leaf locks: `rules`, `handles`, `modes`, `times`, `fills`, `refusals`,
-//!    `legacy_warned`, `loading`, `feed`, `creates`, `passthrough`, the maps
+//!    `legacy_warned`, `loading`, `feed`, `creates`, `passthrough`, `listings`, the maps
 //!    in `new_dirs` (its sending locks, the records to send later), those inside `locks` and each backing
 //!    file (its mapping, its registration), the cache and the freshness
 //!    state.
@@ -84,6 +85,7 @@ mod follow;
 mod handles;
 mod io;
 mod links;
+mod listings;
 mod locks;
 mod mode;
 mod namespace;
@@ -103,6 +105,7 @@ pub use deletes::DELETES_IN_FLIGHT;
 pub use dirs::SEND_NEW_DIR_AFTER;
 pub use io::ReadData;
 use io::WriteData;
+pub use listings::Listing;
 pub use locks::{with_lock, LockConflict, LockKind, LockRequest};
 pub use passread::READ_AHEAD;
 pub use save::conflict_name;
@@ -296,6 +299,8 @@ pub struct VaultFs<R> {
     deletes: deletes::Deletes,
     /// Records made here on their way to the server (one request at a time each).
     new_dirs: dirs::NewDirs,
+    /// Open directories and the listing each is reading.
+    listings: listings::Listings,
 }
 
 impl<R: Remote> VaultFs<R> {
@@ -324,6 +329,7 @@ impl<R: Remote> VaultFs<R> {
             passthrough: backing::Passthrough::new(options.passthrough),
             deletes: deletes::Deletes::default(),
             new_dirs: dirs::NewDirs::default(),
+            listings: listings::Listings::default(),
         };
         if !options.local_locks {
             fs.start_locks().await;

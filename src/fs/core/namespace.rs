@@ -33,7 +33,7 @@ use super::tree::{display_name, FileMeta, Key, ListedFile, ListedRecord, Node};
 const FEED_MOST: usize = 50_000;
 /// Most pages of changes asked for at once (a page holds up to 1,000).
 const FEED_PAGES: usize = 100;
-use super::{check_file_answer, Attr, Entry, EntryPlus, FsError, Ino, Invalidation, Result, VaultFs, ROOT};
+use super::{check_file_answer, Attr, Entry, FsError, Ino, Invalidation, Result, VaultFs, ROOT};
 use crate::crypto::{self, open_name, seal_name, FileContext, FileManifest, NameContext, OsRandom};
 use crate::ids::{FileId, RecordId, VaultId};
 use crate::protocol::{FileInfo, RecordInfo, Sealed};
@@ -443,30 +443,6 @@ impl<R: Remote> VaultFs<R> {
         let tree = self.tree.lock();
         let entries =
             tree.entries(ino)?.map(|(name, child, node)| (child, node.kind(), name.clone())).collect();
-        Ok(entries)
-    }
-
-    /// The entries of directory `ino` with their attributes (for readdirplus,
-    /// which spares the kernel a lookup per entry); `None` for an entry whose
-    /// name or title failed its check, whose every use must reach us (EIO).
-    pub async fn readdir_plus(&self, ino: Ino) -> Result<Vec<EntryPlus>> {
-        self.answer(ino, || self.entries_plus(ino)).await
-    }
-
-    /// [`VaultFs::readdir_plus`] if the listing is fresh.
-    pub fn readdir_plus_now(&self, ino: Ino) -> Option<Result<Vec<EntryPlus>>> {
-        self.answer_now(ino, || self.entries_plus(ino))
-    }
-
-    fn entries_plus(&self, ino: Ino) -> Result<Vec<EntryPlus>> {
-        let tree = self.tree.lock();
-        let entries = tree
-            .entries(ino)?
-            .map(|(name, child, node)| {
-                let attr = tree.node(child).is_ok().then(|| self.attr_of(&tree, child, node));
-                (child, node.kind(), name.clone(), attr)
-            })
-            .collect();
         Ok(entries)
     }
 
