@@ -1597,6 +1597,33 @@ async fn fresh_listings_answer_lookups_and_listings_without_the_server() {
     assert_eq!(fs.lookup_now(r.ino, n("b.txt")).expect("fresh again").unwrap().size, 1);
 }
 
+/// A file moved to another record with a change not saved yet keeps the
+/// time of that change (the time its save would have recorded), here and on
+/// the server, not the time of its last save.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_file_keeps_the_time_of_its_unsaved_change() {
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let (r1, r2) = (fs.mkdir(v.ino, n("r1")).await.unwrap(), fs.mkdir(v.ino, n("r2")).await.unwrap());
+    let ino = write_file(&fs, r1.ino, "a.txt", b"saved").await;
+    let saved = fs.getattr(ino).unwrap().mtime;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let fh = fs.open(ino, true, false).await.unwrap();
+    fs.write(fh, 0, b"changed").await.unwrap();
+    let changed = fs.getattr(ino).unwrap().mtime;
+    assert!(changed > saved);
+    fs.rename(r1.ino, n("a.txt"), r2.ino, n("b.txt")).await.unwrap();
+    let ms = |t: std::time::SystemTime| vaultfs::protocol::ms_of(t);
+    assert_eq!(ms(fs.getattr(ino).unwrap().mtime), ms(changed), "here");
+    fs.release(ino, fh).await.unwrap();
+    let other = mount(s.alice.clone()).await;
+    let v2 = other.lookup(ROOT, n("V")).await.unwrap();
+    let r2b = other.lookup(v2.ino, n("r2")).await.unwrap();
+    assert_eq!(ms(other.lookup(r2b.ino, n("b.txt")).await.unwrap().mtime), ms(changed), "on the server");
+    assert_eq!(read_file(&other, r2b.ino, "b.txt").await.unwrap(), b"changed");
+}
+
 /// A directory read in several calls (the kernel's offset is a position)
 /// lists each entry once, even when an entry sorting before those still to
 /// come appears between the calls; one removed meanwhile is not listed

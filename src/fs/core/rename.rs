@@ -32,7 +32,7 @@ use super::save::bump_cached_version;
 use super::tree::{check_name, Key, Node};
 use super::{check_file_answer, FsError, Ino, Result, VaultFs};
 use crate::crypto::NameContext;
-use crate::protocol::{FileInfo, FileUpdate, ParentChange, RecordInfo, RecordUpdate};
+use crate::protocol::{ms_of, FileInfo, FileUpdate, ParentChange, RecordInfo, RecordUpdate};
 use crate::remote::{Remote, RemoteError};
 
 /// What became of the file a move copied from.
@@ -417,8 +417,10 @@ impl<R: Remote> VaultFs<R> {
             // tree's may have moved on meanwhile), with any change not saved.
             let source = FileInfo { version: d.version, ..info.clone() };
             let perm = self.stated_perm(info.id)?;
+            // The time shown: of the change not saved, if any, as its save would record.
+            let mtime_ms = self.modes.unsaved_since(info.id).map_or(info.mtime_ms, ms_of);
             let (new_ino, created) = self.new_file(new_parent, new_name, perm).await?;
-            let (done, meta) = match self.upload_whole(&created, 2, info.mtime_ms, &d.bytes).await {
+            let (done, meta) = match self.upload_whole(&created, 2, mtime_ms, &d.bytes).await {
                 Ok(done) => done,
                 Err(e) => {
                     // The move failed: the file made for it goes too (the
@@ -431,7 +433,7 @@ impl<R: Remote> VaultFs<R> {
             moved.version = done.version;
             moved.size = done.size;
             moved.e2e = self.rules.vault(info.vault).encrypts(d.bytes.len() as u64);
-            moved.mtime_ms = info.mtime_ms;
+            moved.mtime_ms = mtime_ms;
             moved.meta = meta;
             // The move is made once the copy is stored, whatever becomes of
             // the file it copied.
