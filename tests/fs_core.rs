@@ -1643,10 +1643,15 @@ async fn a_directory_read_in_pieces_lists_each_entry_once() {
     let fh = fs.opendir(r.ino);
     let first = names(fs.listing(r.ino, fh, 0).await.unwrap());
     assert_eq!(first.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(), ["b.txt", "c.txt", "d.txt", "e.txt"]);
-    // The first call got b and c. A file sorting first arrives and e goes.
+    // The first call got b and c. A file sorting first arrives, e goes, and
+    // another file is renamed over d.
     write_file(&fs, r.ino, "a.txt", b"x").await;
     fs.unlink(r.ino, n("e.txt")).await.unwrap();
-    let rest = names(fs.listing(r.ino, fh, 2).await.unwrap());
+    let over = write_file(&fs, r.ino, ".d.txt.swp", b"y").await;
+    fs.rename(r.ino, n(".d.txt.swp"), r.ino, n("d.txt")).await.unwrap();
+    let rest = fs.listing(r.ino, fh, 2).await.unwrap();
+    assert_eq!(rest.iter().map(|(_, e)| e.0).collect::<Vec<_>>(), [over], "d is the file renamed over it");
+    let rest = names(rest);
     assert_eq!(rest, [(2, "d.txt".to_owned())], "the pass goes on where it was");
     let now = names(fs.listing_now(r.ino, fh, 2).expect("nothing to fetch").unwrap());
     assert_eq!(now, rest);

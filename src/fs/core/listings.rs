@@ -9,24 +9,26 @@
 //! the next call would repeat an entry, and one removed would make it skip
 //! one. So an open directory keeps the names its read from position 0 took,
 //! and later calls read positions in them. Each call answers with the entries
-//! of those names that are still there, with their attributes as they are
-//! now (a removed entry is not listed again, which readdirplus would
-//! otherwise put back into the kernel's cache). A read from position 0 again
+//! of those names that are still there, as they are now (a name another file
+//! took over, as a rename over it does, lists that file; a removed entry is
+//! not listed again, which readdirplus would otherwise put back into the
+//! kernel's cache). A read from position 0 again
 //! (rewinddir) takes the names anew, and releasedir lets them go. This is
 //! what POSIX asks: an entry added or removed after opendir or rewinddir may
 //! or may not be listed, and every other entry is listed once.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::{Entry, EntryPlus, FsError, Ino, Result, VaultFs};
+use super::{EntryPlus, Ino, Result, VaultFs};
 use crate::remote::Remote;
 
 /// The names one pass reads, in order (without `.` and `..`).
-type Names = Arc<Vec<Entry>>;
+type Names = Arc<Vec<OsString>>;
 
 /// Entries of a pass still in their directory, each after its position in
 /// the pass (from 0).
@@ -90,7 +92,7 @@ impl<R: Remote> VaultFs<R> {
         let names = match self.listings.going_on(ino, fh, from) {
             Some(names) => names,
             None => {
-                let names = Arc::new(self.readdir(ino).await?);
+                let names = Arc::new(self.readdir(ino).await?.into_iter().map(|e| e.2).collect());
                 self.listings.keep(ino, fh, &names);
                 names
             }
@@ -104,7 +106,7 @@ impl<R: Remote> VaultFs<R> {
             Some(names) => names,
             None => {
                 let names = match self.readdir_now(ino)? {
-                    Ok(names) => Arc::new(names),
+                    Ok(names) => Arc::new(names.into_iter().map(|e| e.2).collect()),
                     Err(e) => return Some(Err(e)),
                 };
                 self.listings.keep(ino, fh, &names);
@@ -115,20 +117,19 @@ impl<R: Remote> VaultFs<R> {
     }
 
     /// Of `names` from position `from` on, the entries still in directory
-    /// `ino`, with their attributes now (`None` for one that fails its check).
-    fn still_listed(&self, ino: Ino, names: &[Entry], from: usize) -> Listing {
+    /// `ino`, as they are now (a name taken over by another file, as a rename
+    /// over it does, lists that file), with their attributes (`None` for one
+    /// that fails its check).
+    fn still_listed(&self, ino: Ino, names: &[OsString], from: usize) -> Listing {
         let tree = self.tree.lock();
         let mut listed = Vec::new();
-        for (at, (child, kind, name)) in names.iter().enumerate().skip(from).take(CALL_MOST) {
-            if tree.child(ino, name) != Some(*child) {
+        for (at, name) in names.iter().enumerate().skip(from).take(CALL_MOST) {
+            let Some((child, node)) = tree.child(ino, name).and_then(|c| Some((c, tree.node_unchecked(c)?)))
+            else {
                 continue;
-            }
-            let attr = match tree.node(*child) {
-                Ok(node) => Some(self.attr_of(&tree, *child, node)),
-                Err(FsError::NotFound) => continue,
-                Err(_) => None,
             };
-            listed.push((at, (*child, *kind, name.clone(), attr)));
+            let attr = tree.node(child).is_ok().then(|| self.attr_of(&tree, child, node));
+            listed.push((at, (child, node.kind(), name.clone(), attr)));
         }
         listed
     }
