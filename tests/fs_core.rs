@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use vaultfs::crypto::{KdfParams, VaultKey};
-use vaultfs::fs::core::{Kind, XATTR_E2E, XATTR_STATE, XATTR_VERSION};
+use vaultfs::fs::core::{Kind, ReadFrom, XATTR_E2E, XATTR_STATE, XATTR_VERSION};
 use vaultfs::fs::{FsError, FsOptions, VaultFs, ROOT};
 use vaultfs::protocol::Limits;
 use vaultfs::remote::account::Unlocked;
@@ -1075,7 +1075,7 @@ async fn tampered_names_and_titles_are_listed_as_unreadable_and_give_eio() {
     assert!(err.to_string().contains(&f.id.to_string()), "the error names the file: {err}");
     // Listings with attributes give none for it (so the kernel caches nothing
     // and each use comes back as EIO), nor may a lookup skip the check.
-    let plus = fresh.listing(d.ino, fresh.opendir(d.ino), 0).await.unwrap();
+    let plus = fresh.listing(d.ino, fresh.opendir(d.ino), ReadFrom::Start).await.unwrap();
     for (_, (_, _, name, attr)) in &plus {
         assert_eq!(attr.is_none(), name == bad_file.as_str(), "{name:?}");
     }
@@ -1083,8 +1083,10 @@ async fn tampered_names_and_titles_are_listed_as_unreadable_and_give_eio() {
     let bad_ino =
         fresh.readdir(v.ino).await.unwrap().into_iter().find(|e| e.2 == bad_dir.as_str()).unwrap().0;
     let bad_fh = fresh.opendir(bad_ino);
-    assert!(fresh.listing_now(bad_ino, bad_fh, 0).is_none() && fresh.readdir_now(bad_ino).is_none());
-    assert_eq!(fresh.listing(bad_ino, bad_fh, 0).await.unwrap_err().errno(), libc::EIO);
+    assert!(
+        fresh.listing_now(bad_ino, bad_fh, ReadFrom::Start).is_none() && fresh.readdir_now(bad_ino).is_none()
+    );
+    assert_eq!(fresh.listing(bad_ino, bad_fh, ReadFrom::Start).await.unwrap_err().errno(), libc::EIO);
     // The others are untouched.
     assert_eq!(read_file(&fresh, d.ino, "fine.txt").await.unwrap(), b"fine");
 }
@@ -1576,7 +1578,7 @@ async fn fresh_listings_answer_lookups_and_listings_without_the_server() {
     let long = "x".repeat(300);
     assert!(matches!(fs.lookup_now(r.ino, n(&long)), Some(Err(FsError::NameTooLong))));
     let fh = fs.opendir(r.ino);
-    let plus = fs.listing_now(r.ino, fh, 0).expect("fresh").unwrap();
+    let plus = fs.listing_now(r.ino, fh, ReadFrom::Start).expect("fresh").unwrap();
     assert_eq!(plus.len(), 1);
     let (at, (ino, kind, name, attr)) = &plus[0];
     assert_eq!((*at, *ino, *kind, name.as_os_str()), (0, a.ino, Kind::File, n("a.txt")));
@@ -1590,8 +1592,9 @@ async fn fresh_listings_answer_lookups_and_listings_without_the_server() {
     write_file(&other, r_ino(&other).await, "b.txt", b"x").await;
     tokio::time::sleep(LISTING_TTL + std::time::Duration::from_millis(100)).await;
     assert!(fs.lookup_now(r.ino, n("b.txt")).is_none(), "stale listing: must ask the server");
-    assert!(fs.listing_now(r.ino, fh, 0).is_none() && fs.readdir_now(r.ino).is_none());
-    let plus = fs.listing(r.ino, fh, 0).await.unwrap();
+    assert!(fs.listing_now(r.ino, fh, ReadFrom::Start).is_none() && fs.readdir_now(r.ino).is_none());
+    assert!(fs.listing_now(r.ino, fh, ReadFrom::At(1)).is_none(), "a pass going on asks too");
+    let plus = fs.listing(r.ino, fh, ReadFrom::Start).await.unwrap();
     let names: Vec<_> = plus.iter().map(|e| e.1 .2.clone()).collect();
     assert_eq!(names, ["a.txt", "b.txt"]);
     assert_eq!(fs.lookup_now(r.ino, n("b.txt")).expect("fresh again").unwrap().size, 1);
@@ -1641,7 +1644,7 @@ async fn a_directory_read_in_pieces_lists_each_entry_once() {
         l.into_iter().map(|(at, e)| (at, e.2.into_string().unwrap())).collect()
     };
     let fh = fs.opendir(r.ino);
-    let first = names(fs.listing(r.ino, fh, 0).await.unwrap());
+    let first = names(fs.listing(r.ino, fh, ReadFrom::Start).await.unwrap());
     assert_eq!(first.iter().map(|e| e.1.as_str()).collect::<Vec<_>>(), ["b.txt", "c.txt", "d.txt", "e.txt"]);
     // The first call got b and c. A file sorting first arrives, e goes, and
     // another file is renamed over d.
@@ -1649,15 +1652,32 @@ async fn a_directory_read_in_pieces_lists_each_entry_once() {
     fs.unlink(r.ino, n("e.txt")).await.unwrap();
     let over = write_file(&fs, r.ino, ".d.txt.swp", b"y").await;
     fs.rename(r.ino, n(".d.txt.swp"), r.ino, n("d.txt")).await.unwrap();
-    let rest = fs.listing(r.ino, fh, 2).await.unwrap();
+    let rest = fs.listing(r.ino, fh, ReadFrom::At(2)).await.unwrap();
     assert_eq!(rest.iter().map(|(_, e)| e.0).collect::<Vec<_>>(), [over], "d is the file renamed over it");
     let rest = names(rest);
     assert_eq!(rest, [(2, "d.txt".to_owned())], "the pass goes on where it was");
-    let now = names(fs.listing_now(r.ino, fh, 2).expect("nothing to fetch").unwrap());
+    let now = names(fs.listing_now(r.ino, fh, ReadFrom::At(2)).expect("nothing to fetch").unwrap());
     assert_eq!(now, rest);
-    let again = names(fs.listing(r.ino, fh, 0).await.unwrap());
+    let again = names(fs.listing(r.ino, fh, ReadFrom::Start).await.unwrap());
     let again: Vec<_> = again.iter().map(|e| e.1.as_str()).collect();
     assert_eq!(again, ["a.txt", "b.txt", "c.txt", "d.txt"], "a new pass sees the changes");
+    fs.releasedir(fh);
+
+    // A call answers with entries still there, however many names before
+    // them went (an empty answer would end the read).
+    let big = fs.mkdir(v.ino, n("big")).await.unwrap();
+    let made: Vec<String> = (0..600).map(|i| format!("f{i:03}")).collect();
+    for name in &made {
+        let (attr, fh) = fs.create(big.ino, n(name), 0o644).await.unwrap();
+        fs.release(attr.ino, fh).await.unwrap();
+    }
+    let fh = fs.opendir(big.ino);
+    assert!(!fs.listing(big.ino, fh, ReadFrom::Start).await.unwrap().is_empty());
+    for name in &made[1..598] {
+        fs.unlink(big.ino, n(name)).await.unwrap();
+    }
+    let rest = names(fs.listing(big.ino, fh, ReadFrom::At(1)).await.unwrap());
+    assert_eq!(rest, [(598, "f598".to_owned()), (599, "f599".to_owned())]);
     fs.releasedir(fh);
 }
 

@@ -26,8 +26,8 @@ use fuser::{
 use tracing::Instrument;
 
 use super::core::{
-    Attr, Invalidation, KernelOpen, Kind, Listing, LockKind, LockRequest, OpenHow, PassthroughMode, VaultFs,
-    XATTR_LOCKS,
+    Attr, Invalidation, KernelOpen, Kind, Listing, LockKind, LockRequest, OpenHow, PassthroughMode, ReadFrom,
+    VaultFs, XATTR_LOCKS,
 };
 use super::error::FsError;
 use crate::remote::Remote;
@@ -650,12 +650,12 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
-        if let Some(entries) = self.fs.listing_now(ino.0, fh.0, entry_from(offset)) {
+        if let Some(entries) = self.fs.listing_now(ino.0, fh.0, read_from(offset)) {
             return reply_dir(&self.fs, ino.0, offset, entries, reply);
         }
         let fs = Arc::clone(&self.fs);
         self.spawn("readdir", ino.0, async move {
-            let entries = fs.listing(ino.0, fh.0, entry_from(offset)).await;
+            let entries = fs.listing(ino.0, fh.0, read_from(offset)).await;
             reply_dir(&fs, ino.0, offset, entries, reply);
         });
     }
@@ -668,12 +668,12 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
         offset: u64,
         reply: ReplyDirectoryPlus,
     ) {
-        if let Some(entries) = self.fs.listing_now(ino.0, fh.0, entry_from(offset)) {
+        if let Some(entries) = self.fs.listing_now(ino.0, fh.0, read_from(offset)) {
             return reply_plus(&self.fs, self.owner, ino.0, offset, entries, reply);
         }
         let (fs, me) = (Arc::clone(&self.fs), self.owner);
         self.spawn("readdirplus", ino.0, async move {
-            let entries = fs.listing(ino.0, fh.0, entry_from(offset)).await;
+            let entries = fs.listing(ino.0, fh.0, read_from(offset)).await;
             reply_plus(&fs, me, ino.0, offset, entries, reply);
         });
     }
@@ -791,9 +791,14 @@ impl<R: Remote> Filesystem for FuseAdapter<R> {
 /// is where the next read starts after it.
 const DOTS: u64 = 2;
 
-/// The position in the listing of the entry after kernel offset `offset`.
-fn entry_from(offset: u64) -> usize {
-    offset.saturating_sub(DOTS) as usize
+/// Where a read from kernel offset `offset` starts in the open directory's
+/// listing: offset 0 starts a new pass (the first read, or one after a
+/// rewinddir); after `.` and `..` come positions in the pass.
+fn read_from(offset: u64) -> ReadFrom {
+    match offset {
+        0 => ReadFrom::Start,
+        _ => ReadFrom::At(offset.saturating_sub(DOTS) as usize),
+    }
 }
 
 /// The position among `.`, `..` and the entries of the entry at `at` in the listing.
@@ -842,14 +847,16 @@ fn reply_plus<R: Remote>(
         Ok(e) => e,
         Err(e) => return reply.error(errno("readdirplus", &e)),
     };
-    let dots = [ino, fs.parent(ino)].map(|i| fs.getattr(i));
-    let [Ok(this), Ok(parent)] = dots else {
-        return reply.error(Errno::from_i32(FsError::NotFound.errno()));
-    };
-    let dots = [
-        (0, (Some(this), ino, Kind::Dir, OsStr::new("."))),
-        (1, (Some(parent), parent.ino, Kind::Dir, OsStr::new(".."))),
-    ];
+    let mut dots = Vec::new();
+    if offset < DOTS {
+        let [Ok(this), Ok(parent)] = [ino, fs.parent(ino)].map(|i| fs.getattr(i)) else {
+            return reply.error(Errno::from_i32(FsError::NotFound.errno()));
+        };
+        dots = vec![
+            (0, (Some(this), ino, Kind::Dir, OsStr::new("."))),
+            (1, (Some(parent), parent.ino, Kind::Dir, OsStr::new(".."))),
+        ];
+    }
     let listed = entries.iter().map(|(at, (child, kind, name, attr))| {
         (kernel_offset(*at), (*attr, *child, *kind, name.as_os_str()))
     });

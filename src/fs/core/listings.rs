@@ -34,8 +34,10 @@ type Names = Arc<Vec<OsString>>;
 /// the pass (from 0).
 pub type Listing = Vec<(usize, EntryPlus)>;
 
-/// Most entries one call answers with; the kernel asks again for more.
-const CALL_MOST: usize = 4096;
+/// Most entries one call answers with (more than a reply holds: the kernel
+/// asks with a page, about 170 plain entries or 25 with attributes, and asks
+/// again for more).
+const CALL_MOST: usize = 512;
 
 /// The open directories, by handle, and the listing each is reading.
 #[derive(Default)]
@@ -51,13 +53,18 @@ struct Open {
     names: Option<Names>,
 }
 
+/// Where a read of an open directory starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadFrom {
+    /// A new pass: the first read, or one after a rewinddir.
+    Start,
+    /// Position `n` of the pass (from 0; `.` and `..` are not counted).
+    At(usize),
+}
+
 impl Listings {
-    /// The names handle `fh` of directory `ino` reads from position `from`,
-    /// if it has a pass to go on with (`None` at 0: a pass starts there).
-    fn going_on(&self, ino: Ino, fh: u64, from: usize) -> Option<Names> {
-        if from == 0 {
-            return None;
-        }
+    /// The names handle `fh` of directory `ino` took at the start of its pass.
+    fn going_on(&self, ino: Ino, fh: u64) -> Option<Names> {
         let open = self.open.lock();
         open.get(&fh).filter(|o| o.ino == ino).and_then(|o| o.names.clone())
     }
@@ -84,36 +91,35 @@ impl<R: Remote> VaultFs<R> {
         self.listings.open.lock().remove(&fh);
     }
 
-    /// The entries that open directory `fh` of `ino` reads from position
-    /// `from` (`.` and `..` are not counted): those of the names its pass
-    /// took that are still there. Position 0 starts a new pass (the first
-    /// read, or a rewinddir).
-    pub async fn listing(&self, ino: Ino, fh: u64, from: usize) -> Result<Listing> {
-        let names = match self.listings.going_on(ino, fh, from) {
-            Some(names) => names,
-            None => {
-                let names = Arc::new(self.readdir(ino).await?.into_iter().map(|e| e.2).collect());
-                self.listings.keep(ino, fh, &names);
-                names
-            }
-        };
-        Ok(self.still_listed(ino, &names, from))
+    /// The entries that open directory `fh` of `ino` reads from `from`:
+    /// those of the names its pass took that are still there, once the
+    /// directory's listing is fresh.
+    pub async fn listing(&self, ino: Ino, fh: u64, from: ReadFrom) -> Result<Listing> {
+        self.answer(ino, || self.read_pass(ino, fh, from)).await
     }
 
     /// [`VaultFs::listing`] if it needs nothing from the server.
-    pub fn listing_now(&self, ino: Ino, fh: u64, from: usize) -> Option<Result<Listing>> {
-        let names = match self.listings.going_on(ino, fh, from) {
-            Some(names) => names,
-            None => {
-                let names = match self.readdir_now(ino)? {
-                    Ok(names) => Arc::new(names.into_iter().map(|e| e.2).collect()),
-                    Err(e) => return Some(Err(e)),
-                };
-                self.listings.keep(ino, fh, &names);
-                names
-            }
+    pub fn listing_now(&self, ino: Ino, fh: u64, from: ReadFrom) -> Option<Result<Listing>> {
+        self.answer_now(ino, || self.read_pass(ino, fh, from))
+    }
+
+    fn read_pass(&self, ino: Ino, fh: u64, from: ReadFrom) -> Result<Listing> {
+        let (names, at) = match from {
+            ReadFrom::At(at) => match self.listings.going_on(ino, fh) {
+                Some(names) => (names, at),
+                None => (self.start_pass(ino, fh)?, at),
+            },
+            ReadFrom::Start => (self.start_pass(ino, fh)?, 0),
         };
-        Some(Ok(self.still_listed(ino, &names, from)))
+        Ok(self.still_listed(ino, &names, at))
+    }
+
+    /// Takes the names handle `fh` of directory `ino` reads in a new pass.
+    fn start_pass(&self, ino: Ino, fh: u64) -> Result<Names> {
+        let names: Names =
+            Arc::new(self.tree.lock().entries(ino)?.map(|(name, _, _)| name.clone()).collect());
+        self.listings.keep(ino, fh, &names);
+        Ok(names)
     }
 
     /// Of `names` from position `from` on, the entries still in directory
@@ -122,15 +128,12 @@ impl<R: Remote> VaultFs<R> {
     /// that fails its check).
     fn still_listed(&self, ino: Ino, names: &[OsString], from: usize) -> Listing {
         let tree = self.tree.lock();
-        let mut listed = Vec::new();
-        for (at, name) in names.iter().enumerate().skip(from).take(CALL_MOST) {
-            let Some((child, node)) = tree.child(ino, name).and_then(|c| Some((c, tree.node_unchecked(c)?)))
-            else {
-                continue;
-            };
+        let still = names.iter().enumerate().skip(from).filter_map(|(at, name)| {
+            let child = tree.child(ino, name)?;
+            let node = tree.node_unchecked(child)?;
             let attr = tree.node(child).is_ok().then(|| self.attr_of(&tree, child, node));
-            listed.push((at, (child, node.kind(), name.clone(), attr)));
-        }
-        listed
+            Some((at, (child, node.kind(), name.clone(), attr)))
+        });
+        still.take(CALL_MOST).collect()
     }
 }

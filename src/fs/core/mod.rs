@@ -105,7 +105,7 @@ pub use deletes::DELETES_IN_FLIGHT;
 pub use dirs::SEND_NEW_DIR_AFTER;
 pub use io::ReadData;
 use io::WriteData;
-pub use listings::Listing;
+pub use listings::{Listing, ReadFrom};
 pub use locks::{with_lock, LockConflict, LockKind, LockRequest};
 pub use passread::READ_AHEAD;
 pub use save::conflict_name;

@@ -397,12 +397,12 @@ impl<R: Remote> VaultFs<R> {
 
     /// `answer`, computed on the tree as it is if `dir`'s listing is fresh;
     /// `None` if the listing must be fetched first.
-    fn answer_now<T>(&self, dir: Ino, answer: impl FnOnce() -> Result<T>) -> Option<Result<T>> {
+    pub(super) fn answer_now<T>(&self, dir: Ino, answer: impl FnOnce() -> Result<T>) -> Option<Result<T>> {
         self.listing_fresh(dir).then(answer)
     }
 
     /// `answer`, computed once `dir`'s listing is loaded.
-    async fn answer<T>(&self, dir: Ino, answer: impl FnOnce() -> Result<T>) -> Result<T> {
+    pub(super) async fn answer<T>(&self, dir: Ino, answer: impl FnOnce() -> Result<T>) -> Result<T> {
         self.load_dir(dir).await?;
         answer()
     }
