@@ -801,7 +801,9 @@ fn read_from(offset: u64) -> ReadFrom {
     }
 }
 
-/// The position among `.`, `..` and the entries of the entry at `at` in the listing.
+/// The index, counting `.` and `..` first, of the entry at position `at` of
+/// the listing (its offset for the kernel is one more: where the next read
+/// starts).
 fn kernel_offset(at: usize) -> u64 {
     at as u64 + DOTS
 }
