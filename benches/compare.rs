@@ -146,6 +146,11 @@ trait System {
     fn remount(&mut self);
     /// The mount daemon's pid.
     fn pid(&self) -> u32;
+    /// Every process the system's reads and writes run in (the mount daemon
+    /// and its server, if it has one), whose CPU time is counted.
+    fn pids(&self) -> Vec<u32> {
+        vec![self.pid()]
+    }
     /// Waits until what was just written at `written` (a file or a tree) is
     /// stored by the backend. True if the system's close returns before that
     /// (rclone in cache mode full; vaultfs for a pass-through file, whose
@@ -192,6 +197,9 @@ impl System for Vaultfs {
     }
     fn pid(&self) -> u32 {
         self.m.pid()
+    }
+    fn pids(&self) -> Vec<u32> {
+        [self.m.pid(), self.m.server.pid()].into_iter().chain(self.m.server.store_pid()).collect()
     }
     fn settle(&self, written: &Path) -> bool {
         // End-to-end files are stored when close returns. A pass-through file's
@@ -322,6 +330,9 @@ impl System for Rclone {
     fn pid(&self) -> u32 {
         self.mount.as_ref().map_or(0, Child::id)
     }
+    fn pids(&self) -> Vec<u32> {
+        vec![self.pid(), self.webdav.id()]
+    }
     fn settle(&self, _written: &Path) -> bool {
         self.wait_uploads();
         self.full
@@ -421,9 +432,11 @@ const W30: &str = "write+close 30 MB (s)";
 const W30_DONE: &str = "write 30 MB until stored (s)";
 const R30_COLD: &str = "read 30 MB cold (s)";
 const R30_WARM: &str = "read 30 MB warm (s)";
+const R30_CPU: &str = "CPU per 30 MB cold read (s)";
 const W300: &str = "write+close 300 MB (s)";
 const W300_DONE: &str = "write 300 MB until stored (s)";
 const R300_COLD: &str = "read 300 MB cold (s)";
+const R300_CPU: &str = "CPU per 300 MB cold read (s)";
 const R300_STORE: &str = "read 300 MB from the S3 store alone (s)";
 const TAR: &str = "tar -x of the tree (s)";
 const TAR_DONE: &str = "tar -x until stored (s)";
@@ -439,10 +452,12 @@ const ROWS: &[(&str, bool)] = &[
     (W30, false),
     (W30_DONE, false),
     (R30_COLD, false),
+    (R30_CPU, false),
     (R30_WARM, false),
     (W300, false),
     (W300_DONE, false),
     (R300_COLD, false),
+    (R300_CPU, false),
     (R300_STORE, false),
     (TAR, false),
     (TAR_DONE, false),
@@ -518,19 +533,27 @@ impl std::ops::DerefMut for PageAligned {
     }
 }
 
-/// Writes `data` to `reps` files, then reads them cold (after a remount) and warm.
+/// CPU time all of `sys`'s processes have used.
+fn cpu(sys: &dyn System) -> Duration {
+    sys.pids().into_iter().map(shared::cpu_time).sum()
+}
+
+/// Writes `data` to `reps` files, then reads them cold (after a remount) and
+/// warm. A cold read's CPU time (its system's processes, not the reader's) is
+/// a figure of its own: on a machine of two cores, a read cannot take less
+/// time than half of it, whatever runs when.
 fn big_files(
     sys: &mut dyn System,
     peak: &mut Peak,
     data: &[u8],
     reps: usize,
-    rows: [&'static str; 4],
+    rows: [&'static str; 5],
     warm: bool,
     out: &mut Figures,
 ) {
-    let [w, w_done, r_cold, r_warm] = rows;
+    let [w, w_done, r_cold, r_cpu, r_warm] = rows;
     let tag = data.len() / 1_000_000;
-    let (mut writes, mut done, mut cold, mut hot) = (vec![], vec![], vec![], vec![]);
+    let (mut writes, mut done, mut cold, mut cold_cpu, mut hot) = (vec![], vec![], vec![], vec![], vec![]);
     let mut waited = false;
     for r in 0..reps {
         let p = sys.root().join(format!("big{tag}-{r}.bin"));
@@ -547,7 +570,9 @@ fn big_files(
     let mut buf = PageAligned::new(data.len(), |_| 1);
     for r in 0..reps {
         let p = sys.root().join(format!("big{tag}-{r}.bin"));
+        let before = cpu(sys);
         let (n, d) = time(|| read_into(&p, &mut buf));
+        cold_cpu.push((cpu(sys) - before).as_secs_f64());
         assert!(n == data.len() && *buf == *data, "{} read back wrong", p.display());
         cold.push(d.as_secs_f64());
         if warm {
@@ -563,6 +588,7 @@ fn big_files(
         out.insert(w_done, median(done));
     }
     out.insert(r_cold, median(cold));
+    out.insert(r_cpu, median(cold_cpu));
     if warm {
         out.insert(r_warm, median(hot));
     }
@@ -677,11 +703,11 @@ fn measure(sys: &mut dyn System, cfg: &Config, tar: &Path) -> Figures {
         return out;
     }
     let big = PageAligned::pattern(cfg.big, 1);
-    big_files(sys, &mut peak, &big, cfg.reps, [W30, W30_DONE, R30_COLD, R30_WARM], true, &mut out);
+    big_files(sys, &mut peak, &big, cfg.reps, [W30, W30_DONE, R30_COLD, R30_CPU, R30_WARM], true, &mut out);
     fio(sys, cfg.fio_seconds, cfg.big, &mut out);
     drop(big);
     let huge = PageAligned::pattern(cfg.huge, 2);
-    big_files(sys, &mut peak, &huge, cfg.reps, [W300, W300_DONE, R300_COLD, ""], false, &mut out);
+    big_files(sys, &mut peak, &huge, cfg.reps, [W300, W300_DONE, R300_COLD, R300_CPU, ""], false, &mut out);
     let alone: Vec<f64> = (0..cfg.reps).filter_map(|_| sys.store_alone_read()).collect();
     if !alone.is_empty() {
         out.insert(R300_STORE, median(alone));
@@ -905,7 +931,7 @@ fn main() {
         "\nSingle-core AEAD, 64 KiB chunks: vaultfs format {ours:.2} GB/s; `openssl speed -evp chacha20-poly1305` {openssl_cell}{}.\n",
         openssl.map_or(String::new(), |o| format!(" (ratio {:.2})", ours / o))
     ));
-    md.push_str("\nTimes in seconds (lower is better), fio in IOPS, memory in MiB. \"vs best peer\" / \"vs best rclone\": how many times faster (or less memory, or more IOPS) vaultfs is than the best of the others (gocryptfs has no network: it is the ceiling) or than rclone's better mode; below 1 vaultfs is behind. \"(= close)\": that system's close returns only once the data is stored.\n");
+    md.push_str(&format!("\nTimes in seconds (lower is better), fio in IOPS, memory in MiB. \"vs best peer\" / \"vs best rclone\": how many times faster (or less memory, or more IOPS) vaultfs is than the best of the others (gocryptfs has no network: it is the ceiling) or than rclone's better mode; below 1 vaultfs is behind. \"(= close)\": that system's close returns only once the data is stored. \"CPU per ... cold read\": CPU seconds the system's own processes (mount daemon, and its servers if it has them: vaultfs's server and S3 store, rclone's WebDAV server) used during one cold read; with {} cores, a read takes at least that divided by the core count.\n", std::thread::available_parallelism().map_or(1, |n| n.get())));
     for n in &notes {
         md.push_str(&format!("\n- {n}"));
     }

@@ -19,11 +19,14 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+mod shared;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use shared::cpu_time;
 use support::mount::TestMount;
 use vaultfs::crypto::{seal_manifest, seal_name, FileContext, FileManifest, NameContext, OsRandom};
 use vaultfs::ids::{FileId, RecordId, VaultId};
@@ -90,19 +93,6 @@ fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-/// CPU time (user and system) `pid` has used.
-fn cpu(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces): utime is the 14th field.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields.get(11..13).map_or(0, |f| f.iter().filter_map(|t| t.parse::<u64>().ok()).sum());
-    // SAFETY: sysconf only reads a constant.
-    #[allow(unsafe_code)]
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_millis(ticks * 1000 / hz)
 }
 
 /// Makes the vault's records and files through the API, `jobs` at a time.
@@ -226,11 +216,11 @@ fn measure(m: &mut TestMount, size: &Size, tag: &str) -> Figures {
     }
     std::thread::sleep(Duration::from_secs(1));
     let server = m.server.pid();
-    let mounts_cpu_before: Duration = idle.iter().map(|i| cpu(i.pid())).sum();
-    let before = cpu(server);
+    let mounts_cpu_before: Duration = idle.iter().map(|i| cpu_time(i.pid())).sum();
+    let before = cpu_time(server);
     std::thread::sleep(size.idle_watch);
-    let idle_cpu = cpu(server) - before;
-    let mounts_cpu = idle.iter().map(|i| cpu(i.pid())).sum::<Duration>() - mounts_cpu_before;
+    let idle_cpu = cpu_time(server) - before;
+    let mounts_cpu = idle.iter().map(|i| cpu_time(i.pid())).sum::<Duration>() - mounts_cpu_before;
     eprintln!("{tag}: {} idle mounts over {:?}: server {}", size.idle_mounts, size.idle_watch, ms(idle_cpu));
     drop(idle);
     Figures { ls_cold, kib_before, kib_after, first_stat, visible, idle_cpu, mounts_cpu }

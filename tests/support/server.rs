@@ -312,6 +312,11 @@ impl TestServer {
         }
     }
 
+    /// The pid of the S3 server holding this server's blobs, if it has one.
+    pub fn store_pid(&self) -> Option<u32> {
+        self.s3.as_ref().map(|s3| s3.child.id())
+    }
+
     /// Where blobs are kept on this machine (the S3 server's root on S3).
     pub fn blob_root(&self) -> PathBuf {
         match &self.s3 {
