@@ -226,10 +226,31 @@ impl System for Vaultfs {
         // rclone, four ranged GETs at once, as the server reads a long blob
         // (without its MD5 check, which the server does not make either).
         let remote = self.m.server.s3_rclone_remote()?;
+        // The largest object: s3s-fs keeps each as a file named by its key
+        // (and lists none recursively); Garage keeps blocks, but lists.
         let bucket = self.m.server.blob_root().join(remote.rsplit(':').next()?);
-        let largest =
-            self.m.server.stored_blobs().into_iter().max_by_key(|p| p.metadata().map_or(0, |m| m.len()))?;
-        let key = largest.strip_prefix(&bucket).ok()?.to_string_lossy().into_owned();
+        let walked =
+            self.m.server.stored_blobs().into_iter().max_by_key(|p| p.metadata().map_or(0, |m| m.len()));
+        let key = match walked {
+            Some(largest) => largest.strip_prefix(&bucket).ok()?.to_string_lossy().into_owned(),
+            None => {
+                let listed = Command::new("rclone")
+                    .args(["lsf", "-R", "--format", "sp", "--files-only"])
+                    .arg(&remote)
+                    .env_remove("AWS_CA_BUNDLE")
+                    .output()
+                    .ok()?;
+                // "size;key" lines.
+                String::from_utf8_lossy(&listed.stdout)
+                    .lines()
+                    .filter_map(|l| {
+                        let (size, key) = l.split_once(';')?;
+                        Some((size.parse::<u64>().ok()?, key.to_string()))
+                    })
+                    .max()?
+                    .1
+            }
+        };
         let out = tempfile::tempdir_in("/dev/shm").ok()?;
         let (status, d) = time(|| {
             Command::new("rclone")
@@ -842,9 +863,15 @@ fn main() {
         go("vaultfs baseline", "true", &|| Box::new(Vaultfs::start(&store.path.join("baseline"))));
         support::server::use_vaultfs_bin(None);
     }
-    // vaultfs again with the server's blobs on S3 (s3s-fs on the same tmpfs):
-    // what the object store costs. Not a peer: left out of the ratios.
-    go("vaultfs, S3 backend", "s3s-fs", &|| {
+    // vaultfs again with the server's blobs on S3 (s3s-fs, or Garage with
+    // `bench/run --garage`, on the same tmpfs): what the object store costs.
+    // Not a peer: left out of the ratios.
+    let garage = std::env::var("VAULTFS_TEST_GARAGE").ok().filter(|g| !g.is_empty());
+    let (s3_name, s3_tool) = match &garage {
+        Some(g) => ("vaultfs, S3 backend (Garage)", g.as_str()),
+        None => ("vaultfs, S3 backend", "s3s-fs"),
+    };
+    go(s3_name, s3_tool, &|| {
         std::env::set_var("VAULTFS_TEST_STORAGE", "s3");
         let sys = Vaultfs::start(&store.path.join("on-s3"));
         std::env::remove_var("VAULTFS_TEST_STORAGE");

@@ -287,8 +287,10 @@ impl TestServer {
     pub fn s3_rclone_remote(&self) -> Option<String> {
         self.s3.as_ref().map(|s3| {
             format!(
-                ":s3,provider=Other,access_key_id={S3_KEY},secret_access_key={S3_SECRET},\
+                ":s3,provider=Other,access_key_id={},secret_access_key={},\
                  endpoint='http://127.0.0.1:{}':{S3_BUCKET}",
+                if s3.garage { GARAGE_KEY } else { S3_KEY },
+                if s3.garage { GARAGE_SECRET } else { S3_SECRET },
                 s3.port
             )
         })
@@ -351,6 +353,9 @@ pub fn s3_mode() -> bool {
 const S3_BUCKET: &str = "vaultfs";
 const S3_KEY: &str = "vaultfs-test";
 const S3_SECRET: &str = "vaultfs-test-secret-key";
+/// Garage's key format: "GK" and 24 hex digits, a secret of 64.
+const GARAGE_KEY: &str = "GK0123456789abcdef01234567";
+const GARAGE_SECRET: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
 /// A real S3 server (s3s-fs, which checks SigV4 signatures) on a free
 /// loopback port, storing under `root`; killed when dropped.
@@ -358,10 +363,14 @@ pub struct S3Server {
     child: Child,
     pub root: PathBuf,
     port: u16,
+    garage: bool,
 }
 
 impl S3Server {
     pub fn start(root: &Path) -> Self {
+        if let Some(garage) = std::env::var_os("VAULTFS_TEST_GARAGE") {
+            return Self::start_garage(root, Path::new(&garage));
+        }
         std::fs::create_dir_all(root.join(S3_BUCKET)).expect("S3 root");
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let bin = std::env::var_os("CARGO_HOME")
@@ -378,12 +387,52 @@ impl S3Server {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {} (.ci/test installs it): {e}", bin.display()));
-        let start = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(20), "s3s-fs did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        S3Server { child, root: root.to_path_buf(), port }
+        wait_for_port(port, "s3s-fs");
+        S3Server { child, root: root.to_path_buf(), port, garage: false }
+    }
+
+    /// Garage (single node, no compression) instead of s3s-fs, for the
+    /// benchmark's S3 column (`VAULTFS_TEST_GARAGE=path/to/garage`).
+    fn start_garage(root: &Path, bin: &Path) -> Self {
+        std::fs::create_dir_all(root).expect("S3 root");
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (port, rpc, admin) = (free(), free(), free());
+        let conf = root.join("garage.toml");
+        std::fs::write(
+            &conf,
+            format!(
+                "metadata_dir = \"{0}/meta\"\ndata_dir = \"{0}/data\"\ndb_engine = \"sqlite\"\n\
+                 replication_factor = 1\ncompression_level = \"none\"\n\
+                 rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\n\
+                 rpc_secret = \"{1}\"\n[s3_api]\ns3_region = \"us-east-1\"\napi_bind_addr = \"127.0.0.1:{port}\"\n\
+                 [admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n",
+                root.display(),
+                "ab".repeat(32)
+            ),
+        )
+        .unwrap();
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .arg("server")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(root.join("garage.log")).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        wait_for_port(port, "garage");
+        let garage = |args: &[&str]| {
+            let out = Command::new(bin).arg("-c").arg(&conf).args(args).output().unwrap();
+            assert!(out.status.success(), "garage {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let node = garage(&["node", "id", "-q"]);
+        let node = node.trim().split('@').next().unwrap().to_string();
+        garage(&["layout", "assign", "-z", "dc1", "-c", "20G", &node]);
+        garage(&["layout", "apply", "--version", "1"]);
+        garage(&["key", "import", "--yes", "-n", "bench", GARAGE_KEY, GARAGE_SECRET]);
+        garage(&["bucket", "create", S3_BUCKET]);
+        garage(&["bucket", "allow", "--read", "--write", "--owner", S3_BUCKET, "--key", GARAGE_KEY]);
+        S3Server { child, root: root.to_path_buf(), port, garage: true }
     }
 
     /// The server configuration's [storage] table for this S3 server. Small
@@ -392,9 +441,20 @@ impl S3Server {
         format!(
             "\n[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"{S3_BUCKET}\"\n\
              endpoint = \"http://127.0.0.1:{}\"\nregion = \"us-east-1\"\nallow_http = true\n\
-             access_key_id = \"{S3_KEY}\"\nsecret_access_key = \"{S3_SECRET}\"\npart_size_mib = 5\n",
-            self.port
+             access_key_id = \"{}\"\nsecret_access_key = \"{}\"\npart_size_mib = 5\n",
+            self.port,
+            if self.garage { GARAGE_KEY } else { S3_KEY },
+            if self.garage { GARAGE_SECRET } else { S3_SECRET },
         )
+    }
+}
+
+/// Waits (at most 20 s) until something listens on loopback port `port`.
+fn wait_for_port(port: u16, what: &str) {
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(20), "{what} did not start");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
