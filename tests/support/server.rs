@@ -387,8 +387,10 @@ impl S3Server {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {} (.ci/test installs it): {e}", bin.display()));
+        // Made before the wait, so a panic there still stops the child.
+        let server = S3Server { child, root: root.to_path_buf(), port, garage: false };
         wait_for_port(port, "s3s-fs");
-        S3Server { child, root: root.to_path_buf(), port, garage: false }
+        server
     }
 
     /// Garage (single node, no compression) instead of s3s-fs, for the
@@ -419,6 +421,8 @@ impl S3Server {
             .stderr(std::fs::File::create(root.join("garage.log")).unwrap())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        // Made before the setup, so a panic there still stops the child.
+        let server = S3Server { child, root: root.to_path_buf(), port, garage: true };
         wait_for_port(port, "garage");
         let garage = |args: &[&str]| {
             let out = Command::new(bin).arg("-c").arg(&conf).args(args).output().unwrap();
@@ -432,7 +436,7 @@ impl S3Server {
         garage(&["key", "import", "--yes", "-n", "bench", GARAGE_KEY, GARAGE_SECRET]);
         garage(&["bucket", "create", S3_BUCKET]);
         garage(&["bucket", "allow", "--read", "--write", "--owner", S3_BUCKET, "--key", GARAGE_KEY]);
-        S3Server { child, root: root.to_path_buf(), port, garage: true }
+        server
     }
 
     /// The server configuration's [storage] table for this S3 server. Small
