@@ -147,7 +147,7 @@ trait System {
     /// The mount daemon's pid.
     fn pid(&self) -> u32;
     /// Every process the system's reads and writes run in (the mount daemon
-    /// and its server, if it has one), whose CPU time is counted.
+    /// and its servers, if it has any), whose CPU time is counted.
     fn pids(&self) -> Vec<u32> {
         vec![self.pid()]
     }

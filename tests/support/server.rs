@@ -289,8 +289,8 @@ impl TestServer {
             format!(
                 ":s3,provider=Other,access_key_id={},secret_access_key={},\
                  endpoint='http://127.0.0.1:{}':{S3_BUCKET}",
-                if s3.garage { GARAGE_KEY } else { S3_KEY },
-                if s3.garage { GARAGE_SECRET } else { S3_SECRET },
+                s3.key().0,
+                s3.key().1,
                 s3.port
             )
         })
@@ -439,6 +439,15 @@ impl S3Server {
         server
     }
 
+    /// The access key and its secret.
+    fn key(&self) -> (&'static str, &'static str) {
+        if self.garage {
+            (GARAGE_KEY, GARAGE_SECRET)
+        } else {
+            (S3_KEY, S3_SECRET)
+        }
+    }
+
     /// The server configuration's [storage] table for this S3 server. Small
     /// parts (5 MiB, the S3 minimum) so multipart uploads happen in tests.
     pub fn config(&self) -> String {
@@ -447,8 +456,8 @@ impl S3Server {
              endpoint = \"http://127.0.0.1:{}\"\nregion = \"us-east-1\"\nallow_http = true\n\
              access_key_id = \"{}\"\nsecret_access_key = \"{}\"\npart_size_mib = 5\n",
             self.port,
-            if self.garage { GARAGE_KEY } else { S3_KEY },
-            if self.garage { GARAGE_SECRET } else { S3_SECRET },
+            self.key().0,
+            self.key().1,
         )
     }
 }
