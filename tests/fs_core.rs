@@ -717,6 +717,76 @@ async fn a_failed_upload_keeps_the_data_and_is_retried() {
     assert_eq!(read_file(&other, r2.ino, "precious.txt").await.unwrap(), b"do not lose me");
 }
 
+/// A background retry of a failed save, while the file is open again and
+/// half rewritten: it must not store the half (a version nobody wrote, which
+/// a backup taken then kept); the handle's close saves the whole. A second
+/// failed close while the retry waits starts no second retry that the
+/// first would wait on forever. (Seen in CI: a save refused during a
+/// backup, retried while `fs::write` was between its two writes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_save_waits_for_a_writer_that_reopened_the_file() {
+    use std::time::Duration;
+    let s = setup(&["V"]).await;
+    // What a fresh mount reads of V/r/f: what the server holds.
+    let on_server = || async {
+        let other = mount(s.alice.clone()).await;
+        let v = other.lookup(ROOT, n("V")).await.unwrap();
+        let r = other.lookup(v.ino, n("r")).await.unwrap();
+        read_file(&other, r.ino, "f").await.unwrap()
+    };
+    let (fs, outage) = mount_faulty(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let version = |g: u8| vec![g; 200_000];
+    let ino = write_file(&fs, r.ino, "f", &version(1)).await;
+    let rewrite = |g: u8, whole: bool| {
+        let fs = Arc::clone(&fs);
+        async move {
+            let fh = fs.open(ino, true, true).await.unwrap();
+            let data = version(g);
+            let end = if whole { data.len() } else { data.len() / 2 };
+            fs.write(fh, 0, &data[..end]).await.unwrap();
+            fh
+        }
+    };
+    let close = |fh: u64| {
+        let fs = Arc::clone(&fs);
+        async move {
+            let flushed = fs.flush(ino, fh).await;
+            fs.release(ino, fh).await.unwrap();
+            flushed
+        }
+    };
+    // Version 2 fails to save: its close leaves a retry, which fails once at
+    // once and then waits a second.
+    outage.set(true);
+    let fh = rewrite(2, true).await;
+    assert!(close(fh).await.is_err());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    outage.set(false);
+    // Reopened, emptied and half of version 3 written, as the retry wakes.
+    let fh = rewrite(3, false).await;
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    let seen = on_server().await;
+    assert!(
+        seen == version(1) || seen == version(2),
+        "the server holds {} bytes of a version nobody wrote",
+        seen.len()
+    );
+    // The rest of version 3; its close fails too, while the retry waits.
+    fs.write(fh, 100_000, &version(3)[100_000..]).await.unwrap();
+    outage.set(true);
+    assert!(close(fh).await.is_err());
+    outage.set(false);
+    let stored = async {
+        while fs.getxattr(ino, n(XATTR_STATE)).unwrap() != b"clean" {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(15), stored).await.expect("the retry must store version 3");
+    assert!(on_server().await == version(3));
+}
+
 /// Offset of chunk `i` in a vault file (128-byte header, 64 KiB + 16 per chunk).
 fn chunk_at(i: u64) -> u64 {
     128 + i * (65536 + 16)

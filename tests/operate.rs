@@ -640,6 +640,11 @@ fn a_backup_taken_while_a_client_writes_restores_every_committed_file() {
     assert_eq!(mode & 0o777, 0o700, "a backup others can read");
     stop.store(true, Ordering::Relaxed);
     let generations = writer.join().unwrap();
+    // No save failed meanwhile (`fs::write` does not report a failed
+    // close, so the mount's log says it): a backup is no outage.
+    let log = m.log();
+    let failed: Vec<&str> = log.lines().filter(|l| l.contains("upload failed")).collect();
+    assert!(failed.is_empty(), "saves failed during the backups:\n{}", failed.join("\n"));
     let created = created.lock().unwrap().clone();
     assert!(
         generations >= 3,

@@ -42,6 +42,10 @@ pub struct PlainData {
     /// A download is decrypting into `bytes` (which then holds a prefix of the
     /// content, in a buffer reserved to the final size so it never moves).
     pub filling: bool,
+    /// A background retry of a failed save holds a pin of this entry and
+    /// saves it once no one else has it (one per file: another failed
+    /// close leaves it to that one).
+    pub retrying: bool,
 }
 
 impl std::fmt::Debug for PlainData {
@@ -52,6 +56,7 @@ impl std::fmt::Debug for PlainData {
             .field("version", &self.version)
             .field("loaded", &self.loaded)
             .field("filling", &self.filling)
+            .field("retrying", &self.retrying)
             .finish()
     }
 }
@@ -138,6 +143,12 @@ impl PlainCache {
         if let Some(slot) = inner.slots.get_mut(&id) {
             slot.pins = slot.pins.saturating_sub(1);
         }
+    }
+
+    /// How many pins `id` holds: open handles, and operations and retries
+    /// at work on it.
+    pub fn pins(&self, id: FileId) -> usize {
+        self.lock().slots.get(&id).map_or(0, |s| s.pins)
     }
 
     /// Records the current size of `id`'s plaintext (after a load or a write)

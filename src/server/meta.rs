@@ -626,6 +626,12 @@ impl Meta {
     pub fn open(path: &Path) -> Result<Self> {
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        // Every transaction takes the write lock at its start. Another
+        // process writes this database too (`vaultfs admin`: a backup's
+        // hold, users); a transaction that read first and then found it had
+        // written meanwhile could not go on (SQLite answers "database is
+        // locked" at once, past the busy timeout), and the request failed.
+        conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         // Before anything is changed (WAL is a change to the file):
         let found = schema_version(&conn)?;
@@ -1611,6 +1617,27 @@ mod tests {
         meta.create_record(db.vault, &r).unwrap();
         let changes = meta.changes(db.vault, before, 10).unwrap().unwrap();
         assert_eq!(changes.records.iter().map(|r| r.id).collect::<Vec<_>>(), [RecordId([2; 16])]);
+    }
+
+    /// A transaction of the server that reads and then writes, while
+    /// another process (`vaultfs admin backup` writing its hold) writes
+    /// between the two: the other process waits, the server's write goes
+    /// through. (Seen in CI as uploads refused with "database is locked"
+    /// during a backup.)
+    #[test]
+    fn another_process_writing_waits_for_a_transaction_that_read_first() {
+        let mut db = db();
+        let mut admin = Meta::open(&db._dir.path().join("meta.db")).unwrap();
+        // Told at once rather than after waiting.
+        admin.conn.busy_timeout(std::time::Duration::ZERO).unwrap();
+        let tx = db.meta.conn.transaction().unwrap();
+        let held: i64 = tx.q_row("SELECT COUNT(*) FROM blob_holds", [], |r| r.get(0)).unwrap();
+        assert_eq!(held, 0);
+        let e = admin.hold_blobs(&[1; 16], i64::MAX).expect_err("the admin wrote inside the transaction");
+        assert!(e.to_string().contains("locked"), "{e}");
+        tx.exec("INSERT INTO deferred_blobs (blob_id) VALUES ('ab')", []).unwrap();
+        tx.commit().unwrap();
+        admin.hold_blobs(&[1; 16], i64::MAX).unwrap();
     }
 
     /// A database a newer vaultfs wrote is refused before anything in it

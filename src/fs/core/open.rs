@@ -59,6 +59,7 @@ impl<R: Remote> VaultFs<R> {
                 confirmed: None,
                 loaded: true,
                 filling: false,
+                retrying: false,
             };
         }
         self.modes.start_sequential(info.id);

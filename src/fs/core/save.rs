@@ -8,7 +8,8 @@
 //! seen of the file; the upload states the version it replaces. Only once
 //! the server has stored it does the file count as saved; until then it stays
 //! dirty in memory, and after the last release it is retried with backoff
-//! ([`VaultFs::retry_upload`]) unless the refusal is permanent. If the file
+//! ([`VaultFs::retry_upload`], one per file, waiting while the file is open
+//! again) unless the refusal is permanent. If the file
 //! changed on the server meanwhile, both versions are kept: ours goes to a
 //! conflict copy next to it ([`conflict_name`]). Unmount calls
 //! [`VaultFs::flush_all`].
@@ -136,34 +137,71 @@ impl<R: Remote> VaultFs<R> {
             }
             return Ok(());
         }
-        let dirty = match self.cache.peek(id) {
-            Some(h) => h.lock().await.dirty,
+        // Unsaved changes: a retry takes this handle's pin and saves them,
+        // unless one already waits (it takes them along).
+        let retry = match self.cache.peek(id) {
+            Some(h) => {
+                let mut d = h.lock().await;
+                d.dirty && !std::mem::replace(&mut d.retrying, true)
+            }
             None => false,
         };
-        if dirty {
+        if retry {
             let fs = Arc::clone(self);
-            tokio::spawn(async move { fs.retry_upload(ino, id).await });
+            tokio::spawn(async move { fs.retry_upload(ino).await });
         } else {
             self.cache.unpin(id);
         }
         Ok(())
     }
 
-    async fn retry_upload(self: Arc<Self>, ino: Ino, id: FileId) {
+    /// Saves file `ino` after a failed save, with backoff, until it is
+    /// stored or refused for good; it holds one pin of the file's entry
+    /// (the last handle's) and follows the file by inode, so a rename that
+    /// gives it a new id does not lose it.
+    ///
+    /// While anyone else holds a pin (an open handle, an open, truncate or
+    /// chmod under way) it only waits: a writer that reopened the file may
+    /// be halfway through its next version, and storing that half would
+    /// store a version nobody wrote, which a backup taken then would keep.
+    /// That writer's close saves the file; if that fails too, its release
+    /// leaves the file to this retry again. Both are decided under the
+    /// plaintext lock, which an open takes (to empty the file) only after
+    /// pinning it.
+    async fn retry_upload(self: Arc<Self>, ino: Ino) {
         let mut wait = Duration::from_secs(1);
-        loop {
-            let Some(handle) = self.cache.peek(id) else { return };
-            match self.upload(ino, &handle).await {
-                Ok(()) => break,
+        let mut refused = false;
+        let id = loop {
+            // Unlinked and let go, the file's entry went with it.
+            let Ok(info) = self.file_info(ino) else { return };
+            let Some(handle) = self.cache.peek(info.id) else { return };
+            let mut d = Arc::clone(&handle).lock_owned().await;
+            // Ended under the lock a release asks under: a failed close
+            // either finds this retry still on, or starts another.
+            if !d.dirty || refused {
+                d.retrying = false;
+                break info.id;
+            }
+            if self.cache.pins(info.id) > 1 {
+                drop(d);
+                tracing::debug!(file = %info.id, "open elsewhere, so saved by its close; looking again in {wait:?}");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            match self.upload_locked(ino, &handle, d).await {
+                // Looked at again: stored, or changed once more meanwhile
+                // (and its writer's close failed too).
+                Ok(()) => {}
                 Err(e) if e.is_permanent() => {
                     // Sending the same bytes again cannot succeed (too large,
                     // refused, not allowed): no retry loop. The data stays in
-                    // memory, unsaved; unmount reports it.
-                    tracing::error!(file = %id, error = %e, "upload refused; the file stays unsaved in memory");
-                    break;
+                    // memory, unsaved; unmount reports it, and a later failed
+                    // close starts a retry again.
+                    tracing::error!(file = %info.id, error = %e, "upload refused; the file stays unsaved in memory");
+                    refused = true;
                 }
                 Err(e) => {
-                    tracing::warn!(file = %id, error = %e, "upload still failing; retrying in {wait:?}");
+                    tracing::warn!(file = %info.id, error = %e, "upload still failing; retrying in {wait:?}");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(60));
                     if matches!(e, FsError::KeyBehind(_)) {
@@ -174,7 +212,7 @@ impl<R: Remote> VaultFs<R> {
                     }
                 }
             }
-        }
+        };
         self.cache.unpin(id);
     }
 
@@ -229,7 +267,17 @@ impl<R: Remote> VaultFs<R> {
     /// Uploads the file's plaintext if it changed. Returns when the server has
     /// stored it. On a version conflict, our data goes to a conflict copy.
     pub(super) async fn upload(&self, ino: Ino, handle: &PlainHandle) -> Result<()> {
-        let mut d = Arc::clone(handle).lock_owned().await;
+        let d = Arc::clone(handle).lock_owned().await;
+        self.upload_locked(ino, handle, d).await
+    }
+
+    /// [`VaultFs::upload`] with the plaintext lock `d` of `handle` held.
+    async fn upload_locked(
+        &self,
+        ino: Ino,
+        handle: &PlainHandle,
+        mut d: tokio::sync::OwnedMutexGuard<PlainData>,
+    ) -> Result<()> {
         if !d.dirty {
             return Ok(());
         }
