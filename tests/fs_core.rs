@@ -719,10 +719,10 @@ async fn a_failed_upload_keeps_the_data_and_is_retried() {
 
 /// A background retry of a failed save, while the file is open again and
 /// half rewritten: it must not store the half (a version nobody wrote, which
-/// a backup taken then kept); the handle's close saves the whole. A second
-/// failed close while the retry waits starts no second retry that the
-/// first would wait on forever. (Seen in CI: a save refused during a
-/// backup, retried while `fs::write` was between its two writes.)
+/// a backup taken then kept); the handle's close saves the whole, and when
+/// that close fails too, the waiting retry stores what it finished, also
+/// while a reader holds the file open. (Seen in CI: a save refused during
+/// a backup, retried while `fs::write` was between its two writes.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_save_waits_for_a_writer_that_reopened_the_file() {
     use std::time::Duration;
@@ -774,9 +774,11 @@ async fn a_retried_save_waits_for_a_writer_that_reopened_the_file() {
         seen.len()
     );
     // The rest of version 3; its close fails too, while the retry waits.
+    // A reader that keeps the file open meanwhile does not hold it back.
     fs.write(fh, 100_000, &version(3)[100_000..]).await.unwrap();
     outage.set(true);
     assert!(close(fh).await.is_err());
+    let reader = fs.open(ino, false, false).await.unwrap();
     outage.set(false);
     let stored = async {
         while fs.getxattr(ino, n(XATTR_STATE)).unwrap() != b"clean" {
@@ -785,6 +787,7 @@ async fn a_retried_save_waits_for_a_writer_that_reopened_the_file() {
     };
     tokio::time::timeout(Duration::from_secs(15), stored).await.expect("the retry must store version 3");
     assert!(on_server().await == version(3));
+    fs.release(ino, reader).await.unwrap();
 }
 
 /// Offset of chunk `i` in a vault file (128-byte header, 64 KiB + 16 per chunk).

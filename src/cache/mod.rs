@@ -42,10 +42,35 @@ pub struct PlainData {
     /// A download is decrypting into `bytes` (which then holds a prefix of the
     /// content, in a buffer reserved to the final size so it never moves).
     pub filling: bool,
-    /// A background retry of a failed save holds a pin of this entry and
-    /// saves it once no one else has it (one per file: another failed
-    /// close leaves it to that one).
+    /// Changes made to `bytes` by the file's users (writes, truncations,
+    /// writes through a map), counted.
+    pub edits: u64,
+    /// `edits` when the file was last closed, fsynced or truncated by path:
+    /// while the two are equal, `bytes` is a version its writer finished.
+    pub closed: u64,
+    /// A background retry of a failed save holds a pin of this entry (one
+    /// per file: another failed close leaves it to that one).
     pub retrying: bool,
+}
+
+impl PlainData {
+    /// Notes a change to `bytes` made by the file's users.
+    pub fn edited(&mut self) {
+        self.dirty = true;
+        self.edits += 1;
+    }
+
+    /// Notes that what `bytes` holds now is a version its writer finished
+    /// (a close, fsync or truncate(2) saves it).
+    pub fn finished(&mut self) {
+        self.closed = self.edits;
+    }
+
+    /// Whether `bytes` is a version its writer finished: changed by nobody
+    /// since the last close, fsync or truncate(2).
+    pub fn is_finished(&self) -> bool {
+        self.closed == self.edits
+    }
 }
 
 impl std::fmt::Debug for PlainData {
@@ -56,6 +81,8 @@ impl std::fmt::Debug for PlainData {
             .field("version", &self.version)
             .field("loaded", &self.loaded)
             .field("filling", &self.filling)
+            .field("edits", &self.edits)
+            .field("closed", &self.closed)
             .field("retrying", &self.retrying)
             .finish()
     }
@@ -149,6 +176,20 @@ impl PlainCache {
     /// at work on it.
     pub fn pins(&self, id: FileId) -> usize {
         self.lock().slots.get(&id).map_or(0, |s| s.pins)
+    }
+
+    /// Whether `data` is still one of the cache's entries (under whatever
+    /// id: a file moved to another record changes id).
+    pub fn holds(&self, data: &PlainHandle) -> bool {
+        self.lock().slots.values().any(|s| Arc::ptr_eq(&s.data, data))
+    }
+
+    /// Releases one pin of the entry `data`, under whatever id it has now.
+    pub fn unpin_entry(&self, data: &PlainHandle) {
+        let mut inner = self.lock();
+        if let Some(slot) = inner.slots.values_mut().find(|s| Arc::ptr_eq(&s.data, data)) {
+            slot.pins = slot.pins.saturating_sub(1);
+        }
     }
 
     /// Records the current size of `id`'s plaintext (after a load or a write)

@@ -259,7 +259,7 @@ impl<R: Remote> VaultFs<R> {
                         let size = size as usize;
                         d.bytes.resize(size);
                         self.follow_in_backing(info.id, Change::Length(size as u64));
-                        d.dirty = true;
+                        d.edited();
                         self.modes.note_change(info.id, size as u64);
                         if size == 0 {
                             // O_TRUNC arrives as a truncate to 0 (the kernel

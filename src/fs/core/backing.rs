@@ -654,7 +654,7 @@ impl<R: Remote> VaultFs<R> {
             return;
         }
         tracing::debug!(file = %id, "took writes made through a shared map of the backing file");
-        d.dirty = true;
+        d.edited();
         let len = d.bytes.len();
         self.modes.note_change(id, len as u64);
         drop(d);

@@ -262,7 +262,7 @@ impl<R: Remote> VaultFs<R> {
         }
         d.bytes[offset as usize..end].copy_from_slice(data);
         self.follow_in_backing(id, Change::Wrote { offset, data });
-        d.dirty = true;
+        d.edited();
         let new_len = d.bytes.len();
         self.modes.note_change(id, new_len as u64);
         new_len

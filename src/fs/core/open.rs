@@ -59,6 +59,8 @@ impl<R: Remote> VaultFs<R> {
                 confirmed: None,
                 loaded: true,
                 filling: false,
+                edits: 0,
+                closed: 0,
                 retrying: false,
             };
         }
@@ -151,7 +153,7 @@ impl<R: Remote> VaultFs<R> {
             let mut d = handle.lock().await;
             if truncate {
                 if !d.loaded || !d.bytes.is_empty() || info.size > 0 {
-                    d.dirty = true;
+                    d.edited();
                 }
                 self.cancel_fill(info.id, &mut d);
                 d.bytes = SecretBuf::new();

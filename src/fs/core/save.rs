@@ -8,8 +8,8 @@
 //! seen of the file; the upload states the version it replaces. Only once
 //! the server has stored it does the file count as saved; until then it stays
 //! dirty in memory, and after the last release it is retried with backoff
-//! ([`VaultFs::retry_upload`], one per file, waiting while the file is open
-//! again) unless the refusal is permanent. If the file
+//! ([`VaultFs::retry_upload`], one per file, storing only a version its
+//! writer finished) unless the refusal is permanent. If the file
 //! changed on the server meanwhile, both versions are kept: ours goes to a
 //! conflict copy next to it ([`conflict_name`]). Unmount calls
 //! [`VaultFs::flush_all`].
@@ -142,49 +142,50 @@ impl<R: Remote> VaultFs<R> {
         let retry = match self.cache.peek(id) {
             Some(h) => {
                 let mut d = h.lock().await;
-                d.dirty && !std::mem::replace(&mut d.retrying, true)
+                if self.cache.pins(id) == 1 {
+                    // Nobody else has the file, or is opening it: what the
+                    // last handle wrote through a map, taken above, is finished.
+                    d.finished();
+                }
+                (d.dirty && !std::mem::replace(&mut d.retrying, true)).then(|| Arc::clone(&h))
             }
-            None => false,
+            None => None,
         };
-        if retry {
-            let fs = Arc::clone(self);
-            tokio::spawn(async move { fs.retry_upload(ino).await });
-        } else {
-            self.cache.unpin(id);
+        match retry {
+            Some(h) => {
+                let fs = Arc::clone(self);
+                tokio::spawn(async move { fs.retry_upload(ino, h).await });
+            }
+            None => self.cache.unpin(id),
         }
         Ok(())
     }
 
-    /// Saves file `ino` after a failed save, with backoff, until it is
-    /// stored or refused for good; it holds one pin of the file's entry
-    /// (the last handle's) and follows the file by inode, so a rename that
-    /// gives it a new id does not lose it.
+    /// Saves file `ino` (its plaintext `handle`) after a failed save, with
+    /// backoff, until it is stored or refused for good; it holds one pin of
+    /// the entry (the last handle's), and follows it by inode and entry, so
+    /// a move that gives the file a new id does not lose it.
     ///
-    /// While anyone else holds a pin (an open handle, an open, truncate or
-    /// chmod under way) it only waits: a writer that reopened the file may
-    /// be halfway through its next version, and storing that half would
-    /// store a version nobody wrote, which a backup taken then would keep.
-    /// That writer's close saves the file; if that fails too, its release
-    /// leaves the file to this retry again. Both are decided under the
-    /// plaintext lock, which an open takes (to empty the file) only after
-    /// pinning it.
-    async fn retry_upload(self: Arc<Self>, ino: Ino) {
+    /// It stores only a version its writer finished (see
+    /// [`PlainData::is_finished`]): a writer that reopened the file may be
+    /// halfway through its next version, and storing that half would store a
+    /// version nobody wrote, which a backup taken then would keep. That
+    /// writer's close saves the file; if that fails too, this retry stores
+    /// what that close finished.
+    async fn retry_upload(self: Arc<Self>, ino: Ino, handle: PlainHandle) {
         let mut wait = Duration::from_secs(1);
         let mut refused = false;
-        let id = loop {
-            // Unlinked and let go, the file's entry went with it.
-            let Ok(info) = self.file_info(ino) else { return };
-            let Some(handle) = self.cache.peek(info.id) else { return };
+        loop {
             let mut d = Arc::clone(&handle).lock_owned().await;
             // Ended under the lock a release asks under: a failed close
             // either finds this retry still on, or starts another.
-            if !d.dirty || refused {
+            if !d.dirty || refused || !self.cache.holds(&handle) {
                 d.retrying = false;
-                break info.id;
+                break;
             }
-            if self.cache.pins(info.id) > 1 {
+            if !d.is_finished() {
                 drop(d);
-                tracing::debug!(file = %info.id, "open elsewhere, so saved by its close; looking again in {wait:?}");
+                tracing::debug!(ino, "being written again, so saved by its close; looking again in {wait:?}");
                 tokio::time::sleep(wait).await;
                 continue;
             }
@@ -197,11 +198,11 @@ impl<R: Remote> VaultFs<R> {
                     // refused, not allowed): no retry loop. The data stays in
                     // memory, unsaved; unmount reports it, and a later failed
                     // close starts a retry again.
-                    tracing::error!(file = %info.id, error = %e, "upload refused; the file stays unsaved in memory");
+                    tracing::error!(ino, error = %e, "upload refused; the file stays unsaved in memory");
                     refused = true;
                 }
                 Err(e) => {
-                    tracing::warn!(file = %info.id, error = %e, "upload still failing; retrying in {wait:?}");
+                    tracing::warn!(ino, error = %e, "upload still failing; retrying in {wait:?}");
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(60));
                     if matches!(e, FsError::KeyBehind(_)) {
@@ -212,8 +213,8 @@ impl<R: Remote> VaultFs<R> {
                     }
                 }
             }
-        };
-        self.cache.unpin(id);
+        }
+        self.cache.unpin_entry(&handle);
     }
 
     /// Uploads every file with unsaved changes, and sends the directories
@@ -266,12 +267,17 @@ impl<R: Remote> VaultFs<R> {
 
     /// Uploads the file's plaintext if it changed. Returns when the server has
     /// stored it. On a version conflict, our data goes to a conflict copy.
+    /// What it holds is taken as a finished version (a close, fsync,
+    /// truncate(2) or unmount saves it).
     pub(super) async fn upload(&self, ino: Ino, handle: &PlainHandle) -> Result<()> {
-        let d = Arc::clone(handle).lock_owned().await;
+        let mut d = Arc::clone(handle).lock_owned().await;
+        d.finished();
         self.upload_locked(ino, handle, d).await
     }
 
-    /// [`VaultFs::upload`] with the plaintext lock `d` of `handle` held.
+    /// [`VaultFs::upload`] with the plaintext lock `d` of `handle` held
+    /// throughout (also while a new record or the file is created first),
+    /// so what is stored is what the caller looked at.
     async fn upload_locked(
         &self,
         ino: Ino,
@@ -427,8 +433,7 @@ impl<R: Remote> VaultFs<R> {
                 let record = self.tree.lock().parent_of(ino).ok_or(FsError::NotFound)?;
                 self.record_on_server(record).await?;
                 self.no_records_with_files();
-                drop(d);
-                Box::pin(self.upload(ino, handle)).await
+                Box::pin(self.upload_locked(ino, handle, d)).await
             }
             Saved::CreateFirst { unknown } => {
                 let created = self.create_on_server(ino, &mut d).await?;
@@ -436,8 +441,7 @@ impl<R: Remote> VaultFs<R> {
                     // The record is there, so the server did not know the request.
                     self.no_creates_with_content();
                 }
-                drop(d);
-                Box::pin(self.upload(ino, handle)).await
+                Box::pin(self.upload_locked(ino, handle, d)).await
             }
         }
     }
