@@ -790,6 +790,45 @@ async fn a_retried_save_waits_for_a_writer_that_reopened_the_file() {
     fs.release(ino, reader).await.unwrap();
 }
 
+/// A retry follows its file when it moves to another record (a new id),
+/// and lets go of it; the next failed save starts a retry again, which
+/// stores changes no close marked finished (a release without a flush, as
+/// after writes through a map) once nobody else holds the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_follows_a_moved_file_and_stores_what_a_release_left() {
+    use std::time::Duration;
+    let s = setup(&["V"]).await;
+    let (fs, outage) = mount_faulty(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let (r1, r2) = (fs.mkdir(v.ino, n("r1")).await.unwrap(), fs.mkdir(v.ino, n("r2")).await.unwrap());
+    let ino = write_file(&fs, r1.ino, "f", b"version 1").await;
+    outage.set(true);
+    let fh = fs.open(ino, true, true).await.unwrap();
+    fs.write(fh, 0, b"version 2").await.unwrap();
+    assert!(fs.flush(ino, fh).await.is_err());
+    fs.release(ino, fh).await.unwrap();
+    outage.set(false);
+    // Moved while the retry waits: the move stores version 2 under a new id.
+    fs.rename(r1.ino, n("f"), r2.ino, n("g")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Written again and let go without a flush while the server is away.
+    outage.set(true);
+    let fh = fs.open(ino, true, true).await.unwrap();
+    fs.write(fh, 0, b"version 3").await.unwrap();
+    fs.release(ino, fh).await.unwrap();
+    outage.set(false);
+    let stored = async {
+        while fs.getxattr(ino, n(XATTR_STATE)).unwrap() != b"clean" {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(15), stored).await.expect("no retry stored version 3");
+    let other = mount(s.alice.clone()).await;
+    let v2 = other.lookup(ROOT, n("V")).await.unwrap();
+    let r = other.lookup(v2.ino, n("r2")).await.unwrap();
+    assert_eq!(read_file(&other, r.ino, "g").await.unwrap(), b"version 3");
+}
+
 /// Offset of chunk `i` in a vault file (128-byte header, 64 KiB + 16 per chunk).
 fn chunk_at(i: u64) -> u64 {
     128 + i * (65536 + 16)

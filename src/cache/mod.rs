@@ -172,16 +172,10 @@ impl PlainCache {
         }
     }
 
-    /// How many pins `id` holds: open handles, and operations and retries
-    /// at work on it.
-    pub fn pins(&self, id: FileId) -> usize {
-        self.lock().slots.get(&id).map_or(0, |s| s.pins)
-    }
-
-    /// Whether `data` is still one of the cache's entries (under whatever
-    /// id: a file moved to another record changes id).
-    pub fn holds(&self, data: &PlainHandle) -> bool {
-        self.lock().slots.values().any(|s| Arc::ptr_eq(&s.data, data))
+    /// How many pins the entry `data` holds, under whatever id it has now
+    /// (0 if the cache no longer holds it).
+    pub fn pins_of(&self, data: &PlainHandle) -> usize {
+        self.lock().slots.values().find(|s| Arc::ptr_eq(&s.data, data)).map_or(0, |s| s.pins)
     }
 
     /// Releases one pin of the entry `data`, under whatever id it has now.

@@ -268,10 +268,13 @@ impl<R: Remote> VaultFs<R> {
                             self.modes.start_sequential(info.id);
                         }
                     }
-                }
-                // Without an open handle (truncate(2)) nothing else will flush it.
-                if !self.handles.is_open(info.id) {
-                    self.upload(ino, &handle).await?;
+                    // Without an open handle (truncate(2)) nothing else will
+                    // flush it: saved as it is now, under the same lock (an
+                    // open waiting for it must not empty it first).
+                    if !self.handles.is_open(info.id) {
+                        d.finished();
+                        self.upload_locked(ino, &handle, d).await?;
+                    }
                 }
                 Ok::<_, FsError>(())
             }

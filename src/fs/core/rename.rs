@@ -447,6 +447,9 @@ impl<R: Remote> VaultFs<R> {
                 tree.place(new_parent, new_name, ino, node);
             }
             self.handles.rekey(info.id, created.id);
+            // Under the plaintext lock, with the tree and the handles: a
+            // release or open meanwhile finds the entry under the new id.
+            self.cache.rename(info.id, created.id);
             d.version = moved.version;
             d.dirty = false;
             self.modes.forget_unsaved(info.id);
@@ -455,7 +458,6 @@ impl<R: Remote> VaultFs<R> {
         .await;
         match result {
             Ok((new_id, source, fate)) => {
-                self.cache.rename(info.id, new_id);
                 self.cache.unpin(new_id);
                 self.after_move(source, fate).await;
                 Ok(())

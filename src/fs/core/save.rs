@@ -142,11 +142,6 @@ impl<R: Remote> VaultFs<R> {
         let retry = match self.cache.peek(id) {
             Some(h) => {
                 let mut d = h.lock().await;
-                if self.cache.pins(id) == 1 {
-                    // Nobody else has the file, or is opening it: what the
-                    // last handle wrote through a map, taken above, is finished.
-                    d.finished();
-                }
                 (d.dirty && !std::mem::replace(&mut d.retrying, true)).then(|| Arc::clone(&h))
             }
             None => None,
@@ -167,26 +162,38 @@ impl<R: Remote> VaultFs<R> {
     /// a move that gives the file a new id does not lose it.
     ///
     /// It stores only a version its writer finished (see
-    /// [`PlainData::is_finished`]): a writer that reopened the file may be
-    /// halfway through its next version, and storing that half would store a
-    /// version nobody wrote, which a backup taken then would keep. That
-    /// writer's close saves the file; if that fails too, this retry stores
-    /// what that close finished.
+    /// [`PlainData::is_finished`]), or what the file holds once nobody else
+    /// pins it: a writer that reopened the file may be halfway through its
+    /// next version, and storing that half would store a version nobody
+    /// wrote, which a backup taken then would keep. That writer's close
+    /// saves the file; if that fails too, this retry stores what that close
+    /// finished. (A close of another descriptor meanwhile stores what the
+    /// file holds then, as any close does.)
     async fn retry_upload(self: Arc<Self>, ino: Ino, handle: PlainHandle) {
         let mut wait = Duration::from_secs(1);
         let mut refused = false;
         loop {
             let mut d = Arc::clone(&handle).lock_owned().await;
+            let pins = self.cache.pins_of(&handle);
             // Ended under the lock a release asks under: a failed close
             // either finds this retry still on, or starts another.
-            if !d.dirty || refused || !self.cache.holds(&handle) {
+            if !d.dirty || refused || pins == 0 {
                 d.retrying = false;
-                break;
+                self.cache.unpin_entry(&handle);
+                return;
+            }
+            if pins == 1 {
+                // Only this retry holds the entry: nobody has the file open
+                // or is at work on it, so what it holds is what its users
+                // left (also what no close marked: writes through a map
+                // that came after the last one, at release).
+                d.finished();
             }
             if !d.is_finished() {
                 drop(d);
                 tracing::debug!(ino, "being written again, so saved by its close; looking again in {wait:?}");
                 tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(60));
                 continue;
             }
             match self.upload_locked(ino, &handle, d).await {
@@ -214,7 +221,6 @@ impl<R: Remote> VaultFs<R> {
                 }
             }
         }
-        self.cache.unpin_entry(&handle);
     }
 
     /// Uploads every file with unsaved changes, and sends the directories
@@ -278,7 +284,7 @@ impl<R: Remote> VaultFs<R> {
     /// [`VaultFs::upload`] with the plaintext lock `d` of `handle` held
     /// throughout (also while a new record or the file is created first),
     /// so what is stored is what the caller looked at.
-    async fn upload_locked(
+    pub(super) async fn upload_locked(
         &self,
         ino: Ino,
         handle: &PlainHandle,
