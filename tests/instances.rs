@@ -362,3 +362,68 @@ fn a_database_from_a_newer_vaultfs_is_refused() {
         "changed by the refusal"
     );
 }
+
+/// A unit PostgreSQL aborts for a deadlock runs again and succeeds: one
+/// request deletes a file in each of two vaults (it locks the vaults in
+/// order) while another transaction holds the second vault and then asks
+/// for the first. Without the retry the request fails (500).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_aborted_for_a_deadlock_runs_again() {
+    use vaultfs::protocol::{DeleteItem, DeleteOutcome};
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PgCluster::get();
+    let database = pg.database_for(&dir.path().join("db"));
+    let config = dir.path().join("server.toml");
+    let text = format!("[login_kdf]\nm_cost_kib = 19456\nt_cost = 2\np_cost = 1\n{}", pg.config(&database));
+    std::fs::write(&config, text).unwrap();
+    let server = TestServer::start_exact(&dir.path().join("data"), &config);
+    let bob = server.user("bob", &[]).await;
+    let mut vaults = Vec::new();
+    for name in ["one", "two"] {
+        let vault = VaultId::random().unwrap();
+        bob.create_vault(NewVault { id: vault, name: sealed(name), e2e_required: false, wrapped_key: None })
+            .await
+            .unwrap();
+        let record = RecordId::random().unwrap();
+        let new = NewRecord { id: record, parent: None, title: sealed("r"), fields: sealed("") };
+        bob.create_record(vault, new).await.unwrap();
+        let file = FileId::random().unwrap();
+        let f =
+            NewFile { id: file, name: sealed("f"), e2e: true, mtime_ms: Some(1), meta: Sealed::default() };
+        let made = bob.create_file(record, f).await.unwrap();
+        vaults.push((vault, file, made.version));
+    }
+    // The unit locks the vaults in the order of their ids.
+    vaults.sort_by_key(|(vault, ..)| vault.0);
+    let (first, second) = (vaults[0].0, vaults[1].0);
+
+    let (other, connection) =
+        tokio_postgres::connect(&pg.conninfo(&database), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let lock = "SELECT 1 FROM vaults WHERE id = $1 FOR NO KEY UPDATE";
+    other.batch_execute("BEGIN").await.unwrap();
+    other.execute(lock, &[&&second.0[..]]).await.unwrap();
+    let items = vaults.iter().map(|&(_, id, version)| DeleteItem::File { id, version }).collect();
+    let deleting = tokio::spawn(async move { bob.delete_many(items).await });
+    // Once the unit waits for the second vault (holding the first), the
+    // other transaction asks for the first: a deadlock, which the unit,
+    // waiting longer, finds and is aborted for.
+    let waiting = "SELECT COUNT(*) FROM pg_locks WHERE NOT granted";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while other.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 0 {
+        assert!(Instant::now() < deadline, "the delete never waited for the vault held");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    other.execute(lock, &[&&first.0[..]]).await.unwrap();
+    other.batch_execute("COMMIT").await.unwrap();
+    let outcomes = deleting.await.unwrap().expect("the delete failed: its unit was not run again");
+    assert!(outcomes.iter().all(|o| matches!(o, DeleteOutcome::Deleted)), "{outcomes:?}");
+    // PostgreSQL counts the deadlock (its statistics come within a second or so).
+    let counted = "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while other.query_one(counted, &[]).await.unwrap().get::<_, i64>(0) == 0 {
+        assert!(Instant::now() < deadline, "no deadlock happened, so nothing was tested");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(server);
+}

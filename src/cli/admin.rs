@@ -138,18 +138,23 @@ pub fn run(args: AdminArgs) -> CliResult {
         .into());
     }
     let db = crate::server::open_metadata(&ServerConfig { data_dir, ..config.clone() })?;
-    // One transaction for the whole command.
-    let (done, _) = db.run(|meta| database_command(meta, command, &args.config, &config));
-    done
+    // One transaction for the whole command (run again if PostgreSQL
+    // aborts it for a deadlock); what it says is printed once it committed.
+    let (said, _) = db.run(|meta| database_command(meta, &command, &args.config, &config));
+    print!("{}", said?);
+    Ok(())
 }
 
-/// Runs `command` on the metadata store.
+/// Runs `command` on the metadata store; returns what to print once it
+/// committed (an enrollment code from a unit rolled back works nowhere).
 fn database_command(
     meta: &mut dyn MetaStore,
-    command: DatabaseCommand,
+    command: &DatabaseCommand,
     config_file: &Option<PathBuf>,
     config: &ServerConfig,
-) -> CliResult {
+) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    use std::fmt::Write as _;
+    let mut out = String::new();
     // With the server's config file, its values; without, what the server
     // recorded when it last started (so users match what the server announces).
     let recorded = admin::recorded_defaults(meta)?;
@@ -159,63 +164,71 @@ fn database_command(
     };
     match command {
         DatabaseCommand::User(UserCommand::Add { name, limits }) => {
-            let code = admin::add_user(meta, &name, limits.apply(defaults), kdf)?;
-            println!("added user {name}");
-            println!("enrollment code (give it to {name}; it works once): {code}");
-            println!("they log in with: vaultfs login --server URL --user {name} --enroll {code}");
+            let code = admin::add_user(meta, name, limits.apply(defaults), kdf)?;
+            writeln!(out, "added user {name}")?;
+            writeln!(out, "enrollment code (give it to {name}; it works once): {code}")?;
+            writeln!(out, "they log in with: vaultfs login --server URL --user {name} --enroll {code}")?;
         }
         DatabaseCommand::User(UserCommand::List) => {
-            println!("{:<24} {:>14} {:>14} {:>10}  state", "user", "upload limit", "e2e limit", "image px");
+            writeln!(
+                out,
+                "{:<24} {:>14} {:>14} {:>10}  state",
+                "user", "upload limit", "e2e limit", "image px"
+            )?;
             for u in admin::users(meta)? {
                 let state = if u.login_hash.is_some() { "active" } else { "awaiting enrollment" };
-                println!(
+                writeln!(
+                    out,
                     "{:<24} {:>14} {:>14} {:>10}  {state}",
                     u.name, u.limits.upload_limit, u.limits.e2e_limit, u.limits.image_max_edge
-                );
+                )?;
             }
         }
         DatabaseCommand::User(UserCommand::Remove { name }) => {
-            admin::remove_user(meta, &name)?;
-            println!("removed user {name}");
+            admin::remove_user(meta, name)?;
+            writeln!(out, "removed user {name}")?;
         }
         DatabaseCommand::User(UserCommand::Limits { name, limits }) => {
             let current = admin::users(meta)?
                 .into_iter()
-                .find(|u| u.name == name)
+                .find(|u| u.name == *name)
                 .ok_or_else(|| format!("no user named {name}"))?;
             let new = limits.apply(current.limits);
-            admin::set_limits(meta, &name, new)?;
-            println!(
+            admin::set_limits(meta, name, new)?;
+            writeln!(
+                out,
                 "{name}: upload limit {}, e2e limit {}, image edge {} px",
                 new.upload_limit, new.e2e_limit, new.image_max_edge
-            );
+            )?;
         }
         DatabaseCommand::User(UserCommand::Reset { name }) => {
-            let (code, wallet) = admin::reset_user(meta, &name)?;
-            println!("new enrollment code for {name}: {code}");
+            let (code, wallet) = admin::reset_user(meta, name)?;
+            writeln!(out, "new enrollment code for {name}: {code}")?;
             let login = format!("vaultfs login --server URL --user {name} --enroll {code}");
             match wallet {
-                admin::WalletAfterReset::Recoverable => println!(
+                admin::WalletAfterReset::Recoverable => writeln!(
+                    out,
                     "{name} made a recovery key: `{login} --recovery-key` restores their wallet and all their \
                      vaults, under a new passphrase."
-                ),
-                admin::WalletAfterReset::PassphraseOnly => println!(
+                )?,
+                admin::WalletAfterReset::PassphraseOnly => writeln!(
+                    out,
                     "{name} has no recovery key: with `{login} --start-over` they begin with an empty wallet; \
                      the vaults only they held keys for stay unreadable (a vault's other members can share \
                      it with them again). Their old wallet stays until then."
-                ),
-                admin::WalletAfterReset::None => println!("they log in with: {login}"),
+                )?,
+                admin::WalletAfterReset::None => writeln!(out, "they log in with: {login}")?,
             }
         }
         DatabaseCommand::Vaults => {
             for (id, members) in admin::vaults(meta)? {
                 let list: Vec<String> =
                     members.iter().map(|m| format!("{} ({})", m.user, m.rights.as_str())).collect();
-                println!("{id}  {}", list.join(", "));
+                writeln!(out, "{id}  {}", list.join(", "))?;
             }
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 /// `vaultfs admin backup DIR`.

@@ -328,7 +328,7 @@ fn check_rights(rights: Option<Rights>, need: Rights, what: &'static str) -> Res
 /// [`Service::db`]); with whether it changed a vault.
 async fn on_blocking_pool<T: Send + 'static>(
     meta: MetaDb,
-    f: impl FnOnce(&mut dyn MetaStore) -> std::result::Result<T, MetaError> + Send + 'static,
+    f: impl Fn(&mut dyn MetaStore) -> std::result::Result<T, MetaError> + Send + 'static,
 ) -> Result<(Result<T>, bool)> {
     tokio::task::spawn_blocking(move || {
         let (result, wrote) = meta.run(f);
@@ -344,8 +344,8 @@ async fn on_blocking_pool<T: Send + 'static>(
 fn timed<T>(
     pace: pace::WritePace,
     before: Duration,
-    f: impl FnOnce(&mut dyn MetaStore) -> std::result::Result<T, MetaError>,
-) -> impl FnOnce(&mut dyn MetaStore) -> std::result::Result<T, MetaError> {
+    f: impl Fn(&mut dyn MetaStore) -> std::result::Result<T, MetaError>,
+) -> impl Fn(&mut dyn MetaStore) -> std::result::Result<T, MetaError> {
     move |m| {
         let started = Instant::now();
         let done = f(m);
@@ -511,7 +511,7 @@ impl<B: BlobStore> Service<B> {
     /// Runs an administrative operation on the metadata store (users, limits).
     pub async fn run_admin<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut dyn MetaStore) -> std::result::Result<T, MetaError> + Send + 'static,
+        f: impl Fn(&mut dyn MetaStore) -> std::result::Result<T, MetaError> + Send + 'static,
     ) -> Result<T> {
         self.db(f).await
     }
@@ -519,7 +519,7 @@ impl<B: BlobStore> Service<B> {
     /// Runs a metadata operation on the blocking pool.
     async fn db<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut dyn MetaStore) -> std::result::Result<T, MetaError> + Send + 'static,
+        f: impl Fn(&mut dyn MetaStore) -> std::result::Result<T, MetaError> + Send + 'static,
     ) -> Result<T> {
         let (result, wrote) = on_blocking_pool(self.meta.clone(), f).await?;
         self.note_written(wrote);
@@ -533,7 +533,7 @@ impl<B: BlobStore> Service<B> {
     /// (their time grows with the vault, or with a disk's fsync).
     async fn db_lookup<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut dyn MetaStore) -> std::result::Result<T, MetaError> + Send + 'static,
+        f: impl Fn(&mut dyn MetaStore) -> std::result::Result<T, MetaError> + Send + 'static,
     ) -> Result<T> {
         match self.meta.run_if_free(f) {
             Ok((result, wrote)) => {
@@ -550,7 +550,7 @@ impl<B: BlobStore> Service<B> {
     /// and back (see [`pace`]). Timed wherever it runs.
     async fn db_write<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut dyn MetaStore) -> std::result::Result<T, MetaError> + Send + 'static,
+        f: impl Fn(&mut dyn MetaStore) -> std::result::Result<T, MetaError> + Send + 'static,
     ) -> Result<T> {
         let unit = timed(self.pace.clone(), Duration::ZERO, f);
         let Some(leave) = self.in_place() else {
@@ -592,7 +592,7 @@ impl<B: BlobStore> Service<B> {
         caller: &Caller,
         body: ByteStream,
         declared: Option<u64>,
-        commit: impl FnOnce(&mut dyn MetaStore, BlobId, u64) -> std::result::Result<T, MetaError> + Send + 'static,
+        commit: impl Fn(&mut dyn MetaStore, BlobId, u64) -> std::result::Result<T, MetaError> + Send + 'static,
     ) -> Result<(T, u64)> {
         let small = declared.filter(|&len| len <= SMALL_IN_PLACE as u64 && self.blobs.writes_in_place());
         let Some(len) = small else {
@@ -1269,13 +1269,13 @@ impl<B: BlobStore> Service<B> {
         let (e2e, meta, expected, copy) = (up.e2e, up.meta, up.expected_version, up.conflict_copy);
         let ((version, old, conflict_copy), size) = self
             .store_and_commit(caller, up.body, up.declared_len, move |m, blob, size| {
-                let c = Committed { blob, size, e2e, mtime_ms: mtime, meta };
-                match (m.commit_upload(id, expected, &c), copy) {
+                let c = Committed { blob, size, e2e, mtime_ms: mtime, meta: meta.clone() };
+                match (m.commit_upload(id, expected, &c), &copy) {
                     // Changed meanwhile, or deleted: the content goes to the
                     // copy (if the record itself is gone, creating the copy
                     // fails and the upload with it).
                     (Err(MetaError::VersionMismatch { .. } | MetaError::NotFound("file")), Some(copy)) => {
-                        let (version, old) = m.commit_to_copy(id, &copy, &c)?;
+                        let (version, old) = m.commit_to_copy(id, copy, &c)?;
                         Ok((version, old, Some(copy.id)))
                     }
                     (committed, _) => committed.map(|(version, old)| (version, old, None)),
@@ -1340,7 +1340,7 @@ impl<B: BlobStore> Service<B> {
         let meta = up.meta;
         let (version, size) = self
             .store_and_commit(caller, up.body, up.declared_len, move |m, blob, size| {
-                let c = Committed { blob, size, e2e, mtime_ms, meta };
+                let c = Committed { blob, size, e2e, mtime_ms, meta: meta.clone() };
                 let new_record = new_record.as_ref().map(|(vault, r)| (*vault, r));
                 m.create_with_content(new_record, record, &f, &c)
             })

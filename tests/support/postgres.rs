@@ -202,6 +202,17 @@ impl PgCluster {
         )
     }
 
+    /// Connection parameters for `database` as the superuser (for
+    /// tokio_postgres::connect, without TLS).
+    pub fn conninfo(&self, database: &str) -> String {
+        let password = std::fs::read_to_string(&self.password_file).unwrap();
+        format!(
+            "host=127.0.0.1 port={} user={SUPERUSER} password={} dbname={database}",
+            self.port,
+            password.trim()
+        )
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

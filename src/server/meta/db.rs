@@ -47,10 +47,12 @@ fn poisoned() -> MetaError {
 impl MetaDb {
     /// Runs `f` as one atomic unit, blocking the thread until it is done
     /// (call it on the blocking pool); with whether it changed a vault
-    /// (always `false` where notifications tell that).
+    /// (always `false` where notifications tell that). `f` may run more
+    /// than once (PostgreSQL runs a unit it aborted for a deadlock again),
+    /// so it is `Fn`: nothing it does outside the store may count.
     pub fn run<T, E: From<MetaError>>(
         &self,
-        f: impl FnOnce(&mut dyn MetaStore) -> Result<T, E>,
+        f: impl Fn(&mut dyn MetaStore) -> Result<T, E>,
     ) -> (Result<T, E>, bool) {
         match &self.inner {
             Inner::Sqlite(meta) => match meta.lock() {
@@ -66,7 +68,7 @@ impl MetaDb {
     /// gives `f` back, to be run on the blocking pool.
     pub fn run_if_free<T, F>(&self, f: F) -> std::result::Result<(Result<T, MetaError>, bool), F>
     where
-        F: FnOnce(&mut dyn MetaStore) -> Result<T, MetaError>,
+        F: Fn(&mut dyn MetaStore) -> Result<T, MetaError>,
     {
         match &self.inner {
             Inner::Sqlite(meta) => match meta.try_lock() {
@@ -107,10 +109,7 @@ impl MetaDb {
 /// most calls, cost nothing more). A count that cannot be read counts as a
 /// change: `f` is done (perhaps committed) either way, and a wait woken for
 /// nothing only asks again.
-fn run_sqlite<T, E>(
-    meta: &mut Meta,
-    f: impl FnOnce(&mut dyn MetaStore) -> Result<T, E>,
-) -> (Result<T, E>, bool) {
+fn run_sqlite<T, E>(meta: &mut Meta, f: impl Fn(&mut dyn MetaStore) -> Result<T, E>) -> (Result<T, E>, bool) {
     let before = meta.rows_written();
     let result = f(meta);
     let wrote = meta.rows_written() != before

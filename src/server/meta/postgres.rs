@@ -53,6 +53,9 @@ pub use listen::Events;
 /// readiness check says the database does not answer).
 const POOL_WAIT: Duration = Duration::from_secs(10);
 
+/// Tries of a unit PostgreSQL keeps aborting for deadlocks (see [`PgStore::run`]).
+const UNIT_TRIES: u32 = 5;
+
 /// What the store is opened with (from `[metadata]` in the server's config).
 #[derive(Clone)]
 pub struct PgSettings {
@@ -170,15 +173,50 @@ impl PgStore {
         })
     }
 
-    /// Runs `f` in one transaction (see the module comment).
+    /// Runs `f` in one transaction (see the module comment); again, from
+    /// the start, when PostgreSQL aborted it for a deadlock or a
+    /// serialization failure (nothing of it was kept, and the other
+    /// transaction went on), up to [`UNIT_TRIES`] times in all.
     pub fn run<T, E: From<MetaError>>(
         &self,
-        f: impl FnOnce(&mut dyn MetaStore) -> std::result::Result<T, E>,
+        f: impl Fn(&mut dyn MetaStore) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
-        let client = self.client()?;
-        self.rt.wait(client.batch_execute("BEGIN")).map_err(MetaError::from)?;
-        let mut tx =
-            PgTx { client: Some(client), rt: Arc::clone(&self.rt), open: true, failed: Default::default() };
+        let mut tries = 1;
+        loop {
+            let (result, conflicted) = self.run_once(&f);
+            if !conflicted || tries == UNIT_TRIES {
+                return result;
+            }
+            tracing::debug!(tries, "a unit met a deadlock or a serialization failure: running it again");
+            // Apart by a random few milliseconds, growing: two units that
+            // met once do not meet again in step.
+            let mut jitter = [0u8; 1];
+            let _ = getrandom::getrandom(&mut jitter);
+            std::thread::sleep(Duration::from_millis(u64::from(tries) * (5 + u64::from(jitter[0] % 20))));
+            tries += 1;
+        }
+    }
+
+    /// One try of [`PgStore::run`]: its result, and whether it failed
+    /// because PostgreSQL aborted it for a conflict with another.
+    fn run_once<T, E: From<MetaError>>(
+        &self,
+        f: &impl Fn(&mut dyn MetaStore) -> std::result::Result<T, E>,
+    ) -> (std::result::Result<T, E>, bool) {
+        let client = match self.client() {
+            Ok(c) => c,
+            Err(e) => return (Err(e.into()), false),
+        };
+        if let Err(e) = self.rt.wait(client.batch_execute("BEGIN")) {
+            return (Err(MetaError::from(e).into()), false);
+        }
+        let mut tx = PgTx {
+            client: Some(client),
+            rt: Arc::clone(&self.rt),
+            open: true,
+            failed: Default::default(),
+            conflicted: Default::default(),
+        };
         let mut result = f(&mut tx);
         if result.is_ok() && tx.failed.get() {
             result = Err(
@@ -188,11 +226,13 @@ impl PgStore {
         let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
         let ended = tx.batch(end);
         tx.open = false;
-        match (result, ended) {
+        let result = match (result, ended) {
             (Ok(v), Ok(())) => Ok(v),
             (Ok(_), Err(e)) => Err(e.into()),
             (Err(e), _) => Err(e),
-        }
+        };
+        let conflicted = result.is_err() && tx.conflicted.get();
+        (result, conflicted)
     }
 
     /// Starts listening for other instances' changes (see [`Events`]).
@@ -211,6 +251,9 @@ pub struct PgTx {
     /// transaction, and a `COMMIT` would quietly roll it back, so the unit
     /// fails whatever it returns.
     failed: std::cell::Cell<bool>,
+    /// A statement failed for a deadlock or a serialization failure: a
+    /// unit that then fails is run again ([`PgStore::run`]).
+    conflicted: std::cell::Cell<bool>,
 }
 
 impl Drop for PgTx {
@@ -234,8 +277,13 @@ impl PgTx {
 
     /// Notes a failed statement (see [`PgTx::failed`]).
     fn noted<T>(&self, r: std::result::Result<T, tokio_postgres::Error>) -> Result<T> {
-        if r.is_err() {
+        if let Err(e) = &r {
             self.failed.set(true);
+            use tokio_postgres::error::SqlState;
+            if matches!(e.code(), Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE)
+            {
+                self.conflicted.set(true);
+            }
         }
         Ok(r?)
     }
