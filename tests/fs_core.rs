@@ -100,6 +100,14 @@ async fn read_file<R: vaultfs::remote::Remote>(
     data
 }
 
+/// What a fresh mount reads at `vault/record/file`: what the server holds.
+async fn read_on_server(remote: &MemoryRemote, [vault, record, file]: [&str; 3]) -> Vec<u8> {
+    let other = mount(remote.clone()).await;
+    let v = other.lookup(ROOT, n(vault)).await.unwrap();
+    let r = other.lookup(v.ino, n(record)).await.unwrap();
+    read_file(&other, r.ino, file).await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vaults_records_and_files_make_a_tree() {
     let s = setup(&["Family", "Work"]).await;
@@ -727,13 +735,7 @@ async fn a_failed_upload_keeps_the_data_and_is_retried() {
 async fn a_retried_save_waits_for_a_writer_that_reopened_the_file() {
     use std::time::Duration;
     let s = setup(&["V"]).await;
-    // What a fresh mount reads of V/r/f: what the server holds.
-    let on_server = || async {
-        let other = mount(s.alice.clone()).await;
-        let v = other.lookup(ROOT, n("V")).await.unwrap();
-        let r = other.lookup(v.ino, n("r")).await.unwrap();
-        read_file(&other, r.ino, "f").await.unwrap()
-    };
+    let on_server = || read_on_server(&s.alice, ["V", "r", "f"]);
     let (fs, outage) = mount_faulty(s.alice.clone()).await;
     let v = fs.lookup(ROOT, n("V")).await.unwrap();
     let r = fs.mkdir(v.ino, n("r")).await.unwrap();
@@ -790,6 +792,29 @@ async fn a_retried_save_waits_for_a_writer_that_reopened_the_file() {
     fs.release(ino, reader).await.unwrap();
 }
 
+/// A reader's close while a writer is halfway through its next version
+/// stores nothing: the half is no version anybody wrote (the writer's own
+/// close stores the whole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_readers_close_does_not_store_a_writers_half() {
+    let s = setup(&["V"]).await;
+    let fs = mount(s.alice.clone()).await;
+    let v = fs.lookup(ROOT, n("V")).await.unwrap();
+    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
+    let ino = write_file(&fs, r.ino, "f", &[1; 200_000]).await;
+    let on_server = || read_on_server(&s.alice, ["V", "r", "f"]);
+    let writer = fs.open(ino, true, true).await.unwrap();
+    fs.write(writer, 0, &[2; 100_000]).await.unwrap();
+    let reader = fs.open(ino, false, false).await.unwrap();
+    fs.flush(ino, reader).await.unwrap();
+    fs.release(ino, reader).await.unwrap();
+    assert!(on_server().await == vec![1; 200_000], "a reader's close stored a half-written version");
+    fs.write(writer, 100_000, &[2; 100_000]).await.unwrap();
+    fs.flush(ino, writer).await.unwrap();
+    fs.release(ino, writer).await.unwrap();
+    assert!(on_server().await == vec![2; 200_000]);
+}
+
 /// A retry follows its file when it moves to another record (a new id),
 /// and lets go of it; the next failed save starts a retry again, which
 /// stores changes no close marked finished (a release without a flush, as
@@ -823,10 +848,7 @@ async fn a_retry_follows_a_moved_file_and_stores_what_a_release_left() {
         }
     };
     tokio::time::timeout(Duration::from_secs(15), stored).await.expect("no retry stored version 3");
-    let other = mount(s.alice.clone()).await;
-    let v2 = other.lookup(ROOT, n("V")).await.unwrap();
-    let r = other.lookup(v2.ino, n("r2")).await.unwrap();
-    assert_eq!(read_file(&other, r.ino, "g").await.unwrap(), b"version 3");
+    assert_eq!(read_on_server(&s.alice, ["V", "r2", "g"]).await, b"version 3");
 }
 
 /// Offset of chunk `i` in a vault file (128-byte header, 64 KiB + 16 per chunk).

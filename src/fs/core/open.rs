@@ -205,6 +205,9 @@ impl<R: Remote> VaultFs<R> {
         };
         match opened {
             Ok(opened) => {
+                if !how.write && !how.truncate {
+                    self.handles.set_reads_only(opened.0);
+                }
                 if let Ok(d) = handle.try_lock() {
                     if d.loaded {
                         self.cache.account(info.id, d.bytes.len());

@@ -80,7 +80,9 @@ impl<R: Remote> VaultFs<R> {
     ///
     /// The kernel sends a flush for *every* close of a descriptor, including the
     /// copies a fork hands to a child that then execs, so a flush can arrive in
-    /// the middle of a write. For files in the cache that only stores a snapshot.
+    /// the middle of a write. For files in the cache that only stores a snapshot;
+    /// a descriptor opened for reading only saves nothing (it has nothing of
+    /// its own to save, and a snapshot then may be a writer's half).
     /// A pass-through stream, though, cannot be resumed once ended, so a flush
     /// leaves it running; it ends at fsync, or at release, when the last
     /// descriptor is gone. (Ending it at the opener's close, told apart by
@@ -101,6 +103,12 @@ impl<R: Remote> VaultFs<R> {
             return self.finish_stream(id).await.map(|_| ());
         }
         if let HandleMode::PassRead(_) = mode {
+            return Ok(());
+        }
+        if closing && self.handles.reads_only(fh) {
+            // A reader's close: nothing of its own to save, and what the
+            // file holds may be a writer's version half written (that
+            // writer's close saves it; a failed save has its retry).
             return Ok(());
         }
         let handle = self.cache.peek(id).ok_or(FsError::Io("file data evicted while open".into()))?;
@@ -167,8 +175,8 @@ impl<R: Remote> VaultFs<R> {
     /// next version, and storing that half would store a version nobody
     /// wrote, which a backup taken then would keep. That writer's close
     /// saves the file; if that fails too, this retry stores what that close
-    /// finished. (A close of another descriptor meanwhile stores what the
-    /// file holds then, as any close does.)
+    /// finished. (A close of another writing descriptor meanwhile stores
+    /// what the file holds then, as any such close does.)
     async fn retry_upload(self: Arc<Self>, ino: Ino, handle: PlainHandle) {
         let mut wait = Duration::from_secs(1);
         let mut refused = false;
