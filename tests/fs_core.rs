@@ -792,29 +792,6 @@ async fn a_retried_save_waits_for_a_writer_that_reopened_the_file() {
     fs.release(ino, reader).await.unwrap();
 }
 
-/// A reader's close while a writer is halfway through its next version
-/// stores nothing: the half is no version anybody wrote (the writer's own
-/// close stores the whole).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_readers_close_does_not_store_a_writers_half() {
-    let s = setup(&["V"]).await;
-    let fs = mount(s.alice.clone()).await;
-    let v = fs.lookup(ROOT, n("V")).await.unwrap();
-    let r = fs.mkdir(v.ino, n("r")).await.unwrap();
-    let ino = write_file(&fs, r.ino, "f", &[1; 200_000]).await;
-    let on_server = || read_on_server(&s.alice, ["V", "r", "f"]);
-    let writer = fs.open(ino, true, true).await.unwrap();
-    fs.write(writer, 0, &[2; 100_000]).await.unwrap();
-    let reader = fs.open(ino, false, false).await.unwrap();
-    fs.flush(ino, reader).await.unwrap();
-    fs.release(ino, reader).await.unwrap();
-    assert!(on_server().await == vec![1; 200_000], "a reader's close stored a half-written version");
-    fs.write(writer, 100_000, &[2; 100_000]).await.unwrap();
-    fs.flush(ino, writer).await.unwrap();
-    fs.release(ino, writer).await.unwrap();
-    assert!(on_server().await == vec![2; 200_000]);
-}
-
 /// A retry follows its file when it moves to another record (a new id),
 /// and lets go of it; the next failed save starts a retry again, which
 /// stores changes no close marked finished (a release without a flush, as

@@ -408,7 +408,8 @@ async fn a_unit_aborted_for_a_deadlock_runs_again() {
     // Once the unit waits for the second vault (holding the first), the
     // other transaction asks for the first: a deadlock, which the unit,
     // waiting longer, finds and is aborted for.
-    let waiting = "SELECT COUNT(*) FROM pg_locks WHERE NOT granted";
+    let waiting = "SELECT COUNT(*) FROM pg_stat_activity \
+                   WHERE datname = current_database() AND wait_event_type = 'Lock'";
     let deadline = Instant::now() + Duration::from_secs(20);
     while other.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 0 {
         assert!(Instant::now() < deadline, "the delete never waited for the vault held");

@@ -45,8 +45,9 @@ pub struct PlainData {
     /// Changes made to `bytes` by the file's users (writes, truncations,
     /// writes through a map), counted.
     pub edits: u64,
-    /// `edits` when the file was last closed, fsynced or truncated by path:
-    /// while the two are equal, `bytes` is a version its writer finished.
+    /// `edits` when a save was last asked for (a close, fsync or lock
+    /// release, truncate(2) with no handle open, unmount): while the two
+    /// are equal, `bytes` is a version its writer finished.
     pub closed: u64,
     /// A background retry of a failed save holds a pin of this entry (one
     /// per file: another failed close leaves it to that one).
@@ -61,13 +62,13 @@ impl PlainData {
     }
 
     /// Notes that what `bytes` holds now is a version its writer finished
-    /// (a close, fsync or truncate(2) saves it).
+    /// (a save was asked for).
     pub fn finished(&mut self) {
         self.closed = self.edits;
     }
 
     /// Whether `bytes` is a version its writer finished: changed by nobody
-    /// since the last close, fsync or truncate(2).
+    /// since a save was last asked for.
     pub fn is_finished(&self) -> bool {
         self.closed == self.edits
     }
@@ -178,10 +179,19 @@ impl PlainCache {
         self.lock().slots.values().find(|s| Arc::ptr_eq(&s.data, data)).map_or(0, |s| s.pins)
     }
 
-    /// Releases one pin of the entry `data`, under whatever id it has now.
-    pub fn unpin_entry(&self, data: &PlainHandle) {
+    /// Releases one pin of the entry `data`, under whatever id it has now
+    /// (a move to another record renames it while its users wait on its
+    /// lock): looked for under `seen_as` first, the id it was pinned
+    /// under, and among all entries if it is not there.
+    pub fn unpin_entry(&self, seen_as: Option<FileId>, data: &PlainHandle) {
         let mut inner = self.lock();
-        if let Some(slot) = inner.slots.values_mut().find(|s| Arc::ptr_eq(&s.data, data)) {
+        let inner = &mut *inner;
+        let at_id = seen_as.and_then(|id| inner.slots.get_mut(&id)).filter(|s| Arc::ptr_eq(&s.data, data));
+        let slot = match at_id {
+            Some(slot) => Some(slot),
+            None => inner.slots.values_mut().find(|s| Arc::ptr_eq(&s.data, data)),
+        };
+        if let Some(slot) = slot {
             slot.pins = slot.pins.saturating_sub(1);
         }
     }

@@ -73,8 +73,6 @@ struct Handle {
     file: FileId,
     mode: HandleMode,
     io: KernelIo,
-    /// Opened for reading only: its close has nothing of its own to save.
-    reads_only: bool,
 }
 
 /// The open handles of one file.
@@ -165,7 +163,7 @@ impl Handles {
             KernelIo::Passthrough { .. } => per.and_then(|p| p.backing.clone()),
             _ => None,
         };
-        t.handles.insert(fh, Handle { file, mode, io, reads_only: false });
+        t.handles.insert(fh, Handle { file, mode, io });
         let _ = t.count(file, io, true);
         if io == (KernelIo::Passthrough { direct: true }) {
             t.open.entry(file).or_default().writer_named = true;
@@ -257,18 +255,6 @@ impl Handles {
         let t = self.table.lock();
         let h = t.handles.get(&fh).ok_or_else(bad_handle)?;
         Ok((h.file, h.mode.clone()))
-    }
-
-    /// Notes that handle `fh` was opened for reading only.
-    pub(super) fn set_reads_only(&self, fh: u64) {
-        if let Some(h) = self.table.lock().handles.get_mut(&fh) {
-            h.reads_only = true;
-        }
-    }
-
-    /// Whether handle `fh` was opened for reading only.
-    pub(super) fn reads_only(&self, fh: u64) -> bool {
-        self.table.lock().handles.get(&fh).is_some_and(|h| h.reads_only)
     }
 
     /// The file handle `fh` is on.

@@ -205,9 +205,6 @@ impl<R: Remote> VaultFs<R> {
         };
         match opened {
             Ok(opened) => {
-                if !how.write && !how.truncate {
-                    self.handles.set_reads_only(opened.0);
-                }
                 if let Ok(d) = handle.try_lock() {
                     if d.loaded {
                         self.cache.account(info.id, d.bytes.len());
@@ -216,7 +213,7 @@ impl<R: Remote> VaultFs<R> {
                 Ok(opened)
             }
             Err(e) => {
-                self.cache.unpin(info.id);
+                self.cache.unpin_entry(Some(info.id), &handle);
                 Err(e)
             }
         }

@@ -80,9 +80,7 @@ impl<R: Remote> VaultFs<R> {
     ///
     /// The kernel sends a flush for *every* close of a descriptor, including the
     /// copies a fork hands to a child that then execs, so a flush can arrive in
-    /// the middle of a write. For files in the cache that only stores a snapshot;
-    /// a descriptor opened for reading only saves nothing (it has nothing of
-    /// its own to save, and a snapshot then may be a writer's half).
+    /// the middle of a write. For files in the cache that only stores a snapshot.
     /// A pass-through stream, though, cannot be resumed once ended, so a flush
     /// leaves it running; it ends at fsync, or at release, when the last
     /// descriptor is gone. (Ending it at the opener's close, told apart by
@@ -103,12 +101,6 @@ impl<R: Remote> VaultFs<R> {
             return self.finish_stream(id).await.map(|_| ());
         }
         if let HandleMode::PassRead(_) = mode {
-            return Ok(());
-        }
-        if closing && self.handles.reads_only(fh) {
-            // A reader's close: nothing of its own to save, and what the
-            // file holds may be a writer's version half written (that
-            // writer's close saves it; a failed save has its retry).
             return Ok(());
         }
         let handle = self.cache.peek(id).ok_or(FsError::Io("file data evicted while open".into()))?;
@@ -147,18 +139,22 @@ impl<R: Remote> VaultFs<R> {
         }
         // Unsaved changes: a retry takes this handle's pin and saves them,
         // unless one already waits (it takes them along).
-        let retry = match self.cache.peek(id) {
+        // The pin goes from the entry itself: a move to another record may
+        // rename it while this waits on its lock.
+        let entry = self.cache.peek(id);
+        let retry = match &entry {
             Some(h) => {
                 let mut d = h.lock().await;
-                (d.dirty && !std::mem::replace(&mut d.retrying, true)).then(|| Arc::clone(&h))
+                d.dirty && !std::mem::replace(&mut d.retrying, true)
             }
-            None => None,
+            None => false,
         };
-        match retry {
-            Some(h) => {
+        match entry {
+            Some(h) if retry => {
                 let fs = Arc::clone(self);
                 tokio::spawn(async move { fs.retry_upload(ino, h).await });
             }
+            Some(h) => self.cache.unpin_entry(Some(id), &h),
             None => self.cache.unpin(id),
         }
         Ok(())
@@ -175,8 +171,9 @@ impl<R: Remote> VaultFs<R> {
     /// next version, and storing that half would store a version nobody
     /// wrote, which a backup taken then would keep. That writer's close
     /// saves the file; if that fails too, this retry stores what that close
-    /// finished. (A close of another writing descriptor meanwhile stores
-    /// what the file holds then, as any such close does.)
+    /// finished. (A close of another descriptor meanwhile, or its fsync or
+    /// lock release, stores what the file holds then, as before: such a
+    /// save takes what it finds as finished.)
     async fn retry_upload(self: Arc<Self>, ino: Ino, handle: PlainHandle) {
         let mut wait = Duration::from_secs(1);
         let mut refused = false;
@@ -187,7 +184,7 @@ impl<R: Remote> VaultFs<R> {
             // either finds this retry still on, or starts another.
             if !d.dirty || refused || pins == 0 {
                 d.retrying = false;
-                self.cache.unpin_entry(&handle);
+                self.cache.unpin_entry(None, &handle);
                 return;
             }
             if pins == 1 {
@@ -281,8 +278,8 @@ impl<R: Remote> VaultFs<R> {
 
     /// Uploads the file's plaintext if it changed. Returns when the server has
     /// stored it. On a version conflict, our data goes to a conflict copy.
-    /// What it holds is taken as a finished version (a close, fsync,
-    /// truncate(2) or unmount saves it).
+    /// What it holds is taken as a finished version (a close, fsync, lock
+    /// release, truncate(2) or unmount asked to save it).
     pub(super) async fn upload(&self, ino: Ino, handle: &PlainHandle) -> Result<()> {
         let mut d = Arc::clone(handle).lock_owned().await;
         d.finished();

@@ -226,13 +226,12 @@ impl PgStore {
         let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
         let ended = tx.batch(end);
         tx.open = false;
-        let result = match (result, ended) {
-            (Ok(v), Ok(())) => Ok(v),
-            (Ok(_), Err(e)) => Err(e.into()),
-            (Err(e), _) => Err(e),
-        };
-        let conflicted = result.is_err() && tx.conflicted.get();
-        (result, conflicted)
+        match (result, ended) {
+            (Ok(v), Ok(())) => (Ok(v), false),
+            // A COMMIT that failed may still have committed: never again.
+            (Ok(_), Err(e)) => (Err(e.into()), false),
+            (Err(e), _) => (Err(e), tx.conflicted.get()),
+        }
     }
 
     /// Starts listening for other instances' changes (see [`Events`]).
