@@ -3,9 +3,11 @@
 //! How a unit of the service's work flows: [`PgStore::run`] takes a
 //! connection from the pool, opens a transaction (READ COMMITTED), gives the
 //! unit a [`PgTx`] (a [`MetaStore`]), and commits when the unit succeeds, or
-//! rolls back when it fails. Each call that writes runs in a savepoint, so a
-//! call that fails leaves nothing behind even when the unit goes on (as a
-//! failed SQLite transaction leaves nothing).
+//! rolls back when it fails; a unit PostgreSQL aborted for a deadlock or a
+//! serialization failure runs again from the start (so units are `Fn`).
+//! Each call that writes runs in a savepoint, so a call that fails leaves
+//! nothing behind even when the unit goes on (as a failed SQLite
+//! transaction leaves nothing).
 //!
 //! What SQLite gets from its one connection, this gets from row locks:
 //! - every call that checks and then changes a vault's contents (a
@@ -33,6 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
@@ -55,6 +58,10 @@ const POOL_WAIT: Duration = Duration::from_secs(10);
 
 /// Tries of a unit PostgreSQL keeps aborting for deadlocks (see [`PgStore::run`]).
 const UNIT_TRIES: u32 = 5;
+
+/// Why PostgreSQL aborts a transaction that would succeed if run again:
+/// a deadlock (40P01), a serialization failure (40001).
+const CONFLICTS: [SqlState; 2] = [SqlState::T_R_DEADLOCK_DETECTED, SqlState::T_R_SERIALIZATION_FAILURE];
 
 /// What the store is opened with (from `[metadata]` in the server's config).
 #[derive(Clone)]
@@ -278,9 +285,7 @@ impl PgTx {
     fn noted<T>(&self, r: std::result::Result<T, tokio_postgres::Error>) -> Result<T> {
         if let Err(e) = &r {
             self.failed.set(true);
-            use tokio_postgres::error::SqlState;
-            if matches!(e.code(), Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE)
-            {
+            if e.code().is_some_and(|c| CONFLICTS.contains(c)) {
                 self.conflicted.set(true);
             }
         }
