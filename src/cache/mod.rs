@@ -130,6 +130,16 @@ pub struct PlainCache {
     inner: Mutex<Inner>,
 }
 
+/// The slot holding `data`: under `seen_as` if it is there, else found
+/// among all (a slot renamed since).
+fn slot_of<'a>(inner: &'a mut Inner, seen_as: Option<FileId>, data: &PlainHandle) -> Option<&'a mut Slot> {
+    let at_id = seen_as.is_some_and(|id| inner.slots.get(&id).is_some_and(|s| Arc::ptr_eq(&s.data, data)));
+    match seen_as {
+        Some(id) if at_id => inner.slots.get_mut(&id),
+        _ => inner.slots.values_mut().find(|s| Arc::ptr_eq(&s.data, data)),
+    }
+}
+
 impl PlainCache {
     /// A cache that tries to hold at most `budget` bytes of plaintext.
     pub fn new(budget: usize) -> Self {
@@ -165,10 +175,12 @@ impl PlainCache {
         inner.slots.get(&id).map(|s| Arc::clone(&s.data))
     }
 
-    /// Releases one pin of `id`.
-    pub fn unpin(&self, id: FileId) {
+    /// Releases one pin of the entry `data`, under whatever id it has now
+    /// (a move to another record renames it while its users wait on its
+    /// lock); `seen_as`: the id it was pinned under, looked at first.
+    pub fn unpin(&self, seen_as: Option<FileId>, data: &PlainHandle) {
         let mut inner = self.lock();
-        if let Some(slot) = inner.slots.get_mut(&id) {
+        if let Some(slot) = slot_of(&mut inner, seen_as, data) {
             slot.pins = slot.pins.saturating_sub(1);
         }
     }
@@ -176,24 +188,7 @@ impl PlainCache {
     /// How many pins the entry `data` holds, under whatever id it has now
     /// (0 if the cache no longer holds it).
     pub fn pins_of(&self, data: &PlainHandle) -> usize {
-        self.lock().slots.values().find(|s| Arc::ptr_eq(&s.data, data)).map_or(0, |s| s.pins)
-    }
-
-    /// Releases one pin of the entry `data`, under whatever id it has now
-    /// (a move to another record renames it while its users wait on its
-    /// lock): looked for under `seen_as` first, the id it was pinned
-    /// under, and among all entries if it is not there.
-    pub fn unpin_entry(&self, seen_as: Option<FileId>, data: &PlainHandle) {
-        let mut inner = self.lock();
-        let inner = &mut *inner;
-        let at_id = seen_as.and_then(|id| inner.slots.get_mut(&id)).filter(|s| Arc::ptr_eq(&s.data, data));
-        let slot = match at_id {
-            Some(slot) => Some(slot),
-            None => inner.slots.values_mut().find(|s| Arc::ptr_eq(&s.data, data)),
-        };
-        if let Some(slot) = slot {
-            slot.pins = slot.pins.saturating_sub(1);
-        }
+        slot_of(&mut self.lock(), None, data).map_or(0, |s| s.pins)
     }
 
     /// Records the current size of `id`'s plaintext (after a load or a write)
@@ -318,8 +313,8 @@ mod tests {
     async fn evicts_least_recently_used_clean_unpinned_entries() {
         let cache = PlainCache::new(250);
         for n in 1..=3 {
-            fill(&cache, n, 100, false).await;
-            cache.unpin(id(n));
+            let h = fill(&cache, n, 100, false).await;
+            cache.unpin(Some(id(n)), &h);
         }
         // 300 > 250: the least recently used (1) went.
         let s = cache.stats();
@@ -332,10 +327,10 @@ mod tests {
     async fn pinned_and_dirty_entries_stay_even_over_budget() {
         let cache = PlainCache::new(100);
         let _open = fill(&cache, 1, 100, false).await; // pinned
-        fill(&cache, 2, 100, true).await;
-        cache.unpin(id(2)); // unpinned but dirty
-        fill(&cache, 3, 100, false).await;
-        cache.unpin(id(3)); // clean and idle: the only candidate
+        let h = fill(&cache, 2, 100, true).await;
+        cache.unpin(Some(id(2)), &h); // unpinned but dirty
+        let h = fill(&cache, 3, 100, false).await;
+        cache.unpin(Some(id(3)), &h); // clean and idle: the only candidate
         cache.account(id(3), 100);
         let s = cache.stats();
         assert_eq!(s.entries, 2, "{s:?}");
@@ -347,10 +342,22 @@ mod tests {
     async fn evicted_bytes_are_wiped_even_if_someone_kept_the_handle() {
         let cache = PlainCache::new(10);
         let h = fill(&cache, 1, 100, false).await;
-        cache.unpin(id(1));
+        cache.unpin(Some(id(1)), &h);
         cache.account(id(1), 100);
         let d = h.lock().await;
         assert!(d.bytes.is_empty() && !d.loaded, "evicted data must be cleared: {d:?}");
+    }
+
+    /// A pin taken under one id goes from the entry after a rename (a
+    /// file moved to another record while its user waited on its lock).
+    #[tokio::test]
+    async fn a_pin_goes_from_its_entry_after_a_rename() {
+        let cache = PlainCache::new(1000);
+        let h = fill(&cache, 1, 100, false).await;
+        cache.rename(id(1), id(2));
+        assert_eq!(cache.pins_of(&h), 1);
+        cache.unpin(Some(id(1)), &h);
+        assert_eq!(cache.pins_of(&h), 0);
     }
 
     #[tokio::test]

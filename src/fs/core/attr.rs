@@ -196,7 +196,7 @@ impl<R: Remote> VaultFs<R> {
             Ok(())
         }
         .await;
-        self.cache.unpin_entry(Some(info.id), &handle);
+        self.cache.unpin(Some(info.id), &handle);
         result?;
         self.getattr(ino)
     }
@@ -279,7 +279,7 @@ impl<R: Remote> VaultFs<R> {
                 Ok::<_, FsError>(())
             }
             .await;
-            self.cache.unpin_entry(Some(info.id), &handle);
+            self.cache.unpin(Some(info.id), &handle);
             result?;
         }
         if let Some(t) = mtime {

@@ -213,7 +213,7 @@ impl<R: Remote> VaultFs<R> {
                 Ok(opened)
             }
             Err(e) => {
-                self.cache.unpin_entry(Some(info.id), &handle);
+                self.cache.unpin(Some(info.id), &handle);
                 Err(e)
             }
         }

@@ -458,12 +458,12 @@ impl<R: Remote> VaultFs<R> {
         .await;
         match result {
             Ok((new_id, source, fate)) => {
-                self.cache.unpin_entry(Some(new_id), &handle);
+                self.cache.unpin(Some(new_id), &handle);
                 self.after_move(source, fate).await;
                 Ok(())
             }
             Err(e) => {
-                self.cache.unpin_entry(Some(info.id), &handle);
+                self.cache.unpin(Some(info.id), &handle);
                 Err(e)
             }
         }

@@ -138,9 +138,8 @@ impl<R: Remote> VaultFs<R> {
             return Ok(());
         }
         // Unsaved changes: a retry takes this handle's pin and saves them,
-        // unless one already waits (it takes them along).
-        // The pin goes from the entry itself: a move to another record may
-        // rename it while this waits on its lock.
+        // unless one already waits (it takes them along). Otherwise the pin
+        // goes from the entry itself, which a move may rename meanwhile.
         let entry = self.cache.peek(id);
         let retry = match &entry {
             Some(h) => {
@@ -154,8 +153,9 @@ impl<R: Remote> VaultFs<R> {
                 let fs = Arc::clone(self);
                 tokio::spawn(async move { fs.retry_upload(ino, h).await });
             }
-            Some(h) => self.cache.unpin_entry(Some(id), &h),
-            None => self.cache.unpin(id),
+            Some(h) => self.cache.unpin(Some(id), &h),
+            // Removed from the cache (unlinked, replaced): no pin left.
+            None => {}
         }
         Ok(())
     }
@@ -184,7 +184,7 @@ impl<R: Remote> VaultFs<R> {
             // either finds this retry still on, or starts another.
             if !d.dirty || refused || pins == 0 {
                 d.retrying = false;
-                self.cache.unpin_entry(None, &handle);
+                self.cache.unpin(None, &handle);
                 return;
             }
             if pins == 1 {
