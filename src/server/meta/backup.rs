@@ -54,13 +54,16 @@ impl Meta {
     /// Blobs no file needs any more: those that may be deleted now (with
     /// the ones deferred earlier), or none while a hold stands (they are
     /// written down for later). Without holds or deferred blobs, as nearly
-    /// always, this only reads.
+    /// always, this only reads (in a transaction that writes nothing).
     pub fn release_blobs(&mut self, blobs: &[BlobId], now_ms: i64) -> Result<Vec<BlobId>> {
+        // One transaction (it takes the write lock at once): a backup that
+        // ends its hold and collects what was deferred does so either before
+        // (this frees the blobs) or after (it collects them), never between
+        // this seeing the hold and deferring under it (left behind).
+        let tx = self.conn.transaction()?;
         let held: i64 =
-            self.conn
-                .q_row("SELECT COUNT(*) FROM blob_holds WHERE expires_ms > ?1", [now_ms], |r| r.get(0))?;
+            tx.q_row("SELECT COUNT(*) FROM blob_holds WHERE expires_ms > ?1", [now_ms], |r| r.get(0))?;
         if held > 0 {
-            let tx = self.conn.transaction()?;
             for b in blobs {
                 tx.exec("INSERT OR IGNORE INTO deferred_blobs (blob_id) VALUES (?1)", [b.to_hex()])?;
             }
@@ -68,7 +71,7 @@ impl Meta {
             return Ok(Vec::new());
         }
         let deferred: Vec<String> = {
-            let mut stmt = self.conn.prepare_cached("SELECT blob_id FROM deferred_blobs")?;
+            let mut stmt = tx.prepare_cached("SELECT blob_id FROM deferred_blobs")?;
             let rows = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
             rows
         };
@@ -77,12 +80,11 @@ impl Meta {
             // Startup collection hands in what was deferred too: once each.
             let given: std::collections::HashSet<String> = blobs.iter().map(BlobId::to_hex).collect();
             let deferred: Vec<String> = deferred.into_iter().filter(|h| !given.contains(h)).collect();
-            let tx = self.conn.transaction()?;
             tx.exec("DELETE FROM deferred_blobs", [])?;
             tx.exec("DELETE FROM blob_holds WHERE expires_ms <= ?1", [now_ms])?;
-            tx.commit()?;
             free.extend(deferred.iter().filter_map(|h| BlobId::from_hex(h)));
         }
+        tx.commit()?;
         Ok(free)
     }
 
